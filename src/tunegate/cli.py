@@ -1,0 +1,162 @@
+"""The `tunegate` command: one short verb per stage, no logic here.
+
+Exit codes: 0 success; 1 unexpected error; 2 invalid input (config, data, changed golden set: nothing
+was trained on it); 3 the eval gate said FAIL (the run finished, the adapter is not promoted).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from tunegate import EXIT_GATE_FAILED, TunegateError
+
+app = typer.Typer(
+    help=(
+        "tunegate: benchmark-first, gated LLM fine-tuning. A project file (tunegate.yaml) names the base model, "
+        "the data, the golden set and the gate; `tunegate run` goes data -> train -> eval gate -> report.\n\n"
+        "Any config key can be overridden after the project path: `train.trl.learning_rate=1e-4`.\n\n"
+        "Exit codes: 0 ok, 1 unexpected error, 2 invalid input, 3 eval gate FAIL."
+    ),
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+golden_app = typer.Typer(help="Freeze or check the golden set.", no_args_is_help=True)
+app.add_typer(golden_app, name="golden")
+
+ProjectArg = Annotated[Path, typer.Argument(help="tunegate.yaml, or the folder holding it")]
+Overrides = Annotated[Optional[list[str]], typer.Argument(help="key=value overrides, e.g. train.budget_minutes=5")]
+RunId = Annotated[str, typer.Option("--run-id", help="runs/<run-id>/ holds this run's stages")]
+
+
+def _load(project: Path, overrides: list[str] | None):
+    from tunegate.config import load_project
+
+    return load_project(project, overrides or [])
+
+
+def _stage(project: Path, overrides: list[str] | None, run_id: str, stage: str, force: bool) -> None:
+    from tunegate import pipeline
+    from tunegate.report import build as report_stage
+    from tunegate.stages import data, evaluate, train
+
+    bodies = {"data": data.run, "train": train.run, "eval": evaluate.run, "report": report_stage.run}
+    p = _load(project, overrides)
+    run_dir = pipeline.run_dir_for(p, run_id)
+    m = pipeline.run_stage(p, run_dir, stage, bodies[stage], force=force)
+    if m.verdict == "FAIL":
+        raise typer.Exit(EXIT_GATE_FAILED)
+
+
+@app.command()
+def run(
+    project: ProjectArg,
+    overrides: Overrides = None,
+    run_id: RunId = "default",
+    force: Annotated[Optional[list[str]], typer.Option("--force", help="rerun this stage even if unchanged (repeatable; 'all')")] = None,
+) -> None:
+    """Run the whole pipeline: data -> train -> eval gate -> report. Finished, unchanged stages are skipped."""
+    from tunegate.pipeline import console, run_pipeline
+
+    p = _load(project, overrides)
+    manifests = run_pipeline(p, run_id=run_id, force=tuple(force or ()))
+    verdict = manifests["eval"].verdict
+    report = p.runs_dir / run_id / "report" / "report.html"
+    colour = "green" if verdict == "PASS" else "red"
+    console.print(f"\n[bold {colour}]Eval gate: {verdict}[/bold {colour}]  report: {report}")
+    if verdict != "PASS":
+        raise typer.Exit(EXIT_GATE_FAILED)
+
+
+@app.command()
+def data(project: ProjectArg, overrides: Overrides = None, run_id: RunId = "default", force: bool = False) -> None:
+    """Data stage only: validate, freeze the golden set, split (writes runs/<id>/data/)."""
+    _stage(project, overrides, run_id, "data", force)
+
+
+@app.command()
+def train(project: ProjectArg, overrides: Overrides = None, run_id: RunId = "default", force: bool = False) -> None:
+    """Train stage only (needs the data stage); resumes from the last checkpoint after an interruption."""
+    _stage(project, overrides, run_id, "train", force)
+
+
+@app.command(name="eval")
+def eval_(project: ProjectArg, overrides: Overrides = None, run_id: RunId = "default", force: bool = False) -> None:
+    """Eval gate only (needs data and train): base vs candidate on the frozen golden set; exit 3 on FAIL."""
+    _stage(project, overrides, run_id, "eval", force)
+
+
+@app.command()
+def report(project: ProjectArg, overrides: Overrides = None, run_id: RunId = "default", force: bool = False) -> None:
+    """Write report.html and report.md for a finished run."""
+    _stage(project, overrides, run_id, "report", force)
+
+
+@app.command()
+def validate(project: ProjectArg, overrides: Overrides = None) -> None:
+    """Check a project without loading a model: keys, types, files, and that TRL and PEFT accept the settings."""
+    from tunegate.config import check_passthrough
+
+    p = _load(project, overrides)
+    problems = []
+    for i, src in enumerate(p.data.sources):
+        if not src.path.is_file():
+            problems.append(f"data.sources.{i}.path: {src.path} not found")
+    if not p.data.golden.path.is_file():
+        problems.append(f"data.golden.path: {p.data.golden.path} not found")
+    problems += check_passthrough(p)
+    if problems:
+        raise TunegateError("\n".join(f"{p.source_file}: {x}" for x in problems))
+    typer.echo(f"{p.source_file}: OK (project {p.name}, base model {p.base_model}, {len(p.data.sources)} source(s))")
+
+
+@golden_app.command("freeze")
+def golden_freeze(
+    project: ProjectArg,
+    overrides: Overrides = None,
+    force: Annotated[bool, typer.Option("--force", help="overwrite an existing lock (a deliberate new golden set)")] = False,
+) -> None:
+    """Freeze the golden set: write its lock (file and per-row sha256); later runs refuse a changed one."""
+    from tunegate.data import golden
+    from tunegate.data.records import read_source
+
+    p = _load(project, overrides)
+    rows, rejected = read_source(p.data.golden, role="golden")
+    if rejected:
+        raise TunegateError(f"{p.data.golden.path}: {rejected[0]}")
+    lock, new = golden.freeze(p.data.golden, rows, p.data.golden_lock, force=force)
+    typer.echo(f"{p.data.golden_lock}: {'frozen' if new else 'unchanged, matches'} ({lock['n_rows']} rows, sha256 {lock['file_sha256'][:16]}…)")
+
+
+@app.command()
+def env() -> None:
+    """Print versions and the machine for bug reports."""
+    import platform
+
+    from tunegate.manifest import package_versions
+    from tunegate.models import bf16_supported, cache_dir, device_name
+
+    for k, v in package_versions().items():
+        typer.echo(f"{k}: {v}")
+    typer.echo(f"platform: {platform.platform()}")
+    typer.echo(f"device: {device_name()}; bf16 autocast: {bf16_supported()}")
+    typer.echo(f"model cache: {cache_dir()}")
+
+
+def main() -> None:
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    try:
+        app()
+    except TunegateError as exc:
+        typer.secho(f"error: {exc}", fg="red", err=True)
+        sys.exit(exc.exit_code)
+
+
+if __name__ == "__main__":
+    main()

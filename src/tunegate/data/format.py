@@ -1,0 +1,170 @@
+"""Rendering through the chat template, the loss mask, and the over-length policy.
+
+The loss mask is derived from rendered prefixes, never from template markers or token ids:
+for each assistant turn i, `render(messages[:i], add_generation_prompt=True)` must tokenize to an exact
+prefix of `render(messages[:i+1])` (case C03); the supervised span is what follows that prefix, up to and
+including the end-of-turn token (case C01: with SmolLM2, eos == pad == `<|im_end|>`, so the end-of-turn
+label is set by position and padding is masked by position in the collator). This works for templates
+without `{% generation %}` markers (case C09). Plain prompt/completion rows (no template) are
+`prompt + completion + exactly one eos`, the eos supervised (case C02).
+
+Every function here raises `RowError` (rule + detail) for a row it cannot encode; callers turn that into
+a rejection with the row's id, never a crash mid-run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from tunegate.data.records import RowError
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    labels: list[int]  # IGNORE_INDEX where no loss is taken
+    truncated: bool = False
+
+    @property
+    def n_supervised(self) -> int:
+        return sum(1 for x in self.labels if x != IGNORE_INDEX)
+
+
+def supports_system_role(tokenizer) -> bool:
+    """Whether the chat template renders a system message (rather than raising or dropping it)."""
+    probe = "tunegate-system-probe"
+    try:
+        text = tokenizer.apply_chat_template(
+            [{"role": "system", "content": probe}, {"role": "user", "content": "hi"}], tokenize=False
+        )
+    except Exception:  # templates reject a system role with a jinja exception of their own
+        return False
+    return probe in text
+
+
+def apply_system_policy(messages: list[dict[str, str]], policy: str, template_has_system: bool) -> list[dict[str, str]]:
+    """The one system-message policy, applied the same way in data, train, eval and serve (case C04).
+
+    policy: "auto" keeps a system message when the template has a system role and merges it into the first
+    user turn otherwise; "merge" always merges; "reject" raises RowError for any system message.
+    """
+    if not messages or messages[0]["role"] != "system":
+        return messages
+    if policy == "reject":
+        raise RowError("system_role", "system messages are rejected by data.system_role=reject")
+    if policy == "auto" and template_has_system:
+        return messages
+    system, first, *rest = messages
+    merged = {"role": first["role"], "content": f"{system['content']}\n\n{first['content']}"}
+    return [merged, *rest]
+
+
+def _ids(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _render(tokenizer, messages, generation_prompt: bool) -> str:
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    except Exception as exc:  # a template's own error (unsupported role, raise_exception(...))
+        raise RowError("template_error", f"the chat template refused the row: {exc}") from None
+
+
+def end_token_id(tokenizer) -> int:
+    """The end-of-turn token: `<|im_end|>` for ChatML templates, else eos."""
+    eot = tokenizer.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tokenizer.get_vocab() else None
+    return eot if eot is not None else tokenizer.eos_token_id
+
+
+def encode_chat(tokenizer, messages: list[dict[str, str]]) -> Encoded:
+    """Token ids and labels for a chat; only assistant content and its end-of-turn token are supervised."""
+    eot = end_token_id(tokenizer)
+    full = _ids(tokenizer, _render(tokenizer, messages, False))
+    labels = [IGNORE_INDEX] * len(full)
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        prefix = _ids(tokenizer, _render(tokenizer, messages[:i], True))
+        upto = _ids(tokenizer, _render(tokenizer, messages[: i + 1], False))
+        if full[: len(upto)] != upto or upto[: len(prefix)] != prefix:
+            raise RowError(
+                "prompt_not_prefix",
+                f"turn {i}: the rendered prompt (with generation prompt) is not a token prefix of the rendered "
+                "conversation; the assistant header would be trained on",
+            )
+        span = upto[len(prefix):]
+        if eot not in span:
+            raise RowError("no_end_token", f"turn {i}: the template puts no end-of-turn token after the answer")
+        end = len(prefix) + span.index(eot) + 1  # include the end-of-turn token
+        for j in range(len(prefix), end):
+            labels[j] = full[j]
+    enc = Encoded(full, labels)
+    if enc.n_supervised == 0:
+        raise RowError("no_supervised_tokens", "no assistant token to learn from")
+    return enc
+
+
+def encode_plain(tokenizer, prompt: str, completion: str) -> Encoded:
+    """Plain text: prompt ids + completion ids + exactly one eos (case C02). The completion and eos are supervised."""
+    eos = tokenizer.eos_token_id
+    p = _ids(tokenizer, prompt)
+    c = _ids(tokenizer, completion)
+    while c and c[-1] == eos:  # a completion that already ends in eos gets no second one
+        c = c[:-1]
+    if not c:
+        raise RowError("empty_turn", "completion has no tokens")
+    ids = p + c + [eos]
+    return Encoded(ids, [IGNORE_INDEX] * len(p) + c + [eos])
+
+
+def apply_length_policy(enc: Encoded, max_length: int, policy: str, eos_id: int) -> Encoded:
+    """Fit a row into max_length tokens (cases C10, C11). Raises RowError when it cannot.
+
+    drop: reject an over-length row. truncate_end: keep the first max_length-1 tokens and put a supervised
+    end token last, so the model still learns to stop. cut_context_left: drop tokens from the start,
+    keeping the end of the conversation (the answer) whole.
+    A row left with no supervised token is rejected: it would log a loss of 0 and train on nothing.
+    """
+    if len(enc.input_ids) <= max_length:
+        return enc
+    n = len(enc.input_ids)
+    if policy == "drop":
+        raise RowError("overlength", f"{n} tokens > max_length {max_length} (policy drop)")
+    if policy == "truncate_end":
+        ids = enc.input_ids[: max_length - 1]
+        labels = enc.labels[: max_length - 1]
+        if all(x == IGNORE_INDEX for x in labels):
+            raise RowError("no_supervised_tokens", f"{n} tokens: the prompt alone fills max_length {max_length}")
+        out = Encoded(ids + [eos_id], labels + [eos_id], truncated=True)
+    elif policy == "cut_context_left":
+        last = max(i for i, x in enumerate(enc.labels) if x != IGNORE_INDEX)
+        start = last
+        while start > 0 and enc.labels[start - 1] != IGNORE_INDEX:
+            start -= 1  # start of the final answer's supervised span
+        if last + 1 - start > max_length:
+            raise RowError("overlength", f"the final answer alone is longer than max_length {max_length} (policy cut_context_left)")
+        lo = last + 1 - max_length
+        out = Encoded(enc.input_ids[lo : last + 1], enc.labels[lo : last + 1], truncated=True)
+    else:
+        raise ValueError(f"unknown over-length policy {policy}")
+    if out.n_supervised == 0:
+        raise RowError("no_supervised_tokens", f"nothing left to learn from after cutting to {max_length} tokens")
+    return out
+
+
+def encode_record(tokenizer, record: dict[str, Any], max_length: int, policy: str) -> Encoded:
+    if "messages" in record:
+        enc = encode_chat(tokenizer, record["messages"])
+    else:
+        enc = encode_plain(tokenizer, record["prompt"], record["completion"])
+    return apply_length_policy(enc, max_length, policy, end_token_id(tokenizer) if "messages" in record else tokenizer.eos_token_id)
+
+
+def generation_prompt(tokenizer, record: dict[str, Any]) -> str:
+    """What the model sees at eval and serve time: the conversation without its final answer."""
+    if "messages" in record:
+        return _render(tokenizer, record["messages"][:-1], True)
+    return record["prompt"]

@@ -1,0 +1,87 @@
+"""Freezing the golden set, and refusing a changed one or one that overlaps training data.
+
+The lock file (`data.golden_lock`, next to the project file by default) records the golden source's
+sha256, how it was sampled, and one sha256 per row id. Once written, every run compares the golden set
+against it: a changed file is refused with the ids of the rows that changed, were added or were removed.
+To accept a deliberate change, delete the lock (or run `tunegate golden freeze PROJECT --force`).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from pathlib import Path
+from typing import Any
+
+from tunegate import TunegateError
+from tunegate.data.records import normalize_text, prompt_text, row_hash
+from tunegate.manifest import atomic_write_json, sha256_file
+
+
+def build_lock(golden_cfg, records: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "file": Path(golden_cfg.path).name,
+        "file_sha256": sha256_file(golden_cfg.path),
+        "format": golden_cfg.format,
+        "sample": golden_cfg.sample,
+        "seed": golden_cfg.seed,
+        "n_rows": len(records),
+        "rows": {r["id"]: row_hash(r) for r in records},
+        "frozen_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def freeze(golden_cfg, records: list[dict[str, Any]], lock_path: Path, force: bool = False) -> tuple[dict[str, Any], bool]:
+    """Check the golden set against its lock, writing the lock if there is none (or force).
+
+    Returns (lock, newly_written).
+    Raises:
+        TunegateError: the golden set differs from the lock; the message lists the changed row ids.
+    """
+    lock_path = Path(lock_path)
+    if force or not lock_path.is_file():
+        lock = build_lock(golden_cfg, records)
+        atomic_write_json(lock_path, lock)
+        return lock, True
+    lock = json.loads(lock_path.read_text(encoding="utf-8"))
+    check(golden_cfg, records, lock, lock_path)
+    return lock, False
+
+
+def check(golden_cfg, records: list[dict[str, Any]], lock: dict[str, Any], lock_path: Path) -> None:
+    current = {r["id"]: row_hash(r) for r in records}
+    frozen = lock["rows"]
+    changed = sorted(k for k in current.keys() & frozen.keys() if current[k] != frozen[k])
+    added = sorted(current.keys() - frozen.keys())
+    removed = sorted(frozen.keys() - current.keys())
+    same_sampling = (lock.get("sample"), lock.get("seed")) == (golden_cfg.sample, golden_cfg.seed)
+    if changed or added or removed or not same_sampling:
+        parts = []
+        for label, ids in (("changed", changed), ("added", added), ("removed", removed)):
+            if ids:
+                shown = ", ".join(ids[:10]) + (f" ... (+{len(ids) - 10} more)" if len(ids) > 10 else "")
+                parts.append(f"{len(ids)} {label}: {shown}")
+        if not same_sampling:
+            parts.append(f"sampling changed from sample={lock.get('sample')} seed={lock.get('seed')}")
+        raise TunegateError(
+            f"{golden_cfg.path}: golden set changed since it was frozen in {lock_path} ({'; '.join(parts)}); "
+            "rule: a frozen golden set is immutable. Delete the lock or run `tunegate golden freeze --force` "
+            "to freeze the new version on purpose."
+        )
+
+
+def overlap(train: list[dict[str, Any]], golden: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """(train id, golden id) pairs whose prompts are equal after case and whitespace normalisation (case C23).
+
+    Catches verbatim copies and re-wrapped or re-spaced ones. Near-duplicates by n-gram similarity are the
+    data pipeline's decontamination step.
+    """
+    index: dict[str, str] = {}
+    for g in golden:
+        index.setdefault(normalize_text(prompt_text(g)), g["id"])
+    pairs = []
+    for t in train:
+        gid = index.get(normalize_text(prompt_text(t)))
+        if gid is not None:
+            pairs.append((t["id"], gid))
+    return pairs

@@ -1,0 +1,41 @@
+"""Batched greedy generation with left padding and the KV cache."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+
+def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, batch_size: int, desc: str = "generating") -> list[str]:
+    """Greedy completions of `prompts` (rendered text), in input order.
+
+    Prompts are sorted by length so each batch pads little; left padding keeps the last prompt token next
+    to the first generated one. Generation stops at the end-of-turn or eos token.
+    """
+    import torch
+    from rich.progress import Progress
+
+    from tunegate.data.format import end_token_id
+
+    tokenizer.padding_side = "left"
+    stop = sorted({end_token_id(tokenizer), tokenizer.eos_token_id})
+    encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
+    outputs: list[str] = [""] * len(prompts)
+    model.eval()
+    with torch.inference_mode(), Progress(transient=True) as progress:
+        task = progress.add_task(desc, total=len(prompts))
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            batch = tokenizer.pad({"input_ids": [encoded[i] for i in idx]}, return_tensors="pt", padding=True)
+            out = model.generate(
+                **batch,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=stop,
+            )
+            new = out[:, batch["input_ids"].shape[1] :]  # (B, new_tokens)
+            for i, row in zip(idx, new):
+                outputs[i] = tokenizer.decode(row, skip_special_tokens=True)
+            progress.advance(task, len(idx))
+    return outputs

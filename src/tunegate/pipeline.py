@@ -1,0 +1,184 @@
+"""Runs the stages in order, skipping finished ones whose inputs and config are unchanged.
+
+A stage reads files and writes files into `runs/<run-id>/<stage>/`, and is finished exactly when its
+`manifest.json` exists (written last, atomically). While it runs it writes into `.<stage>.partial/`, which
+replaces the finished folder only on success: a stage that fails on bad input or is killed midway damages
+nothing already written, leaves no manifest, and is redone. The train stage keeps its checkpoints in
+`.train.checkpoints/` across an interruption and resumes from the last one when its fingerprint is unchanged.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from rich.console import Console
+
+from tunegate import TunegateError
+from tunegate.config import Project
+from tunegate.manifest import (
+    Manifest,
+    fingerprint,
+    hash_outputs,
+    manifest_hash,
+    read_manifest,
+    sha256_file,
+    verify_outputs,
+    write_manifest,
+)
+
+console = Console(stderr=True)
+
+STAGES = ("data", "train", "eval", "report")
+UPSTREAM = {"data": (), "train": ("data",), "eval": ("data", "train"), "report": ("data", "train", "eval")}
+CONFIG_SECTIONS = {
+    "data": ("base_model", "data"),
+    "train": ("base_model", "train"),
+    "eval": ("base_model", "eval"),
+    "report": ("name",),
+}
+
+
+@dataclass
+class StageResult:
+    metrics: dict[str, Any] = field(default_factory=dict)
+    verdict: str | None = None
+    inputs: dict[str, Path] = field(default_factory=dict)  # files read that were not known before the stage ran
+
+
+@dataclass
+class Stage:
+    project: Project
+    run_dir: Path
+    name: str
+
+    @property
+    def dir(self) -> Path:
+        """Where the stage writes while it runs; renamed to `final_dir` when it succeeds."""
+        return self.run_dir / f".{self.name}.partial"
+
+    @property
+    def final_dir(self) -> Path:
+        return self.run_dir / self.name
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        """Survives an interruption (resume); removed when the stage succeeds."""
+        return self.run_dir / f".{self.name}.checkpoints"
+
+    def upstream_dir(self, name: str) -> Path:
+        return self.run_dir / name
+
+
+def run_dir_for(project: Project, run_id: str) -> Path:
+    return project.runs_dir / run_id
+
+
+def _config_for(project: Project, stage: str) -> dict[str, Any]:
+    dumped = project.model_dump(mode="json")
+    return {k: dumped[k] for k in CONFIG_SECTIONS[stage]}
+
+
+def stage_inputs(project: Project, stage: str) -> dict[str, Path]:
+    """Files outside the run folder that a stage reads (their sha256 goes into its fingerprint)."""
+    if stage == "data":
+        files = {f"source{i}": s.path for i, s in enumerate(project.data.sources)}
+        files["golden"] = project.data.golden.path
+        return files
+    return {}
+
+
+def run_stage(
+    project: Project,
+    run_dir: Path,
+    stage: str,
+    body: Callable[[Stage], StageResult],
+    force: bool = False,
+) -> Manifest:
+    """Run one stage unless an identical finished run exists. Returns its manifest."""
+    st = Stage(project, run_dir, stage)
+    upstream = {}
+    for up in UPSTREAM[stage]:
+        if read_manifest(st.upstream_dir(up)) is None:
+            raise TunegateError(f"stage {stage} needs stage {up} first: no {st.upstream_dir(up)}/manifest.json")
+        upstream[up] = manifest_hash(st.upstream_dir(up))
+    for path in stage_inputs(project, stage).values():
+        if not Path(path).is_file():
+            raise TunegateError(f"{path}: input file not found (stage {stage})")
+    inputs = {str(p): sha256_file(p) for p in stage_inputs(project, stage).values()}
+    config = _config_for(project, stage)
+    fp = fingerprint(stage, config, inputs, upstream)
+
+    old = read_manifest(st.final_dir)
+    if old is not None and old.fingerprint == fp and not force:
+        broken = verify_outputs(st.final_dir, old)
+        if not broken:
+            console.print(f"[dim]- {stage}: unchanged since {old.started_at}, skipped[/dim]")
+            return old
+        console.print(f"[yellow]- {stage}: outputs changed since the manifest ({', '.join(broken)}); rerunning[/yellow]")
+
+    shutil.rmtree(st.dir, ignore_errors=True)
+    st.dir.mkdir(parents=True)
+    if stage == "train":
+        _prepare_checkpoints(st.checkpoint_dir, fp)
+    console.rule(f"[bold]{stage}")
+    started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    t0 = time.perf_counter()
+    result = body(st)
+    wall = time.perf_counter() - t0
+    for path in result.inputs.values():
+        inputs[str(path)] = sha256_file(path)
+    # Swap the finished folder into place, then write the manifest last.
+    trash = st.run_dir / f".{stage}.old"
+    shutil.rmtree(trash, ignore_errors=True)
+    if st.final_dir.exists():
+        st.final_dir.rename(trash)
+    st.dir.rename(st.final_dir)
+    shutil.rmtree(trash, ignore_errors=True)
+    shutil.rmtree(st.checkpoint_dir, ignore_errors=True)
+    manifest = Manifest(
+        stage=stage,
+        fingerprint=fp,
+        config=config,
+        inputs=inputs,
+        outputs=hash_outputs(st.final_dir),
+        upstream=upstream,
+        started_at=started,
+        wall_s=round(wall, 2),
+        metrics=result.metrics,
+        verdict=result.verdict,
+    )
+    write_manifest(st.final_dir, manifest)
+    console.print(f"[green]- {stage}: done in {wall:.1f} s[/green]" + (f" verdict {result.verdict}" if result.verdict else ""))
+    return manifest
+
+
+def _prepare_checkpoints(ckpt_dir: Path, fp: str) -> None:
+    """Keep checkpoints only if they were written by a run with the same fingerprint."""
+    fp_file = ckpt_dir / ".fingerprint"
+    if ckpt_dir.exists() and not (fp_file.is_file() and fp_file.read_text().strip() == fp):
+        shutil.rmtree(ckpt_dir)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    fp_file.write_text(fp + "\n")
+
+
+def run_pipeline(project: Project, run_id: str = "default", until: str = "report", force: tuple[str, ...] = ()) -> dict[str, Manifest]:
+    """data -> train -> eval -> report. Returns the manifests; the caller reads the eval verdict."""
+    from tunegate.report import build as report_stage
+    from tunegate.stages import data as data_stage
+    from tunegate.stages import evaluate as eval_stage
+    from tunegate.stages import train as train_stage
+
+    bodies = {"data": data_stage.run, "train": train_stage.run, "eval": eval_stage.run, "report": report_stage.run}
+    run_dir = run_dir_for(project, run_id)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    manifests = {}
+    for stage in STAGES:
+        manifests[stage] = run_stage(project, run_dir, stage, bodies[stage], force=stage in force or "all" in force)
+        if stage == until:
+            break
+    return manifests

@@ -1,0 +1,181 @@
+"""Data stage: read every source, validate every row, freeze the golden set, split train/val.
+
+Order matters: structural validation of every row happens before the base model's tokenizer is
+resolved, and no model weights are ever loaded here. Then each row is rendered through the real chat
+template with its loss mask and over-length policy; rows that cannot be are rejected with their rule.
+
+Writes: train.jsonl, val.jsonl, golden.jsonl (the frozen golden rows), rejected.jsonl (file, line, id,
+rule, detail), stats.json, data_card.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from tunegate import TunegateError
+from tunegate.data import golden as golden_lock
+from tunegate.data.format import apply_system_policy, encode_record, supports_system_role
+from tunegate.data.records import Rejection, RowError, read_source
+from tunegate.manifest import atomic_write_json, atomic_write_jsonl, atomic_write_text
+from tunegate.pipeline import Stage, StageResult, console
+
+
+def split_train_val(records: list[dict[str, Any]], val_fraction: float, seed: int) -> tuple[list, list]:
+    """Deterministic split by a seeded hash of each row id: the same rows land in val on every machine."""
+    if val_fraction <= 0 or len(records) < 2:
+        return records, []
+    keyed = sorted(records, key=lambda r: hashlib.sha256(f"{seed}:{r['id']}".encode()).hexdigest())
+    n_val = max(1, round(len(records) * val_fraction))
+    val_ids = {r["id"] for r in keyed[:n_val]}
+    return [r for r in records if r["id"] not in val_ids], [r for r in records if r["id"] in val_ids]
+
+
+def _dedupe_ids(records: list[dict[str, Any]]) -> None:
+    """Row ids must be unique across sources: the file name prefixes a repeated id."""
+    seen: Counter[str] = Counter(r["id"] for r in records)
+    for r in records:
+        if seen[r["id"]] > 1:
+            r["id"] = f"{r['source']}:{r['id']}"
+
+
+def run(st: Stage) -> StageResult:
+    from tunegate.models import load_tokenizer, resolve_base_model
+
+    cfg = st.project.data
+    records: list[dict[str, Any]] = []
+    rejected: list[Rejection] = []
+    per_source: dict[str, dict[str, int]] = {}
+
+    # 1. Structural validation: no tokenizer, no model.
+    for src in cfg.sources:
+        recs, rej = read_source(src)
+        per_source[str(src.path)] = {"rows_read": len(recs) + len(rej), "rejected_structure": len(rej)}
+        records += recs
+        rejected += rej
+    _dedupe_ids(records)
+    golden, golden_rej = read_source(cfg.golden, role="golden")
+    if golden_rej:
+        shown = "\n  ".join(str(r) for r in golden_rej[:10])
+        raise TunegateError(f"{cfg.golden.path}: {len(golden_rej)} golden row(s) are invalid; a golden set must be clean:\n  {shown}")
+    if not golden:
+        raise TunegateError(f"{cfg.golden.path}: the golden set is empty")
+    lock, new_lock = golden_lock.freeze(cfg.golden, golden, cfg.golden_lock)
+    console.print(
+        f"golden set: {len(golden)} rows, "
+        + (f"frozen now into {cfg.golden_lock}" if new_lock else f"matches its lock {cfg.golden_lock.name}")
+    )
+
+    # 2. Template, loss-mask and length checks with the real tokenizer (no weights loaded).
+    tokenizer = load_tokenizer(resolve_base_model(st.project.base_model))
+    has_system = supports_system_role(tokenizer)
+    eos = tokenizer.eos_token_id
+    kept, lengths, n_truncated = [], [], 0
+    for rec in records:
+        try:
+            if "messages" in rec:
+                rec["messages"] = apply_system_policy(rec["messages"], cfg.system_role, has_system)
+            enc = encode_record(tokenizer, rec, cfg.max_length, cfg.overlength)
+        except RowError as exc:
+            rejected.append(Rejection(rec["meta"]["file"], rec["meta"]["line"], rec["id"], exc.rule, exc.detail))
+            continue
+        n_truncated += enc.truncated
+        lengths.append(len(enc.input_ids))
+        kept.append(rec)
+    for rec in golden:  # the golden prompts go through the same policy (case C04: identical in train and eval)
+        if "messages" in rec:
+            try:
+                rec["messages"] = apply_system_policy(rec["messages"], cfg.system_role, has_system)
+            except RowError as exc:
+                raise TunegateError(f"{cfg.golden.path}:{rec['meta']['line']} (id {rec['id']}): {exc.rule}: {exc.detail}") from None
+
+    # 3. Decontamination against the golden set (case C23): overlapping training rows are removed and listed.
+    by_id = {r["id"]: r for r in kept}
+    pairs = golden_lock.overlap(kept, golden)
+    for tid, gid in pairs:
+        rec = by_id[tid]
+        rejected.append(Rejection(rec["meta"]["file"], rec["meta"]["line"], tid, "golden_overlap", f"same prompt as golden row {gid} after normalisation"))
+    overlapping = {tid for tid, _ in pairs}
+    kept = [r for r in kept if r["id"] not in overlapping]
+    if pairs:
+        console.print(f"[yellow]removed {len(pairs)} training row(s) that overlap the golden set: {', '.join(t for t, _ in pairs[:10])}[/yellow]")
+
+    # 4. Rejections: written first, so a refused run still shows why.
+    atomic_write_jsonl(st.dir / "rejected.jsonl", [r.to_json() for r in rejected])
+    total = len(kept) + len(rejected)
+    by_rule = Counter(r.rule for r in rejected)
+    for r in rejected[:5]:
+        console.print(f"[yellow]rejected[/yellow] {r}")
+    if len(rejected) > 5:
+        console.print(f"[yellow]... {len(rejected) - 5} more in {st.dir / 'rejected.jsonl'}[/yellow]")
+    frac = len(rejected) / total if total else 1.0
+    if not kept:
+        raise TunegateError(f"no usable training rows ({dict(by_rule)}); see {st.dir / 'rejected.jsonl'}")
+    if frac > cfg.max_rejected_fraction:
+        raise TunegateError(
+            f"{len(rejected)} of {total} rows rejected ({frac:.1%}) > data.max_rejected_fraction "
+            f"{cfg.max_rejected_fraction:.1%}; by rule: {dict(by_rule)}; see {st.dir / 'rejected.jsonl'}"
+        )
+
+    # 5. Deterministic split and outputs.
+    train, val = split_train_val(kept, cfg.val_fraction, cfg.seed)
+    atomic_write_jsonl(st.dir / "train.jsonl", train)
+    atomic_write_jsonl(st.dir / "val.jsonl", val)
+    atomic_write_jsonl(st.dir / "golden.jsonl", golden)
+    for path, counts in per_source.items():
+        counts["rejected"] = sum(1 for r in rejected if r.file == path)
+        counts["kept"] = sum(1 for r in kept if r["meta"]["file"] == path)
+    stats = {
+        "rows_read": total,
+        "rows_kept": len(kept),
+        "rows_rejected": len(rejected),
+        "rejected_by_rule": dict(by_rule),
+        "train_rows": len(train),
+        "val_rows": len(val),
+        "golden_rows": len(golden),
+        "golden_sha256": lock["file_sha256"],
+        "golden_overlap_removed": len(pairs),
+        "truncated_rows": n_truncated,
+        "tokens_total": sum(lengths),
+        "tokens_per_row_mean": round(sum(lengths) / len(lengths), 1),
+        "tokens_per_row_max": max(lengths),
+        "template_has_system_role": has_system,
+        "per_source": per_source,
+        "licenses": sorted({s.license for s in cfg.sources if s.license}),
+    }
+    atomic_write_json(st.dir / "stats.json", stats)
+    atomic_write_text(st.dir / "data_card.md", _data_card(st, stats))
+    console.print(
+        f"rows: {len(kept)} kept ({len(train)} train / {len(val)} val), {len(rejected)} rejected {dict(by_rule)}; "
+        f"{len(golden)} golden"
+    )
+    return StageResult(metrics=stats, inputs={"golden_lock": Path(cfg.golden_lock)})
+
+
+def _data_card(st: Stage, stats: dict[str, Any]) -> str:
+    lines = [
+        f"# Data card: {st.project.name}",
+        "",
+        f"- rows read: {stats['rows_read']}; kept: {stats['rows_kept']}; rejected: {stats['rows_rejected']}",
+        f"- train / val / golden: {stats['train_rows']} / {stats['val_rows']} / {stats['golden_rows']}",
+        f"- golden set sha256: `{stats['golden_sha256']}`",
+        f"- tokens per row: mean {stats['tokens_per_row_mean']}, max {stats['tokens_per_row_max']}; "
+        f"truncated rows: {stats['truncated_rows']} (policy `{st.project.data.overlength}`, max_length {st.project.data.max_length})",
+        f"- licences: {', '.join(stats['licenses']) or 'not stated'}",
+        "",
+        "## Rejected rows by rule",
+        "",
+        "| rule | rows |",
+        "|---|---:|",
+        *[f"| {k} | {v} |" for k, v in sorted(stats["rejected_by_rule"].items())],
+        "",
+        "## Per source",
+        "",
+        "| source | read | kept | rejected |",
+        "|---|---:|---:|---:|",
+        *[f"| {Path(k).name} | {v['rows_read']} | {v['kept']} | {v['rejected']} |" for k, v in stats["per_source"].items()],
+        "",
+    ]
+    return "\n".join(lines)
