@@ -75,8 +75,10 @@ def _render(tokenizer, messages, generation_prompt: bool) -> str:
 
 def end_token_id(tokenizer) -> int:
     """The end-of-turn token: `<|im_end|>` for ChatML templates, else eos."""
-    eot = tokenizer.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tokenizer.get_vocab() else None
-    return eot if eot is not None else tokenizer.eos_token_id
+    eot = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    if eot is None or eot == tokenizer.unk_token_id:
+        return tokenizer.eos_token_id
+    return eot
 
 
 def encode_chat(tokenizer, messages: list[dict[str, str]]) -> Encoded:

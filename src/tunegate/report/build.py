@@ -34,7 +34,8 @@ def plot_scores(scores: dict[str, Any], path: Path) -> None:
     a1.set_xlim(0, 1)
     a1.set_xlabel(f"{scores['metric']} (95% CI)")
     for i, m in enumerate(means):
-        a1.text(min(m + 0.02, 0.9), i, f"{m:.3f}", va="center")
+        inside = m > 0.85  # write the value inside a long bar, after a short one
+        a1.text(m - 0.03 if inside else m + 0.03, i + 0.25, f"{m:.3f}", va="center", ha="right" if inside else "left", color="white" if inside else "black")
     d = scores["delta"]
     a2.errorbar([d["mean"]], [0], xerr=[[d["mean"] - d["ci_low"]], [d["ci_high"] - d["mean"]]], fmt="o", capsize=5, color="#27ae60" if d["ci_low"] > 0 else "#c0392b")
     a2.axvline(0, color="k", lw=0.8)

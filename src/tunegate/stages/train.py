@@ -35,6 +35,52 @@ def tokenize_rows(tokenizer, rows: list[dict[str, Any]], max_length: int, policy
     return cols
 
 
+def supervised_only_loss(model, inputs, num_items_in_batch=None):
+    """Cross-entropy over supervised positions only: the LM head runs on those rows of the hidden states.
+
+    inputs: input_ids and attention_mask (B, T), labels (B, T) with IGNORE_INDEX where no loss is taken.
+    Returns (loss, n_supervised, n_correct). With `num_items_in_batch` (supervised tokens over all
+    gradient-accumulation steps) the sum is divided by it, as transformers' Trainer expects.
+
+    Why not TRL's fused LM head: off Triton devices it scores every position in fp32, which on a CPU cost
+    more than a quarter of each step for a task whose answers are a few tokens (measured, bench/).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    labels = inputs["labels"][:, 1:]  # (B, T-1): position t predicts token t+1
+    hidden = causal_lm.base_model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"), use_cache=False).last_hidden_state
+    mask = labels != IGNORE_INDEX
+    logits = causal_lm.get_output_embeddings()(hidden[:, :-1][mask])  # (N_supervised, V)
+    target = labels[mask]
+    loss_sum = F.cross_entropy(logits.float(), target, reduction="sum")
+    n = int(mask.sum())
+    denom = num_items_in_batch if num_items_in_batch is not None else max(n, 1)
+    with torch.no_grad():
+        correct = int((logits.argmax(-1) == target).sum())
+    return loss_sum / denom, n, correct
+
+
+def _trainer_class():
+    from trl import SFTTrainer
+
+    class TunegateSFTTrainer(SFTTrainer):
+        """TRL's SFTTrainer with `supervised_only_loss`; everything else (collation, PEFT, checkpoints) is TRL's."""
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            mode = "train" if model.training else "eval"
+            loss, n, correct = supervised_only_loss(model, inputs, num_items_in_batch)
+            if n:
+                self._metrics[mode]["mean_token_accuracy"].append(correct / n)
+            if mode == "train":
+                self._total_train_tokens += int(inputs["attention_mask"].sum())
+            self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+            return (loss, None) if return_outputs else loss
+
+    return TunegateSFTTrainer
+
+
 def _callbacks(st: Stage, budget_s: float | None):
     from transformers import TrainerCallback
 
@@ -74,7 +120,7 @@ def run(st: Stage) -> StageResult:
     import torch
     from datasets import Dataset
     from peft import LoraConfig
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTConfig
 
     from tunegate.models import bf16_supported, load_model, load_tokenizer, resolve_base_model
 
@@ -107,7 +153,7 @@ def run(st: Stage) -> StageResult:
     model = load_model(base)
     lora = LoraConfig(**lora_kwargs(project))
     tracker = _callbacks(st, project.train.budget_minutes * 60 if project.train.budget_minutes else None)
-    trainer = SFTTrainer(
+    trainer = _trainer_class()(
         model=model,
         args=args,
         train_dataset=train_ds,

@@ -1,0 +1,117 @@
+"""Shared fixtures: the real SmolLM2 tokenizer and a tiny random 2-layer Llama built on it.
+
+The tokenizer comes from the embedded base model (converted once into the tunegate cache, ~30 s on a
+fresh machine). The tiny model has the real vocabulary and chat template, so every template and mask
+path is the real one, while training and generation take seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("TUNEGATE_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+def pytest_configure(config):
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def base_dir() -> Path:
+    from tunegate.models import resolve_base_model
+
+    return Path(resolve_base_model("smollm2-135m-instruct", progress=False))
+
+
+@pytest.fixture(scope="session")
+def tokenizer(base_dir):
+    from tunegate.models import load_tokenizer
+
+    return load_tokenizer(base_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer) -> Path:
+    """A randomly initialised 2-layer Llama (hidden 64) with the real tokenizer, saved like any HF model."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model = LlamaForCausalLM(cfg)
+    out = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
+    return path
+
+
+def chat(user: str, answer: str, rid: str | None = None, system: str | None = None) -> dict:
+    msgs = ([{"role": "system", "content": system}] if system else []) + [
+        {"role": "user", "content": user},
+        {"role": "assistant", "content": answer},
+    ]
+    return ({"id": rid} if rid else {}) | {"messages": msgs}
+
+
+@pytest.fixture
+def tiny_project(tmp_path, tiny_model_dir):
+    """A small classification project on the tiny model: 60 train rows, 12 golden rows, 3 labels."""
+    labels = ["alpha", "beta", "gamma"]
+    train = [chat(f"message number {i} about topic {labels[i % 3]}", labels[i % 3], f"t{i}") for i in range(60)]
+    golden = [chat(f"golden question {i} on {labels[i % 3]}", labels[i % 3], f"g{i}") for i in range(12)]
+    write_jsonl(tmp_path / "train.jsonl", train)
+    write_jsonl(tmp_path / "golden.jsonl", golden)
+    (tmp_path / "tunegate.yaml").write_text(
+        f"""
+name: tiny
+base_model: {tiny_model_dir}
+data:
+  sources: [{{path: train.jsonl, format: chat}}]
+  golden: {{path: golden.jsonl, format: chat}}
+  val_fraction: 0.1
+  max_length: 64
+train:
+  lora: {{r: 4, lora_alpha: 8}}
+  trl: {{max_steps: 4, per_device_train_batch_size: 4, save_steps: 2, logging_steps: 1, warmup_steps: 0}}
+eval:
+  max_new_tokens: 4
+  batch_size: 8
+  bootstrap_samples: 200
+  gate: {{min_score: 0.0, min_delta_ci_low: -1.0}}
+"""
+    )
+    return tmp_path
+
+
+def shared_data(*parts: str) -> Path:
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"{path} not found: the shared datasets folder (../shared/data) is absent")
+    return path

@@ -1,0 +1,178 @@
+"""The whole pipeline on a tiny random Llama with the real tokenizer: manifests, skip, resume, refusals."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from tunegate import TunegateError
+from tunegate.config import load_project
+from tunegate.manifest import read_manifest
+from tunegate.pipeline import run_pipeline
+
+from conftest import chat, write_jsonl
+
+
+def cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "tunegate.cli", *map(str, args)], capture_output=True, text=True, cwd=cwd)
+
+
+def test_full_run_writes_every_artifact_and_a_rerun_skips(tiny_project, capsys):
+    project = load_project(tiny_project / "tunegate.yaml")
+    manifests = run_pipeline(project)
+    run_dir = tiny_project / "runs" / "default"
+    for stage, files in {
+        "data": ["train.jsonl", "val.jsonl", "golden.jsonl", "rejected.jsonl", "stats.json", "data_card.md"],
+        "train": ["adapter/adapter_config.json", "adapter/adapter_model.safetensors", "metrics.jsonl", "loss.png", "train_summary.json"],
+        "eval": ["samples.jsonl", "scores.json", "verdict.json"],
+        "report": ["report.html", "report.md", "scores.png"],
+    }.items():
+        for f in files:
+            assert (run_dir / stage / f).is_file(), f"{stage}/{f}"
+        m = read_manifest(run_dir / stage)
+        assert set(m.outputs) >= set(files) and m.wall_s > 0
+    # lineage: each manifest records the sha256 of its upstream manifests
+    from tunegate.manifest import manifest_hash
+
+    assert manifests["train"].upstream == {"data": manifest_hash(run_dir / "data")}
+    assert set(manifests["eval"].upstream) == {"data", "train"}
+    # no half-written leftovers
+    assert not [p.name for p in run_dir.iterdir() if p.name.startswith(".")]
+
+    stats = json.loads((run_dir / "data" / "stats.json").read_text())
+    assert (stats["train_rows"], stats["val_rows"], stats["golden_rows"]) == (54, 6, 12)
+    summary = json.loads((run_dir / "train" / "train_summary.json").read_text())
+    assert summary["steps"] == 4 and summary["train_tokens_per_s"] > 0
+    lora = json.loads((run_dir / "train" / "adapter" / "adapter_config.json").read_text())
+    assert lora["r"] == 4 and lora["use_dora"] is True
+    scores = json.loads((run_dir / "eval" / "scores.json").read_text())
+    assert scores["n"] == 12 and scores["base"]["ci_low"] <= scores["base"]["mean"] <= scores["base"]["ci_high"]
+    assert manifests["eval"].verdict == "PASS"  # thresholds in the fixture are permissive
+    html = (run_dir / "report" / "report.html").read_text()
+    assert "data:image/png;base64," in html and "PASS" in html
+
+    capsys.readouterr()
+    before = {s: read_manifest(run_dir / s).started_at for s in ("data", "train", "eval", "report")}
+    run_pipeline(load_project(tiny_project / "tunegate.yaml"))
+    assert "skipped" in capsys.readouterr().err
+    assert {s: read_manifest(run_dir / s).started_at for s in before} == before
+
+    # a changed eval setting reruns eval and report only
+    run_pipeline(load_project(tiny_project / "tunegate.yaml", ["eval.max_new_tokens=3"]))
+    after = {s: read_manifest(run_dir / s).started_at for s in before}
+    assert after["data"] == before["data"] and after["train"] == before["train"]
+    assert read_manifest(run_dir / "eval").config["eval"]["max_new_tokens"] == 3
+
+
+def test_bad_rows_go_to_rejected_with_file_line_rule(tiny_project):
+    rows = [json.loads(x) for x in (tiny_project / "train.jsonl").read_text().splitlines()]
+    lines = [json.dumps(r) for r in rows] + ["{not json", json.dumps(chat("x", " "))]
+    write_jsonl(tiny_project / "train.jsonl", lines)
+    run_pipeline(load_project(tiny_project / "tunegate.yaml", ["data.max_rejected_fraction=0.1"]), until="data")
+    rejected = [json.loads(x) for x in (tiny_project / "runs/default/data/rejected.jsonl").read_text().splitlines()]
+    assert [(r["line"], r["rule"]) for r in rejected] == [(61, "invalid_json"), (62, "empty_turn")]
+    assert all(r["file"].endswith("train.jsonl") for r in rejected)
+
+
+def test_too_many_rejections_stop_before_training_and_damage_nothing(tiny_project):
+    run_pipeline(load_project(tiny_project / "tunegate.yaml"), until="data")
+    good = (tiny_project / "runs/default/data/train.jsonl").read_text()
+    with open(tiny_project / "train.jsonl", "a") as f:
+        f.write("{broken\n" * 10)
+    with pytest.raises(TunegateError, match=r"10 of 70 rows rejected .* > data.max_rejected_fraction"):
+        run_pipeline(load_project(tiny_project / "tunegate.yaml"), until="data")
+    assert (tiny_project / "runs/default/data/train.jsonl").read_text() == good  # earlier outputs intact
+
+
+def test_golden_overlap_rows_are_removed_from_training_and_listed(tiny_project):
+    golden = [json.loads(x) for x in (tiny_project / "golden.jsonl").read_text().splitlines()]
+    copy = chat(golden[3]["messages"][0]["content"].upper().replace(" ", "\n  "), "alpha", "leak")
+    with open(tiny_project / "train.jsonl", "a") as f:
+        f.write(json.dumps(copy) + "\n")
+    run_pipeline(load_project(tiny_project / "tunegate.yaml"), until="data")
+    rejected = [json.loads(x) for x in (tiny_project / "runs/default/data/rejected.jsonl").read_text().splitlines()]
+    assert [(r["id"], r["rule"]) for r in rejected] == [("leak", "golden_overlap")]
+    assert "g3" in rejected[0]["detail"]
+
+
+def test_eval_refuses_training_data_that_overlaps_the_golden_set(tiny_project):
+    """C23 at the gate: even if train.jsonl is edited after the data stage, the gate will not score."""
+    from tunegate.stages.evaluate import check_golden
+
+    project = load_project(tiny_project / "tunegate.yaml")
+    run_pipeline(project, until="data")
+    data_dir = tiny_project / "runs/default/data"
+    golden = [json.loads(x) for x in (data_dir / "golden.jsonl").read_text().splitlines()]
+    with open(data_dir / "train.jsonl", "a") as f:
+        f.write(json.dumps({**golden[0], "id": "sneaky"}) + "\n")
+    with pytest.raises(TunegateError, match=r"1 training row\(s\) overlap the golden set \(train~golden: sneaky~g0\)"):
+        check_golden(project, data_dir)
+
+
+def test_cli_exit_codes_and_one_line_errors(tiny_project):
+    # unknown key: exit 2, names the key
+    r = cli("validate", tiny_project / "tunegate.yaml", "train.lora_rank=8")
+    assert r.returncode == 2 and "unknown key 'train.lora_rank'" in r.stderr
+    # missing data file: exit 2, names the file
+    r = cli("data", tiny_project / "tunegate.yaml", "data.sources.0.path=missing.jsonl")
+    assert r.returncode == 2 and "missing.jsonl: input file not found" in r.stderr
+    # a gate the tiny random model cannot pass: exit 3, and the report is still written
+    r = cli("run", tiny_project / "tunegate.yaml", "eval.gate.min_score=0.99")
+    assert r.returncode == 3, r.stderr[-2000:]
+    assert "Eval gate: FAIL" in r.stderr
+    assert (tiny_project / "runs/default/report/report.html").is_file()
+    verdict = json.loads((tiny_project / "runs/default/eval/verdict.json").read_text())
+    assert verdict["verdict"] == "FAIL" and not verdict["rules"][0]["passed"]
+    # the golden set edited after freezing: exit 2 naming the row, nothing already written is touched
+    before = (tiny_project / "runs/default/train/adapter/adapter_model.safetensors").read_bytes()
+    rows = (tiny_project / "golden.jsonl").read_text().splitlines()
+    rows[4] = rows[4].replace('"beta"', '"gamma"')
+    (tiny_project / "golden.jsonl").write_text("\n".join(rows) + "\n")
+    r = cli("run", tiny_project / "tunegate.yaml")
+    assert r.returncode == 2 and "golden set changed since it was frozen" in r.stderr and "1 changed: g4" in r.stderr
+    assert (tiny_project / "runs/default/train/adapter/adapter_model.safetensors").read_bytes() == before
+
+
+def test_killed_training_resumes_from_its_last_checkpoint(tiny_project):
+    """A run interrupted after step 3 leaves checkpoint-2 and no manifest; the rerun resumes at step 2."""
+    from transformers import TrainerCallback
+
+    import tunegate.stages.train as train_stage
+
+    project = load_project(tiny_project / "tunegate.yaml", ["train.trl.max_steps=6"])
+    run_pipeline(project, until="data")
+
+    class Kill(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == 3:
+                raise KeyboardInterrupt("simulated kill")
+
+    # inject the kill through the trainer's callback list
+    real_cls = train_stage._trainer_class
+
+    def killing_trainer_class():
+        cls = real_cls()
+
+        class K(cls):
+            def __init__(self, *a, **kw):
+                kw["callbacks"] = [*kw.get("callbacks", []), Kill()]
+                super().__init__(*a, **kw)
+
+        return K
+
+    train_stage._trainer_class = killing_trainer_class
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_pipeline(project, until="train")
+    finally:
+        train_stage._trainer_class = real_cls
+    run_dir = tiny_project / "runs/default"
+    assert read_manifest(run_dir / "train") is None
+    assert (run_dir / ".train.checkpoints" / "checkpoint-2").is_dir()
+
+    manifests = run_pipeline(project, until="train")
+    summary = manifests["train"].metrics
+    assert summary["resumed_from_step"] == 2 and summary["steps"] == 6
+    assert not (run_dir / ".train.checkpoints").exists()  # removed once the stage succeeded

@@ -1,0 +1,87 @@
+import pytest
+
+from tunegate import TunegateError
+from tunegate.config import load_project
+
+MINIMAL = """
+name: p
+data:
+  sources: [{path: train.jsonl}]
+  golden: {path: golden.jsonl}
+"""
+
+
+def write(tmp_path, text):
+    p = tmp_path / "tunegate.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_minimal_project_gets_defaults_and_absolute_paths(tmp_path):
+    p = load_project(write(tmp_path, MINIMAL))
+    assert p.base_model == "smollm2-135m-instruct"
+    assert p.data.sources[0].path == tmp_path / "train.jsonl"
+    assert p.data.golden_lock == tmp_path / "golden.lock.json"
+    assert p.data.overlength == "drop"
+
+
+def test_unknown_key_names_its_path(tmp_path):
+    text = MINIMAL.replace("golden: {path: golden.jsonl}", "golden: {path: golden.jsonl, smaple: 3}")
+    with pytest.raises(TunegateError, match=r"unknown key 'data\.golden\.smaple'"):
+        load_project(write(tmp_path, text))
+
+
+def test_unknown_top_level_key(tmp_path):
+    with pytest.raises(TunegateError, match=r"tunegate.yaml: unknown key 'trian'"):
+        load_project(write(tmp_path, MINIMAL + "trian: {}\n"))
+
+
+def test_overrides_with_list_index_and_yaml_values(tmp_path):
+    p = load_project(
+        write(tmp_path, MINIMAL),
+        ["data.sources.0.path=/abs/x.jsonl", "train.trl.learning_rate=5e-5", "eval.gate.min_score=0.9"],
+    )
+    assert str(p.data.sources[0].path) == "/abs/x.jsonl"
+    assert p.train.trl["learning_rate"] == 5e-5
+    assert p.eval.gate.min_score == 0.9
+
+
+def test_override_of_unknown_key_is_refused(tmp_path):
+    with pytest.raises(TunegateError, match=r"unknown key 'train\.lora_rank'"):
+        load_project(write(tmp_path, MINIMAL), ["train.lora_rank=8"])
+
+
+def test_override_past_end_of_list(tmp_path):
+    with pytest.raises(TunegateError, match="no list item 3"):
+        load_project(write(tmp_path, MINIMAL), ["data.sources.3.path=x"])
+
+
+def test_bad_value_names_key_and_value(tmp_path):
+    with pytest.raises(TunegateError, match=r"key 'data\.overlength'.*'cut'"):
+        load_project(write(tmp_path, MINIMAL), ["data.overlength=cut"])
+
+
+def test_yaml_syntax_error_names_line(tmp_path):
+    with pytest.raises(TunegateError, match=r"tunegate.yaml:2: not valid YAML \(mapping values are not allowed"):
+        load_project(write(tmp_path, "name: p\nbase_model: a: b\n"))
+
+
+def test_missing_project_file(tmp_path):
+    with pytest.raises(TunegateError, match="project file not found"):
+        load_project(tmp_path / "nope.yaml")
+
+
+def test_passthrough_is_checked_without_a_model(tmp_path):
+    from tunegate.config import check_passthrough
+
+    ok = load_project(write(tmp_path, MINIMAL))
+    assert check_passthrough(ok) == []
+    bad = load_project(write(tmp_path, MINIMAL), ["train.lora.lora_alpah=3", "train.trl.learnin_rate=1"])
+    problems = check_passthrough(bad)
+    assert any(p.startswith("train.lora:") and "lora_alpah" in p for p in problems)
+    assert any(p.startswith("train.trl:") and "learnin_rate" in p for p in problems)
+
+
+def test_scientific_notation_without_a_dot_is_a_float(tmp_path):
+    p = load_project(write(tmp_path, MINIMAL + "train:\n  trl: {learning_rate: 2e-4, weight_decay: 1E-2, warmup_ratio: .1}\n"))
+    assert p.train.trl == {"learning_rate": 2e-4, "weight_decay": 1e-2, "warmup_ratio": 0.1}
