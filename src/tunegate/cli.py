@@ -156,6 +156,9 @@ def main() -> None:
     except TunegateError as exc:
         typer.secho(f"error: {exc}", fg="red", err=True)
         sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        typer.secho("interrupted: finished stages are kept; rerun the same command to resume", fg="yellow", err=True)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

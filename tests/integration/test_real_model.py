@@ -29,7 +29,7 @@ def test_real_smollm2_learns_the_quickstart_labels_and_stops(tmp_path):
     (tmp_path / "tunegate.yaml").write_text(text)
     project = load_project(
         tmp_path / "tunegate.yaml",
-        ["train.trl.max_steps=12", "train.trl.per_device_train_batch_size=8", "train.trl.logging_steps=2",
+        ["train.trl.max_steps=30", "train.trl.per_device_train_batch_size=8", "train.trl.logging_steps=2",
          "train.trl.save_steps=100", "data.val_fraction=0.0"],
     )
     run_pipeline(project, until="train")

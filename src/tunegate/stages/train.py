@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -100,8 +99,8 @@ def _callbacks(st: Stage, budget_s: float | None):
             self.start_tokens = state.num_input_tokens_seen
 
         def on_log(self, args, state, control, logs=None, **kw):
-            rows = [r for r in state.log_history]
-            for r in rows:
+            rows = state.log_history
+            for r in rows[-1:]:
                 if "loss" in r and (r["loss"] is None or (isinstance(r["loss"], float) and math.isnan(r["loss"]))):
                     control.should_training_stop = True
                     raise TunegateError(f"step {r.get('step')}: loss is NaN; a batch had no supervised tokens or the run diverged")
@@ -175,14 +174,9 @@ def run(st: Stage) -> StageResult:
     trainer.train(resume_from_checkpoint=True if resume else None)
     train_s = time.perf_counter() - t0
 
-    # The adapter appears whole or not at all.
-    tmp = st.dir / "adapter.partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    trainer.model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    (tmp / "adapter_config.json").exists() or _fail("adapter_config.json was not written")
-    (st.dir / "adapter").exists() and shutil.rmtree(st.dir / "adapter")
-    tmp.rename(st.dir / "adapter")
+    # st.dir is the stage's partial folder: the adapter becomes visible only when the whole stage succeeds.
+    trainer.model.save_pretrained(st.dir / "adapter")
+    tokenizer.save_pretrained(st.dir / "adapter")
 
     history = trainer.state.log_history
     atomic_write_jsonl(st.dir / "metrics.jsonl", history)
@@ -216,10 +210,6 @@ def run(st: Stage) -> StageResult:
         f"final loss {summary['final_train_loss']}"
     )
     return StageResult(metrics=summary)
-
-
-def _fail(msg: str):
-    raise TunegateError(msg)
 
 
 def _plot_loss(history: list[dict[str, Any]], path: Path) -> None:
