@@ -133,6 +133,70 @@ def golden_freeze(
 
 
 @app.command()
+def decide(
+    answer: Annotated[Optional[list[str]], typer.Option("--answer", "-a", help="question=option, e.g. -a changing_knowledge=no (repeatable)")] = None,
+    answers_file: Annotated[Optional[Path], typer.Option("--answers", help="YAML/JSON file mapping question id -> option")] = None,
+    explain: Annotated[bool, typer.Option("--explain", help="print the whole tree and exit")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print the decision as JSON")] = False,
+    out: Annotated[Optional[Path], typer.Option("--out", help="write decision.json here")] = None,
+) -> None:
+    """Which method fits: at most five questions, twelve outcomes (RAG and prompting first). Asks what flags leave open."""
+    import json
+
+    from tunegate import decide as tree
+    from tunegate.manifest import atomic_write_json
+
+    if explain:
+        typer.echo(tree.explain())
+        return
+    given: dict[str, str] = {}
+    if answers_file is not None:
+        import yaml
+
+        if not answers_file.is_file():
+            raise TunegateError(f"{answers_file}: answers file not found")
+        given.update({str(k): str(v) for k, v in (yaml.safe_load(answers_file.read_text()) or {}).items()})
+    for item in answer or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise TunegateError(f"--answer {item!r}: expected question=option")
+        given[key.strip()] = value.strip()
+    unknown = set(given) - set(tree.TREE)
+    if unknown:
+        raise TunegateError(f"unknown question(s) {', '.join(sorted(unknown))}; questions: {', '.join(tree.TREE)}")
+    interactive = sys.stdin.isatty()
+
+    def ask(q):
+        if q.id in given:
+            return given[q.id]
+        if not interactive:
+            raise TunegateError(f"question '{q.id}' is not answered ({q.text}); pass --answer {q.id}=<{'|'.join(o.key for o in q.options)}>")
+        typer.echo(f"\n{q.text}\n  {q.help}")
+        for i, o in enumerate(q.options, start=1):
+            typer.echo(f"  {i}. {o.label}")
+        while True:
+            choice = typer.prompt(f"answer 1-{len(q.options)}").strip()
+            if choice.isdigit() and 1 <= int(choice) <= len(q.options):
+                return q.options[int(choice) - 1].key
+            typer.echo(f"  please type a number from 1 to {len(q.options)}")
+
+    try:
+        d = tree.decide(ask)
+    except tree.DecisionError as exc:
+        raise TunegateError(str(exc)) from None
+    if out is not None:
+        atomic_write_json(out, d.to_json())
+    if as_json:
+        typer.echo(json.dumps(d.to_json(), indent=2))
+        return
+    typer.secho(f"\nRecommended: {d.method.upper()}" + ("" if d.trains else " (no training)"), bold=True)
+    typer.echo(f"Why: {d.why}")
+    for r in d.rejected:
+        typer.echo(f"Rejected: {r}")
+    typer.echo(f"Next: {d.next_step}")
+
+
+@app.command()
 def env() -> None:
     """Print versions and the machine for bug reports."""
     import platform

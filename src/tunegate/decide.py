@@ -1,0 +1,209 @@
+"""The honest decision tree: at most five questions, twelve methods, one table of data.
+
+The table (`TREE`) is the single source for the terminal wizard (`tunegate decide`), `tunegate decide
+--explain`, and the docs. The first question sends everything that is really a knowledge problem to RAG,
+which filters out most would-be fine-tunes. Each leaf carries why it fits and why the alternatives met on
+the way were rejected.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+METHODS = (
+    "rag", "prompt_optimization", "lora", "dora", "qlora", "full_sft", "cpt", "dpo", "kto", "orpo", "grpo", "distillation",
+)
+TRAINS = {m: m not in ("rag", "prompt_optimization") for m in METHODS}
+
+
+@dataclass(frozen=True)
+class Option:
+    key: str  # the answer's name in flags and answer files
+    label: str  # what the wizard shows
+    next: str  # a question id or "leaf:<method>"
+    rejects: str = ""  # why the methods this answer rules out were ruled out
+
+
+@dataclass(frozen=True)
+class Question:
+    id: str
+    text: str
+    help: str
+    options: tuple[Option, ...]
+
+
+@dataclass(frozen=True)
+class Leaf:
+    method: str
+    why: str
+    next_step: str
+
+
+def _yes_no(qid, text, help_, yes_next, no_next, yes_rejects="", no_rejects=""):
+    return Question(qid, text, help_, (Option("yes", "yes", yes_next, yes_rejects), Option("no", "no", no_next, no_rejects)))
+
+
+TREE: dict[str, Question] = {q.id: q for q in (
+    _yes_no(
+        "changing_knowledge",
+        "Does the model need information that changes (policies, prices, catalogues, docs)?",
+        "Fine-tuning bakes facts in at training time; they go stale and cannot be cited. Retrieval reads them at request time.",
+        "leaf:rag", "prompt_meets_bar",
+        yes_rejects="every training method: facts that change must be retrieved, not trained in",
+    ),
+    _yes_no(
+        "prompt_meets_bar",
+        "Does a prompt-optimized baseline already meet the bar on your golden set?",
+        "Instruction search plus few-shot selection, scored on the frozen golden set. `tunegate audit` measures it for you.",
+        "leaf:prompt_optimization", "verifier",
+        yes_rejects="every training method: a prompt that meets the bar costs nothing to train and little to change",
+        no_rejects="prompt optimization: it does not meet the bar on the golden set",
+    ),
+    _yes_no(
+        "verifier",
+        "Can a program check whether an answer is correct (math, code that runs, valid JSON, tool calls, extraction)?",
+        "A verifier turns correctness into a reward, so the model can learn from its own sampled answers.",
+        "leaf:grpo", "preference",
+        no_rejects="GRPO: there is no programmatic reward to optimise",
+    ),
+    Question(
+        "preference",
+        "What preference signals do you have?",
+        "Pairs: the same prompt with a better and a worse answer. Thumbs: single answers marked good or bad.",
+        (
+            Option("pairs", "preference pairs (chosen vs rejected), starting from a model that already does the task", "leaf:dpo",
+                   "SFT-only methods: pairs carry signal that demonstrations do not"),
+            Option("pairs_no_sft", "preference pairs, and no fine-tuned starting model yet (SFT and preference in one pass)", "leaf:orpo",
+                   "DPO: it needs a separately fine-tuned reference model first"),
+            Option("thumbs", "unpaired thumbs up / down", "leaf:kto", "DPO and ORPO: they need paired answers"),
+            Option("none", "none: I have demonstrations (prompts with good answers)", "demonstrations",
+                   "DPO, KTO, ORPO: no preference signal"),
+        ),
+    ),
+    Question(
+        "demonstrations",
+        "Which best describes your situation?",
+        "LoRA rank 16 with DoRA is the default; the other answers name the one constraint that changes it.",
+        (
+            Option("default", "none of the below: learn a behaviour or format from demonstrations", "leaf:dora"),
+            Option("unmerged_serving", "the adapter must be served unmerged by an engine without DoRA (e.g. vLLM multi-LoRA)", "leaf:lora",
+                   "DoRA: its magnitude vectors cannot be served unmerged by vLLM"),
+            Option("memory_tight", "GPU memory is too tight for the base model in 16-bit", "leaf:qlora",
+                   "LoRA/DoRA in 16-bit: the base model does not fit"),
+            Option("foreign_vocabulary", "the domain's vocabulary is foreign to the base model (raw domain text available)", "leaf:cpt",
+                   "SFT first: the model cannot use words it has not learned; adapt on raw text before instructions"),
+            Option("small_student", "the goal is a small, fast student of a larger teacher model", "leaf:distillation",
+                   "SFT on human data alone: the teacher's outputs or logits are the cheaper, denser signal"),
+            Option("lora_fell_short", "a benchmark showed LoRA/DoRA falls short on the golden set", "leaf:full_sft",
+                   "LoRA/DoRA: measured to fall short (keep that benchmark in the audit)"),
+        ),
+    ),
+)}
+
+LEAVES: dict[str, Leaf] = {leaf.method: leaf for leaf in (
+    Leaf("rag", "The answers depend on information that changes; retrieval keeps them current and citable.",
+         "Index the document corpus; run `tunegate audit` to measure retrieval recall and answer quality."),
+    Leaf("prompt_optimization", "A tuned prompt already meets the bar on the golden set: no training spend needed.",
+         "Freeze the optimised prompt and few-shot set; keep the golden set as a regression gate."),
+    Leaf("grpo", "A verifier can score answers, so reinforcement fine-tuning (GRPO) optimises correctness directly.",
+         "Pick or write a verifier; check that rewards vary within groups of >= 2 generations before training."),
+    Leaf("dpo", "Preference pairs on top of a model that already does the task: DPO learns the preference directly.",
+         "Use the current fine-tuned model as the frozen reference; expect loss ln 2 = 0.693 at step 0."),
+    Leaf("orpo", "Preference pairs and no SFT model yet: ORPO does SFT and preference in one pass, no reference model.",
+         "Check chosen != rejected for every pair; train with the pairs directly."),
+    Leaf("kto", "Unpaired thumbs up/down: KTO learns from single labelled answers.",
+         "Balance desirable and undesirable rows or set their weights; use a frozen reference."),
+    Leaf("dora", "Demonstrations of a behaviour or format: LoRA rank 16 with DoRA, the default.",
+         "Run `tunegate run`; the eval gate compares it with the base model on the golden set."),
+    Leaf("lora", "Demonstrations, served unmerged by an engine without DoRA support: plain LoRA rank 16.",
+         "Keep ranks within the engine's max LoRA rank; no modules_to_save."),
+    Leaf("qlora", "Demonstrations, with the base model too large for memory in 16-bit: QLoRA (4-bit base, LoRA on top).",
+         "Needs a CUDA GPU with bitsandbytes; merge into a 16-bit base for serving."),
+    Leaf("cpt", "The domain's vocabulary is foreign: continued pretraining on raw domain text first, then SFT.",
+         "Collect raw domain text; measure held-out perplexity before and after."),
+    Leaf("distillation", "A small fast student of a larger teacher: learn from the teacher's outputs (or logits).",
+         "Generate teacher answers for your prompts; use logits when the tokenizers match."),
+    Leaf("full_sft", "A benchmark showed LoRA falls short: full fine-tuning, with the benchmark kept as evidence.",
+         "Budget for full optimizer state; compare against the LoRA run on the same golden set."),
+)}
+
+START = "changing_knowledge"
+
+
+@dataclass
+class Decision:
+    method: str
+    trains: bool
+    why: str
+    next_step: str
+    path: list[dict[str, str]] = field(default_factory=list)  # [{question, answer}]
+    rejected: list[str] = field(default_factory=list)  # each: "<method(s)>: <reason>"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"method": self.method, "trains": self.trains, "why": self.why, "next_step": self.next_step,
+                "path": self.path, "rejected": self.rejected}
+
+
+class DecisionError(ValueError):
+    """An answer that is not one of the question's options."""
+
+
+def decide(answers: dict[str, str] | Callable[[Question], str]) -> Decision:
+    """Walk the tree. `answers` maps question id -> option key, or is a function asked each question.
+
+    Raises:
+        DecisionError: a missing answer, or one that is not an option of its question (the message lists them).
+    """
+    ask = answers if callable(answers) else (lambda q: _lookup(answers, q))
+    node, path, rejected = START, [], []
+    for _ in range(len(TREE) + 1):
+        q = TREE[node]
+        key = ask(q)
+        opt = next((o for o in q.options if o.key == key), None)
+        if opt is None:
+            raise DecisionError(f"question '{q.id}': answer {key!r} is not one of {', '.join(o.key for o in q.options)}")
+        path.append({"question": q.text, "answer": opt.label})
+        if opt.rejects:
+            rejected.append(opt.rejects)
+        if opt.next.startswith("leaf:"):
+            leaf = LEAVES[opt.next[5:]]
+            return Decision(leaf.method, TRAINS[leaf.method], leaf.why, leaf.next_step, path, rejected)
+        node = opt.next
+    raise AssertionError("the decision tree has a cycle")
+
+
+def _lookup(answers: dict[str, str], q: Question) -> str:
+    if q.id not in answers:
+        raise DecisionError(f"question '{q.id}' is not answered: {q.text} (one of: {', '.join(o.key for o in q.options)})")
+    return str(answers[q.id]).strip().lower()
+
+
+def paths_to_leaves() -> dict[str, dict[str, str]]:
+    """For every method, one answer set that reaches it (used by tests and the docs)."""
+    found: dict[str, dict[str, str]] = {}
+
+    def walk(node: str, answers: dict[str, str]) -> None:
+        for opt in TREE[node].options:
+            a = {**answers, node: opt.key}
+            if opt.next.startswith("leaf:"):
+                found.setdefault(opt.next[5:], a)
+            else:
+                walk(opt.next, a)
+
+    walk(START, {})
+    return found
+
+
+def explain() -> str:
+    """The tree as text: every question, its options, and where each leads (the `--explain` output and docs)."""
+    lines = ["tunegate decision tree (at most five questions)", ""]
+    for i, q in enumerate(TREE.values(), start=1):
+        lines.append(f"{i}. [{q.id}] {q.text}")
+        lines.append(f"   {q.help}")
+        for o in q.options:
+            target = o.next[5:].upper() if o.next.startswith("leaf:") else f"-> question '{o.next}'"
+            lines.append(f"   - {o.key}: {o.label}  =>  {target}")
+        lines.append("")
+    lines.append("Methods: " + ", ".join(METHODS))
+    return "\n".join(lines)

@@ -1,0 +1,78 @@
+"""The decision tree: every one of the twelve leaves is reachable, in at most five questions."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tunegate.decide import LEAVES, METHODS, TREE, DecisionError, decide, explain, paths_to_leaves
+
+
+def test_every_method_is_a_reachable_leaf_within_five_questions():
+    paths = paths_to_leaves()
+    assert set(paths) == set(METHODS) == set(LEAVES)
+    assert len(METHODS) == 12
+    for method, answers in paths.items():
+        d = decide(answers)
+        assert d.method == method
+        assert len(d.path) <= 5
+
+
+@pytest.mark.parametrize("answers, method, trains", [
+    ({"changing_knowledge": "yes"}, "rag", False),
+    ({"changing_knowledge": "no", "prompt_meets_bar": "yes"}, "prompt_optimization", False),
+    ({"changing_knowledge": "no", "prompt_meets_bar": "no", "verifier": "yes"}, "grpo", True),
+    ({"changing_knowledge": "no", "prompt_meets_bar": "no", "verifier": "no", "preference": "pairs"}, "dpo", True),
+    ({"changing_knowledge": "no", "prompt_meets_bar": "no", "verifier": "no", "preference": "pairs_no_sft"}, "orpo", True),
+    ({"changing_knowledge": "no", "prompt_meets_bar": "no", "verifier": "no", "preference": "thumbs"}, "kto", True),
+    ({"changing_knowledge": "no", "prompt_meets_bar": "no", "verifier": "no", "preference": "none", "demonstrations": "default"}, "dora", True),
+    ({"changing_knowledge": "no", "prompt_meets_bar": "no", "verifier": "no", "preference": "none", "demonstrations": "unmerged_serving"}, "lora", True),
+    ({"changing_knowledge": "no", "prompt_meets_bar": "no", "verifier": "no", "preference": "none", "demonstrations": "memory_tight"}, "qlora", True),
+    ({"changing_knowledge": "no", "prompt_meets_bar": "no", "verifier": "no", "preference": "none", "demonstrations": "foreign_vocabulary"}, "cpt", True),
+    ({"changing_knowledge": "no", "prompt_meets_bar": "no", "verifier": "no", "preference": "none", "demonstrations": "small_student"}, "distillation", True),
+    ({"changing_knowledge": "no", "prompt_meets_bar": "no", "verifier": "no", "preference": "none", "demonstrations": "lora_fell_short"}, "full_sft", True),
+])
+def test_each_leaf(answers, method, trains):
+    d = decide(answers)
+    assert (d.method, d.trains) == (method, trains)
+    assert d.why and d.next_step
+
+
+def test_first_question_filters_knowledge_problems_regardless_of_later_answers():
+    d = decide({"changing_knowledge": "yes", "verifier": "yes", "preference": "pairs"})
+    assert d.method == "rag" and len(d.path) == 1
+    assert any("retrieved, not trained in" in r for r in d.rejected)
+
+
+def test_rejected_alternatives_are_explained():
+    d = decide(paths_to_leaves()["kto"])
+    assert any(r.startswith("prompt optimization") for r in d.rejected)
+    assert any(r.startswith("GRPO") for r in d.rejected)
+    assert any(r.startswith("DPO and ORPO") for r in d.rejected)
+
+
+def test_bad_or_missing_answers_name_the_question_and_options():
+    with pytest.raises(DecisionError, match=r"'changing_knowledge': answer 'maybe' is not one of yes, no"):
+        decide({"changing_knowledge": "maybe"})
+    with pytest.raises(DecisionError, match=r"question 'verifier' is not answered"):
+        decide({"changing_knowledge": "no", "prompt_meets_bar": "no"})
+
+
+def test_explain_lists_every_question_and_method():
+    text = explain()
+    for q in TREE.values():
+        assert q.text in text
+    for m in METHODS:
+        assert m.upper() in text
+
+
+def test_cli_decide_json_and_non_interactive_refusal(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "tunegate.cli", "decide", "-a", "changing_knowledge=no", "-a", "prompt_meets_bar=no",
+                        "-a", "verifier=yes", "--json", "--out", str(tmp_path / "decision.json")],
+                       capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["method"] == "grpo"
+    assert json.loads((tmp_path / "decision.json").read_text())["method"] == "grpo"
+    r = subprocess.run([sys.executable, "-m", "tunegate.cli", "decide"], capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    assert r.returncode == 2 and "question 'changing_knowledge' is not answered" in r.stderr
