@@ -104,7 +104,7 @@ eval:
   max_new_tokens: 4
   batch_size: 8
   bootstrap_samples: 200
-  gate: {{min_score: 0.0, min_delta_ci_low: -1.0}}
+  gate: [{{metric: exact_match, min: 0.0, min_delta_ci_low: -1.0}}]
 """
     )
     return tmp_path

@@ -97,6 +97,47 @@ def report(project: ProjectArg, overrides: Overrides = None, run_id: RunId = "de
 
 
 @app.command()
+def promote(project: ProjectArg, overrides: Overrides = None, run_id: RunId = "default") -> None:
+    """Make a run's adapter the production version; refused unless its eval verdict is PASS."""
+    from tunegate import registry
+
+    p = _load(project, overrides)
+    entry = registry.promote(p.registry, p.name, p.runs_dir / run_id)
+    typer.echo(f"version {entry['version']} (run {entry['run_id']}) is now production for {p.name}")
+
+
+@app.command()
+def rollback(project: ProjectArg, overrides: Overrides = None) -> None:
+    """Retire the production version and restore the one that was in production before it."""
+    from tunegate import registry
+
+    p = _load(project, overrides)
+    entry = registry.rollback(p.registry, p.name)
+    typer.echo(f"rolled back: version {entry['version']} (run {entry['run_id']}) is production again for {p.name}")
+
+
+@app.command()
+def versions(project: ProjectArg, overrides: Overrides = None) -> None:
+    """List the project's registered adapter versions with verdict, status and scores."""
+    import json
+
+    from rich.table import Table
+
+    from tunegate import registry
+    from tunegate.pipeline import console
+
+    p = _load(project, overrides)
+    table = Table("version", "run", "status", "verdict", "headline score", "created")
+    for v in registry.versions(p.registry, p.name):
+        scores = json.loads(v["scores"])
+        head = scores.get("headline")
+        cand = scores.get("metrics", {}).get(head, {}).get("candidate", {}).get("mean")
+        shown = f"{head} {cand:.3f}" if cand is not None else "-"
+        table.add_row(str(v["version"]), v["run_id"], v["status"], v["verdict"], shown, v["created_at"])
+    console.print(table)
+
+
+@app.command()
 def validate(project: ProjectArg, overrides: Overrides = None) -> None:
     """Check a project without loading a model: keys, types, files, and that TRL and PEFT accept the settings."""
     from tunegate.config import check_passthrough

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tunegate import TunegateError
 
@@ -39,11 +39,28 @@ class SourceConfig(_Section):
     license: str | None = None  # travels to the data card
 
 
-class GateConfig(_Section):
-    """The promotion rules checked by the eval stage. A rule left at None is not checked."""
+class GateRule(_Section):
+    """One promotion rule on one metric; every bound that is set must hold. Differences are candidate - baseline.
 
-    min_score: float | None = 0.0  # the candidate's task score must be at least this
-    min_delta_ci_low: float | None = 0.0  # lower end of the 95% CI of (candidate - base) must exceed this
+    min / max: bounds on the candidate's score. max_regression: how far the candidate may fall behind the
+    baseline (point estimate; for `lower_is_better` metrics, how far it may rise). min_delta_ci_low: the lower
+    end of the paired-bootstrap 95% CI of the difference must be above this ("lower bound above -0.01");
+    max_delta_ci_high: its upper end must be below this (for metrics where lower is better).
+    """
+
+    metric: str
+    min: float | None = None
+    max: float | None = None
+    max_regression: float | None = Field(default=None, ge=0)
+    min_delta_ci_low: float | None = None
+    max_delta_ci_high: float | None = None
+    lower_is_better: bool = False
+
+    @model_validator(mode="after")
+    def _has_a_bound(self):
+        if all(getattr(self, k) is None for k in ("min", "max", "max_regression", "min_delta_ci_low", "max_delta_ci_high")):
+            raise ValueError(f"gate rule on {self.metric} sets no bound (min, max, max_regression, min_delta_ci_low, max_delta_ci_high)")
+        return self
 
 
 class DataConfig(_Section):
@@ -75,19 +92,41 @@ class TrainConfig(_Section):
     seed: int = 0
 
 
+def _default_gate() -> list[GateRule]:
+    return [GateRule(metric="exact_match", min_delta_ci_low=0.0)]
+
+
 class EvalConfig(_Section):
-    metric: Literal["exact_match"] = "exact_match"
+    # Row metrics: exact_match, numeric_match, json_valid, json_schema (needs json_schema), rouge_l, chrf,
+    # refusal; corpus metrics: macro_f1. The first one is the headline metric of the report.
+    metrics: list[str] = Field(default_factory=lambda: ["exact_match"], min_length=1)
+    json_schema: Path | None = None  # a JSON Schema file, for the json_schema metric
     max_new_tokens: int = Field(default=32, ge=1)
     batch_size: int = Field(default=16, ge=1)
     bootstrap_samples: int = Field(default=10_000, ge=100)
     seed: int = 0
-    gate: GateConfig = Field(default_factory=GateConfig)
+    gate: list[GateRule] = Field(default_factory=_default_gate)
+
+    @model_validator(mode="after")
+    def _metrics_known_and_gated_metrics_measured(self):
+        from tunegate.evals.metrics import ALL_METRICS
+
+        unknown = [m for m in self.metrics if m not in ALL_METRICS]
+        if unknown:
+            raise ValueError(f"unknown metric(s) {unknown}; known: {', '.join(ALL_METRICS)}")
+        if "json_schema" in self.metrics and self.json_schema is None:
+            raise ValueError("metric json_schema needs eval.json_schema (a JSON Schema file)")
+        ungated = [r.metric for r in self.gate if r.metric not in self.metrics]
+        if ungated:
+            raise ValueError(f"gate rule(s) on {ungated}, which eval.metrics does not measure")
+        return self
 
 
 class Project(_Section):
     name: str
     base_model: str = "smollm2-135m-instruct"
     runs_dir: Path = Path("runs")
+    registry: Path = Path("tunegate.db")  # SQLite: adapter versions, eval scores, production status
     data: DataConfig
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
@@ -214,6 +253,9 @@ def load_project(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) 
         src.path = _resolve(root, src.path)
     project.data.golden_lock = _resolve(root, project.data.golden_lock)
     project.runs_dir = _resolve(root, project.runs_dir)
+    project.registry = _resolve(root, project.registry)
+    if project.eval.json_schema is not None:
+        project.eval.json_schema = _resolve(root, project.eval.json_schema)
     return project
 
 

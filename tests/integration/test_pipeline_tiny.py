@@ -48,10 +48,18 @@ def test_full_run_writes_every_artifact_and_a_rerun_skips(tiny_project, capsys):
     lora = json.loads((run_dir / "train" / "adapter" / "adapter_config.json").read_text())
     assert lora["r"] == 4 and lora["use_dora"] is True
     scores = json.loads((run_dir / "eval" / "scores.json").read_text())
-    assert scores["n"] == 12 and scores["base"]["ci_low"] <= scores["base"]["mean"] <= scores["base"]["ci_high"]
+    em = scores["metrics"]["exact_match"]["baseline"]
+    assert scores["n"] == 12 and em["ci_low"] <= em["mean"] <= em["ci_high"]
     assert manifests["eval"].verdict == "PASS"  # thresholds in the fixture are permissive
     html = (run_dir / "report" / "report.html").read_text()
     assert "data:image/png;base64," in html and "PASS" in html
+
+    # the passed run can be promoted through the CLI; the registry lives next to the project file
+    r = cli("promote", tiny_project / "tunegate.yaml")
+    assert r.returncode == 0 and "is now production" in r.stdout, r.stderr
+    from tunegate import registry
+
+    assert registry.production(tiny_project / "tunegate.db", "tiny")["run_id"] == "default"
 
     capsys.readouterr()
     before = {s: read_manifest(run_dir / s).started_at for s in ("data", "train", "eval", "report")}
@@ -119,7 +127,7 @@ def test_cli_exit_codes_and_one_line_errors(tiny_project):
     r = cli("data", tiny_project / "tunegate.yaml", "data.sources.0.path=missing.jsonl")
     assert r.returncode == 2 and "missing.jsonl: input file not found" in r.stderr
     # a gate the tiny random model cannot pass: exit 3, and the report is still written
-    r = cli("run", tiny_project / "tunegate.yaml", "eval.gate.min_score=0.99")
+    r = cli("run", tiny_project / "tunegate.yaml", "eval.gate.0.min=0.99")
     assert r.returncode == 3, r.stderr[-2000:]
     assert "Eval gate: FAIL" in r.stderr
     assert (tiny_project / "runs/default/report/report.html").is_file()

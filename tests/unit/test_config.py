@@ -39,11 +39,12 @@ def test_unknown_top_level_key(tmp_path):
 def test_overrides_with_list_index_and_yaml_values(tmp_path):
     p = load_project(
         write(tmp_path, MINIMAL),
-        ["data.sources.0.path=/abs/x.jsonl", "train.trl.learning_rate=5e-5", "eval.gate.min_score=0.9"],
+        ["data.sources.0.path=/abs/x.jsonl", "train.trl.learning_rate=5e-5", "eval.max_new_tokens=9"],
     )
     assert str(p.data.sources[0].path) == "/abs/x.jsonl"
     assert p.train.trl["learning_rate"] == 5e-5
-    assert p.eval.gate.min_score == 0.9
+    assert p.eval.max_new_tokens == 9
+    assert p.eval.gate[0].metric == "exact_match" and p.eval.gate[0].min_delta_ci_low == 0.0  # the default gate
 
 
 def test_override_of_unknown_key_is_refused(tmp_path):

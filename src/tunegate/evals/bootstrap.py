@@ -39,3 +39,18 @@ def paired_bootstrap(baseline, candidate, n_samples: int = 10_000, seed: int = 0
     if b.shape != c.shape:
         raise ValueError(f"paired bootstrap needs scores on the same rows: {b.shape} vs {c.shape}")
     return bootstrap_ci(c - b, n_samples=n_samples, seed=seed, confidence=confidence)
+
+
+def bootstrap_statistic(stat, n_rows: int, n_samples: int = 10_000, seed: int = 0, confidence: float = 0.95) -> Interval:
+    """CI of a corpus statistic (e.g. macro-F1) by resampling rows. `stat(idx)` scores the rows idx (shape (N,)).
+
+    Pass a statistic of the difference between two systems to get a paired CI. The same seed draws the same
+    resamples as `bootstrap_ci`, so row and corpus metrics are resampled alike.
+    """
+    if n_rows == 0:
+        raise ValueError("bootstrap of zero rows")
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, n_rows, size=(n_samples, n_rows))
+    values = np.fromiter((stat(idx) for idx in draws), dtype=float, count=n_samples)
+    a = (1 - confidence) / 2
+    return Interval(float(stat(np.arange(n_rows))), float(np.quantile(values, a)), float(np.quantile(values, 1 - a)))

@@ -19,27 +19,34 @@ def _png_data_uri(path: Path) -> str | None:
 
 
 def plot_scores(scores: dict[str, Any], path: Path) -> None:
-    """Base and candidate score with 95% CIs, and the paired difference with its CI."""
+    """Per metric: base model and candidate with 95% CIs (left), and the paired difference with its CI (right)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(7.5, 3.0), dpi=110, gridspec_kw={"width_ratios": [2, 1]})
-    names = ["base model", "candidate"]
-    vals = [scores["base"], scores["candidate"]]
-    means = [v["mean"] for v in vals]
-    err = [[v["mean"] - v["ci_low"] for v in vals], [v["ci_high"] - v["mean"] for v in vals]]
-    a1.barh(names, means, xerr=err, color=["#9aa5b1", "#2f80ed"], capsize=5)
+    names = list(scores["metrics"])
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(8, 1.0 + 0.9 * len(names)), dpi=110, gridspec_kw={"width_ratios": [2, 1]})
+    for i, name in enumerate(names):
+        s = scores["metrics"][name]
+        for j, (system, colour) in enumerate((("baseline", "#9aa5b1"), ("candidate", "#2f80ed"))):
+            v = s[system]
+            y = i + (0.2 if j == 0 else -0.2)
+            a1.barh(y, v["mean"], height=0.38, color=colour, xerr=[[v["mean"] - v["ci_low"]], [v["ci_high"] - v["mean"]]],
+                    capsize=4, label=("base model" if j == 0 else "candidate") if i == 0 else None)
+            a1.text(min(v["ci_high"] + 0.02, 0.97), y, f"{v['mean']:.3f}", va="center", ha="left" if v["ci_high"] < 0.85 else "right",
+                    color="black" if v["ci_high"] < 0.85 else "white", fontsize=8)
+        d = s["delta"]
+        a2.errorbar([d["mean"]], [i], xerr=[[d["mean"] - d["ci_low"]], [d["ci_high"] - d["mean"]]], fmt="o", capsize=5,
+                    color="#27ae60" if d["ci_low"] > 0 else ("#c0392b" if d["ci_high"] < 0 else "#7f8c8d"))
+    for ax in (a1, a2):
+        ax.set_yticks(range(len(names)), names)
+        ax.invert_yaxis()
     a1.set_xlim(0, 1)
-    a1.set_xlabel(f"{scores['metric']} (95% CI)")
-    for i, m in enumerate(means):
-        inside = m > 0.85  # write the value inside a long bar, after a short one
-        a1.text(m - 0.03 if inside else m + 0.03, i + 0.25, f"{m:.3f}", va="center", ha="right" if inside else "left", color="white" if inside else "black")
-    d = scores["delta"]
-    a2.errorbar([d["mean"]], [0], xerr=[[d["mean"] - d["ci_low"]], [d["ci_high"] - d["mean"]]], fmt="o", capsize=5, color="#27ae60" if d["ci_low"] > 0 else "#c0392b")
+    a1.set_xlabel("score (95% CI)")
+    a1.legend(loc="lower right", fontsize=8)
     a2.axvline(0, color="k", lw=0.8)
-    a2.set_yticks([])
+    a2.set_yticklabels([])
     a2.set_xlabel("candidate - base (paired 95% CI)")
     fig.tight_layout()
     fig.savefig(path)
@@ -57,7 +64,9 @@ def gather(run_dir: Path) -> dict[str, Any]:
     ctx["scores"] = json.loads((run_dir / "eval" / "scores.json").read_text())
     ctx["verdict"] = json.loads((run_dir / "eval" / "verdict.json").read_text())
     samples = [json.loads(line) for line in (run_dir / "eval" / "samples.jsonl").read_text().splitlines() if line]
-    ctx["diffs"] = [s for s in samples if s["base_score"] != s["candidate_score"]][:20]
+    head = ctx["scores"]["headline"]
+    key = f"candidate_{head}"
+    ctx["diffs"] = [s for s in samples if key in s and s[f"baseline_{head}"] != s[key]][:20]
     ctx["packages"] = read_manifest(run_dir / "eval").packages
     return ctx
 
@@ -72,7 +81,7 @@ def run(st: Stage) -> StageResult:
     ctx["loss_png"] = _png_data_uri(run_dir / "train" / "loss.png")
     ctx["scores_png"] = _png_data_uri(st.dir / "scores.png")
     env = Environment(loader=PackageLoader("tunegate", "report/templates"), autoescape=select_autoescape(["html"]))
-    atomic_write_text(st.dir / "report.html", env.get_template("report.html.j2").render(**ctx))
-    atomic_write_text(st.dir / "report.md", env.get_template("report.md.j2").render(**ctx))
+    atomic_write_text(st.dir / "report.html", env.get_template("run_report.html.j2").render(**ctx))
+    atomic_write_text(st.dir / "report.md", env.get_template("run_report.md.j2").render(**ctx))
     console.print(f"report written: {st.final_dir / 'report.html'}")
     return StageResult(metrics={"verdict": ctx["verdict"]["verdict"]})

@@ -16,8 +16,7 @@ from tunegate import TunegateError
 from tunegate.data import golden as golden_lock
 from tunegate.data.format import generation_prompt
 from tunegate.data.records import prompt_text, read_jsonl, read_source, reference_answer
-from tunegate.evals.bootstrap import bootstrap_ci, paired_bootstrap
-from tunegate.evals.metrics import METRICS
+from tunegate.evals.gate import check_rules, score_metrics, verdict
 from tunegate.manifest import atomic_write_json, atomic_write_jsonl
 from tunegate.pipeline import Stage, StageResult, console
 
@@ -45,26 +44,6 @@ def check_golden(project, data_dir) -> list[dict[str, Any]]:
     return golden
 
 
-def gate(rules, base: dict[str, Any], cand: dict[str, Any], delta: dict[str, Any]) -> list[dict[str, Any]]:
-    """Each configured rule with its measured value, CI and PASS/FAIL."""
-    out = []
-    if rules.min_score is not None:
-        out.append({
-            "rule": "min_score",
-            "description": f"candidate score >= {rules.min_score}",
-            "value": cand["mean"], "ci": [cand["ci_low"], cand["ci_high"]], "threshold": rules.min_score,
-            "passed": cand["mean"] >= rules.min_score,
-        })
-    if rules.min_delta_ci_low is not None:
-        out.append({
-            "rule": "min_delta_ci_low",
-            "description": f"lower end of the 95% CI of (candidate - base) > {rules.min_delta_ci_low}",
-            "value": delta["ci_low"], "ci": [delta["ci_low"], delta["ci_high"]], "threshold": rules.min_delta_ci_low,
-            "passed": delta["ci_low"] > rules.min_delta_ci_low,
-        })
-    return out
-
-
 def run(st: Stage) -> StageResult:
     import time
 
@@ -81,7 +60,6 @@ def run(st: Stage) -> StageResult:
     tokenizer = load_tokenizer(base_path)
     prompts = [generation_prompt(tokenizer, r) for r in golden]
     refs = [reference_answer(r) for r in golden]
-    metric = METRICS[ecfg.metric]
 
     torch.manual_seed(ecfg.seed)
     model = PeftModel.from_pretrained(load_model(base_path), str(st.upstream_dir("train") / "adapter"))
@@ -95,43 +73,39 @@ def run(st: Stage) -> StageResult:
     cand_out = generate(model, tokenizer, prompts, ecfg.max_new_tokens, ecfg.batch_size, desc="candidate")
     cand_s = time.perf_counter() - t0
 
-    base_scores = [metric(p, r) for p, r in zip(base_out, refs)]
-    cand_scores = [metric(p, r) for p, r in zip(cand_out, refs)]
-    n, seed = ecfg.bootstrap_samples, ecfg.seed
-    base_ci = bootstrap_ci(base_scores, n, seed).as_dict()
-    cand_ci = bootstrap_ci(cand_scores, n, seed).as_dict()
-    delta_ci = paired_bootstrap(base_scores, cand_scores, n, seed).as_dict()
-    rules = gate(ecfg.gate, base_ci, cand_ci, delta_ci)
-    verdict = "PASS" if all(r["passed"] for r in rules) else "FAIL"
+    summary, per_row = score_metrics(ecfg.metrics, base_out, cand_out, refs, ecfg.bootstrap_samples, ecfg.seed, ecfg.json_schema)
+    rules = check_rules(ecfg.gate, summary)
+    result = verdict(rules)
 
-    samples = [
-        {
-            "id": g["id"], "prompt": prompt_text(g), "reference": ref,
-            "base_output": bo, "candidate_output": co, "base_score": bs, "candidate_score": cs,
-        }
-        for g, ref, bo, co, bs, cs in zip(golden, refs, base_out, cand_out, base_scores, cand_scores)
-    ]
+    samples = []
+    for i, (g, ref, bo, co) in enumerate(zip(golden, refs, base_out, cand_out)):
+        row = {"id": g["id"], "prompt": prompt_text(g), "reference": ref, "baseline_output": bo, "candidate_output": co}
+        for name, scores in per_row.items():
+            row[f"baseline_{name}"] = scores["baseline"][i]
+            row[f"candidate_{name}"] = scores["candidate"][i]
+        samples.append(row)
     atomic_write_jsonl(st.dir / "samples.jsonl", samples)
+    n_new = [len(tokenizer(o, add_special_tokens=False)["input_ids"]) for o in cand_out]
     scores = {
-        "metric": ecfg.metric,
         "n": len(golden),
-        "base": base_ci,
-        "candidate": cand_ci,
-        "delta": delta_ci,
-        "bootstrap_samples": n,
+        "headline": ecfg.metrics[0],
+        "baseline": "base model",
+        "metrics": summary,
+        "bootstrap_samples": ecfg.bootstrap_samples,
         "confidence": 0.95,
-        "base_generation_s": round(base_s, 1),
+        "baseline_generation_s": round(base_s, 1),
         "candidate_generation_s": round(cand_s, 1),
-        "stopped_before_max_new_tokens": sum(len(tokenizer(o)["input_ids"]) < ecfg.max_new_tokens for o in cand_out) / len(cand_out),
+        "candidate_stopped_before_max_new_tokens": sum(n < ecfg.max_new_tokens for n in n_new) / len(n_new),
     }
     atomic_write_json(st.dir / "scores.json", scores)
-    atomic_write_json(st.dir / "verdict.json", {"verdict": verdict, "rules": rules})
-    console.print(
-        f"{ecfg.metric} on {len(golden)} golden rows: base {base_ci['mean']:.3f} "
-        f"[{base_ci['ci_low']:.3f}, {base_ci['ci_high']:.3f}], candidate {cand_ci['mean']:.3f} "
-        f"[{cand_ci['ci_low']:.3f}, {cand_ci['ci_high']:.3f}], difference {delta_ci['mean']:+.3f} "
-        f"[{delta_ci['ci_low']:+.3f}, {delta_ci['ci_high']:+.3f}]"
-    )
+    atomic_write_json(st.dir / "verdict.json", {"verdict": result, "rules": rules})
+    for name, s in summary.items():
+        b, c, d = s["baseline"], s["candidate"], s["delta"]
+        console.print(
+            f"{name} on {len(golden)} golden rows: base {b['mean']:.3f} [{b['ci_low']:.3f}, {b['ci_high']:.3f}], "
+            f"candidate {c['mean']:.3f} [{c['ci_low']:.3f}, {c['ci_high']:.3f}], "
+            f"difference {d['mean']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]"
+        )
     for r in rules:
         console.print(f"  {'[green]PASS[/green]' if r['passed'] else '[red]FAIL[/red]'} {r['description']}: {r['value']:.3f}")
-    return StageResult(metrics=scores, verdict=verdict)
+    return StageResult(metrics=scores, verdict=result)

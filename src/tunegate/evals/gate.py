@@ -1,0 +1,96 @@
+"""Scoring two systems on the same golden rows, and the gate rules that decide PASS or FAIL.
+
+`score_metrics` gives, per metric, the baseline's and the candidate's score with a bootstrap 95% CI and
+the paired-bootstrap CI of their difference (Koehn 2004's paired test: both systems are scored on the same
+resampled rows). `check_rules` turns the project's `eval.gate` rules into one verdict line per bound.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+from tunegate.evals.bootstrap import bootstrap_ci, bootstrap_statistic, paired_bootstrap
+from tunegate.evals.metrics import CORPUS_METRICS, ROW_METRICS, json_schema_metric, label_ids, macro_f1_ids
+
+
+def row_metric(name: str, json_schema: Path | None = None):
+    if name == "json_schema":
+        return json_schema_metric(json.loads(Path(json_schema).read_text()))
+    return ROW_METRICS[name]
+
+
+def score_metrics(
+    metrics: Sequence[str],
+    baseline: Sequence[str],
+    candidate: Sequence[str],
+    references: Sequence[str],
+    n_samples: int = 10_000,
+    seed: int = 0,
+    json_schema: Path | None = None,
+) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, list[float]]]]:
+    """Returns (summary, per_row).
+
+    summary[metric] = {"baseline": {mean, ci_low, ci_high}, "candidate": {...}, "delta": {...}}
+    per_row[metric] = {"baseline": [...], "candidate": [...]} for row metrics (corpus metrics have none).
+    """
+    summary, per_row = {}, {}
+    for name in metrics:
+        if name in CORPUS_METRICS:
+            b_pred, ref, n_labels = label_ids(baseline, references)
+            c_pred, ref_c, n_labels_c = label_ids(candidate, references)
+            # separate label indexings are fine: each system's F1 only compares its own ids with the reference's
+            b = bootstrap_statistic(lambda i: macro_f1_ids(b_pred[i], ref[i], n_labels), len(ref), n_samples, seed)
+            c = bootstrap_statistic(lambda i: macro_f1_ids(c_pred[i], ref_c[i], n_labels_c), len(ref), n_samples, seed)
+            d = bootstrap_statistic(
+                lambda i: macro_f1_ids(c_pred[i], ref_c[i], n_labels_c) - macro_f1_ids(b_pred[i], ref[i], n_labels),
+                len(ref), n_samples, seed,
+            )
+        else:
+            fn = row_metric(name, json_schema)
+            bs = [fn(p, r) for p, r in zip(baseline, references)]
+            cs = [fn(p, r) for p, r in zip(candidate, references)]
+            per_row[name] = {"baseline": bs, "candidate": cs}
+            b, c, d = bootstrap_ci(bs, n_samples, seed), bootstrap_ci(cs, n_samples, seed), paired_bootstrap(bs, cs, n_samples, seed)
+        summary[name] = {"baseline": b.as_dict(), "candidate": c.as_dict(), "delta": d.as_dict()}
+    return summary, per_row
+
+
+def check_rules(rules, summary: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """One entry per bound of every rule: {metric, rule, description, value, ci, threshold, passed}."""
+    out = []
+    for rule in rules:
+        s = summary[rule.metric]
+        cand, delta = s["candidate"], s["delta"]
+        cand_ci, delta_ci = [cand["ci_low"], cand["ci_high"]], [delta["ci_low"], delta["ci_high"]]
+
+        def add(kind, description, value, ci, threshold, passed):
+            out.append({"metric": rule.metric, "rule": kind, "description": description, "value": value,
+                        "ci": ci, "threshold": threshold, "passed": bool(passed)})
+
+        m = rule.metric
+        if rule.min is not None:
+            add("min", f"{m}: candidate >= {rule.min}", cand["mean"], cand_ci, rule.min, cand["mean"] >= rule.min)
+        if rule.max is not None:
+            add("max", f"{m}: candidate <= {rule.max}", cand["mean"], cand_ci, rule.max, cand["mean"] <= rule.max)
+        if rule.max_regression is not None:
+            if rule.lower_is_better:
+                add("max_regression", f"{m}: candidate - baseline <= +{rule.max_regression} (lower is better)",
+                    delta["mean"], delta_ci, rule.max_regression, delta["mean"] <= rule.max_regression)
+            else:
+                add("max_regression", f"{m}: candidate - baseline >= -{rule.max_regression}",
+                    delta["mean"], delta_ci, -rule.max_regression, delta["mean"] >= -rule.max_regression)
+        if rule.min_delta_ci_low is not None:
+            add("min_delta_ci_low", f"{m}: lower end of the 95% CI of (candidate - baseline) > {rule.min_delta_ci_low}",
+                delta["ci_low"], delta_ci, rule.min_delta_ci_low, delta["ci_low"] > rule.min_delta_ci_low)
+        if rule.max_delta_ci_high is not None:
+            add("max_delta_ci_high", f"{m}: upper end of the 95% CI of (candidate - baseline) < {rule.max_delta_ci_high}",
+                delta["ci_high"], delta_ci, rule.max_delta_ci_high, delta["ci_high"] < rule.max_delta_ci_high)
+    return out
+
+
+def verdict(results: list[dict[str, Any]]) -> str:
+    return "PASS" if results and all(r["passed"] for r in results) else "FAIL"
+
+

@@ -1,0 +1,167 @@
+"""Promotion registry: adapter versions with their eval scores and status, in the project's SQLite database.
+
+Statuses: `candidate` (registered, not serving), `production` (at most one per project), `retired`.
+`promote` moves a version to production only when its eval verdict is PASS and the adapter on disk still
+has the sha256 recorded by the train stage; the previous production version is retired. `rollback`
+retires the current production version and restores the one that was in production before it. Every
+transition is kept in `transitions`, so the history can be read back.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import sqlite3
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from tunegate import TunegateError
+from tunegate.manifest import read_manifest
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS versions (
+    version INTEGER PRIMARY KEY AUTOINCREMENT,
+    project TEXT NOT NULL,
+    run_id TEXT NOT NULL,
+    adapter_dir TEXT NOT NULL,
+    adapter_sha256 TEXT NOT NULL,
+    eval_manifest_sha256 TEXT NOT NULL,
+    verdict TEXT NOT NULL,
+    scores TEXT NOT NULL,
+    status TEXT NOT NULL CHECK (status IN ('candidate', 'production', 'retired')),
+    created_at TEXT NOT NULL,
+    UNIQUE (project, run_id, adapter_sha256)
+);
+CREATE TABLE IF NOT EXISTS transitions (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    project TEXT NOT NULL,
+    version INTEGER NOT NULL REFERENCES versions(version),
+    from_status TEXT,
+    to_status TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    at TEXT NOT NULL
+);
+"""
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+@contextmanager
+def connect(db_path: Path) -> Iterator[sqlite3.Connection]:
+    """One transaction: committed on success, rolled back on any error."""
+    db_path.parent.mkdir(parents=True, exist_ok=True)
+    con = sqlite3.connect(db_path)
+    con.row_factory = sqlite3.Row
+    try:
+        con.executescript(SCHEMA)
+        with con:
+            yield con
+    finally:
+        con.close()
+
+
+def _adapter_digest(run_dir: Path) -> str:
+    train = read_manifest(run_dir / "train")
+    if train is None:
+        raise TunegateError(f"{run_dir}/train: no finished train stage to register")
+    digest = train.outputs.get("adapter/adapter_model.safetensors")
+    if digest is None:
+        raise TunegateError(f"{run_dir}/train/manifest.json: no adapter weights recorded")
+    return digest
+
+
+def register(db_path: Path, project: str, run_dir: Path) -> dict[str, Any]:
+    """Record a finished run's adapter as a candidate (idempotent). Raises TunegateError without a finished eval."""
+    from tunegate.manifest import manifest_hash, verify_outputs
+
+    ev = read_manifest(run_dir / "eval")
+    if ev is None:
+        raise TunegateError(f"{run_dir}/eval: no finished eval stage; run `tunegate eval` first")
+    train = read_manifest(run_dir / "train")
+    broken = verify_outputs(run_dir / "train", train) if train else ["manifest.json (missing)"]
+    if broken:
+        raise TunegateError(f"{run_dir}/train: files changed since training: {', '.join(broken)}; rule: only the evaluated adapter can be registered")
+    digest = _adapter_digest(run_dir)
+    with connect(db_path) as con:
+        row = con.execute(
+            "SELECT * FROM versions WHERE project=? AND run_id=? AND adapter_sha256=?", (project, run_dir.name, digest)
+        ).fetchone()
+        if row is None:
+            cur = con.execute(
+                "INSERT INTO versions (project, run_id, adapter_dir, adapter_sha256, eval_manifest_sha256, verdict, scores, status, created_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, 'candidate', ?)",
+                (project, run_dir.name, str(run_dir / "train" / "adapter"), digest, manifest_hash(run_dir / "eval"),
+                 ev.verdict or "NONE", json.dumps(ev.metrics), _now()),
+            )
+            con.execute(
+                "INSERT INTO transitions (project, version, from_status, to_status, reason, at) VALUES (?, ?, NULL, 'candidate', 'registered', ?)",
+                (project, cur.lastrowid, _now()),
+            )
+            row = con.execute("SELECT * FROM versions WHERE version=?", (cur.lastrowid,)).fetchone()
+        return dict(row)
+
+
+def _move(con: sqlite3.Connection, project: str, version: int, to: str, reason: str) -> None:
+    old = con.execute("SELECT status FROM versions WHERE version=?", (version,)).fetchone()["status"]
+    con.execute("UPDATE versions SET status=? WHERE version=?", (to, version))
+    con.execute(
+        "INSERT INTO transitions (project, version, from_status, to_status, reason, at) VALUES (?, ?, ?, ?, ?, ?)",
+        (project, version, old, to, reason, _now()),
+    )
+
+
+def production(db_path: Path, project: str) -> dict[str, Any] | None:
+    with connect(db_path) as con:
+        row = con.execute("SELECT * FROM versions WHERE project=? AND status='production'", (project,)).fetchone()
+        return dict(row) if row else None
+
+
+def promote(db_path: Path, project: str, run_dir: Path) -> dict[str, Any]:
+    """Register the run if needed and make it production. Raises TunegateError unless its verdict is PASS."""
+    entry = register(db_path, project, run_dir)
+    if entry["verdict"] != "PASS":
+        raise TunegateError(
+            f"{run_dir}/eval/verdict.json: verdict {entry['verdict']}; rule: only a version whose eval gate passed can be promoted"
+        )
+    with connect(db_path) as con:
+        current = con.execute("SELECT version FROM versions WHERE project=? AND status='production'", (project,)).fetchone()
+        if current and current["version"] == entry["version"]:
+            return entry
+        if current:
+            _move(con, project, current["version"], "retired", f"replaced by version {entry['version']}")
+        _move(con, project, entry["version"], "production", "promoted")
+        return dict(con.execute("SELECT * FROM versions WHERE version=?", (entry["version"],)).fetchone())
+
+
+def rollback(db_path: Path, project: str) -> dict[str, Any]:
+    """Retire the production version and restore the version that was in production before it.
+
+    Raises TunegateError when there is no production version or nothing to roll back to.
+    """
+    with connect(db_path) as con:
+        current = con.execute("SELECT version FROM versions WHERE project=? AND status='production'", (project,)).fetchone()
+        if current is None:
+            raise TunegateError(f"{db_path}: project {project} has no production version to roll back")
+        # The last version in production before the current one, skipping versions that a rollback retired:
+        # a second rollback goes further back instead of toggling between two versions.
+        previous = con.execute(
+            "SELECT t.version FROM transitions t JOIN versions v ON v.version = t.version"
+            " WHERE t.project=? AND t.to_status='production' AND t.version != ? AND v.status='retired'"
+            " AND (SELECT r.reason FROM transitions r WHERE r.version = t.version AND r.to_status = 'retired'"
+            "      ORDER BY r.id DESC LIMIT 1) NOT LIKE 'rolled back%'"
+            " ORDER BY t.id DESC LIMIT 1",
+            (project, current["version"]),
+        ).fetchone()
+        if previous is None:
+            raise TunegateError(f"{db_path}: version {current['version']} is the first production version; nothing to roll back to")
+        _move(con, project, current["version"], "retired", f"rolled back to version {previous['version']}")
+        _move(con, project, previous["version"], "production", f"restored by rollback from version {current['version']}")
+        return dict(con.execute("SELECT * FROM versions WHERE version=?", (previous["version"],)).fetchone())
+
+
+def versions(db_path: Path, project: str) -> list[dict[str, Any]]:
+    with connect(db_path) as con:
+        return [dict(r) for r in con.execute("SELECT * FROM versions WHERE project=? ORDER BY version", (project,))]

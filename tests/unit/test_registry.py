@@ -1,0 +1,68 @@
+"""Promotion registry: only a PASS moves to production; rollback restores the previous production version."""
+
+import pytest
+
+from tunegate import TunegateError, registry
+from tunegate.manifest import Manifest, hash_outputs, write_manifest
+
+
+def fake_run(root, run_id, verdict, weights=b"w"):
+    run = root / "runs" / run_id
+    (run / "train" / "adapter").mkdir(parents=True)
+    (run / "train" / "adapter" / "adapter_model.safetensors").write_bytes(weights + run_id.encode())
+    write_manifest(run / "train", Manifest(stage="train", fingerprint="f", config={}, outputs=hash_outputs(run / "train")))
+    (run / "eval").mkdir()
+    write_manifest(run / "eval", Manifest(stage="eval", fingerprint="f", config={}, verdict=verdict,
+                                          metrics={"candidate": {"mean": 0.9}}))
+    return run
+
+
+def test_promote_only_pass_and_rollback_restores_previous(tmp_path):
+    db = tmp_path / "tunegate.db"
+    r1, r2, bad = fake_run(tmp_path, "r1", "PASS"), fake_run(tmp_path, "r2", "PASS"), fake_run(tmp_path, "r3", "FAIL")
+    assert registry.promote(db, "p", r1)["status"] == "production"
+    with pytest.raises(TunegateError, match="verdict FAIL; rule: only a version whose eval gate passed can be promoted"):
+        registry.promote(db, "p", bad)
+    assert registry.production(db, "p")["run_id"] == "r1"  # a refused promotion changes nothing
+    registry.promote(db, "p", r2)
+    status = {v["run_id"]: v["status"] for v in registry.versions(db, "p")}
+    assert status == {"r1": "retired", "r2": "production", "r3": "candidate"}
+    restored = registry.rollback(db, "p")
+    assert restored["run_id"] == "r1"
+    assert {v["run_id"]: v["status"] for v in registry.versions(db, "p")} == {"r1": "production", "r2": "retired", "r3": "candidate"}
+    with pytest.raises(TunegateError, match="nothing to roll back to"):
+        registry.rollback(db, "p")
+
+
+def test_promoting_twice_is_idempotent_and_projects_are_separate(tmp_path):
+    db = tmp_path / "tunegate.db"
+    r1 = fake_run(tmp_path, "r1", "PASS")
+    a = registry.promote(db, "p", r1)
+    b = registry.promote(db, "p", r1)
+    assert a["version"] == b["version"] and len(registry.versions(db, "p")) == 1
+    assert registry.production(db, "other") is None
+
+
+def test_tampered_adapter_cannot_be_registered(tmp_path):
+    db = tmp_path / "tunegate.db"
+    r1 = fake_run(tmp_path, "r1", "PASS")
+    (r1 / "train" / "adapter" / "adapter_model.safetensors").write_bytes(b"swapped weights")
+    with pytest.raises(TunegateError, match=r"files changed since training: adapter/adapter_model.safetensors \(changed\)"):
+        registry.promote(db, "p", r1)
+    assert registry.versions(db, "p") == []
+
+
+def test_rollback_without_production_is_refused(tmp_path):
+    with pytest.raises(TunegateError, match="no production version"):
+        registry.rollback(tmp_path / "tunegate.db", "p")
+
+
+def test_a_rolled_back_version_promoted_again_can_be_rolled_back_to_later(tmp_path):
+    db = tmp_path / "tunegate.db"
+    r1, r2, r3 = (fake_run(tmp_path, r, "PASS") for r in ("r1", "r2", "r3"))
+    registry.promote(db, "p", r1)
+    registry.promote(db, "p", r2)
+    registry.rollback(db, "p")          # r2 retired by rollback, r1 production
+    registry.promote(db, "p", r2)       # fixed and promoted again on purpose
+    registry.promote(db, "p", r3)
+    assert registry.rollback(db, "p")["run_id"] == "r2"
