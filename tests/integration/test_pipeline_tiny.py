@@ -1,7 +1,6 @@
 """The whole pipeline on a tiny random Llama with the real tokenizer: manifests, skip, resume, refusals."""
 
 import json
-import shutil
 import subprocess
 import sys
 

@@ -153,5 +153,4 @@ ROW_METRICS: dict[str, Callable[[str, str], float]] = {
     "refusal": refusal,
 }
 CORPUS_METRICS: dict[str, Callable[[Sequence[str], Sequence[str]], float]] = {"macro_f1": macro_f1}
-METRICS = ROW_METRICS  # backwards-compatible name
 ALL_METRICS = (*ROW_METRICS, *CORPUS_METRICS, "json_schema")

@@ -71,7 +71,6 @@ def run(st: Stage) -> StageResult:
     # 2. Template, loss-mask and length checks with the real tokenizer (no weights loaded).
     tokenizer = load_tokenizer(resolve_base_model(st.project.base_model))
     has_system = supports_system_role(tokenizer)
-    eos = tokenizer.eos_token_id
     kept, lengths, n_truncated = [], [], 0
     for rec in records:
         try:
