@@ -25,12 +25,28 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-golden_app = typer.Typer(help="Freeze or check the golden set.", no_args_is_help=True)
+golden_app = typer.Typer(help="Freeze the golden set (runs check it against its lock).", no_args_is_help=True)
 app.add_typer(golden_app, name="golden")
 
 ProjectArg = Annotated[Path, typer.Argument(help="tunegate.yaml, or the folder holding it")]
 Overrides = Annotated[Optional[list[str]], typer.Argument(help="key=value overrides, e.g. train.budget_minutes=5")]
-RunId = Annotated[str, typer.Option("--run-id", help="runs/<run-id>/ holds this run's stages")]
+RunId = Annotated[str, typer.Option("--run-id", help="runs/<run-id>/ holds this run's stages; use a new id to keep an earlier run")]
+Force = Annotated[bool, typer.Option("--force", help="rerun the stage even if its inputs and config are unchanged")]
+
+
+def _version(value: bool) -> None:
+    if value:
+        from tunegate import __version__
+
+        typer.echo(f"tunegate {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="print the version and exit")] = False,
+) -> None:
+    """tunegate: benchmark-first, gated LLM fine-tuning."""
 
 
 def _load(project: Path, overrides: list[str] | None):
@@ -57,7 +73,7 @@ def run(
     project: ProjectArg,
     overrides: Overrides = None,
     run_id: RunId = "default",
-    force: Annotated[Optional[list[str]], typer.Option("--force", help="rerun this stage even if unchanged (repeatable; 'all')")] = None,
+    force: Annotated[Optional[list[str]], typer.Option("--force", help="stage to rerun even if unchanged: data, train, eval, report or all (repeatable)")] = None,
 ) -> None:
     """Run the whole pipeline: data -> train -> eval gate -> report. Finished, unchanged stages are skipped."""
     from tunegate.pipeline import console, run_pipeline
@@ -73,25 +89,25 @@ def run(
 
 
 @app.command()
-def data(project: ProjectArg, overrides: Overrides = None, run_id: RunId = "default", force: bool = False) -> None:
+def data(project: ProjectArg, overrides: Overrides = None, run_id: RunId = "default", force: Force = False) -> None:
     """Data stage only: validate, freeze the golden set, split (writes runs/<id>/data/)."""
     _stage(project, overrides, run_id, "data", force)
 
 
 @app.command()
-def train(project: ProjectArg, overrides: Overrides = None, run_id: RunId = "default", force: bool = False) -> None:
+def train(project: ProjectArg, overrides: Overrides = None, run_id: RunId = "default", force: Force = False) -> None:
     """Train stage only (needs the data stage); resumes from the last checkpoint after an interruption."""
     _stage(project, overrides, run_id, "train", force)
 
 
 @app.command(name="eval")
-def eval_(project: ProjectArg, overrides: Overrides = None, run_id: RunId = "default", force: bool = False) -> None:
+def eval_(project: ProjectArg, overrides: Overrides = None, run_id: RunId = "default", force: Force = False) -> None:
     """Eval gate only (needs data and train): base vs candidate on the frozen golden set; exit 3 on FAIL."""
     _stage(project, overrides, run_id, "eval", force)
 
 
 @app.command()
-def report(project: ProjectArg, overrides: Overrides = None, run_id: RunId = "default", force: bool = False) -> None:
+def report(project: ProjectArg, overrides: Overrides = None, run_id: RunId = "default", force: Force = False) -> None:
     """Write report.html and report.md for a finished run."""
     _stage(project, overrides, run_id, "report", force)
 
@@ -139,7 +155,7 @@ def versions(project: ProjectArg, overrides: Overrides = None) -> None:
 
 @app.command()
 def validate(project: ProjectArg, overrides: Overrides = None) -> None:
-    """Check a project without loading a model: keys, types, files, and that TRL and PEFT accept the settings."""
+    """Check a project without loading a model: keys, types, files, the frozen golden set, and TRL/PEFT settings."""
     from tunegate.config import check_passthrough
 
     p = _load(project, overrides)
@@ -149,6 +165,18 @@ def validate(project: ProjectArg, overrides: Overrides = None) -> None:
             problems.append(f"data.sources.{i}.path: {src.path} not found")
     if not p.data.golden.path.is_file():
         problems.append(f"data.golden.path: {p.data.golden.path} not found")
+    if p.data.golden.path.is_file() and p.data.golden_lock.is_file():
+        import json
+
+        from tunegate.data import golden
+        from tunegate.data.records import read_source
+
+        rows, rejected = read_source(p.data.golden, role="golden")
+        problems += [f"data.golden: {r}" for r in rejected[:5]]
+        try:
+            golden.check(p.data.golden, rows, json.loads(p.data.golden_lock.read_text()), p.data.golden_lock)
+        except TunegateError as exc:
+            problems.append(str(exc))
     problems += check_passthrough(p)
     if problems:
         raise TunegateError("\n".join(f"{p.source_file}: {x}" for x in problems))
@@ -235,6 +263,8 @@ def decide(
     for r in d.rejected:
         typer.echo(f"Rejected: {r}")
     typer.echo(f"Next: {d.next_step}")
+    if d.trains and d.method not in tree.RUNNABLE:
+        typer.echo(f"Note: `tunegate run` trains LoRA/DoRA SFT adapters today; a {d.method} recipe is not in tunegate yet.")
 
 
 @app.command()

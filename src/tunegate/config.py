@@ -152,7 +152,18 @@ class Project(_Section):
 
 
 class _Loader(yaml.SafeLoader):
-    """YAML 1.1 reads `1e-4` (no dot) as a string; learning rates are written that way, so read them as floats."""
+    """Safe YAML with two fixes for config files: `1e-4` (no dot) is a float, as learning rates are written,
+    and a key given twice in one mapping is an error (PyYAML silently keeps the last one)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key '{key}' appears twice in the same section", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 _Loader.add_implicit_resolver(
@@ -192,7 +203,10 @@ def apply_override(raw: dict[str, Any], keys: list[str], value: Any) -> None:
     for i, k in enumerate(keys[:-1]):
         if isinstance(node, list):
             if not k.isdigit() or int(k) >= len(node):
-                raise TunegateError(f"override {'.'.join(keys)}: no list item {k} at {'.'.join(keys[:i])}")
+                raise TunegateError(
+                    f"override {'.'.join(keys)}: {'.'.join(keys[:i])} is a list of {len(node)} item(s); "
+                    f"address an item by index, e.g. {'.'.join(keys[:i])}.0.{'.'.join(keys[i + 1:]) or '...'}"
+                )
             node = node[int(k)]
         else:
             node = node.setdefault(k, {})
@@ -201,22 +215,26 @@ def apply_override(raw: dict[str, Any], keys: list[str], value: Any) -> None:
     last = keys[-1]
     if isinstance(node, list):
         if not last.isdigit() or int(last) >= len(node):
-            raise TunegateError(f"override {'.'.join(keys)}: no list item {last}")
+            raise TunegateError(
+                f"override {'.'.join(keys)}: {'.'.join(keys[:-1])} is a list of {len(node)} item(s); no item {last} "
+                f"(address an item by index, e.g. {'.'.join(keys[:-1])}.0.{last})"
+            )
         node[int(last)] = value
     else:
         node[last] = value
 
 
-def _format_validation_error(path: Path, err: ValidationError) -> str:
+def _format_validation_error(path: Path, err: ValidationError, overridden: set[str] = frozenset()) -> str:
     lines = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        where = f"override {loc}" if any(loc == k or loc.startswith(k + ".") for k in overridden) else str(path)
         if e["type"] == "extra_forbidden":
-            lines.append(f"{path}: unknown key '{loc}'")
+            lines.append(f"{where}: unknown key '{loc}'")
         elif e["type"] == "missing":
-            lines.append(f"{path}: missing required key '{loc}'")
+            lines.append(f"{where}: missing required key '{loc}'")
         else:
-            lines.append(f"{path}: key '{loc}': {e['msg']} (got {e.get('input')!r})")
+            lines.append(f"{where}: key '{loc}': {e['msg']} (got {e.get('input')!r})")
     return "\n".join(lines)
 
 
@@ -240,12 +258,15 @@ def load_project(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) 
         raise TunegateError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
     if not isinstance(raw, dict):
         raise TunegateError(f"{path}: the project file must be a mapping of sections")
+    overridden = set()
     for text in overrides:
-        apply_override(raw, *parse_override(text))
+        keys, value = parse_override(text)
+        apply_override(raw, keys, value)
+        overridden.add(".".join(keys))
     try:
         project = Project.model_validate(raw)
     except ValidationError as err:
-        raise TunegateError(_format_validation_error(path, err)) from None
+        raise TunegateError(_format_validation_error(path, err, overridden)) from None
     root = path.resolve().parent
     project.root = root
     project.source_file = path.resolve()
@@ -318,8 +339,28 @@ def check_passthrough(project: Project) -> list[str]:
     try:
         from trl import SFTConfig
 
+        problems += _check_types(SFTConfig, project.train.trl)
         with tempfile.TemporaryDirectory() as tmp:
             SFTConfig(**sft_kwargs(project, Path(tmp), bf16_supported()))
     except (TypeError, ValueError) as exc:
         problems.append(f"train.trl: trl.SFTConfig refused it: {exc}")
+    return problems
+
+
+def _check_types(config_cls, values: dict[str, Any]) -> list[str]:
+    """TrainingArguments does not check types: `num_train_epochs: one` fails mid-run. Check numbers and flags here."""
+    import dataclasses
+
+    defaults = {f.name: f.default for f in dataclasses.fields(config_cls)}
+    problems = []
+    for key, value in values.items():
+        default = defaults.get(key, dataclasses.MISSING)
+        if isinstance(default, bool):
+            ok = isinstance(value, bool)
+        elif isinstance(default, (int, float)):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        else:
+            continue
+        if not ok:
+            problems.append(f"train.trl.{key}: expected {type(default).__name__} like its default {default!r}, got {value!r}")
     return problems

@@ -55,7 +55,7 @@ TREE: dict[str, Question] = {q.id: q for q in (
     _yes_no(
         "prompt_meets_bar",
         "Does a prompt-optimized baseline already meet the bar on your golden set?",
-        "Instruction search plus few-shot selection, scored on the frozen golden set. `tunegate audit` measures it for you.",
+        "Instruction search plus few-shot selection, scored on the frozen golden set (measure it before answering).",
         "leaf:prompt_optimization", "verifier",
         yes_rejects="every training method: a prompt that meets the bar costs nothing to train and little to change",
         no_rejects="prompt optimization: it does not meet the bar on the golden set",
@@ -103,7 +103,7 @@ TREE: dict[str, Question] = {q.id: q for q in (
 
 LEAVES: dict[str, Leaf] = {leaf.method: leaf for leaf in (
     Leaf("rag", "The answers depend on information that changes; retrieval keeps them current and citable.",
-         "Index the document corpus; run `tunegate audit` to measure retrieval recall and answer quality."),
+         "Index the document corpus; measure retrieval recall and answer quality on the golden set."),
     Leaf("prompt_optimization", "A tuned prompt already meets the bar on the golden set: no training spend needed.",
          "Freeze the optimised prompt and few-shot set; keep the golden set as a regression gate."),
     Leaf("grpo", "A verifier can score answers, so reinforcement fine-tuning (GRPO) optimises correctness directly.",
@@ -129,6 +129,7 @@ LEAVES: dict[str, Leaf] = {leaf.method: leaf for leaf in (
 )}
 
 START = "changing_knowledge"
+RUNNABLE = {"lora", "dora"}  # what `tunegate run` trains today (train.method: sft with a LoRA/DoRA adapter)
 
 
 @dataclass

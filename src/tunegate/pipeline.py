@@ -103,9 +103,17 @@ def run_stage(
     st = Stage(project, run_dir, stage)
     upstream = {}
     for up in UPSTREAM[stage]:
-        if read_manifest(st.upstream_dir(up)) is None:
+        up_manifest = read_manifest(st.upstream_dir(up))
+        if up_manifest is None:
             raise TunegateError(f"stage {stage} needs stage {up} first: no {st.upstream_dir(up)}/manifest.json")
         upstream[up] = manifest_hash(st.upstream_dir(up))
+        # The upstream stages must belong together: `eval` must not score an adapter trained on older data.
+        for up2, digest in up_manifest.upstream.items():
+            if (st.upstream_dir(up2) / "manifest.json").is_file() and manifest_hash(st.upstream_dir(up2)) != digest:
+                raise TunegateError(
+                    f"{st.upstream_dir(up)}: stage {up} was built from an older {up2} stage than the one in {run_dir}; "
+                    f"rule: a run's stages must come from one chain. Run `tunegate run` (or `tunegate {up}`) first."
+                )
     for path in stage_inputs(project, stage).values():
         if not Path(path).is_file():
             raise TunegateError(f"{path}: input file not found (stage {stage})")
@@ -121,6 +129,10 @@ def run_stage(
             return old
         console.print(f"[yellow]- {stage}: outputs changed since the manifest ({', '.join(broken)}); rerunning[/yellow]")
 
+    if old is not None and old.fingerprint != fp:
+        changed = [name for name, a, b in (("config", old.config, config), ("input files", {k: old.inputs.get(k) for k in inputs}, inputs),
+                                           ("upstream stages", old.upstream, upstream)) if a != b]
+        console.print(f"[dim]- {stage}: rerunning, changed since the last run: {', '.join(changed) or 'tunegate version'}[/dim]")
     shutil.rmtree(st.dir, ignore_errors=True)
     st.dir.mkdir(parents=True)
     if stage == "train":

@@ -2,7 +2,9 @@
 
 Statuses: `candidate` (registered, not serving), `production` (at most one per project), `retired`.
 `promote` moves a version to production only when its eval verdict is PASS and the adapter on disk still
-has the sha256 recorded by the train stage; the previous production version is retired. `rollback`
+has the sha256 recorded by the train stage; the previous production version is retired. A registered
+adapter is copied next to the database (`adapters/<project>-v<N>/`), so a later run in the same run folder
+cannot change what was promoted; its sha256 is checked again before it is promoted or restored. `rollback`
 retires the current production version and restores the one that was in production before it. Every
 transition is kept in `transitions`, so the history can be read back.
 """
@@ -73,8 +75,21 @@ def _adapter_digest(run_dir: Path) -> str:
     return digest
 
 
+def _check_stored(entry: dict[str, Any]) -> None:
+    from tunegate.manifest import sha256_file
+
+    weights = Path(entry["adapter_dir"]) / "adapter_model.safetensors"
+    if not weights.is_file() or sha256_file(weights) != entry["adapter_sha256"]:
+        raise TunegateError(f"{weights}: missing or changed since version {entry['version']} was registered; rule: only the evaluated adapter is served")
+
+
 def register(db_path: Path, project: str, run_dir: Path) -> dict[str, Any]:
-    """Record a finished run's adapter as a candidate (idempotent). Raises TunegateError without a finished eval."""
+    """Record a finished run's adapter as a candidate and copy it into the registry (idempotent).
+
+    Raises TunegateError without a finished eval, or when the adapter changed since training.
+    """
+    import shutil
+
     from tunegate.manifest import manifest_hash, verify_outputs
 
     ev = read_manifest(run_dir / "eval")
@@ -100,6 +115,10 @@ def register(db_path: Path, project: str, run_dir: Path) -> dict[str, Any]:
                 "INSERT INTO transitions (project, version, from_status, to_status, reason, at) VALUES (?, ?, NULL, 'candidate', 'registered', ?)",
                 (project, cur.lastrowid, _now()),
             )
+            stored = db_path.parent / "adapters" / f"{project}-v{cur.lastrowid}"
+            shutil.rmtree(stored, ignore_errors=True)
+            shutil.copytree(run_dir / "train" / "adapter", stored)
+            con.execute("UPDATE versions SET adapter_dir=? WHERE version=?", (str(stored), cur.lastrowid))
             row = con.execute("SELECT * FROM versions WHERE version=?", (cur.lastrowid,)).fetchone()
         return dict(row)
 
@@ -114,6 +133,8 @@ def _move(con: sqlite3.Connection, project: str, version: int, to: str, reason: 
 
 
 def production(db_path: Path, project: str) -> dict[str, Any] | None:
+    if not Path(db_path).is_file():
+        return None
     with connect(db_path) as con:
         row = con.execute("SELECT * FROM versions WHERE project=? AND status='production'", (project,)).fetchone()
         return dict(row) if row else None
@@ -121,11 +142,13 @@ def production(db_path: Path, project: str) -> dict[str, Any] | None:
 
 def promote(db_path: Path, project: str, run_dir: Path) -> dict[str, Any]:
     """Register the run if needed and make it production. Raises TunegateError unless its verdict is PASS."""
-    entry = register(db_path, project, run_dir)
-    if entry["verdict"] != "PASS":
+    ev = read_manifest(run_dir / "eval")
+    if ev is not None and ev.verdict != "PASS":
         raise TunegateError(
-            f"{run_dir}/eval/verdict.json: verdict {entry['verdict']}; rule: only a version whose eval gate passed can be promoted"
+            f"{run_dir}/eval/verdict.json: verdict {ev.verdict}; rule: only a version whose eval gate passed can be promoted"
         )
+    entry = register(db_path, project, run_dir)
+    _check_stored(entry)
     with connect(db_path) as con:
         current = con.execute("SELECT version FROM versions WHERE project=? AND status='production'", (project,)).fetchone()
         if current and current["version"] == entry["version"]:
@@ -141,6 +164,8 @@ def rollback(db_path: Path, project: str) -> dict[str, Any]:
 
     Raises TunegateError when there is no production version or nothing to roll back to.
     """
+    if not Path(db_path).is_file():
+        raise TunegateError(f"{db_path}: no registry yet; project {project} has no production version to roll back")
     with connect(db_path) as con:
         current = con.execute("SELECT version FROM versions WHERE project=? AND status='production'", (project,)).fetchone()
         if current is None:
@@ -157,11 +182,14 @@ def rollback(db_path: Path, project: str) -> dict[str, Any]:
         ).fetchone()
         if previous is None:
             raise TunegateError(f"{db_path}: version {current['version']} is the first production version; nothing to roll back to")
+        _check_stored(dict(con.execute("SELECT * FROM versions WHERE version=?", (previous["version"],)).fetchone()))
         _move(con, project, current["version"], "retired", f"rolled back to version {previous['version']}")
         _move(con, project, previous["version"], "production", f"restored by rollback from version {current['version']}")
         return dict(con.execute("SELECT * FROM versions WHERE version=?", (previous["version"],)).fetchone())
 
 
 def versions(db_path: Path, project: str) -> list[dict[str, Any]]:
+    if not Path(db_path).is_file():
+        return []  # reading creates nothing
     with connect(db_path) as con:
         return [dict(r) for r in con.execute("SELECT * FROM versions WHERE project=? ORDER BY version", (project,))]

@@ -73,6 +73,20 @@ def test_full_run_writes_every_artifact_and_a_rerun_skips(tiny_project, capsys):
     assert read_manifest(run_dir / "eval").config["eval"]["max_new_tokens"] == 3
 
 
+def test_a_stage_refuses_upstream_stages_from_different_chains(tiny_project):
+    """After `tunegate data` on changed data, `tunegate report` must not pair new data stats with an old adapter."""
+    from tunegate.pipeline import run_stage
+    from tunegate.report import build
+
+    run_pipeline(load_project(tiny_project / "tunegate.yaml"))
+    with open(tiny_project / "train.jsonl", "a") as f:
+        f.write(json.dumps(chat("one more row", "alpha", "extra")) + "\n")
+    project = load_project(tiny_project / "tunegate.yaml")
+    run_pipeline(project, until="data")
+    with pytest.raises(TunegateError, match=r"stage train was built from an older data stage"):
+        run_stage(project, tiny_project / "runs" / "default", "report", build.run, force=True)
+
+
 def test_bad_rows_go_to_rejected_with_file_line_rule(tiny_project):
     rows = [json.loads(x) for x in (tiny_project / "train.jsonl").read_text().splitlines()]
     lines = [json.dumps(r) for r in rows] + ["{not json", json.dumps(chat("x", " "))]

@@ -53,8 +53,20 @@ def test_override_of_unknown_key_is_refused(tmp_path):
 
 
 def test_override_past_end_of_list(tmp_path):
-    with pytest.raises(TunegateError, match="no list item 3"):
+    with pytest.raises(TunegateError, match=r"data.sources is a list of 1 item\(s\); address an item by index"):
         load_project(write(tmp_path, MINIMAL), ["data.sources.3.path=x"])
+    with pytest.raises(TunegateError, match=r"no item min \(address an item by index, e.g. eval.gate.0.min\)"):
+        load_project(write(tmp_path, MINIMAL + "eval:\n  gate: [{metric: exact_match, min: 0.5}]\n"), ["eval.gate.min=0.9"])
+
+
+def test_duplicate_section_is_an_error_not_a_silent_overwrite(tmp_path):
+    with pytest.raises(TunegateError, match=r"tunegate.yaml:7: not valid YAML \(key 'train' appears twice"):
+        load_project(write(tmp_path, MINIMAL + "train: {lora: {r: 8}}\ntrain: {budget_minutes: 3}\n"))
+
+
+def test_bad_override_value_is_blamed_on_the_override(tmp_path):
+    with pytest.raises(TunegateError, match=r"^override data.overlength: key 'data.overlength'"):
+        load_project(write(tmp_path, MINIMAL), ["data.overlength=sideways"])
 
 
 def test_bad_value_names_key_and_value(tmp_path):
@@ -86,3 +98,12 @@ def test_passthrough_is_checked_without_a_model(tmp_path):
 def test_scientific_notation_without_a_dot_is_a_float(tmp_path):
     p = load_project(write(tmp_path, MINIMAL + "train:\n  trl: {learning_rate: 2e-4, weight_decay: 1E-2, warmup_ratio: .1}\n"))
     assert p.train.trl == {"learning_rate": 2e-4, "weight_decay": 1e-2, "warmup_ratio": 0.1}
+
+
+def test_trl_values_of_the_wrong_type_are_caught_before_training(tmp_path):
+    from tunegate.config import check_passthrough
+
+    bad = load_project(write(tmp_path, MINIMAL), ["train.trl.num_train_epochs=one", "train.trl.packing=maybe"])
+    problems = check_passthrough(bad)
+    assert any("train.trl.num_train_epochs: expected float" in p and "'one'" in p for p in problems), problems
+    assert any("train.trl.packing: expected bool" in p for p in problems), problems

@@ -26,10 +26,10 @@ def test_promote_only_pass_and_rollback_restores_previous(tmp_path):
     assert registry.production(db, "p")["run_id"] == "r1"  # a refused promotion changes nothing
     registry.promote(db, "p", r2)
     status = {v["run_id"]: v["status"] for v in registry.versions(db, "p")}
-    assert status == {"r1": "retired", "r2": "production", "r3": "candidate"}
+    assert status == {"r1": "retired", "r2": "production"}  # the refused FAIL run is not registered
     restored = registry.rollback(db, "p")
     assert restored["run_id"] == "r1"
-    assert {v["run_id"]: v["status"] for v in registry.versions(db, "p")} == {"r1": "production", "r2": "retired", "r3": "candidate"}
+    assert {v["run_id"]: v["status"] for v in registry.versions(db, "p")} == {"r1": "production", "r2": "retired"}
     with pytest.raises(TunegateError, match="nothing to roll back to"):
         registry.rollback(db, "p")
 
@@ -66,3 +66,22 @@ def test_a_rolled_back_version_promoted_again_can_be_rolled_back_to_later(tmp_pa
     registry.promote(db, "p", r2)       # fixed and promoted again on purpose
     registry.promote(db, "p", r3)
     assert registry.rollback(db, "p")["run_id"] == "r2"
+
+
+def test_promoted_adapter_is_kept_when_the_run_folder_is_overwritten(tmp_path):
+    db = tmp_path / "tunegate.db"
+    r1 = fake_run(tmp_path, "r1", "PASS", weights=b"first")
+    entry = registry.promote(db, "p", r1)
+    (r1 / "train" / "adapter" / "adapter_model.safetensors").write_bytes(b"a later, failed run")
+    prod = registry.production(db, "p")
+    assert prod["version"] == entry["version"]
+    stored = tmp_path / "adapters" / f"p-v{entry['version']}" / "adapter_model.safetensors"
+    assert prod["adapter_dir"] == str(stored.parent) and stored.read_bytes() == b"firstr1"
+
+
+def test_refused_promotion_registers_nothing_and_reading_creates_no_database(tmp_path):
+    db = tmp_path / "tunegate.db"
+    assert registry.versions(db, "p") == [] and not db.exists()
+    with pytest.raises(TunegateError, match="verdict FAIL"):
+        registry.promote(db, "p", fake_run(tmp_path, "bad", "FAIL"))
+    assert registry.versions(db, "p") == []

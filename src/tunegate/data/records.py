@@ -142,6 +142,7 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[int, Any, Exception | None]]:
             except UnicodeDecodeError as exc:
                 yield lineno, raw[:200].decode("utf-8", "replace"), RowError("invalid_utf8", str(exc))
                 continue
+            text = text.rstrip("\r\n")
             try:
                 yield lineno, json.loads(text), None
             except json.JSONDecodeError as exc:
