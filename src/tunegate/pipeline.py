@@ -117,9 +117,12 @@ def run_stage(
     for path in stage_inputs(project, stage).values():
         if not Path(path).is_file():
             raise TunegateError(f"{path}: input file not found (stage {stage})")
-    inputs = {str(p): sha256_file(p) for p in stage_inputs(project, stage).values()}
+    named_inputs = {name: sha256_file(p) for name, p in stage_inputs(project, stage).items()}
+    inputs = {str(p): named_inputs[name] for name, p in stage_inputs(project, stage).items()}
     config = _config_for(project, stage)
-    fp = fingerprint(stage, config, inputs, upstream)
+    # Paths inside the project folder enter the fingerprint relative to it, so a moved or copied project
+    # (with its runs/) is still recognised as finished.
+    fp = fingerprint(stage, _relative_to(config, project.root), named_inputs, upstream)
 
     old = read_manifest(st.final_dir)
     if old is not None and old.fingerprint == fp and not force:
@@ -167,6 +170,13 @@ def run_stage(
     write_manifest(st.final_dir, manifest)
     console.print(f"[green]- {stage}: done in {wall:.1f} s[/green]" + (f" verdict {result.verdict}" if result.verdict else ""))
     return manifest
+
+
+def _relative_to(obj: Any, root: Path) -> Any:
+    import json
+
+    prefix = json.dumps(str(root) + "/")[1:-1]
+    return json.loads(json.dumps(obj, sort_keys=True, default=str).replace(prefix, ""))
 
 
 def _prepare_checkpoints(ckpt_dir: Path, fp: str) -> None:

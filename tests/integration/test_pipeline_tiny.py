@@ -1,6 +1,7 @@
 """The whole pipeline on a tiny random Llama with the real tokenizer: manifests, skip, resume, refusals."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -197,3 +198,12 @@ def test_killed_training_resumes_from_its_last_checkpoint(tiny_project):
     summary = manifests["train"].metrics
     assert summary["resumed_from_step"] == 2 and summary["steps"] == 6
     assert not (run_dir / ".train.checkpoints").exists()  # removed once the stage succeeded
+
+
+def test_a_copied_project_keeps_its_finished_stages(tiny_project, tmp_path_factory, capsys):
+    run_pipeline(load_project(tiny_project / "tunegate.yaml"), until="data")
+    copy = tmp_path_factory.mktemp("moved") / "project"
+    shutil.copytree(tiny_project, copy)
+    capsys.readouterr()
+    run_pipeline(load_project(copy / "tunegate.yaml"), until="data")
+    assert "data: unchanged" in capsys.readouterr().err
