@@ -63,6 +63,15 @@ class GateRule(_Section):
         return self
 
 
+class DedupConfig(_Section):
+    """Duplicate removal (tunegate.data.dedup): exact after normalisation, then MinHash LSH near-duplicates."""
+
+    near: bool = True
+    threshold: float = Field(default=0.8, gt=0, le=1)  # Jaccard similarity of word shingles
+    num_perm: int = Field(default=128, ge=16)
+    shingle_words: int = Field(default=5, ge=1)
+
+
 class DataConfig(_Section):
     sources: list[SourceConfig] = Field(min_length=1)
     golden: SourceConfig  # the frozen golden set: evaluation only, never trained on
@@ -80,6 +89,7 @@ class DataConfig(_Section):
     #   merge  - always merge it into the first user turn;  reject - reject such rows
     system_role: Literal["auto", "merge", "reject"] = "auto"
     max_rejected_fraction: float = Field(default=0.05, ge=0.0, le=1.0)
+    dedup: DedupConfig | None = None  # off unless set, e.g. `dedup: {}` for the defaults
 
 
 class TrainConfig(_Section):

@@ -207,3 +207,13 @@ def test_a_copied_project_keeps_its_finished_stages(tiny_project, tmp_path_facto
     capsys.readouterr()
     run_pipeline(load_project(copy / "tunegate.yaml"), until="data")
     assert "data: unchanged" in capsys.readouterr().err
+
+
+def test_dedup_in_the_data_stage_lists_duplicates_in_rejected(tiny_project):
+    with open(tiny_project / "train.jsonl", "a") as f:
+        f.write(json.dumps(chat("MESSAGE number 7   about topic beta", "beta", "copy7")) + "\n")
+    run_pipeline(load_project(tiny_project / "tunegate.yaml", ["data.dedup={}"]), until="data")
+    rejected = [json.loads(x) for x in (tiny_project / "runs/default/data/rejected.jsonl").read_text().splitlines()]
+    assert [(r["id"], r["rule"], r["detail"]) for r in rejected] == [("copy7", "duplicate", "exact duplicate of t7")]
+    stats = json.loads((tiny_project / "runs/default/data/stats.json").read_text())
+    assert stats["duplicates_removed"] == {"exact": 1, "near": 0} and stats["train_rows"] + stats["val_rows"] == 60

@@ -33,6 +33,13 @@ def split_train_val(records: list[dict[str, Any]], val_fraction: float, seed: in
     return [r for r in records if r["id"] not in val_ids], [r for r in records if r["id"] in val_ids]
 
 
+def _row_text(rec: dict[str, Any]) -> str:
+    """What duplicate detection compares: every turn's text (system turns excluded), or prompt + completion."""
+    if "messages" in rec:
+        return "\n".join(m["content"] for m in rec["messages"] if m["role"] != "system")
+    return rec["prompt"] + "\n" + rec["completion"]
+
+
 def _dedupe_ids(records: list[dict[str, Any]]) -> None:
     """Row ids must be unique across sources: the file name prefixes a repeated id."""
     seen: Counter[str] = Counter(r["id"] for r in records)
@@ -71,7 +78,7 @@ def run(st: Stage) -> StageResult:
     # 2. Template, loss-mask and length checks with the real tokenizer (no weights loaded).
     tokenizer = load_tokenizer(resolve_base_model(st.project.base_model))
     has_system = supports_system_role(tokenizer)
-    kept, lengths, n_truncated = [], [], 0
+    kept, length_of, truncated = [], {}, set()
     for rec in records:
         try:
             if "messages" in rec:
@@ -80,8 +87,9 @@ def run(st: Stage) -> StageResult:
         except RowError as exc:
             rejected.append(Rejection(rec["meta"]["file"], rec["meta"]["line"], rec["id"], exc.rule, exc.detail))
             continue
-        n_truncated += enc.truncated
-        lengths.append(len(enc.input_ids))
+        if enc.truncated:
+            truncated.add(rec["id"])
+        length_of[rec["id"]] = len(enc.input_ids)
         kept.append(rec)
     for rec in golden:  # the golden prompts go through the same policy (case C04: identical in train and eval)
         if "messages" in rec:
@@ -90,7 +98,21 @@ def run(st: Stage) -> StageResult:
             except RowError as exc:
                 raise TunegateError(f"{cfg.golden.path}:{rec['meta']['line']} (id {rec['id']}): {exc.rule}: {exc.detail}") from None
 
-    # 3. Decontamination against the golden set (case C23): overlapping training rows are removed and listed.
+    # 3. Duplicates: exact after normalisation, then near-duplicates (MinHash LSH, verified by Jaccard).
+    n_dup = {"exact": 0, "near": 0}
+    if cfg.dedup is not None:
+        from tunegate.data.dedup import dedup
+
+        by_id = {r["id"]: r for r in kept}
+        kept, dups = dedup(kept, _row_text, cfg.dedup.near, cfg.dedup.threshold, cfg.dedup.num_perm, cfg.dedup.shingle_words)
+        for d in dups:
+            rec = by_id[d.id]
+            n_dup[d.kind] += 1
+            detail = f"{d.kind} duplicate of {d.duplicate_of}" + (f" (Jaccard {d.jaccard})" if d.kind == "near" else "")
+            rejected.append(Rejection(rec["meta"]["file"], rec["meta"]["line"], d.id, "duplicate", detail))
+        console.print(f"duplicates removed: {n_dup['exact']} exact, {n_dup['near']} near")
+
+    # 4. Decontamination against the golden set (case C23): overlapping training rows are removed and listed.
     by_id = {r["id"]: r for r in kept}
     pairs = golden_lock.overlap(kept, golden)
     for tid, gid in pairs:
@@ -101,7 +123,7 @@ def run(st: Stage) -> StageResult:
     if pairs:
         console.print(f"[yellow]removed {len(pairs)} training row(s) that overlap the golden set: {', '.join(t for t, _ in pairs[:10])}[/yellow]")
 
-    # 4. Rejections: written first, so a refused run still shows why.
+    # 5. Rejections: written first, so a refused run still shows why.
     atomic_write_jsonl(st.dir / "rejected.jsonl", [r.to_json() for r in rejected])
     total = len(kept) + len(rejected)
     by_rule = Counter(r.rule for r in rejected)
@@ -118,7 +140,9 @@ def run(st: Stage) -> StageResult:
             f"{cfg.max_rejected_fraction:.1%}; by rule: {dict(by_rule)}; see {st.dir / 'rejected.jsonl'}"
         )
 
-    # 5. Deterministic split and outputs.
+    # 6. Deterministic split and outputs.
+    lengths = [length_of[r["id"]] for r in kept]
+    n_truncated = sum(r["id"] in truncated for r in kept)
     train, val = split_train_val(kept, cfg.val_fraction, cfg.seed)
     atomic_write_jsonl(st.dir / "train.jsonl", train)
     atomic_write_jsonl(st.dir / "val.jsonl", val)
@@ -136,6 +160,7 @@ def run(st: Stage) -> StageResult:
         "golden_rows": len(golden),
         "golden_sha256": lock["file_sha256"],
         "golden_overlap_removed": len(pairs),
+        "duplicates_removed": n_dup,
         "truncated_rows": n_truncated,
         "tokens_total": sum(lengths),
         "tokens_per_row_mean": round(sum(lengths) / len(lengths), 1),
