@@ -10,7 +10,6 @@ Writes: adapter/ (PEFT format), metrics.jsonl (every logged step), loss.png, tra
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -80,7 +79,7 @@ def _trainer_class():
     return TunegateSFTTrainer
 
 
-def _callbacks(st: Stage, budget_s: float | None):
+def _tracker(st: Stage, budget_s: float | None):
     from transformers import TrainerCallback
 
     metrics_path = st.dir / "metrics.jsonl"
@@ -151,7 +150,7 @@ def run(st: Stage) -> StageResult:
     args = SFTConfig(**kwargs)
     model = load_model(base)
     lora = LoraConfig(**lora_kwargs(project))
-    tracker = _callbacks(st, project.train.budget_minutes * 60 if project.train.budget_minutes else None)
+    tracker = _tracker(st, project.train.budget_minutes * 60 if project.train.budget_minutes else None)
     trainer = _trainer_class()(
         model=model,
         args=args,
@@ -233,6 +232,3 @@ def _plot_loss(history: list[dict[str, Any]], path: Path) -> None:
     fig.savefig(path)
     plt.close(fig)
 
-
-def load_summary(train_dir: Path) -> dict[str, Any]:
-    return json.loads((train_dir / "train_summary.json").read_text())
