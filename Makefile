@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup quickstart test test-fast banking77 clean
+.PHONY: setup quickstart test test-fast banking77 squad gsm8k clean
 
 setup: $(STAMP)
 
@@ -27,6 +27,15 @@ test: $(STAMP)
 
 banking77: $(STAMP)
 	$(BIN)/tunegate run examples/banking77/tunegate.yaml
+
+# make_data.py writes examples/<name>/data/ from ../shared/data (git-ignored: never committed)
+squad: $(STAMP)
+	$(BIN)/python examples/squad/make_data.py
+	$(BIN)/tunegate audit examples/squad/tunegate.yaml
+
+gsm8k: $(STAMP)
+	$(BIN)/python examples/gsm8k/make_data.py
+	$(BIN)/tunegate audit examples/gsm8k/tunegate.yaml
 
 clean:
 	rm -rf $(VENV) runs

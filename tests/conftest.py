@@ -104,6 +104,8 @@ eval:
   batch_size: 8
   bootstrap_samples: 200
   gate: [{{metric: exact_match, min: 0.0, min_delta_ci_low: -1.0}}]
+audit:
+  enabled: false   # the audit has its own tests (tests/integration/test_audit_tiny.py)
 """
     )
     return tmp_path

@@ -1,7 +1,11 @@
-"""Writes the quickstart data: support messages of a bicycle shop, routed to one of six queues.
+"""Writes the quickstart data: a bicycle shop's support messages turned into tickets (JSON).
 
-The base model has never seen these queue names, so it cannot answer in this label set; a small adapter
-learns it in a few minutes on a CPU. Deterministic (seeded), so the committed files can be regenerated:
+Each answer routes the message to one of six queues and copies the bike, part and day it mentions (null
+when it mentions none): {"queue": "repair_booking", "bike": "e-bike", "part": "brakes", "day": "Tuesday"}.
+Routing alone is easy for an embedding kNN classifier (the audit measures it: 1.0 on the routing-only
+version of this data), so the ticket also asks for extraction, which no retrieved neighbour can copy and a
+small adapter learns in a few minutes on a CPU. Deterministic (seeded), so the committed files can be
+regenerated:
 
     python examples/quickstart/make_data.py
 """
@@ -12,7 +16,7 @@ import random
 from pathlib import Path
 
 HERE = Path(__file__).parent
-INSTRUCTION = "Route the customer message to one queue. Answer with the queue name only."
+INSTRUCTION = "Turn the customer message into a ticket: JSON with queue, bike, part and day (null when absent)."
 
 BIKES = ["road bike", "e-bike", "gravel bike", "kids' bike", "cargo bike", "mountain bike", "folding bike", "city bike"]
 PARTS = ["brakes", "gears", "chain", "back wheel", "front tyre", "battery", "saddle", "pedals"]
@@ -54,6 +58,10 @@ TEMPLATES = {
         "What are your opening hours on {day}?",
         "Can I park my {bike} in front of the shop while I shop next door?",
         "Do you sponsor local cycling clubs? We ride every {day}.",
+        "Can I rent a {bike} for the weekend, picking it up {day}?",
+        "Do you buy used bikes? I want to sell my {bike}.",
+        "I found a {part} near your door on {day}, did someone lose it?",
+        "Do you run a cycling course for beginners on a {bike}?",
     ],
 }
 
@@ -64,7 +72,9 @@ def rows():
         for t in templates:
             for bike, part, day in itertools.product(BIKES, PARTS, DAYS):
                 bike2 = BIKES[(BIKES.index(bike) + 3) % len(BIKES)]
-                out.append((t.format(bike=bike, part=part, day=day, bike2=bike2), label))
+                ticket = {"queue": label, "bike": bike if "{bike}" in t else None,
+                          "part": part if "{part}" in t else None, "day": day if "{day}" in t else None}
+                out.append((t.format(bike=bike, part=part, day=day, bike2=bike2), json.dumps(ticket)))
     # templates that do not use every slot repeat: keep each distinct message once
     seen, unique = set(), []
     for text, label in out:
@@ -79,22 +89,23 @@ def main() -> None:
     all_rows = rows()
     rng.shuffle(all_rows)
     by_label = {}
-    for text, label in all_rows:
-        by_label.setdefault(label, []).append(text)
+    for text, ticket in all_rows:
+        by_label.setdefault(json.loads(ticket)["queue"], []).append((text, ticket))
     train, golden = [], []
-    for label, texts in sorted(by_label.items()):
-        golden += [(t, label) for t in texts[:20]]
-        train += [(t, label) for t in texts[20:80]]
+    for label, items in sorted(by_label.items()):
+        n_golden = min(20, len(items) // 4)  # a queue with few distinct messages keeps most of them for training
+        golden += items[:n_golden]
+        train += items[n_golden : n_golden + 60]
     rng.shuffle(train)
     rng.shuffle(golden)
 
     def dump(path, items, prefix):
         with open(path, "w", encoding="utf-8") as f:
-            for i, (text, label) in enumerate(items):
+            for i, (text, ticket) in enumerate(items):
                 row = {"id": f"{prefix}{i:04d}", "messages": [
                     {"role": "system", "content": INSTRUCTION},
                     {"role": "user", "content": text},
-                    {"role": "assistant", "content": label},
+                    {"role": "assistant", "content": ticket},
                 ]}
                 f.write(json.dumps(row) + "\n")
 

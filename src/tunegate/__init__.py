@@ -11,6 +11,7 @@ EXIT_OK = 0
 EXIT_ERROR = 1  # an unexpected failure (a bug, or the machine ran out of something)
 EXIT_INVALID_INPUT = 2  # bad config, bad data, missing file, changed golden set: nothing was trained
 EXIT_GATE_FAILED = 3  # the pipeline ran, and the eval gate said FAIL: the adapter is not promoted
+EXIT_AUDIT_NO_TRAIN = 4  # the audit measured that training does not pay; `run` stopped before training
 
 
 class TunegateError(Exception):

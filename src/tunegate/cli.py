@@ -1,7 +1,8 @@
 """The `tunegate` command: one short verb per stage, no logic here.
 
 Exit codes: 0 success; 1 unexpected error; 2 invalid input (config, data, changed golden set: nothing
-was trained on it); 3 the eval gate said FAIL (the run finished, the adapter is not promoted).
+was trained on it); 3 the eval gate said FAIL (the run finished, the adapter is not promoted); 4 the audit
+measured that training does not pay (`run` stopped before training).
 """
 
 from __future__ import annotations
@@ -12,14 +13,15 @@ from typing import Annotated, Optional
 
 import typer
 
-from tunegate import EXIT_GATE_FAILED, TunegateError
+from tunegate import EXIT_AUDIT_NO_TRAIN, EXIT_GATE_FAILED, TunegateError
 
 app = typer.Typer(
     help=(
         "tunegate: benchmark-first, gated LLM fine-tuning. A project file (tunegate.yaml) names the base model, "
-        "the data, the golden set and the gate; `tunegate run` goes data -> train -> eval gate -> report.\n\n"
+        "the data, the golden set and the gate; `tunegate run` goes data -> audit -> train -> eval gate -> report, "
+        "and stops before training when the audit measures that a cheaper option (prompting, retrieval) is enough.\n\n"
         "Any config key can be overridden after the project path: `train.trl.learning_rate=1e-4`.\n\n"
-        "Exit codes: 0 ok, 1 unexpected error, 2 invalid input, 3 eval gate FAIL."
+        "Exit codes: 0 ok, 1 unexpected error, 2 invalid input, 3 eval gate FAIL, 4 audit: training does not pay."
     ),
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -55,15 +57,13 @@ def _load(project: Path, overrides: list[str] | None):
     return load_project(project, overrides or [])
 
 
-def _stage(project: Path, overrides: list[str] | None, run_id: str, stage: str, force: bool) -> None:
+def _stage(project: Path, overrides: list[str] | None, run_id: str, stage: str, force: bool, train_anyway: bool = False) -> None:
     from tunegate import pipeline
-    from tunegate.report import build as report_stage
-    from tunegate.stages import data, evaluate, train
 
-    bodies = {"data": data.run, "train": train.run, "eval": evaluate.run, "report": report_stage.run}
     p = _load(project, overrides)
     run_dir = pipeline.run_dir_for(p, run_id)
-    m = pipeline.run_stage(p, run_dir, stage, bodies[stage], force=force)
+    notes = pipeline.training_override(p, run_dir, train_anyway) if stage == "train" and p.audit.enabled else []
+    m = pipeline.run_stage(p, run_dir, stage, pipeline.stage_bodies()[stage], force=force, overrides=notes)
     if m.verdict == "FAIL":
         raise typer.Exit(EXIT_GATE_FAILED)
 
@@ -73,13 +73,18 @@ def run(
     project: ProjectArg,
     overrides: Overrides = None,
     run_id: RunId = "default",
-    force: Annotated[Optional[list[str]], typer.Option("--force", help="stage to rerun even if unchanged: data, train, eval, report or all (repeatable)")] = None,
+    force: Annotated[Optional[list[str]], typer.Option("--force", help="stage to rerun even if unchanged: data, audit, train, eval, report or all (repeatable)")] = None,
+    train_anyway: Annotated[bool, typer.Option("--train-anyway", help="train even when the audit says it does not pay (recorded in the train manifest)")] = False,
 ) -> None:
-    """Run the whole pipeline: data -> train -> eval gate -> report. Finished, unchanged stages are skipped."""
+    """Run the whole pipeline: data -> audit -> train -> eval gate -> report. Finished, unchanged stages are skipped.
+
+    The audit benchmarks the cheap options first; when one meets the bar and fine-tuning does not beat it,
+    the run stops before training (exit 4) and audit.html says why.
+    """
     from tunegate.pipeline import console, run_pipeline
 
     p = _load(project, overrides)
-    manifests = run_pipeline(p, run_id=run_id, force=tuple(force or ()))
+    manifests = run_pipeline(p, run_id=run_id, force=tuple(force or ()), train_anyway=train_anyway)
     verdict = manifests["eval"].verdict
     report = p.runs_dir / run_id / "report" / "report.html"
     colour = "green" if verdict == "PASS" else "red"
@@ -95,9 +100,33 @@ def data(project: ProjectArg, overrides: Overrides = None, run_id: RunId = "defa
 
 
 @app.command()
-def train(project: ProjectArg, overrides: Overrides = None, run_id: RunId = "default", force: Force = False) -> None:
-    """Train stage only (needs the data stage); resumes from the last checkpoint after an interruption."""
-    _stage(project, overrides, run_id, "train", force)
+def audit(project: ProjectArg, overrides: Overrides = None, run_id: RunId = "default", force: Force = False) -> None:
+    """Audit before spend (needs the data stage; runs it if missing): zero-shot, prompt optimization, kNN few-shot,
+    a kNN classifier, RAG (with audit.corpus) and a quick LoRA probe on the frozen golden set; writes audit.html
+    and audit.json with the recommended method."""
+    from tunegate import pipeline
+
+    p = _load(project, overrides)
+    run_dir = pipeline.run_dir_for(p, run_id)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    bodies = pipeline.stage_bodies()
+    pipeline.run_stage(p, run_dir, "data", bodies["data"])
+    m = pipeline.run_stage(p, run_dir, "audit", bodies["audit"], force=force)
+    rec = m.metrics
+    typer.echo(f"audit: {m.verdict}, recommended method {str(rec.get('recommendation')).upper()}; report: {run_dir / 'audit' / 'audit.html'}")
+
+
+@app.command()
+def train(
+    project: ProjectArg,
+    overrides: Overrides = None,
+    run_id: RunId = "default",
+    force: Force = False,
+    train_anyway: Annotated[bool, typer.Option("--train-anyway", help="train even when the audit said NO_TRAIN (recorded)")] = False,
+) -> None:
+    """Train stage only (needs the data stage); resumes from the last checkpoint after an interruption.
+    Refuses when this run's audit said NO_TRAIN, unless --train-anyway."""
+    _stage(project, overrides, run_id, "train", force, train_anyway)
 
 
 @app.command(name="eval")
@@ -206,6 +235,7 @@ def decide(
     answer: Annotated[Optional[list[str]], typer.Option("--answer", "-a", help="question=option, e.g. -a changing_knowledge=no (repeatable)")] = None,
     answers_file: Annotated[Optional[Path], typer.Option("--answers", help="YAML/JSON file mapping question id -> option")] = None,
     explain: Annotated[bool, typer.Option("--explain", help="print the whole tree and exit")] = False,
+    markdown: Annotated[bool, typer.Option("--markdown", help="with --explain: as Markdown (docs/decision_tree.md)")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print the decision as JSON")] = False,
     out: Annotated[Optional[Path], typer.Option("--out", help="write decision.json here")] = None,
 ) -> None:
@@ -216,7 +246,7 @@ def decide(
     from tunegate.manifest import atomic_write_json
 
     if explain:
-        typer.echo(tree.explain())
+        typer.echo(tree.explain_markdown() if markdown else tree.explain(), nl=not markdown)
         return
     given: dict[str, str] = {}
     if answers_file is not None:
@@ -224,7 +254,7 @@ def decide(
 
         if not answers_file.is_file():
             raise TunegateError(f"{answers_file}: answers file not found")
-        given.update({str(k): str(v) for k, v in (yaml.safe_load(answers_file.read_text()) or {}).items()})
+        given.update({str(k): tree.answer_key(v) for k, v in (yaml.safe_load(answers_file.read_text()) or {}).items()})
     for item in answer or []:
         key, sep, value = item.partition("=")
         if not sep:
@@ -289,7 +319,8 @@ def main() -> None:
     try:
         app()
     except TunegateError as exc:
-        typer.secho(f"error: {exc}", fg="red", err=True)
+        stopped = exc.exit_code == EXIT_AUDIT_NO_TRAIN  # a measured verdict, not a mistake
+        typer.secho(f"{'stopped' if stopped else 'error'}: {exc}", fg="yellow" if stopped else "red", err=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         typer.secho("interrupted: finished stages are kept; rerun the same command to resume", fg="yellow", err=True)

@@ -132,6 +132,79 @@ class EvalConfig(_Section):
         return self
 
 
+class CorpusConfig(_Section):
+    """A document corpus for the RAG candidates: JSONL, one document per line."""
+
+    path: Path
+    id_field: str = "id"
+    text_field: str = "text"
+    # The golden rows' `meta` field that names the document holding the answer (for retrieval recall@k).
+    gold_field: str | None = "doc_id"
+
+
+class ProbeConfig(_Section):
+    """The quick LoRA probe: a short, budgeted fine-tune on a sample of the training rows (train.* settings)."""
+
+    max_steps: int = Field(default=40, ge=1)
+    rows: int = Field(default=2000, ge=1)  # training rows sampled for the probe
+    budget_minutes: float = Field(default=5.0, gt=0)
+
+
+AUDIT_CANDIDATES = (
+    "zero_shot", "prompt_optimization", "knn_fewshot", "knn_classifier", "rag_bm25", "rag_dense", "rag_hybrid",
+    "lora_probe", "lora_probe+rag",
+)
+
+
+class AuditConfig(_Section):
+    """`tunegate audit`: what the cheap options score on the golden set before any training spend."""
+
+    enabled: bool = True
+    # The quality bar on the headline metric (eval.metrics[0], or exact_match if that is a corpus metric).
+    # Unset: the gate's `min` on that metric; with neither, "meets the bar" means fine-tuning does not beat it.
+    bar: float | None = None
+    # Fine-tuning pays when the lower end of the 95% CI of (best fine-tune - best no-training) is above this.
+    min_gain: float = 0.0
+    golden_rows: int | None = Field(default=None, ge=1)  # score a seeded sample of the golden set (bounds the cost)
+    dev_rows: int = Field(default=100, ge=1)  # training rows used to pick the prompt; never golden rows
+    instructions: list[str] = Field(default_factory=list)  # instruction variants to try besides the project's own
+    shots: list[int] = Field(default_factory=lambda: [0, 4])  # few-shot counts to try in prompt optimization
+    fewshot_k: int = Field(default=8, ge=1)  # retrieved examples for knn_fewshot
+    knn_k: list[int] = Field(default_factory=lambda: [1, 5, 10])  # kNN classifier k, picked on the dev rows
+    corpus: CorpusConfig | None = None
+    top_k: int = Field(default=3, ge=1)  # passages put into the prompt by the RAG candidates
+    probe: ProbeConfig | None = Field(default_factory=ProbeConfig)  # null: no training candidate
+    candidates: list[str] | None = None  # null: every candidate that applies to the task
+    # Decision-tree answers you know up front (question id -> option, as `tunegate decide --answer`).
+    answers: dict[str, str] = Field(default_factory=dict)
+    prices: Path | None = None  # a price table (YAML); default: tunegate's packaged prices.yaml
+    max_new_tokens: int | None = Field(default=None, ge=1)  # default: eval.max_new_tokens
+    batch_size: int | None = Field(default=None, ge=1)  # default: eval.batch_size
+    seed: int = 0
+
+    @field_validator("candidates")
+    @classmethod
+    def _known_candidates(cls, v):
+        unknown = [c for c in v or [] if c not in AUDIT_CANDIDATES]
+        if unknown:
+            raise ValueError(f"unknown audit candidate(s) {unknown}; known: {', '.join(AUDIT_CANDIDATES)}")
+        return v
+
+    @field_validator("answers", mode="before")
+    @classmethod
+    def _known_questions(cls, v):
+        from tunegate.decide import TREE, answer_key
+
+        v = {str(k): answer_key(x) for k, x in (v or {}).items()}
+        for qid, key in v.items():
+            if qid not in TREE:
+                raise ValueError(f"unknown question {qid!r}; questions: {', '.join(TREE)}")
+            options = [o.key for o in TREE[qid].options]
+            if str(key) not in options:
+                raise ValueError(f"answer {key!r} to {qid} is not one of {', '.join(options)}")
+        return v
+
+
 class Project(_Section):
     name: str
     base_model: str = "smollm2-135m-instruct"
@@ -140,6 +213,7 @@ class Project(_Section):
     data: DataConfig
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    audit: AuditConfig = Field(default_factory=AuditConfig)
 
     # Set by load_project, not by the file.
     root: Path = Field(default=Path("."), exclude=True)
@@ -287,6 +361,10 @@ def load_project(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) 
     project.registry = _resolve(root, project.registry)
     if project.eval.json_schema is not None:
         project.eval.json_schema = _resolve(root, project.eval.json_schema)
+    if project.audit.corpus is not None:
+        project.audit.corpus.path = _resolve(root, project.audit.corpus.path)
+    if project.audit.prices is not None:
+        project.audit.prices = _resolve(root, project.audit.prices)
     return project
 
 

@@ -174,10 +174,17 @@ def decide(answers: dict[str, str] | Callable[[Question], str]) -> Decision:
     raise AssertionError("the decision tree has a cycle")
 
 
+def answer_key(value: Any) -> str:
+    """An answer as written in YAML or on the command line -> an option key (YAML reads `yes` as true)."""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return str(value).strip().lower()
+
+
 def _lookup(answers: dict[str, str], q: Question) -> str:
     if q.id not in answers:
         raise DecisionError(f"question '{q.id}' is not answered: {q.text} (one of: {', '.join(o.key for o in q.options)})")
-    return str(answers[q.id]).strip().lower()
+    return answer_key(answers[q.id])
 
 
 def paths_to_leaves() -> dict[str, dict[str, str]]:
@@ -208,3 +215,129 @@ def explain() -> str:
         lines.append("")
     lines.append("Methods: " + ", ".join(METHODS))
     return "\n".join(lines)
+
+
+
+def explain_markdown() -> str:
+    """The tree as Markdown (docs/decision_tree.md is this text; a test keeps the two identical)."""
+    lines = ["# The decision tree", "", "Generated from `tunegate.decide.TREE` by `tunegate decide --explain --markdown`; "
+             "do not edit by hand.", "", "At most five questions; the first sends knowledge problems to retrieval.", ""]
+    for i, q in enumerate(TREE.values(), start=1):
+        lines += [f"## {i}. {q.text}", "", f"`{q.id}`: {q.help}", "", "| answer | leads to | rules out |", "|---|---|---|"]
+        for o in q.options:
+            target = f"**{o.next[5:].upper()}**" if o.next.startswith("leaf:") else f"question `{o.next}`"
+            lines.append(f"| `{o.key}`: {o.label} | {target} | {o.rejects} |")
+        lines.append("")
+    lines += ["## The twelve methods", "", "| method | trains | why it fits | next step |", "|---|---|---|---|"]
+    for m in METHODS:
+        leaf = LEAVES[m]
+        lines.append(f"| **{m.upper()}** | {'yes' if TRAINS[m] else 'no'} | {leaf.why} | {leaf.next_step} |")
+    return "\n".join(lines) + "\n"
+
+# --- the audit's recommendation: measured numbers answer the questions they can ---------------------------
+
+RETRIEVAL_CANDIDATES = ("rag_bm25", "rag_dense", "rag_hybrid", "lora_probe+rag")
+PROMPTING_CANDIDATES = ("zero_shot", "prompt_optimization", "knn_fewshot", "knn_classifier")
+DEFAULT_ANSWERS = {"verifier": "no", "preference": "none", "demonstrations": "default"}  # assumed when not given
+
+
+def recommend(candidates: list[dict[str, Any]], bar: float | None, min_gain: float, given: dict[str, str],
+              n_samples: int = 10_000, seed: int = 0) -> dict[str, Any]:
+    """Turn the audit's measurements into one named method, through the same tree as `tunegate decide`.
+
+    candidates: dicts with `name`, `trains` (bool), `mean` and `rows` (per-golden-row scores of the headline
+    metric, the same rows in the same order for every candidate).
+    bar: the quality bar on that metric (None: "meets the bar" means fine-tuning does not measurably beat it).
+    min_gain: fine-tuning pays when the lower end of the 95% CI of its gain is above this.
+    given: the user's answers (question id -> option key); measured answers overrule them, and say so.
+
+    Returns {verdict: TRAIN | NO_TRAIN, decision, best_no_training, best_training, gap, measured, overruled,
+    assumed, notes}. `gap` is the paired-bootstrap 95% CI of (best fine-tune - best no-training candidate).
+    """
+    from tunegate.evals.bootstrap import paired_bootstrap
+
+    def diff(a, b):  # CI of b - a on the same rows
+        return paired_bootstrap(a["rows"], b["rows"], n_samples, seed).as_dict()
+
+    no_train = [c for c in candidates if not c["trains"]]
+    trains = [c for c in candidates if c["trains"]]
+    if not no_train:
+        raise ValueError("the audit needs at least one candidate that does not train")
+    best_nt = max(no_train, key=lambda c: c["mean"])
+    best_ft = max(trains, key=lambda c: c["mean"]) if trains else None
+    gap = diff(best_nt, best_ft) if best_ft else None
+    measured: dict[str, dict[str, str]] = {}
+    notes: list[str] = []
+
+    retrieval = [c for c in candidates if c["name"] in RETRIEVAL_CANDIDATES]
+    closed_book = [c for c in candidates if c["name"] not in RETRIEVAL_CANDIDATES]
+    if retrieval and closed_book:
+        best_rag = max(retrieval, key=lambda c: c["mean"])
+        best_cb = max(closed_book, key=lambda c: c["mean"])
+        d = diff(best_cb, best_rag)
+        if d["ci_low"] > min_gain:
+            measured["changing_knowledge"] = {
+                "answer": "yes",
+                "why": f"{best_rag['name']} scored {best_rag['mean']:.3f} against {best_cb['mean']:.3f} for the best "
+                       f"closed-book candidate ({best_cb['name']}), difference {d['mean']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]: "
+                       "the answers live in the documents, so retrieval is the method",
+            }
+    prompting = [c for c in candidates if c["name"] in PROMPTING_CANDIDATES]
+    if prompting:
+        best_p = max(prompting, key=lambda c: c["mean"])
+        if bar is not None:
+            meets = best_p["mean"] >= bar
+            why = f"{best_p['name']} scored {best_p['mean']:.3f} against a bar of {bar:.3f}"
+        elif best_ft is not None:
+            d = diff(best_p, best_ft)
+            meets = not d["ci_low"] > min_gain
+            why = (f"no bar is set, and the best fine-tune estimate ({best_ft['name']} {best_ft['mean']:.3f}) "
+                   f"{'does not beat' if meets else 'beats'} {best_p['name']} ({best_p['mean']:.3f}): "
+                   f"difference {d['mean']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]")
+        else:
+            meets, why = None, ""
+        if meets is not None:
+            measured["prompt_meets_bar"] = {"answer": "yes" if meets else "no", "why": why}
+
+    overruled = []
+    for qid, m in measured.items():
+        if qid in given and given[qid] != m["answer"]:
+            if qid == "changing_knowledge" and given[qid] == "yes":
+                continue  # information that changes is a fact about the world; a measurement cannot say it does not
+            overruled.append({"question": qid, "given": given[qid], "measured": m["answer"], "why": m["why"]})
+    answers = {**given, **{q: m["answer"] for q, m in measured.items() if not (q == "changing_knowledge" and given.get(q) == "yes")}}
+    assumed: dict[str, str] = {}
+
+    def ask(q: Question) -> str:
+        if q.id in answers:
+            return answers[q.id]
+        if q.id in ("changing_knowledge", "prompt_meets_bar"):
+            assumed[q.id] = "no"
+            return "no"
+        assumed[q.id] = DEFAULT_ANSWERS[q.id]
+        return assumed[q.id]
+
+    decision = decide(ask)
+    if decision.trains and best_ft is not None and gap is not None and not gap["ci_low"] > min_gain:
+        notes.append(
+            f"the quick probe ({best_ft['name']} {best_ft['mean']:.3f}) did not beat {best_nt['name']} ({best_nt['mean']:.3f}) yet; "
+            "a probe is a lower bound of a full run, so training goes ahead, and the eval gate decides"
+        )
+    if not decision.trains and best_ft is not None and gap is not None and gap["ci_low"] > min_gain:
+        beats = f"{best_ft['name']} beats {best_nt['name']} by {gap['mean']:+.3f} [{gap['ci_low']:+.3f}, {gap['ci_high']:+.3f}]"
+        if decision.method == "rag" and best_ft["name"] in RETRIEVAL_CANDIDATES:
+            notes.append(f"the best system combines both: {beats}; fine-tune on top of retrieval (for the answer's form), "
+                         "never to store the facts")
+        else:
+            notes.append(f"fine-tuning measurably helps ({beats}), but the cheaper option already meets the bar")
+    return {
+        "verdict": "TRAIN" if decision.trains else "NO_TRAIN",
+        "decision": decision.to_json(),
+        "best_no_training": {k: best_nt[k] for k in ("name", "mean")},
+        "best_training": {k: best_ft[k] for k in ("name", "mean")} if best_ft else None,
+        "gap": gap,
+        "measured": measured,
+        "overruled": overruled,
+        "assumed": assumed,
+        "notes": notes,
+    }

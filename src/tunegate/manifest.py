@@ -90,7 +90,8 @@ class Manifest(BaseModel):
     started_at: str = ""
     wall_s: float = 0.0
     metrics: dict[str, Any] = Field(default_factory=dict)
-    verdict: str | None = None  # PASS / FAIL for a gate
+    verdict: str | None = None  # PASS / FAIL for the eval gate, TRAIN / NO_TRAIN for the audit
+    overrides: list[str] = Field(default_factory=list)  # decisions taken against a gate's advice, and by whom
     argv: list[str] = Field(default_factory=lambda: list(sys.argv))
 
 

@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 from rich.console import Console
 
-from tunegate import TunegateError
+from tunegate import EXIT_AUDIT_NO_TRAIN, TunegateError
 from tunegate.config import Project
 from tunegate.manifest import (
     Manifest,
@@ -33,10 +33,11 @@ from tunegate.manifest import (
 
 console = Console(stderr=True)
 
-STAGES = ("data", "train", "eval", "report")
-UPSTREAM = {"data": (), "train": ("data",), "eval": ("data", "train"), "report": ("data", "train", "eval")}
+STAGES = ("data", "audit", "train", "eval", "report")
+UPSTREAM = {"data": (), "audit": ("data",), "train": ("data",), "eval": ("data", "train"), "report": ("data", "train", "eval")}
 CONFIG_SECTIONS = {
     "data": ("base_model", "data"),
+    "audit": ("base_model", "audit", "eval", "train"),  # eval: the metric and bar; train: the probe's settings
     "train": ("base_model", "train"),
     "eval": ("base_model", "eval"),
     "report": ("name",),
@@ -98,8 +99,13 @@ def run_stage(
     stage: str,
     body: Callable[[Stage], StageResult],
     force: bool = False,
+    overrides: list[str] | None = None,
 ) -> Manifest:
-    """Run one stage unless an identical finished run exists. Returns its manifest."""
+    """Run one stage unless an identical finished run exists. Returns its manifest.
+
+    overrides: decisions a person took against a gate's advice (e.g. training after the audit said NO_TRAIN);
+    recorded in the manifest, not part of the fingerprint.
+    """
     st = Stage(project, run_dir, stage)
     upstream = {}
     for up in UPSTREAM[stage]:
@@ -166,6 +172,7 @@ def run_stage(
         wall_s=round(wall, 2),
         metrics=result.metrics,
         verdict=result.verdict,
+        overrides=overrides or [],
     )
     write_manifest(st.final_dir, manifest)
     console.print(f"[green]- {stage}: done in {wall:.1f} s[/green]" + (f" verdict {result.verdict}" if result.verdict else ""))
@@ -188,19 +195,60 @@ def _prepare_checkpoints(ckpt_dir: Path, fp: str) -> None:
     fp_file.write_text(fp + "\n")
 
 
-def run_pipeline(project: Project, run_id: str = "default", until: str = "report", force: tuple[str, ...] = ()) -> dict[str, Manifest]:
-    """data -> train -> eval -> report. Returns the manifests; the caller reads the eval verdict."""
+class AuditSaysNoTrain(TunegateError):
+    """The audit measured that training does not pay; `tunegate run` stops before the train stage."""
+
+    exit_code = EXIT_AUDIT_NO_TRAIN
+
+
+def stage_bodies() -> dict[str, Callable[[Stage], StageResult]]:
     from tunegate.report import build as report_stage
+    from tunegate.stages import audit as audit_stage
     from tunegate.stages import data as data_stage
     from tunegate.stages import evaluate as eval_stage
     from tunegate.stages import train as train_stage
 
-    bodies = {"data": data_stage.run, "train": train_stage.run, "eval": eval_stage.run, "report": report_stage.run}
+    return {"data": data_stage.run, "audit": audit_stage.run, "train": train_stage.run, "eval": eval_stage.run, "report": report_stage.run}
+
+
+def training_override(project: Project, run_dir: Path, train_anyway: bool) -> list[str]:
+    """The audit gate in front of training. Returns the override to record, or raises AuditSaysNoTrain."""
+    audit = read_manifest(run_dir / "audit")
+    if audit is None or audit.verdict != "NO_TRAIN":
+        return []
+    rec = audit.metrics
+    why = f"the audit recommends {str(rec.get('recommendation', '?')).upper()}: best no-training candidate {rec['best']['name']} {rec['best']['mean']:.3f}"
+    if rec.get("gap"):
+        g = rec["gap"]
+        why += f", fine-tuning gap {g['mean']:+.3f} [{g['ci_low']:+.3f}, {g['ci_high']:+.3f}]"
+    if not train_anyway:
+        raise AuditSaysNoTrain(
+            f"{run_dir / 'audit' / 'audit.html'}: training does not pay ({why}); stopped before training. "
+            "Read the audit, or rerun with --train-anyway (recorded in the train manifest)."
+        )
+    return [f"trained although the audit said NO_TRAIN ({why}): --train-anyway"]
+
+
+def run_pipeline(project: Project, run_id: str = "default", until: str = "report", force: tuple[str, ...] = (),
+                 train_anyway: bool = False) -> dict[str, Manifest]:
+    """data -> audit -> train -> eval -> report. Returns the manifests; the caller reads the eval verdict.
+
+    Raises AuditSaysNoTrain when the audit's verdict is NO_TRAIN and `train_anyway` is false.
+    """
+    bodies = stage_bodies()
     run_dir = run_dir_for(project, run_id)
     run_dir.mkdir(parents=True, exist_ok=True)
     manifests = {}
     for stage in STAGES:
-        manifests[stage] = run_stage(project, run_dir, stage, bodies[stage], force=stage in force or "all" in force)
+        overrides = []
+        if stage == "audit" and not project.audit.enabled:
+            console.print("[dim]- audit: off (audit.enabled: false)[/dim]")
+            continue
+        if stage == "train":
+            overrides = training_override(project, run_dir, train_anyway) if project.audit.enabled else []
+            for o in overrides:
+                console.print(f"[yellow]{o}[/yellow]")
+        manifests[stage] = run_stage(project, run_dir, stage, bodies[stage], force=stage in force or "all" in force, overrides=overrides)
         if stage == until:
             break
     return manifests

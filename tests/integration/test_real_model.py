@@ -11,7 +11,7 @@ from conftest import REPO, shared_data
 
 
 @pytest.mark.slow
-def test_real_smollm2_learns_the_quickstart_labels_and_stops(tmp_path):
+def test_real_smollm2_learns_the_quickstart_tickets_and_stops(tmp_path):
     """A few steps of LoRA+DoRA on the real base model: loss falls, and greedy generation on training
     prompts stops at the end-of-turn token before max_new_tokens (case C01 after training)."""
     import shutil
@@ -41,11 +41,18 @@ def test_real_smollm2_learns_the_quickstart_labels_and_stops(tmp_path):
     tok = load_tokenizer(base)
     model = PeftModel.from_pretrained(load_model(base), str(run_dir / "train" / "adapter"))
     rows = read_jsonl(run_dir / "data" / "train.jsonl")[:16]
-    outs = generate(model, tok, [generation_prompt(tok, r) for r in rows], max_new_tokens=24, batch_size=8)
+    outs = generate(model, tok, [generation_prompt(tok, r) for r in rows], max_new_tokens=48, batch_size=8)
     n_tokens = [len(tok(o, add_special_tokens=False)["input_ids"]) for o in outs]
-    assert max(n_tokens) < 24, outs  # every answer ended with <|im_end|> before the limit
+    assert max(n_tokens) < 48, outs  # every answer ended with <|im_end|> before the limit
     labels = {"repair_booking", "order_status", "return_request", "product_question", "billing_issue", "other"}
-    assert sum(o.strip() in labels for o in outs) >= 12, outs
+
+    def queue(text):
+        try:
+            return json.loads(text).get("queue")
+        except (json.JSONDecodeError, AttributeError):
+            return None
+
+    assert sum(queue(o) in labels for o in outs) >= 12, outs  # tickets in the learned format, with a known queue
 
 
 @pytest.mark.real_data

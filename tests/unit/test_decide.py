@@ -76,3 +76,32 @@ def test_cli_decide_json_and_non_interactive_refusal(tmp_path):
     assert json.loads((tmp_path / "decision.json").read_text())["method"] == "grpo"
     r = subprocess.run([sys.executable, "-m", "tunegate.cli", "decide"], capture_output=True, text=True, stdin=subprocess.DEVNULL)
     assert r.returncode == 2 and "question 'changing_knowledge' is not answered" in r.stderr
+
+
+def test_the_docs_are_generated_from_the_same_table():
+    from pathlib import Path
+
+    from tunegate.decide import explain_markdown
+
+    doc = Path(__file__).resolve().parents[2] / "docs" / "decision_tree.md"
+    assert doc.read_text() == explain_markdown(), "regenerate: tunegate decide --explain --markdown > docs/decision_tree.md"
+    for m in METHODS:
+        assert f"**{m.upper()}**" in doc.read_text()
+
+
+def test_the_wizard_asks_in_a_terminal_and_finishes_on_numbered_answers():
+    """A newcomer runs `tunegate decide` with no arguments: five numbered questions, one recommendation."""
+    import os
+    import pty
+
+    main, replica = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "tunegate.cli", "decide"], stdin=replica, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    os.close(replica)
+    # no (knowledge), no (prompt meets bar), no (verifier), none (preference), default (demonstrations)
+    os.write(main, b"2\n2\n2\n4\n1\n")
+    out, err = proc.communicate(timeout=60)
+    os.close(main)
+    assert proc.returncode == 0, err
+    assert "Recommended: DORA" in out
+    assert "Rejected: GRPO: there is no programmatic reward to optimise" in out

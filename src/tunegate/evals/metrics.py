@@ -2,6 +2,7 @@
 
 Row metrics (name -> function(prediction, reference) -> float):
     exact_match    normalised string equality (accuracy, for labels)
+    token_f1       SQuAD token F1 (Rajpurkar et al. 2016): bag-of-words overlap after SQuAD's normalisation
     numeric_match  the final number of the answer equals the reference's (GSM8K style: after `####` if present)
     json_valid     the answer parses as JSON (a ```json fence is allowed)
     rouge_l        ROUGE-L F-measure (Lin 2004), Google's `rouge-score` package
@@ -43,6 +44,29 @@ def normalize_answer(text: str) -> str:
 def exact_match(prediction: str, reference: str) -> float:
     """1.0 when the normalised prediction equals the normalised reference, else 0.0 (accuracy for labels)."""
     return float(normalize_answer(prediction) == normalize_answer(reference))
+
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+
+
+def squad_tokens(text: str) -> list[str]:
+    """SQuAD v1.1's answer normalisation: lower-case, drop punctuation and articles, split on whitespace."""
+    text = "".join(ch for ch in text.lower() if ch not in string.punctuation)
+    return _ARTICLES.sub(" ", text).split()
+
+
+def token_f1(prediction: str, reference: str) -> float:
+    """SQuAD v1.1 token F1 between the normalised answer and reference (1.0 when both are empty)."""
+    from collections import Counter
+
+    p, r = squad_tokens(prediction), squad_tokens(reference)
+    if not p or not r:
+        return float(p == r)
+    common = sum((Counter(p) & Counter(r)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(p), common / len(r)
+    return 2 * precision * recall / (precision + recall)
 
 
 def final_number(text: str) -> float | None:
@@ -146,6 +170,7 @@ def macro_f1(predictions: Sequence[str], references: Sequence[str]) -> float:
 
 ROW_METRICS: dict[str, Callable[[str, str], float]] = {
     "exact_match": exact_match,
+    "token_f1": token_f1,
     "numeric_match": numeric_match,
     "json_valid": json_valid,
     "rouge_l": rouge_l,

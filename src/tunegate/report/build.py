@@ -55,7 +55,7 @@ def plot_scores(scores: dict[str, Any], path: Path) -> None:
 
 def gather(run_dir: Path) -> dict[str, Any]:
     ctx: dict[str, Any] = {"stages": []}
-    for name in ("data", "train", "eval"):
+    for name in ("data", "audit", "train", "eval"):
         m = read_manifest(run_dir / name)
         if m is not None:
             ctx["stages"].append({"name": name, "wall_s": m.wall_s, "started_at": m.started_at, "verdict": m.verdict})
@@ -68,6 +68,9 @@ def gather(run_dir: Path) -> dict[str, Any]:
     key = f"candidate_{head}"
     ctx["diffs"] = [s for s in samples if key in s and s[f"baseline_{head}"] != s[key]][:20]
     ctx["packages"] = read_manifest(run_dir / "eval").packages
+    audit = run_dir / "audit" / "audit.json"
+    ctx["audit"] = json.loads(audit.read_text()) if audit.is_file() else None
+    ctx["overrides"] = read_manifest(run_dir / "train").overrides
     return ctx
 
 

@@ -1,0 +1,58 @@
+"""The audit's page: candidates (metric with 95% CI against cost per 1,000 requests), the decision, the numbers.
+
+Writes audit.png and audit.html (plot embedded, readable offline) into the audit stage's folder.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from tunegate.manifest import atomic_write_text
+
+
+def plot_candidates(report: dict[str, Any], path: Path) -> None:
+    """Left: each candidate's score with its 95% CI (and the bar). Right: score against USD per 1,000 requests."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cands = report["candidates"]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 1.2 + 0.45 * len(cands)), dpi=110, gridspec_kw={"width_ratios": [3, 2]})
+    colours = ["#e67e22" if c["trains"] else "#2f80ed" for c in cands]
+    for i, (c, colour) in enumerate(zip(cands, colours)):
+        a1.barh(i, c["mean"], color=colour, height=0.6, xerr=[[c["mean"] - c["ci_low"]], [c["ci_high"] - c["mean"]]], capsize=3)
+        a1.text(0.01, i, f"{c['mean']:.3f}", va="center", ha="left", color="white" if c["mean"] > 0.12 else "black", fontsize=8)
+        a2.errorbar([c["usd_per_1k_requests"]], [c["mean"]], yerr=[[c["mean"] - c["ci_low"]], [c["ci_high"] - c["mean"]]],
+                    fmt="o", color=colour, capsize=3)
+        a2.annotate(c["name"], (c["usd_per_1k_requests"], c["mean"]), fontsize=7, xytext=(4, 2), textcoords="offset points")
+    a1.set_yticks(range(len(cands)), [c["name"] for c in cands])
+    a1.invert_yaxis()
+    a1.set_xlim(0, 1)
+    a1.set_xlabel(f"{report['metric']} on {report['golden_rows']} golden rows (95% CI)")
+    if report.get("bar") is not None:
+        for ax in (a1,):
+            ax.axvline(report["bar"], color="#c0392b", ls="--", lw=1)
+        a2.axhline(report["bar"], color="#c0392b", ls="--", lw=1, label=f"bar {report['bar']:.2f}")
+        a2.legend(fontsize=7, loc="lower right")
+    a2.set_xscale("log")
+    a2.set_xlabel(f"{report['prices']['currency']} per 1,000 requests")
+    a2.set_ylabel(report["metric"])
+    a2.set_ylim(0, 1)
+    fig.suptitle("blue: no training; orange: fine-tuned (probe)", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def render(report: dict[str, Any], out_dir: Path) -> None:
+    from jinja2 import Environment, PackageLoader, select_autoescape
+
+    from tunegate.decide import explain
+    from tunegate.report.build import _png_data_uri
+
+    plot_candidates(report, out_dir / "audit.png")
+    env = Environment(loader=PackageLoader("tunegate", "report/templates"), autoescape=select_autoescape(["html"]))
+    html = env.get_template("audit.html.j2").render(r=report, png=_png_data_uri(out_dir / "audit.png"), tree=explain())
+    atomic_write_text(out_dir / "audit.html", html)

@@ -1,0 +1,527 @@
+"""Audit stage: before any training spend, what do the cheap options score on the frozen golden set?
+
+Every candidate answers the same golden rows and gets the headline metric with a bootstrap 95% CI, seconds
+per request (batched, amortised), tokens per request, and a cost per 1,000 requests from the price table:
+
+    zero_shot            the base model with the project's own prompt (what the eval gate calls the baseline)
+    prompt_optimization  instruction variants x few-shot counts, picked on dev rows taken from the training
+                         split (never the golden set); only the winner is scored on the golden set
+    knn_fewshot          the `fewshot_k` most similar training rows (MiniLM) as in-context examples
+    knn_classifier       labelled tasks: a similarity-weighted kNN vote over MiniLM embeddings, no LLM at all
+    rag_bm25, rag_dense, rag_hybrid
+                         with `audit.corpus`: the `top_k` passages from bm25s, MiniLM, or both fused by
+                         reciprocal rank, put before the question; retrieval recall@k where gold passages are known
+    lora_probe           a short, budgeted LoRA fine-tune on a sample of the training rows: a lower bound of
+                         what training buys (its cost is extrapolated to a full run)
+    lora_probe+rag       the probe's adapter with the hybrid RAG prompt
+
+`tunegate.decide.recommend` turns the numbers into one method through the same tree as `tunegate decide`
+(the numbers answer the questions they can, and overrule the user's answers when they disagree). The verdict
+is TRAIN or NO_TRAIN; `tunegate run` stops before training on NO_TRAIN unless told `--train-anyway`.
+
+Writes: audit.json (everything, machine-readable), samples.jsonl (per golden row: each candidate's output
+and score), prompt_search.json, audit.png, audit.html.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from tunegate import TunegateError
+from tunegate.data.format import apply_system_policy, generation_prompt, supports_system_role
+from tunegate.data.records import prompt_text, read_jsonl, reference_answer
+from tunegate.evals.bootstrap import bootstrap_ci
+from tunegate.evals.metrics import ROW_METRICS
+from tunegate.manifest import atomic_write_json, atomic_write_jsonl
+from tunegate.pipeline import Stage, StageResult, console
+
+PASSAGE_WORDS = 200  # each retrieved passage is cut to this many words before it goes into the prompt
+
+
+def headline_metric(project) -> str:
+    """The audit's metric: eval.metrics[0] if it is a row metric (per-row scores are needed), else exact_match."""
+    first = project.eval.metrics[0]
+    return first if first in ROW_METRICS else "exact_match"
+
+
+def quality_bar(project, metric: str) -> float | None:
+    """audit.bar, else the gate's `min` on the headline metric, else None."""
+    if project.audit.bar is not None:
+        return project.audit.bar
+    mins = [r.min for r in project.eval.gate if r.metric == metric and r.min is not None]
+    return max(mins) if mins else None
+
+
+def label_set(train: list[dict[str, Any]], golden: list[dict[str, Any]]) -> list[str] | None:
+    """The labels, when the task is classification: few distinct short answers that cover the golden set."""
+    refs = [reference_answer(r) for r in train]
+    labels = sorted(set(refs))
+    if len(labels) > max(2, min(200, len(refs) // 5)) or any(len(x.split()) > 6 for x in labels):
+        return None
+    covered = sum(reference_answer(g) in set(labels) for g in golden) / max(len(golden), 1)
+    return labels if covered >= 0.9 else None
+
+
+def instruction_of(record: dict[str, Any]) -> str | None:
+    msgs = record.get("messages") or []
+    return msgs[0]["content"] if msgs and msgs[0]["role"] == "system" else None
+
+
+def chat_prompt(tokenizer, has_system: bool, instruction: str | None, shots: list[dict[str, Any]], query: str) -> str:
+    """A rendered generation prompt: optional system instruction, few-shot turns, then the query."""
+    messages = [{"role": "system", "content": instruction}] if instruction else []
+    for s in shots:
+        messages += [{"role": "user", "content": prompt_text(s)}, {"role": "assistant", "content": reference_answer(s)}]
+    messages += [{"role": "user", "content": query}, {"role": "assistant", "content": ""}]
+    return generation_prompt(tokenizer, {"messages": apply_system_policy(messages, "auto", has_system)})
+
+
+def rag_query(query: str, passages: list[str]) -> str:
+    cut = [" ".join(p.split()[:PASSAGE_WORDS]) for p in passages]
+    context = "\n\n".join(f"[{i}] {p}" for i, p in enumerate(cut, start=1))
+    return f"Context:\n{context}\n\nQuestion: {query}"
+
+
+class _Scorer:
+    """Scores one candidate's answers on the golden rows and records its cost figures."""
+
+    def __init__(self, metric: str, refs: list[str], n_samples: int, seed: int, tokenizer, prices: dict[str, Any]):
+        self.metric, self.fn, self.refs = metric, ROW_METRICS[metric], refs
+        self.n_samples, self.seed, self.tokenizer, self.prices = n_samples, seed, tokenizer, prices
+        self.results: list[dict[str, Any]] = []
+        self.outputs: dict[str, list[str]] = {}
+
+    def add(self, name: str, outputs: list[str], wall_s: float, prompts: list[str] | None, trains: bool, **extra) -> dict:
+        rows = [self.fn(o, r) for o, r in zip(outputs, self.refs)]
+        ci = bootstrap_ci(rows, self.n_samples, self.seed)
+        n = len(outputs)
+        tok = (lambda t: len(self.tokenizer(t, add_special_tokens=False)["input_ids"]))
+        prompt_tokens = sum(tok(p) for p in prompts) / n if prompts else 0.0
+        new_tokens = sum(tok(o) for o in outputs) / n if prompts else 0.0
+        s_per_req = wall_s / n
+        usd_hour = self.prices["machines"][self.prices["serving_machine"]]["usd_per_hour"]
+        result = {
+            "name": name, "trains": trains, "metric": self.metric, **ci.as_dict(), "rows": rows,
+            "seconds_per_request": round(s_per_req, 4),
+            "prompt_tokens_per_request": round(prompt_tokens, 1), "new_tokens_per_request": round(new_tokens, 1),
+            "usd_per_1k_requests": round(s_per_req * 1000 / 3600 * usd_hour, 5),
+            **extra,
+        }
+        self.results.append(result)
+        self.outputs[name] = outputs
+        console.print(f"  {name:<20} {self.metric} {ci.mean:.3f} [{ci.low:.3f}, {ci.high:.3f}]  "
+                      f"{s_per_req * 1000:.0f} ms/request, {prompt_tokens + new_tokens:.0f} tokens/request")
+        return result
+
+
+def load_prices(path: Path | None) -> dict[str, Any]:
+    import yaml
+
+    path = path or Path(__file__).resolve().parent.parent / "prices.yaml"
+    if not path.is_file():
+        raise TunegateError(f"{path}: price table not found (audit.prices)")
+    prices = yaml.safe_load(path.read_text())
+    for role in ("serving_machine", "training_machine"):
+        if prices.get(role) not in (prices.get("machines") or {}):
+            raise TunegateError(f"{path}: {role} {prices.get(role)!r} is not one of the machines listed under `machines`")
+    prices["path"] = str(path)
+    return prices
+
+
+def read_corpus(cfg) -> tuple[list[str], list[str]]:
+    """(ids, texts) of the corpus JSONL. Raises TunegateError naming the line of a bad document."""
+    import json
+
+    ids, texts = [], []
+    if not cfg.path.is_file():
+        raise TunegateError(f"{cfg.path}: corpus file not found (audit.corpus.path)")
+    with open(cfg.path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                doc = json.loads(line)
+                ids.append(str(doc[cfg.id_field]))
+                texts.append(str(doc[cfg.text_field]))
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                raise TunegateError(f"{cfg.path}:{lineno}: not a document with '{cfg.id_field}' and '{cfg.text_field}' ({exc})") from None
+    if not texts:
+        raise TunegateError(f"{cfg.path}: the corpus is empty")
+    return ids, texts
+
+
+def anti_patterns(project, answers: dict[str, str], n_train: int) -> list[dict[str, Any]]:
+    """DESIGN.md §2's anti-patterns, checked against the project. Each: {name, rule, found, detail}."""
+    from tunegate.config import lora_kwargs
+
+    lora = lora_kwargs(project)
+    trl = project.train.trl
+    epochs = float(trl.get("num_train_epochs", 3))
+    lr = float(trl.get("learning_rate", 2e-4))
+    bounded = [r.metric for r in project.eval.gate if r.min is not None or r.min_delta_ci_low is not None or r.max_regression is not None]
+    instruct = "instruct" in project.base_model.lower()
+    golden = project.data.golden
+    return [
+        {"name": "fine-tuning knowledge that changes", "rule": "the answers depend on information that changes (retrieve it instead)",
+         "found": answers.get("changing_knowledge") == "yes", "detail": f"changing_knowledge: {answers.get('changing_knowledge', 'not answered')}"},
+        {"name": "no eval gate", "rule": "no gate bound compares the candidate with a bar or the base model",
+         "found": not bounded, "detail": f"bounded metrics: {', '.join(bounded) or 'none'}"},
+        {"name": "small data, high rank, many epochs", "rule": "under 1,000 rows with LoRA rank >= 64 and >= 10 epochs (memorises the rows)",
+         "found": n_train < 1000 and int(lora.get("r", 16)) >= 64 and epochs >= 10,
+         "detail": f"{n_train} training rows, rank {lora.get('r')}, {epochs:g} epochs"},
+        {"name": "a high learning rate on an instruct model", "rule": "learning rate above 1e-3 on an instruct base model (erases what it knows)",
+         "found": instruct and lr > 1e-3, "detail": f"learning_rate {lr:g}, base model {project.base_model}"},
+        {"name": "no domain golden set", "rule": "no golden set of the project's own task", "found": False,
+         "detail": f"golden set {golden.path.name}" + (f", a seeded sample of {golden.sample} rows" if golden.sample else "")},
+        {"name": "no feedback capture", "rule": "no feedback store: production answers never reach the next round",
+         "found": True, "detail": "tunegate has no feedback store configured for this project yet"},
+    ]
+
+
+def run(st: Stage) -> StageResult:
+    import torch
+
+    from tunegate.models import load_model, load_tokenizer, resolve_base_model
+    from tunegate.stages.evaluate import check_golden
+
+    project, acfg = st.project, st.project.audit
+    metric = headline_metric(project)
+    bar = quality_bar(project, metric)
+    prices = load_prices(acfg.prices)
+    data_dir = st.upstream_dir("data")
+    golden = check_golden(project, data_dir)
+    if acfg.golden_rows and acfg.golden_rows < len(golden):
+        keep = sorted(random.Random(acfg.seed).sample(range(len(golden)), acfg.golden_rows))
+        golden = [golden[i] for i in keep]
+    train = read_jsonl(data_dir / "train.jsonl")
+    if not train:
+        raise TunegateError(f"{data_dir / 'train.jsonl'}: no training rows; the audit needs them for few-shot and dev rows")
+    rng = random.Random(acfg.seed)
+    dev_idx = set(rng.sample(range(len(train)), min(acfg.dev_rows, max(len(train) // 2, 1))))
+    dev = [r for i, r in enumerate(train) if i in dev_idx]
+    pool = [r for i, r in enumerate(train) if i not in dev_idx]  # few-shot examples, kNN neighbours, probe rows
+    labels = label_set(train, golden)
+    wanted = set(acfg.candidates or [])
+    want = (lambda name: not wanted or name in wanted)
+    batch = acfg.batch_size or project.eval.batch_size
+    max_new = acfg.max_new_tokens or project.eval.max_new_tokens
+    console.print(f"audit on {len(golden)} golden rows, metric {metric}, bar {bar if bar is not None else 'none'}; "
+                  f"task: {'classification, ' + str(len(labels)) + ' labels' if labels else 'generation'}; "
+                  f"{len(dev)} dev rows, {len(pool)} pool rows")
+
+    base_path = resolve_base_model(project.base_model)
+    tokenizer = load_tokenizer(base_path)
+    has_system = supports_system_role(tokenizer)
+    torch.manual_seed(acfg.seed)
+    model = load_model(base_path)
+    from tunegate.evals.generate import generate
+
+    refs = [reference_answer(r) for r in golden]
+    queries = [prompt_text(r) for r in golden]
+    scorer = _Scorer(metric, refs, project.eval.bootstrap_samples, project.eval.seed, tokenizer, prices)
+    base_instruction = instruction_of(golden[0]) if golden else None
+
+    def timed_generate(prompts: list[str], desc: str, extra_s: float = 0.0) -> tuple[list[str], float]:
+        t0 = time.perf_counter()
+        out = generate(model, tokenizer, prompts, max_new, batch, desc=desc)
+        return out, time.perf_counter() - t0 + extra_s
+
+    # 1. zero-shot: the golden prompts exactly as the eval gate shows them to the base model
+    zero_shot_prompts = [generation_prompt(tokenizer, r) for r in golden]
+    if want("zero_shot"):
+        prompts = zero_shot_prompts
+        out, wall = timed_generate(prompts, "zero_shot")
+        scorer.add("zero_shot", out, wall, prompts, trains=False, method="prompt_optimization",
+                   detail="the base model with the project's own prompt")
+
+    # 2. prompt optimization on dev rows, the winner on the golden set
+    search: list[dict[str, Any]] = []
+    if want("prompt_optimization"):
+        variants = [base_instruction, *acfg.instructions]
+        if labels:
+            lead = base_instruction or "Classify the message."
+            variants.append(f"{lead} Answer with exactly one of these labels and nothing else: {', '.join(labels)}.")
+        variants = list(dict.fromkeys(variants))
+        shots_for = _shot_picker(pool, labels, acfg.seed)
+        dev_refs = [reference_answer(r) for r in dev]
+        fn = ROW_METRICS[metric]
+        for vi, instr in enumerate(variants):
+            for k in acfg.shots:
+                shots = shots_for(k)
+                prompts = [chat_prompt(tokenizer, has_system, instr, shots, prompt_text(r)) for r in dev]
+                out = generate(model, tokenizer, prompts, max_new, batch, desc=f"prompt search {vi + 1}/{len(variants)}, {k}-shot")
+                score = sum(fn(o, r) for o, r in zip(out, dev_refs)) / len(dev)
+                search.append({"instruction": instr, "shots": k, "shot_ids": [s["id"] for s in shots], "dev_score": score})
+                console.print(f"  prompt search: instruction {vi + 1}, {k}-shot: {metric} {score:.3f} on {len(dev)} dev rows")
+        best = max(search, key=lambda s: s["dev_score"])  # the first of equals: fewer shots and the project's own wording first
+        by_id = {r["id"]: r for r in pool}
+        shots = [by_id[i] for i in best["shot_ids"]]
+        prompts = [chat_prompt(tokenizer, has_system, best["instruction"], shots, q) for q in queries]
+        if "zero_shot" in scorer.outputs and prompts == zero_shot_prompts:  # the search kept the project's own prompt
+            out, wall = scorer.outputs["zero_shot"], scorer.results[0]["seconds_per_request"] * len(queries)
+        else:
+            out, wall = timed_generate(prompts, "prompt_optimization")
+        scorer.add("prompt_optimization", out, wall, prompts, trains=False, method="prompt_optimization",
+                   detail=f"best of {len(search)} prompts on {len(dev)} dev rows: instruction {variants.index(best['instruction']) + 1}, {best['shots']}-shot",
+                   chosen={k: best[k] for k in ("instruction", "shots", "shot_ids", "dev_score")})
+    atomic_write_json(st.dir / "prompt_search.json", search)
+
+    # 3. retrieval of labelled examples: kNN few-shot (LLM) and, for labelled tasks, a kNN classifier (no LLM)
+    needs_pool_index = want("knn_fewshot") or (labels and want("knn_classifier"))
+    if needs_pool_index:
+        from tunegate.retrieval import DenseIndex, knn_classify
+
+        t0 = time.perf_counter()
+        pool_index = DenseIndex([prompt_text(r) for r in pool])
+        index_s = time.perf_counter() - t0
+        depth = max([acfg.fewshot_k, *acfg.knn_k])
+        t0 = time.perf_counter()
+        ids, sims = pool_index.search(queries, depth)
+        search_s = time.perf_counter() - t0
+        if want("knn_fewshot"):
+            prompts = [chat_prompt(tokenizer, has_system, base_instruction, [pool[j] for j in reversed(row[: acfg.fewshot_k])], q)
+                       for row, q in zip(ids, queries)]  # the most similar example sits next to the query
+            out, wall = timed_generate(prompts, "knn_fewshot", extra_s=search_s)
+            scorer.add("knn_fewshot", out, wall, prompts, trains=False, method="prompt_optimization",
+                       detail=f"the {acfg.fewshot_k} most similar training rows (MiniLM) as few-shot examples")
+        if labels and want("knn_classifier"):
+            pool_labels = [reference_answer(r) for r in pool]
+            dev_ids, dev_sims = pool_index.search([prompt_text(r) for r in dev], depth)
+            dev_refs = [reference_answer(r) for r in dev]
+            dev_scores = {}
+            for k in acfg.knn_k:
+                pred = knn_classify([[pool_labels[j] for j in row] for row in dev_ids], dev_sims, k)
+                dev_scores[k] = sum(p == r for p, r in zip(pred, dev_refs)) / len(dev)
+            k_best = max(acfg.knn_k, key=lambda k: dev_scores[k])
+            t0 = time.perf_counter()
+            out = knn_classify([[pool_labels[j] for j in row] for row in ids], sims, k_best)
+            wall = time.perf_counter() - t0 + search_s
+            scorer.add("knn_classifier", out, wall, None, trains=False, method="prompt_optimization",
+                       detail=f"MiniLM embeddings, similarity-weighted vote of k={k_best} neighbours (k picked on dev rows: "
+                              + ", ".join(f"k={k} {v:.3f}" for k, v in dev_scores.items()) + "); no LLM",
+                       index_s=round(index_s, 1))
+
+    # 4. RAG over the corpus
+    retrieval: dict[str, Any] = {}
+    rag_prompts: list[str] | None = None
+    if acfg.corpus is not None and any(want(n) for n in ("rag_bm25", "rag_dense", "rag_hybrid", "lora_probe+rag")):
+        from tunegate.retrieval import Bm25Index, DenseIndex, recall_at_k, reciprocal_rank_fusion
+
+        doc_ids, docs = read_corpus(acfg.corpus)
+        depth = max(10, acfg.top_k)
+        t0 = time.perf_counter()
+        bm25 = Bm25Index(docs)
+        dense = DenseIndex(docs)
+        index_s = time.perf_counter() - t0
+        rankings, search_s = {}, {}
+        for name, index in (("rag_bm25", bm25), ("rag_dense", dense)):
+            t0 = time.perf_counter()
+            rankings[name] = index.search(queries, depth)[0]
+            search_s[name] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        rankings["rag_hybrid"] = reciprocal_rank_fusion([rankings["rag_bm25"], rankings["rag_dense"]], depth)
+        search_s["rag_hybrid"] = search_s["rag_bm25"] + search_s["rag_dense"] + time.perf_counter() - t0
+        gold_field = acfg.corpus.gold_field
+        position = {d: i for i, d in enumerate(doc_ids)}
+        gold = [position.get(str(g.get("meta", {}).get(gold_field))) for g in golden] if gold_field else []
+        known = [i for i, g in enumerate(gold) if g is not None]
+        retrieval = {"documents": len(docs), "index_s": round(index_s, 1), "gold_known": len(known), "recall": {}}
+        for name, ranking in rankings.items():
+            if known:
+                retrieval["recall"][name] = {
+                    f"@{k}": sum(recall_at_k(ranking[known], [gold[i] for i in known], k)) / len(known)
+                    for k in sorted({1, acfg.top_k, 10})
+                }
+            if want(name):
+                prompts = [chat_prompt(tokenizer, has_system, base_instruction, [], rag_query(q, [docs[j] for j in row[: acfg.top_k]]))
+                           for row, q in zip(ranking, queries)]
+                out, wall = timed_generate(prompts, name, extra_s=search_s[name])
+                recall = retrieval["recall"].get(name, {}).get(f"@{acfg.top_k}")
+                scorer.add(name, out, wall, prompts, trains=False, method="rag",
+                           detail=f"top {acfg.top_k} of {len(docs)} passages" + (f"; recall@{acfg.top_k} {recall:.3f}" if recall is not None else ""))
+            if name == "rag_hybrid":
+                rag_prompts = [chat_prompt(tokenizer, has_system, base_instruction, [], rag_query(q, [docs[j] for j in row[: acfg.top_k]]))
+                               for row, q in zip(ranking, queries)]
+        if known:
+            for name, r in retrieval["recall"].items():
+                console.print(f"  retrieval {name}: " + ", ".join(f"recall{k} {v:.3f}" for k, v in r.items()))
+
+    # 5. the quick LoRA probe (and the probe with retrieval)
+    probe: dict[str, Any] | None = None
+    if acfg.probe is not None and (want("lora_probe") or (rag_prompts and want("lora_probe+rag"))):
+        from peft import PeftModel
+
+        probe = _train_probe(st, pool, acfg.seed, prices["machines"][prices["training_machine"]]["usd_per_hour"])
+        model = PeftModel.from_pretrained(model, str(probe["adapter"]))
+        training_cost = probe["full_run_usd"]
+        if want("lora_probe"):
+            prompts = [generation_prompt(tokenizer, r) for r in golden]
+            out, wall = timed_generate(prompts, "lora_probe")
+            scorer.add("lora_probe", out, wall, prompts, trains=True, method="lora",
+                       detail=f"LoRA probe: {probe['steps']} steps on {probe['rows']} rows in {probe['train_wall_s']:.0f} s",
+                       training_usd=training_cost)
+        if rag_prompts and want("lora_probe+rag"):
+            out, wall = timed_generate(rag_prompts, "lora_probe+rag")
+            scorer.add("lora_probe+rag", out, wall, rag_prompts, trains=True, method="lora",
+                       detail="the probe's adapter with the hybrid RAG prompt", training_usd=training_cost)
+    if not scorer.results:
+        raise TunegateError(f"{project.source_file}: audit.candidates selects nothing that applies to this project")
+
+    from tunegate.decide import recommend
+
+    rec = recommend(scorer.results, bar, project.audit.min_gain, dict(acfg.answers), project.eval.bootstrap_samples, project.eval.seed)
+    rec["cost_of_being_wrong"] = _cost_of_being_wrong(rec, scorer.results, probe, prices)
+    rec["use"] = None  # what to deploy instead of training, when training does not pay
+    if rec["verdict"] == "NO_TRAIN":
+        best = next(c for c in scorer.results if c["name"] == rec["best_no_training"]["name"])
+        rec["use"] = {"name": best["name"], "mean": best["mean"], "detail": best["detail"]}
+    answers_used = {**{q: m["answer"] for q, m in rec["measured"].items()}, **acfg.answers, **rec["assumed"]}
+    patterns = anti_patterns(project, answers_used, len(train))
+    report = {
+        "project": project.name,
+        "metric": metric,
+        "bar": bar,
+        "min_gain": project.audit.min_gain,
+        "golden_rows": len(golden),
+        "task": "classification" if labels else "generation",
+        "labels": len(labels) if labels else None,
+        "candidates": [{k: v for k, v in c.items() if k != "rows"} for c in scorer.results],
+        "retrieval": retrieval,
+        "probe": {k: v for k, v in probe.items() if k != "adapter"} if probe else None,
+        "recommendation": rec,
+        "anti_patterns": patterns,
+        "prices": prices,
+    }
+    atomic_write_json(st.dir / "audit.json", report)
+    samples = []
+    for i, g in enumerate(golden):
+        row = {"id": g["id"], "prompt": queries[i], "reference": refs[i]}
+        for c in scorer.results:
+            row[c["name"]] = scorer.outputs[c["name"]][i]
+            row[f"{c['name']}_{metric}"] = c["rows"][i]
+        samples.append(row)
+    atomic_write_jsonl(st.dir / "samples.jsonl", samples)
+    from tunegate.report.audit import render
+
+    render(report, st.dir)
+    _print_recommendation(rec)
+    console.print(f"audit written: {st.final_dir / 'audit.html'}")
+    return StageResult(metrics={"recommendation": rec["decision"]["method"], "best": rec["best_no_training"], "gap": rec["gap"]},
+                       verdict=rec["verdict"])
+
+
+def _shot_picker(pool: list[dict[str, Any]], labels: list[str] | None, seed: int) -> Callable[[int], list[dict[str, Any]]]:
+    """k seeded few-shot examples from the pool; for labelled tasks, from k different labels."""
+    def pick(k: int) -> list[dict[str, Any]]:
+        rng = random.Random(seed + k)
+        order = rng.sample(range(len(pool)), len(pool))
+        if not labels:
+            return [pool[i] for i in order[:k]]
+        seen, out = set(), []
+        for i in order:
+            if len(out) == k:
+                break
+            lab = reference_answer(pool[i])
+            if lab not in seen:
+                seen.add(lab)
+                out.append(pool[i])
+        return out
+
+    return pick
+
+
+def _train_probe(st: Stage, pool: list[dict[str, Any]], seed: int, usd_per_hour: float) -> dict[str, Any]:
+    """A short LoRA run through the train stage's own code, in <audit>/probe/. Returns its summary and cost."""
+    import json
+
+    from tunegate.stages import train as train_stage
+
+    pcfg = st.project.audit.probe
+    rows = random.Random(seed).sample(pool, min(pcfg.rows, len(pool)))
+    probe_dir = st.dir / "probe"
+    (probe_dir / "data").mkdir(parents=True, exist_ok=True)
+    atomic_write_jsonl(probe_dir / "data" / "train.jsonl", rows)
+    atomic_write_jsonl(probe_dir / "data" / "val.jsonl", [])
+    project = st.project.model_copy(deep=True)
+    trl = {k: v for k, v in project.train.trl.items() if k not in ("num_train_epochs", "eval_steps", "save_steps")}
+    trl.update(max_steps=pcfg.max_steps, save_steps=10 * pcfg.max_steps, logging_steps=max(1, pcfg.max_steps // 10))
+    project.train.trl = trl
+    project.train.budget_minutes = pcfg.budget_minutes
+    probe_stage = Stage(project, probe_dir, "train")
+    probe_stage.dir.mkdir(parents=True, exist_ok=True)
+    console.print(f"[bold]quick LoRA probe[/bold]: {pcfg.max_steps} steps on {len(rows)} rows, budget {pcfg.budget_minutes:g} min")
+    train_stage.run(probe_stage)
+    summary = json.loads((probe_stage.dir / "train_summary.json").read_text())
+
+    # What a full run of train.* on the whole training split would take, at the probe's measured tokens/s.
+    full = st.project.train.trl
+    n_train = len(read_jsonl(st.upstream_dir("data") / "train.jsonl"))
+    tokens_per_row = summary["train_tokens_per_epoch"] / max(summary["train_rows"], 1)
+    if "max_steps" in full and int(full["max_steps"]) > 0:
+        batch = int(full.get("per_device_train_batch_size", 8)) * int(full.get("gradient_accumulation_steps", 1))
+        full_tokens = int(full["max_steps"]) * batch * tokens_per_row
+    else:
+        full_tokens = float(full.get("num_train_epochs", 3)) * n_train * tokens_per_row
+    full_s = full_tokens / summary["train_tokens_per_s"] if summary.get("train_tokens_per_s") else None
+    if full_s is not None and st.project.train.budget_minutes:
+        full_s = min(full_s, st.project.train.budget_minutes * 60)
+    return {
+        "adapter": probe_stage.dir / "adapter",
+        "rows": len(rows),
+        "steps": summary["steps"],
+        "train_wall_s": summary["train_wall_s"],
+        "train_tokens_per_s": summary["train_tokens_per_s"],
+        "final_train_loss": summary["final_train_loss"],
+        "full_run_estimated_s": round(full_s, 0) if full_s else None,
+        "full_run_usd": round(full_s / 3600 * usd_per_hour, 4) if full_s else None,
+    }
+
+
+def _cost_of_being_wrong(rec: dict[str, Any], results: list[dict[str, Any]], probe, prices) -> dict[str, str]:
+    """Both ways, in the units a team budgets in: money and answers per 1,000 requests."""
+    gap = rec["gap"]
+    by_name = {c["name"]: c for c in results}
+    best_nt = by_name[rec["best_no_training"]["name"]]
+    out = {}
+    if probe and probe.get("full_run_usd") is not None:
+        spend = f"a full training run (~{probe['full_run_estimated_s'] / 60:.0f} min, ${probe['full_run_usd']:.2f} at the price table's rate)"
+    else:
+        spend = "a full training run (no probe ran, so its cost was not estimated)"
+    if gap is not None:
+        best_ft = by_name[rec["best_training"]["name"]]
+        serve_delta = (best_ft["usd_per_1k_requests"] - best_nt["usd_per_1k_requests"])
+        out["train_when_it_does_not_pay"] = (
+            f"{spend}, plus serving an adapter ({serve_delta:+.4f} USD per 1,000 requests against {best_nt['name']}); "
+            f"quality could be as much as {-gap['ci_low'] * 1000:.0f} correct answers per 1,000 requests worse than {best_nt['name']} "
+            "(the lower end of the gap's CI)" if gap["ci_low"] < 0 else
+            f"{spend}; the measured gap's CI lies above zero, so the quality risk is small"
+        )
+        out["skip_training_when_it_would_pay"] = (
+            f"up to {gap['ci_high'] * 1000:.0f} more correct answers per 1,000 requests forgone "
+            f"(the upper end of the gap's CI; the probe is a lower bound of a full run)" if gap["ci_high"] > 0 else
+            "nothing measurable: no fine-tune estimate beat the best no-training candidate"
+        )
+    else:
+        out["train_when_it_does_not_pay"] = f"{spend}; no fine-tune estimate was measured (audit.probe is off)"
+        out["skip_training_when_it_would_pay"] = "unknown: no fine-tune estimate was measured (audit.probe is off)"
+    return out
+
+
+def _print_recommendation(rec: dict[str, Any]) -> None:
+    d = rec["decision"]
+    colour = "green" if rec["verdict"] == "NO_TRAIN" else "yellow"
+    console.print(f"[bold {colour}]Audit: {rec['verdict']}[/bold {colour}], recommended method: [bold]{d['method'].upper()}[/bold]")
+    console.print(f"  why: {d['why']}")
+    if rec["use"]:
+        console.print(f"  use: {rec['use']['name']} ({rec['use']['mean']:.3f}): {rec['use']['detail']}")
+    g = rec["gap"]
+    if g is not None:
+        console.print(f"  gap (best fine-tune {rec['best_training']['name']} - best no-training {rec['best_no_training']['name']}): "
+                      f"{g['mean']:+.3f} [{g['ci_low']:+.3f}, {g['ci_high']:+.3f}]")
+    for o in rec["overruled"]:
+        console.print(f"  [yellow]overruled[/yellow] your answer {o['question']}={o['given']}: {o['why']}")
+    for n in rec["notes"]:
+        console.print(f"  note: {n}")
