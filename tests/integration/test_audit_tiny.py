@@ -38,7 +38,7 @@ def audit_project(tiny_project):
 
 
 def test_audit_scores_every_candidate_and_recommends_one_method(audit_project):
-    project = load_project(audit_project / "tunegate.yaml")
+    project = load_project(audit_project / "tunegate.yaml", ["eval.metrics=[exact_match, chrf]"])
     run_dir = audit_project / "runs" / "default"
     bodies = stage_bodies()
     run_stage(project, run_dir, "data", bodies["data"])
@@ -57,6 +57,10 @@ def test_audit_scores_every_candidate_and_recommends_one_method(audit_project):
         assert c["ci_low"] <= c["mean"] <= c["ci_high"]
         assert c["seconds_per_request"] > 0 and c["usd_per_1k_requests"] > 0
     assert by["lora_probe"]["trains"] and by["lora_probe"]["training_usd"] > 0
+    # the full run (max_steps 4) extrapolated from the probe's measured tokens/s
+    assert 0 < report["probe"]["full_run_estimated_s"] < 60
+    chrf = by["knn_classifier"]["other_metrics"]["chrf"]  # the project's other metrics are reported beside the headline
+    assert set(by["zero_shot"]["other_metrics"]) == {"chrf"} and chrf["mean"] == 1.0
     assert report["probe"]["steps"] == 2 and report["probe"]["rows"] == 20
     # every golden question's gold passage names its topic: all three retrievers find it first
     assert report["retrieval"]["gold_known"] == 12

@@ -88,8 +88,10 @@ def rag_query(query: str, passages: list[str]) -> str:
 class _Scorer:
     """Scores one candidate's answers on the golden rows and records its cost figures."""
 
-    def __init__(self, metric: str, refs: list[str], n_samples: int, seed: int, tokenizer, prices: dict[str, Any]):
+    def __init__(self, metric: str, refs: list[str], n_samples: int, seed: int, tokenizer, prices: dict[str, Any],
+                 also: tuple[str, ...] = ()):
         self.metric, self.fn, self.refs = metric, ROW_METRICS[metric], refs
+        self.also = [m for m in also if m in ROW_METRICS and m != metric]  # the project's other row metrics, reported too
         self.n_samples, self.seed, self.tokenizer, self.prices = n_samples, seed, tokenizer, prices
         self.results: list[dict[str, Any]] = []
         self.outputs: dict[str, list[str]] = {}
@@ -108,6 +110,8 @@ class _Scorer:
             "seconds_per_request": round(s_per_req, 4),
             "prompt_tokens_per_request": round(prompt_tokens, 1), "new_tokens_per_request": round(new_tokens, 1),
             "usd_per_1k_requests": round(s_per_req * 1000 / 3600 * usd_hour, 5),
+            "other_metrics": {m: bootstrap_ci([ROW_METRICS[m](o, r) for o, r in zip(outputs, self.refs)], self.n_samples, self.seed).as_dict()
+                              for m in self.also},
             **extra,
         }
         self.results.append(result)
@@ -221,7 +225,7 @@ def run(st: Stage) -> StageResult:
 
     refs = [reference_answer(r) for r in golden]
     queries = [prompt_text(r) for r in golden]
-    scorer = _Scorer(metric, refs, project.eval.bootstrap_samples, project.eval.seed, tokenizer, prices)
+    scorer = _Scorer(metric, refs, project.eval.bootstrap_samples, project.eval.seed, tokenizer, prices, tuple(project.eval.metrics))
     base_instruction = instruction_of(golden[0]) if golden else None
 
     def timed_generate(prompts: list[str], desc: str, extra_s: float = 0.0) -> tuple[list[str], float]:
@@ -475,8 +479,8 @@ def _train_probe(st: Stage, pool: list[dict[str, Any]], seed: int, usd_per_hour:
         "train_wall_s": summary["train_wall_s"],
         "train_tokens_per_s": summary["train_tokens_per_s"],
         "final_train_loss": summary["final_train_loss"],
-        "full_run_estimated_s": round(full_s, 0) if full_s else None,
-        "full_run_usd": round(full_s / 3600 * usd_per_hour, 4) if full_s else None,
+        "full_run_estimated_s": round(full_s, 1) if full_s else None,
+        "full_run_usd": round(full_s / 3600 * usd_per_hour, 6) if full_s else None,
     }
 
 
