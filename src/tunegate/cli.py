@@ -206,6 +206,15 @@ def validate(project: ProjectArg, overrides: Overrides = None) -> None:
             golden.check(p.data.golden, rows, json.loads(p.data.golden_lock.read_text()), p.data.golden_lock)
         except TunegateError as exc:
             problems.append(str(exc))
+    if p.audit.enabled and p.audit.corpus is not None and not p.audit.corpus.path.is_file():
+        problems.append(f"audit.corpus.path: {p.audit.corpus.path} not found")
+    if p.audit.enabled:
+        from tunegate.stages.audit import load_prices
+
+        try:
+            load_prices(p.audit.prices)
+        except TunegateError as exc:
+            problems.append(f"audit.prices: {exc}")
     problems += check_passthrough(p)
     if problems:
         raise TunegateError("\n".join(f"{p.source_file}: {x}" for x in problems))

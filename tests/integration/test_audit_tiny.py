@@ -129,3 +129,11 @@ def test_anti_patterns_name_what_they_found(tiny_project):
     assert not found["a high learning rate on an instruct model"]["found"]  # the tiny base model is not an instruct model
     ok = {a["name"]: a["found"] for a in anti_patterns(load_project(tiny_project / "tunegate.yaml"), {"changing_knowledge": "no"}, 5000)}
     assert not ok["small data, high rank, many epochs"] and not ok["fine-tuning knowledge that changes"]
+
+
+def test_validate_checks_the_audit_corpus_and_price_table(audit_project):
+    r = subprocess.run([sys.executable, "-m", "tunegate.cli", "validate", str(audit_project / "tunegate.yaml"),
+                        "audit.corpus.path=nope.jsonl", "audit.prices=none.yaml"], capture_output=True, text=True)
+    assert r.returncode == 2
+    assert "audit.corpus.path:" in r.stderr and "nope.jsonl not found" in r.stderr
+    assert "audit.prices:" in r.stderr and "price table not found" in r.stderr
