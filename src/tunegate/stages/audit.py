@@ -339,16 +339,15 @@ def run(st: Stage) -> StageResult:
                     f"@{k}": sum(recall_at_k(ranking[known], [gold[i] for i in known], k)) / len(known)
                     for k in sorted({1, acfg.top_k, 10})
                 }
+            prompts = [chat_prompt(tokenizer, has_system, base_instruction, [], rag_query(q, [docs[j] for j in row[: acfg.top_k]]))
+                       for row, q in zip(ranking, queries)]
+            if name == "rag_hybrid":
+                rag_prompts = prompts  # the probe's adapter is scored with these too
             if want(name):
-                prompts = [chat_prompt(tokenizer, has_system, base_instruction, [], rag_query(q, [docs[j] for j in row[: acfg.top_k]]))
-                           for row, q in zip(ranking, queries)]
                 out, wall = timed_generate(prompts, name, extra_s=search_s[name])
                 recall = retrieval["recall"].get(name, {}).get(f"@{acfg.top_k}")
                 scorer.add(name, out, wall, prompts, trains=False, method="rag",
                            detail=f"top {acfg.top_k} of {len(docs)} passages" + (f"; recall@{acfg.top_k} {recall:.3f}" if recall is not None else ""))
-            if name == "rag_hybrid":
-                rag_prompts = [chat_prompt(tokenizer, has_system, base_instruction, [], rag_query(q, [docs[j] for j in row[: acfg.top_k]]))
-                               for row, q in zip(ranking, queries)]
         if known:
             for name, r in retrieval["recall"].items():
                 console.print(f"  retrieval {name}: " + ", ".join(f"recall{k} {v:.3f}" for k, v in r.items()))
