@@ -23,7 +23,7 @@ def plot_candidates(report: dict[str, Any], path: Path) -> None:
     colours = ["#e67e22" if c["trains"] else "#2f80ed" for c in cands]
     for i, (c, colour) in enumerate(zip(cands, colours)):
         a1.barh(i, c["mean"], color=colour, height=0.6, xerr=[[c["mean"] - c["ci_low"]], [c["ci_high"] - c["mean"]]], capsize=3)
-        a1.text(0.01, i, f"{c['mean']:.3f}", va="center", ha="left", color="white" if c["mean"] > 0.12 else "black", fontsize=8)
+        a1.text(min(c["ci_high"] + 0.015, 0.9), i, f"{c['mean']:.3f}", va="center", ha="left", fontsize=8)  # right of the CI
         a2.errorbar([c["usd_per_1k_requests"]], [c["mean"]], yerr=[[c["mean"] - c["ci_low"]], [c["ci_high"] - c["mean"]]],
                     fmt="o", color=colour, capsize=3)
         a2.annotate(c["name"], (c["usd_per_1k_requests"], c["mean"]), fontsize=7, xytext=(4, 2), textcoords="offset points")
