@@ -299,13 +299,12 @@ def recommend(candidates: list[dict[str, Any]], bar: float | None, min_gain: flo
         if meets is not None:
             measured["prompt_meets_bar"] = {"answer": "yes" if meets else "no", "why": why}
 
-    overruled = []
-    for qid, m in measured.items():
-        if qid in given and given[qid] != m["answer"]:
-            if qid == "changing_knowledge" and given[qid] == "yes":
-                continue  # information that changes is a fact about the world; a measurement cannot say it does not
-            overruled.append({"question": qid, "given": given[qid], "measured": m["answer"], "why": m["why"]})
-    answers = {**given, **{q: m["answer"] for q, m in measured.items() if not (q == "changing_knowledge" and given.get(q) == "yes")}}
+    if given.get("changing_knowledge") == "yes":
+        # information that changes is a fact about the world; a measurement cannot say it does not
+        measured.pop("changing_knowledge", None)
+    overruled = [{"question": q, "given": given[q], "measured": m["answer"], "why": m["why"]}
+                 for q, m in measured.items() if q in given and given[q] != m["answer"]]
+    answers = {**given, **{q: m["answer"] for q, m in measured.items()}}
     assumed: dict[str, str] = {}
 
     def ask(q: Question) -> str:

@@ -81,7 +81,7 @@ def test_audit_scores_every_candidate_and_recommends_one_method(audit_project):
     assert len(samples) == 12 and all("knn_classifier" in s and "lora_probe_exact_match" in s for s in samples)
     html = (out / "audit.html").read_text()
     assert "NO_TRAIN" in html and "data:image/png;base64," in html and "knn_classifier" in html
-    assert not (out / "probe" / ".train.partial").exists() or (out / "probe" / ".train.partial" / "adapter").is_dir()
+    assert (out / "probe" / ".train.partial" / "adapter" / "adapter_config.json").is_file()  # the probe's adapter is kept
 
 
 def test_run_stops_before_training_on_no_train_and_records_an_override(audit_project):

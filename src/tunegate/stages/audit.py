@@ -357,7 +357,7 @@ def run(st: Stage) -> StageResult:
     if acfg.probe is not None and (want("lora_probe") or (rag_prompts and want("lora_probe+rag"))):
         from peft import PeftModel
 
-        probe = _train_probe(st, pool, acfg.seed, prices["machines"][prices["training_machine"]]["usd_per_hour"])
+        probe = _train_probe(st, pool, len(train), acfg.seed, prices["machines"][prices["training_machine"]]["usd_per_hour"])
         model = PeftModel.from_pretrained(model, str(probe["adapter"]))
         training_cost = probe["full_run_usd"]
         if want("lora_probe"):
@@ -436,7 +436,7 @@ def _shot_picker(pool: list[dict[str, Any]], labels: list[str] | None, seed: int
     return pick
 
 
-def _train_probe(st: Stage, pool: list[dict[str, Any]], seed: int, usd_per_hour: float) -> dict[str, Any]:
+def _train_probe(st: Stage, pool: list[dict[str, Any]], n_train: int, seed: int, usd_per_hour: float) -> dict[str, Any]:
     """A short LoRA run through the train stage's own code, in <audit>/probe/. Returns its summary and cost."""
     import json
 
@@ -461,7 +461,6 @@ def _train_probe(st: Stage, pool: list[dict[str, Any]], seed: int, usd_per_hour:
 
     # What a full run of train.* on the whole training split would take, at the probe's measured tokens/s.
     full = st.project.train.trl
-    n_train = len(read_jsonl(st.upstream_dir("data") / "train.jsonl"))
     tokens_per_row = summary["train_tokens_per_epoch"] / max(summary["train_rows"], 1)
     if "max_steps" in full and int(full["max_steps"]) > 0:
         batch = int(full.get("per_device_train_batch_size", 8)) * int(full.get("gradient_accumulation_steps", 1))
