@@ -29,6 +29,8 @@ app = typer.Typer(
 )
 golden_app = typer.Typer(help="Freeze the golden set (runs check it against its lock).", no_args_is_help=True)
 app.add_typer(golden_app, name="golden")
+judge_app = typer.Typer(help="LLM-as-judge: calibrate a judge before its scores may count in a gate.", no_args_is_help=True)
+app.add_typer(judge_app, name="judge")
 
 ProjectArg = Annotated[Path, typer.Argument(help="tunegate.yaml, or the folder holding it")]
 Overrides = Annotated[Optional[list[str]], typer.Argument(help="key=value overrides, e.g. train.budget_minutes=5")]
@@ -215,6 +217,8 @@ def validate(project: ProjectArg, overrides: Overrides = None) -> None:
             load_prices(p.audit.prices)
         except TunegateError as exc:
             problems.append(f"audit.prices: {exc}")
+    if p.eval.suites:
+        problems += [f"eval.suites: {path} not found" for path in p.eval.suites.files().values() if not path.is_file()]
     problems += check_passthrough(p)
     if problems:
         raise TunegateError("\n".join(f"{p.source_file}: {x}" for x in problems))
@@ -304,6 +308,109 @@ def decide(
     typer.echo(f"Next: {d.next_step}")
     if d.trains and d.method not in tree.RUNNABLE:
         typer.echo(f"Note: `tunegate run` trains LoRA/DoRA SFT adapters today; a {d.method} recipe is not in tunegate yet.")
+
+
+DataRoot = Annotated[Path, typer.Option("--data-root", help="folder with the upstream suite files (ifeval/, harmbench/, jbb_behaviors/, xstest/)")]
+
+
+@app.command()
+def suite(
+    name: Annotated[str, typer.Argument(help="ifeval | safety")],
+    adapter: Annotated[Optional[Path], typer.Option("--adapter", help="an adapter folder: score it against its base model, with paired CIs")] = None,
+    base_model: Annotated[str, typer.Option("--base-model", help="embedded name or a local HF model folder")] = "smollm2-135m-instruct",
+    data_root: DataRoot = Path("../shared/data"),
+    limit: Annotated[Optional[int], typer.Option("--limit", help="first N prompts per source (quick look)")] = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", help="default: 512 for ifeval, 64 for safety")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 16,
+    sources: Annotated[str, typer.Option("--sources", help="safety: comma-separated harmbench,jbb,xstest")] = "harmbench,jbb,xstest",
+    judge_model: Annotated[Optional[str], typer.Option("--judge", help="safety: also classify refusals with this local judge model")] = None,
+    out: Annotated[Path, typer.Option("--out", help="folder for suite.json and samples.jsonl")] = Path("suite-results"),
+) -> None:
+    """Score a standard suite on the base model (and an adapter): IFEval's four numbers, or safety refusal rates.
+
+    The same code the eval stage runs for `eval.suites`; use it to see where a base model stands before
+    choosing gate thresholds. Example: tunegate suite safety --adapter runs/default/train/adapter --limit 50
+    """
+    import json
+
+    from tunegate.evals import suites as runs
+    from tunegate.evals.backends import LocalChat
+    from tunegate.manifest import atomic_write_json, atomic_write_jsonl
+    from tunegate.models import load_model, load_tokenizer, resolve_base_model
+
+    if name not in ("ifeval", "safety"):
+        raise TunegateError(f"unknown suite {name!r}; known: ifeval, safety")
+    if not data_root.is_dir():
+        raise TunegateError(f"{data_root}: suite data root not found (pass --data-root)")
+    path = resolve_base_model(base_model)
+    tok, model = load_tokenizer(path), load_model(path)
+    if adapter is not None:
+        from peft import PeftModel
+
+        if not (adapter / "adapter_config.json").is_file():
+            raise TunegateError(f"{adapter}: not an adapter folder (no adapter_config.json)")
+        model = PeftModel.from_pretrained(model, str(adapter))
+        systems = {"baseline": LocalChat(model, tok, batch_size, "base model", adapter_off=True),
+                   "candidate": LocalChat(model, tok, batch_size, str(adapter))}
+    else:
+        systems = {"baseline": LocalChat(model, tok, batch_size, "base model")}
+    judge = None
+    if judge_model:
+        from tunegate.config import JudgeConfig
+        from tunegate.evals.judge import build_judge
+
+        judge = build_judge(JudgeConfig(model=judge_model))
+    if name == "ifeval":
+        per_row, details, samples = runs.run_ifeval(systems, data_root, limit, max_new_tokens or 512)
+    else:
+        per_row, details, samples = runs.run_safety(systems, data_root, [s.strip() for s in sources.split(",")], limit, max_new_tokens or 64, judge)
+    details["metrics"] = runs.bootstrap_summary(per_row, 10_000, 0)
+    details["base_model"], details["adapter"] = base_model, str(adapter) if adapter else None
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "suite.json", details)
+    atomic_write_jsonl(out / "samples.jsonl", samples)
+    for system in systems:
+        typer.echo(f"{system}: " + json.dumps(details[system].get("summary") or {**details[system]["string_match"], **details[system].get("judge", {})}))
+    for m, s in details["metrics"].items():
+        d = s["delta"]
+        typer.echo(f"{m}: candidate - base {d['mean']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]")
+    typer.echo(f"wrote {out / 'suite.json'}")
+
+
+@judge_app.command("calibrate")
+def judge_calibrate(
+    project: Annotated[Optional[Path], typer.Argument(help="tunegate.yaml with an eval.judge section (default: the local embedded judge)")] = None,
+    overrides: Overrides = None,
+    data: Annotated[Path, typer.Option("--data", help="XSTest model_completions folder (human-labelled answers)")] = Path("../shared/data/xstest/model_completions"),
+    per_model: Annotated[Optional[int], typer.Option("--per-model", help="labelled answers per model file (5 files of 450); default all")] = None,
+    pairs: Annotated[int, typer.Option("--pairs", help="answer pairs judged in both orders for flip rate and length bias")] = 200,
+    out: Annotated[Optional[Path], typer.Option("--out", help="default: the project's eval.judge.calibration_file, or ./judge_calibration.json")] = None,
+) -> None:
+    """Measure a judge against human labels: Cohen's kappa, position flip rate, length bias (XSTest).
+
+    The eval gate counts a judge-made metric only when this file says the same judge, with the same prompts,
+    passed the thresholds in eval.judge (min_kappa, max_flip_rate, max_length_bias).
+    """
+    from tunegate.config import JudgeConfig
+    from tunegate.evals import judge as judging
+    from tunegate.manifest import atomic_write_json
+
+    cfg = JudgeConfig()
+    if project is not None:
+        p = _load(project, overrides)
+        if p.eval.judge is None:
+            raise TunegateError(f"{p.source_file}: no eval.judge section to calibrate")
+        cfg = p.eval.judge
+    target = out or (cfg.calibration_file if project is not None else Path("judge_calibration.json"))
+    rows = judging.load_xstest_completions(data, per_model)
+    result = judging.calibrate(judging.build_judge(cfg), rows, pairs, 0, cfg.min_kappa, cfg.max_flip_rate, cfg.max_length_bias)
+    atomic_write_json(target, result)
+    typer.echo(f"judge {result['judge']} on {result['n_completions']} labelled answers, {result['n_pairs']} pairs:")
+    typer.echo(f"  Cohen's kappa {result['kappa']:.3f} (binary refusal {result['kappa_binary_refusal']:.3f}), "
+               f"flip rate {result['flip_rate']:.3f}, length bias {result['length_bias']:+.3f}")
+    verdict = "calibrated: its scores may count in a gate" if result["calibrated"] else "NOT calibrated: " + "; ".join(result["reasons"])
+    typer.secho(f"  {verdict}", fg="green" if result["calibrated"] else "yellow")
+    typer.echo(f"wrote {target}")
 
 
 @app.command()

@@ -106,6 +106,74 @@ def _default_gate() -> list[GateRule]:
     return [GateRule(metric="exact_match", min_delta_ci_low=0.0)]
 
 
+class SuitesConfig(_Section):
+    """Standard suites scored for the base model and the candidate beside the golden set (tunegate.evals.suites).
+
+    `data_root` holds the upstream files as published: ifeval/input_data.jsonl, harmbench/, jbb_behaviors/,
+    xstest/ (the repository's ../shared/data). Metrics they add, usable in gate rules: ifeval_prompt_strict,
+    ifeval_inst_strict, ifeval_prompt_loose, ifeval_inst_loose; harmful_refusal, over_refusal (and the
+    `_judge` variants with `safety_judge`).
+    """
+
+    data_root: Path
+    ifeval: bool = False
+    ifeval_max_new_tokens: int = Field(default=512, ge=1)
+    safety: list[Literal["harmbench", "jbb", "xstest"]] = Field(default_factory=list)
+    safety_max_new_tokens: int = Field(default=64, ge=1)  # refusals show in the opening words
+    safety_judge: bool = False  # also classify refusals with eval.judge
+    limit: int | None = Field(default=None, ge=1)  # first N prompts per suite source (and kind), for quick runs
+
+    def files(self) -> dict[str, Path]:
+        """The suite files this config reads (their sha256 goes into the eval stage's fingerprint)."""
+        from tunegate.evals import ifeval, safety
+
+        rel = [ifeval.FILE] if self.ifeval else []
+        rel += [f for src in self.safety for f in safety.FILES[src]]
+        return {f"suite:{r}": self.data_root / r for r in rel}
+
+    def metrics(self) -> list[str]:
+        from tunegate.evals import ifeval, safety
+
+        out = list(ifeval.METRICS) if self.ifeval else []
+        if self.safety:
+            out += list(safety.METRICS) + (list(safety.JUDGE_METRICS) if self.safety_judge else [])
+        return out
+
+
+class JudgeConfig(_Section):
+    """An LLM judge (tunegate.evals.judge): a local model or any OpenAI-compatible endpoint.
+
+    Its scores count in a gate rule only when its calibration file (`tunegate judge calibrate`) exists for
+    this same judge and passed. `grade` adds the golden-set metrics judge_score (1-10 rating / 10) and
+    judge_win_rate (candidate vs base model, both orders; win 1, tie 0.5, loss 0).
+    """
+
+    model: str = "smollm2-135m-instruct"  # local: a base model name or path; remote: the served model name
+    base_url: str | None = None  # an OpenAI-compatible server, e.g. http://localhost:8000/v1
+    api_key_env: str = "OPENAI_API_KEY"
+    max_answer_chars: int = Field(default=1500, ge=100)
+    batch_size: int = Field(default=8, ge=1)
+    grade: bool = False
+    calibration_file: Path = Path("judge_calibration.json")
+    min_kappa: float = 0.6
+    max_flip_rate: float = Field(default=0.2, ge=0, le=1)
+    max_length_bias: float = Field(default=0.1, ge=0, le=0.5)
+
+
+class ServerConfig(_Section):
+    """Send eval prompts to an OpenAI-compatible server (vLLM) instead of generating in-process. Start it
+    with the candidate as a LoRA module, e.g. `vllm serve BASE --enable-lora --lora-modules candidate=ADAPTER_DIR`."""
+
+    base_url: str
+    base_model: str  # the name the server gives the base model
+    candidate_model: str = "candidate"  # the name it gives the adapter
+    api_key_env: str = "OPENAI_API_KEY"
+    concurrency: int = Field(default=8, ge=1)
+
+
+JUDGE_METRICS = ("judge_score", "judge_win_rate")
+
+
 class EvalConfig(_Section):
     # Row metrics: exact_match, numeric_match, json_valid, json_schema (needs json_schema), rouge_l, chrf,
     # refusal; corpus metrics: macro_f1. The first one is the headline metric of the report.
@@ -116,6 +184,21 @@ class EvalConfig(_Section):
     bootstrap_samples: int = Field(default=10_000, ge=100)
     seed: int = 0
     gate: list[GateRule] = Field(default_factory=_default_gate)
+    # What the candidate is compared with: the base model, or the project's production adapter from the
+    # registry (the base model while there is none yet).
+    baseline: Literal["base_model", "production"] = "base_model"
+    suites: SuitesConfig | None = None
+    judge: JudgeConfig | None = None
+    server: ServerConfig | None = None
+
+    def measured(self) -> list[str]:
+        """Every metric this eval produces: golden-set metrics, suite metrics, judge metrics."""
+        out = list(self.metrics)
+        if self.suites:
+            out += self.suites.metrics()
+        if self.judge and self.judge.grade:
+            out += list(JUDGE_METRICS)
+        return out
 
     @model_validator(mode="after")
     def _metrics_known_and_gated_metrics_measured(self):
@@ -126,9 +209,11 @@ class EvalConfig(_Section):
             raise ValueError(f"unknown metric(s) {unknown}; known: {', '.join(ALL_METRICS)}")
         if "json_schema" in self.metrics and self.json_schema is None:
             raise ValueError("metric json_schema needs eval.json_schema (a JSON Schema file)")
-        ungated = [r.metric for r in self.gate if r.metric not in self.metrics]
+        ungated = [r.metric for r in self.gate if r.metric not in self.measured()]
         if ungated:
-            raise ValueError(f"gate rule(s) on {ungated}, which eval.metrics does not measure")
+            raise ValueError(f"gate rule(s) on {ungated}, which this eval does not measure (measured: {', '.join(self.measured())})")
+        if self.suites and self.suites.safety_judge and not self.judge:
+            raise ValueError("eval.suites.safety_judge needs eval.judge")
         return self
 
 
@@ -361,6 +446,10 @@ def load_project(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) 
     project.registry = _resolve(root, project.registry)
     if project.eval.json_schema is not None:
         project.eval.json_schema = _resolve(root, project.eval.json_schema)
+    if project.eval.suites:
+        project.eval.suites.data_root = _resolve(root, project.eval.suites.data_root)
+    if project.eval.judge:
+        project.eval.judge.calibration_file = _resolve(root, project.eval.judge.calibration_file)
     if project.audit.corpus is not None:
         project.audit.corpus.path = _resolve(root, project.audit.corpus.path)
     if project.audit.prices is not None:

@@ -90,6 +90,18 @@ def stage_inputs(project: Project, stage: str) -> dict[str, Path]:
         files = {f"source{i}": s.path for i, s in enumerate(project.data.sources)}
         files["golden"] = project.data.golden.path
         return files
+    if stage == "eval":
+        files = project.eval.suites.files() if project.eval.suites else {}
+        judge = project.eval.judge
+        if judge and judge.calibration_file.is_file():  # a new calibration changes what the gate may count
+            files["judge_calibration"] = judge.calibration_file
+        if project.eval.baseline == "production":  # a newly promoted version is a new baseline
+            from tunegate.registry import production
+
+            entry = production(project.registry, project.name)
+            if entry is not None:
+                files["production_adapter"] = Path(entry["adapter_dir"]) / "adapter_model.safetensors"
+        return files
     return {}
 
 

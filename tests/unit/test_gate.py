@@ -48,6 +48,31 @@ def test_lower_is_better_rules_for_over_refusal():
     assert verdict(bad) == "FAIL"
 
 
+def test_safety_regression_gate_on_suite_metrics(tmp_path):
+    """A candidate that refuses fewer harmful requests than the base model beyond the margin fails."""
+    from tunegate.config import SuitesConfig
+
+    cfg = EvalConfig(metrics=["exact_match"], suites=SuitesConfig(data_root=tmp_path, safety=["xstest"]),
+                     gate=[GateRule(metric="harmful_refusal", max_regression=0.05),
+                           GateRule(metric="over_refusal", max_regression=0.05, lower_is_better=True)])
+    assert cfg.measured() == ["exact_match", "harmful_refusal", "over_refusal"]
+    assert cfg.suites.files() == {"suite:xstest/xstest_prompts.csv": tmp_path / "xstest" / "xstest_prompts.csv"}
+    summary = {
+        "harmful_refusal": {"baseline": {"mean": 0.60, "ci_low": 0.5, "ci_high": 0.7}, "candidate": {"mean": 0.50, "ci_low": 0.4, "ci_high": 0.6},
+                            "delta": {"mean": -0.10, "ci_low": -0.15, "ci_high": -0.05}},
+        "over_refusal": {"baseline": {"mean": 0.10, "ci_low": 0.05, "ci_high": 0.15}, "candidate": {"mean": 0.12, "ci_low": 0.07, "ci_high": 0.17},
+                         "delta": {"mean": 0.02, "ci_low": -0.01, "ci_high": 0.05}},
+    }
+    rules = check_rules(cfg.gate, summary)
+    assert [(r["metric"], r["passed"]) for r in rules] == [("harmful_refusal", False), ("over_refusal", True)]
+    assert rules[0]["value"] == pytest.approx(-0.10) and rules[0]["threshold"] == -0.05
+
+
+def test_a_rule_on_a_metric_no_row_could_score_fails_with_a_note():
+    (r,) = check_rules([GateRule(metric="judge_score", min=0.5)], {})
+    assert r["passed"] is False and r["note"] == "no row could be scored"
+
+
 def test_no_rules_is_not_a_pass():
     assert verdict([]) == "FAIL"
 
@@ -55,7 +80,7 @@ def test_no_rules_is_not_a_pass():
 def test_eval_config_refuses_unknown_or_ungated_metrics():
     with pytest.raises(ValueError, match="unknown metric"):
         EvalConfig(metrics=["accuracy_at_5"])
-    with pytest.raises(ValueError, match="which eval.metrics does not measure"):
+    with pytest.raises(ValueError, match="which this eval does not measure"):
         EvalConfig(metrics=["exact_match"], gate=[GateRule(metric="rouge_l", min=0.2)])
     with pytest.raises(ValueError, match="sets no bound"):
         GateRule(metric="exact_match")

@@ -26,7 +26,7 @@ def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, batc
         task = progress.add_task(desc, total=len(prompts))
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
-            batch = tokenizer.pad({"input_ids": [encoded[i] for i in idx]}, return_tensors="pt", padding=True)
+            batch = tokenizer.pad({"input_ids": [encoded[i] for i in idx]}, return_tensors="pt", padding=True).to(model.device)
             out = model.generate(
                 **batch,
                 max_new_tokens=max_new_tokens,

@@ -53,6 +53,6 @@ def render(report: dict[str, Any], out_dir: Path) -> None:
     from tunegate.report.build import _png_data_uri
 
     plot_candidates(report, out_dir / "audit.png")
-    env = Environment(loader=PackageLoader("tunegate", "report/templates"), autoescape=select_autoescape(["html"]))
+    env = Environment(loader=PackageLoader("tunegate", "report/templates"), autoescape=select_autoescape(["html", "html.j2"]))
     html = env.get_template("audit.html.j2").render(r=report, png=_png_data_uri(out_dir / "audit.png"), tree=explain())
     atomic_write_text(out_dir / "audit.html", html)

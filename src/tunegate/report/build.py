@@ -83,7 +83,7 @@ def run(st: Stage) -> StageResult:
     ctx["project"] = st.project
     ctx["loss_png"] = _png_data_uri(run_dir / "train" / "loss.png")
     ctx["scores_png"] = _png_data_uri(st.dir / "scores.png")
-    env = Environment(loader=PackageLoader("tunegate", "report/templates"), autoescape=select_autoescape(["html"]))
+    env = Environment(loader=PackageLoader("tunegate", "report/templates"), autoescape=select_autoescape(["html", "html.j2"]))
     atomic_write_text(st.dir / "report.html", env.get_template("run_report.html.j2").render(**ctx))
     atomic_write_text(st.dir / "report.md", env.get_template("run_report.md.j2").render(**ctx))
     console.print(f"report written: {st.final_dir / 'report.html'}")

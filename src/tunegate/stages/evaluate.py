@@ -5,7 +5,13 @@ Refuses to score when the golden set changed since it was frozen, or when traini
 score; the candidate-minus-base difference gets a paired bootstrap 95% CI. The gate rules in `eval.gate`
 decide PASS or FAIL.
 
-Writes: samples.jsonl (per row: prompt, reference, both outputs and scores), scores.json, verdict.json.
+Beside the golden set, `eval.suites` scores standard suites (IFEval, safety) for both systems and
+`eval.judge` adds judge scores; their metrics get the same CIs and may carry gate rules. A rule on a judge
+metric only passes when the judge passed its calibration (`tunegate judge calibrate`). With `eval.server`
+both systems answer through an OpenAI-compatible server (vLLM multi-LoRA) instead of in-process.
+
+Writes: samples.jsonl (per row: prompt, reference, both outputs and scores), scores.json, verdict.json,
+suites.json and suite_samples.jsonl (when suites ran), eval.html and eval.png.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from tunegate.data.records import prompt_text, read_jsonl, read_source, referenc
 from tunegate.evals.gate import check_rules, score_metrics, verdict
 from tunegate.manifest import atomic_write_json, atomic_write_jsonl
 from tunegate.pipeline import Stage, StageResult, console
+from tunegate.report.eval import write_eval_report
 
 
 def check_golden(project, data_dir) -> list[dict[str, Any]]:
@@ -44,13 +51,91 @@ def check_golden(project, data_dir) -> list[dict[str, Any]]:
     return golden
 
 
+def production_baseline(project) -> dict[str, Any] | None:
+    """The registry's production version when eval.baseline is `production` (None: compare with the base model).
+    Raises TunegateError when its stored adapter changed since it was registered."""
+    from tunegate import registry
+
+    if project.eval.baseline != "production":
+        return None
+    entry = registry.production(project.registry, project.name)
+    if entry is not None:
+        registry._check_stored(entry)
+    return entry
+
+
+def _systems(project, tokenizer, base_path, adapter_dir, production):
+    """The baseline (base model or production adapter) and the candidate as chat backends: in-process, or on eval.server."""
+    ecfg = project.eval
+    if ecfg.server:
+        if production is not None:
+            raise TunegateError("eval.server with eval.baseline: production is not supported; serve the production adapter and compare by hand")
+        from tunegate.evals.backends import OpenAIChat
+
+        srv = ecfg.server
+        return {"baseline": OpenAIChat(srv.base_url, srv.base_model, srv.api_key_env, srv.concurrency),
+                "candidate": OpenAIChat(srv.base_url, srv.candidate_model, srv.api_key_env, srv.concurrency)}
+    from peft import PeftModel
+
+    from tunegate.evals.backends import LocalChat
+    from tunegate.models import load_model
+
+    model = PeftModel.from_pretrained(load_model(base_path), str(adapter_dir))  # adapter name "default"
+    candidate = LocalChat(model, tokenizer, ecfg.batch_size, "candidate", adapter="default")
+    if production is None:
+        return {"baseline": LocalChat(model, tokenizer, ecfg.batch_size, "base model", adapter_off=True), "candidate": candidate}
+    model.load_adapter(production["adapter_dir"], adapter_name="production")
+    return {"baseline": LocalChat(model, tokenizer, ecfg.batch_size, f"production v{production['version']}", adapter="production"),
+            "candidate": candidate}
+
+
+def _answer_golden(backend, tokenizer, golden, max_new_tokens: int, desc: str) -> list[str]:
+    """Golden prompts rendered exactly as training rendered them (in-process), or as messages (server)."""
+    from tunegate.evals.backends import LocalChat
+    from tunegate.evals.generate import generate
+
+    if isinstance(backend, LocalChat):
+        prompts = [generation_prompt(tokenizer, r) for r in golden]
+        with backend.answering():
+            return generate(backend.model, tokenizer, prompts, max_new_tokens, backend.batch_size, desc=desc)
+    return backend.complete([r["messages"][:-1] for r in golden], max_new_tokens, desc=desc)
+
+
+def _judge_golden(judge, golden, base_out, cand_out) -> dict[str, dict[str, list[float]]]:
+    """judge_score (rating / 10; rows the judge could not rate for either system are left out) and
+    judge_win_rate (candidate vs base, both orders, C22 ties) per golden row."""
+    questions = [prompt_text(r) for r in golden]
+    b, c = judge.grade(questions, base_out), judge.grade(questions, cand_out)
+    keep = [i for i in range(len(golden)) if b[i] is not None and c[i] is not None]
+    wins = judge.pairwise(questions, cand_out, base_out)
+    cand_win = [{"first": 1.0, "tie": 0.5, "second": 0.0}[w["winner"]] for w in wins]
+    return {"judge_score": {"baseline": [b[i] / 10 for i in keep], "candidate": [c[i] / 10 for i in keep]},
+            "judge_win_rate": {"baseline": [1 - x for x in cand_win], "candidate": cand_win}}
+
+
+def _judge_rules(rules, ecfg, judge_name: str | None) -> None:
+    """A rule on a judge-made metric passes only when the judge passed calibration; the reason is noted."""
+    from tunegate.config import JUDGE_METRICS
+    from tunegate.evals.judge import calibration_status
+    from tunegate.evals.safety import JUDGE_METRICS as SAFETY_JUDGE
+
+    judged = [r for r in rules if r["metric"] in JUDGE_METRICS or r["metric"] in SAFETY_JUDGE]
+    if not judged:
+        return
+    ok, why = calibration_status(ecfg.judge.calibration_file, judge_name)
+    for r in judged:
+        r["note"] = why
+        if not ok:
+            r["passed"] = False
+
+
 def run(st: Stage) -> StageResult:
     import time
 
     import torch
-    from peft import PeftModel
 
-    from tunegate.models import load_model, load_tokenizer, resolve_base_model
+    from tunegate.evals import suites as suite_runs
+    from tunegate.models import load_tokenizer, resolve_base_model
 
     project = st.project
     ecfg = project.eval
@@ -58,23 +143,55 @@ def run(st: Stage) -> StageResult:
 
     base_path = resolve_base_model(project.base_model)
     tokenizer = load_tokenizer(base_path)
-    prompts = [generation_prompt(tokenizer, r) for r in golden]
     refs = [reference_answer(r) for r in golden]
 
     torch.manual_seed(ecfg.seed)
-    model = PeftModel.from_pretrained(load_model(base_path), str(st.upstream_dir("train") / "adapter"))
-    from tunegate.evals.generate import generate
+    production = production_baseline(project)
+    systems = _systems(project, tokenizer, base_path, st.upstream_dir("train") / "adapter", production)
+    baseline_name = f"production v{production['version']} (run {production['run_id']})" if production else "base model"
+    if ecfg.baseline == "production" and production is None:
+        baseline_name = "base model (no production version yet)"
 
     t0 = time.perf_counter()
-    with model.disable_adapter():
-        base_out = generate(model, tokenizer, prompts, ecfg.max_new_tokens, ecfg.batch_size, desc="base model")
+    base_out = _answer_golden(systems["baseline"], tokenizer, golden, ecfg.max_new_tokens, "base model")
     base_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    cand_out = generate(model, tokenizer, prompts, ecfg.max_new_tokens, ecfg.batch_size, desc="candidate")
+    cand_out = _answer_golden(systems["candidate"], tokenizer, golden, ecfg.max_new_tokens, "candidate")
     cand_s = time.perf_counter() - t0
 
     summary, per_row = score_metrics(ecfg.metrics, base_out, cand_out, refs, ecfg.bootstrap_samples, ecfg.seed, ecfg.json_schema)
+
+    judge = None
+    if ecfg.judge and (ecfg.judge.grade or (ecfg.suites and ecfg.suites.safety_judge)):
+        from tunegate.evals.judge import build_judge
+
+        judge = build_judge(ecfg.judge)
+    judge_counts = {}
+    if judge and ecfg.judge.grade:
+        judged = _judge_golden(judge, golden, base_out, cand_out)
+        summary.update(suite_runs.bootstrap_summary(judged, ecfg.bootstrap_samples, ecfg.seed))
+        judge_counts = {"judge": judge.name, "rows_rated_for_both": len(judged["judge_score"]["candidate"]), "rows": len(golden)}
+
+    suite_details: dict = {}
+    suite_samples: list = []
+    if ecfg.suites:
+        sc = ecfg.suites
+        runs = []
+        if sc.ifeval:
+            runs.append(("ifeval", lambda: suite_runs.run_ifeval(systems, sc.data_root, sc.limit, sc.ifeval_max_new_tokens)))
+        if sc.safety:
+            runs.append(("safety", lambda: suite_runs.run_safety(systems, sc.data_root, sc.safety, sc.limit, sc.safety_max_new_tokens,
+                                                                 judge if sc.safety_judge else None)))
+        for name, go in runs:
+            t0 = time.perf_counter()
+            rows, details, samples = go()
+            metrics = suite_runs.bootstrap_summary(rows, ecfg.bootstrap_samples, ecfg.seed)
+            summary.update(metrics)
+            suite_details[name] = {**details, "metrics": metrics, "wall_s": round(time.perf_counter() - t0, 1)}
+            suite_samples += samples
+
     rules = check_rules(ecfg.gate, summary)
+    _judge_rules(rules, ecfg, judge.name if judge else None)
     result = verdict(rules)
 
     samples = []
@@ -85,11 +202,14 @@ def run(st: Stage) -> StageResult:
             row[f"candidate_{name}"] = scores["candidate"][i]
         samples.append(row)
     atomic_write_jsonl(st.dir / "samples.jsonl", samples)
+    if suite_details:
+        atomic_write_json(st.dir / "suites.json", suite_details)
+        atomic_write_jsonl(st.dir / "suite_samples.jsonl", suite_samples)
     n_new = [len(tokenizer(o, add_special_tokens=False)["input_ids"]) for o in cand_out]
     scores = {
         "n": len(golden),
         "headline": ecfg.metrics[0],
-        "baseline": "base model",
+        "baseline": baseline_name,
         "metrics": summary,
         "bootstrap_samples": ecfg.bootstrap_samples,
         "confidence": 0.95,
@@ -97,15 +217,19 @@ def run(st: Stage) -> StageResult:
         "candidate_generation_s": round(cand_s, 1),
         "candidate_stopped_before_max_new_tokens": sum(n < ecfg.max_new_tokens for n in n_new) / len(n_new),
     }
+    if judge_counts:
+        scores["judge"] = judge_counts
     atomic_write_json(st.dir / "scores.json", scores)
     atomic_write_json(st.dir / "verdict.json", {"verdict": result, "rules": rules})
+    write_eval_report(st.dir)
     for name, s in summary.items():
         b, c, d = s["baseline"], s["candidate"], s["delta"]
         console.print(
-            f"{name} on {len(golden)} golden rows: base {b['mean']:.3f} [{b['ci_low']:.3f}, {b['ci_high']:.3f}], "
+            f"{name}: base {b['mean']:.3f} [{b['ci_low']:.3f}, {b['ci_high']:.3f}], "
             f"candidate {c['mean']:.3f} [{c['ci_low']:.3f}, {c['ci_high']:.3f}], "
             f"difference {d['mean']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]"
         )
     for r in rules:
-        console.print(f"  {'[green]PASS[/green]' if r['passed'] else '[red]FAIL[/red]'} {r['description']}: {r['value']:.3f}")
+        note = f" ({r['note']})" if r.get("note") else ""
+        console.print(f"  {'[green]PASS[/green]' if r['passed'] else '[red]FAIL[/red]'} {r['description']}: {r['value']:.3f}{note}", highlight=False)
     return StageResult(metrics=scores, verdict=result)

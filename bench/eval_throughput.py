@@ -1,0 +1,202 @@
+"""Eval generation throughput: tunegate's batched greedy generation against a plain per-example loop.
+
+Both paths run in one process on the same prompts with the same model (embedded SmolLM2-135M-Instruct,
+fp32 on this machine's CPU), the same greedy settings, stop tokens (end-of-turn and eos) and
+max_new_tokens:
+
+- "tunegate": `tunegate.evals.generate.generate` (length-sorted batches, left padding, KV cache);
+- "per_example": `model.generate` once per prompt, batch size 1, no padding.
+
+Generated tokens are counted exactly from the returned ids: per row, the new tokens up to and including
+the first stop token (or max_new_tokens when none), never padding. The batched path's ids are taken from
+the `model.generate` calls that tunegate's `generate` makes (a thin recording wrapper around the model).
+Both paths' decoded texts are compared per prompt; greedy decoding with left padding can differ from
+batch size 1 in float rounding, so the fraction of identical texts is reported, not required to be 1.
+
+    python bench/eval_throughput.py                     # 64 quickstart golden prompts, batch 16, 64 new tokens
+    python bench/eval_throughput.py --prompts ifeval --n 32 --out bench/results/eval_throughput_ifeval.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import time
+import warnings
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+IFEVAL = REPO.parent / "shared" / "data" / "ifeval" / "input_data.jsonl"
+TARGET_SPEEDUP = 4.0
+TARGET_BATCH = 16
+
+
+def quickstart_prompts(tok, n: int) -> tuple[list[str], str]:
+    """The first n golden prompts of examples/quickstart, rendered as the eval stage renders them."""
+    from tunegate.config import load_project
+    from tunegate.data.format import apply_system_policy, generation_prompt, supports_system_role
+    from tunegate.data.records import read_source
+
+    project = load_project(REPO / "examples" / "quickstart" / "tunegate.yaml")
+    golden, rejected = read_source(project.data.golden, role="golden")
+    if rejected:
+        raise SystemExit(f"{project.data.golden.path}: {rejected[0]}")
+    has_system = supports_system_role(tok)
+    prompts = []
+    for rec in golden[:n]:
+        if "messages" in rec:  # the data stage's system-role policy, as in runs/<id>/data/golden.jsonl
+            rec["messages"] = apply_system_policy(rec["messages"], project.data.system_role, has_system)
+        prompts.append(generation_prompt(tok, rec))
+    return prompts, str(Path(project.data.golden.path).relative_to(REPO))
+
+
+def ifeval_prompts(tok, n: int) -> tuple[list[str], str]:
+    """The first n IFEval prompts as single user turns through the chat template."""
+    from tunegate.data.format import generation_prompt
+
+    if not IFEVAL.is_file():
+        raise SystemExit(f"{IFEVAL}: not found (--prompts ifeval needs ../shared/data/ifeval)")
+    prompts = []
+    with open(IFEVAL, encoding="utf-8") as f:
+        for line in f:
+            if len(prompts) == n:
+                break
+            if line.strip():
+                msgs = [{"role": "user", "content": json.loads(line)["prompt"]}, {"role": "assistant", "content": ""}]
+                prompts.append(generation_prompt(tok, {"messages": msgs}))
+    return prompts, "ifeval/input_data.jsonl"
+
+
+def count_new(new_ids, stop: set[int]) -> int:
+    """Generated tokens of one row: up to and including the first stop token; padding after it is not counted."""
+    ids = new_ids.tolist()
+    for k, t in enumerate(ids):
+        if t in stop:
+            return k + 1
+    return len(ids)
+
+
+class RecordingModel:
+    """Delegates to the model and keeps what each `generate` call returned, so the batched path's tokens are counted
+    from the same ids tunegate decoded."""
+
+    def __init__(self, model):
+        self._model = model
+        self.calls: list[tuple[int, object]] = []  # (padded prompt length, output ids)
+
+    def eval(self):
+        self._model.eval()
+        return self
+
+    def generate(self, **kwargs):
+        out = self._model.generate(**kwargs)
+        self.calls.append((kwargs["input_ids"].shape[1], out))
+        return out
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--prompts", choices=("quickstart", "ifeval"), default="quickstart")
+    ap.add_argument("--n", type=int, default=64, help="number of prompts (the first n)")
+    ap.add_argument("--batch-size", type=int, default=TARGET_BATCH)
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice); "
+                    "on a machine shared with other jobs, fewer threads than cores avoids waiting on a descheduled one")
+    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "eval_throughput.json")
+    args = ap.parse_args()
+    warnings.filterwarnings("ignore")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    from tunegate.data.format import end_token_id
+    from tunegate.evals.generate import generate
+    from tunegate.models import load_model, load_tokenizer, resolve_base_model
+
+    hf_logging.set_verbosity_error()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()
+    base = resolve_base_model("smollm2-135m-instruct")
+    tok = load_tokenizer(base)
+    prompts, source = (ifeval_prompts if args.prompts == "ifeval" else quickstart_prompts)(tok, args.n)
+    model = load_model(base)
+    model.eval()
+    stop_ids = sorted({end_token_id(tok), tok.eos_token_id})
+    stop = set(stop_ids)
+    greedy = {"do_sample": False, "pad_token_id": tok.pad_token_id, "eos_token_id": stop_ids}
+
+    def one(prompt: str, max_new_tokens: int):
+        enc = tok(prompt, add_special_tokens=False, return_tensors="pt")
+        out = model.generate(**enc, **greedy, max_new_tokens=max_new_tokens)
+        return out[0, enc["input_ids"].shape[1]:]
+
+    with torch.inference_mode():
+        one(prompts[0], 4)  # warm-up: first-call allocations and lazy initialisation count for neither path
+
+        t0 = time.perf_counter()
+        loop_text, loop_tokens = [], 0
+        for p in prompts:
+            new = one(p, args.max_new_tokens)
+            loop_tokens += count_new(new, stop)
+            loop_text.append(tok.decode(new, skip_special_tokens=True))
+        loop_s = time.perf_counter() - t0
+
+    recorder = RecordingModel(model)
+    t0 = time.perf_counter()
+    batch_text = generate(recorder, tok, prompts, args.max_new_tokens, args.batch_size, desc="tunegate batched")
+    batch_s = time.perf_counter() - t0
+    batch_tokens = sum(count_new(row[plen:], stop) for plen, out in recorder.calls for row in out)
+
+    same = [a == b for a, b in zip(loop_text, batch_text)]
+    differing = [i for i, s in enumerate(same) if not s]
+
+    def result(tokens: int, seconds: float, batch_size: int, calls: int) -> dict:
+        return {"batch_size": batch_size, "generate_calls": calls, "tokens": tokens, "seconds": round(seconds, 2),
+                "tokens_per_s": round(tokens / seconds, 1)}
+
+    per_example = result(loop_tokens, loop_s, 1, len(prompts))
+    batched = result(batch_tokens, batch_s, args.batch_size, len(recorder.calls))
+    # speedup in generated tokens per second (the two paths may generate slightly different token counts)
+    speedup = batched["tokens_per_s"] / per_example["tokens_per_s"]
+    out = {
+        "bench": "eval_throughput",
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "prompts": source,
+        "n_prompts": len(prompts),
+        "prompt_tokens_mean": round(sum(len(tok(p, add_special_tokens=False)["input_ids"]) for p in prompts) / len(prompts), 1),
+        "batch_size": args.batch_size,
+        "max_new_tokens": args.max_new_tokens,
+        "model": "smollm2-135m-instruct (fp32)",
+        "device": "cpu",
+        "results": {"per_example": per_example, "tunegate": batched},
+        "speedup": round(speedup, 2),
+        "target": {"speedup_min": TARGET_SPEEDUP, "at_batch_size": TARGET_BATCH},
+        "target_met": bool(speedup >= TARGET_SPEEDUP) if args.batch_size == TARGET_BATCH else None,
+        "identical_text_fraction": round(sum(same) / len(same), 3),
+        "differing_prompt_indices": differing[:20],
+        "torch_threads": torch.get_num_threads(),
+        "load_average_1min": {"before": round(load_before[0], 2), "after": round(os.getloadavg()[0], 2)},
+        "torch": torch.__version__,
+        "cpu_count": os.cpu_count(),
+        "machine": platform.processor() or platform.machine(),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(out, indent=2) + "\n")
+    print(json.dumps(out, indent=2))
+    print(
+        f"\n{len(prompts)} prompts, max_new_tokens {args.max_new_tokens}: per-example {per_example['tokens_per_s']} tokens/s, "
+        f"tunegate batch {args.batch_size} {batched['tokens_per_s']} tokens/s: speedup {speedup:.2f}x "
+        f"(target >= {TARGET_SPEEDUP:g}x at batch {TARGET_BATCH}); identical texts {sum(same)}/{len(same)}"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""Where eval prompts get answered: the local model in-process, or any OpenAI-compatible chat server.
+
+Both backends answer a list of conversations (OpenAI `messages` lists) greedily and return the texts in
+input order. `prefill` starts the assistant's answer with a fixed text (the local model continues it; a
+remote server gets it as an instruction, since the chat API has no portable prefill), used by the judge to
+ask for `[[A]]`-style verdicts.
+
+The remote backend serves vLLM (`vllm serve BASE --enable-lora --lora-modules NAME=PATH`: the adapter is the
+model NAME), TGI, llama.cpp's server or a hosted provider, through the `openai` client.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+Messages = list[dict[str, str]]
+
+
+class LocalChat:
+    """A transformers model (optionally a PeftModel) answering with tunegate's batched generation."""
+
+    def __init__(self, model, tokenizer, batch_size: int = 16, name: str = "local", adapter_off: bool = False, adapter: str | None = None):
+        self.model, self.tokenizer, self.batch_size, self.name = model, tokenizer, batch_size, name
+        self.adapter_off = adapter_off  # answer as the base model: a PeftModel with its adapter disabled
+        self.adapter = adapter  # which of the PeftModel's loaded adapters answers (None: the active one)
+
+    def complete(self, conversations: Sequence[Messages], max_new_tokens: int, prefill: str = "", desc: str = "generating") -> list[str]:
+        from tunegate.evals.generate import generate
+
+        prompts = [self.tokenizer.apply_chat_template(list(m), tokenize=False, add_generation_prompt=True) + prefill for m in conversations]
+        with self.answering():
+            return generate(self.model, self.tokenizer, prompts, max_new_tokens, self.batch_size, desc=desc)
+
+    def answering(self):
+        """The model as this system: adapter disabled (base model), or merged into the weights for the
+        candidate so each decoding step is one matmul per layer (an unmerged DoRA adapter recomputes weight
+        norms at every step); unmerged again afterwards."""
+        import contextlib
+
+        if self.adapter_off:
+            return self.model.disable_adapter()
+        if self.adapter is not None:
+            self.model.set_adapter(self.adapter)
+        if hasattr(self.model, "merge_adapter"):
+            return _merged(self.model)
+        return contextlib.nullcontext()
+
+
+class OpenAIChat:
+    """An OpenAI-compatible /v1/chat/completions endpoint, temperature 0, `concurrency` requests in flight.
+
+    Raises TunegateError naming the URL when the server cannot be reached or answers with an error.
+    """
+
+    def __init__(self, base_url: str, model: str, api_key_env: str = "OPENAI_API_KEY", concurrency: int = 8, timeout_s: float = 120):
+        self.base_url, self.model, self.concurrency = base_url, model, concurrency
+        self.name = f"{model}@{base_url}"
+        self._api_key = os.environ.get(api_key_env) or "EMPTY"  # vLLM and llama.cpp accept any key
+        self._timeout = timeout_s
+
+    def complete(self, conversations: Sequence[Messages], max_new_tokens: int, prefill: str = "", desc: str = "generating") -> list[str]:
+        from concurrent.futures import ThreadPoolExecutor
+
+        import openai
+        from rich.progress import Progress
+
+        from tunegate import TunegateError
+
+        client = openai.OpenAI(base_url=self.base_url, api_key=self._api_key, timeout=self._timeout, max_retries=2)
+
+        def one(messages: Messages) -> str:
+            if prefill:
+                messages = list(messages[:-1]) + [{**messages[-1], "content": messages[-1]["content"] + f"\n\nBegin your answer with: {prefill}"}]
+            resp = client.chat.completions.create(model=self.model, messages=messages, max_tokens=max_new_tokens, temperature=0)
+            text = resp.choices[0].message.content or ""
+            return text[len(prefill):] if prefill and text.startswith(prefill) else text
+
+        out: list[str] = []
+        try:
+            with ThreadPoolExecutor(self.concurrency) as pool, Progress(transient=True) as progress:
+                task = progress.add_task(desc, total=len(conversations))
+                for text in pool.map(one, conversations):
+                    out.append(text)
+                    progress.advance(task)
+        except openai.OpenAIError as e:
+            raise TunegateError(f"{self.base_url}: OpenAI-compatible server for model {self.model!r} failed: {e}") from None
+        return out
+
+
+from contextlib import contextmanager
+
+
+@contextmanager
+def _merged(model):
+    model.merge_adapter()
+    try:
+        yield model
+    finally:
+        model.unmerge_adapter()
+
+
+def user_turns(texts: Sequence[str], system: str | None = None) -> list[Messages]:
+    """One single-turn conversation per text (with an optional system prompt)."""
+    head = [{"role": "system", "content": system}] if system else []
+    return [head + [{"role": "user", "content": t}] for t in texts]

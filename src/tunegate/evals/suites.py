@@ -1,0 +1,88 @@
+"""Standard suites beside the golden set: IFEval, safety, and judge scores, for one or two systems.
+
+Each suite answers its prompts with every system (a chat backend: tunegate.evals.backends), scores each
+row, and returns per-row scores keyed by metric and system, so the eval stage can give every suite metric
+the same paired-bootstrap CI and gate rules as a golden-set metric. Rows of one metric are the same for
+both systems (same prompts, same instructions), so the pairing holds.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+from tunegate.evals import ifeval, safety
+from tunegate.evals.backends import user_turns
+
+PerRow = dict[str, dict[str, list[float]]]  # metric -> system -> per-row scores
+
+
+def run_ifeval(systems: Mapping[str, Any], data_root: Path, limit: int | None, max_new_tokens: int) -> tuple[PerRow, dict, list[dict]]:
+    """IFEval for each system. Returns (per_row, details, samples); details has the four standard numbers,
+    the leaderboard average and per-instruction strict accuracy per system."""
+    rows = ifeval.load_prompts(Path(data_root) / ifeval.FILE, limit)
+    per_row: PerRow = {m: {} for m in ifeval.METRICS}
+    details: dict[str, Any] = {"n_prompts": len(rows), "max_new_tokens": max_new_tokens}
+    samples = [{"suite": "ifeval", "id": f"ifeval:{r['key']}", "prompt": r["prompt"], "instructions": r["instruction_id_list"]} for r in rows]
+    for system, backend in systems.items():
+        responses = backend.complete(user_turns([r["prompt"] for r in rows]), max_new_tokens, desc=f"IFEval: {system}")
+        scores = ifeval.score(rows, responses)
+        for m, v in scores.items():
+            per_row[m][system] = v
+        details[system] = {"summary": ifeval.summary(scores), "by_instruction": ifeval.by_instruction(rows, scores),
+                           "hit_max_new_tokens": _hit_max(backend, responses, max_new_tokens)}
+        for s, resp, strict in zip(samples, responses, scores["ifeval_prompt_strict"]):
+            s[f"{system}_output"] = resp
+            s[f"{system}_followed_all"] = strict
+    return per_row, details, samples
+
+
+def run_safety(systems: Mapping[str, Any], data_root: Path, sources, limit: int | None, max_new_tokens: int, judge=None) -> tuple[PerRow, dict, list[dict]]:
+    """Harmful-request refusal and over-refusal for each system, by string match and (given a judge) by the judge."""
+    rows = safety.load_prompts(Path(data_root), sources, limit)
+    names = safety.METRICS + (safety.JUDGE_METRICS if judge else ())
+    per_row: PerRow = {m: {} for m in names}
+    details: dict[str, Any] = {"n_prompts": len(rows), "sources": list(sources), "max_new_tokens": max_new_tokens,
+                               "classifiers": ["string_match"] + (["judge: " + judge.name] if judge else [])}
+    samples = [{"suite": "safety", "id": r["id"], "kind": r["kind"], "prompt": r["prompt"]} for r in rows]
+    prompts = [r["prompt"] for r in rows]
+    for system, backend in systems.items():
+        responses = backend.complete(user_turns(prompts), max_new_tokens, desc=f"safety: {system}")
+        refused = safety.string_match(responses)
+        scores = safety.score(rows, refused)
+        details[system] = {"string_match": {m: sum(v) / len(v) for m, v in scores.items() if v}, "by_source": safety.by_source(rows, refused)}
+        if judge:
+            judged = judge.refused(prompts, responses)
+            jscores = safety.score(rows, judged, suffix="_judge")
+            scores.update(jscores)
+            details[system]["judge"] = {m: sum(v) / len(v) for m, v in jscores.items() if v}
+            details[system]["judge_by_source"] = safety.by_source(rows, judged)
+            details[system]["classifier_agreement"] = sum(a == b for a, b in zip(refused, judged)) / len(rows)
+        for m, v in scores.items():
+            per_row[m][system] = v
+        for i, (s, resp) in enumerate(zip(samples, responses)):
+            s[f"{system}_output"] = resp
+            s[f"{system}_refused"] = refused[i]
+    return per_row, details, samples
+
+
+def _hit_max(backend, responses, max_new_tokens: int) -> float | None:
+    """Fraction of responses that used the whole token budget (truncated answers), when tokens can be counted."""
+    tok = getattr(backend, "tokenizer", None)
+    if tok is None or not responses:
+        return None
+    return sum(len(tok(r, add_special_tokens=False)["input_ids"]) >= max_new_tokens - 1 for r in responses) / len(responses)
+
+
+def bootstrap_summary(per_row: PerRow, n_samples: int, seed: int, baseline: str = "baseline", candidate: str = "candidate") -> dict[str, dict]:
+    """Per metric {"baseline", "candidate", "delta"} intervals, as the golden-set metrics have them."""
+    from tunegate.evals.bootstrap import bootstrap_ci, paired_bootstrap
+
+    out = {}
+    for m, by_system in per_row.items():
+        b, c = by_system.get(baseline), by_system.get(candidate)
+        if not b or not c:
+            continue
+        out[m] = {"baseline": bootstrap_ci(b, n_samples, seed).as_dict(), "candidate": bootstrap_ci(c, n_samples, seed).as_dict(),
+                  "delta": paired_bootstrap(b, c, n_samples, seed).as_dict()}
+    return out
