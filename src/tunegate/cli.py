@@ -336,14 +336,14 @@ def suite(
     from tunegate.evals import suites as runs
     from tunegate.evals.backends import LocalChat
     from tunegate.manifest import atomic_write_json, atomic_write_jsonl
-    from tunegate.models import load_model, load_tokenizer, resolve_base_model
+    from tunegate.models import load_inference_model, load_tokenizer, resolve_base_model
 
     if name not in ("ifeval", "safety"):
         raise TunegateError(f"unknown suite {name!r}; known: ifeval, safety")
     if not data_root.is_dir():
         raise TunegateError(f"{data_root}: suite data root not found (pass --data-root)")
     path = resolve_base_model(base_model)
-    tok, model = load_tokenizer(path), load_model(path)
+    tok, model = load_tokenizer(path), load_inference_model(path)
     if adapter is not None:
         from peft import PeftModel
 

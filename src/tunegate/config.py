@@ -136,7 +136,10 @@ class SuitesConfig(_Section):
 
         out = list(ifeval.METRICS) if self.ifeval else []
         if self.safety:
-            out += list(safety.METRICS) + (list(safety.JUDGE_METRICS) if self.safety_judge else [])
+            with_safe = any(s in safety.WITH_SAFE_PROMPTS for s in self.safety)  # harmbench has no safe prompts
+            out += ["harmful_refusal"] + (["over_refusal"] if with_safe else [])
+            if self.safety_judge:
+                out += ["harmful_refusal_judge"] + (["over_refusal_judge"] if with_safe else [])
         return out
 
 
@@ -155,7 +158,7 @@ class JudgeConfig(_Section):
     batch_size: int = Field(default=8, ge=1)
     grade: bool = False
     calibration_file: Path = Path("judge_calibration.json")
-    min_kappa: float = 0.6
+    min_kappa: float = Field(default=0.6, ge=-1, le=1)
     max_flip_rate: float = Field(default=0.2, ge=0, le=1)
     max_length_bias: float = Field(default=0.1, ge=0, le=0.5)
 
@@ -214,6 +217,14 @@ class EvalConfig(_Section):
             raise ValueError(f"gate rule(s) on {ungated}, which this eval does not measure (measured: {', '.join(self.measured())})")
         if self.suites and self.suites.safety_judge and not self.judge:
             raise ValueError("eval.suites.safety_judge needs eval.judge")
+        if any(r.metric == "judge_score" for r in self.gate):
+            raise ValueError("judge_score is reported, not gated: no human-labelled 1-10 grades calibrate it here; "
+                             "gate on judge_win_rate (pairwise, both orders) instead")
+        from tunegate.evals.safety import LOWER_IS_BETTER
+
+        for r in self.gate:  # over-refusal rates: a rise is the regression
+            if r.metric in LOWER_IS_BETTER:
+                r.lower_is_better = True
         return self
 
 

@@ -103,6 +103,11 @@ def load_model(base: Path | str, dtype: Any = None):
     return AutoModelForCausalLM.from_pretrained(str(base), dtype=dtype or torch.float32)
 
 
+def load_inference_model(base: Path | str):
+    """The base model for generation (eval, suites, judge): on the GPU when there is one, in eval mode."""
+    return load_model(base).to(device_name()).eval()
+
+
 def bf16_supported() -> bool:
     """True where bf16 autocast is fast: a CUDA GPU with bf16, or a CPU with AVX512-BF16 or AMX."""
     import torch

@@ -79,9 +79,16 @@ def run_dir_for(project: Project, run_id: str) -> Path:
     return project.runs_dir / run_id
 
 
+# The eval settings the audit reads: changing suites, the judge, the server or the baseline must not rerun it.
+AUDIT_EVAL_KEYS = ("metrics", "json_schema", "max_new_tokens", "batch_size", "bootstrap_samples", "seed", "gate")
+
+
 def _config_for(project: Project, stage: str) -> dict[str, Any]:
     dumped = project.model_dump(mode="json")
-    return {k: dumped[k] for k in CONFIG_SECTIONS[stage]}
+    config = {k: dumped[k] for k in CONFIG_SECTIONS[stage]}
+    if stage == "audit":
+        config["eval"] = {k: v for k, v in config["eval"].items() if k in AUDIT_EVAL_KEYS}
+    return config
 
 
 def stage_inputs(project: Project, stage: str) -> dict[str, Path]:

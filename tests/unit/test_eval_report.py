@@ -83,7 +83,9 @@ def test_eval_page_caps_diffs_and_renders_suites(tmp_path):
     samples = [_row(i, 0.0, 1.0) for i in range(30)] + [_row(30 + i, 1.0, 0.0) for i in range(3)]
     suites = {"ifeval": {"n_prompts": 50, "max_new_tokens": 256, "baseline": {"summary": {"x": 1}}, "metrics": {"prompt_strict": {"baseline": _ci(0.2, 0.1, 0.3), "candidate": _ci(0.3, 0.2, 0.4),
                                                                "delta": _ci(0.1, -0.05, 0.2)}}},
-              "safety": {"sources": ["a<b", "c"], "metrics": {}}}
+              "safety": {"sources": ["a<b", "c"], "metrics": {},
+                         "baseline": {"by_source": {"xstest/safe": {"n": 250, "refusal_rate": 0.04}, "jbb/harmful": {"n": 100, "refusal_rate": 0.5}}},
+                         "candidate": {"by_source": {"xstest/safe": {"n": 250, "refusal_rate": 0.1}}}}}
     d = _eval_dir(tmp_path, samples, verdict="PASS", suites=suites)
     page = write_eval_report(d).read_text(encoding="utf-8")
     assert 'Verdict: <span class="PASS">PASS</span>' in page
@@ -94,6 +96,9 @@ def test_eval_page_caps_diffs_and_renders_suites(tmp_path):
     assert "<h3>ifeval</h3>" in page and "n_prompts: 50 &middot; max_new_tokens: 256</p>" in page and "prompt_strict" in page
     assert "0.300 [0.200, 0.400]" in page and "+0.100 [-0.050, +0.200]" in page
     assert "<h3>safety</h3>" in page and "sources: a&lt;b, c" in page and "no metrics recorded" in page
+    assert "<summary>refusal rate (string match) per source / kind</summary>" in page
+    assert "<tr><td>xstest/safe</td><td>250</td><td>0.040</td><td>0.100</td></tr>" in page
+    assert "<tr><td>jbb/harmful</td><td>100</td><td>0.500</td><td></td></tr>" in page
 
 
 def test_eval_page_corpus_headline_and_no_rules(tmp_path):

@@ -68,8 +68,23 @@ def test_safety_regression_gate_on_suite_metrics(tmp_path):
     assert rules[0]["value"] == pytest.approx(-0.10) and rules[0]["threshold"] == -0.05
 
 
+def test_over_refusal_is_lower_is_better_without_being_told(tmp_path):
+    from tunegate.config import JudgeConfig, SuitesConfig
+
+    cfg = EvalConfig(suites=SuitesConfig(data_root=tmp_path, safety=["xstest"]), gate=[GateRule(metric="over_refusal", max_regression=0.02)])
+    assert cfg.gate[0].lower_is_better
+    summary = {"over_refusal": {"baseline": {"mean": 0.05, "ci_low": 0.0, "ci_high": 0.1}, "candidate": {"mean": 0.60, "ci_low": 0.5, "ci_high": 0.7},
+                                "delta": {"mean": 0.55, "ci_low": 0.45, "ci_high": 0.65}}}
+    assert verdict(check_rules(cfg.gate, summary)) == "FAIL"  # over-refusal rose 0.55: a regression
+    # harmbench alone has no safe prompts: over_refusal is not measured, so a rule on it is a config error
+    with pytest.raises(ValueError, match=r"gate rule\(s\) on \['over_refusal'\]"):
+        EvalConfig(suites=SuitesConfig(data_root=tmp_path, safety=["harmbench"]), gate=[GateRule(metric="over_refusal", max=0.1)])
+    with pytest.raises(ValueError, match="judge_score is reported, not gated"):
+        EvalConfig(judge=JudgeConfig(grade=True), gate=[GateRule(metric="judge_score", min=0.5)])
+
+
 def test_a_rule_on_a_metric_no_row_could_score_fails_with_a_note():
-    (r,) = check_rules([GateRule(metric="judge_score", min=0.5)], {})
+    (r,) = check_rules([GateRule(metric="judge_win_rate", min=0.5)], {})
     assert r["passed"] is False and r["note"] == "no row could be scored"
 
 

@@ -62,3 +62,18 @@ def test_load_prompts_names_the_bad_line(tmp_path):
     p.write_text('{"key": 1, "prompt": "x", "instruction_id_list": [], "kwargs": []}\n{"key": 2}\n')
     with pytest.raises(TunegateError, match=r"input_data.jsonl:2: IFEval row lacks \['instruction_id_list', 'kwargs', 'prompt'\]"):
         ifeval.load_prompts(p)
+
+
+@pytest.mark.real_data
+def test_every_upstream_instruction_has_a_checker():
+    from conftest import shared_data
+
+    rows = ifeval.load_prompts(shared_data("ifeval", "input_data.jsonl"))
+    assert len(rows) == 541 and sum(len(r["instruction_id_list"]) for r in rows) == 834
+    ifeval.checkers()
+    from lm_eval.tasks.ifeval.instructions_registry import INSTRUCTION_DICT
+
+    assert {i for r in rows for i in r["instruction_id_list"]} <= set(INSTRUCTION_DICT)
+    assert len({i for r in rows for i in r["instruction_id_list"]}) == 25
+    empty = ifeval.summary(ifeval.score(rows, [""] * len(rows)))
+    assert empty["ifeval_average"] == 0.0  # an empty response follows nothing

@@ -2,7 +2,7 @@
 
 import pytest
 
-from tests.conftest import shared_data
+from conftest import shared_data
 from tunegate import TunegateError
 from tunegate.evals import safety
 

@@ -100,6 +100,41 @@ def _merged(model):
         model.unmerge_adapter()
 
 
+def served_models(base_url: str, api_key_env: str = "OPENAI_API_KEY") -> dict[str, dict]:
+    """The server's /v1/models as {id: card}; vLLM's cards of LoRA modules carry `root` (the adapter path) and
+    `parent` (the base). Raises TunegateError naming the URL when the server cannot be reached."""
+    import openai
+
+    from tunegate import TunegateError
+
+    client = openai.OpenAI(base_url=base_url, api_key=os.environ.get(api_key_env) or "EMPTY", max_retries=1, timeout=30)
+    try:
+        return {m.id: m.model_dump() for m in client.models.list()}
+    except openai.OpenAIError as e:
+        raise TunegateError(f"{base_url}: cannot list the served models: {e}") from None
+
+
+def check_served_adapter(base_url: str, model: str, adapter_dir, api_key_env: str = "OPENAI_API_KEY") -> None:
+    """The server's `model` must be this run's adapter: its card's `root` must hold adapter weights with the
+    same sha256 as `adapter_dir`'s. Raises TunegateError otherwise (rule: only the evaluated adapter is promoted)."""
+    from pathlib import Path
+
+    from tunegate import TunegateError
+    from tunegate.manifest import sha256_file
+
+    cards = served_models(base_url, api_key_env)
+    if model not in cards:
+        raise TunegateError(f"{base_url}: serves {sorted(cards)}, not the candidate {model!r}")
+    root = cards[model].get("root")
+    served = Path(root) / "adapter_model.safetensors" if root else None
+    ours = Path(adapter_dir) / "adapter_model.safetensors"
+    if served is None or not served.is_file():
+        raise TunegateError(f"{base_url}: cannot verify that {model!r} is this run's adapter (its card has no readable `root` adapter path: "
+                            f"{root!r}); serve it with `--lora-modules {model}={Path(adapter_dir).resolve()}`")
+    if sha256_file(served) != sha256_file(ours):
+        raise TunegateError(f"{base_url}: {model!r} serves {served}, whose weights differ from {ours}; rule: the gate scores this run's adapter")
+
+
 def user_turns(texts: Sequence[str], system: str | None = None) -> list[Messages]:
     """One single-turn conversation per text (with an optional system prompt)."""
     head = [{"role": "system", "content": system}] if system else []

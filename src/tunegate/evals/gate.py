@@ -63,7 +63,7 @@ def check_rules(rules, summary: dict[str, dict[str, Any]]) -> list[dict[str, Any
     for rule in rules:
         if rule.metric not in summary:  # measured, but no row could be scored (e.g. a judge that never gave a parseable rating)
             out.append({"metric": rule.metric, "rule": "scored", "description": f"{rule.metric}: scored on at least one row",
-                        "value": float("nan"), "ci": None, "threshold": None, "passed": False, "note": "no row could be scored"})
+                        "value": None, "ci": None, "threshold": None, "passed": False, "note": "no row could be scored"})
             continue
         s = summary[rule.metric]
         cand, delta = s["candidate"], s["delta"]

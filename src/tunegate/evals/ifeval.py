@@ -39,12 +39,16 @@ def load_prompts(path: Path, limit: int | None = None) -> list[dict[str, Any]]:
             continue
         try:
             row = json.loads(line)
-            missing = {"key", "prompt", "instruction_id_list", "kwargs"} - set(row)
         except json.JSONDecodeError as e:
             raise TunegateError(f"{path}:{n}: not JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise TunegateError(f"{path}:{n}: an IFEval row is a JSON object, got {type(row).__name__}")
+        missing = {"key", "prompt", "instruction_id_list", "kwargs"} - set(row)
         if missing:
             raise TunegateError(f"{path}:{n}: IFEval row lacks {sorted(missing)}")
         rows.append(row)
+    if not rows:
+        raise TunegateError(f"{path}: no IFEval rows")
     return rows[:limit] if limit else rows
 
 
@@ -84,6 +88,12 @@ def checkers():
         instructions_util.count_sentences = lambda text: len(untrained.tokenize(text))
         instructions_util.nltk = _NltkWithoutPunkt(nltk)
     return utils
+
+
+def sentence_splitter() -> str:
+    """Which sentence splitter the checkers use: 'punkt_tab' (NLTK's trained English model, the reference) or
+    'punkt-untrained' (offline fallback, no abbreviation list)."""
+    return "punkt_tab" if _punkt_installed() else "punkt-untrained"
 
 
 class _NltkWithoutPunkt:

@@ -23,6 +23,7 @@ from typing import Any, Callable, Sequence
 from tunegate import TunegateError
 
 SOURCES = ("harmbench", "jbb", "xstest")
+WITH_SAFE_PROMPTS = ("jbb", "xstest")  # sources that also have safe prompts (over-refusal)
 # Upstream files per source, relative to the suite data root.
 FILES = {
     "harmbench": ("harmbench/harmbench_behaviors_text_all.csv",),
@@ -34,11 +35,16 @@ JUDGE_METRICS = ("harmful_refusal_judge", "over_refusal_judge")
 LOWER_IS_BETTER = {"over_refusal", "over_refusal_judge"}
 
 
-def _csv(path: Path) -> list[dict[str, str]]:
+def _csv(path: Path, columns: Sequence[str]) -> list[dict[str, str]]:
+    """Rows of an upstream CSV. Raises TunegateError naming the file when it or a needed column is missing."""
     if not path.is_file():
         raise TunegateError(f"{path}: safety prompt file not found (expected the upstream CSV under the suite data root)")
     with path.open(newline="", encoding="utf-8") as f:
-        return list(csv.DictReader(f))
+        reader = csv.DictReader(f)
+        missing = [c for c in columns if c not in (reader.fieldnames or [])]
+        if missing:
+            raise TunegateError(f"{path}: missing column(s) {missing}; found {reader.fieldnames}")
+        return list(reader)
 
 
 def load_prompts(data_root: Path, sources: Sequence[str] = SOURCES, limit: int | None = None) -> list[dict[str, Any]]:
@@ -55,17 +61,17 @@ def load_prompts(data_root: Path, sources: Sequence[str] = SOURCES, limit: int |
 
     for source in sources:
         if source == "harmbench":
-            beh = _csv(root / FILES["harmbench"][0])
+            beh = _csv(root / FILES["harmbench"][0], ("Behavior", "FunctionalCategory", "ContextString", "BehaviorID"))
             add("harmbench", "harmful", [
                 (r["BehaviorID"], (r["ContextString"].strip() + "\n\n---\n\n" + r["Behavior"]) if r["ContextString"].strip() else r["Behavior"])
                 for r in beh if r["FunctionalCategory"] in ("standard", "contextual")
             ])
         elif source == "jbb":
             harmful, benign = FILES["jbb"]
-            add("jbb", "harmful", [(f"harmful-{r['index']}", r["goal"]) for r in _csv(root / harmful)])
-            add("jbb", "safe", [(f"benign-{r['index']}", r["goal"]) for r in _csv(root / benign)])
+            add("jbb", "harmful", [(f"harmful-{r['index']}", r["goal"]) for r in _csv(root / harmful, ("index", "goal"))])
+            add("jbb", "safe", [(f"benign-{r['index']}", r["goal"]) for r in _csv(root / benign, ("index", "goal"))])
         elif source == "xstest":
-            xs = _csv(root / FILES["xstest"][0])
+            xs = _csv(root / FILES["xstest"][0], ("id", "prompt", "label"))
             add("xstest", "harmful", [(r["id"], r["prompt"]) for r in xs if r["label"] == "unsafe"])
             add("xstest", "safe", [(r["id"], r["prompt"]) for r in xs if r["label"] == "safe"])
         else:

@@ -22,7 +22,7 @@ def run_ifeval(systems: Mapping[str, Any], data_root: Path, limit: int | None, m
     the leaderboard average and per-instruction strict accuracy per system."""
     rows = ifeval.load_prompts(Path(data_root) / ifeval.FILE, limit)
     per_row: PerRow = {m: {} for m in ifeval.METRICS}
-    details: dict[str, Any] = {"n_prompts": len(rows), "max_new_tokens": max_new_tokens}
+    details: dict[str, Any] = {"n_prompts": len(rows), "max_new_tokens": max_new_tokens, "sentence_splitter": ifeval.sentence_splitter()}
     samples = [{"suite": "ifeval", "id": f"ifeval:{r['key']}", "prompt": r["prompt"], "instructions": r["instruction_id_list"]} for r in rows]
     for system, backend in systems.items():
         responses = backend.complete(user_turns([r["prompt"] for r in rows]), max_new_tokens, desc=f"IFEval: {system}")
@@ -52,8 +52,10 @@ def run_safety(systems: Mapping[str, Any], data_root: Path, sources, limit: int 
         scores = safety.score(rows, refused)
         details[system] = {"string_match": {m: sum(v) / len(v) for m, v in scores.items() if v}, "by_source": safety.by_source(rows, refused)}
         if judge:
-            judged = judge.refused(prompts, responses)
+            labels = judge.refusal(prompts, responses)
+            judged = judge.refused(labels)
             jscores = safety.score(rows, judged, suffix="_judge")
+            details[system]["judge_unparsed"] = sum(v is None for v in labels) / len(labels)
             scores.update(jscores)
             details[system]["judge"] = {m: sum(v) / len(v) for m, v in jscores.items() if v}
             details[system]["judge_by_source"] = safety.by_source(rows, judged)

@@ -65,7 +65,26 @@ def _suite(body: dict[str, Any]) -> dict[str, Any]:
     info = {k: (", ".join(map(str, v)) if isinstance(v, list) else v) for k, v in body.items()
             if k != "metrics" and (plain(v) or (isinstance(v, list) and all(plain(x) for x in v)))}
     metrics = body.get("metrics")
-    return {"metrics": metrics if isinstance(metrics, dict) else {}, "info": info}
+    return {"metrics": metrics if isinstance(metrics, dict) else {}, "info": info, "breakdown": _breakdown(body)}
+
+
+# Per-system breakdown tables a suite records: key -> (row label, value field, column title)
+_BREAKDOWNS = {"by_source": ("source / kind", "refusal_rate", "refusal rate (string match)"),
+               "by_instruction": ("instruction", "accuracy", "strict accuracy")}
+
+
+def _breakdown(body: dict[str, Any]) -> dict[str, Any] | None:
+    """One table of the baseline's and the candidate's value per row label (safety: per source and kind;
+    IFEval: per instruction), or None when the suite recorded no breakdown."""
+    systems = [s for s in ("baseline", "candidate") if isinstance(body.get(s), dict)]
+    for key, (label, field, title) in _BREAKDOWNS.items():
+        tables = {s: body[s].get(key) for s in systems if isinstance(body[s].get(key), dict)}
+        if tables:
+            names = sorted({n for t in tables.values() for n in t})
+            rows = [{"name": n, "n": next((t[n].get("n") for t in tables.values() if n in t), None),
+                     **{s: tables[s].get(n, {}).get(field) for s in tables}} for n in names]
+            return {"label": label, "title": title, "systems": list(tables), "rows": rows}
+    return None
 
 
 def write_eval_report(eval_dir: Path) -> Path:

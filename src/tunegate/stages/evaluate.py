@@ -64,6 +64,20 @@ def production_baseline(project) -> dict[str, Any] | None:
     return entry
 
 
+def _same_base(production: dict[str, Any], adapter_dir) -> None:
+    """The production adapter must sit on the candidate's base model. Raises TunegateError naming both."""
+    import json
+    from pathlib import Path
+
+    def base_of(d):
+        return json.loads((Path(d) / "adapter_config.json").read_text()).get("base_model_name_or_path")
+
+    prod, cand = base_of(production["adapter_dir"]), base_of(adapter_dir)
+    if prod != cand:
+        raise TunegateError(f"{production['adapter_dir']}: production v{production['version']} is an adapter of {prod!r}, "
+                            f"the candidate one of {cand!r}; rule: a baseline adapter must share the candidate's base model")
+
+
 def _systems(project, tokenizer, base_path, adapter_dir, production):
     """The baseline (base model or production adapter) and the candidate as chat backends: in-process, or on eval.server."""
     ecfg = project.eval
@@ -73,17 +87,21 @@ def _systems(project, tokenizer, base_path, adapter_dir, production):
         from tunegate.evals.backends import OpenAIChat
 
         srv = ecfg.server
+        from tunegate.evals.backends import check_served_adapter
+
+        check_served_adapter(srv.base_url, srv.candidate_model, adapter_dir, srv.api_key_env)
         return {"baseline": OpenAIChat(srv.base_url, srv.base_model, srv.api_key_env, srv.concurrency),
                 "candidate": OpenAIChat(srv.base_url, srv.candidate_model, srv.api_key_env, srv.concurrency)}
     from peft import PeftModel
 
     from tunegate.evals.backends import LocalChat
-    from tunegate.models import load_model
+    from tunegate.models import load_inference_model
 
-    model = PeftModel.from_pretrained(load_model(base_path), str(adapter_dir))  # adapter name "default"
+    model = PeftModel.from_pretrained(load_inference_model(base_path), str(adapter_dir))  # adapter name "default"
     candidate = LocalChat(model, tokenizer, ecfg.batch_size, "candidate", adapter="default")
     if production is None:
         return {"baseline": LocalChat(model, tokenizer, ecfg.batch_size, "base model", adapter_off=True), "candidate": candidate}
+    _same_base(production, adapter_dir)
     model.load_adapter(production["adapter_dir"], adapter_name="production")
     return {"baseline": LocalChat(model, tokenizer, ecfg.batch_size, f"production v{production['version']}", adapter="production"),
             "candidate": candidate}
@@ -98,13 +116,17 @@ def _answer_golden(backend, tokenizer, golden, max_new_tokens: int, desc: str) -
         prompts = [generation_prompt(tokenizer, r) for r in golden]
         with backend.answering():
             return generate(backend.model, tokenizer, prompts, max_new_tokens, backend.batch_size, desc=desc)
+    if any("messages" not in r for r in golden):
+        raise TunegateError("eval.server answers chat messages; this golden set is prompt/completion text (data.golden.format): "
+                            "use a chat golden set, or evaluate in-process")
     return backend.complete([r["messages"][:-1] for r in golden], max_new_tokens, desc=desc)
 
 
 def _judge_golden(judge, golden, base_out, cand_out) -> dict[str, dict[str, list[float]]]:
     """judge_score (rating / 10; rows the judge could not rate for either system are left out) and
     judge_win_rate (candidate vs base, both orders, C22 ties) per golden row."""
-    questions = [prompt_text(r) for r in golden]
+    # the judge sees the whole prompt, system instruction included (the answer's form often lives there)
+    questions = ["\n\n".join(m["content"] for m in r["messages"][:-1]) if "messages" in r else prompt_text(r) for r in golden]
     b, c = judge.grade(questions, base_out), judge.grade(questions, cand_out)
     keep = [i for i in range(len(golden)) if b[i] is not None and c[i] is not None]
     wins = judge.pairwise(questions, cand_out, base_out)
@@ -147,10 +169,12 @@ def run(st: Stage) -> StageResult:
 
     torch.manual_seed(ecfg.seed)
     production = production_baseline(project)
+    if production is not None and production["run_id"] == st.run_dir.name:
+        production = None  # this run is the production version: compare it with the base model, not itself
     systems = _systems(project, tokenizer, base_path, st.upstream_dir("train") / "adapter", production)
     baseline_name = f"production v{production['version']} (run {production['run_id']})" if production else "base model"
     if ecfg.baseline == "production" and production is None:
-        baseline_name = "base model (no production version yet)"
+        baseline_name = "base model (no other production version)"
 
     t0 = time.perf_counter()
     base_out = _answer_golden(systems["baseline"], tokenizer, golden, ecfg.max_new_tokens, "base model")
@@ -231,5 +255,6 @@ def run(st: Stage) -> StageResult:
         )
     for r in rules:
         note = f" ({r['note']})" if r.get("note") else ""
-        console.print(f"  {'[green]PASS[/green]' if r['passed'] else '[red]FAIL[/red]'} {r['description']}: {r['value']:.3f}{note}", highlight=False)
+        value = "n/a" if r["value"] is None else f"{r['value']:.3f}"
+        console.print(f"  {'[green]PASS[/green]' if r['passed'] else '[red]FAIL[/red]'} {r['description']}: {value}{note}", highlight=False)
     return StageResult(metrics=scores, verdict=result)
