@@ -37,7 +37,11 @@ TARGET_BATCH = 16
 def quickstart_prompts(tok, n: int) -> tuple[list[str], str]:
     """The first n golden prompts of examples/quickstart, rendered as the eval stage renders them."""
     from tunegate.config import load_project
-    from tunegate.data.format import apply_system_policy, generation_prompt, supports_system_role
+    from tunegate.data.format import (
+        apply_system_policy,
+        generation_prompt,
+        supports_system_role,
+    )
     from tunegate.data.records import read_source
 
     project = load_project(REPO / "examples" / "quickstart" / "tunegate.yaml")

@@ -3,11 +3,11 @@
 import csv
 import json
 
+from conftest import write_jsonl
+
 from tunegate.config import load_project
 from tunegate.evals import judge as judging
 from tunegate.pipeline import run_pipeline
-
-from conftest import write_jsonl
 
 
 def _suite_root(root):

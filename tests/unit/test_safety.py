@@ -1,8 +1,8 @@
 """Safety suite: prompt sets, the harmful / safe split, and refusal rates."""
 
 import pytest
-
 from conftest import shared_data
+
 from tunegate import TunegateError
 from tunegate.evals import safety
 
