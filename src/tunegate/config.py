@@ -72,6 +72,60 @@ class DedupConfig(_Section):
     shingle_words: int = Field(default=5, ge=1)
 
 
+class PiiConfig(_Section):
+    """PII redaction (tunegate.data.pii): Presidio analyzer + anonymizer with the offline spaCy small model.
+
+    Every message content (or prompt and completion) is analysed; then, per `mode`:
+      mask      - each finding becomes its entity type in angle brackets, `<PHONE_NUMBER>`
+      pseudonym - each value becomes a keyed token of its type, `<PERSON_kqzmwbtexa>`: HMAC-SHA256 of the
+                  value under the secret in the environment variable `key_env`, so the same value maps to
+                  the same token across the whole dataset and cannot be reversed without the key
+      drop      - a row with any finding is rejected (rule `pii`)
+    The redacted text is scanned again; a row where a configured type is still found is rejected (rule
+    `pii_rescan`).
+    """
+
+    mode: Literal["mask", "pseudonym", "drop"] = "mask"
+    # Presidio entity types; PERSON and LOCATION come from the spaCy NER (see bench/pii_eval.py for recall).
+    entities: list[str] = Field(
+        default_factory=lambda: ["EMAIL_ADDRESS", "PHONE_NUMBER", "CREDIT_CARD", "IBAN_CODE", "IP_ADDRESS", "US_SSN", "PERSON"],
+        min_length=1,
+    )
+    # Phone regions (ISO 3166-1 alpha-2, as the `phonenumbers` library names them: GB, not UK) whose
+    # national formats are recognised; international `+CC` numbers are found whatever the list (case C21).
+    regions: list[str] = Field(default_factory=lambda: ["US", "GB", "FR", "DE"], min_length=1)
+    # Which phone numbers count:
+    #   valid    - valid in a listed region's numbering plan, or +CC valid in its country (Presidio's own)
+    #   context  - also a 7+ digit number of possible length with a phone word (phone, mobile, fax, call,
+    #              ...) at most four words before it: made-up numbers, unlisted regions
+    #   possible - also any 7+ digit number of possible length: the most recall, and more digit runs
+    #              that are not phones get masked too (house numbers with post codes, order numbers)
+    phone_match: Literal["valid", "context", "possible"] = "possible"
+    key_env: str = "TUNEGATE_PII_KEY"  # pseudonym mode: the environment variable holding the secret key
+    score_threshold: float = Field(default=0.35, ge=0.0, le=1.0)  # a finding counts from this Presidio score
+    # The re-scan's threshold; lower it below score_threshold to make the gate stricter than the redaction.
+    rescan_score_threshold: float | None = Field(default=None, ge=0.0, le=1.0)
+    batch_size: int = Field(default=64, ge=1)  # texts per spaCy nlp.pipe batch
+
+    @field_validator("regions")
+    @classmethod
+    def _known_regions(cls, v: list[str]) -> list[str]:
+        from tunegate.data.pii import region_problem
+
+        problem = region_problem(v)
+        if problem:
+            raise ValueError(problem)
+        return [r.upper() for r in v]
+
+    @field_validator("entities")
+    @classmethod
+    def _entity_names(cls, v: list[str]) -> list[str]:
+        bad = [e for e in v if not re.fullmatch(r"[A-Z][A-Z0-9_]*", e)]
+        if bad:
+            raise ValueError(f"entity types are upper-case Presidio names like PHONE_NUMBER, got {bad}")
+        return list(dict.fromkeys(v))
+
+
 class DataConfig(_Section):
     sources: list[SourceConfig] = Field(min_length=1)
     golden: SourceConfig  # the frozen golden set: evaluation only, never trained on
@@ -90,6 +144,7 @@ class DataConfig(_Section):
     system_role: Literal["auto", "merge", "reject"] = "auto"
     max_rejected_fraction: float = Field(default=0.05, ge=0.0, le=1.0)
     dedup: DedupConfig | None = None  # off unless set, e.g. `dedup: {}` for the defaults
+    pii: PiiConfig | None = None  # off unless set, e.g. `pii: {mode: mask}`
 
 
 class TrainConfig(_Section):

@@ -4,6 +4,9 @@ Order matters: structural validation of every row happens before the base model'
 resolved, and no model weights are ever loaded here. Then each row is rendered through the real chat
 template with its loss mask and over-length policy; rows that cannot be are rejected with their rule.
 
+With `data.pii` set, every turn is redacted (tunegate.data.pii) before the template checks, and rows the
+re-scan still finds PII in are rejected; the golden set is compared with the rows before redaction too.
+
 Writes: train.jsonl, val.jsonl, golden.jsonl (the frozen golden rows), rejected.jsonl (file, line, id,
 rule, detail), stats.json, data_card.md.
 """
@@ -52,6 +55,11 @@ def run(st: Stage) -> StageResult:
     from tunegate.models import load_tokenizer, resolve_base_model
 
     cfg = st.project.data
+    redactor = None
+    if cfg.pii is not None:  # built first: a missing key or an unknown entity type fails before any work
+        from tunegate.data.pii import redactor_from_config
+
+        redactor = redactor_from_config(cfg.pii)
     records: list[dict[str, Any]] = []
     rejected: list[Rejection] = []
     per_source: dict[str, dict[str, int]] = {}
@@ -74,6 +82,34 @@ def run(st: Stage) -> StageResult:
         f"golden set: {len(golden)} rows, "
         + (f"frozen now into {cfg.golden_lock}" if new_lock else f"matches its lock {cfg.golden_lock.name}")
     )
+
+    # 1b. PII (case C21): redact every turn, then re-scan; rows still holding PII are rejected. Before the
+    # template checks, so lengths are those of the redacted text that is trained on.
+    pii_report, raw_overlap = None, []
+    if redactor is not None:
+        raw_overlap = golden_lock.overlap(records, golden)  # a masked value must not hide a golden copy
+        for r in rejected:  # rows that failed validation were never scanned: keep file and line, not content
+            r.raw = None
+        by_id = {r["id"]: r for r in records}
+        records, drops, pii_report = redactor.redact_records(records, progress=True)
+        for d in drops:
+            rec = by_id[d.id]
+            rejected.append(Rejection(rec["meta"]["file"], rec["meta"]["line"], d.id, d.rule, d.detail))
+        seconds, rows_per_s = pii_report.pop("seconds"), pii_report.pop("rows_per_s")  # stats.json stays deterministic
+        # The golden set is frozen (hash-locked) and never trained on: scanned and reported, not redacted.
+        golden_hits = redactor.analyze([_row_text(g) for g in golden])
+        pii_report["golden_rows_with_pii"] = sum(1 for h in golden_hits if h)
+        if pii_report["golden_rows_with_pii"]:
+            console.print(
+                f"[yellow]the golden set has PII in {pii_report['golden_rows_with_pii']} of {len(golden)} rows; it is "
+                f"frozen and not trained on, so it is not redacted: it stays in golden.jsonl and eval outputs[/yellow]"
+            )
+        found = ", ".join(f"{k} {v}" for k, v in pii_report["found_by_type"].items()) or "none"
+        console.print(
+            f"PII ({cfg.pii.mode}): found {found} in {pii_report['rows_with_pii']} of {pii_report['rows_scanned']} rows; "
+            f"rejected {pii_report['rows_dropped_pii']} (pii), {pii_report['rows_dropped_rescan']} (pii_rescan); "
+            f"{seconds} s, {rows_per_s} rows/s"
+        )
 
     # 2. Template, loss-mask and length checks with the real tokenizer (no weights loaded).
     tokenizer = load_tokenizer(resolve_base_model(st.project.base_model))
@@ -115,6 +151,8 @@ def run(st: Stage) -> StageResult:
     # 4. Decontamination against the golden set (case C23): overlapping training rows are removed and listed.
     by_id = {r["id"]: r for r in kept}
     pairs = golden_lock.overlap(kept, golden)
+    seen = {tid for tid, _ in pairs}
+    pairs += [(tid, gid) for tid, gid in raw_overlap if tid in by_id and tid not in seen]
     for tid, gid in pairs:
         rec = by_id[tid]
         rejected.append(Rejection(rec["meta"]["file"], rec["meta"]["line"], tid, "golden_overlap", f"same prompt as golden row {gid} after normalisation"))
@@ -161,6 +199,7 @@ def run(st: Stage) -> StageResult:
         "golden_sha256": lock["file_sha256"],
         "golden_overlap_removed": len(pairs),
         "duplicates_removed": n_dup,
+        "pii": pii_report,
         "truncated_rows": n_truncated,
         "tokens_total": sum(lengths),
         "tokens_per_row_mean": round(sum(lengths) / len(lengths), 1),
@@ -195,6 +234,7 @@ def _data_card(st: Stage, stats: dict[str, Any]) -> str:
         "|---|---:|",
         *[f"| {k} | {v} |" for k, v in sorted(stats["rejected_by_rule"].items())],
         "",
+        *_pii_card(stats["pii"]),
         "## Per source",
         "",
         "| source | read | kept | rejected |",
@@ -203,3 +243,24 @@ def _data_card(st: Stage, stats: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _pii_card(report: dict[str, Any] | None) -> list[str]:
+    if report is None:
+        return ["## PII", "", "Not scanned (`data.pii` is not set).", ""]
+    types = sorted(set(report["entities"]) | set(report["found_by_type"]))
+    return [
+        "## PII",
+        "",
+        (f"- mode `{report['mode']}`; regions {', '.join(report['regions'])}; phone match `{report['phone_match']}`; "
+         f"score threshold {report['score_threshold']} (re-scan {report['rescan_score_threshold']})"),
+        (f"- rows with PII: {report['rows_with_pii']} of {report['rows_scanned']}; rejected: {report['rows_dropped_pii']} "
+         f"(`pii`), {report['rows_dropped_rescan']} still holding PII on re-scan (`pii_rescan`)"),
+        f"- golden rows with PII (frozen, not redacted): {report['golden_rows_with_pii']}",
+        *([f"- pseudonym key id: `{report['key_id']}`"] if report.get("key_id") else []),
+        "",
+        "| entity type | found | found again on re-scan |",
+        "|---|---:|---:|",
+        *[f"| {t} | {report['found_by_type'].get(t, 0)} | {report['rescan_by_type'].get(t, 0)} |" for t in types],
+        "",
+    ]
