@@ -8,7 +8,8 @@ With `data.pii` set, every turn is redacted (tunegate.data.pii) before the templ
 re-scan still finds PII in are rejected; the golden set is compared with the rows before redaction too.
 
 Writes: train.jsonl, val.jsonl, golden.jsonl (the frozen golden rows), rejected.jsonl (file, line, id,
-rule, detail), stats.json, data_card.md.
+rule, detail), stats.json (with `steps`: rows in and out of each step, removals by rule), data_card.md, and
+data_card.html with token_lengths.png (tunegate.report.data_card).
 """
 
 from __future__ import annotations
@@ -63,6 +64,11 @@ def run(st: Stage) -> StageResult:
     records: list[dict[str, Any]] = []
     rejected: list[Rejection] = []
     per_source: dict[str, dict[str, int]] = {}
+    steps: list[dict[str, Any]] = []  # the data card's "rows in / out per step"
+
+    def step(name: str, rows_in: int, rows_out: int, first_rejection: int) -> None:
+        removed = Counter(r.rule for r in rejected[first_rejection:])
+        steps.append({"step": name, "rows_in": rows_in, "rows_out": rows_out, "removed_by_rule": dict(sorted(removed.items()))})
 
     # 1. Structural validation: no tokenizer, no model.
     for src in cfg.sources:
@@ -71,6 +77,7 @@ def run(st: Stage) -> StageResult:
         records += recs
         rejected += rej
     _dedupe_ids(records)
+    step("read and validate structure", sum(c["rows_read"] for c in per_source.values()), len(records), 0)
     golden, golden_rej = read_source(cfg.golden, role="golden")
     if golden_rej:
         shown = "\n  ".join(str(r) for r in golden_rej[:10])
@@ -91,10 +98,12 @@ def run(st: Stage) -> StageResult:
         for r in rejected:  # rows that failed validation were never scanned: keep file and line, not content
             r.raw = None
         by_id = {r["id"]: r for r in records}
+        n_in, mark = len(records), len(rejected)
         records, drops, pii_report = redactor.redact_records(records, progress=True)
         for d in drops:
             rec = by_id[d.id]
             rejected.append(Rejection(rec["meta"]["file"], rec["meta"]["line"], d.id, d.rule, d.detail))
+        step(f"PII ({cfg.pii.mode})", n_in, len(records), mark)
         seconds, rows_per_s = pii_report.pop("seconds"), pii_report.pop("rows_per_s")  # stats.json stays deterministic
         # The golden set is frozen (hash-locked) and never trained on: scanned and reported, not redacted.
         golden_hits = redactor.analyze([_row_text(g) for g in golden])
@@ -115,6 +124,7 @@ def run(st: Stage) -> StageResult:
     tokenizer = load_tokenizer(resolve_base_model(st.project.base_model))
     has_system = supports_system_role(tokenizer)
     kept, length_of, truncated = [], {}, set()
+    mark = len(rejected)
     for rec in records:
         try:
             if "messages" in rec:
@@ -127,6 +137,7 @@ def run(st: Stage) -> StageResult:
             truncated.add(rec["id"])
         length_of[rec["id"]] = len(enc.input_ids)
         kept.append(rec)
+    step(f"chat template, loss mask, max_length {cfg.max_length} ({cfg.overlength})", len(records), len(kept), mark)
     for rec in golden:  # the golden prompts go through the same policy (case C04: identical in train and eval)
         if "messages" in rec:
             try:
@@ -140,16 +151,19 @@ def run(st: Stage) -> StageResult:
         from tunegate.data.dedup import dedup
 
         by_id = {r["id"]: r for r in kept}
+        mark = len(rejected)
         kept, dups = dedup(kept, _row_text, cfg.dedup.near, cfg.dedup.threshold, cfg.dedup.num_perm, cfg.dedup.shingle_words)
         for d in dups:
             rec = by_id[d.id]
             n_dup[d.kind] += 1
             detail = f"{d.kind} duplicate of {d.duplicate_of}" + (f" (Jaccard {d.jaccard})" if d.kind == "near" else "")
             rejected.append(Rejection(rec["meta"]["file"], rec["meta"]["line"], d.id, "duplicate", detail))
+        step("duplicates" + (" (exact and near)" if cfg.dedup.near else " (exact)"), len(by_id), len(kept), mark)
         console.print(f"duplicates removed: {n_dup['exact']} exact, {n_dup['near']} near")
 
     # 4. Decontamination against the golden set (case C23): overlapping training rows are removed and listed.
     by_id = {r["id"]: r for r in kept}
+    mark = len(rejected)
     pairs = golden_lock.overlap(kept, golden)
     seen = {tid for tid, _ in pairs}
     pairs += [(tid, gid) for tid, gid in raw_overlap if tid in by_id and tid not in seen]
@@ -158,6 +172,7 @@ def run(st: Stage) -> StageResult:
         rejected.append(Rejection(rec["meta"]["file"], rec["meta"]["line"], tid, "golden_overlap", f"same prompt as golden row {gid} after normalisation"))
     overlapping = {tid for tid, _ in pairs}
     kept = [r for r in kept if r["id"] not in overlapping]
+    step("golden-set overlap", len(by_id), len(kept), mark)
     if pairs:
         console.print(f"[yellow]removed {len(pairs)} training row(s) that overlap the golden set: {', '.join(t for t, _ in pairs[:10])}[/yellow]")
 
@@ -188,6 +203,8 @@ def run(st: Stage) -> StageResult:
     for path, counts in per_source.items():
         counts["rejected"] = sum(1 for r in rejected if r.file == path)
         counts["kept"] = sum(1 for r in kept if r["meta"]["file"] == path)
+        counts["train"] = sum(1 for r in train if r["meta"]["file"] == path)
+        counts["val"] = counts["kept"] - counts["train"]
     stats = {
         "rows_read": total,
         "rows_kept": len(kept),
@@ -205,11 +222,15 @@ def run(st: Stage) -> StageResult:
         "tokens_per_row_mean": round(sum(lengths) / len(lengths), 1),
         "tokens_per_row_max": max(lengths),
         "template_has_system_role": has_system,
+        "steps": steps,
         "per_source": per_source,
         "licenses": sorted({s.license for s in cfg.sources if s.license}),
     }
     atomic_write_json(st.dir / "stats.json", stats)
     atomic_write_text(st.dir / "data_card.md", _data_card(st, stats))
+    from tunegate.report.data_card import write_data_card_html
+
+    write_data_card_html(st.dir, st.project, stats, [r.to_json() for r in rejected], lengths)
     console.print(
         f"rows: {len(kept)} kept ({len(train)} train / {len(val)} val), {len(rejected)} rejected {dict(by_rule)}; "
         f"{len(golden)} golden"
@@ -227,6 +248,16 @@ def _data_card(st: Stage, stats: dict[str, Any]) -> str:
         f"- tokens per row: mean {stats['tokens_per_row_mean']}, max {stats['tokens_per_row_max']}; "
         f"truncated rows: {stats['truncated_rows']} (policy `{st.project.data.overlength}`, max_length {st.project.data.max_length})",
         f"- licences: {', '.join(stats['licenses']) or 'not stated'}",
+        (f"- duplicates removed: {stats['duplicates_removed']['exact']} exact, {stats['duplicates_removed']['near']} near"
+         if st.project.data.dedup is not None else "- duplicates: not checked (`data.dedup` is not set)"),
+        "- token lengths (after the over-length policy): ![token-length histogram](token_lengths.png); the same card as a page: data_card.html",
+        "",
+        "## Rows in and out per step",
+        "",
+        "| step | in | out | removed by rule |",
+        "|---|---:|---:|---|",
+        *[f"| {s['step']} | {s['rows_in']} | {s['rows_out']} | "
+          f"{', '.join(f'{k} {v}' for k, v in s['removed_by_rule'].items()) or '-'} |" for s in stats["steps"]],
         "",
         "## Rejected rows by rule",
         "",
@@ -237,9 +268,10 @@ def _data_card(st: Stage, stats: dict[str, Any]) -> str:
         *_pii_card(stats["pii"]),
         "## Per source",
         "",
-        "| source | read | kept | rejected |",
-        "|---|---:|---:|---:|",
-        *[f"| {Path(k).name} | {v['rows_read']} | {v['kept']} | {v['rejected']} |" for k, v in stats["per_source"].items()],
+        "| source | read | kept | train | val | rejected |",
+        "|---|---:|---:|---:|---:|---:|",
+        *[f"| {Path(k).name} | {v['rows_read']} | {v['kept']} | {v['train']} | {v['val']} | {v['rejected']} |"
+          for k, v in stats["per_source"].items()],
         "",
     ]
     return "\n".join(lines)

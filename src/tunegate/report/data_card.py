@@ -1,0 +1,104 @@
+"""The data card as a page: what went in, what came out at each step, why rows were removed, how long rows are.
+
+`write_data_card_html(stage_dir, project, stats, rejected, lengths)` is called by the data stage after
+stats.json and data_card.md; it writes token_lengths.png and data_card.html (plot embedded, readable
+offline) next to them. Everything shown comes from stats.json and rejected.jsonl, so the page and the
+markdown card cannot disagree. Rejected rows are shown by file, line, id, rule and detail only: never their
+text (a row rejected for PII must not reappear here).
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any
+
+from tunegate.manifest import atomic_write_text
+
+MAX_EXAMPLES = 10  # rejected rows listed per rule, and duplicate examples
+
+
+def plot_token_lengths(lengths: list[int], max_length: int, path: Path) -> None:
+    """Histogram of tokens per kept row (after the chat template and the over-length policy), max_length marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 2.8), dpi=110)
+    top = max(max(lengths, default=1), max_length)
+    bins = min(50, max(5, len(set(lengths))))
+    ax.hist(lengths, bins=bins, range=(0, top + 1), color="#2f80ed")
+    ax.axvline(max_length, color="#c0392b", lw=1, ls="--", label=f"max_length {max_length}")
+    ax.set_xlabel("tokens per row (chat template applied)")
+    ax.set_ylabel("rows")
+    ax.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _length_summary(lengths: list[int], max_length: int) -> dict[str, Any]:
+    s = sorted(lengths)
+    return {"n": len(s), "min": s[0], "median": statistics.median(s), "p95": s[min(len(s) - 1, int(0.95 * len(s)))],
+            "max": s[-1], "at_max_length": sum(1 for x in s if x >= max_length)}
+
+
+def card_context(project, stats: dict[str, Any], rejected: list[dict[str, Any]], lengths: list[int]) -> dict[str, Any]:
+    """What the template shows. `rejected`: rejected.jsonl rows (file, line, id, rule, detail); `lengths`: tokens
+    per kept row."""
+    cfg = project.data
+    by_file_rule: dict[str, Counter] = defaultdict(Counter)
+    examples: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in rejected:
+        by_file_rule[r["file"]][r["rule"]] += 1
+        if len(examples[r["rule"]]) < MAX_EXAMPLES:
+            examples[r["rule"]].append({k: r.get(k) for k in ("file", "line", "id", "detail")})
+    licence_of = {str(s.path): s.license for s in cfg.sources}
+    sources = [
+        {"name": Path(path).name, "path": path, "license": licence_of.get(path), **counts,
+         "rejected_by_rule": dict(sorted(by_file_rule[path].items()))}
+        for path, counts in stats["per_source"].items()
+    ]
+    rules = [{"rule": rule, "rows": n, "examples": examples[rule]} for rule, n in sorted(stats["rejected_by_rule"].items(), key=lambda t: -t[1])]
+    return {
+        "name": project.name,
+        "base_model": project.base_model,
+        "stats": stats,
+        "steps": stats.get("steps", []),
+        "sources": sources,
+        "rules": rules,
+        "max_length": cfg.max_length,
+        "overlength": cfg.overlength,
+        "system_role": cfg.system_role,
+        "lengths": _length_summary(lengths, cfg.max_length) if lengths else None,
+        "dedup": cfg.dedup.model_dump() if cfg.dedup is not None else None,
+        "duplicates": stats["duplicates_removed"],
+        "duplicate_examples": examples.get("duplicate", []),
+        "pii": stats.get("pii"),
+        "pii_types": sorted(set(stats["pii"]["entities"]) | set(stats["pii"]["found_by_type"])) if stats.get("pii") else [],
+        "unlicensed": [s["name"] for s in sources if not s["license"]],
+        "max_examples": MAX_EXAMPLES,
+    }
+
+
+def write_data_card_html(stage_dir: Path, project, stats: dict[str, Any], rejected: list[dict[str, Any]], lengths: list[int]) -> Path:
+    """Write token_lengths.png and data_card.html into `stage_dir`; returns the page's path.
+
+    project: the `config.Project` the data stage ran with (its data section names max_length, the over-length
+    policy, dedup settings and each source's licence).
+    """
+    from jinja2 import Environment, PackageLoader
+
+    from tunegate.report.build import _png_data_uri
+
+    stage_dir = Path(stage_dir)
+    png = stage_dir / "token_lengths.png"
+    plot_token_lengths(lengths, project.data.max_length, png)
+    # autoescape=True: select_autoescape(["html"]) would not match the name "data_card.html.j2"
+    env = Environment(loader=PackageLoader("tunegate", "report/templates"), autoescape=True)
+    html = env.get_template("data_card.html.j2").render(png=_png_data_uri(png), **card_context(project, stats, rejected, lengths))
+    out = stage_dir / "data_card.html"
+    atomic_write_text(out, html)
+    return out
