@@ -111,3 +111,56 @@ def test_production_adapter_as_baseline(tiny_project):
     # the production adapter's weights are an input of the eval stage: a new promotion means a new baseline
     inputs = read_manifest(eval_dir).inputs
     assert any(k.endswith("adapter_model.safetensors") and "adapters" in k for k in inputs)
+
+
+def test_eval_through_an_openai_compatible_server(tiny_project, tmp_path):
+    """eval.server: both systems answer through the server; the served candidate must be this run's adapter."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    import pytest
+
+    from tunegate import TunegateError
+
+    adapter = tiny_project / "runs" / "default" / "train" / "adapter"
+    served = {"root": str(adapter)}
+
+    class Handler(BaseHTTPRequestHandler):
+        def _send(self, payload):
+            data = json.dumps(payload).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self):  # noqa: N802
+            self._send({"object": "list", "data": [{"id": "base", "object": "model", "created": 0, "owned_by": "x"},
+                                                   {"id": "candidate", "object": "model", "created": 0, "owned_by": "x", "root": served["root"]}]})
+
+        def do_POST(self):  # noqa: N802
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            # the candidate answers the golden label hidden in the prompt ("... on beta" -> "beta"); the base model does not
+            text = body["messages"][-1]["content"].split()[-1] if body["model"] == "candidate" else "no idea"
+            self._send({"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
+                        "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": text}}]})
+
+        def log_message(self, *a):
+            pass
+
+    srv = HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        overrides = [f"eval.server={{base_url: 'http://127.0.0.1:{srv.server_port}/v1', base_model: base}}"]
+        project = load_project(tiny_project / "tunegate.yaml", overrides)
+        run_pipeline(project, until="train")
+        run_pipeline(project, until="eval")
+        scores = json.loads((tiny_project / "runs" / "default" / "eval" / "scores.json").read_text())["metrics"]
+        assert scores["exact_match"]["candidate"]["mean"] == 1.0 and scores["exact_match"]["baseline"]["mean"] == 0.0
+
+        served["root"] = str(tmp_path)  # the server now serves some other folder as "candidate"
+        (tmp_path / "adapter_model.safetensors").write_bytes(b"other weights")
+        with pytest.raises(TunegateError, match="whose weights differ"):
+            run_pipeline(project, until="eval", force=("eval",))
+    finally:
+        srv.shutdown()

@@ -1,0 +1,272 @@
+"""Loss-mask preview (`tunegate data-preview`): which tokens of a row are trained on, and which rows get cut.
+
+Rows come from the finished data stage (runs/<id>/data/train.jsonl, then val.jsonl) when its fingerprint
+matches the project's current data config and files; otherwise from the sources, read and validated by the
+data stage's own code (`read_source`, the system-message policy and, with `data.pii`, the same redaction),
+without the duplicate and golden-overlap steps. Every row is encoded by `tunegate.data.format.encode_record`
+with `data.max_length` and `data.overlength`: the function the train stage calls in `tokenize_rows`, so
+the preview cannot disagree with training.
+
+Supervised tokens (label != -100) are shown on a green background in a terminal, between ⟦ and ⟧ when the
+output is not a terminal, and inside `<span class="sup">` in the HTML page.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tunegate import TunegateError
+from tunegate.data.format import IGNORE_INDEX, Encoded, apply_system_policy, encode_record, supports_system_role
+from tunegate.data.records import RowError
+
+SUP_OPEN, SUP_CLOSE = "⟦", "⟧"  # supervised-span markers when there is no colour
+POLICY_CUT = {
+    "truncate_end": "cut from the end; the end-of-turn token is put last and supervised",
+    "cut_context_left": "cut from the start (the context); the final answer is kept whole",
+}
+
+
+@dataclass
+class Segment:
+    text: str
+    supervised: bool
+    n_tokens: int
+
+
+@dataclass
+class RowPreview:
+    id: str
+    where: str  # the file (and line) the row was read from
+    split: str  # train | val | source
+    segments: list[Segment] = field(default_factory=list)
+    n_tokens: int = 0  # after the over-length policy: what the train stage sees
+    n_supervised: int = 0
+    n_tokens_before: int = 0  # before the over-length policy
+    n_supervised_before: int = 0
+    truncated: bool = False
+    rejected: str | None = None  # "rule: detail" when the row is not trained on
+
+    @property
+    def status(self) -> str:
+        if self.rejected:
+            return f"REJECTED, not trained on: {self.rejected}"
+        if self.truncated:
+            return f"TRUNCATED: {self.n_tokens_before} -> {self.n_tokens} tokens ({self.n_tokens_before - self.n_tokens} fewer), supervised {self.n_supervised_before} -> {self.n_supervised}"
+        return "fits max_length, not truncated"
+
+
+def segments(tokenizer, enc: Encoded) -> list[Segment]:
+    """Runs of consecutive positions with the same supervised flag, each decoded as one piece of text.
+
+    A run is decoded whole (not token by token) so multi-byte characters split across byte-level BPE tokens
+    read correctly; runs break only where the loss mask changes, which is at a template boundary.
+    """
+    out: list[Segment] = []
+    start = 0
+    flags = [x != IGNORE_INDEX for x in enc.labels]
+    for i in range(1, len(flags) + 1):
+        if i == len(flags) or flags[i] != flags[start]:
+            ids = enc.input_ids[start:i]
+            text = tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+            out.append(Segment(text, flags[start], len(ids)))
+            start = i
+    return out
+
+
+def preview_row(tokenizer, rec: dict[str, Any], max_length: int, policy: str, where: str, split: str) -> RowPreview:
+    """Encode one row exactly as the train stage does and describe it. A row the data code rejects is
+    returned with `rejected` set (and, when it only failed the over-length policy, its uncut tokens)."""
+    p = RowPreview(rec["id"], where, split)
+    try:
+        full = encode_record(tokenizer, rec, sys.maxsize, policy)  # the same row with no length limit
+    except RowError as exc:
+        p.rejected = f"{exc.rule}: {exc.detail}"
+        return p
+    p.n_tokens_before, p.n_supervised_before = len(full.input_ids), full.n_supervised
+    try:
+        enc = encode_record(tokenizer, rec, max_length, policy)  # what training sees
+    except RowError as exc:
+        p.rejected = f"{exc.rule}: {exc.detail}"
+        enc = full  # shown uncut, marked rejected
+    p.segments = segments(tokenizer, enc)
+    p.n_tokens, p.n_supervised, p.truncated = len(enc.input_ids), enc.n_supervised, enc.truncated
+    return p
+
+
+def _data_stage_state(project, run_dir: Path) -> str | None:
+    """None when runs/<id>/data is finished and matches the current data config and files; else why not."""
+    from tunegate.manifest import fingerprint, read_manifest, sha256_file, verify_outputs
+    from tunegate.pipeline import _config_for, _relative_to, stage_inputs
+
+    stage_dir = run_dir / "data"
+    m = read_manifest(stage_dir)
+    if m is None:
+        return f"no finished data stage in {stage_dir}"
+    files = stage_inputs(project, "data")
+    missing = [str(p) for p in files.values() if not Path(p).is_file()]
+    if missing:
+        return f"{missing[0]} not found"
+    named = {name: sha256_file(p) for name, p in files.items()}
+    if fingerprint("data", _relative_to(_config_for(project, "data"), project.root), named, {}) != m.fingerprint:
+        return f"{stage_dir} was built from another data config or other files than the current ones"
+    broken = verify_outputs(stage_dir, m)
+    if broken:
+        return f"{stage_dir}: {', '.join(broken)} changed since the stage finished"
+    return None
+
+
+@dataclass
+class Rows:
+    """The rows a preview can choose from, in order, and what the data code rejected (by id)."""
+
+    rows: list[tuple[dict[str, Any], str, str]]  # (record, where, split)
+    rejected: dict[str, dict[str, Any]]  # id -> {file, line, rule, detail}
+    origin: str  # where they were read from, for messages
+    from_stage: bool
+
+
+def load_rows(project, run_dir: Path) -> Rows:
+    """The finished data stage's train and val rows when it is current, else the validated source rows."""
+    from tunegate.data.records import read_jsonl, read_source
+
+    why = _data_stage_state(project, run_dir)
+    stage_dir = run_dir / "data"
+    if why is None:
+        rows = [(r, str(stage_dir / f"{split}.jsonl"), split) for split in ("train", "val") for r in read_jsonl(stage_dir / f"{split}.jsonl")]
+        rejected = {r["id"]: r for r in read_jsonl(stage_dir / "rejected.jsonl") if r.get("id")}
+        return Rows(rows, rejected, f"{stage_dir / 'train.jsonl'} and val.jsonl", True)
+    from tunegate.pipeline import console
+    from tunegate.stages.data import _dedupe_ids
+
+    console.print(
+        f"[yellow]{why}: previewing the sources with the current config (validation, system-message policy, "
+        f"{'PII redaction, ' if project.data.pii else ''}template, loss mask, over-length policy; not the duplicate and "
+        f"golden-overlap steps). Run `tunegate data` for the exact training rows.[/yellow]"
+    )
+    records, rejected = [], {}
+    for src in project.data.sources:
+        recs, rej = read_source(src)
+        records += recs
+        rejected.update({r.id: r.to_json() for r in rej if r.id})
+    _dedupe_ids(records)
+    rows = [(r, f"{r['meta']['file']}:{r['meta']['line']}", "source") for r in records]
+    return Rows(rows, rejected, ", ".join(str(s.path) for s in project.data.sources), False)
+
+
+def choose(rows: Rows, ids: list[str] | None, first: int) -> list[tuple[dict[str, Any], str, str] | RowPreview]:
+    """The chosen rows, in the order asked. An id the data code rejected comes back as a rejected RowPreview.
+
+    Raises:
+        TunegateError: an id is neither a row nor a rejected row; the message names the file and a few valid ids.
+    """
+    if ids is None:
+        return list(rows.rows[:first])
+    by_id = {r["id"]: (r, where, split) for r, where, split in rows.rows}
+    out: list[Any] = []
+    for rid in ids:
+        if rid in by_id:
+            out.append(by_id[rid])
+        elif rid in rows.rejected:
+            r = rows.rejected[rid]
+            out.append(RowPreview(rid, f"{r['file']}:{r['line']}", "rejected", rejected=f"{r['rule']}: {r['detail']}"))
+        else:
+            few = ", ".join(list(by_id)[:8])
+            raise TunegateError(f"{rows.origin}: no row with id {rid!r} ({len(by_id)} rows; ids include {few}{', ...' if len(by_id) > 8 else ''})")
+    return out
+
+
+def build_previews(project, run_dir: Path, ids: list[str] | None, first: int) -> list[RowPreview]:
+    """Choose rows and encode them with the base model's tokenizer (no weights are loaded)."""
+    from tunegate.models import load_tokenizer, resolve_base_model
+
+    cfg = project.data
+    rows = load_rows(project, run_dir)
+    chosen = choose(rows, ids, first)
+    tokenizer = load_tokenizer(resolve_base_model(project.base_model))
+    to_encode = [c for c in chosen if not isinstance(c, RowPreview)]
+    pii_rejected: dict[str, str] = {}
+    if not rows.from_stage:  # the data stage's steps before the template, on the chosen rows only
+        has_system = supports_system_role(tokenizer)
+        if cfg.pii is not None:
+            from tunegate.data.pii import redactor_from_config
+
+            recs, drops, _ = redactor_from_config(cfg.pii).redact_records([r for r, _, _ in to_encode])
+            pii_rejected = {d.id: f"{d.rule}: {d.detail}" for d in drops}
+            redacted = {r["id"]: r for r in recs}
+            to_encode = [(redacted.get(r["id"], r), where, split) for r, where, split in to_encode]
+        for i, (r, where, split) in enumerate(to_encode):
+            if "messages" in r and r["id"] not in pii_rejected:
+                try:
+                    r = {**r, "messages": apply_system_policy(r["messages"], cfg.system_role, has_system)}
+                except RowError as exc:
+                    pii_rejected[r["id"]] = f"{exc.rule}: {exc.detail}"
+                to_encode[i] = (r, where, split)
+    encoded = {}
+    for r, where, split in to_encode:
+        if r["id"] in pii_rejected:
+            encoded[r["id"]] = RowPreview(r["id"], where, split, rejected=pii_rejected[r["id"]])
+        else:
+            encoded[r["id"]] = preview_row(tokenizer, r, cfg.max_length, cfg.overlength, where, split)
+    return [c if isinstance(c, RowPreview) else encoded[c[0]["id"]] for c in chosen]
+
+
+def print_previews(previews: list[RowPreview], max_length: int, policy: str, console=None) -> None:
+    """Each row: a header, the token counts, the over-length verdict, and the text with supervised tokens marked."""
+    from rich.console import Console
+    from rich.text import Text
+
+    console = console or Console(highlight=False)
+    colour = console.color_system is not None
+    legend = ("supervised tokens (label != -100) on green, masked tokens dim" if colour
+              else f"supervised tokens (label != -100) between {SUP_OPEN} and {SUP_CLOSE}")
+    console.print(Text(f"data.max_length {max_length}, data.overlength {policy}; {legend}", style="bold"), soft_wrap=True)
+    for p in previews:
+        console.rule(Text(f"{p.id}  ({p.split}, {p.where})"))
+        if p.segments:
+            console.print(f"tokens {p.n_tokens}, supervised {p.n_supervised}, masked {p.n_tokens - p.n_supervised}", soft_wrap=True)
+        status_style = "red" if p.rejected else ("yellow" if p.truncated else "green")
+        cut = f"; {POLICY_CUT[policy]}" if p.truncated and policy in POLICY_CUT else ""
+        console.print(Text(p.status + cut, style=status_style), soft_wrap=True)
+        if p.rejected and p.segments:
+            console.print(Text("the row before the over-length policy, as it would be masked:", style="dim"), soft_wrap=True)
+        body = Text()
+        for s in p.segments:
+            if s.supervised:
+                body.append(s.text if colour else f"{SUP_OPEN}{s.text}{SUP_CLOSE}", style="black on green")
+            else:
+                body.append(s.text, style="dim")
+        if p.segments:
+            console.print(body, soft_wrap=True)
+
+
+def render_html(previews: list[RowPreview], title: str, max_length: int, policy: str, origin: str) -> str:
+    from jinja2 import Environment, PackageLoader
+
+    env = Environment(loader=PackageLoader("tunegate", "report/templates"), autoescape=True)
+    return env.get_template("data_preview.html.j2").render(
+        title=title, previews=previews, max_length=max_length, policy=policy, origin=origin, policy_cut=POLICY_CUT
+    )
+
+
+def run_preview(project, run_dir: Path, ids: list[str] | None, first: int, html: Path | None) -> list[RowPreview]:
+    """`tunegate data-preview`: print the chosen rows, and write the HTML page when `html` is given."""
+    from tunegate.manifest import atomic_write_text
+    from tunegate.pipeline import console as err
+
+    previews = build_previews(project, run_dir, ids, first)
+    cfg = project.data
+    print_previews(previews, cfg.max_length, cfg.overlength)
+    if html is not None:
+        origin = "the finished data stage" if _data_stage_state(project, run_dir) is None else "the sources (no current data stage)"
+        atomic_write_text(html, render_html(previews, project.name, cfg.max_length, cfg.overlength, origin))
+        err.print(f"wrote {html}")
+    return previews
+
+
+def to_json(p: RowPreview) -> dict[str, Any]:
+    """A preview as plain data (for tests and scripts)."""
+    return json.loads(json.dumps(p, default=lambda o: o.__dict__))
