@@ -101,6 +101,35 @@ def data(project: ProjectArg, overrides: Overrides = None, run_id: RunId = "defa
     _stage(project, overrides, run_id, "data", force)
 
 
+@app.command(name="data-preview")
+def data_preview(
+    project: ProjectArg,
+    overrides: Overrides = None,
+    rows: Annotated[Optional[str], typer.Option("--rows", help="comma-separated row ids, e.g. t3,t17 (a rejected id shows its rule)")] = None,
+    first: Annotated[Optional[int], typer.Option("--first", min=1, help="the first N training rows (default 5)")] = None,
+    html: Annotated[Optional[Path], typer.Option("--html", help="also write the preview as an HTML page to this file")] = None,
+    run_id: RunId = "default",
+) -> None:
+    """Show exactly which tokens of chosen rows are trained on (the loss mask), and which rows max_length cuts.
+
+    Rows come from the data stage's train.jsonl and val.jsonl when it matches the current config and files,
+    else from the sources (validated, not deduplicated). Each row goes through the real chat template and the
+    train stage's own encoder, with data.max_length and data.overlength.
+
+    Example: tunegate data-preview . data.max_length=128 data.overlength=truncate_end --rows t3,t17 --html p.html
+    """
+    from tunegate import pipeline
+    from tunegate.report.preview import run_preview
+
+    if rows is not None and first is not None:
+        raise TunegateError("--rows and --first: give one of them")
+    ids = [x.strip() for x in rows.split(",") if x.strip()] if rows is not None else None
+    if ids == []:
+        raise TunegateError("--rows: no row id given")
+    p = _load(project, overrides)
+    run_preview(p, pipeline.run_dir_for(p, run_id), ids, first or 5, html)
+
+
 @app.command()
 def audit(project: ProjectArg, overrides: Overrides = None, run_id: RunId = "default", force: Force = False) -> None:
     """Audit before spend (needs the data stage; runs it if missing): zero-shot, prompt optimization, kNN few-shot,

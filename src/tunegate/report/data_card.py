@@ -28,7 +28,7 @@ def plot_token_lengths(lengths: list[int], max_length: int, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 2.8), dpi=110)
     top = max(max(lengths, default=1), max_length)
-    bins = min(50, max(5, len(set(lengths))))
+    bins = min(60, top + 1)  # at least one token per bin
     ax.hist(lengths, bins=bins, range=(0, top + 1), color="#2f80ed")
     ax.axvline(max_length, color="#c0392b", lw=1, ls="--", label=f"max_length {max_length}")
     ax.set_xlabel("tokens per row (chat template applied)")

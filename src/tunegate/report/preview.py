@@ -13,7 +13,6 @@ output is not a terminal, and inside `<span class="sup">` in the HTML page.
 
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -136,7 +135,8 @@ def load_rows(project, run_dir: Path) -> Rows:
     why = _data_stage_state(project, run_dir)
     stage_dir = run_dir / "data"
     if why is None:
-        rows = [(r, str(stage_dir / f"{split}.jsonl"), split) for split in ("train", "val") for r in read_jsonl(stage_dir / f"{split}.jsonl")]
+        rows = [(r, f"{stage_dir / split}.jsonl:{i}, from {Path(r['meta']['file']).name}:{r['meta']['line']}", split)
+                for split in ("train", "val") for i, r in enumerate(read_jsonl(stage_dir / f"{split}.jsonl"), start=1)]
         rejected = {r["id"]: r for r in read_jsonl(stage_dir / "rejected.jsonl") if r.get("id")}
         return Rows(rows, rejected, f"{stage_dir / 'train.jsonl'} and val.jsonl", True)
     from tunegate.pipeline import console
@@ -179,8 +179,11 @@ def choose(rows: Rows, ids: list[str] | None, first: int) -> list[tuple[dict[str
     return out
 
 
-def build_previews(project, run_dir: Path, ids: list[str] | None, first: int) -> list[RowPreview]:
-    """Choose rows and encode them with the base model's tokenizer (no weights are loaded)."""
+def build_previews(project, run_dir: Path, ids: list[str] | None, first: int) -> tuple[list[RowPreview], Rows]:
+    """Choose rows and encode them with the base model's tokenizer (no weights are loaded).
+
+    Returns the previews in the order chosen, and the rows they were chosen from.
+    """
     from tunegate.models import load_tokenizer, resolve_base_model
 
     cfg = project.data
@@ -188,30 +191,30 @@ def build_previews(project, run_dir: Path, ids: list[str] | None, first: int) ->
     chosen = choose(rows, ids, first)
     tokenizer = load_tokenizer(resolve_base_model(project.base_model))
     to_encode = [c for c in chosen if not isinstance(c, RowPreview)]
-    pii_rejected: dict[str, str] = {}
+    rejected_early: dict[str, str] = {}
     if not rows.from_stage:  # the data stage's steps before the template, on the chosen rows only
         has_system = supports_system_role(tokenizer)
         if cfg.pii is not None:
             from tunegate.data.pii import redactor_from_config
 
             recs, drops, _ = redactor_from_config(cfg.pii).redact_records([r for r, _, _ in to_encode])
-            pii_rejected = {d.id: f"{d.rule}: {d.detail}" for d in drops}
+            rejected_early = {d.id: f"{d.rule}: {d.detail}" for d in drops}
             redacted = {r["id"]: r for r in recs}
             to_encode = [(redacted.get(r["id"], r), where, split) for r, where, split in to_encode]
         for i, (r, where, split) in enumerate(to_encode):
-            if "messages" in r and r["id"] not in pii_rejected:
+            if "messages" in r and r["id"] not in rejected_early:
                 try:
                     r = {**r, "messages": apply_system_policy(r["messages"], cfg.system_role, has_system)}
                 except RowError as exc:
-                    pii_rejected[r["id"]] = f"{exc.rule}: {exc.detail}"
+                    rejected_early[r["id"]] = f"{exc.rule}: {exc.detail}"
                 to_encode[i] = (r, where, split)
     encoded = {}
     for r, where, split in to_encode:
-        if r["id"] in pii_rejected:
-            encoded[r["id"]] = RowPreview(r["id"], where, split, rejected=pii_rejected[r["id"]])
+        if r["id"] in rejected_early:
+            encoded[r["id"]] = RowPreview(r["id"], where, split, rejected=rejected_early[r["id"]])
         else:
             encoded[r["id"]] = preview_row(tokenizer, r, cfg.max_length, cfg.overlength, where, split)
-    return [c if isinstance(c, RowPreview) else encoded[c[0]["id"]] for c in chosen]
+    return [c if isinstance(c, RowPreview) else encoded[c[0]["id"]] for c in chosen], rows
 
 
 def print_previews(previews: list[RowPreview], max_length: int, policy: str, console=None) -> None:
@@ -225,7 +228,7 @@ def print_previews(previews: list[RowPreview], max_length: int, policy: str, con
               else f"supervised tokens (label != -100) between {SUP_OPEN} and {SUP_CLOSE}")
     console.print(Text(f"data.max_length {max_length}, data.overlength {policy}; {legend}", style="bold"), soft_wrap=True)
     for p in previews:
-        console.rule(Text(f"{p.id}  ({p.split}, {p.where})"))
+        console.print(Text(f"── {p.id}  ({p.split}, {p.where})", style="bold cyan"), soft_wrap=True)
         if p.segments:
             console.print(f"tokens {p.n_tokens}, supervised {p.n_supervised}, masked {p.n_tokens - p.n_supervised}", soft_wrap=True)
         status_style = "red" if p.rejected else ("yellow" if p.truncated else "green")
@@ -257,16 +260,11 @@ def run_preview(project, run_dir: Path, ids: list[str] | None, first: int, html:
     from tunegate.manifest import atomic_write_text
     from tunegate.pipeline import console as err
 
-    previews = build_previews(project, run_dir, ids, first)
+    previews, rows = build_previews(project, run_dir, ids, first)
     cfg = project.data
     print_previews(previews, cfg.max_length, cfg.overlength)
     if html is not None:
-        origin = "the finished data stage" if _data_stage_state(project, run_dir) is None else "the sources (no current data stage)"
+        origin = rows.origin if rows.from_stage else f"the sources {rows.origin} (no current data stage: before dedup and golden-overlap removal)"
         atomic_write_text(html, render_html(previews, project.name, cfg.max_length, cfg.overlength, origin))
         err.print(f"wrote {html}")
     return previews
-
-
-def to_json(p: RowPreview) -> dict[str, Any]:
-    """A preview as plain data (for tests and scripts)."""
-    return json.loads(json.dumps(p, default=lambda o: o.__dict__))
