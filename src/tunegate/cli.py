@@ -173,6 +173,31 @@ def report(project: ProjectArg, overrides: Overrides = None, run_id: RunId = "de
 
 
 @app.command()
+def export(
+    project: ProjectArg,
+    overrides: Overrides = None,
+    run_id: RunId = "default",
+    out: Annotated[Optional[Path], typer.Option("--out", help="folder for the merged model (default runs/<run-id>/export/merged)")] = None,
+    prompts: Annotated[int, typer.Option("--prompts", min=1, help="golden prompts the merge is checked on")] = 8,
+) -> None:
+    """Merge the run's adapter (LoRA or DoRA) into its base model, for engines that cannot load it (vLLM: DoRA).
+
+    The merge is checked in fp32 on golden prompts: max |logit difference| <= 1e-3 against the unmerged adapter
+    and identical greedy outputs; a merge outside that is refused and nothing is written. The merged model
+    (safetensors, tokenizer, chat template) and merge_check.json appear in the output folder together.
+    """
+    from tunegate.export import export_run
+
+    p = _load(project, overrides)
+    target, check = export_run(p, run_id, out, prompts)
+    typer.echo(
+        f"merged {check['adapter_type']} adapter: max |logit diff| {check['max_abs_logit_diff']:.2e} "
+        f"(tolerance {check['tolerance']['max_abs_logit_diff']:g}), greedy identical {check['greedy_identical']}/{check['n']}"
+    )
+    typer.echo(f"wrote {target}")
+
+
+@app.command()
 def promote(project: ProjectArg, overrides: Overrides = None, run_id: RunId = "default") -> None:
     """Make a run's adapter the production version; refused unless its eval verdict is PASS."""
     from tunegate import registry
