@@ -63,13 +63,33 @@ class GateRule(_Section):
         return self
 
 
+class SemanticDedupConfig(_Section):
+    """SemDeDup (Abbas et al. 2023, tunegate.data.dedup.semantic_dedup): MiniLM embeddings of each row's text,
+    seeded k-means, and within each cluster a row whose cosine to an already-kept row is >= threshold is dropped.
+    The kept row is the one with the highest `meta.quality`, then the first seen."""
+
+    threshold: float = Field(default=0.95, gt=0, le=1)  # cosine similarity of unit-normalised MiniLM embeddings
+    clusters: int | None = Field(default=None, ge=1)  # k-means k; None: round(sqrt(rows))
+    seed: int = 0  # k-means seed
+
+
 class DedupConfig(_Section):
-    """Duplicate removal (tunegate.data.dedup): exact after normalisation, then MinHash LSH near-duplicates."""
+    """Duplicate removal (tunegate.data.dedup): exact after normalisation, then MinHash LSH near-duplicates,
+    then (when `semantic` is set) SemDeDup over MiniLM embeddings."""
 
     near: bool = True
     threshold: float = Field(default=0.8, gt=0, le=1)  # Jaccard similarity of word shingles
     num_perm: int = Field(default=128, ge=16)
     shingle_words: int = Field(default=5, ge=1)
+    semantic: SemanticDedupConfig | None = None  # off unless set, e.g. `semantic: {threshold: 0.95}`
+
+
+class DecontaminateConfig(_Section):
+    """Removal of training rows whose prompt shares a word n-gram with a golden prompt (case C23;
+    tunegate.data.golden.ngram_overlap). Words are compared lower-cased, punctuation stripped, whitespace
+    collapsed; a golden prompt shorter than `ngram` words is matched exactly (its whole normalised text)."""
+
+    ngram: int = Field(default=13, ge=1)  # words; 13 is the GPT-3 / Llama 2 decontamination convention
 
 
 class PiiConfig(_Section):
@@ -144,6 +164,9 @@ class DataConfig(_Section):
     system_role: Literal["auto", "merge", "reject"] = "auto"
     max_rejected_fraction: float = Field(default=0.05, ge=0.0, le=1.0)
     dedup: DedupConfig | None = None  # off unless set, e.g. `dedup: {}` for the defaults
+    # n-gram decontamination against the golden set, after the exact-overlap removal; on by default (it only
+    # removes rows that overlap the golden set). `decontaminate: null` keeps the exact-overlap removal only.
+    decontaminate: DecontaminateConfig | None = Field(default_factory=DecontaminateConfig)
     pii: PiiConfig | None = None  # off unless set, e.g. `pii: {mode: mask}`
 
 

@@ -217,3 +217,20 @@ def test_dedup_in_the_data_stage_lists_duplicates_in_rejected(tiny_project):
     assert [(r["id"], r["rule"], r["detail"]) for r in rejected] == [("copy7", "duplicate", "exact duplicate of t7")]
     stats = json.loads((tiny_project / "runs/default/data/stats.json").read_text())
     assert stats["duplicates_removed"] == {"exact": 1, "near": 0} and stats["train_rows"] + stats["val_rows"] == 60
+
+
+def test_eval_refuses_a_padded_copy_by_the_same_ngram_rule_as_the_data_stage(tiny_project):
+    """C23 at the gate, n-gram kind: a re-wrapped, padded golden prompt added after the data stage is refused."""
+    from tunegate.stages.evaluate import check_golden
+
+    project = load_project(tiny_project / "tunegate.yaml", ["data.decontaminate.ngram=3"])
+    run_pipeline(project, until="data")  # the tiny training rows share no 3-word run with a golden prompt
+    data_dir = tiny_project / "runs/default/data"
+    check_golden(project, data_dir)
+    padded = chat("Please help.\n  GOLDEN   question 3 on alpha, thanks!", "alpha", "padded")
+    with open(data_dir / "train.jsonl", "a") as f:
+        f.write(json.dumps(padded) + "\n")
+    with pytest.raises(TunegateError, match=r"1 training row\(s\) overlap the golden set \(train~golden: padded~g3\)"):
+        check_golden(project, data_dir)
+    # with decontamination off only exact copies are refused
+    check_golden(load_project(tiny_project / "tunegate.yaml", ["data.decontaminate=null"]), data_dir)

@@ -6,6 +6,9 @@ Every LSH candidate is verified by its true Jaccard similarity before a row is d
 words than the shingle size has no shingles: it only takes the exact path, so distinct short texts are never
 merged into one cluster (case C20). The first row of a cluster, in input order, is kept; the others are
 dropped with the id of the row they duplicate.
+
+Semantic (optional, `semantic_dedup`): SemDeDup (Abbas et al. 2023) over MiniLM sentence embeddings, k-means
+clusters and a cosine threshold; the kept row of a group is the highest quality score, then the first seen.
 """
 
 from __future__ import annotations
@@ -21,8 +24,8 @@ from tunegate.data.records import normalize_text
 class Duplicate:
     id: str
     duplicate_of: str
-    kind: str  # "exact" or "near"
-    jaccard: float
+    kind: str  # "exact", "near" or "semantic"
+    jaccard: float  # the similarity: Jaccard for "exact" / "near", cosine for "semantic"
 
 
 def shingles(text: str, size: int) -> set[str]:
@@ -70,4 +73,57 @@ def dedup(
             kept_shingles[row["id"]] = sh
         exact[key] = row["id"]
         kept.append(row)
+    return kept, dropped
+
+
+def semantic_dedup(
+    rows: Sequence[dict[str, Any]],
+    text: Callable[[dict[str, Any]], str],
+    threshold: float = 0.95,
+    clusters: int | None = None,
+    seed: int = 0,
+    quality: Callable[[dict[str, Any]], float | None] | None = None,
+    embed: Callable[[list[str]], Any] | None = None,
+) -> tuple[list[dict[str, Any]], list[Duplicate]]:
+    """SemDeDup (Abbas et al. 2023, "SemDeDup: data-efficient learning at web-scale through semantic deduplication").
+
+    Each row's normalised text is embedded (all-MiniLM-L6-v2, unit-normalised, so a dot product is the cosine),
+    the embeddings are clustered by k-means (scikit-learn, `seed`, k = `clusters` or round(sqrt(len(rows)))), and
+    within each cluster rows are visited best first: highest `quality(row)` (None counts as lowest), then input
+    order. A row whose cosine to a row already kept in its cluster is >= `threshold` is dropped, naming the kept
+    row it is closest to (kind "semantic", the cosine in the `jaccard` field). Pairs split across clusters are
+    not compared: that is the method's approximation.
+
+    Returns (kept rows in input order, dropped duplicates in input order). `embed(texts)` returns an array of
+    shape (len(texts), dim), unit-normalised; the default is tunegate.retrieval.embed (MiniLM on CPU).
+    """
+    import numpy as np
+
+    if len(rows) < 2:
+        return list(rows), []
+    if embed is None:
+        from tunegate.retrieval import embed
+    vecs = np.asarray(embed([normalize_text(text(r)) for r in rows]), dtype=np.float32)  # (n, dim)
+    k = min(len(rows), clusters if clusters is not None else max(1, round(len(rows) ** 0.5)))
+    if k > 1:
+        from sklearn.cluster import KMeans
+
+        labels = KMeans(n_clusters=k, random_state=seed, n_init=1).fit_predict(vecs)  # (n,)
+    else:
+        labels = np.zeros(len(rows), dtype=int)
+    q = [quality(r) if quality is not None else None for r in rows]
+    drop_of: dict[int, tuple[int, float]] = {}  # dropped row index -> (kept row index, cosine)
+    for c in np.unique(labels):
+        members = sorted(np.flatnonzero(labels == c), key=lambda i: (q[i] is None, -(q[i] or 0.0), i))
+        kept_idx: list[int] = []
+        for i in members:
+            if kept_idx:
+                sims = vecs[kept_idx] @ vecs[i]  # (len(kept_idx),)
+                j = int(np.argmax(sims))
+                if sims[j] >= threshold:
+                    drop_of[int(i)] = (kept_idx[j], float(sims[j]))
+                    continue
+            kept_idx.append(int(i))
+    kept = [r for i, r in enumerate(rows) if i not in drop_of]
+    dropped = [Duplicate(rows[i]["id"], rows[j]["id"], "semantic", round(cos, 4)) for i, (j, cos) in sorted(drop_of.items())]
     return kept, dropped

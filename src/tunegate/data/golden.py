@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -85,3 +86,47 @@ def overlap(train: list[dict[str, Any]], golden: list[dict[str, Any]]) -> list[t
         if gid is not None:
             pairs.append((t["id"], gid))
     return pairs
+
+
+_PUNCT = re.compile(r"[^\w\s]+")
+DEFAULT_NGRAM = 13  # words; the GPT-3 (Brown et al. 2020, app. C) and Llama 2 (Touvron et al. 2023) convention
+
+
+def ngram_words(text: str) -> list[str]:
+    """The words n-gram decontamination compares: lower case, punctuation stripped, whitespace collapsed."""
+    return _PUNCT.sub(" ", text.lower()).split()
+
+
+def ngram_overlap(train: list[dict[str, Any]], golden: list[dict[str, Any]], n: int = DEFAULT_NGRAM) -> list[tuple[str, str, str]]:
+    """(train id, golden id, shared text) for training prompts that share a word `n`-gram with a golden prompt.
+
+    Both sides are normalised by `ngram_words` (lower case, punctuation stripped, whitespace collapsed), so
+    re-wrapped, re-spaced, re-cased or re-punctuated copies match, and so does a golden prompt padded with
+    text before or after it (case C23). A golden prompt shorter than `n` words has no `n`-gram: it falls back
+    to an exact match of its whole normalised word sequence (so short golden prompts catch re-wrapped copies,
+    not padded ones). The first golden row (in file order) holding an n-gram is the one named; per training
+    row the first shared n-gram in its own word order is reported.
+    """
+    grams: dict[tuple[str, ...], str] = {}  # golden n-gram -> first golden id
+    whole: dict[tuple[str, ...], str] = {}  # short golden prompt (fewer than n words) -> first golden id
+    for g in golden:
+        words = ngram_words(prompt_text(g))
+        if not words:
+            continue
+        if len(words) < n:
+            whole.setdefault(tuple(words), g["id"])
+        for i in range(len(words) - n + 1):
+            grams.setdefault(tuple(words[i : i + n]), g["id"])
+    hits = []
+    for t in train:
+        words = tuple(ngram_words(prompt_text(t)))
+        gid = whole.get(words)
+        if gid is not None:
+            hits.append((t["id"], gid, " ".join(words)))
+            continue
+        for i in range(len(words) - n + 1):
+            gid = grams.get(words[i : i + n])
+            if gid is not None:
+                hits.append((t["id"], gid, " ".join(words[i : i + n])))
+                break
+    return hits

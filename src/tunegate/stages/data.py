@@ -44,6 +44,13 @@ def _row_text(rec: dict[str, Any]) -> str:
     return rec["prompt"] + "\n" + rec["completion"]
 
 
+def _quality(rec: dict[str, Any]) -> float | None:
+    """A row's quality score for SemDeDup's choice of kept row: `quality` (or `meta.quality`) in the source row."""
+    meta = rec.get("meta", {})
+    q = meta.get("quality", meta.get("meta", {}).get("quality") if isinstance(meta.get("meta"), dict) else None)
+    return float(q) if isinstance(q, (int, float)) and not isinstance(q, bool) else None
+
+
 def _dedupe_ids(records: list[dict[str, Any]]) -> None:
     """Row ids must be unique across sources: the file name prefixes a repeated id."""
     seen: Counter[str] = Counter(r["id"] for r in records)
@@ -145,7 +152,8 @@ def run(st: Stage) -> StageResult:
             except RowError as exc:
                 raise TunegateError(f"{cfg.golden.path}:{rec['meta']['line']} (id {rec['id']}): {exc.rule}: {exc.detail}") from None
 
-    # 3. Duplicates: exact after normalisation, then near-duplicates (MinHash LSH, verified by Jaccard).
+    # 3. Duplicates: exact after normalisation, then near-duplicates (MinHash LSH, verified by Jaccard), then
+    # (data.dedup.semantic) SemDeDup over MiniLM embeddings.
     n_dup = {"exact": 0, "near": 0}
     if cfg.dedup is not None:
         from tunegate.data.dedup import dedup
@@ -160,6 +168,21 @@ def run(st: Stage) -> StageResult:
             rejected.append(Rejection(rec["meta"]["file"], rec["meta"]["line"], d.id, "duplicate", detail))
         step("duplicates" + (" (exact and near)" if cfg.dedup.near else " (exact)"), len(by_id), len(kept), mark)
         console.print(f"duplicates removed: {n_dup['exact']} exact, {n_dup['near']} near")
+        if cfg.dedup.semantic is not None:
+            import time
+
+            from tunegate.data.dedup import semantic_dedup
+
+            sem, mark, n_in, t0 = cfg.dedup.semantic, len(rejected), len(kept), time.perf_counter()
+            kept, sdups = semantic_dedup(kept, _row_text, sem.threshold, sem.clusters, sem.seed, quality=_quality)
+            n_dup["semantic"] = len(sdups)
+            for d in sdups:
+                rec = by_id[d.id]
+                rejected.append(Rejection(rec["meta"]["file"], rec["meta"]["line"], d.id, "semantic_duplicate",
+                                          f"semantic duplicate of {d.duplicate_of} (cosine {d.jaccard})"))
+            step(f"semantic duplicates (SemDeDup, cosine >= {sem.threshold})", n_in, len(kept), mark)
+            console.print(f"semantic duplicates removed: {len(sdups)} of {n_in} rows (cosine >= {sem.threshold}); "
+                          f"{time.perf_counter() - t0:.1f} s")
 
     # 4. Decontamination against the golden set (case C23): overlapping training rows are removed and listed.
     by_id = {r["id"]: r for r in kept}
@@ -175,6 +198,22 @@ def run(st: Stage) -> StageResult:
     step("golden-set overlap", len(by_id), len(kept), mark)
     if pairs:
         console.print(f"[yellow]removed {len(pairs)} training row(s) that overlap the golden set: {', '.join(t for t, _ in pairs[:10])}[/yellow]")
+    # 4b. n-gram decontamination (data.decontaminate): a prompt sharing a word n-gram with a golden prompt,
+    # after lower-casing and stripping punctuation, so padded and re-punctuated copies go too.
+    ngram_hits: list[tuple[str, str, str]] = []
+    if cfg.decontaminate is not None:
+        n_in, mark = len(kept), len(rejected)
+        ngram_hits = golden_lock.ngram_overlap(kept, golden, cfg.decontaminate.ngram)
+        for tid, gid, shared in ngram_hits:
+            rec = by_id[tid]
+            rejected.append(Rejection(rec["meta"]["file"], rec["meta"]["line"], tid, "golden_ngram_overlap",
+                                      f"shares a {cfg.decontaminate.ngram}-word n-gram with golden row {gid}: \"{shared}\""))
+        dirty = {tid for tid, _, _ in ngram_hits}
+        kept = [r for r in kept if r["id"] not in dirty]
+        step(f"golden-set n-gram overlap ({cfg.decontaminate.ngram}-word)", n_in, len(kept), mark)
+        if ngram_hits:
+            console.print(f"[yellow]removed {len(ngram_hits)} training row(s) sharing a {cfg.decontaminate.ngram}-word n-gram "
+                          f"with the golden set: {', '.join(t for t, _, _ in ngram_hits[:10])}[/yellow]")
 
     # 5. Rejections: written first, so a refused run still shows why.
     atomic_write_jsonl(st.dir / "rejected.jsonl", [r.to_json() for r in rejected])
@@ -214,7 +253,8 @@ def run(st: Stage) -> StageResult:
         "val_rows": len(val),
         "golden_rows": len(golden),
         "golden_sha256": lock["file_sha256"],
-        "golden_overlap_removed": len(pairs),
+        "golden_overlap_removed": len(pairs) + len(ngram_hits),
+        "golden_ngram_overlap_removed": len(ngram_hits),
         "duplicates_removed": n_dup,
         "pii": pii_report,
         "truncated_rows": n_truncated,
@@ -249,6 +289,7 @@ def _data_card(st: Stage, stats: dict[str, Any]) -> str:
         f"truncated rows: {stats['truncated_rows']} (policy `{st.project.data.overlength}`, max_length {st.project.data.max_length})",
         f"- licences: {', '.join(stats['licenses']) or 'not stated'}",
         (f"- duplicates removed: {stats['duplicates_removed']['exact']} exact, {stats['duplicates_removed']['near']} near"
+         + (f", {stats['duplicates_removed']['semantic']} semantic" if "semantic" in stats["duplicates_removed"] else "")
          if st.project.data.dedup is not None else "- duplicates: not checked (`data.dedup` is not set)"),
         "- token lengths (after the over-length policy): ![token-length histogram](token_lengths.png); the same card as a page: data_card.html",
         "",

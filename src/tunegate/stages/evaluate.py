@@ -42,6 +42,9 @@ def check_golden(project, data_dir) -> list[dict[str, Any]]:
     golden = read_jsonl(data_dir / "golden.jsonl")
     trained = read_jsonl(data_dir / "train.jsonl") + read_jsonl(data_dir / "val.jsonl")
     pairs = golden_lock.overlap(trained, golden)
+    if cfg.decontaminate is not None:  # the same n-gram rule the data stage applied (case C23)
+        seen = {t for t, _ in pairs}
+        pairs += [(t, g) for t, g, _ in golden_lock.ngram_overlap(trained, golden, cfg.decontaminate.ngram) if t not in seen]
     if pairs:
         shown = ", ".join(f"{t}~{g}" for t, g in pairs[:10])
         raise TunegateError(
