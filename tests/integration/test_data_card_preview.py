@@ -96,7 +96,8 @@ def test_data_card_html_has_histogram_steps_sources_duplicates_pii_and_licence(t
 
     # rows in and out per step, with the rule that removed them
     assert [(s["rows_in"], s["rows_out"], s["removed_by_rule"]) for s in stats["steps"]] == [
-        (63, 62, {"invalid_json": 1}), (62, 62, {}), (62, 62, {}), (62, 61, {"duplicate": 1}), (61, 61, {})]
+        (63, 62, {"invalid_json": 1}), (62, 62, {}), (62, 62, {}), (62, 61, {"duplicate": 1}), (61, 61, {}), (61, 61, {})]
+    assert [s["step"] for s in stats["steps"]][-2:] == ["golden-set overlap", "golden-set n-gram overlap (13-word)"]
     assert "<td>PII (mask)</td><td class=\"n\">62</td><td class=\"n\">62</td>" in html
     # removal reasons, duplicates with an example, PII by type, licences
     assert "<code>invalid_json</code></td><td class=\"n\">1</td>" in html
