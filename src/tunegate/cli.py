@@ -426,8 +426,12 @@ def suite(
     for system in systems:
         typer.echo(f"{system}: " + json.dumps(details[system].get("summary") or {**details[system]["string_match"], **details[system].get("judge", {})}))
     for m, s in details["metrics"].items():
-        d = s["delta"]
-        typer.echo(f"{m}: candidate - base {d['mean']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]")
+        b = s["baseline"]
+        line = f"{m}: base {b['mean']:.3f} [{b['ci_low']:.3f}, {b['ci_high']:.3f}]"
+        if "delta" in s:
+            d = s["delta"]
+            line += f", candidate - base {d['mean']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]"
+        typer.echo(line)
     typer.echo(f"wrote {out / 'suite.json'}")
 
 

@@ -77,3 +77,22 @@ def test_every_upstream_instruction_has_a_checker():
     assert len({i for r in rows for i in r["instruction_id_list"]}) == 25
     empty = ifeval.summary(ifeval.score(rows, [""] * len(rows)))
     assert empty["ifeval_average"] == 0.0  # an empty response follows nothing
+
+
+def test_a_row_whose_checker_draws_a_random_argument_scores_the_same_every_time():
+    """Upstream key 1129 asks for the 'letter' '!': lm-eval's checker then picks a random letter. Seeded per row."""
+    import random
+
+    row = {"key": 1129, "prompt": "p", "instruction_id_list": ["keywords:letter_frequency"],
+           "kwargs": [{"let_relation": "at least", "letter": "!", "let_frequency": 6}]}
+    response = "a" * 6 + "e" * 6 + "s" * 6 + "t" * 6 + " some more words"
+    results = set()
+    for seed in range(20):
+        random.seed(seed)  # whatever the caller's random state
+        results.add(tuple(ifeval.score([row], [response])["ifeval_inst_strict"]))
+    assert len(results) == 1
+    random.seed(5)
+    before = random.random()
+    random.seed(5)
+    ifeval.score([row], [response])
+    assert random.random() == before  # the caller's random state is left as it was

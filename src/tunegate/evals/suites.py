@@ -77,12 +77,16 @@ def _hit_max(backend, responses, max_new_tokens: int) -> float | None:
 
 
 def bootstrap_summary(per_row: PerRow, n_samples: int, seed: int, baseline: str = "baseline", candidate: str = "candidate") -> dict[str, dict]:
-    """Per metric {"baseline", "candidate", "delta"} intervals, as the golden-set metrics have them."""
+    """Per metric {"baseline", "candidate", "delta"} intervals, as the golden-set metrics have them; a run with
+    one system (no candidate) gets {"baseline"} only. Metrics without rows are left out."""
     from tunegate.evals.bootstrap import bootstrap_ci, paired_bootstrap
 
     out = {}
     for m, by_system in per_row.items():
         b, c = by_system.get(baseline), by_system.get(candidate)
+        if b and not c and candidate not in by_system:
+            out[m] = {"baseline": bootstrap_ci(b, n_samples, seed).as_dict()}
+            continue
         if not b or not c:
             continue
         out[m] = {"baseline": bootstrap_ci(b, n_samples, seed).as_dict(), "candidate": bootstrap_ci(c, n_samples, seed).as_dict(),
