@@ -7,6 +7,7 @@ path is the real one, while training and generation take seconds.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -116,3 +117,45 @@ def shared_data(*parts: str) -> Path:
     if not path.exists():
         pytest.skip(f"{path} not found: the shared datasets folder (../shared/data) is absent")
     return path
+
+
+@contextlib.contextmanager
+def fake_openai_server(answer, models=lambda: []):
+    """An in-process OpenAI-compatible server (no network): POST /v1/chat/completions answers
+    `answer(model, messages)` (None -> HTTP 500), GET /v1/models lists `models()` cards. Yields
+    (base_url, requests) where requests collects (path, body) of every completion call."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    requests: list = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def _send(self, payload, status=200):
+            data = json.dumps(payload).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self):  # noqa: N802
+            self._send({"object": "list", "data": [{"object": "model", "created": 0, "owned_by": "fake", **m} for m in models()]})
+
+        def do_POST(self):  # noqa: N802
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            requests.append((self.path, body))
+            text = answer(body["model"], body["messages"])
+            if text is None:
+                return self._send({"error": {"message": "boom"}}, status=500)
+            self._send({"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
+                        "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": text}}]})
+
+        def log_message(self, *a):
+            pass
+
+    srv = HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{srv.server_port}/v1", requests
+    finally:
+        srv.shutdown()

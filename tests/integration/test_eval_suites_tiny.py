@@ -115,45 +115,19 @@ def test_production_adapter_as_baseline(tiny_project):
 
 def test_eval_through_an_openai_compatible_server(tiny_project, tmp_path):
     """eval.server: both systems answer through the server; the served candidate must be this run's adapter."""
-    import threading
-    from http.server import BaseHTTPRequestHandler, HTTPServer
-
     import pytest
+    from conftest import fake_openai_server
 
     from tunegate import TunegateError
 
-    adapter = tiny_project / "runs" / "default" / "train" / "adapter"
-    served = {"root": str(adapter)}
+    served = {"root": str(tiny_project / "runs" / "default" / "train" / "adapter")}
 
-    class Handler(BaseHTTPRequestHandler):
-        def _send(self, payload):
-            data = json.dumps(payload).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+    def answer(model, messages):
+        # the candidate answers the label hidden in the golden prompt ("... on beta" -> "beta"); the base model does not
+        return messages[-1]["content"].split()[-1] if model == "candidate" else "no idea"
 
-        def do_GET(self):  # noqa: N802
-            self._send({"object": "list", "data": [{"id": "base", "object": "model", "created": 0, "owned_by": "x"},
-                                                   {"id": "candidate", "object": "model", "created": 0, "owned_by": "x", "root": served["root"]}]})
-
-        def do_POST(self):  # noqa: N802
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            # the candidate answers the golden label hidden in the prompt ("... on beta" -> "beta"); the base model does not
-            text = body["messages"][-1]["content"].split()[-1] if body["model"] == "candidate" else "no idea"
-            self._send({"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
-                        "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": text}}]})
-
-        def log_message(self, *a):
-            pass
-
-    srv = HTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    try:
-        overrides = [f"eval.server={{base_url: 'http://127.0.0.1:{srv.server_port}/v1', base_model: base}}"]
-        project = load_project(tiny_project / "tunegate.yaml", overrides)
-        run_pipeline(project, until="train")
+    with fake_openai_server(answer, lambda: [{"id": "base"}, {"id": "candidate", "root": served["root"]}]) as (url, _):
+        project = load_project(tiny_project / "tunegate.yaml", [f"eval.server={{base_url: '{url}', base_model: base}}"])
         run_pipeline(project, until="eval")
         scores = json.loads((tiny_project / "runs" / "default" / "eval" / "scores.json").read_text())["metrics"]
         assert scores["exact_match"]["candidate"]["mean"] == 1.0 and scores["exact_match"]["baseline"]["mean"] == 0.0
@@ -162,5 +136,3 @@ def test_eval_through_an_openai_compatible_server(tiny_project, tmp_path):
         (tmp_path / "adapter_model.safetensors").write_bytes(b"other weights")
         with pytest.raises(TunegateError, match="whose weights differ"):
             run_pipeline(project, until="eval", force=("eval",))
-    finally:
-        srv.shutdown()
