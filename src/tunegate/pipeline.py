@@ -139,11 +139,12 @@ def run_stage(
                     f"{st.upstream_dir(up)}: stage {up} was built from an older {up2} stage than the one in {run_dir}; "
                     f"rule: a run's stages must come from one chain. Run `tunegate run` (or `tunegate {up}`) first."
                 )
-    for path in stage_inputs(project, stage).values():
+    input_files = stage_inputs(project, stage)
+    for path in input_files.values():
         if not Path(path).is_file():
             raise TunegateError(f"{path}: input file not found (stage {stage})")
-    named_inputs = {name: sha256_file(p) for name, p in stage_inputs(project, stage).items()}
-    inputs = {str(p): named_inputs[name] for name, p in stage_inputs(project, stage).items()}
+    named_inputs = {name: sha256_file(p) for name, p in input_files.items()}
+    inputs = {str(p): named_inputs[name] for name, p in input_files.items()}
     config = _config_for(project, stage)
     # Paths inside the project folder enter the fingerprint relative to it, so a moved or copied project
     # (with its runs/) is still recognised as finished.

@@ -25,8 +25,6 @@ from tunegate import TunegateError
 
 FILE = "ifeval/input_data.jsonl"  # under the suite data root, as Google publishes it
 METRICS = ("ifeval_prompt_strict", "ifeval_inst_strict", "ifeval_prompt_loose", "ifeval_inst_loose")
-# Instruction-level rows are instructions, not prompts: a prompt with three instructions adds three rows.
-INSTRUCTION_LEVEL = ("ifeval_inst_strict", "ifeval_inst_loose")
 
 
 def load_prompts(path: Path, limit: int | None = None) -> list[dict[str, Any]]:

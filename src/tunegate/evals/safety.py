@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 from tunegate import TunegateError
 
@@ -102,5 +102,3 @@ def string_match(responses: Sequence[str]) -> list[float]:
 
     return [refusal(r) for r in responses]
 
-
-Classifier = Callable[[Sequence[str], Sequence[str]], list[float]]
