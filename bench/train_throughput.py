@@ -9,6 +9,14 @@ linear layers) and batch size, on this machine's CPU, in one process. Writes JSO
 "plain TRL" = `SFTTrainer` with `SFTConfig` defaults (activation checkpointing on, its fused LM head that
 scores every position in fp32 off Triton devices) and LoRA dropout 0.05 as in PEFT's examples; bf16 and
 use_cpu are set from the device, since TRL's bf16 default fails on a CPU otherwise.
+
+MFU (model FLOPs utilisation, Chowdhery et al. 2022): achieved FLOP/s / the matmul peak measured here.
+Achieved = tunegate.preflight.train_flops(N, N_a, tokens, full=False) / wall seconds = (4·N·D + 6·N_a·D) /
+wall, with N the base model's parameters, N_a the adapter's, D the non-padding tokens processed. The peak is
+`tunegate.preflight.measure_matmul_peak` (torch.matmul, 1024x1024, this process's threads) in the precision
+the runs used (bf16 under bf16 autocast, else fp32); both are recorded under `matmul_peak_flops`. Model
+FLOPs, not hardware FLOPs: recomputation (plain TRL's activation checkpointing), padding and tunegate's
+skipped LM-head rows are not counted, so the two runs' MFU ratio equals their tokens/s ratio.
 """
 
 from __future__ import annotations
@@ -55,7 +63,8 @@ def main() -> None:
 
     from tunegate.data.format import encode_chat
     from tunegate.models import bf16_supported, load_model, load_tokenizer, resolve_base_model
-    from tunegate.stages.train import _trainer_class
+    from tunegate.preflight import measure_matmul_peak, train_flops
+    from tunegate.recipes.sft import trainer_class as _trainer_class
 
     base = resolve_base_model("smollm2-135m-instruct")
     tok = load_tokenizer(base)
@@ -68,6 +77,10 @@ def main() -> None:
         cols["labels"].append(enc.labels)
     ds = Dataset.from_dict(cols)
     bf16 = bf16_supported()
+    peaks = {"float32": measure_matmul_peak(dtype="float32")}
+    if bf16:
+        peaks["bfloat16"] = measure_matmul_peak(dtype="bfloat16")
+    peak_dtype = "bfloat16" if bf16 else "float32"
     common = dict(max_steps=args.steps, per_device_train_batch_size=args.batch_size, bf16=bf16,
                   use_cpu=not torch.cuda.is_available(), report_to="none", save_strategy="no", max_length=None,
                   include_num_input_tokens_seen="non_padding", disable_tqdm=True, logging_steps=args.steps,
@@ -78,12 +91,15 @@ def main() -> None:
         lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=dropout, target_modules="all-linear", task_type="CAUSAL_LM")
         cfg = SFTConfig(output_dir=f"/tmp/tunegate-bench-{name}", **common, **cfg_extra)
         trainer = trainer_cls(model=load_model(base), args=cfg, train_dataset=ds, processing_class=tok, peft_config=lora)
+        trainable, total = trainer.model.get_nb_trainable_parameters()  # total includes the adapter
         t0 = time.perf_counter()
         trainer.train()
         wall = time.perf_counter() - t0
         tokens = trainer.state.num_input_tokens_seen
+        achieved = train_flops(total - trainable, trainable, tokens, full=False) / wall
         return {"wall_s": round(wall, 2), "tokens": tokens, "tokens_per_s": round(tokens / wall, 1),
-                "s_per_step": round(wall / args.steps, 3)}
+                "s_per_step": round(wall / args.steps, 3), "base_params": total - trainable,
+                "adapter_params": trainable, "achieved_flops": round(achieved), "mfu": round(achieved / peaks[peak_dtype], 4)}
 
     results = {
         "plain_trl": measure("trl", SFTTrainer, {}, 0.05),
@@ -99,6 +115,8 @@ def main() -> None:
         "precision": "bf16 autocast" if bf16 else "fp32",
         "threads": torch.get_num_threads(),
         "machine": platform.processor() or platform.machine(),
+        "matmul_peak_flops": {k: round(v) for k, v in peaks.items()},
+        "mfu_peak": peak_dtype,  # the matmul_peak_flops entry each run's mfu divides by
         "results": results,
         "speedup": round(speedup, 2),
     }

@@ -154,10 +154,33 @@ def train(
     run_id: RunId = "default",
     force: Force = False,
     train_anyway: Annotated[bool, typer.Option("--train-anyway", help="train even when the audit said NO_TRAIN (recorded)")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="run the preflight only: checks, a micro-benchmark and the time/memory/cost estimate; train nothing")] = False,
 ) -> None:
     """Train stage only (needs the data stage); resumes from the last checkpoint after an interruption.
-    Refuses when this run's audit said NO_TRAIN, unless --train-anyway."""
-    _stage(project, overrides, run_id, "train", force, train_anyway)
+    Refuses when this run's audit said NO_TRAIN, unless --train-anyway.
+
+    Every training starts with the preflight: the anti-patterns (small data with high rank and many epochs,
+    a base-model learning rate on an instruct model, no golden set, no feedback capture, ...), the loss-mask
+    and length rejections, and the LoRA target modules resolved against the model. --dry-run runs it alone
+    (after the data stage), adds a measured micro-benchmark and an estimate of tokens, FLOPs, time here, peak
+    memory and the cost of the same run at 7B on cloud GPUs (price table: audit.prices), writes
+    runs/<run-id>/preflight.json, and exits 2 when it found errors.
+    """
+    if not dry_run:
+        _stage(project, overrides, run_id, "train", force, train_anyway)
+        return
+    from tunegate import pipeline
+    from tunegate.manifest import atomic_write_json
+    from tunegate.preflight import run_checks
+
+    p = _load(project, overrides)
+    run_dir = pipeline.run_dir_for(p, run_id)
+    pipeline.run_pipeline(p, run_id=run_id, until="data")
+    check = run_checks(p, run_dir / "data", measure=True)
+    atomic_write_json(run_dir / "preflight.json", {k: v for k, v in check.items() if k != "text"})
+    typer.echo(check["text"] + f"\nwritten: {run_dir / 'preflight.json'}")
+    if check["errors"]:
+        raise typer.Exit(2)
 
 
 @app.command(name="eval")

@@ -26,11 +26,20 @@ class _Section(BaseModel):
 
 
 class SourceConfig(_Section):
-    """One raw data source. Formats: `chat` (JSONL with OpenAI `messages`), `prompt_completion` (JSONL with
-    `prompt` and `completion` strings), `csv` (a column mapping turns each row into a user and an assistant turn)."""
+    """One raw data source (tunegate.data.records). Formats:
+
+    chat: JSONL with OpenAI `messages`. prompt_completion: JSONL with `prompt` and `completion` strings.
+    csv: a column mapping turns each row into a user and an assistant turn.
+    preference: JSONL preference pairs for DPO/ORPO: `prompt` (string or messages) with `chosen` and
+    `rejected` (strings or messages), or `chosen`/`rejected` only (whole conversations sharing their prompt,
+    including Anthropic HH-RLHF "\n\nHuman: ... \n\nAssistant: ..." transcripts).
+    kto: JSONL unpaired feedback: `prompt`, `completion` and a boolean `label` (thumbs up = true).
+    text: JSONL raw text for continued pretraining, in the `text_column` field.
+    """
 
     path: Path
-    format: Literal["chat", "prompt_completion", "csv"] = "chat"
+    format: Literal["chat", "prompt_completion", "csv", "preference", "kto", "text"] = "chat"
+    text_column: str = "text"  # text: the field holding the raw text
     prompt_column: str = "prompt"  # csv: the column that becomes the user turn
     completion_column: str = "completion"  # csv: the column that becomes the assistant turn
     instruction: str | None = None  # a system message put before every row of this source
@@ -170,14 +179,88 @@ class DataConfig(_Section):
     pii: PiiConfig | None = None  # off unless set, e.g. `pii: {mode: mask}`
 
 
+class GrpoConfig(_Section):
+    """GRPO (reinforcement fine-tuning, DeepSeekMath, Shao et al. 2024) against a verifier (tunegate.verifiers).
+
+    `verifier`: a built-in (numeric, exact_label, json_schema, regex, ifeval) or a function in a file of the
+    project, "verifiers/reward.py:score" (path relative to the project file; its sha256 goes in the manifest).
+    The verifier scores a completion against the row's reference answer (its final assistant turn), 0..1.
+    TRL's GRPOConfig settings (num_generations, max_completion_length, beta, ...) go in `train.trl`.
+    """
+
+    verifier: str = "exact_label"
+    json_schema: Path | None = None  # verifier json_schema: a JSON Schema file the completion must validate against
+    pattern: str | None = None  # regex: the completion must match (re.search)
+    tolerance: float = Field(default=1e-6, ge=0)  # numeric: |answer - reference| allowed
+    smoke_prompts: int = Field(default=8, ge=1)  # preflight: prompts whose generations must give varying rewards (C18)
+    # Run time (C18): when more than this fraction of groups has zero reward variance for `patience` logged
+    # steps in a row, the run warns, and stops when `stop_on_zero_variance` is set.
+    max_zero_variance_fraction: float = Field(default=0.9, ge=0, le=1)
+    patience: int = Field(default=5, ge=1)
+    stop_on_zero_variance: bool = False
+
+
+class DistillationConfig(_Section):
+    """Distillation: a small student learns from a teacher. `sequence` (Kim & Rush 2016): the teacher answers
+    every training prompt and the student is trained on those answers with SFT. `logits` (GKD, Agarwal et al.
+    2024, TRL's GKDTrainer): the student matches the teacher's token distributions; tokenizers must match."""
+
+    teacher: str  # a base model name, a local folder or a Hugging Face id (offline cache)
+    mode: Literal["sequence", "logits"] = "sequence"
+    max_new_tokens: int = Field(default=256, ge=1)
+    batch_size: int = Field(default=8, ge=1)
+
+
+_DEMOS = ("chat", "prompt_completion", "csv")
+# Which source formats each training method reads (the data stage's record kinds, tunegate.data.records).
+METHOD_FORMATS: dict[str, tuple[str, ...]] = {
+    "sft": _DEMOS,
+    "cpt": ("text",),
+    "dpo": ("preference",),
+    "orpo": ("preference",),
+    "kto": ("kto", "preference"),  # a pair gives one desirable and one undesirable row
+    "grpo": ("chat", "csv"),  # the final assistant turn is the reference answer the verifier checks against
+    "distillation": ("chat", "csv"),  # the teacher answers the prompts; the final turn is replaced
+}
+
+
 class TrainConfig(_Section):
-    method: Literal["sft"] = "sft"
+    """What to train and how. `method` is the objective, `adapter` the parameterisation.
+
+    method: sft (demonstrations), cpt (continued pretraining on raw text, packed), dpo (preference pairs,
+    Rafailov et al. 2023), kto (unpaired thumbs, Ethayarajh et al. 2024), orpo (SFT + preference in one pass,
+    Hong et al. 2024), grpo (a verifier's reward), distillation (a teacher's answers or logits).
+    adapter: dora (default: LoRA r=16 with DoRA), lora, qlora (4-bit base via bitsandbytes: CUDA only),
+    full (every weight trains; no adapter).
+    """
+
+    method: Literal["sft", "cpt", "dpo", "kto", "orpo", "grpo", "distillation"] = "sft"
+    adapter: Literal["dora", "lora", "qlora", "full"] = "dora"
     # Passed as-is to peft.LoraConfig; tunegate's defaults are LoRA r=16, alpha=32, DoRA, all linear layers.
     lora: dict[str, Any] = Field(default_factory=dict)
-    # Passed as-is to trl.SFTConfig (a transformers TrainingArguments).
+    # Passed as-is to the method's TRL config (SFTConfig, DPOConfig, KTOConfig, ORPOConfig, GRPOConfig, ...).
     trl: dict[str, Any] = Field(default_factory=dict)
+    # Start from this adapter (e.g. the SFT run before DPO): it is merged into the base first, so the new
+    # adapter trains on top of it and the DPO/KTO reference is that frozen starting policy (case C19).
+    init_adapter: Path | None = None
+    grpo: GrpoConfig | None = None  # method grpo: required
+    distillation: DistillationConfig | None = None  # method distillation: required
     budget_minutes: float | None = Field(default=None, gt=0)  # stop training (and save) after this long
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _method_settings(self) -> "TrainConfig":
+        if self.method == "grpo" and self.grpo is None:
+            raise ValueError("method grpo needs `grpo: {verifier: ...}` (which verifier scores the answers)")
+        if self.method == "distillation" and self.distillation is None:
+            raise ValueError("method distillation needs `distillation: {teacher: ...}`")
+        if self.method != "grpo" and self.grpo is not None:
+            raise ValueError(f"`grpo` is set but method is {self.method}")
+        if self.method != "distillation" and self.distillation is not None:
+            raise ValueError(f"`distillation` is set but method is {self.method}")
+        if self.adapter == "full" and self.lora:
+            raise ValueError("adapter full trains every weight: remove `lora`")
+        return self
 
 
 def _default_gate() -> list[GateRule]:
@@ -400,6 +483,20 @@ class Project(_Section):
             raise ValueError("name must be a plain word (it names folders)")
         return v
 
+    @model_validator(mode="after")
+    def _formats_fit_method(self) -> "Project":
+        allowed = METHOD_FORMATS[self.train.method]
+        for i, src in enumerate(self.data.sources):
+            if src.format not in allowed:
+                raise ValueError(
+                    f"data.sources[{i}] ({src.path}) has format {src.format}, which train.method {self.train.method} "
+                    f"cannot train on; it takes: {', '.join(allowed)}"
+                )
+        if self.data.golden.format not in ("chat", "prompt_completion", "csv"):
+            raise ValueError(f"data.golden has format {self.data.golden.format}: a golden set holds prompts with "
+                             "reference answers (chat, prompt_completion or csv)")
+        return self
+
     def section(self, name: str) -> dict[str, Any]:
         """One config section as validated, JSON-ready (what a stage manifest records)."""
         return json.loads(self.model_dump_json(include={name}))[name]
@@ -543,6 +640,13 @@ def load_project(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) 
         project.audit.corpus.path = _resolve(root, project.audit.corpus.path)
     if project.audit.prices is not None:
         project.audit.prices = _resolve(root, project.audit.prices)
+    t = project.train
+    if t.init_adapter is not None:
+        t.init_adapter = _resolve(root, t.init_adapter)
+    if t.grpo is not None and t.grpo.json_schema is not None:
+        t.grpo.json_schema = _resolve(root, t.grpo.json_schema)
+    if t.distillation is not None and t.distillation.teacher.startswith((".", "/", "~")):
+        t.distillation.teacher = str(_resolve(root, Path(t.distillation.teacher)))
     return project
 
 
@@ -552,11 +656,73 @@ def _resolve(root: Path, p: Path) -> Path:
 
 
 def lora_kwargs(project: Project) -> dict[str, Any]:
-    return {**DEFAULT_LORA, **project.train.lora}
+    """peft.LoraConfig arguments: DEFAULT_LORA, DoRA off for `adapter: lora | qlora`, then `train.lora`."""
+    adapter_default = {"use_dora": project.train.adapter == "dora"}
+    return {**DEFAULT_LORA, **adapter_default, **project.train.lora}
 
 
-def sft_kwargs(project: Project, output_dir: Path, device_bf16: bool) -> dict[str, Any]:
-    """The SFTConfig arguments: tunegate's defaults, then the project's `train.trl` on top."""
+# Learning rates by method and parameterisation: adapters train a few new weights and take ~10-100x the rate
+# a full fine-tune takes (Hu et al. 2021; TRL's examples). Preference and RL objectives move the policy less.
+_DEFAULT_LR = {
+    ("sft", "adapter"): 2e-4, ("sft", "full"): 2e-5,
+    ("cpt", "adapter"): 1e-4, ("cpt", "full"): 1e-5,
+    ("distillation", "adapter"): 2e-4, ("distillation", "full"): 2e-5,
+    ("dpo", "adapter"): 5e-5, ("dpo", "full"): 5e-7,
+    ("kto", "adapter"): 5e-5, ("kto", "full"): 5e-7,
+    ("orpo", "adapter"): 8e-5, ("orpo", "full"): 8e-6,
+    ("grpo", "adapter"): 1e-5, ("grpo", "full"): 1e-6,
+}
+
+
+def trl_config_class(project: Project):
+    """The TRL config class `train.trl` is passed to for this method."""
+    method = project.train.method
+    if method == "dpo":
+        from trl import DPOConfig
+
+        return DPOConfig
+    if method == "kto":
+        from trl import KTOConfig
+
+        return KTOConfig
+    if method == "orpo":
+        from trl.experimental.orpo import ORPOConfig
+
+        return ORPOConfig
+    if method == "grpo":
+        from trl import GRPOConfig
+
+        return GRPOConfig
+    if method == "distillation" and project.train.distillation.mode == "logits":
+        from trl import DistillationConfig
+
+        return DistillationConfig
+    from trl import SFTConfig
+
+    return SFTConfig
+
+
+def trl_kwargs(project: Project, output_dir: Path, device_bf16: bool) -> dict[str, Any]:
+    """The TRL config arguments for `train.method`: tunegate's defaults, then the project's `train.trl` on top."""
+    method = project.train.method
+    defaults = sft_kwargs(project, output_dir, device_bf16, overrides=False)
+    defaults["learning_rate"] = _DEFAULT_LR[(method, "full" if project.train.adapter == "full" else "adapter")]
+    if method in ("dpo", "kto", "orpo"):
+        # TRL tokenizes pairs itself: its max_length cuts prompt+answer (the data stage already applied the
+        # over-length policy with data.max_length, so nothing is cut here).
+        defaults.update(max_length=project.data.max_length, logging_steps=1, per_device_train_batch_size=4)
+    if method == "grpo":
+        defaults.pop("max_length")
+        defaults.update(num_generations=4, max_completion_length=64, per_device_train_batch_size=4, logging_steps=1,
+                        temperature=1.0, beta=0.0)
+    if method == "distillation" and project.train.distillation.mode == "logits":
+        defaults.pop("max_length")  # DistillationConfig has no max_length: the data stage already fit the rows
+        defaults.update(max_completion_length=project.train.distillation.max_new_tokens)
+    return {**defaults, **project.train.trl}
+
+
+def sft_kwargs(project: Project, output_dir: Path, device_bf16: bool, overrides: bool = True) -> dict[str, Any]:
+    """The SFTConfig arguments: tunegate's defaults, then (with `overrides`) the project's `train.trl` on top."""
     defaults: dict[str, Any] = {
         "output_dir": str(output_dir),
         "learning_rate": 2e-4,
@@ -577,7 +743,7 @@ def sft_kwargs(project: Project, output_dir: Path, device_bf16: bool) -> dict[st
         "max_length": None,  # tunegate tokenizes and applies the over-length policy itself
         "disable_tqdm": False,
     }
-    return {**defaults, **project.train.trl}
+    return {**defaults, **project.train.trl} if overrides else defaults
 
 
 def _cuda_available() -> bool:
@@ -596,20 +762,20 @@ def check_passthrough(project: Project) -> list[str]:
     from tunegate.models import bf16_supported
 
     problems = []
-    try:
-        from peft import LoraConfig
+    if project.train.adapter != "full":
+        try:
+            from peft import LoraConfig
 
-        LoraConfig(**lora_kwargs(project))
-    except (TypeError, ValueError) as exc:
-        problems.append(f"train.lora: peft.LoraConfig refused it: {exc}")
+            LoraConfig(**lora_kwargs(project))
+        except (TypeError, ValueError) as exc:
+            problems.append(f"train.lora: peft.LoraConfig refused it: {exc}")
+    config_cls = trl_config_class(project)
     try:
-        from trl import SFTConfig
-
-        problems += _check_types(SFTConfig, project.train.trl)
+        problems += _check_types(config_cls, project.train.trl)
         with tempfile.TemporaryDirectory() as tmp:
-            SFTConfig(**sft_kwargs(project, Path(tmp), bf16_supported()))
+            config_cls(**trl_kwargs(project, Path(tmp), bf16_supported()))
     except (TypeError, ValueError) as exc:
-        problems.append(f"train.trl: trl.SFTConfig refused it: {exc}")
+        problems.append(f"train.trl: trl.{config_cls.__name__} refused it: {exc}")
     return problems
 
 

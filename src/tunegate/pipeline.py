@@ -97,6 +97,19 @@ def stage_inputs(project: Project, stage: str) -> dict[str, Path]:
         files = {f"source{i}": s.path for i, s in enumerate(project.data.sources)}
         files["golden"] = project.data.golden.path
         return files
+    if stage == "train":
+        t, files = project.train, {}
+        if t.init_adapter is not None:
+            files["init_adapter"] = t.init_adapter / "adapter_model.safetensors"
+        if t.grpo is not None:
+            if t.grpo.json_schema is not None:
+                files["grpo_json_schema"] = t.grpo.json_schema
+            if ":" in t.grpo.verifier or t.grpo.verifier.endswith(".py"):  # a verifier file of the project
+                files["grpo_verifier"] = project.root / t.grpo.verifier.split(":")[0]
+        if t.distillation is not None and Path(t.distillation.teacher).is_dir():
+            teacher = Path(t.distillation.teacher)
+            files["teacher_config"] = teacher / "config.json"
+        return files
     if stage == "eval":
         files = project.eval.suites.files() if project.eval.suites else {}
         judge = project.eval.judge
@@ -264,8 +277,11 @@ def run_pipeline(project: Project, run_id: str = "default", until: str = "report
         if stage == "audit" and not project.audit.enabled:
             console.print("[dim]- audit: off (audit.enabled: false)[/dim]")
             continue
+        if stage == "audit" and project.train.method == "cpt":
+            console.print("[dim]- audit: skipped for continued pretraining (raw text has no answers to few-shot or probe with)[/dim]")
+            continue
         if stage == "train":
-            overrides = training_override(project, run_dir, train_anyway) if project.audit.enabled else []
+            overrides = training_override(project, run_dir, train_anyway) if project.audit.enabled and project.train.method != "cpt" else []
             for o in overrides:
                 console.print(f"[yellow]{o}[/yellow]")
         manifests[stage] = run_stage(project, run_dir, stage, bodies[stage], force=stage in force or "all" in force, overrides=overrides)

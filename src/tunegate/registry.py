@@ -71,6 +71,9 @@ def _adapter_digest(run_dir: Path) -> str:
         raise TunegateError(f"{run_dir}/train: no finished train stage to register")
     digest = train.outputs.get("adapter/adapter_model.safetensors")
     if digest is None:
+        if "model/model.safetensors" in train.outputs:
+            raise TunegateError(f"{run_dir}/train: a full fine-tune (train.adapter: full) is a whole model, not an adapter; "
+                                "the registry versions adapters on one base model. Publish it from train/model/ by hand")
         raise TunegateError(f"{run_dir}/train/manifest.json: no adapter weights recorded")
     return digest
 

@@ -1,7 +1,7 @@
 """The data card page (data_card.html, token_lengths.png) and `tunegate data-preview` on the tiny project.
 
 The preview must agree with training: its supervised-token count for a row is the number of label != -100
-positions `stages.train.tokenize_rows` gives that row, and its HTML marks exactly the answer (and its
+positions `recipes.sft.tokenize_rows` gives that row, and its HTML marks exactly the answer (and its
 end-of-turn token) as supervised.
 """
 
@@ -18,7 +18,7 @@ from tunegate.cli import app
 from tunegate.config import load_project
 from tunegate.data.format import IGNORE_INDEX
 from tunegate.pipeline import run_pipeline
-from tunegate.stages.train import tokenize_rows
+from tunegate.recipes.sft import tokenize_rows
 
 LONG_ANSWER = " ".join(["word"] * 80)
 

@@ -161,7 +161,7 @@ def test_killed_training_resumes_from_its_last_checkpoint(tiny_project):
     """A run interrupted after step 3 leaves checkpoint-2 and no manifest; the rerun resumes at step 2."""
     from transformers import TrainerCallback
 
-    import tunegate.stages.train as train_stage
+    import tunegate.recipes.sft as sft_recipe
 
     project = load_project(tiny_project / "tunegate.yaml", ["train.trl.max_steps=6"])
     run_pipeline(project, until="data")
@@ -172,7 +172,7 @@ def test_killed_training_resumes_from_its_last_checkpoint(tiny_project):
                 raise KeyboardInterrupt("simulated kill")
 
     # inject the kill through the trainer's callback list
-    real_cls = train_stage._trainer_class
+    real_cls = sft_recipe.trainer_class
 
     def killing_trainer_class():
         cls = real_cls()
@@ -184,12 +184,12 @@ def test_killed_training_resumes_from_its_last_checkpoint(tiny_project):
 
         return K
 
-    train_stage._trainer_class = killing_trainer_class
+    sft_recipe.trainer_class = killing_trainer_class
     try:
         with pytest.raises(KeyboardInterrupt):
             run_pipeline(project, until="train")
     finally:
-        train_stage._trainer_class = real_cls
+        sft_recipe.trainer_class = real_cls
     run_dir = tiny_project / "runs/default"
     assert read_manifest(run_dir / "train") is None
     assert (run_dir / ".train.checkpoints" / "checkpoint-2").is_dir()

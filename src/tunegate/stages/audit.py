@@ -200,9 +200,12 @@ def run(st: Stage) -> StageResult:
     if acfg.golden_rows and acfg.golden_rows < len(golden):
         keep = sorted(random.Random(acfg.seed).sample(range(len(golden)), acfg.golden_rows))
         golden = [golden[i] for i in keep]
-    train = read_jsonl(data_dir / "train.jsonl")
+    # Demonstrations for few-shot, dev rows and the probe: preference rows with their chosen answer, KTO rows
+    # labelled desirable. Raw text (CPT) has none: the audit is skipped for it (pipeline.run_pipeline).
+    train = [r for r in read_jsonl(data_dir / "train.jsonl") if "messages" in r or "prompt" in r]
+    train = [{k: v for k, v in r.items() if k not in ("rejected", "label")} for r in train if r.get("label", True)]
     if not train:
-        raise TunegateError(f"{data_dir / 'train.jsonl'}: no training rows; the audit needs them for few-shot and dev rows")
+        raise TunegateError(f"{data_dir / 'train.jsonl'}: no demonstration rows; the audit needs them for few-shot and dev rows")
     rng = random.Random(acfg.seed)
     dev_idx = set(rng.sample(range(len(train)), min(acfg.dev_rows, max(len(train) // 2, 1))))
     dev = [r for i, r in enumerate(train) if i in dev_idx]
@@ -436,6 +439,14 @@ def _shot_picker(pool: list[dict[str, Any]], labels: list[str] | None, seed: int
     return pick
 
 
+def _sft_keys() -> set[str]:
+    import dataclasses
+
+    from trl import SFTConfig
+
+    return {f.name for f in dataclasses.fields(SFTConfig)}
+
+
 def _train_probe(st: Stage, pool: list[dict[str, Any]], n_train: int, seed: int, usd_per_hour: float) -> dict[str, Any]:
     """A short LoRA run through the train stage's own code, in <audit>/probe/. Returns its summary and cost."""
     import json
@@ -449,7 +460,11 @@ def _train_probe(st: Stage, pool: list[dict[str, Any]], n_train: int, seed: int,
     atomic_write_jsonl(probe_dir / "data" / "train.jsonl", rows)
     atomic_write_jsonl(probe_dir / "data" / "val.jsonl", [])
     project = st.project.model_copy(deep=True)
-    trl = {k: v for k, v in project.train.trl.items() if k not in ("num_train_epochs", "eval_steps", "save_steps")}
+    # The probe is SFT with the default adapter whatever train.method is: a lower bound of what training buys.
+    project.train.method, project.train.grpo, project.train.distillation, project.train.init_adapter = "sft", None, None, None
+    if project.train.adapter in ("full", "qlora"):
+        project.train.adapter, project.train.lora = "dora", {}
+    trl = {k: v for k, v in project.train.trl.items() if k in _sft_keys() and k not in ("num_train_epochs", "eval_steps", "save_steps")}
     trl.update(max_steps=pcfg.max_steps, save_steps=10 * pcfg.max_steps, logging_steps=max(1, pcfg.max_steps // 10))
     project.train.trl = trl
     project.train.budget_minutes = pcfg.budget_minutes

@@ -38,9 +38,12 @@ def split_train_val(records: list[dict[str, Any]], val_fraction: float, seed: in
 
 
 def _row_text(rec: dict[str, Any]) -> str:
-    """What duplicate detection compares: every turn's text (system turns excluded), or prompt + completion."""
+    """What duplicate detection compares: every turn's text (system turns excluded, a rejected answer
+    included), prompt + completion, or raw text."""
+    if "text" in rec:
+        return rec["text"]
     if "messages" in rec:
-        return "\n".join(m["content"] for m in rec["messages"] if m["role"] != "system")
+        return "\n".join([m["content"] for m in rec["messages"] if m["role"] != "system"] + ([rec["rejected"]] if "rejected" in rec else []))
     return rec["prompt"] + "\n" + rec["completion"]
 
 
@@ -145,6 +148,10 @@ def run(st: Stage) -> StageResult:
         length_of[rec["id"]] = len(enc.input_ids)
         kept.append(rec)
     step(f"chat template, loss mask, max_length {cfg.max_length} ({cfg.overlength})", len(records), len(kept), mark)
+    near = [r["id"] for r in kept if "near_identical" in r["meta"]]
+    if near:  # case C08: identical pairs were rejected at read time; near-identical ones carry little signal
+        console.print(f"[yellow]{len(near)} preference pair(s) have near-identical chosen and rejected answers "
+                      f"(similarity >= 0.95): {', '.join(near[:10])}[/yellow]")
     for rec in golden:  # the golden prompts go through the same policy (case C04: identical in train and eval)
         if "messages" in rec:
             try:
@@ -262,6 +269,7 @@ def run(st: Stage) -> StageResult:
         "tokens_per_row_mean": round(sum(lengths) / len(lengths), 1),
         "tokens_per_row_max": max(lengths),
         "template_has_system_role": has_system,
+        "near_identical_pairs": sum(1 for r in kept if "near_identical" in r["meta"]),
         "steps": steps,
         "per_source": per_source,
         "licenses": sorted({s.license for s in cfg.sources if s.license}),

@@ -92,6 +92,9 @@ def _systems(project, tokenizer, base_path, adapter_dir, production):
         srv = ecfg.server
         from tunegate.evals.backends import check_served_adapter
 
+        if (adapter_dir.parent / "model").is_dir():
+            raise TunegateError("eval.server: a full fine-tune is not an adapter; serve its model folder and evaluate in-process")
+
         check_served_adapter(srv.base_url, srv.candidate_model, adapter_dir, srv.api_key_env)
         return {"baseline": OpenAIChat(srv.base_url, srv.base_model, srv.api_key_env, srv.concurrency),
                 "candidate": OpenAIChat(srv.base_url, srv.candidate_model, srv.api_key_env, srv.concurrency)}
@@ -100,6 +103,12 @@ def _systems(project, tokenizer, base_path, adapter_dir, production):
     from tunegate.evals.backends import LocalChat
     from tunegate.models import load_inference_model
 
+    full_model = adapter_dir.parent / "model"
+    if full_model.is_dir():  # `train.adapter: full`: the candidate is a whole model, the baseline the base model
+        if production is not None:
+            raise TunegateError("eval.baseline: production compares adapters on one base; a full fine-tune is compared with the base model")
+        return {"baseline": LocalChat(load_inference_model(base_path), tokenizer, ecfg.batch_size, "base model"),
+                "candidate": LocalChat(load_inference_model(full_model), tokenizer, ecfg.batch_size, "candidate")}
     model = PeftModel.from_pretrained(load_inference_model(base_path), str(adapter_dir))  # adapter name "default"
     candidate = LocalChat(model, tokenizer, ecfg.batch_size, "candidate", adapter="default")
     if production is None:

@@ -1,0 +1,706 @@
+"""Preflight: what `tunegate train --dry-run` checks and estimates before any training spend.
+
+Three parts, all pure functions (torch, transformers and PEFT are imported inside the functions that need
+them; `import tunegate.preflight` imports none of them):
+
+* `anti_patterns(project, n_train_rows, base_is_instruct)`: the configuration anti-patterns of DESIGN.md §2
+  and the preflight cases C12/C18 (docs/cases), as `Finding`s with the project's own values and a fix.
+* `resolve_target_modules(model, target_modules)`: LoRA target modules resolved against the real module
+  names of the loaded model, with PEFT's matching rules (case C12).
+* `train_flops`, `measure_matmul_peak`, `estimate`: training FLOPs, this machine's matmul peak, and an
+  estimate of time, peak memory and cloud cost at 7B scale from the price table (`prices.yaml`).
+
+`render(findings, estimate)` turns them into the plain-text report, errors first.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from tunegate import TunegateError
+
+# ---------------------------------------------------------------------------------------------------------
+# Thresholds (DESIGN.md §2 names the anti-patterns; the numbers are the ones the preflight uses).
+
+SMALL_DATA_ROWS = 1000  # "under 1k rows"
+HIGH_RANK = 64  # LoRA r at or above this counts as high rank
+MANY_EPOCHS = 5  # epochs at or above this count as many (DESIGN's example is 10)
+FULL_SFT_INSTRUCT_MAX_LR = 1e-4  # full SFT of an instruct model: a lr at or above this is a base-model lr
+ADAPTER_INSTRUCT_MAX_LR = 5e-4  # LoRA/DoRA/QLoRA on an instruct model: a lr above this is too high
+MIN_GRPO_GENERATIONS = 2  # group-relative advantages need a group (case C18)
+TRL_GRPO_DEFAULT_GENERATIONS = 8  # trl.GRPOConfig.num_generations default
+SUITE_METRIC_PREFIXES = ("ifeval_", "harmful_refusal", "over_refusal")  # standard suites, not the golden set
+
+# Cost at 7B scale.
+SCALE_PARAMS = 7e9  # the model size the cloud-cost column is re-scaled to
+ASSUMED_MFU = 0.35  # model FLOPs utilisation assumed on a cloud GPU for LoRA/full fine-tuning of a 7B model
+# (PaLM reports 46% MFU for pre-training at scale, Chowdhery et al. 2022; single-GPU fine-tuning with
+# small batches, padding and adapter overhead typically lands lower, so 0.35 is a round middle figure).
+
+GIB = 2**30
+
+
+@dataclass
+class Finding:
+    """One preflight finding.
+
+    name: a stable id ("small_data_high_rank"), for tests, suppression and the audit.
+    level: "error" (the run would fail or be meaningless: refuse) or "warning" (the run works but is likely
+        to disappoint).
+    message: what is wrong, with the project's actual values.
+    fix: what to change.
+    """
+
+    name: str
+    level: Literal["error", "warning"]
+    message: str
+    fix: str
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Anti-patterns
+
+
+def _trl_kwargs(project) -> dict[str, Any]:
+    """The TRL config arguments the train stage will use: tunegate's defaults for the method merged with the
+    project's `train.trl` (config.trl_kwargs where it exists, else config.sft_kwargs)."""
+    from tunegate import config
+
+    fn = getattr(config, "trl_kwargs", None) or config.sft_kwargs
+    return fn(project, Path("/tmp/tunegate-preflight"), False)
+
+
+def effective_epochs(kw: dict[str, Any], n_train_rows: int | None) -> tuple[float, str]:
+    """Epochs the trainer will run: `max_steps` > 0 overrides `num_train_epochs` (transformers' Trainer).
+
+    With max_steps: epochs = max_steps x per_device_train_batch_size x gradient_accumulation_steps / rows
+    (one device). Returns (epochs, where it came from: "num_train_epochs" or "max_steps").
+    """
+    max_steps = kw.get("max_steps") or -1
+    if max_steps > 0 and n_train_rows:
+        per_step = kw.get("per_device_train_batch_size", 8) * kw.get("gradient_accumulation_steps", 1)
+        return max_steps * per_step / n_train_rows, "max_steps"
+    return float(kw.get("num_train_epochs", 1)), "num_train_epochs"
+
+
+def _golden_problem(path: Path) -> str | None:
+    if not path.is_file():
+        return f"the golden set data.golden.path {path} does not exist"
+    with open(path, encoding="utf-8", errors="replace") as f:
+        if not any(line.strip() for line in f):
+            return f"the golden set data.golden.path {path} is empty"
+    return None
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def anti_patterns(project, n_train_rows: int, base_is_instruct: bool, *, cuda: bool | None = None) -> list[Finding]:
+    """The anti-patterns of DESIGN.md §2 and the config-level preflight cases, errors first.
+
+    project: a `tunegate.config.Project`. n_train_rows: rows in the training split. base_is_instruct: the
+    base model is already instruction-tuned (it has a chat template / was released as -Instruct).
+    cuda: whether a CUDA GPU is present; None asks torch (imported only then, and only for QLoRA).
+
+    Rules (thresholds are the module constants):
+      small_data_high_rank   warning  rows < 1000 and LoRA r >= 64 and epochs >= 5 (epochs from max_steps
+                                      when it is set)
+      instruct_high_lr_full  warning  method sft, adapter full, instruct base, learning_rate >= 1e-4
+      instruct_high_lr_adapter warning method sft, LoRA/DoRA/QLoRA, instruct base, learning_rate > 5e-4
+      no_golden_set          error    data.golden.path missing or empty: the eval gate has nothing to score
+      no_feedback_capture    warning  no `serve.feedback` configured: production thumbs are never collected
+      gate_not_on_golden     warning  no gate rule on a golden-set metric (only suite metrics, or no rules)
+      grpo_too_few_generations error  method grpo with num_generations < 2 (C18; train.trl, else tunegate's
+                                      GRPO default, else TRL's 8)
+      preference_on_base     warning  method dpo/kto, no train.init_adapter, base model not instruct-tuned
+      qlora_needs_cuda       error    adapter qlora on a machine without a CUDA GPU
+    """
+    from tunegate.config import JUDGE_METRICS, lora_kwargs
+
+    train = project.train
+    method = getattr(train, "method", "sft")
+    adapter = getattr(train, "adapter", "dora")
+    trl = dict(train.trl)
+    kw = _trl_kwargs(project)
+    out: list[Finding] = []
+
+    # Small data, high rank, many epochs: memorisation of a few hundred rows.
+    if adapter != "full":
+        r = lora_kwargs(project).get("r", 8)
+        epochs, source = effective_epochs(kw, n_train_rows)
+        if n_train_rows < SMALL_DATA_ROWS and r >= HIGH_RANK and epochs >= MANY_EPOCHS:
+            how = f"{epochs:g} epochs" + (f" (max_steps {kw['max_steps']})" if source == "max_steps" else "")
+            out.append(Finding(
+                "small_data_high_rank", "warning",
+                f"{n_train_rows} training rows (< {SMALL_DATA_ROWS}) with LoRA r={r} (>= {HIGH_RANK}) and {how} "
+                f"(>= {MANY_EPOCHS}): the adapter has the capacity and the passes to memorise the training rows",
+                "set train.lora.r: 16 and train.trl.num_train_epochs: 1-3 (or collect more rows)",
+            ))
+
+    # SFT on an instruct model with a base-model learning rate.
+    if method == "sft" and base_is_instruct:
+        lr = float(kw.get("learning_rate", 2e-4))
+        src = "train.trl.learning_rate" if "learning_rate" in trl else f"tunegate's default learning_rate for {adapter}"
+        if adapter == "full" and lr >= FULL_SFT_INSTRUCT_MAX_LR:
+            out.append(Finding(
+                "instruct_high_lr_full", "warning",
+                f"full SFT of the instruct model {project.base_model} at {src} {lr:g} (>= {FULL_SFT_INSTRUCT_MAX_LR:g}): "
+                "a pre-training-scale rate on every weight erases the instruction tuning (formatting, refusals, chat)",
+                "set train.trl.learning_rate to 1e-5 (1e-6..2e-5), or train a LoRA/DoRA adapter instead (adapter: dora)",
+            ))
+        elif adapter != "full" and lr > ADAPTER_INSTRUCT_MAX_LR:
+            out.append(Finding(
+                "instruct_high_lr_adapter", "warning",
+                f"{adapter} on the instruct model {project.base_model} at {src} {lr:g} (> {ADAPTER_INSTRUCT_MAX_LR:g}): "
+                "adapter updates this large overwrite the instruction tuning and often diverge",
+                "set train.trl.learning_rate to 2e-4 (1e-4..3e-4 for LoRA/DoRA)",
+            ))
+
+    # No frozen golden set: the eval gate would be skipped.
+    problem = _golden_problem(Path(project.data.golden.path))
+    if problem:
+        out.append(Finding(
+            "no_golden_set", "error",
+            f"{problem}: the eval gate has nothing to score, so any adapter would be promoted unchecked",
+            "put held-out rows (never trained on) in data.golden.path and freeze them: tunegate golden freeze PROJECT",
+        ))
+
+    # No feedback capture: production signals (thumbs, corrections) are never collected for the next round.
+    serve = getattr(project, "serve", None)
+    if not getattr(serve, "feedback", None):
+        out.append(Finding(
+            "no_feedback_capture", "warning",
+            "no feedback capture is configured (serve.feedback): production thumbs and corrections are lost, "
+            "and the next training round has only the data it has now",
+            "configure feedback capture for the served adapter (serve.feedback) and log thumbs/corrections with ids",
+        ))
+
+    # The gate must hold a metric on the domain golden set (the business metric), not only standard suites.
+    golden_metrics = set(project.eval.metrics) | set(JUDGE_METRICS)
+    gated = [r.metric for r in project.eval.gate]
+    if not any(m in golden_metrics for m in gated):
+        if gated:
+            suites = [m for m in gated if m.startswith(SUITE_METRIC_PREFIXES)]
+            what = f"eval.gate only holds suite metrics ({', '.join(dict.fromkeys(suites or gated))})"
+        else:
+            what = "eval.gate has no rules"
+        out.append(Finding(
+            "gate_not_on_golden", "warning",
+            f"{what} and no rule on a golden-set metric ({', '.join(project.eval.metrics)}): a candidate can pass "
+            "by improving a benchmark that is not tied to the business metric",
+            f"add a gate rule on the golden set, e.g. {{metric: {project.eval.metrics[0]}, min_delta_ci_low: 0.0}}",
+        ))
+
+    # GRPO needs a group of generations per prompt (C18).
+    if method == "grpo":
+        n_gen = kw.get("num_generations", TRL_GRPO_DEFAULT_GENERATIONS)
+        if not isinstance(n_gen, int) or n_gen < MIN_GRPO_GENERATIONS:
+            out.append(Finding(
+                "grpo_too_few_generations", "error",
+                f"method grpo with train.trl.num_generations {n_gen!r}: GRPO's advantage is the reward minus its "
+                "group's mean over the group's std, so with one generation every advantage is 0 (or NaN) and nothing trains",
+                f"set train.trl.num_generations to {MIN_GRPO_GENERATIONS} or more (TRL's default is "
+                f"{TRL_GRPO_DEFAULT_GENERATIONS}; generation_batch_size must be divisible by it)",
+            ))
+
+    # Preference optimisation straight on a base (not instruct-tuned) model.
+    if method in ("dpo", "kto") and getattr(train, "init_adapter", None) is None and not base_is_instruct:
+        out.append(Finding(
+            "preference_on_base", "warning",
+            f"method {method} on the base model {project.base_model}, which is not instruction-tuned, with no "
+            "train.init_adapter: DPO on a base model with no SFT first; the reference policy cannot follow "
+            "instructions, so the preference signal has little to sharpen",
+            "run SFT first and set train.init_adapter to its adapter, or start from an instruct model",
+        ))
+
+    # QLoRA: bitsandbytes' 4-bit kernels need a CUDA GPU.
+    if adapter == "qlora":
+        has_cuda = _cuda_available() if cuda is None else cuda
+        if not has_cuda:
+            out.append(Finding(
+                "qlora_needs_cuda", "error",
+                "adapter qlora on a machine without a CUDA GPU: QLoRA loads the base in 4-bit with bitsandbytes, "
+                "whose 4-bit (NF4) matmul kernels run on CUDA GPUs only",
+                "use adapter: dora (or lora) here, or run on a CUDA GPU",
+            ))
+
+    return sorted(out, key=lambda f: f.level != "error")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# LoRA target modules (case C12)
+
+
+def _linear_classes():
+    import torch
+
+    classes: list[type] = [torch.nn.Linear]
+    try:
+        from transformers.pytorch_utils import Conv1D  # GPT-2 style "linear" layers
+
+        classes.append(Conv1D)
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(classes)
+
+
+def _lora_supported_classes():
+    import torch
+
+    return (*_linear_classes(), torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d,
+            torch.nn.MultiheadAttention)
+
+
+def resolve_target_modules(model, target_modules) -> dict[str, Any]:
+    """Resolve LoRA `target_modules` against the module names of a loaded model, as PEFT does (case C12).
+
+    model: a torch.nn.Module (a transformers model). target_modules, with PEFT's semantics:
+      "all-linear" (any case): every nn.Linear (and transformers Conv1D) except the output layer
+          (model.get_output_embeddings(), e.g. lm_head);
+      another str: a regular expression that must match the whole module name (re.fullmatch);
+      a list/tuple/set of str: a module matches when its name equals an entry or ends with "." + entry.
+
+    Returns {"requested": target_modules as given, "matched": [full module names, model order],
+    "matched_suffixes": sorted unique last name components of the matches,
+    "available_linear_suffixes": sorted unique last components of the linear layers, output layer excluded}.
+
+    Raises:
+        TunegateError: nothing matches (the message names the request and lists the linear layers), or a
+            match is a module type LoRA cannot wrap (e.g. a whole attention block matched by a loose regex).
+    """
+    linear = _linear_classes()
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    modules = [(name, m) for name, m in model.named_modules() if name]
+    linear_names = [n for n, m in modules if isinstance(m, linear) and m is not output]
+    available = sorted({n.rsplit(".", 1)[-1] for n in linear_names})
+
+    if isinstance(target_modules, str) and target_modules.lower() == "all-linear":
+        matched = linear_names
+    elif isinstance(target_modules, str):
+        try:
+            pattern = re.compile(target_modules)
+        except re.error as exc:
+            raise TunegateError(f"train.lora.target_modules {target_modules!r} is not a valid regular expression ({exc})") from None
+        matched = [n for n, _ in modules if pattern.fullmatch(n)]
+    elif isinstance(target_modules, (list, tuple, set, frozenset)) and all(isinstance(t, str) for t in target_modules):
+        wanted = list(target_modules)
+        matched = [n for n, _ in modules if n in wanted or any(n.endswith("." + t) for t in wanted)]
+    else:
+        raise TunegateError(
+            f"train.lora.target_modules {target_modules!r}: expected 'all-linear', a regular expression string, "
+            "or a list of module names")
+
+    requested = list(target_modules) if isinstance(target_modules, (tuple, set, frozenset)) else target_modules
+    if not matched:
+        raise TunegateError(
+            f"train.lora.target_modules {requested!r} match no module of this model; its linear layers are: "
+            f"{', '.join(available)}")
+    by_name = dict(modules)
+    unsupported = [n for n in matched if not isinstance(by_name[n], _lora_supported_classes())]
+    if unsupported:
+        kinds = sorted({type(by_name[n]).__name__ for n in unsupported})
+        shown = ", ".join(unsupported[:5]) + (f" and {len(unsupported) - 5} more" if len(unsupported) > 5 else "")
+        raise TunegateError(
+            f"train.lora.target_modules {requested!r} match module(s) LoRA cannot wrap ({', '.join(kinds)}): {shown}; "
+            f"target the linear layers inside them: {', '.join(available)}")
+    return {
+        "requested": requested,
+        "matched": matched,
+        "matched_suffixes": sorted({n.rsplit(".", 1)[-1] for n in matched}),
+        "available_linear_suffixes": available,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# FLOPs, peak, estimates
+
+
+def train_flops(n_params: int, n_trainable: int, tokens: int, full: bool) -> float:
+    """Training FLOPs (multiply-adds count 2) of a decoder over `tokens` tokens, forward and backward.
+
+    full=True (every weight trains): 6·N·D (Kaplan et al. 2020, "Scaling Laws for Neural Language Models";
+    Hoffmann et al. 2022, "Training Compute-Optimal LLMs"): forward 2·N·D, backward 4·N·D (gradients with
+    respect to activations and to weights, 2·N·D each). `n_trainable` is ignored.
+
+    full=False (LoRA, DoRA, QLoRA): 4·N·D + 6·N_a·D. The frozen base weights run the forward (2·N·D) and
+    pass activation gradients backward (2·N·D), but need no weight-gradient matmul; the adapter's N_a
+    weights cost the full 6·N_a·D.
+
+    N = n_params (parameters of the base model, adapter excluded), N_a = n_trainable, D = tokens. Not
+    counted: attention-score FLOPs (12·L·h·s per token, small at short sequence lengths), activation
+    recomputation under gradient checkpointing (MFU does not count it, Chowdhery et al. 2022), DoRA's
+    weight-norm and QLoRA's dequantisation overheads.
+    """
+    if full:
+        return 6.0 * n_params * tokens
+    return 4.0 * n_params * tokens + 6.0 * n_trainable * tokens
+
+
+def measure_matmul_peak(seconds: float = 2.0, n: int = 1024, dtype: str = "float32") -> float:
+    """Achievable matmul throughput of this machine's CPU, in FLOP/s: torch.matmul of two n x n matrices of
+    `dtype` ("float32" or "bfloat16"), 2·n³ FLOPs each, with torch's current thread count
+    (torch.get_num_threads()). Repeats timed batches for about `seconds` and returns the best batch's rate;
+    this is the denominator of a measured MFU (the vendor peak of a CPU is rarely reachable).
+    """
+    import torch
+
+    dt = getattr(torch, dtype)
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(n, n, generator=gen).to(dt)
+    b = torch.randn(n, n, generator=gen).to(dt)
+    flops_per = 2.0 * n**3
+    best = 0.0
+    with torch.inference_mode():
+        torch.matmul(a, b)  # warm-up: thread pool, packing buffers
+        t_start = time.perf_counter()
+        k = 1
+        while True:
+            t0 = time.perf_counter()
+            for _ in range(k):
+                torch.matmul(a, b)
+            dt_s = time.perf_counter() - t0
+            best = max(best, flops_per * k / dt_s)
+            if dt_s < 0.05:  # batch too short to time well: grow it
+                k *= 2
+            if time.perf_counter() - t_start >= seconds:
+                break
+    return best
+
+
+def _activation_bytes(kw: dict[str, Any], seq_len: int, dims: dict[str, int] | None, bf16: bool) -> tuple[float | None, str]:
+    """Activation memory of one training micro-batch (bytes) and the formula used.
+
+    Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer Models"): a transformer
+    layer stores about 34·s·b·h bytes of 16-bit activations without recomputation (attention scores not
+    stored: SDPA/flash attention); doubled for fp32. With gradient checkpointing each layer keeps only its
+    input (2·s·b·h bytes at 16 bit) and one layer at a time is recomputed in full. Plus the fp32 logits of
+    the loss, 4·s·b·V bytes (an upper bound: tunegate's loss runs the LM head on supervised positions only).
+    """
+    if not dims:
+        return None, "activations not estimated (model dimensions unknown)"
+    b = int(kw.get("per_device_train_batch_size", 8))
+    h, L, V = int(dims["hidden_size"]), int(dims["num_hidden_layers"]), int(dims.get("vocab_size", 0))
+    scale = 1 if bf16 else 2
+    per_layer = 34 * seq_len * b * h * scale
+    if kw.get("gradient_checkpointing"):
+        layers = L * 2 * seq_len * b * h * scale + per_layer
+        form = f"checkpointed: L·2·s·b·h·{scale} + 34·s·b·h·{scale} + 4·s·b·V"
+    else:
+        layers = L * per_layer
+        form = f"L·34·s·b·h·{scale} + 4·s·b·V (Korthikanti et al. 2022)"
+    return (float(layers + 4 * seq_len * b * V),
+            f"{form} with s={seq_len} (data.max_length: an upper bound), b={b}, h={h}, L={L}, V={V}")
+
+
+def estimate(project, n_params: int, n_trainable: int, train_tokens: int, tokens_per_s: float | None,
+             prices: dict[str, Any], *, n_train_rows: int | None = None, dims: dict[str, int] | None = None,
+             bf16: bool = False) -> dict[str, Any]:
+    """Tokens, FLOPs, time here, peak memory, and the cost of the same run at 7B scale on cloud GPUs.
+
+    project: the Project (epochs, batch size, gradient checkpointing from the TRL arguments: tunegate's
+    defaults under `train.trl`). n_params: parameters of the base model; n_trainable: trainable parameters (the
+    adapter's, or all for adapter full). train_tokens: tokens in one epoch of the training split (after the
+    chat template). tokens_per_s: training tokens per second measured on this machine (e.g. the audit's
+    probe); None: no time estimate. prices: a price table (prices.yaml, see tunegate.stages.audit.load_prices):
+    machines with `gpu_peak_bf16_flops` get a 7B cost. n_train_rows: rows per epoch, needed to turn
+    `max_steps` into epochs. dims: {"hidden_size", "num_hidden_layers", "vocab_size"} of the base model, for
+    the activation term. bf16: activations in bf16 (else fp32).
+
+    Returns {
+      "method", "adapter", "tokens_per_epoch", "epochs", "epochs_from", "train_tokens" (tokens over the run),
+      "n_params", "n_trainable", "flops", "flops_formula", "tokens_per_s", "seconds_here" (None without a
+      measured rate),
+      "memory": {"weights_gib", "grads_gib", "optimizer_gib", "activations_gib" (None when dims unknown),
+                 "total_gib", "formula", "activations_formula"},
+      "at_7b": {"n_params", "n_trainable", "flops", "mfu", "gpus": {machine: {"peak_bf16_flops",
+                 "usd_per_hour", "hours", "usd"}}},
+      "notes": [str]}
+
+    Memory (bytes): weights 4·N (fp32; QLoRA: 0.5·N for the 4-bit frozen base + 4·N_a) + gradients 4·N_a +
+    AdamW's two fp32 moments 8·N_a + activations (see `_activation_bytes`). 7B cost: the same tokens on
+    N = 7e9 with the trainable fraction N_a/N kept (an upper bound for LoRA, whose fraction shrinks with
+    width); seconds = FLOPs / (ASSUMED_MFU x peak bf16 FLOP/s); USD = hours x usd_per_hour.
+    """
+    train = project.train
+    method = getattr(train, "method", "sft")
+    adapter = getattr(train, "adapter", "dora")
+    full = adapter == "full"
+    kw = _trl_kwargs(project)
+    epochs, epochs_from = effective_epochs(kw, n_train_rows)
+    notes: list[str] = []
+    if kw.get("max_steps", -1) > 0 and not n_train_rows:
+        notes.append("train.trl.max_steps is set but the row count is unknown: epochs taken from num_train_epochs")
+    total_tokens = round(train_tokens * epochs)
+    if full:
+        n_trainable = n_params
+
+    def flops_for(n: float, n_a: float) -> float:
+        f = train_flops(n, n_a, total_tokens, full)
+        if method in ("dpo", "kto") and not kw.get("precompute_ref_log_probs"):
+            f += 2.0 * n * total_tokens  # the frozen reference policy's forward pass
+        return f
+
+    flops = flops_for(n_params, n_trainable)
+    formula = "6·N·D" if full else "4·N·D + 6·N_a·D"
+    if method in ("dpo", "kto") and not kw.get("precompute_ref_log_probs"):
+        formula += " + 2·N·D (reference forward)"
+    if method == "grpo":
+        notes.append("grpo: generation FLOPs (num_generations completions per prompt) are not counted")
+
+    seconds_here = total_tokens / tokens_per_s if tokens_per_s else None
+
+    weight_bytes = (0.5 * (n_params) + 4.0 * n_trainable) if adapter == "qlora" else 4.0 * n_params
+    grad_bytes = 4.0 * n_trainable
+    adam_bytes = 8.0 * n_trainable
+    act_bytes, act_formula = _activation_bytes(kw, project.data.max_length, dims, bf16)
+    total_bytes = weight_bytes + grad_bytes + adam_bytes + (act_bytes or 0.0)
+    memory = {
+        "weights_gib": weight_bytes / GIB,
+        "grads_gib": grad_bytes / GIB,
+        "optimizer_gib": adam_bytes / GIB,
+        "activations_gib": None if act_bytes is None else act_bytes / GIB,
+        "total_gib": total_bytes / GIB,
+        "formula": ("0.5·N (4-bit base) + 4·N_a" if adapter == "qlora" else "4·N") + " weights + 4·N_a grads + 8·N_a AdamW + activations",
+        "activations_formula": act_formula,
+    }
+
+    frac = n_trainable / n_params if n_params else 0.0
+    n7, n7_a = SCALE_PARAMS, SCALE_PARAMS * frac
+    flops7 = flops_for(n7, n7_a)
+    gpus = {}
+    for name, m in (prices.get("machines") or {}).items():
+        peak = m.get("gpu_peak_bf16_flops")
+        if not peak:
+            continue
+        hours = flops7 / (ASSUMED_MFU * float(peak)) / 3600.0
+        gpus[name] = {"peak_bf16_flops": float(peak), "usd_per_hour": float(m["usd_per_hour"]),
+                      "hours": hours, "usd": hours * float(m["usd_per_hour"])}
+    return {
+        "method": method,
+        "adapter": adapter,
+        "tokens_per_epoch": int(train_tokens),
+        "epochs": epochs,
+        "epochs_from": epochs_from,
+        "train_tokens": total_tokens,
+        "n_params": int(n_params),
+        "n_trainable": int(n_trainable),
+        "flops": flops,
+        "flops_formula": formula,
+        "tokens_per_s": tokens_per_s,
+        "seconds_here": seconds_here,
+        "memory": memory,
+        "at_7b": {"n_params": n7, "n_trainable": n7_a, "flops": flops7, "mfu": ASSUMED_MFU, "gpus": gpus},
+        "notes": notes,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Report
+
+
+def _human(x: float, unit: str = "") -> str:
+    for div, suffix in ((1e18, "E"), (1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(x) >= div:
+            return f"{x / div:.3g} {suffix}{unit}"
+    return f"{x:.3g} {unit}".rstrip()
+
+
+def _duration(s: float) -> str:
+    if s < 120:
+        return f"{s:.0f} s"
+    if s < 7200:
+        return f"{s / 60:.1f} min"
+    return f"{s / 3600:.1f} h"
+
+
+def render(findings: list[Finding], estimate: dict[str, Any] | None) -> str:
+    """The plain-text preflight report (`tunegate train --dry-run`): findings, errors first, then the estimate."""
+    lines: list[str] = []
+    ordered = sorted(findings, key=lambda f: f.level != "error")
+    n_err = sum(f.level == "error" for f in ordered)
+    n_warn = len(ordered) - n_err
+    lines.append(f"preflight: {n_err} error(s), {n_warn} warning(s)")
+    for f in ordered:
+        lines.append(f"  {f.level.upper()} [{f.name}] {f.message}")
+        lines.append(f"      fix: {f.fix}")
+    if estimate:
+        e = estimate
+        lines.append("")
+        lines.append(f"estimate ({e['method']}, adapter {e['adapter']}):")
+        lines.append(f"  tokens: {e['tokens_per_epoch']:,} per epoch x {e['epochs']:.3g} epochs ({e['epochs_from']}) "
+                     f"= {e['train_tokens']:,}")
+        lines.append(f"  params: {e['n_params']:,} base, {e['n_trainable']:,} trainable "
+                     f"({100 * e['n_trainable'] / max(e['n_params'], 1):.2f}%)")
+        lines.append(f"  compute: {_human(e['flops'], 'FLOP')} ({e['flops_formula']})")
+        if e["seconds_here"] is not None:
+            lines.append(f"  time here: {_duration(e['seconds_here'])} at {e['tokens_per_s']:,.0f} tokens/s (measured)")
+        else:
+            lines.append("  time here: not estimated (no measured tokens/s)")
+        m = e["memory"]
+        act = "n/a" if m["activations_gib"] is None else f"{m['activations_gib']:.2f}"
+        lines.append(f"  peak memory: {m['total_gib']:.2f} GiB = weights {m['weights_gib']:.2f} + grads {m['grads_gib']:.2f} "
+                     f"+ AdamW {m['optimizer_gib']:.2f} + activations {act} GiB")
+        lines.append(f"    ({m['formula']}; activations: {m['activations_formula']})")
+        s = e["at_7b"]
+        if s["gpus"]:
+            lines.append(f"  the same tokens at 7B ({_human(s['flops'], 'FLOP')}, MFU {s['mfu']:.2f} assumed):")
+            for name, g in s["gpus"].items():
+                lines.append(f"    {name}: {_duration(g['hours'] * 3600)}, ${g['usd']:,.2f} "
+                             f"(at ${g['usd_per_hour']:.2f}/h, {_human(g['peak_bf16_flops'], 'FLOP/s')} bf16 peak)")
+        for n in e["notes"]:
+            lines.append(f"  note: {n}")
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The whole preflight, on the data stage's output
+
+MASK_RULES = {  # data-stage rejection rules that are loss-mask and length cases
+    "prompt_not_prefix": "C03", "no_end_token": "C01", "no_supervised_tokens": "C09/C10", "overlength": "C11",
+    "empty_turn": "C07", "template_error": "C04",
+}
+
+
+def micro_benchmark(model, tokenizer, project, rows: list[dict[str, Any]], steps: int = 2) -> dict[str, Any]:
+    """Tokens/s of forward + backward on one real batch of training rows (the last of `steps` timed).
+
+    Uses the SFT loss (`recipes.sft.supervised_only_loss`) on rows tokenized as training tokenizes them; for
+    raw text, blocks as CPT packs them. Preference and RL objectives cost more per token (two sequences, or
+    generation): the estimate states it.
+    """
+    import torch
+
+    from tunegate.recipes.sft import supervised_only_loss, tokenize_rows
+
+    kw = _trl_kwargs(project)
+    b = int(kw.get("per_device_train_batch_size", 8))
+    dcfg = project.data
+    if rows and "text" in rows[0]:
+        from tunegate.recipes.cpt import pack
+
+        cols = pack(tokenizer, rows[: 4 * b], dcfg.max_length)
+    else:
+        cols = tokenize_rows(tokenizer, rows[:b], dcfg.max_length, dcfg.overlength)
+    ids, labels = cols["input_ids"][:b], cols["labels"][:b]
+    width = max(len(x) for x in ids)
+    pad = tokenizer.pad_token_id
+    batch = {
+        "input_ids": torch.tensor([x + [pad] * (width - len(x)) for x in ids]),
+        "attention_mask": torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids]),
+        "labels": torch.tensor([y + [-100] * (width - len(y)) for y in labels]),
+    }
+    tokens = int(batch["attention_mask"].sum())
+    model.train()
+    seconds = None
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        loss, _, _ = supervised_only_loss(model, batch)
+        loss.backward()
+        seconds = time.perf_counter() - t0
+    model.zero_grad(set_to_none=True)
+    return {"batch_rows": len(ids), "tokens": tokens, "seconds": round(seconds, 3), "tokens_per_s": round(tokens / seconds, 1)}
+
+
+def run_checks(project, data_dir: Path, measure: bool = True) -> dict[str, Any]:
+    """The preflight of `tunegate train --dry-run` (measure=True) and of every training (measure=False).
+
+    Reads the data stage's train.jsonl and stats.json. Loads the tokenizer and the base model (weights, no
+    training): anti-patterns, loss-mask and length rejections the data stage made (C01-C03, C07, C09-C11),
+    LoRA target modules resolved against the model's real module names (C12), and with `measure` a
+    micro-benchmark and the estimate (tokens, FLOPs, time here, peak memory, 7B cloud cost).
+
+    Returns {"findings": [Finding.to_json()], "errors": int, "rows": int, "mask_rejections": {rule: n},
+    "target_modules": ... | None, "micro_benchmark": ... | None, "estimate": ... | None, "text": render(...)}.
+    """
+    import json
+
+    from tunegate.config import lora_kwargs
+    from tunegate.data.records import read_jsonl
+    from tunegate.models import load_model, load_tokenizer, resolve_base_model
+
+    rows = read_jsonl(data_dir / "train.jsonl")
+    stats = json.loads((data_dir / "stats.json").read_text()) if (data_dir / "stats.json").is_file() else {}
+    base = resolve_base_model(project.base_model)
+    tokenizer = load_tokenizer(base)
+    findings = anti_patterns(project, len(rows), base_is_instruct=tokenizer.chat_template is not None)
+
+    rejected = stats.get("rejected_by_rule", {})
+    mask = {f"{rule} ({case})": rejected[rule] for rule, case in MASK_RULES.items() if rejected.get(rule)}
+    if stats.get("truncated_rows"):
+        mask[f"truncated by data.overlength={project.data.overlength} (C10/C11)"] = stats["truncated_rows"]
+
+    model = load_model(base)
+    targets = None
+    n_params = sum(p.numel() for p in model.parameters())
+    n_trainable = n_params
+    if project.train.adapter != "full":
+        requested = lora_kwargs(project)["target_modules"]
+        try:
+            targets = resolve_target_modules(model, requested)
+        except TunegateError as exc:
+            findings.insert(0, Finding("target_modules_not_found", "error", str(exc),
+                                       "name modules from the list above in train.lora.target_modules, or use all-linear"))
+        if targets is not None:
+            from peft import LoraConfig, get_peft_model
+
+            model = get_peft_model(model, LoraConfig(**lora_kwargs(project)))
+            n_trainable, n_params = model.get_nb_trainable_parameters()
+
+    bench, est = None, None
+    if measure and rows:
+        from tunegate.models import bf16_supported
+        from tunegate.stages.audit import load_prices
+
+        use_bf16 = bf16_supported()
+        with _autocast(use_bf16):
+            bench = micro_benchmark(model, tokenizer, project, rows)
+        cfg = model.config if hasattr(model, "config") else None
+        dims = {k: getattr(cfg, k) for k in ("hidden_size", "num_hidden_layers", "vocab_size")} if cfg else None
+        train_tokens = stats.get("tokens_total") or sum(len(str(r)) // 4 for r in rows)
+        train_tokens = round(train_tokens * stats.get("train_rows", len(rows)) / max(stats.get("rows_kept", len(rows)), 1))
+        est = estimate(project, n_params, n_trainable, train_tokens, bench["tokens_per_s"], load_prices(project.audit.prices),
+                       n_train_rows=len(rows), dims=dims, bf16=use_bf16)
+        if project.train.method in ("dpo", "kto", "orpo", "grpo", "distillation"):
+            est["notes"].append(f"time here is measured on the SFT loss; {project.train.method} costs more per token "
+                                "(chosen and rejected sequences, a reference pass, or generation)")
+    findings.sort(key=lambda f: f.level != "error")
+    return {
+        "findings": [f.to_json() for f in findings],
+        "errors": sum(f.level == "error" for f in findings),
+        "rows": len(rows),
+        "mask_rejections": mask,
+        "target_modules": targets,
+        "micro_benchmark": bench,
+        "estimate": est,
+        "text": render(findings, est) + _render_checks(mask, targets, bench),
+    }
+
+
+def _autocast(bf16: bool):
+    import contextlib
+
+    import torch
+
+    return torch.autocast("cpu", dtype=torch.bfloat16) if bf16 and not torch.cuda.is_available() else contextlib.nullcontext()
+
+
+def _render_checks(mask: dict[str, int], targets: dict[str, Any] | None, bench: dict[str, Any] | None) -> str:
+    lines = ["", "loss mask and length (rows the data stage rejected or cut, by rule):"]
+    lines += [f"  {k}: {v}" for k, v in mask.items()] or ["  none"]
+    if targets is not None:
+        lines.append(f"LoRA target modules: {len(targets['matched'])} modules ({', '.join(targets['matched_suffixes'])}) "
+                     f"of this model's linear layers {', '.join(targets['available_linear_suffixes'])}")
+    if bench is not None:
+        lines.append(f"micro-benchmark: {bench['batch_rows']} rows, {bench['tokens']} tokens, forward+backward "
+                     f"{bench['seconds']} s = {bench['tokens_per_s']} tokens/s")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,161 @@
+"""What every recipe shares: the policy model (adapter kind, QLoRA, a starting adapter), the TRL
+arguments, the metrics/budget callback, and the loss plot."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from tunegate import TunegateError
+from tunegate.config import Project, lora_kwargs, trl_kwargs
+from tunegate.manifest import atomic_write_jsonl
+from tunegate.pipeline import Stage, console
+
+
+@dataclass
+class Context:
+    """What the train stage hands a recipe."""
+
+    st: Stage
+    project: Project
+    base: Path | str  # the base model folder (or hub id)
+    tokenizer: Any
+    train_rows: list[dict[str, Any]]
+    val_rows: list[dict[str, Any]]
+    use_bf16: bool
+    callbacks: list[Any]
+
+    def trl_args(self, evaluate: bool = True) -> dict[str, Any]:
+        """`config.trl_kwargs` for this method, with eval settings when `evaluate` and there are validation rows."""
+        kwargs = trl_kwargs(self.project, self.st.checkpoint_dir, self.use_bf16)
+        kwargs.setdefault("include_num_input_tokens_seen", "non_padding")
+        if evaluate and self.val_rows:
+            kwargs.setdefault("eval_strategy", "steps")
+            kwargs.setdefault("eval_steps", kwargs.get("save_steps", 50))
+            kwargs.setdefault("per_device_eval_batch_size", kwargs["per_device_train_batch_size"])
+        return kwargs
+
+
+@dataclass
+class Built:
+    """A recipe's trainer, facts for train_summary.json, and an optional step after training."""
+
+    trainer: Any
+    info: dict[str, Any] = field(default_factory=dict)
+    after_train: Callable[[Any], dict[str, Any]] | None = None  # trainer -> more facts for the summary
+    trl_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+def peft_config(project: Project):
+    """The adapter to train (peft.LoraConfig), or None for `adapter: full`."""
+    if project.train.adapter == "full":
+        return None
+    from peft import LoraConfig
+
+    return LoraConfig(**lora_kwargs(project))
+
+
+def load_policy(project: Project, base: Path | str):
+    """The model training starts from, and the PEFT config for the trainer (None when the model already carries
+    its adapter, or for a full fine-tune).
+
+    - `adapter: qlora`: the base loaded in 4-bit NF4 with double quantisation (Dettmers et al. 2023) through
+      bitsandbytes. Raises TunegateError without a CUDA GPU or without bitsandbytes: its 4-bit kernels are CUDA's.
+    - `train.init_adapter`: that adapter, loaded trainable; TRL's DPO/KTO/GRPO then keep a frozen copy of it as
+      the reference (`ref` adapter), so at step 0 the policy equals the reference (case C19).
+    """
+    import torch
+
+    from tunegate.models import load_model
+
+    t = project.train
+    if t.adapter == "qlora":
+        if not torch.cuda.is_available():
+            raise TunegateError(
+                "train.adapter qlora: QLoRA loads the base in 4-bit with bitsandbytes, whose 4-bit kernels need a "
+                "CUDA GPU, and this machine has none. Use `adapter: dora` (or lora): the base model in 16/32-bit "
+                "with the same adapter on top."
+            )
+        try:
+            from transformers import BitsAndBytesConfig
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise TunegateError("train.adapter qlora needs bitsandbytes: pip install bitsandbytes") from None
+        from peft import prepare_model_for_kbit_training
+        from transformers import AutoModelForCausalLM
+
+        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                   bnb_4bit_compute_dtype=torch.bfloat16)
+        model = AutoModelForCausalLM.from_pretrained(str(base), quantization_config=quant, dtype=torch.bfloat16)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    else:
+        model = load_model(base)
+    if t.init_adapter is not None:
+        from peft import PeftModel
+
+        if t.adapter == "full":
+            raise TunegateError("train.init_adapter with adapter full: merge the adapter first (`tunegate export`)")
+        if not (t.init_adapter / "adapter_config.json").is_file():
+            raise TunegateError(f"{t.init_adapter}: train.init_adapter has no adapter_config.json (a PEFT adapter folder)")
+        return PeftModel.from_pretrained(model, str(t.init_adapter), is_trainable=True), None
+    return model, peft_config(project)
+
+
+def tracker(st: Stage, budget_s: float | None):
+    """A TrainerCallback that writes the log history after every log (atomically), stops on a NaN loss,
+    and stops (saving) at the time budget."""
+    from transformers import TrainerCallback
+
+    metrics_path = st.dir / "metrics.jsonl"
+
+    class MetricsAndBudget(TrainerCallback):
+        def __init__(self):
+            self.t0 = time.perf_counter()
+            self.start_step = 0
+            self.start_tokens = 0
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.t0 = time.perf_counter()
+            self.start_step = state.global_step  # > 0 after a resume
+            self.start_tokens = state.num_input_tokens_seen
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            rows = state.log_history
+            for r in rows[-1:]:
+                if "loss" in r and (r["loss"] is None or (isinstance(r["loss"], float) and math.isnan(r["loss"]))):
+                    control.should_training_stop = True
+                    raise TunegateError(f"step {r.get('step')}: loss is NaN; a batch had no supervised tokens or the run diverged")
+            atomic_write_jsonl(metrics_path, rows)
+
+        def on_step_end(self, args, state, control, **kw):
+            if budget_s is not None and time.perf_counter() - self.t0 > budget_s:
+                console.print(f"[yellow]time budget of {budget_s / 60:.1f} min reached at step {state.global_step}; saving and stopping[/yellow]")
+                control.should_training_stop = True
+                control.should_save = True
+
+    return MetricsAndBudget()
+
+
+def plot_loss(history: list[dict[str, Any]], path: Path, extra: tuple[str, ...] = ()) -> None:
+    """Train and validation loss against step (plus any `extra` logged series, e.g. rewards/margins)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = [("loss", "train loss", "-"), ("eval_loss", "val loss", "o-")] + [(k, k, "-") for k in extra]
+    fig, ax = plt.subplots(figsize=(6, 3.2), dpi=110)
+    for key, label, style in series:
+        pts = [(r["step"], r[key]) for r in history if key in r and r[key] is not None]
+        if pts:
+            ax.plot(*zip(*pts), style, label=label)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
