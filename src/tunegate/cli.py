@@ -77,6 +77,7 @@ def run(
     run_id: RunId = "default",
     force: Annotated[Optional[list[str]], typer.Option("--force", help="stage to rerun even if unchanged: data, audit, train, eval, report or all (repeatable)")] = None,
     train_anyway: Annotated[bool, typer.Option("--train-anyway", help="train even when the audit says it does not pay (recorded in the train manifest)")] = False,
+    until: Annotated[str, typer.Option("--until", help="stop after this stage: data, audit, train, eval or report")] = "report",
 ) -> None:
     """Run the whole pipeline: data -> audit -> train -> eval gate -> report. Finished, unchanged stages are skipped.
 
@@ -86,7 +87,14 @@ def run(
     from tunegate.pipeline import console, run_pipeline
 
     p = _load(project, overrides)
-    manifests = run_pipeline(p, run_id=run_id, force=tuple(force or ()), train_anyway=train_anyway)
+    from tunegate.pipeline import STAGES
+
+    if until not in STAGES:
+        raise TunegateError(f"--until {until}: not a stage; stages: {', '.join(STAGES)}")
+    manifests = run_pipeline(p, run_id=run_id, force=tuple(force or ()), train_anyway=train_anyway, until=until)
+    if "eval" not in manifests:
+        console.print(f"[green]stopped after {until}[/green] ({p.runs_dir / run_id})")
+        return
     verdict = manifests["eval"].verdict
     report = p.runs_dir / run_id / "report" / "report.html"
     colour = "green" if verdict == "PASS" else "red"
@@ -181,6 +189,31 @@ def train(
     typer.echo(check["text"] + f"\nwritten: {run_dir / 'preflight.json'}")
     if check["errors"]:
         raise typer.Exit(2)
+
+
+@app.command(name="launch-config")
+def launch_config_cmd(
+    kind: Annotated[str, typer.Argument(help="cpu | ddp | fsdp | zero2 | zero3")],
+    processes: Annotated[int, typer.Option("--processes", min=1, help="processes in all (GPUs, or CPU workers)")] = 2,
+    machines: Annotated[int, typer.Option("--machines", min=1, help="machines the processes are spread over")] = 1,
+    out: Annotated[Path, typer.Option("--out", help="where to write the accelerate config")] = Path("accelerate.yaml"),
+    project: Annotated[Path, typer.Option("--project", help="project file the printed command trains")] = Path("tunegate.yaml"),
+) -> None:
+    """Write an accelerate config for data-parallel (cpu, ddp), FSDP or DeepSpeed ZeRO training of the train stage.
+
+    The configs come from TRL's own (trl/accelerate_configs) with the process count set. Then:
+    `tunegate run PROJECT --until audit` in one process, and the printed `accelerate launch ... train PROJECT`
+    (every process trains its shard of each batch; rank 0 writes the adapter and the manifest).
+    """
+    import yaml
+
+    from tunegate.launch import launch_command, launch_config
+    from tunegate.manifest import atomic_write_text
+
+    cfg = launch_config(kind, processes, machines)
+    atomic_write_text(out, yaml.safe_dump(cfg, sort_keys=True))
+    typer.echo(f"written: {out} ({cfg['distributed_type']}, {processes} processes on {machines} machine(s))")
+    typer.echo(f"then: tunegate run {project} --until audit && {launch_command(out, project)}")
 
 
 @app.command(name="eval")
@@ -383,8 +416,9 @@ def decide(
     for r in d.rejected:
         typer.echo(f"Rejected: {r}")
     typer.echo(f"Next: {d.next_step}")
-    if d.trains and d.method not in tree.RUNNABLE:
-        typer.echo(f"Note: `tunegate run` trains LoRA/DoRA SFT adapters today; a {d.method} recipe is not in tunegate yet.")
+    if d.trains:
+        settings = ", ".join(f"{k}: {v}" for k, v in tree.TRAIN_SETTINGS[d.method].items())
+        typer.echo(f"In tunegate.yaml: train: {{{settings}}}")
 
 
 DataRoot = Annotated[Path, typer.Option("--data-root", help="folder with the upstream suite files (ifeval/, harmbench/, jbb_behaviors/, xstest/)")]

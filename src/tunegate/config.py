@@ -3,7 +3,7 @@
 `load_project(path, overrides)` reads the YAML, applies `key=value` overrides (dotted paths, list indices
 allowed: `data.sources.0.path=/data/train.csv`), validates, and resolves relative paths against the
 project file's folder. Settings of TRL, PEFT and transformers are passed through as plain dicts
-(`train.trl` -> `trl.SFTConfig(**...)`, `train.lora` -> `peft.LoraConfig(**...)`) and checked by
+(`train.trl` -> the method's TRL config, e.g. `trl.SFTConfig(**...)`, `train.lora` -> `peft.LoraConfig(**...)`) and checked by
 `check_passthrough`, which builds those config objects without loading a model.
 """
 
@@ -705,7 +705,7 @@ def trl_config_class(project: Project):
 def trl_kwargs(project: Project, output_dir: Path, device_bf16: bool) -> dict[str, Any]:
     """The TRL config arguments for `train.method`: tunegate's defaults, then the project's `train.trl` on top."""
     method = project.train.method
-    defaults = sft_kwargs(project, output_dir, device_bf16, overrides=False)
+    defaults = _trainer_defaults(project, output_dir, device_bf16)
     defaults["learning_rate"] = _DEFAULT_LR[(method, "full" if project.train.adapter == "full" else "adapter")]
     if method in ("dpo", "kto", "orpo"):
         # TRL tokenizes pairs itself: its max_length cuts prompt+answer (the data stage already applied the
@@ -721,8 +721,8 @@ def trl_kwargs(project: Project, output_dir: Path, device_bf16: bool) -> dict[st
     return {**defaults, **project.train.trl}
 
 
-def sft_kwargs(project: Project, output_dir: Path, device_bf16: bool, overrides: bool = True) -> dict[str, Any]:
-    """The SFTConfig arguments: tunegate's defaults, then (with `overrides`) the project's `train.trl` on top."""
+def _trainer_defaults(project: Project, output_dir: Path, device_bf16: bool) -> dict[str, Any]:
+    """tunegate's defaults for every TRL config (a transformers TrainingArguments underneath)."""
     defaults: dict[str, Any] = {
         "output_dir": str(output_dir),
         "learning_rate": 2e-4,
@@ -743,7 +743,7 @@ def sft_kwargs(project: Project, output_dir: Path, device_bf16: bool, overrides:
         "max_length": None,  # tunegate tokenizes and applies the over-length policy itself
         "disable_tqdm": False,
     }
-    return {**defaults, **project.train.trl} if overrides else defaults
+    return defaults
 
 
 def _cuda_available() -> bool:
@@ -753,7 +753,7 @@ def _cuda_available() -> bool:
 
 
 def check_passthrough(project: Project) -> list[str]:
-    """Build peft.LoraConfig and trl.SFTConfig from the project, without loading a model.
+    """Build peft.LoraConfig and the method's TRL config (SFTConfig, DPOConfig, ...) from the project, without loading a model.
 
     Returns a list of problems, each naming the key path; empty when both accept their settings.
     """

@@ -129,7 +129,19 @@ LEAVES: dict[str, Leaf] = {leaf.method: leaf for leaf in (
 )}
 
 START = "changing_knowledge"
-RUNNABLE = {"lora", "dora"}  # what `tunegate run` trains today (train.method: sft with a LoRA/DoRA adapter)
+# How each training leaf is written in a project file (train.method and train.adapter; tunegate.recipes).
+TRAIN_SETTINGS: dict[str, dict[str, str]] = {
+    "lora": {"method": "sft", "adapter": "lora"},
+    "dora": {"method": "sft", "adapter": "dora"},
+    "qlora": {"method": "sft", "adapter": "qlora"},
+    "full_sft": {"method": "sft", "adapter": "full"},
+    "cpt": {"method": "cpt"},
+    "dpo": {"method": "dpo"},
+    "kto": {"method": "kto"},
+    "orpo": {"method": "orpo"},
+    "grpo": {"method": "grpo"},
+    "distillation": {"method": "distillation"},
+}
 
 
 @dataclass

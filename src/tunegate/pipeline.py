@@ -56,11 +56,12 @@ class Stage:
     project: Project
     run_dir: Path
     name: str
+    worker_dir: Path | None = None  # a data-parallel worker (rank > 0) writes here instead; removed afterwards
 
     @property
     def dir(self) -> Path:
         """Where the stage writes while it runs; renamed to `final_dir` when it succeeds."""
-        return self.run_dir / f".{self.name}.partial"
+        return self.worker_dir or self.run_dir / f".{self.name}.partial"
 
     @property
     def final_dir(self) -> Path:
@@ -138,6 +139,10 @@ def run_stage(
     overrides: decisions a person took against a gate's advice (e.g. training after the audit said NO_TRAIN);
     recorded in the manifest, not part of the fingerprint.
     """
+    rank, world = distributed_rank()
+    if world > 1 and stage != "train":
+        raise TunegateError(f"stage {stage} runs in one process; only `tunegate train` is launched with torchrun/accelerate "
+                            f"(run `tunegate run --until audit` first)")
     st = Stage(project, run_dir, stage)
     upstream = {}
     for up in UPSTREAM[stage]:
@@ -175,12 +180,15 @@ def run_stage(
         changed = [name for name, a, b in (("config", old.config, config), ("input files", {k: old.inputs.get(k) for k in inputs}, inputs),
                                            ("upstream stages", old.upstream, upstream)) if a != b]
         console.print(f"[dim]- {stage}: rerunning, changed since the last run: {', '.join(changed) or 'tunegate version'}[/dim]")
+    if rank > 0:  # data-parallel training: rank 0 owns the stage folder, checkpoints and manifest
+        return _run_as_worker(st, body, rank)
     shutil.rmtree(st.dir, ignore_errors=True)
     st.dir.mkdir(parents=True)
     if stage == "train":
         _prepare_checkpoints(st.checkpoint_dir, fp)
     console.rule(f"[bold]{stage}")
     started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    _wait_for_everyone(world)  # workers start once the checkpoint folder is settled
     t0 = time.perf_counter()
     result = body(st)
     wall = time.perf_counter() - t0
@@ -209,6 +217,41 @@ def run_stage(
     )
     write_manifest(st.final_dir, manifest)
     console.print(f"[green]- {stage}: done in {wall:.1f} s[/green]" + (f" verdict {result.verdict}" if result.verdict else ""))
+    _wait_for_everyone(world)  # workers read the manifest once it exists
+    return manifest
+
+
+def distributed_rank() -> tuple[int, int]:
+    """(rank, world size) from the torchrun / accelerate environment; (0, 1) in a plain process."""
+    import os
+
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _wait_for_everyone(world: int) -> None:
+    if world > 1:
+        from accelerate import PartialState
+
+        PartialState().wait_for_everyone()  # initialises the process group (gloo on CPU, NCCL on GPUs)
+
+
+def _run_as_worker(st: Stage, body: Callable[[Stage], StageResult], rank: int) -> Manifest:
+    """A data-parallel worker (rank > 0) of the train stage: it trains its shard of every batch in a scratch
+    folder that is removed afterwards; rank 0 writes the adapter and the manifest, which the worker returns."""
+    world = distributed_rank()[1]
+    scratch = st.run_dir / f".{st.name}.rank{rank}"
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir(parents=True)
+    worker = Stage(st.project, st.run_dir, st.name, worker_dir=scratch)
+    _wait_for_everyone(world)
+    try:
+        body(worker)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    _wait_for_everyone(world)
+    manifest = read_manifest(st.final_dir)
+    if manifest is None:
+        raise TunegateError(f"rank {rank}: rank 0 wrote no manifest in {st.final_dir}")
     return manifest
 
 

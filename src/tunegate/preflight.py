@@ -70,11 +70,10 @@ class Finding:
 
 def _trl_kwargs(project) -> dict[str, Any]:
     """The TRL config arguments the train stage will use: tunegate's defaults for the method merged with the
-    project's `train.trl` (config.trl_kwargs where it exists, else config.sft_kwargs)."""
-    from tunegate import config
+    project's `train.trl` (config.trl_kwargs)."""
+    from tunegate.config import trl_kwargs
 
-    fn = getattr(config, "trl_kwargs", None) or config.sft_kwargs
-    return fn(project, Path("/tmp/tunegate-preflight"), False)
+    return trl_kwargs(project, Path("/tmp/tunegate-preflight"), False)
 
 
 def effective_epochs(kw: dict[str, Any], n_train_rows: int | None) -> tuple[float, str]:
@@ -128,8 +127,7 @@ def anti_patterns(project, n_train_rows: int, base_is_instruct: bool, *, cuda: b
     from tunegate.config import JUDGE_METRICS, lora_kwargs
 
     train = project.train
-    method = getattr(train, "method", "sft")
-    adapter = getattr(train, "adapter", "dora")
+    method, adapter = train.method, train.adapter
     trl = dict(train.trl)
     kw = _trl_kwargs(project)
     out: list[Finding] = []
@@ -214,7 +212,7 @@ def anti_patterns(project, n_train_rows: int, base_is_instruct: bool, *, cuda: b
             ))
 
     # Preference optimisation straight on a base (not instruct-tuned) model.
-    if method in ("dpo", "kto") and getattr(train, "init_adapter", None) is None and not base_is_instruct:
+    if method in ("dpo", "kto") and train.init_adapter is None and not base_is_instruct:
         out.append(Finding(
             "preference_on_base", "warning",
             f"method {method} on the base model {project.base_model}, which is not instruction-tuned, with no "
@@ -432,8 +430,7 @@ def estimate(project, n_params: int, n_trainable: int, train_tokens: int, tokens
     width); seconds = FLOPs / (ASSUMED_MFU x peak bf16 FLOP/s); USD = hours x usd_per_hour.
     """
     train = project.train
-    method = getattr(train, "method", "sft")
-    adapter = getattr(train, "adapter", "dora")
+    method, adapter = train.method, train.adapter
     full = adapter == "full"
     kw = _trl_kwargs(project)
     epochs, epochs_from = effective_epochs(kw, n_train_rows)

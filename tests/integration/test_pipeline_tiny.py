@@ -199,6 +199,16 @@ def test_killed_training_resumes_from_its_last_checkpoint(tiny_project):
     assert summary["resumed_from_step"] == 2 and summary["steps"] == 6
     assert not (run_dir / ".train.checkpoints").exists()  # removed once the stage succeeded
 
+    # the same result as a run that was never interrupted (same seed, data order restored from the checkpoint)
+    from safetensors.torch import load_file
+
+    whole = run_pipeline(project, run_id="uninterrupted", until="train")["train"].metrics
+    resumed_w = load_file(run_dir / "train/adapter/adapter_model.safetensors")
+    whole_w = load_file(tiny_project / "runs/uninterrupted/train/adapter/adapter_model.safetensors")
+    assert resumed_w.keys() == whole_w.keys()
+    assert max(float((resumed_w[k] - whole_w[k]).abs().max()) for k in whole_w) < 1e-4
+    assert abs(summary["final_train_loss"] - whole["final_train_loss"]) < 1e-4
+
 
 def test_a_copied_project_keeps_its_finished_stages(tiny_project, tmp_path_factory, capsys):
     run_pipeline(load_project(tiny_project / "tunegate.yaml"), until="data")

@@ -107,3 +107,16 @@ def test_trl_values_of_the_wrong_type_are_caught_before_training(tmp_path):
     problems = check_passthrough(bad)
     assert any("train.trl.num_train_epochs: expected float" in p and "'one'" in p for p in problems), problems
     assert any("train.trl.packing: expected bool" in p for p in problems), problems
+
+
+def test_passthrough_uses_the_methods_own_trl_config(tmp_path):
+    """train.trl goes to DPOConfig for DPO: its keys are accepted there, and SFT-only keys are not."""
+    from tunegate.config import check_passthrough, trl_kwargs
+
+    pref = MINIMAL.replace("{path: train.jsonl}", "{path: train.jsonl, format: preference}")
+    dpo = load_project(write(tmp_path, pref + "train:\n  method: dpo\n  trl: {beta: 0.2, loss_type: [sigmoid]}\n"))
+    assert check_passthrough(dpo) == []
+    kw = trl_kwargs(dpo, tmp_path, False)
+    assert kw["beta"] == 0.2 and kw["learning_rate"] == 5e-5  # tunegate's DPO default for an adapter
+    bad = load_project(write(tmp_path, pref + "train:\n  method: dpo\n  trl: {packing: true}\n"))
+    assert any(p.startswith("train.trl: trl.DPOConfig refused it") and "packing" in p for p in check_passthrough(bad))

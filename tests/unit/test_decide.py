@@ -105,3 +105,17 @@ def test_the_wizard_asks_in_a_terminal_and_finishes_on_numbered_answers():
     assert proc.returncode == 0, err
     assert "Recommended: DORA" in out
     assert "Rejected: GRPO: there is no programmatic reward to optimise" in out
+
+
+def test_every_training_leaf_names_settings_the_project_file_accepts():
+    """Each method the tree can recommend is a valid train.method / train.adapter (no leaf tunegate cannot run)."""
+    from tunegate.config import TrainConfig
+    from tunegate.decide import TRAIN_SETTINGS, TRAINS
+
+    for method in METHODS:
+        if not TRAINS[method]:
+            continue
+        settings = TRAIN_SETTINGS[method]
+        extra = {"grpo": {"grpo": {"verifier": "numeric"}}, "distillation": {"distillation": {"teacher": "x"}}}.get(settings["method"], {})
+        cfg = TrainConfig.model_validate({**settings, **extra})
+        assert cfg.method == settings["method"]

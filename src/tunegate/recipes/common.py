@@ -116,6 +116,12 @@ def tracker(st: Stage, budget_s: float | None):
             self.t0 = time.perf_counter()
             self.start_step = 0
             self.start_tokens = 0
+            self.progress = None  # transformers' ProgressCallback: its bar shows tokens/s beside the ETA
+
+        def attach(self, trainer) -> None:
+            from transformers.trainer_callback import ProgressCallback
+
+            self.progress = next((c for c in trainer.callback_handler.callbacks if isinstance(c, ProgressCallback)), None)
 
         def on_train_begin(self, args, state, control, **kw):
             self.t0 = time.perf_counter()
@@ -124,6 +130,12 @@ def tracker(st: Stage, budget_s: float | None):
 
         def on_log(self, args, state, control, logs=None, **kw):
             rows = state.log_history
+            elapsed = time.perf_counter() - self.t0
+            if rows and state.num_input_tokens_seen and elapsed > 0:  # throughput since this session started
+                rows[-1]["tokens_per_s"] = round((state.num_input_tokens_seen - self.start_tokens) / elapsed, 1)
+                bar = getattr(self.progress, "training_bar", None)
+                if bar is not None:
+                    bar.set_postfix(tokens_per_s=f"{rows[-1]['tokens_per_s']:.0f}", refresh=False)
             for r in rows[-1:]:
                 if "loss" in r and (r["loss"] is None or (isinstance(r["loss"], float) and math.isnan(r["loss"]))):
                     control.should_training_stop = True

@@ -40,7 +40,7 @@ def build(ctx: Context) -> Built:
     train = pack(ctx.tokenizer, ctx.train_rows, block)
     val = pack(ctx.tokenizer, ctx.val_rows, block) if ctx.val_rows else None
     built = build_from_columns(ctx, train, val)
-    built.info.update(blocks=len(train["input_ids"]), block_tokens=block, texts=len(ctx.train_rows))
+    built.info.update(train_rows=len(ctx.train_rows), texts=len(ctx.train_rows), blocks=len(train["input_ids"]), block_tokens=block)
     before = perplexity(built.trainer)
 
     def after(trainer) -> dict[str, Any]:

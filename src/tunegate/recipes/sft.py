@@ -32,16 +32,22 @@ def supervised_only_loss(model, inputs, num_items_in_batch=None):
     gradient-accumulation steps) the sum is divided by it, as transformers' Trainer expects.
 
     Why not TRL's fused LM head: off Triton devices it scores every position in fp32, which on a CPU cost
-    more than a quarter of each step for a task whose answers are a few tokens (measured, bench/).
+    more than a quarter of each step for a task whose answers are a few tokens (measured, bench/). Under DDP
+    the whole model's forward runs instead (all positions scored): its wrapper must see the forward.
     """
     import torch
     import torch.nn.functional as F
 
-    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     labels = inputs["labels"][:, 1:]  # (B, T-1): position t predicts token t+1
-    hidden = causal_lm.base_model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"), use_cache=False).last_hidden_state
     mask = labels != IGNORE_INDEX
-    logits = causal_lm.get_output_embeddings()(hidden[:, :-1][mask])  # (N_supervised, V)
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        # Data-parallel: the forward must go through the DDP wrapper, whose hooks all-reduce the gradients.
+        out = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"), use_cache=False)
+        logits = out.logits[:, :-1][mask]
+    else:
+        causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+        hidden = causal_lm.base_model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"), use_cache=False).last_hidden_state
+        logits = causal_lm.get_output_embeddings()(hidden[:, :-1][mask])  # (N_supervised, V)
     target = labels[mask]
     loss_sum = F.cross_entropy(logits.float(), target, reduction="sum")
     n = int(mask.sum())

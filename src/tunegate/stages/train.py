@@ -66,6 +66,7 @@ def run(st: Stage) -> StageResult:
                          use_bf16, [track])
     built = recipe(method).build(ctx)
     trainer = built.trainer
+    track.attach(trainer)
 
     full = project.train.adapter == "full"
     if full:
@@ -89,6 +90,8 @@ def run(st: Stage) -> StageResult:
     after = built.after_train(trainer) if built.after_train else {}
 
     # st.dir is the stage's partial folder: the weights become visible only when the whole stage succeeds.
+    if not trainer.is_world_process_zero():
+        return StageResult(metrics={})  # a data-parallel worker: rank 0 saves (tunegate.pipeline)
     if full:
         trainer.model.save_pretrained(st.dir / "model", safe_serialization=True)
         tokenizer.save_pretrained(st.dir / "model")
@@ -119,6 +122,7 @@ def run(st: Stage) -> StageResult:
         "final_train_loss": next((r["loss"] for r in reversed(history) if "loss" in r), None),
         "final_eval_loss": next((r["eval_loss"] for r in reversed(history) if "eval_loss" in r), None),
         "precision": "bf16" if use_bf16 else "fp32",
+        "world_size": trainer.args.world_size,  # data-parallel processes (torchrun / accelerate launch)
         "trainable_params": trainable,
         "total_params": total,
         "lora": None if full else lora_kwargs(project),
