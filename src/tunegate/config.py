@@ -240,8 +240,9 @@ class TrainConfig(_Section):
     lora: dict[str, Any] = Field(default_factory=dict)
     # Passed as-is to the method's TRL config (SFTConfig, DPOConfig, KTOConfig, ORPOConfig, GRPOConfig, ...).
     trl: dict[str, Any] = Field(default_factory=dict)
-    # Start from this adapter (e.g. the SFT run before DPO): it is merged into the base first, so the new
-    # adapter trains on top of it and the DPO/KTO reference is that frozen starting policy (case C19).
+    # Start from this adapter (e.g. the SFT run before DPO): training continues that adapter (its own rank and
+    # modules; `adapter` and `lora` do not apply), and DPO/KTO/GRPO keep a frozen copy of it as the reference,
+    # so the reference is the starting policy (case C19).
     init_adapter: Path | None = None
     grpo: GrpoConfig | None = None  # method grpo: required
     distillation: DistillationConfig | None = None  # method distillation: required
@@ -260,6 +261,8 @@ class TrainConfig(_Section):
             raise ValueError(f"`distillation` is set but method is {self.method}")
         if self.adapter == "full" and self.lora:
             raise ValueError("adapter full trains every weight: remove `lora`")
+        if self.init_adapter is not None and self.lora:
+            raise ValueError("init_adapter continues that adapter with its own settings: remove `lora`")
         return self
 
 
@@ -713,8 +716,10 @@ def trl_kwargs(project: Project, output_dir: Path, device_bf16: bool) -> dict[st
         defaults.update(max_length=project.data.max_length, logging_steps=1, per_device_train_batch_size=4)
     if method == "grpo":
         defaults.pop("max_length")
-        defaults.update(num_generations=4, max_completion_length=64, per_device_train_batch_size=4, logging_steps=1,
-                        temperature=1.0, beta=0.0)
+        n_gen = project.train.trl.get("num_generations", 4)
+        # a step holds whole groups: the batch defaults to one group (TRL requires a multiple of num_generations)
+        defaults.update(num_generations=n_gen, max_completion_length=64, per_device_train_batch_size=n_gen,
+                        logging_steps=1, temperature=1.0, beta=0.0)
     if method == "distillation" and project.train.distillation.mode == "logits":
         defaults.pop("max_length")  # DistillationConfig has no max_length: the data stage already fit the rows
         defaults.update(max_completion_length=project.train.distillation.max_new_tokens)

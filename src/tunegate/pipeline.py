@@ -61,7 +61,12 @@ class Stage:
     @property
     def dir(self) -> Path:
         """Where the stage writes while it runs; renamed to `final_dir` when it succeeds."""
-        return self.worker_dir or self.run_dir / f".{self.name}.partial"
+        return self.worker_dir or self.partial_dir
+
+    @property
+    def partial_dir(self) -> Path:
+        """Rank 0's writing folder, also for a data-parallel worker (which writes only its scratch `dir`)."""
+        return self.run_dir / f".{self.name}.partial"
 
     @property
     def final_dir(self) -> Path:
@@ -108,8 +113,9 @@ def stage_inputs(project: Project, stage: str) -> dict[str, Path]:
             if ":" in t.grpo.verifier or t.grpo.verifier.endswith(".py"):  # a verifier file of the project
                 files["grpo_verifier"] = project.root / t.grpo.verifier.split(":")[0]
         if t.distillation is not None and Path(t.distillation.teacher).is_dir():
-            teacher = Path(t.distillation.teacher)
-            files["teacher_config"] = teacher / "config.json"
+            teacher = Path(t.distillation.teacher)  # its weights: a retrained teacher reruns the stage
+            for i, w in enumerate(sorted(teacher.glob("*.safetensors")) or [teacher / "config.json"]):
+                files[f"teacher{i}"] = w
         return files
     if stage == "eval":
         files = project.eval.suites.files() if project.eval.suites else {}
@@ -315,19 +321,18 @@ def run_pipeline(project: Project, run_id: str = "default", until: str = "report
     run_dir = run_dir_for(project, run_id)
     run_dir.mkdir(parents=True, exist_ok=True)
     manifests = {}
+    audit_runs = project.audit.enabled and project.train.method != "cpt"
     for stage in STAGES:
         overrides = []
-        if stage == "audit" and not project.audit.enabled:
-            console.print("[dim]- audit: off (audit.enabled: false)[/dim]")
-            continue
-        if stage == "audit" and project.train.method == "cpt":
-            console.print("[dim]- audit: skipped for continued pretraining (raw text has no answers to few-shot or probe with)[/dim]")
-            continue
-        if stage == "train":
-            overrides = training_override(project, run_dir, train_anyway) if project.audit.enabled and project.train.method != "cpt" else []
-            for o in overrides:
-                console.print(f"[yellow]{o}[/yellow]")
-        manifests[stage] = run_stage(project, run_dir, stage, bodies[stage], force=stage in force or "all" in force, overrides=overrides)
+        if stage == "audit" and not audit_runs:
+            why = "audit.enabled: false" if not project.audit.enabled else "continued pretraining: raw text has no answers to few-shot or probe with"
+            console.print(f"[dim]- audit: skipped ({why})[/dim]")
+        else:
+            if stage == "train":
+                overrides = training_override(project, run_dir, train_anyway) if audit_runs else []
+                for o in overrides:
+                    console.print(f"[yellow]{o}[/yellow]")
+            manifests[stage] = run_stage(project, run_dir, stage, bodies[stage], force=stage in force or "all" in force, overrides=overrides)
         if stage == until:
             break
     return manifests

@@ -180,7 +180,8 @@ def anti_patterns(project, n_train_rows: int, base_is_instruct: bool, *, cuda: b
             "no_feedback_capture", "warning",
             "no feedback capture is configured (serve.feedback): production thumbs and corrections are lost, "
             "and the next training round has only the data it has now",
-            "configure feedback capture for the served adapter (serve.feedback) and log thumbs/corrections with ids",
+            "log thumbs up/down and edited answers with request ids where the adapter is served, and bring them back "
+            "as kto / preference sources for the next round (tunegate's own serve.feedback is not built yet)",
         ))
 
     # The gate must hold a metric on the domain golden set (the business metric), not only standard suites.
@@ -611,8 +612,8 @@ def micro_benchmark(model, tokenizer, project, rows: list[dict[str, Any]], steps
 def run_checks(project, data_dir: Path, measure: bool = True) -> dict[str, Any]:
     """The preflight of `tunegate train --dry-run` (measure=True) and of every training (measure=False).
 
-    Reads the data stage's train.jsonl and stats.json. Loads the tokenizer and the base model (weights, no
-    training): anti-patterns, loss-mask and length rejections the data stage made (C01-C03, C07, C09-C11),
+    Reads the data stage's train.jsonl and stats.json. Loads the tokenizer and the base model's architecture
+    (on the meta device: no weights; real weights only with `measure`): anti-patterns, loss-mask and length rejections the data stage made (C01-C03, C07, C09-C11),
     LoRA target modules resolved against the model's real module names (C12), and with `measure` a
     micro-benchmark and the estimate (tokens, FLOPs, time here, peak memory, 7B cloud cost).
 
@@ -636,7 +637,9 @@ def run_checks(project, data_dir: Path, measure: bool = True) -> dict[str, Any]:
     if stats.get("truncated_rows"):
         mask[f"truncated by data.overlength={project.data.overlength} (C10/C11)"] = stats["truncated_rows"]
 
-    model = load_model(base)
+    # Module names and parameter counts need no weights: a model on the meta device costs no memory. Real
+    # weights are loaded only for the micro-benchmark (--dry-run).
+    model = load_model(base) if measure and rows else _meta_model(base)
     targets = None
     n_params = sum(p.numel() for p in model.parameters())
     n_trainable = n_params
@@ -681,6 +684,15 @@ def run_checks(project, data_dir: Path, measure: bool = True) -> dict[str, Any]:
         "estimate": est,
         "text": render(findings, est) + _render_checks(mask, targets, bench),
     }
+
+
+def _meta_model(base):
+    """The base model's architecture on the meta device: real module names and shapes, no weights in memory."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(base)))
 
 
 def _autocast(bf16: bool):

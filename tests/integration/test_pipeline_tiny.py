@@ -244,3 +244,10 @@ def test_eval_refuses_a_padded_copy_by_the_same_ngram_rule_as_the_data_stage(tin
         check_golden(project, data_dir)
     # with decontamination off only exact copies are refused
     check_golden(load_project(tiny_project / "tunegate.yaml", ["data.decontaminate=null"]), data_dir)
+
+
+def test_until_audit_stops_before_training_when_the_audit_is_off(tiny_project):
+    """`run --until audit` is how a multi-process training is prepared; with the audit off it must still stop."""
+    manifests = run_pipeline(load_project(tiny_project / "tunegate.yaml"), until="audit")
+    assert set(manifests) == {"data"}
+    assert not (tiny_project / "runs/default/train").exists()

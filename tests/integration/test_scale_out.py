@@ -22,7 +22,7 @@ def free_port() -> int:
 def test_two_process_gloo_data_parallel_training_writes_one_adapter(tiny_project):
     """torchrun with 2 CPU processes: each trains half of every batch; rank 0 alone writes adapter and manifest."""
     path = tiny_project / "tunegate.yaml"
-    overrides = ["train.trl.max_steps=3", "train.trl.per_device_train_batch_size=2", "data.val_fraction=0.0"]
+    overrides = ["train.trl.max_steps=3", "train.trl.per_device_train_batch_size=2", "data.val_fraction=0.0", "train.trl.logging_steps=1"]
     run_pipeline(load_project(path, overrides), until="data")
     r = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
@@ -38,6 +38,17 @@ def test_two_process_gloo_data_parallel_training_writes_one_adapter(tiny_project
     assert (run_dir / "train/adapter/adapter_model.safetensors").is_file()
     assert not [p.name for p in run_dir.iterdir() if p.name.startswith(".")]  # no worker scratch left behind
     assert json.loads((run_dir / "train/train_summary.json").read_text())["world_size"] == 2
+
+    # The loss is per supervised token over the global batch: 2 processes x 2 rows log what 1 process x 4 rows
+    # logs on the same first 4 rows (a missing x world-size rescale would halve it).
+    def first_loss(run):
+        rows = [json.loads(x) for x in (tiny_project / "runs" / run / "train/metrics.jsonl").read_text().splitlines()]
+        return next(r["loss"] for r in rows if "loss" in r)
+
+    single = overrides[:1] + ["train.trl.per_device_train_batch_size=4", "data.val_fraction=0.0", "train.trl.logging_steps=1"]
+    run_pipeline(load_project(path, single), run_id="single", until="data")
+    run_pipeline(load_project(path, single), run_id="single", until="train")
+    assert first_loss("default") == pytest.approx(first_loss("single"), abs=2e-3)
 
 
 @pytest.mark.parametrize("kind,expected", [("cpu", "MULTI_CPU"), ("ddp", "MULTI_GPU"), ("fsdp", "FSDP"), ("zero3", "DEEPSPEED")])

@@ -120,3 +120,12 @@ def test_passthrough_uses_the_methods_own_trl_config(tmp_path):
     assert kw["beta"] == 0.2 and kw["learning_rate"] == 5e-5  # tunegate's DPO default for an adapter
     bad = load_project(write(tmp_path, pref + "train:\n  method: dpo\n  trl: {packing: true}\n"))
     assert any(p.startswith("train.trl: trl.DPOConfig refused it") and "packing" in p for p in check_passthrough(bad))
+
+
+def test_grpo_batch_follows_num_generations_so_the_readme_example_validates(tmp_path):
+    from tunegate.config import check_passthrough, trl_kwargs
+
+    p = load_project(write(tmp_path, MINIMAL + "train:\n  method: grpo\n  grpo: {verifier: numeric}\n"
+                                                "  trl: {num_generations: 8, max_completion_length: 16}\n"))
+    assert check_passthrough(p) == []
+    assert trl_kwargs(p, tmp_path, False)["per_device_train_batch_size"] == 8

@@ -96,3 +96,25 @@ train: {method: dpo}
 """)
     with pytest.raises(TunegateError, match=r"format chat, which train.method dpo cannot train on; it takes: preference"):
         load_project(tmp_path / "p.yaml")
+
+
+def test_hh_prompt_ending_in_assistant_and_ultrafeedback_rows_keep_only_the_answers(tmp_path):
+    rows = [
+        {"id": "hh", "prompt": "\n\nHuman: What is 2+2?\n\nAssistant:", "chosen": " 4", "rejected": " 5"},
+        {"id": "hh2", "prompt": "\n\nHuman: What is 2+2?\n\nAssistant: ", "chosen": " 4", "rejected": " 22"},
+        {"id": "uf", "prompt": "Name a prime.", "chosen": [{"role": "user", "content": "Name a prime."}, {"role": "assistant", "content": "7"}],
+         "rejected": [{"role": "user", "content": "Name a prime."}, {"role": "assistant", "content": "9"}]},
+    ]
+    records, rejected = read(tmp_path, rows, "preference")
+    assert rejected == []
+    got = {r["id"]: (r["messages"], r["rejected"]) for r in records}
+    assert got["hh"] == ([{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"}], "5")
+    assert got["hh2"][0][0]["content"] == "What is 2+2?" and got["hh2"][1] == "22"
+    assert got["uf"] == ([{"role": "user", "content": "Name a prime."}, {"role": "assistant", "content": "7"}], "9")
+
+
+def test_kto_rows_with_opposite_labels_are_not_duplicates():
+    from tunegate.stages.data import _row_text
+
+    up = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "label": True}
+    assert _row_text(up) != _row_text({**up, "label": False})

@@ -116,7 +116,7 @@ def normalize_messages(messages: Any, require_final_assistant: bool = True) -> l
     return out
 
 
-_HH_TURN = re.compile(r"\n\n(Human|Assistant): ")
+_HH_TURN = re.compile(r"\n\n(Human|Assistant):[ ]?")
 
 
 def parse_hh_transcript(text: str) -> list[dict[str, str]]:
@@ -129,7 +129,10 @@ def parse_hh_transcript(text: str) -> list[dict[str, str]]:
     if len(parts) < 3 or parts[0].strip():
         raise RowError("hh_format", "expected a transcript of \"\\n\\nHuman: ...\\n\\nAssistant: ...\" turns")
     roles = {"Human": "user", "Assistant": "assistant"}
-    return [{"role": roles[parts[i]], "content": parts[i + 1].strip()} for i in range(1, len(parts) - 1, 2)]
+    turns = [{"role": roles[parts[i]], "content": parts[i + 1].strip()} for i in range(1, len(parts) - 1, 2)]
+    if len(turns) > 1 and turns[-1]["role"] == "assistant" and not turns[-1]["content"]:
+        turns.pop()  # a prompt ending in "Assistant:" (the answer follows elsewhere)
+    return turns
 
 
 def _as_messages(value: Any, key: str, role: str) -> list[dict[str, str]]:
@@ -152,6 +155,12 @@ def _split_pair(obj: dict[str, Any]) -> tuple[list[dict[str, str]], str, str]:
     rejected = _as_messages(obj["rejected"], "rejected", "assistant")
     if "prompt" in obj:
         prompt = normalize_messages(_as_messages(obj["prompt"], "prompt", "user"), require_final_assistant=False)
+        # UltraFeedback-style rows repeat the prompt inside chosen and rejected: keep only what follows it
+        def after_prompt(turns):
+            head = [(m.get("role"), str(m.get("content", "")).strip()) if isinstance(m, dict) else None for m in turns[: len(prompt)]]
+            same = head == [(m["role"], m["content"].strip()) for m in prompt]
+            return turns[len(prompt):] if same and len(turns) > len(prompt) else turns
+        chosen, rejected = after_prompt(chosen), after_prompt(rejected)
     else:  # implicit prompt: the turns both conversations share, up to the last user turn
         n = 0
         while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
@@ -167,8 +176,8 @@ def _split_pair(obj: dict[str, Any]) -> tuple[list[dict[str, str]], str, str]:
     for key, turns in (("chosen", chosen), ("rejected", rejected)):
         if len(turns) != 1 or not isinstance(turns[0], dict) or turns[0].get("role", "assistant") != "assistant":
             raise RowError("role_order", f"'{key}' must be one assistant answer after the prompt")
-        text = _text_content(turns[0].get("content"), key)
-        if not text.strip():
+        text = _text_content(turns[0].get("content"), key).strip()
+        if not text:
             raise RowError("empty_turn", f"'{key}' is empty or whitespace")
         answers.append(text)
     return prompt, answers[0], answers[1]

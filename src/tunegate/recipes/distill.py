@@ -37,6 +37,18 @@ def teacher_answers(ctx: Context, rows: list[dict[str, Any]], teacher, teacher_t
     return out
 
 
+def _main_process_first():
+    import contextlib
+
+    from tunegate.pipeline import distributed_rank
+
+    if distributed_rank()[1] == 1:
+        return contextlib.nullcontext()
+    from accelerate import PartialState
+
+    return PartialState().main_process_first()
+
+
 def _load_teacher(ctx: Context):
     from tunegate.models import load_inference_model, load_tokenizer, resolve_base_model
 
@@ -50,18 +62,19 @@ def build(ctx: Context) -> Built:
     dcfg = ctx.project.train.distillation
     if dcfg.mode == "sequence":
         cache = ctx.st.checkpoint_dir / "teacher_answers.jsonl"
-        if cache.is_file():
-            rows = [json.loads(x) for x in cache.read_text(encoding="utf-8").splitlines() if x.strip()]
-            console.print(f"teacher answers: {len(rows)} read back from {cache}")
-        else:
-            teacher, teacher_tok = _load_teacher(ctx)
-            rows = teacher_answers(ctx, ctx.train_rows + ctx.val_rows, teacher, teacher_tok)
-            del teacher
-            if not rows:
-                raise TunegateError(f"train.distillation.teacher {dcfg.teacher} gave an empty answer to all "
-                                    f"{len(ctx.train_rows) + len(ctx.val_rows)} prompts: nothing to distil")
-            ctx.st.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_jsonl(cache, rows)
+        with _main_process_first():  # several processes: rank 0 generates, the others read its answers
+            if cache.is_file():
+                rows = [json.loads(x) for x in cache.read_text(encoding="utf-8").splitlines() if x.strip()]
+                console.print(f"teacher answers: {len(rows)} read back from {cache}")
+            else:
+                teacher, teacher_tok = _load_teacher(ctx)
+                rows = teacher_answers(ctx, ctx.train_rows + ctx.val_rows, teacher, teacher_tok)
+                del teacher
+                if not rows:
+                    raise TunegateError(f"train.distillation.teacher {dcfg.teacher} gave an empty answer to all "
+                                        f"{len(ctx.train_rows) + len(ctx.val_rows)} prompts: nothing to distil")
+                ctx.st.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+                atomic_write_jsonl(cache, rows)
         atomic_write_jsonl(ctx.st.dir / "teacher_answers.jsonl", rows)
         val_ids = {r["id"] for r in ctx.val_rows}
         n_asked = len(ctx.train_rows) + len(ctx.val_rows)

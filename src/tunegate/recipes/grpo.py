@@ -101,6 +101,10 @@ def build(ctx: Context) -> Built:
     kwargs = ctx.trl_args(evaluate=False)  # held-out reward is measured here, greedy; GRPO's eval would sample
     kwargs.pop("include_num_input_tokens_seen", None)
     model, peft = load_policy(project, ctx.base)
+    from tunegate.models import device_name
+
+    if project.train.adapter != "qlora":  # a 4-bit model is placed on the GPU when it loads
+        model = model.to(device_name())  # the smoke batch and held-out reward generate on the GPU when there is one
 
     # C18 smoke batch: does the reward vary within groups at all, on the starting policy?
     n, max_new = int(kwargs["num_generations"]), int(kwargs["max_completion_length"])

@@ -32,16 +32,17 @@ def supervised_only_loss(model, inputs, num_items_in_batch=None):
     gradient-accumulation steps) the sum is divided by it, as transformers' Trainer expects.
 
     Why not TRL's fused LM head: off Triton devices it scores every position in fp32, which on a CPU cost
-    more than a quarter of each step for a task whose answers are a few tokens (measured, bench/). Under DDP
-    the whole model's forward runs instead (all positions scored): its wrapper must see the forward.
+    more than a quarter of each step for a task whose answers are a few tokens (measured, bench/). With
+    several processes the whole model's forward runs instead (all positions scored): DDP/FSDP hooks must see it.
     """
     import torch
     import torch.nn.functional as F
 
     labels = inputs["labels"][:, 1:]  # (B, T-1): position t predicts token t+1
     mask = labels != IGNORE_INDEX
-    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
-        # Data-parallel: the forward must go through the DDP wrapper, whose hooks all-reduce the gradients.
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        # Multi-process (DDP, FSDP, DeepSpeed): the forward must go through the wrapped model, whose hooks
+        # all-reduce gradients or gather sharded weights.
         out = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"), use_cache=False)
         logits = out.logits[:, :-1][mask]
     else:
@@ -66,6 +67,10 @@ def trainer_class():
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             mode = "train" if model.training else "eval"
             loss, n, correct = supervised_only_loss(model, inputs, num_items_in_batch)
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                # num_items_in_batch counts every process's tokens and DDP averages gradients over processes:
+                # scale back up, as transformers' own compute_loss does, so loss and gradients are per token.
+                loss = loss * self.accelerator.num_processes
             if n:
                 self._metrics[mode]["mean_token_accuracy"].append(correct / n)
             if mode == "train":

@@ -38,12 +38,13 @@ def split_train_val(records: list[dict[str, Any]], val_fraction: float, seed: in
 
 
 def _row_text(rec: dict[str, Any]) -> str:
-    """What duplicate detection compares: every turn's text (system turns excluded, a rejected answer
-    included), prompt + completion, or raw text."""
+    """What duplicate detection compares: every turn's text (system turns excluded; a rejected answer and a
+    KTO label included, so opposite labels are not duplicates), prompt + completion, or raw text."""
     if "text" in rec:
         return rec["text"]
     if "messages" in rec:
-        return "\n".join([m["content"] for m in rec["messages"] if m["role"] != "system"] + ([rec["rejected"]] if "rejected" in rec else []))
+        extra = ([rec["rejected"]] if "rejected" in rec else []) + ([f"label: {rec['label']}"] if "label" in rec else [])
+        return "\n".join([m["content"] for m in rec["messages"] if m["role"] != "system"] + extra)
     return rec["prompt"] + "\n" + rec["completion"]
 
 

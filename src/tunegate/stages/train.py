@@ -10,11 +10,12 @@ format; `model/` instead for `adapter: full`), metrics.jsonl (every logged step)
 
 from __future__ import annotations
 
+import shutil
 import time
 from typing import Any
 
 from tunegate import TunegateError
-from tunegate.config import check_passthrough, lora_kwargs
+from tunegate.config import check_passthrough
 from tunegate.data.records import read_jsonl
 from tunegate.manifest import atomic_write_json, atomic_write_jsonl
 from tunegate.pipeline import Stage, StageResult, console
@@ -27,6 +28,16 @@ PLOTTED = {
     "orpo": ("rewards/margins",),
     "grpo": ("reward",),
 }
+
+
+def _trained_lora(model) -> dict[str, Any]:
+    """The LoRA settings of the adapter that trained (an init adapter keeps its own), JSON-ready."""
+    cfg = model.peft_config["default"].to_dict()
+    keys = ("r", "lora_alpha", "lora_dropout", "use_dora", "target_modules", "task_type")
+    out = {k: cfg.get(k) for k in keys}
+    if isinstance(out["target_modules"], (set, frozenset)):
+        out["target_modules"] = sorted(out["target_modules"])
+    return out
 
 
 def preflight(project, data_dir) -> dict[str, Any]:
@@ -89,15 +100,19 @@ def run(st: Stage) -> StageResult:
     train_s = time.perf_counter() - t0
     after = built.after_train(trainer) if built.after_train else {}
 
-    # st.dir is the stage's partial folder: the weights become visible only when the whole stage succeeds.
-    if not trainer.is_world_process_zero():
-        return StageResult(metrics={})  # a data-parallel worker: rank 0 saves (tunegate.pipeline)
-    if full:
-        trainer.model.save_pretrained(st.dir / "model", safe_serialization=True)
-        tokenizer.save_pretrained(st.dir / "model")
+    # The stage's partial folder: the weights become visible only when the whole stage succeeds.
+    out = st.partial_dir / ("model" if full else "adapter")
+    if trainer.args.world_size > 1:
+        # Every process takes part (FSDP/DeepSpeed gather sharded weights); the main process writes.
+        trainer.save_model(str(out))
+        if not trainer.is_world_process_zero():
+            return StageResult(metrics={})  # a data-parallel worker: rank 0 writes the rest (tunegate.pipeline)
+        shutil.rmtree(out / "ref", ignore_errors=True)  # TRL's frozen reference copy of an init adapter
+    elif full:
+        trainer.model.save_pretrained(out, safe_serialization=True)
     else:  # only the trained adapter: DPO/KTO/GRPO from an init adapter also hold a frozen `ref` copy
-        trainer.model.save_pretrained(st.dir / "adapter", selected_adapters=["default"])
-        tokenizer.save_pretrained(st.dir / "adapter")
+        trainer.model.save_pretrained(out, selected_adapters=["default"])
+    tokenizer.save_pretrained(out)
 
     history = trainer.state.log_history
     atomic_write_jsonl(st.dir / "metrics.jsonl", history)
@@ -125,7 +140,7 @@ def run(st: Stage) -> StageResult:
         "world_size": trainer.args.world_size,  # data-parallel processes (torchrun / accelerate launch)
         "trainable_params": trainable,
         "total_params": total,
-        "lora": None if full else lora_kwargs(project),
+        "lora": None if full else _trained_lora(trainer.model),
         "trl": {k: v for k, v in built.trl_kwargs.items() if k != "output_dir"},
         **after,
     }
