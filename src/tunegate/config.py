@@ -26,19 +26,33 @@ class _Section(BaseModel):
 
 
 class SourceConfig(_Section):
-    """One raw data source (tunegate.data.records). Formats:
+    """One raw data source (tunegate.data.records). `format` is the shape of a row:
 
-    chat: JSONL with OpenAI `messages`. prompt_completion: JSONL with `prompt` and `completion` strings.
-    csv: a column mapping turns each row into a user and an assistant turn.
-    preference: JSONL preference pairs for DPO/ORPO: `prompt` (string or messages) with `chosen` and
-    `rejected` (strings or messages), or `chosen`/`rejected` only (whole conversations sharing their prompt,
-    including Anthropic HH-RLHF "\n\nHuman: ... \n\nAssistant: ..." transcripts).
-    kto: JSONL unpaired feedback: `prompt`, `completion` and a boolean `label` (thumbs up = true).
-    text: JSONL raw text for continued pretraining, in the `text_column` field.
+    chat: OpenAI `messages` (content may be a list of text parts).
+    prompt_completion: `prompt` and `completion` strings (plain text, no chat template).
+    alpaca: Stanford Alpaca's `instruction`, optional `input`, `output` (and optional `system`).
+    sharegpt: `conversations` of {"from": human|gpt|system, "value": ...} turns.
+    openai_log: production request/response logs in OpenAI chat format: `request` ({"messages": ...}, or a
+        batch-API line's `body`) with `response` (a chat.completion, or a batch-API line's `{status_code, body}`).
+    csv: a user and an assistant turn from two named columns (`prompt_column`, `completion_column`).
+    preference: pairs for DPO/ORPO: `prompt` (string or messages) with `chosen` and `rejected` (strings or
+        messages), or `chosen`/`rejected` only (whole conversations sharing their prompt, including Anthropic
+        HH-RLHF "\n\nHuman: ... \n\nAssistant: ..." transcripts).
+    kto: unpaired feedback: `prompt`, `completion` and a boolean `label` (thumbs up = true).
+    text: raw text for continued pretraining, in the `text_column` field.
+
+    The file type comes from `path`: .jsonl, .json (JSON lines or one JSON array), .csv, .tsv, .parquet, or a
+    folder (a `datasets` save_to_disk folder, or a folder of .parquet files); `hub` reads a Hugging Face Hub
+    dataset instead (needs the network). Any format reads from any file type; `columns` renames a row's
+    fields first, e.g. {prompt: question, completion: answer}.
     """
 
-    path: Path
-    format: Literal["chat", "prompt_completion", "csv", "preference", "kto", "text"] = "chat"
+    path: Path | None = None
+    hub: str | None = None  # a Hugging Face Hub dataset id (network needed); pin `revision` for a repeatable run
+    revision: str | None = None  # hub: a commit, tag or branch
+    split: str = "train"  # a `datasets` folder holding several splits, or hub: which split to read
+    format: Literal["chat", "prompt_completion", "alpaca", "sharegpt", "openai_log", "csv", "preference", "kto", "text"] = "chat"
+    columns: dict[str, str] = Field(default_factory=dict)  # canonical field -> the source's field/column name
     text_column: str = "text"  # text: the field holding the raw text
     prompt_column: str = "prompt"  # csv: the column that becomes the user turn
     completion_column: str = "completion"  # csv: the column that becomes the assistant turn
@@ -46,6 +60,20 @@ class SourceConfig(_Section):
     sample: int | None = Field(default=None, ge=1)  # keep a seeded random sample of this many rows
     seed: int = 0
     license: str | None = None  # travels to the data card
+
+    @model_validator(mode="after")
+    def _one_location(self):
+        if (self.path is None) == (self.hub is None):
+            raise ValueError("a source needs exactly one of `path` (a local file or folder) and `hub` (a Hub dataset id)")
+        return self
+
+    @property
+    def name(self) -> str:
+        """How reports name this source: its file path; a folder or Hub id with its split (two splits of one
+        dataset are two sources), e.g. hf://owner/name:train."""
+        if self.path is None:
+            return f"hf://{self.hub}:{self.split}"
+        return str(self.path) + (f":{self.split}" if self.path.is_dir() else "")
 
 
 class GateRule(_Section):
@@ -155,6 +183,25 @@ class PiiConfig(_Section):
         return list(dict.fromkeys(v))
 
 
+class SelectConfig(_Section):
+    """Quality scoring and diversity-aware selection (tunegate.data.quality), after dedup and decontamination.
+
+    In the spirit of DEITA (Liu et al. 2023): each row gets a quality score (cheap heuristics on the answer)
+    and, with `complexity: ifd`, a complexity score, the instruction-following difficulty of Li et al. 2023
+    (the base model's loss on the answer given the instruction over its loss on the answer alone). Rows are
+    visited best score first and kept while their MiniLM cosine to every kept row stays under
+    `diversity_threshold`, until `budget_rows` or `budget_tokens` is reached. Unselected rows are rejected
+    with `too_similar` or `over_budget`; `max_ifd` rejects rows the instruction does not help (`ifd_above_max`).
+    """
+
+    complexity: Literal["ifd", "none"] = "ifd"  # "none": quality heuristics only (no model is loaded)
+    diversity_threshold: float = Field(default=0.9, gt=0, le=1)  # cosine at or above which a row is too similar
+    budget_rows: int | None = Field(default=None, ge=1)
+    budget_tokens: int | None = Field(default=None, ge=1)  # tokens after the chat template
+    max_ifd: float | None = Field(default=None, gt=0)  # e.g. 1.0 (Li et al. drop IFD > 1); None keeps every row
+    batch_size: int = Field(default=8, ge=1)  # rows per forward pass when scoring IFD
+
+
 class DataConfig(_Section):
     sources: list[SourceConfig] = Field(min_length=1)
     golden: SourceConfig  # the frozen golden set: evaluation only, never trained on
@@ -177,6 +224,12 @@ class DataConfig(_Section):
     # removes rows that overlap the golden set). `decontaminate: null` keeps the exact-overlap removal only.
     decontaminate: DecontaminateConfig | None = Field(default_factory=DecontaminateConfig)
     pii: PiiConfig | None = None  # off unless set, e.g. `pii: {mode: mask}`
+    # Where the row steps (PII, chat template and loss mask) run (tunegate.data.engine): `local` on num_proc
+    # processes of this machine (None = every core it may use), or `ray` on the cluster ray.init() finds.
+    # The outputs are the same on every engine.
+    engine: Literal["local", "ray"] = "local"
+    num_proc: int | None = Field(default=None, ge=1)
+    select: SelectConfig | None = None  # quality scoring and diversity-aware selection (DEITA); off unless set
 
 
 class GrpoConfig(_Section):
@@ -211,7 +264,7 @@ class DistillationConfig(_Section):
     batch_size: int = Field(default=8, ge=1)
 
 
-_DEMOS = ("chat", "prompt_completion", "csv")
+_DEMOS = ("chat", "prompt_completion", "alpaca", "sharegpt", "openai_log", "csv")
 # Which source formats each training method reads (the data stage's record kinds, tunegate.data.records).
 METHOD_FORMATS: dict[str, tuple[str, ...]] = {
     "sft": _DEMOS,
@@ -219,8 +272,8 @@ METHOD_FORMATS: dict[str, tuple[str, ...]] = {
     "dpo": ("preference",),
     "orpo": ("preference",),
     "kto": ("kto", "preference"),  # a pair gives one desirable and one undesirable row
-    "grpo": ("chat", "csv"),  # the final assistant turn is the reference answer the verifier checks against
-    "distillation": ("chat", "csv"),  # the teacher answers the prompts; the final turn is replaced
+    "grpo": ("chat", "alpaca", "sharegpt", "openai_log", "csv"),  # the final assistant turn is the reference answer the verifier checks against
+    "distillation": ("chat", "alpaca", "sharegpt", "openai_log", "csv"),  # the teacher answers the prompts; the final turn is replaced
 }
 
 
@@ -465,6 +518,76 @@ class AuditConfig(_Section):
         return v
 
 
+class BundleConfig(_Section):
+    """One release bundle to serve. A plain path in `serve.bundles` is the same as `{path: DIR}`."""
+
+    path: Path  # the bundle folder (release.json, adapter/, model.sig)
+    name: str | None = None  # the adapter's model name in the API; default: the bundle folder's name
+
+    @field_validator("name")
+    @classmethod
+    def _adapter_name(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", v):
+            raise ValueError(f"adapter name {v!r}: letters, digits, '-' and '_' only (it is a PEFT adapter name)")
+        return v
+
+
+class ServeConfig(_Section):
+    """`tunegate serve` (tunegate.serve): an OpenAI-compatible endpoint over the base model and the release
+    bundles' adapters, per-tenant API keys, traces and a feedback store (tunegate.servedb).
+
+    Only bundles whose signature verifies with `public_key` and whose release.json verdict is PASS are
+    loaded; the server refuses to start otherwise, naming the bundle and the reason.
+    """
+
+    bundles: list[BundleConfig] = Field(default_factory=list)
+    public_key: Path | None = None  # PEM public key the bundles' model.sig must verify with
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    # Any SQLAlchemy URL (postgresql+psycopg://..., ...); default sqlite:///<project folder>/serve.db
+    database_url: str | None = None
+    feedback: bool = True  # POST /v1/feedback is open (thumbs and edited answers for the next round)
+    max_new_tokens: int = Field(default=256, ge=1)  # cap on a request's max_tokens (and its default)
+
+    @field_validator("bundles", mode="before")
+    @classmethod
+    def _plain_paths(cls, v):
+        return [{"path": b} if isinstance(b, (str, Path)) else b for b in (v or [])]
+
+
+class DriftConfig(_Section):
+    """`tunegate drift` (tunegate.drift): recent production requests (serving-database traces) against the
+    run's training prompts, and with `--golden` the frozen golden set re-run on the served adapter.
+
+    A distribution check is flagged only when it is both significant (p < alpha) and large enough to matter
+    (its size bound): with thousands of traces a test finds differences nobody needs to act on.
+    """
+
+    alpha: float = Field(default=0.01, gt=0, lt=1)  # significance level of the KS test and the MMD permutation test
+    min_traces: int = Field(default=10, ge=2)  # fewer requests in the window: invalid input (exit 2), widen --since
+    max_prompts: int = Field(default=2000, ge=50)  # each side is subsampled (seeded) to this many prompts to embed
+    permutations: int = Field(default=200, ge=20)  # MMD permutation test; the smallest p-value is 1/(permutations+1)
+    seed: int = 0
+    # length shift (words per prompt): flagged when the two-sample KS statistic D exceeds this and p < alpha
+    max_ks_statistic: float = Field(default=0.2, gt=0, le=1)
+    # embedding shift: flagged when 1 - cos(mean training embedding, mean recent embedding) exceeds this and
+    # the MMD permutation p < alpha
+    max_mean_cosine_distance: float = Field(default=0.05, gt=0, le=2)
+    # new clusters: a recent prompt is novel when its nearest training prompt has cosine below novelty_cosine;
+    # novel prompts are grouped (average linkage) while their mean cosine stays above cluster_cosine; a group of
+    # at least min_cluster_size prompts holding at least min_cluster_share of the window is a new cluster (drift)
+    novelty_cosine: float = Field(default=0.5, ge=-1, le=1)
+    cluster_cosine: float = Field(default=0.4, ge=-1, le=1)
+    min_cluster_size: int = Field(default=3, ge=1)
+    min_cluster_share: float = Field(default=0.02, ge=0, le=1)
+    # --golden: a metric has drifted when it fell more than golden_max_drop below its release score (eval/scores.json)
+    # and below the lower end of that score's 95% CI (rises, for gate rules with lower_is_better)
+    golden_max_drop: float = Field(default=0.05, ge=0, le=1)
+    # --golden endpoint: default eval.server.base_url, else http://serve.host:serve.port/v1 (`tunegate serve`)
+    base_url: str | None = None
+    api_key_env: str = "OPENAI_API_KEY"  # env var holding the key (a tenant key for `tunegate serve`); eval.server's when set
+
+
 class Project(_Section):
     name: str
     base_model: str = "smollm2-135m-instruct"
@@ -474,6 +597,8 @@ class Project(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     audit: AuditConfig = Field(default_factory=AuditConfig)
+    serve: ServeConfig | None = None  # `tunegate serve`; with feedback on, no no_feedback_capture warning
+    drift: DriftConfig = Field(default_factory=DriftConfig)  # `tunegate drift`: production traces vs training data
 
     # Set by load_project, not by the file.
     root: Path = Field(default=Path("."), exclude=True)
@@ -492,12 +617,14 @@ class Project(_Section):
         for i, src in enumerate(self.data.sources):
             if src.format not in allowed:
                 raise ValueError(
-                    f"data.sources[{i}] ({src.path}) has format {src.format}, which train.method {self.train.method} "
+                    f"data.sources[{i}] ({src.name}) has format {src.format}, which train.method {self.train.method} "
                     f"cannot train on; it takes: {', '.join(allowed)}"
                 )
-        if self.data.golden.format not in ("chat", "prompt_completion", "csv"):
+        if self.data.golden.format not in _DEMOS:
             raise ValueError(f"data.golden has format {self.data.golden.format}: a golden set holds prompts with "
-                             "reference answers (chat, prompt_completion or csv)")
+                             f"reference answers ({', '.join(_DEMOS)})")
+        if self.data.golden.path is None or self.data.golden.path.suffix not in (".jsonl", ".json", ".csv", ".tsv"):
+            raise ValueError("data.golden.path must be a local .jsonl, .json, .csv or .tsv file: the golden set is frozen by its sha256")
         return self
 
     def section(self, name: str) -> dict[str, Any]:
@@ -629,10 +756,16 @@ def load_project(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) 
     project.root = root
     project.source_file = path.resolve()
     for src in [*project.data.sources, project.data.golden]:
-        src.path = _resolve(root, src.path)
+        if src.path is not None:
+            src.path = _resolve(root, src.path)
     project.data.golden_lock = _resolve(root, project.data.golden_lock)
     project.runs_dir = _resolve(root, project.runs_dir)
     project.registry = _resolve(root, project.registry)
+    if project.serve is not None:
+        for b in project.serve.bundles:
+            b.path = _resolve(root, b.path)
+        if project.serve.public_key is not None:
+            project.serve.public_key = _resolve(root, project.serve.public_key)
     if project.eval.json_schema is not None:
         project.eval.json_schema = _resolve(root, project.eval.json_schema)
     if project.eval.suites:

@@ -100,7 +100,9 @@ def _config_for(project: Project, stage: str) -> dict[str, Any]:
 def stage_inputs(project: Project, stage: str) -> dict[str, Path]:
     """Files outside the run folder that a stage reads (their sha256 goes into its fingerprint)."""
     if stage == "data":
-        files = {f"source{i}": s.path for i, s in enumerate(project.data.sources)}
+        from tunegate.data.records import source_files
+
+        files = {f"source{i}" + (f".{j}" if j else ""): f for i, s in enumerate(project.data.sources) for j, f in enumerate(source_files(s))}
         files["golden"] = project.data.golden.path
         return files
     if stage == "train":

@@ -180,8 +180,9 @@ def anti_patterns(project, n_train_rows: int, base_is_instruct: bool, *, cuda: b
             "no_feedback_capture", "warning",
             "no feedback capture is configured (serve.feedback): production thumbs and corrections are lost, "
             "and the next training round has only the data it has now",
-            "log thumbs up/down and edited answers with request ids where the adapter is served, and bring them back "
-            "as kto / preference sources for the next round (tunegate's own serve.feedback is not built yet)",
+            "add `serve: {feedback: true}` and serve with `tunegate serve` (POST /v1/feedback), then "
+            "`tunegate data feedback PROJECT` turns thumbs and edits into kto / preference sources for the next round; "
+            "or log them with request ids where the adapter is served and bring them back the same way",
         ))
 
     # The gate must hold a metric on the domain golden set (the business metric), not only standard suites.

@@ -99,9 +99,19 @@ def test_data_card_html_has_histogram_steps_sources_duplicates_pii_and_licence(t
         (63, 62, {"invalid_json": 1}), (62, 62, {}), (62, 62, {}), (62, 61, {"duplicate": 1}), (61, 61, {}), (61, 61, {})]
     assert [s["step"] for s in stats["steps"]][-2:] == ["golden-set overlap", "golden-set n-gram overlap (13-word)"]
     assert "<td>PII (mask)</td><td class=\"n\">62</td><td class=\"n\">62</td>" in html
+    # wall time per step: timings.json and a column of the steps table
+    timings = json.loads((out / "timings.json").read_text())
+    assert [t["step"] for t in timings["steps"]] == [s["step"] for s in stats["steps"]] + ["split and write"]
+    assert all(t["seconds"] >= 0 for t in timings["steps"]) and timings["total_seconds"] > 0
+    pii_row = re.search(r"<tr><td>PII \(mask\)</td>(.*?)</tr>", html).group(1)
+    assert re.findall(r"<td[^>]*>(.*?)</td>", pii_row)[-1] == str(timings["steps"][1]["seconds"])
     # removal reasons, duplicates with an example, PII by type, licences
     assert "<code>invalid_json</code></td><td class=\"n\">1</td>" in html
-    assert "<code>t0-copy</code></td><td>exact duplicate of t0</td>" in html
+    assert ("<td>exact</td><td><code>t0-copy</code></td><td><code>t0</code></td><td class=\"n\">1.0</td>"
+            "<td>message number 0 about topic alpha alpha</td><td>message number 0 about topic alpha alpha</td>") in html
+    assert stats["duplicate_examples"] == [{"kind": "exact", "id": "t0-copy", "duplicate_of": "t0", "similarity": 1.0,
+                                            "text": "message number 0 about topic alpha alpha", "kept_text": "message number 0 about topic alpha alpha"}]
+    assert "| exact | t0-copy | t0 | 1.0 |" in (out / "data_card.md").read_text()
     assert "<tr><td>EMAIL_ADDRESS</td><td class=\"n\">1</td><td class=\"n\">0</td></tr>" in html
     assert "<h2>Licences</h2>\n<p>CC-BY-4.0." in html
     assert "ann@example.com" not in html  # rejected or redacted text never reaches the page

@@ -101,8 +101,14 @@ def test_feedback_capture_is_read_defensively(tmp_path):
     class Serve:
         feedback = "feedback.jsonl"
 
-    object.__setattr__(p, "serve", Serve())  # a future `serve.feedback` section
+    object.__setattr__(p, "serve", Serve())  # any object with a truthy `feedback`
     assert "no_feedback_capture" not in names(anti_patterns(p, 5000, True))
+
+
+def test_serve_section_with_feedback_silences_the_warning(tmp_path):
+    assert "no_feedback_capture" not in names(anti_patterns(project(tmp_path, "serve: {}\n"), 5000, True))  # on by default
+    assert "no_feedback_capture" not in names(anti_patterns(project(tmp_path, "serve: {feedback: true}\n"), 5000, True))
+    assert "no_feedback_capture" in names(anti_patterns(project(tmp_path, "serve: {feedback: false}\n"), 5000, True))
 
 
 def test_gate_only_on_suite_metrics(tmp_path, monkeypatch):

@@ -198,3 +198,31 @@ def generation_prompt(tokenizer, record: dict[str, Any]) -> str:
     if "messages" in record:
         return _render(tokenizer, record["messages"][:-1], True)
     return record["prompt"]
+
+
+def encode_batch_fn(base_model: str, system_role: str, max_length: int, policy: str):
+    """A worker's batch function (tunegate.data.engine) for the data stage's template step.
+
+    The returned function maps records to ("kept", record with the system policy applied, tokens, truncated)
+    or ("rejected", rule, detail), in order; the tokenizer is loaded once per worker (no weights).
+    """
+    from tunegate.data.records import RowError
+    from tunegate.models import load_tokenizer, resolve_base_model
+
+    tokenizer = load_tokenizer(resolve_base_model(base_model, progress=False))
+    has_system = supports_system_role(tokenizer)
+
+    def run(records: list[dict[str, Any]]) -> list[tuple]:
+        out = []
+        for rec in records:
+            try:
+                if "messages" in rec:
+                    rec = {**rec, "messages": apply_system_policy(rec["messages"], system_role, has_system)}
+                enc = encode_record(tokenizer, rec, max_length, policy)
+            except RowError as exc:
+                out.append(("rejected", exc.rule, exc.detail))
+                continue
+            out.append(("kept", rec, len(enc.input_ids), enc.truncated))
+        return out
+
+    return run

@@ -357,6 +357,10 @@ class Redactor:
             raise TunegateError(f"data.pii.regions: {problem}")
         if mode == "pseudonym" and not key:
             raise TunegateError("data.pii: pseudonym mode needs a secret key (see data.pii.key_env)")
+        # What a worker process needs to build the same redactor (tunegate.data.engine)
+        self._init_kwargs = dict(mode=mode, entities=list(entities), regions=list(regions), key=key, score_threshold=score_threshold,
+                                 rescan_score_threshold=rescan_score_threshold, batch_size=batch_size, phone_match=phone_match,
+                                 full_pipeline=full_pipeline)
         self.mode = mode
         self.entities = list(dict.fromkeys(entities))
         self.regions = [r.upper() for r in regions]
@@ -425,9 +429,12 @@ class Redactor:
                 )
         return out
 
-    def redact_records(self, records: Sequence[dict[str, Any]], progress: bool = False) -> tuple[list[dict[str, Any]], list[PiiDrop], dict[str, Any]]:
+    def redact_records(self, records: Sequence[dict[str, Any]], progress: bool = False, engine: str = "local",
+                       num_proc: int = 1, chunk: int = 2048) -> tuple[list[dict[str, Any]], list[PiiDrop], dict[str, Any]]:
         """Redact every free-text field of each record (`records.text_slots`: every turn, rejected answers, raw text).
 
+        Texts are redacted in chunks of `chunk` on `num_proc` processes of `engine` (tunegate.data.engine; each
+        worker builds its own copy of this redactor, and keyed pseudonyms are the same in every process).
         Returns (kept records, new dicts in input order; dropped rows with their rule; a report for
         stats.json: counts per entity type, rows affected, rows/s). The input records are not modified.
         """
@@ -438,14 +445,14 @@ class Redactor:
             for where, text in text_slots(rec):  # every free-text field of every kind of record
                 slots.append((ri, where))
                 texts.append(text)
-        results: list[TextResult] = []
-        chunk = 2048
-        from tqdm import tqdm
+        from functools import partial
 
-        with tqdm(total=len(texts), desc="PII", unit="text", disable=not progress or len(texts) <= chunk) as bar:
-            for s in range(0, len(texts), chunk):
-                results += self.redact_texts(texts[s : s + chunk])
-                bar.update(min(chunk, len(texts) - s))
+        from tunegate.data.engine import map_batches
+
+        results: list[TextResult] = map_batches(
+            partial(_redact_texts_fn, self._init_kwargs) if (engine != "local" or num_proc > 1) else (lambda: self.redact_texts),
+            texts, engine=engine, num_proc=num_proc, batch_size=chunk, desc="PII" if progress else None,
+        )
 
         found: list[Counter] = [Counter() for _ in records]
         rescan: list[Counter] = [Counter() for _ in records]
@@ -484,6 +491,11 @@ class Redactor:
         if self.key_id:
             report["key_id"] = self.key_id
         return kept, drops, report
+
+
+def _redact_texts_fn(init_kwargs: dict[str, Any]):
+    """A worker's batch function (tunegate.data.engine): its own Redactor's `redact_texts`."""
+    return Redactor(**init_kwargs).redact_texts
 
 
 def redactor_from_config(cfg: Any, env: dict[str, str] | None = None) -> Redactor:

@@ -232,6 +232,18 @@ def record_from_object(obj: Any, fmt: str, default_id: str, source: str, text_co
         if not text.strip():
             raise RowError("empty_turn", f"'{text_column}' is empty or whitespace")
         return {"id": rid, "source": source, "text": text, "meta": meta}
+    if fmt == "alpaca":
+        meta = {k: v for k, v in meta.items() if k not in ("instruction", "input", "output", "system")}
+        return {"id": rid, "source": source, "messages": normalize_messages(_alpaca_messages(obj)), "meta": meta}
+    if fmt == "sharegpt":
+        meta = {k: v for k, v in meta.items() if k not in ("conversations", "conversation")}
+        return {"id": rid, "source": source, "messages": normalize_messages(_sharegpt_messages(obj)), "meta": meta}
+    if fmt == "openai_log":
+        messages, provenance = _openai_log_messages(obj)
+        meta = {k: v for k, v in meta.items() if k not in ("request", "response")} | provenance
+        if "id" not in obj:
+            rid = str(obj.get("custom_id") or provenance.get("id") or default_id)
+        return {"id": rid, "source": source, "messages": normalize_messages(messages), "meta": meta}
     if fmt == "chat":
         if "messages" not in obj:
             raise RowError("missing_field", "no 'messages' field")
@@ -247,6 +259,103 @@ def record_from_object(obj: Any, fmt: str, default_id: str, source: str, text_co
         return {"id": rid, "source": source, "prompt": obj["prompt"], "completion": obj["completion"], "meta": meta}
     raise ValueError(f"unknown format {fmt}")
 
+
+# ---- row shapes beyond chat: each becomes canonical messages -------------------------------------------
+
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+def _alpaca_messages(obj: dict[str, Any]) -> list[dict[str, Any]]:
+    """Stanford Alpaca (Taori et al. 2023): `instruction`, optional `input`, `output`, optional `system`.
+
+    The input follows the instruction after a blank line in the user turn, the output is the assistant turn.
+    """
+    for key in ("instruction", "output"):
+        if obj.get(key) is None:
+            raise RowError("missing_field", f"no '{key}' field (alpaca rows have instruction, input, output)")
+    for key in ("instruction", "input", "output", "system"):
+        if obj.get(key) is not None and not isinstance(obj[key], str):
+            raise RowError("wrong_type", f"'{key}' must be a string, got {type(obj[key]).__name__}")
+    user = obj["instruction"].strip()
+    if (obj.get("input") or "").strip():
+        user = f"{user}\n\n{obj['input'].strip()}"
+    system = [{"role": "system", "content": obj["system"]}] if (obj.get("system") or "").strip() else []
+    return [*system, {"role": "user", "content": user}, {"role": "assistant", "content": obj["output"]}]
+
+
+def _sharegpt_messages(obj: dict[str, Any]) -> list[dict[str, Any]]:
+    """ShareGPT: `conversations` (or `conversation`) of {"from": human|gpt|system, "value": text} turns."""
+    turns = obj.get("conversations", obj.get("conversation"))
+    if turns is None:
+        raise RowError("missing_field", "no 'conversations' field (sharegpt rows hold [{from, value}, ...])")
+    if not isinstance(turns, list):
+        raise RowError("wrong_type", f"'conversations' must be a list, got {type(turns).__name__}")
+    out = []
+    for i, t in enumerate(turns):
+        if not isinstance(t, dict):
+            raise RowError("wrong_type", f"conversations[{i}] must be an object, got {type(t).__name__}")
+        speaker = t.get("from", t.get("role"))
+        if speaker not in SHAREGPT_ROLES:
+            raise RowError("unknown_role", f"conversations[{i}].from {speaker!r} is not one of {', '.join(SHAREGPT_ROLES)}")
+        if "value" not in t and "content" not in t:
+            raise RowError("missing_field", f"conversations[{i}] has no value")
+        out.append({"role": SHAREGPT_ROLES[speaker], "content": t.get("value", t.get("content"))})
+    return out
+
+
+def _openai_log_messages(obj: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """A logged chat completion -> (request messages + the first choice's answer, provenance meta).
+
+    Accepts {"request": {"messages": ...}, "response": <chat.completion>} and the OpenAI batch API's shapes
+    ({"request": {"body": ...}} / {"response": {"status_code": 200, "body": ...}}). A `developer` turn counts
+    as a system turn. A failed response, an answer cut by max_tokens (finish_reason "length") and a tool-call
+    answer with no text are rejected: none of them is an answer to learn from.
+    """
+    request, response = obj.get("request"), obj.get("response")
+    if not isinstance(request, dict) or not isinstance(response, dict):
+        raise RowError("missing_field", "an OpenAI log row needs 'request' and 'response' objects")
+    request = request.get("body", request) if isinstance(request.get("body"), dict) else request
+    if "status_code" in response:
+        if response["status_code"] != 200:
+            raise RowError("failed_response", f"response status_code {response['status_code']}")
+        response = response.get("body") or {}
+    if "messages" not in request:
+        raise RowError("missing_field", "request has no 'messages'")
+    choices = response.get("choices")
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+        raise RowError("missing_field", "response has no choices")
+    choice = choices[0]
+    if choice.get("finish_reason") == "length":
+        raise RowError("truncated_response", "the logged answer was cut by max_tokens (finish_reason 'length')")
+    answer = choice.get("message") or {}
+    if answer.get("content") is None:
+        raise RowError("non_text_content", "the logged answer has no text content (a tool call?)")
+    if not isinstance(request["messages"], list):
+        raise RowError("wrong_type", "request.messages must be a list")
+    messages = [
+        {**m, "role": "system"} if isinstance(m, dict) and m.get("role") == "developer" else m for m in request["messages"]
+    ] + [{"role": "assistant", "content": answer["content"]}]
+    meta = {k: response[k] for k in ("id", "model", "created") if k in response}
+    if "model" in request and "model" not in meta:
+        meta["model"] = request["model"]
+    if isinstance(response.get("usage"), dict):
+        meta["usage"] = response["usage"]
+    return messages, meta
+
+
+def _rename_columns(obj: Any, columns: dict[str, str]) -> Any:
+    """`columns` maps canonical field -> the source's name for it; the source's field is renamed."""
+    if not columns or not isinstance(obj, dict):
+        return obj
+    out = {k: v for k, v in obj.items() if k not in columns.values()}
+    for canonical, name in columns.items():
+        if name not in obj:
+            raise RowError("missing_field", f"no '{name}' field (data.sources[].columns maps {canonical} to it)")
+        out[canonical] = obj[name]
+    return out
+
+
+# ---- file types: every reader yields (row number, object or raw text, error) ----------------------------
 
 def _jsonl_rows(path: Path) -> Iterator[tuple[int, Any, Exception | None]]:
     with open(path, "rb") as f:
@@ -265,68 +374,218 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[int, Any, Exception | None]]:
                 yield lineno, text[:200], RowError("invalid_json", exc.msg + f" at column {exc.colno}")
 
 
+def _json_rows(path: Path) -> Iterator[tuple[int, Any, Exception | None]]:
+    """A .json file: one JSON array of rows (Alpaca's release, many exports; row n = element n), or JSON lines."""
+    with open(path, "rb") as f:
+        head = f.read(4096).lstrip()
+    if not head.startswith(b"["):
+        yield from _jsonl_rows(path)
+        return
+    try:
+        rows = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise TunegateError(f"{path}: not a valid JSON array ({exc})") from None
+    for i, obj in enumerate(rows, start=1):
+        yield i, obj, None
+
+
+def _csv_rows(path: Path, src) -> Iterator[tuple[int, Any, Exception | None]]:
+    """CSV / TSV rows as dicts keyed by the header; row numbers are file lines (the header is line 1)."""
+    with open(path, newline="", encoding="utf-8", errors="strict") as f:
+        reader = csv.DictReader(f, delimiter="\t" if path.suffix == ".tsv" else ",")
+        _check_columns(path, src, reader.fieldnames or [])
+        try:
+            for row in reader:
+                yield reader.line_num, row, None
+        except UnicodeDecodeError as exc:
+            raise TunegateError(f"{path}: invalid UTF-8 after line {reader.line_num}: {exc}") from None
+
+
+def _check_columns(where: Any, src, names: list[str]) -> None:
+    """Fail before reading any row when a column the source maps is not there."""
+    renamed = [c for c in names if c not in src.columns.values()] + list(src.columns)  # after `columns` renames
+    missing = [c for c in src.columns.values() if c not in names]
+    missing += [c for c in ((src.prompt_column, src.completion_column) if src.format == "csv" else ()) if c not in renamed]
+    if missing:
+        raise TunegateError(
+            f"{where}:1: column(s) {', '.join(missing)} not in the header {names} "
+            f"(set data.sources[].prompt_column / completion_column / columns)"
+        )
+
+
+def jsonable(value: Any) -> Any:
+    """A value from Parquet / Arrow / `datasets` as plain JSON: timestamps and dates as ISO 8601, bytes as
+    base64, Decimal and numpy scalars as numbers; containers recursively. Rows are written as JSON lines."""
+    import base64
+    import datetime as dt
+    import decimal
+
+    if value is None or isinstance(value, (str, bool, int, float)):
+        return value
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, (dt.datetime, dt.date, dt.time)):
+        return value.isoformat()
+    if isinstance(value, (bytes, bytearray)):
+        return base64.b64encode(bytes(value)).decode("ascii")
+    if isinstance(value, decimal.Decimal):
+        return float(value)
+    if hasattr(value, "item"):  # numpy scalars
+        return jsonable(value.item())
+    if hasattr(value, "tolist"):  # numpy arrays
+        return jsonable(value.tolist())
+    return str(value)
+
+
+SPLIT_NAMES = ("train", "validation", "valid", "dev", "test")
+
+
+def _split_of(path: Path, root: Path) -> str | None:
+    """The split a Hub-style Parquet file belongs to: `train-00000-of-00001.parquet`, `train.parquet` or a
+    `train/` folder; None when its path names no split."""
+    for part in [*path.relative_to(root).parent.parts, path.stem]:
+        for split in SPLIT_NAMES:
+            if part == split or part.startswith(f"{split}-") or part.startswith(f"{split}_"):
+                return split
+    return None
+
+
+def _parquet_rows(files: list[Path], src) -> Iterator[tuple[int, Any, Exception | None]]:
+    """Parquet rows (pyarrow, read in record batches); row n counts from 1 across the files in order."""
+    import pyarrow.parquet as pq
+
+    n = 0
+    for path in files:
+        pf = pq.ParquetFile(path)
+        _check_columns(path, src, pf.schema_arrow.names)
+        for batch in pf.iter_batches(batch_size=4096):
+            for obj in batch.to_pylist():
+                n += 1
+                yield n, jsonable(obj), None
+
+
+def _dataset_rows(ds, where: str, src) -> Iterator[tuple[int, Any, Exception | None]]:
+    """A `datasets` Dataset (or DatasetDict: `src.split` is taken) row by row; row n counts from 1."""
+    import datasets
+
+    if isinstance(ds, datasets.DatasetDict):
+        if src.split not in ds:
+            raise TunegateError(f"{where}: no split {src.split!r}; it has {', '.join(ds.keys())} (data.sources[].split)")
+        ds = ds[src.split]
+    _check_columns(where, src, list(ds.column_names))
+    for i, obj in enumerate(ds, start=1):
+        yield i, jsonable(obj), None
+
+
+def _rows(src) -> tuple[str, Iterator[tuple[int, Any, Exception | None]]]:
+    """(the name rejections cite, the rows) for any supported file type or a Hub id."""
+    if src.hub is not None:
+        import datasets
+
+        if src.revision is None:
+            from tunegate.pipeline import console
+
+            console.print(f"[yellow]hf://{src.hub}: no `revision` pinned; the data stage cannot tell when the dataset "
+                          "changes upstream (its fingerprint holds the id and revision, not the content)[/yellow]")
+        try:
+            ds = datasets.load_dataset(src.hub, split=src.split, revision=src.revision)
+        except Exception as exc:  # offline, unknown id, gated: the message says which
+            raise TunegateError(f"hf://{src.hub}: cannot load the Hub dataset ({type(exc).__name__}: {exc})") from None
+        return src.name, _dataset_rows(ds, src.name, src)
+    path = Path(src.path)
+    if path.is_dir():
+        if (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
+            import datasets
+
+            return src.name, _dataset_rows(datasets.load_from_disk(str(path)), src.name, src)
+        files = sorted(path.rglob("*.parquet"))
+        if not files:
+            raise TunegateError(f"{path}: a folder source must be a `datasets` save_to_disk folder or hold .parquet files")
+        splits = {_split_of(f, path) for f in files} - {None}
+        if splits:  # a Hub snapshot: train-*.parquet beside test-*.parquet; never mix splits
+            if src.split not in splits:
+                raise TunegateError(f"{path}: no {src.split!r} Parquet files; it has {', '.join(sorted(splits))} (data.sources[].split)")
+            files = [f for f in files if _split_of(f, path) == src.split]
+        return src.name, _parquet_rows(files, src)
+    if not path.is_file():
+        raise TunegateError(f"{path}: data file not found")
+    if path.suffix in (".csv", ".tsv"):
+        return str(path), _csv_rows(path, src)
+    if path.suffix == ".parquet":
+        return str(path), _parquet_rows([path], src)
+    if path.suffix == ".json":
+        return str(path), _json_rows(path)
+    return str(path), _jsonl_rows(path)
+
+
+def source_files(src) -> list[Path]:
+    """The local files a source reads (their sha256 goes into the data stage's fingerprint); [] for a Hub id."""
+    if src.path is None:
+        return []
+    path = Path(src.path)
+    if path.is_dir():
+        return sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+    return [path]
+
+
+def parse_row(obj: Any, src, default_id: str, source: str) -> dict[str, Any]:
+    """One row of a source (any format) -> a canonical record, with the source's instruction. Raises RowError."""
+    obj = _rename_columns(obj, src.columns)
+    tabular = src.path is not None and Path(src.path).suffix in (".csv", ".tsv")
+    if tabular and src.format == "kto" and isinstance(obj.get("label"), str):  # CSV cells are text: true/false, 1/0
+        cell = obj["label"].strip().lower()
+        if cell in ("true", "false", "1", "0"):
+            obj = {**obj, "label": cell in ("true", "1")}
+    if src.format == "csv":
+        if not isinstance(obj, dict):
+            raise RowError("wrong_type", f"a row must be an object, got {type(obj).__name__}")
+        messages = [{"role": "user", "content": obj.get(src.prompt_column) or ""},
+                    {"role": "assistant", "content": obj.get(src.completion_column) or ""}]
+        rec = {"id": default_id, "source": source, "messages": normalize_messages(messages), "meta": {}}
+    else:
+        rec = record_from_object(obj, src.format, default_id, source, src.text_column)
+    if src.instruction and "messages" in rec:
+        if rec["messages"][0]["role"] == "system":
+            raise RowError("role_order", "the source sets an instruction and the row has its own system message")
+        rec["messages"] = [{"role": "system", "content": src.instruction}, *rec["messages"]]
+    return rec
+
+
 def read_source(src, role: str = "train") -> tuple[list[dict[str, Any]], list[Rejection]]:
     """Read one configured source (a `config.SourceConfig`). Returns (records, rejections); never raises on a row.
 
     Raises:
-        TunegateError: the file is missing or unreadable, or a CSV lacks a mapped column.
+        TunegateError: the file or folder is missing or unreadable, a mapped column is not in the header, or a
+            Hub dataset cannot be loaded.
     """
-    path = Path(src.path)
-    if not path.is_file():
-        raise TunegateError(f"{path}: data file not found (data.{'golden' if role == 'golden' else 'sources'}.path)")
-    name = path.name
+    if src.path is not None and not Path(src.path).exists():
+        raise TunegateError(f"{src.path}: data file not found (data.{'golden' if role == 'golden' else 'sources'}.path)")
+    where, rows = _rows(src)
+    name = Path(where).name if src.path is not None else where.removeprefix("hf://")
+    stem = Path(src.path).stem if src.path is not None and Path(src.path).is_file() else name.rsplit("/", 1)[-1].replace(":", "-")
     records: list[dict[str, Any]] = []
     rejected: list[Rejection] = []
-    if src.format == "csv":
-        rows = _csv_rows(path, src)
-    else:
-        rows = _jsonl_rows(path)
     for lineno, obj, err in rows:
-        default_id = f"{path.stem}:{lineno}"
+        default_id = f"{stem}:{lineno}"
         rid = str(obj.get("id")) if isinstance(obj, dict) and "id" in obj else None
         if err is None:
             try:
-                if src.format == "csv":
-                    rec = {"id": default_id, "source": name, "messages": normalize_messages(obj), "meta": {}}
-                else:
-                    rec = record_from_object(obj, src.format, default_id, name, src.text_column)
-                if src.instruction and "messages" in rec:
-                    if rec["messages"][0]["role"] == "system":
-                        raise RowError("role_order", "the source sets an instruction and the row has its own system message")
-                    rec["messages"] = [{"role": "system", "content": src.instruction}, *rec["messages"]]
-                rec["meta"] = {**rec["meta"], "file": str(path), "line": lineno}
+                rec = parse_row(obj, src, default_id, name)
+                rec["meta"] = {**rec["meta"], "file": where, "line": lineno}
                 if src.license:
                     rec["meta"]["license"] = src.license
                 records.append(rec)
                 continue
             except RowError as exc:
                 err = exc
-        rejected.append(Rejection(str(path), lineno, rid, err.rule, err.detail, raw=obj))
+        rejected.append(Rejection(where, lineno, rid, err.rule, err.detail, raw=obj))
     if src.sample is not None and src.sample < len(records):
         rng = random.Random(src.seed)
         keep = sorted(rng.sample(range(len(records)), src.sample))
         records = [records[i] for i in keep]
     return records, rejected
-
-
-def _csv_rows(path: Path, src) -> Iterator[tuple[int, Any, Exception | None]]:
-    with open(path, newline="", encoding="utf-8", errors="strict") as f:
-        reader = csv.DictReader(f)
-        missing = [c for c in (src.prompt_column, src.completion_column) if c not in (reader.fieldnames or [])]
-        if missing:
-            raise TunegateError(
-                f"{path}:1: column(s) {', '.join(missing)} not in the header {reader.fieldnames} "
-                f"(set data.sources[].prompt_column / completion_column)"
-            )
-        try:
-            for row in reader:
-                lineno = reader.line_num
-                yield lineno, [
-                    {"role": "user", "content": row[src.prompt_column] or ""},
-                    {"role": "assistant", "content": row[src.completion_column] or ""},
-                ], None
-        except UnicodeDecodeError as exc:
-            raise TunegateError(f"{path}: invalid UTF-8 after line {reader.line_num}: {exc}") from None
 
 
 _WS = re.compile(r"\s+")

@@ -5,8 +5,12 @@ from __future__ import annotations
 from typing import Sequence
 
 
-def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, batch_size: int, desc: str = "generating") -> list[str]:
-    """Greedy completions of `prompts` (rendered text), in input order.
+def generate(
+    model, tokenizer, prompts: Sequence[str], max_new_tokens: int, batch_size: int, desc: str = "generating",
+    temperature: float = 0.0, top_p: float = 1.0,
+) -> list[str]:
+    """Completions of `prompts` (rendered text), in input order: greedy, or sampled when `temperature` > 0
+    (nucleus sampling with `top_p`, Holtzman et al. 2019; seed torch for reproducible samples).
 
     Prompts are sorted by length so each batch pads little; left padding keeps the last prompt token next
     to the first generated one. Generation stops at the end-of-turn or eos token.
@@ -21,6 +25,7 @@ def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, batc
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     outputs: list[str] = [""] * len(prompts)
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
     model.eval()
     with torch.inference_mode(), Progress(transient=True) as progress:
         task = progress.add_task(desc, total=len(prompts))
@@ -30,7 +35,7 @@ def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, batc
             out = model.generate(
                 **batch,
                 max_new_tokens=max_new_tokens,
-                do_sample=False,
+                **sampling,
                 pad_token_id=tokenizer.pad_token_id,
                 eos_token_id=stop,
             )

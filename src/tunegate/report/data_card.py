@@ -55,7 +55,7 @@ def card_context(project, stats: dict[str, Any], rejected: list[dict[str, Any]],
         by_file_rule[r["file"]][r["rule"]] += 1
         if len(examples[r["rule"]]) < MAX_EXAMPLES:
             examples[r["rule"]].append({k: r.get(k) for k in ("file", "line", "id", "detail")})
-    licence_of = {str(s.path): s.license for s in cfg.sources}
+    licence_of = {s.name: s.license for s in cfg.sources}
     sources = [
         {"name": Path(path).name, "path": path, "license": licence_of.get(path), **counts,
          "rejected_by_rule": dict(sorted(by_file_rule[path].items()))}
@@ -76,6 +76,7 @@ def card_context(project, stats: dict[str, Any], rejected: list[dict[str, Any]],
         "dedup": cfg.dedup.model_dump() if cfg.dedup is not None else None,
         "duplicates": stats["duplicates_removed"],
         "duplicate_examples": examples.get("duplicate", []),
+        "duplicate_texts": stats.get("duplicate_examples", []),
         "pii": stats.get("pii"),
         "pii_types": sorted(set(stats["pii"]["entities"]) | set(stats["pii"]["found_by_type"])) if stats.get("pii") else [],
         "unlicensed": [s["name"] for s in sources if not s["license"]],
@@ -83,7 +84,8 @@ def card_context(project, stats: dict[str, Any], rejected: list[dict[str, Any]],
     }
 
 
-def write_data_card_html(stage_dir: Path, project, stats: dict[str, Any], rejected: list[dict[str, Any]], lengths: list[int]) -> Path:
+def write_data_card_html(stage_dir: Path, project, stats: dict[str, Any], rejected: list[dict[str, Any]], lengths: list[int],
+                         timings: dict[str, Any] | None = None) -> Path:
     """Write token_lengths.png and data_card.html into `stage_dir`; returns the page's path.
 
     project: the `config.Project` the data stage ran with (its data section names max_length, the over-length
@@ -98,7 +100,10 @@ def write_data_card_html(stage_dir: Path, project, stats: dict[str, Any], reject
     plot_token_lengths(lengths, project.data.max_length, png)
     # autoescape=True: select_autoescape(["html"]) would not match the name "data_card.html.j2"
     env = Environment(loader=PackageLoader("tunegate", "report/templates"), autoescape=True)
-    html = env.get_template("data_card.html.j2").render(png=_png_data_uri(png), **card_context(project, stats, rejected, lengths))
+    ctx = card_context(project, stats, rejected, lengths)
+    ctx["seconds"] = {t["step"]: t["seconds"] for t in (timings or {}).get("steps", [])}
+    ctx["timings"] = timings
+    html = env.get_template("data_card.html.j2").render(png=_png_data_uri(png), **ctx)
     out = stage_dir / "data_card.html"
     atomic_write_text(out, html)
     return out

@@ -154,7 +154,7 @@ def load_rows(project, run_dir: Path) -> Rows:
         rejected.update({r.id: r.to_json() for r in rej if r.id})
     _dedupe_ids(records)
     rows = [(r, f"{r['meta']['file']}:{r['meta']['line']}", "source") for r in records]
-    return Rows(rows, rejected, ", ".join(str(s.path) for s in project.data.sources), False)
+    return Rows(rows, rejected, ", ".join(s.name for s in project.data.sources), False)
 
 
 def choose(rows: Rows, ids: list[str] | None, first: int) -> list[tuple[dict[str, Any], str, str] | RowPreview]:

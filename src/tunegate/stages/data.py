@@ -15,13 +15,15 @@ data_card.html with token_lengths.png (tunegate.report.data_card).
 from __future__ import annotations
 
 import hashlib
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 from tunegate import TunegateError
 from tunegate.data import golden as golden_lock
-from tunegate.data.format import apply_system_policy, encode_record, supports_system_role
+from tunegate.data.engine import default_num_proc
+from tunegate.data.format import apply_system_policy, supports_system_role
 from tunegate.data.records import Rejection, RowError, read_source
 from tunegate.manifest import atomic_write_json, atomic_write_jsonl, atomic_write_text
 from tunegate.pipeline import Stage, StageResult, console
@@ -48,11 +50,14 @@ def _row_text(rec: dict[str, Any]) -> str:
     return rec["prompt"] + "\n" + rec["completion"]
 
 
-def _quality(rec: dict[str, Any]) -> float | None:
-    """A row's quality score for SemDeDup's choice of kept row: `quality` (or `meta.quality`) in the source row."""
+def _quality(rec: dict[str, Any]) -> float:
+    """A row's quality score, which picks the row kept from a group of duplicates: the source row's own `quality`
+    (or `meta.quality`) when it has one, else tunegate.data.quality.heuristic_quality (0..1, deterministic)."""
+    from tunegate.data.quality import heuristic_quality
+
     meta = rec.get("meta", {})
     q = meta.get("quality", meta.get("meta", {}).get("quality") if isinstance(meta.get("meta"), dict) else None)
-    return float(q) if isinstance(q, (int, float)) and not isinstance(q, bool) else None
+    return float(q) if isinstance(q, (int, float)) and not isinstance(q, bool) else heuristic_quality(rec)
 
 
 def _dedupe_ids(records: list[dict[str, Any]]) -> None:
@@ -77,14 +82,22 @@ def run(st: Stage) -> StageResult:
     per_source: dict[str, dict[str, int]] = {}
     steps: list[dict[str, Any]] = []  # the data card's "rows in / out per step"
 
+    step_seconds: list[float] = []  # wall time per step, in timings.json (stats.json stays the same on a rerun)
+    t_mark = time.perf_counter()
+    num_proc = cfg.num_proc or default_num_proc()
+
     def step(name: str, rows_in: int, rows_out: int, first_rejection: int) -> None:
+        nonlocal t_mark
         removed = Counter(r.rule for r in rejected[first_rejection:])
         steps.append({"step": name, "rows_in": rows_in, "rows_out": rows_out, "removed_by_rule": dict(sorted(removed.items()))})
+        now = time.perf_counter()
+        step_seconds.append(round(now - t_mark, 2))
+        t_mark = now
 
     # 1. Structural validation: no tokenizer, no model.
     for src in cfg.sources:
         recs, rej = read_source(src)
-        per_source[str(src.path)] = {"rows_read": len(recs) + len(rej), "rejected_structure": len(rej)}
+        per_source[src.name] = {"rows_read": len(recs) + len(rej), "rejected_structure": len(rej)}
         records += recs
         rejected += rej
     _dedupe_ids(records)
@@ -100,6 +113,7 @@ def run(st: Stage) -> StageResult:
         f"golden set: {len(golden)} rows, "
         + (f"frozen now into {cfg.golden_lock}" if new_lock else f"matches its lock {cfg.golden_lock.name}")
     )
+    t_mark = time.perf_counter()  # reading and checking the golden set is not a step of the training rows
 
     # 1b. PII (case C21): redact every turn, then re-scan; rows still holding PII are rejected. Before the
     # template checks, so lengths are those of the redacted text that is trained on.
@@ -110,7 +124,7 @@ def run(st: Stage) -> StageResult:
             r.raw = None
         by_id = {r["id"]: r for r in records}
         n_in, mark = len(records), len(rejected)
-        records, drops, pii_report = redactor.redact_records(records, progress=True)
+        records, drops, pii_report = redactor.redact_records(records, progress=True, engine=cfg.engine, num_proc=num_proc)
         for d in drops:
             rec = by_id[d.id]
             rejected.append(Rejection(rec["meta"]["file"], rec["meta"]["line"], d.id, d.rule, d.detail))
@@ -131,22 +145,27 @@ def run(st: Stage) -> StageResult:
             f"{seconds} s, {rows_per_s} rows/s"
         )
 
-    # 2. Template, loss-mask and length checks with the real tokenizer (no weights loaded).
-    tokenizer = load_tokenizer(resolve_base_model(st.project.base_model))
+    # 2. Template, loss-mask and length checks with the real tokenizer (no weights loaded), on every core.
+    from functools import partial
+
+    from tunegate.data.engine import map_batches
+    from tunegate.data.format import encode_batch_fn
+
+    base = str(resolve_base_model(st.project.base_model))  # converted once here, before any worker starts
+    tokenizer = load_tokenizer(base)
     has_system = supports_system_role(tokenizer)
     kept, length_of, truncated = [], {}, set()
     mark = len(rejected)
-    for rec in records:
-        try:
-            if "messages" in rec:
-                rec["messages"] = apply_system_policy(rec["messages"], cfg.system_role, has_system)
-            enc = encode_record(tokenizer, rec, cfg.max_length, cfg.overlength)
-        except RowError as exc:
-            rejected.append(Rejection(rec["meta"]["file"], rec["meta"]["line"], rec["id"], exc.rule, exc.detail))
+    encoded = map_batches(partial(encode_batch_fn, base, cfg.system_role, cfg.max_length, cfg.overlength), records,
+                          engine=cfg.engine, num_proc=num_proc, batch_size=512, desc="chat template")
+    for rec, res in zip(records, encoded):
+        if res[0] == "rejected":
+            rejected.append(Rejection(rec["meta"]["file"], rec["meta"]["line"], rec["id"], res[1], res[2]))
             continue
-        if enc.truncated:
+        _, rec, n_tokens, was_truncated = res
+        if was_truncated:
             truncated.add(rec["id"])
-        length_of[rec["id"]] = len(enc.input_ids)
+        length_of[rec["id"]] = n_tokens
         kept.append(rec)
     step(f"chat template, loss mask, max_length {cfg.max_length} ({cfg.overlength})", len(records), len(kept), mark)
     near = [r["id"] for r in kept if "near_identical" in r["meta"]]
@@ -163,21 +182,30 @@ def run(st: Stage) -> StageResult:
     # 3. Duplicates: exact after normalisation, then near-duplicates (MinHash LSH, verified by Jaccard), then
     # (data.dedup.semantic) SemDeDup over MiniLM embeddings.
     n_dup = {"exact": 0, "near": 0}
+    dup_examples: list[dict[str, Any]] = []
     if cfg.dedup is not None:
         from tunegate.data.dedup import dedup
 
         by_id = {r["id"]: r for r in kept}
         mark = len(rejected)
-        kept, dups = dedup(kept, _row_text, cfg.dedup.near, cfg.dedup.threshold, cfg.dedup.num_perm, cfg.dedup.shingle_words)
+        # The kept row of a group is the best (highest quality), then the first seen: rows go in that order.
+        position = {r["id"]: i for i, r in enumerate(kept)}
+        quality = {r["id"]: _quality(r) for r in kept}
+        best_first = sorted(kept, key=lambda r: (-quality[r["id"]], position[r["id"]]))
+        kept, dups = dedup(best_first, _row_text, cfg.dedup.near, cfg.dedup.threshold, cfg.dedup.num_perm, cfg.dedup.shingle_words)
+        kept.sort(key=lambda r: position[r["id"]])
+        dups.sort(key=lambda d: position[d.id])
         for d in dups:
             rec = by_id[d.id]
             n_dup[d.kind] += 1
+            if sum(e["kind"] == d.kind for e in dup_examples) < 5:  # the card shows a few, with both texts
+                dup_examples.append({"kind": d.kind, "id": d.id, "duplicate_of": d.duplicate_of, "similarity": d.jaccard,
+                                     "text": _clip(_row_text(rec)), "kept_text": _clip(_row_text(by_id[d.duplicate_of]))})
             detail = f"{d.kind} duplicate of {d.duplicate_of}" + (f" (Jaccard {d.jaccard})" if d.kind == "near" else "")
             rejected.append(Rejection(rec["meta"]["file"], rec["meta"]["line"], d.id, "duplicate", detail))
         step("duplicates" + (" (exact and near)" if cfg.dedup.near else " (exact)"), len(by_id), len(kept), mark)
         console.print(f"duplicates removed: {n_dup['exact']} exact, {n_dup['near']} near")
         if cfg.dedup.semantic is not None:
-            import time
 
             from tunegate.data.dedup import semantic_dedup
 
@@ -186,6 +214,9 @@ def run(st: Stage) -> StageResult:
             n_dup["semantic"] = len(sdups)
             for d in sdups:
                 rec = by_id[d.id]
+                if sum(e["kind"] == "semantic" for e in dup_examples) < 5:
+                    dup_examples.append({"kind": "semantic", "id": d.id, "duplicate_of": d.duplicate_of, "similarity": d.jaccard,
+                                         "text": _clip(_row_text(rec)), "kept_text": _clip(_row_text(by_id[d.duplicate_of]))})
                 rejected.append(Rejection(rec["meta"]["file"], rec["meta"]["line"], d.id, "semantic_duplicate",
                                           f"semantic duplicate of {d.duplicate_of} (cosine {d.jaccard})"))
             step(f"semantic duplicates (SemDeDup, cosine >= {sem.threshold})", n_in, len(kept), mark)
@@ -223,6 +254,14 @@ def run(st: Stage) -> StageResult:
             console.print(f"[yellow]removed {len(ngram_hits)} training row(s) sharing a {cfg.decontaminate.ngram}-word n-gram "
                           f"with the golden set: {', '.join(t for t, _, _ in ngram_hits[:10])}[/yellow]")
 
+    # 4c. Quality scoring and diversity-aware selection (data.select, DEITA): deliberate choices, not faults, so
+    # they do not count towards max_rejected_fraction, which is checked first (no model loads for a refused run).
+    selection = None
+    _check_rejected_fraction(st, kept, rejected)
+    if cfg.select is not None:
+        kept, selection = _select(st, kept, length_of, rejected)
+        step(selection["step"], selection["rows_in"], len(kept), selection["mark"])
+
     # 5. Rejections: written first, so a refused run still shows why.
     atomic_write_jsonl(st.dir / "rejected.jsonl", [r.to_json() for r in rejected])
     total = len(kept) + len(rejected)
@@ -231,14 +270,7 @@ def run(st: Stage) -> StageResult:
         console.print(f"[yellow]rejected[/yellow] {r}")
     if len(rejected) > 5:
         console.print(f"[yellow]... {len(rejected) - 5} more in {st.dir / 'rejected.jsonl'}[/yellow]")
-    frac = len(rejected) / total if total else 1.0
-    if not kept:
-        raise TunegateError(f"no usable training rows ({dict(by_rule)}); see {st.dir / 'rejected.jsonl'}")
-    if frac > cfg.max_rejected_fraction:
-        raise TunegateError(
-            f"{len(rejected)} of {total} rows rejected ({frac:.1%}) > data.max_rejected_fraction "
-            f"{cfg.max_rejected_fraction:.1%}; by rule: {dict(by_rule)}; see {st.dir / 'rejected.jsonl'}"
-        )
+    _check_rejected_fraction(st, kept, rejected)
 
     # 6. Deterministic split and outputs.
     lengths = [length_of[r["id"]] for r in kept]
@@ -264,6 +296,7 @@ def run(st: Stage) -> StageResult:
         "golden_overlap_removed": len(pairs) + len(ngram_hits),
         "golden_ngram_overlap_removed": len(ngram_hits),
         "duplicates_removed": n_dup,
+        "duplicate_examples": dup_examples,
         "pii": pii_report,
         "truncated_rows": n_truncated,
         "tokens_total": sum(lengths),
@@ -271,15 +304,24 @@ def run(st: Stage) -> StageResult:
         "tokens_per_row_max": max(lengths),
         "template_has_system_role": has_system,
         "near_identical_pairs": sum(1 for r in kept if "near_identical" in r["meta"]),
+        "selection": None if selection is None else {k: v for k, v in selection.items() if k not in ("mark", "step")},
         "steps": steps,
         "per_source": per_source,
         "licenses": sorted({s.license for s in cfg.sources if s.license}),
     }
+    step("split and write", len(kept), len(kept), len(rejected))
+    steps.pop()  # timed, not a filter: its rows in and out are the same
+    timings = {"engine": cfg.engine, "num_proc": num_proc, "total_seconds": round(sum(step_seconds), 2),
+               "steps": [{"step": name, "seconds": sec, "rows_in": rows_in,
+                          "rows_per_s": round(rows_in / sec, 1) if sec > 0 else None}
+                         for name, sec, rows_in in zip([x["step"] for x in steps] + ["split and write"], step_seconds,
+                                                       [x["rows_in"] for x in steps] + [len(kept)])]}
     atomic_write_json(st.dir / "stats.json", stats)
-    atomic_write_text(st.dir / "data_card.md", _data_card(st, stats))
+    atomic_write_json(st.dir / "timings.json", timings)
+    atomic_write_text(st.dir / "data_card.md", _data_card(st, stats, timings))
     from tunegate.report.data_card import write_data_card_html
 
-    write_data_card_html(st.dir, st.project, stats, [r.to_json() for r in rejected], lengths)
+    write_data_card_html(st.dir, st.project, stats, [r.to_json() for r in rejected], lengths, timings)
     console.print(
         f"rows: {len(kept)} kept ({len(train)} train / {len(val)} val), {len(rejected)} rejected {dict(by_rule)}; "
         f"{len(golden)} golden"
@@ -287,7 +329,82 @@ def run(st: Stage) -> StageResult:
     return StageResult(metrics=stats, inputs={"golden_lock": Path(cfg.golden_lock)})
 
 
-def _data_card(st: Stage, stats: dict[str, Any]) -> str:
+SELECTION_RULES = ("ifd_above_max", "too_similar", "over_budget")
+
+
+def _check_rejected_fraction(st: Stage, kept: list[dict[str, Any]], rejected: list[Rejection]) -> None:
+    """Raises TunegateError when no row is left, or when rows rejected for faults (not selection) are more than
+    data.max_rejected_fraction of the rows read. rejected.jsonl is written first, so the refusal shows why."""
+    cfg = st.project.data
+    total = len(kept) + len(rejected)
+    by_rule = Counter(r.rule for r in rejected)
+    faults = [r for r in rejected if r.rule not in SELECTION_RULES]
+    frac = len(faults) / total if total else 1.0
+    if kept and frac <= cfg.max_rejected_fraction:
+        return
+    atomic_write_jsonl(st.dir / "rejected.jsonl", [r.to_json() for r in rejected])
+    if not kept:
+        raise TunegateError(f"no usable training rows ({dict(by_rule)}); see {st.dir / 'rejected.jsonl'}")
+    raise TunegateError(
+        f"{len(faults)} of {total} rows rejected ({frac:.1%}) > data.max_rejected_fraction "
+        f"{cfg.max_rejected_fraction:.1%}; by rule: {dict(by_rule)}; see {st.dir / 'rejected.jsonl'}"
+    )
+
+
+def _select(st: Stage, kept: list[dict[str, Any]], length_of: dict[str, int], rejected: list[Rejection]) -> tuple[list, dict]:
+    """data.select: score every row (heuristic quality; with `complexity: ifd` also the base model's IFD), drop
+    rows above `max_ifd`, then DEITA's diverse selection to the budget. Scores go into each kept row's meta."""
+    from tunegate.data import quality as q
+
+    sel, cfg = st.project.data.select, st.project.data
+    by_id = {r["id"]: r for r in kept}
+    mark, n_in = len(rejected), len(kept)
+    quality = {r["id"]: _quality(r) for r in kept}
+    ifd: dict[str, float | None] = {}
+    if sel.complexity == "ifd":
+        from tunegate.models import load_model, load_tokenizer, resolve_base_model
+
+        base = resolve_base_model(st.project.base_model)
+        console.print(f"data.select: scoring instruction-following difficulty of {len(kept)} rows with the base model")
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        model = load_model(base).to(device)
+        scores = q.ifd_scores(kept, model, load_tokenizer(base), batch_size=sel.batch_size, max_length=cfg.max_length,
+                              device=device, bf16=device == "cuda", progress=True)
+        del model
+        ifd = {s["id"]: s["ifd"] for s in scores}
+    dropped: list[q.Unselected] = []
+    if sel.max_ifd is not None and ifd:
+        kept, dropped = q.filter_ifd(kept, [ifd[r["id"]] for r in kept], sel.max_ifd)
+    score = {r["id"]: (q.combined_score(quality[r["id"]], ifd.get(r["id"]), sel.max_ifd or q.DEFAULT_MAX_IFD) if ifd else quality[r["id"]])
+             for r in kept}
+    kept, unselected = q.select_diverse(
+        kept, [score[r["id"]] for r in kept], threshold=sel.diversity_threshold, budget_rows=sel.budget_rows,
+        budget_tokens=sel.budget_tokens, token_counts=[length_of[r["id"]] for r in kept])
+    for u in [*dropped, *unselected]:
+        rec = by_id[u.id]
+        rejected.append(Rejection(rec["meta"]["file"], rec["meta"]["line"], u.id, u.reason, u.detail))
+    kept = [{**r, "meta": {**r["meta"], "quality": round(quality[r["id"]], 4),
+                           **({"ifd": None if ifd[r["id"]] is None else round(ifd[r["id"]], 4)} if ifd else {}),
+                           "selection_score": None if score[r["id"]] is None else round(score[r["id"]], 4)}} for r in kept]
+    budget = ", ".join(x for x in (f"{sel.budget_rows} rows" if sel.budget_rows else "", f"{sel.budget_tokens} tokens" if sel.budget_tokens else "") if x)
+    name = f"quality selection ({'IFD x quality' if ifd else 'quality'}, cosine < {sel.diversity_threshold}" + (f", budget {budget})" if budget else ")")
+    ifd_values = sorted(v for v in ifd.values() if v is not None)
+    console.print(f"{name}: kept {len(kept)} of {n_in}; " + ", ".join(f"{k} {v}" for k, v in Counter(u.reason for u in [*dropped, *unselected]).items()))
+    return kept, {"step": name, "mark": mark, "rows_in": n_in, "rows_selected": len(kept), "complexity": sel.complexity,
+                  "tokens_selected": sum(length_of[r["id"]] for r in kept),
+                  "ifd_median": ifd_values[len(ifd_values) // 2] if ifd_values else None,
+                  "unselected_by_reason": dict(Counter(u.reason for u in [*dropped, *unselected]))}
+
+
+def _clip(text: str, n: int = 160) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+def _data_card(st: Stage, stats: dict[str, Any], timings: dict[str, Any] | None = None) -> str:
+    sec = {t["step"]: t["seconds"] for t in (timings or {}).get("steps", [])}
     lines = [
         f"# Data card: {st.project.name}",
         "",
@@ -304,11 +421,15 @@ def _data_card(st: Stage, stats: dict[str, Any]) -> str:
         "",
         "## Rows in and out per step",
         "",
-        "| step | in | out | removed by rule |",
-        "|---|---:|---:|---|",
-        *[f"| {s['step']} | {s['rows_in']} | {s['rows_out']} | "
-          f"{', '.join(f'{k} {v}' for k, v in s['removed_by_rule'].items()) or '-'} |" for s in stats["steps"]],
+        (f"Wall time on engine `{timings['engine']}`, {timings['num_proc']} process(es); "
+         f"total {timings['total_seconds']} s (timings.json)." if timings else ""),
         "",
+        "| step | in | out | removed by rule | seconds |",
+        "|---|---:|---:|---|---:|",
+        *[f"| {s['step']} | {s['rows_in']} | {s['rows_out']} | "
+          f"{', '.join(f'{k} {v}' for k, v in s['removed_by_rule'].items()) or '-'} | {sec.get(s['step'], '-')} |" for s in stats["steps"]],
+        "",
+        *_duplicate_examples(stats.get("duplicate_examples", [])),
         "## Rejected rows by rule",
         "",
         "| rule | rows |",
@@ -325,6 +446,24 @@ def _data_card(st: Stage, stats: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _duplicate_examples(examples: list[dict[str, Any]]) -> list[str]:
+    if not examples:
+        return []
+    return [
+        "## Duplicate examples",
+        "",
+        "| kind | removed row | kept row | similarity | removed text | kept text |",
+        "|---|---|---|---:|---|---|",
+        *[f"| {e['kind']} | {e['id']} | {e['duplicate_of']} | {e['similarity']} | {_md_cell(e['text'])} | {_md_cell(e['kept_text'])} |"
+          for e in examples],
+        "",
+    ]
+
+
+def _md_cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
 
 
 def _pii_card(report: dict[str, Any] | None) -> list[str]:

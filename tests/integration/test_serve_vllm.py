@@ -1,0 +1,120 @@
+"""A real vLLM server (from .venv-vllm) behind tunegate's app: a tiny random Llama (head size 32: vLLM's CPU
+attention has no head size 16, which the shared tiny model uses) and two signed PASS bundles of ranks 8 and 16
+(C14: --max-lora-rank 16), the smoke test (C17) against the in-process PEFT reference, a tenant request through
+the proxy, and an adapter unloaded and loaded again at run time. Skipped when the vLLM environment is absent
+(`make vllm`); vLLM starts in ~1-2 minutes here with --enforce-eager.
+
+vLLM runs in float32 here so its greedy answers can be compared with the fp32 PEFT reference exactly: on a
+randomly initialised model the top logits are near-ties, and bf16 rounding flips them within a few tokens."""
+
+import os
+from pathlib import Path
+
+import pytest
+from conftest import REPO, chat, write_jsonl
+
+from tunegate.config import load_project
+
+VENV = Path(os.environ.get("TUNEGATE_VLLM_VENV", REPO / ".venv-vllm"))
+
+pytestmark = [
+    pytest.mark.vllm,
+    pytest.mark.skipif(not (VENV / ".tunegate-vllm-installed").is_file(),
+                       reason=f"no vLLM environment at {VENV} (install it with `make vllm` or `tunegate serve-setup vllm`)"),
+]
+
+
+def _yaml(base, r, serve=""):
+    return f"""
+name: vsvc
+base_model: {base}
+data:
+  sources: [{{path: train.jsonl, format: chat}}]
+  golden: {{path: golden.jsonl, format: chat}}
+  val_fraction: 0.1
+  max_length: 64
+train:
+  adapter: lora
+  lora: {{r: {r}, lora_alpha: {2 * r}, init_lora_weights: false}}
+  trl: {{max_steps: 1, per_device_train_batch_size: 4, save_steps: 1, logging_steps: 1, warmup_steps: 0}}
+eval:
+  max_new_tokens: 2
+  batch_size: 12
+  bootstrap_samples: 100
+  gate: [{{metric: exact_match, min: 0.0, min_delta_ci_low: -1.0}}]
+audit:
+  enabled: false
+{serve}"""
+
+
+@pytest.fixture(scope="module")
+def vllm_project(tmp_path_factory, tokenizer):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tunegate.pipeline import run_pipeline
+    from tunegate.release import build_bundle, generate_keys
+
+    root = tmp_path_factory.mktemp("vllm-project")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512, tie_word_embeddings=True,
+                      bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    base = root / "tiny-llama"
+    LlamaForCausalLM(cfg).save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    labels = ["alpha", "beta", "gamma"]
+    write_jsonl(root / "train.jsonl", [chat(f"message {i} about {labels[i % 3]}", labels[i % 3], f"t{i}") for i in range(24)])
+    write_jsonl(root / "golden.jsonl", [chat(f"golden {i} on {labels[i % 3]}", labels[i % 3], f"g{i}") for i in range(6)])
+    private, _ = generate_keys(root / "keys")
+    for run_id, seed, name, r in (("a", 1, "support", 8), ("b", 2, "sales", 16)):
+        (root / "tunegate.yaml").write_text(_yaml(base, r))
+        project = load_project(root / "tunegate.yaml", [f"train.seed={seed}"])
+        run_pipeline(project, run_id=run_id, until="eval")
+        build_bundle(project, run_id, private_key=private, out_dir=root / "bundles" / name, merge=False)
+    (root / "tunegate.yaml").write_text(_yaml(base, 8, "serve:\n  bundles: [bundles/support, bundles/sales]\n"
+                                                       "  public_key: keys/public.pem\n  max_new_tokens: 16\n"))
+    return load_project(root / "tunegate.yaml")
+
+
+def test_vllm_serves_two_adapters_behind_the_proxy(vllm_project):
+    from fastapi.testclient import TestClient
+
+    from tunegate import servedb
+    from tunegate.serve import create_app
+    from tunegate.vllm_engine import VLLMEngine, format_smoke, run_smoke
+
+    engine = VLLMEngine.launch(vllm_project, venv=VENV, dtype="float32", enforce_eager=True, timeout_s=900,
+                               max_model_len=512)
+    try:
+        argv = engine.process.proc.args
+        assert argv[argv.index("--max-lora-rank") + 1] == "16"  # C14: from the rank-16 adapter
+        report = run_smoke(vllm_project, engine.url, [None, "support", "sales"], max_tokens=12, max_rank=1)
+        print(format_smoke(report))
+        assert report["passed"], report["failures"]
+        # fp32 on both sides: exact, and teacher-forced every reference token is vLLM's top token
+        assert all(r["exact"] and r["max_rank"] == 1 for m in report["models"].values() for r in m["rows"] if r["reference_tokens"])
+        assert report["models"]["support"]["differs_from_base"] and report["models"]["sales"]["differs_from_base"]
+
+        app = create_app(vllm_project, engine=engine, admin_token="admin-test")
+        key = servedb.add_tenant(servedb.connect(servedb.project_url(vllm_project)), "acme", ["support", "sales"])
+        with TestClient(app) as client:
+            body = {"model": "support", "messages": [{"role": "user", "content": "golden 0 on alpha"}], "temperature": 0, "max_tokens": 12}
+            r = client.post("/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"})
+            assert r.status_code == 200, r.text
+            served = report["models"]["support"]["rows"][0]
+            assert r.json()["choices"][0]["message"]["content"] == served["served"]
+            assert client.get("/health").json()["engine"] == "vllm"
+            # run time: unload an adapter, then load it again from its (re-verified) bundle
+            admin = {"Authorization": "Bearer admin-test"}
+            assert client.delete("/admin/adapters/sales", headers=admin).status_code == 200
+            body["model"] = "sales"
+            assert client.post("/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"}).status_code == 404
+            bundle = str(vllm_project.root / "bundles" / "sales")
+            r = client.post("/admin/adapters", json={"path": bundle, "name": "sales"}, headers=admin)
+            assert r.status_code == 201, r.text
+            r = client.post("/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"})
+            assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == report["models"]["sales"]["rows"][0]["served"]
+    finally:
+        engine.close()
+    assert engine.process.proc.poll() is not None

@@ -1,0 +1,128 @@
+"""The serving database: tenant keys, exactly-once feedback under concurrent writers, and the feedback export
+in the formats the data stage reads."""
+
+import json
+import threading
+
+import pytest
+
+from tunegate import TunegateError, servedb
+from tunegate.config import SourceConfig
+from tunegate.data.records import read_source
+from tunegate.manifest import atomic_write_jsonl
+
+MSGS = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture
+def db(tmp_path):
+    return servedb.connect(servedb.default_url(tmp_path))
+
+
+def trace(db, tid, tenant="acme", adapter="a1", response="Lyon."):
+    servedb.write_trace(db, id=tid, tenant=tenant, model=adapter or "base", adapter=adapter, adapter_sha256="ab" * 32,
+                        messages=MSGS, params={}, response=response, finish_reason="stop", prompt_tokens=9,
+                        completion_tokens=3, latency_ms=12.5)
+
+
+def test_sqlite_uses_wal_and_a_busy_timeout(db, tmp_path):
+    with db.connect() as con:
+        assert con.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        assert con.exec_driver_sql("PRAGMA busy_timeout").scalar() == int(servedb.BUSY_TIMEOUT_S * 1000)
+        assert con.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+    assert (tmp_path / "serve.db").is_file()
+
+
+def test_tenant_key_is_shown_once_and_only_its_hash_is_stored(db, tmp_path):
+    key = servedb.add_tenant(db, "acme", ["a1", "a2", "a1"])
+    assert key.startswith("tg-") and len(key) > 40
+    raw = (tmp_path / "serve.db").read_bytes() + b"".join(p.read_bytes() for p in tmp_path.glob("serve.db-*"))
+    assert key.encode() not in raw and servedb.key_hash(key).encode() in raw
+    t = servedb.tenant_for_key(db, key)
+    assert t.name == "acme" and t.adapters == ("a1", "a2") and not t.allow_base
+    assert t.may_use("a1") and not t.may_use("b1") and not t.may_use(None)
+    assert servedb.tenant_for_key(db, key + "x") is None
+    other = servedb.add_tenant(db, "globex", [], allow_base=True)
+    assert other != key and servedb.tenant_for_key(db, other).may_use(None)
+    with pytest.raises(TunegateError, match="already exists"):
+        servedb.add_tenant(db, "acme", ["a1"])
+    with pytest.raises(TunegateError, match="at least one adapter"):
+        servedb.add_tenant(db, "empty", [])
+    listed = servedb.list_tenants(db)
+    assert [x["name"] for x in listed] == ["acme", "globex"] and "key" not in json.dumps(listed).replace("key_sha256", "")
+    servedb.revoke_tenant(db, "acme")
+    assert servedb.tenant_for_key(db, key) is None
+    with pytest.raises(TunegateError, match="already revoked"):
+        servedb.revoke_tenant(db, "acme")
+    with pytest.raises(TunegateError, match="no tenant nobody"):
+        servedb.revoke_tenant(db, "nobody")
+
+
+def test_feedback_idempotency_key_replay_and_conflict(db):
+    trace(db, "chatcmpl-1")
+    row, replayed = servedb.record_feedback(db, "acme", "chatcmpl-1", "down", "Paris.", "key-1")
+    assert not replayed
+    again, replayed = servedb.record_feedback(db, "acme", "chatcmpl-1", "down", "Paris.", "key-1")
+    assert replayed and again["id"] == row["id"]
+    with pytest.raises(servedb.FeedbackConflict, match="different feedback body"):
+        servedb.record_feedback(db, "acme", "chatcmpl-1", "up", None, "key-1")
+    # no key: the body is the key, so a blind retry is one row; a different body is a new submission
+    a, r1 = servedb.record_feedback(db, "acme", "chatcmpl-1", "up", None, None)
+    b, r2 = servedb.record_feedback(db, "acme", "chatcmpl-1", "up", None, None)
+    assert (r1, r2) == (False, True) and a["id"] == b["id"]
+    assert servedb.count_feedback(db) == 2
+
+
+def test_concurrent_feedback_is_written_exactly_once(tmp_path):
+    url = servedb.default_url(tmp_path)
+    db = servedb.connect(url)
+    for i in range(16):
+        trace(db, f"chatcmpl-{i}")
+    results, errors = [], []
+
+    def post(i):
+        eng = servedb.connect(url)  # each thread its own engine: separate connections, as separate processes would be
+        try:
+            for attempt in range(3):  # every submission retried 3 times, all at once
+                results.append(servedb.record_feedback(eng, "acme", f"chatcmpl-{i}", "up" if i % 2 else "down", None, f"k{i}"))
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=post, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert servedb.count_feedback(db) == 16
+    assert sum(1 for _, replayed in results if not replayed) == 16 and len(results) == 48
+
+
+def test_export_gives_preference_and_kto_rows_the_reader_accepts(db, tmp_path):
+    trace(db, "chatcmpl-a", response="Lyon.")
+    trace(db, "chatcmpl-b", tenant="globex", adapter=None, response="Paris is the capital.")
+    trace(db, "chatcmpl-c", response="Marseille.")
+    trace(db, "chatcmpl-d", response="Nice.")  # no feedback: not exported
+    servedb.record_feedback(db, "acme", "chatcmpl-a", "down", None, None)
+    servedb.record_feedback(db, "acme", "chatcmpl-a", "down", "Paris.", None)  # a later edit on the same trace
+    servedb.record_feedback(db, "globex", "chatcmpl-b", "up", None, None)
+    servedb.record_feedback(db, "acme", "chatcmpl-c", "down", "Marseille.", None)  # an edit that changes nothing
+    pairs, kto, counts = servedb.export_feedback(db)
+    assert counts == {"feedback_rows": 4, "traces_with_feedback": 3, "kto_rows": 3, "kto_up": 1, "kto_down": 2,
+                      "preference_rows": 1, "edits_identical_to_answer": 1}
+    atomic_write_jsonl(tmp_path / "pref.jsonl", pairs)
+    atomic_write_jsonl(tmp_path / "kto.jsonl", kto)
+    recs, rej = read_source(SourceConfig(path=tmp_path / "pref.jsonl", format="preference"))
+    assert not rej and len(recs) == 1
+    r = recs[0]
+    assert r["messages"] == [*MSGS, {"role": "assistant", "content": "Paris."}] and r["rejected"] == "Lyon."
+    assert r["meta"]["source"] == "feedback" and r["meta"]["trace_id"] == "chatcmpl-a"
+    assert r["meta"]["tenant"] == "acme" and r["meta"]["adapter"] == "a1"
+    recs, rej = read_source(SourceConfig(path=tmp_path / "kto.jsonl", format="kto"))
+    assert not rej
+    labels = {x["meta"]["trace_id"]: x["label"] for x in recs}
+    assert labels == {"chatcmpl-a": False, "chatcmpl-b": True, "chatcmpl-c": False}
+    base_row = next(x for x in recs if x["meta"]["trace_id"] == "chatcmpl-b")
+    assert base_row["meta"]["adapter"] is None and base_row["messages"][-1]["content"] == "Paris is the capital."
+    # filter by adapter; "base" names the base model
+    assert [x["trace_id"] for x in servedb.export_feedback(db, ["base"])[1]] == ["chatcmpl-b"]

@@ -1,0 +1,251 @@
+"""tunegate.vllm_engine without vLLM: the launch arguments (C14 max rank, C15/C16 refusals with reasons, the
+merged-model mode), the smoke test's rules (C17), and the proxy path of the serving app against a fake
+OpenAI-compatible upstream standing in for vLLM."""
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import fake_openai_server
+
+from tunegate import TunegateError
+from tunegate.vllm_engine import (
+    LaunchPlan,
+    find_vllm_python,
+    head_size_problem,
+    lora_refusals,
+    plan_launch,
+    smoke_test,
+)
+
+
+def _bundle(root: Path, name: str, r: int = 16, merged: bool = False, release_vllm: dict | None = None, **cfg) -> tuple[Path, dict]:
+    b = root / name
+    (b / "adapter").mkdir(parents=True)
+    adapter_cfg = {"peft_type": "LORA", "r": r, "lora_alpha": 2 * r, "bias": "none", "target_modules": ["q_proj", "v_proj"], **cfg}
+    (b / "adapter" / "adapter_config.json").write_text(json.dumps(adapter_cfg))
+    if merged:
+        (b / "merged").mkdir()
+        (b / "merged" / "config.json").write_text("{}")
+    release = {"verdict": "PASS", "adapter_type": "dora" if cfg.get("use_dora") else "lora",
+               "vllm": release_vllm or {"servable_as_lora": True, "reasons": [], "merged": None}}
+    return b, release
+
+
+def test_max_lora_rank_comes_from_the_largest_adapter(tmp_path):  # case C14
+    adapters = {"small": _bundle(tmp_path, "small", r=8), "big": _bundle(tmp_path, "big", r=32)}
+    plan = plan_launch(tmp_path / "base", "base-model", adapters)
+    assert plan.max_lora_rank == 32 and plan.max_loras == 2
+    argv = plan.argv("/venv/bin/python", "127.0.0.1", 8123)
+    assert argv[:3] == ["/venv/bin/python", "-m", "vllm.entrypoints.openai.api_server"]
+    joined = " ".join(argv)
+    assert f"--model {tmp_path / 'base'}" in joined and "--served-model-name base-model" in joined
+    assert "--enable-lora" in argv and "--dtype bfloat16" in joined and "--host 127.0.0.1 --port 8123" in joined
+    assert f"small={tmp_path / 'small' / 'adapter'}" in argv and f"big={tmp_path / 'big' / 'adapter'}" in argv
+    assert argv[argv.index("--max-lora-rank") + 1] == "32" and argv[argv.index("--max-loras") + 1] == "2"
+
+
+def test_rank_between_allowed_values_and_rank_pattern(tmp_path):
+    plan = plan_launch(tmp_path, "b", {"a": _bundle(tmp_path, "a", r=8, rank_pattern={"v_proj": 24})}, extra_loras=2)
+    assert plan.max_lora_rank == 32 and plan.max_loras == 3
+
+
+def test_no_adapters_means_no_lora_flags(tmp_path):
+    argv = plan_launch(tmp_path, "b", {}).argv("py")
+    assert "--enable-lora" not in argv and "--max-lora-rank" not in argv
+
+
+def test_modules_to_save_and_dora_are_refused_with_reasons(tmp_path):  # cases C15, C16
+    adapters = {
+        "ok": _bundle(tmp_path, "ok"),
+        "heads": _bundle(tmp_path, "heads", modules_to_save=["lm_head", "embed_tokens"], merged=True),
+        "dora": _bundle(tmp_path, "dora", use_dora=True,
+                        release_vllm={"servable_as_lora": False, "merged": None,
+                                      "reasons": ["DoRA: vLLM does not load magnitude vectors (lora_magnitude_vector)"]}),
+    }
+    with pytest.raises(TunegateError) as e:
+        plan_launch(tmp_path, "b", adapters)
+    msg = str(e.value)
+    assert "ok" not in [line.split(":")[0].rsplit("/", 1)[-1] for line in msg.splitlines()]
+    heads = next(line for line in msg.splitlines() if "/heads:" in line)
+    assert "modules_to_save ['embed_tokens', 'lm_head']" in heads and "--merged heads" in heads
+    assert str(tmp_path / "heads" / "merged") in heads
+    dora = next(line for line in msg.splitlines() if "/dora:" in line)
+    assert dora.count("DoRA") == 1 and "magnitude vectors" in dora  # release.json's reason, not repeated
+    assert "rebuild the bundle with merging" in dora  # it has no merged model
+
+
+def test_release_record_alone_refuses(tmp_path):
+    """A bundle whose release.json says not servable is refused even if its config looks fine now."""
+    _, release = _bundle(tmp_path, "x", release_vllm={"servable_as_lora": False, "reasons": ["trained biases"], "merged": "merged/"})
+    assert lora_refusals(release, {"r": 8}) == ["trained biases"]
+    assert lora_refusals({"adapter_type": "full"}, {}) == ["full fine-tune: a whole model, not a LoRA"]
+
+
+def test_merged_model_mode(tmp_path):
+    adapters = {"dora": _bundle(tmp_path, "dora", use_dora=True, merged=True), "ok": _bundle(tmp_path, "ok")}
+    plan = plan_launch(tmp_path / "base", "base-model", adapters, merged="dora")
+    argv = plan.argv("py")
+    assert argv[argv.index("--model") + 1] == str(tmp_path / "dora" / "merged")
+    assert argv[argv.index("--served-model-name") + 1] == "dora" and "--enable-lora" not in argv
+    with pytest.raises(TunegateError, match="no merged model"):
+        plan_launch(tmp_path, "b", adapters, merged="ok")
+    with pytest.raises(TunegateError, match="not a configured bundle"):
+        plan_launch(tmp_path, "b", adapters, merged="nope")
+
+
+def test_missing_vllm_environment_names_the_install_command(tmp_path):
+    with pytest.raises(TunegateError, match="tunegate serve-setup vllm --venv"):
+        find_vllm_python(tmp_path / "nothing-here")
+
+
+def test_head_size_vllm_cpu_cannot_run_is_refused_before_launch(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"hidden_size": 64, "num_attention_heads": 4}))  # head 16
+    assert "head size 16" in head_size_problem(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"hidden_size": 576, "num_attention_heads": 9}))  # SmolLM2: 64
+    assert head_size_problem(tmp_path) is None
+    assert head_size_problem(tmp_path / "missing") is None
+
+
+def test_launch_plan_optional_flags():
+    argv = LaunchPlan(model=Path("m"), served_name="m", dtype="float32", max_model_len=512, enforce_eager=True).argv("py")
+    assert "--enforce-eager" in argv and argv[argv.index("--max-model-len") + 1] == "512" and "float32" in argv
+
+
+# ---------------------------------------------------------------- the smoke test (C17)
+
+
+class _Tok:
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [ord(c) for c in text]}  # one token per character
+
+
+CANARIES = [[{"role": "user", "content": "first prompt"}], [{"role": "user", "content": "second prompt"}]]
+
+
+def _answers(table):
+    return lambda model, msgs, max_new: table[model][msgs[-1]["content"]]
+
+
+def test_smoke_passes_when_adapters_differ_and_match_reference():
+    table = {None: {"first prompt": "base1", "second prompt": "base2"},
+             "a": {"first prompt": "base1", "second prompt": "ADAPT"}}
+    report = smoke_test(_answers(table), _answers(table), [None, "a"], CANARIES, _Tok())
+    assert report["passed"] and report["models"]["a"]["differs_from_base"] is True
+    assert all(r["exact"] for r in report["models"]["a"]["rows"])
+
+
+def test_smoke_fails_on_an_adapter_the_server_does_not_apply():
+    served = {None: {"first prompt": "b1", "second prompt": "b2"}, "a": {"first prompt": "b1", "second prompt": "b2"}}
+    reference = {None: served[None], "a": {"first prompt": "x1", "second prompt": "x2"}}
+    report = smoke_test(_answers(served), _answers(reference), [None, "a"], CANARIES, _Tok())
+    assert not report["passed"]
+    text = "\n".join(report["failures"])
+    assert "a: answers exactly like the base model" in text and "'first prompt'" in text
+    assert "a: prompt 'first prompt': served 'b1' != PEFT reference 'x1'" in text
+
+
+def test_smoke_match_tokens_accepts_a_common_prefix():
+    served = {None: {"first prompt": "same", "second prompt": "same"}, "a": {"first prompt": "abcdXX", "second prompt": "zz"}}
+    reference = {None: served[None], "a": {"first prompt": "abcdYY", "second prompt": "zz"}}
+    assert not smoke_test(_answers(served), _answers(reference), [None, "a"], CANARIES, _Tok())["passed"]
+    report = smoke_test(_answers(served), _answers(reference), [None, "a"], CANARIES, _Tok(), match_tokens=4)
+    assert report["passed"] and report["models"]["a"]["rows"][0]["prefix_tokens"] == 4
+    assert not smoke_test(_answers(served), _answers(reference), [None, "a"], CANARIES, _Tok(), match_tokens=5)["passed"]
+
+
+def test_smoke_teacher_forced_ranks_accept_a_near_tie_divergence():
+    """bf16 vs fp32: the texts part ways, but every reference token is within the served model's top 2."""
+    served = {None: {"first prompt": "b", "second prompt": "b"}, "a": {"first prompt": "xyz", "second prompt": "xQQ"}}
+    reference = {None: served[None], "a": {"first prompt": "xyz", "second prompt": "xyw"}}
+    ranks = lambda model, msgs, ref: [1, 2, 1]  # noqa: E731
+    report = smoke_test(_answers(served), _answers(reference), [None, "a"], CANARIES, _Tok(), ranks=ranks, max_rank=2)
+    assert report["passed"] and report["models"]["a"]["rows"][1]["max_rank"] == 2
+    report = smoke_test(_answers(served), _answers(reference), [None, "a"], CANARIES, _Tok(), ranks=ranks, max_rank=1)
+    assert not report["passed"] and "worst token ranks 2 (<= 1 required)" in report["failures"][0]
+
+
+def test_smoke_merged_mode_compares_with_the_reference_base():
+    reference = {None: {"first prompt": "b", "second prompt": "b"}, "m": {"first prompt": "m1", "second prompt": "b"}}
+    report = smoke_test(_answers(reference), _answers(reference), ["m"], CANARIES, _Tok(), base_served=False)
+    assert report["passed"] and list(report["models"]) == ["m"]
+
+
+# ---------------------------------------------------------------- the proxy path
+
+
+@pytest.fixture
+def proxy(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from tunegate import servedb
+    from tunegate.config import load_project
+    from tunegate.serve import ServedAdapter, create_app
+    from tunegate.vllm_engine import VLLMEngine
+
+    (tmp_path / "tunegate.yaml").write_text(
+        "name: proxy\nbase_model: base-model\ndata:\n  sources: [{path: t.jsonl, format: chat}]\n"
+        "  golden: {path: g.jsonl, format: chat}\nserve:\n  bundles: [{path: b/support, name: support}]\n  max_new_tokens: 8\n")
+    project = load_project(tmp_path / "tunegate.yaml")
+
+    def answer(model, messages):
+        return None if messages[-1]["content"] == "explode" else f"[{model}] {messages[-1]['content']}"
+
+    with fake_openai_server(answer) as (url, calls):
+        engine = VLLMEngine(url=url, base_name="base-model",
+                            adapters={"support": ServedAdapter("support", tmp_path / "b", {"adapter_sha256": "abc", "run_id": "r1"})})
+        db_url = f"sqlite:///{tmp_path / 'serve.db'}"
+        app = create_app(project, engine=engine, database_url=db_url, admin_token="secret-admin")
+        db = servedb.connect(db_url)
+        keys = {"acme": servedb.add_tenant(db, "acme", ["support"]), "ops": servedb.add_tenant(db, "ops", ["support"], allow_base=True)}
+        with TestClient(app) as client:
+            yield {"client": client, "calls": calls, "keys": keys, "db": db}
+        engine.close()
+
+
+def _ask(client, key, model, text="hello", **extra):
+    body = {"model": model, "messages": [{"role": "user", "content": text}], "temperature": 0, **extra}
+    return client.post("/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"})
+
+
+def test_proxy_forwards_with_tunegate_auth_trace_and_feedback(proxy):
+    from tunegate import servedb
+
+    c, keys = proxy["client"], proxy["keys"]
+    assert c.get("/health").json()["engine"] == "vllm"
+    r = _ask(c, keys["acme"], "support", max_tokens=100)
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"] == "[support] hello"
+    path, body = proxy["calls"][-1]
+    assert path == "/v1/chat/completions" and body["model"] == "support"
+    assert body["max_tokens"] == 8 and body["temperature"] == 0  # capped by serve.max_new_tokens
+    trace = servedb.get_trace(proxy["db"], r.json()["id"])
+    assert trace["tenant"] == "acme" and trace["adapter"] == "support" and trace["adapter_sha256"] == "abc"
+    assert trace["response"] == "[support] hello"
+    fb = c.post("/v1/feedback", json={"trace_id": r.json()["id"], "rating": "up"}, headers={"Authorization": f"Bearer {keys['acme']}"})
+    assert fb.status_code == 201
+    r = _ask(c, keys["ops"], "base-model")
+    assert r.status_code == 200 and proxy["calls"][-1][1]["model"] == "base-model"
+
+
+def test_proxy_refuses_before_forwarding(proxy):
+    c, keys = proxy["client"], proxy["keys"]
+    n = len(proxy["calls"])
+    assert _ask(c, "tg-wrong", "support").status_code == 401
+    assert _ask(c, keys["acme"], "base-model").status_code == 403
+    assert len(proxy["calls"]) == n  # nothing reached the engine
+
+
+def test_proxy_upstream_failure_is_502(proxy):
+    r = _ask(proxy["client"], proxy["keys"]["acme"], "support", text="explode")
+    assert r.status_code == 502 and r.json()["error"]["code"] == "upstream_error"
+
+
+def test_admin_endpoints_need_the_admin_token(proxy):
+    c, keys = proxy["client"], proxy["keys"]
+    assert c.post("/admin/adapters", json={"path": "/nope"}).status_code == 401
+    assert c.post("/admin/adapters", json={"path": "/nope"}, headers={"Authorization": f"Bearer {keys['ops']}"}).status_code == 401
+    auth = {"Authorization": "Bearer secret-admin"}
+    r = c.post("/admin/adapters", json={"path": "/nope/x"}, headers=auth)
+    assert r.status_code == 400 and "adapter_refused" == r.json()["error"]["code"]
+    assert c.delete("/admin/adapters/ghost", headers=auth).status_code == 404
