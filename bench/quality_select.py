@@ -104,7 +104,7 @@ def main() -> None:
         "date": dt.date.today().isoformat(),
         "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                     "torch": torch.__version__},
-        "data": {"file": str(DATA), "rows": len(records), "sample_seed": 0, "instruction": "Banking intent label?",
+        "data": {"file": "../shared/data/banking77/train.csv" if DATA.is_relative_to(REPO.parent / "shared") else DATA.name, "rows": len(records), "sample_seed": 0, "instruction": "Banking intent label?",
                  "distinct_labels": n_labels},
         "model": "smollm2-135m-instruct (fp32, CPU)",
         "ifd": {
