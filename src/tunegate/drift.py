@@ -227,7 +227,7 @@ def new_clusters(train_emb, recent_emb, recent: Sequence[dict[str, Any]], cfg) -
             "new_clusters": found, "small_groups": [{k: v for k, v in c.items() if k != "examples"} for c in clusters if not c["new"]],
             "drift": bool(found),
             "reason": (f"{len(found)} new cluster(s) of requests unlike any training prompt ({sum(c['size'] for c in found)} "
-                       f"of {m} requests; nearest training cosine < {cfg.novelty_cosine})") if found else None}
+                       f"of {m} requests sampled; nearest training cosine < {cfg.novelty_cosine})") if found else None}
 
 
 # ---------------------------------------------------------------- --golden

@@ -18,9 +18,10 @@ hashing speed, so a fast hash is as safe here, and it lets each request find its
 lookup of the hash (a salted KDF would have to be run once per stored tenant).
 
 Feedback submissions are rows appended, never updated; each is written exactly once. A submission is
-identified by its idempotency key: the client's `Idempotency-Key` header, or, when it sends none, a key
-derived from the content (sha256 of trace id, rating and edited answer), so a blind retry of the same body
-is the same submission. A repeated key with the same body returns the stored row (`replayed`); the same key
+identified by its idempotency key: the client's `Idempotency-Key` header, or, when it sends none, the
+content: a body equal to the trace's latest submission is a retry of it, and any other body is a new row
+keyed by its content and the submission it follows (so a thumb up, down, then up again is three rows, and
+the export reads "up"). A repeated key with the same body returns the stored row (`replayed`); the same key
 with a different body is refused (HTTP 409), as in Stripe's idempotency keys. The insert relies on the
 UNIQUE constraint, not on a read-then-write, so concurrent retries on several connections still produce
 one row. A trace may receive several submissions (a thumb, later an edit); `export_feedback` takes the
@@ -295,7 +296,17 @@ def record_feedback(engine, tenant: str, trace_id: str, rating: str, edited_answ
 
     f = tables()["feedback"]
     body_hash = feedback_request_hash(trace_id, rating, edited_answer)
-    key = idempotency_key or f"auto:{body_hash}"
+    key = idempotency_key
+    if key is None:
+        # No header: the latest submission on this trace with the same body is a retry of it; otherwise this is
+        # a new submission, keyed by the body and the submission it follows (so up, down, up is three rows, and
+        # concurrent copies of one submission collide on the UNIQUE key).
+        with engine.connect() as con:
+            latest = con.execute(select(f).where(f.c.tenant == tenant, f.c.trace_id == trace_id)
+                                 .order_by(f.c.created_at.desc()).limit(1)).mappings().first()
+        if latest is not None and latest["request_sha256"] == body_hash:
+            return dict(latest), True
+        key = f"auto:{body_hash}:after:{latest['id'] if latest is not None else '-'}"
     row = {"id": "fb-" + uuid.uuid4().hex, "trace_id": trace_id, "tenant": tenant, "idempotency_key": key,
            "request_sha256": body_hash, "rating": rating, "edited_answer": edited_answer, "created_at": _now()}
     try:

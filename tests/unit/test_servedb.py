@@ -73,6 +73,39 @@ def test_feedback_idempotency_key_replay_and_conflict(db):
     assert servedb.count_feedback(db) == 2
 
 
+def test_without_a_key_up_down_up_is_three_rows_and_the_export_reads_up(db, tmp_path):
+    trace(db, "chatcmpl-t")
+    ratings = []
+    for rating in ("up", "up", "down", "up", "up"):  # the repeated ones are retries of the one before
+        row, replayed = servedb.record_feedback(db, "acme", "chatcmpl-t", rating, None, None)
+        ratings.append((rating, replayed))
+    assert ratings == [("up", False), ("up", True), ("down", False), ("up", False), ("up", True)]
+    assert servedb.count_feedback(db) == 3
+    _, kto, _ = servedb.export_feedback(db)
+    assert [r["label"] for r in kto] == [True]
+
+
+def test_concurrent_retries_without_a_key_are_one_row(tmp_path):
+    url = servedb.default_url(tmp_path)
+    db = servedb.connect(url)
+    trace(db, "chatcmpl-c")
+    results, errors = [], []
+
+    def post():
+        try:
+            results.append(servedb.record_feedback(servedb.connect(url), "acme", "chatcmpl-c", "down", "Paris.", None))
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=post) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and servedb.count_feedback(db) == 1
+    assert sum(1 for _, replayed in results if not replayed) == 1
+
+
 def test_concurrent_feedback_is_written_exactly_once(tmp_path):
     url = servedb.default_url(tmp_path)
     db = servedb.connect(url)
