@@ -88,28 +88,33 @@ def tiny_project(tmp_path, tiny_model_dir):
     golden = [chat(f"golden question {i} on {labels[i % 3]}", labels[i % 3], f"g{i}") for i in range(12)]
     write_jsonl(tmp_path / "train.jsonl", train)
     write_jsonl(tmp_path / "golden.jsonl", golden)
-    (tmp_path / "tunegate.yaml").write_text(
-        f"""
-name: tiny
-base_model: {tiny_model_dir}
+    (tmp_path / "tunegate.yaml").write_text(project_yaml(
+        "tiny", tiny_model_dir,
+        train="  lora: {r: 4, lora_alpha: 8}\n"
+              "  trl: {max_steps: 4, per_device_train_batch_size: 4, save_steps: 2, logging_steps: 1, warmup_steps: 0}"))
+    return tmp_path
+
+
+def project_yaml(name, base_model, train: str, eval_: str = "  max_new_tokens: 4\n  batch_size: 8\n  bootstrap_samples: 200",
+                 extra: str = "") -> str:
+    """A tiny project file: train.jsonl / golden.jsonl chat sources, max_length 64, a gate that always passes,
+    no audit (it has its own tests). `train` and `eval_` are the indented bodies of those sections."""
+    return f"""
+name: {name}
+base_model: {base_model}
 data:
   sources: [{{path: train.jsonl, format: chat}}]
   golden: {{path: golden.jsonl, format: chat}}
   val_fraction: 0.1
   max_length: 64
 train:
-  lora: {{r: 4, lora_alpha: 8}}
-  trl: {{max_steps: 4, per_device_train_batch_size: 4, save_steps: 2, logging_steps: 1, warmup_steps: 0}}
+{train}
 eval:
-  max_new_tokens: 4
-  batch_size: 8
-  bootstrap_samples: 200
+{eval_}
   gate: [{{metric: exact_match, min: 0.0, min_delta_ci_low: -1.0}}]
 audit:
-  enabled: false   # the audit has its own tests (tests/integration/test_audit_tiny.py)
-"""
-    )
-    return tmp_path
+  enabled: false
+{extra}"""
 
 
 def shared_data(*parts: str) -> Path:

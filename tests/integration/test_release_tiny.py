@@ -9,7 +9,7 @@ import sys
 import types
 
 import pytest
-from conftest import chat, write_jsonl
+from conftest import chat, project_yaml, write_jsonl
 
 from tunegate import TunegateError
 from tunegate.config import load_project
@@ -27,27 +27,9 @@ def _project(root, tiny_model_dir, train_section):
     labels = ["alpha", "beta", "gamma"]
     write_jsonl(root / "train.jsonl", [chat(f"message number {i} about topic {labels[i % 3]}", labels[i % 3], f"t{i}") for i in range(60)])
     write_jsonl(root / "golden.jsonl", [chat(f"golden question {i} on {labels[i % 3]}", labels[i % 3], f"g{i}") for i in range(12)])
-    (root / "tunegate.yaml").write_text(
-        f"""
-name: tiny
-base_model: {tiny_model_dir}
-data:
-  sources: [{{path: train.jsonl, format: chat}}]
-  golden: {{path: golden.jsonl, format: chat}}
-  val_fraction: 0.1
-  max_length: 64
-train:
-{train_section}
-  trl: {{max_steps: 2, per_device_train_batch_size: 4, save_steps: 2, logging_steps: 1, warmup_steps: 0}}
-eval:
-  max_new_tokens: 4
-  batch_size: 8
-  bootstrap_samples: 200
-  gate: [{{metric: exact_match, min: 0.0, min_delta_ci_low: -1.0}}]
-audit:
-  enabled: false
-"""
-    )
+    (root / "tunegate.yaml").write_text(project_yaml(
+        "tiny", tiny_model_dir,
+        train=f"{train_section}\n  trl: {{max_steps: 2, per_device_train_batch_size: 4, save_steps: 2, logging_steps: 1, warmup_steps: 0}}"))
     return root
 
 

@@ -7,7 +7,7 @@ import shutil
 import threading
 
 import pytest
-from conftest import chat, write_jsonl
+from conftest import chat, project_yaml, write_jsonl
 
 from tunegate import TunegateError, servedb
 from tunegate.config import BundleConfig, SourceConfig, load_project
@@ -16,27 +16,10 @@ pytestmark = pytest.mark.serve
 
 
 def _yaml(tiny_model_dir, serve: str = "") -> str:
-    return f"""
-name: svc
-base_model: {tiny_model_dir}
-data:
-  sources: [{{path: train.jsonl, format: chat}}]
-  golden: {{path: golden.jsonl, format: chat}}
-  val_fraction: 0.1
-  max_length: 64
-train:
-  adapter: lora
-  # init_lora_weights false: B starts random too, so two seeds give two visibly different adapters
-  lora: {{r: 8, lora_alpha: 16, init_lora_weights: false}}
-  trl: {{max_steps: 1, per_device_train_batch_size: 4, save_steps: 1, logging_steps: 1, warmup_steps: 0}}
-eval:
-  max_new_tokens: 2
-  batch_size: 12
-  bootstrap_samples: 100
-  gate: [{{metric: exact_match, min: 0.0, min_delta_ci_low: -1.0}}]
-audit:
-  enabled: false
-{serve}"""
+    # init_lora_weights false: B starts random too, so two seeds give two visibly different adapters
+    return project_yaml("svc", tiny_model_dir, extra=serve, eval_="  max_new_tokens: 2\n  batch_size: 12\n  bootstrap_samples: 100", train=(
+        "  adapter: lora\n  lora: {r: 8, lora_alpha: 16, init_lora_weights: false}\n"
+        "  trl: {max_steps: 1, per_device_train_batch_size: 4, save_steps: 1, logging_steps: 1, warmup_steps: 0}"))
 
 
 @pytest.fixture(scope="module")

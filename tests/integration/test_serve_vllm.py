@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import REPO, chat, write_jsonl
+from conftest import REPO, chat, project_yaml, write_jsonl
 
 from tunegate.config import load_project
 
@@ -25,26 +25,9 @@ pytestmark = [
 
 
 def _yaml(base, r, serve=""):
-    return f"""
-name: vsvc
-base_model: {base}
-data:
-  sources: [{{path: train.jsonl, format: chat}}]
-  golden: {{path: golden.jsonl, format: chat}}
-  val_fraction: 0.1
-  max_length: 64
-train:
-  adapter: lora
-  lora: {{r: {r}, lora_alpha: {2 * r}, init_lora_weights: false}}
-  trl: {{max_steps: 1, per_device_train_batch_size: 4, save_steps: 1, logging_steps: 1, warmup_steps: 0}}
-eval:
-  max_new_tokens: 2
-  batch_size: 12
-  bootstrap_samples: 100
-  gate: [{{metric: exact_match, min: 0.0, min_delta_ci_low: -1.0}}]
-audit:
-  enabled: false
-{serve}"""
+    return project_yaml("vsvc", base, extra=serve, eval_="  max_new_tokens: 2\n  batch_size: 12\n  bootstrap_samples: 100", train=(
+        f"  adapter: lora\n  lora: {{r: {r}, lora_alpha: {2 * r}, init_lora_weights: false}}\n"
+        "  trl: {max_steps: 1, per_device_train_batch_size: 4, save_steps: 1, logging_steps: 1, warmup_steps: 0}"))
 
 
 @pytest.fixture(scope="module")
