@@ -15,6 +15,17 @@ check still expects one row per feedback.
     # any running server
     python bench/serve_load.py --url http://127.0.0.1:8000/v1 --key tg-... --model support \\
         --database-url sqlite:///path/to/serve.db
+    # one project's bundles on both engines, back to back on one machine: `tunegate serve --engine E` as a
+    # separate process each time (what a user runs), the same clients, prompts and settings against each
+    python bench/serve_load.py --project PROJECT --engine vllm --engine embedded --clients 16 --duration 60
+
+The README's table used this PROJECT: a copy of examples/quickstart (data/, golden.lock.json, tunegate.yaml)
+with two plain-LoRA runs released as signed bundles and listed under serve.bundles (public_key: keys/public.pem):
+
+    O="audit.enabled=false train.adapter=lora train.lora.use_dora=false"
+    tunegate run tunegate.yaml --run-id support --until eval $O train.seed=0    # and: sales, train.seed=1
+    tunegate keys generate --out keys
+    tunegate release tunegate.yaml --key keys/private.pem --run-id support --out bundles/support $O train.seed=0
 
 The embedded engine answers one request at a time (see tunegate.serve), so its requests/s is the model's
 single-stream speed and the latency grows with the number of clients queued behind the lock; feedback posts
@@ -104,6 +115,88 @@ def start_embedded(which: str, workdir: Path, max_tokens: int):
     desc = {"engine": "embedded", "base_model": "tiny random Llama (2 layers, hidden 64, SmolLM2 tokenizer)"
             if which == "tiny" else "smollm2-135m-instruct (fp32)"}
     return srv, key, app.state.engine.base_name, url, desc
+
+
+def result_header(benchmark: str) -> dict:
+    """The fields every result file of this script starts with: what, when, on which machine."""
+    return {"benchmark": benchmark, "when": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()}}
+
+
+def db_check(rows_added: int, feedback: dict) -> dict:
+    """Exactly once: the rows the serving database gained equal the feedback sent and acknowledged."""
+    return {"rows_added": rows_added, "sent": feedback["sent"], "acknowledged": feedback["acknowledged"],
+            "exactly_once": rows_added == feedback["sent"] == feedback["acknowledged"]}
+
+
+def wait_healthy(url: str, proc, timeout_s: float, log: Path) -> None:
+    """Poll GET {url}/../health until the server answers 200; raise with the log's tail if it exits or times out."""
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    health = url.removesuffix("/v1") + "/health"
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"tunegate serve exited with {proc.returncode}:\n" + "\n".join(log.read_text().splitlines()[-30:]))
+        try:
+            if httpx.get(health, timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise RuntimeError(f"tunegate serve did not answer {health} within {timeout_s:.0f} s (log: {log})")
+
+
+def serve_project(project_path: Path, engine: str, args, workdir: Path) -> dict:
+    """One engine's run: a new tenant granted every bundle, `tunegate serve PROJECT --engine ENGINE` started as
+    its own process, the load, the exactly-once check against the project's serving database, then SIGINT."""
+    import signal
+    import subprocess
+    import sys
+
+    from tunegate import servedb
+    from tunegate.config import load_project
+    from tunegate.serve import bundle_name
+    from tunegate.vllm_engine import free_port
+
+    project = load_project(project_path)
+    models = [bundle_name(b) for b in (project.serve.bundles if project.serve else [])]
+    if not models:
+        raise SystemExit(f"{project_path}: serve.bundles is empty: nothing to load-test")
+    db_url = servedb.project_url(project)
+    db = servedb.connect(db_url)
+    key = servedb.add_tenant(db, f"load-{engine}-{uuid.uuid4().hex[:8]}", models)
+    port = free_port()
+    log = workdir / f"serve-{engine}.log"
+    cmd = [sys.executable, "-m", "tunegate.cli", "serve", str(project_path), "--engine", engine, "--port", str(port)]
+    if engine == "vllm" and args.vllm_venv:
+        cmd += ["--vllm-venv", str(args.vllm_venv)]
+    print("+ " + " ".join(cmd), flush=True)
+    t0 = time.perf_counter()
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/v1"
+    try:
+        wait_healthy(url, proc, args.startup_timeout, log)
+        startup = round(time.perf_counter() - t0, 1)
+        print(f"{engine}: serving after {startup} s; load: {args.clients} clients x {args.duration:g} s ({', '.join(models)})", flush=True)
+        before, load_before = servedb.count_feedback(db), os.getloadavg()
+        result = run_load(url, [key], models, args.clients, args.duration, args.max_tokens, True,
+                          max(1, args.feedback_repeats), args.timeout)
+        result["feedback_db_check"] = db_check(servedb.count_feedback(db) - before, result["feedback"])
+        result["server"] = {"engine": engine, "command": " ".join(cmd[1:]), "startup_s": startup, "models": models,
+                            "loadavg_1_5_15_before": [round(x, 2) for x in load_before],
+                            "loadavg_1_5_15_after": [round(x, 2) for x in os.getloadavg()]}
+        if engine == "vllm":
+            line = next((x for x in log.read_text().splitlines() if "starting vLLM:" in x), "")
+            result["server"]["vllm_launch"] = line.split("starting vLLM: ", 1)[-1]
+        return result
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 
 def run_load(url: str, keys: list[str], models: list[str], clients: int, duration_s: float, max_tokens: int,
@@ -203,9 +296,18 @@ def main() -> int:
     ap.add_argument("--feedback-repeats", type=int, default=1, help="send each feedback this many times with one Idempotency-Key")
     ap.add_argument("--database-url", help="the server's serving database (SQLAlchemy URL), to count feedback rows")
     ap.add_argument("--timeout", type=float, default=300.0, help="per-request timeout, seconds")
-    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "serve_load.json")
+    ap.add_argument("--out", type=Path, default=None, help="default bench/results/serve_load.json "
+                    "(serve_load_compare.json with --project)")
+    ap.add_argument("--project", type=Path, help="serve this project's serve.bundles with each --engine in turn")
+    ap.add_argument("--engine", action="append", choices=["embedded", "vllm"], default=[],
+                    help="with --project: the engines to run, in this order (repeatable; default vllm then embedded)")
+    ap.add_argument("--vllm-venv", type=Path, help="with --engine vllm: vLLM's environment (default .venv-vllm)")
+    ap.add_argument("--startup-timeout", type=float, default=1200.0, help="with --project: seconds for a server to come up")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.project:
+        return compare(args)
+    args.out = args.out or REPO / "bench" / "results" / "serve_load.json"
     if not args.start and not (args.url and args.key and args.model):
         ap.error("give --start tiny|smollm2, or --url with --key and --model")
 
@@ -232,19 +334,14 @@ def main() -> int:
                           max(1, args.feedback_repeats), args.timeout)
         check = None
         if engine is not None:
-            added = servedb.count_feedback(engine) - rows_before
-            fb = result["feedback"]
-            check = {"rows_added": added, "sent": fb["sent"], "acknowledged": fb["acknowledged"],
-                     "exactly_once": added == fb["sent"] == fb["acknowledged"]}
+            check = db_check(servedb.count_feedback(engine) - rows_before, result["feedback"])
     finally:
         if srv is not None:
             srv.stop()
         if tmp is not None:
             tmp.cleanup()
     out = {
-        "benchmark": "serve_load",
-        "when": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
+        **result_header("serve_load"),
         "server": server,
         "settings": {"clients": args.clients, "duration_s": args.duration, "max_tokens": args.max_tokens,
                      "models": models, "feedback": not args.no_feedback, "feedback_repeats": args.feedback_repeats},
@@ -263,6 +360,41 @@ def main() -> int:
         print(f"feedback rows added to the database: {check['rows_added']} (exactly once: {check['exactly_once']})")
     print(f"wrote {args.out}")
     ok = result["failures_total"] == 0 and (check is None or check["exactly_once"])
+    return 0 if ok else 1
+
+
+def compare(args) -> int:
+    """--project: each engine in turn on the same bundles and settings; one JSON with the runs side by side."""
+    engines = args.engine or ["vllm", "embedded"]
+    out_path = args.out or REPO / "bench" / "results" / "serve_load_compare.json"
+    runs = {}
+    with tempfile.TemporaryDirectory(prefix="tunegate-load-") as tmp:
+        for engine in engines:
+            runs[engine] = serve_project(args.project.resolve(), engine, args, Path(tmp))
+            c = runs[engine]["chat"]
+            print(f"{engine}: {c['n']} ok, {c['requests_per_s']:.2f} req/s, p50 {c['p50_ms']:.0f} ms, p95 {c['p95_ms']:.0f} ms, "
+                  f"failures {runs[engine]['failures_total']}, feedback rows exactly once: "
+                  f"{runs[engine]['feedback_db_check']['exactly_once']}", flush=True)
+    try:
+        project = str(args.project.resolve().relative_to(REPO))
+    except ValueError:
+        project = str(args.project)
+    out = {
+        **result_header("serve_load_compare"),
+        "project": project,
+        "settings": {"clients": args.clients, "duration_s": args.duration, "max_tokens": args.max_tokens,
+                     "feedback_repeats": args.feedback_repeats, "order": engines},
+        "runs": runs,
+    }
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(out, indent=2) + "\n")
+    print(f"| engine | chat requests/s | p50 | p95 | failures | feedback rows exactly once |")
+    for engine, r in runs.items():
+        c, chk = r["chat"], r["feedback_db_check"]
+        print(f"| {engine} | {c['requests_per_s']:.2f} | {c['p50_ms'] / 1000:.1f} s | {c['p95_ms'] / 1000:.1f} s | "
+              f"{r['failures_total']} | {chk['rows_added']} of {chk['sent']} |")
+    print(f"wrote {out_path}")
+    ok = all(r["failures_total"] == 0 and r["feedback_db_check"]["exactly_once"] for r in runs.values())
     return 0 if ok else 1
 
 

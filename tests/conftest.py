@@ -127,7 +127,7 @@ def shared_data(*parts: str) -> Path:
 @contextlib.contextmanager
 def fake_openai_server(answer, models=lambda: []):
     """An in-process OpenAI-compatible server (no network): POST /v1/chat/completions answers
-    `answer(model, messages)` (None -> HTTP 500), GET /v1/models lists `models()` cards. Yields
+    `answer(model, messages)` (None -> HTTP 500), any other POST gets `{}`, GET /v1/models lists `models()` cards. Yields
     (base_url, requests) where requests collects (path, body) of every completion call."""
     import threading
     from http.server import BaseHTTPRequestHandler, HTTPServer
@@ -149,6 +149,8 @@ def fake_openai_server(answer, models=lambda: []):
         def do_POST(self):  # noqa: N802
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             requests.append((self.path, body))
+            if not self.path.endswith("/chat/completions"):  # vLLM's /v1/load_lora_adapter and the like
+                return self._send({})
             text = answer(body["model"], body["messages"])
             if text is None:
                 return self._send({"error": {"message": "boom"}}, status=500)

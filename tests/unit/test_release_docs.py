@@ -194,6 +194,22 @@ def test_tokens_derived_when_not_recorded():
     # DPO adds the frozen reference model's forward pass
     assert c["flops"] == pytest.approx(_flops_by_hand(tokens=202560) + 2 * N_BASE * 202560)
     assert "reference" in c["formula"]
+    # a DPO pair is two sequences: the source says so, as the recipe counts both
+    assert "prompt + rejected" in compute_assessment({**summary, "method": "dpo"}, "smollm2-135m-instruct", "dpo", "lora")["tokens_source"]
+
+
+def test_kto_counts_its_kl_estimate():
+    """KTO forwards each prompt with a mismatched completion through the policy and the reference (no gradients):
+    4·N·D_KL on top of training and the reference pass, D_KL = kl_tokens_per_epoch x epochs."""
+    summary = {"method": "kto", "total_params": N_BASE + N_A, "trainable_params": N_A, "train_tokens_per_epoch": 1000,
+               "kl_tokens_per_epoch": 900, "epochs_seen": 2.0}
+    c = compute_assessment(summary, "smollm2-135m-instruct", "kto", "lora")
+    assert c["tokens"] == 2000
+    assert c["flops"] == pytest.approx(_flops_by_hand(tokens=2000) + 2 * N_BASE * 2000 + 4 * N_BASE * 1800)
+    assert "D_KL = 1,800" in c["formula"]
+    # without the KL term (TRL's apo_zero_unpaired loss) there is nothing to add
+    no_kl = compute_assessment({**summary, "kl_tokens_per_epoch": None}, "smollm2-135m-instruct", "kto", "lora")
+    assert no_kl["flops"] == pytest.approx(_flops_by_hand(tokens=2000) + 2 * N_BASE * 2000)
 
 
 def test_pii_table_and_blanks(tmp_path):

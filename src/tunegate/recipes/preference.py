@@ -44,6 +44,36 @@ def unpaired_columns(rows: list[dict[str, Any]]) -> dict[str, list]:
     return cols
 
 
+def tokens_per_epoch(dataset, max_length: int | None = None) -> dict[str, int]:
+    """Tokens the policy forwards in one epoch of TRL's tokenized preference dataset, for the compute estimate
+    (EU AI Act Article 25 document, tunegate.report.release_docs).
+
+    The pair trainers count no input tokens themselves, and a pair is two sequences: DPO (TRL 1.x columns
+    prompt_ids/chosen_ids/rejected_ids) and ORPO (chosen_input_ids/rejected_input_ids) forward prompt + chosen
+    and prompt + rejected; KTO (prompt_ids/completion_ids) forwards prompt + completion, plus, when TRL
+    computes its KL estimate, prompt + a mismatched completion (KL_completion_ids) without gradients. Each
+    sequence is capped at `max_length`, as TRL's collators truncate it.
+
+    Returns {"train_tokens_per_epoch": int} and, for KTO with the KL term, "kl_tokens_per_epoch": int.
+    Raises KeyError: none of the known column sets (a TRL version with another layout).
+    """
+    cap = (lambda n: min(n, max_length)) if max_length else (lambda n: n)
+    cols = set(dataset.column_names)
+    if {"prompt_ids", "chosen_ids", "rejected_ids"} <= cols:
+        total = sum(cap(len(p) + len(c)) + cap(len(p) + len(r)) for p, c, r in
+                    zip(dataset["prompt_ids"], dataset["chosen_ids"], dataset["rejected_ids"]))
+        return {"train_tokens_per_epoch": total}
+    if {"chosen_input_ids", "rejected_input_ids"} <= cols:
+        return {"train_tokens_per_epoch": sum(cap(len(c)) + cap(len(r)) for c, r in
+                                              zip(dataset["chosen_input_ids"], dataset["rejected_input_ids"]))}
+    if {"prompt_ids", "completion_ids"} <= cols:
+        out = {"train_tokens_per_epoch": sum(cap(len(p) + len(c)) for p, c in zip(dataset["prompt_ids"], dataset["completion_ids"]))}
+        if "KL_completion_ids" in cols:
+            out["kl_tokens_per_epoch"] = sum(cap(len(p) + len(c)) for p, c in zip(dataset["prompt_ids"], dataset["KL_completion_ids"]))
+        return out
+    raise KeyError(f"unknown tokenized preference columns: {sorted(cols)}")
+
+
 def build(ctx: Context) -> Built:
     from datasets import Dataset
 
@@ -80,6 +110,7 @@ def build(ctx: Context) -> Built:
         callbacks=ctx.callbacks,
     )
     info["train_rows"] = len(next(iter(train.values())))
+    info.update(tokens_per_epoch(trainer.train_dataset, getattr(args, "max_length", None)))
 
     def after(trainer) -> dict[str, Any]:
         """The first and last logged loss and reward margin: DPO starts at ln 2 with margin 0 (case C19)."""

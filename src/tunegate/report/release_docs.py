@@ -128,8 +128,10 @@ def _tokens_trained(summary: dict[str, Any], metrics: list[dict[str, Any]], stat
         return float(max(seen)), "train/metrics.jsonl `num_input_tokens_seen` (the trainer's count of input tokens)"
     epochs = summary.get("epochs_seen")
     if summary.get("train_tokens_per_epoch") and epochs:
+        seqs = ("; a preference pair counts twice, prompt + chosen and prompt + rejected"
+                if summary.get("method") in ("dpo", "orpo") else "")
         how = (f"derived: tokens per epoch of the training split ({summary['train_tokens_per_epoch']:,}, after the chat "
-               f"template) x epochs seen ({epochs}); the trainer did not count tokens")
+               f"template{seqs}) x epochs seen ({epochs}); the trainer did not count tokens")
         return float(summary["train_tokens_per_epoch"]) * epochs, how
     if stats and stats.get("tokens_total") and stats.get("rows_kept") and epochs:
         train_share = stats.get("train_rows", stats["rows_kept"]) / stats["rows_kept"]
@@ -148,7 +150,9 @@ def compute_assessment(summary: dict[str, Any], base_model: str, method: str, ad
 
     N = base parameters (total_params - trainable_params for an adapter; all parameters for `full`), N_a =
     trainable parameters, D = tokens trained (`_tokens_trained`). FLOPs = `preflight.train_flops` (6·N·D full,
-    4·N·D + 6·N_a·D adapter), plus 2·N·D for the frozen reference forward of DPO/KTO. Threshold: one third of
+    4·N·D + 6·N_a·D adapter), plus 2·N·D for the frozen reference forward of DPO/KTO and 4·N·D_KL for KTO's KL
+    estimate (D_KL: `kl_tokens_per_epoch` x epochs). For DPO/ORPO, D counts both sequences of a pair
+    (`tunegate.recipes.preference.tokens_per_epoch`). Threshold: one third of
     the base model's training compute when known (`KNOWN_BASE_MODELS`), else one third of 10^23 FLOP (the
     Commission's fallback for an original model whose compute is unknown; one third of 10^25 FLOP if that
     model is a GPAI model with systemic risk).
@@ -173,6 +177,11 @@ def compute_assessment(summary: dict[str, Any], base_model: str, method: str, ad
         if method in ("dpo", "kto") and not (summary.get("trl") or {}).get("precompute_ref_log_probs"):
             flops += 2.0 * n_params * tokens
             formula += " + 2·N·D (the frozen reference model's forward pass)"
+        kl_tokens = (summary.get("kl_tokens_per_epoch") or 0) * (summary.get("epochs_seen") or 0)
+        if method == "kto" and kl_tokens:
+            # KTO's KL estimate: mismatched (prompt, completion) pairs through the policy (no gradients) and the reference
+            flops += 4.0 * n_params * kl_tokens
+            formula += f" + 4·N·D_KL (KTO's KL estimate, D_KL = {round(kl_tokens):,} tokens: policy and reference forward passes)"
     if method == "grpo":
         notes.append("GRPO: the FLOPs of generating completions during training are not counted")
     if method == "distillation":
