@@ -797,6 +797,18 @@ def lora_kwargs(project: Project) -> dict[str, Any]:
     return {**DEFAULT_LORA, **adapter_default, **project.train.lora}
 
 
+def adapter_kind(project: Project) -> str:
+    """The adapter that will actually be trained: "full", "qlora", "dora" or "lora".
+
+    `train.adapter` names the default, but `train.lora.use_dora` decides for LoRA/DoRA (`adapter: dora` with
+    `lora: {use_dora: false}` trains plain LoRA), so messages and manifests name what peft builds.
+    """
+    adapter = project.train.adapter
+    if adapter in ("full", "qlora"):
+        return adapter
+    return "dora" if lora_kwargs(project).get("use_dora") else "lora"
+
+
 # Learning rates by method and parameterisation: adapters train a few new weights and take ~10-100x the rate
 # a full fine-tune takes (Hu et al. 2021; TRL's examples). Preference and RL objectives move the policy less.
 _DEFAULT_LR = {

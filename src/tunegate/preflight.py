@@ -124,10 +124,10 @@ def anti_patterns(project, n_train_rows: int, base_is_instruct: bool, *, cuda: b
       preference_on_base     warning  method dpo/kto, no train.init_adapter, base model not instruct-tuned
       qlora_needs_cuda       error    adapter qlora on a machine without a CUDA GPU
     """
-    from tunegate.config import JUDGE_METRICS, lora_kwargs
+    from tunegate.config import JUDGE_METRICS, adapter_kind, lora_kwargs
 
     train = project.train
-    method, adapter = train.method, train.adapter
+    method, adapter = train.method, adapter_kind(project)
     trl = dict(train.trl)
     kw = _trl_kwargs(project)
     out: list[Finding] = []

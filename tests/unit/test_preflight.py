@@ -84,6 +84,16 @@ def test_adapter_on_instruct_model_with_too_high_lr(tmp_path):
     assert not names(anti_patterns(ok, 5000, True)) & {"instruct_high_lr_adapter", "instruct_high_lr_full"}
 
 
+def test_findings_name_the_adapter_peft_builds_not_the_default(tmp_path):
+    # adapter defaults to dora, but lora.use_dora: false trains plain LoRA (examples/banking77): the warning
+    # must not say "dora"
+    p = project(tmp_path, "train:\n  lora: {use_dora: false}\n  trl: {learning_rate: 1e-3}\n")
+    f = by_name(anti_patterns(p, 5000, True), "instruct_high_lr_adapter")
+    assert f.message.startswith("lora on the instruct model")
+    p = project(tmp_path, "train:\n  adapter: lora\n  lora: {use_dora: true}\n  trl: {learning_rate: 1e-3}\n")
+    assert by_name(anti_patterns(p, 5000, True), "instruct_high_lr_adapter").message.startswith("dora on")
+
+
 def test_missing_or_empty_golden_set_is_an_error(tmp_path):
     found = anti_patterns(project(tmp_path, golden=None), 5000, True)
     f = found[0]

@@ -15,7 +15,7 @@ import time
 from typing import Any
 
 from tunegate import TunegateError
-from tunegate.config import check_passthrough
+from tunegate.config import adapter_kind, check_passthrough
 from tunegate.data.records import read_jsonl
 from tunegate.manifest import atomic_write_json, atomic_write_jsonl
 from tunegate.pipeline import Stage, StageResult, console
@@ -121,7 +121,7 @@ def run(st: Stage) -> StageResult:
     tokens_this_session = state.num_input_tokens_seen - track.start_tokens
     summary: dict[str, Any] = {
         "method": method,
-        "adapter": project.train.adapter,
+        "adapter": adapter_kind(project),
         "init_adapter": str(project.train.init_adapter) if project.train.init_adapter else None,
         "train_rows": len(ctx.train_rows),
         "val_rows": len(ctx.val_rows),
