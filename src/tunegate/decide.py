@@ -329,6 +329,14 @@ def recommend(candidates: list[dict[str, Any]], bar: float | None, min_gain: flo
         return assumed[q.id]
 
     decision = decide(ask)
+    # A leaf reached by a measurement says which measurement: "a tuned prompt meets the bar" alone would hide that
+    # the option meeting it is, say, an embedding classifier.
+    driver = {"rag": "changing_knowledge", "prompt_optimization": "prompt_meets_bar"}.get(decision.method)
+    if driver in measured and answers.get(driver) == "yes":
+        decision.why = f"{decision.why} Measured: {measured[driver]['why']}."
+    if decision.method == "prompt_optimization" and best_nt["name"] == "knn_classifier":
+        notes.append("the best option without training, knn_classifier, is not a prompt: a similarity-weighted kNN vote over "
+                     "MiniLM embeddings of the labelled training rows, no LLM; using it means serving that classifier")
     if decision.trains and best_ft is not None and gap is not None and not gap["ci_low"] > min_gain:
         notes.append(
             f"the quick probe ({best_ft['name']} {best_ft['mean']:.3f}) did not beat {best_nt['name']} ({best_nt['mean']:.3f}) yet; "

@@ -87,6 +87,10 @@ def run_dir_for(project: Project, run_id: str) -> Path:
 
 # The eval settings the audit reads: changing suites, the judge, the server or the baseline must not rerun it.
 AUDIT_EVAL_KEYS = ("metrics", "json_schema", "max_new_tokens", "batch_size", "bootstrap_samples", "seed", "gate")
+# The train settings the audit's probe does not train with (it sets its own steps, logging and budget): they only
+# scale the audit's projection of a full run's cost, so changing them must not rerun a 15-minute audit. The
+# projection records the settings it assumed (audit.json probe.full_run_assumes).
+AUDIT_IGNORED_TRL_KEYS = ("max_steps", "num_train_epochs", "eval_steps", "save_steps", "logging_steps")
 
 
 def _config_for(project: Project, stage: str) -> dict[str, Any]:
@@ -94,6 +98,9 @@ def _config_for(project: Project, stage: str) -> dict[str, Any]:
     config = {k: dumped[k] for k in CONFIG_SECTIONS[stage]}
     if stage == "audit":
         config["eval"] = {k: v for k, v in config["eval"].items() if k in AUDIT_EVAL_KEYS}
+        train = {k: v for k, v in config["train"].items() if k != "budget_minutes"}
+        train["trl"] = {k: v for k, v in train["trl"].items() if k not in AUDIT_IGNORED_TRL_KEYS}
+        config["train"] = train
     return config
 
 

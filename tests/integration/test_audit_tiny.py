@@ -59,6 +59,9 @@ def test_audit_scores_every_candidate_and_recommends_one_method(audit_project):
     assert by["lora_probe"]["trains"] and by["lora_probe"]["training_usd"] > 0
     # the full run (max_steps 4) extrapolated from the probe's measured tokens/s
     assert 0 < report["probe"]["full_run_estimated_s"] < 60
+    assert report["probe"]["full_run_assumes"] == {"max_steps": 4, "budget_minutes": None}  # what the projection assumed
+    assert "for train max_steps 4)" in report["recommendation"]["cost_of_being_wrong"]["train_when_it_does_not_pay"]
+    assert "<code>max_steps</code> 4" in (out / "audit.html").read_text()
     chrf = by["knn_classifier"]["other_metrics"]["chrf"]  # the project's other metrics are reported beside the headline
     assert set(by["zero_shot"]["other_metrics"]) == {"chrf"} and chrf["mean"] == 1.0
     assert report["probe"]["steps"] == 2 and report["probe"]["rows"] == 20

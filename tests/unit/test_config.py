@@ -129,3 +129,18 @@ def test_grpo_batch_follows_num_generations_so_the_readme_example_validates(tmp_
                                                 "  trl: {num_generations: 8, max_completion_length: 16}\n"))
     assert check_passthrough(p) == []
     assert trl_kwargs(p, tmp_path, False)["per_device_train_batch_size"] == 8
+
+
+def test_the_audit_reruns_for_what_its_probe_trains_with_not_for_the_full_runs_length(tmp_path):
+    # banking77: raising train.trl.max_steps after a FAIL reran the whole 15-minute audit, whose probe sets its own
+    # steps and budget; only the projection of a full run's cost read them (and now names what it assumed).
+    from tunegate.pipeline import _config_for
+
+    path = write(tmp_path, MINIMAL + "train:\n  trl: {max_steps: 330, learning_rate: 1.0e-3, eval_steps: 160}\n  budget_minutes: 19\n")
+    audit = _config_for(load_project(path), "audit")
+    assert "max_steps" not in audit["train"]["trl"] and "budget_minutes" not in audit["train"]
+    for override in ("train.trl.max_steps=480", "train.trl.eval_steps=100", "train.budget_minutes=30", "train.trl.num_train_epochs=2"):
+        assert _config_for(load_project(path, [override]), "audit") == audit, override
+        assert _config_for(load_project(path, [override]), "train") != _config_for(load_project(path), "train"), override
+    for override in ("train.trl.learning_rate=2.0e-4", "train.lora.r=8", "audit.probe.max_steps=10"):
+        assert _config_for(load_project(path, [override]), "audit") != audit, override

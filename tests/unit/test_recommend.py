@@ -28,6 +28,9 @@ def test_a_no_training_candidate_that_meets_the_bar_stops_training_and_overrules
     assert rec["gap"]["ci_high"] < 0
     assert rec["overruled"] == [{"question": "prompt_meets_bar", "given": "no", "measured": "yes",
                                  "why": "knn_classifier scored 0.920 against a bar of 0.800"}]
+    # the leaf's reason names the measurement that reached it, and a classifier is not passed off as a prompt
+    assert rec["decision"]["why"].endswith("no training spend needed. Measured: knn_classifier scored 0.920 against a bar of 0.800.")
+    assert len(rec["notes"]) == 1 and rec["notes"][0].startswith("the best option without training, knn_classifier, is not a prompt")
 
 
 def test_nothing_meets_the_bar_and_the_probe_wins_so_training_goes_ahead_with_the_default_method():
@@ -56,6 +59,7 @@ def test_rag_that_beats_every_closed_book_candidate_answers_the_knowledge_questi
     assert rec["verdict"] == "NO_TRAIN" and rec["decision"]["method"] == "rag"
     assert rec["overruled"][0]["question"] == "changing_knowledge"
     assert "rag_hybrid scored 0.600 against 0.250" in rec["overruled"][0]["why"]
+    assert "Measured: rag_hybrid scored 0.600 against 0.250" in rec["decision"]["why"]
 
 
 def test_a_verifier_leads_to_grpo_when_prompting_falls_short():

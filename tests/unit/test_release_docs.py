@@ -212,6 +212,15 @@ def test_kto_counts_its_kl_estimate():
     assert no_kl["flops"] == pytest.approx(_flops_by_hand(tokens=2000) + 2 * N_BASE * 2000)
 
 
+def test_the_golden_sets_licence_is_stated_where_it_is_given(tmp_path):
+    # banking77's DPIA asked a person for the licence of test.csv, a file of the same licensed dataset
+    project = _project(tmp_path)
+    project = load_project(tmp_path / "tunegate.yaml", ["data.golden.license=CC-BY-4.0 (Example corpus, test split)"])
+    docs = render_release_docs(_run(tmp_path, project), project)
+    assert "never trained on; licence: CC-BY-4.0 (Example corpus, test split)." in docs["MODEL_CARD.md"]
+    assert "(golden set, evaluation only) | CC-BY-4.0 (Example corpus, test split) | 200 | 0 |" in docs["dpia.md"]
+
+
 def test_pii_table_and_blanks(tmp_path):
     project = _project(tmp_path)
     docs = render_release_docs(_run(tmp_path, project), project)
@@ -233,6 +242,7 @@ def test_pii_table_and_blanks(tmp_path):
     assert a25.count(MARK) >= 5
     card = docs["MODEL_CARD.md"]
     assert MARK + "who uses this model" in card
+    assert "never trained on; licence: " + MARK + "licence of the golden set" in card  # no data.golden.license given
     assert "| golden-set n-gram overlap (13-word) | 961 | 960 | golden_ngram_overlap 1 |" in card
     assert "2 exact, 1 near" not in card  # dedup was not configured: counts are not claimed
     assert "not checked (`data.dedup` not set)" in card

@@ -475,13 +475,18 @@ def _train_probe(st: Stage, pool: list[dict[str, Any]], n_train: int, seed: int,
     summary = json.loads((probe_stage.dir / "train_summary.json").read_text())
 
     # What a full run of train.* on the whole training split would take, at the probe's measured tokens/s.
+    # These settings are not part of the audit's fingerprint (pipeline.AUDIT_IGNORED_TRL_KEYS), so the projection
+    # names the ones it assumed: a cached audit may predate a change of them.
     full = st.project.train.trl
     tokens_per_row = summary["train_tokens_per_epoch"] / max(summary["train_rows"], 1)
     if "max_steps" in full and int(full["max_steps"]) > 0:
         batch = int(full.get("per_device_train_batch_size", 8)) * int(full.get("gradient_accumulation_steps", 1))
         full_tokens = int(full["max_steps"]) * batch * tokens_per_row
+        assumes = {"max_steps": int(full["max_steps"])}
     else:
         full_tokens = float(full.get("num_train_epochs", 3)) * n_train * tokens_per_row
+        assumes = {"num_train_epochs": float(full.get("num_train_epochs", 3))}
+    assumes["budget_minutes"] = st.project.train.budget_minutes
     full_s = full_tokens / summary["train_tokens_per_s"] if summary.get("train_tokens_per_s") else None
     if full_s is not None and st.project.train.budget_minutes:
         full_s = min(full_s, st.project.train.budget_minutes * 60)
@@ -494,6 +499,7 @@ def _train_probe(st: Stage, pool: list[dict[str, Any]], n_train: int, seed: int,
         "final_train_loss": summary["final_train_loss"],
         "full_run_estimated_s": round(full_s, 1) if full_s else None,
         "full_run_usd": round(full_s / 3600 * usd_per_hour, 6) if full_s else None,
+        "full_run_assumes": assumes,  # train.trl.max_steps (or num_train_epochs) and train.budget_minutes
     }
 
 
@@ -504,7 +510,9 @@ def _cost_of_being_wrong(rec: dict[str, Any], results: list[dict[str, Any]], pro
     best_nt = by_name[rec["best_no_training"]["name"]]
     out = {}
     if probe and probe.get("full_run_usd") is not None:
-        spend = f"a full training run (~{probe['full_run_estimated_s'] / 60:.0f} min, ${probe['full_run_usd']:.2f} at the price table's rate)"
+        assumed = ", ".join(f"{k} {v}" for k, v in probe.get("full_run_assumes", {}).items() if v is not None)
+        spend = (f"a full training run (~{probe['full_run_estimated_s'] / 60:.0f} min, ${probe['full_run_usd']:.2f} at the price table's rate"
+                 + (f"; for train {assumed}" if assumed else "") + ")")
     else:
         spend = "a full training run (no probe ran, so its cost was not estimated)"
     if gap is not None:
