@@ -329,11 +329,11 @@ def recommend(candidates: list[dict[str, Any]], bar: float | None, min_gain: flo
         return assumed[q.id]
 
     decision = decide(ask)
-    # A leaf reached by a measurement says which measurement: "a tuned prompt meets the bar" alone would hide that
-    # the option meeting it is, say, an embedding classifier.
-    driver = {"rag": "changing_knowledge", "prompt_optimization": "prompt_meets_bar"}.get(decision.method)
-    if driver in measured and answers.get(driver) == "yes":
-        decision.why = f"{decision.why} Measured: {measured[driver]['why']}."
+    # A leaf reached by a measured answer says which measurement: "a tuned prompt meets the bar" alone would hide
+    # that the option meeting it is, say, an embedding classifier.
+    for qid, m in measured.items():
+        if any(o.key == m["answer"] and o.next == f"leaf:{decision.method}" for o in TREE[qid].options):
+            decision.why = f"{decision.why} Measured: {m['why']}."
     if decision.method == "prompt_optimization" and best_nt["name"] == "knn_classifier":
         notes.append("the best option without training, knn_classifier, is not a prompt: a similarity-weighted kNN vote over "
                      "MiniLM embeddings of the labelled training rows, no LLM; using it means serving that classifier")

@@ -87,9 +87,9 @@ def run_dir_for(project: Project, run_id: str) -> Path:
 
 # The eval settings the audit reads: changing suites, the judge, the server or the baseline must not rerun it.
 AUDIT_EVAL_KEYS = ("metrics", "json_schema", "max_new_tokens", "batch_size", "bootstrap_samples", "seed", "gate")
-# The train settings the audit's probe does not train with (it sets its own steps, logging and budget): they only
-# scale the audit's projection of a full run's cost, so changing them must not rerun a 15-minute audit. The
-# projection records the settings it assumed (audit.json probe.full_run_assumes).
+# The train settings the audit's probe does not train with (it drops these and sets its own steps, logging and
+# budget; stages/audit._train_probe): they only scale the audit's projection of a full run's cost, so changing them
+# must not rerun a 15-minute audit. The projection records the settings it assumed (audit.json probe.full_run_assumes).
 AUDIT_IGNORED_TRL_KEYS = ("max_steps", "num_train_epochs", "eval_steps", "save_steps", "logging_steps")
 
 

@@ -214,7 +214,7 @@ def test_kto_counts_its_kl_estimate():
 
 def test_the_golden_sets_licence_is_stated_where_it_is_given(tmp_path):
     # banking77's DPIA asked a person for the licence of test.csv, a file of the same licensed dataset
-    project = _project(tmp_path)
+    _project(tmp_path)  # writes tunegate.yaml
     project = load_project(tmp_path / "tunegate.yaml", ["data.golden.license=CC-BY-4.0 (Example corpus, test split)"])
     docs = render_release_docs(_run(tmp_path, project), project)
     assert "never trained on; licence: CC-BY-4.0 (Example corpus, test split)." in docs["MODEL_CARD.md"]

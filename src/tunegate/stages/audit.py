@@ -36,7 +36,7 @@ from tunegate.data.records import prompt_text, read_jsonl, reference_answer
 from tunegate.evals.bootstrap import bootstrap_ci
 from tunegate.evals.metrics import ROW_METRICS
 from tunegate.manifest import atomic_write_json, atomic_write_jsonl
-from tunegate.pipeline import Stage, StageResult, console
+from tunegate.pipeline import AUDIT_IGNORED_TRL_KEYS, Stage, StageResult, console
 
 PASSAGE_WORDS = 200  # each retrieved passage is cut to this many words before it goes into the prompt
 
@@ -464,7 +464,7 @@ def _train_probe(st: Stage, pool: list[dict[str, Any]], n_train: int, seed: int,
     project.train.method, project.train.grpo, project.train.distillation, project.train.init_adapter = "sft", None, None, None
     if project.train.adapter in ("full", "qlora"):
         project.train.adapter, project.train.lora = "dora", {}
-    trl = {k: v for k, v in project.train.trl.items() if k in _sft_keys() and k not in ("num_train_epochs", "eval_steps", "save_steps")}
+    trl = {k: v for k, v in project.train.trl.items() if k in _sft_keys() and k not in AUDIT_IGNORED_TRL_KEYS}
     trl.update(max_steps=pcfg.max_steps, save_steps=10 * pcfg.max_steps, logging_steps=max(1, pcfg.max_steps // 10))
     project.train.trl = trl
     project.train.budget_minutes = pcfg.budget_minutes
@@ -510,9 +510,9 @@ def _cost_of_being_wrong(rec: dict[str, Any], results: list[dict[str, Any]], pro
     best_nt = by_name[rec["best_no_training"]["name"]]
     out = {}
     if probe and probe.get("full_run_usd") is not None:
-        assumed = ", ".join(f"{k} {v}" for k, v in probe.get("full_run_assumes", {}).items() if v is not None)
-        spend = (f"a full training run (~{probe['full_run_estimated_s'] / 60:.0f} min, ${probe['full_run_usd']:.2f} at the price table's rate"
-                 + (f"; for train {assumed}" if assumed else "") + ")")
+        assumed = ", ".join(f"{k} {v}" for k, v in probe["full_run_assumes"].items() if v is not None)
+        spend = (f"a full training run (~{probe['full_run_estimated_s'] / 60:.0f} min, ${probe['full_run_usd']:.2f} at the price "
+                 f"table's rate; for train {assumed})")
     else:
         spend = "a full training run (no probe ran, so its cost was not estimated)"
     if gap is not None:
