@@ -69,8 +69,8 @@ def _stage(project: Path, overrides: list[str] | None, run_id: str, stage: str, 
 
     p = _load(project, overrides)
     run_dir = pipeline.run_dir_for(p, run_id)
-    notes = pipeline.training_override(p, run_dir, train_anyway) if stage == "train" and p.audit.enabled else []
-    m = pipeline.run_stage(p, run_dir, stage, pipeline.stage_bodies()[stage], force=force, overrides=notes)
+    notes = pipeline.training_override(p, run_dir, train_anyway) if stage == "train" else []
+    m = pipeline.run_stage(p, run_dir, stage, force=force, overrides=notes)
     if m.verdict == "FAIL":
         raise typer.Exit(EXIT_GATE_FAILED)
 
@@ -89,13 +89,11 @@ def run(
     The audit benchmarks the cheap options first; when one meets the bar and fine-tuning does not beat it,
     the run stops before training (exit 4) and audit.html says why.
     """
-    from tunegate.pipeline import console, run_pipeline
+    from tunegate.core.console import console
+    from tunegate.pipeline import run_pipeline, stage_spec
 
     p = _load(project, overrides)
-    from tunegate.pipeline import STAGES
-
-    if until not in STAGES:
-        raise TunegateError(f"--until {until}: not a stage; stages: {', '.join(STAGES)}")
+    stage_spec(until)  # raises, naming the stages, when --until names none
     manifests = run_pipeline(p, run_id=run_id, force=tuple(force or ()), train_anyway=train_anyway, until=until)
     if "eval" not in manifests:
         console.print(f"[green]stopped after {until}[/green] ({p.runs_dir / run_id})")
@@ -176,7 +174,7 @@ def data_preview(
     Example: tunegate data-preview . data.max_length=128 data.overlength=truncate_end --rows t3,t17 --html p.html
     """
     from tunegate import pipeline
-    from tunegate.report.preview import run_preview
+    from tunegate.preview import run_preview
 
     if rows is not None and first is not None:
         raise TunegateError("--rows and --first: give one of them")
@@ -197,9 +195,8 @@ def audit(project: ProjectArg, overrides: Overrides = None, run_id: RunId = "def
     p = _load(project, overrides)
     run_dir = pipeline.run_dir_for(p, run_id)
     run_dir.mkdir(parents=True, exist_ok=True)
-    bodies = pipeline.stage_bodies()
-    pipeline.run_stage(p, run_dir, "data", bodies["data"])
-    m = pipeline.run_stage(p, run_dir, "audit", bodies["audit"], force=force)
+    pipeline.run_stage(p, run_dir, "data")
+    m = pipeline.run_stage(p, run_dir, "audit", force=force)
     rec = m.metrics
     typer.echo(f"audit: {m.verdict}, recommended method {str(rec.get('recommendation')).upper()}; report: {run_dir / 'audit' / 'audit.html'}")
 
@@ -227,7 +224,7 @@ def train(
         _stage(project, overrides, run_id, "train", force, train_anyway)
         return
     from tunegate import pipeline
-    from tunegate.manifest import atomic_write_json
+    from tunegate.core.io import atomic_write_json
     from tunegate.preflight import run_checks
 
     p = _load(project, overrides)
@@ -257,7 +254,7 @@ def launch_config_cmd(
     import yaml
 
     from tunegate.launch import launch_command, launch_config
-    from tunegate.manifest import atomic_write_text
+    from tunegate.core.io import atomic_write_text
 
     cfg = launch_config(kind, processes, machines)
     atomic_write_text(out, yaml.safe_dump(cfg, sort_keys=True))
@@ -412,7 +409,7 @@ def versions(project: ProjectArg, overrides: Overrides = None) -> None:
     from rich.table import Table
 
     from tunegate import registry
-    from tunegate.pipeline import console
+    from tunegate.core.console import console
 
     p = _load(project, overrides)
     table = Table("version", "run", "status", "verdict", "headline score", "created")
@@ -497,7 +494,7 @@ def decide(
     import json
 
     from tunegate import decide as tree
-    from tunegate.manifest import atomic_write_json
+    from tunegate.core.io import atomic_write_json
 
     if explain:
         typer.echo(tree.explain_markdown() if markdown else tree.explain(), nl=not markdown)
@@ -577,7 +574,7 @@ def suite(
 
     from tunegate.evals import suites as runs
     from tunegate.evals.backends import LocalChat
-    from tunegate.manifest import atomic_write_json, atomic_write_jsonl
+    from tunegate.core.io import atomic_write_json, atomic_write_jsonl
     from tunegate.models import load_inference_model, load_tokenizer, resolve_base_model
 
     if name not in ("ifeval", "safety"):
@@ -639,7 +636,7 @@ def judge_calibrate(
     """
     from tunegate.config import JudgeConfig
     from tunegate.evals import judge as judging
-    from tunegate.manifest import atomic_write_json
+    from tunegate.core.io import atomic_write_json
 
     cfg = JudgeConfig()
     if project is not None:
@@ -909,7 +906,7 @@ def env() -> None:
     """Print versions and the machine for bug reports."""
     import platform
 
-    from tunegate.manifest import package_versions
+    from tunegate.core.manifest import package_versions
     from tunegate.models import bf16_supported, cache_dir, device_name
 
     for k, v in package_versions().items():

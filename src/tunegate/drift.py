@@ -102,7 +102,8 @@ def recent_requests(engine, since: dt.timedelta, adapter: str | None = None, now
 
 def training_prompts(run_dir: Path) -> list[str]:
     """The user turns (or prompts) of runs/<id>/data/train.jsonl. Raises TunegateError when it is missing or empty."""
-    from tunegate.data.records import prompt_text, read_jsonl
+    from tunegate.core.io import read_jsonl
+    from tunegate.data.records import prompt_text
 
     path = Path(run_dir) / "data" / "train.jsonl"
     if not path.is_file():
@@ -252,7 +253,8 @@ def golden_drift(project, run_dir: Path, model: str) -> dict[str, Any]:
     the server fails."""
     import json
 
-    from tunegate.data.records import read_jsonl, reference_answer
+    from tunegate.core.io import read_jsonl
+    from tunegate.data.records import reference_answer
     from tunegate.evals.backends import OpenAIChat, check_served_adapter
     from tunegate.evals.gate import score_metrics
     from tunegate.stages.evaluate import _answer_golden, check_golden
@@ -323,14 +325,13 @@ def write_plot(path: Path, train_len, recent_len, train_emb, recent_emb) -> None
     """Two panels: words-per-prompt histograms (train vs recent, density) and a 2-D PCA of both embedding sets."""
     import io
 
-    import matplotlib
+    from tunegate.report.render import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     import numpy as np
     from sklearn.decomposition import PCA
 
-    from tunegate.manifest import atomic_write_bytes
+    from tunegate.core.io import atomic_write_bytes
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
     hi = max(int(np.percentile(np.concatenate([train_len, recent_len]), 99)), 1)
@@ -433,7 +434,7 @@ def run_drift(project, run_id: str = "default", since: str = "7d", adapter: str 
     import numpy as np
 
     from tunegate import servedb
-    from tunegate.manifest import atomic_write_json, atomic_write_text
+    from tunegate.core.io import atomic_write_json, atomic_write_text
     from tunegate.pipeline import run_dir_for
 
     cfg = project.drift

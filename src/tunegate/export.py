@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from tunegate import TunegateError
-from tunegate.manifest import atomic_write_json, sha256_file
+from tunegate.core.io import atomic_write_json
+from tunegate.core.manifest import sha256_file
 
 # fp32 merge error is rounding only: W x + s B (A x) versus (W + s B A) x differ by reassociation, ~1e-7
 # relative per matmul, growing with depth and logit scale. Measured on the tiny 2-layer test model (fp32, CPU,

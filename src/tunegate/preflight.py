@@ -624,7 +624,7 @@ def run_checks(project, data_dir: Path, measure: bool = True) -> dict[str, Any]:
     import json
 
     from tunegate.config import lora_kwargs
-    from tunegate.data.records import read_jsonl
+    from tunegate.core.io import read_jsonl
     from tunegate.models import load_model, load_tokenizer, resolve_base_model
 
     rows = read_jsonl(data_dir / "train.jsonl")

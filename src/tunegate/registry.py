@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from tunegate import TunegateError
-from tunegate.manifest import read_manifest
+from tunegate.core.manifest import read_manifest
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS versions (
@@ -79,7 +79,7 @@ def _adapter_digest(run_dir: Path) -> str:
 
 
 def _check_stored(entry: dict[str, Any]) -> None:
-    from tunegate.manifest import sha256_file
+    from tunegate.core.manifest import sha256_file
 
     weights = Path(entry["adapter_dir"]) / "adapter_model.safetensors"
     if not weights.is_file() or sha256_file(weights) != entry["adapter_sha256"]:
@@ -93,7 +93,7 @@ def register(db_path: Path, project: str, run_dir: Path) -> dict[str, Any]:
     """
     import shutil
 
-    from tunegate.manifest import manifest_hash, verify_outputs
+    from tunegate.core.manifest import manifest_hash, verify_outputs
 
     ev = read_manifest(run_dir / "eval")
     if ev is None:

@@ -36,14 +36,8 @@ from pathlib import Path
 from typing import Any
 
 from tunegate import TunegateError, __version__
-from tunegate.manifest import (
-    MANIFEST,
-    Manifest,
-    atomic_write_json,
-    manifest_hash,
-    read_manifest,
-    sha256_file,
-)
+from tunegate.core.io import atomic_write_json
+from tunegate.core.manifest import MANIFEST, Manifest, manifest_hash, read_manifest, sha256_file
 
 RELEASE = "release.json"
 FILES = "files.json"
@@ -338,10 +332,10 @@ def max_lora_rank_for(ranks: list[int]) -> int:
 
 
 def _run_manifests(run_dir: Path) -> dict[str, Manifest]:
-    from tunegate.pipeline import STAGES
+    from tunegate.pipeline import STAGE_NAMES
 
     found = sorted(p.parent.name for p in run_dir.glob(f"*/{MANIFEST}") if not p.parent.name.startswith("."))
-    order = [s for s in STAGES if s in found] + [s for s in found if s not in STAGES]
+    order = [s for s in STAGE_NAMES if s in found] + [s for s in found if s not in STAGE_NAMES]
     return {s: read_manifest(run_dir / s) for s in order}
 
 
@@ -428,7 +422,7 @@ def restore_set_aside(out: Path) -> Path | None:
     """Put back a bundle that `build_bundle(force=True)` set aside when the process died between its two
     renames (killed, power lost): `out` is missing and `.NAME.old-PID` beside it holds the old bundle, signed
     and whole. Returns the folder restored from, or None when there was nothing to restore."""
-    from tunegate.pipeline import console
+    from tunegate.core.console import console
 
     if out.exists():
         return None
@@ -462,7 +456,8 @@ def build_bundle(project, run_id: str = "default", private_key: Path | None = No
             rules), stages from different chains, the adapter changed since training, an empty adapter (C24),
             no key, the bundle exists (without `force`), or the merge check failed (tunegate.export).
     """
-    from tunegate.pipeline import console, run_dir_for
+    from tunegate.core.console import console
+    from tunegate.pipeline import run_dir_for
 
     run_dir = run_dir_for(project, run_id)
     if not run_dir.is_dir():

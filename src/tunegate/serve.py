@@ -293,7 +293,7 @@ def create_app(project, engine: Any = None, database_url: str | None = None, adm
     from fastapi.responses import JSONResponse, StreamingResponse
 
     from tunegate import __version__
-    from tunegate.data.records import RowError, normalize_messages
+    from tunegate.data.records import normalize_messages, RowError
 
     engine = engine or EmbeddedEngine.load(project)
     db = servedb.connect(database_url or servedb.project_url(project))

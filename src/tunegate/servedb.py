@@ -389,7 +389,7 @@ def export_to_files(project, out_dir: Path | None = None, adapters: list[str] | 
 
     Returns ({format: path written}, counts). Raises TunegateError when the database holds no traces table yet.
     """
-    from tunegate.manifest import atomic_write_json, atomic_write_jsonl
+    from tunegate.core.io import atomic_write_json, atomic_write_jsonl
 
     url = project_url(project)
     if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).is_file():

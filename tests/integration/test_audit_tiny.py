@@ -8,9 +8,9 @@ import pytest
 
 from tunegate import EXIT_AUDIT_NO_TRAIN
 from tunegate.config import load_project
-from tunegate.data.records import read_jsonl
-from tunegate.manifest import read_manifest
-from tunegate.pipeline import AuditSaysNoTrain, run_pipeline, run_stage, stage_bodies
+from tunegate.core.io import read_jsonl
+from tunegate.core.manifest import read_manifest
+from tunegate.pipeline import AuditSaysNoTrain, run_pipeline, run_stage
 
 from conftest import write_jsonl
 
@@ -40,9 +40,8 @@ def audit_project(tiny_project):
 def test_audit_scores_every_candidate_and_recommends_one_method(audit_project):
     project = load_project(audit_project / "tunegate.yaml", ["eval.metrics=[exact_match, chrf]"])
     run_dir = audit_project / "runs" / "default"
-    bodies = stage_bodies()
-    run_stage(project, run_dir, "data", bodies["data"])
-    m = run_stage(project, run_dir, "audit", bodies["audit"])
+    run_stage(project, run_dir, "data")
+    m = run_stage(project, run_dir, "audit")
     out = run_dir / "audit"
     report = json.loads((out / "audit.json").read_text())
     names = [c["name"] for c in report["candidates"]]

@@ -93,7 +93,7 @@ def test_a_gate_rule_on_an_unmeasured_suite_metric_is_a_config_error(tiny_projec
 
 def test_production_adapter_as_baseline(tiny_project):
     from tunegate import registry
-    from tunegate.manifest import read_manifest
+    from tunegate.core.manifest import read_manifest
 
     project = load_project(tiny_project / "tunegate.yaml")
     run_pipeline(project, until="eval")

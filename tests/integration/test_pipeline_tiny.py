@@ -9,7 +9,7 @@ import pytest
 
 from tunegate import TunegateError
 from tunegate.config import load_project
-from tunegate.manifest import read_manifest
+from tunegate.core.manifest import read_manifest
 from tunegate.pipeline import run_pipeline
 
 from conftest import chat, write_jsonl
@@ -34,7 +34,7 @@ def test_full_run_writes_every_artifact_and_a_rerun_skips(tiny_project, capsys):
         m = read_manifest(run_dir / stage)
         assert set(m.outputs) >= set(files) and m.wall_s > 0
     # lineage: each manifest records the sha256 of its upstream manifests
-    from tunegate.manifest import manifest_hash
+    from tunegate.core.manifest import manifest_hash
 
     assert manifests["train"].upstream == {"data": manifest_hash(run_dir / "data")}
     assert set(manifests["eval"].upstream) == {"data", "train"}
@@ -77,7 +77,6 @@ def test_full_run_writes_every_artifact_and_a_rerun_skips(tiny_project, capsys):
 def test_a_stage_refuses_upstream_stages_from_different_chains(tiny_project):
     """After `tunegate data` on changed data, `tunegate report` must not pair new data stats with an old adapter."""
     from tunegate.pipeline import run_stage
-    from tunegate.report import build
 
     run_pipeline(load_project(tiny_project / "tunegate.yaml"))
     with open(tiny_project / "train.jsonl", "a") as f:
@@ -85,7 +84,7 @@ def test_a_stage_refuses_upstream_stages_from_different_chains(tiny_project):
     project = load_project(tiny_project / "tunegate.yaml")
     run_pipeline(project, until="data")
     with pytest.raises(TunegateError, match=r"stage train was built from an older data stage"):
-        run_stage(project, tiny_project / "runs" / "default", "report", build.run, force=True)
+        run_stage(project, tiny_project / "runs" / "default", "report", force=True)
 
 
 def test_bad_rows_go_to_rejected_with_file_line_rule(tiny_project):

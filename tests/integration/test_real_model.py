@@ -19,7 +19,7 @@ def test_real_smollm2_learns_the_quickstart_tickets_and_stops(tmp_path):
     from peft import PeftModel
 
     from tunegate.data.format import generation_prompt
-    from tunegate.data.records import read_jsonl
+    from tunegate.core.io import read_jsonl
     from tunegate.evals.generate import generate
     from tunegate.models import load_model, load_tokenizer, resolve_base_model
 

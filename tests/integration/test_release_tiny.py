@@ -151,7 +151,7 @@ def test_tampering_is_detected_and_names_the_file(bundle, keys, tmp_path, tamper
 
 def test_a_rewritten_file_list_does_not_hide_a_change(bundle, keys, tmp_path):
     """Changing the weights and updating files.json to match: the signature and the train manifest still catch it."""
-    from tunegate.manifest import sha256_file
+    from tunegate.core.manifest import sha256_file
 
     b = _copy(bundle, tmp_path)
     _flip_byte(b / "adapter" / "adapter_model.safetensors")

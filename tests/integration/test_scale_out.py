@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from tunegate.config import load_project
-from tunegate.manifest import read_manifest
+from tunegate.core.manifest import read_manifest
 from tunegate.pipeline import run_pipeline
 
 

@@ -157,7 +157,8 @@ def test_stream_sends_the_answer_and_done(served, client):
 
 def _resign(bundle, private):
     """Re-sign a bundle after editing it (files.json and model.sig rewritten): a validly signed bundle."""
-    from tunegate.manifest import atomic_write_json, sha256_file
+    from tunegate.core.io import atomic_write_json
+    from tunegate.core.manifest import sha256_file
     from tunegate.release import list_files, sign_directory
 
     (bundle / "model.sig").unlink()

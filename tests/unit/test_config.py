@@ -134,7 +134,10 @@ def test_grpo_batch_follows_num_generations_so_the_readme_example_validates(tmp_
 def test_the_audit_reruns_for_what_its_probe_trains_with_not_for_the_full_runs_length(tmp_path):
     # banking77: raising train.trl.max_steps after a FAIL reran the whole 15-minute audit, whose probe sets its own
     # steps and budget; only the projection of a full run's cost read them (and now names what it assumed).
-    from tunegate.pipeline import _config_for
+    from tunegate.pipeline import stage_config, stage_spec
+
+    def _config_for(project, stage):
+        return stage_config(project, stage_spec(stage))
 
     path = write(tmp_path, MINIMAL + "train:\n  trl: {max_steps: 330, learning_rate: 1.0e-3, eval_steps: 160}\n  budget_minutes: 19\n")
     audit = _config_for(load_project(path), "audit")

@@ -2,7 +2,8 @@ import json
 
 import pytest
 
-from tunegate.manifest import Manifest, atomic_write_text, fingerprint, hash_outputs, read_manifest, verify_outputs, write_manifest
+from tunegate.core.io import atomic_write_text
+from tunegate.core.manifest import fingerprint, hash_outputs, Manifest, read_manifest, verify_outputs, write_manifest
 
 
 def test_atomic_write_leaves_old_file_when_writing_fails(tmp_path):

@@ -3,7 +3,7 @@
 import pytest
 
 from tunegate.config import SourceConfig
-from tunegate.data.records import RowError, parse_hh_transcript, read_source, record_kind, text_slots, with_texts
+from tunegate.data.records import parse_hh_transcript, read_source, record_kind, RowError, text_slots, with_texts
 
 from conftest import write_jsonl
 

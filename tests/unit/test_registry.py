@@ -3,7 +3,7 @@
 import pytest
 
 from tunegate import TunegateError, registry
-from tunegate.manifest import Manifest, hash_outputs, write_manifest
+from tunegate.core.manifest import hash_outputs, Manifest, write_manifest
 
 
 def fake_run(root, run_id, verdict, weights=b"w"):

@@ -15,7 +15,7 @@ import yaml
 
 from tunegate import TunegateError
 from tunegate.config import load_project
-from tunegate.manifest import Manifest, sha256_file, write_manifest
+from tunegate.core.manifest import Manifest, sha256_file, write_manifest
 from tunegate.report.release_docs import (
     BLANK,
     compute_assessment,

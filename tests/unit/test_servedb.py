@@ -9,7 +9,7 @@ import pytest
 from tunegate import TunegateError, servedb
 from tunegate.config import SourceConfig
 from tunegate.data.records import read_source
-from tunegate.manifest import atomic_write_jsonl
+from tunegate.core.io import atomic_write_jsonl
 
 MSGS = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is the capital of France?"}]
 

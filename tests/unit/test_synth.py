@@ -10,7 +10,8 @@ from conftest import chat, fake_openai_server, write_jsonl
 from tunegate import TunegateError
 from tunegate.config import SourceConfig
 from tunegate.data import synth
-from tunegate.data.records import read_jsonl, read_source
+from tunegate.core.io import read_jsonl
+from tunegate.data.records import read_source
 
 SEEDS = [
     synth.Task("s1", "Write a haiku about the sea in spring.", "Waves fold into light."),

@@ -16,7 +16,8 @@ from typing import Any
 
 from tunegate import TunegateError
 from tunegate.data.records import normalize_text, prompt_text, row_hash
-from tunegate.manifest import atomic_write_json, sha256_file
+from tunegate.core.io import atomic_write_json
+from tunegate.core.manifest import sha256_file
 
 
 def build_lock(golden_cfg, records: list[dict[str, Any]]) -> dict[str, Any]:

@@ -23,6 +23,7 @@ import csv
 import json
 import random
 import re
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -485,7 +486,7 @@ def _rows(src) -> tuple[str, Iterator[tuple[int, Any, Exception | None]]]:
         import datasets
 
         if src.revision is None:
-            from tunegate.pipeline import console
+            from tunegate.core.console import console
 
             console.print(f"[yellow]hf://{src.hub}: no `revision` pinned; the data stage cannot tell when the dataset "
                           "changes upstream (its fingerprint holds the id and revision, not the content)[/yellow]")
@@ -661,6 +662,9 @@ def row_hash(record: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+def dedupe_ids(records: list[dict[str, Any]]) -> None:
+    """Row ids must be unique across sources: the file name prefixes a repeated id."""
+    seen: Counter[str] = Counter(r["id"] for r in records)
+    for r in records:
+        if seen[r["id"]] > 1:
+            r["id"] = f"{r['source']}:{r['id']}"

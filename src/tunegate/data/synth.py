@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any, Protocol, Sequence
 
 from tunegate import TunegateError
-from tunegate.data.records import RowError, normalize_text, record_from_object, record_kind
+from tunegate.data.records import normalize_text, record_from_object, record_kind, RowError
 
 Messages = list[dict[str, str]]
 
@@ -378,7 +378,7 @@ def synthesize(
     """
     from rich.progress import Progress
 
-    from tunegate.manifest import atomic_write_json, atomic_write_jsonl
+    from tunegate.core.io import atomic_write_json, atomic_write_jsonl
 
     out = Path(out)
     if n < 1:

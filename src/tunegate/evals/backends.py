@@ -120,7 +120,7 @@ def check_served_adapter(base_url: str, model: str, adapter_dir, api_key_env: st
     from pathlib import Path
 
     from tunegate import TunegateError
-    from tunegate.manifest import sha256_file
+    from tunegate.core.manifest import sha256_file
 
     cards = served_models(base_url, api_key_env)
     if model not in cards:

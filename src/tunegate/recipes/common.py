@@ -11,8 +11,9 @@ from typing import Any, Callable
 
 from tunegate import TunegateError
 from tunegate.config import Project, lora_kwargs, trl_kwargs
-from tunegate.manifest import atomic_write_jsonl
-from tunegate.pipeline import Stage, console
+from tunegate.core.io import atomic_write_jsonl
+from tunegate.core.console import console
+from tunegate.core.stage import Stage
 
 
 @dataclass
@@ -153,10 +154,9 @@ def tracker(st: Stage, budget_s: float | None):
 
 def plot_loss(history: list[dict[str, Any]], path: Path, extra: tuple[str, ...] = ()) -> None:
     """Train and validation loss against step (plus any `extra` logged series, e.g. rewards/margins)."""
-    import matplotlib
+    from tunegate.report.render import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     series = [("loss", "train loss", "-"), ("eval_loss", "val loss", "o-")] + [(k, k, "-") for k in extra]
     fig, ax = plt.subplots(figsize=(6, 3.2), dpi=110)

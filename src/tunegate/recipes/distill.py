@@ -14,8 +14,8 @@ from __future__ import annotations
 from typing import Any
 
 from tunegate import TunegateError
-from tunegate.manifest import atomic_write_jsonl
-from tunegate.pipeline import console
+from tunegate.core.io import atomic_write_jsonl
+from tunegate.core.console import console
 from tunegate.recipes.common import Built, Context, load_policy
 from tunegate.recipes.sft import build as build_sft
 
@@ -40,7 +40,7 @@ def teacher_answers(ctx: Context, rows: list[dict[str, Any]], teacher, teacher_t
 def _main_process_first():
     import contextlib
 
-    from tunegate.pipeline import distributed_rank
+    from tunegate.core.stage import distributed_rank
 
     if distributed_rank()[1] == 1:
         return contextlib.nullcontext()

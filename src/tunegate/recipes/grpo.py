@@ -23,7 +23,7 @@ import json
 from typing import Any
 
 from tunegate import TunegateError
-from tunegate.pipeline import console
+from tunegate.core.console import console
 from tunegate.recipes.common import Built, Context, load_policy
 
 

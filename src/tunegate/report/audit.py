@@ -8,15 +8,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from tunegate.manifest import atomic_write_text
+from tunegate.core.io import atomic_write_text
 
 
 def plot_candidates(report: dict[str, Any], path: Path) -> None:
     """Left: each candidate's score with its 95% CI (and the bar). Right: score against USD per 1,000 requests."""
-    import matplotlib
+    from tunegate.report.render import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     cands = report["candidates"]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 1.2 + 0.45 * len(cands)), dpi=110, gridspec_kw={"width_ratios": [3, 2]})
@@ -47,12 +46,10 @@ def plot_candidates(report: dict[str, Any], path: Path) -> None:
 
 
 def render(report: dict[str, Any], out_dir: Path) -> None:
-    from jinja2 import Environment, PackageLoader, select_autoescape
-
     from tunegate.decide import explain
-    from tunegate.report.build import _png_data_uri
+    from tunegate.report.render import environment, png_data_uri
 
     plot_candidates(report, out_dir / "audit.png")
-    env = Environment(loader=PackageLoader("tunegate", "report/templates"), autoescape=select_autoescape(["html", "html.j2"]))
-    html = env.get_template("audit.html.j2").render(r=report, png=_png_data_uri(out_dir / "audit.png"), tree=explain())
+    env = environment()
+    html = env.get_template("audit.html.j2").render(r=report, png=png_data_uri(out_dir / "audit.png"), tree=explain())
     atomic_write_text(out_dir / "audit.html", html)

@@ -14,17 +14,16 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
-from tunegate.manifest import atomic_write_text
+from tunegate.core.io import atomic_write_text
 
 MAX_EXAMPLES = 10  # rejected rows listed per rule, and duplicate examples
 
 
 def plot_token_lengths(lengths: list[int], max_length: int, path: Path) -> None:
     """Histogram of tokens per kept row (after the chat template and the over-length policy), max_length marked."""
-    import matplotlib
+    from tunegate.report.render import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(7, 2.8), dpi=110)
     top = max(max(lengths, default=1), max_length)
@@ -91,19 +90,16 @@ def write_data_card_html(stage_dir: Path, project, stats: dict[str, Any], reject
     project: the `config.Project` the data stage ran with (its data section names max_length, the over-length
     policy, dedup settings and each source's licence).
     """
-    from jinja2 import Environment, PackageLoader
-
-    from tunegate.report.build import _png_data_uri
+    from tunegate.report.render import environment, png_data_uri
 
     stage_dir = Path(stage_dir)
     png = stage_dir / "token_lengths.png"
     plot_token_lengths(lengths, project.data.max_length, png)
-    # autoescape=True: select_autoescape(["html"]) would not match the name "data_card.html.j2"
-    env = Environment(loader=PackageLoader("tunegate", "report/templates"), autoescape=True)
+    env = environment()
     ctx = card_context(project, stats, rejected, lengths)
     ctx["seconds"] = {t["step"]: t["seconds"] for t in (timings or {}).get("steps", [])}
     ctx["timings"] = timings
-    html = env.get_template("data_card.html.j2").render(png=_png_data_uri(png), **ctx)
+    html = env.get_template("data_card.html.j2").render(png=png_data_uri(png), **ctx)
     out = stage_dir / "data_card.html"
     atomic_write_text(out, html)
     return out

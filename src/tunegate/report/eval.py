@@ -11,15 +11,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from tunegate.manifest import atomic_write_text
+from tunegate.core.io import atomic_write_text, read_jsonl
 
 MAX_DIFFS = 25  # rows shown per direction (candidate better / candidate worse)
-
-
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def _lower_is_better(rules: list[dict[str, Any]], metric: str) -> bool:
@@ -93,14 +87,13 @@ def write_eval_report(eval_dir: Path) -> Path:
     Raises:
         FileNotFoundError: scores.json or verdict.json is missing.
     """
-    from jinja2 import Environment, PackageLoader
-
-    from tunegate.report.build import _png_data_uri, plot_scores
+    from tunegate.report.render import environment, png_data_uri
+    from tunegate.report.run_report import plot_scores
 
     eval_dir = Path(eval_dir)
     scores = json.loads((eval_dir / "scores.json").read_text(encoding="utf-8"))
     verdict = json.loads((eval_dir / "verdict.json").read_text(encoding="utf-8"))
-    samples = _read_jsonl(eval_dir / "samples.jsonl")
+    samples = read_jsonl(eval_dir / "samples.jsonl")
     suites_path = eval_dir / "suites.json"
     suites = json.loads(suites_path.read_text(encoding="utf-8")) if suites_path.is_file() else {}
 
@@ -112,8 +105,7 @@ def write_eval_report(eval_dir: Path) -> Path:
     png = eval_dir / "eval.png"
     if metrics:
         plot_scores(scores, png)
-    # autoescape=True, not select_autoescape(["html"]): that one matches names ending in ".html", not "eval.html.j2"
-    env = Environment(loader=PackageLoader("tunegate", "report/templates"), autoescape=True)
+    env = environment()
     html = env.get_template("eval.html.j2").render(
         title=eval_dir.resolve().parent.name,
         verdict=verdict.get("verdict", "FAIL"),
@@ -123,7 +115,7 @@ def write_eval_report(eval_dir: Path) -> Path:
         headline=headline,
         diffs=diffs,
         suites={name: _suite(body) for name, body in suites.items() if isinstance(body, dict)},
-        png=_png_data_uri(png) if metrics else None,
+        png=png_data_uri(png) if metrics else None,
         max_diffs=MAX_DIFFS,
     )
     out = eval_dir / "eval.html"

@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from tunegate import TunegateError
-from tunegate.manifest import MANIFEST, atomic_write_text, read_manifest, sha256_file, verify_outputs
+from tunegate.core.io import atomic_write_text
+from tunegate.core.manifest import MANIFEST, read_manifest, sha256_file, verify_outputs
 
 BLANK = "[TO BE ANSWERED BY A PERSON: {}]"
 NOT_MEASURED = "not measured"
@@ -545,11 +546,10 @@ def _duration(s: float | None) -> str:
 
 
 def _env():
-    from jinja2 import Environment, PackageLoader, StrictUndefined
+    from tunegate.report.render import environment
 
     # Markdown, not HTML: no autoescape (values that go into tables pass through the `cell` filter).
-    env = Environment(loader=PackageLoader("tunegate", "report/templates"), autoescape=False, undefined=StrictUndefined,
-                      trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
+    env = environment(documents=True)
     env.filters.update(sci=_sci, num=_num, f3=_f3, cell=_cell, duration=_duration)
     env.globals.update(blank=_blank, NOT_MEASURED=NOT_MEASURED)
     return env

@@ -32,12 +32,20 @@ from typing import Any, Callable
 
 from tunegate import TunegateError
 from tunegate.data.format import apply_system_policy, generation_prompt, supports_system_role
-from tunegate.data.records import prompt_text, read_jsonl, reference_answer
+from tunegate.core.io import read_jsonl
+from tunegate.data.records import prompt_text, reference_answer
 from tunegate.evals.bootstrap import bootstrap_ci
 from tunegate.evals.metrics import ROW_METRICS
-from tunegate.manifest import atomic_write_json, atomic_write_jsonl
-from tunegate.pipeline import AUDIT_IGNORED_TRL_KEYS, Stage, StageResult, console
+from tunegate.core.io import atomic_write_json, atomic_write_jsonl
+from tunegate.core.console import console
+from tunegate.core.stage import Stage, StageResult, StageSpec
 
+# The eval settings the audit reads: changing suites, the judge, the server or the baseline must not rerun it.
+AUDIT_EVAL_KEYS = ("metrics", "json_schema", "max_new_tokens", "batch_size", "bootstrap_samples", "seed", "gate")
+# The train settings the audit's probe does not train with (it drops these and sets its own steps, logging and
+# budget; `_train_probe`): they only scale the audit's projection of a full run's cost, so changing them must not
+# rerun a 15-minute audit. The projection records the settings it assumed (audit.json probe.full_run_assumes).
+AUDIT_IGNORED_TRL_KEYS = ("max_steps", "num_train_epochs", "eval_steps", "save_steps", "logging_steps")
 PASSAGE_WORDS = 200  # each retrieved passage is cut to this many words before it goes into the prompt
 
 
@@ -475,7 +483,7 @@ def _train_probe(st: Stage, pool: list[dict[str, Any]], n_train: int, seed: int,
     summary = json.loads((probe_stage.dir / "train_summary.json").read_text())
 
     # What a full run of train.* on the whole training split would take, at the probe's measured tokens/s.
-    # These settings are not part of the audit's fingerprint (pipeline.AUDIT_IGNORED_TRL_KEYS), so the projection
+    # These settings are not part of the audit's fingerprint (AUDIT_IGNORED_TRL_KEYS), so the projection
     # names the ones it assumed: a cached audit may predate a change of them.
     full = st.project.train.trl
     tokens_per_row = summary["train_tokens_per_epoch"] / max(summary["train_rows"], 1)
@@ -550,3 +558,24 @@ def _print_recommendation(rec: dict[str, Any]) -> None:
         console.print(f"  [yellow]overruled[/yellow] your answer {o['question']}={o['given']}: {o['why']}")
     for n in rec["notes"]:
         console.print(f"  note: {n}")
+
+
+def config(project) -> dict[str, Any]:
+    """What the audit depends on: the base model, the audit section, the eval settings it scores with (metric,
+    bar, generation), and the train settings its probe trains with (not the full run's length or budget)."""
+    dumped = project.model_dump(mode="json")
+    train = {k: v for k, v in dumped["train"].items() if k != "budget_minutes"}
+    train["trl"] = {k: v for k, v in train["trl"].items() if k not in AUDIT_IGNORED_TRL_KEYS}
+    return {"base_model": dumped["base_model"], "audit": dumped["audit"],
+            "eval": {k: v for k, v in dumped["eval"].items() if k in AUDIT_EVAL_KEYS}, "train": train}
+
+
+def skip(project) -> str | None:
+    if not project.audit.enabled:
+        return "audit.enabled: false"
+    if project.train.method == "cpt":
+        return "continued pretraining: raw text has no answers to few-shot or probe with"
+    return None
+
+
+SPEC = StageSpec(name="audit", run=run, upstream=("data",), config=config, skip=skip)

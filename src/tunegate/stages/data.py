@@ -24,9 +24,10 @@ from tunegate import TunegateError
 from tunegate.data import golden as golden_lock
 from tunegate.data.engine import default_num_proc
 from tunegate.data.format import apply_system_policy, supports_system_role
-from tunegate.data.records import Rejection, RowError, read_source
-from tunegate.manifest import atomic_write_json, atomic_write_jsonl, atomic_write_text
-from tunegate.pipeline import Stage, StageResult, console
+from tunegate.data.records import dedupe_ids, read_source, Rejection, RowError
+from tunegate.core.io import atomic_write_json, atomic_write_jsonl, atomic_write_text
+from tunegate.core.console import console
+from tunegate.core.stage import Stage, StageResult, StageSpec, config_sections
 
 
 def split_train_val(records: list[dict[str, Any]], val_fraction: float, seed: int) -> tuple[list, list]:
@@ -58,14 +59,6 @@ def _quality(rec: dict[str, Any]) -> float:
     meta = rec.get("meta", {})
     q = meta.get("quality", meta.get("meta", {}).get("quality") if isinstance(meta.get("meta"), dict) else None)
     return float(q) if isinstance(q, (int, float)) and not isinstance(q, bool) else heuristic_quality(rec)
-
-
-def _dedupe_ids(records: list[dict[str, Any]]) -> None:
-    """Row ids must be unique across sources: the file name prefixes a repeated id."""
-    seen: Counter[str] = Counter(r["id"] for r in records)
-    for r in records:
-        if seen[r["id"]] > 1:
-            r["id"] = f"{r['source']}:{r['id']}"
 
 
 def run(st: Stage) -> StageResult:
@@ -100,7 +93,7 @@ def run(st: Stage) -> StageResult:
         per_source[src.name] = {"rows_read": len(recs) + len(rej), "rejected_structure": len(rej)}
         records += recs
         rejected += rej
-    _dedupe_ids(records)
+    dedupe_ids(records)
     step("read and validate structure", sum(c["rows_read"] for c in per_source.values()), len(records), 0)
     golden, golden_rej = read_source(cfg.golden, role="golden")
     if golden_rej:
@@ -485,3 +478,15 @@ def _pii_card(report: dict[str, Any] | None) -> list[str]:
         *[f"| {t} | {report['found_by_type'].get(t, 0)} | {report['rescan_by_type'].get(t, 0)} |" for t in types],
         "",
     ]
+
+
+def inputs(project) -> dict[str, Path]:
+    """Every source file (a folder or glob source is each of its files) and the golden set."""
+    from tunegate.data.records import source_files
+
+    files = {f"source{i}" + (f".{j}" if j else ""): f for i, s in enumerate(project.data.sources) for j, f in enumerate(source_files(s))}
+    files["golden"] = project.data.golden.path
+    return files
+
+
+SPEC = StageSpec(name="data", run=run, config=config_sections("base_model", "data"), inputs=inputs)

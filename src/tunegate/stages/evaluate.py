@@ -21,10 +21,12 @@ from typing import Any
 from tunegate import TunegateError
 from tunegate.data import golden as golden_lock
 from tunegate.data.format import generation_prompt
-from tunegate.data.records import prompt_text, read_jsonl, read_source, reference_answer
+from tunegate.core.io import read_jsonl
+from tunegate.data.records import prompt_text, read_source, reference_answer
 from tunegate.evals.gate import check_rules, score_metrics, verdict
-from tunegate.manifest import atomic_write_json, atomic_write_jsonl
-from tunegate.pipeline import Stage, StageResult, console
+from tunegate.core.io import atomic_write_json, atomic_write_jsonl
+from tunegate.core.console import console
+from tunegate.core.stage import Stage, StageResult, StageSpec, config_sections
 from tunegate.report.eval import write_eval_report
 
 
@@ -270,3 +272,22 @@ def run(st: Stage) -> StageResult:
         value = "n/a" if r["value"] is None else f"{r['value']:.3f}"
         console.print(f"  {'[green]PASS[/green]' if r['passed'] else '[red]FAIL[/red]'} {r['description']}: {value}{note}", highlight=False)
     return StageResult(metrics=scores, verdict=result)
+
+
+def inputs(project) -> dict[str, Path]:
+    """Suite files, the judge's calibration (a new one changes what the gate may count) and, with
+    `eval.baseline: production`, the promoted adapter (a newly promoted version is a new baseline)."""
+    files = project.eval.suites.files() if project.eval.suites else {}
+    judge = project.eval.judge
+    if judge and judge.calibration_file.is_file():
+        files["judge_calibration"] = judge.calibration_file
+    if project.eval.baseline == "production":
+        from tunegate.registry import production
+
+        entry = production(project.registry, project.name)
+        if entry is not None:
+            files["production_adapter"] = Path(entry["adapter_dir"]) / "adapter_model.safetensors"
+    return files
+
+
+SPEC = StageSpec(name="eval", run=run, upstream=("data", "train"), config=config_sections("base_model", "eval"), inputs=inputs)

@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import shutil
 import time
+from pathlib import Path
 from typing import Any
 
 from tunegate import TunegateError
 from tunegate.config import adapter_kind, check_passthrough
-from tunegate.data.records import read_jsonl
-from tunegate.manifest import atomic_write_json, atomic_write_jsonl
-from tunegate.pipeline import Stage, StageResult, console
+from tunegate.core.io import read_jsonl
+from tunegate.core.io import atomic_write_json, atomic_write_jsonl
+from tunegate.core.console import console
+from tunegate.core.stage import Stage, StageResult, StageSpec, config_sections
 from tunegate.recipes import common, recipe
 
 # Logged series worth plotting beside the loss, per method (TRL's names).
@@ -151,3 +153,25 @@ def run(st: Stage) -> StageResult:
         + f"; final loss {summary['final_train_loss']}"
     )
     return StageResult(metrics=summary)
+
+
+def inputs(project) -> dict[str, Path]:
+    """Files outside the run the recipe reads: an adapter to continue from, GRPO's schema and verifier file, and
+    a local teacher's weights (a retrained teacher reruns the stage)."""
+    t, files = project.train, {}
+    if t.init_adapter is not None:
+        files["init_adapter"] = t.init_adapter / "adapter_model.safetensors"
+    if t.grpo is not None:
+        if t.grpo.json_schema is not None:
+            files["grpo_json_schema"] = t.grpo.json_schema
+        if ":" in t.grpo.verifier or t.grpo.verifier.endswith(".py"):  # a verifier file of the project
+            files["grpo_verifier"] = project.root / t.grpo.verifier.split(":")[0]
+    if t.distillation is not None and Path(t.distillation.teacher).is_dir():
+        teacher = Path(t.distillation.teacher)
+        for i, w in enumerate(sorted(teacher.glob("*.safetensors")) or [teacher / "config.json"]):
+            files[f"teacher{i}"] = w
+    return files
+
+
+SPEC = StageSpec(name="train", run=run, upstream=("data",), config=config_sections("base_model", "train"), inputs=inputs,
+                 checkpoints=True, distributed=True)

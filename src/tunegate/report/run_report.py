@@ -1,29 +1,23 @@
-"""Report stage: one page that says what ran, what the data looked like, how training went, and the verdict.
+"""The run report: one page that says what ran, what the data looked like, how training went, and the verdict.
 
-Writes report.html (plots embedded, readable offline) and report.md, plus scores.png.
+`write_run_report` writes report.html (plots embedded, readable offline), report.md and scores.png; the report
+stage (tunegate.stages.report) calls it.
 """
 
 from __future__ import annotations
 
-import base64
 import json
 from pathlib import Path
 from typing import Any
 
-from tunegate.manifest import atomic_write_text, read_manifest
-from tunegate.pipeline import Stage, StageResult, console
-
-
-def _png_data_uri(path: Path) -> str | None:
-    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode() if path.is_file() else None
+from tunegate.core.io import atomic_write_text
+from tunegate.core.manifest import read_manifest
+from tunegate.report.render import environment, png_data_uri, pyplot
 
 
 def plot_scores(scores: dict[str, Any], path: Path) -> None:
     """Per metric: base model and candidate with 95% CIs (left), and the paired difference with its CI (right)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     names = list(scores["metrics"])
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(8, 1.0 + 0.9 * len(names)), dpi=110, gridspec_kw={"width_ratios": [2, 1]})
@@ -74,17 +68,18 @@ def gather(run_dir: Path) -> dict[str, Any]:
     return ctx
 
 
-def run(st: Stage) -> StageResult:
-    from jinja2 import Environment, PackageLoader, select_autoescape
+def write_run_report(run_dir: Path, out_dir: Path, project) -> dict[str, Any]:
+    """Write report.html, report.md and scores.png into `out_dir` from the finished stages of `run_dir`.
 
-    run_dir = st.run_dir
+    Returns the eval verdict (`verdict.json`). Raises FileNotFoundError when the data, train or eval stage has
+    not finished.
+    """
     ctx = gather(run_dir)
-    plot_scores(ctx["scores"], st.dir / "scores.png")
-    ctx["project"] = st.project
-    ctx["loss_png"] = _png_data_uri(run_dir / "train" / "loss.png")
-    ctx["scores_png"] = _png_data_uri(st.dir / "scores.png")
-    env = Environment(loader=PackageLoader("tunegate", "report/templates"), autoescape=select_autoescape(["html", "html.j2"]))
-    atomic_write_text(st.dir / "report.html", env.get_template("run_report.html.j2").render(**ctx))
-    atomic_write_text(st.dir / "report.md", env.get_template("run_report.md.j2").render(**ctx))
-    console.print(f"report written: {st.final_dir / 'report.html'}")
-    return StageResult(metrics={"verdict": ctx["verdict"]["verdict"]})
+    plot_scores(ctx["scores"], out_dir / "scores.png")
+    ctx["project"] = project
+    ctx["loss_png"] = png_data_uri(run_dir / "train" / "loss.png")
+    ctx["scores_png"] = png_data_uri(out_dir / "scores.png")
+    env = environment()
+    atomic_write_text(out_dir / "report.html", env.get_template("run_report.html.j2").render(**ctx))
+    atomic_write_text(out_dir / "report.md", env.get_template("run_report.md.j2").render(**ctx))
+    return ctx["verdict"]

@@ -96,28 +96,6 @@ def preview_row(tokenizer, rec: dict[str, Any], max_length: int, policy: str, wh
     return p
 
 
-def _data_stage_state(project, run_dir: Path) -> str | None:
-    """None when runs/<id>/data is finished and matches the current data config and files; else why not."""
-    from tunegate.manifest import fingerprint, read_manifest, sha256_file, verify_outputs
-    from tunegate.pipeline import _config_for, _relative_to, stage_inputs
-
-    stage_dir = run_dir / "data"
-    m = read_manifest(stage_dir)
-    if m is None:
-        return f"no finished data stage in {stage_dir}"
-    files = stage_inputs(project, "data")
-    missing = [str(p) for p in files.values() if not Path(p).is_file()]
-    if missing:
-        return f"{missing[0]} not found"
-    named = {name: sha256_file(p) for name, p in files.items()}
-    if fingerprint("data", _relative_to(_config_for(project, "data"), project.root), named, {}) != m.fingerprint:
-        return f"{stage_dir} was built from another data config or other files than the current ones"
-    broken = verify_outputs(stage_dir, m)
-    if broken:
-        return f"{stage_dir}: {', '.join(broken)} changed since the stage finished"
-    return None
-
-
 @dataclass
 class Rows:
     """The rows a preview can choose from, in order, and what the data code rejected (by id)."""
@@ -130,17 +108,20 @@ class Rows:
 
 def load_rows(project, run_dir: Path) -> Rows:
     """The finished data stage's train and val rows when it is current, else the validated source rows."""
-    from tunegate.data.records import read_jsonl, read_source
+    from tunegate.core.io import read_jsonl
+    from tunegate.data.records import read_source
 
-    why = _data_stage_state(project, run_dir)
+    from tunegate.pipeline import stale_reason
+
+    why = stale_reason(project, run_dir, "data")
     stage_dir = run_dir / "data"
     if why is None:
         rows = [(r, f"{stage_dir / split}.jsonl:{i}, from {Path(r['meta']['file']).name}:{r['meta']['line']}", split)
                 for split in ("train", "val") for i, r in enumerate(read_jsonl(stage_dir / f"{split}.jsonl"), start=1)]
         rejected = {r["id"]: r for r in read_jsonl(stage_dir / "rejected.jsonl") if r.get("id")}
         return Rows(rows, rejected, f"{stage_dir / 'train.jsonl'} and val.jsonl", True)
-    from tunegate.pipeline import console
-    from tunegate.stages.data import _dedupe_ids
+    from tunegate.core.console import console
+    from tunegate.data.records import dedupe_ids
 
     console.print(
         f"[yellow]{why}: previewing the sources with the current config (validation, system-message policy, "
@@ -152,7 +133,7 @@ def load_rows(project, run_dir: Path) -> Rows:
         recs, rej = read_source(src)
         records += recs
         rejected.update({r.id: r.to_json() for r in rej if r.id})
-    _dedupe_ids(records)
+    dedupe_ids(records)
     rows = [(r, f"{r['meta']['file']}:{r['meta']['line']}", "source") for r in records]
     return Rows(rows, rejected, ", ".join(s.name for s in project.data.sources), False)
 
@@ -247,9 +228,9 @@ def print_previews(previews: list[RowPreview], max_length: int, policy: str, con
 
 
 def render_html(previews: list[RowPreview], title: str, max_length: int, policy: str, origin: str) -> str:
-    from jinja2 import Environment, PackageLoader
+    from tunegate.report.render import environment
 
-    env = Environment(loader=PackageLoader("tunegate", "report/templates"), autoescape=True)
+    env = environment()
     return env.get_template("data_preview.html.j2").render(
         title=title, previews=previews, max_length=max_length, policy=policy, origin=origin, policy_cut=POLICY_CUT
     )
@@ -257,8 +238,8 @@ def render_html(previews: list[RowPreview], title: str, max_length: int, policy:
 
 def run_preview(project, run_dir: Path, ids: list[str] | None, first: int, html: Path | None) -> list[RowPreview]:
     """`tunegate data-preview`: print the chosen rows, and write the HTML page when `html` is given."""
-    from tunegate.manifest import atomic_write_text
-    from tunegate.pipeline import console as err
+    from tunegate.core.io import atomic_write_text
+    from tunegate.core.console import console as err
 
     previews, rows = build_previews(project, run_dir, ids, first)
     cfg = project.data

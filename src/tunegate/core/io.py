@@ -1,0 +1,101 @@
+"""Files written whole or not at all: atomic file writes, the one folder publish, JSONL reading.
+
+Every artifact tunegate writes goes through here, so a process killed at any instant leaves either the old
+file (or folder) or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+# A folder being replaced is first renamed aside to `.NAME.old-PID`, then the new one is renamed in.
+ASIDE_PREFIX = ".{name}.old-"
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write to a temporary name in the same folder, fsync, rename: readers see the old file or the new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600; give the mode open() would
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def atomic_write_jsonl(path: str | Path, rows: list[dict[str, Any]]) -> None:
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """The rows of a JSONL file tunegate wrote itself (blank lines skipped).
+
+    For user data use `tunegate.data.records.read_source`, which rejects bad rows with a reason instead.
+
+    Raises:
+        json.JSONDecodeError: a line is not JSON (a file tunegate wrote is never so).
+    """
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def restore_set_aside(final: Path) -> Path | None:
+    """Put back a folder that `publish_dir` set aside when the process died between its two renames.
+
+    Then `final` is missing and `.NAME.old-PID` beside it holds the old folder, whole. Returns the folder
+    restored from, or None when there was nothing to restore (`final` exists, or nothing was set aside).
+    """
+    if final.exists():
+        return None
+    aside = sorted(final.parent.glob(ASIDE_PREFIX.format(name=final.name) + "*"), key=lambda p: p.stat().st_mtime)
+    if not aside:
+        return None
+    os.replace(aside[-1], final)
+    return aside[-1]
+
+
+def publish_dir(staged: Path, final: Path) -> None:
+    """Replace `final` (if any) with the finished folder `staged`, by rename: readers see the old folder or
+    the new one.
+
+    The old folder is renamed aside to `.NAME.old-PID`, `staged` is renamed to `final`, then the old one is
+    deleted; if the second rename fails the old folder is put back. A process killed between the two renames
+    leaves `final` missing and the old folder aside, whole: `restore_set_aside(final)` puts it back. Copies
+    set aside by earlier interrupted publishes are deleted once the new folder is in place.
+
+    Raises:
+        OSError: `staged` and `final` are not on one file system, or a rename failed (`final` is unchanged).
+    """
+    old = final.with_name(f"{ASIDE_PREFIX.format(name=final.name)}{os.getpid()}")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.replace(final, old)
+    try:
+        os.replace(staged, final)
+    except BaseException:
+        if old.exists():
+            os.replace(old, final)
+        raise
+    for stale in final.parent.glob(ASIDE_PREFIX.format(name=final.name) + "*"):
+        shutil.rmtree(stale, ignore_errors=True)
