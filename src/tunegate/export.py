@@ -10,7 +10,6 @@ beside the weights; a merge outside it raises and leaves the output folder as it
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -19,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from tunegate import TunegateError
-from tunegate.core.io import atomic_write_json
+from tunegate.core.io import atomic_write_json, publish_dir
 from tunegate.core.manifest import sha256_file
 
 # fp32 merge error is rounding only: W x + s B (A x) versus (W + s B A) x differ by reassociation, ~1e-7
@@ -156,13 +155,7 @@ def merge_adapter(
         merged.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)  # tokenizer_config.json / chat_template.jinja carry the chat template
         atomic_write_json(tmp / MERGE_CHECK, check)
-        old = None
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-            os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        publish_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

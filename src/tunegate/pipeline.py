@@ -244,15 +244,16 @@ def training_override(project: Project, run_dir: Path, train_anyway: bool) -> li
 
 
 def run_pipeline(project: Project, run_id: str = "default", until: str = "report", force: tuple[str, ...] = (),
-                 train_anyway: bool = False) -> dict[str, Manifest]:
-    """data -> audit -> train -> eval -> report. Returns the manifests; the caller reads the eval verdict.
+                 train_anyway: bool = False, stages: tuple[StageSpec, ...] = STAGES) -> dict[str, Manifest]:
+    """data -> audit -> train -> eval -> report (`stages`, in order). Returns the manifests; the caller reads the
+    eval verdict.
 
     Raises AuditSaysNoTrain when the audit's verdict is NO_TRAIN and `train_anyway` is false.
     """
     run_dir = run_dir_for(project, run_id)
     run_dir.mkdir(parents=True, exist_ok=True)
     manifests = {}
-    for spec in STAGES:
+    for spec in stages:
         skipped = spec.skip(project)
         if skipped:
             console.print(f"[dim]- {spec.name}: skipped ({skipped})[/dim]")

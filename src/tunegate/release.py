@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from tunegate import TunegateError, __version__
-from tunegate.core.io import atomic_write_json
+from tunegate.core.io import atomic_write_json, publish_dir, restore_set_aside
 from tunegate.core.manifest import MANIFEST, Manifest, manifest_hash, read_manifest, sha256_file
 
 RELEASE = "release.json"
@@ -414,26 +414,6 @@ def _base_model_sha256(manifests: dict[str, Manifest]) -> str | None:
     return None
 
 
-# `--force` renames the old bundle to .NAME.old-PID, renames the new one in, then deletes the old one.
-ASIDE_PREFIX = ".{name}.old-"
-
-
-def restore_set_aside(out: Path) -> Path | None:
-    """Put back a bundle that `build_bundle(force=True)` set aside when the process died between its two
-    renames (killed, power lost): `out` is missing and `.NAME.old-PID` beside it holds the old bundle, signed
-    and whole. Returns the folder restored from, or None when there was nothing to restore."""
-    from tunegate.core.console import console
-
-    if out.exists():
-        return None
-    aside = sorted(out.parent.glob(ASIDE_PREFIX.format(name=out.name) + "*"), key=lambda p: p.stat().st_mtime)
-    if not aside:
-        return None
-    os.replace(aside[-1], out)
-    console.print(f"[yellow]- release: {out} was set aside by an interrupted --force; restored from {aside[-1].name}[/yellow]")
-    return aside[-1]
-
-
 def build_bundle(project, run_id: str = "default", private_key: Path | None = None, out_dir: Path | None = None,
                  merge: bool = True, sigstore: bool = False, force: bool = False) -> Path:
     """Build and sign the release bundle of a PASSed run (layout in the module docstring).
@@ -463,7 +443,9 @@ def build_bundle(project, run_id: str = "default", private_key: Path | None = No
     if not run_dir.is_dir():
         raise TunegateError(f"{run_dir}: no such run (run `tunegate run` first)")
     out = Path(out_dir) if out_dir is not None else run_dir / "release"
-    restore_set_aside(out)
+    restored = restore_set_aside(out)  # a --force killed between its two renames set the old bundle aside
+    if restored is not None:
+        console.print(f"[yellow]- release: {out} was set aside by an interrupted --force; restored from {restored.name}[/yellow]")
     if out.exists() and not force:
         raise TunegateError(f"{out}: a release bundle exists; pass --force to replace it, or --out for another folder")
     if not sigstore:
@@ -559,18 +541,7 @@ def build_bundle(project, run_id: str = "default", private_key: Path | None = No
             with tempfile.TemporaryDirectory() as keydir:
                 (Path(keydir) / PUBLIC_KEY).write_bytes(public_pem)
                 verify_bundle(tmp, Path(keydir) / PUBLIC_KEY)
-        old = None
-        if out.exists():
-            old = out.with_name(f"{ASIDE_PREFIX.format(name=out.name)}{os.getpid()}")
-            os.replace(out, old)
-        try:
-            os.replace(tmp, out)
-        except BaseException:
-            if old is not None:
-                os.replace(old, out)
-            raise
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        publish_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

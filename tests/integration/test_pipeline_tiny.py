@@ -250,3 +250,31 @@ def test_until_audit_stops_before_training_when_the_audit_is_off(tiny_project):
     manifests = run_pipeline(load_project(tiny_project / "tunegate.yaml"), until="audit")
     assert set(manifests) == {"data"}
     assert not (tiny_project / "runs/default/train").exists()
+
+
+def test_a_new_stage_is_one_spec(tiny_project):
+    """Adding a stage is one file that declares a StageSpec (here, this test) and one entry in the stage tuple: the
+    runner gives it a folder published by rename, a manifest with lineage, skipping and reruns."""
+    from tunegate.core.io import atomic_write_json, read_jsonl
+    from tunegate.core.manifest import manifest_hash
+    from tunegate.core.stage import StageResult, StageSpec, config_sections
+    from tunegate.pipeline import STAGES
+
+    def count_rows(st):
+        n = sum(len(read_jsonl(st.upstream_dir("data") / f"{split}.jsonl")) for split in ("train", "val"))
+        atomic_write_json(st.dir / "count.json", {"rows": n})
+        return StageResult(metrics={"rows": n})
+
+    toy = StageSpec(name="count", run=count_rows, upstream=("data",), config=config_sections("name"))
+    chain = (STAGES[0], toy)
+    run_dir = tiny_project / "runs" / "default"
+    first = run_pipeline(load_project(tiny_project / "tunegate.yaml"), until="count", stages=chain)["count"]
+    assert first.metrics == {"rows": 60} and json.loads((run_dir / "count" / "count.json").read_text()) == {"rows": 60}
+    assert first.upstream == {"data": manifest_hash(run_dir / "data")}
+    rerun = run_pipeline(load_project(tiny_project / "tunegate.yaml"), until="count", stages=chain)["count"]
+    assert rerun.started_at == first.started_at  # unchanged: skipped
+    with open(tiny_project / "train.jsonl", "a") as f:
+        f.write(json.dumps(chat("one more row about alpha", "alpha", "extra")) + "\n")
+    again = run_pipeline(load_project(tiny_project / "tunegate.yaml"), until="count", stages=chain)["count"]
+    assert again.metrics == {"rows": 61} and again.upstream == {"data": manifest_hash(run_dir / "data")} != first.upstream
+    assert not list(run_dir.glob(".count*"))  # no partial or set-aside folder left behind
