@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from tunegate import TunegateError
-from tunegate.core.io import atomic_write_json, publish_dir
+from tunegate.core.io import atomic_write_json, publish_dir, read_jsonl
 from tunegate.core.manifest import sha256_file
 
 # fp32 merge error is rounding only: W x + s B (A x) versus (W + s B A) x differ by reassociation, ~1e-7
@@ -168,8 +168,6 @@ def export_run(project, run_id: str = "default", out_dir: Path | None = None, n_
 
     Default output: runs/<id>/export/merged. Raises TunegateError naming the file that is missing.
     """
-    import json
-
     from tunegate.data.format import generation_prompt
     from tunegate.models import load_tokenizer, resolve_base_model
     from tunegate.pipeline import run_dir_for
@@ -184,7 +182,7 @@ def export_run(project, run_id: str = "default", out_dir: Path | None = None, n_
     golden_path = run_dir / "data" / "golden.jsonl"
     if not golden_path.is_file():
         raise TunegateError(f"{golden_path} not found: the merge check needs the run's golden prompts (run `tunegate data`)")
-    rows = [json.loads(line) for line in golden_path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = read_jsonl(golden_path)
     if not rows:
         raise TunegateError(f"{golden_path}: no golden rows to check the merge on")
     base = resolve_base_model(project.base_model)

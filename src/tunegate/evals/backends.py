@@ -63,9 +63,9 @@ class OpenAIChat:
         from concurrent.futures import ThreadPoolExecutor
 
         import openai
-        from rich.progress import Progress
 
         from tunegate import TunegateError
+        from tunegate.core.console import progress
 
         client = openai.OpenAI(base_url=self.base_url, api_key=self._api_key, timeout=self._timeout, max_retries=2)
 
@@ -78,11 +78,10 @@ class OpenAIChat:
 
         out: list[str] = []
         try:
-            with ThreadPoolExecutor(self.concurrency) as pool, Progress(transient=True) as progress:
-                task = progress.add_task(desc, total=len(conversations))
+            with ThreadPoolExecutor(self.concurrency) as pool, progress(desc, len(conversations)) as advance:
                 for text in pool.map(one, conversations):
                     out.append(text)
-                    progress.advance(task)
+                    advance()
         except openai.OpenAIError as e:
             raise TunegateError(f"{self.base_url}: OpenAI-compatible server for model {self.model!r} failed: {e}") from None
         return out

@@ -16,8 +16,8 @@ def generate(
     to the first generated one. Generation stops at the end-of-turn or eos token.
     """
     import torch
-    from rich.progress import Progress
 
+    from tunegate.core.console import progress
     from tunegate.data.format import end_token_id
 
     tokenizer.padding_side = "left"
@@ -27,8 +27,7 @@ def generate(
     outputs: list[str] = [""] * len(prompts)
     sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
     model.eval()
-    with torch.inference_mode(), Progress(transient=True) as progress:
-        task = progress.add_task(desc, total=len(prompts))
+    with torch.inference_mode(), progress(desc, len(prompts)) as advance:
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
             batch = tokenizer.pad({"input_ids": [encoded[i] for i in idx]}, return_tensors="pt", padding=True).to(model.device)
@@ -42,5 +41,5 @@ def generate(
             new = out[:, batch["input_ids"].shape[1] :]  # (B, new_tokens)
             for i, row in zip(idx, new):
                 outputs[i] = tokenizer.decode(row, skip_special_tokens=True)
-            progress.advance(task, len(idx))
+            advance(len(idx))
     return outputs

@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from tunegate import TunegateError
-from tunegate.core.io import atomic_write_jsonl
+from tunegate.core.io import atomic_write_jsonl, read_jsonl
 from tunegate.core.console import console
 from tunegate.recipes.common import Built, Context, load_policy
 from tunegate.recipes.sft import build as build_sft
@@ -57,14 +57,12 @@ def _load_teacher(ctx: Context):
 
 
 def build(ctx: Context) -> Built:
-    import json
-
     dcfg = ctx.project.train.distillation
     if dcfg.mode == "sequence":
         cache = ctx.st.checkpoint_dir / "teacher_answers.jsonl"
         with _main_process_first():  # several processes: rank 0 generates, the others read its answers
             if cache.is_file():
-                rows = [json.loads(x) for x in cache.read_text(encoding="utf-8").splitlines() if x.strip()]
+                rows = read_jsonl(cache)
                 console.print(f"teacher answers: {len(rows)} read back from {cache}")
             else:
                 teacher, teacher_tok = _load_teacher(ctx)

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from tunegate.core.io import atomic_write_text
+from tunegate.core.io import atomic_write_text, read_jsonl
 from tunegate.core.manifest import read_manifest
 from tunegate.report.render import environment, png_data_uri, pyplot
 
@@ -57,7 +57,7 @@ def gather(run_dir: Path) -> dict[str, Any]:
     ctx["train"] = json.loads((run_dir / "train" / "train_summary.json").read_text())
     ctx["scores"] = json.loads((run_dir / "eval" / "scores.json").read_text())
     ctx["verdict"] = json.loads((run_dir / "eval" / "verdict.json").read_text())
-    samples = [json.loads(line) for line in (run_dir / "eval" / "samples.jsonl").read_text().splitlines() if line]
+    samples = read_jsonl(run_dir / "eval" / "samples.jsonl")
     head = ctx["scores"]["headline"]
     key = f"candidate_{head}"
     ctx["diffs"] = [s for s in samples if key in s and s[f"baseline_{head}"] != s[key]][:20]

@@ -16,6 +16,7 @@ suites.json and suite_samples.jsonl (when suites ran), eval.html and eval.png.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from tunegate import TunegateError
