@@ -19,6 +19,18 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tunegate import TunegateError
+from tunegate.catalog import (
+    ALL_METRICS,
+    IFEVAL_FILE,
+    IFEVAL_METRICS,
+    JUDGE_METRICS,
+    LOWER_IS_BETTER,
+    SAFETY_FILES,
+    SAFETY_JUDGE_METRICS,
+    SAFETY_METRICS,
+    SAFETY_SOURCES,
+    SAFETY_WITH_SAFE_PROMPTS,
+)
 
 
 class _Section(BaseModel):
@@ -335,28 +347,24 @@ class SuitesConfig(_Section):
     data_root: Path
     ifeval: bool = False
     ifeval_max_new_tokens: int = Field(default=512, ge=1)
-    safety: list[Literal["harmbench", "jbb", "xstest"]] = Field(default_factory=list)
+    safety: list[Literal[SAFETY_SOURCES]] = Field(default_factory=list)
     safety_max_new_tokens: int = Field(default=64, ge=1)  # refusals show in the opening words
     safety_judge: bool = False  # also classify refusals with eval.judge
     limit: int | None = Field(default=None, ge=1)  # first N prompts per suite source (and kind), for quick runs
 
     def files(self) -> dict[str, Path]:
         """The suite files this config reads (their sha256 goes into the eval stage's fingerprint)."""
-        from tunegate.evals import ifeval, safety
-
-        rel = [ifeval.FILE] if self.ifeval else []
-        rel += [f for src in self.safety for f in safety.FILES[src]]
+        rel = [IFEVAL_FILE] if self.ifeval else []
+        rel += [f for src in self.safety for f in SAFETY_FILES[src]]
         return {f"suite:{r}": self.data_root / r for r in rel}
 
     def metrics(self) -> list[str]:
-        from tunegate.evals import ifeval, safety
-
-        out = list(ifeval.METRICS) if self.ifeval else []
+        """The metrics these suites add, in report order."""
+        out = list(IFEVAL_METRICS) if self.ifeval else []
         if self.safety:
-            with_safe = any(s in safety.WITH_SAFE_PROMPTS for s in self.safety)  # harmbench has no safe prompts
-            out += ["harmful_refusal"] + (["over_refusal"] if with_safe else [])
-            if self.safety_judge:
-                out += ["harmful_refusal_judge"] + (["over_refusal_judge"] if with_safe else [])
+            with_safe = any(s in SAFETY_WITH_SAFE_PROMPTS for s in self.safety)  # harmbench has no safe prompts
+            for harmful, over in [SAFETY_METRICS] + ([SAFETY_JUDGE_METRICS] if self.safety_judge else []):
+                out += [harmful] + ([over] if with_safe else [])
         return out
 
 
@@ -391,9 +399,6 @@ class ServerConfig(_Section):
     concurrency: int = Field(default=8, ge=1)
 
 
-JUDGE_METRICS = ("judge_score", "judge_win_rate")
-
-
 class EvalConfig(_Section):
     # Row metrics: exact_match, numeric_match, json_valid, json_schema (needs json_schema), rouge_l, chrf,
     # refusal; corpus metrics: macro_f1. The first one is the headline metric of the report.
@@ -422,8 +427,6 @@ class EvalConfig(_Section):
 
     @model_validator(mode="after")
     def _metrics_known_and_gated_metrics_measured(self):
-        from tunegate.evals.metrics import ALL_METRICS
-
         unknown = [m for m in self.metrics if m not in ALL_METRICS]
         if unknown:
             raise ValueError(f"unknown metric(s) {unknown}; known: {', '.join(ALL_METRICS)}")
@@ -437,8 +440,6 @@ class EvalConfig(_Section):
         if any(r.metric == "judge_score" for r in self.gate):
             raise ValueError("judge_score is reported, not gated: no human-labelled 1-10 grades calibrate it here; "
                              "gate on judge_win_rate (pairwise, both orders) instead")
-        from tunegate.evals.safety import LOWER_IS_BETTER
-
         for r in self.gate:  # over-refusal rates: a rise is the regression
             if r.metric in LOWER_IS_BETTER:
                 r.lower_is_better = True
