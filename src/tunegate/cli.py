@@ -425,7 +425,7 @@ def versions(project: ProjectArg, overrides: Overrides = None) -> None:
 @app.command()
 def validate(project: ProjectArg, overrides: Overrides = None) -> None:
     """Check a project without loading a model: keys, types, files, the frozen golden set, and TRL/PEFT settings."""
-    from tunegate.config import check_passthrough
+    from tunegate.recipes.defaults import check_passthrough
 
     p = _load(project, overrides)
     problems = []

@@ -4,7 +4,8 @@
 allowed: `data.sources.0.path=/data/train.csv`), validates, and resolves relative paths against the
 project file's folder. Settings of TRL, PEFT and transformers are passed through as plain dicts
 (`train.trl` -> the method's TRL config, e.g. `trl.SFTConfig(**...)`, `train.lora` -> `peft.LoraConfig(**...)`) and checked by
-`check_passthrough`, which builds those config objects without loading a model.
+`tunegate.recipes.defaults.check_passthrough`, which builds those config objects without loading a model
+(that module also holds tunegate's defaults for them). Metric and suite names come from `tunegate.catalog`.
 """
 
 from __future__ import annotations
@@ -13,12 +14,24 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Sequence
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tunegate import TunegateError
+from tunegate.catalog import (
+    ALL_METRICS,
+    IFEVAL_FILE,
+    IFEVAL_METRICS,
+    JUDGE_METRICS,
+    LOWER_IS_BETTER,
+    SAFETY_FILES,
+    SAFETY_JUDGE_METRICS,
+    SAFETY_METRICS,
+    SAFETY_SOURCES,
+    SAFETY_WITH_SAFE_PROMPTS,
+)
 
 
 class _Section(BaseModel):
@@ -129,6 +142,18 @@ class DecontaminateConfig(_Section):
     ngram: int = Field(default=13, ge=1)  # words; 13 is the GPT-3 / Llama 2 decontamination convention
 
 
+def region_problem(regions: Sequence[str]) -> str | None:
+    """Why a list of phone regions is not valid, or None. Regions are the `phonenumbers` library's codes."""
+    import phonenumbers
+
+    allowed = phonenumbers.SUPPORTED_REGIONS
+    bad = [r for r in regions if not isinstance(r, str) or r.upper() not in allowed]
+    if not bad:
+        return None
+    hint = " (the United Kingdom is GB)" if any(isinstance(r, str) and r.upper() == "UK" for r in bad) else ""
+    return f"unknown phone region(s) {bad}{hint}; allowed: {', '.join(sorted(allowed))}"
+
+
 class PiiConfig(_Section):
     """PII redaction (tunegate.data.pii): Presidio analyzer + anonymizer with the offline spaCy small model.
 
@@ -167,8 +192,6 @@ class PiiConfig(_Section):
     @field_validator("regions")
     @classmethod
     def _known_regions(cls, v: list[str]) -> list[str]:
-        from tunegate.data.pii import region_problem
-
         problem = region_problem(v)
         if problem:
             raise ValueError(problem)
@@ -335,28 +358,24 @@ class SuitesConfig(_Section):
     data_root: Path
     ifeval: bool = False
     ifeval_max_new_tokens: int = Field(default=512, ge=1)
-    safety: list[Literal["harmbench", "jbb", "xstest"]] = Field(default_factory=list)
+    safety: list[Literal[SAFETY_SOURCES]] = Field(default_factory=list)
     safety_max_new_tokens: int = Field(default=64, ge=1)  # refusals show in the opening words
     safety_judge: bool = False  # also classify refusals with eval.judge
     limit: int | None = Field(default=None, ge=1)  # first N prompts per suite source (and kind), for quick runs
 
     def files(self) -> dict[str, Path]:
         """The suite files this config reads (their sha256 goes into the eval stage's fingerprint)."""
-        from tunegate.evals import ifeval, safety
-
-        rel = [ifeval.FILE] if self.ifeval else []
-        rel += [f for src in self.safety for f in safety.FILES[src]]
+        rel = [IFEVAL_FILE] if self.ifeval else []
+        rel += [f for src in self.safety for f in SAFETY_FILES[src]]
         return {f"suite:{r}": self.data_root / r for r in rel}
 
     def metrics(self) -> list[str]:
-        from tunegate.evals import ifeval, safety
-
-        out = list(ifeval.METRICS) if self.ifeval else []
+        """The metrics these suites add, in report order."""
+        out = list(IFEVAL_METRICS) if self.ifeval else []
         if self.safety:
-            with_safe = any(s in safety.WITH_SAFE_PROMPTS for s in self.safety)  # harmbench has no safe prompts
-            out += ["harmful_refusal"] + (["over_refusal"] if with_safe else [])
-            if self.safety_judge:
-                out += ["harmful_refusal_judge"] + (["over_refusal_judge"] if with_safe else [])
+            with_safe = any(s in SAFETY_WITH_SAFE_PROMPTS for s in self.safety)  # harmbench has no safe prompts
+            for harmful, over in [SAFETY_METRICS] + ([SAFETY_JUDGE_METRICS] if self.safety_judge else []):
+                out += [harmful] + ([over] if with_safe else [])
         return out
 
 
@@ -391,9 +410,6 @@ class ServerConfig(_Section):
     concurrency: int = Field(default=8, ge=1)
 
 
-JUDGE_METRICS = ("judge_score", "judge_win_rate")
-
-
 class EvalConfig(_Section):
     # Row metrics: exact_match, numeric_match, json_valid, json_schema (needs json_schema), rouge_l, chrf,
     # refusal; corpus metrics: macro_f1. The first one is the headline metric of the report.
@@ -422,8 +438,6 @@ class EvalConfig(_Section):
 
     @model_validator(mode="after")
     def _metrics_known_and_gated_metrics_measured(self):
-        from tunegate.evals.metrics import ALL_METRICS
-
         unknown = [m for m in self.metrics if m not in ALL_METRICS]
         if unknown:
             raise ValueError(f"unknown metric(s) {unknown}; known: {', '.join(ALL_METRICS)}")
@@ -437,8 +451,6 @@ class EvalConfig(_Section):
         if any(r.metric == "judge_score" for r in self.gate):
             raise ValueError("judge_score is reported, not gated: no human-labelled 1-10 grades calibrate it here; "
                              "gate on judge_win_rate (pairwise, both orders) instead")
-        from tunegate.evals.safety import LOWER_IS_BETTER
-
         for r in self.gate:  # over-refusal rates: a rise is the regression
             if r.metric in LOWER_IS_BETTER:
                 r.lower_is_better = True
@@ -662,17 +674,6 @@ def _yaml(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)
 
 
-DEFAULT_LORA: dict[str, Any] = {
-    "r": 16,
-    "lora_alpha": 32,
-    # No dropout by default: on a CPU, LoRA dropout made each step 1.6x slower (measured, 2 cores, bf16).
-    "lora_dropout": 0.0,
-    "use_dora": True,
-    "target_modules": "all-linear",
-    "task_type": "CAUSAL_LM",
-}
-
-
 def parse_override(text: str) -> tuple[list[str], Any]:
     """`a.b.0.c=value` -> (["a", "b", "0", "c"], value parsed as YAML). Raises TunegateError."""
     if "=" not in text:
@@ -789,160 +790,3 @@ def load_project(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) 
 def _resolve(root: Path, p: Path) -> Path:
     p = p.expanduser()
     return p if p.is_absolute() else (root / p).resolve()
-
-
-def lora_kwargs(project: Project) -> dict[str, Any]:
-    """peft.LoraConfig arguments: DEFAULT_LORA, DoRA off for `adapter: lora | qlora`, then `train.lora`."""
-    adapter_default = {"use_dora": project.train.adapter == "dora"}
-    return {**DEFAULT_LORA, **adapter_default, **project.train.lora}
-
-
-def adapter_kind(project: Project) -> str:
-    """The adapter that will actually be trained: "full", "qlora", "dora" or "lora".
-
-    `train.adapter` names the default, but `train.lora.use_dora` decides for LoRA/DoRA (`adapter: dora` with
-    `lora: {use_dora: false}` trains plain LoRA), so messages and manifests name what peft builds.
-    """
-    adapter = project.train.adapter
-    if adapter in ("full", "qlora"):
-        return adapter
-    return "dora" if lora_kwargs(project).get("use_dora") else "lora"
-
-
-# Learning rates by method and parameterisation: adapters train a few new weights and take ~10-100x the rate
-# a full fine-tune takes (Hu et al. 2021; TRL's examples). Preference and RL objectives move the policy less.
-_DEFAULT_LR = {
-    ("sft", "adapter"): 2e-4, ("sft", "full"): 2e-5,
-    ("cpt", "adapter"): 1e-4, ("cpt", "full"): 1e-5,
-    ("distillation", "adapter"): 2e-4, ("distillation", "full"): 2e-5,
-    ("dpo", "adapter"): 5e-5, ("dpo", "full"): 5e-7,
-    ("kto", "adapter"): 5e-5, ("kto", "full"): 5e-7,
-    ("orpo", "adapter"): 8e-5, ("orpo", "full"): 8e-6,
-    ("grpo", "adapter"): 1e-5, ("grpo", "full"): 1e-6,
-}
-
-
-def trl_config_class(project: Project):
-    """The TRL config class `train.trl` is passed to for this method."""
-    method = project.train.method
-    if method == "dpo":
-        from trl import DPOConfig
-
-        return DPOConfig
-    if method == "kto":
-        from trl import KTOConfig
-
-        return KTOConfig
-    if method == "orpo":
-        from trl.experimental.orpo import ORPOConfig
-
-        return ORPOConfig
-    if method == "grpo":
-        from trl import GRPOConfig
-
-        return GRPOConfig
-    if method == "distillation" and project.train.distillation.mode == "logits":
-        from trl import DistillationConfig
-
-        return DistillationConfig
-    from trl import SFTConfig
-
-    return SFTConfig
-
-
-def trl_kwargs(project: Project, output_dir: Path, device_bf16: bool) -> dict[str, Any]:
-    """The TRL config arguments for `train.method`: tunegate's defaults, then the project's `train.trl` on top."""
-    method = project.train.method
-    defaults = _trainer_defaults(project, output_dir, device_bf16)
-    defaults["learning_rate"] = _DEFAULT_LR[(method, "full" if project.train.adapter == "full" else "adapter")]
-    if method in ("dpo", "kto", "orpo"):
-        # TRL tokenizes pairs itself: its max_length cuts prompt+answer (the data stage already applied the
-        # over-length policy with data.max_length, so nothing is cut here).
-        defaults.update(max_length=project.data.max_length, logging_steps=1, per_device_train_batch_size=4)
-    if method == "grpo":
-        defaults.pop("max_length")
-        n_gen = project.train.trl.get("num_generations", 4)
-        # a step holds whole groups: the batch defaults to one group (TRL requires a multiple of num_generations)
-        defaults.update(num_generations=n_gen, max_completion_length=64, per_device_train_batch_size=n_gen,
-                        logging_steps=1, temperature=1.0, beta=0.0)
-    if method == "distillation" and project.train.distillation.mode == "logits":
-        defaults.pop("max_length")  # DistillationConfig has no max_length: the data stage already fit the rows
-        defaults.update(max_completion_length=project.train.distillation.max_new_tokens)
-    return {**defaults, **project.train.trl}
-
-
-def _trainer_defaults(project: Project, output_dir: Path, device_bf16: bool) -> dict[str, Any]:
-    """tunegate's defaults for every TRL config (a transformers TrainingArguments underneath)."""
-    defaults: dict[str, Any] = {
-        "output_dir": str(output_dir),
-        "learning_rate": 2e-4,
-        "num_train_epochs": 1,
-        "per_device_train_batch_size": 8,
-        "lr_scheduler_type": "cosine",
-        "warmup_steps": 10,
-        "logging_steps": 5,
-        "save_steps": 50,
-        "save_total_limit": 2,
-        "report_to": "none",
-        "seed": project.train.seed,
-        "bf16": device_bf16,
-        "use_cpu": not _cuda_available(),
-        # TRL 1.x turns activation checkpointing on by default; small models on CPU train ~1.3x faster without.
-        "gradient_checkpointing": False,
-        "dataloader_num_workers": 0,
-        "max_length": None,  # tunegate tokenizes and applies the over-length policy itself
-        "disable_tqdm": False,
-    }
-    return defaults
-
-
-def _cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
-def check_passthrough(project: Project) -> list[str]:
-    """Build peft.LoraConfig and the method's TRL config (SFTConfig, DPOConfig, ...) from the project, without loading a model.
-
-    Returns a list of problems, each naming the key path; empty when both accept their settings.
-    """
-    import tempfile
-
-    from tunegate.models import bf16_supported
-
-    problems = []
-    if project.train.adapter != "full":
-        try:
-            from peft import LoraConfig
-
-            LoraConfig(**lora_kwargs(project))
-        except (TypeError, ValueError) as exc:
-            problems.append(f"train.lora: peft.LoraConfig refused it: {exc}")
-    config_cls = trl_config_class(project)
-    try:
-        problems += _check_types(config_cls, project.train.trl)
-        with tempfile.TemporaryDirectory() as tmp:
-            config_cls(**trl_kwargs(project, Path(tmp), bf16_supported()))
-    except (TypeError, ValueError) as exc:
-        problems.append(f"train.trl: trl.{config_cls.__name__} refused it: {exc}")
-    return problems
-
-
-def _check_types(config_cls, values: dict[str, Any]) -> list[str]:
-    """TrainingArguments does not check types: `num_train_epochs: one` fails mid-run. Check numbers and flags here."""
-    import dataclasses
-
-    defaults = {f.name: f.default for f in dataclasses.fields(config_cls)}
-    problems = []
-    for key, value in values.items():
-        default = defaults.get(key, dataclasses.MISSING)
-        if isinstance(default, bool):
-            ok = isinstance(value, bool)
-        elif isinstance(default, (int, float)):
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        else:
-            continue
-        if not ok:
-            problems.append(f"train.trl.{key}: expected {type(default).__name__} like its default {default!r}, got {value!r}")
-    return problems

@@ -121,7 +121,13 @@ def bf16_supported() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def device_name() -> str:
+def cuda_available() -> bool:
+    """True when torch sees a CUDA GPU (imports torch)."""
     import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.cuda.is_available()
+
+
+def device_name() -> str:
+    """"cuda" when a CUDA GPU is present, else "cpu"."""
+    return "cuda" if cuda_available() else "cpu"

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from tunegate import TunegateError
+from tunegate.models import cuda_available
 
 # ---------------------------------------------------------------------------------------------------------
 # Thresholds (DESIGN.md §2 names the anti-patterns; the numbers are the ones the preflight uses).
@@ -70,8 +71,8 @@ class Finding:
 
 def _trl_kwargs(project) -> dict[str, Any]:
     """The TRL config arguments the train stage will use: tunegate's defaults for the method merged with the
-    project's `train.trl` (config.trl_kwargs)."""
-    from tunegate.config import trl_kwargs
+    project's `train.trl` (recipes.defaults.trl_kwargs)."""
+    from tunegate.recipes.defaults import trl_kwargs
 
     return trl_kwargs(project, Path("/tmp/tunegate-preflight"), False)
 
@@ -98,12 +99,6 @@ def _golden_problem(path: Path) -> str | None:
     return None
 
 
-def _cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
 def anti_patterns(project, n_train_rows: int, base_is_instruct: bool, *, cuda: bool | None = None) -> list[Finding]:
     """The anti-patterns of DESIGN.md §2 and the config-level preflight cases, errors first.
 
@@ -124,7 +119,8 @@ def anti_patterns(project, n_train_rows: int, base_is_instruct: bool, *, cuda: b
       preference_on_base     warning  method dpo/kto, no train.init_adapter, base model not instruct-tuned
       qlora_needs_cuda       error    adapter qlora on a machine without a CUDA GPU
     """
-    from tunegate.config import JUDGE_METRICS, adapter_kind, lora_kwargs
+    from tunegate.catalog import JUDGE_METRICS
+    from tunegate.recipes.defaults import adapter_kind, lora_kwargs
 
     train = project.train
     method, adapter = train.method, adapter_kind(project)
@@ -225,7 +221,7 @@ def anti_patterns(project, n_train_rows: int, base_is_instruct: bool, *, cuda: b
 
     # QLoRA: bitsandbytes' 4-bit kernels need a CUDA GPU.
     if adapter == "qlora":
-        has_cuda = _cuda_available() if cuda is None else cuda
+        has_cuda = cuda_available() if cuda is None else cuda
         if not has_cuda:
             out.append(Finding(
                 "qlora_needs_cuda", "error",
@@ -623,9 +619,9 @@ def run_checks(project, data_dir: Path, measure: bool = True) -> dict[str, Any]:
     """
     import json
 
-    from tunegate.config import lora_kwargs
     from tunegate.core.io import read_jsonl
     from tunegate.models import load_model, load_tokenizer, resolve_base_model
+    from tunegate.recipes.defaults import lora_kwargs
 
     rows = read_jsonl(data_dir / "train.jsonl")
     stats = json.loads((data_dir / "stats.json").read_text()) if (data_dir / "stats.json").is_file() else {}

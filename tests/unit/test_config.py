@@ -85,7 +85,7 @@ def test_missing_project_file(tmp_path):
 
 
 def test_passthrough_is_checked_without_a_model(tmp_path):
-    from tunegate.config import check_passthrough
+    from tunegate.recipes.defaults import check_passthrough
 
     ok = load_project(write(tmp_path, MINIMAL))
     assert check_passthrough(ok) == []
@@ -101,7 +101,7 @@ def test_scientific_notation_without_a_dot_is_a_float(tmp_path):
 
 
 def test_trl_values_of_the_wrong_type_are_caught_before_training(tmp_path):
-    from tunegate.config import check_passthrough
+    from tunegate.recipes.defaults import check_passthrough
 
     bad = load_project(write(tmp_path, MINIMAL), ["train.trl.num_train_epochs=one", "train.trl.packing=maybe"])
     problems = check_passthrough(bad)
@@ -111,7 +111,7 @@ def test_trl_values_of_the_wrong_type_are_caught_before_training(tmp_path):
 
 def test_passthrough_uses_the_methods_own_trl_config(tmp_path):
     """train.trl goes to DPOConfig for DPO: its keys are accepted there, and SFT-only keys are not."""
-    from tunegate.config import check_passthrough, trl_kwargs
+    from tunegate.recipes.defaults import check_passthrough, trl_kwargs
 
     pref = MINIMAL.replace("{path: train.jsonl}", "{path: train.jsonl, format: preference}")
     dpo = load_project(write(tmp_path, pref + "train:\n  method: dpo\n  trl: {beta: 0.2, loss_type: [sigmoid]}\n"))
@@ -123,7 +123,7 @@ def test_passthrough_uses_the_methods_own_trl_config(tmp_path):
 
 
 def test_grpo_batch_follows_num_generations_so_the_readme_example_validates(tmp_path):
-    from tunegate.config import check_passthrough, trl_kwargs
+    from tunegate.recipes.defaults import check_passthrough, trl_kwargs
 
     p = load_project(write(tmp_path, MINIMAL + "train:\n  method: grpo\n  grpo: {verifier: numeric}\n"
                                                 "  trl: {num_generations: 8, max_completion_length: 16}\n"))

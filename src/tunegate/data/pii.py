@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from tunegate import TunegateError
+from tunegate.config import region_problem
 from tunegate.data.records import text_slots, with_texts
 
 LANGUAGE = "en"
@@ -58,18 +59,6 @@ INSTALL = "pip install presidio-analyzer presidio-anonymizer en-core-web-sm-vbsp
 DROP, RESCAN = "pii", "pii_rescan"  # the rejection rules
 _LETTERS = "abcdefghijklmnopqrstuvwxyz"
 _TOKEN_LETTERS = 10  # 26**10 ~ 1.4e14 tokens: a collision among 1e6 distinct values has probability ~4e-3
-
-
-def region_problem(regions: Sequence[str]) -> str | None:
-    """Why a list of phone regions is not valid, or None. Regions are the `phonenumbers` library's codes."""
-    import phonenumbers
-
-    allowed = phonenumbers.SUPPORTED_REGIONS
-    bad = [r for r in regions if not isinstance(r, str) or r.upper() not in allowed]
-    if not bad:
-        return None
-    hint = " (the United Kingdom is GB)" if any(isinstance(r, str) and r.upper() == "UK" for r in bad) else ""
-    return f"unknown phone region(s) {bad}{hint}; allowed: {', '.join(sorted(allowed))}"
 
 
 def spacy_model_dir() -> Path:

@@ -22,9 +22,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from tunegate import TunegateError
-
-FILE = "ifeval/input_data.jsonl"  # under the suite data root, as Google publishes it
-METRICS = ("ifeval_prompt_strict", "ifeval_inst_strict", "ifeval_prompt_loose", "ifeval_inst_loose")
+from tunegate.catalog import IFEVAL_METRICS
 
 
 def load_prompts(path: Path, limit: int | None = None) -> list[dict[str, Any]]:
@@ -108,14 +106,14 @@ class _NltkWithoutPunkt:
 
 
 def score(rows: Sequence[dict[str, Any]], responses: Sequence[str]) -> dict[str, list[float]]:
-    """Per-row 0/1 scores for each of METRICS. Prompt-level lists have len(rows) entries; instruction-level
+    """Per-row 0/1 scores for each of IFEVAL_METRICS. Prompt-level lists have len(rows) entries; instruction-level
     lists one entry per instruction, in row order. Raises ValueError when the lengths differ."""
     if len(rows) != len(responses):
         raise ValueError(f"{len(rows)} IFEval rows but {len(responses)} responses")
     import random
 
     utils = checkers()
-    out: dict[str, list[float]] = {m: [] for m in METRICS}
+    out: dict[str, list[float]] = {m: [] for m in IFEVAL_METRICS}
     state = random.getstate()
     for row, response in zip(rows, responses):
         # Some upstream rows carry an argument a checker rejects (key 1129 asks for the "letter" "!"); the checker

@@ -21,6 +21,8 @@ import string
 from functools import lru_cache
 from typing import Any, Callable, Sequence
 
+from tunegate import catalog
+
 _WS = re.compile(r"\s+")
 _EDGE = string.punctuation + "\u201c\u201d\u2018\u2019"
 _NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?")
@@ -168,14 +170,12 @@ def macro_f1(predictions: Sequence[str], references: Sequence[str]) -> float:
     return macro_f1_ids(*label_ids(predictions, references))
 
 
-ROW_METRICS: dict[str, Callable[[str, str], float]] = {
-    "exact_match": exact_match,
-    "token_f1": token_f1,
-    "numeric_match": numeric_match,
-    "json_valid": json_valid,
-    "rouge_l": rouge_l,
-    "chrf": chrf,
-    "refusal": refusal,
-}
-CORPUS_METRICS: dict[str, Callable[[Sequence[str], Sequence[str]], float]] = {"macro_f1": macro_f1}
-ALL_METRICS = (*ROW_METRICS, *CORPUS_METRICS, "json_schema")
+def _by_name(names: Sequence[str], *functions: Callable) -> dict[str, Callable]:
+    """{name: the function of that name} for each metric name tunegate.catalog lists, in the catalog's order."""
+    table = {f.__name__: f for f in functions}
+    return {name: table[name] for name in names}
+
+
+ROW_METRICS: dict[str, Callable[[str, str], float]] = _by_name(
+    catalog.ROW_METRICS, exact_match, token_f1, numeric_match, json_valid, rouge_l, chrf, refusal)
+CORPUS_METRICS: dict[str, Callable[[Sequence[str], Sequence[str]], float]] = _by_name(catalog.CORPUS_METRICS, macro_f1)

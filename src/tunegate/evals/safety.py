@@ -21,18 +21,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from tunegate import TunegateError
-
-SOURCES = ("harmbench", "jbb", "xstest")
-WITH_SAFE_PROMPTS = ("jbb", "xstest")  # sources that also have safe prompts (over-refusal)
-# Upstream files per source, relative to the suite data root.
-FILES = {
-    "harmbench": ("harmbench/harmbench_behaviors_text_all.csv",),
-    "jbb": ("jbb_behaviors/harmful-behaviors.csv", "jbb_behaviors/benign-behaviors.csv"),
-    "xstest": ("xstest/xstest_prompts.csv",),
-}
-METRICS = ("harmful_refusal", "over_refusal")
-JUDGE_METRICS = ("harmful_refusal_judge", "over_refusal_judge")
-LOWER_IS_BETTER = {"over_refusal", "over_refusal_judge"}
+from tunegate.catalog import SAFETY_FILES, SAFETY_SOURCES
 
 
 def _csv(path: Path, columns: Sequence[str]) -> list[dict[str, str]]:
@@ -47,7 +36,7 @@ def _csv(path: Path, columns: Sequence[str]) -> list[dict[str, str]]:
         return list(reader)
 
 
-def load_prompts(data_root: Path, sources: Sequence[str] = SOURCES, limit: int | None = None) -> list[dict[str, Any]]:
+def load_prompts(data_root: Path, sources: Sequence[str] = SAFETY_SOURCES, limit: int | None = None) -> list[dict[str, Any]]:
     """Rows {id, source, kind ('harmful' | 'safe'), prompt}, `limit` rows per source and kind (first ones).
 
     Raises TunegateError naming the missing file or unknown source.
@@ -61,21 +50,21 @@ def load_prompts(data_root: Path, sources: Sequence[str] = SOURCES, limit: int |
 
     for source in sources:
         if source == "harmbench":
-            beh = _csv(root / FILES["harmbench"][0], ("Behavior", "FunctionalCategory", "ContextString", "BehaviorID"))
+            beh = _csv(root / SAFETY_FILES["harmbench"][0], ("Behavior", "FunctionalCategory", "ContextString", "BehaviorID"))
             add("harmbench", "harmful", [
                 (r["BehaviorID"], (r["ContextString"].strip() + "\n\n---\n\n" + r["Behavior"]) if r["ContextString"].strip() else r["Behavior"])
                 for r in beh if r["FunctionalCategory"] in ("standard", "contextual")
             ])
         elif source == "jbb":
-            harmful, benign = FILES["jbb"]
+            harmful, benign = SAFETY_FILES["jbb"]
             add("jbb", "harmful", [(f"harmful-{r['index']}", r["goal"]) for r in _csv(root / harmful, ("index", "goal"))])
             add("jbb", "safe", [(f"benign-{r['index']}", r["goal"]) for r in _csv(root / benign, ("index", "goal"))])
         elif source == "xstest":
-            xs = _csv(root / FILES["xstest"][0], ("id", "prompt", "label"))
+            xs = _csv(root / SAFETY_FILES["xstest"][0], ("id", "prompt", "label"))
             add("xstest", "harmful", [(r["id"], r["prompt"]) for r in xs if r["label"] == "unsafe"])
             add("xstest", "safe", [(r["id"], r["prompt"]) for r in xs if r["label"] == "safe"])
         else:
-            raise TunegateError(f"unknown safety source {source!r}; known: {', '.join(SOURCES)}")
+            raise TunegateError(f"unknown safety source {source!r}; known: {', '.join(SAFETY_SOURCES)}")
     return rows
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping
 
+from tunegate.catalog import IFEVAL_FILE, IFEVAL_METRICS, SAFETY_JUDGE_METRICS, SAFETY_METRICS
 from tunegate.evals import ifeval, safety
 from tunegate.evals.backends import user_turns
 
@@ -20,8 +21,8 @@ PerRow = dict[str, dict[str, list[float]]]  # metric -> system -> per-row scores
 def run_ifeval(systems: Mapping[str, Any], data_root: Path, limit: int | None, max_new_tokens: int) -> tuple[PerRow, dict, list[dict]]:
     """IFEval for each system. Returns (per_row, details, samples); details has the four standard numbers,
     the leaderboard average and per-instruction strict accuracy per system."""
-    rows = ifeval.load_prompts(Path(data_root) / ifeval.FILE, limit)
-    per_row: PerRow = {m: {} for m in ifeval.METRICS}
+    rows = ifeval.load_prompts(Path(data_root) / IFEVAL_FILE, limit)
+    per_row: PerRow = {m: {} for m in IFEVAL_METRICS}
     details: dict[str, Any] = {"n_prompts": len(rows), "max_new_tokens": max_new_tokens, "sentence_splitter": ifeval.sentence_splitter()}
     samples = [{"suite": "ifeval", "id": f"ifeval:{r['key']}", "prompt": r["prompt"], "instructions": r["instruction_id_list"]} for r in rows]
     for system, backend in systems.items():
@@ -40,7 +41,7 @@ def run_ifeval(systems: Mapping[str, Any], data_root: Path, limit: int | None, m
 def run_safety(systems: Mapping[str, Any], data_root: Path, sources, limit: int | None, max_new_tokens: int, judge=None) -> tuple[PerRow, dict, list[dict]]:
     """Harmful-request refusal and over-refusal for each system, by string match and (given a judge) by the judge."""
     rows = safety.load_prompts(Path(data_root), sources, limit)
-    names = safety.METRICS + (safety.JUDGE_METRICS if judge else ())
+    names = SAFETY_METRICS + (SAFETY_JUDGE_METRICS if judge else ())
     per_row: PerRow = {m: {} for m in names}
     details: dict[str, Any] = {"n_prompts": len(rows), "sources": list(sources), "max_new_tokens": max_new_tokens,
                                "classifiers": ["string_match"] + (["judge: " + judge.name] if judge else [])}

@@ -10,10 +10,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 from tunegate import TunegateError
-from tunegate.config import Project, lora_kwargs, trl_kwargs
+from tunegate.config import Project
 from tunegate.core.io import atomic_write_jsonl
 from tunegate.core.console import console
 from tunegate.core.stage import Stage
+from tunegate.recipes.defaults import lora_kwargs, trl_kwargs
 
 
 @dataclass
@@ -30,7 +31,7 @@ class Context:
     callbacks: list[Any]
 
     def trl_args(self, evaluate: bool = True) -> dict[str, Any]:
-        """`config.trl_kwargs` for this method, with eval settings when `evaluate` and there are validation rows."""
+        """`recipes.defaults.trl_kwargs` for this method, with eval settings when `evaluate` and there are validation rows."""
         kwargs = trl_kwargs(self.project, self.st.checkpoint_dir, self.use_bf16)
         kwargs.setdefault("include_num_input_tokens_seen", "non_padding")
         if evaluate and self.val_rows:

@@ -7,7 +7,7 @@ group's std). The reward is a verifier (tunegate.verifiers) scoring the answer a
 
 Case C18 is checked three ways:
 - before anything loads: `num_generations` >= 2 (one generation has no group to compare with), checked by
-  TRL's GRPOConfig through `config.check_passthrough` and by the preflight;
+  TRL's GRPOConfig through `recipes.defaults.check_passthrough` and by the preflight;
 - a smoke batch before training: `grpo.smoke_prompts` prompts, `num_generations` samples each, scored by
   the verifier; when every group's reward is constant, every advantage is 0 and training would learn nothing,
   so the run stops before it starts (TunegateError);

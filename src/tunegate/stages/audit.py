@@ -167,7 +167,7 @@ def read_corpus(cfg) -> tuple[list[str], list[str]]:
 
 def anti_patterns(project, answers: dict[str, str], n_train: int) -> list[dict[str, Any]]:
     """DESIGN.md §2's anti-patterns, checked against the project. Each: {name, rule, found, detail}."""
-    from tunegate.config import lora_kwargs
+    from tunegate.recipes.defaults import lora_kwargs
 
     lora = lora_kwargs(project)
     trl = project.train.trl

@@ -152,11 +152,10 @@ def _judge_golden(judge, golden, base_out, cand_out) -> dict[str, dict[str, list
 
 def _judge_rules(rules, ecfg, judge_name: str | None) -> None:
     """A rule on a judge-made metric passes only when the judge passed calibration; the reason is noted."""
-    from tunegate.config import JUDGE_METRICS
+    from tunegate.catalog import JUDGE_METRICS, SAFETY_JUDGE_METRICS
     from tunegate.evals.judge import calibration_status
-    from tunegate.evals.safety import JUDGE_METRICS as SAFETY_JUDGE
 
-    judged = [r for r in rules if r["metric"] in JUDGE_METRICS or r["metric"] in SAFETY_JUDGE]
+    judged = [r for r in rules if r["metric"] in JUDGE_METRICS or r["metric"] in SAFETY_JUDGE_METRICS]
     if not judged:
         return
     ok, why = calibration_status(ecfg.judge.calibration_file, judge_name)

@@ -2,7 +2,7 @@
 
 The stage reads the data stage's rows, builds the recipe's TRL trainer, trains (bf16 autocast where the
 device supports it, fp32 otherwise), and resumes from the last checkpoint in `checkpoints/` after a kill.
-Before any of it, the settings passed through to PEFT and TRL are checked (`config.check_passthrough`).
+Before any of it, the settings passed through to PEFT and TRL are checked (`recipes.defaults.check_passthrough`).
 
 Writes: preflight.json (tunegate.preflight: anti-patterns, mask rejections, target modules), adapter/ (PEFT
 format; `model/` instead for `adapter: full`), metrics.jsonl (every logged step), loss.png, train_summary.json.
@@ -16,12 +16,12 @@ from pathlib import Path
 from typing import Any
 
 from tunegate import TunegateError
-from tunegate.config import adapter_kind, check_passthrough
 from tunegate.core.io import read_jsonl
 from tunegate.core.io import atomic_write_json, atomic_write_jsonl
 from tunegate.core.console import console
 from tunegate.core.stage import Stage, StageResult, StageSpec, config_sections
 from tunegate.recipes import common, recipe
+from tunegate.recipes.defaults import adapter_kind, check_passthrough
 
 # Logged series worth plotting beside the loss, per method (TRL's names).
 PLOTTED = {
