@@ -322,3 +322,29 @@ def test_setup_pins_vllms_dependencies_where_they_were_recorded(tmp_path, monkey
     here = (platform.system(), platform.machine()) == ("Linux", "x86_64")
     assert vllm_setup.constraints_apply((3, 11)) is here and vllm_setup.constraints_apply((3, 12)) is False
 
+
+# ---------------------------------------------------------------- the engine protocol
+
+
+def test_both_engines_implement_the_engine_protocol():
+    """Every attribute and method of tunegate.serve.engine.Engine exists on both engines; the embedded engine
+    declares it cannot change adapters at run time and refuses to, with the way to do it instead."""
+    import dataclasses
+    import typing
+
+    from tunegate.serve.engine import EmbeddedEngine, Engine
+    from tunegate.serve.vllm import VLLMEngine
+
+    attributes = set(typing.get_type_hints(Engine))
+    methods = {n for n, v in vars(Engine).items() if callable(v) and not n.startswith("_")}
+    assert attributes >= {"kind", "base_name", "adapters", "serves_base", "runtime_adapters"}
+    assert methods >= {"complete", "add_adapter", "remove_adapter", "close"}
+    for cls in (EmbeddedEngine, VLLMEngine):
+        assert attributes <= {f.name for f in dataclasses.fields(cls)}, cls
+        assert all(callable(getattr(cls, m, None)) for m in methods), cls
+    embedded = EmbeddedEngine(model=None, tokenizer=None, base_name="base-model")
+    assert (embedded.kind, embedded.runtime_adapters, VLLMEngine(url="u", base_name="b").runtime_adapters) == ("embedded", False, True)
+    with pytest.raises(TunegateError, match="start-up only; add the bundle to serve.bundles and restart"):
+        embedded.add_adapter("support", Path("bundle"))
+    with pytest.raises(TunegateError, match="remove the bundle from serve.bundles and restart"):
+        embedded.remove_adapter("support")
