@@ -27,7 +27,7 @@ with two plain-LoRA runs released as signed bundles and listed under serve.bundl
     tunegate keys generate --out keys
     tunegate release tunegate.yaml --key keys/private.pem --run-id support --out bundles/support $O train.seed=0
 
-The embedded engine answers one request at a time (see tunegate.serve), so its requests/s is the model's
+The embedded engine answers one request at a time (see tunegate.serve.engine), so its requests/s is the model's
 single-stream speed and the latency grows with the number of clients queued behind the lock; feedback posts
 do not wait for that lock. Writes bench/results/serve_load.json (or --out).
 """
@@ -96,9 +96,9 @@ def tiny_base_model(out: Path) -> Path:
 def start_embedded(which: str, workdir: Path, max_tokens: int):
     """Start tunegate's embedded server on the base model alone, in a throwaway project with one tenant.
     Returns (BackgroundServer, api key, model name, database URL, description)."""
-    from tunegate import servedb
     from tunegate.config import load_project
     from tunegate.serve import create_app, start_background
+    from tunegate.serve import db as servedb
 
     base = str(tiny_base_model(workdir / "tiny-llama")) if which == "tiny" else "smollm2-135m-instruct"
     (workdir / "golden.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "q"},
@@ -154,10 +154,10 @@ def serve_project(project_path: Path, engine: str, args, workdir: Path) -> dict:
     import subprocess
     import sys
 
-    from tunegate import servedb
     from tunegate.config import load_project
-    from tunegate.serve import bundle_name
-    from tunegate.vllm_engine import free_port
+    from tunegate.serve import db as servedb
+    from tunegate.serve.bundles import bundle_name
+    from tunegate.serve.vllm import free_port
 
     project = load_project(project_path)
     models = [bundle_name(b) for b in (project.serve.bundles if project.serve else [])]
@@ -325,7 +325,7 @@ def main() -> int:
     try:
         engine = None
         if args.database_url and not args.no_feedback:
-            from tunegate import servedb
+            from tunegate.serve import db as servedb
 
             engine = servedb.connect(args.database_url)
             rows_before = servedb.count_feedback(engine)

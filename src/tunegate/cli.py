@@ -145,7 +145,7 @@ def data_feedback(
     (source feedback, trace_id, tenant, adapter, adapter_sha256) in its meta. Reads serve.database_url (default
     <project dir>/serve.db).
     """
-    from tunegate.servedb import export_to_files
+    from tunegate.serve.db import export_to_files
 
     p = _load(project, overrides)
     written, counts = export_to_files(p, out, adapter or None)
@@ -739,7 +739,7 @@ def serve_setup(
     Its ~150 dependencies are pinned to the versions checked with tunegate (vllm-constraints.txt), so a new
     release of one of them cannot break serving; --unpinned takes what pip resolves today.
     """
-    from tunegate.vllm_engine import setup_venv
+    from tunegate.serve.vllm_setup import setup_venv
 
     if engine != "vllm":
         raise TunegateError(f"serve-setup {engine}: unknown engine; engines with a setup: vllm")
@@ -764,8 +764,9 @@ def serve_smoke(
     import json
     import os
 
-    from tunegate.serve import bundle_name
-    from tunegate.vllm_engine import format_smoke, read_admin_file, run_smoke
+    from tunegate.serve.bundles import bundle_name
+    from tunegate.serve.smoke import format_smoke, run_smoke
+    from tunegate.serve.vllm import read_admin_file
 
     p = _load(project, overrides)
     if not url:
@@ -794,7 +795,7 @@ def serve_adapters(
     the bundle first (signature, PASS, base model, vLLM LoRA fit, rank within its --max-lora-rank)."""
     import httpx
 
-    from tunegate.vllm_engine import read_admin_file
+    from tunegate.serve.vllm import read_admin_file
 
     p = _load(project, None)
     admin = read_admin_file(p)
@@ -812,7 +813,7 @@ def serve_adapters(
 
 
 def _serving_db(project: Path, overrides: list[str] | None):
-    from tunegate import servedb
+    from tunegate.serve import db as servedb
 
     p = _load(project, overrides)
     return p, servedb.connect(servedb.project_url(p))
@@ -826,8 +827,8 @@ def tenants_add(
     allow_base: Annotated[bool, typer.Option("--allow-base", help="the tenant may also call the base model")] = False,
 ) -> None:
     """Add a tenant and print its new API key, once: only the key's SHA-256 is stored."""
-    from tunegate import servedb
-    from tunegate.serve import bundle_name
+    from tunegate.serve import db as servedb
+    from tunegate.serve.bundles import bundle_name
 
     p, db = _serving_db(project, None)
     known = [bundle_name(b) for b in (p.serve.bundles if p.serve else [])]
@@ -843,7 +844,7 @@ def tenants_add(
 @tenants_app.command("list")
 def tenants_list(project: ProjectArg) -> None:
     """List tenants, their adapters and whether their key is revoked (keys themselves are never stored)."""
-    from tunegate import servedb
+    from tunegate.serve import db as servedb
 
     _, db = _serving_db(project, None)
     rows = servedb.list_tenants(db)
@@ -858,7 +859,7 @@ def tenants_list(project: ProjectArg) -> None:
 @tenants_app.command("revoke")
 def tenants_revoke(project: ProjectArg, name: Annotated[str, typer.Argument(help="the tenant to revoke")]) -> None:
     """Revoke a tenant's key (its requests get 401 at once); its traces and feedback are kept."""
-    from tunegate import servedb
+    from tunegate.serve import db as servedb
 
     _, db = _serving_db(project, None)
     servedb.revoke_tenant(db, name)

@@ -1,6 +1,6 @@
 """`tunegate drift`: have production requests moved away from what the adapter was trained on?
 
-Compares the prompts of recent traces in the serving database (tunegate.servedb; `serve.database_url`, default
+Compares the prompts of recent traces in the serving database (tunegate.serve.db; `serve.database_url`, default
 `sqlite:///<project dir>/serve.db`; the window is `--since`) with the user turns of the run's training data
 (runs/<id>/data/train.jsonl). Three checks, thresholds in the project's `drift:` section (config.DriftConfig):
 
@@ -81,7 +81,7 @@ def recent_requests(engine, since: dt.timedelta, adapter: str | None = None, now
     adapter: keep only that adapter's traces ("base": the base model's)."""
     from sqlalchemy import select
 
-    from tunegate import servedb
+    from tunegate.serve import db as servedb
 
     t = servedb.tables()["traces"]
     now = now or dt.datetime.now(dt.UTC)
@@ -96,7 +96,7 @@ def recent_requests(engine, since: dt.timedelta, adapter: str | None = None, now
         prompt = request_prompt(r["messages"])
         if prompt.strip():
             out.append({"id": r["id"], "tenant": r["tenant"], "adapter": r["adapter"],
-                        "created_at": servedb._iso(r["created_at"]), "prompt": prompt})
+                        "created_at": servedb.iso_utc(r["created_at"]), "prompt": prompt})
     return out
 
 
@@ -433,9 +433,9 @@ def run_drift(project, run_id: str = "default", since: str = "7d", adapter: str 
     """
     import numpy as np
 
-    from tunegate import servedb
     from tunegate.core.io import atomic_write_json, atomic_write_text
     from tunegate.pipeline import run_dir_for
+    from tunegate.serve import db as servedb
 
     cfg = project.drift
     window = parse_since(since)

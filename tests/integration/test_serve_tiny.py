@@ -9,8 +9,9 @@ import threading
 import pytest
 from conftest import chat, project_yaml, write_jsonl
 
-from tunegate import TunegateError, servedb
+from tunegate import TunegateError
 from tunegate.config import BundleConfig, SourceConfig, load_project
+from tunegate.serve import db as servedb
 
 pytestmark = pytest.mark.serve
 
@@ -170,7 +171,8 @@ def _resign(bundle, private):
 
 def test_unsigned_tampered_wrong_key_and_fail_bundles_are_refused(served, tmp_path):
     from tunegate.release import generate_keys
-    from tunegate.serve import EmbeddedEngine, check_bundle
+    from tunegate.serve.bundles import check_bundle
+    from tunegate.serve.engine import EmbeddedEngine
 
     good = served["root"] / "bundles" / "support"
     project, public = served["project"], served["public"]

@@ -68,9 +68,10 @@ def vllm_project(tmp_path_factory, tokenizer):
 def test_vllm_serves_two_adapters_behind_the_proxy(vllm_project, tmp_path):
     from fastapi.testclient import TestClient
 
-    from tunegate import servedb
     from tunegate.serve import create_app
-    from tunegate.vllm_engine import VLLMEngine, format_smoke, run_smoke
+    from tunegate.serve import db as servedb
+    from tunegate.serve.smoke import format_smoke, run_smoke
+    from tunegate.serve.vllm import VLLMEngine
 
     engine = VLLMEngine.launch(vllm_project, venv=VENV, dtype="float32", enforce_eager=True, timeout_s=900,
                                max_model_len=512)

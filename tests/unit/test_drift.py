@@ -1,7 +1,7 @@
 """`tunegate drift`: production traces vs training prompts, and the golden set re-run on the served adapter.
 
 A fake embedding (hashed bag of words) stands in for MiniLM, so the tests load no model; the serving database
-is a temporary SQLite file filled through tunegate.servedb's own API.
+is a temporary SQLite file filled through tunegate.serve.db's own API.
 """
 
 from __future__ import annotations
@@ -16,9 +16,10 @@ import pytest
 from conftest import chat, fake_openai_server, write_jsonl
 from typer.testing import CliRunner
 
-from tunegate import EXIT_DRIFT, EXIT_INVALID_INPUT, TunegateError, servedb
+from tunegate import EXIT_DRIFT, EXIT_INVALID_INPUT, TunegateError
 from tunegate.config import load_project
 from tunegate.drift import mmd_permutation_test, parse_since, run_drift
+from tunegate.serve import db as servedb
 
 BIKES = ["road bike", "kids' bike", "e-bike", "gravel bike", "folding bike", "mountain bike"]
 PARTS = ["saddle", "chain", "brake", "tyre", "pedal", "derailleur", "wheel"]

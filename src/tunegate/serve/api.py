@@ -1,0 +1,419 @@
+"""The serving API: an OpenAI-compatible HTTP API over one base model and its release bundles' adapters.
+
+`tunegate serve PROJECT --engine embedded` (FastAPI + uvicorn + transformers/PEFT) is the engine for a
+laptop, a test, or a small internal endpoint; production throughput is vLLM's (continuous batching,
+multi-LoRA kernels): `--engine vllm` (tunegate.serve.vllm) runs vLLM on a private loopback port and this
+same app in front of it, so the API, keys, traces and feedback store are the same. The generation backend
+is a tunegate.serve.engine.Engine (EmbeddedEngine, or VLLMEngine forwarding to vLLM); an engine with
+`runtime_adapters` gets the admin endpoints.
+
+Endpoints (tenants authenticate with `Authorization: Bearer KEY`, see `tunegate tenants add`):
+  GET  /health               no key; liveness, the engine and how many adapters are loaded (no names)
+  GET  /v1/models            the models this key may use: the base model (when granted) and its adapters
+  POST /v1/chat/completions  OpenAI chat completions; `model` is an adapter name or the base model's name.
+                             The response `id` is the trace id; the request and the answer are stored as a
+                             trace (tunegate.serve.db). `stream: true` sends the whole answer as one chunk.
+  POST /v1/feedback          {trace_id, rating: "up"|"down", edited_answer?}; optional `Idempotency-Key`
+                             header (see tunegate.serve.db for the exactly-once rules). 201 new, 200 replay,
+                             404 unknown trace or another tenant's, 409 key reused with a different body.
+  POST   /admin/adapters        {path, name?}: verify a bundle and load its adapter at run time (vLLM engine)
+  DELETE /admin/adapters/NAME   unload it. Both need `Authorization: Bearer ADMIN_TOKEN` (the token tunegate
+                                serve writes to <project>/.tunegate-serve.json, mode 0600; not a tenant key).
+Errors use OpenAI's shape, {"error": {"message", "type", "code"}}: 401 unknown, missing or revoked key;
+403 a model the key is not granted; 404 a granted adapter that is not loaded; 400 an invalid request;
+502 the vLLM engine behind the app failed or is unreachable.
+
+Which adapters load: only from verified release bundles (tunegate.serve.bundles); one refused bundle stops
+the server from starting, naming the bundle and the reason: a tenant would otherwise be answered by
+something other than what was released.
+
+Each endpoint is a function of this module; `create_app` wires them to one engine and one serving database
+(`app.state.engine`, `app.state.db`, `app.state.settings`).
+"""
+
+import json
+import threading
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from fastapi import Depends, FastAPI, Header, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, Field
+
+from tunegate import TunegateError, __version__
+from tunegate.serve import db as servedb
+from tunegate.serve.engine import ApiError, Completion, EmbeddedEngine, Engine
+
+ENGINES = ("embedded", "vllm")
+
+
+# ---------------------------------------------------------------- requests and settings
+
+class ChatRequest(BaseModel):
+    """OpenAI's chat completion request; fields it does not use (user, logprobs, ...) are ignored."""
+
+    model: str
+    messages: list[Any] = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=1.0, ge=0, le=2)  # OpenAI's default; 0 is greedy
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    n: int = Field(default=1, ge=1, le=1)  # one answer per request (each answer is one trace)
+
+
+class FeedbackRequest(BaseModel):
+    trace_id: str = Field(min_length=1, max_length=64)
+    rating: Literal["up", "down"]
+    edited_answer: str | None = Field(default=None, max_length=100_000)
+
+
+class AdapterRequest(BaseModel):
+    path: str = Field(min_length=1)  # a release bundle folder, on the server's file system
+    name: str | None = None  # the adapter's model name; default: the bundle folder's name
+
+
+@dataclass(frozen=True)
+class ApiSettings:
+    """What the endpoints read from the project's serve section, and the admin token."""
+
+    feedback: bool = True  # serve.feedback: POST /v1/feedback is open
+    max_new_tokens: int = 256  # serve.max_new_tokens: the cap on a request's max_tokens
+    admin_token: str | None = None  # opens /admin/adapters (engines with runtime_adapters only)
+
+
+# ---------------------------------------------------------------- errors
+
+def api_error_response(_request: Request, exc: ApiError) -> JSONResponse:
+    """An ApiError in OpenAI's error shape; a 401 asks for a bearer token."""
+    headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+    return JSONResponse({"error": {"message": exc.message, "type": exc.type, "code": exc.code}},
+                        status_code=exc.status, headers=headers)
+
+
+def invalid_request_response(_request: Request, exc: RequestValidationError) -> JSONResponse:
+    """A request body or header that fails validation: 400 in OpenAI's error shape, naming each field."""
+    detail = "; ".join(f"{'.'.join(str(x) for x in e['loc'][1:]) or 'body'}: {e['msg']}" for e in exc.errors())
+    return JSONResponse({"error": {"message": detail, "type": "invalid_request_error", "code": None}}, status_code=400)
+
+
+# ---------------------------------------------------------------- authentication
+
+def _bearer(authorization: str | None) -> str | None:
+    """The key of an `Authorization: Bearer KEY` header; None without one."""
+    scheme, _, key = (authorization or "").partition(" ")
+    return key.strip() if scheme.lower() == "bearer" and key.strip() else None
+
+
+def authenticated_tenant(request: Request, authorization: Annotated[str | None, Header()] = None) -> servedb.Tenant:
+    """The tenant whose API key the request carries (`Authorization: Bearer KEY`).
+
+    Raises:
+        ApiError: 401, no key, or a key that is unknown or revoked.
+    """
+    key = _bearer(authorization)
+    if key is None:
+        raise ApiError(401, "missing API key: send Authorization: Bearer KEY", "authentication_error", "missing_api_key")
+    found = servedb.tenant_for_key(request.app.state.db, key)
+    if found is None:
+        raise ApiError(401, "invalid or revoked API key", "authentication_error", "invalid_api_key")
+    return found
+
+
+AuthTenant = Annotated[servedb.Tenant, Depends(authenticated_tenant)]  # an endpoint's tenant
+
+
+def require_admin(request: Request, authorization: Annotated[str | None, Header()] = None) -> None:
+    """Let the request through only with the server's admin token (`Authorization: Bearer TOKEN`).
+
+    Raises:
+        ApiError: 401, no token or another one (a tenant key included).
+    """
+    import hmac
+
+    key = _bearer(authorization)
+    if key is None or not hmac.compare_digest(key.encode(), request.app.state.settings.admin_token.encode()):
+        raise ApiError(401, "admin endpoints need the server's admin token", "authentication_error", "invalid_admin_token")
+
+
+# ---------------------------------------------------------------- endpoints
+# No return annotations on the endpoints: FastAPI would take one as a response model and validate through it.
+
+def health(request: Request):
+    """GET /health, no key: liveness and the engine. Adapter names stay private (a key lists its own in /v1/models)."""
+    engine: Engine = request.app.state.engine
+    return {"status": "ok", "engine": engine.kind, "adapters_loaded": len(engine.adapters)}
+
+
+def _model_card(name: str, parent: str | None) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": 0, "owned_by": "tunegate", "root": name, "parent": parent}
+
+
+def models(request: Request, t: AuthTenant):
+    """GET /v1/models: the base model (when the key is granted it and the engine serves it) and the key's adapters."""
+    engine: Engine = request.app.state.engine
+    cards = [_model_card(engine.base_name, None)] if t.allow_base and engine.serves_base else []
+    cards += [_model_card(n, engine.base_name) for n in engine.adapters if n in t.adapters]
+    return {"object": "list", "data": cards}
+
+
+def _granted_adapter(engine: Engine, t: servedb.Tenant, model: str) -> str | None:
+    """The adapter a request's `model` names (None: the base model), once the key may use it and it is loaded."""
+    adapter = None if model == engine.base_name else model
+    if not t.may_use(adapter):  # 403 whether or not the model exists: another tenant's names stay private
+        raise ApiError(403, f"this API key may not use model {model!r}", "permission_error", "model_not_allowed")
+    if (adapter is not None and adapter not in engine.adapters) or (adapter is None and not engine.serves_base):
+        raise ApiError(404, f"model {model!r} is not loaded on this server", "invalid_request_error", "model_not_found")
+    return adapter
+
+
+def _chat_messages(body: ChatRequest) -> list[dict[str, str]]:
+    """The request's messages, normalised like training data; the last one must be a user turn (ApiError 400)."""
+    from tunegate.data.records import RowError, normalize_messages
+
+    try:
+        messages = normalize_messages(body.messages, require_final_assistant=False)
+    except RowError as exc:
+        raise ApiError(400, f"messages: {exc.rule}: {exc.detail}", code=exc.rule) from None
+    if messages[-1]["role"] != "user":
+        raise ApiError(400, "messages: the last message must be a user turn", code="role_order")
+    return messages
+
+
+def _sse_events(trace_id: str, created: int, model: str, out: Completion, usage: dict[str, int]):
+    """A streamed answer: the whole text as one chunk, then the finish reason and usage, then [DONE]."""
+    base = {"id": trace_id, "object": "chat.completion.chunk", "created": created, "model": model}
+    first = {"index": 0, "delta": {"role": "assistant", "content": out.text}, "finish_reason": None}
+    last = {"index": 0, "delta": {}, "finish_reason": out.finish_reason}
+    yield f"data: {json.dumps({**base, 'choices': [first]})}\n\n"
+    yield f"data: {json.dumps({**base, 'choices': [last], 'usage': usage})}\n\n"
+    yield "data: [DONE]\n\n"
+
+
+def chat_completions(request: Request, body: ChatRequest, t: AuthTenant):
+    """POST /v1/chat/completions: answer with the engine, store the trace; its id is the response `id`.
+
+    Raises:
+        ApiError: 403 a model the key is not granted, 404 not loaded, 400 invalid messages, or the engine's own.
+    """
+    started = time.perf_counter()
+    engine: Engine = request.app.state.engine
+    db, settings = request.app.state.db, request.app.state.settings
+    adapter = _granted_adapter(engine, t, body.model)
+    messages = _chat_messages(body)
+    max_new = min(body.max_completion_tokens or body.max_tokens or settings.max_new_tokens, settings.max_new_tokens)
+    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    out = engine.complete(adapter, messages, max_new, body.temperature, body.top_p, body.seed, stop)
+    latency_ms = (time.perf_counter() - started) * 1000
+    trace_id = servedb.new_trace_id()
+    served = engine.adapters.get(adapter) if adapter else None  # may have been removed meanwhile (admin)
+    release = served.release if served else {}
+    servedb.write_trace(
+        db, id=trace_id, tenant=t.name, model=body.model, adapter=adapter,
+        adapter_sha256=release.get("adapter_sha256"), messages=messages,
+        params={"max_tokens": max_new, "temperature": body.temperature, "top_p": body.top_p, "seed": body.seed,
+                "stop": stop, "stream": body.stream},
+        response=out.text, finish_reason=out.finish_reason, prompt_tokens=out.prompt_tokens,
+        completion_tokens=out.completion_tokens, latency_ms=latency_ms,
+    )
+    created = int(time.time())
+    usage = {"prompt_tokens": out.prompt_tokens, "completion_tokens": out.completion_tokens,
+             "total_tokens": out.prompt_tokens + out.completion_tokens}
+    headers = {"X-Trace-Id": trace_id}
+    if body.stream:
+        return StreamingResponse(_sse_events(trace_id, created, body.model, out, usage), media_type="text/event-stream",
+                                 headers=headers)
+    return JSONResponse({
+        "id": trace_id, "object": "chat.completion", "created": created, "model": body.model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": out.text},
+                     "finish_reason": out.finish_reason}],
+        "usage": usage,
+    }, headers=headers)
+
+
+def feedback(request: Request, body: FeedbackRequest, t: AuthTenant,
+             idempotency_key: Annotated[str | None, Header(max_length=255)] = None) -> JSONResponse:
+    """POST /v1/feedback: a rating (and an edited answer) on one of this key's traces, written exactly once.
+
+    Raises:
+        ApiError: 403 feedback is off, 400 an empty edit, 404 no such trace for this key, 409 a reused
+            Idempotency-Key with another body.
+    """
+    db = request.app.state.db
+    if not request.app.state.settings.feedback:
+        raise ApiError(403, "feedback capture is off on this server (serve.feedback: false)", "permission_error",
+                       "feedback_disabled")
+    if body.edited_answer is not None and not body.edited_answer.strip():
+        raise ApiError(400, "edited_answer is empty: leave it out for a plain thumbs rating", code="empty_turn")
+    trace = servedb.get_trace(db, body.trace_id)
+    if trace is None or trace["tenant"] != t.name:  # another tenant's trace looks like no trace at all
+        raise ApiError(404, f"no trace {body.trace_id!r} for this API key", "invalid_request_error", "trace_not_found")
+    try:
+        row, replayed = servedb.record_feedback(db, t.name, body.trace_id, body.rating, body.edited_answer, idempotency_key)
+    except servedb.FeedbackConflict as exc:
+        raise ApiError(409, str(exc), "invalid_request_error", "idempotency_key_reused") from None
+    return JSONResponse({"id": row["id"], "object": "feedback", "trace_id": row["trace_id"], "rating": row["rating"],
+                         "replayed": replayed}, status_code=200 if replayed else 201)
+
+
+def add_adapter(request: Request, body: AdapterRequest) -> JSONResponse:
+    """POST /admin/adapters: verify a bundle and load its adapter at run time. Raises ApiError 400: refused."""
+    from tunegate.config import BundleConfig
+
+    engine: Engine = request.app.state.engine
+    name = body.name or Path(body.path).name
+    try:
+        BundleConfig(path=Path(body.path), name=name)  # the same name rule as serve.bundles
+        release = engine.add_adapter(name, Path(body.path))
+    except (TunegateError, ValueError) as exc:
+        raise ApiError(400, str(exc), code="adapter_refused") from None
+    return JSONResponse({"name": name, "run_id": release.get("run_id"), "adapter_sha256": release.get("adapter_sha256")},
+                        status_code=201)
+
+
+def remove_adapter(request: Request, name: str):
+    """DELETE /admin/adapters/NAME: unload an adapter. Raises ApiError: 404 not served, 400 refused."""
+    engine: Engine = request.app.state.engine
+    if name not in engine.adapters:
+        raise ApiError(404, f"adapter {name!r} is not served here", code="model_not_found")
+    try:
+        engine.remove_adapter(name)
+    except TunegateError as exc:
+        raise ApiError(400, str(exc), code="adapter_refused") from None
+    return {"name": name, "removed": True}
+
+
+# ---------------------------------------------------------------- the app
+
+def create_app(project, engine: Engine | None = None, database_url: str | None = None,
+               admin_token: str | None = None) -> FastAPI:
+    """The FastAPI app over `engine` and the serving database.
+
+    Args:
+        project: the loaded project (its serve section: feedback, max_new_tokens, database_url).
+        engine: the generation backend; default EmbeddedEngine.load(project).
+        database_url: default the project's (tunegate.serve.db.project_url).
+        admin_token: opens /admin/adapters when the engine has `runtime_adapters`.
+
+    Raises:
+        TunegateError: loading the default engine failed (a refused bundle).
+    """
+    engine = engine if engine is not None else EmbeddedEngine.load(project)
+    cfg = project.serve
+    app = FastAPI(title="tunegate", version=__version__, docs_url=None, redoc_url=None)
+    app.state.engine = engine
+    app.state.db = servedb.connect(database_url or servedb.project_url(project))
+    app.state.settings = ApiSettings(feedback=cfg.feedback, max_new_tokens=cfg.max_new_tokens,
+                                     admin_token=admin_token) if cfg is not None else ApiSettings(admin_token=admin_token)
+    app.add_exception_handler(ApiError, api_error_response)
+    app.add_exception_handler(RequestValidationError, invalid_request_response)
+    # FastAPI publishes an endpoint's docstring in /openapi.json up to a form feed: "\f" keeps them out of it.
+    route = partial(app.add_api_route, description="\f")
+    route("/health", health, methods=["GET"])
+    route("/v1/models", models, methods=["GET"])
+    route("/v1/chat/completions", chat_completions, methods=["POST"])
+    route("/v1/feedback", feedback, methods=["POST"])
+    if admin_token and engine.runtime_adapters:
+        admin = [Depends(require_admin)]
+        route("/admin/adapters", add_adapter, methods=["POST"], dependencies=admin)
+        route("/admin/adapters/{name}", remove_adapter, methods=["DELETE"], dependencies=admin)
+    return app
+
+
+# ---------------------------------------------------------------- running it
+
+def serve(project, engine: str = "embedded", host: str | None = None, port: int | None = None, *,
+          vllm_venv: Path | None = None, merged: str | None = None, smoke: bool = True, dtype: str = "bfloat16",
+          match_tokens: int | None = None, max_rank: int | None = None, enforce_eager: bool = False) -> None:
+    """Start the server in the foreground until interrupted.
+
+    With `engine="vllm"` (tunegate.serve.vllm): vLLM starts on a private loopback port from the verified
+    bundles (preflight C14-C16; `merged` serves one bundle's merged model alone), the smoke test (C17,
+    tunegate.serve.smoke) runs against it unless `smoke` is False, then this app answers tenants in front of it.
+
+    Raises:
+        TunegateError: an unknown engine, a refused bundle, no vLLM environment, vLLM failed to start, or the
+            smoke test failed (the message names the adapter and the prompt).
+    """
+    if engine not in ENGINES:
+        raise TunegateError(f"--engine {engine}: unknown; engines: {', '.join(ENGINES)}")
+    import uvicorn
+
+    cfg = project.serve
+    host = host or (cfg.host if cfg else "127.0.0.1")
+    port = port if port is not None else (cfg.port if cfg else 8000)
+    if engine == "embedded":
+        app = create_app(project)
+        loaded = app.state.engine.adapters
+        print(f"tunegate serve: base model {app.state.engine.base_name}, adapters: {', '.join(loaded) or '(none)'}; "
+              f"database {servedb.project_url(project).split('://')[0]}; http://{host}:{port}/v1", flush=True)
+        uvicorn.run(app, host=host, port=port, workers=1, log_level="info")
+        return
+    import secrets
+
+    from tunegate.serve.smoke import BF16_MAX_RANK, format_smoke, run_smoke
+    from tunegate.serve.vllm import VLLMEngine, write_admin_file
+
+    backend = VLLMEngine.launch(project, venv=vllm_venv, merged=merged, dtype=dtype, enforce_eager=enforce_eager)
+    admin_file = None
+    try:
+        if smoke:
+            if max_rank is None and match_tokens is None and dtype != "float32":
+                max_rank = BF16_MAX_RANK  # bf16 vs the fp32 reference: see BF16_MAX_RANK
+            models = [None] if backend.serves_base else []
+            report = run_smoke(project, backend.url, models + list(backend.adapters), base_served=backend.serves_base,
+                               match_tokens=match_tokens, base_name=backend.base_name, max_rank=max_rank)
+            print(format_smoke(report), flush=True)
+            if not report["passed"]:
+                raise TunegateError("the serving smoke test failed (case C17); not serving:\n  " + "\n  ".join(report["failures"]))
+        token = secrets.token_urlsafe(32)
+        app = create_app(project, engine=backend, admin_token=token)
+        admin_file = write_admin_file(project, f"http://{host}:{port}", token, backend.url)
+        print(f"tunegate serve: vLLM ({backend.url}, private) serving {'merged model ' + merged if merged else 'base model ' + backend.base_name}"
+              f", adapters: {', '.join(backend.adapters) or '(none)'}; database {servedb.project_url(project).split('://')[0]}; "
+              f"http://{host}:{port}/v1; admin token in {admin_file}", flush=True)
+        uvicorn.run(app, host=host, port=port, workers=1, log_level="info")
+    finally:
+        if admin_file is not None:
+            admin_file.unlink(missing_ok=True)
+        backend.close()
+
+
+@dataclass
+class BackgroundServer:
+    """A uvicorn server on a thread (tests, bench/serve_load.py). `url` ends in /v1."""
+
+    server: Any
+    thread: threading.Thread
+    url: str
+
+    def stop(self) -> None:
+        """Ask the server to exit and wait for its thread (at most 30 s)."""
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+def start_background(app, host: str = "127.0.0.1", port: int = 0, timeout_s: float = 60.0) -> BackgroundServer:
+    """Run `app` with uvicorn on a daemon thread; port 0 picks a free port. Returns once it accepts connections.
+
+    Raises:
+        TunegateError: the server did not start within `timeout_s`.
+    """
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", workers=1))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout_s
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise TunegateError(f"the server did not start on {host}:{port}")
+        time.sleep(0.05)
+    bound = server.servers[0].sockets[0].getsockname()[1]
+    return BackgroundServer(server, thread, f"http://{host}:{bound}/v1")
