@@ -499,21 +499,10 @@ def decide(
     if explain:
         typer.echo(tree.explain_markdown() if markdown else tree.explain(), nl=not markdown)
         return
-    given: dict[str, str] = {}
-    if answers_file is not None:
-        import yaml
-
-        if not answers_file.is_file():
-            raise TunegateError(f"{answers_file}: answers file not found")
-        given.update({str(k): tree.answer_key(v) for k, v in (yaml.safe_load(answers_file.read_text()) or {}).items()})
-    for item in answer or []:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise TunegateError(f"--answer {item!r}: expected question=option")
-        given[key.strip()] = value.strip()
-    unknown = set(given) - set(tree.TREE)
-    if unknown:
-        raise TunegateError(f"unknown question(s) {', '.join(sorted(unknown))}; questions: {', '.join(tree.TREE)}")
+    try:
+        given = tree.read_answers(answers_file, answer or [])
+    except tree.DecisionError as exc:
+        raise TunegateError(str(exc)) from None
     interactive = sys.stdin.isatty()
 
     def ask(q):
@@ -572,43 +561,15 @@ def suite(
     """
     import json
 
-    from tunegate.evals import suites as runs
-    from tunegate.evals.backends import LocalChat
     from tunegate.core.io import atomic_write_json, atomic_write_jsonl
-    from tunegate.models import load_inference_model, load_tokenizer, resolve_base_model
+    from tunegate.evals.suites import run_suite
 
-    if name not in ("ifeval", "safety"):
-        raise TunegateError(f"unknown suite {name!r}; known: ifeval, safety")
-    if not data_root.is_dir():
-        raise TunegateError(f"{data_root}: suite data root not found (pass --data-root)")
-    path = resolve_base_model(base_model)
-    tok, model = load_tokenizer(path), load_inference_model(path)
-    if adapter is not None:
-        from peft import PeftModel
-
-        if not (adapter / "adapter_config.json").is_file():
-            raise TunegateError(f"{adapter}: not an adapter folder (no adapter_config.json)")
-        model = PeftModel.from_pretrained(model, str(adapter))
-        systems = {"baseline": LocalChat(model, tok, batch_size, "base model", adapter_off=True),
-                   "candidate": LocalChat(model, tok, batch_size, str(adapter))}
-    else:
-        systems = {"baseline": LocalChat(model, tok, batch_size, "base model")}
-    judge = None
-    if judge_model:
-        from tunegate.config import JudgeConfig
-        from tunegate.evals.judge import build_judge
-
-        judge = build_judge(JudgeConfig(model=judge_model))
-    if name == "ifeval":
-        per_row, details, samples = runs.run_ifeval(systems, data_root, limit, max_new_tokens or 512)
-    else:
-        per_row, details, samples = runs.run_safety(systems, data_root, [s.strip() for s in sources.split(",")], limit, max_new_tokens or 64, judge)
-    details["metrics"] = runs.bootstrap_summary(per_row, 10_000, 0)
-    details["base_model"], details["adapter"] = base_model, str(adapter) if adapter else None
+    details, samples = run_suite(name, data_root, base_model, adapter, limit, max_new_tokens, batch_size,
+                                 [s.strip() for s in sources.split(",")], judge_model)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "suite.json", details)
     atomic_write_jsonl(out / "samples.jsonl", samples)
-    for system in systems:
+    for system in ("baseline", "candidate") if adapter is not None else ("baseline",):
         typer.echo(f"{system}: " + json.dumps(details[system].get("summary") or {**details[system]["string_match"], **details[system].get("judge", {})}))
     for m, s in details["metrics"].items():
         b = s["baseline"]

@@ -9,6 +9,7 @@ the way were rejected.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 METHODS = (
@@ -159,7 +160,7 @@ class Decision:
 
 
 class DecisionError(ValueError):
-    """An answer that is not one of the question's options."""
+    """An answer that is not one of the question's options, or answers that cannot be read."""
 
 
 def decide(answers: dict[str, str] | Callable[[Question], str]) -> Decision:
@@ -191,6 +192,30 @@ def answer_key(value: Any) -> str:
     if isinstance(value, bool):
         return "yes" if value else "no"
     return str(value).strip().lower()
+
+
+def read_answers(answers_file: Path | None = None, answers: list[str] | tuple[str, ...] = ()) -> dict[str, str]:
+    """Answers given ahead of the questions: a YAML/JSON file mapping question id -> option, then `question=option`
+    strings (as `tunegate decide -a` takes them), the later winning. Option keys are normalised by `answer_key`.
+
+    Raises DecisionError for a missing file, a string without `=`, or a question id the tree does not ask.
+    """
+    given: dict[str, str] = {}
+    if answers_file is not None:
+        import yaml
+
+        if not answers_file.is_file():
+            raise DecisionError(f"{answers_file}: answers file not found")
+        given.update({str(k): answer_key(v) for k, v in (yaml.safe_load(answers_file.read_text()) or {}).items()})
+    for item in answers:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise DecisionError(f"--answer {item!r}: expected question=option")
+        given[key.strip()] = value.strip()
+    unknown = set(given) - set(TREE)
+    if unknown:
+        raise DecisionError(f"unknown question(s) {', '.join(sorted(unknown))}; questions: {', '.join(TREE)}")
+    return given
 
 
 def _lookup(answers: dict[str, str], q: Question) -> str:

@@ -136,3 +136,19 @@ def test_eval_through_an_openai_compatible_server(tiny_project, tmp_path):
         (tmp_path / "adapter_model.safetensors").write_bytes(b"other weights")
         with pytest.raises(TunegateError, match="whose weights differ"):
             run_pipeline(project, until="eval", force=("eval",))
+
+
+def test_the_suite_verb_scores_the_base_model_and_writes_its_results(tmp_path, tiny_model_dir):
+    import subprocess
+    import sys
+
+    root = _suite_root(tmp_path / "suites")
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-m", "tunegate.cli", "suite", "safety", "--base-model", str(tiny_model_dir), "--data-root",
+                        str(root), "--sources", "xstest", "--max-new-tokens", "4", "--out", str(out)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    details = json.loads((out / "suite.json").read_text())
+    assert details["base_model"] == str(tiny_model_dir) and details["adapter"] is None
+    assert set(details["metrics"]) >= {"harmful_refusal", "over_refusal"}
+    assert len((out / "samples.jsonl").read_text().splitlines()) == 3
+    assert "baseline: " in r.stdout and "harmful_refusal: base" in r.stdout

@@ -119,3 +119,17 @@ def test_every_training_leaf_names_settings_the_project_file_accepts():
         extra = {"grpo": {"grpo": {"verifier": "numeric"}}, "distillation": {"distillation": {"teacher": "x"}}}.get(settings["method"], {})
         cfg = TrainConfig.model_validate({**settings, **extra})
         assert cfg.method == settings["method"]
+
+
+def test_answers_given_ahead_read_from_a_file_then_flags(tmp_path):
+    from tunegate.decide import read_answers
+
+    f = tmp_path / "answers.yaml"
+    f.write_text("changing_knowledge: no\nprompt_meets_bar: yes\n")  # YAML reads these as booleans
+    assert read_answers(f, ["prompt_meets_bar=no"]) == {"changing_knowledge": "no", "prompt_meets_bar": "no"}
+    with pytest.raises(DecisionError, match="expected question=option"):
+        read_answers(None, ["changing_knowledge"])
+    with pytest.raises(DecisionError, match="unknown question.*colour"):
+        read_answers(None, ["colour=blue"])
+    with pytest.raises(DecisionError, match="answers file not found"):
+        read_answers(tmp_path / "missing.yaml")

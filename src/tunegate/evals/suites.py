@@ -93,3 +93,50 @@ def bootstrap_summary(per_row: PerRow, n_samples: int, seed: int, baseline: str 
         out[m] = {"baseline": bootstrap_ci(b, n_samples, seed).as_dict(), "candidate": bootstrap_ci(c, n_samples, seed).as_dict(),
                   "delta": paired_bootstrap(b, c, n_samples, seed).as_dict()}
     return out
+
+
+def run_suite(name: str, data_root: Path, base_model: str, adapter: Path | None = None, limit: int | None = None,
+              max_new_tokens: int | None = None, batch_size: int = 16, sources: list[str] | None = None,
+              judge_model: str | None = None) -> tuple[dict[str, Any], list[dict]]:
+    """Score the suite `name` ("ifeval" or "safety") on a base model and, with `adapter`, on that adapter against
+    its base with paired bootstrap CIs (10,000 resamples, seed 0): the code the eval stage runs for `eval.suites`.
+
+    max_new_tokens: default 512 for IFEval, 64 for safety. sources: safety's harmbench, jbb, xstest (default all).
+    judge_model: safety only, a local judge model that also classifies refusals.
+    Returns (details with per-system summaries and `metrics`, per-prompt samples).
+    Raises TunegateError for an unknown suite, a missing data root or a folder that is not an adapter.
+    """
+    from tunegate import TunegateError
+    from tunegate.evals.backends import LocalChat
+    from tunegate.models import load_inference_model, load_tokenizer, resolve_base_model
+
+    if name not in ("ifeval", "safety"):
+        raise TunegateError(f"unknown suite {name!r}; known: ifeval, safety")
+    if not data_root.is_dir():
+        raise TunegateError(f"{data_root}: suite data root not found (pass --data-root)")
+    path = resolve_base_model(base_model)
+    tok, model = load_tokenizer(path), load_inference_model(path)
+    if adapter is not None:
+        from peft import PeftModel
+
+        if not (adapter / "adapter_config.json").is_file():
+            raise TunegateError(f"{adapter}: not an adapter folder (no adapter_config.json)")
+        model = PeftModel.from_pretrained(model, str(adapter))
+        systems = {"baseline": LocalChat(model, tok, batch_size, "base model", adapter_off=True),
+                   "candidate": LocalChat(model, tok, batch_size, str(adapter))}
+    else:
+        systems = {"baseline": LocalChat(model, tok, batch_size, "base model")}
+    judge = None
+    if judge_model:
+        from tunegate.config import JudgeConfig
+        from tunegate.evals.judge import build_judge
+
+        judge = build_judge(JudgeConfig(model=judge_model))
+    if name == "ifeval":
+        per_row, details, samples = run_ifeval(systems, data_root, limit, max_new_tokens or 512)
+    else:
+        per_row, details, samples = run_safety(systems, data_root, sources or ["harmbench", "jbb", "xstest"], limit,
+                                               max_new_tokens or 64, judge)
+    details["metrics"] = bootstrap_summary(per_row, 10_000, 0)
+    details["base_model"], details["adapter"] = base_model, str(adapter) if adapter else None
+    return details, samples
