@@ -49,13 +49,8 @@ ALLOWED_VIOLATIONS: set[tuple[str, str]] = {
     ("tunegate.config", "tunegate.evals.ifeval"),
     ("tunegate.config", "tunegate.evals.safety"),
     ("tunegate.config", "tunegate.evals.metrics"),
-    ("tunegate.preflight", "tunegate.stages.audit"),
-    ("tunegate.stages.audit", "tunegate.stages.evaluate"),
-    ("tunegate.stages.audit", "tunegate.stages.train"),
-    ("tunegate.stages.train", "tunegate.preflight"),
     ("tunegate.data.quality", "_ids"),
     ("tunegate.data.quality", "_render"),
-    ("tunegate.drift", "_answer_golden"),
     ("tunegate.serve", "tunegate.vllm_engine"),
     ("tunegate.vllm_engine", "tunegate.serve"),
 }
