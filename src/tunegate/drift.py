@@ -257,7 +257,8 @@ def golden_drift(project, run_dir: Path, model: str) -> dict[str, Any]:
     from tunegate.data.records import reference_answer
     from tunegate.evals.backends import OpenAIChat, check_served_adapter
     from tunegate.evals.gate import score_metrics
-    from tunegate.stages.evaluate import _answer_golden, check_golden
+    from tunegate.data.golden import check_golden
+    from tunegate.evals.answer import answer_golden
 
     run_dir = Path(run_dir)
     scores_path = run_dir / "eval" / "scores.json"
@@ -276,7 +277,7 @@ def golden_drift(project, run_dir: Path, model: str) -> dict[str, Any]:
     except TunegateError as e:
         note = f"could not verify that {model!r} serves this run's adapter: {e}"
     backend = OpenAIChat(base_url, model, key_env, ecfg.server.concurrency if ecfg.server else 8)
-    outputs = _answer_golden(backend, None, golden, ecfg.max_new_tokens, f"golden set on {model}")
+    outputs = answer_golden(backend, None, golden, ecfg.max_new_tokens, f"golden set on {model}")
     refs = [reference_answer(r) for r in golden]
     at_release = outputs  # paired comparison with the release-time answers, when they match row for row
     samples_path = run_dir / "eval" / "samples.jsonl"

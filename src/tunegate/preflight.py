@@ -407,7 +407,7 @@ def estimate(project, n_params: int, n_trainable: int, train_tokens: int, tokens
     defaults under `train.trl`). n_params: parameters of the base model; n_trainable: trainable parameters (the
     adapter's, or all for adapter full). train_tokens: tokens in one epoch of the training split (after the
     chat template). tokens_per_s: training tokens per second measured on this machine (e.g. the audit's
-    probe); None: no time estimate. prices: a price table (prices.yaml, see tunegate.stages.audit.load_prices):
+    probe); None: no time estimate. prices: a price table (prices.yaml, see tunegate.prices.load_prices):
     machines with `gpu_peak_bf16_flops` get a 7B cost. n_train_rows: rows per epoch, needed to turn
     `max_steps` into epochs. dims: {"hidden_size", "num_hidden_layers", "vocab_size"} of the base model, for
     the activation term. bf16: activations in bf16 (else fp32).
@@ -656,7 +656,7 @@ def run_checks(project, data_dir: Path, measure: bool = True) -> dict[str, Any]:
     bench, est = None, None
     if measure and rows:
         from tunegate.models import bf16_supported
-        from tunegate.stages.audit import load_prices
+        from tunegate.prices import load_prices
 
         use_bf16 = bf16_supported()
         with _autocast(use_bf16):

@@ -120,7 +120,7 @@ def test_golden_overlap_rows_are_removed_from_training_and_listed(tiny_project):
 
 def test_eval_refuses_training_data_that_overlaps_the_golden_set(tiny_project):
     """C23 at the gate: even if train.jsonl is edited after the data stage, the gate will not score."""
-    from tunegate.stages.evaluate import check_golden
+    from tunegate.data.golden import check_golden
 
     project = load_project(tiny_project / "tunegate.yaml")
     run_pipeline(project, until="data")
@@ -230,7 +230,7 @@ def test_dedup_in_the_data_stage_lists_duplicates_in_rejected(tiny_project):
 
 def test_eval_refuses_a_padded_copy_by_the_same_ngram_rule_as_the_data_stage(tiny_project):
     """C23 at the gate, n-gram kind: a re-wrapped, padded golden prompt added after the data stage is refused."""
-    from tunegate.stages.evaluate import check_golden
+    from tunegate.data.golden import check_golden
 
     project = load_project(tiny_project / "tunegate.yaml", ["data.decontaminate.ngram=3"])
     run_pipeline(project, until="data")  # the tiny training rows share no 3-word run with a golden prompt

@@ -1,5 +1,7 @@
 """Freezing the golden set, and refusing a changed one or one that overlaps training data.
 
+`check_golden` is the check every stage that scores the golden set runs first (eval, audit, drift).
+
 The lock file (`data.golden_lock`, next to the project file by default) records the golden source's
 sha256, how it was sampled, and one sha256 per row id. Once written, every run compares the golden set
 against it: a changed file is refused with the ids of the rows that changed, were added or were removed.
@@ -15,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from tunegate import TunegateError
-from tunegate.data.records import normalize_text, prompt_text, row_hash
-from tunegate.core.io import atomic_write_json
+from tunegate.core.io import atomic_write_json, read_jsonl
+from tunegate.data.records import normalize_text, prompt_text, read_source, row_hash
 from tunegate.core.manifest import sha256_file
 
 
@@ -131,3 +133,37 @@ def ngram_overlap(train: list[dict[str, Any]], golden: list[dict[str, Any]], n: 
                 hits.append((t["id"], gid, " ".join(words[i : i + n])))
                 break
     return hits
+
+
+def check_golden(project, data_dir: Path) -> list[dict[str, Any]]:
+    """The golden rows to score, after checking the lock and the train/golden overlap.
+
+    project: a `tunegate.config.Project`. data_dir: a data stage's folder (golden.jsonl, train.jsonl, val.jsonl).
+    Returns the rows of data_dir/golden.jsonl, in file order.
+
+    Raises:
+        TunegateError: the golden source has a bad row; the lock is missing; the golden set changed since it was
+            frozen; or training/validation rows overlap it (same normalised prompt, or with
+            `data.decontaminate` a shared word n-gram: the rule the data stage applied).
+    """
+    cfg = project.data
+    raw, rejected = read_source(cfg.golden, role="golden")
+    if rejected:
+        raise TunegateError(f"{cfg.golden.path}: {rejected[0]}")
+    if not cfg.golden_lock.is_file():
+        raise TunegateError(f"{cfg.golden_lock}: golden lock missing; the eval gate only scores a frozen golden set (rerun the data stage)")
+    check(cfg.golden, raw, json.loads(cfg.golden_lock.read_text()), cfg.golden_lock)
+    data_dir = Path(data_dir)
+    golden = read_jsonl(data_dir / "golden.jsonl")
+    trained = read_jsonl(data_dir / "train.jsonl") + read_jsonl(data_dir / "val.jsonl")
+    pairs = overlap(trained, golden)
+    if cfg.decontaminate is not None:  # the same n-gram rule the data stage applied
+        seen = {t for t, _ in pairs}
+        pairs += [(t, g) for t, g, _ in ngram_overlap(trained, golden, cfg.decontaminate.ngram) if t not in seen]
+    if pairs:
+        shown = ", ".join(f"{t}~{g}" for t, g in pairs[:10])
+        raise TunegateError(
+            f"{data_dir / 'train.jsonl'}: {len(pairs)} training row(s) overlap the golden set (train~golden: {shown}); "
+            "rule: the gate refuses to score a golden set the candidate was trained on"
+        )
+    return golden

@@ -27,18 +27,20 @@ from __future__ import annotations
 
 import random
 import time
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from tunegate import TunegateError
+from tunegate.core.console import console
+from tunegate.core.io import atomic_write_json, atomic_write_jsonl, read_jsonl
+from tunegate.core.stage import Stage, StageResult, StageSpec
 from tunegate.data.format import apply_system_policy, generation_prompt, supports_system_role
-from tunegate.core.io import read_jsonl
+from tunegate.data.golden import check_golden
 from tunegate.data.records import prompt_text, reference_answer
+from tunegate.evals.answer import golden_prompts
 from tunegate.evals.bootstrap import bootstrap_ci
 from tunegate.evals.metrics import ROW_METRICS
-from tunegate.core.io import atomic_write_json, atomic_write_jsonl
-from tunegate.core.console import console
-from tunegate.core.stage import Stage, StageResult, StageSpec
+from tunegate.prices import load_prices
 
 # The eval settings the audit reads: changing suites, the judge, the server or the baseline must not rerun it.
 AUDIT_EVAL_KEYS = ("metrics", "json_schema", "max_new_tokens", "batch_size", "bootstrap_samples", "seed", "gate")
@@ -129,20 +131,6 @@ class _Scorer:
         return result
 
 
-def load_prices(path: Path | None) -> dict[str, Any]:
-    import yaml
-
-    path = path or Path(__file__).resolve().parent.parent / "prices.yaml"
-    if not path.is_file():
-        raise TunegateError(f"{path}: price table not found (audit.prices)")
-    prices = yaml.safe_load(path.read_text())
-    for role in ("serving_machine", "training_machine"):
-        if prices.get(role) not in (prices.get("machines") or {}):
-            raise TunegateError(f"{path}: {role} {prices.get(role)!r} is not one of the machines listed under `machines`")
-    prices["path"] = str(path)
-    return prices
-
-
 def read_corpus(cfg) -> tuple[list[str], list[str]]:
     """(ids, texts) of the corpus JSONL. Raises TunegateError naming the line of a bad document."""
     import json
@@ -193,231 +181,75 @@ def anti_patterns(project, answers: dict[str, str], n_train: int) -> list[dict[s
     ]
 
 
-def run(st: Stage) -> StageResult:
-    import torch
+@dataclass
+class _Audit:
+    """What every candidate family works with: the golden rows, the training split cut into dev and pool rows, the
+    base model and tokenizer, and the scorer the candidates are added to (in the order they ran)."""
 
-    from tunegate.models import load_model, load_tokenizer, resolve_base_model
-    from tunegate.stages.evaluate import check_golden
+    project: Any
+    metric: str
+    golden: list[dict[str, Any]]
+    queries: list[str]  # the golden rows' user prompts
+    prompts: list[str]  # the golden rows rendered as the eval gate renders them (evals.answer.golden_prompts)
+    dev: list[dict[str, Any]]  # training rows the prompt search and the kNN k are picked on
+    pool: list[dict[str, Any]]  # the other training rows: few-shot examples, kNN neighbours, probe rows
+    n_train: int
+    labels: list[str] | None
+    base_instruction: str | None
+    tokenizer: Any
+    has_system: bool
+    model: Any  # the base model; the probe's PeftModel once the probe trained
+    scorer: _Scorer
+    want: Callable[[str], bool]  # is this candidate selected (audit.candidates; empty: all)
 
-    project, acfg = st.project, st.project.audit
-    metric = headline_metric(project)
-    bar = quality_bar(project, metric)
-    prices = load_prices(acfg.prices)
-    data_dir = st.upstream_dir("data")
-    golden = check_golden(project, data_dir)
-    if acfg.golden_rows and acfg.golden_rows < len(golden):
-        keep = sorted(random.Random(acfg.seed).sample(range(len(golden)), acfg.golden_rows))
-        golden = [golden[i] for i in keep]
-    # Demonstrations for few-shot, dev rows and the probe: preference rows with their chosen answer, KTO rows
-    # labelled desirable. Raw text (CPT) has none: the audit is skipped for it (pipeline.run_pipeline).
-    train = [r for r in read_jsonl(data_dir / "train.jsonl") if "messages" in r or "prompt" in r]
-    train = [{k: v for k, v in r.items() if k not in ("rejected", "label")} for r in train if r.get("label", True)]
-    if not train:
-        raise TunegateError(f"{data_dir / 'train.jsonl'}: no demonstration rows; the audit needs them for few-shot and dev rows")
-    rng = random.Random(acfg.seed)
-    dev_idx = set(rng.sample(range(len(train)), min(acfg.dev_rows, max(len(train) // 2, 1))))
-    dev = [r for i, r in enumerate(train) if i in dev_idx]
-    pool = [r for i, r in enumerate(train) if i not in dev_idx]  # few-shot examples, kNN neighbours, probe rows
-    labels = label_set(train, golden)
-    wanted = set(acfg.candidates or [])
-    want = (lambda name: not wanted or name in wanted)
-    batch = acfg.batch_size or project.eval.batch_size
-    max_new = acfg.max_new_tokens or project.eval.max_new_tokens
-    console.print(f"audit on {len(golden)} golden rows, metric {metric}, bar {bar if bar is not None else 'none'}; "
-                  f"task: {'classification, ' + str(len(labels)) + ' labels' if labels else 'generation'}; "
-                  f"{len(dev)} dev rows, {len(pool)} pool rows")
+    def generate(self, prompts: list[str], desc: str) -> list[str]:
+        from tunegate.evals.generate import generate
 
-    base_path = resolve_base_model(project.base_model)
-    tokenizer = load_tokenizer(base_path)
-    has_system = supports_system_role(tokenizer)
-    torch.manual_seed(acfg.seed)
-    model = load_model(base_path)
-    from tunegate.evals.generate import generate
+        acfg = self.project.audit
+        max_new = acfg.max_new_tokens or self.project.eval.max_new_tokens
+        return generate(self.model, self.tokenizer, prompts, max_new, acfg.batch_size or self.project.eval.batch_size, desc=desc)
 
-    refs = [reference_answer(r) for r in golden]
-    queries = [prompt_text(r) for r in golden]
-    scorer = _Scorer(metric, refs, project.eval.bootstrap_samples, project.eval.seed, tokenizer, prices, tuple(project.eval.metrics))
-    base_instruction = instruction_of(golden[0]) if golden else None
-
-    def timed_generate(prompts: list[str], desc: str, extra_s: float = 0.0) -> tuple[list[str], float]:
+    def timed_generate(self, prompts: list[str], desc: str, extra_s: float = 0.0) -> tuple[list[str], float]:
+        """(outputs, seconds): generation wall time plus `extra_s` (a retrieval's search time)."""
         t0 = time.perf_counter()
-        out = generate(model, tokenizer, prompts, max_new, batch, desc=desc)
+        out = self.generate(prompts, desc)
         return out, time.perf_counter() - t0 + extra_s
 
-    # 1. zero-shot: the golden prompts exactly as the eval gate shows them to the base model
-    zero_shot_prompts = [generation_prompt(tokenizer, r) for r in golden]
-    if want("zero_shot"):
-        prompts = zero_shot_prompts
-        out, wall = timed_generate(prompts, "zero_shot")
-        scorer.add("zero_shot", out, wall, prompts, trains=False, method="prompt_optimization",
-                   detail="the base model with the project's own prompt")
 
-    # 2. prompt optimization on dev rows, the winner on the golden set
-    search: list[dict[str, Any]] = []
-    if want("prompt_optimization"):
-        variants = [base_instruction, *acfg.instructions]
-        if labels:
-            lead = base_instruction or "Classify the message."
-            variants.append(f"{lead} Answer with exactly one of these labels and nothing else: {', '.join(labels)}.")
-        variants = list(dict.fromkeys(variants))
-        shots_for = _shot_picker(pool, labels, acfg.seed)
-        dev_refs = [reference_answer(r) for r in dev]
-        fn = ROW_METRICS[metric]
-        for vi, instr in enumerate(variants):
-            for k in acfg.shots:
-                shots = shots_for(k)
-                prompts = [chat_prompt(tokenizer, has_system, instr, shots, prompt_text(r)) for r in dev]
-                out = generate(model, tokenizer, prompts, max_new, batch, desc=f"prompt search {vi + 1}/{len(variants)}, {k}-shot")
-                score = sum(fn(o, r) for o, r in zip(out, dev_refs)) / len(dev)
-                search.append({"instruction": instr, "shots": k, "shot_ids": [s["id"] for s in shots], "dev_score": score})
-                console.print(f"  prompt search: instruction {vi + 1}, {k}-shot: {metric} {score:.3f} on {len(dev)} dev rows")
-        best = max(search, key=lambda s: s["dev_score"])  # the first of equals: fewer shots and the project's own wording first
-        by_id = {r["id"]: r for r in pool}
-        shots = [by_id[i] for i in best["shot_ids"]]
-        prompts = [chat_prompt(tokenizer, has_system, best["instruction"], shots, q) for q in queries]
-        if "zero_shot" in scorer.outputs and prompts == zero_shot_prompts:  # the search kept the project's own prompt
-            out, wall = scorer.outputs["zero_shot"], scorer.results[0]["seconds_per_request"] * len(queries)
-        else:
-            out, wall = timed_generate(prompts, "prompt_optimization")
-        scorer.add("prompt_optimization", out, wall, prompts, trains=False, method="prompt_optimization",
-                   detail=f"best of {len(search)} prompts on {len(dev)} dev rows: instruction {variants.index(best['instruction']) + 1}, {best['shots']}-shot",
-                   chosen={k: best[k] for k in ("instruction", "shots", "shot_ids", "dev_score")})
+def run(st: Stage) -> StageResult:
+    project = st.project
+    prices = load_prices(project.audit.prices)
+    metric = headline_metric(project)
+    bar = quality_bar(project, metric)
+    a = _prepare(st, metric, bar, prices)
+
+    search = _prompt_candidates(a)  # zero_shot, prompt_optimization
     atomic_write_json(st.dir / "prompt_search.json", search)
-
-    # 3. retrieval of labelled examples: kNN few-shot (LLM) and, for labelled tasks, a kNN classifier (no LLM)
-    needs_pool_index = want("knn_fewshot") or (labels and want("knn_classifier"))
-    if needs_pool_index:
-        from tunegate.retrieval import DenseIndex, knn_classify
-
-        t0 = time.perf_counter()
-        pool_index = DenseIndex([prompt_text(r) for r in pool])
-        index_s = time.perf_counter() - t0
-        depth = max([acfg.fewshot_k, *acfg.knn_k])
-        t0 = time.perf_counter()
-        ids, sims = pool_index.search(queries, depth)
-        search_s = time.perf_counter() - t0
-        if want("knn_fewshot"):
-            prompts = [chat_prompt(tokenizer, has_system, base_instruction, [pool[j] for j in reversed(row[: acfg.fewshot_k])], q)
-                       for row, q in zip(ids, queries)]  # the most similar example sits next to the query
-            out, wall = timed_generate(prompts, "knn_fewshot", extra_s=search_s)
-            scorer.add("knn_fewshot", out, wall, prompts, trains=False, method="prompt_optimization",
-                       detail=f"the {acfg.fewshot_k} most similar training rows (MiniLM) as few-shot examples")
-        if labels and want("knn_classifier"):
-            pool_labels = [reference_answer(r) for r in pool]
-            dev_ids, dev_sims = pool_index.search([prompt_text(r) for r in dev], depth)
-            dev_refs = [reference_answer(r) for r in dev]
-            dev_scores = {}
-            for k in acfg.knn_k:
-                pred = knn_classify([[pool_labels[j] for j in row] for row in dev_ids], dev_sims, k)
-                dev_scores[k] = sum(p == r for p, r in zip(pred, dev_refs)) / len(dev)
-            k_best = max(acfg.knn_k, key=lambda k: dev_scores[k])
-            t0 = time.perf_counter()
-            out = knn_classify([[pool_labels[j] for j in row] for row in ids], sims, k_best)
-            wall = time.perf_counter() - t0 + search_s
-            scorer.add("knn_classifier", out, wall, None, trains=False, method="prompt_optimization",
-                       detail=f"MiniLM embeddings, similarity-weighted vote of k={k_best} neighbours (k picked on dev rows: "
-                              + ", ".join(f"k={k} {v:.3f}" for k, v in dev_scores.items()) + "); no LLM",
-                       index_s=round(index_s, 1))
-
-    # 4. RAG over the corpus
-    retrieval: dict[str, Any] = {}
-    rag_prompts: list[str] | None = None
-    if acfg.corpus is not None and any(want(n) for n in ("rag_bm25", "rag_dense", "rag_hybrid", "lora_probe+rag")):
-        from tunegate.retrieval import Bm25Index, DenseIndex, recall_at_k, reciprocal_rank_fusion
-
-        doc_ids, docs = read_corpus(acfg.corpus)
-        depth = max(10, acfg.top_k)
-        t0 = time.perf_counter()
-        bm25 = Bm25Index(docs)
-        dense = DenseIndex(docs)
-        index_s = time.perf_counter() - t0
-        rankings, search_s = {}, {}
-        for name, index in (("rag_bm25", bm25), ("rag_dense", dense)):
-            t0 = time.perf_counter()
-            rankings[name] = index.search(queries, depth)[0]
-            search_s[name] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        rankings["rag_hybrid"] = reciprocal_rank_fusion([rankings["rag_bm25"], rankings["rag_dense"]], depth)
-        search_s["rag_hybrid"] = search_s["rag_bm25"] + search_s["rag_dense"] + time.perf_counter() - t0
-        gold_field = acfg.corpus.gold_field
-        position = {d: i for i, d in enumerate(doc_ids)}
-        gold = [position.get(str(g.get("meta", {}).get(gold_field))) for g in golden] if gold_field else []
-        known = [i for i, g in enumerate(gold) if g is not None]
-        retrieval = {"documents": len(docs), "index_s": round(index_s, 1), "gold_known": len(known), "recall": {}}
-        for name, ranking in rankings.items():
-            if known:
-                retrieval["recall"][name] = {
-                    f"@{k}": sum(recall_at_k(ranking[known], [gold[i] for i in known], k)) / len(known)
-                    for k in sorted({1, acfg.top_k, 10})
-                }
-            prompts = [chat_prompt(tokenizer, has_system, base_instruction, [], rag_query(q, [docs[j] for j in row[: acfg.top_k]]))
-                       for row, q in zip(ranking, queries)]
-            if name == "rag_hybrid":
-                rag_prompts = prompts  # the probe's adapter is scored with these too
-            if want(name):
-                out, wall = timed_generate(prompts, name, extra_s=search_s[name])
-                recall = retrieval["recall"].get(name, {}).get(f"@{acfg.top_k}")
-                scorer.add(name, out, wall, prompts, trains=False, method="rag",
-                           detail=f"top {acfg.top_k} of {len(docs)} passages" + (f"; recall@{acfg.top_k} {recall:.3f}" if recall is not None else ""))
-        if known:
-            for name, r in retrieval["recall"].items():
-                console.print(f"  retrieval {name}: " + ", ".join(f"recall{k} {v:.3f}" for k, v in r.items()))
-
-    # 5. the quick LoRA probe (and the probe with retrieval)
-    probe: dict[str, Any] | None = None
-    if acfg.probe is not None and (want("lora_probe") or (rag_prompts and want("lora_probe+rag"))):
-        from peft import PeftModel
-
-        probe = _train_probe(st, pool, len(train), acfg.seed, prices["machines"][prices["training_machine"]]["usd_per_hour"])
-        model = PeftModel.from_pretrained(model, str(probe["adapter"]))
-        training_cost = probe["full_run_usd"]
-        if want("lora_probe"):
-            prompts = [generation_prompt(tokenizer, r) for r in golden]
-            out, wall = timed_generate(prompts, "lora_probe")
-            scorer.add("lora_probe", out, wall, prompts, trains=True, method="lora",
-                       detail=f"LoRA probe: {probe['steps']} steps on {probe['rows']} rows in {probe['train_wall_s']:.0f} s",
-                       training_usd=training_cost)
-        if rag_prompts and want("lora_probe+rag"):
-            out, wall = timed_generate(rag_prompts, "lora_probe+rag")
-            scorer.add("lora_probe+rag", out, wall, rag_prompts, trains=True, method="lora",
-                       detail="the probe's adapter with the hybrid RAG prompt", training_usd=training_cost)
-    if not scorer.results:
+    _knn_candidates(a)  # knn_fewshot, knn_classifier
+    retrieval, rag_prompts = _rag_candidates(a)  # rag_bm25, rag_dense, rag_hybrid
+    probe = _probe_candidates(st, a, prices, rag_prompts)  # lora_probe, lora_probe+rag
+    if not a.scorer.results:
         raise TunegateError(f"{project.source_file}: audit.candidates selects nothing that applies to this project")
 
-    from tunegate.decide import recommend
-
-    rec = recommend(scorer.results, bar, project.audit.min_gain, dict(acfg.answers), project.eval.bootstrap_samples, project.eval.seed)
-    rec["cost_of_being_wrong"] = _cost_of_being_wrong(rec, scorer.results, probe, prices)
-    rec["use"] = None  # what to deploy instead of training, when training does not pay
-    if rec["verdict"] == "NO_TRAIN":
-        best = next(c for c in scorer.results if c["name"] == rec["best_no_training"]["name"])
-        rec["use"] = {"name": best["name"], "mean": best["mean"], "detail": best["detail"]}
-    answers_used = {**{q: m["answer"] for q, m in rec["measured"].items()}, **acfg.answers, **rec["assumed"]}
-    patterns = anti_patterns(project, answers_used, len(train))
+    rec = _recommend(a, bar, probe, prices)
+    answers_used = {**{q: m["answer"] for q, m in rec["measured"].items()}, **project.audit.answers, **rec["assumed"]}
     report = {
         "project": project.name,
         "metric": metric,
         "bar": bar,
         "min_gain": project.audit.min_gain,
-        "golden_rows": len(golden),
-        "task": "classification" if labels else "generation",
-        "labels": len(labels) if labels else None,
-        "candidates": [{k: v for k, v in c.items() if k != "rows"} for c in scorer.results],
+        "golden_rows": len(a.golden),
+        "task": "classification" if a.labels else "generation",
+        "labels": len(a.labels) if a.labels else None,
+        "candidates": [{k: v for k, v in c.items() if k != "rows"} for c in a.scorer.results],
         "retrieval": retrieval,
         "probe": {k: v for k, v in probe.items() if k != "adapter"} if probe else None,
         "recommendation": rec,
-        "anti_patterns": patterns,
+        "anti_patterns": anti_patterns(project, answers_used, a.n_train),
         "prices": prices,
     }
     atomic_write_json(st.dir / "audit.json", report)
-    samples = []
-    for i, g in enumerate(golden):
-        row = {"id": g["id"], "prompt": queries[i], "reference": refs[i]}
-        for c in scorer.results:
-            row[c["name"]] = scorer.outputs[c["name"]][i]
-            row[f"{c['name']}_{metric}"] = c["rows"][i]
-        samples.append(row)
-    atomic_write_jsonl(st.dir / "samples.jsonl", samples)
+    atomic_write_jsonl(st.dir / "samples.jsonl", _samples(a))
     from tunegate.report.audit import render
 
     render(report, st.dir)
@@ -425,6 +257,235 @@ def run(st: Stage) -> StageResult:
     console.print(f"audit written: {st.final_dir / 'audit.html'}")
     return StageResult(metrics={"recommendation": rec["decision"]["method"], "best": rec["best_no_training"], "gap": rec["gap"]},
                        verdict=rec["verdict"])
+
+
+def _prepare(st: Stage, metric: str, bar: float | None, prices: dict[str, Any]) -> _Audit:
+    """The checked golden rows (sampled to audit.golden_rows), the demonstration rows split into dev and pool, the
+    base model and tokenizer. Raises TunegateError when the golden set fails its checks or there are no
+    demonstration rows."""
+    import torch
+
+    from tunegate.models import load_model, load_tokenizer, resolve_base_model
+
+    project, acfg = st.project, st.project.audit
+    data_dir = st.upstream_dir("data")
+    golden = check_golden(project, data_dir)
+    if acfg.golden_rows and acfg.golden_rows < len(golden):
+        keep = sorted(random.Random(acfg.seed).sample(range(len(golden)), acfg.golden_rows))
+        golden = [golden[i] for i in keep]
+    # Demonstrations for few-shot, dev rows and the probe: preference rows with their chosen answer, KTO rows
+    # labelled desirable. Raw text (continued pretraining) has none: the audit is skipped for it (`skip`).
+    train = [r for r in read_jsonl(data_dir / "train.jsonl") if "messages" in r or "prompt" in r]
+    train = [{k: v for k, v in r.items() if k not in ("rejected", "label")} for r in train if r.get("label", True)]
+    if not train:
+        raise TunegateError(f"{data_dir / 'train.jsonl'}: no demonstration rows; the audit needs them for few-shot and dev rows")
+    rng = random.Random(acfg.seed)
+    dev_idx = set(rng.sample(range(len(train)), min(acfg.dev_rows, max(len(train) // 2, 1))))
+    dev = [r for i, r in enumerate(train) if i in dev_idx]
+    pool = [r for i, r in enumerate(train) if i not in dev_idx]
+    labels = label_set(train, golden)
+    wanted = set(acfg.candidates or [])
+    console.print(f"audit on {len(golden)} golden rows, metric {metric}, bar {bar if bar is not None else 'none'}; "
+                  f"task: {'classification, ' + str(len(labels)) + ' labels' if labels else 'generation'}; "
+                  f"{len(dev)} dev rows, {len(pool)} pool rows")
+
+    base_path = resolve_base_model(project.base_model)
+    tokenizer = load_tokenizer(base_path)
+    torch.manual_seed(acfg.seed)
+    model = load_model(base_path)
+    refs = [reference_answer(r) for r in golden]
+    return _Audit(
+        project=project, metric=metric, golden=golden, queries=[prompt_text(r) for r in golden],
+        prompts=golden_prompts(tokenizer, golden),
+        dev=dev, pool=pool, n_train=len(train), labels=labels, base_instruction=instruction_of(golden[0]) if golden else None,
+        tokenizer=tokenizer, has_system=supports_system_role(tokenizer), model=model,
+        scorer=_Scorer(metric, refs, project.eval.bootstrap_samples, project.eval.seed, tokenizer, prices, tuple(project.eval.metrics)),
+        want=lambda name: not wanted or name in wanted,
+    )
+
+
+def _prompt_candidates(a: _Audit) -> list[dict[str, Any]]:
+    """zero_shot (the golden prompts exactly as the eval gate shows them to the base model) and
+    prompt_optimization (instruction variants x few-shot counts scored on dev rows; the winner on the golden
+    set). Returns the prompt search: one entry per variant tried, with its dev score."""
+    acfg, scorer = a.project.audit, a.scorer
+    if a.want("zero_shot"):
+        out, wall = a.timed_generate(a.prompts, "zero_shot")
+        scorer.add("zero_shot", out, wall, a.prompts, trains=False, method="prompt_optimization",
+                   detail="the base model with the project's own prompt")
+    search: list[dict[str, Any]] = []
+    if not a.want("prompt_optimization"):
+        return search
+    variants = [a.base_instruction, *acfg.instructions]
+    if a.labels:
+        lead = a.base_instruction or "Classify the message."
+        variants.append(f"{lead} Answer with exactly one of these labels and nothing else: {', '.join(a.labels)}.")
+    variants = list(dict.fromkeys(variants))
+    shots_for = _shot_picker(a.pool, a.labels, acfg.seed)
+    dev_refs = [reference_answer(r) for r in a.dev]
+    fn = ROW_METRICS[a.metric]
+    for vi, instr in enumerate(variants):
+        for k in acfg.shots:
+            shots = shots_for(k)
+            prompts = [chat_prompt(a.tokenizer, a.has_system, instr, shots, prompt_text(r)) for r in a.dev]
+            out = a.generate(prompts, f"prompt search {vi + 1}/{len(variants)}, {k}-shot")
+            score = sum(fn(o, r) for o, r in zip(out, dev_refs)) / len(a.dev)
+            search.append({"instruction": instr, "shots": k, "shot_ids": [s["id"] for s in shots], "dev_score": score})
+            console.print(f"  prompt search: instruction {vi + 1}, {k}-shot: {a.metric} {score:.3f} on {len(a.dev)} dev rows")
+    best = max(search, key=lambda s: s["dev_score"])  # the first of equals: fewer shots and the project's own wording first
+    by_id = {r["id"]: r for r in a.pool}
+    shots = [by_id[i] for i in best["shot_ids"]]
+    prompts = [chat_prompt(a.tokenizer, a.has_system, best["instruction"], shots, q) for q in a.queries]
+    if "zero_shot" in scorer.outputs and prompts == a.prompts:  # the search kept the project's own prompt
+        out, wall = scorer.outputs["zero_shot"], scorer.results[0]["seconds_per_request"] * len(a.queries)
+    else:
+        out, wall = a.timed_generate(prompts, "prompt_optimization")
+    scorer.add("prompt_optimization", out, wall, prompts, trains=False, method="prompt_optimization",
+               detail=f"best of {len(search)} prompts on {len(a.dev)} dev rows: instruction {variants.index(best['instruction']) + 1}, {best['shots']}-shot",
+               chosen={k: best[k] for k in ("instruction", "shots", "shot_ids", "dev_score")})
+    return search
+
+
+def _knn_candidates(a: _Audit) -> None:
+    """Retrieval of labelled examples: knn_fewshot (the `fewshot_k` most similar training rows as in-context
+    examples) and, for labelled tasks, knn_classifier (a similarity-weighted vote, k picked on dev rows; no LLM)."""
+    acfg, scorer = a.project.audit, a.scorer
+    if not (a.want("knn_fewshot") or (a.labels and a.want("knn_classifier"))):
+        return
+    from tunegate.retrieval import DenseIndex, knn_classify
+
+    t0 = time.perf_counter()
+    pool_index = DenseIndex([prompt_text(r) for r in a.pool])
+    index_s = time.perf_counter() - t0
+    depth = max([acfg.fewshot_k, *acfg.knn_k])
+    t0 = time.perf_counter()
+    ids, sims = pool_index.search(a.queries, depth)
+    search_s = time.perf_counter() - t0
+    if a.want("knn_fewshot"):
+        prompts = [chat_prompt(a.tokenizer, a.has_system, a.base_instruction, [a.pool[j] for j in reversed(row[: acfg.fewshot_k])], q)
+                   for row, q in zip(ids, a.queries)]  # the most similar example sits next to the query
+        out, wall = a.timed_generate(prompts, "knn_fewshot", extra_s=search_s)
+        scorer.add("knn_fewshot", out, wall, prompts, trains=False, method="prompt_optimization",
+                   detail=f"the {acfg.fewshot_k} most similar training rows (MiniLM) as few-shot examples")
+    if a.labels and a.want("knn_classifier"):
+        pool_labels = [reference_answer(r) for r in a.pool]
+        dev_ids, dev_sims = pool_index.search([prompt_text(r) for r in a.dev], depth)
+        dev_refs = [reference_answer(r) for r in a.dev]
+        dev_scores = {}
+        for k in acfg.knn_k:
+            pred = knn_classify([[pool_labels[j] for j in row] for row in dev_ids], dev_sims, k)
+            dev_scores[k] = sum(p == r for p, r in zip(pred, dev_refs)) / len(a.dev)
+        k_best = max(acfg.knn_k, key=lambda k: dev_scores[k])
+        t0 = time.perf_counter()
+        out = knn_classify([[pool_labels[j] for j in row] for row in ids], sims, k_best)
+        wall = time.perf_counter() - t0 + search_s
+        scorer.add("knn_classifier", out, wall, None, trains=False, method="prompt_optimization",
+                   detail=f"MiniLM embeddings, similarity-weighted vote of k={k_best} neighbours (k picked on dev rows: "
+                          + ", ".join(f"k={k} {v:.3f}" for k, v in dev_scores.items()) + "); no LLM",
+                   index_s=round(index_s, 1))
+
+
+def _rag_candidates(a: _Audit) -> tuple[dict[str, Any], list[str] | None]:
+    """With `audit.corpus`: rag_bm25, rag_dense and rag_hybrid (the `top_k` passages from bm25s, MiniLM, or both
+    fused by reciprocal rank, before the question), with recall@k where gold passages are known.
+    Returns (the retrieval figures for audit.json, the hybrid RAG prompts the probe is also scored with; None
+    without a corpus)."""
+    acfg, scorer = a.project.audit, a.scorer
+    if acfg.corpus is None or not any(a.want(n) for n in ("rag_bm25", "rag_dense", "rag_hybrid", "lora_probe+rag")):
+        return {}, None
+    from tunegate.retrieval import Bm25Index, DenseIndex, recall_at_k, reciprocal_rank_fusion
+
+    doc_ids, docs = read_corpus(acfg.corpus)
+    depth = max(10, acfg.top_k)
+    t0 = time.perf_counter()
+    bm25 = Bm25Index(docs)
+    dense = DenseIndex(docs)
+    index_s = time.perf_counter() - t0
+    rankings, search_s = {}, {}
+    for name, index in (("rag_bm25", bm25), ("rag_dense", dense)):
+        t0 = time.perf_counter()
+        rankings[name] = index.search(a.queries, depth)[0]
+        search_s[name] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    rankings["rag_hybrid"] = reciprocal_rank_fusion([rankings["rag_bm25"], rankings["rag_dense"]], depth)
+    search_s["rag_hybrid"] = search_s["rag_bm25"] + search_s["rag_dense"] + time.perf_counter() - t0
+    gold_field = acfg.corpus.gold_field
+    position = {d: i for i, d in enumerate(doc_ids)}
+    gold = [position.get(str(r.get("meta", {}).get(gold_field))) for r in a.golden] if gold_field else []
+    known = [i for i, x in enumerate(gold) if x is not None]
+    retrieval: dict[str, Any] = {"documents": len(docs), "index_s": round(index_s, 1), "gold_known": len(known), "recall": {}}
+    rag_prompts = None
+    for name, ranking in rankings.items():
+        if known:
+            retrieval["recall"][name] = {
+                f"@{k}": sum(recall_at_k(ranking[known], [gold[i] for i in known], k)) / len(known)
+                for k in sorted({1, acfg.top_k, 10})
+            }
+        prompts = [chat_prompt(a.tokenizer, a.has_system, a.base_instruction, [], rag_query(q, [docs[j] for j in row[: acfg.top_k]]))
+                   for row, q in zip(ranking, a.queries)]
+        if name == "rag_hybrid":
+            rag_prompts = prompts  # the probe's adapter is scored with these too
+        if a.want(name):
+            out, wall = a.timed_generate(prompts, name, extra_s=search_s[name])
+            recall = retrieval["recall"].get(name, {}).get(f"@{acfg.top_k}")
+            scorer.add(name, out, wall, prompts, trains=False, method="rag",
+                       detail=f"top {acfg.top_k} of {len(docs)} passages" + (f"; recall@{acfg.top_k} {recall:.3f}" if recall is not None else ""))
+    if known:
+        for name, r in retrieval["recall"].items():
+            console.print(f"  retrieval {name}: " + ", ".join(f"recall{k} {v:.3f}" for k, v in r.items()))
+    return retrieval, rag_prompts
+
+
+def _probe_candidates(st: Stage, a: _Audit, prices: dict[str, Any], rag_prompts: list[str] | None) -> dict[str, Any] | None:
+    """With `audit.probe`: trains the quick LoRA probe (`_train_probe`), then scores lora_probe (the golden
+    prompts) and lora_probe+rag (the hybrid RAG prompts). Returns the probe's summary and cost (None: no probe)."""
+    if st.project.audit.probe is None or not (a.want("lora_probe") or (rag_prompts and a.want("lora_probe+rag"))):
+        return None
+    from peft import PeftModel
+
+    usd_per_hour = prices["machines"][prices["training_machine"]]["usd_per_hour"]
+    probe = _train_probe(st, a.pool, a.n_train, st.project.audit.seed, usd_per_hour)
+    a.model = PeftModel.from_pretrained(a.model, str(probe["adapter"]))
+    training_cost = probe["full_run_usd"]
+    if a.want("lora_probe"):
+        out, wall = a.timed_generate(a.prompts, "lora_probe")
+        a.scorer.add("lora_probe", out, wall, a.prompts, trains=True, method="lora",
+                     detail=f"LoRA probe: {probe['steps']} steps on {probe['rows']} rows in {probe['train_wall_s']:.0f} s",
+                     training_usd=training_cost)
+    if rag_prompts and a.want("lora_probe+rag"):
+        out, wall = a.timed_generate(rag_prompts, "lora_probe+rag")
+        a.scorer.add("lora_probe+rag", out, wall, rag_prompts, trains=True, method="lora",
+                     detail="the probe's adapter with the hybrid RAG prompt", training_usd=training_cost)
+    return probe
+
+
+def _recommend(a: _Audit, bar: float | None, probe: dict[str, Any] | None, prices: dict[str, Any]) -> dict[str, Any]:
+    """`tunegate.decide.recommend` on the scored candidates, with the cost of being wrong both ways and, when
+    training does not pay, the candidate to deploy instead (`use`)."""
+    from tunegate.decide import recommend
+
+    project, results = a.project, a.scorer.results
+    acfg = project.audit
+    rec = recommend(results, bar, acfg.min_gain, dict(acfg.answers), project.eval.bootstrap_samples, project.eval.seed)
+    rec["cost_of_being_wrong"] = _cost_of_being_wrong(rec, results, probe, prices)
+    rec["use"] = None  # what to deploy instead of training, when training does not pay
+    if rec["verdict"] == "NO_TRAIN":
+        best = next(c for c in results if c["name"] == rec["best_no_training"]["name"])
+        rec["use"] = {"name": best["name"], "mean": best["mean"], "detail": best["detail"]}
+    return rec
+
+
+def _samples(a: _Audit) -> list[dict[str, Any]]:
+    """Per golden row: its prompt and reference, and each candidate's output and score."""
+    metric, results, outputs = a.metric, a.scorer.results, a.scorer.outputs
+    samples = []
+    for i, row in enumerate(a.golden):
+        sample = {"id": row["id"], "prompt": a.queries[i], "reference": a.scorer.refs[i]}
+        for c in results:
+            sample[c["name"]] = outputs[c["name"]][i]
+            sample[f"{c['name']}_{metric}"] = c["rows"][i]
+        samples.append(sample)
+    return samples
 
 
 def _shot_picker(pool: list[dict[str, Any]], labels: list[str] | None, seed: int) -> Callable[[int], list[dict[str, Any]]]:
@@ -456,10 +517,9 @@ def _sft_keys() -> set[str]:
 
 
 def _train_probe(st: Stage, pool: list[dict[str, Any]], n_train: int, seed: int, usd_per_hour: float) -> dict[str, Any]:
-    """A short LoRA run through the train stage's own code, in <audit>/probe/. Returns its summary and cost."""
-    import json
-
-    from tunegate.stages import train as train_stage
+    """A short LoRA run through the train stage's own body (`recipes.run.run_training`), in <audit>/probe/.
+    Returns its summary and cost."""
+    from tunegate.recipes.run import run_training
 
     pcfg = st.project.audit.probe
     rows = random.Random(seed).sample(pool, min(pcfg.rows, len(pool)))
@@ -479,8 +539,7 @@ def _train_probe(st: Stage, pool: list[dict[str, Any]], n_train: int, seed: int,
     probe_stage = Stage(project, probe_dir, "train")
     probe_stage.dir.mkdir(parents=True, exist_ok=True)
     console.print(f"[bold]quick LoRA probe[/bold]: {pcfg.max_steps} steps on {len(rows)} rows, budget {pcfg.budget_minutes:g} min")
-    train_stage.run(probe_stage)
-    summary = json.loads((probe_stage.dir / "train_summary.json").read_text())
+    summary = run_training(probe_stage, probe_dir / "data")
 
     # What a full run of train.* on the whole training split would take, at the probe's measured tokens/s.
     # These settings are not part of the audit's fingerprint (AUDIT_IGNORED_TRL_KEYS), so the projection

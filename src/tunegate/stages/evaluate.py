@@ -20,41 +20,14 @@ from pathlib import Path
 from typing import Any
 
 from tunegate import TunegateError
-from tunegate.data import golden as golden_lock
-from tunegate.data.format import generation_prompt
-from tunegate.core.io import read_jsonl
-from tunegate.data.records import prompt_text, read_source, reference_answer
+from tunegate.data.golden import check_golden
+from tunegate.data.records import prompt_text, reference_answer
+from tunegate.evals.answer import answer_golden
 from tunegate.evals.gate import check_rules, score_metrics, verdict
 from tunegate.core.io import atomic_write_json, atomic_write_jsonl
 from tunegate.core.console import console
 from tunegate.core.stage import Stage, StageResult, StageSpec, config_sections
 from tunegate.report.eval import write_eval_report
-
-
-def check_golden(project, data_dir) -> list[dict[str, Any]]:
-    """The golden rows to score, after checking the lock and the train/golden overlap. Raises TunegateError."""
-    import json
-
-    cfg = project.data
-    raw, rejected = read_source(cfg.golden, role="golden")
-    if rejected:
-        raise TunegateError(f"{cfg.golden.path}: {rejected[0]}")
-    if not cfg.golden_lock.is_file():
-        raise TunegateError(f"{cfg.golden_lock}: golden lock missing; the eval gate only scores a frozen golden set (rerun the data stage)")
-    golden_lock.check(cfg.golden, raw, json.loads(cfg.golden_lock.read_text()), cfg.golden_lock)
-    golden = read_jsonl(data_dir / "golden.jsonl")
-    trained = read_jsonl(data_dir / "train.jsonl") + read_jsonl(data_dir / "val.jsonl")
-    pairs = golden_lock.overlap(trained, golden)
-    if cfg.decontaminate is not None:  # the same n-gram rule the data stage applied (case C23)
-        seen = {t for t, _ in pairs}
-        pairs += [(t, g) for t, g, _ in golden_lock.ngram_overlap(trained, golden, cfg.decontaminate.ngram) if t not in seen]
-    if pairs:
-        shown = ", ".join(f"{t}~{g}" for t, g in pairs[:10])
-        raise TunegateError(
-            f"{data_dir / 'train.jsonl'}: {len(pairs)} training row(s) overlap the golden set (train~golden: {shown}); "
-            "rule: the gate refuses to score a golden set the candidate was trained on"
-        )
-    return golden
 
 
 def production_baseline(project) -> dict[str, Any] | None:
@@ -122,21 +95,6 @@ def _systems(project, tokenizer, base_path, adapter_dir, production):
             "candidate": candidate}
 
 
-def _answer_golden(backend, tokenizer, golden, max_new_tokens: int, desc: str) -> list[str]:
-    """Golden prompts rendered exactly as training rendered them (in-process), or as messages (server)."""
-    from tunegate.evals.backends import LocalChat
-    from tunegate.evals.generate import generate
-
-    if isinstance(backend, LocalChat):
-        prompts = [generation_prompt(tokenizer, r) for r in golden]
-        with backend.answering():
-            return generate(backend.model, tokenizer, prompts, max_new_tokens, backend.batch_size, desc=desc)
-    if any("messages" not in r for r in golden):
-        raise TunegateError("eval.server answers chat messages; this golden set is prompt/completion text (data.golden.format): "
-                            "use a chat golden set, or evaluate in-process")
-    return backend.complete([r["messages"][:-1] for r in golden], max_new_tokens, desc=desc)
-
-
 def _judge_golden(judge, golden, base_out, cand_out) -> dict[str, dict[str, list[float]]]:
     """judge_score (rating / 10; rows the judge could not rate for either system are left out) and
     judge_win_rate (candidate vs base, both orders, C22 ties) per golden row."""
@@ -191,10 +149,10 @@ def run(st: Stage) -> StageResult:
         baseline_name = "base model (no other production version)"
 
     t0 = time.perf_counter()
-    base_out = _answer_golden(systems["baseline"], tokenizer, golden, ecfg.max_new_tokens, "base model")
+    base_out = answer_golden(systems["baseline"], tokenizer, golden, ecfg.max_new_tokens, "base model")
     base_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    cand_out = _answer_golden(systems["candidate"], tokenizer, golden, ecfg.max_new_tokens, "candidate")
+    cand_out = answer_golden(systems["candidate"], tokenizer, golden, ecfg.max_new_tokens, "candidate")
     cand_s = time.perf_counter() - t0
 
     summary, per_row = score_metrics(ecfg.metrics, base_out, cand_out, refs, ecfg.bootstrap_samples, ecfg.seed, ecfg.json_schema)

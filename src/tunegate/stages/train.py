@@ -1,8 +1,9 @@
-"""Train stage: runs the recipe of `train.method` (tunegate.recipes) and saves what it trained.
+"""Train stage: runs the recipe of `train.method` on the data stage's rows and saves what it trained.
 
-The stage reads the data stage's rows, builds the recipe's TRL trainer, trains (bf16 autocast where the
-device supports it, fp32 otherwise), and resumes from the last checkpoint in `checkpoints/` after a kill.
-Before any of it, the settings passed through to PEFT and TRL are checked (`recipes.defaults.check_passthrough`).
+The body is `tunegate.recipes.run.run_training` (shared with the audit's LoRA probe): the settings passed
+through to PEFT and TRL are checked (`recipes.defaults.check_passthrough`), the preflight runs, the recipe's TRL trainer
+trains (bf16 autocast where the device supports it, fp32 otherwise) and resumes from the last checkpoint in
+`checkpoints/` after a kill.
 
 Writes: preflight.json (tunegate.preflight: anti-patterns, mask rejections, target modules), adapter/ (PEFT
 format; `model/` instead for `adapter: full`), metrics.jsonl (every logged step), loss.png, train_summary.json.
@@ -10,149 +11,14 @@ format; `model/` instead for `adapter: full`), metrics.jsonl (every logged step)
 
 from __future__ import annotations
 
-import shutil
-import time
 from pathlib import Path
-from typing import Any
 
-from tunegate import TunegateError
-from tunegate.core.io import read_jsonl
-from tunegate.core.io import atomic_write_json, atomic_write_jsonl
-from tunegate.core.console import console
 from tunegate.core.stage import Stage, StageResult, StageSpec, config_sections
-from tunegate.recipes import common, recipe
-from tunegate.recipes.defaults import adapter_kind, check_passthrough
-
-# Logged series worth plotting beside the loss, per method (TRL's names).
-PLOTTED = {
-    "dpo": ("rewards/margins",),
-    "kto": ("rewards/margins",),
-    "orpo": ("rewards/margins",),
-    "grpo": ("reward",),
-}
-
-
-def _trained_lora(model) -> dict[str, Any]:
-    """The LoRA settings of the adapter that trained (an init adapter keeps its own), JSON-ready."""
-    cfg = model.peft_config["default"].to_dict()
-    keys = ("r", "lora_alpha", "lora_dropout", "use_dora", "target_modules", "task_type")
-    out = {k: cfg.get(k) for k in keys}
-    if isinstance(out["target_modules"], (set, frozenset)):
-        out["target_modules"] = sorted(out["target_modules"])
-    return out
-
-
-def preflight(project, data_dir) -> dict[str, Any]:
-    """The preflight before every training (tunegate.preflight, without the micro-benchmark): warnings are
-    printed, errors stop the run before a model is trained."""
-    from tunegate.preflight import run_checks
-
-    check = run_checks(project, data_dir, measure=False)
-    for f in check["findings"]:
-        colour = "red" if f["level"] == "error" else "yellow"
-        console.print(f"[{colour}]preflight {f['level']} [{f['name']}][/{colour}] {f['message']} (fix: {f['fix']})")
-    if check["errors"]:
-        errors = "\n".join(f"  [{f['name']}] {f['message']} (fix: {f['fix']})" for f in check["findings"] if f["level"] == "error")
-        raise TunegateError(f"preflight: {check['errors']} error(s), nothing trained:\n{errors}")
-    return {k: v for k, v in check.items() if k != "text"}
+from tunegate.recipes.run import run_training
 
 
 def run(st: Stage) -> StageResult:
-    import torch
-
-    from tunegate.models import bf16_supported, load_tokenizer, resolve_base_model
-
-    project = st.project
-    method = project.train.method
-    problems = check_passthrough(project)
-    if problems:
-        raise TunegateError("\n".join(f"{project.source_file}: {p}" for p in problems))
-    data_dir = st.upstream_dir("data")
-    check = preflight(project, data_dir)
-    atomic_write_json(st.dir / "preflight.json", check)
-    base = resolve_base_model(project.base_model)
-    tokenizer = load_tokenizer(base)
-    torch.manual_seed(project.train.seed)
-    use_bf16 = bf16_supported()
-    track = common.tracker(st, project.train.budget_minutes * 60 if project.train.budget_minutes else None)
-    ctx = common.Context(st, project, base, tokenizer, read_jsonl(data_dir / "train.jsonl"), read_jsonl(data_dir / "val.jsonl"),
-                         use_bf16, [track])
-    built = recipe(method).build(ctx)
-    trainer = built.trainer
-    track.attach(trainer)
-
-    full = project.train.adapter == "full"
-    if full:
-        trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
-        total = sum(p.numel() for p in trainer.model.parameters())
-    else:
-        trainable, total = trainer.model.get_nb_trainable_parameters()
-    console.print(
-        f"{method}: {built.info.get('train_rows', len(ctx.train_rows))} train rows"
-        + (f", {built.info['train_tokens_per_epoch']} tokens per epoch" if "train_tokens_per_epoch" in built.info else "")
-        + f"; {'full fine-tune' if full else 'adapter'}: {trainable / 1e6:.2f}M trainable of {total / 1e6:.1f}M; "
-        f"precision: {'bf16 autocast' if use_bf16 else 'fp32'}"
-    )
-    ckpt_dir = st.checkpoint_dir
-    resume = any(ckpt_dir.glob("checkpoint-*"))
-    if resume:
-        console.print(f"resuming from the last checkpoint in {ckpt_dir}")
-    t0 = time.perf_counter()
-    trainer.train(resume_from_checkpoint=True if resume else None)
-    train_s = time.perf_counter() - t0
-    after = built.after_train(trainer) if built.after_train else {}
-
-    # The stage's partial folder: the weights become visible only when the whole stage succeeds.
-    out = st.partial_dir / ("model" if full else "adapter")
-    if trainer.args.world_size > 1:
-        # Every process takes part (FSDP/DeepSpeed gather sharded weights); the main process writes.
-        trainer.save_model(str(out))
-        if not trainer.is_world_process_zero():
-            return StageResult(metrics={})  # a data-parallel worker: rank 0 writes the rest (tunegate.pipeline)
-        shutil.rmtree(out / "ref", ignore_errors=True)  # TRL's frozen reference copy of an init adapter
-    elif full:
-        trainer.model.save_pretrained(out, safe_serialization=True)
-    else:  # only the trained adapter: DPO/KTO/GRPO from an init adapter also hold a frozen `ref` copy
-        trainer.model.save_pretrained(out, selected_adapters=["default"])
-    tokenizer.save_pretrained(out)
-
-    history = trainer.state.log_history
-    atomic_write_jsonl(st.dir / "metrics.jsonl", history)
-    common.plot_loss(history, st.dir / "loss.png", PLOTTED.get(method, ()))
-    state = trainer.state
-    tokens_this_session = state.num_input_tokens_seen - track.start_tokens
-    summary: dict[str, Any] = {
-        "method": method,
-        "adapter": adapter_kind(project),
-        "init_adapter": str(project.train.init_adapter) if project.train.init_adapter else None,
-        "train_rows": len(ctx.train_rows),
-        "val_rows": len(ctx.val_rows),
-        **built.info,
-        "steps": state.global_step,
-        "max_steps": state.max_steps,
-        "stopped_by_budget": state.global_step < state.max_steps,
-        "epochs_seen": round(state.epoch or 0.0, 3),
-        "tokens_seen": state.num_input_tokens_seen,  # non-padding input tokens, all sessions
-        "train_wall_s": round(train_s, 1),
-        "train_tokens_per_s": round(tokens_this_session / train_s, 1) if train_s > 0 and tokens_this_session else None,
-        "resumed_from_step": track.start_step,
-        "final_train_loss": next((r["loss"] for r in reversed(history) if "loss" in r), None),
-        "final_eval_loss": next((r["eval_loss"] for r in reversed(history) if "eval_loss" in r), None),
-        "precision": "bf16" if use_bf16 else "fp32",
-        "world_size": trainer.args.world_size,  # data-parallel processes (torchrun / accelerate launch)
-        "trainable_params": trainable,
-        "total_params": total,
-        "lora": None if full else _trained_lora(trainer.model),
-        "trl": {k: v for k, v in built.trl_kwargs.items() if k != "output_dir"},
-        **after,
-    }
-    atomic_write_json(st.dir / "train_summary.json", summary)
-    console.print(
-        f"trained {state.global_step} steps in {train_s:.0f} s"
-        + (f", {summary['train_tokens_per_s']} tokens/s" if summary["train_tokens_per_s"] else "")
-        + f"; final loss {summary['final_train_loss']}"
-    )
-    return StageResult(metrics=summary)
+    return StageResult(metrics=run_training(st, st.upstream_dir("data")) or {})
 
 
 def inputs(project) -> dict[str, Path]:

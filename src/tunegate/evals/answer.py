@@ -1,0 +1,41 @@
+"""Answer the golden set with a system: the prompts rendered exactly as training rendered them (in-process), or
+the rows' chat messages (a server). The eval stage, the audit and `tunegate drift --golden` all answer through here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tunegate import TunegateError
+from tunegate.data.format import generation_prompt
+from tunegate.evals.backends import LocalChat
+from tunegate.evals.generate import generate
+
+
+def golden_prompts(tokenizer, golden: list[dict[str, Any]]) -> list[str]:
+    """Each golden row rendered with the chat template up to the assistant's turn, as training rendered it.
+
+    tokenizer: a transformers tokenizer with a chat template. golden: rows with `messages` or `prompt`.
+    Returns one prompt string per row, in order."""
+    return [generation_prompt(tokenizer, r) for r in golden]
+
+
+def answer_golden(backend, tokenizer, golden: list[dict[str, Any]], max_new_tokens: int, desc: str) -> list[str]:
+    """One answer per golden row from `backend`, greedy, at most `max_new_tokens` new tokens each.
+
+    backend: a `tunegate.evals.backends.LocalChat` (in-process: prompts from `golden_prompts`, batched, with the
+    backend's adapter switched on or off) or any chat backend with `complete(conversations, max_new_tokens,
+    desc=...)`, such as `OpenAIChat` (the rows' messages without the reference answer). tokenizer: needed
+    in-process only (None for a server). desc: the progress bar's label.
+
+    Raises:
+        TunegateError: a server backend and golden rows that are prompt/completion text, not chat messages.
+    """
+    if isinstance(backend, LocalChat):
+        prompts = golden_prompts(tokenizer, golden)
+        with backend.answering():
+            return generate(backend.model, tokenizer, prompts, max_new_tokens, backend.batch_size, desc=desc)
+    if any("messages" not in r for r in golden):
+        raise TunegateError("eval.server answers chat messages; this golden set is prompt/completion text (data.golden.format): "
+                            "use a chat golden set, or evaluate in-process")
+    return backend.complete([r["messages"][:-1] for r in golden], max_new_tokens, desc=desc)
