@@ -720,7 +720,7 @@ def serve_smoke(
     no_base: Annotated[bool, typer.Option("--no-base", help="the server does not serve the base model (a merged model)")] = False,
     max_rank: Annotated[Optional[int], typer.Option("--max-rank", help="accept an answer whose every reference token is in the server's top K, teacher-forced (needs vLLM itself at --url)")] = None,
 ) -> None:
-    """Smoke-test a server (case C17): on golden canary prompts, greedy, each adapter's answer must differ from the
+    """Smoke-test a server (case C17 in docs/cases.md): on golden canary prompts, greedy, each adapter's answer must differ from the
     base model's on one canary at least and match the in-process PEFT reference on every one. Exit 1 on failure."""
     import json
     import os

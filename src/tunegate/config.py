@@ -135,7 +135,7 @@ class DedupConfig(_Section):
 
 
 class DecontaminateConfig(_Section):
-    """Removal of training rows whose prompt shares a word n-gram with a golden prompt (case C23;
+    """Removal of training rows whose prompt shares a word n-gram with a golden prompt (case C23 in docs/cases.md;
     tunegate.data.golden.ngram_overlap). Words are compared lower-cased, punctuation stripped, whitespace
     collapsed; a golden prompt shorter than `ngram` words is matched exactly (its whole normalised text)."""
 

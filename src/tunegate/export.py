@@ -1,6 +1,6 @@
 """Merge a trained adapter into its base model, published only when the merge reproduces the adapter (case C13).
 
-vLLM refuses DoRA magnitude vectors (DESIGN.md, serving; case C16), so a DoRA adapter is merged before vLLM
+vLLM refuses DoRA magnitude vectors (docs/design.md#vllm; case C16 in docs/cases.md), so a DoRA adapter is merged before vLLM
 serves it. A merge can silently change outputs (a wrong scaling, a tied embedding, a DoRA norm taken on the
 wrong weight), so `merge_adapter` measures it: in fp32, the same prompts go through the PeftModel (adapter
 unmerged) and through the model after `merge_and_unload()`, comparing every position's logits and the greedy

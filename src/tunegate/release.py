@@ -7,7 +7,7 @@ hidden sibling folder and renamed into place at the end, so a crash leaves no ha
     release.json          what was released (project, run, base model, method, adapter settings, scores, vLLM fit)
     adapter/              the PEFT adapter files exactly as trained
     merged/               only when vLLM cannot serve the adapter as a LoRA (DoRA, modules_to_save, bias, rank):
-                          the merged model from `tunegate.export` (checked against the adapter, case C13)
+                          the merged model from `tunegate.export` (checked against the adapter, case C13 in docs/cases.md)
     manifests/<stage>.json  every stage manifest of the run, byte for byte (the lineage chain)
     eval/verdict.json, eval/scores.json (+ eval.html), report/report.md
     MODEL_CARD.md, article25.md, dpia.md   from `tunegate.report.release_docs` when that module is installed
@@ -289,7 +289,7 @@ def vllm_compatibility(adapter_config: dict[str, Any]) -> tuple[bool, list[str]]
     """Whether vLLM can serve a PEFT adapter as a LoRA (`--enable-lora --lora-modules`), and why not.
 
     vLLM refuses DoRA magnitude vectors, `modules_to_save`, trained biases (`bias` other than "none",
-    `lora_bias`), and ranks above its largest --max-lora-rank value (VLLM_LORA_RANKS; DESIGN.md, serving).
+    `lora_bias`), and ranks above its largest --max-lora-rank value (VLLM_LORA_RANKS; docs/design.md#vllm).
     A rank between the allowed values (e.g. 24) is served: the server's --max-lora-rank is the smallest
     allowed value at or above the largest rank it registers (case C14, `max_lora_rank_for`).
 

@@ -309,7 +309,7 @@ def reward_function(verifier: Verifier) -> Callable[..., list[float]]:
 
 
 def reward_variance_smoke(scores_by_prompt: Sequence[Sequence[float]]) -> dict[str, Any]:
-    """How many prompt groups have constant reward (C18): in GRPO the advantage is the reward minus its group
+    """How many prompt groups have constant reward (C18 in docs/cases.md): in GRPO the advantage is the reward minus its group
     mean, so a constant group (or a single generation) gives every completion advantage 0 and no gradient.
 
     Returns {"groups": n, "zero_variance_groups": k, "fraction": k / n}. Raises ValueError for no groups or an

@@ -11,7 +11,7 @@ from conftest import shared_data
 
 @pytest.mark.real_data
 def test_banking77_minilm_knn_classifier_reaches_the_published_baseline():
-    """A plain MiniLM kNN classifier scores about 0.92 on the full banking77 test set (DESIGN.md §4)."""
+    """A plain MiniLM kNN classifier scores about 0.92 on the full banking77 test set (docs/design.md#shared-data)."""
     from tunegate.retrieval import DenseIndex, knn_classify
 
     folder = shared_data("banking77")

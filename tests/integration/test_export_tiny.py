@@ -1,4 +1,4 @@
-"""Merging a trained adapter (case C13): published only when the merged model reproduces the adapter."""
+"""Merging a trained adapter (case C13 in docs/cases.md): published only when the merged model reproduces the adapter."""
 
 import json
 import re

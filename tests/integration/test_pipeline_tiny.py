@@ -119,7 +119,7 @@ def test_golden_overlap_rows_are_removed_from_training_and_listed(tiny_project):
 
 
 def test_eval_refuses_training_data_that_overlaps_the_golden_set(tiny_project):
-    """C23 at the gate: even if train.jsonl is edited after the data stage, the gate will not score."""
+    """C23 in docs/cases.md at the gate: even if train.jsonl is edited after the data stage, the gate will not score."""
     from tunegate.data.golden import check_golden
 
     project = load_project(tiny_project / "tunegate.yaml")

@@ -81,7 +81,8 @@ def test_banking77_data_stage_on_the_real_files(tmp_path):
 
 @pytest.mark.real_data
 def test_case_inputs_from_the_field_are_handled(tmp_path):
-    """Every case input of ../shared/cases that the data stage reads: bad rows rejected, never a crash."""
+    """Every field-case input the data stage reads (docs/cases.md; the files live in the shared cases folder beside the
+    repository): bad rows rejected, never a crash."""
     from tunegate.config import SourceConfig
     from tunegate.data.records import read_source
 

@@ -72,7 +72,7 @@ def test_dpo_starts_at_ln2_with_zero_margin_and_saves_an_adapter(tmp_path, tiny_
 
 
 def test_dpo_from_an_sft_adapter_uses_it_as_the_frozen_reference(tmp_path, tiny_model_dir):
-    """Case C19: starting from a trained adapter, step 0 is still ln 2 and margin 0 (reference = start policy)."""
+    """Case C19 in docs/cases.md: starting from a trained adapter, step 0 is still ln 2 and margin 0 (reference = start policy)."""
     sft_dir = tmp_path / "sft"
     sft = project_file(sft_dir, tiny_model_dir, [chat(f"which topic is message {i} about?", LABELS[i % 3]) for i in range(16)], "chat", """
   lora: {r: 4, lora_alpha: 8}

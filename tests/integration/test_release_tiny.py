@@ -1,4 +1,4 @@
-"""Signed release bundles on the tiny random Llama: build, verify, tamper detection, refusals (issue 7, case C24)."""
+"""Signed release bundles on the tiny random Llama: build, verify, tamper detection, refusals (issue 7, case C24 in docs/cases.md)."""
 
 import json
 import os

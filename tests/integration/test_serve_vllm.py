@@ -1,6 +1,6 @@
 """A real vLLM server (from .venv-vllm) behind tunegate's app: a tiny random Llama (head size 32: vLLM's CPU
 attention has no head size 16, which the shared tiny model uses) and two signed PASS bundles of ranks 8 and 16
-(C14: --max-lora-rank 16), the smoke test (C17) against the in-process PEFT reference, a tenant request through
+(C14 in docs/cases.md: --max-lora-rank 16), the smoke test (C17) against the in-process PEFT reference, a tenant request through
 the proxy, an adapter unloaded and loaded again at run time, and the smoke test failing on an adapter vLLM
 accepts but does not apply (C17's silent case, made real). Skipped when the vLLM environment is absent
 (`make vllm`); vLLM starts in ~1-2 minutes here with --enforce-eager.

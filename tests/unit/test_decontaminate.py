@@ -1,4 +1,4 @@
-"""n-gram decontamination against the golden set (case C23): re-wrapped, padded and re-punctuated copies go."""
+"""n-gram decontamination against the golden set (case C23 in docs/cases.md): re-wrapped, padded and re-punctuated copies go."""
 
 import os
 from pathlib import Path

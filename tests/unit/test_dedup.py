@@ -1,4 +1,4 @@
-"""Duplicate removal (case C20: short texts), exact after normalisation, near by verified Jaccard."""
+"""Duplicate removal (case C20 in docs/cases.md: short texts), exact after normalisation, near by verified Jaccard."""
 
 from tunegate.data.dedup import dedup, shingles
 

@@ -1,4 +1,4 @@
-"""Chat template rendering and loss masks on the real SmolLM2 tokenizer (cases C01-C04, C09-C11)."""
+"""Chat template rendering and loss masks on the real SmolLM2 tokenizer (cases C01-C04 in docs/cases.md, C09-C11)."""
 
 import pytest
 

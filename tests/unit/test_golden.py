@@ -1,4 +1,4 @@
-"""Frozen golden sets: a changed one is refused with the row ids (issue 2), overlap with training (C23)."""
+"""Frozen golden sets: a changed one is refused with the row ids (issue 2), overlap with training (C23 in docs/cases.md)."""
 
 import json
 

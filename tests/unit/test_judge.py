@@ -1,4 +1,4 @@
-"""The judge's parsing, both-order pairwise (case C22), and calibration arithmetic, with scripted judges."""
+"""The judge's parsing, both-order pairwise (case C22 in docs/cases.md), and calibration arithmetic, with scripted judges."""
 
 import json
 import re

@@ -12,7 +12,7 @@ from tunegate import TunegateError
 from tunegate.config import PiiConfig, load_project
 from tunegate.data.pii import DROP, RESCAN, Redactor, redactor_from_config
 
-# ../shared/cases/inputs/pii_phones.txt (case C21), copied: UK, French, US and German numbers, national and
+# case C21's input (docs/cases.md#c21), copied: UK, French, US and German numbers, national and
 # international formats. Presidio's old default region list ("UK", "FE" typos) missed the national ones.
 C21_LINES = [
     "Please call me on 020 7946 0958 after five.",

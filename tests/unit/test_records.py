@@ -1,4 +1,4 @@
-"""Structural validation (cases C04-C07): each bad row is rejected with file, line and rule; no crash."""
+"""Structural validation (cases C04-C07 in docs/cases.md): each bad row is rejected with file, line and rule; no crash."""
 
 from tunegate.config import SourceConfig
 from tunegate.data.records import normalize_text, read_source

@@ -252,7 +252,7 @@ def test_reward_function_needs_the_columns():
         reward(["p", "p"], ["x", "y"], reference=["x"], row_json=["{}"])
 
 
-# --- zero-variance smoke (C18) -------------------------------------------------------------------------------
+# --- zero-variance smoke (C18 in docs/cases.md) -------------------------------------------------------------
 
 def test_reward_variance_smoke():
     assert reward_variance_smoke([[1.0, 1.0, 1.0], [0.0, 1.0, 0.0], [0.0, 0.0], [0.5]]) == {

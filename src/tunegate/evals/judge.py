@@ -3,7 +3,7 @@
 Three questions a judge answers, each a greedy completion parsed from an `[[...]]` verdict:
     grade(question, answer)            single-answer grading on 1-10 (MT-Bench "single" prompt style)
     pairwise(question, a, b)           which answer is better, asked in BOTH orders; a verdict counts only when
-                                       the two orders agree, disagreement is a tie (case C22), and each call
+                                       the two orders agree, disagreement is a tie (case C22 in docs/cases.md), and each call
                                        records whether the order flipped the outcome
     refusal(question, answer)          full compliance / full refusal / partial refusal (XSTest's labels)
 An answer the judge gives that cannot be parsed is None (a tie in pairwise); parse failures are counted.

@@ -3,7 +3,7 @@
     sft.py           demonstrations (LoRA, DoRA, QLoRA, full): TRL's SFTTrainer, tunegate's loss mask
     cpt.py           continued pretraining on raw text, packed into max_length blocks; held-out perplexity
     preference.py    DPO (pairs), ORPO (pairs, no reference), KTO (unpaired thumbs)
-    grpo.py          GRPO against a verifier (tunegate.verifiers), with the reward-variance checks (C18)
+    grpo.py          GRPO against a verifier (tunegate.verifiers), with the reward-variance checks (C18 in docs/cases.md)
     distill.py       distillation: sequence-level (teacher answers, then SFT) or logit-level (GKD)
 
 Every recipe is `build(ctx: common.Context) -> common.Built`: it returns the TRL trainer, facts for the

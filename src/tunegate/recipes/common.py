@@ -67,7 +67,7 @@ def load_policy(project: Project, base: Path | str):
     - `adapter: qlora`: the base loaded in 4-bit NF4 with double quantisation (Dettmers et al. 2023) through
       bitsandbytes. Raises TunegateError without a CUDA GPU or without bitsandbytes: its 4-bit kernels are CUDA's.
     - `train.init_adapter`: that adapter, loaded trainable; TRL's DPO/KTO/GRPO then keep a frozen copy of it as
-      the reference (`ref` adapter), so at step 0 the policy equals the reference (case C19).
+      the reference (`ref` adapter), so at step 0 the policy equals the reference (case C19 in docs/cases.md).
     """
     import torch
 

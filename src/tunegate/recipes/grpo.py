@@ -5,7 +5,7 @@ Shao et al. 2024 ("DeepSeekMath", Group Relative Policy Optimization): for each 
 group's std). The reward is a verifier (tunegate.verifiers) scoring the answer against the row's reference
 (its final assistant turn).
 
-Case C18 is checked three ways:
+Case C18 in docs/cases.md is checked three ways:
 - before anything loads: `num_generations` >= 2 (one generation has no group to compare with), checked by
   TRL's GRPOConfig through `recipes.defaults.check_passthrough` and by the preflight;
 - a smoke batch before training: `grpo.smoke_prompts` prompts, `num_generations` samples each, scored by

@@ -3,7 +3,7 @@
 - DPO (Rafailov et al. 2023, "Direct Preference Optimization"): pairs, against a frozen reference. With
   an adapter the reference is the policy with the adapter off (a fresh adapter leaves the base unchanged);
   from `train.init_adapter` TRL keeps a frozen copy of that adapter as the reference, so at step 0 the loss
-  is ln 2 = 0.693 and reward margins are 0 (case C19).
+  is ln 2 = 0.693 and reward margins are 0 (case C19 in docs/cases.md).
 - ORPO (Hong et al. 2024, "ORPO: Monolithic Preference Optimization without Reference Model"): SFT on
   the chosen answer plus an odds-ratio penalty on the rejected one, in one pass, no reference model.
 - KTO (Ethayarajh et al. 2024, "KTO: Model Alignment as Prospect Theoretic Optimization"): single answers

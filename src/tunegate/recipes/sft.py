@@ -2,7 +2,7 @@
 
 Rows are tokenized by tunegate (`tunegate.data.format`): labels are set by position, only assistant
 tokens and their end-of-turn token are supervised, and TRL's collator pads labels with -100 by position
-(never by token id: eos == pad for SmolLM2, case C01). Used as is for LoRA, DoRA, QLoRA and full SFT, and
+(never by token id: eos == pad for SmolLM2, case C01 in docs/cases.md). Used as is for LoRA, DoRA, QLoRA and full SFT, and
 by the CPT and sequence-level distillation recipes.
 """
 

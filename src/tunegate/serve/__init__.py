@@ -4,7 +4,7 @@
     engine      the Engine protocol and the embedded engine (transformers + PEFT in this process)
     vllm        the vLLM engine: launch preflight, the process, the proxy backend, runtime adapters
     vllm_setup  `tunegate serve-setup vllm`: vLLM's own virtual environment
-    smoke       the smoke test against the PEFT reference (case C17)
+    smoke       the smoke test against the PEFT reference (case C17 in docs/cases.md)
     db          the serving database: tenants, traces, feedback
     api         the FastAPI app (`create_app`), `serve` (the foreground server) and `start_background`
 

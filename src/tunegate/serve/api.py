@@ -334,7 +334,7 @@ def serve(project, engine: str = "embedded", host: str | None = None, port: int 
     """Start the server in the foreground until interrupted.
 
     With `engine="vllm"` (tunegate.serve.vllm): vLLM starts on a private loopback port from the verified
-    bundles (preflight C14-C16; `merged` serves one bundle's merged model alone), the smoke test (C17,
+    bundles (preflight C14-C16 in docs/cases.md; `merged` serves one bundle's merged model alone), the smoke test (C17,
     tunegate.serve.smoke) runs against it unless `smoke` is False, then this app answers tenants in front of it.
 
     Raises:

@@ -1,4 +1,4 @@
-"""The serving smoke test (case C17): greedy canary prompts through a running server against the PEFT reference.
+"""The serving smoke test (case C17 in docs/cases.md): greedy canary prompts through a running server against the PEFT reference.
 
 For the base model and each adapter, greedy canary prompts from the golden set go through the server. Each
 adapter's answer must differ from the base model's on at least one canary (an adapter whose target modules the

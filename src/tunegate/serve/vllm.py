@@ -14,7 +14,7 @@ Launch (`plan_launch`, `LaunchPlan.argv`):
     python -m vllm.entrypoints.openai.api_server --model BASE_DIR --served-model-name BASE_NAME --enable-lora
         --lora-modules NAME=DIR ... --max-lora-rank R --max-loras N --dtype bfloat16 --host 127.0.0.1 --port P
 
-R is `release.max_lora_rank_for` over every rank of every adapter (case C14: a server started with the
+R is `release.max_lora_rank_for` over every rank of every adapter (case C14 in docs/cases.md: a server started with the
 default max rank 16 fails on a rank-32 adapter at its first request). Before launch each bundle is verified
 (signature, PASS verdict, same base model: tunegate.serve.bundles) and checked against what vLLM can
 serve as a LoRA (release.json's "vllm" record and `release.vllm_compatibility` on the adapter's own config):

@@ -1,7 +1,7 @@
 """Eval stage and gate: the base model and the candidate adapter on the frozen golden set.
 
 Refuses to score when the golden set changed since it was frozen, or when training data overlaps it
-(case C23). Both systems answer every golden prompt with batched greedy generation; each row gets a task
+(case C23 in docs/cases.md). Both systems answer every golden prompt with batched greedy generation; each row gets a task
 score; the candidate-minus-base difference gets a paired bootstrap 95% CI. The gate rules in `eval.gate`
 decide PASS or FAIL.
 
