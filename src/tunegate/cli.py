@@ -425,39 +425,10 @@ def versions(project: ProjectArg, overrides: Overrides = None) -> None:
 @app.command()
 def validate(project: ProjectArg, overrides: Overrides = None) -> None:
     """Check a project without loading a model: keys, types, files, the frozen golden set, and TRL/PEFT settings."""
-    from tunegate.recipes.defaults import check_passthrough
+    from tunegate.pipeline import validate_project
 
     p = _load(project, overrides)
-    problems = []
-    for i, src in enumerate(p.data.sources):
-        if src.path is not None and not src.path.exists():
-            problems.append(f"data.sources.{i}.path: {src.path} not found")
-    if not p.data.golden.path.is_file():
-        problems.append(f"data.golden.path: {p.data.golden.path} not found")
-    if p.data.golden.path.is_file() and p.data.golden_lock.is_file():
-        import json
-
-        from tunegate.data import golden
-        from tunegate.data.records import read_source
-
-        rows, rejected = read_source(p.data.golden, role="golden")
-        problems += [f"data.golden: {r}" for r in rejected[:5]]
-        try:
-            golden.check(p.data.golden, rows, json.loads(p.data.golden_lock.read_text()), p.data.golden_lock)
-        except TunegateError as exc:
-            problems.append(str(exc))
-    if p.audit.enabled and p.audit.corpus is not None and not p.audit.corpus.path.is_file():
-        problems.append(f"audit.corpus.path: {p.audit.corpus.path} not found")
-    if p.audit.enabled:
-        from tunegate.stages.audit import load_prices
-
-        try:
-            load_prices(p.audit.prices)
-        except TunegateError as exc:
-            problems.append(f"audit.prices: {exc}")
-    if p.eval.suites:
-        problems += [f"eval.suites: {path} not found" for path in p.eval.suites.files().values() if not path.is_file()]
-    problems += check_passthrough(p)
+    problems = validate_project(p)
     if problems:
         raise TunegateError("\n".join(f"{p.source_file}: {x}" for x in problems))
     typer.echo(f"{p.source_file}: OK (project {p.name}, base model {p.base_model}, {len(p.data.sources)} source(s))")

@@ -265,3 +265,37 @@ def run_pipeline(project: Project, run_id: str = "default", until: str = "report
         if spec.name == until:
             break
     return manifests
+
+
+def validate_project(p: Project) -> list[str]:
+    """What `tunegate validate` finds wrong with a project without loading a model, one line per problem (empty when
+    none): missing source, golden, corpus or suite files; bad golden rows or a golden set that changed since its lock;
+    an unreadable price table; TRL/PEFT settings their config classes do not accept."""
+    import json
+
+    from tunegate.data import golden
+    from tunegate.data.records import read_source
+    from tunegate.prices import load_prices
+    from tunegate.recipes.defaults import check_passthrough
+
+    problems = [f"data.sources.{i}.path: {src.path} not found" for i, src in enumerate(p.data.sources)
+                if src.path is not None and not src.path.exists()]
+    if not p.data.golden.path.is_file():
+        problems.append(f"data.golden.path: {p.data.golden.path} not found")
+    if p.data.golden.path.is_file() and p.data.golden_lock.is_file():
+        rows, rejected = read_source(p.data.golden, role="golden")
+        problems += [f"data.golden: {r}" for r in rejected[:5]]
+        try:
+            golden.check(p.data.golden, rows, json.loads(p.data.golden_lock.read_text()), p.data.golden_lock)
+        except TunegateError as exc:
+            problems.append(str(exc))
+    if p.audit.enabled and p.audit.corpus is not None and not p.audit.corpus.path.is_file():
+        problems.append(f"audit.corpus.path: {p.audit.corpus.path} not found")
+    if p.audit.enabled:
+        try:
+            load_prices(p.audit.prices)
+        except TunegateError as exc:
+            problems.append(f"audit.prices: {exc}")
+    if p.eval.suites:
+        problems += [f"eval.suites: {path} not found" for path in p.eval.suites.files().values() if not path.is_file()]
+    return problems + check_passthrough(p)
