@@ -53,8 +53,6 @@ ALLOWED_VIOLATIONS: set[tuple[str, str]] = {
     ("tunegate.stages.audit", "tunegate.stages.evaluate"),
     ("tunegate.stages.audit", "tunegate.stages.train"),
     ("tunegate.stages.train", "tunegate.preflight"),
-    ("tunegate.data.quality", "_ids"),
-    ("tunegate.data.quality", "_render"),
     ("tunegate.drift", "_answer_golden"),
     ("tunegate.serve", "tunegate.vllm_engine"),
     ("tunegate.vllm_engine", "tunegate.serve"),

@@ -148,10 +148,10 @@ def _ifd_sequences(tokenizer, record: dict[str, Any], max_length: int) -> tuple[
     """
     from tunegate.data.format import (
         IGNORE_INDEX,
-        _ids,
-        _render,
         encode_chat,
         encode_plain,
+        render_chat,
+        token_ids,
     )
     from tunegate.data.records import RowError
 
@@ -159,7 +159,7 @@ def _ifd_sequences(tokenizer, record: dict[str, Any], max_length: int) -> tuple[
     if kind == "text":
         raise RowError("no_instruction", "a text row (continued pretraining) has no prompt, so no IFD")
     if kind == "plain":
-        if not _ids(tokenizer, record["prompt"]):
+        if not token_ids(tokenizer, record["prompt"]):
             raise RowError("no_instruction", "the prompt has no tokens")
         enc = encode_plain(tokenizer, record["prompt"], record["completion"])
         start_tok = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
@@ -167,8 +167,8 @@ def _ifd_sequences(tokenizer, record: dict[str, Any], max_length: int) -> tuple[
     else:
         messages = record["messages"]
         enc = encode_chat(tokenizer, messages)
-        with_header = _ids(tokenizer, _render(tokenizer, messages[:-1], True))
-        without = _ids(tokenizer, _render(tokenizer, messages[:-1], False))
+        with_header = token_ids(tokenizer, render_chat(tokenizer, messages[:-1], True))
+        without = token_ids(tokenizer, render_chat(tokenizer, messages[:-1], False))
         if with_header[: len(without)] == without and len(with_header) > len(without):
             head = with_header[len(without):]  # the assistant header, e.g. "<|im_start|>assistant\n"
         else:  # a template whose generation prompt is empty or re-tokenizes the prompt
