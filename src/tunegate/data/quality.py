@@ -3,8 +3,9 @@
 Three scores, one selection:
 
 - `heuristic_quality(record)`: a cheap, deterministic 0..1 score of the answer (length, lexical diversity,
-  repetition, copying of the prompt, leftover template markup). Also what `semantic_dedup` uses to pick the row
-  kept from a cluster of near-duplicates.
+  repetition, copying of the prompt, leftover template markup). `row_quality(record)` prefers a score the source
+  row carries (`quality`) and falls back to it: what dedup and `semantic_dedup` use to pick the row kept from a
+  group of duplicates.
 - `ifd_scores(records, model, tokenizer)`: the Instruction-Following Difficulty of Li et al. 2023 ("From Quantity
   to Quality: Boosting LLM Performance with Self-Guided Data Selection for Instruction Tuning",
   arXiv:2308.12032): IFD = loss(A | Q) / loss(A), the answer's mean token cross-entropy with and without its
@@ -127,6 +128,15 @@ def heuristic_quality(record: dict[str, Any]) -> float:
     Raises KeyError for a row that is not a canonical record (tunegate.data.records).
     """
     return quality_features(record)["quality"]
+
+
+def row_quality(record: dict[str, Any]) -> float:
+    """A row's quality score, which picks the row kept from a group of duplicates and ranks rows for selection:
+    the source row's own `quality` (or `meta.quality`) when it has one, else `heuristic_quality` (0..1,
+    deterministic). A boolean is not a score."""
+    meta = record.get("meta", {})
+    q = meta.get("quality", meta.get("meta", {}).get("quality") if isinstance(meta.get("meta"), dict) else None)
+    return float(q) if isinstance(q, (int, float)) and not isinstance(q, bool) else heuristic_quality(record)
 
 
 # ---------------------------------------------------------------------------------------------- IFD
