@@ -114,7 +114,7 @@ def test_hh_prompt_ending_in_assistant_and_ultrafeedback_rows_keep_only_the_answ
 
 
 def test_kto_rows_with_opposite_labels_are_not_duplicates():
-    from tunegate.stages.data import _row_text
+    from tunegate.data.records import row_text
 
     up = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "label": True}
-    assert _row_text(up) != _row_text({**up, "label": False})
+    assert row_text(up) != row_text({**up, "label": False})

@@ -62,13 +62,21 @@ def apply_system_policy(messages: list[dict[str, str]], policy: str, template_ha
     return [merged, *rest]
 
 
-def _ids(tokenizer, text: str) -> list[int]:
+def token_ids(tokenizer, text: str) -> list[int]:
+    """The token ids of `text` alone: no BOS or other special token is added (a rendered chat carries its own)."""
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def _render(tokenizer, messages, generation_prompt: bool) -> str:
+def render_chat(tokenizer, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+    """`messages` rendered as text through the tokenizer's chat template, with the assistant header after the
+    last turn when `add_generation_prompt`.
+
+    Raises:
+        RowError: rule `template_error`, when the template refuses the messages (an unsupported role, its own
+            `raise_exception(...)`).
+    """
     try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
     except Exception as exc:  # a template's own error (unsupported role, raise_exception(...))
         raise RowError("template_error", f"the chat template refused the row: {exc}") from None
 
@@ -84,13 +92,13 @@ def end_token_id(tokenizer) -> int:
 def encode_chat(tokenizer, messages: list[dict[str, str]]) -> Encoded:
     """Token ids and labels for a chat; only assistant content and its end-of-turn token are supervised."""
     eot = end_token_id(tokenizer)
-    full = _ids(tokenizer, _render(tokenizer, messages, False))
+    full = token_ids(tokenizer, render_chat(tokenizer, messages, False))
     labels = [IGNORE_INDEX] * len(full)
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        prefix = _ids(tokenizer, _render(tokenizer, messages[:i], True))
-        upto = _ids(tokenizer, _render(tokenizer, messages[: i + 1], False))
+        prefix = token_ids(tokenizer, render_chat(tokenizer, messages[:i], True))
+        upto = token_ids(tokenizer, render_chat(tokenizer, messages[: i + 1], False))
         if full[: len(upto)] != upto or upto[: len(prefix)] != prefix:
             raise RowError(
                 "prompt_not_prefix",
@@ -112,8 +120,8 @@ def encode_chat(tokenizer, messages: list[dict[str, str]]) -> Encoded:
 def encode_plain(tokenizer, prompt: str, completion: str) -> Encoded:
     """Plain text: prompt ids + completion ids + exactly one eos (case C02). The completion and eos are supervised."""
     eos = tokenizer.eos_token_id
-    p = _ids(tokenizer, prompt)
-    c = _ids(tokenizer, completion)
+    p = token_ids(tokenizer, prompt)
+    c = token_ids(tokenizer, completion)
     while c and c[-1] == eos:  # a completion that already ends in eos gets no second one
         c = c[:-1]
     if not c:
@@ -162,7 +170,7 @@ def encode_text(tokenizer, text: str) -> Encoded:
 
     No length policy: the CPT recipe packs texts into `max_length` blocks, so a long text is split, not cut.
     """
-    ids = _ids(tokenizer, text) + [tokenizer.eos_token_id]
+    ids = token_ids(tokenizer, text) + [tokenizer.eos_token_id]
     return Encoded(ids, list(ids))
 
 
@@ -196,7 +204,7 @@ def encode_record(tokenizer, record: dict[str, Any], max_length: int, policy: st
 def generation_prompt(tokenizer, record: dict[str, Any]) -> str:
     """What the model sees at eval and serve time: the conversation without its final answer."""
     if "messages" in record:
-        return _render(tokenizer, record["messages"][:-1], True)
+        return render_chat(tokenizer, record["messages"][:-1], True)
     return record["prompt"]
 
 

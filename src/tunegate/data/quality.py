@@ -3,8 +3,9 @@
 Three scores, one selection:
 
 - `heuristic_quality(record)`: a cheap, deterministic 0..1 score of the answer (length, lexical diversity,
-  repetition, copying of the prompt, leftover template markup). Also what `semantic_dedup` uses to pick the row
-  kept from a cluster of near-duplicates.
+  repetition, copying of the prompt, leftover template markup). `row_quality(record)` prefers a score the source
+  row carries (`quality`) and falls back to it: what dedup and `semantic_dedup` use to pick the row kept from a
+  group of duplicates.
 - `ifd_scores(records, model, tokenizer)`: the Instruction-Following Difficulty of Li et al. 2023 ("From Quantity
   to Quality: Boosting LLM Performance with Self-Guided Data Selection for Instruction Tuning",
   arXiv:2308.12032): IFD = loss(A | Q) / loss(A), the answer's mean token cross-entropy with and without its
@@ -129,6 +130,15 @@ def heuristic_quality(record: dict[str, Any]) -> float:
     return quality_features(record)["quality"]
 
 
+def row_quality(record: dict[str, Any]) -> float:
+    """A row's quality score, which picks the row kept from a group of duplicates and ranks rows for selection:
+    the source row's own `quality` (or `meta.quality`) when it has one, else `heuristic_quality` (0..1,
+    deterministic). A boolean is not a score."""
+    meta = record.get("meta", {})
+    q = meta.get("quality", meta.get("meta", {}).get("quality") if isinstance(meta.get("meta"), dict) else None)
+    return float(q) if isinstance(q, (int, float)) and not isinstance(q, bool) else heuristic_quality(record)
+
+
 # ---------------------------------------------------------------------------------------------- IFD
 
 
@@ -148,10 +158,10 @@ def _ifd_sequences(tokenizer, record: dict[str, Any], max_length: int) -> tuple[
     """
     from tunegate.data.format import (
         IGNORE_INDEX,
-        _ids,
-        _render,
         encode_chat,
         encode_plain,
+        render_chat,
+        token_ids,
     )
     from tunegate.data.records import RowError
 
@@ -159,7 +169,7 @@ def _ifd_sequences(tokenizer, record: dict[str, Any], max_length: int) -> tuple[
     if kind == "text":
         raise RowError("no_instruction", "a text row (continued pretraining) has no prompt, so no IFD")
     if kind == "plain":
-        if not _ids(tokenizer, record["prompt"]):
+        if not token_ids(tokenizer, record["prompt"]):
             raise RowError("no_instruction", "the prompt has no tokens")
         enc = encode_plain(tokenizer, record["prompt"], record["completion"])
         start_tok = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
@@ -167,8 +177,8 @@ def _ifd_sequences(tokenizer, record: dict[str, Any], max_length: int) -> tuple[
     else:
         messages = record["messages"]
         enc = encode_chat(tokenizer, messages)
-        with_header = _ids(tokenizer, _render(tokenizer, messages[:-1], True))
-        without = _ids(tokenizer, _render(tokenizer, messages[:-1], False))
+        with_header = token_ids(tokenizer, render_chat(tokenizer, messages[:-1], True))
+        without = token_ids(tokenizer, render_chat(tokenizer, messages[:-1], False))
         if with_header[: len(without)] == without and len(with_header) > len(without):
             head = with_header[len(without):]  # the assistant header, e.g. "<|im_start|>assistant\n"
         else:  # a template whose generation prompt is empty or re-tokenizes the prompt

@@ -43,6 +43,11 @@ class Rejection:
     raw: Any = None
     meta: dict[str, Any] = field(default_factory=dict)
 
+    @classmethod
+    def of_row(cls, record: dict[str, Any], rule: str, detail: str) -> Rejection:
+        """The rejection of a row that was read and validated: its file, line and id come from the row."""
+        return cls(record["meta"]["file"], record["meta"]["line"], record["id"], rule, detail)
+
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -646,6 +651,17 @@ def prompt_text(record: dict[str, Any]) -> str:
     if "messages" in record:
         return "\n".join(m["content"] for m in record["messages"] if m["role"] == "user")
     return record["prompt"]
+
+
+def row_text(record: dict[str, Any]) -> str:
+    """What duplicate detection compares: every turn's text (system turns excluded; a rejected answer and a KTO
+    label included, so opposite labels are not duplicates), prompt + completion, or raw text."""
+    if "text" in record:
+        return record["text"]
+    if "messages" in record:
+        extra = ([record["rejected"]] if "rejected" in record else []) + ([f"label: {record['label']}"] if "label" in record else [])
+        return "\n".join([m["content"] for m in record["messages"] if m["role"] != "system"] + extra)
+    return record["prompt"] + "\n" + record["completion"]
 
 
 def reference_answer(record: dict[str, Any]) -> str:

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any, Protocol, Sequence
 
 from tunegate import TunegateError
+from tunegate.core.io import read_jsonl
 from tunegate.data.records import normalize_text, record_from_object, record_kind, RowError
 
 Messages = list[dict[str, str]]
@@ -508,7 +509,5 @@ def _answer_context(instruction: str, shot: Sequence[Task], m: int) -> tuple[Mes
 
 
 def _read_dropped(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """The dropped rows an earlier run of `synthesize` wrote (none when it wrote no file)."""
+    return read_jsonl(path) if path.is_file() else []

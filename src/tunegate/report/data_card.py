@@ -1,10 +1,10 @@
-"""The data card as a page: what went in, what came out at each step, why rows were removed, how long rows are.
+"""The data card: what went in, what came out at each step, why rows were removed, how long rows are.
 
-`write_data_card_html(stage_dir, project, stats, rejected, lengths)` is called by the data stage after
-stats.json and data_card.md; it writes token_lengths.png and data_card.html (plot embedded, readable
-offline) next to them. Everything shown comes from stats.json and rejected.jsonl, so the page and the
-markdown card cannot disagree. Rejected rows are shown by file, line, id, rule and detail only: never their
-text (a row rejected for PII must not reappear here).
+`data_card_markdown(project, stats, timings)` is data_card.md. `write_data_card_html(stage_dir, project, stats,
+rejected, lengths)` is called by the data stage after stats.json and data_card.md; it writes token_lengths.png
+and data_card.html (plot embedded, readable offline) next to them. Everything shown comes from stats.json and
+rejected.jsonl, so the page and the markdown card cannot disagree. Rejected rows are shown by file, line, id,
+rule and detail only: never their text (a row rejected for PII must not reappear here).
 """
 
 from __future__ import annotations
@@ -103,3 +103,92 @@ def write_data_card_html(stage_dir: Path, project, stats: dict[str, Any], reject
     out = stage_dir / "data_card.html"
     atomic_write_text(out, html)
     return out
+
+
+def data_card_markdown(project, stats: dict[str, Any], timings: dict[str, Any] | None = None) -> str:
+    """data_card.md: the same counts as the page, as markdown. `stats`: stats.json; `timings`: timings.json (the
+    seconds column of the step table), or None."""
+    sec = {t["step"]: t["seconds"] for t in (timings or {}).get("steps", [])}
+    lines = [
+        f"# Data card: {project.name}",
+        "",
+        f"- rows read: {stats['rows_read']}; kept: {stats['rows_kept']}; rejected: {stats['rows_rejected']}",
+        f"- train / val / golden: {stats['train_rows']} / {stats['val_rows']} / {stats['golden_rows']}",
+        f"- golden set sha256: `{stats['golden_sha256']}`",
+        f"- tokens per row: mean {stats['tokens_per_row_mean']}, max {stats['tokens_per_row_max']}; "
+        f"truncated rows: {stats['truncated_rows']} (policy `{project.data.overlength}`, max_length {project.data.max_length})",
+        f"- licences: {', '.join(stats['licenses']) or 'not stated'}",
+        (f"- duplicates removed: {stats['duplicates_removed']['exact']} exact, {stats['duplicates_removed']['near']} near"
+         + (f", {stats['duplicates_removed']['semantic']} semantic" if "semantic" in stats["duplicates_removed"] else "")
+         if project.data.dedup is not None else "- duplicates: not checked (`data.dedup` is not set)"),
+        "- token lengths (after the over-length policy): ![token-length histogram](token_lengths.png); the same card as a page: data_card.html",
+        "",
+        "## Rows in and out per step",
+        "",
+        (f"Wall time on engine `{timings['engine']}`, {timings['num_proc']} process(es); "
+         f"total {timings['total_seconds']} s (timings.json)." if timings else ""),
+        "",
+        "| step | in | out | removed by rule | seconds |",
+        "|---|---:|---:|---|---:|",
+        *[f"| {s['step']} | {s['rows_in']} | {s['rows_out']} | "
+          f"{', '.join(f'{k} {v}' for k, v in s['removed_by_rule'].items()) or '-'} | {sec.get(s['step'], '-')} |" for s in stats["steps"]],
+        "",
+        *_duplicate_examples(stats.get("duplicate_examples", [])),
+        "## Rejected rows by rule",
+        "",
+        "| rule | rows |",
+        "|---|---:|",
+        *[f"| {k} | {v} |" for k, v in sorted(stats["rejected_by_rule"].items())],
+        "",
+        *_pii_card(stats["pii"]),
+        "## Per source",
+        "",
+        "| source | read | kept | train | val | rejected |",
+        "|---|---:|---:|---:|---:|---:|",
+        *[f"| {Path(k).name} | {v['rows_read']} | {v['kept']} | {v['train']} | {v['val']} | {v['rejected']} |"
+          for k, v in stats["per_source"].items()],
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _duplicate_examples(examples: list[dict[str, Any]]) -> list[str]:
+    """The card's duplicate-examples table: both texts of each removed row and the row kept in its place."""
+    if not examples:
+        return []
+    return [
+        "## Duplicate examples",
+        "",
+        "| kind | removed row | kept row | similarity | removed text | kept text |",
+        "|---|---|---|---:|---|---|",
+        *[f"| {e['kind']} | {e['id']} | {e['duplicate_of']} | {e['similarity']} | {_md_cell(e['text'])} | {_md_cell(e['kept_text'])} |"
+          for e in examples],
+        "",
+    ]
+
+
+def _md_cell(text: str) -> str:
+    """Text fit for one markdown table cell: pipes escaped, newlines flattened."""
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _pii_card(report: dict[str, Any] | None) -> list[str]:
+    """The card's PII section from stats.json's `pii` report (None: not scanned)."""
+    if report is None:
+        return ["## PII", "", "Not scanned (`data.pii` is not set).", ""]
+    types = sorted(set(report["entities"]) | set(report["found_by_type"]))
+    return [
+        "## PII",
+        "",
+        (f"- mode `{report['mode']}`; regions {', '.join(report['regions'])}; phone match `{report['phone_match']}`; "
+         f"score threshold {report['score_threshold']} (re-scan {report['rescan_score_threshold']})"),
+        (f"- rows with PII: {report['rows_with_pii']} of {report['rows_scanned']}; rejected: {report['rows_dropped_pii']} "
+         f"(`pii`), {report['rows_dropped_rescan']} still holding PII on re-scan (`pii_rescan`)"),
+        f"- golden rows with PII (frozen, not redacted): {report['golden_rows_with_pii']}",
+        *([f"- pseudonym key id: `{report['key_id']}`"] if report.get("key_id") else []),
+        "",
+        "| entity type | found | found again on re-scan |",
+        "|---|---:|---:|",
+        *[f"| {t} | {report['found_by_type'].get(t, 0)} | {report['rescan_by_type'].get(t, 0)} |" for t in types],
+        "",
+    ]

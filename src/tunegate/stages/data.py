@@ -7,9 +7,13 @@ template with its loss mask and over-length policy; rows that cannot be are reje
 With `data.pii` set, every turn is redacted (tunegate.data.pii) before the template checks, and rows the
 re-scan still finds PII in are rejected; the golden set is compared with the rows before redaction too.
 
+Each row step is a function `step(rows, ...) -> (kept rows, rejections, ...)`: a row is kept, or dropped with
+its rule and detail (`Rejection`). `run` calls the steps in order; a `StepLog` collects every step's rows in
+and out, removals by rule and wall time, and every rejection, and they are written once, at the end.
+
 Writes: train.jsonl, val.jsonl, golden.jsonl (the frozen golden rows), rejected.jsonl (file, line, id,
-rule, detail), stats.json (with `steps`: rows in and out of each step, removals by rule), data_card.md, and
-data_card.html with token_lengths.png (tunegate.report.data_card).
+rule, detail), stats.json (with `steps`: rows in and out of each step, removals by rule), timings.json (wall
+time per step), data_card.md, and data_card.html with token_lengths.png (tunegate.report.data_card).
 """
 
 from __future__ import annotations
@@ -21,13 +25,18 @@ from pathlib import Path
 from typing import Any
 
 from tunegate import TunegateError
+from tunegate.core.console import console
+from tunegate.core.io import atomic_write_json, atomic_write_jsonl, atomic_write_text
+from tunegate.core.stage import Stage, StageResult, StageSpec, config_sections
 from tunegate.data import golden as golden_lock
 from tunegate.data.engine import default_num_proc
 from tunegate.data.format import apply_system_policy, supports_system_role
-from tunegate.data.records import dedupe_ids, read_source, Rejection, RowError
-from tunegate.core.io import atomic_write_json, atomic_write_jsonl, atomic_write_text
-from tunegate.core.console import console
-from tunegate.core.stage import Stage, StageResult, StageSpec, config_sections
+from tunegate.data.quality import row_quality
+from tunegate.data.records import Rejection, RowError, dedupe_ids, read_source, row_text
+
+# Rules of deliberate selection (data.select), not faults: they do not count towards data.max_rejected_fraction.
+SELECTION_RULES = ("ifd_above_max", "too_similar", "over_budget")
+DUPLICATE_EXAMPLES = 5  # per kind of duplicate, shown on the card with both texts
 
 
 def split_train_val(records: list[dict[str, Any]], val_fraction: float, seed: int) -> tuple[list, list]:
@@ -40,65 +49,209 @@ def split_train_val(records: list[dict[str, Any]], val_fraction: float, seed: in
     return [r for r in records if r["id"] not in val_ids], [r for r in records if r["id"] in val_ids]
 
 
-def _row_text(rec: dict[str, Any]) -> str:
-    """What duplicate detection compares: every turn's text (system turns excluded; a rejected answer and a
-    KTO label included, so opposite labels are not duplicates), prompt + completion, or raw text."""
-    if "text" in rec:
-        return rec["text"]
-    if "messages" in rec:
-        extra = ([rec["rejected"]] if "rejected" in rec else []) + ([f"label: {rec['label']}"] if "label" in rec else [])
-        return "\n".join([m["content"] for m in rec["messages"] if m["role"] != "system"] + extra)
-    return rec["prompt"] + "\n" + rec["completion"]
+class StepLog:
+    """What the data card's "rows in and out per step" table and timings.json are made of.
 
+    `record` is called after each row step: its rows in and out, its removals by rule (stats.json `steps`), its
+    wall time since the previous step (timings.json, so stats.json stays the same on a rerun), and its
+    rejections, appended in step order (rejected.jsonl).
+    """
 
-def _quality(rec: dict[str, Any]) -> float:
-    """A row's quality score, which picks the row kept from a group of duplicates: the source row's own `quality`
-    (or `meta.quality`) when it has one, else tunegate.data.quality.heuristic_quality (0..1, deterministic)."""
-    from tunegate.data.quality import heuristic_quality
+    def __init__(self) -> None:
+        self.steps: list[dict[str, Any]] = []
+        self.timed: list[tuple[str, int, float]] = []  # (step, rows in, seconds)
+        self.rejected: list[Rejection] = []
+        self._mark = time.perf_counter()
 
-    meta = rec.get("meta", {})
-    q = meta.get("quality", meta.get("meta", {}).get("quality") if isinstance(meta.get("meta"), dict) else None)
-    return float(q) if isinstance(q, (int, float)) and not isinstance(q, bool) else heuristic_quality(rec)
+    def restart_clock(self) -> None:
+        """Work done since the last step belongs to no step (reading the golden set)."""
+        self._mark = time.perf_counter()
+
+    def record(self, name: str, rows_in: int, kept: list[dict[str, Any]], rejections: list[Rejection]) -> list[dict[str, Any]]:
+        """Log one row step; returns `kept`, the rows the next step reads."""
+        removed = Counter(r.rule for r in rejections)
+        self.steps.append({"step": name, "rows_in": rows_in, "rows_out": len(kept), "removed_by_rule": dict(sorted(removed.items()))})
+        self.rejected += rejections
+        self.lap(name, rows_in)
+        return kept
+
+    def lap(self, name: str, rows_in: int) -> None:
+        """Time a step that removes no row (it is in timings.json, not in stats.json `steps`)."""
+        now = time.perf_counter()
+        self.timed.append((name, rows_in, round(now - self._mark, 2)))
+        self._mark = now
+
+    def timings(self, engine: str, num_proc: int) -> dict[str, Any]:
+        """timings.json: wall time per step on this engine and process count."""
+        return {"engine": engine, "num_proc": num_proc, "total_seconds": round(sum(sec for _, _, sec in self.timed), 2),
+                "steps": [{"step": name, "seconds": sec, "rows_in": rows_in, "rows_per_s": round(rows_in / sec, 1) if sec > 0 else None}
+                          for name, rows_in, sec in self.timed]}
 
 
 def run(st: Stage) -> StageResult:
+    """The data stage: the row steps in order, then the refusal check, the split and every output."""
     from tunegate.models import load_tokenizer, resolve_base_model
 
     cfg = st.project.data
-    redactor = None
-    if cfg.pii is not None:  # built first: a missing key or an unknown entity type fails before any work
-        from tunegate.data.pii import redactor_from_config
-
-        redactor = redactor_from_config(cfg.pii)
-    records: list[dict[str, Any]] = []
-    rejected: list[Rejection] = []
-    per_source: dict[str, dict[str, int]] = {}
-    steps: list[dict[str, Any]] = []  # the data card's "rows in / out per step"
-
-    step_seconds: list[float] = []  # wall time per step, in timings.json (stats.json stays the same on a rerun)
-    t_mark = time.perf_counter()
+    redactor = _pii_redactor(cfg)  # built first: a missing key or an unknown entity type fails before any work
     num_proc = cfg.num_proc or default_num_proc()
+    log = StepLog()
 
-    def step(name: str, rows_in: int, rows_out: int, first_rejection: int) -> None:
-        nonlocal t_mark
-        removed = Counter(r.rule for r in rejected[first_rejection:])
-        steps.append({"step": name, "rows_in": rows_in, "rows_out": rows_out, "removed_by_rule": dict(sorted(removed.items()))})
-        now = time.perf_counter()
-        step_seconds.append(round(now - t_mark, 2))
-        t_mark = now
+    # 1. Structural validation: no tokenizer, no model. Then the golden set, checked against its lock.
+    kept, rejections, per_source = read_sources(cfg.sources, keep_raw=redactor is None)
+    rows = log.record("read and validate structure", len(kept) + len(rejections), kept, rejections)
+    golden, lock = read_golden(cfg)
+    log.restart_clock()  # reading and checking the golden set is not a step of the training rows
 
-    # 1. Structural validation: no tokenizer, no model.
-    for src in cfg.sources:
+    # 2. PII: redact every turn, then re-scan; before the template checks, so lengths are those of the redacted
+    # text that is trained on. A masked value must not hide a golden copy: overlap is also checked before.
+    pii_report, overlap_before_redaction = None, []
+    if redactor is not None:
+        overlap_before_redaction = golden_lock.overlap(rows, golden)
+        kept, rejections, pii_report = redact_pii(rows, golden, redactor, cfg, num_proc)
+        rows = log.record(f"PII ({cfg.pii.mode})", len(rows), kept, rejections)
+
+    # 3. Template, loss-mask and length checks with the real tokenizer (no weights loaded), on every core.
+    base = str(resolve_base_model(st.project.base_model))  # converted once here, before any worker starts
+    has_system = supports_system_role(load_tokenizer(base))
+    kept, rejections, n_tokens, truncated = encode_rows(rows, base, cfg, num_proc)
+    rows = log.record(f"chat template, loss mask, max_length {cfg.max_length} ({cfg.overlength})", len(rows), kept, rejections)
+    _warn_near_identical_pairs(rows)
+    apply_system_policy_to_golden(golden, cfg, has_system)
+
+    # 4. Duplicates: exact after normalisation, then near-duplicates (MinHash LSH, verified by Jaccard), then
+    # (data.dedup.semantic) SemDeDup over MiniLM embeddings.
+    n_dup: dict[str, int] = {"exact": 0, "near": 0}
+    dup_examples: list[dict[str, Any]] = []
+    if cfg.dedup is not None:
+        kept, rejections, n_dup, dup_examples = drop_duplicates(rows, cfg.dedup)
+        rows = log.record("duplicates" + (" (exact and near)" if cfg.dedup.near else " (exact)"), len(rows), kept, rejections)
+        if cfg.dedup.semantic is not None:
+            kept, rejections, examples = drop_semantic_duplicates(rows, cfg.dedup.semantic)
+            n_dup["semantic"], dup_examples = len(rejections), dup_examples + examples
+            rows = log.record(f"semantic duplicates (SemDeDup, cosine >= {cfg.dedup.semantic.threshold})", len(rows), kept, rejections)
+
+    # 5. Decontamination against the golden set: the same prompt after normalisation, then (data.decontaminate)
+    # a shared word n-gram. Overlapping training rows are removed and listed.
+    kept, rejections = drop_golden_overlap(rows, golden, overlap_before_redaction)
+    n_golden_overlap = len(rejections)
+    rows = log.record("golden-set overlap", len(rows), kept, rejections)
+    n_ngram_overlap = 0
+    if cfg.decontaminate is not None:
+        kept, rejections = drop_golden_ngram_overlap(rows, golden, cfg.decontaminate.ngram)
+        n_ngram_overlap = len(rejections)
+        rows = log.record(f"golden-set n-gram overlap ({cfg.decontaminate.ngram}-word)", len(rows), kept, rejections)
+
+    # 6. Quality scoring and diversity-aware selection (data.select, DEITA): deliberate choices, not faults, so
+    # they do not count towards max_rejected_fraction, which is checked first (no model loads for a refused run).
+    _check_rejected_fraction(st, rows, log.rejected)
+    selection = None
+    if cfg.select is not None:
+        kept, rejections, selection = select_rows(st, rows, n_tokens)
+        rows = log.record(selection.pop("step"), len(rows), kept, rejections)
+
+    # 7. Rejections: written first, so a refused run still shows why.
+    rejected = log.rejected
+    atomic_write_jsonl(st.dir / "rejected.jsonl", [r.to_json() for r in rejected])
+    for r in rejected[:5]:
+        console.print(f"[yellow]rejected[/yellow] {r}")
+    if len(rejected) > 5:
+        console.print(f"[yellow]... {len(rejected) - 5} more in {st.dir / 'rejected.jsonl'}[/yellow]")
+    _check_rejected_fraction(st, rows, rejected)
+
+    # 8. Deterministic split and outputs.
+    lengths = [n_tokens[r["id"]] for r in rows]
+    train, val = split_train_val(rows, cfg.val_fraction, cfg.seed)
+    atomic_write_jsonl(st.dir / "train.jsonl", train)
+    atomic_write_jsonl(st.dir / "val.jsonl", val)
+    atomic_write_jsonl(st.dir / "golden.jsonl", golden)
+    by_rule = Counter(r.rule for r in rejected)
+    for path, counts in per_source.items():
+        counts["rejected"] = sum(1 for r in rejected if r.file == path)
+        counts["kept"] = sum(1 for r in rows if r["meta"]["file"] == path)
+        counts["train"] = sum(1 for r in train if r["meta"]["file"] == path)
+        counts["val"] = counts["kept"] - counts["train"]
+    stats = {
+        "rows_read": len(rows) + len(rejected),
+        "rows_kept": len(rows),
+        "rows_rejected": len(rejected),
+        "rejected_by_rule": dict(by_rule),
+        "train_rows": len(train),
+        "val_rows": len(val),
+        "golden_rows": len(golden),
+        "golden_sha256": lock["file_sha256"],
+        "golden_overlap_removed": n_golden_overlap + n_ngram_overlap,
+        "golden_ngram_overlap_removed": n_ngram_overlap,
+        "duplicates_removed": n_dup,
+        "duplicate_examples": dup_examples,
+        "pii": pii_report,
+        "truncated_rows": sum(r["id"] in truncated for r in rows),
+        "tokens_total": sum(lengths),
+        "tokens_per_row_mean": round(sum(lengths) / len(lengths), 1),
+        "tokens_per_row_max": max(lengths),
+        "template_has_system_role": has_system,
+        "near_identical_pairs": sum(1 for r in rows if "near_identical" in r["meta"]),
+        "selection": selection,
+        "steps": log.steps,
+        "per_source": per_source,
+        "licenses": sorted({s.license for s in cfg.sources if s.license}),
+    }
+    log.lap("split and write", len(rows))
+    timings = log.timings(cfg.engine, num_proc)
+    _write_stats_and_card(st, stats, timings, rejected, lengths)
+    console.print(
+        f"rows: {len(rows)} kept ({len(train)} train / {len(val)} val), {len(rejected)} rejected {dict(by_rule)}; "
+        f"{len(golden)} golden"
+    )
+    return StageResult(metrics=stats, inputs={"golden_lock": Path(cfg.golden_lock)})
+
+
+def _write_stats_and_card(st: Stage, stats: dict[str, Any], timings: dict[str, Any], rejected: list[Rejection],
+                          lengths: list[int]) -> None:
+    """stats.json, timings.json, data_card.md, and data_card.html with token_lengths.png."""
+    from tunegate.report.data_card import data_card_markdown, write_data_card_html
+
+    atomic_write_json(st.dir / "stats.json", stats)
+    atomic_write_json(st.dir / "timings.json", timings)
+    atomic_write_text(st.dir / "data_card.md", data_card_markdown(st.project, stats, timings))
+    write_data_card_html(st.dir, st.project, stats, [r.to_json() for r in rejected], lengths, timings)
+
+
+# ---------------------------------------------------------------------------------------------- row steps
+
+
+def read_sources(sources, keep_raw: bool = True) -> tuple[list[dict[str, Any]], list[Rejection], dict[str, dict[str, int]]]:
+    """Every source read and structurally validated (tunegate.data.records.read_source), ids made unique across
+    sources. Returns (rows, rejections, per-source counts: rows_read, rejected_structure).
+
+    keep_raw: False drops a rejected row's raw content and keeps its file and line (with data.pii set: a row that
+    failed validation is never scanned for PII, so its text must not reach rejected.jsonl).
+    """
+    rows: list[dict[str, Any]] = []
+    rejections: list[Rejection] = []
+    per_source: dict[str, dict[str, int]] = {}
+    for src in sources:
         recs, rej = read_source(src)
         per_source[src.name] = {"rows_read": len(recs) + len(rej), "rejected_structure": len(rej)}
-        records += recs
-        rejected += rej
-    dedupe_ids(records)
-    step("read and validate structure", sum(c["rows_read"] for c in per_source.values()), len(records), 0)
-    golden, golden_rej = read_source(cfg.golden, role="golden")
-    if golden_rej:
-        shown = "\n  ".join(str(r) for r in golden_rej[:10])
-        raise TunegateError(f"{cfg.golden.path}: {len(golden_rej)} golden row(s) are invalid; a golden set must be clean:\n  {shown}")
+        rows += recs
+        rejections += rej
+    dedupe_ids(rows)
+    if not keep_raw:
+        for r in rejections:
+            r.raw = None
+    return rows, rejections, per_source
+
+
+def read_golden(cfg) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The golden set (`data.golden`), frozen into its lock on first use and checked against it after.
+
+    Returns (golden rows, the lock). Raises TunegateError when a golden row is invalid (a golden set must be
+    clean), when it is empty, or when it no longer matches its lock.
+    """
+    golden, rejections = read_source(cfg.golden, role="golden")
+    if rejections:
+        shown = "\n  ".join(str(r) for r in rejections[:10])
+        raise TunegateError(f"{cfg.golden.path}: {len(rejections)} golden row(s) are invalid; a golden set must be clean:\n  {shown}")
     if not golden:
         raise TunegateError(f"{cfg.golden.path}: the golden set is empty")
     lock, new_lock = golden_lock.freeze(cfg.golden, golden, cfg.golden_lock)
@@ -106,228 +259,232 @@ def run(st: Stage) -> StageResult:
         f"golden set: {len(golden)} rows, "
         + (f"frozen now into {cfg.golden_lock}" if new_lock else f"matches its lock {cfg.golden_lock.name}")
     )
-    t_mark = time.perf_counter()  # reading and checking the golden set is not a step of the training rows
+    return golden, lock
 
-    # 1b. PII (case C21): redact every turn, then re-scan; rows still holding PII are rejected. Before the
-    # template checks, so lengths are those of the redacted text that is trained on.
-    pii_report, raw_overlap = None, []
-    if redactor is not None:
-        raw_overlap = golden_lock.overlap(records, golden)  # a masked value must not hide a golden copy
-        for r in rejected:  # rows that failed validation were never scanned: keep file and line, not content
-            r.raw = None
-        by_id = {r["id"]: r for r in records}
-        n_in, mark = len(records), len(rejected)
-        records, drops, pii_report = redactor.redact_records(records, progress=True, engine=cfg.engine, num_proc=num_proc)
-        for d in drops:
-            rec = by_id[d.id]
-            rejected.append(Rejection(rec["meta"]["file"], rec["meta"]["line"], d.id, d.rule, d.detail))
-        step(f"PII ({cfg.pii.mode})", n_in, len(records), mark)
-        seconds, rows_per_s = pii_report.pop("seconds"), pii_report.pop("rows_per_s")  # stats.json stays deterministic
-        # The golden set is frozen (hash-locked) and never trained on: scanned and reported, not redacted.
-        golden_hits = redactor.analyze([_row_text(g) for g in golden])
-        pii_report["golden_rows_with_pii"] = sum(1 for h in golden_hits if h)
-        if pii_report["golden_rows_with_pii"]:
-            console.print(
-                f"[yellow]the golden set has PII in {pii_report['golden_rows_with_pii']} of {len(golden)} rows; it is "
-                f"frozen and not trained on, so it is not redacted: it stays in golden.jsonl and eval outputs[/yellow]"
-            )
-        found = ", ".join(f"{k} {v}" for k, v in pii_report["found_by_type"].items()) or "none"
+
+def _pii_redactor(cfg):
+    """The redactor `data.pii` asks for (tunegate.data.pii), or None when it is not set."""
+    if cfg.pii is None:
+        return None
+    from tunegate.data.pii import redactor_from_config
+
+    return redactor_from_config(cfg.pii)
+
+
+def redact_pii(rows: list[dict[str, Any]], golden: list[dict[str, Any]], redactor, cfg,
+               num_proc: int) -> tuple[list[dict[str, Any]], list[Rejection], dict[str, Any]]:
+    """Every turn redacted, then re-scanned: a row still holding PII is rejected (`pii_rescan`; `pii` in drop mode).
+
+    The golden set is frozen (hash-locked) and never trained on: it is scanned and reported, not redacted.
+    Returns (kept rows, rejections, stats.json's `pii` report, without its wall-clock fields).
+    """
+    by_id = {r["id"]: r for r in rows}
+    kept, drops, report = redactor.redact_records(rows, progress=True, engine=cfg.engine, num_proc=num_proc)
+    rejections = [Rejection.of_row(by_id[d.id], d.rule, d.detail) for d in drops]
+    seconds, rows_per_s = report.pop("seconds"), report.pop("rows_per_s")  # stats.json stays deterministic
+    golden_hits = redactor.analyze([row_text(g) for g in golden])
+    report["golden_rows_with_pii"] = sum(1 for h in golden_hits if h)
+    if report["golden_rows_with_pii"]:
         console.print(
-            f"PII ({cfg.pii.mode}): found {found} in {pii_report['rows_with_pii']} of {pii_report['rows_scanned']} rows; "
-            f"rejected {pii_report['rows_dropped_pii']} (pii), {pii_report['rows_dropped_rescan']} (pii_rescan); "
-            f"{seconds} s, {rows_per_s} rows/s"
+            f"[yellow]the golden set has PII in {report['golden_rows_with_pii']} of {len(golden)} rows; it is "
+            f"frozen and not trained on, so it is not redacted: it stays in golden.jsonl and eval outputs[/yellow]"
         )
+    found = ", ".join(f"{k} {v}" for k, v in report["found_by_type"].items()) or "none"
+    console.print(
+        f"PII ({cfg.pii.mode}): found {found} in {report['rows_with_pii']} of {report['rows_scanned']} rows; "
+        f"rejected {report['rows_dropped_pii']} (pii), {report['rows_dropped_rescan']} (pii_rescan); "
+        f"{seconds} s, {rows_per_s} rows/s"
+    )
+    return kept, rejections, report
 
-    # 2. Template, loss-mask and length checks with the real tokenizer (no weights loaded), on every core.
+
+def encode_rows(rows: list[dict[str, Any]], base: str, cfg,
+                num_proc: int) -> tuple[list[dict[str, Any]], list[Rejection], dict[str, int], set[str]]:
+    """Each row through the system-message policy, the chat template with its loss mask, and the over-length
+    policy (tunegate.data.format.encode_batch_fn), on `num_proc` processes of `data.engine`.
+
+    base: the base model's local folder (only its tokenizer is loaded). Returns (kept rows with the system policy
+    applied, rejections, tokens per kept row id, ids of kept rows the policy truncated).
+    """
     from functools import partial
 
     from tunegate.data.engine import map_batches
     from tunegate.data.format import encode_batch_fn
 
-    base = str(resolve_base_model(st.project.base_model))  # converted once here, before any worker starts
-    tokenizer = load_tokenizer(base)
-    has_system = supports_system_role(tokenizer)
-    kept, length_of, truncated = [], {}, set()
-    mark = len(rejected)
-    encoded = map_batches(partial(encode_batch_fn, base, cfg.system_role, cfg.max_length, cfg.overlength), records,
+    kept, rejections, n_tokens, truncated = [], [], {}, set()
+    encoded = map_batches(partial(encode_batch_fn, base, cfg.system_role, cfg.max_length, cfg.overlength), rows,
                           engine=cfg.engine, num_proc=num_proc, batch_size=512, desc="chat template")
-    for rec, res in zip(records, encoded):
+    for rec, res in zip(rows, encoded):
         if res[0] == "rejected":
-            rejected.append(Rejection(rec["meta"]["file"], rec["meta"]["line"], rec["id"], res[1], res[2]))
+            rejections.append(Rejection.of_row(rec, res[1], res[2]))
             continue
-        _, rec, n_tokens, was_truncated = res
+        _, rec, n, was_truncated = res
         if was_truncated:
             truncated.add(rec["id"])
-        length_of[rec["id"]] = n_tokens
+        n_tokens[rec["id"]] = n
         kept.append(rec)
-    step(f"chat template, loss mask, max_length {cfg.max_length} ({cfg.overlength})", len(records), len(kept), mark)
-    near = [r["id"] for r in kept if "near_identical" in r["meta"]]
-    if near:  # case C08: identical pairs were rejected at read time; near-identical ones carry little signal
+    return kept, rejections, n_tokens, truncated
+
+
+def _warn_near_identical_pairs(rows: list[dict[str, Any]]) -> None:
+    """Identical preference pairs were rejected at read time; near-identical ones carry little signal."""
+    near = [r["id"] for r in rows if "near_identical" in r["meta"]]
+    if near:
         console.print(f"[yellow]{len(near)} preference pair(s) have near-identical chosen and rejected answers "
                       f"(similarity >= 0.95): {', '.join(near[:10])}[/yellow]")
-    for rec in golden:  # the golden prompts go through the same policy (case C04: identical in train and eval)
+
+
+def apply_system_policy_to_golden(golden: list[dict[str, Any]], cfg, has_system: bool) -> None:
+    """The golden prompts go through the training rows' system-message policy, in place, so a prompt is the same
+    in train and eval. Raises TunegateError for a golden row the policy rejects."""
+    for rec in golden:
         if "messages" in rec:
             try:
                 rec["messages"] = apply_system_policy(rec["messages"], cfg.system_role, has_system)
             except RowError as exc:
                 raise TunegateError(f"{cfg.golden.path}:{rec['meta']['line']} (id {rec['id']}): {exc.rule}: {exc.detail}") from None
 
-    # 3. Duplicates: exact after normalisation, then near-duplicates (MinHash LSH, verified by Jaccard), then
-    # (data.dedup.semantic) SemDeDup over MiniLM embeddings.
-    n_dup = {"exact": 0, "near": 0}
-    dup_examples: list[dict[str, Any]] = []
-    if cfg.dedup is not None:
-        from tunegate.data.dedup import dedup
 
-        by_id = {r["id"]: r for r in kept}
-        mark = len(rejected)
-        # The kept row of a group is the best (highest quality), then the first seen: rows go in that order.
-        position = {r["id"]: i for i, r in enumerate(kept)}
-        quality = {r["id"]: _quality(r) for r in kept}
-        best_first = sorted(kept, key=lambda r: (-quality[r["id"]], position[r["id"]]))
-        kept, dups = dedup(best_first, _row_text, cfg.dedup.near, cfg.dedup.threshold, cfg.dedup.num_perm, cfg.dedup.shingle_words)
-        kept.sort(key=lambda r: position[r["id"]])
-        dups.sort(key=lambda d: position[d.id])
-        for d in dups:
-            rec = by_id[d.id]
-            n_dup[d.kind] += 1
-            if sum(e["kind"] == d.kind for e in dup_examples) < 5:  # the card shows a few, with both texts
-                dup_examples.append({"kind": d.kind, "id": d.id, "duplicate_of": d.duplicate_of, "similarity": d.jaccard,
-                                     "text": _clip(_row_text(rec)), "kept_text": _clip(_row_text(by_id[d.duplicate_of]))})
-            detail = f"{d.kind} duplicate of {d.duplicate_of}" + (f" (Jaccard {d.jaccard})" if d.kind == "near" else "")
-            rejected.append(Rejection(rec["meta"]["file"], rec["meta"]["line"], d.id, "duplicate", detail))
-        step("duplicates" + (" (exact and near)" if cfg.dedup.near else " (exact)"), len(by_id), len(kept), mark)
-        console.print(f"duplicates removed: {n_dup['exact']} exact, {n_dup['near']} near")
-        if cfg.dedup.semantic is not None:
+def _duplicate_example(kind: str, d, by_id: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """A removed duplicate and the row kept in its place, both texts clipped for the card."""
+    return {"kind": kind, "id": d.id, "duplicate_of": d.duplicate_of, "similarity": d.jaccard,
+            "text": _clip(row_text(by_id[d.id])), "kept_text": _clip(row_text(by_id[d.duplicate_of]))}
 
-            from tunegate.data.dedup import semantic_dedup
 
-            sem, mark, n_in, t0 = cfg.dedup.semantic, len(rejected), len(kept), time.perf_counter()
-            kept, sdups = semantic_dedup(kept, _row_text, sem.threshold, sem.clusters, sem.seed, quality=_quality)
-            n_dup["semantic"] = len(sdups)
-            for d in sdups:
-                rec = by_id[d.id]
-                if sum(e["kind"] == "semantic" for e in dup_examples) < 5:
-                    dup_examples.append({"kind": "semantic", "id": d.id, "duplicate_of": d.duplicate_of, "similarity": d.jaccard,
-                                         "text": _clip(_row_text(rec)), "kept_text": _clip(_row_text(by_id[d.duplicate_of]))})
-                rejected.append(Rejection(rec["meta"]["file"], rec["meta"]["line"], d.id, "semantic_duplicate",
-                                          f"semantic duplicate of {d.duplicate_of} (cosine {d.jaccard})"))
-            step(f"semantic duplicates (SemDeDup, cosine >= {sem.threshold})", n_in, len(kept), mark)
-            console.print(f"semantic duplicates removed: {len(sdups)} of {n_in} rows (cosine >= {sem.threshold}); "
-                          f"{time.perf_counter() - t0:.1f} s")
+def drop_duplicates(rows: list[dict[str, Any]], dedup_cfg) -> tuple[list[dict[str, Any]], list[Rejection], dict[str, int], list[dict[str, Any]]]:
+    """Exact duplicates after normalisation and, with `data.dedup.near`, MinHash-LSH near duplicates verified by
+    Jaccard (tunegate.data.dedup.dedup), compared on `row_text`. The kept row of a group is the best
+    (highest `row_quality`), then the first seen.
 
-    # 4. Decontamination against the golden set (case C23): overlapping training rows are removed and listed.
-    by_id = {r["id"]: r for r in kept}
-    mark = len(rejected)
-    pairs = golden_lock.overlap(kept, golden)
+    Returns (kept rows in input order, rejections (`duplicate`), removals per kind {"exact", "near"}, up to
+    DUPLICATE_EXAMPLES examples per kind for the card).
+    """
+    from tunegate.data.dedup import dedup
+
+    by_id = {r["id"]: r for r in rows}
+    position = {r["id"]: i for i, r in enumerate(rows)}
+    quality = {r["id"]: row_quality(r) for r in rows}
+    best_first = sorted(rows, key=lambda r: (-quality[r["id"]], position[r["id"]]))
+    kept, dups = dedup(best_first, row_text, dedup_cfg.near, dedup_cfg.threshold, dedup_cfg.num_perm, dedup_cfg.shingle_words)
+    kept.sort(key=lambda r: position[r["id"]])
+    dups.sort(key=lambda d: position[d.id])
+    counts, examples, rejections = {"exact": 0, "near": 0}, [], []
+    for d in dups:
+        counts[d.kind] += 1
+        if counts[d.kind] <= DUPLICATE_EXAMPLES:
+            examples.append(_duplicate_example(d.kind, d, by_id))
+        detail = f"{d.kind} duplicate of {d.duplicate_of}" + (f" (Jaccard {d.jaccard})" if d.kind == "near" else "")
+        rejections.append(Rejection.of_row(by_id[d.id], "duplicate", detail))
+    console.print(f"duplicates removed: {counts['exact']} exact, {counts['near']} near")
+    return kept, rejections, counts, examples
+
+
+def drop_semantic_duplicates(rows: list[dict[str, Any]], sem) -> tuple[list[dict[str, Any]], list[Rejection], list[dict[str, Any]]]:
+    """SemDeDup (`data.dedup.semantic`, tunegate.data.dedup.semantic_dedup) over MiniLM embeddings of `row_text`;
+    the kept row of a group is the one with the highest `row_quality`.
+
+    Returns (kept rows, rejections (`semantic_duplicate`), up to DUPLICATE_EXAMPLES examples for the card).
+    """
+    from tunegate.data.dedup import semantic_dedup
+
+    by_id = {r["id"]: r for r in rows}
+    t0 = time.perf_counter()
+    kept, dups = semantic_dedup(rows, row_text, sem.threshold, sem.clusters, sem.seed, quality=row_quality)
+    examples = [_duplicate_example("semantic", d, by_id) for d in dups[:DUPLICATE_EXAMPLES]]
+    rejections = [Rejection.of_row(by_id[d.id], "semantic_duplicate", f"semantic duplicate of {d.duplicate_of} (cosine {d.jaccard})")
+                  for d in dups]
+    console.print(f"semantic duplicates removed: {len(dups)} of {len(rows)} rows (cosine >= {sem.threshold}); "
+                  f"{time.perf_counter() - t0:.1f} s")
+    return kept, rejections, examples
+
+
+def drop_golden_overlap(rows: list[dict[str, Any]], golden: list[dict[str, Any]],
+                        before_redaction: list[tuple[str, str]]) -> tuple[list[dict[str, Any]], list[Rejection]]:
+    """Training rows whose prompt equals a golden prompt after normalisation (tunegate.data.golden.overlap), and
+    those `before_redaction` found (train id, golden id) on the rows before PII redaction. Rejected as
+    `golden_overlap`, one rejection per (row, golden row) pair."""
+    by_id = {r["id"]: r for r in rows}
+    pairs = golden_lock.overlap(rows, golden)
     seen = {tid for tid, _ in pairs}
-    pairs += [(tid, gid) for tid, gid in raw_overlap if tid in by_id and tid not in seen]
-    for tid, gid in pairs:
-        rec = by_id[tid]
-        rejected.append(Rejection(rec["meta"]["file"], rec["meta"]["line"], tid, "golden_overlap", f"same prompt as golden row {gid} after normalisation"))
+    pairs += [(tid, gid) for tid, gid in before_redaction if tid in by_id and tid not in seen]
+    rejections = [Rejection.of_row(by_id[tid], "golden_overlap", f"same prompt as golden row {gid} after normalisation")
+                  for tid, gid in pairs]
     overlapping = {tid for tid, _ in pairs}
-    kept = [r for r in kept if r["id"] not in overlapping]
-    step("golden-set overlap", len(by_id), len(kept), mark)
     if pairs:
         console.print(f"[yellow]removed {len(pairs)} training row(s) that overlap the golden set: {', '.join(t for t, _ in pairs[:10])}[/yellow]")
-    # 4b. n-gram decontamination (data.decontaminate): a prompt sharing a word n-gram with a golden prompt,
-    # after lower-casing and stripping punctuation, so padded and re-punctuated copies go too.
-    ngram_hits: list[tuple[str, str, str]] = []
-    if cfg.decontaminate is not None:
-        n_in, mark = len(kept), len(rejected)
-        ngram_hits = golden_lock.ngram_overlap(kept, golden, cfg.decontaminate.ngram)
-        for tid, gid, shared in ngram_hits:
-            rec = by_id[tid]
-            rejected.append(Rejection(rec["meta"]["file"], rec["meta"]["line"], tid, "golden_ngram_overlap",
-                                      f"shares a {cfg.decontaminate.ngram}-word n-gram with golden row {gid}: \"{shared}\""))
-        dirty = {tid for tid, _, _ in ngram_hits}
-        kept = [r for r in kept if r["id"] not in dirty]
-        step(f"golden-set n-gram overlap ({cfg.decontaminate.ngram}-word)", n_in, len(kept), mark)
-        if ngram_hits:
-            console.print(f"[yellow]removed {len(ngram_hits)} training row(s) sharing a {cfg.decontaminate.ngram}-word n-gram "
-                          f"with the golden set: {', '.join(t for t, _, _ in ngram_hits[:10])}[/yellow]")
-
-    # 4c. Quality scoring and diversity-aware selection (data.select, DEITA): deliberate choices, not faults, so
-    # they do not count towards max_rejected_fraction, which is checked first (no model loads for a refused run).
-    selection = None
-    _check_rejected_fraction(st, kept, rejected)
-    if cfg.select is not None:
-        kept, selection = _select(st, kept, length_of, rejected)
-        step(selection["step"], selection["rows_in"], len(kept), selection["mark"])
-
-    # 5. Rejections: written first, so a refused run still shows why.
-    atomic_write_jsonl(st.dir / "rejected.jsonl", [r.to_json() for r in rejected])
-    total = len(kept) + len(rejected)
-    by_rule = Counter(r.rule for r in rejected)
-    for r in rejected[:5]:
-        console.print(f"[yellow]rejected[/yellow] {r}")
-    if len(rejected) > 5:
-        console.print(f"[yellow]... {len(rejected) - 5} more in {st.dir / 'rejected.jsonl'}[/yellow]")
-    _check_rejected_fraction(st, kept, rejected)
-
-    # 6. Deterministic split and outputs.
-    lengths = [length_of[r["id"]] for r in kept]
-    n_truncated = sum(r["id"] in truncated for r in kept)
-    train, val = split_train_val(kept, cfg.val_fraction, cfg.seed)
-    atomic_write_jsonl(st.dir / "train.jsonl", train)
-    atomic_write_jsonl(st.dir / "val.jsonl", val)
-    atomic_write_jsonl(st.dir / "golden.jsonl", golden)
-    for path, counts in per_source.items():
-        counts["rejected"] = sum(1 for r in rejected if r.file == path)
-        counts["kept"] = sum(1 for r in kept if r["meta"]["file"] == path)
-        counts["train"] = sum(1 for r in train if r["meta"]["file"] == path)
-        counts["val"] = counts["kept"] - counts["train"]
-    stats = {
-        "rows_read": total,
-        "rows_kept": len(kept),
-        "rows_rejected": len(rejected),
-        "rejected_by_rule": dict(by_rule),
-        "train_rows": len(train),
-        "val_rows": len(val),
-        "golden_rows": len(golden),
-        "golden_sha256": lock["file_sha256"],
-        "golden_overlap_removed": len(pairs) + len(ngram_hits),
-        "golden_ngram_overlap_removed": len(ngram_hits),
-        "duplicates_removed": n_dup,
-        "duplicate_examples": dup_examples,
-        "pii": pii_report,
-        "truncated_rows": n_truncated,
-        "tokens_total": sum(lengths),
-        "tokens_per_row_mean": round(sum(lengths) / len(lengths), 1),
-        "tokens_per_row_max": max(lengths),
-        "template_has_system_role": has_system,
-        "near_identical_pairs": sum(1 for r in kept if "near_identical" in r["meta"]),
-        "selection": None if selection is None else {k: v for k, v in selection.items() if k not in ("mark", "step")},
-        "steps": steps,
-        "per_source": per_source,
-        "licenses": sorted({s.license for s in cfg.sources if s.license}),
-    }
-    step("split and write", len(kept), len(kept), len(rejected))
-    steps.pop()  # timed, not a filter: its rows in and out are the same
-    timings = {"engine": cfg.engine, "num_proc": num_proc, "total_seconds": round(sum(step_seconds), 2),
-               "steps": [{"step": name, "seconds": sec, "rows_in": rows_in,
-                          "rows_per_s": round(rows_in / sec, 1) if sec > 0 else None}
-                         for name, sec, rows_in in zip([x["step"] for x in steps] + ["split and write"], step_seconds,
-                                                       [x["rows_in"] for x in steps] + [len(kept)])]}
-    atomic_write_json(st.dir / "stats.json", stats)
-    atomic_write_json(st.dir / "timings.json", timings)
-    atomic_write_text(st.dir / "data_card.md", _data_card(st, stats, timings))
-    from tunegate.report.data_card import write_data_card_html
-
-    write_data_card_html(st.dir, st.project, stats, [r.to_json() for r in rejected], lengths, timings)
-    console.print(
-        f"rows: {len(kept)} kept ({len(train)} train / {len(val)} val), {len(rejected)} rejected {dict(by_rule)}; "
-        f"{len(golden)} golden"
-    )
-    return StageResult(metrics=stats, inputs={"golden_lock": Path(cfg.golden_lock)})
+    return [r for r in rows if r["id"] not in overlapping], rejections
 
 
-SELECTION_RULES = ("ifd_above_max", "too_similar", "over_budget")
+def drop_golden_ngram_overlap(rows: list[dict[str, Any]], golden: list[dict[str, Any]],
+                              n: int) -> tuple[list[dict[str, Any]], list[Rejection]]:
+    """Training rows whose prompt shares a word n-gram with a golden prompt, after lower-casing and stripping
+    punctuation, so padded and re-punctuated copies go too (tunegate.data.golden.ngram_overlap). Rejected as
+    `golden_ngram_overlap`, one rejection per hit."""
+    by_id = {r["id"]: r for r in rows}
+    hits = golden_lock.ngram_overlap(rows, golden, n)
+    rejections = [Rejection.of_row(by_id[tid], "golden_ngram_overlap", f"shares a {n}-word n-gram with golden row {gid}: \"{shared}\"")
+                  for tid, gid, shared in hits]
+    dirty = {tid for tid, _, _ in hits}
+    if hits:
+        console.print(f"[yellow]removed {len(hits)} training row(s) sharing a {n}-word n-gram "
+                      f"with the golden set: {', '.join(t for t, _, _ in hits[:10])}[/yellow]")
+    return [r for r in rows if r["id"] not in dirty], rejections
+
+
+def select_rows(st: Stage, rows: list[dict[str, Any]],
+                n_tokens: dict[str, int]) -> tuple[list[dict[str, Any]], list[Rejection], dict[str, Any]]:
+    """data.select: score every row (`row_quality`; with `complexity: ifd` also the base model's IFD), drop rows
+    above `max_ifd`, then DEITA's diverse selection to the budget (tunegate.data.quality). Scores go into each
+    kept row's meta.
+
+    n_tokens: tokens per row id (after the chat template), for a token budget. Returns (kept rows, rejections
+    (`ifd_above_max`, `too_similar`, `over_budget`), stats.json's `selection` with the step's name under "step").
+    """
+    from tunegate.data import quality as q
+
+    sel, cfg = st.project.data.select, st.project.data
+    by_id = {r["id"]: r for r in rows}
+    quality = {r["id"]: row_quality(r) for r in rows}
+    ifd: dict[str, float | None] = {}
+    if sel.complexity == "ifd":
+        from tunegate.models import load_model, load_tokenizer, resolve_base_model
+
+        base = resolve_base_model(st.project.base_model)
+        console.print(f"data.select: scoring instruction-following difficulty of {len(rows)} rows with the base model")
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        model = load_model(base).to(device)
+        scores = q.ifd_scores(rows, model, load_tokenizer(base), batch_size=sel.batch_size, max_length=cfg.max_length,
+                              device=device, bf16=device == "cuda", progress=True)
+        del model
+        ifd = {s["id"]: s["ifd"] for s in scores}
+    kept, dropped = rows, []
+    if sel.max_ifd is not None and ifd:
+        kept, dropped = q.filter_ifd(kept, [ifd[r["id"]] for r in kept], sel.max_ifd)
+    score = {r["id"]: (q.combined_score(quality[r["id"]], ifd.get(r["id"]), sel.max_ifd or q.DEFAULT_MAX_IFD) if ifd else quality[r["id"]])
+             for r in kept}
+    kept, unselected = q.select_diverse(
+        kept, [score[r["id"]] for r in kept], threshold=sel.diversity_threshold, budget_rows=sel.budget_rows,
+        budget_tokens=sel.budget_tokens, token_counts=[n_tokens[r["id"]] for r in kept])
+    rejections = [Rejection.of_row(by_id[u.id], u.reason, u.detail) for u in [*dropped, *unselected]]
+    kept = [{**r, "meta": {**r["meta"], "quality": round(quality[r["id"]], 4),
+                           **({"ifd": None if ifd[r["id"]] is None else round(ifd[r["id"]], 4)} if ifd else {}),
+                           "selection_score": None if score[r["id"]] is None else round(score[r["id"]], 4)}} for r in kept]
+    budget = ", ".join(x for x in (f"{sel.budget_rows} rows" if sel.budget_rows else "", f"{sel.budget_tokens} tokens" if sel.budget_tokens else "") if x)
+    name = f"quality selection ({'IFD x quality' if ifd else 'quality'}, cosine < {sel.diversity_threshold}" + (f", budget {budget})" if budget else ")")
+    ifd_values = sorted(v for v in ifd.values() if v is not None)
+    by_reason = Counter(r.rule for r in rejections)
+    console.print(f"{name}: kept {len(kept)} of {len(rows)}; " + ", ".join(f"{k} {v}" for k, v in by_reason.items()))
+    return kept, rejections, {"step": name, "rows_in": len(rows), "rows_selected": len(kept), "complexity": sel.complexity,
+                              "tokens_selected": sum(n_tokens[r["id"]] for r in kept),
+                              "ifd_median": ifd_values[len(ifd_values) // 2] if ifd_values else None,
+                              "unselected_by_reason": dict(by_reason)}
 
 
 def _check_rejected_fraction(st: Stage, kept: list[dict[str, Any]], rejected: list[Rejection]) -> None:
-    """Raises TunegateError when no row is left, or when rows rejected for faults (not selection) are more than
-    data.max_rejected_fraction of the rows read. rejected.jsonl is written first, so the refusal shows why."""
+    """Raises TunegateError when no row is left, or when rows rejected for faults (not SELECTION_RULES) are more
+    than data.max_rejected_fraction of the rows read. rejected.jsonl is written first, so the refusal shows why."""
     cfg = st.project.data
     total = len(kept) + len(rejected)
     by_rule = Counter(r.rule for r in rejected)
@@ -344,140 +501,10 @@ def _check_rejected_fraction(st: Stage, kept: list[dict[str, Any]], rejected: li
     )
 
 
-def _select(st: Stage, kept: list[dict[str, Any]], length_of: dict[str, int], rejected: list[Rejection]) -> tuple[list, dict]:
-    """data.select: score every row (heuristic quality; with `complexity: ifd` also the base model's IFD), drop
-    rows above `max_ifd`, then DEITA's diverse selection to the budget. Scores go into each kept row's meta."""
-    from tunegate.data import quality as q
-
-    sel, cfg = st.project.data.select, st.project.data
-    by_id = {r["id"]: r for r in kept}
-    mark, n_in = len(rejected), len(kept)
-    quality = {r["id"]: _quality(r) for r in kept}
-    ifd: dict[str, float | None] = {}
-    if sel.complexity == "ifd":
-        from tunegate.models import load_model, load_tokenizer, resolve_base_model
-
-        base = resolve_base_model(st.project.base_model)
-        console.print(f"data.select: scoring instruction-following difficulty of {len(kept)} rows with the base model")
-        import torch
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        model = load_model(base).to(device)
-        scores = q.ifd_scores(kept, model, load_tokenizer(base), batch_size=sel.batch_size, max_length=cfg.max_length,
-                              device=device, bf16=device == "cuda", progress=True)
-        del model
-        ifd = {s["id"]: s["ifd"] for s in scores}
-    dropped: list[q.Unselected] = []
-    if sel.max_ifd is not None and ifd:
-        kept, dropped = q.filter_ifd(kept, [ifd[r["id"]] for r in kept], sel.max_ifd)
-    score = {r["id"]: (q.combined_score(quality[r["id"]], ifd.get(r["id"]), sel.max_ifd or q.DEFAULT_MAX_IFD) if ifd else quality[r["id"]])
-             for r in kept}
-    kept, unselected = q.select_diverse(
-        kept, [score[r["id"]] for r in kept], threshold=sel.diversity_threshold, budget_rows=sel.budget_rows,
-        budget_tokens=sel.budget_tokens, token_counts=[length_of[r["id"]] for r in kept])
-    for u in [*dropped, *unselected]:
-        rec = by_id[u.id]
-        rejected.append(Rejection(rec["meta"]["file"], rec["meta"]["line"], u.id, u.reason, u.detail))
-    kept = [{**r, "meta": {**r["meta"], "quality": round(quality[r["id"]], 4),
-                           **({"ifd": None if ifd[r["id"]] is None else round(ifd[r["id"]], 4)} if ifd else {}),
-                           "selection_score": None if score[r["id"]] is None else round(score[r["id"]], 4)}} for r in kept]
-    budget = ", ".join(x for x in (f"{sel.budget_rows} rows" if sel.budget_rows else "", f"{sel.budget_tokens} tokens" if sel.budget_tokens else "") if x)
-    name = f"quality selection ({'IFD x quality' if ifd else 'quality'}, cosine < {sel.diversity_threshold}" + (f", budget {budget})" if budget else ")")
-    ifd_values = sorted(v for v in ifd.values() if v is not None)
-    console.print(f"{name}: kept {len(kept)} of {n_in}; " + ", ".join(f"{k} {v}" for k, v in Counter(u.reason for u in [*dropped, *unselected]).items()))
-    return kept, {"step": name, "mark": mark, "rows_in": n_in, "rows_selected": len(kept), "complexity": sel.complexity,
-                  "tokens_selected": sum(length_of[r["id"]] for r in kept),
-                  "ifd_median": ifd_values[len(ifd_values) // 2] if ifd_values else None,
-                  "unselected_by_reason": dict(Counter(u.reason for u in [*dropped, *unselected]))}
-
-
 def _clip(text: str, n: int = 160) -> str:
+    """One line of at most `n` characters for the card: whitespace collapsed, a cut marked with an ellipsis."""
     text = " ".join(text.split())
     return text if len(text) <= n else text[: n - 1] + "…"
-
-
-def _data_card(st: Stage, stats: dict[str, Any], timings: dict[str, Any] | None = None) -> str:
-    sec = {t["step"]: t["seconds"] for t in (timings or {}).get("steps", [])}
-    lines = [
-        f"# Data card: {st.project.name}",
-        "",
-        f"- rows read: {stats['rows_read']}; kept: {stats['rows_kept']}; rejected: {stats['rows_rejected']}",
-        f"- train / val / golden: {stats['train_rows']} / {stats['val_rows']} / {stats['golden_rows']}",
-        f"- golden set sha256: `{stats['golden_sha256']}`",
-        f"- tokens per row: mean {stats['tokens_per_row_mean']}, max {stats['tokens_per_row_max']}; "
-        f"truncated rows: {stats['truncated_rows']} (policy `{st.project.data.overlength}`, max_length {st.project.data.max_length})",
-        f"- licences: {', '.join(stats['licenses']) or 'not stated'}",
-        (f"- duplicates removed: {stats['duplicates_removed']['exact']} exact, {stats['duplicates_removed']['near']} near"
-         + (f", {stats['duplicates_removed']['semantic']} semantic" if "semantic" in stats["duplicates_removed"] else "")
-         if st.project.data.dedup is not None else "- duplicates: not checked (`data.dedup` is not set)"),
-        "- token lengths (after the over-length policy): ![token-length histogram](token_lengths.png); the same card as a page: data_card.html",
-        "",
-        "## Rows in and out per step",
-        "",
-        (f"Wall time on engine `{timings['engine']}`, {timings['num_proc']} process(es); "
-         f"total {timings['total_seconds']} s (timings.json)." if timings else ""),
-        "",
-        "| step | in | out | removed by rule | seconds |",
-        "|---|---:|---:|---|---:|",
-        *[f"| {s['step']} | {s['rows_in']} | {s['rows_out']} | "
-          f"{', '.join(f'{k} {v}' for k, v in s['removed_by_rule'].items()) or '-'} | {sec.get(s['step'], '-')} |" for s in stats["steps"]],
-        "",
-        *_duplicate_examples(stats.get("duplicate_examples", [])),
-        "## Rejected rows by rule",
-        "",
-        "| rule | rows |",
-        "|---|---:|",
-        *[f"| {k} | {v} |" for k, v in sorted(stats["rejected_by_rule"].items())],
-        "",
-        *_pii_card(stats["pii"]),
-        "## Per source",
-        "",
-        "| source | read | kept | train | val | rejected |",
-        "|---|---:|---:|---:|---:|---:|",
-        *[f"| {Path(k).name} | {v['rows_read']} | {v['kept']} | {v['train']} | {v['val']} | {v['rejected']} |"
-          for k, v in stats["per_source"].items()],
-        "",
-    ]
-    return "\n".join(lines)
-
-
-def _duplicate_examples(examples: list[dict[str, Any]]) -> list[str]:
-    if not examples:
-        return []
-    return [
-        "## Duplicate examples",
-        "",
-        "| kind | removed row | kept row | similarity | removed text | kept text |",
-        "|---|---|---|---:|---|---|",
-        *[f"| {e['kind']} | {e['id']} | {e['duplicate_of']} | {e['similarity']} | {_md_cell(e['text'])} | {_md_cell(e['kept_text'])} |"
-          for e in examples],
-        "",
-    ]
-
-
-def _md_cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
-
-
-def _pii_card(report: dict[str, Any] | None) -> list[str]:
-    if report is None:
-        return ["## PII", "", "Not scanned (`data.pii` is not set).", ""]
-    types = sorted(set(report["entities"]) | set(report["found_by_type"]))
-    return [
-        "## PII",
-        "",
-        (f"- mode `{report['mode']}`; regions {', '.join(report['regions'])}; phone match `{report['phone_match']}`; "
-         f"score threshold {report['score_threshold']} (re-scan {report['rescan_score_threshold']})"),
-        (f"- rows with PII: {report['rows_with_pii']} of {report['rows_scanned']}; rejected: {report['rows_dropped_pii']} "
-         f"(`pii`), {report['rows_dropped_rescan']} still holding PII on re-scan (`pii_rescan`)"),
-        f"- golden rows with PII (frozen, not redacted): {report['golden_rows_with_pii']}",
-        *([f"- pseudonym key id: `{report['key_id']}`"] if report.get("key_id") else []),
-        "",
-        "| entity type | found | found again on re-scan |",
-        "|---|---:|---:|",
-        *[f"| {t} | {report['found_by_type'].get(t, 0)} | {report['rescan_by_type'].get(t, 0)} |" for t in types],
-        "",
-    ]
 
 
 def inputs(project) -> dict[str, Path]:
