@@ -40,3 +40,12 @@ def test_a_failed_publish_puts_the_old_folder_back(tmp_path):
 def test_read_jsonl_skips_blank_lines(tmp_path):
     (tmp_path / "a.jsonl").write_text('{"a": 1}\n\n{"a": 2}\n')
     assert read_jsonl(tmp_path / "a.jsonl") == [{"a": 1}, {"a": 2}]
+
+
+def test_iter_jsonl_gives_line_numbers_and_the_bad_lines_to_the_caller(tmp_path):
+    from tunegate.core.io import iter_jsonl
+
+    (tmp_path / "a.jsonl").write_text('{"a": 1}\n\n{not json\n[2]\n')
+    rows = list(iter_jsonl(tmp_path / "a.jsonl"))
+    assert [(n, v) for n, v, e in rows if e is None] == [(1, {"a": 1}), (4, [2])]
+    assert [(n, v, type(e).__name__) for n, v, e in rows if e is not None] == [(3, "{not json", "JSONDecodeError")]

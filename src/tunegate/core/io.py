@@ -11,7 +11,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 # A folder being replaced is first renamed aside to `.NAME.old-PID`, then the new one is renamed in.
 ASIDE_PREFIX = ".{name}.old-"
@@ -58,6 +58,25 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     """
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def iter_jsonl(path: str | Path) -> Iterator[tuple[int, Any, json.JSONDecodeError | None]]:
+    """Each non-blank line of a JSONL file as (line number from 1, parsed value, None), or as (line number, the
+    line's text, the JSONDecodeError) when the line is not JSON: the caller skips it, rejects it with a reason or
+    stops. Reads one line at a time.
+
+    Raises:
+        OSError: the file cannot be opened. UnicodeDecodeError: the file is not UTF-8 (user data with arbitrary
+        bytes goes through `tunegate.data.records.read_source`, which rejects such rows instead).
+    """
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield lineno, json.loads(line), None
+            except json.JSONDecodeError as exc:
+                yield lineno, line.rstrip("\r\n"), exc
 
 
 def restore_set_aside(final: Path) -> Path | None:

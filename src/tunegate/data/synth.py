@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any, Protocol, Sequence
 
 from tunegate import TunegateError
-from tunegate.core.io import read_jsonl
+from tunegate.core.io import iter_jsonl, read_jsonl
 from tunegate.data.records import normalize_text, record_from_object, record_kind, RowError
 
 Messages = list[dict[str, str]]
@@ -193,33 +193,26 @@ def file_seeds(path: Path) -> list[Task]:
     if not path.is_file():
         raise TunegateError(f"{path}: seed file not found (--seed-file)")
     tasks = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if not isinstance(obj, dict):
-                continue
-            rid = str(obj.get("id", f"{path.stem}:{lineno}"))
-            if "instruction" in obj:
-                inst = (obj.get("instances") or [{}])[0] if isinstance(obj.get("instances"), list) else obj
-                text = str(obj["instruction"]).strip()
-                if str(inst.get("input") or "").strip():
-                    text += "\n\n" + str(inst["input"]).strip()
-                answer = str(inst.get("output") or obj.get("answer") or "").strip()
-                if text and answer:
-                    tasks.append(Task(rid, text, answer))
-                continue
-            fmt = "chat" if "messages" in obj else "prompt_completion"
-            try:
-                task = task_from_record(record_from_object(obj, fmt, rid, path.name))
-            except RowError:
-                continue
-            if task is not None:
-                tasks.append(task)
+    for lineno, obj, error in iter_jsonl(path):
+        if error is not None or not isinstance(obj, dict):
+            continue
+        rid = str(obj.get("id", f"{path.stem}:{lineno}"))
+        if "instruction" in obj:
+            inst = (obj.get("instances") or [{}])[0] if isinstance(obj.get("instances"), list) else obj
+            text = str(obj["instruction"]).strip()
+            if str(inst.get("input") or "").strip():
+                text += "\n\n" + str(inst["input"]).strip()
+            answer = str(inst.get("output") or obj.get("answer") or "").strip()
+            if text and answer:
+                tasks.append(Task(rid, text, answer))
+            continue
+        fmt = "chat" if "messages" in obj else "prompt_completion"
+        try:
+            task = task_from_record(record_from_object(obj, fmt, rid, path.name))
+        except RowError:
+            continue
+        if task is not None:
+            tasks.append(task)
     if not tasks:
         raise TunegateError(f"{path}: no usable seed row (chat rows, prompt/completion rows, or instruction/output rows)")
     return tasks
@@ -327,16 +320,14 @@ def read_existing(path: Path) -> list[dict[str, Any]]:
         TunegateError: a row is not a valid chat row (the file is not a synth output).
     """
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-                task_from_record(record_from_object(obj, "chat", str(lineno), path.name))
-            except (json.JSONDecodeError, RowError) as e:
-                raise TunegateError(f"{path}:{lineno}: cannot resume from this file, not a chat row: {e}") from None
-            rows.append(obj)
+    for lineno, obj, error in iter_jsonl(path):
+        try:
+            if error is not None:
+                raise error
+            task_from_record(record_from_object(obj, "chat", str(lineno), path.name))
+        except (json.JSONDecodeError, RowError) as e:
+            raise TunegateError(f"{path}:{lineno}: cannot resume from this file, not a chat row: {e}") from None
+        rows.append(obj)
     return rows
 
 

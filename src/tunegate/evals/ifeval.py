@@ -16,13 +16,13 @@ model is used. `langdetect` is seeded so language checks are reproducible.
 
 from __future__ import annotations
 
-import json
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Sequence
 
 from tunegate import TunegateError
 from tunegate.catalog import IFEVAL_METRICS
+from tunegate.core.io import iter_jsonl
 
 
 def load_prompts(path: Path, limit: int | None = None) -> list[dict[str, Any]]:
@@ -30,13 +30,9 @@ def load_prompts(path: Path, limit: int | None = None) -> list[dict[str, Any]]:
     if not Path(path).is_file():
         raise TunegateError(f"{path}: IFEval input_data.jsonl not found")
     rows = []
-    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise TunegateError(f"{path}:{n}: not JSON ({e.msg})") from None
+    for n, row, error in iter_jsonl(path):
+        if error is not None:
+            raise TunegateError(f"{path}:{n}: not JSON ({error.msg})")
         if not isinstance(row, dict):
             raise TunegateError(f"{path}:{n}: an IFEval row is a JSON object, got {type(row).__name__}")
         missing = {"key", "prompt", "instruction_id_list", "kwargs"} - set(row)
