@@ -3,12 +3,15 @@
 Three parts, all pure functions (torch, transformers and PEFT are imported inside the functions that need
 them; `import tunegate.preflight` imports none of them):
 
-* `anti_patterns(project, n_train_rows, base_is_instruct)`: the configuration anti-patterns of DESIGN.md §2
-  and the preflight cases C12/C18 (docs/cases), as `Finding`s with the project's own values and a fix.
+* `anti_pattern_table(project, n_train_rows, base_is_instruct)`: the one table of configuration anti-patterns
+  (small data with high rank and many epochs, a base-model learning rate on an instruct model, no golden set,
+  no eval gate, no feedback capture, ...), each rule checked against the project with its level, whether it
+  was found, the project's values and a fix. The preflight reports the found rules (`anti_patterns`), the
+  audit page shows the whole table, the release documents list what the training's preflight found.
 * `resolve_target_modules(model, target_modules)`: LoRA target modules resolved against the real module
-  names of the loaded model, with PEFT's matching rules (case C12).
+  names of the loaded model, with PEFT's matching rules.
 * `train_flops`, `measure_matmul_peak`, `estimate`: training FLOPs, this machine's matmul peak, and an
-  estimate of time, peak memory and cloud cost at 7B scale from the price table (`prices.yaml`).
+  estimate of time, peak memory and cloud cost at 7B scale from the price table (`tunegate.prices`).
 
 `render(findings, estimate)` turns them into the plain-text report, errors first.
 """
@@ -25,14 +28,14 @@ from tunegate import TunegateError
 from tunegate.models import cuda_available
 
 # ---------------------------------------------------------------------------------------------------------
-# Thresholds (DESIGN.md §2 names the anti-patterns; the numbers are the ones the preflight uses).
+# Thresholds of the anti-pattern table.
 
-SMALL_DATA_ROWS = 1000  # "under 1k rows"
+SMALL_DATA_ROWS = 1000  # under this many training rows counts as small data
 HIGH_RANK = 64  # LoRA r at or above this counts as high rank
-MANY_EPOCHS = 5  # epochs at or above this count as many (DESIGN's example is 10)
+MANY_EPOCHS = 10  # epochs at or above this count as many
 FULL_SFT_INSTRUCT_MAX_LR = 1e-4  # full SFT of an instruct model: a lr at or above this is a base-model lr
 ADAPTER_INSTRUCT_MAX_LR = 5e-4  # LoRA/DoRA/QLoRA on an instruct model: a lr above this is too high
-MIN_GRPO_GENERATIONS = 2  # group-relative advantages need a group (case C18)
+MIN_GRPO_GENERATIONS = 2  # group-relative advantages need a group
 TRL_GRPO_DEFAULT_GENERATIONS = 8  # trl.GRPOConfig.num_generations default
 SUITE_METRIC_PREFIXES = ("ifeval_", "harmful_refusal", "over_refusal")  # standard suites, not the golden set
 
@@ -47,19 +50,23 @@ GIB = 2**30
 
 @dataclass
 class Finding:
-    """One preflight finding.
+    """One rule of the anti-pattern table checked against a project, or another preflight finding.
 
-    name: a stable id ("small_data_high_rank"), for tests, suppression and the audit.
+    name: a stable id ("small_data_high_rank"), for tests, suppression and the reports.
     level: "error" (the run would fail or be meaningless: refuse) or "warning" (the run works but is likely
         to disappoint).
-    message: what is wrong, with the project's actual values.
+    message: when found, what is wrong, with the project's actual values; otherwise the values the rule read.
     fix: what to change.
+    found: whether the project has it (the preflight reports found ones only; the audit page shows every rule).
+    rule: when the rule flags a project, with its thresholds ("" for findings outside the table).
     """
 
     name: str
     level: Literal["error", "warning"]
     message: str
     fix: str
+    found: bool = True
+    rule: str = ""
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -71,7 +78,7 @@ class Finding:
 
 def _trl_kwargs(project) -> dict[str, Any]:
     """The TRL config arguments the train stage will use: tunegate's defaults for the method merged with the
-    project's `train.trl` (recipes.defaults.trl_kwargs)."""
+    project's `train.trl` (config.trl_kwargs)."""
     from tunegate.recipes.defaults import trl_kwargs
 
     return trl_kwargs(project, Path("/tmp/tunegate-preflight"), False)
@@ -99,138 +106,189 @@ def _golden_problem(path: Path) -> str | None:
     return None
 
 
-def anti_patterns(project, n_train_rows: int, base_is_instruct: bool, *, cuda: bool | None = None) -> list[Finding]:
-    """The anti-patterns of DESIGN.md §2 and the config-level preflight cases, errors first.
+def instruct_tuned(tokenizer) -> bool:
+    """Whether the base model is instruction-tuned, as the anti-pattern table reads it: its tokenizer has a chat
+    template (instruct releases ship one; base releases do not). tokenizer: a transformers tokenizer."""
+    return tokenizer.chat_template is not None
 
-    project: a `tunegate.config.Project`. n_train_rows: rows in the training split. base_is_instruct: the
-    base model is already instruction-tuned (it has a chat template / was released as -Instruct).
-    cuda: whether a CUDA GPU is present; None asks torch (imported only then, and only for QLoRA).
 
-    Rules (thresholds are the module constants):
-      small_data_high_rank   warning  rows < 1000 and LoRA r >= 64 and epochs >= 5 (epochs from max_steps
-                                      when it is set)
-      instruct_high_lr_full  warning  method sft, adapter full, instruct base, learning_rate >= 1e-4
-      instruct_high_lr_adapter warning method sft, LoRA/DoRA/QLoRA, instruct base, learning_rate > 5e-4
-      no_golden_set          error    data.golden.path missing or empty: the eval gate has nothing to score
-      no_feedback_capture    warning  no `serve.feedback` configured: production thumbs are never collected
-      gate_not_on_golden     warning  no gate rule on a golden-set metric (only suite metrics, or no rules)
-      grpo_too_few_generations error  method grpo with num_generations < 2 (C18; train.trl, else tunegate's
-                                      GRPO default, else TRL's 8)
-      preference_on_base     warning  method dpo/kto, no train.init_adapter, base model not instruct-tuned
-      qlora_needs_cuda       error    adapter qlora on a machine without a CUDA GPU
+def anti_pattern_table(project, n_train_rows: int, base_is_instruct: bool, answers: dict[str, str] | None = None, *,
+                       cuda: bool | None = None) -> list[Finding]:
+    """Every rule of the anti-pattern table checked against the project, in table order, found or not.
+
+    The one table of these rules: the preflight reports the found ones (`anti_patterns`), the audit page shows
+    them all (audit.json `anti_patterns`), the release documents list what the training's preflight found.
+
+    project: a `tunegate.config.Project`. n_train_rows: rows in the training split. base_is_instruct: the base
+    model is instruction-tuned (`instruct_tuned(tokenizer)`). answers: decision-tree answers (question id ->
+    option); None: the project's `audit.answers` (the audit passes what it measured as well). cuda: whether a
+    CUDA GPU is present; None asks torch (imported only then, and only for QLoRA).
+
+    Rules (thresholds are the module constants; `message` holds the project's values either way):
+      changing_knowledge        warning  the answers depend on information that changes (answer changing_knowledge: yes)
+      no_golden_set             error    data.golden.path missing or empty: the eval gate has nothing to score
+      no_eval_gate              warning  no gate rule bounds a metric against a bar or the baseline (min,
+                                         min_delta_ci_low, max_regression)
+      gate_not_on_golden        warning  no gate rule on a golden-set metric (only suite metrics, or no rules)
+      small_data_high_rank      warning  an adapter, rows < 1000, LoRA r >= 64 and epochs >= 10 (epochs from
+                                         max_steps when it is set)
+      instruct_high_lr          warning  method sft on an instruct base: learning_rate >= 1e-4 for a full
+                                         fine-tune, > 5e-4 for an adapter
+      preference_on_base        warning  method dpo/kto, no train.init_adapter, base model not instruct-tuned
+      grpo_too_few_generations  error    method grpo with num_generations < 2 (train.trl, else tunegate's GRPO
+                                         default, else TRL's 8)
+      qlora_needs_cuda          error    adapter qlora on a machine without a CUDA GPU
+      no_feedback_capture       warning  no feedback capture configured: no `serve` section, or serve.feedback false
     """
     from tunegate.catalog import JUDGE_METRICS
     from tunegate.recipes.defaults import adapter_kind, lora_kwargs
 
     train = project.train
     method, adapter = train.method, adapter_kind(project)
-    trl = dict(train.trl)
     kw = _trl_kwargs(project)
+    answers = dict(project.audit.answers) if answers is None else answers
     out: list[Finding] = []
 
-    # Small data, high rank, many epochs: memorisation of a few hundred rows.
-    if adapter != "full":
-        r = lora_kwargs(project).get("r", 8)
-        epochs, source = effective_epochs(kw, n_train_rows)
-        if n_train_rows < SMALL_DATA_ROWS and r >= HIGH_RANK and epochs >= MANY_EPOCHS:
-            how = f"{epochs:g} epochs" + (f" (max_steps {kw['max_steps']})" if source == "max_steps" else "")
-            out.append(Finding(
-                "small_data_high_rank", "warning",
-                f"{n_train_rows} training rows (< {SMALL_DATA_ROWS}) with LoRA r={r} (>= {HIGH_RANK}) and {how} "
-                f"(>= {MANY_EPOCHS}): the adapter has the capacity and the passes to memorise the training rows",
-                "set train.lora.r: 16 and train.trl.num_train_epochs: 1-3 (or collect more rows)",
-            ))
+    def add(name: str, level: str, rule: str, found: Any, message: str, fix: str) -> None:
+        out.append(Finding(name, level, message, fix, found=bool(found), rule=rule))
 
-    # SFT on an instruct model with a base-model learning rate.
-    if method == "sft" and base_is_instruct:
-        lr = float(kw.get("learning_rate", 2e-4))
-        src = "train.trl.learning_rate" if "learning_rate" in trl else f"tunegate's default learning_rate for {adapter}"
-        if adapter == "full" and lr >= FULL_SFT_INSTRUCT_MAX_LR:
-            out.append(Finding(
-                "instruct_high_lr_full", "warning",
-                f"full SFT of the instruct model {project.base_model} at {src} {lr:g} (>= {FULL_SFT_INSTRUCT_MAX_LR:g}): "
-                "a pre-training-scale rate on every weight erases the instruction tuning (formatting, refusals, chat)",
-                "set train.trl.learning_rate to 1e-5 (1e-6..2e-5), or train a LoRA/DoRA adapter instead (adapter: dora)",
-            ))
-        elif adapter != "full" and lr > ADAPTER_INSTRUCT_MAX_LR:
-            out.append(Finding(
-                "instruct_high_lr_adapter", "warning",
-                f"{adapter} on the instruct model {project.base_model} at {src} {lr:g} (> {ADAPTER_INSTRUCT_MAX_LR:g}): "
-                "adapter updates this large overwrite the instruction tuning and often diverge",
-                "set train.trl.learning_rate to 2e-4 (1e-4..3e-4 for LoRA/DoRA)",
-            ))
+    # Facts that change belong in retrieval: fine-tuning freezes them at training time.
+    given = answers.get("changing_knowledge", "not answered")
+    add("changing_knowledge", "warning",
+        "the answers depend on information that changes (policies, prices, catalogues, docs)",
+        given == "yes",
+        f"changing_knowledge: {given}" + (": facts trained into the weights go stale and cannot be cited" if given == "yes" else ""),
+        "retrieve the changing facts at request time (audit.corpus scores the RAG candidates) and fine-tune, if at all, "
+        "for form and behaviour only")
 
     # No frozen golden set: the eval gate would be skipped.
-    problem = _golden_problem(Path(project.data.golden.path))
-    if problem:
-        out.append(Finding(
-            "no_golden_set", "error",
-            f"{problem}: the eval gate has nothing to score, so any adapter would be promoted unchecked",
-            "put held-out rows (never trained on) in data.golden.path and freeze them: tunegate golden freeze PROJECT",
-        ))
+    golden = project.data.golden
+    problem = _golden_problem(Path(golden.path))
+    add("no_golden_set", "error", "data.golden.path is missing or empty: no golden set of the project's own task",
+        problem,
+        f"{problem}: the eval gate has nothing to score, so any adapter would be promoted unchecked" if problem else
+        f"golden set {Path(golden.path).name}" + (f", a seeded sample of {golden.sample} rows" if golden.sample else ""),
+        "put held-out rows (never trained on) in data.golden.path and freeze them: tunegate golden freeze PROJECT")
 
-    # No feedback capture: production signals (thumbs, corrections) are never collected for the next round.
-    serve = getattr(project, "serve", None)
-    if not getattr(serve, "feedback", None):
-        out.append(Finding(
-            "no_feedback_capture", "warning",
-            "no feedback capture is configured (serve.feedback): production thumbs and corrections are lost, "
-            "and the next training round has only the data it has now",
-            "add `serve: {feedback: true}` and serve with `tunegate serve` (POST /v1/feedback), then "
-            "`tunegate data feedback PROJECT` turns thumbs and edits into kto / preference sources for the next round; "
-            "or log them with request ids where the adapter is served and bring them back the same way",
-        ))
+    # A gate must compare the candidate with a bar or with the baseline.
+    bounded = [r.metric for r in project.eval.gate if r.min is not None or r.min_delta_ci_low is not None or r.max_regression is not None]
+    add("no_eval_gate", "warning",
+        "no gate rule compares the candidate with a bar or with the baseline (min, min_delta_ci_low, max_regression)",
+        not bounded, f"bounded metrics: {', '.join(bounded) or 'none'}",
+        f"add a gate rule, e.g. {{metric: {project.eval.metrics[0]}, min_delta_ci_low: 0.0}}")
 
     # The gate must hold a metric on the domain golden set (the business metric), not only standard suites.
     golden_metrics = set(project.eval.metrics) | set(JUDGE_METRICS)
     gated = [r.metric for r in project.eval.gate]
-    if not any(m in golden_metrics for m in gated):
-        if gated:
-            suites = [m for m in gated if m.startswith(SUITE_METRIC_PREFIXES)]
-            what = f"eval.gate only holds suite metrics ({', '.join(dict.fromkeys(suites or gated))})"
-        else:
-            what = "eval.gate has no rules"
-        out.append(Finding(
-            "gate_not_on_golden", "warning",
-            f"{what} and no rule on a golden-set metric ({', '.join(project.eval.metrics)}): a candidate can pass "
-            "by improving a benchmark that is not tied to the business metric",
-            f"add a gate rule on the golden set, e.g. {{metric: {project.eval.metrics[0]}, min_delta_ci_low: 0.0}}",
-        ))
+    on_golden = [m for m in gated if m in golden_metrics]
+    if gated:
+        suites = [m for m in gated if m.startswith(SUITE_METRIC_PREFIXES)]
+        what = f"eval.gate only holds suite metrics ({', '.join(dict.fromkeys(suites or gated))})"
+    else:
+        what = "eval.gate has no rules"
+    add("gate_not_on_golden", "warning", "no gate rule on a golden-set metric (only suite metrics, or no rules)",
+        not on_golden,
+        f"{what} and no rule on a golden-set metric ({', '.join(project.eval.metrics)}): a candidate can pass "
+        "by improving a benchmark that is not tied to the business metric" if not on_golden else
+        f"gate rules on golden-set metrics: {', '.join(dict.fromkeys(on_golden))}",
+        f"add a gate rule on the golden set, e.g. {{metric: {project.eval.metrics[0]}, min_delta_ci_low: 0.0}}")
 
-    # GRPO needs a group of generations per prompt (C18).
-    if method == "grpo":
-        n_gen = kw.get("num_generations", TRL_GRPO_DEFAULT_GENERATIONS)
-        if not isinstance(n_gen, int) or n_gen < MIN_GRPO_GENERATIONS:
-            out.append(Finding(
-                "grpo_too_few_generations", "error",
-                f"method grpo with train.trl.num_generations {n_gen!r}: GRPO's advantage is the reward minus its "
-                "group's mean over the group's std, so with one generation every advantage is 0 (or NaN) and nothing trains",
-                f"set train.trl.num_generations to {MIN_GRPO_GENERATIONS} or more (TRL's default is "
-                f"{TRL_GRPO_DEFAULT_GENERATIONS}; generation_batch_size must be divisible by it)",
-            ))
+    # Small data, high rank, many epochs: memorisation of a few hundred rows.
+    if adapter == "full":
+        found, message = False, "does not apply: adapter full has no LoRA rank"
+    else:
+        r = lora_kwargs(project).get("r", 8)
+        epochs, source = effective_epochs(kw, n_train_rows)
+        how = f"{epochs:g} epochs" + (f" (max_steps {kw['max_steps']})" if source == "max_steps" else "")
+        found = n_train_rows < SMALL_DATA_ROWS and r >= HIGH_RANK and epochs >= MANY_EPOCHS
+        message = (f"{n_train_rows} training rows (< {SMALL_DATA_ROWS}) with LoRA r={r} (>= {HIGH_RANK}) and {how} "
+                   f"(>= {MANY_EPOCHS}): the adapter has the capacity and the passes to memorise the training rows" if found else
+                   f"{n_train_rows} training rows, LoRA r={r}, {how}")
+    add("small_data_high_rank", "warning",
+        f"under {SMALL_DATA_ROWS:,} training rows with LoRA rank >= {HIGH_RANK} and >= {MANY_EPOCHS} epochs (memorises the rows)",
+        found, message, "set train.lora.r: 16 and train.trl.num_train_epochs: 1-3 (or collect more rows)")
+
+    # SFT on an instruct model with a base-model learning rate.
+    lr = float(kw.get("learning_rate", 2e-4))
+    src = "train.trl.learning_rate" if "learning_rate" in train.trl else f"tunegate's default learning_rate for {adapter}"
+    full = adapter == "full"
+    limit_text = f">= {FULL_SFT_INSTRUCT_MAX_LR:g}" if full else f"> {ADAPTER_INSTRUCT_MAX_LR:g}"
+    found = method == "sft" and base_is_instruct and (lr >= FULL_SFT_INSTRUCT_MAX_LR if full else lr > ADAPTER_INSTRUCT_MAX_LR)
+    if found and full:
+        message = (f"full SFT of the instruct model {project.base_model} at {src} {lr:g} ({limit_text}): "
+                   "a pre-training-scale rate on every weight erases the instruction tuning (formatting, refusals, chat)")
+    elif found:
+        message = (f"{adapter} on the instruct model {project.base_model} at {src} {lr:g} ({limit_text}): "
+                   "adapter updates this large overwrite the instruction tuning and often diverge")
+    else:
+        message = f"{adapter} at {src} {lr:g} (flagged {limit_text})"
+        message += "" if method == "sft" else f"; does not apply: method {method}"
+        message += "" if base_is_instruct else f"; the base model {project.base_model} is not instruction-tuned"
+    fix = ("set train.trl.learning_rate to 1e-5 (1e-6..2e-5), or train a LoRA/DoRA adapter instead (adapter: dora)" if full else
+           "set train.trl.learning_rate to 2e-4 (1e-4..3e-4 for LoRA/DoRA)")
+    add("instruct_high_lr", "warning",
+        f"SFT of an instruct base model at a base-model learning rate: >= {FULL_SFT_INSTRUCT_MAX_LR:g} for a full fine-tune, "
+        f"> {ADAPTER_INSTRUCT_MAX_LR:g} for an adapter (erases the instruction tuning)",
+        found, message, fix)
 
     # Preference optimisation straight on a base (not instruct-tuned) model.
-    if method in ("dpo", "kto") and train.init_adapter is None and not base_is_instruct:
-        out.append(Finding(
-            "preference_on_base", "warning",
-            f"method {method} on the base model {project.base_model}, which is not instruction-tuned, with no "
-            "train.init_adapter: DPO on a base model with no SFT first; the reference policy cannot follow "
-            "instructions, so the preference signal has little to sharpen",
-            "run SFT first and set train.init_adapter to its adapter, or start from an instruct model",
-        ))
+    found = method in ("dpo", "kto") and train.init_adapter is None and not base_is_instruct
+    if found:
+        message = (f"method {method} on the base model {project.base_model}, which is not instruction-tuned, with no "
+                   "train.init_adapter: DPO on a base model with no SFT first; the reference policy cannot follow "
+                   "instructions, so the preference signal has little to sharpen")
+    elif method not in ("dpo", "kto"):
+        message = f"does not apply: method {method}"
+    elif train.init_adapter is not None:
+        message = f"starts from train.init_adapter {train.init_adapter}"
+    else:
+        message = f"the base model {project.base_model} is instruction-tuned"
+    add("preference_on_base", "warning",
+        "DPO/KTO on a base model that is not instruction-tuned, with no SFT adapter to start from (train.init_adapter)",
+        found, message, "run SFT first and set train.init_adapter to its adapter, or start from an instruct model")
+
+    # GRPO needs a group of generations per prompt.
+    n_gen = kw.get("num_generations", TRL_GRPO_DEFAULT_GENERATIONS)
+    found = method == "grpo" and (not isinstance(n_gen, int) or n_gen < MIN_GRPO_GENERATIONS)
+    add("grpo_too_few_generations", "error", f"method grpo with fewer than {MIN_GRPO_GENERATIONS} generations per prompt",
+        found,
+        f"method grpo with train.trl.num_generations {n_gen!r}: GRPO's advantage is the reward minus its "
+        "group's mean over the group's std, so with one generation every advantage is 0 (or NaN) and nothing trains" if found else
+        (f"num_generations {n_gen!r}" if method == "grpo" else f"does not apply: method {method}"),
+        f"set train.trl.num_generations to {MIN_GRPO_GENERATIONS} or more (TRL's default is "
+        f"{TRL_GRPO_DEFAULT_GENERATIONS}; generation_batch_size must be divisible by it)")
 
     # QLoRA: bitsandbytes' 4-bit kernels need a CUDA GPU.
-    if adapter == "qlora":
-        has_cuda = cuda_available() if cuda is None else cuda
-        if not has_cuda:
-            out.append(Finding(
-                "qlora_needs_cuda", "error",
-                "adapter qlora on a machine without a CUDA GPU: QLoRA loads the base in 4-bit with bitsandbytes, "
-                "whose 4-bit (NF4) matmul kernels run on CUDA GPUs only",
-                "use adapter: dora (or lora) here, or run on a CUDA GPU",
-            ))
+    found = adapter == "qlora" and not (cuda_available() if cuda is None else cuda)
+    add("qlora_needs_cuda", "error", "adapter qlora on a machine without a CUDA GPU", found,
+        "adapter qlora on a machine without a CUDA GPU: QLoRA loads the base in 4-bit with bitsandbytes, "
+        "whose 4-bit (NF4) matmul kernels run on CUDA GPUs only" if found else
+        ("a CUDA GPU is present" if adapter == "qlora" else f"does not apply: adapter {adapter}"),
+        "use adapter: dora (or lora) here, or run on a CUDA GPU")
 
-    return sorted(out, key=lambda f: f.level != "error")
+    # No feedback capture: production signals (thumbs, corrections) are never collected for the next round.
+    # `tunegate serve` collects them (POST /v1/feedback) when the project has a serve section with feedback on.
+    serve = project.serve
+    found = serve is None or not serve.feedback
+    add("no_feedback_capture", "warning",
+        "no feedback capture: production answers and corrections never reach the next training round",
+        found,
+        ("no feedback capture is configured (serve.feedback)" if serve is None else "serve.feedback is false")
+        + ": production thumbs and corrections are lost, and the next training round has only the data it has now" if found else
+        "serve.feedback: true (`tunegate serve` takes thumbs and edited answers at POST /v1/feedback)",
+        "add `serve: {feedback: true}` and serve with `tunegate serve` (POST /v1/feedback), then "
+        "`tunegate data feedback PROJECT` turns thumbs and edits into kto / preference sources for the next round; "
+        "or log them with request ids where the adapter is served and bring them back the same way")
+    return out
+
+
+def anti_patterns(project, n_train_rows: int, base_is_instruct: bool, answers: dict[str, str] | None = None, *,
+                  cuda: bool | None = None) -> list[Finding]:
+    """The rules of `anti_pattern_table` this project breaks, errors first (the preflight's findings).
+
+    Arguments as `anti_pattern_table`."""
+    found = [f for f in anti_pattern_table(project, n_train_rows, base_is_instruct, answers, cuda=cuda) if f.found]
+    return sorted(found, key=lambda f: f.level != "error")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -627,7 +685,7 @@ def run_checks(project, data_dir: Path, measure: bool = True) -> dict[str, Any]:
     stats = json.loads((data_dir / "stats.json").read_text()) if (data_dir / "stats.json").is_file() else {}
     base = resolve_base_model(project.base_model)
     tokenizer = load_tokenizer(base)
-    findings = anti_patterns(project, len(rows), base_is_instruct=tokenizer.chat_template is not None)
+    findings = anti_patterns(project, len(rows), instruct_tuned(tokenizer))
 
     rejected = stats.get("rejected_by_rule", {})
     mask = {f"{rule} ({case})": rejected[rule] for rule, case in MASK_RULES.items() if rejected.get(rule)}

@@ -83,6 +83,10 @@ def test_audit_scores_every_candidate_and_recommends_one_method(audit_project):
     assert len(samples) == 12 and all("knn_classifier" in s and "lora_probe_exact_match" in s for s in samples)
     html = (out / "audit.html").read_text()
     assert "NO_TRAIN" in html and "data:image/png;base64," in html and "knn_classifier" in html
+    # the project checked against the preflight's anti-pattern table, every rule with its result (the rules: test_preflight)
+    table = {a["name"]: a for a in report["anti_patterns"]}
+    assert len(table) == 10 and table["no_feedback_capture"]["found"] and not table["small_data_high_rank"]["found"]
+    assert "found (warning)" in html and "no_feedback_capture" in html
     assert (out / "probe" / ".train.partial" / "adapter" / "adapter_config.json").is_file()  # the probe's adapter is kept
 
 
@@ -117,20 +121,6 @@ def test_unknown_audit_settings_are_named(audit_project):
         load_project(audit_project / "tunegate.yaml", ["audit.candidates=[gpt4]"])
     with pytest.raises(TunegateError, match=r"answer 'maybe' to verifier is not one of yes, no"):
         load_project(audit_project / "tunegate.yaml", ["audit.answers.verifier=maybe"])
-
-
-def test_anti_patterns_name_what_they_found(tiny_project):
-    from tunegate.stages.audit import anti_patterns
-
-    project = load_project(tiny_project / "tunegate.yaml", ["train.lora.r=64", "train.trl.num_train_epochs=10", "train.trl.learning_rate=5e-3"])
-    found = {a["name"]: a for a in anti_patterns(project, {"changing_knowledge": "yes"}, n_train=54)}
-    assert found["small data, high rank, many epochs"]["found"]
-    assert found["small data, high rank, many epochs"]["detail"] == "54 training rows, rank 64, 10 epochs"
-    assert found["fine-tuning knowledge that changes"]["found"]
-    assert not found["no eval gate"]["found"]  # the fixture's gate has bounds
-    assert not found["a high learning rate on an instruct model"]["found"]  # the tiny base model is not an instruct model
-    ok = {a["name"]: a["found"] for a in anti_patterns(load_project(tiny_project / "tunegate.yaml"), {"changing_knowledge": "no"}, 5000)}
-    assert not ok["small data, high rank, many epochs"] and not ok["fine-tuning knowledge that changes"]
 
 
 def test_validate_checks_the_audit_corpus_and_price_table(audit_project):

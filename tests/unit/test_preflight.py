@@ -9,6 +9,7 @@ from tunegate.config import load_project
 from tunegate.preflight import (
     ASSUMED_MFU,
     Finding,
+    anti_pattern_table,
     anti_patterns,
     estimate,
     measure_matmul_peak,
@@ -55,43 +56,43 @@ def test_small_data_high_rank_many_epochs(tmp_path):
     assert "small_data_high_rank" not in names(anti_patterns(p, 1000, True))  # enough rows
     fixed = project(tmp_path, "train:\n  lora: {r: 16}\n  trl: {num_train_epochs: 10}\n")
     assert "small_data_high_rank" not in names(anti_patterns(fixed, 500, True))
-    fixed = project(tmp_path, "train:\n  lora: {r: 64}\n  trl: {num_train_epochs: 3}\n")
+    fixed = project(tmp_path, "train:\n  lora: {r: 64}\n  trl: {num_train_epochs: 9}\n")  # many epochs starts at 10
     assert "small_data_high_rank" not in names(anti_patterns(fixed, 500, True))
 
 
 def test_small_data_epochs_come_from_max_steps_when_set(tmp_path):
-    # 100 steps x 8 rows / 100 rows = 8 epochs
-    p = project(tmp_path, "train:\n  lora: {r: 128}\n  trl: {max_steps: 100, per_device_train_batch_size: 8}\n")
+    # 125 steps x 8 rows / 100 rows = 10 epochs
+    p = project(tmp_path, "train:\n  lora: {r: 128}\n  trl: {max_steps: 125, per_device_train_batch_size: 8}\n")
     f = by_name(anti_patterns(p, 100, True), "small_data_high_rank")
-    assert "8 epochs (max_steps 100)" in f.message
-    assert "small_data_high_rank" not in names(anti_patterns(p, 400, True))  # 2 epochs
+    assert "10 epochs (max_steps 125)" in f.message
+    assert "small_data_high_rank" not in names(anti_patterns(p, 400, True))  # 2.5 epochs
 
 
 def test_full_sft_on_instruct_model_with_base_model_lr(tmp_path):
     p = project(tmp_path, "train:\n  adapter: full\n  trl: {learning_rate: 2e-4}\n")
-    f = by_name(anti_patterns(p, 5000, True), "instruct_high_lr_full")
+    f = by_name(anti_patterns(p, 5000, True), "instruct_high_lr")
     assert f.level == "warning" and "train.trl.learning_rate 0.0002" in f.message and "smollm2-135m-instruct" in f.message
-    assert "instruct_high_lr_full" not in names(anti_patterns(p, 5000, False))  # a base model: fine
+    assert "instruct_high_lr" not in names(anti_patterns(p, 5000, False))  # a base model: fine
     fixed = project(tmp_path, "train:\n  adapter: full\n  trl: {learning_rate: 1e-5}\n")
-    assert "instruct_high_lr_full" not in names(anti_patterns(fixed, 5000, True))
+    assert "instruct_high_lr" not in names(anti_patterns(fixed, 5000, True))
 
 
 def test_adapter_on_instruct_model_with_too_high_lr(tmp_path):
     p = project(tmp_path, "train:\n  adapter: lora\n  trl: {learning_rate: 1e-3}\n")
-    f = by_name(anti_patterns(p, 5000, True), "instruct_high_lr_adapter")
+    f = by_name(anti_patterns(p, 5000, True), "instruct_high_lr")
     assert "lora" in f.message and "0.001" in f.message and "(> 0.0005)" in f.message
     ok = project(tmp_path, "train:\n  adapter: dora\n  trl: {learning_rate: 5e-4}\n")  # the bound itself passes
-    assert not names(anti_patterns(ok, 5000, True)) & {"instruct_high_lr_adapter", "instruct_high_lr_full"}
+    assert "instruct_high_lr" not in names(anti_patterns(ok, 5000, True))
 
 
 def test_findings_name_the_adapter_peft_builds_not_the_default(tmp_path):
     # adapter defaults to dora, but lora.use_dora: false trains plain LoRA (examples/banking77): the warning
     # must not say "dora"
     p = project(tmp_path, "train:\n  lora: {use_dora: false}\n  trl: {learning_rate: 1e-3}\n")
-    f = by_name(anti_patterns(p, 5000, True), "instruct_high_lr_adapter")
+    f = by_name(anti_patterns(p, 5000, True), "instruct_high_lr")
     assert f.message.startswith("lora on the instruct model")
     p = project(tmp_path, "train:\n  adapter: lora\n  lora: {use_dora: true}\n  trl: {learning_rate: 1e-3}\n")
-    assert by_name(anti_patterns(p, 5000, True), "instruct_high_lr_adapter").message.startswith("dora on")
+    assert by_name(anti_patterns(p, 5000, True), "instruct_high_lr").message.startswith("dora on")
 
 
 def test_missing_or_empty_golden_set_is_an_error(tmp_path):
@@ -104,21 +105,39 @@ def test_missing_or_empty_golden_set_is_an_error(tmp_path):
     assert "no_golden_set" not in names(anti_patterns(project(tmp_path), 5000, True))
 
 
-def test_feedback_capture_is_read_defensively(tmp_path):
-    p = project(tmp_path)
-    assert "no_feedback_capture" in names(anti_patterns(p, 5000, True))
-
-    class Serve:
-        feedback = "feedback.jsonl"
-
-    object.__setattr__(p, "serve", Serve())  # any object with a truthy `feedback`
-    assert "no_feedback_capture" not in names(anti_patterns(p, 5000, True))
-
-
 def test_serve_section_with_feedback_silences_the_warning(tmp_path):
+    # feedback capture is checked, not assumed missing: `tunegate serve` takes feedback when serve.feedback is on
+    f = by_name(anti_pattern_table(project(tmp_path), 5000, True), "no_feedback_capture")  # no serve section
+    assert f.found and "no feedback capture is configured (serve.feedback)" in f.message
     assert "no_feedback_capture" not in names(anti_patterns(project(tmp_path, "serve: {}\n"), 5000, True))  # on by default
     assert "no_feedback_capture" not in names(anti_patterns(project(tmp_path, "serve: {feedback: true}\n"), 5000, True))
-    assert "no_feedback_capture" in names(anti_patterns(project(tmp_path, "serve: {feedback: false}\n"), 5000, True))
+    f = by_name(anti_patterns(project(tmp_path, "serve: {feedback: false}\n"), 5000, True), "no_feedback_capture")
+    assert f.message.startswith("serve.feedback is false")
+
+
+def test_anti_patterns_name_what_they_found(tmp_path):
+    # the rules the audit page added: knowledge that changes (the audit's answers, else audit.answers) and no eval gate
+    p = project(tmp_path)
+    f = by_name(anti_patterns(p, 5000, True, {"changing_knowledge": "yes"}), "changing_knowledge")
+    assert f.level == "warning" and f.message.startswith("changing_knowledge: yes") and "retrieve" in f.fix
+    assert "changing_knowledge" not in names(anti_patterns(p, 5000, True, {"changing_knowledge": "no"}))
+    answered = project(tmp_path, "audit:\n  answers: {changing_knowledge: 'yes'}\n")
+    assert "changing_knowledge" in names(anti_patterns(answered, 5000, True))
+    assert by_name(anti_pattern_table(p, 5000, True), "changing_knowledge").message == "changing_knowledge: not answered"
+
+    unbounded = project(tmp_path, "eval:\n  gate: [{metric: exact_match, max: 1.0}]\n")  # a gate that compares nothing
+    f = by_name(anti_patterns(unbounded, 5000, True), "no_eval_gate")
+    assert f.message == "bounded metrics: none" and "gate_not_on_golden" not in names(anti_patterns(unbounded, 5000, True))
+    assert by_name(anti_pattern_table(p, 5000, True), "no_eval_gate").message == "bounded metrics: exact_match"
+
+
+def test_one_table_holds_each_rule_once(tmp_path):
+    p = project(tmp_path, "train:\n  lora: {r: 64}\n  trl: {num_train_epochs: 10}\n")
+    table = anti_pattern_table(p, 500, True, cuda=False)
+    assert len({f.name for f in table}) == len(table) == 10
+    assert all(f.rule and f.message and f.fix and f.level in ("error", "warning") for f in table)
+    assert names(anti_patterns(p, 500, True, cuda=False)) == {f.name for f in table if f.found} == {"small_data_high_rank", "no_feedback_capture"}
+    assert {"found", "rule"} <= set(table[0].to_json())
 
 
 def test_gate_only_on_suite_metrics(tmp_path, monkeypatch):

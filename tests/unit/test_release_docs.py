@@ -303,6 +303,17 @@ def test_audit_no_train_and_stale_lineage(tmp_path):
     assert "knn_classifier, scored 0.910" in docs["MODEL_CARD.md"]  # a better option without training is a limitation
 
 
+def test_anti_patterns_the_preflight_found_are_limitations(tmp_path):
+    project = _project(tmp_path)
+    run = _run(tmp_path, project)
+    assert "anti-pattern" not in render_release_docs(run, project)["MODEL_CARD.md"]  # no train/preflight.json: nothing listed
+    _write(run / "train" / "preflight.json", {"findings": [
+        {"name": "no_feedback_capture", "level": "warning", "message": "no feedback capture is configured (serve.feedback)",
+         "fix": "add `serve: {feedback: true}`", "found": True, "rule": "no feedback capture"}]})
+    card = render_release_docs(run, project)["MODEL_CARD.md"]
+    assert "found the anti-pattern no_feedback_capture (warning): no feedback capture is configured" in card
+
+
 def test_missing_eval_names_the_file(tmp_path):
     project = _project(tmp_path)
     run = _run(tmp_path, project)

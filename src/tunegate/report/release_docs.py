@@ -1,10 +1,11 @@
 """Release documents drafted from a finished run: MODEL_CARD.md, article25.md and dpia.md.
 
 `render_release_docs(run_dir, project)` reads only the run's artifacts (data/stats.json, audit/audit.json,
-train/train_summary.json, train/metrics.jsonl, train/adapter/adapter_config.json, eval/scores.json,
-eval/verdict.json, eval/suites.json, every stage's manifest.json) and returns the three documents as text;
-`tunegate release` writes them into the signed bundle, `tunegate docs` into a folder. A figure the artifacts
-do not hold is written as "not measured"; what only a person can answer is a marked blank (`BLANK`).
+train/train_summary.json, train/metrics.jsonl, train/preflight.json, train/adapter/adapter_config.json,
+eval/scores.json, eval/verdict.json, eval/suites.json, every stage's manifest.json) and returns the three
+documents as text; `tunegate release` writes them into the signed bundle, `tunegate docs` into a folder. A
+figure the artifacts do not hold is written as "not measured"; what only a person can answer is a marked
+blank (`BLANK`).
 
 * MODEL_CARD.md: the Hugging Face model card format (YAML front matter with `model-index`, then sections).
 * article25.md: the EU AI Act provider questions for a modifier. Compute of this fine-tune (6·N·D for full
@@ -380,8 +381,13 @@ def _audit(audit: dict[str, Any] | None, audit_manifest) -> dict[str, Any] | Non
             "candidates": cands, "best_no_training": rec.get("best_no_training"), "best_training": rec.get("best_training"),
             "gap": rec.get("gap"), "method": decision.get("method"), "why": decision.get("why"),
             "rejected": decision.get("rejected", []), "cost_of_being_wrong": rec.get("cost_of_being_wrong") or {},
-            "anti_patterns": [a for a in audit.get("anti_patterns", []) if a.get("found")],
             "started_at": audit_manifest.started_at if audit_manifest else None}
+
+
+def _anti_patterns(preflight: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """The anti-patterns the training's preflight found (train/preflight.json, the rules of
+    `tunegate.preflight.anti_pattern_table`); empty when the run has no preflight.json."""
+    return [f for f in (preflight or {}).get("findings", []) if f.get("found", True)]
 
 
 def gather(run_dir: Path, project) -> dict[str, Any]:
@@ -411,6 +417,7 @@ def gather(run_dir: Path, project) -> dict[str, Any]:
         "data": _data(_section(manifests, "data", "data", project), stats, manifests.get("data")),
         "eval": _eval(scores, verdict, _json(run_dir / "eval" / "suites.json")),
         "audit": _audit(_json(run_dir / "audit" / "audit.json"), manifests.get("audit")),
+        "anti_patterns": _anti_patterns(_json(run_dir / "train" / "preflight.json")),
         "manifests": {k: {"started_at": m.started_at, "wall_s": m.wall_s, "sha256": sha256_file(run_dir / k / MANIFEST)}
                       for k, m in manifests.items()},
         "lineage_problems": problems,
@@ -471,6 +478,9 @@ def _limitations(ctx: dict[str, Any]) -> list[str]:
     for r in ev["rules"]:
         if not r.get("passed"):
             out.append(f"Gate rule failed: {r.get('description')} (value {_f3(r.get('value'))}).")
+    for a in ctx["anti_patterns"]:
+        out.append(f"The preflight before training found the anti-pattern {a['name']} ({a['level']}): {a['message']} "
+                   f"(fix: {a['fix']}).")
     if tr["epochs_seen"] is not None and tr["epochs_seen"] < 1:
         out.append(f"Training covered {tr['epochs_seen']} of one epoch: about {(1 - tr['epochs_seen']) * 100:.0f}% of the "
                    f"{_num(tr['train_rows'])} training rows were never seen.")

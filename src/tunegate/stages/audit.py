@@ -19,8 +19,9 @@ per request (batched, amortised), tokens per request, and a cost per 1,000 reque
 (the numbers answer the questions they can, and overrule the user's answers when they disagree). The verdict
 is TRAIN or NO_TRAIN; `tunegate run` stops before training on NO_TRAIN unless told `--train-anyway`.
 
-Writes: audit.json (everything, machine-readable), samples.jsonl (per golden row: each candidate's output
-and score), prompt_search.json, audit.png, audit.html.
+Writes: audit.json (everything, machine-readable, with the project checked against the anti-pattern table of
+`tunegate.preflight`), samples.jsonl (per golden row: each candidate's output and score), prompt_search.json,
+audit.png, audit.html.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from tunegate.data.records import prompt_text, reference_answer
 from tunegate.evals.answer import golden_prompts
 from tunegate.evals.bootstrap import bootstrap_ci
 from tunegate.evals.metrics import ROW_METRICS
+from tunegate.preflight import anti_pattern_table, instruct_tuned
 from tunegate.prices import load_prices
 
 # The eval settings the audit reads: changing suites, the judge, the server or the baseline must not rerun it.
@@ -153,34 +155,6 @@ def read_corpus(cfg) -> tuple[list[str], list[str]]:
     return ids, texts
 
 
-def anti_patterns(project, answers: dict[str, str], n_train: int) -> list[dict[str, Any]]:
-    """DESIGN.md §2's anti-patterns, checked against the project. Each: {name, rule, found, detail}."""
-    from tunegate.recipes.defaults import lora_kwargs
-
-    lora = lora_kwargs(project)
-    trl = project.train.trl
-    epochs = float(trl.get("num_train_epochs", 3))
-    lr = float(trl.get("learning_rate", 2e-4))
-    bounded = [r.metric for r in project.eval.gate if r.min is not None or r.min_delta_ci_low is not None or r.max_regression is not None]
-    instruct = "instruct" in project.base_model.lower()
-    golden = project.data.golden
-    return [
-        {"name": "fine-tuning knowledge that changes", "rule": "the answers depend on information that changes (retrieve it instead)",
-         "found": answers.get("changing_knowledge") == "yes", "detail": f"changing_knowledge: {answers.get('changing_knowledge', 'not answered')}"},
-        {"name": "no eval gate", "rule": "no gate bound compares the candidate with a bar or the base model",
-         "found": not bounded, "detail": f"bounded metrics: {', '.join(bounded) or 'none'}"},
-        {"name": "small data, high rank, many epochs", "rule": "under 1,000 rows with LoRA rank >= 64 and >= 10 epochs (memorises the rows)",
-         "found": n_train < 1000 and int(lora.get("r", 16)) >= 64 and epochs >= 10,
-         "detail": f"{n_train} training rows, rank {lora.get('r')}, {epochs:g} epochs"},
-        {"name": "a high learning rate on an instruct model", "rule": "learning rate above 1e-3 on an instruct base model (erases what it knows)",
-         "found": instruct and lr > 1e-3, "detail": f"learning_rate {lr:g}, base model {project.base_model}"},
-        {"name": "no domain golden set", "rule": "no golden set of the project's own task", "found": False,
-         "detail": f"golden set {golden.path.name}" + (f", a seeded sample of {golden.sample} rows" if golden.sample else "")},
-        {"name": "no feedback capture", "rule": "no feedback store: production answers never reach the next round",
-         "found": True, "detail": "tunegate has no feedback store configured for this project yet"},
-    ]
-
-
 @dataclass
 class _Audit:
     """What every candidate family works with: the golden rows, the training split cut into dev and pool rows, the
@@ -245,7 +219,7 @@ def run(st: Stage) -> StageResult:
         "retrieval": retrieval,
         "probe": {k: v for k, v in probe.items() if k != "adapter"} if probe else None,
         "recommendation": rec,
-        "anti_patterns": anti_patterns(project, answers_used, a.n_train),
+        "anti_patterns": [f.to_json() for f in anti_pattern_table(project, a.n_train, instruct_tuned(a.tokenizer), answers_used)],
         "prices": prices,
     }
     atomic_write_json(st.dir / "audit.json", report)

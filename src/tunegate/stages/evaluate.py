@@ -46,7 +46,6 @@ def production_baseline(project) -> dict[str, Any] | None:
 def _same_base(production: dict[str, Any], adapter_dir) -> None:
     """The production adapter must sit on the candidate's base model. Raises TunegateError naming both."""
     import json
-    from pathlib import Path
 
     def base_of(d):
         return json.loads((Path(d) / "adapter_config.json").read_text()).get("base_model_name_or_path")
@@ -128,7 +127,6 @@ def run(st: Stage) -> StageResult:
 
     import torch
 
-    from tunegate.evals import suites as suite_runs
     from tunegate.models import load_tokenizer, resolve_base_model
 
     project = st.project
@@ -157,47 +155,14 @@ def run(st: Stage) -> StageResult:
 
     summary, per_row = score_metrics(ecfg.metrics, base_out, cand_out, refs, ecfg.bootstrap_samples, ecfg.seed, ecfg.json_schema)
 
-    judge = None
-    if ecfg.judge and (ecfg.judge.grade or (ecfg.suites and ecfg.suites.safety_judge)):
-        from tunegate.evals.judge import build_judge
-
-        judge = build_judge(ecfg.judge)
-    judge_counts = {}
-    if judge and ecfg.judge.grade:
-        judged = _judge_golden(judge, golden, base_out, cand_out)
-        summary.update(suite_runs.bootstrap_summary(judged, ecfg.bootstrap_samples, ecfg.seed))
-        judge_counts = {"judge": judge.name, "rows_rated_for_both": len(judged["judge_score"]["candidate"]), "rows": len(golden)}
-
-    suite_details: dict = {}
-    suite_samples: list = []
-    if ecfg.suites:
-        sc = ecfg.suites
-        runs = []
-        if sc.ifeval:
-            runs.append(("ifeval", lambda: suite_runs.run_ifeval(systems, sc.data_root, sc.limit, sc.ifeval_max_new_tokens)))
-        if sc.safety:
-            runs.append(("safety", lambda: suite_runs.run_safety(systems, sc.data_root, sc.safety, sc.limit, sc.safety_max_new_tokens,
-                                                                 judge if sc.safety_judge else None)))
-        for name, go in runs:
-            t0 = time.perf_counter()
-            rows, details, samples = go()
-            metrics = suite_runs.bootstrap_summary(rows, ecfg.bootstrap_samples, ecfg.seed)
-            summary.update(metrics)
-            suite_details[name] = {**details, "metrics": metrics, "wall_s": round(time.perf_counter() - t0, 1)}
-            suite_samples += samples
+    judge, judge_counts = _judge(ecfg, golden, base_out, cand_out, summary)
+    suite_details, suite_samples = _run_suites(ecfg, systems, judge, summary)
 
     rules = check_rules(ecfg.gate, summary)
     _judge_rules(rules, ecfg, judge.name if judge else None)
     result = verdict(rules)
 
-    samples = []
-    for i, (g, ref, bo, co) in enumerate(zip(golden, refs, base_out, cand_out)):
-        row = {"id": g["id"], "prompt": prompt_text(g), "reference": ref, "baseline_output": bo, "candidate_output": co}
-        for name, scores in per_row.items():
-            row[f"baseline_{name}"] = scores["baseline"][i]
-            row[f"candidate_{name}"] = scores["candidate"][i]
-        samples.append(row)
-    atomic_write_jsonl(st.dir / "samples.jsonl", samples)
+    atomic_write_jsonl(st.dir / "samples.jsonl", _samples(golden, refs, base_out, cand_out, per_row))
     if suite_details:
         atomic_write_json(st.dir / "suites.json", suite_details)
         atomic_write_jsonl(st.dir / "suite_samples.jsonl", suite_samples)
@@ -218,6 +183,68 @@ def run(st: Stage) -> StageResult:
     atomic_write_json(st.dir / "scores.json", scores)
     atomic_write_json(st.dir / "verdict.json", {"verdict": result, "rules": rules})
     write_eval_report(st.dir)
+    _print_results(summary, rules)
+    return StageResult(metrics=scores, verdict=result)
+
+
+def _judge(ecfg, golden, base_out: list[str], cand_out: list[str], summary: dict[str, Any]):
+    """The judge of `eval.judge` when grading or the safety suites use it (else None), and with `eval.judge.grade`
+    its scores of both systems' golden answers, added to `summary`. Returns (judge, counts for scores.json: {}
+    when it did not grade)."""
+    if not (ecfg.judge and (ecfg.judge.grade or (ecfg.suites and ecfg.suites.safety_judge))):
+        return None, {}
+    from tunegate.evals import suites as suite_runs
+    from tunegate.evals.judge import build_judge
+
+    judge = build_judge(ecfg.judge)
+    if not ecfg.judge.grade:
+        return judge, {}
+    judged = _judge_golden(judge, golden, base_out, cand_out)
+    summary.update(suite_runs.bootstrap_summary(judged, ecfg.bootstrap_samples, ecfg.seed))
+    return judge, {"judge": judge.name, "rows_rated_for_both": len(judged["judge_score"]["candidate"]), "rows": len(golden)}
+
+
+def _run_suites(ecfg, systems, judge, summary: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The standard suites of `eval.suites` (IFEval, safety) for both systems; their bootstrap summaries are added
+    to `summary`. Returns (per suite: its details, metrics and wall time; the suites' sample rows)."""
+    import time
+
+    from tunegate.evals import suites as suite_runs
+
+    details_by_suite: dict[str, Any] = {}
+    suite_samples: list[dict[str, Any]] = []
+    if not ecfg.suites:
+        return details_by_suite, suite_samples
+    sc = ecfg.suites
+    runs = []
+    if sc.ifeval:
+        runs.append(("ifeval", lambda: suite_runs.run_ifeval(systems, sc.data_root, sc.limit, sc.ifeval_max_new_tokens)))
+    if sc.safety:
+        runs.append(("safety", lambda: suite_runs.run_safety(systems, sc.data_root, sc.safety, sc.limit, sc.safety_max_new_tokens,
+                                                             judge if sc.safety_judge else None)))
+    for name, go in runs:
+        t0 = time.perf_counter()
+        rows, details, samples = go()
+        metrics = suite_runs.bootstrap_summary(rows, ecfg.bootstrap_samples, ecfg.seed)
+        summary.update(metrics)
+        details_by_suite[name] = {**details, "metrics": metrics, "wall_s": round(time.perf_counter() - t0, 1)}
+        suite_samples += samples
+    return details_by_suite, suite_samples
+
+
+def _samples(golden, refs, base_out, cand_out, per_row) -> list[dict[str, Any]]:
+    """Per golden row: prompt, reference, both systems' outputs and per-row scores."""
+    samples = []
+    for i, (g, ref, bo, co) in enumerate(zip(golden, refs, base_out, cand_out)):
+        row = {"id": g["id"], "prompt": prompt_text(g), "reference": ref, "baseline_output": bo, "candidate_output": co}
+        for name, scores in per_row.items():
+            row[f"baseline_{name}"] = scores["baseline"][i]
+            row[f"candidate_{name}"] = scores["candidate"][i]
+        samples.append(row)
+    return samples
+
+
+def _print_results(summary: dict[str, Any], rules: list[dict[str, Any]]) -> None:
     for name, s in summary.items():
         b, c, d = s["baseline"], s["candidate"], s["delta"]
         console.print(
@@ -229,7 +256,6 @@ def run(st: Stage) -> StageResult:
         note = f" ({r['note']})" if r.get("note") else ""
         value = "n/a" if r["value"] is None else f"{r['value']:.3f}"
         console.print(f"  {'[green]PASS[/green]' if r['passed'] else '[red]FAIL[/red]'} {r['description']}: {value}{note}", highlight=False)
-    return StageResult(metrics=scores, verdict=result)
 
 
 def inputs(project) -> dict[str, Path]:
