@@ -78,7 +78,9 @@ def _adapter_digest(run_dir: Path) -> str:
     return digest
 
 
-def _check_stored(entry: dict[str, Any]) -> None:
+def check_stored(entry: dict[str, Any]) -> None:
+    """Raise TunegateError unless the registered version's stored adapter weights still have the sha256 recorded
+    when it was registered (only the evaluated adapter is ever served or compared against)."""
     from tunegate.core.manifest import sha256_file
 
     weights = Path(entry["adapter_dir"]) / "adapter_model.safetensors"
@@ -151,7 +153,7 @@ def promote(db_path: Path, project: str, run_dir: Path) -> dict[str, Any]:
             f"{run_dir}/eval/verdict.json: verdict {ev.verdict}; rule: only a version whose eval gate passed can be promoted"
         )
     entry = register(db_path, project, run_dir)
-    _check_stored(entry)
+    check_stored(entry)
     with connect(db_path) as con:
         current = con.execute("SELECT version FROM versions WHERE project=? AND status='production'", (project,)).fetchone()
         if current and current["version"] == entry["version"]:
@@ -185,7 +187,7 @@ def rollback(db_path: Path, project: str) -> dict[str, Any]:
         ).fetchone()
         if previous is None:
             raise TunegateError(f"{db_path}: version {current['version']} is the first production version; nothing to roll back to")
-        _check_stored(dict(con.execute("SELECT * FROM versions WHERE version=?", (previous["version"],)).fetchone()))
+        check_stored(dict(con.execute("SELECT * FROM versions WHERE version=?", (previous["version"],)).fetchone()))
         _move(con, project, current["version"], "retired", f"rolled back to version {previous['version']}")
         _move(con, project, previous["version"], "production", f"restored by rollback from version {current['version']}")
         return dict(con.execute("SELECT * FROM versions WHERE version=?", (previous["version"],)).fetchone())

@@ -89,6 +89,21 @@ def imports(path: Path, known: set[str]) -> list[tuple[str, str | None, int]]:
     return out
 
 
+def private_attributes(path: Path, known: set[str]) -> list[tuple[str, str, int]]:
+    """(module, name, line) for every `alias._name` where `alias` is a tunegate module imported into `path`
+    (`from tunegate import registry` ... `registry._check`): a private name reached through the module."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    aliases = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "tunegate":
+            aliases.update({a.asname or a.name: f"{node.module}.{a.name}" for a in node.names if f"{node.module}.{a.name}" in known})
+        elif isinstance(node, ast.Import):
+            aliases.update({a.asname: a.name for a in node.names if a.asname and a.name in known})
+    return [(aliases[n.value.id], n.attr, n.lineno) for n in ast.walk(tree)
+            if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id in aliases
+            and n.attr.startswith("_") and not n.attr.startswith("__")]
+
+
 def graph() -> tuple[dict[str, set[str]], list[str], list[str]]:
     """(module -> modules it imports, room violations, private-name imports)."""
     mods = modules()
@@ -106,6 +121,9 @@ def graph() -> tuple[dict[str, set[str]], list[str], list[str]]:
                 rooms.append(f"{path.relative_to(SRC)}:{line}: {mod} ({room}) imports {target} ({target_room})")
             if name and name.startswith("_") and not name.startswith("__") and target != mod and (mod, name) not in ALLOWED_VIOLATIONS:
                 private.append(f"{path.relative_to(SRC)}:{line}: {mod} imports {target}.{name}, a private name")
+        for target, name, line in private_attributes(path, set(mods)):
+            if target != mod and (mod, name) not in ALLOWED_VIOLATIONS:
+                private.append(f"{path.relative_to(SRC)}:{line}: {mod} uses {target}.{name}, a private name")
     return edges, rooms, private
 
 
@@ -175,3 +193,5 @@ def test_the_checker_sees_imports_inside_functions_and_finds_cycles(tmp_path):
     assert imports(f, {"tunegate.pipeline", "tunegate.core.io"}) == [("tunegate.pipeline", "run_stage", 2), ("tunegate.core.io", "_x", 3)]
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     assert room_of("tunegate.stages.data") == "stage" and room_of("tunegate.core.stage") == "core"
+    f.write_text("from tunegate import registry\nimport tunegate.core.io as tio\nregistry._check(1)\ntio._y\nregistry.__name__\n")
+    assert sorted(private_attributes(f, {"tunegate.registry", "tunegate.core.io"})) == [("tunegate.core.io", "_y", 4), ("tunegate.registry", "_check", 3)]

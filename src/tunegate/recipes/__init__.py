@@ -7,7 +7,8 @@
     distill.py       distillation: sequence-level (teacher answers, then SFT) or logit-level (GKD)
 
 Every recipe is `build(ctx: common.Context) -> common.Built`: it returns the TRL trainer, facts for the
-summary, and what to do after training; `tunegate.stages.train` runs it, resumes, and saves.
+summary, and what to do after training; `tunegate.recipes.run.run_training` (the train stage's body and the
+audit's probe) runs it, resumes, and saves.
 """
 
 RECIPES = {

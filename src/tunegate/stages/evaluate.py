@@ -39,7 +39,7 @@ def production_baseline(project) -> dict[str, Any] | None:
         return None
     entry = registry.production(project.registry, project.name)
     if entry is not None:
-        registry._check_stored(entry)
+        registry.check_stored(entry)
     return entry
 
 
