@@ -90,10 +90,11 @@ def run(
     the run stops before training (exit 4) and audit.html says why.
     """
     from tunegate.core.console import console
-    from tunegate.pipeline import run_pipeline, stage_spec
+    from tunegate.pipeline import STAGE_NAMES, run_pipeline
 
     p = _load(project, overrides)
-    stage_spec(until)  # raises, naming the stages, when --until names none
+    if until not in STAGE_NAMES:
+        raise TunegateError(f"--until {until}: not a stage; stages: {', '.join(STAGE_NAMES)}")
     manifests = run_pipeline(p, run_id=run_id, force=tuple(force or ()), train_anyway=train_anyway, until=until)
     if "eval" not in manifests:
         console.print(f"[green]stopped after {until}[/green] ({p.runs_dir / run_id})")

@@ -10,7 +10,6 @@ project file's folder. Settings of TRL, PEFT and transformers are passed through
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from pathlib import Path
@@ -642,10 +641,6 @@ class Project(_Section):
     def section(self, name: str) -> dict[str, Any]:
         """One config section as validated, JSON-ready (what a stage manifest records)."""
         return json.loads(self.model_dump_json(include={name}))[name]
-
-    def section_hash(self, *names: str) -> str:
-        payload = json.dumps({n: self.section(n) for n in names}, sort_keys=True)
-        return hashlib.sha256(payload.encode()).hexdigest()
 
 
 class _Loader(yaml.SafeLoader):

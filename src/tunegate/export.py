@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from tunegate import TunegateError
-from tunegate.core.io import atomic_write_json, publish_dir, read_jsonl
+from tunegate.core.io import atomic_write_json, publish_dir, read_jsonl, restore_set_aside
 from tunegate.core.manifest import sha256_file
 
 # fp32 merge error is rounding only: W x + s B (A x) versus (W + s B A) x differ by reassociation, ~1e-7
@@ -98,6 +98,7 @@ def merge_adapter(
     from tunegate.models import device_name, load_model, load_tokenizer
 
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
+    restore_set_aside(out_dir)  # an export killed between its two renames left the old merge aside: put it back
     _check_adapter(adapter_dir)
     prompts = list(prompts)
     if not prompts:

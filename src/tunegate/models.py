@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from tunegate import TunegateError
+from tunegate.core.io import publish_dir
 
 EMBEDDED = {
     "smollm2-135m-instruct": {
@@ -83,8 +84,7 @@ def _convert_gguf(gguf: Path, target: Path, progress: bool) -> None:
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(tmp, target)  # the cache folder appears whole or not at all
+    publish_dir(tmp, target)  # the cache folder appears whole or not at all
 
 
 def load_tokenizer(base: Path | str):

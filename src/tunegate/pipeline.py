@@ -90,6 +90,7 @@ def run_stage(
     project: Project,
     run_dir: Path,
     spec: StageSpec | str,
+    *,
     force: bool = False,
     overrides: list[str] | None = None,
 ) -> Manifest:

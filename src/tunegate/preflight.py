@@ -78,7 +78,7 @@ class Finding:
 
 def _trl_kwargs(project) -> dict[str, Any]:
     """The TRL config arguments the train stage will use: tunegate's defaults for the method merged with the
-    project's `train.trl` (config.trl_kwargs)."""
+    project's `train.trl` (recipes.defaults.trl_kwargs)."""
     from tunegate.recipes.defaults import trl_kwargs
 
     return trl_kwargs(project, Path("/tmp/tunegate-preflight"), False)
@@ -122,7 +122,7 @@ def anti_pattern_table(project, n_train_rows: int, base_is_instruct: bool, answe
     project: a `tunegate.config.Project`. n_train_rows: rows in the training split. base_is_instruct: the base
     model is instruction-tuned (`instruct_tuned(tokenizer)`). answers: decision-tree answers (question id ->
     option); None: the project's `audit.answers` (the audit passes what it measured as well). cuda: whether a
-    CUDA GPU is present; None asks torch (imported only then, and only for QLoRA).
+    CUDA GPU is present; None asks torch.
 
     Rules (thresholds are the module constants; `message` holds the project's values either way):
       changing_knowledge        warning  the answers depend on information that changes (answer changing_knowledge: yes)

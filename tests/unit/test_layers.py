@@ -1,5 +1,5 @@
 """Dependencies point one way (docs/design.md, "Rooms"): each module belongs to a room, and a room imports only
-the rooms below it. Read with the stdlib `ast`, so imports written inside functions count too.
+the rooms before it. Read with the stdlib `ast`, so imports written inside functions count too.
 
     core      tunegate/__init__.py, tunegate/core/        stdlib and third-party only
     config    config.py, catalog.py, prices.py            + core, and decide.py (a pure table)

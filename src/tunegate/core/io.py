@@ -1,7 +1,7 @@
 """Files written whole or not at all: atomic file writes, the one folder publish, JSONL reading.
 
-Every artifact tunegate writes goes through here, so a process killed at any instant leaves either the old
-file (or folder) or the new one, never half of one.
+Stage outputs, manifests, bundles and merges are written through here, so a process killed at any instant leaves
+either the old file (or folder) or the new one, never half of one.
 """
 
 from __future__ import annotations

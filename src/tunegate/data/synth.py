@@ -122,10 +122,9 @@ class OpenAIGenerator:
         self._api_key = api_key or os.environ.get("OPENAI_API_KEY") or "EMPTY"
 
     def complete(self, conversations, max_new_tokens, temperature=0.0, top_p=1.0, seed=0, desc="generating"):
-        from concurrent.futures import ThreadPoolExecutor
-
         import openai
-        from rich.progress import Progress
+
+        from tunegate.evals.backends import map_requests
 
         client = openai.OpenAI(base_url=self.base_url, api_key=self._api_key, timeout=self.timeout_s, max_retries=2)
 
@@ -136,16 +135,8 @@ class OpenAIGenerator:
                                                   temperature=temperature, **extra)
             return resp.choices[0].message.content or ""
 
-        out: list[str] = []
-        try:
-            with ThreadPoolExecutor(self.concurrency) as pool, Progress(transient=True) as progress:
-                task = progress.add_task(desc, total=len(conversations))
-                for text in pool.map(one, enumerate(conversations)):
-                    out.append(text)
-                    progress.advance(task)
-        except openai.OpenAIError as e:
-            raise TunegateError(f"{self.base_url}: OpenAI-compatible server for model {self.name!r} failed: {e}") from None
-        return out
+        return map_requests(one, list(enumerate(conversations)), self.concurrency, desc,
+                            f"{self.base_url}: OpenAI-compatible server for model {self.name!r}")
 
 
 # ---------------------------------------------------------------- seeds
@@ -370,6 +361,7 @@ def synthesize(
     """
     from rich.progress import Progress
 
+    from tunegate.core.console import console
     from tunegate.core.io import atomic_write_json, atomic_write_jsonl
 
     out = Path(out)
@@ -393,7 +385,7 @@ def synthesize(
     max_attempts = 20 * n if max_attempts is None else max_attempts
     attempts = rounds = surplus = 0
     stop = "already_complete" if n_existing >= n else "max_attempts"
-    with Progress(disable=not progress) as bar:
+    with Progress(console=console, disable=not progress) as bar:
         task_bar = bar.add_task("synthetic rows", total=n, completed=min(n_existing, n))
         while len(rows) < n and attempts < max_attempts:
             need = n - len(rows)

@@ -1,5 +1,6 @@
 """Answer the golden set with a system: the prompts rendered exactly as training rendered them (in-process), or
-the rows' chat messages (a server). The eval stage, the audit and `tunegate drift --golden` all answer through here.
+the rows' chat messages (a server). The eval stage and `tunegate drift --golden` answer through here; the audit
+builds its prompts with `golden_prompts`.
 """
 
 from __future__ import annotations

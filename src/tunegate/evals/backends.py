@@ -12,7 +12,7 @@ model NAME), TGI, llama.cpp's server or a hosted provider, through the `openai` 
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 Messages = list[dict[str, str]]
 
@@ -60,12 +60,7 @@ class OpenAIChat:
         self._timeout = timeout_s
 
     def complete(self, conversations: Sequence[Messages], max_new_tokens: int, prefill: str = "", desc: str = "generating") -> list[str]:
-        from concurrent.futures import ThreadPoolExecutor
-
         import openai
-
-        from tunegate import TunegateError
-        from tunegate.core.console import progress
 
         client = openai.OpenAI(base_url=self.base_url, api_key=self._api_key, timeout=self._timeout, max_retries=2)
 
@@ -76,15 +71,31 @@ class OpenAIChat:
             text = resp.choices[0].message.content or ""
             return text[len(prefill):] if prefill and text.startswith(prefill) else text
 
-        out: list[str] = []
-        try:
-            with ThreadPoolExecutor(self.concurrency) as pool, progress(desc, len(conversations)) as advance:
-                for text in pool.map(one, conversations):
-                    out.append(text)
-                    advance()
-        except openai.OpenAIError as e:
-            raise TunegateError(f"{self.base_url}: OpenAI-compatible server for model {self.model!r} failed: {e}") from None
-        return out
+        return map_requests(one, conversations, self.concurrency, desc, f"{self.base_url}: OpenAI-compatible server for model {self.model!r}")
+
+
+def map_requests(one: Callable[[Any], str], items: Sequence[Any], concurrency: int, desc: str, server: str) -> list[str]:
+    """`one(item)` for every item, `concurrency` requests in flight, answers in input order, under a progress bar.
+
+    server: names the server in the error. Raises TunegateError("<server> failed: ...") when a request raises an
+    `openai.OpenAIError` (the server cannot be reached, or answers with an error after the client's retries).
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    import openai
+
+    from tunegate import TunegateError
+    from tunegate.core.console import progress
+
+    out: list[str] = []
+    try:
+        with ThreadPoolExecutor(concurrency) as pool, progress(desc, len(items)) as advance:
+            for text in pool.map(one, items):
+                out.append(text)
+                advance()
+    except openai.OpenAIError as e:
+        raise TunegateError(f"{server} failed: {e}") from None
+    return out
 
 
 from contextlib import contextmanager

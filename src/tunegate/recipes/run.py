@@ -61,7 +61,7 @@ def run_training(st: Stage, data_dir: Path) -> dict[str, Any] | None:
     become visible when the stage folder is published), st.checkpoint_dir (resumed from after a kill).
     data_dir: a folder with train.jsonl and val.jsonl (and the data stage's stats.json, read by the preflight).
 
-    Before any weights load: the settings passed through to PEFT and TRL are checked (`config.check_passthrough`)
+    Before any weights load: the settings passed through to PEFT and TRL are checked (`recipes.defaults.check_passthrough`)
     and the preflight runs (`tunegate.preflight.run_checks`, without the micro-benchmark): its warnings are
     printed, its result written to preflight.json. Then the base model and tokenizer load, the recipe's trainer
     trains (bf16 autocast where the device supports it, fp32 otherwise; resumed from the last checkpoint in

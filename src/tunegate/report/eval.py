@@ -93,7 +93,8 @@ def write_eval_report(eval_dir: Path) -> Path:
     eval_dir = Path(eval_dir)
     scores = json.loads((eval_dir / "scores.json").read_text(encoding="utf-8"))
     verdict = json.loads((eval_dir / "verdict.json").read_text(encoding="utf-8"))
-    samples = read_jsonl(eval_dir / "samples.jsonl")
+    samples_path = eval_dir / "samples.jsonl"
+    samples = read_jsonl(samples_path) if samples_path.is_file() else []
     suites_path = eval_dir / "suites.json"
     suites = json.loads(suites_path.read_text(encoding="utf-8")) if suites_path.is_file() else {}
 

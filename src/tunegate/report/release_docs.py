@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from tunegate import TunegateError
-from tunegate.core.io import atomic_write_text
+from tunegate.core.io import atomic_write_text, read_jsonl
 from tunegate.core.manifest import MANIFEST, read_manifest, sha256_file, verify_outputs
 
 BLANK = "[TO BE ANSWERED BY A PERSON: {}]"
@@ -74,12 +74,6 @@ _SUITE_NAMES = {"harmbench": "HarmBench", "jbb": "JailbreakBench (JBB-Behaviors)
 
 def _json(path: Path) -> Any:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
-
-
-def _jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def _require(path: Path, what: str) -> Any:
@@ -399,7 +393,8 @@ def gather(run_dir: Path, project) -> dict[str, Any]:
     summary = _require(run_dir / "train" / "train_summary.json", hint)
     scores = _require(run_dir / "eval" / "scores.json", hint)
     verdict = _require(run_dir / "eval" / "verdict.json", hint)
-    metrics = _jsonl(run_dir / "train" / "metrics.jsonl")
+    metrics_path = run_dir / "train" / "metrics.jsonl"
+    metrics = read_jsonl(metrics_path) if metrics_path.is_file() else []
     manifests, problems = _lineage(run_dir)
     # What the run used, as its manifests recorded it; the project file only fills in what they do not hold.
     train_m = manifests.get("train")

@@ -143,7 +143,8 @@ def require_admin(request: Request, authorization: Annotated[str | None, Header(
 
 
 # ---------------------------------------------------------------- endpoints
-# No return annotations on the endpoints: FastAPI would take one as a response model and validate through it.
+# Endpoints return dicts without a return annotation (FastAPI would take one as a response model and validate
+# through it); those that build a JSONResponse may say so, since FastAPI does not validate a Response subclass.
 
 def health(request: Request):
     """GET /health, no key: liveness and the engine. Adapter names stay private (a key lists its own in /v1/models)."""

@@ -119,14 +119,6 @@ class EmbeddedEngine:
                 model = _attach(model, Path(tmp) / name / "adapter", name)
         return cls(model=model, tokenizer=tokenizer, base_name=base_model_name(project), adapters=adapters)
 
-    def resolve(self, model_name: str) -> str | None:
-        """The adapter a request's `model` names (None: the base model). Raises KeyError when unknown."""
-        if model_name in self.adapters:
-            return model_name
-        if model_name == self.base_name:
-            return None
-        raise KeyError(model_name)
-
     def complete(self, adapter: str | None, messages: list[dict[str, str]], max_new_tokens: int,
                  temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None,
                  stop: list[str] | None = None) -> Completion:

@@ -135,21 +135,19 @@ class _Scorer:
 
 def read_corpus(cfg) -> tuple[list[str], list[str]]:
     """(ids, texts) of the corpus JSONL. Raises TunegateError naming the line of a bad document."""
-    import json
+    from tunegate.core.io import iter_jsonl
 
     ids, texts = [], []
     if not cfg.path.is_file():
         raise TunegateError(f"{cfg.path}: corpus file not found (audit.corpus.path)")
-    with open(cfg.path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                doc = json.loads(line)
-                ids.append(str(doc[cfg.id_field]))
-                texts.append(str(doc[cfg.text_field]))
-            except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                raise TunegateError(f"{cfg.path}:{lineno}: not a document with '{cfg.id_field}' and '{cfg.text_field}' ({exc})") from None
+    for lineno, doc, error in iter_jsonl(cfg.path):
+        try:
+            if error is not None:
+                raise error
+            ids.append(str(doc[cfg.id_field]))
+            texts.append(str(doc[cfg.text_field]))
+        except (ValueError, KeyError, TypeError) as exc:  # JSONDecodeError is a ValueError
+            raise TunegateError(f"{cfg.path}:{lineno}: not a document with '{cfg.id_field}' and '{cfg.text_field}' ({exc})") from None
     if not texts:
         raise TunegateError(f"{cfg.path}: the corpus is empty")
     return ids, texts

@@ -3,7 +3,7 @@
 The body is `tunegate.recipes.run.run_training` (shared with the audit's LoRA probe): the settings passed
 through to PEFT and TRL are checked (`recipes.defaults.check_passthrough`), the preflight runs, the recipe's TRL trainer
 trains (bf16 autocast where the device supports it, fp32 otherwise) and resumes from the last checkpoint in
-`checkpoints/` after a kill.
+`.train.checkpoints/` after a kill.
 
 Writes: preflight.json (tunegate.preflight: anti-patterns, mask rejections, target modules), adapter/ (PEFT
 format; `model/` instead for `adapter: full`), metrics.jsonl (every logged step), loss.png, train_summary.json.
