@@ -292,7 +292,7 @@ def anti_patterns(project, n_train_rows: int, base_is_instruct: bool, answers: d
 
 
 # ---------------------------------------------------------------------------------------------------------
-# LoRA target modules (case C12)
+# LoRA target modules (case C12 in docs/cases.md)
 
 
 def _linear_classes():

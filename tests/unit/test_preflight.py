@@ -189,7 +189,7 @@ def test_import_does_not_import_torch():
     assert out.stdout.strip() == "False"
 
 
-# ---------------------------------------------------------------- target modules (C12)
+# ---------------------------------------------------------------- target modules (C12 in docs/cases.md)
 
 @pytest.fixture(scope="module")
 def tiny_llama():

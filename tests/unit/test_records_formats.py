@@ -1,4 +1,4 @@
-"""Preference pairs (case C08), HH-RLHF transcripts, KTO rows and raw text: canonical records or rejections."""
+"""Preference pairs (case C08 in docs/cases.md), HH-RLHF transcripts, KTO rows and raw text: canonical records or rejections."""
 
 import pytest
 

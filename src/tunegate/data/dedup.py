@@ -4,7 +4,7 @@ Exact: sha256 of the normalised text (lower case, whitespace collapsed). Near: M
 `datasketch`) over word shingles, field practice: 5-word shingles, 128 permutations, Jaccard threshold 0.8.
 Every LSH candidate is verified by its true Jaccard similarity before a row is dropped. A text with fewer
 words than the shingle size has no shingles: it only takes the exact path, so distinct short texts are never
-merged into one cluster (case C20). The first row of a cluster, in input order, is kept; the others are
+merged into one cluster (case C20 in docs/cases.md). The first row of a cluster, in input order, is kept; the others are
 dropped with the id of the row they duplicate.
 
 Semantic (optional, `semantic_dedup`): SemDeDup (Abbas et al. 2023) over MiniLM sentence embeddings, k-means

@@ -2,7 +2,7 @@
 
 The loss mask is derived from rendered prefixes, never from template markers or token ids:
 for each assistant turn i, `render(messages[:i], add_generation_prompt=True)` must tokenize to an exact
-prefix of `render(messages[:i+1])` (case C03); the supervised span is what follows that prefix, up to and
+prefix of `render(messages[:i+1])` (case C03 in docs/cases.md); the supervised span is what follows that prefix, up to and
 including the end-of-turn token (case C01: with SmolLM2, eos == pad == `<|im_end|>`, so the end-of-turn
 label is set by position and padding is masked by position in the collator). This works for templates
 without `{% generation %}` markers (case C09). Plain prompt/completion rows (no template) are
@@ -46,7 +46,7 @@ def supports_system_role(tokenizer) -> bool:
 
 
 def apply_system_policy(messages: list[dict[str, str]], policy: str, template_has_system: bool) -> list[dict[str, str]]:
-    """The one system-message policy, applied the same way in data, train, eval and serve (case C04).
+    """The one system-message policy, applied the same way in data, train and eval (case C04).
 
     policy: "auto" keeps a system message when the template has a system role and merges it into the first
     user turn otherwise; "merge" always merges; "reject" raises RowError for any system message.

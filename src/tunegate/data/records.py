@@ -66,7 +66,7 @@ class RowError(Exception):
 
 
 def _text_content(content: Any, where: str) -> str:
-    """A message's content as a string. A list of typed text parts is joined (case C06)."""
+    """A message's content as a string. A list of typed text parts is joined (case C06 in docs/cases.md)."""
     if isinstance(content, str):
         return content
     if isinstance(content, list):
