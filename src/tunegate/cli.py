@@ -90,17 +90,17 @@ def run(
     the run stops before training (exit 4) and audit.html says why.
     """
     from tunegate.core.console import console
-    from tunegate.pipeline import STAGE_NAMES, run_pipeline
+    from tunegate.pipeline import STAGE_NAMES, run_dir_for, run_pipeline
 
     p = _load(project, overrides)
     if until not in STAGE_NAMES:
         raise TunegateError(f"--until {until}: not a stage; stages: {', '.join(STAGE_NAMES)}")
     manifests = run_pipeline(p, run_id=run_id, force=tuple(force or ()), train_anyway=train_anyway, until=until)
     if "eval" not in manifests:
-        console.print(f"[green]stopped after {until}[/green] ({p.runs_dir / run_id})")
+        console.print(f"[green]stopped after {until}[/green] ({run_dir_for(p, run_id)})")
         return
     verdict = manifests["eval"].verdict
-    report = p.runs_dir / run_id / "report" / "report.html"
+    report = run_dir_for(p, run_id) / "report" / "report.html"
     colour = "green" if verdict == "PASS" else "red"
     console.print(f"\n[bold {colour}]Eval gate: {verdict}[/bold {colour}]  report: {report}")
     if verdict != "PASS":
@@ -286,10 +286,11 @@ def docs(
 
     Figures come from the run; what only a person can answer is marked [TO BE ANSWERED BY A PERSON: ...].
     """
+    from tunegate.pipeline import run_dir_for
     from tunegate.report.release_docs import write_release_docs
 
     p = _load(project, overrides)
-    for path in write_release_docs(p.runs_dir / run_id, p, out):
+    for path in write_release_docs(run_dir_for(p, run_id), p, out):
         typer.echo(f"wrote {path}")
 
 
@@ -322,9 +323,10 @@ def export(
 def promote(project: ProjectArg, overrides: Overrides = None, run_id: RunId = "default") -> None:
     """Make a run's adapter the production version; refused unless its eval verdict is PASS."""
     from tunegate import registry
+    from tunegate.pipeline import run_dir_for
 
     p = _load(project, overrides)
-    entry = registry.promote(p.registry, p.name, p.runs_dir / run_id)
+    entry = registry.promote(p.registry, p.name, run_dir_for(p, run_id))
     typer.echo(f"version {entry['version']} (run {entry['run_id']}) is now production for {p.name}")
 
 

@@ -31,6 +31,7 @@ from tunegate.catalog import (
     SAFETY_SOURCES,
     SAFETY_WITH_SAFE_PROMPTS,
 )
+from tunegate.core.paths import identifier_problem, inside
 
 
 class _Section(BaseModel):
@@ -538,8 +539,9 @@ class BundleConfig(_Section):
     @field_validator("name")
     @classmethod
     def _adapter_name(cls, v: str | None) -> str | None:
-        if v is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", v):
-            raise ValueError(f"adapter name {v!r}: letters, digits, '-' and '_' only (it is a PEFT adapter name)")
+        problem = identifier_problem(v) if v is not None else None  # a PEFT adapter name and a folder name
+        if problem:
+            raise ValueError(f"adapter name {problem}")
         return v
 
 
@@ -617,9 +619,10 @@ class Project(_Section):
 
     @field_validator("name")
     @classmethod
-    def _name_is_a_path_component(cls, v: str) -> str:
-        if not v or "/" in v or v.startswith("."):
-            raise ValueError("name must be a plain word (it names folders)")
+    def _name_is_an_identifier(cls, v: str) -> str:
+        problem = identifier_problem(v)  # it names folders: adapters/<name>-v<N>/
+        if problem:
+            raise ValueError(f"name {problem}")
         return v
 
     @model_validator(mode="after")
@@ -754,9 +757,10 @@ def load_project(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) 
     for src in [*project.data.sources, project.data.golden]:
         if src.path is not None:
             src.path = _resolve(root, src.path)
-    project.data.golden_lock = _resolve(root, project.data.golden_lock)
-    project.runs_dir = _resolve(root, project.runs_dir)
-    project.registry = _resolve(root, project.registry)
+    # What tunegate writes from the project file stays inside the project folder (core.paths).
+    project.data.golden_lock = inside(root, _resolve(root, project.data.golden_lock), "data.golden_lock")
+    project.runs_dir = inside(root, _resolve(root, project.runs_dir), "runs_dir")
+    project.registry = inside(root, _resolve(root, project.registry), "registry")
     if project.serve is not None:
         for b in project.serve.bundles:
             b.path = _resolve(root, b.path)

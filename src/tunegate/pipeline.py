@@ -19,6 +19,7 @@ from tunegate import EXIT_AUDIT_NO_TRAIN, TunegateError
 from tunegate.config import Project
 from tunegate.core.console import console
 from tunegate.core.io import publish_dir
+from tunegate.core.paths import check_identifier
 from tunegate.core.manifest import (
     Manifest,
     fingerprint,
@@ -47,7 +48,9 @@ def stage_spec(name: str) -> StageSpec:
 
 
 def run_dir_for(project: Project, run_id: str) -> Path:
-    return project.runs_dir / run_id
+    """`runs_dir/<run_id>`. Raises TunegateError when the run id is not an identifier (core.paths.IDENTIFIER):
+    `..` or a separator would put stage folders, and their folder swaps, outside `runs/`."""
+    return project.runs_dir / check_identifier("run id", run_id)
 
 
 def stage_config(project: Project, spec: StageSpec) -> dict[str, Any]:

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tunegate import TunegateError
+from tunegate.core.paths import inside
 from tunegate.evals.metrics import final_number, json_schema_metric, normalize_answer
 
 if TYPE_CHECKING:
@@ -127,8 +128,8 @@ def load_file_verifier(spec: str, project_root: Path) -> tuple[Score, Path, str]
     """Load "path/to/file.py:function" (path relative to `project_root`) by file location, not by dotted import.
 
     Returns (function, resolved path, sha256 hex of the file's bytes); the bytes hashed are the bytes executed.
-    Raises TunegateError naming the file and `train.grpo.verifier` when the spec is malformed, the file is
-    missing or fails to import (syntax error, exception), or the function is missing, not callable, or cannot
+    Raises TunegateError naming the file and `train.grpo.verifier` when the spec is malformed, the file resolves
+    outside the project folder (symbolic links followed), is missing or fails to import (syntax error, exception), or the function is missing, not callable, or cannot
     take (completion, reference, row).
     """
     import importlib.util
@@ -137,7 +138,7 @@ def load_file_verifier(spec: str, project_root: Path) -> tuple[Score, Path, str]
     file_part, sep, func_name = spec.rpartition(":")
     if not sep or not file_part or not func_name.isidentifier():
         raise TunegateError(f"{KEY}: {spec!r}: a file verifier is written 'path/to/file.py:function'")
-    path = (Path(project_root) / file_part).resolve()
+    path = inside(project_root, Path(project_root) / file_part, KEY)  # code run from the project: only its own files
     if not path.is_file():
         raise TunegateError(f"{KEY}: {path}: verifier file not found")
     data = path.read_bytes()

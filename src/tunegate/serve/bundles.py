@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from tunegate import TunegateError
+from tunegate.core.paths import check_identifier
 
 
 @dataclass
@@ -25,8 +26,11 @@ class ServedAdapter:
 
 
 def bundle_name(b) -> str:
-    """A configured bundle's (config.BundleConfig) adapter name: its `name`, else the bundle folder's name."""
-    return b.name or Path(b.path).name
+    """A configured bundle's (config.BundleConfig) adapter name: its `name`, else the bundle folder's name.
+
+    Raises TunegateError when that name is not an identifier (core.paths): it names the bundle's verified copy.
+    """
+    return check_identifier("adapter name", b.name or Path(b.path).name)
 
 
 def base_model_name(project) -> str:

@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from tunegate import TunegateError
+from tunegate.core.paths import check_identifier
 
 BUSY_TIMEOUT_S = 30.0  # how long an SQLite writer waits for the write lock
 KEY_PREFIX = "tg-"  # makes a leaked key easy to recognise (secret scanners, logs)
@@ -195,10 +196,12 @@ def add_tenant(engine, name: str, adapters: list[str], allow_base: bool = False)
     """Create a tenant; returns its new API key (shown once: only its SHA-256 is stored).
 
     Raises:
-        TunegateError: the name is taken (revoked tenants keep their name) or no model is granted.
+        TunegateError: the name is not an identifier (core.paths), is taken (revoked tenants keep their name), or no
+            model is granted.
     """
     from sqlalchemy import select
 
+    check_identifier("tenant name", name)
     if not name or not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
         raise TunegateError(f"tenant name {name!r}: letters, digits, '-', '_' and '.' only")
     if not adapters and not allow_base:

@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from tunegate import TunegateError
+from tunegate.core.paths import check_identifier
 from tunegate.serve.bundles import (
     ServedAdapter,
     base_model_name,
@@ -398,6 +399,7 @@ class VLLMEngine:
             return self._add_adapter(name, bundle)
 
     def _add_adapter(self, name: str, bundle: Path) -> dict[str, Any]:
+        check_identifier("adapter name", name)  # it names the verified copy's folder below
         if name in self.adapters or name == self.base_name:
             raise TunegateError(f"adapter name {name}: already served; remove it first or pick another name")
         if self.plan is None or self.plan.merged is not None or not self.plan.loras:
