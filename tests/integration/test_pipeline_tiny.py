@@ -9,6 +9,7 @@ import pytest
 
 from tunegate import TunegateError
 from tunegate.config import load_project
+from tunegate.core.io import read_jsonl
 from tunegate.core.manifest import read_manifest
 from tunegate.pipeline import run_pipeline
 
@@ -278,3 +279,33 @@ def test_a_new_stage_is_one_spec(tiny_project):
     again = run_pipeline(load_project(tiny_project / "tunegate.yaml"), until="count", stages=chain)["count"]
     assert again.metrics == {"rows": 61} and again.upstream == {"data": manifest_hash(run_dir / "data")} != first.upstream
     assert not list(run_dir.glob(".count*"))  # no partial or set-aside folder left behind
+
+
+HOSTILE_LINES = [
+    '{"messages": ' + "[" * 100_000 + "]" * 100_000 + "}",  # nesting past the JSON parser's recursion limit
+    '{"messages": [{"role": "user", "content": "lone \\ud800 surrogate"}, {"role": "assistant", "content": "alpha"}]}',
+    '{"id": ' + "9" * 5000 + ', "messages": []}',  # an integer past int()'s digit limit
+    '{"messages": [{"role": "user", "content": "nul \\u0000 and bell \\u0007"}, {"role": "assistant", "content": "beta"}]}',
+    '{"messages": {"role": "user"}}',
+    "[1, 2, 3]",
+    '"just a string"',
+]
+
+
+def test_hostile_rows_are_rejected_with_a_rule_and_never_stop_the_stage(tiny_project):
+    """Issue 23, kind 2: one bad row never stops the run. Every input line ends kept or rejected with a rule."""
+    with open(tiny_project / "train.jsonl", "a", encoding="utf-8") as f:
+        f.write("\n".join(HOSTILE_LINES) + "\n")
+    n_lines = sum(1 for line in (tiny_project / "train.jsonl").read_text(encoding="utf-8").splitlines() if line.strip())
+    r = cli("data", tiny_project / "tunegate.yaml", "data.max_rejected_fraction=0.5")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+    out = tiny_project / "runs" / "default" / "data"
+    kept = sum(len(read_jsonl(out / f"{split}.jsonl")) for split in ("train", "val"))
+    rejected = read_jsonl(out / "rejected.jsonl")
+    assert kept + len(rejected) == n_lines
+    rules = {r["line"]: r["rule"] for r in rejected}
+    first = n_lines - len(HOSTILE_LINES) + 1
+    assert rules[first] == "invalid_json" and rules[first + 2] == "invalid_json"
+    assert rules[first + 1] == "unencodable_row"
+    assert all(rules.get(first + i) for i in range(len(HOSTILE_LINES)) if i != 3)

@@ -69,7 +69,7 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[int, Any, json.JSONDecodeErro
         OSError: the file cannot be opened. UnicodeDecodeError: the file is not UTF-8 (user data with arbitrary
         bytes goes through `tunegate.data.records.read_source`, which rejects such rows instead).
     """
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:  # a byte-order mark is not part of line 1
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
                 continue
@@ -77,6 +77,8 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[int, Any, json.JSONDecodeErro
                 yield lineno, json.loads(line), None
             except json.JSONDecodeError as exc:
                 yield lineno, line.rstrip("\r\n"), exc
+            except RecursionError:  # nested deeper than the parser allows: a bad line like any other
+                yield lineno, line[:200], json.JSONDecodeError("nested deeper than the JSON reader allows", line[:200], 0)
 
 
 def restore_set_aside(final: Path) -> Path | None:

@@ -230,6 +230,9 @@ def encode_batch_fn(base_model: str, system_role: str, max_length: int, policy: 
             except RowError as exc:
                 out.append(("rejected", exc.rule, exc.detail))
                 continue
+            except Exception as exc:  # noqa: BLE001  a row the tokenizer cannot take (lone surrogates...): rejected, the stage goes on
+                out.append(("rejected", "unencodable_row", f"{type(exc).__name__}: {str(exc)[:200]}"))
+                continue
             out.append(("kept", rec, len(enc.input_ids), enc.truncated))
         return out
 

@@ -363,9 +363,27 @@ def _rename_columns(obj: Any, columns: dict[str, str]) -> Any:
 
 # ---- file types: every reader yields (row number, object or raw text, error) ----------------------------
 
+BOM = b"\xef\xbb\xbf"  # a UTF-8 byte-order mark (Windows editors, Excel exports): read as UTF-8, never as data
+
+
+def parse_json(text: str) -> Any:
+    """`json.loads(text)`, with every way it can fail on hostile input as a RowError ("invalid_json"): a syntax
+    error, nesting deeper than Python's parser allows (RecursionError), or a number too long to convert."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise RowError("invalid_json", exc.msg + f" at column {exc.colno}") from None
+    except RecursionError:
+        raise RowError("invalid_json", "nested deeper than the JSON reader allows") from None
+    except ValueError as exc:  # e.g. an integer with more digits than int() converts
+        raise RowError("invalid_json", str(exc)[:200]) from None
+
+
 def _jsonl_rows(path: Path) -> Iterator[tuple[int, Any, Exception | None]]:
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
+            if lineno == 1 and raw.startswith(BOM):
+                raw = raw[len(BOM):]
             if not raw.strip():
                 continue
             try:
@@ -375,36 +393,52 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[int, Any, Exception | None]]:
                 continue
             text = text.rstrip("\r\n")
             try:
-                yield lineno, json.loads(text), None
-            except json.JSONDecodeError as exc:
-                yield lineno, text[:200], RowError("invalid_json", exc.msg + f" at column {exc.colno}")
+                yield lineno, parse_json(text), None
+            except RowError as exc:
+                yield lineno, text[:200], exc
 
 
 def _json_rows(path: Path) -> Iterator[tuple[int, Any, Exception | None]]:
     """A .json file: one JSON array of rows (Alpaca's release, many exports; row n = element n), or JSON lines."""
     with open(path, "rb") as f:
-        head = f.read(4096).lstrip()
+        head = f.read(4096).removeprefix(BOM).lstrip()
     if not head.startswith(b"["):
         yield from _jsonl_rows(path)
         return
     try:
-        rows = json.loads(path.read_bytes().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        rows = parse_json(path.read_bytes().removeprefix(BOM).decode("utf-8"))
+    except (UnicodeDecodeError, RowError) as exc:
         raise TunegateError(f"{path}: not a valid JSON array ({exc})") from None
     for i, obj in enumerate(rows, start=1):
         yield i, obj, None
 
 
 def _csv_rows(path: Path, src) -> Iterator[tuple[int, Any, Exception | None]]:
-    """CSV / TSV rows as dicts keyed by the header; row numbers are file lines (the header is line 1)."""
-    with open(path, newline="", encoding="utf-8", errors="strict") as f:
+    """CSV / TSV rows as dicts keyed by the header; row numbers are file lines (the header is line 1).
+
+    A UTF-8 byte-order mark is skipped. A field longer than the csv module's limit (CSV_FIELD_LIMIT) rejects its
+    row ("field_too_large") and reading goes on with the next row.
+    """
+    csv.field_size_limit(CSV_FIELD_LIMIT)
+    with open(path, newline="", encoding="utf-8-sig", errors="strict") as f:
         reader = csv.DictReader(f, delimiter="\t" if path.suffix == ".tsv" else ",")
         _check_columns(path, src, reader.fieldnames or [])
         try:
-            for row in reader:
+            while True:
+                start = reader.line_num + 1
+                try:
+                    row = next(reader)
+                except StopIteration:
+                    return
+                except csv.Error as exc:
+                    yield start, f"(row starting at line {start})", RowError("field_too_large" if "field limit" in str(exc) else "invalid_csv", str(exc))
+                    continue
                 yield reader.line_num, row, None
         except UnicodeDecodeError as exc:
             raise TunegateError(f"{path}: invalid UTF-8 after line {reader.line_num}: {exc}") from None
+
+
+CSV_FIELD_LIMIT = 64 * 2**20  # characters in one CSV field (the csv module's default is 131,072)
 
 
 def _check_columns(where: Any, src, names: list[str]) -> None:
@@ -586,6 +620,9 @@ def read_source(src, role: str = "train") -> tuple[list[dict[str, Any]], list[Re
                 continue
             except RowError as exc:
                 err = exc
+            except (RecursionError, MemoryError, ValueError, TypeError, KeyError, AttributeError) as exc:
+                # a row no rule foresaw: rejected with what went wrong, never a traceback that stops the stage
+                err = RowError("unreadable_row", f"{type(exc).__name__}: {str(exc)[:200]}")
         rejected.append(Rejection(where, lineno, rid, err.rule, err.detail, raw=obj))
     if src.sample is not None and src.sample < len(records):
         rng = random.Random(src.seed)
