@@ -35,7 +35,8 @@ from tunegate.core.paths import identifier_problem, inside
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # extra keys are typos; NaN and infinity are never a setting (a gate threshold of .nan would pass every check)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class SourceConfig(_Section):
@@ -679,7 +680,11 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key, _, raw = text.partition("=")
     if not key.strip():
         raise TunegateError(f"override {text!r}: empty key")
-    return key.strip().split("."), _yaml(raw) if raw.strip() else ""
+    try:
+        return key.strip().split("."), _yaml(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        problem = str(getattr(exc, "problem", None) or exc).splitlines()[0]
+        raise TunegateError(f"override {text!r}: the value is not valid YAML ({problem}); quote it, e.g. key='text'") from None
 
 
 def apply_override(raw: dict[str, Any], keys: list[str], value: Any) -> None:

@@ -275,8 +275,6 @@ def validate_project(p: Project) -> list[str]:
     """What `tunegate validate` finds wrong with a project without loading a model, one line per problem (empty when
     none): missing source, golden, corpus or suite files; bad golden rows or a golden set that changed since its lock;
     an unreadable price table; TRL/PEFT settings their config classes do not accept."""
-    import json
-
     from tunegate.data import golden
     from tunegate.data.records import read_source
     from tunegate.prices import load_prices
@@ -290,7 +288,7 @@ def validate_project(p: Project) -> list[str]:
         rows, rejected = read_source(p.data.golden, role="golden")
         problems += [f"data.golden: {r}" for r in rejected[:5]]
         try:
-            golden.check(p.data.golden, rows, json.loads(p.data.golden_lock.read_text()), p.data.golden_lock)
+            golden.check(p.data.golden, rows, golden.read_lock(p.data.golden_lock), p.data.golden_lock)
         except TunegateError as exc:
             problems.append(str(exc))
     if p.audit.enabled and p.audit.corpus is not None and not p.audit.corpus.path.is_file():

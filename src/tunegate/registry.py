@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from tunegate import TunegateError
+from tunegate.core.io import create_private
 from tunegate.core.manifest import read_manifest
 
 SCHEMA = """
@@ -55,10 +56,15 @@ def _now() -> str:
 def connect(db_path: Path) -> Iterator[sqlite3.Connection]:
     """One transaction: committed on success, rolled back on any error."""
     db_path.parent.mkdir(parents=True, exist_ok=True)
+    create_private(db_path)  # 0600: who may promote what is nobody else's business
     con = sqlite3.connect(db_path)
     con.row_factory = sqlite3.Row
     try:
-        con.executescript(SCHEMA)
+        try:
+            con.executescript(SCHEMA)
+        except sqlite3.DatabaseError as exc:
+            raise TunegateError(f"{db_path}: not a tunegate registry ({exc}); `registry` names an SQLite file "
+                                "tunegate creates: point it at a new path or move that file away") from None
         with con:
             yield con
     finally:

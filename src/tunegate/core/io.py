@@ -81,6 +81,15 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[int, Any, json.JSONDecodeErro
                 yield lineno, line[:200], json.JSONDecodeError("nested deeper than the JSON reader allows", line[:200], 0)
 
 
+def create_private(path: Path) -> None:
+    """Create `path` as an empty file only its owner may read and write (0600), unless it exists: a database of
+    prompts, answers or keys must not be born world-readable (SQLite would create it with the umask's mode)."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        pass
+
+
 def restore_set_aside(final: Path) -> Path | None:
     """Put back a folder that `publish_dir` set aside when the process died between its two renames.
 

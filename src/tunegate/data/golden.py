@@ -47,9 +47,23 @@ def freeze(golden_cfg, records: list[dict[str, Any]], lock_path: Path, force: bo
         lock = build_lock(golden_cfg, records)
         atomic_write_json(lock_path, lock)
         return lock, True
-    lock = json.loads(lock_path.read_text(encoding="utf-8"))
+    lock = read_lock(lock_path)
     check(golden_cfg, records, lock, lock_path)
     return lock, False
+
+
+def read_lock(lock_path: Path) -> dict[str, Any]:
+    """The golden lock at `lock_path`. Raises TunegateError naming the file when it is not a lock tunegate wrote
+    (not JSON, e.g. git conflict markers, or without its `rows`), instead of a traceback."""
+    try:
+        lock = json.loads(Path(lock_path).read_text(encoding="utf-8-sig"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise TunegateError(f"{lock_path}: not a golden lock ({str(exc)[:120]}); resolve the edit or merge conflict, or "
+                            "delete it and freeze again: tunegate golden freeze PROJECT") from None
+    if not isinstance(lock, dict) or not isinstance(lock.get("rows"), dict):
+        raise TunegateError(f"{lock_path}: not a golden lock (no 'rows' mapping); delete it and freeze again: "
+                            "tunegate golden freeze PROJECT")
+    return lock
 
 
 def check(golden_cfg, records: list[dict[str, Any]], lock: dict[str, Any], lock_path: Path) -> None:
@@ -152,7 +166,7 @@ def check_golden(project, data_dir: Path) -> list[dict[str, Any]]:
         raise TunegateError(f"{cfg.golden.path}: {rejected[0]}")
     if not cfg.golden_lock.is_file():
         raise TunegateError(f"{cfg.golden_lock}: golden lock missing; the eval gate only scores a frozen golden set (rerun the data stage)")
-    check(cfg.golden, raw, json.loads(cfg.golden_lock.read_text()), cfg.golden_lock)
+    check(cfg.golden, raw, read_lock(cfg.golden_lock), cfg.golden_lock)
     data_dir = Path(data_dir)
     golden = read_jsonl(data_dir / "golden.jsonl")
     trained = read_jsonl(data_dir / "train.jsonl") + read_jsonl(data_dir / "val.jsonl")

@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from tunegate import TunegateError
+from tunegate.core.io import create_private
 from tunegate.core.paths import check_identifier
 
 BUSY_TIMEOUT_S = 30.0  # how long an SQLite writer waits for the write lock
@@ -161,6 +162,7 @@ def connect(url: str):
             path = url.split("///", 1)[1] if "///" in url else ""
             if path and path != ":memory:":
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
+                create_private(Path(path))  # 0600: every tenant's prompts and answers
             engine = create_engine(url, connect_args={"timeout": BUSY_TIMEOUT_S, "check_same_thread": False})
 
             @event.listens_for(engine, "connect")
