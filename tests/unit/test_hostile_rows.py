@@ -44,8 +44,12 @@ def test_nesting_past_the_parser_and_huge_integers_are_rejected_rows(tmp_path):
 
 
 def test_a_csv_field_over_the_limit_rejects_its_row_and_the_next_rows_are_read(tmp_path, monkeypatch):
-    monkeypatch.setattr(records, "CSV_FIELD_LIMIT", 1000)  # every CSV read sets the csv module's limit from it
+    import csv
+
+    monkeypatch.setattr(records, "CSV_FIELD_LIMIT", 1000)
     (tmp_path / "a.csv").write_text("prompt,completion\nq1,a1\nq2," + "x" * 5000 + "\nq3,a3\n")
+    before = csv.field_size_limit()
     rows, rejected = read_source(SourceConfig(path=tmp_path / "a.csv", format="prompt_completion"))
+    assert csv.field_size_limit() == before  # the reader leaves the process-wide limit as it found it
     assert [r["prompt"] for r in rows] == ["q1", "q3"]
     assert [(r.line, r.rule) for r in rejected] == [(3, "field_too_large")]

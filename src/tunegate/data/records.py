@@ -419,7 +419,14 @@ def _csv_rows(path: Path, src) -> Iterator[tuple[int, Any, Exception | None]]:
     A UTF-8 byte-order mark is skipped. A field longer than the csv module's limit (CSV_FIELD_LIMIT) rejects its
     row ("field_too_large") and reading goes on with the next row.
     """
-    csv.field_size_limit(CSV_FIELD_LIMIT)
+    previous = csv.field_size_limit(CSV_FIELD_LIMIT)  # the csv module's limit is process-wide: put it back after
+    try:
+        yield from _csv_dict_rows(path, src)
+    finally:
+        csv.field_size_limit(previous)
+
+
+def _csv_dict_rows(path: Path, src) -> Iterator[tuple[int, Any, Exception | None]]:
     with open(path, newline="", encoding="utf-8-sig", errors="strict") as f:
         reader = csv.DictReader(f, delimiter="\t" if path.suffix == ".tsv" else ",")
         _check_columns(path, src, reader.fieldnames or [])
