@@ -67,6 +67,16 @@ def stage_fingerprint(project: Project, spec: StageSpec, named_inputs: dict[str,
     return fingerprint(spec.name, stage_config(project, spec), named_inputs, upstream)
 
 
+def _input_hashes(project: Project, spec: StageSpec) -> tuple[dict[str, Path], dict[str, str]]:
+    """The files `spec` reads from outside the run ({name: path}) and their sha256 ({name: hex}).
+    Raises TunegateError naming the first file that is missing."""
+    files = spec.inputs(project)
+    for path in files.values():
+        if not Path(path).is_file():
+            raise TunegateError(f"{path}: input file not found (stage {spec.name})")
+    return files, {name: sha256_file(p) for name, p in files.items()}
+
+
 def stale_reason(project: Project, run_dir: Path, spec: StageSpec | str) -> str | None:
     """None when `run_dir/<stage>` is finished and current: its fingerprint matches the config, input files and
     upstream manifests it would run with now, and its outputs are unchanged since. Otherwise, why not."""
@@ -75,11 +85,10 @@ def stale_reason(project: Project, run_dir: Path, spec: StageSpec | str) -> str 
     m = read_manifest(stage_dir)
     if m is None:
         return f"no finished {spec.name} stage in {stage_dir}"
-    files = spec.inputs(project)
-    missing = [str(p) for p in files.values() if not Path(p).is_file()]
-    if missing:
-        return f"{missing[0]} not found"
-    named = {name: sha256_file(p) for name, p in files.items()}
+    try:
+        _, named = _input_hashes(project, spec)
+    except TunegateError as exc:
+        return str(exc)
     upstream = {up: manifest_hash(run_dir / up) for up in spec.upstream if read_manifest(run_dir / up) is not None}
     if stage_fingerprint(project, spec, named, upstream) != m.fingerprint:
         return f"{stage_dir} was built from another {spec.name} config or other files than the current ones"
@@ -122,11 +131,7 @@ def run_stage(
                     f"{st.upstream_dir(up)}: stage {up} was built from an older {up2} stage than the one in {run_dir}; "
                     f"rule: a run's stages must come from one chain. Run `tunegate run` (or `tunegate {up}`) first."
                 )
-    input_files = spec.inputs(project)
-    for path in input_files.values():
-        if not Path(path).is_file():
-            raise TunegateError(f"{path}: input file not found (stage {stage})")
-    named_inputs = {name: sha256_file(p) for name, p in input_files.items()}
+    input_files, named_inputs = _input_hashes(project, spec)
     inputs = {str(p): named_inputs[name] for name, p in input_files.items()}
     config = spec.config(project)
     fp = stage_fingerprint(project, spec, named_inputs, upstream)

@@ -53,3 +53,19 @@ def test_a_csv_field_over_the_limit_rejects_its_row_and_the_next_rows_are_read(t
     assert csv.field_size_limit() == before  # the reader leaves the process-wide limit as it found it
     assert [r["prompt"] for r in rows] == ["q1", "q3"]
     assert [(r.line, r.rule) for r in rejected] == [(3, "field_too_large")]
+
+
+def test_a_row_no_rule_foresaw_is_rejected_and_the_read_goes_on(tmp_path, monkeypatch):
+    """Whatever a row trips over inside the row parser (here a TypeError), it is rejected as unreadable_row."""
+    real = records.parse_row
+
+    def parse_row(obj, *args):
+        if obj.get("id") == "bad":
+            raise TypeError("unhashable type: 'dict'")
+        return real(obj, *args)
+
+    monkeypatch.setattr(records, "parse_row", parse_row)
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps({**CHAT, "id": i}) for i in ("a", "bad", "c")) + "\n")
+    rows, rejected = read_source(SourceConfig(path=tmp_path / "a.jsonl", format="chat"))
+    assert [r["id"] for r in rows] == ["a", "c"]
+    assert [(r.line, r.rule, r.detail) for r in rejected] == [(2, "unreadable_row", "TypeError: unhashable type: 'dict'")]
