@@ -39,6 +39,9 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
+MAX_ROW_BYTES = 8 * 2**20  # data.sources[].max_row_bytes default
+
+
 class SourceConfig(_Section):
     """One raw data source (tunegate.data.records). `format` is the shape of a row:
 
@@ -74,6 +77,11 @@ class SourceConfig(_Section):
     sample: int | None = Field(default=None, ge=1)  # keep a seeded random sample of this many rows
     seed: int = 0
     license: str | None = None  # travels to the data card
+    # A row larger than this (bytes of its line in JSONL/CSV/TSV; UTF-8 bytes of its text in JSON arrays, Parquet
+    # and `datasets`) is rejected ("row_too_large") before it is parsed or tokenized: memory and time stay bounded
+    # by this, not by the largest row of a file. 8 MiB holds ~2M tokens: generous for chat rows, room for long
+    # documents in continued pretraining.
+    max_row_bytes: int = Field(default=MAX_ROW_BYTES, ge=1024)
 
     @model_validator(mode="after")
     def _one_location(self):

@@ -43,16 +43,31 @@ def test_nesting_past_the_parser_and_huge_integers_are_rejected_rows(tmp_path):
     assert "nested deeper" in rejected[0].detail
 
 
-def test_a_csv_field_over_the_limit_rejects_its_row_and_the_next_rows_are_read(tmp_path, monkeypatch):
+def test_a_csv_line_over_the_row_limit_rejects_its_row_and_the_next_rows_are_read(tmp_path):
     import csv
 
-    monkeypatch.setattr(records, "CSV_FIELD_LIMIT", 1000)
     (tmp_path / "a.csv").write_text("prompt,completion\nq1,a1\nq2," + "x" * 5000 + "\nq3,a3\n")
     before = csv.field_size_limit()
-    rows, rejected = read_source(SourceConfig(path=tmp_path / "a.csv", format="prompt_completion"))
+    rows, rejected = read_source(SourceConfig(path=tmp_path / "a.csv", format="prompt_completion", max_row_bytes=1024))
     assert csv.field_size_limit() == before  # the reader leaves the process-wide limit as it found it
     assert [r["prompt"] for r in rows] == ["q1", "q3"]
-    assert [(r.line, r.rule) for r in rejected] == [(3, "field_too_large")]
+    assert [(r.line, r.rule) for r in rejected] == [(3, "row_too_large")]
+    assert "5,004 bytes > max_row_bytes 1,024" in rejected[0].detail
+
+
+def test_a_quoted_csv_field_over_the_limit_across_lines_is_field_too_large(tmp_path):
+    """Every line is under the limit, the one field they make is not: the csv module's field limit catches it."""
+    (tmp_path / "a.csv").write_text("prompt,completion\nq1,a1\nq2,\"" + ("y" * 600 + "\n") * 3 + "end\"\n")
+    rows, rejected = read_source(SourceConfig(path=tmp_path / "a.csv", format="prompt_completion", max_row_bytes=1024))
+    assert [r["prompt"] for r in rows] == ["q1"]
+    assert rejected[0].line == 3 and rejected[0].rule == "field_too_large"
+
+
+def test_a_csv_line_that_is_not_utf8_rejects_that_row_only(tmp_path):
+    (tmp_path / "a.csv").write_bytes(b"prompt,completion\nq1,a1\nq2,\xff\xfe bad\nq3,a3\n")
+    rows, rejected = read_source(SourceConfig(path=tmp_path / "a.csv", format="prompt_completion"))
+    assert [r["prompt"] for r in rows] == ["q1", "q3"]
+    assert [(r.line, r.rule) for r in rejected] == [(3, "invalid_utf8")]
 
 
 def test_a_row_no_rule_foresaw_is_rejected_and_the_read_goes_on(tmp_path, monkeypatch):
@@ -69,3 +84,73 @@ def test_a_row_no_rule_foresaw_is_rejected_and_the_read_goes_on(tmp_path, monkey
     rows, rejected = read_source(SourceConfig(path=tmp_path / "a.jsonl", format="chat"))
     assert [r["id"] for r in rows] == ["a", "c"]
     assert [(r.line, r.rule, r.detail) for r in rejected] == [(2, "unreadable_row", "TypeError: unhashable type: 'dict'")]
+
+
+# ---- kind 3: a row's size is bounded before it is parsed or tokenized ----------------------------------------
+
+def test_a_jsonl_line_over_max_row_bytes_is_rejected_unparsed_and_the_next_lines_are_read(tmp_path):
+    big = json.dumps({"messages": [{"role": "user", "content": "x" * 5000}, {"role": "assistant", "content": "a"}]})
+    (tmp_path / "a.jsonl").write_text("\n".join([json.dumps(CHAT), big, json.dumps(CHAT)]) + "\n", encoding="utf-8")
+    rows, rejected = read_source(SourceConfig(path=tmp_path / "a.jsonl", format="chat", max_row_bytes=1024))
+    assert len(rows) == 2
+    assert [(r.line, r.rule) for r in rejected] == [(2, "row_too_large")]
+    assert f"{len(big) + 1:,} bytes" in rejected[0].detail  # the line's size, newline included
+    assert len(rejected[0].raw) <= 200  # rejected.jsonl keeps the start of the row, not the row
+
+
+def test_a_huge_line_without_a_newline_is_read_past_in_bounded_memory(tmp_path):
+    """The last line has no newline and is 20 MB: reading it must not hold it whole (tracemalloc peak)."""
+    import tracemalloc
+
+    with open(tmp_path / "a.jsonl", "w", encoding="utf-8") as f:
+        f.write(json.dumps(CHAT) + "\n")
+        f.write('{"messages": [{"role": "user", "content": "' + "z" * (20 * 2**20))
+    tracemalloc.start()
+    rows, rejected = read_source(SourceConfig(path=tmp_path / "a.jsonl", format="chat", max_row_bytes=1024))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert len(rows) == 1 and [(r.line, r.rule) for r in rejected] == [(2, "row_too_large")]
+    assert peak < 8 * 2**20, f"peak {peak / 2**20:.1f} MB while reading past a 20 MB line"
+
+
+@pytest.mark.parametrize("name", ["a.json", "a.parquet"])
+def test_rows_read_whole_by_their_format_are_checked_against_max_row_bytes(tmp_path, name):
+    big = {"messages": [{"role": "user", "content": "é" * 3000}, {"role": "assistant", "content": "a"}]}  # 6,000 bytes
+    if name == "a.json":
+        (tmp_path / name).write_text(json.dumps([CHAT, big, CHAT]), encoding="utf-8")
+    else:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist([CHAT, big, CHAT]), tmp_path / name)
+    rows, rejected = read_source(SourceConfig(path=tmp_path / name, format="chat", max_row_bytes=4096))
+    assert len(rows) == 2 and [(r.line, r.rule) for r in rejected] == [(2, "row_too_large")]
+    assert "6,0" in rejected[0].detail and len(rejected[0].raw) <= 200
+
+
+def test_text_bytes_counts_utf8_bytes():
+    assert records.text_bytes({"ab": ["é", 12, None]}) == 2 + 2 + 2 + 4
+
+
+def test_an_overlong_row_is_rejected_without_tokenizing_it(tokenizer, monkeypatch):
+    """With `drop`, a row of more than max_length x the longest token's characters cannot fit: it is rejected
+    before the tokenizer sees it (a 50 MB row once took minutes and gigabytes to tokenize)."""
+    from tunegate.data import format as fmt
+
+    calls = []
+    real = fmt.token_ids
+    monkeypatch.setattr(fmt, "token_ids", lambda tok, text: calls.append(len(text)) or real(tok, text))
+    longest = fmt.max_token_chars(tokenizer)
+    rec = {"messages": [{"role": "user", "content": "y" * (64 * longest + 1)}, {"role": "assistant", "content": "a"}]}
+    with pytest.raises(records.RowError) as err:
+        fmt.encode_record(tokenizer, rec, max_length=64, policy="drop")
+    assert err.value.rule == "overlength" and "not tokenized" in err.value.detail and calls == []
+    with pytest.raises(records.RowError):  # cut_context_left keeps the answer whole: an answer that cannot fit
+        fmt.encode_record(tokenizer, {"messages": [rec["messages"][1] | {"role": "user"},
+                                                        {"role": "assistant", "content": rec["messages"][0]["content"]}]},
+                          max_length=64, policy="cut_context_left")
+    assert calls == []
+    short = {"messages": [{"role": "user", "content": "y" * 300}, {"role": "assistant", "content": "a"}]}
+    with pytest.raises(records.RowError, match="tokens > max_length"):  # under the bound: tokenized, then dropped
+        fmt.encode_record(tokenizer, short, max_length=64, policy="drop")
+    assert calls

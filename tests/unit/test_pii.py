@@ -166,3 +166,20 @@ def test_batched_analysis_equals_per_text_analysis(mask):
     single = [mask.analyze([t])[0] for t in texts]
     key = lambda res: sorted((x.entity_type, x.start, x.end, x.score) for x in res)
     assert [key(b) for b in batched] == [key(s) for s in single]
+
+
+def test_a_text_longer_than_the_scanner_takes_drops_its_row_and_the_others_are_redacted():
+    """spaCy refuses a text over nlp.max_length (1,000,000 characters) with a ValueError that stopped the data
+    stage; such a row cannot be said to hold no PII, so it is rejected (pii_unscannable) and the rest go on."""
+    from tunegate.data.pii import UNSCANNED, Redactor
+
+    r = Redactor(entities=["EMAIL_ADDRESS"])
+    assert r.max_chars == 1_000_000
+    long_row = {"id": "long", "source": "s", "meta": {},
+                "messages": [{"role": "user", "content": "write to a@b.co " * 70_000}, {"role": "assistant", "content": "ok"}]}
+    short = {"id": "short", "source": "s", "meta": {},
+             "messages": [{"role": "user", "content": "mail x@y.org"}, {"role": "assistant", "content": "ok"}]}
+    kept, drops, report = r.redact_records([long_row, short])
+    assert [k["id"] for k in kept] == ["short"] and kept[0]["messages"][0]["content"] == "mail <EMAIL_ADDRESS>"
+    assert [(d.id, d.rule) for d in drops] == [("long", UNSCANNED)] and "1,120,000 characters" in drops[0].detail
+    assert report["rows_dropped_unscannable"] == 1

