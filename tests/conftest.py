@@ -80,19 +80,30 @@ def chat(user: str, answer: str, rid: str | None = None, system: str | None = No
     return ({"id": rid} if rid else {}) | {"messages": msgs}
 
 
-@pytest.fixture
-def tiny_project(tmp_path, tiny_model_dir):
-    """A small classification project on the tiny model: 60 train rows, 12 golden rows, 3 labels."""
+def make_tiny_project(root: Path, tiny_model_dir: Path) -> Path:
+    """A small classification project on the tiny model in `root`: 60 train rows, 12 golden rows, 3 labels."""
     labels = ["alpha", "beta", "gamma"]
     train = [chat(f"message number {i} about topic {labels[i % 3]}", labels[i % 3], f"t{i}") for i in range(60)]
     golden = [chat(f"golden question {i} on {labels[i % 3]}", labels[i % 3], f"g{i}") for i in range(12)]
-    write_jsonl(tmp_path / "train.jsonl", train)
-    write_jsonl(tmp_path / "golden.jsonl", golden)
-    (tmp_path / "tunegate.yaml").write_text(project_yaml(
+    write_jsonl(root / "train.jsonl", train)
+    write_jsonl(root / "golden.jsonl", golden)
+    (root / "tunegate.yaml").write_text(project_yaml(
         "tiny", tiny_model_dir,
         train="  lora: {r: 4, lora_alpha: 8}\n"
               "  trl: {max_steps: 4, per_device_train_batch_size: 4, save_steps: 2, logging_steps: 1, warmup_steps: 0}"))
-    return tmp_path
+    return root
+
+
+@pytest.fixture
+def tiny_project(tmp_path, tiny_model_dir):
+    """A small classification project on the tiny model: 60 train rows, 12 golden rows, 3 labels."""
+    return make_tiny_project(tmp_path, tiny_model_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_project_factory(tiny_model_dir):
+    """`make(root)` writes the tiny project into `root` (for tests that need several, e.g. under Hypothesis)."""
+    return lambda root: make_tiny_project(root, tiny_model_dir)
 
 
 def project_yaml(name, base_model, train: str, eval_: str = "  max_new_tokens: 4\n  batch_size: 8\n  bootstrap_samples: 200",

@@ -307,5 +307,5 @@ def test_hostile_rows_are_rejected_with_a_rule_and_never_stop_the_stage(tiny_pro
     rules = {r["line"]: r["rule"] for r in rejected}
     first = n_lines - len(HOSTILE_LINES) + 1
     assert rules[first] == "invalid_json" and rules[first + 2] == "invalid_json"
-    assert rules[first + 1] == "unencodable_row"
+    assert rules[first + 1] == "invalid_unicode"
     assert all(rules.get(first + i) for i in range(len(HOSTILE_LINES)) if i != 3)

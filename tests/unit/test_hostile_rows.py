@@ -129,7 +129,11 @@ def test_rows_read_whole_by_their_format_are_checked_against_max_row_bytes(tmp_p
 
 
 def test_text_bytes_counts_utf8_bytes():
-    assert records.text_bytes({"ab": ["é", 12, None]}) == 2 + 2 + 2 + 4
+    assert records.text_bytes({"ab": ["é", 12, None, [[["x"]]]]}) == 2 + 2 + 2 + 4 + 1
+    deep = []
+    for _ in range(100_000):
+        deep = [deep]
+    assert records.text_bytes(deep) == 0  # nested past the recursion limit: counted, not a RecursionError
 
 
 def test_an_overlong_row_is_rejected_without_tokenizing_it(tokenizer, monkeypatch):
@@ -154,3 +158,20 @@ def test_an_overlong_row_is_rejected_without_tokenizing_it(tokenizer, monkeypatc
     with pytest.raises(records.RowError, match="tokens > max_length"):  # under the bound: tokenized, then dropped
         fmt.encode_record(tokenizer, short, max_length=64, policy="drop")
     assert calls
+
+
+@pytest.mark.parametrize("line", [
+    '{"messages": "\\ud800"}',  # a lone surrogate in a row of the wrong shape: rejected.jsonl keeps it, escaped
+    '{"messages": [{"role": "user", "content": "x \\udfff"}, {"role": "assistant", "content": "a"}]}',
+])
+def test_a_lone_surrogate_is_invalid_unicode_and_rejected_jsonl_stays_utf8(tmp_path, line):
+    """Found by the fuzz suite: a surrogate in a rejected row's raw text made writing rejected.jsonl raise
+    UnicodeEncodeError, which stopped the data stage."""
+    from tunegate.core.io import atomic_write_jsonl, read_jsonl
+
+    (tmp_path / "a.jsonl").write_text(json.dumps(CHAT) + "\n" + line + "\n", encoding="utf-8")
+    rows, rejected = read_source(SourceConfig(path=tmp_path / "a.jsonl", format="chat"))
+    assert len(rows) == 1 and [(r.line, r.rule) for r in rejected] == [(2, "invalid_unicode")]
+    atomic_write_jsonl(tmp_path / "rejected.jsonl", [r.to_json() for r in rejected])
+    (tmp_path / "rejected.jsonl").read_bytes().decode("utf-8")  # valid UTF-8
+    assert read_jsonl(tmp_path / "rejected.jsonl")[0]["raw"] == json.loads(line)

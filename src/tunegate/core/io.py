@@ -44,8 +44,19 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
+def json_line(row: Any) -> str:
+    """One JSON line, non-ASCII characters as themselves; a row holding a lone surrogate (JSON's "\\ud800" read
+    from a hostile row: not encodable as UTF-8) is written with \\u escapes instead, so the file stays UTF-8."""
+    line = json.dumps(row, ensure_ascii=False)
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError:
+        line = json.dumps(row, ensure_ascii=True)
+    return line + "\n"
+
+
 def atomic_write_jsonl(path: str | Path, rows: list[dict[str, Any]]) -> None:
-    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    atomic_write_text(path, "".join(json_line(r) for r in rows))
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:

@@ -392,9 +392,10 @@ def _bounded_lines(f, limit: int) -> Iterator[tuple[int, bytes, int | None]]:
         if not raw:
             return
         lineno += 1
+        whole = len(raw) <= limit or raw.endswith(b"\n")  # before the mark is cut: it counts towards the read
         if lineno == 1 and raw.startswith(BOM):
             raw = raw[len(BOM):]
-        if len(raw) <= limit or raw.endswith(b"\n"):
+        if whole:
             yield lineno, raw, None
             continue
         head, size = raw[:200], len(raw)
@@ -625,15 +626,39 @@ def _rows(src) -> tuple[str, Iterator[tuple[int, Any, Exception | None]]]:
 
 
 def text_bytes(value: Any) -> int:
-    """UTF-8 bytes of the text in a parsed row: its strings (keys included), numbers as their digits. What
-    max_row_bytes bounds in rows that are not read line by line (JSON arrays, Parquet, `datasets`)."""
-    if isinstance(value, str):
-        return len(value) if value.isascii() else len(value.encode("utf-8", "surrogatepass"))
-    if isinstance(value, dict):
-        return sum(text_bytes(k) + text_bytes(v) for k, v in value.items())
-    if isinstance(value, (list, tuple)):
-        return sum(text_bytes(v) for v in value)
-    return len(str(value)) if isinstance(value, (int, float)) else 4
+    """UTF-8 bytes of the text in a parsed row: its strings (keys included), numbers as their digits, 4 for any
+    other leaf. What max_row_bytes bounds in rows that are not read line by line (JSON arrays, Parquet,
+    `datasets`). Iterative: a row nested as deep as the JSON parser allows is counted, not a RecursionError."""
+    return _text_scan(value)[0]
+
+
+def _text_scan(value: Any) -> tuple[int, bool]:
+    """(text_bytes, whether a string holds a lone surrogate: JSON's "\\ud800" escape parses to one, and no
+    UTF-8 writer, tokenizer or hash downstream can encode it)."""
+    total, surrogate, stack = 0, False, [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            if v.isascii():
+                total += len(v)
+                continue
+            try:
+                total += len(v.encode("utf-8"))
+            except UnicodeEncodeError:
+                surrogate = True
+                total += len(v.encode("utf-8", "surrogatepass"))
+        elif isinstance(v, dict):
+            stack.extend(v.keys())
+            stack.extend(v.values())
+        elif isinstance(v, (list, tuple)):
+            stack.extend(v)
+        elif isinstance(v, bool) or v is None:
+            total += 4
+        elif isinstance(v, (int, float)):
+            total += len(repr(v)) if not isinstance(v, int) or v.bit_length() < 10_000 else v.bit_length() // 3
+        else:
+            total += 4
+    return total, surrogate
 
 
 def _clip_raw(obj: Any, n: int = 200) -> str:
@@ -691,8 +716,12 @@ def read_source(src, role: str = "train") -> tuple[list[dict[str, Any]], list[Re
     for lineno, obj, err in rows:
         default_id = f"{stem}:{lineno}"
         rid = str(obj.get("id")) if isinstance(obj, dict) and "id" in obj else None
-        if err is None and text_bytes(obj) > src.max_row_bytes:  # a JSON array's or Parquet row, already in memory
-            err, obj = _too_large(text_bytes(obj), src.max_row_bytes), _clip_raw(obj)
+        if err is None:
+            size, surrogate = _text_scan(obj)
+            if size > src.max_row_bytes:  # a JSON array's or Parquet row, already in memory
+                err, obj = _too_large(size, src.max_row_bytes), _clip_raw(obj)
+            elif surrogate:
+                err = RowError("invalid_unicode", "a string holds a lone surrogate (a \\ud800-\\udfff escape): not text")
         if err is None:
             try:
                 rec = parse_row(obj, src, default_id, name)
