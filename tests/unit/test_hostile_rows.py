@@ -175,3 +175,14 @@ def test_a_lone_surrogate_is_invalid_unicode_and_rejected_jsonl_stays_utf8(tmp_p
     atomic_write_jsonl(tmp_path / "rejected.jsonl", [r.to_json() for r in rejected])
     (tmp_path / "rejected.jsonl").read_bytes().decode("utf-8")  # valid UTF-8
     assert read_jsonl(tmp_path / "rejected.jsonl")[0]["raw"] == json.loads(line)
+
+
+def test_iter_jsonl_yields_every_bad_line_as_an_error_and_reads_on(tmp_path):
+    """The reader of the corpus, IFEval and seed files: a line that is not UTF-8, nested past the parser, or
+    longer than the limit is an error for that line (audit.read_corpus names it), never a UnicodeDecodeError."""
+    path = tmp_path / "a.jsonl"
+    path.write_bytes(b'{"a": 1}\n\xff\xfe\n' + b"[" * 100_000 + b"\n" + b'"' + b"x" * 300_000 + b'"\n{"a": 2}\n')
+    got = [(n, error is None) for n, _, error in iter_jsonl(path, max_line_bytes=200_000)]
+    assert got == [(1, True), (2, False), (3, False), (4, False), (5, True)]
+    errors = [str(e) for _, _, e in iter_jsonl(path, max_line_bytes=200_000) if e is not None]
+    assert "not UTF-8" in errors[0] and "nested deeper" in errors[1] and "300,003 bytes" in errors[2]

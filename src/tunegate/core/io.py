@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+UTF8_BOM = b"\xef\xbb\xbf"  # a UTF-8 byte-order mark (Windows editors, Excel exports): read as UTF-8, never as data
 # A folder being replaced is first renamed aside to `.NAME.old-PID`, then the new one is renamed in.
 ASIDE_PREFIX = ".{name}.old-"
 
@@ -71,25 +72,62 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def iter_jsonl(path: str | Path) -> Iterator[tuple[int, Any, json.JSONDecodeError | None]]:
+def iter_jsonl(path: str | Path, max_line_bytes: int = 64 * 2**20) -> Iterator[tuple[int, Any, json.JSONDecodeError | None]]:
     """Each non-blank line of a JSONL file as (line number from 1, parsed value, None), or as (line number, the
-    line's text, the JSONDecodeError) when the line is not JSON: the caller skips it, rejects it with a reason or
-    stops. Reads one line at a time.
+    start of the line's text, a JSONDecodeError saying why) when the line is not JSON, not UTF-8, nested past
+    the parser or longer than `max_line_bytes`: the caller skips it, rejects it with a reason or stops. Reads
+    one line at a time, in memory bounded by `max_line_bytes` (`bounded_lines`); a byte-order mark is skipped.
 
     Raises:
-        OSError: the file cannot be opened. UnicodeDecodeError: the file is not UTF-8 (user data with arbitrary
-        bytes goes through `tunegate.data.records.read_source`, which rejects such rows instead).
+        OSError: the file cannot be opened.
     """
-    with open(path, encoding="utf-8-sig") as f:  # a byte-order mark is not part of line 1
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
+    with open(path, "rb") as f:
+        for lineno, raw, oversize in bounded_lines(f, max_line_bytes):
+            if oversize is not None:
+                head = raw.decode("utf-8", "replace")
+                yield lineno, head, json.JSONDecodeError(f"line of {oversize:,} bytes is longer than {max_line_bytes:,}", head, 0)
+                continue
+            if not raw.strip():
+                continue
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                head = raw[:200].decode("utf-8", "replace")
+                yield lineno, head, json.JSONDecodeError(f"not UTF-8 ({exc.reason} at byte {exc.start})", head, 0)
                 continue
             try:
                 yield lineno, json.loads(line), None
             except json.JSONDecodeError as exc:
                 yield lineno, line.rstrip("\r\n"), exc
-            except RecursionError:  # nested deeper than the parser allows: a bad line like any other
-                yield lineno, line[:200], json.JSONDecodeError("nested deeper than the JSON reader allows", line[:200], 0)
+            except (RecursionError, ValueError) as exc:  # nested past the parser, an integer past int()'s digits
+                why = "nested deeper than the JSON reader allows" if isinstance(exc, RecursionError) else str(exc)[:200]
+                yield lineno, line[:200], json.JSONDecodeError(why, line[:200], 0)
+
+
+READ_CHUNK = 2**20  # bytes read at a time past the end of a line over the limit
+
+
+def bounded_lines(f, limit: int) -> Iterator[tuple[int, bytes, int | None]]:
+    """The physical lines of the binary file `f` as (line number from 1, bytes, None), a UTF-8 byte-order mark
+    on line 1 removed; a line longer than `limit` bytes as (line number, its first 200 bytes, its size in bytes),
+    read past in READ_CHUNK pieces, so memory stays bounded by `limit`, whatever one line's size."""
+    lineno = 0
+    while True:
+        raw = f.readline(limit + 1)
+        if not raw:
+            return
+        lineno += 1
+        whole = len(raw) <= limit or raw.endswith(b"\n")  # before the mark is cut: it counts towards the read
+        if lineno == 1 and raw.startswith(UTF8_BOM):
+            raw = raw[len(UTF8_BOM):]
+        if whole:
+            yield lineno, raw, None
+            continue
+        head, size = raw[:200], len(raw)
+        while raw and not raw.endswith(b"\n"):
+            raw = f.readline(READ_CHUNK)
+            size += len(raw)
+        yield lineno, head, size
 
 
 def create_private(path: Path) -> None:

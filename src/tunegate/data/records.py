@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from tunegate import TunegateError
+from tunegate.core.io import UTF8_BOM, bounded_lines
 
 ROLES = ("system", "user", "assistant")
 
@@ -363,8 +364,6 @@ def _rename_columns(obj: Any, columns: dict[str, str]) -> Any:
 
 # ---- file types: every reader yields (row number, object or raw text, error) ----------------------------
 
-BOM = b"\xef\xbb\xbf"  # a UTF-8 byte-order mark (Windows editors, Excel exports): read as UTF-8, never as data
-
 
 def parse_json(text: str) -> Any:
     """`json.loads(text)`, with every way it can fail on hostile input as a RowError ("invalid_json"): a syntax
@@ -379,39 +378,13 @@ def parse_json(text: str) -> Any:
         raise RowError("invalid_json", str(exc)[:200]) from None
 
 
-READ_CHUNK = 2**20  # bytes read at a time past the end of a row over max_row_bytes
-
-
-def _bounded_lines(f, limit: int) -> Iterator[tuple[int, bytes, int | None]]:
-    """The physical lines of the binary file `f` as (line number from 1, bytes, None), a UTF-8 byte-order mark
-    on line 1 removed; a line longer than `limit` bytes as (line number, its first 200 bytes, its size in bytes),
-    read past in READ_CHUNK pieces, so memory stays bounded by `limit`, whatever one line's size."""
-    lineno = 0
-    while True:
-        raw = f.readline(limit + 1)
-        if not raw:
-            return
-        lineno += 1
-        whole = len(raw) <= limit or raw.endswith(b"\n")  # before the mark is cut: it counts towards the read
-        if lineno == 1 and raw.startswith(BOM):
-            raw = raw[len(BOM):]
-        if whole:
-            yield lineno, raw, None
-            continue
-        head, size = raw[:200], len(raw)
-        while raw and not raw.endswith(b"\n"):
-            raw = f.readline(READ_CHUNK)
-            size += len(raw)
-        yield lineno, head, size
-
-
 def _too_large(size: int, limit: int) -> RowError:
     return RowError("row_too_large", f"{size:,} bytes > max_row_bytes {limit:,} (data.sources[].max_row_bytes)")
 
 
 def _jsonl_rows(path: Path, limit: int) -> Iterator[tuple[int, Any, Exception | None]]:
     with open(path, "rb") as f:
-        for lineno, raw, oversize in _bounded_lines(f, limit):
+        for lineno, raw, oversize in bounded_lines(f, limit):
             if oversize is not None:
                 yield lineno, raw.decode("utf-8", "replace"), _too_large(oversize, limit)
                 continue
@@ -435,12 +408,12 @@ def _json_rows(path: Path, limit: int) -> Iterator[tuple[int, Any, Exception | N
     An array is parsed whole (its rows are then checked against max_row_bytes in `read_source`): a source too
     large to hold in memory belongs in JSONL, read a line at a time."""
     with open(path, "rb") as f:
-        head = f.read(4096).removeprefix(BOM).lstrip()
+        head = f.read(4096).removeprefix(UTF8_BOM).lstrip()
     if not head.startswith(b"["):
         yield from _jsonl_rows(path, limit)
         return
     try:
-        rows = parse_json(path.read_bytes().removeprefix(BOM).decode("utf-8"))
+        rows = parse_json(path.read_bytes().removeprefix(UTF8_BOM).decode("utf-8"))
     except (UnicodeDecodeError, RowError) as exc:
         raise TunegateError(f"{path}: not a valid JSON array ({exc})") from None
     for i, obj in enumerate(rows, start=1):
@@ -467,7 +440,7 @@ class _CsvLines:
     starts each row afresh, so a bad line costs its own row only)."""
 
     def __init__(self, f, limit: int):
-        self.lines, self.limit, self.lineno = _bounded_lines(f, limit), limit, 0
+        self.lines, self.limit, self.lineno = bounded_lines(f, limit), limit, 0
 
     def __iter__(self):
         return self
