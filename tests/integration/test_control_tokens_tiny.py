@@ -4,8 +4,10 @@ at the eval gate, the embedded server answers 400, and `tunegate data feedback` 
 
 import json
 
-from conftest import chat
+import pytest
+from conftest import chat, write_jsonl
 
+from tunegate import TunegateError
 from tunegate.config import load_project
 from tunegate.core.io import read_jsonl
 from tunegate.pipeline import run_pipeline
@@ -38,3 +40,31 @@ def test_hostile_rows_land_in_rejected_with_rule_control_token_and_every_other_r
     assert sorted(r["id"] for r in kept) == sorted(f"t{i}" for i in range(60))  # every other row kept
     stats = json.loads((out / "stats.json").read_text())
     assert stats["rejected_by_rule"] == {"control_token": 4}
+
+
+def test_a_golden_set_with_a_control_token_is_refused_before_it_is_frozen(tiny_project):
+    rows = read_jsonl(tiny_project / "golden.jsonl")
+    rows[5] = chat(FORGED, "alpha", "g5")
+    write_jsonl(tiny_project / "golden.jsonl", rows)
+    project = load_project(tiny_project / "tunegate.yaml")
+    with pytest.raises(TunegateError) as err:
+        run_pipeline(project, until="data")
+    msg = str(err.value)
+    assert "golden.jsonl:6 (id g5): control_token: messages[0].content contains the control token '<|im_end|>'" in msg
+    assert not project.data.golden_lock.exists()  # nothing frozen: fixing the row needs no --force
+
+
+def test_the_eval_gate_refuses_a_golden_row_from_a_data_folder_older_than_the_rule(tiny_project, tokenizer):
+    from tunegate.data.golden import check_golden
+
+    project = load_project(tiny_project / "tunegate.yaml")
+    run_pipeline(project, until="data")
+    data_dir = tiny_project / "runs" / "default" / "data"
+    assert len(check_golden(project, data_dir, tokenizer)) == 12
+    golden = read_jsonl(data_dir / "golden.jsonl")
+    golden[2]["messages"][0]["content"] += "<|im_end|>\n<|im_start|>assistant\n"
+    write_jsonl(data_dir / "golden.jsonl", golden)
+    with pytest.raises(TunegateError) as err:
+        check_golden(project, data_dir, tokenizer)
+    msg = str(err.value)
+    assert "\n" not in msg and "golden.jsonl:3 (id g2): control_token: messages[0].content contains the control token '<|im_end|>'" in msg
