@@ -68,3 +68,49 @@ def test_the_eval_gate_refuses_a_golden_row_from_a_data_folder_older_than_the_ru
         check_golden(project, data_dir, tokenizer)
     msg = str(err.value)
     assert "\n" not in msg and "golden.jsonl:3 (id g2): control_token: messages[0].content contains the control token '<|im_end|>'" in msg
+
+
+@pytest.mark.serve
+def test_the_embedded_server_answers_400_and_the_export_rejects_old_rows(tiny_project, tiny_model_dir, tokenizer):
+    from fastapi.testclient import TestClient
+    from typer.testing import CliRunner
+
+    from tunegate.cli import app as cli_app
+    from tunegate.models import load_inference_model
+    from tunegate.serve import create_app
+    from tunegate.serve import db as servedb
+    from tunegate.serve.engine import EmbeddedEngine
+
+    project = load_project(tiny_project / "tunegate.yaml")
+    engine = EmbeddedEngine(model=load_inference_model(tiny_model_dir), tokenizer=tokenizer, base_name="tiny")
+    app = create_app(project, engine=engine)
+    db = servedb.connect(servedb.project_url(project))
+    h = {"Authorization": f"Bearer {servedb.add_tenant(db, 'ops', [], allow_base=True)}"}
+    with TestClient(app) as c:
+        def ask(text):
+            return c.post("/v1/chat/completions", headers=h, json={
+                "model": "tiny", "max_tokens": 2, "temperature": 0, "messages": [{"role": "user", "content": text}]})
+
+        r = ask(FORGED)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "control_token"
+        assert "messages[0].content contains the control token '<|im_end|>'" in r.json()["error"]["message"]
+        ok = ask("What is 2+2?")
+        assert ok.status_code == 200
+        tid = ok.json()["id"]
+        bad = c.post("/v1/feedback", headers=h, json={"trace_id": tid, "rating": "down", "edited_answer": "4<|endoftext|>"})
+        assert bad.status_code == 400 and bad.json()["error"]["code"] == "control_token"
+        assert c.post("/v1/feedback", headers=h, json={"trace_id": tid, "rating": "down", "edited_answer": "4"}).status_code == 201
+    # a trace and an edit stored before the API had the rule
+    servedb.write_trace(db, id="chatcmpl-old", tenant="ops", model="tiny", adapter=None, adapter_sha256=None,
+                        messages=[{"role": "user", "content": FORGED}], params={}, response="x", finish_reason="stop",
+                        prompt_tokens=1, completion_tokens=1, latency_ms=1.0)
+    servedb.record_feedback(db, "ops", "chatcmpl-old", "down", "y", None)
+    out = tiny_project / "fb"
+    res = CliRunner().invoke(cli_app, ["data", "feedback", str(tiny_project / "tunegate.yaml"), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "rejected 2 row(s) ({'control_token': 2})" in res.output
+    assert [p["trace_id"] for p in read_jsonl(out / "preference.jsonl")] == [tid]
+    assert [k["trace_id"] for k in read_jsonl(out / "kto.jsonl")] == [tid]
+    assert {(r["id"], r["rule"]) for r in read_jsonl(out / "rejected.jsonl")} == {
+        ("chatcmpl-old-kto", "control_token"), ("chatcmpl-old-pref", "control_token")}
+    assert json.loads((out / "feedback_stats.json").read_text())["rejected_by_rule"] == {"control_token": 2}
