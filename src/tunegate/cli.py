@@ -143,8 +143,9 @@ def data_feedback(
     chosen = the edited answer, rejected = the served answer) and KTO rows (thumbs up -> label true, down -> false).
 
     Written as JSONL in the data stage's `format: preference` and `format: kto`; every row keeps its provenance
-    (source feedback, trace_id, tenant, adapter, adapter_sha256) in its meta. Reads serve.database_url (default
-    <project dir>/serve.db).
+    (source feedback, trace_id, tenant, adapter, adapter_sha256) in its meta. A row whose text spells one of the
+    base tokenizer's control tokens goes to rejected.jsonl instead (rule control_token). Reads
+    serve.database_url (default <project dir>/serve.db).
     """
     from tunegate.serve.db import export_to_files
 
@@ -154,7 +155,10 @@ def data_feedback(
                f"{counts['preference_rows']} preference pair(s), {counts['kto_rows']} KTO row(s) "
                f"({counts['kto_up']} up, {counts['kto_down']} down)")
     for fmt, path in written.items():
-        typer.echo(f"wrote {path}  (data.sources: {{path: {path}, format: {fmt}}})")
+        if fmt == "rejected":
+            typer.echo(f"rejected {sum(counts['rejected_by_rule'].values())} row(s) ({counts['rejected_by_rule']}): see {path}")
+        else:
+            typer.echo(f"wrote {path}  (data.sources: {{path: {path}, format: {fmt}}})")
 
 
 @app.command(name="data-preview")

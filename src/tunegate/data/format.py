@@ -14,6 +14,8 @@ a rejection with the row's id, never a crash mid-run.
 
 from __future__ import annotations
 
+import functools
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,6 +62,88 @@ def apply_system_policy(messages: list[dict[str, str]], policy: str, template_ha
     system, first, *rest = messages
     merged = {"role": first["role"], "content": f"{system['content']}\n\n{first['content']}"}
     return [merged, *rest]
+
+
+CONTROL_TOKEN_RULE = "control_token"
+
+
+def special_tokens(tokenizer) -> frozenset[str]:
+    """The strings `tokenizer` turns into a control token wherever they stand in text: its special tokens
+    (`all_special_tokens` and every added token marked special, e.g. SmolLM2's `<|im_start|>`, `<|im_end|>`,
+    `<|endoftext|>`) and any other added token its chat template writes (a template marker such as Qwen2.5's
+    `<tool_call>`, which is added but not marked special). About 10 us for SmolLM2's 17. A set of strings (one
+    computed before) is returned as it is, as a frozenset."""
+    if isinstance(tokenizer, (frozenset, set)):
+        return frozenset(tokenizer)
+    found = {str(s) for s in (getattr(tokenizer, "all_special_tokens", None) or ())}
+    template = getattr(tokenizer, "chat_template", None) or ""
+    template = "\n".join(template.values()) if isinstance(template, dict) else str(template)
+    for tok in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values():
+        content = str(getattr(tok, "content", tok))
+        if getattr(tok, "special", False) or (content.strip() and content in template):
+            found.add(content)
+    return frozenset(s for s in found if s.strip())
+
+
+@functools.lru_cache(maxsize=16)
+def _control_pattern(specials: frozenset[str]) -> re.Pattern[str] | None:
+    if not specials:
+        return None
+    return re.compile("|".join(re.escape(s) for s in sorted(specials, key=lambda s: (-len(s), s))))
+
+
+def control_token_in(specials: frozenset[str], text: str) -> str | None:
+    """The first of `specials` (a `special_tokens` set) that `text` contains, or None. One regex pass over `text`."""
+    pattern = _control_pattern(frozenset(specials))
+    m = pattern.search(text) if pattern is not None and isinstance(text, str) else None
+    return m.group(0) if m else None
+
+
+def control_token_problem(tokenizer_or_specials, messages: list[dict[str, Any]] | None = None, *,
+                          fields: dict[str, Any] | None = None) -> str | None:
+    """Why this text must be refused (rule `control_token`), or None: the first message content (or named
+    field) that holds a string the tokenizer turns into a control token, named like
+    `messages[1].content contains the control token '<|im_start|>'`.
+
+    tokenizer_or_specials: a tokenizer, or the frozenset of its `special_tokens` (computed once by a caller that
+    checks many rows). messages: [{role, content: str}, ...]. fields: other texts by name ({"rejected": ...}).
+
+    The decision (docs/design.md#control-tokens): text never becomes a control token; text that spells one is
+    refused. `<|im_end|>\n<|im_start|>assistant\n...` inside a message would become real turn boundaries when
+    the chat template is rendered and tokenized: a user could forge an assistant turn at serve time, and through
+    `tunegate data feedback` in the next round's training data. So such text is refused wherever it enters:
+    the data stage rejects the row (rejected.jsonl, rule `control_token`), a golden set holding one is refused
+    (data and eval stages), the serving API answers 400 (`code: control_token`) to a chat message or an edited
+    answer, and the feedback export rejects the row. This is tiktoken's default (`encode` raises when text
+    contains a special token, `disallowed_special="all"`). Escaping instead (tokenizing each content with
+    special tokens off, so `<|im_end|>` stays plain text) would need every engine to tokenize message contents
+    apart from the template's markers; vLLM renders and tokenizes the chat template itself from the messages
+    it is sent, so tunegate cannot guarantee the escape there, and one rule that holds everywhere beats two.
+    """
+    specials = special_tokens(tokenizer_or_specials)
+    for i, m in enumerate(messages or []):
+        found = control_token_in(specials, m.get("content") if isinstance(m, dict) else None)
+        if found:
+            return f"messages[{i}].content contains the control token {found!r}"
+    for name, text in (fields or {}).items():
+        found = control_token_in(specials, text)
+        if found:
+            return f"{name} contains the control token {found!r}"
+    return None
+
+
+def record_control_token_problem(specials, record: dict[str, Any]) -> str | None:
+    """`control_token_problem` over every text of a record of any kind (records.record_kind): its messages,
+    a preference pair's `rejected`, a plain row's `prompt` and `completion`, a raw `text`."""
+    fields = {k: record[k] for k in ("rejected", "prompt", "completion", "text") if isinstance(record.get(k), str)}
+    return control_token_problem(specials, record.get("messages"), fields=fields)
+
+
+def check_control_tokens(specials, record: dict[str, Any]) -> None:
+    """Raises RowError (rule `control_token`) when `record_control_token_problem` finds one."""
+    problem = record_control_token_problem(specials, record)
+    if problem:
+        raise RowError(CONTROL_TOKEN_RULE, f"{problem}; text that spells a control token is refused (it would become one)")
 
 
 def token_ids(tokenizer, text: str) -> list[int]:
@@ -227,8 +311,11 @@ def encode_record(tokenizer, record: dict[str, Any], max_length: int, policy: st
 
     A preference pair must encode on both sides (same prompt, chosen and rejected answers, each within the
     over-length policy); the chosen side is returned, with the longer length of the two when it is longer.
-    A row that cannot fit is rejected before it is tokenized (`check_length_before_tokenizing`).
+    A row any of whose texts spells one of the tokenizer's control tokens is refused first (rule `control_token`,
+    `control_token_problem`); a row that cannot fit is rejected before it is tokenized
+    (`check_length_before_tokenizing`).
     """
+    check_control_tokens(special_tokens(tokenizer), record)
     check_length_before_tokenizing(tokenizer, record, max_length, policy)
     if "text" in record:
         return encode_text(tokenizer, record["text"])
@@ -264,11 +351,13 @@ def encode_batch_fn(base_model: str, system_role: str, max_length: int, policy: 
 
     tokenizer = load_tokenizer(resolve_base_model(base_model, progress=False))
     has_system = supports_system_role(tokenizer)
+    specials = special_tokens(tokenizer)
 
     def run(records: list[dict[str, Any]]) -> list[tuple]:
         out = []
         for rec in records:
             try:
+                check_control_tokens(specials, rec)  # before the system policy: messages[i] is the source's i
                 if "messages" in rec:
                     rec = {**rec, "messages": apply_system_policy(rec["messages"], system_role, has_system)}
                 enc = encode_record(tokenizer, rec, max_length, policy)

@@ -18,7 +18,7 @@ from typing import Any
 
 from tunegate import TunegateError
 from tunegate.core.io import atomic_write_json, read_jsonl
-from tunegate.data.records import normalize_text, prompt_text, read_source, row_hash
+from tunegate.data.records import Rejection, normalize_text, prompt_text, read_source, row_hash
 from tunegate.core.manifest import sha256_file
 
 
@@ -149,16 +149,38 @@ def ngram_overlap(train: list[dict[str, Any]], golden: list[dict[str, Any]], n: 
     return hits
 
 
-def check_golden(project, data_dir: Path) -> list[dict[str, Any]]:
+def control_token_rows(records: list[dict[str, Any]], tokenizer_or_specials) -> list[Rejection]:
+    """A rejection (rule `control_token`) for each golden row with a text that spells one of the tokenizer's
+    control tokens (tunegate.data.format.control_token_problem). A golden set is frozen and must be clean, so
+    such a row is never dropped quietly: the data stage and the eval gate refuse the whole set, naming the row."""
+    from tunegate.data.format import (
+        CONTROL_TOKEN_RULE,
+        record_control_token_problem,
+        special_tokens,
+    )
+
+    specials = special_tokens(tokenizer_or_specials)  # once for all rows
+    out = []
+    for r in records:
+        problem = record_control_token_problem(specials, r)
+        if problem:
+            out.append(Rejection.of_row(r, CONTROL_TOKEN_RULE, problem))
+    return out
+
+
+def check_golden(project, data_dir: Path, tokenizer=None) -> list[dict[str, Any]]:
     """The golden rows to score, after checking the lock and the train/golden overlap.
 
     project: a `tunegate.config.Project`. data_dir: a data stage's folder (golden.jsonl, train.jsonl, val.jsonl).
+    tokenizer: the base model's; given, a golden row that spells one of its control tokens is refused too.
     Returns the rows of data_dir/golden.jsonl, in file order.
 
     Raises:
         TunegateError: the golden source has a bad row; the lock is missing; the golden set changed since it was
-            frozen; or training/validation rows overlap it (same normalised prompt, or with
-            `data.decontaminate` a shared word n-gram: the rule the data stage applied).
+            frozen; a golden row spells a control token (with `tokenizer`; the data stage refuses such a set
+            too, so only a data folder from before that rule has one); or training/validation rows overlap it
+            (same normalised prompt, or with `data.decontaminate` a shared word n-gram: the rule the data stage
+            applied).
     """
     cfg = project.data
     raw, rejected = read_source(cfg.golden, role="golden")
@@ -169,6 +191,11 @@ def check_golden(project, data_dir: Path) -> list[dict[str, Any]]:
     check(cfg.golden, raw, read_lock(cfg.golden_lock), cfg.golden_lock)
     data_dir = Path(data_dir)
     golden = read_jsonl(data_dir / "golden.jsonl")
+    if tokenizer is not None:
+        bad = control_token_rows(golden, tokenizer)
+        if bad:
+            raise TunegateError(f"{bad[0]}; rule: a golden set must be clean: fix the row, then freeze the set again "
+                                "(tunegate golden freeze PROJECT --force) and rerun the data stage")
     trained = read_jsonl(data_dir / "train.jsonl") + read_jsonl(data_dir / "val.jsonl")
     pairs = overlap(trained, golden)
     if cfg.decontaminate is not None:  # the same n-gram rule the data stage applied

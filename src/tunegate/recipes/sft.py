@@ -15,10 +15,23 @@ from tunegate.recipes.common import Built, Context, load_policy
 
 
 def tokenize_rows(tokenizer, rows: list[dict[str, Any]], max_length: int, policy: str) -> dict[str, list]:
-    """Rows of the data stage -> {"input_ids", "labels"} columns. The data stage already rejected bad rows."""
+    """Rows of the data stage -> {"input_ids", "labels"} columns. The data stage already rejected bad rows.
+
+    Raises:
+        TunegateError: a row the data stage's rules now reject (a data folder written before a rule, e.g.
+            `control_token`), naming the row and the rule.
+    """
+    from tunegate import TunegateError
+    from tunegate.data.records import RowError
+
     cols: dict[str, list] = {"input_ids": [], "labels": []}
     for r in rows:
-        enc = encode_record(tokenizer, r, max_length, policy)
+        try:
+            enc = encode_record(tokenizer, r, max_length, policy)
+        except RowError as exc:
+            where = f"{r['meta']['file']}:{r['meta']['line']} " if isinstance(r.get("meta"), dict) and "line" in r["meta"] else ""
+            raise TunegateError(f"{where}(id {r.get('id')}): {exc.rule}: {exc.detail}; rerun the data stage "
+                                "(tunegate data PROJECT --force)") from None
         cols["input_ids"].append(enc.input_ids)
         cols["labels"].append(enc.labels)
     return cols

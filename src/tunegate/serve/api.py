@@ -174,8 +174,9 @@ def _granted_adapter(engine: Engine, t: servedb.Tenant, model: str) -> str | Non
     return adapter
 
 
-def _chat_messages(body: ChatRequest) -> list[dict[str, str]]:
-    """The request's messages, normalised like training data; the last one must be a user turn (ApiError 400)."""
+def _chat_messages(body: ChatRequest, engine: Engine) -> list[dict[str, str]]:
+    """The request's messages, normalised like training data; the last one must be a user turn, and no content
+    may spell one of the base tokenizer's control tokens (ApiError 400, code `control_token`)."""
     from tunegate.data.records import RowError, normalize_messages
 
     try:
@@ -184,7 +185,19 @@ def _chat_messages(body: ChatRequest) -> list[dict[str, str]]:
         raise ApiError(400, f"messages: {exc.rule}: {exc.detail}", code=exc.rule) from None
     if messages[-1]["role"] != "user":
         raise ApiError(400, "messages: the last message must be a user turn", code="role_order")
+    _refuse_control_tokens(engine, messages)
     return messages
+
+
+def _refuse_control_tokens(engine: Engine, messages: list[dict[str, str]] | None = None,
+                           fields: dict[str, str] | None = None) -> None:
+    """ApiError 400 (code `control_token`) when a message content or a named field spells one of the base
+    tokenizer's control tokens (`engine.special_tokens`; docs/design.md#control-tokens)."""
+    from tunegate.data.format import CONTROL_TOKEN_RULE, control_token_problem
+
+    problem = control_token_problem(engine.special_tokens, messages, fields=fields)
+    if problem:
+        raise ApiError(400, f"{CONTROL_TOKEN_RULE}: {problem}; text may not spell a control token", code=CONTROL_TOKEN_RULE)
 
 
 def _sse_events(trace_id: str, created: int, model: str, out: Completion, usage: dict[str, int]):
@@ -201,13 +214,14 @@ def chat_completions(request: Request, body: ChatRequest, t: AuthTenant):
     """POST /v1/chat/completions: answer with the engine, store the trace; its id is the response `id`.
 
     Raises:
-        ApiError: 403 a model the key is not granted, 404 not loaded, 400 invalid messages, or the engine's own.
+        ApiError: 403 a model the key is not granted, 404 not loaded, 400 invalid messages (a content spelling a
+            control token included), or the engine's own.
     """
     started = time.perf_counter()
     engine: Engine = request.app.state.engine
     db, settings = request.app.state.db, request.app.state.settings
     adapter = _granted_adapter(engine, t, body.model)
-    messages = _chat_messages(body)
+    messages = _chat_messages(body, engine)
     max_new = min(body.max_completion_tokens or body.max_tokens or settings.max_new_tokens, settings.max_new_tokens)
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     out = engine.complete(adapter, messages, max_new, body.temperature, body.top_p, body.seed, stop)
@@ -243,8 +257,9 @@ def feedback(request: Request, body: FeedbackRequest, t: AuthTenant,
     """POST /v1/feedback: a rating (and an edited answer) on one of this key's traces, written exactly once.
 
     Raises:
-        ApiError: 403 feedback is off, 400 an empty edit, 404 no such trace for this key, 409 a reused
-            Idempotency-Key with another body.
+        ApiError: 403 feedback is off, 400 an empty edit or one spelling a control token (it would become a
+            preference pair's chosen answer), 404 no such trace for this key, 409 a reused Idempotency-Key with
+            another body.
     """
     db = request.app.state.db
     if not request.app.state.settings.feedback:
@@ -252,6 +267,7 @@ def feedback(request: Request, body: FeedbackRequest, t: AuthTenant,
                        "feedback_disabled")
     if body.edited_answer is not None and not body.edited_answer.strip():
         raise ApiError(400, "edited_answer is empty: leave it out for a plain thumbs rating", code="empty_turn")
+    _refuse_control_tokens(request.app.state.engine, fields={"edited_answer": body.edited_answer or ""})
     trace = servedb.get_trace(db, body.trace_id)
     if trace is None or trace["tenant"] != t.name:  # another tenant's trace looks like no trace at all
         raise ApiError(404, f"no trace {body.trace_id!r} for this API key", "invalid_request_error", "trace_not_found")

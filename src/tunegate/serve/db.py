@@ -340,7 +340,8 @@ def count_feedback(engine) -> int:
 
 # ---------------------------------------------------------------- export for the next round
 
-def export_feedback(engine, adapters: list[str] | None = None) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
+def export_feedback(engine, adapters: list[str] | None = None,
+                    special_tokens: frozenset[str] = frozenset()) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
     """Traces with feedback -> (preference rows, KTO rows, counts), in the JSONL shapes of `format: preference`
     and `format: kto` (tunegate.data.records).
 
@@ -350,9 +351,15 @@ def export_feedback(engine, adapters: list[str] | None = None) -> tuple[list[dic
     as top-level keys, which the reader keeps in `meta`: source "feedback", trace_id, tenant, adapter
     (None: the base model), adapter_sha256, feedback_id, served_at. `adapters` keeps only traces of those
     adapter names ("base" selects the base model's traces).
+
+    A row any of whose texts (the request's messages, the served answer, the edit) spells one of
+    `special_tokens` (the base tokenizer's, tunegate.data.format.special_tokens) is left out: the API refuses
+    such text (400, `control_token`), but a database may predate that rule. counts["rejected"] lists each one
+    ({id, trace_id, feedback_id, rule, detail}) and counts["rejected_by_rule"] counts them.
     """
     from sqlalchemy import select
 
+    from tunegate.data.format import CONTROL_TOKEN_RULE, control_token_problem
     from tunegate.data.records import normalize_text
 
     t, f = tables()["traces"], tables()["feedback"]
@@ -374,36 +381,60 @@ def export_feedback(engine, adapters: list[str] | None = None) -> tuple[list[dic
                 "adapter_sha256": r["adapter_sha256"], "model": r["model"], "feedback_id": r["id"],
                 "rating": r["rating"], "served_at": iso_utc(r["served_at"])}
 
+    rejected: list[dict[str, Any]] = []
+
+    def clean(row: dict[str, Any], texts: dict[str, str]) -> bool:
+        messages = row["prompt"] if isinstance(row["prompt"], list) else None
+        problem = control_token_problem(special_tokens, messages, fields=texts) if special_tokens else None
+        if problem:
+            rejected.append({"id": row["id"], "trace_id": row["trace_id"], "feedback_id": row["feedback_id"],
+                             "rule": CONTROL_TOKEN_RULE, "detail": problem})
+        return problem is None
+
     kto = [{"id": f"{tid}-kto", "prompt": r["messages"], "completion": r["response"], "label": r["rating"] == "up",
             **provenance(r)} for tid, r in latest_rating.items()]
+    kto = [k for k in kto if clean(k, {"completion": k["completion"]})]
     pairs, same = [], 0
     for tid, r in latest_edit.items():
         if normalize_text(r["edited_answer"]) == normalize_text(r["response"]):
             same += 1  # an "edit" that changes nothing carries no preference
             continue
-        pairs.append({"id": f"{tid}-pref", "prompt": r["messages"], "chosen": r["edited_answer"],
-                      "rejected": r["response"], **provenance(r)})
+        pair = {"id": f"{tid}-pref", "prompt": r["messages"], "chosen": r["edited_answer"], "rejected": r["response"],
+                **provenance(r)}
+        if clean(pair, {"chosen": pair["chosen"], "rejected": pair["rejected"]}):
+            pairs.append(pair)
     counts = {"feedback_rows": len(rows), "traces_with_feedback": len(latest_rating), "kto_rows": len(kto),
               "kto_up": sum(1 for r in kto if r["label"]), "kto_down": sum(1 for r in kto if not r["label"]),
               "preference_rows": len(pairs), "edits_identical_to_answer": same}
+    if special_tokens:
+        counts["rejected_by_rule"] = {CONTROL_TOKEN_RULE: len(rejected)} if rejected else {}
+        counts["rejected"] = rejected
     return pairs, kto, counts
 
 
 def export_to_files(project, out_dir: Path | None = None, adapters: list[str] | None = None) -> tuple[dict[str, Path], dict[str, Any]]:
     """`tunegate data feedback`: export_feedback from the project's serving database into `out_dir` (default
-    <project dir>/feedback): preference.jsonl, kto.jsonl (each only when it has rows) and feedback_stats.json.
+    <project dir>/feedback): preference.jsonl, kto.jsonl (each only when it has rows), rejected.jsonl (rows left
+    out for spelling one of the base tokenizer's control tokens, rule `control_token`; only when there are any)
+    and feedback_stats.json (with `rejected_by_rule`).
 
-    Returns ({format: path written}, counts). Raises TunegateError when the database holds no traces table yet.
+    Returns ({format: path written, "rejected" included when written}, counts). Raises TunegateError when the
+    database holds no traces table yet.
     """
     from tunegate.core.io import atomic_write_json, atomic_write_jsonl
+    from tunegate.data.format import special_tokens
+    from tunegate.models import load_tokenizer, resolve_base_model
 
     url = project_url(project)
     if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).is_file():
         raise TunegateError(f"{url[len('sqlite:///'):]}: no serving database yet (run `tunegate serve` and collect feedback first)")
-    pairs, kto, counts = export_feedback(connect(url), adapters)
+    specials = special_tokens(load_tokenizer(resolve_base_model(project.base_model)))
+    pairs, kto, counts = export_feedback(connect(url), adapters, specials)
+    rejected = counts.pop("rejected", [])
+    counts.setdefault("rejected_by_rule", {})
     out = Path(out_dir) if out_dir is not None else Path(project.root) / "feedback"
     written: dict[str, Path] = {}
-    for fmt, rows, name in (("preference", pairs, "preference.jsonl"), ("kto", kto, "kto.jsonl")):
+    for fmt, rows, name in (("preference", pairs, "preference.jsonl"), ("kto", kto, "kto.jsonl"), ("rejected", rejected, "rejected.jsonl")):
         if rows:
             atomic_write_jsonl(out / name, rows)
             written[fmt] = out / name

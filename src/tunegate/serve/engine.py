@@ -51,6 +51,7 @@ class Engine(Protocol):
     adapters: dict[str, ServedAdapter]  # adapter name -> what it was loaded from
     serves_base: bool  # False: only the adapters are served (vLLM's merged-model mode)
     runtime_adapters: bool  # add_adapter and remove_adapter work while it runs (the admin endpoints)
+    special_tokens: frozenset[str]  # the base tokenizer's control-token strings; the API refuses text holding one
 
     def complete(self, adapter: str | None, messages: list[dict[str, str]], max_new_tokens: int,
                  temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None,
@@ -91,6 +92,13 @@ class EmbeddedEngine:
     kind: str = "embedded"
     serves_base: bool = True
     runtime_adapters: bool = False
+    special_tokens: frozenset[str] = frozenset()  # default: the tokenizer's (tunegate.data.format.special_tokens)
+
+    def __post_init__(self) -> None:
+        if not self.special_tokens and self.tokenizer is not None:
+            from tunegate.data.format import special_tokens
+
+            self.special_tokens = special_tokens(self.tokenizer)
 
     @classmethod
     def load(cls, project, bundles: list | None = None, public_key: Path | None = None) -> "EmbeddedEngine":

@@ -279,6 +279,7 @@ class VLLMEngine:
     serves_base: bool = True
     kind: str = "vllm"
     runtime_adapters: bool = True  # vLLM runs with VLLM_ALLOW_RUNTIME_LORA_UPDATING (vllm_env)
+    special_tokens: frozenset[str] = frozenset()  # the base tokenizer's control tokens (`launch` reads them)
     plan: LaunchPlan | None = None
     process: VLLMProcess | None = None
     workdir: Any = None  # TemporaryDirectory holding the verified bundle copies vLLM reads
@@ -307,7 +308,8 @@ class VLLMEngine:
         Raises:
             TunegateError: no vLLM environment, a refused bundle, or vLLM failed to start.
         """
-        from tunegate.models import resolve_base_model
+        from tunegate.data.format import special_tokens
+        from tunegate.models import load_tokenizer, resolve_base_model
 
         python = find_vllm_python(venv)
         serve = project.serve
@@ -326,6 +328,8 @@ class VLLMEngine:
                     msg = msg.replace(str(copies / n), str(a.bundle))
                 raise TunegateError(msg) from None
             plan.dtype, plan.max_model_len, plan.enforce_eager = dtype, max_model_len, enforce_eager
+            # vLLM renders the chat template itself: the app refuses text spelling a control token before forwarding
+            specials = special_tokens(load_tokenizer(resolve_base_model(project.base_model)))
             problem = head_size_problem(plan.model)
             if problem:
                 raise TunegateError(problem)
@@ -341,7 +345,8 @@ class VLLMEngine:
             raise
         served = {n: a for n, a in verified.items() if merged is None or n == merged}
         return cls(url=url, base_name=base_name, adapters=served, serves_base=merged is None, plan=plan,
-                   process=process, workdir=workdir, project=project, public_key=public_key, timeout_s=timeout_s)
+                   process=process, workdir=workdir, project=project, public_key=public_key, timeout_s=timeout_s,
+                   special_tokens=specials)
 
     def upstream_model(self, adapter: str | None) -> str:
         """vLLM's model name for `adapter` (None: the base model). Raises ApiError 404: no base model served."""

@@ -241,7 +241,9 @@ def _prepare(st: Stage, metric: str, bar: float | None, prices: dict[str, Any]) 
 
     project, acfg = st.project, st.project.audit
     data_dir = st.upstream_dir("data")
-    golden = check_golden(project, data_dir)
+    base_path = resolve_base_model(project.base_model)
+    tokenizer = load_tokenizer(base_path)
+    golden = check_golden(project, data_dir, tokenizer)
     if acfg.golden_rows and acfg.golden_rows < len(golden):
         keep = sorted(random.Random(acfg.seed).sample(range(len(golden)), acfg.golden_rows))
         golden = [golden[i] for i in keep]
@@ -261,8 +263,6 @@ def _prepare(st: Stage, metric: str, bar: float | None, prices: dict[str, Any]) 
                   f"task: {'classification, ' + str(len(labels)) + ' labels' if labels else 'generation'}; "
                   f"{len(dev)} dev rows, {len(pool)} pool rows")
 
-    base_path = resolve_base_model(project.base_model)
-    tokenizer = load_tokenizer(base_path)
     torch.manual_seed(acfg.seed)
     model = load_model(base_path)
     refs = [reference_answer(r) for r in golden]

@@ -2,7 +2,9 @@
 
 Order matters: structural validation of every row happens before the base model's tokenizer is
 resolved, and no model weights are ever loaded here. Then each row is rendered through the real chat
-template with its loss mask and over-length policy; rows that cannot be are rejected with their rule.
+template with its loss mask and over-length policy; rows that cannot be are rejected with their rule. A row
+whose text spells one of the tokenizer's control tokens (`<|im_end|>`, ...) is rejected as `control_token`, and
+a golden set holding one is refused (docs/design.md#control-tokens).
 
 With `data.pii` set, every turn is redacted (tunegate.data.pii) before the template checks, and rows the
 re-scan still finds PII in are rejected; the golden set is compared with the rows before redaction too.
@@ -97,10 +99,13 @@ def run(st: Stage) -> StageResult:
     num_proc = cfg.num_proc or default_num_proc()
     log = StepLog()
 
-    # 1. Structural validation: no tokenizer, no model. Then the golden set, checked against its lock.
+    # 1. Structural validation: no tokenizer, no model. Then the golden set, checked against its lock (and, with
+    # the tokenizer, for text that spells a control token: before it is frozen).
     kept, rejections, per_source = read_sources(cfg.sources, keep_raw=redactor is None)
     rows = log.record("read and validate structure", len(kept) + len(rejections), kept, rejections)
-    golden, lock = read_golden(cfg)
+    base = str(resolve_base_model(st.project.base_model))  # converted once here, before any worker starts
+    tokenizer = load_tokenizer(base)  # no weights
+    golden, lock = read_golden(cfg, tokenizer)
     log.restart_clock()  # reading and checking the golden set is not a step of the training rows
 
     # 2. PII: redact every turn, then re-scan; before the template checks, so lengths are those of the redacted
@@ -111,9 +116,8 @@ def run(st: Stage) -> StageResult:
         kept, rejections, pii_report = redact_pii(rows, golden, redactor, cfg, num_proc)
         rows = log.record(f"PII ({cfg.pii.mode})", len(rows), kept, rejections)
 
-    # 3. Template, loss-mask and length checks with the real tokenizer (no weights loaded), on every core.
-    base = str(resolve_base_model(st.project.base_model))  # converted once here, before any worker starts
-    has_system = supports_system_role(load_tokenizer(base))
+    # 3. Control tokens, template, loss-mask and length checks with the real tokenizer, on every core.
+    has_system = supports_system_role(tokenizer)
     kept, rejections, n_tokens, truncated = encode_rows(rows, base, cfg, num_proc)
     rows = log.record(f"chat template, loss mask, max_length {cfg.max_length} ({cfg.overlength})", len(rows), kept, rejections)
     _warn_near_identical_pairs(rows)
@@ -242,13 +246,17 @@ def read_sources(sources, keep_raw: bool = True) -> tuple[list[dict[str, Any]], 
     return rows, rejections, per_source
 
 
-def read_golden(cfg) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def read_golden(cfg, tokenizer=None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """The golden set (`data.golden`), frozen into its lock on first use and checked against it after.
 
     Returns (golden rows, the lock). Raises TunegateError when a golden row is invalid (a golden set must be
-    clean), when it is empty, or when it no longer matches its lock.
+    clean; with `tokenizer`, a row whose text spells one of its control tokens is invalid too, rule
+    `control_token`), when it is empty, or when it no longer matches its lock. Invalid rows are refused before
+    the lock is written.
     """
     golden, rejections = read_source(cfg.golden, role="golden")
+    if tokenizer is not None:
+        rejections += golden_lock.control_token_rows(golden, tokenizer)
     if rejections:
         shown = "\n  ".join(str(r) for r in rejections[:10])
         raise TunegateError(f"{cfg.golden.path}: {len(rejections)} golden row(s) are invalid; a golden set must be clean:\n  {shown}")

@@ -1,7 +1,8 @@
 """Eval stage and gate: the base model and the candidate adapter on the frozen golden set.
 
-Refuses to score when the golden set changed since it was frozen, or when training data overlaps it
-(case C23 in docs/cases.md). Both systems answer every golden prompt with batched greedy generation; each row gets a task
+Refuses to score when the golden set changed since it was frozen, when a golden row spells one of the
+tokenizer's control tokens (docs/design.md#control-tokens), or when training data overlaps it (case C23 in
+docs/cases.md). Both systems answer every golden prompt with batched greedy generation; each row gets a task
 score; the candidate-minus-base difference gets a paired bootstrap 95% CI. The gate rules in `eval.gate`
 decide PASS or FAIL.
 
@@ -131,10 +132,9 @@ def run(st: Stage) -> StageResult:
 
     project = st.project
     ecfg = project.eval
-    golden = check_golden(project, st.upstream_dir("data"))
-
     base_path = resolve_base_model(project.base_model)
     tokenizer = load_tokenizer(base_path)
+    golden = check_golden(project, st.upstream_dir("data"), tokenizer)  # control tokens too: its template renders them
     refs = [reference_answer(r) for r in golden]
 
     torch.manual_seed(ecfg.seed)
