@@ -250,7 +250,12 @@ class DataConfig(_Section):
     #   auto   - keep it when the template renders system turns, otherwise merge it into the first user turn
     #   merge  - always merge it into the first user turn;  reject - reject such rows
     system_role: Literal["auto", "merge", "reject"] = "auto"
+    # Invalid rows (a rule of the readers, the template, PII scanning) over this fraction of the rows read stop the
+    # stage: the input is broken. Rows the quality gates remove on purpose (duplicates, golden-set overlap, PII in
+    # drop mode or found again on re-scan) are counted apart, against max_removed_fraction: a clean dataset with many
+    # paraphrases is not bad input. Selection (data.select) has its own budget and no limit.
     max_rejected_fraction: float = Field(default=0.05, ge=0.0, le=1.0)
+    max_removed_fraction: float = Field(default=0.5, ge=0.0, le=1.0)
     dedup: DedupConfig | None = None  # off unless set, e.g. `dedup: {}` for the defaults
     # n-gram decontamination against the golden set, after the exact-overlap removal; on by default (it only
     # removes rows that overlap the golden set). `decontaminate: null` keeps the exact-overlap removal only.

@@ -98,6 +98,21 @@ def test_bad_rows_go_to_rejected_with_file_line_rule(tiny_project):
     assert all(r["file"].endswith("train.jsonl") for r in rejected)
 
 
+def test_duplicates_are_removals_not_invalid_rows(tiny_project):
+    """Issue 20: 10 duplicated rows of 70 (14%) stopped the stage under max_rejected_fraction 0.05 as if they
+    were broken input. Removals by the quality gates count apart, against data.max_removed_fraction."""
+    rows = (tiny_project / "train.jsonl").read_text().splitlines()
+    with open(tiny_project / "train.jsonl", "a") as f:
+        f.write("\n".join(rows[:10]) + "\n")
+    run_pipeline(load_project(tiny_project / "tunegate.yaml", ["data.dedup={}"]), until="data")
+    stats = json.loads((tiny_project / "runs/default/data/stats.json").read_text())
+    assert (stats["rows_invalid"], stats["rows_removed"], stats["rows_selected_out"]) == (0, 10, 0)
+    assert "10 removed by the quality gates" in (tiny_project / "runs/default/data/data_card.md").read_text()
+    with pytest.raises(TunegateError, match=r"10 of 70 rows removed by the quality gates .* > data.max_removed_fraction 10.0%"):
+        run_pipeline(load_project(tiny_project / "tunegate.yaml", ["data.dedup={}", "data.max_removed_fraction=0.1"]),
+                     until="data", force=("data",))
+
+
 def test_too_many_rejections_stop_before_training_and_damage_nothing(tiny_project):
     run_pipeline(load_project(tiny_project / "tunegate.yaml"), until="data")
     good = (tiny_project / "runs/default/data/train.jsonl").read_text()

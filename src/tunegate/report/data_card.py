@@ -112,7 +112,9 @@ def data_card_markdown(project, stats: dict[str, Any], timings: dict[str, Any] |
     lines = [
         f"# Data card: {project.name}",
         "",
-        f"- rows read: {stats['rows_read']}; kept: {stats['rows_kept']}; rejected: {stats['rows_rejected']}",
+        f"- rows read: {stats['rows_read']}; kept: {stats['rows_kept']}; rejected: {stats['rows_rejected']}"
+        + (f" ({stats['rows_invalid']} invalid, {stats['rows_removed']} removed by the quality gates, "
+           f"{stats['rows_selected_out']} not selected)" if "rows_invalid" in stats else ""),
         f"- train / val / golden: {stats['train_rows']} / {stats['val_rows']} / {stats['golden_rows']}",
         f"- golden set sha256: `{stats['golden_sha256']}`",
         f"- tokens per row: mean {stats['tokens_per_row_mean']}, max {stats['tokens_per_row_max']}; "

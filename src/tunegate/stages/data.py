@@ -36,8 +36,16 @@ from tunegate.data.format import apply_system_policy, supports_system_role
 from tunegate.data.quality import row_quality
 from tunegate.data.records import Rejection, RowError, dedupe_ids, read_source, row_text
 
-# Rules of deliberate selection (data.select), not faults: they do not count towards data.max_rejected_fraction.
+# Rules of deliberate selection (data.select), not faults: they count towards no limit.
 SELECTION_RULES = ("ifd_above_max", "too_similar", "over_budget")
+# Rules of the quality gates: good rows removed on purpose. They count towards data.max_removed_fraction, not
+# towards data.max_rejected_fraction (invalid input).
+REMOVAL_RULES = ("duplicate", "semantic_duplicate", "golden_overlap", "golden_ngram_overlap", "pii", "pii_rescan")
+
+
+def rejection_kind(rule: str) -> str:
+    """"invalid" (the row breaks a rule), "removed" (a quality gate removed it) or "selected_out" (data.select)."""
+    return "selected_out" if rule in SELECTION_RULES else "removed" if rule in REMOVAL_RULES else "invalid"
 DUPLICATE_EXAMPLES = 5  # per kind of duplicate, shown on the card with both texts
 
 
@@ -179,6 +187,9 @@ def run(st: Stage) -> StageResult:
         "rows_read": len(rows) + len(rejected),
         "rows_kept": len(rows),
         "rows_rejected": len(rejected),
+        "rows_invalid": sum(rejection_kind(r.rule) == "invalid" for r in rejected),
+        "rows_removed": sum(rejection_kind(r.rule) == "removed" for r in rejected),
+        "rows_selected_out": sum(rejection_kind(r.rule) == "selected_out" for r in rejected),
         "rejected_by_rule": dict(by_rule),
         "train_rows": len(train),
         "val_rows": len(val),
@@ -494,21 +505,31 @@ def select_rows(st: Stage, rows: list[dict[str, Any]],
 
 
 def _check_rejected_fraction(st: Stage, kept: list[dict[str, Any]], rejected: list[Rejection]) -> None:
-    """Raises TunegateError when no row is left, or when rows rejected for faults (not SELECTION_RULES) are more
-    than data.max_rejected_fraction of the rows read. rejected.jsonl is written first, so the refusal shows why."""
+    """Raises TunegateError when no row is left, when invalid rows are more than data.max_rejected_fraction of the
+    rows read, or when rows the quality gates removed (REMOVAL_RULES) are more than data.max_removed_fraction.
+    rejected.jsonl is written first, so the refusal shows why."""
     cfg = st.project.data
     total = len(kept) + len(rejected)
     by_rule = Counter(r.rule for r in rejected)
-    faults = [r for r in rejected if r.rule not in SELECTION_RULES]
-    frac = len(faults) / total if total else 1.0
-    if kept and frac <= cfg.max_rejected_fraction:
+    kinds = Counter(rejection_kind(r.rule) for r in rejected)
+    invalid = kinds["invalid"] / total if total else 1.0
+    removed = kinds["removed"] / total if total else 0.0
+    if kept and invalid <= cfg.max_rejected_fraction and removed <= cfg.max_removed_fraction:
         return
     atomic_write_jsonl(st.dir / "rejected.jsonl", [r.to_json() for r in rejected])
     if not kept:
         raise TunegateError(f"no usable training rows ({dict(by_rule)}); see {st.dir / 'rejected.jsonl'}")
+    if invalid > cfg.max_rejected_fraction:
+        rules = {k: v for k, v in by_rule.items() if rejection_kind(k) == "invalid"}
+        raise TunegateError(
+            f"{kinds['invalid']} of {total} rows rejected ({invalid:.1%}) > data.max_rejected_fraction "
+            f"{cfg.max_rejected_fraction:.1%}; by rule: {rules}; see {st.dir / 'rejected.jsonl'}"
+        )
+    rules = {k: v for k, v in by_rule.items() if rejection_kind(k) == "removed"}
     raise TunegateError(
-        f"{len(faults)} of {total} rows rejected ({frac:.1%}) > data.max_rejected_fraction "
-        f"{cfg.max_rejected_fraction:.1%}; by rule: {dict(by_rule)}; see {st.dir / 'rejected.jsonl'}"
+        f"{kinds['removed']} of {total} rows removed by the quality gates ({removed:.1%}) > data.max_removed_fraction "
+        f"{cfg.max_removed_fraction:.1%}; by rule: {rules}; raise the limit if that many duplicates or overlaps are "
+        f"expected; see {st.dir / 'rejected.jsonl'}"
     )
 
 
