@@ -144,11 +144,17 @@ class DedupConfig(_Section):
 
 
 class DecontaminateConfig(_Section):
-    """Removal of training rows whose prompt shares a word n-gram with a golden prompt (case C23 in docs/cases.md;
-    tunegate.data.golden.ngram_overlap). Words are compared lower-cased, punctuation stripped, whitespace
-    collapsed; a golden prompt shorter than `ngram` words is matched exactly (its whole normalised text)."""
+    """Removal of training rows any turn of which (answers included) holds a golden prompt or golden answer (case
+    C23 in docs/cases.md; tunegate.data.golden.ngram_overlap; the eval gate applies the same rule). Words are
+    compared lower-cased, punctuation stripped, whitespace collapsed. A golden text of `ngram` words or more
+    matches by any shared `ngram`-word n-gram; one of `min_words` to ngram-1 words matches when a training turn
+    contains it whole; a shorter golden prompt matches an equal training prompt only, and a shorter golden
+    answer (a label) is not looked for."""
 
     ngram: int = Field(default=13, ge=1)  # words; 13 is the GPT-3 / Llama 2 decontamination convention
+    # shorter golden texts: whole-prompt equality only. 5 on banking77: padded and quoted copies found 0.97, clean
+    # training rows flagged 0.44% (6: 0.925 and 0.24%; 4: 0.995 and 0.85%; bench/decontamination.py)
+    min_words: int = Field(default=5, ge=1)
 
 
 def region_problem(regions: Sequence[str]) -> str | None:

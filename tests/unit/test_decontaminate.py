@@ -37,15 +37,39 @@ def test_padded_and_repunctuated_long_prompt_shares_a_13_gram():
     ]
     hits = golden.ngram_overlap(train, gold, n=13)
     assert [(t, g) for t, g, _ in hits] == [("padded", "g1"), ("punct", "g1")]
-    assert hits[0][2] == "please explain why the transfer i made to my landlord last friday morning"
-    assert len(hits[0][2].split()) == 13
+    shared = "please explain why the transfer i made to my landlord last friday morning"
+    assert hits[0][2] == f'turn 0 (user) holds a 13-word n-gram of golden row g1\'s prompt: "{shared}"'
 
 
-def test_short_golden_prompt_falls_back_to_exact_normalised_match():
+def test_a_short_golden_prompt_is_found_inside_padded_training_text():
+    """Issue 20: a golden prompt under 13 words was only caught as an exact copy; padded, it stayed in training.
+    From min_words (5) words it is looked for whole inside every training turn."""
     gold = [chat("How do I freeze my card?", "lost_or_stolen_card", "g1")]  # 6 words < 13
     train = [chat("how do i FREEZE my card", "x", "same"), chat("Tell me: how do I freeze my card?", "x", "padded_short"),
-             chat("How do I freeze my account?", "x", "other")]
-    assert golden.ngram_overlap(train, gold) == [("same", "g1", "how do i freeze my card")]
+             chat("How do I freeze my account?", "x", "other"), chat("how do I freeze card", "x", "five_of_six"), chat("so how do I freeze", "x", "four_of_six")]
+    hits = golden.ngram_overlap(train, gold)
+    assert [(t, g) for t, g, _ in hits] == [("same", "g1"), ("padded_short", "g1")]
+    assert hits[1][2] == 'turn 0 (user) holds the whole golden row g1\'s prompt: "how do i freeze my card"'
+
+
+def test_a_golden_prompt_quoted_in_an_answer_is_found_and_labels_are_not():
+    gold = [chat("Why was my card payment declined at the shop?", "declined_card_payment", "g1"),
+            chat("Which currencies are supported?", "fiat_currency_support", "g2")]  # 4 words: exact prompt copies only
+    train = [
+        chat("Summarise the ticket", 'The customer asked: "why was my card payment declined at the shop" and was upset.', "quoted"),
+        chat("My card payment was declined", "declined_card_payment", "same_label"),  # a golden answer that is a label
+        chat("Tell me which currencies are supported today", "fiat_currency_support", "padded_four"),
+    ]
+    hits = golden.ngram_overlap(train, gold)
+    assert [(t, g) for t, g, _ in hits] == [("quoted", "g1")]
+    assert hits[0][2].startswith("turn 1 (assistant) holds the whole golden row g1's prompt")
+
+
+def test_a_long_golden_answer_is_looked_for_in_training_answers():
+    answer = "Open the app, tap Card, then Freeze card; unfreezing works the same way from the same screen"
+    gold = [chat("How do I stop my card for a while?", answer, "g1")]
+    train = [chat("Something else entirely", "Sure. " + answer.lower() + " Anything else?", "copied_answer")]
+    assert [(t, g) for t, g, _ in golden.ngram_overlap(train, gold)] == [("copied_answer", "g1")]
 
 
 def test_ngram_size_is_configurable_and_on_by_default():

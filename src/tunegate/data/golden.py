@@ -18,7 +18,7 @@ from typing import Any
 
 from tunegate import TunegateError
 from tunegate.core.io import atomic_write_json, read_jsonl
-from tunegate.data.records import Rejection, normalize_text, prompt_text, read_source, row_hash
+from tunegate.data.records import Rejection, normalize_text, prompt_text, read_source, reference_answer, row_hash
 from tunegate.core.manifest import sha256_file
 
 
@@ -114,38 +114,86 @@ def ngram_words(text: str) -> list[str]:
     return _PUNCT.sub(" ", text.lower()).split()
 
 
-def ngram_overlap(train: list[dict[str, Any]], golden: list[dict[str, Any]], n: int = DEFAULT_NGRAM) -> list[tuple[str, str, str]]:
-    """(train id, golden id, shared text) for training prompts that share a word `n`-gram with a golden prompt.
+MIN_CONTAINED_WORDS = 5  # a golden text this long or longer is looked for inside training text (bench/decontamination.py)
 
-    Both sides are normalised by `ngram_words` (lower case, punctuation stripped, whitespace collapsed), so
-    re-wrapped, re-spaced, re-cased or re-punctuated copies match, and so does a golden prompt padded with
-    text before or after it (case C23). A golden prompt shorter than `n` words has no `n`-gram: it falls back
-    to an exact match of its whole normalised word sequence (so short golden prompts catch re-wrapped copies,
-    not padded ones). The first golden row (in file order) holding an n-gram is the one named; per training
-    row the first shared n-gram in its own word order is reported.
-    """
-    grams: dict[tuple[str, ...], str] = {}  # golden n-gram -> first golden id
-    whole: dict[tuple[str, ...], str] = {}  # short golden prompt (fewer than n words) -> first golden id
+
+def _needles(golden: list[dict[str, Any]], n: int, min_words: int):
+    """The golden texts to look for: each row's prompt and its reference answer, as normalised words.
+
+    Returns (n-gram -> (golden id, "prompt"|"answer")) for texts of at least n words, and (words -> (golden id,
+    part)) for texts of min_words to n-1 words, looked for whole inside training text (containment)."""
+    grams: dict[tuple[str, ...], tuple[str, str]] = {}
+    short: dict[tuple[str, ...], tuple[str, str]] = {}
     for g in golden:
-        words = ngram_words(prompt_text(g))
-        if not words:
-            continue
-        if len(words) < n:
-            whole.setdefault(tuple(words), g["id"])
-        for i in range(len(words) - n + 1):
-            grams.setdefault(tuple(words[i : i + n]), g["id"])
+        for part, text in (("prompt", prompt_text(g)), ("answer", reference_answer(g) if "text" not in g else "")):
+            words = ngram_words(text)
+            if len(words) >= n:
+                for i in range(len(words) - n + 1):
+                    grams.setdefault(tuple(words[i : i + n]), (g["id"], part))
+            elif len(words) >= min_words:
+                short.setdefault(tuple(words), (g["id"], part))
+    return grams, short
+
+
+def _turns(record: dict[str, Any]) -> list[tuple[str, str]]:
+    """(where, text) of every part of a training row a golden text could hide in: each turn but the system
+    message (answers included), a rejected answer, or prompt and completion, or raw text."""
+    if "text" in record:
+        return [("text", record["text"])]
+    if "messages" not in record:
+        return [("prompt", record["prompt"]), ("completion", record["completion"])]
+    out = [(f"turn {i} ({m['role']})", m["content"]) for i, m in enumerate(record["messages"]) if m["role"] != "system"]
+    return out + ([("rejected answer", record["rejected"])] if "rejected" in record else [])
+
+
+def ngram_overlap(train: list[dict[str, Any]], golden: list[dict[str, Any]], n: int = DEFAULT_NGRAM,
+                  min_words: int = MIN_CONTAINED_WORDS) -> list[tuple[str, str, str]]:
+    """(train id, golden id, what was found) for training rows that hold a golden prompt or answer (case C23).
+
+    Every turn of a training row (answers included, the system message not) is compared with every golden
+    prompt and every golden reference answer, both normalised by `ngram_words` (lower case, punctuation
+    stripped, whitespace collapsed), so re-wrapped, re-spaced, re-cased, re-punctuated and padded copies match,
+    and so does a golden prompt quoted in an answer:
+      - a golden text of `n` words or more: any shared word `n`-gram (the GPT-3 / Llama 2 rule);
+      - a golden text of `min_words` to n-1 words: its whole word sequence inside a training turn (containment);
+      - a golden prompt shorter than that: a training prompt equal to it (an exact copy after normalisation).
+    Golden answers shorter than `min_words` (a class label, a number) are never looked for: every training row
+    of the task holds them. One hit per training row: the first turn, then the first position, that matches.
+    """
+    grams, short = _needles(golden, n, min_words)
+    whole: dict[tuple[str, ...], str] = {}
+    for g in golden:
+        words = tuple(ngram_words(prompt_text(g)))
+        if words and len(words) < min_words:
+            whole.setdefault(words, g["id"])
+    lengths = sorted({len(k) for k in short})
     hits = []
     for t in train:
-        words = tuple(ngram_words(prompt_text(t)))
-        gid = whole.get(words)
-        if gid is not None:
-            hits.append((t["id"], gid, " ".join(words)))
-            continue
-        for i in range(len(words) - n + 1):
-            gid = grams.get(words[i : i + n])
-            if gid is not None:
-                hits.append((t["id"], gid, " ".join(words[i : i + n])))
+        hit = None
+        prompt = tuple(ngram_words(prompt_text(t)))
+        if prompt in whole:
+            hit = (t["id"], whole[prompt], f"its prompt is golden row {whole[prompt]}'s prompt: \"{' '.join(prompt)}\"")
+        for where, text in _turns(t) if hit is None else ():
+            words = tuple(ngram_words(text))
+            for i in range(len(words)):
+                found = grams.get(words[i : i + n]) if i + n <= len(words) else None
+                size = n
+                for size in lengths if found is None else ():
+                    if i + size > len(words):
+                        break
+                    found = short.get(words[i : i + size])
+                    if found is not None:
+                        break
+                if found is not None:
+                    gid, part = found
+                    shared = " ".join(words[i : i + size])
+                    how = f"a {n}-word n-gram of" if size == n and words[i : i + n] in grams else "the whole"
+                    hit = (t["id"], gid, f"{where} holds {how} golden row {gid}'s {part}: \"{shared}\"")
+                    break
+            if hit is not None:
                 break
+        if hit is not None:
+            hits.append(hit)
     return hits
 
 
@@ -200,7 +248,8 @@ def check_golden(project, data_dir: Path, tokenizer=None) -> list[dict[str, Any]
     pairs = overlap(trained, golden)
     if cfg.decontaminate is not None:  # the same n-gram rule the data stage applied
         seen = {t for t, _ in pairs}
-        pairs += [(t, g) for t, g, _ in ngram_overlap(trained, golden, cfg.decontaminate.ngram) if t not in seen]
+        pairs += [(t, g) for t, g, _ in ngram_overlap(trained, golden, cfg.decontaminate.ngram, cfg.decontaminate.min_words)
+                  if t not in seen]
     if pairs:
         shown = ", ".join(f"{t}~{g}" for t, g in pairs[:10])
         raise TunegateError(

@@ -325,6 +325,8 @@ def _data(cfg: dict[str, Any], stats: dict[str, Any], data_manifest) -> dict[str
         "dedup_on": bool(cfg.get("dedup")), "dedup": stats.get("duplicates_removed") or {},
         # n-gram decontamination ran when its count is in stats.json (older data stages did not record it)
         "ngram": (cfg.get("decontaminate") or {}).get("ngram") if "golden_ngram_overlap_removed" in stats else None,
+        # every turn, answers included, and short golden texts held whole: data stages since min_words existed
+        "min_words": (cfg.get("decontaminate") or {}).get("min_words") if "golden_ngram_overlap_removed" in stats else None,
         "golden_overlap_removed": stats.get("golden_overlap_removed", 0),
         "golden_ngram_overlap_removed": stats.get("golden_ngram_overlap_removed"),
         "max_length": cfg.get("max_length"), "overlength": cfg.get("overlength"), "golden_path": str(golden.get("path")),

@@ -150,7 +150,7 @@ def run(st: Stage) -> StageResult:
     rows = log.record("golden-set overlap", len(rows), kept, rejections)
     n_ngram_overlap = 0
     if cfg.decontaminate is not None:
-        kept, rejections = drop_golden_ngram_overlap(rows, golden, cfg.decontaminate.ngram)
+        kept, rejections = drop_golden_ngram_overlap(rows, golden, cfg.decontaminate)
         n_ngram_overlap = len(rejections)
         rows = log.record(f"golden-set n-gram overlap ({cfg.decontaminate.ngram}-word)", len(rows), kept, rejections)
 
@@ -438,18 +438,19 @@ def drop_golden_overlap(rows: list[dict[str, Any]], golden: list[dict[str, Any]]
 
 
 def drop_golden_ngram_overlap(rows: list[dict[str, Any]], golden: list[dict[str, Any]],
-                              n: int) -> tuple[list[dict[str, Any]], list[Rejection]]:
-    """Training rows whose prompt shares a word n-gram with a golden prompt, after lower-casing and stripping
-    punctuation, so padded and re-punctuated copies go too (tunegate.data.golden.ngram_overlap). Rejected as
-    `golden_ngram_overlap`, one rejection per hit."""
+                              cfg) -> tuple[list[dict[str, Any]], list[Rejection]]:
+    """Training rows any turn of which (answers included) holds a golden prompt or answer: a shared word n-gram,
+    or a short golden text contained whole, after lower-casing and stripping punctuation, so padded, quoted and
+    re-punctuated copies go too (tunegate.data.golden.ngram_overlap, the rule the eval gate applies). `cfg`:
+    data.decontaminate. Rejected as `golden_ngram_overlap`, one rejection per row."""
     by_id = {r["id"]: r for r in rows}
-    hits = golden_lock.ngram_overlap(rows, golden, n)
-    rejections = [Rejection.of_row(by_id[tid], "golden_ngram_overlap", f"shares a {n}-word n-gram with golden row {gid}: \"{shared}\"")
-                  for tid, gid, shared in hits]
+    hits = golden_lock.ngram_overlap(rows, golden, cfg.ngram, cfg.min_words)
+    rejections = [Rejection.of_row(by_id[tid], "golden_ngram_overlap", what) for tid, gid, what in hits]
     dirty = {tid for tid, _, _ in hits}
     if hits:
-        console.print(f"[yellow]removed {len(hits)} training row(s) sharing a {n}-word n-gram "
-                      f"with the golden set: {', '.join(t for t, _, _ in hits[:10])}[/yellow]")
+        console.print(f"[yellow]removed {len(hits)} training row(s) holding a golden prompt or answer "
+                      f"({cfg.ngram}-word n-grams; whole if {cfg.min_words} to {cfg.ngram - 1} words): "
+                      f"{', '.join(t for t, _, _ in hits[:10])}[/yellow]")
     return [r for r in rows if r["id"] not in dirty], rejections
 
 
