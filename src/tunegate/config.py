@@ -139,7 +139,9 @@ class DedupConfig(_Section):
     near: bool = True
     threshold: float = Field(default=0.8, gt=0, le=1)  # Jaccard similarity of word shingles
     num_perm: int = Field(default=128, ge=16)
-    shingle_words: int = Field(default=5, ge=1)
+    shingle_words: int = Field(default=5, ge=1)  # for texts of 4x as many words or more; shorter: single words
+    # texts of 6-40 words that differ in exactly one word (a number, a place) are near duplicates; false keeps them
+    one_word_variants: bool = True
     semantic: SemanticDedupConfig | None = None  # off unless set, e.g. `semantic: {threshold: 0.95}`
 
 

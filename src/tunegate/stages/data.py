@@ -387,7 +387,8 @@ def drop_duplicates(rows: list[dict[str, Any]], dedup_cfg) -> tuple[list[dict[st
     position = {r["id"]: i for i, r in enumerate(rows)}
     quality = {r["id"]: row_quality(r) for r in rows}
     best_first = sorted(rows, key=lambda r: (-quality[r["id"]], position[r["id"]]))
-    kept, dups = dedup(best_first, row_text, dedup_cfg.near, dedup_cfg.threshold, dedup_cfg.num_perm, dedup_cfg.shingle_words)
+    kept, dups = dedup(best_first, row_text, dedup_cfg.near, dedup_cfg.threshold, dedup_cfg.num_perm, dedup_cfg.shingle_words,
+                       one_word_variants=dedup_cfg.one_word_variants)
     kept.sort(key=lambda r: position[r["id"]])
     dups.sort(key=lambda d: position[d.id])
     counts, examples, rejections = {"exact": 0, "near": 0}, [], []
