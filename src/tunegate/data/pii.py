@@ -279,6 +279,73 @@ def normalize_value(entity_type: str, value: str, regions: Sequence[str] = ("US"
     return v.casefold()
 
 
+_SYMBOL_CATEGORIES = ("So", "Sk", "Cf", "Co", "Cn", "Mn")  # emoji and other symbols, ZWJ / format, marks
+
+
+def _is_symbol(c: str) -> bool:
+    import unicodedata
+
+    return ord(c) > 127 and not c.isalnum() and unicodedata.category(c) in _SYMBOL_CATEGORIES
+
+
+def symbol_view(text: str) -> tuple[str, list[int] | None]:
+    """`text` as NER should read it: each run of symbol characters (emoji, ZWJ and variation selectors, private
+    use and unassigned code points, marks) becomes one space between two words ("🙂John" -> " John") and
+    nothing next to a space, so spaCy's tokenizer sees the word boundary and no whitespace token. Returns (the
+    view, the original offset of each view character plus one for the end), or (text, None) when unchanged."""
+    if text.isascii() or not any(_is_symbol(c) for c in text):
+        return text, None
+    out: list[str] = []
+    offsets: list[int] = []
+    i, n = 0, len(text)
+    while i < n:
+        if not _is_symbol(text[i]):
+            out.append(text[i])
+            offsets.append(i)
+            i += 1
+            continue
+        j = i
+        while j < n and _is_symbol(text[j]):
+            j += 1
+        if out and not out[-1].isspace() and j < n and not text[j].isspace():
+            out.append(" ")
+            offsets.append(i)
+        i = j
+    offsets.append(n)
+    return "".join(out), offsets
+
+
+def case_degenerate(text: str) -> bool:
+    """True when the casing of `text` cannot tell names apart: all its letters upper case (80% or more), or no
+    word but the first of a sentence (and "I") starts with a capital. spaCy's NER leans on capitals: on the
+    same sentences it found 64% of names in Title case, 37% in lower case and 16% in upper case."""
+    letters = [c for c in text if c.isalpha() and c.lower() != c.upper()]
+    if len(letters) < 8:
+        return False
+    upper = sum(c.isupper() for c in letters)
+    if upper >= 0.8 * len(letters):
+        return True
+    words = text.split()
+    capitals = sum(1 for i, w in enumerate(words)
+                   if w[:1].isupper() and w != "I" and i > 0 and not words[i - 1].endswith((".", "!", "?", ":")))
+    return capitals == 0
+
+
+def case_view(text: str) -> str:
+    """`text` with every word capitalised and the rest of it in lower case, one character for one (a character
+    whose case mapping changes the length is kept): what NER reads when the casing says nothing."""
+    out, start = [], True
+    for c in text:
+        if c.isalpha():
+            m = c.upper() if start else c.lower()
+            out.append(m if len(m) == 1 else c)
+            start = False
+        else:
+            out.append(c)
+            start = not (c in "'’" and len(out) > 1 and out[-2].isalpha())  # O'neil: one word
+    return "".join(out)
+
+
 def _drop_contained(results: list[Any]) -> list[Any]:
     """Drop a finding inside another type's finding with a higher score (a phone-shaped run of digits
     inside a Luhn-valid card number): the container is redacted anyway, and the count names one type."""
@@ -388,18 +455,45 @@ class Redactor:
         digest = hmac.new(self._key, msg, hashlib.sha256).digest()
         return f"<{entity_type}_{''.join(_LETTERS[b % 26] for b in digest[:_TOKEN_LETTERS])}>"
 
-    def analyze(self, texts: Sequence[str], score_threshold: float | None = None) -> list[list[Any]]:
+    def analyze(self, texts: Sequence[str], score_threshold: float | None = None, views: str = "first") -> list[list[Any]]:
         """Presidio findings (RecognizerResult) per text, batched through spaCy; each distinct text once.
+
+        Every text is analysed through `symbol_view` (emoji, ZWJ sequences and other symbols read as one space,
+        so "🙂John" is a name after a space). The NER types (PERSON, LOCATION, ...) also come from `case_view`
+        (every word capitalised) when the text's own casing says nothing about names (`case_degenerate`: all
+        lower or all upper case). With `views="rescan"` the case view is read for every text, and in a text
+        with real casing its findings count when they start on a capital letter that the first view did not
+        take for a name: the re-scan reads text differently from the first pass, so it can find what that
+        missed. Findings are mapped back to the original text's offsets.
 
         A text longer than `max_chars` is not analysed (spaCy refuses it) and has no findings: callers that
         make a claim about it check `len(text) > self.max_chars` themselves (`redact_texts` does)."""
         thr = self.score_threshold if score_threshold is None else score_threshold
         unique = [t for t in dict.fromkeys(texts) if len(t) <= self.max_chars]
-        results = self._batch.analyze_iterator(
-            unique, language=LANGUAGE, batch_size=self.batch_size, entities=self.entities, score_threshold=thr
-        )
-        by_text = {t: _drop_contained(r) for t, r in zip(unique, results)}
+        mapped = [symbol_view(t) for t in unique]  # (view, view offset -> original offset, or None)
+        found = self._analyze_views([v for v, _ in mapped], thr)
+        ner = [e for e in self.entities if e in NER_ENTITIES]
+        degenerate = [case_degenerate(t) for t in unique]
+        cased = [i for i in range(len(unique)) if ner and (views == "rescan" or degenerate[i])]
+        if cased:
+            extra = self._analyze_views([case_view(mapped[i][0]) for i in cased], thr, ner)
+            for i, res in zip(cased, extra):
+                view = mapped[i][0]
+                new = [r for r in res if not any(o.start <= r.start and r.end <= o.end for o in found[i])
+                       and (degenerate[i] or view[r.start].isupper())]
+                found[i] = found[i] + new
+        for (_, offsets), res in zip(mapped, found):
+            if offsets is not None:
+                for r in res:
+                    r.start, r.end = offsets[r.start], offsets[r.end - 1] + 1
+        by_text = {t: _drop_contained(r) for t, r in zip(unique, found)}
         return [by_text.get(t, []) for t in texts]
+
+    def _analyze_views(self, views: list[str], thr: float, entities: list[str] | None = None) -> list[list[Any]]:
+        results = self._batch.analyze_iterator(
+            views, language=LANGUAGE, batch_size=self.batch_size, entities=entities or self.entities, score_threshold=thr
+        )
+        return [list(r) for r in results]
 
     def redact_texts(self, texts: Sequence[str]) -> list[TextResult]:
         """Redact each text (drop mode leaves texts as they are and only counts) and re-scan the result."""
@@ -407,6 +501,7 @@ class Redactor:
         first = self.analyze(texts, min(thr, rthr))
         out: list[TextResult] = []
         changed: list[tuple[int, list[tuple[int, int]]]] = []  # (index, spans this module inserted)
+        unchanged: list[int] = []
         for i, (text, res) in enumerate(zip(texts, first)):
             hits = [r for r in res if r.score >= thr]
             tr = TextResult(text, Counter(r.entity_type for r in hits), unscanned=len(text) > self.max_chars)
@@ -414,15 +509,20 @@ class Redactor:
                 done = self._anonymizer.anonymize(text=text, analyzer_results=hits, operators=self._operators)
                 tr.text = done.text
                 changed.append((i, [(it.start, it.end) for it in done.items]))
-            else:  # unchanged: the first pass at the re-scan threshold is the re-scan
+            else:  # unchanged: the first pass at the re-scan threshold, plus what the re-scan's views find
                 tr.rescan = Counter(r.entity_type for r in res if r.score >= rthr)
+                unchanged.append(i)
             out.append(tr)
         if changed:
-            again = self.analyze([out[i].text for i, _ in changed], rthr)
+            again = self.analyze([out[i].text for i, _ in changed], rthr, views="rescan")
             for (i, inserted), res in zip(changed, again):
                 out[i].rescan = Counter(
                     r.entity_type for r in res if not any(s <= r.start and r.end <= e for s, e in inserted)
                 )
+        if unchanged and self.mode != "drop":  # texts the first pass found nothing in: the re-scan's own views
+            again = self.analyze([out[i].text for i in unchanged], rthr, views="rescan")
+            for i, res in zip(unchanged, again):
+                out[i].rescan = Counter(r.entity_type for r in res)
         return out
 
     def redact_records(self, records: Sequence[dict[str, Any]], progress: bool = False, engine: str = "local",
