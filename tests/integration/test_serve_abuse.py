@@ -244,6 +244,30 @@ def test_generation_stops_at_the_deadline_with_finish_reason_length(abuse, tmp_p
     assert elapsed < 2.5, elapsed
 
 
+def test_a_long_prompt_is_read_in_chunks_and_stopped_at_the_deadline(abuse, tmp_path, monkeypatch):
+    """Reading a prompt is one forward pass no stopping criterion interrupts (8k tokens of SmolLM2: over a minute on
+    two cores); past prefill_chunk_tokens it is read in chunks, the deadline checked before each: 504, lock freed."""
+    engine = abuse["engine"]
+    text = "hello world " * 230  # about 490 tokens: 8 chunks of 64
+    app, key = _app_with(abuse, tmp_path, "serve.request_timeout_s=1")
+    with _client(app) as c:
+        answers = {}
+        for chunk in (512, 64):  # chunked or not, the same greedy answer
+            monkeypatch.setattr(engine, "prefill_chunk_tokens", chunk)
+            r = c.post("/v1/chat/completions", json=_body(abuse["model"], text, max_tokens=4), headers=_auth(key))
+            assert r.status_code == 200, r.text
+            answers[chunk] = r.json()["choices"][0]["message"]["content"]
+        assert answers[64] == answers[512]
+        with _slow_generation(engine, 0.3):  # each chunk 0.3 s: 2.4 s for the prompt, over the 1 s deadline
+            t0 = time.perf_counter()
+            r = c.post("/v1/chat/completions", json=_body(abuse["model"], text, max_tokens=4), headers=_auth(key))
+            elapsed = time.perf_counter() - t0
+        assert r.status_code == 504 and r.json()["error"]["code"] == "request_timeout", r.text
+        assert "serve.request_timeout_s" in r.json()["error"]["message"] and elapsed < 1.8, elapsed
+        assert not engine.lock.locked()
+        assert c.post("/v1/chat/completions", json=_body(abuse["model"], max_tokens=2), headers=_auth(key)).status_code == 200
+
+
 def test_lock_not_free_before_the_deadline_is_503_with_retry_after(abuse, tmp_path):
     app, key = _app_with(abuse, tmp_path, "serve.request_timeout_s=1")
     with _client(app) as c, _lock_held(abuse["engine"], at_most_s=6):

@@ -23,10 +23,14 @@ Bounds of the embedded engine, so that no request can hold the lock for long (is
   the generation lock (under its own `tokenizer_lock`: a fast tokenizer is not safe to share between threads).
 - Deadline: `complete(..., timeout_s=T)` answers within T seconds of the call, waiting for the lock included: a
   lock that cannot be had in time is ApiError 503 `server_busy` with Retry-After, and generation stops at the
-  deadline (transformers' MaxTimeCriteria) with finish_reason "length". The lock is held past the deadline by at
-  most one forward pass (the prompt's, bounded by the context window).
+  deadline (transformers' MaxTimeCriteria) with finish_reason "length". Reading the prompt is one forward pass
+  that no stopping criterion can interrupt (a prompt near SmolLM2's 8,192-token window takes over a minute on two
+  CPU cores), so a prompt over `prefill_chunk_tokens` is read in chunks (transformers' prefill_chunk_size) and
+  the deadline is checked before each chunk: past it, ApiError 504 `request_timeout`. The lock is thus held past
+  the deadline by at most one chunk's or one token's forward pass.
 - Shutdown: `complete(..., cancel=EVENT)`: once the event is set, generation stops at the next token (finish_reason
-  "length") and a request still waiting for the lock gets ApiError 503 `server_shutting_down`.
+  "length") or the next prompt chunk (503), and a request still waiting for the lock gets ApiError 503
+  `server_shutting_down`.
 """
 
 import threading
@@ -176,6 +180,9 @@ class EmbeddedEngine:
     context_window: int | None = None  # tokens; default from the model and tokenizer (see context_window())
     max_token_chars: int | None = None  # the longest token in characters; default from the tokenizer
     tokenizer_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    # A longer prompt is read this many tokens per forward pass, the deadline checked between them; a shorter one
+    # in one pass, as before (the same numbers as the eval stage's generation).
+    prefill_chunk_tokens: int = 512
 
     def __post_init__(self) -> None:
         if self.context_window is None and self.model is not None:
@@ -218,7 +225,8 @@ class EmbeddedEngine:
 
         Raises:
             ApiError: 400 `context_length_exceeded` or a chat template that refuses the messages; 503
-                `server_busy` (the lock was not free before the deadline) or `server_shutting_down` (`cancel` set).
+                `server_busy` (the lock was not free before the deadline) or `server_shutting_down` (`cancel` set);
+                504 `request_timeout` (the prompt could not be read before the deadline).
         """
         import contextlib
 
@@ -241,8 +249,12 @@ class EmbeddedEngine:
             kwargs.update(temperature=temperature, top_p=top_p)
         else:
             kwargs.update(temperature=None, top_p=None, top_k=None)
+        if n_prompt > self.prefill_chunk_tokens:
+            kwargs["prefill_chunk_size"] = self.prefill_chunk_tokens
         self._acquire(deadline, timeout_s, cancel)
+        hook = None
         try:
+            hook = self.model.get_input_embeddings().register_forward_pre_hook(_PrefillGuard(deadline, cancel))
             input_ids, attention = input_ids.to(self.model.device), attention.to(self.model.device)
             if seed is not None:
                 torch.manual_seed(seed)
@@ -253,7 +265,15 @@ class EmbeddedEngine:
                 ctx = contextlib.nullcontext()
             with ctx, torch.inference_mode():
                 out = self.model.generate(input_ids=input_ids, attention_mask=attention, **kwargs)
+        except _PrefillStopped as stopped:
+            if stopped.cancelled:
+                raise shutting_down_error() from None
+            raise ApiError(504, f"messages: the prompt ({n_prompt} tokens) could not be read within the request's "
+                           f"deadline of {timeout_s:g} s (serve.request_timeout_s); send a shorter prompt or retry "
+                           "later", "api_error", "request_timeout") from None
         finally:
+            if hook is not None:
+                hook.remove()
             self.lock.release()
         new = out[0, n_prompt:].tolist()  # (N,) generated token ids; one sequence: no padding
         n_generated = len(new)
@@ -330,6 +350,32 @@ class EmbeddedEngine:
 
     def close(self) -> None:
         """Nothing to release: the model is freed with the engine."""
+
+
+class _PrefillStopped(Exception):
+    """Raised inside generate by _PrefillGuard: the deadline passed, or shutdown began (`cancelled`), mid-prompt."""
+
+    def __init__(self, cancelled: bool):
+        super().__init__("prefill stopped")
+        self.cancelled = cancelled
+
+
+@dataclass
+class _PrefillGuard:
+    """A forward pre-hook on the input embeddings: before each forward pass over more than one position (a chunk of
+    the prompt; generating a token is one position, stopped by the stopping criteria instead), raise _PrefillStopped
+    once the deadline (time.time()) has passed or `cancel` is set. The one way to stop transformers' chunked prefill."""
+
+    deadline: float | None
+    cancel: threading.Event | None
+
+    def __call__(self, _module, args) -> None:
+        if not args or getattr(args[0], "ndim", 0) < 2 or args[0].shape[-1] <= 1:  # input_ids (B, T)
+            return
+        if self.cancel is not None and self.cancel.is_set():
+            raise _PrefillStopped(cancelled=True)
+        if self.deadline is not None and time.time() >= self.deadline:
+            raise _PrefillStopped(cancelled=False)
 
 
 def _stopping_criteria(started: float, timeout_s: float | None, cancel: threading.Event | None):
