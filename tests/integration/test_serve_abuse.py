@@ -312,6 +312,17 @@ def test_shutdown_cuts_the_answer_in_flight_and_refuses_the_waiting(abuse, tmp_p
 
 # ---------------------------------------------------------------- SIGTERM
 
+def _env_with_this_src() -> dict:
+    """The environment for a subprocess that must run this checkout's tunegate (not another one installed)."""
+    import os
+    from pathlib import Path
+
+    import tunegate
+
+    src = str(Path(tunegate.__file__).resolve().parents[1])
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")]))}
+
+
 def test_sigterm_stops_tunegate_serve_within_seconds(abuse, tmp_path):
     """`tunegate serve` as its own process, three long generations in flight (one running, two waiting for the lock),
     then SIGTERM: it exits within serve.shutdown_grace_s (1 s here) plus a few seconds, the running answer cut short."""
@@ -324,7 +335,7 @@ def test_sigterm_stops_tunegate_serve_within_seconds(abuse, tmp_path):
     cmd = [sys.executable, "-m", "tunegate.cli", "serve", str(abuse["yaml"]), "serve.shutdown_grace_s=1",
            "serve.request_timeout_s=120", "--port", str(port)]
     with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=_env_with_this_src())
     url = f"http://127.0.0.1:{port}"
     results: dict = {}
     try:
@@ -368,3 +379,21 @@ def test_sigterm_stops_tunegate_serve_within_seconds(abuse, tmp_path):
     assert codes == [200, 503, 503], (codes, text[-3000:])
     done = next(r for r in results.values() if r.status_code == 200).json()
     assert done["choices"][0]["finish_reason"] == "length" and done["usage"]["completion_tokens"] < 400
+
+
+def test_bench_serve_abuse_runs_for_seconds(tmp_path):
+    """bench/serve_abuse.py end to end on the tiny model, for seconds: B answered beside A's refused 100,000-character
+    prompts, and `tunegate serve` exits after SIGTERM."""
+    from conftest import REPO
+
+    out = tmp_path / "abuse.json"
+    r = subprocess.run([sys.executable, str(REPO / "bench" / "serve_abuse.py"), "--start", "tiny", "--duration", "2",
+                        "--baseline-duration", "1", "--shutdown-grace", "1", "--sigterm-after", "1", "--out", str(out)],
+                       capture_output=True, text=True, timeout=300, env=_env_with_this_src(), check=False)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["server"]["context_window"] == WINDOW
+    assert set(result["abuse"]["tenant_a"]["statuses"]) == {"400"}
+    assert result["abuse"]["tenant_a"]["error_codes"] == {"context_length_exceeded": result["abuse"]["tenant_a"]["requests"]}
+    assert result["abuse"]["tenant_b"]["ok_latency"]["n"] >= 1 and result["baseline"]["tenant_b"]["ok_latency"]["p50_ms"]
+    assert result["sigterm"]["returncode"] == 0 and result["sigterm"]["sigterm_to_exit_s"] < 10
