@@ -29,14 +29,16 @@ Errors use OpenAI's shape, {"error": {"message", "type", "code"}}, and never car
   502  the vLLM engine behind the app failed or is unreachable
   503  `server_busy`: the embedded engine could not start the request within serve.request_timeout_s;
        `server_shutting_down`: SIGTERM was received. Both with Retry-After.
-  504  `upstream_timeout`: vLLM did not answer within serve.request_timeout_s
+  504  `request_timeout`: the embedded engine could not read the prompt before the deadline (a long prompt is
+       read in chunks, the deadline checked between them); `upstream_timeout`: vLLM did not answer in time
 
 Limits (issue 23): request bodies are bounded (`BodyLimit`, serve.max_request_bytes), and so are the fields
 (`ChatRequest`: at most MAX_MESSAGES messages, MAX_STOP stop strings of MAX_STOP_CHARS, 0 <= seed < 2**63, ...).
 A chat completion is answered within serve.request_timeout_s (tunegate.serve.engine: the embedded engine's
-lock is waited for with that deadline and generation stops at it, finish_reason "length"). `serve` shuts down on
-SIGTERM or SIGINT: no new connections, an answer in flight gets serve.shutdown_grace_s to finish and is then
-cut short (finish_reason "length"), requests still waiting get 503, and the process exits.
+lock is waited for with that deadline, and reading the prompt and generating stop at it; an answer cut short
+ends with finish_reason "length"). `serve` shuts down on SIGTERM or SIGINT (`shutdown_aware_server`): no new
+connections, an answer in flight gets serve.shutdown_grace_s to finish and is then cut short, requests still
+waiting get 503, and the process exits 0.
 
 Which adapters load: only from verified release bundles (tunegate.serve.bundles); one refused bundle stops
 the server from starting, naming the bundle and the reason: a tenant would otherwise be answered by
@@ -294,7 +296,7 @@ def chat_completions(request: Request, body: ChatRequest, t: AuthTenant):
 
     Raises:
         ApiError: 403 a model the key is not granted, 404 not loaded, 400 invalid messages, or the engine's own
-            (400 context_length_exceeded, 503 busy or shutting down, 502/504 vLLM).
+            (400 context_length_exceeded, 503 busy or shutting down, 504 past the deadline, 502 vLLM failed).
     """
     started = time.perf_counter()
     engine: Engine = request.app.state.engine
