@@ -658,7 +658,9 @@ def serve(
     stops the server before it starts, naming the bundle and the reason. Tenants call it with the keys from
     `tunegate tenants add`; every answer is a trace, and POST /v1/feedback collects thumbs and edits for
     `tunegate data feedback`. With --engine vllm, adapters vLLM cannot serve as a LoRA are refused with the
-    reason, and the smoke test must pass before the first tenant is answered.
+    reason, and the smoke test must pass before the first tenant is answered. Requests are bounded by
+    serve.max_request_bytes, the model's context window and serve.request_timeout_s; SIGTERM stops the server
+    within serve.shutdown_grace_s and a few seconds, answers in flight cut short.
     """
     from tunegate.serve import serve as run_server
 

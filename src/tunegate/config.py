@@ -583,6 +583,14 @@ class ServeConfig(_Section):
     database_url: str | None = None
     feedback: bool = True  # POST /v1/feedback is open (thumbs and edited answers for the next round)
     max_new_tokens: int = Field(default=256, ge=1)  # cap on a request's max_tokens (and its default)
+    # Limits under abuse (tunegate.serve.api): a request body over max_request_bytes is refused with 413 before
+    # it is parsed (Content-Length or the bytes actually streamed); a chat completion is answered within
+    # request_timeout_s, waiting for the embedded engine's lock included (503 server_busy when the lock cannot be
+    # had in time; generation stops at the deadline with finish_reason "length"; vLLM: 504 on timeout); on
+    # SIGTERM an answer in flight gets shutdown_grace_s to finish, then it is cut short and the server exits.
+    max_request_bytes: int = Field(default=1_048_576, ge=1024, le=1_073_741_824)
+    request_timeout_s: float = Field(default=60.0, gt=0, le=86_400)
+    shutdown_grace_s: float = Field(default=5.0, ge=0, le=600)
 
     @field_validator("bundles", mode="before")
     @classmethod

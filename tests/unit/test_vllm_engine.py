@@ -243,6 +243,40 @@ def test_proxy_upstream_failure_is_502(proxy):
     assert r.status_code == 502 and r.json()["error"]["code"] == "upstream_error"
 
 
+def test_proxy_times_out_with_504_at_the_request_deadline(tmp_path):
+    """serve.request_timeout_s bounds the forwarded request: vLLM not answering in time is 504, within the deadline."""
+    import time
+
+    from fastapi.testclient import TestClient
+
+    from tunegate.config import load_project
+    from tunegate.serve import create_app
+    from tunegate.serve import db as servedb
+    from tunegate.serve.vllm import VLLMEngine
+
+    (tmp_path / "tunegate.yaml").write_text(
+        "name: proxy\nbase_model: base-model\ndata:\n  sources: [{path: t.jsonl, format: chat}]\n"
+        "  golden: {path: g.jsonl, format: chat}\nserve:\n  request_timeout_s: 0.5\n")
+    project = load_project(tmp_path / "tunegate.yaml")
+
+    def slow(model, messages):
+        time.sleep(3)
+        return "late"
+
+    with fake_openai_server(slow) as (url, _calls):
+        engine = VLLMEngine(url=url, base_name="base-model")
+        db_url = f"sqlite:///{tmp_path / 'serve.db'}"
+        app = create_app(project, engine=engine, database_url=db_url)
+        key = servedb.add_tenant(servedb.connect(db_url), "ops", [], allow_base=True)
+        with TestClient(app) as client:
+            t0 = time.perf_counter()
+            r = _ask(client, key, "base-model", text="slow")
+            elapsed = time.perf_counter() - t0
+            assert r.status_code == 504 and r.json()["error"]["code"] == "upstream_timeout", r.text
+            assert "serve.request_timeout_s" in r.json()["error"]["message"] and elapsed < 2.5, elapsed
+        engine.close()
+
+
 def test_admin_endpoints_need_the_admin_token(proxy):
     c, keys = proxy["client"], proxy["keys"]
     assert c.post("/admin/adapters", json={"path": "/nope"}).status_code == 401

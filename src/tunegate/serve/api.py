@@ -19,9 +19,26 @@ Endpoints (tenants authenticate with `Authorization: Bearer KEY`, see `tunegate 
   POST   /admin/adapters        {path, name?}: verify a bundle and load its adapter at run time (vLLM engine)
   DELETE /admin/adapters/NAME   unload it. Both need `Authorization: Bearer ADMIN_TOKEN` (the token tunegate
                                 serve writes to <project>/.tunegate-serve.json, mode 0600; not a tenant key).
-Errors use OpenAI's shape, {"error": {"message", "type", "code"}}: 401 unknown, missing or revoked key;
-403 a model the key is not granted; 404 a granted adapter that is not loaded; 400 an invalid request;
-502 the vLLM engine behind the app failed or is unreachable.
+Errors use OpenAI's shape, {"error": {"message", "type", "code"}}, and never carry a traceback:
+  400  an invalid request; the message names the field (`seed: ...`, `stop: ...`); `context_length_exceeded`:
+       the messages, or messages + max_tokens, do not fit the model's context window (both numbers given)
+  401  unknown, missing or revoked key          403  a model the key is not granted
+  404  a granted adapter that is not loaded, or an unknown path
+  413  `request_too_large`: a body over serve.max_request_bytes (refused before it is parsed)
+  500  `internal_error`: a bug; the traceback goes to the server's log only
+  502  the vLLM engine behind the app failed or is unreachable
+  503  `server_busy`: the embedded engine could not start the request within serve.request_timeout_s;
+       `server_shutting_down`: SIGTERM was received. Both with Retry-After.
+  504  `request_timeout`: the embedded engine could not read the prompt before the deadline (a long prompt is
+       read in chunks, the deadline checked between them); `upstream_timeout`: vLLM did not answer in time
+
+Limits (issue 23): request bodies are bounded (`BodyLimit`, serve.max_request_bytes), and so are the fields
+(`ChatRequest`: at most MAX_MESSAGES messages, MAX_STOP stop strings of MAX_STOP_CHARS, 0 <= seed < 2**63, ...).
+A chat completion is answered within serve.request_timeout_s (tunegate.serve.engine: the embedded engine's
+lock is waited for with that deadline, and reading the prompt and generating stop at it; an answer cut short
+ends with finish_reason "length"). `serve` shuts down on SIGTERM or SIGINT (`shutdown_aware_server`): no new
+connections, an answer in flight gets serve.shutdown_grace_s to finish and is then cut short, requests still
+waiting get 503, and the process exits 0.
 
 Which adapters load: only from verified release bundles (tunegate.serve.bundles); one refused bundle stops
 the server from starting, naming the bundle and the reason: a tenant would otherwise be answered by
@@ -42,28 +59,40 @@ from typing import Annotated, Any, Literal
 from fastapi import Depends, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tunegate import TunegateError, __version__
 from tunegate.serve import db as servedb
 from tunegate.serve.engine import ApiError, Completion, EmbeddedEngine, Engine
 
 ENGINES = ("embedded", "vllm")
+MAX_MESSAGES = 2048  # OpenAI's limit on `messages`
+MAX_STOP = 4  # OpenAI's limit on `stop` strings
+MAX_STOP_CHARS = 256  # each stop string
+MAX_MODEL_CHARS = 256  # `model`: an adapter name (at most 128, core.paths.IDENTIFIER) or the base model's name
+SEED_LIMIT = 2**63  # `seed`: 0 <= seed < 2**63, a non-negative int64 (OpenAI's seed is an int64; torch takes < 2**64)
+SHUTDOWN_MARGIN_S = 2.0  # uvicorn waits this long past serve.shutdown_grace_s for the cut-short answers to be sent
 
 
 # ---------------------------------------------------------------- requests and settings
 
 class ChatRequest(BaseModel):
-    """OpenAI's chat completion request; fields it does not use (user, logprobs, ...) are ignored."""
+    """OpenAI's chat completion request; fields it does not use (user, logprobs, ...) are ignored. Every field
+    the engine reads is bounded here, so a value the engine could fail on is a 400 naming the field."""
 
-    model: str
-    messages: list[Any] = Field(min_length=1)
-    max_tokens: int | None = Field(default=None, ge=1)
+    model_config = ConfigDict(allow_inf_nan=False)  # Python's json reads NaN and Infinity; NaN passes ge/le checks
+
+    model: str = Field(min_length=1, max_length=MAX_MODEL_CHARS)
+    messages: list[Any] = Field(min_length=1, max_length=MAX_MESSAGES)  # each one checked by _chat_messages
+    max_tokens: int | None = Field(default=None, ge=1)  # capped by serve.max_new_tokens
     max_completion_tokens: int | None = Field(default=None, ge=1)
-    temperature: float = Field(default=1.0, ge=0, le=2)  # OpenAI's default; 0 is greedy
+    temperature: float = Field(default=1.0, ge=0, le=2)  # OpenAI's default; 0 (below 1e-5) is greedy
     top_p: float = Field(default=1.0, gt=0, le=1)
-    seed: int | None = None
-    stop: str | list[str] | None = None
+    seed: int | None = Field(default=None, ge=0, lt=SEED_LIMIT)
+    stop: (Annotated[str, Field(max_length=MAX_STOP_CHARS)]
+           | Annotated[list[Annotated[str, Field(max_length=MAX_STOP_CHARS)]], Field(max_length=MAX_STOP)]
+           | None) = None
     stream: bool = False
     n: int = Field(default=1, ge=1, le=1)  # one answer per request (each answer is one trace)
 
@@ -75,8 +104,8 @@ class FeedbackRequest(BaseModel):
 
 
 class AdapterRequest(BaseModel):
-    path: str = Field(min_length=1)  # a release bundle folder, on the server's file system
-    name: str | None = None  # the adapter's model name; default: the bundle folder's name
+    path: str = Field(min_length=1, max_length=4096)  # a release bundle folder, on the server's file system
+    name: str | None = Field(default=None, max_length=128)  # the adapter's model name; default: the folder's name
 
 
 @dataclass(frozen=True)
@@ -86,21 +115,86 @@ class ApiSettings:
     feedback: bool = True  # serve.feedback: POST /v1/feedback is open
     max_new_tokens: int = 256  # serve.max_new_tokens: the cap on a request's max_tokens
     admin_token: str | None = None  # opens /admin/adapters (engines with runtime_adapters only)
+    max_request_bytes: int = 1_048_576  # serve.max_request_bytes: a larger body is refused with 413
+    request_timeout_s: float = 60.0  # serve.request_timeout_s: a chat completion's deadline
+    shutdown_grace_s: float = 5.0  # serve.shutdown_grace_s: what an answer in flight gets after SIGTERM
 
 
 # ---------------------------------------------------------------- errors
 
+def _error_body(message: str, type_: str, code: str | None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type_, "code": code}}
+
+
 def api_error_response(_request: Request, exc: ApiError) -> JSONResponse:
-    """An ApiError in OpenAI's error shape; a 401 asks for a bearer token."""
-    headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
-    return JSONResponse({"error": {"message": exc.message, "type": exc.type, "code": exc.code}},
-                        status_code=exc.status, headers=headers)
+    """An ApiError in OpenAI's error shape; a 401 asks for a bearer token, a 503 says when to retry."""
+    headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else {}
+    headers.update(exc.headers or {})
+    return JSONResponse(_error_body(exc.message, exc.type, exc.code), status_code=exc.status, headers=headers or None)
+
+
+def http_error_response(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """Starlette's own errors (404 unknown path, 405 method, 400 a body that is not JSON) in OpenAI's shape."""
+    type_ = "invalid_request_error" if exc.status_code < 500 else "api_error"
+    return JSONResponse(_error_body(str(exc.detail), type_, None), status_code=exc.status_code,
+                        headers=getattr(exc, "headers", None))
+
+
+def internal_error_response(_request: Request, _exc: Exception) -> JSONResponse:
+    """Any other exception: 500 without the traceback (Starlette logs it on the server)."""
+    return JSONResponse(_error_body("internal error; the server's log has the details", "api_error", "internal_error"),
+                        status_code=500)
 
 
 def invalid_request_response(_request: Request, exc: RequestValidationError) -> JSONResponse:
     """A request body or header that fails validation: 400 in OpenAI's error shape, naming each field."""
     detail = "; ".join(f"{'.'.join(str(x) for x in e['loc'][1:]) or 'body'}: {e['msg']}" for e in exc.errors())
     return JSONResponse({"error": {"message": detail, "type": "invalid_request_error", "code": None}}, status_code=400)
+
+
+class BodyLimit:
+    """ASGI middleware: refuse a request body over `max_bytes` with 413 `request_too_large`, before the app parses it.
+
+    A Content-Length over the limit is refused without reading the body; otherwise the body is read here, counting
+    the bytes actually received (a chunked upload has no Content-Length, and a client may send more than it said),
+    and handed to the app once whole. Bodies are at most `max_bytes` in memory.
+    """
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.strip().isdigit() and int(declared) > self.max_bytes:
+            await self._refuse(scope, receive, send, f"{int(declared)} bytes (Content-Length)")
+            return
+        chunks, total = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # http.disconnect: the client is gone, nobody to answer
+                return
+            chunk = message.get("body", b"")
+            total += len(chunk)
+            if total > self.max_bytes:
+                await self._refuse(scope, receive, send, f"more than {self.max_bytes} bytes")
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        pending = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+
+        async def replay():
+            return pending.pop() if pending else await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, scope, receive, send, size: str) -> None:
+        body = _error_body(f"the request body is {size}, over this server's limit of {self.max_bytes} bytes "
+                           "(serve.max_request_bytes)", "invalid_request_error", "request_too_large")
+        await JSONResponse(body, status_code=413, headers={"Connection": "close"})(scope, receive, send)
 
 
 # ---------------------------------------------------------------- authentication
@@ -215,16 +309,21 @@ def chat_completions(request: Request, body: ChatRequest, t: AuthTenant):
 
     Raises:
         ApiError: 403 a model the key is not granted, 404 not loaded, 400 invalid messages (a content spelling a
-            control token included), or the engine's own.
+            control token included), or the engine's own (400 context_length_exceeded, 503 busy or shutting
+            down, 504 past the deadline, 502 vLLM failed).
     """
     started = time.perf_counter()
     engine: Engine = request.app.state.engine
     db, settings = request.app.state.db, request.app.state.settings
     adapter = _granted_adapter(engine, t, body.model)
     messages = _chat_messages(body, engine)
-    max_new = min(body.max_completion_tokens or body.max_tokens or settings.max_new_tokens, settings.max_new_tokens)
+    asked = body.max_completion_tokens or body.max_tokens
+    max_new = min(asked or settings.max_new_tokens, settings.max_new_tokens)
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-    out = engine.complete(adapter, messages, max_new, body.temperature, body.top_p, body.seed, stop)
+    remaining_s = settings.request_timeout_s - (time.perf_counter() - started)
+    out = engine.complete(adapter, messages, max_new, body.temperature, body.top_p, body.seed, stop,
+                          fit_max_tokens=asked is None, timeout_s=max(remaining_s, 0.001),
+                          cancel=request.app.state.stopping)
     latency_ms = (time.perf_counter() - started) * 1000
     trace_id = servedb.new_trace_id()
     served = engine.adapters.get(adapter) if adapter else None  # may have been removed meanwhile (admin)
@@ -313,7 +412,8 @@ def create_app(project, engine: Engine | None = None, database_url: str | None =
     """The FastAPI app over `engine` and the serving database.
 
     Args:
-        project: the loaded project (its serve section: feedback, max_new_tokens, database_url).
+        project: the loaded project (its serve section: feedback, max_new_tokens, database_url, and the limits
+            max_request_bytes, request_timeout_s, shutdown_grace_s).
         engine: the generation backend; default EmbeddedEngine.load(project).
         database_url: default the project's (tunegate.serve.db.project_url).
         admin_token: opens /admin/adapters when the engine has `runtime_adapters`.
@@ -326,10 +426,16 @@ def create_app(project, engine: Engine | None = None, database_url: str | None =
     app = FastAPI(title="tunegate", version=__version__, docs_url=None, redoc_url=None)
     app.state.engine = engine
     app.state.db = servedb.connect(database_url or servedb.project_url(project))
-    app.state.settings = ApiSettings(feedback=cfg.feedback, max_new_tokens=cfg.max_new_tokens,
-                                     admin_token=admin_token) if cfg is not None else ApiSettings(admin_token=admin_token)
+    app.state.settings = ApiSettings(
+        feedback=cfg.feedback, max_new_tokens=cfg.max_new_tokens, admin_token=admin_token,
+        max_request_bytes=cfg.max_request_bytes, request_timeout_s=cfg.request_timeout_s,
+        shutdown_grace_s=cfg.shutdown_grace_s) if cfg is not None else ApiSettings(admin_token=admin_token)
+    app.state.stopping = threading.Event()  # set on shutdown (begin_shutdown): answers in flight stop early
+    app.add_middleware(BodyLimit, max_bytes=app.state.settings.max_request_bytes)
     app.add_exception_handler(ApiError, api_error_response)
     app.add_exception_handler(RequestValidationError, invalid_request_response)
+    app.add_exception_handler(StarletteHTTPException, http_error_response)
+    app.add_exception_handler(Exception, internal_error_response)
     # FastAPI publishes an endpoint's docstring in /openapi.json up to a form feed: "\f" keeps them out of it.
     route = partial(app.add_api_route, description="\f")
     route("/health", health, methods=["GET"])
@@ -348,7 +454,7 @@ def create_app(project, engine: Engine | None = None, database_url: str | None =
 def serve(project, engine: str = "embedded", host: str | None = None, port: int | None = None, *,
           vllm_venv: Path | None = None, merged: str | None = None, smoke: bool = True, dtype: str = "bfloat16",
           match_tokens: int | None = None, max_rank: int | None = None, enforce_eager: bool = False) -> None:
-    """Start the server in the foreground until interrupted.
+    """Start the server in the foreground until SIGTERM or SIGINT (see `shutdown_aware_server`), then return.
 
     With `engine="vllm"` (tunegate.serve.vllm): vLLM starts on a private loopback port from the verified
     bundles (preflight C14-C16 in docs/cases.md; `merged` serves one bundle's merged model alone), the smoke test (C17,
@@ -360,8 +466,6 @@ def serve(project, engine: str = "embedded", host: str | None = None, port: int 
     """
     if engine not in ENGINES:
         raise TunegateError(f"--engine {engine}: unknown; engines: {', '.join(ENGINES)}")
-    import uvicorn
-
     cfg = project.serve
     host = host or (cfg.host if cfg else "127.0.0.1")
     port = port if port is not None else (cfg.port if cfg else 8000)
@@ -370,7 +474,7 @@ def serve(project, engine: str = "embedded", host: str | None = None, port: int 
         loaded = app.state.engine.adapters
         print(f"tunegate serve: base model {app.state.engine.base_name}, adapters: {', '.join(loaded) or '(none)'}; "
               f"database {servedb.project_url(project).split('://')[0]}; http://{host}:{port}/v1", flush=True)
-        uvicorn.run(app, host=host, port=port, workers=1, log_level="info")
+        shutdown_aware_server(app, host, port).run()
         return
     import secrets
 
@@ -395,11 +499,52 @@ def serve(project, engine: str = "embedded", host: str | None = None, port: int 
         print(f"tunegate serve: vLLM ({backend.url}, private) serving {'merged model ' + merged if merged else 'base model ' + backend.base_name}"
               f", adapters: {', '.join(backend.adapters) or '(none)'}; database {servedb.project_url(project).split('://')[0]}; "
               f"http://{host}:{port}/v1; admin token in {admin_file}", flush=True)
-        uvicorn.run(app, host=host, port=port, workers=1, log_level="info")
+        shutdown_aware_server(app, host, port).run()
     finally:
         if admin_file is not None:
             admin_file.unlink(missing_ok=True)
         backend.close()
+
+
+def begin_shutdown(app, now: bool = False) -> None:
+    """Cut answers in flight short (`app.state.stopping`) after serve.shutdown_grace_s, or `now`."""
+    if now:
+        app.state.stopping.set()
+        return
+    timer = threading.Timer(app.state.settings.shutdown_grace_s, app.state.stopping.set)
+    timer.daemon = True
+    timer.start()
+
+
+def shutdown_aware_server(app, host: str, port: int, log_level: str = "info"):
+    """A uvicorn server for `app` that shuts down within seconds on SIGTERM or SIGINT, a generation in flight included.
+
+    uvicorn alone stops accepting connections and waits for the requests in flight, and a generation running in a
+    worker thread cannot be cancelled: the embedded engine's lock could keep the process alive for minutes. Here
+    the first signal also starts `begin_shutdown` (answers in flight get serve.shutdown_grace_s, then stop with
+    finish_reason "length"; requests waiting for the lock get 503), and uvicorn's own graceful timeout is that
+    grace plus SHUTDOWN_MARGIN_S. A second SIGINT stops generation at once. The signal is not raised again
+    afterwards (uvicorn's default), so `serve` returns and cleans up (the vLLM process) and the command exits 0.
+    """
+    import signal
+
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            if self.should_exit and sig == signal.SIGINT:
+                self.force_exit = True
+                begin_shutdown(app, now=True)
+                return
+            if not self.should_exit:
+                print(f"tunegate serve: signal {signal.Signals(sig).name}: shutting down (answers in flight get "
+                      f"{app.state.settings.shutdown_grace_s:g} s)", flush=True)
+                begin_shutdown(app)
+            self.should_exit = True
+
+    grace = app.state.settings.shutdown_grace_s + SHUTDOWN_MARGIN_S
+    return Server(uvicorn.Config(app, host=host, port=port, workers=1, log_level=log_level,
+                                 timeout_graceful_shutdown=grace))  # type: ignore[arg-type]  # a float works
 
 
 @dataclass

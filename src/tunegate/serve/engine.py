@@ -13,9 +13,28 @@ model). The active adapter is state of the one shared model, and transformers' g
 generation runs under one lock: requests are answered one at a time, in arrival order, while authentication,
 validation and the database writes of other requests (traces, feedback) go on beside it. This trades
 throughput for simplicity; vLLM batches requests for different adapters together.
+
+Bounds of the embedded engine, so that no request can hold the lock for long (issue 23):
+- Context window: `context_window` is the model's (config.max_position_embeddings, or the tokenizer's
+  model_max_length when smaller and set). A prompt is checked before it is tokenized (more characters than the
+  window can hold at `max_token_chars`, the longest token of the vocabulary, cannot fit) and after: prompt tokens
+  plus max_tokens over the window is ApiError 400 `context_length_exceeded` with the numbers (OpenAI's code and
+  status). A request that did not set max_tokens has it lowered to what fits instead. Tokenizing happens outside
+  the generation lock (under its own `tokenizer_lock`: a fast tokenizer is not safe to share between threads).
+- Deadline: `complete(..., timeout_s=T)` answers within T seconds of the call, waiting for the lock included: a
+  lock that cannot be had in time is ApiError 503 `server_busy` with Retry-After, and generation stops at the
+  deadline (transformers' MaxTimeCriteria) with finish_reason "length". Reading the prompt is one forward pass
+  that no stopping criterion can interrupt (a prompt near SmolLM2's 8,192-token window takes over a minute on two
+  CPU cores), so a prompt over `prefill_chunk_tokens` is read in chunks (transformers' prefill_chunk_size) and
+  the deadline is checked before each chunk: past it, ApiError 504 `request_timeout`. The lock is thus held past
+  the deadline by at most one chunk's or one token's forward pass.
+- Shutdown: `complete(..., cancel=EVENT)`: once the event is set, generation stops at the next token (finish_reason
+  "length") or the next prompt chunk (503), and a request still waiting for the lock gets ApiError 503
+  `server_shutting_down`.
 """
 
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -29,9 +48,59 @@ class ApiError(Exception):
 
     Raised by the app's endpoints and by an engine's `complete` (a vLLM engine that is unreachable: 502)."""
 
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", code: str | None = None):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", code: str | None = None,
+                 headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.code = status, message, type_, code
+        self.headers = headers  # extra response headers, e.g. Retry-After on a 503
+
+
+RETRY_AFTER_S = 5  # the Retry-After of a 503 (busy or shutting down): a hint, the wait is not known
+LOCK_POLL_S = 0.1  # how often a request waiting for the generation lock looks at the deadline and the shutdown event
+MIN_TEMPERATURE = 1e-5  # below this sampling is greedy, as in vLLM (its _SAMPLING_EPS): logits / 1e-40 overflow float32
+_UNSET_MAX_LENGTH = 10**7  # a tokenizer's model_max_length at or above this is transformers' "not set" (1e30)
+
+
+def busy_error(timeout_s: float) -> ApiError:
+    """503 `server_busy`: the request's deadline passed before the engine could take it."""
+    return ApiError(503, f"the server is busy: the request could not start within its deadline of {timeout_s:g} s "
+                    "(serve.request_timeout_s); retry later", "server_error", "server_busy",
+                    {"Retry-After": str(RETRY_AFTER_S)})
+
+
+def shutting_down_error() -> ApiError:
+    """503 `server_shutting_down`: the server received SIGTERM and takes no new generation."""
+    return ApiError(503, "the server is shutting down; retry later", "server_error", "server_shutting_down",
+                    {"Retry-After": str(RETRY_AFTER_S)})
+
+
+def context_window(config: Any, tokenizer: Any) -> int | None:
+    """The model's context window in tokens: config.max_position_embeddings, or the tokenizer's model_max_length
+    when that is smaller and set (transformers gives an unset one as 1e30). None when neither is known."""
+    found = [getattr(config, "max_position_embeddings", None), getattr(tokenizer, "model_max_length", None)]
+    sane = [n for n in found if isinstance(n, int) and not isinstance(n, bool) and 0 < n < _UNSET_MAX_LENGTH]
+    return min(sane) if sane else None
+
+
+def check_context(window: int | None, prompt_tokens: int, max_new_tokens: int, fit: bool) -> int:
+    """The max_new_tokens to generate with: `max_new_tokens`, lowered to what fits the window when `fit` (the
+    request did not set max_tokens).
+
+    Raises:
+        ApiError: 400 `context_length_exceeded` (OpenAI's code), naming the numbers: the prompt leaves no room
+            for one token, or prompt + max_new_tokens is over the window and `fit` is False.
+    """
+    if window is None or prompt_tokens + max_new_tokens <= window:
+        return max_new_tokens
+    if prompt_tokens + 1 > window:
+        raise ApiError(400, f"messages: this model's maximum context length is {window} tokens; your messages resulted "
+                       f"in {prompt_tokens} tokens, which leaves no room for an answer. Reduce the length of the "
+                       "messages.", code="context_length_exceeded")
+    if fit:
+        return window - prompt_tokens
+    raise ApiError(400, f"max_tokens: this model's maximum context length is {window} tokens; you requested "
+                   f"{prompt_tokens + max_new_tokens} tokens ({prompt_tokens} in the messages, {max_new_tokens} for "
+                   "the completion). Reduce the length of the messages or max_tokens.", code="context_length_exceeded")
 
 
 @dataclass
@@ -55,11 +124,17 @@ class Engine(Protocol):
 
     def complete(self, adapter: str | None, messages: list[dict[str, str]], max_new_tokens: int,
                  temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None,
-                 stop: list[str] | None = None) -> Completion:
+                 stop: list[str] | None = None, *, fit_max_tokens: bool = False, timeout_s: float | None = None,
+                 cancel: threading.Event | None = None) -> Completion:
         """One chat answer with `adapter` (None: the base model), at most `max_new_tokens` tokens.
 
+        `fit_max_tokens`: the request did not set max_tokens, so the engine may lower it to fit the context
+        window. `timeout_s`: answer within this many seconds of the call (a partial answer ends with
+        finish_reason "length"). `cancel`: set when the server shuts down; the answer stops early.
+
         Raises:
-            ApiError: the backend failed or refused the request.
+            ApiError: the backend failed or refused the request (400 over the context window, 503 busy or
+                shutting down, 504 the backend timed out, 502 the backend failed).
         """
         ...
 
@@ -88,17 +163,29 @@ class EmbeddedEngine:
     tokenizer: Any
     base_name: str
     adapters: dict[str, ServedAdapter] = field(default_factory=dict)
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    lock: threading.Lock = field(default_factory=threading.Lock)  # generation: one request at a time
     kind: str = "embedded"
     serves_base: bool = True
     runtime_adapters: bool = False
     special_tokens: frozenset[str] = frozenset()  # default: the tokenizer's (tunegate.data.format.special_tokens)
+    context_window: int | None = None  # tokens; default from the model and tokenizer (see context_window())
+    max_token_chars: int | None = None  # the longest token in characters; default from the tokenizer
+    tokenizer_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    # A longer prompt is read this many tokens per forward pass, the deadline checked between them; a shorter one
+    # in one pass, as before (the same numbers as the eval stage's generation).
+    prefill_chunk_tokens: int = 512
 
     def __post_init__(self) -> None:
         if not self.special_tokens and self.tokenizer is not None:
             from tunegate.data.format import special_tokens
 
             self.special_tokens = special_tokens(self.tokenizer)
+        if self.context_window is None and self.model is not None:
+            self.context_window = context_window(getattr(self.model, "config", None), self.tokenizer)
+        if self.max_token_chars is None and hasattr(self.tokenizer, "get_vocab"):
+            from tunegate.data.format import max_token_chars
+
+            self.max_token_chars = max_token_chars(self.tokenizer)
 
     @classmethod
     def load(cls, project, bundles: list | None = None, public_key: Path | None = None) -> "EmbeddedEngine":
@@ -129,30 +216,45 @@ class EmbeddedEngine:
 
     def complete(self, adapter: str | None, messages: list[dict[str, str]], max_new_tokens: int,
                  temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None,
-                 stop: list[str] | None = None) -> Completion:
-        """Generate one answer with `adapter` (None: the base model). Serialised: see the module docstring."""
+                 stop: list[str] | None = None, *, fit_max_tokens: bool = False, timeout_s: float | None = None,
+                 cancel: threading.Event | None = None) -> Completion:
+        """Generate one answer with `adapter` (None: the base model). Serialised and bounded: see the module docstring.
+
+        Raises:
+            ApiError: 400 `context_length_exceeded` or a chat template that refuses the messages; 503
+                `server_busy` (the lock was not free before the deadline) or `server_shutting_down` (`cancel` set);
+                504 `request_timeout` (the prompt could not be read before the deadline).
+        """
         import contextlib
 
         import torch
 
-        with self.lock:
-            enc = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
-                                                     return_dict=True)
-            input_ids = enc["input_ids"].to(self.model.device)  # (1, T)
-            attention = enc["attention_mask"].to(self.model.device)
+        started = time.time()
+        deadline = started + timeout_s if timeout_s is not None else None
+        input_ids, attention = self.encode(messages)  # (1, T) each; outside the generation lock
+        n_prompt = int(input_ids.shape[1])
+        max_new_tokens = check_context(self.context_window, n_prompt, max_new_tokens, fit_max_tokens)
+        from tunegate.data.format import end_token_id
+
+        # The same stop tokens as the eval stage (tunegate.evals.generate): end of turn and eos.
+        stop_ids = sorted({end_token_id(self.tokenizer), self.tokenizer.eos_token_id})
+        sampling = temperature >= MIN_TEMPERATURE
+        kwargs = {"max_new_tokens": max_new_tokens, "do_sample": sampling,
+                  "pad_token_id": self.tokenizer.pad_token_id, "eos_token_id": stop_ids,
+                  "stopping_criteria": _stopping_criteria(started, timeout_s, cancel)}
+        if sampling:
+            kwargs.update(temperature=temperature, top_p=top_p)
+        else:
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        if n_prompt > self.prefill_chunk_tokens:
+            kwargs["prefill_chunk_size"] = self.prefill_chunk_tokens
+        self._acquire(deadline, timeout_s, cancel)
+        hook = None
+        try:
+            hook = self.model.get_input_embeddings().register_forward_pre_hook(_PrefillGuard(deadline, cancel))
+            input_ids, attention = input_ids.to(self.model.device), attention.to(self.model.device)
             if seed is not None:
                 torch.manual_seed(seed)
-            sampling = temperature > 0
-            # The same stop tokens as the eval stage (tunegate.evals.generate): end of turn and eos.
-            from tunegate.data.format import end_token_id
-
-            stop_ids = sorted({end_token_id(self.tokenizer), self.tokenizer.eos_token_id})
-            kwargs = {"max_new_tokens": max_new_tokens, "do_sample": sampling,
-                      "pad_token_id": self.tokenizer.pad_token_id, "eos_token_id": stop_ids}
-            if sampling:
-                kwargs.update(temperature=temperature, top_p=top_p)
-            else:
-                kwargs.update(temperature=None, top_p=None, top_k=None)
             if adapter is None:
                 ctx = self.model.disable_adapter() if self.adapters else contextlib.nullcontext()
             else:
@@ -160,18 +262,70 @@ class EmbeddedEngine:
                 ctx = contextlib.nullcontext()
             with ctx, torch.inference_mode():
                 out = self.model.generate(input_ids=input_ids, attention_mask=attention, **kwargs)
-            new = out[0, input_ids.shape[1]:].tolist()  # (N,) generated token ids; one sequence: no padding
+        except _PrefillStopped as stopped:
+            if stopped.cancelled:
+                raise shutting_down_error() from None
+            raise ApiError(504, f"messages: the prompt ({n_prompt} tokens) could not be read within the request's "
+                           f"deadline of {timeout_s:g} s (serve.request_timeout_s); send a shorter prompt or retry "
+                           "later", "api_error", "request_timeout") from None
+        finally:
+            if hook is not None:
+                hook.remove()
+            self.lock.release()
+        new = out[0, n_prompt:].tolist()  # (N,) generated token ids; one sequence: no padding
         n_generated = len(new)
         finish = "length"
         ends = [i for i, t in enumerate(new) if t in stop_ids]
         if ends:
             new = new[: ends[0]]
             finish = "stop"
-        text = self.tokenizer.decode(new, skip_special_tokens=True)
+        with self.tokenizer_lock:
+            text = self.tokenizer.decode(new, skip_special_tokens=True)
         for s in stop or []:
             if s and s in text:
                 text, finish = text[: text.index(s)], "stop"
-        return Completion(text, finish, int(input_ids.shape[1]), n_generated, new)
+        return Completion(text, finish, n_prompt, n_generated, new)
+
+    def encode(self, messages: list[dict[str, str]]):
+        """The chat template applied to `messages`: (input_ids, attention_mask), each (1, T), on the CPU.
+
+        A prompt with more characters than the context window can hold is refused before it is tokenized.
+
+        Raises:
+            ApiError: 400 `context_length_exceeded` (too many characters), or `chat_template_refused`.
+        """
+        chars = sum(len(m["content"]) for m in messages)
+        if self.context_window and self.max_token_chars and chars > self.context_window * self.max_token_chars:
+            raise ApiError(400, f"messages: this model's maximum context length is {self.context_window} tokens; "
+                           f"your messages are {chars} characters, more than that many tokens can hold (no token of "
+                           f"this vocabulary is longer than {self.max_token_chars} characters). Reduce the length of "
+                           "the messages.", code="context_length_exceeded")
+        from jinja2.exceptions import TemplateError
+
+        try:
+            with self.tokenizer_lock:
+                enc = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                                         return_dict=True)
+        except TemplateError as exc:
+            raise ApiError(400, f"messages: the chat template refused them: {exc}", code="chat_template_refused") from None
+        return enc["input_ids"], enc["attention_mask"]
+
+    def _acquire(self, deadline: float | None, timeout_s: float | None, cancel: threading.Event | None) -> None:
+        """Take the generation lock before `deadline` (time.time()) unless `cancel` is set. Raises ApiError 503."""
+        while True:
+            if cancel is not None and cancel.is_set():
+                raise shutting_down_error()
+            wait = LOCK_POLL_S if deadline is None else min(LOCK_POLL_S, deadline - time.time())
+            if wait <= 0:
+                raise busy_error(timeout_s)
+            if self.lock.acquire(timeout=wait):
+                if cancel is not None and cancel.is_set():  # shut down while this request waited
+                    self.lock.release()
+                    raise shutting_down_error()
+                if deadline is not None and time.time() >= deadline:  # had at the last instant: no time to answer
+                    self.lock.release()
+                    raise busy_error(timeout_s)
+                return
 
     def add_adapter(self, name: str, bundle: Path) -> dict[str, Any]:
         """Refused: the embedded engine loads its adapters at start-up only (`runtime_adapters` is False).
@@ -193,6 +347,59 @@ class EmbeddedEngine:
 
     def close(self) -> None:
         """Nothing to release: the model is freed with the engine."""
+
+
+class _PrefillStopped(Exception):
+    """Raised inside generate by _PrefillGuard: the deadline passed, or shutdown began (`cancelled`), mid-prompt."""
+
+    def __init__(self, cancelled: bool):
+        super().__init__("prefill stopped")
+        self.cancelled = cancelled
+
+
+@dataclass
+class _PrefillGuard:
+    """A forward pre-hook on the input embeddings: before each forward pass over more than one position (a chunk of
+    the prompt; generating a token is one position, stopped by the stopping criteria instead), raise _PrefillStopped
+    once the deadline (time.time()) has passed or `cancel` is set. The one way to stop transformers' chunked prefill."""
+
+    deadline: float | None
+    cancel: threading.Event | None
+
+    def __call__(self, _module, args) -> None:
+        if not args or getattr(args[0], "ndim", 0) < 2 or args[0].shape[-1] <= 1:  # input_ids (B, T)
+            return
+        if self.cancel is not None and self.cancel.is_set():
+            raise _PrefillStopped(cancelled=True)
+        if self.deadline is not None and time.time() >= self.deadline:
+            raise _PrefillStopped(cancelled=False)
+
+
+def _stopping_criteria(started: float, timeout_s: float | None, cancel: threading.Event | None):
+    """transformers stopping criteria for one answer: the deadline `started + timeout_s` (time.time(); the library's
+    MaxTimeCriteria) and the shutdown event `cancel`. Checked after each generated token."""
+    import torch
+    from transformers.generation.stopping_criteria import (
+        MaxTimeCriteria,
+        StoppingCriteria,
+        StoppingCriteriaList,
+    )
+
+    class EventSet(StoppingCriteria):
+        """Stop every sequence once `event` is set (the server is shutting down)."""
+
+        def __init__(self, event: threading.Event):
+            self.event = event
+
+        def __call__(self, input_ids, scores, **kwargs):  # input_ids (B, T) -> (B,) bool
+            return torch.full((input_ids.shape[0],), self.event.is_set(), device=input_ids.device, dtype=torch.bool)
+
+    criteria = StoppingCriteriaList()
+    if timeout_s is not None:
+        criteria.append(MaxTimeCriteria(max_time=timeout_s, initial_timestamp=started))
+    if cancel is not None:
+        criteria.append(EventSet(cancel))
+    return criteria
 
 
 def _attach(model, adapter_dir: Path, name: str):

@@ -56,7 +56,7 @@ from tunegate.serve.bundles import (
     copy_verified,
     verify_bundles,
 )
-from tunegate.serve.engine import ApiError, Completion
+from tunegate.serve.engine import ApiError, Completion, shutting_down_error
 from tunegate.serve.vllm_setup import find_vllm_python
 
 KVCACHE_SPACE_GIB = "1"  # VLLM_CPU_KVCACHE_SPACE default: small, the CPU's memory is shared with everything
@@ -359,13 +359,22 @@ class VLLMEngine:
 
     def complete(self, adapter: str | None, messages: list[dict[str, str]], max_new_tokens: int,
                  temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None,
-                 stop: list[str] | None = None) -> Completion:
+                 stop: list[str] | None = None, *, fit_max_tokens: bool = False, timeout_s: float | None = None,
+                 cancel: threading.Event | None = None) -> Completion:
         """Forward one chat completion to vLLM. Returns tunegate.serve.engine.Completion.
 
+        vLLM checks the context window itself (a prompt + max_tokens over it is its 400, passed on; `fit_max_tokens`
+        is not used). `timeout_s` bounds the forwarded request (httpx's connect, write and read timeouts: vLLM sends
+        a non-streamed answer in one piece, so the read timeout is the answer's). `cancel` set: refused with 503.
+
         Raises:
-            tunegate.serve.engine.ApiError: 502 when vLLM is unreachable or fails, 400 when it refuses the request.
+            tunegate.serve.engine.ApiError: 502 when vLLM is unreachable or fails, 504 when it does not answer within
+                `timeout_s`, 400 when it refuses the request, 503 when `cancel` is set.
         """
         import httpx
+
+        if cancel is not None and cancel.is_set():
+            raise shutting_down_error()
 
         body: dict[str, Any] = {"model": self.upstream_model(adapter), "messages": messages,
                                 "max_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p}
@@ -374,7 +383,12 @@ class VLLMEngine:
         if stop:
             body["stop"] = stop
         try:
-            r = self.client.post("/chat/completions", json=body)
+            r = self.client.post("/chat/completions", json=body,
+                                 **({"timeout": timeout_s} if timeout_s is not None else {}))
+        except httpx.TimeoutException:
+            raise ApiError(504, f"the vLLM engine did not answer within {timeout_s or self.timeout_s:g} s "
+                           "(serve.request_timeout_s)",
+                           "api_error", "upstream_timeout") from None
         except httpx.HTTPError as exc:
             raise ApiError(502, f"the vLLM engine is unreachable ({type(exc).__name__})", "api_error", "upstream_unavailable") from None
         if r.status_code >= 400:
