@@ -332,18 +332,22 @@ def case_degenerate(text: str) -> bool:
 
 
 def case_view(text: str) -> str:
-    """`text` with every word capitalised and the rest of it in lower case, one character for one (a character
-    whose case mapping changes the length is kept): what NER reads when the casing says nothing."""
-    out, start = [], True
-    for c in text:
-        if c.isalpha():
-            m = c.upper() if start else c.lower()
-            out.append(m if len(m) == 1 else c)
-            start = False
-        else:
-            out.append(c)
-            start = not (c in "'’" and len(out) > 1 and out[-2].isalpha())  # O'neil: one word
-    return "".join(out)
+    """`text` with its casing rebuilt for NER, one character for one (a character whose case mapping changes the
+    length is kept): every word in lower case, then capitalised unless it is an English stop word (spaCy's
+    list: "my", "and", "in", ...), so "MY NAME IS JOHN SMITH" reads "my Name is John Smith"."""
+    import re
+
+    from spacy.lang.en.stop_words import STOP_WORDS
+
+    def word(m: re.Match) -> str:
+        w = m.group(0)
+        low = "".join(c.lower() if len(c.lower()) == 1 else c for c in w)
+        if low in STOP_WORDS or not low[:1].isalpha():
+            return low
+        first = low[0].upper()
+        return (first if len(first) == 1 else low[0]) + low[1:]
+
+    return re.sub(r"\w+(?:['’]\w+)*", word, text)
 
 
 def _drop_contained(results: list[Any]) -> list[Any]:
