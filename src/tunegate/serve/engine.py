@@ -143,10 +143,10 @@ class EmbeddedEngine:
             if seed is not None:
                 torch.manual_seed(seed)
             sampling = temperature > 0
-            # The same stop tokens as the eval stage (tunegate.evals.generate): end of turn and eos.
-            from tunegate.data.format import end_token_id
+            # The same stop tokens as the eval stage, the bundle and vLLM: eos and end of turn.
+            from tunegate.data.format import stop_token_ids
 
-            stop_ids = sorted({end_token_id(self.tokenizer), self.tokenizer.eos_token_id})
+            stop_ids = stop_token_ids(self.tokenizer)
             kwargs = {"max_new_tokens": max_new_tokens, "do_sample": sampling,
                       "pad_token_id": self.tokenizer.pad_token_id, "eos_token_id": stop_ids}
             if sampling:
