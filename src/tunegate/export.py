@@ -94,6 +94,7 @@ def merge_adapter(
     import torch
     from peft import PeftModel
 
+    from tunegate.data.format import stop_token_ids
     from tunegate.evals.generate import generate
     from tunegate.models import device_name, load_model, load_tokenizer, write_stop_tokens
 
@@ -155,7 +156,7 @@ def merge_adapter(
     try:
         merged.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)  # tokenizer_config.json / chat_template.jinja carry the chat template
-        write_stop_tokens(tmp, tokenizer)  # generation_config.json stops at eos and at the end of a turn
+        write_stop_tokens(tmp, stop_token_ids(tokenizer), tokenizer.pad_token_id)  # eos and end of turn
         atomic_write_json(tmp / MERGE_CHECK, check)
         publish_dir(tmp, out_dir)
     except BaseException:

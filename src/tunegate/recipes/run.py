@@ -78,6 +78,7 @@ def run_training(st: Stage, data_dir: Path) -> dict[str, Any] | None:
     """
     import torch
 
+    from tunegate.data.format import stop_token_ids
     from tunegate.models import bf16_supported, load_tokenizer, resolve_base_model, write_stop_tokens
 
     project = st.project
@@ -132,7 +133,8 @@ def run_training(st: Stage, data_dir: Path) -> dict[str, Any] | None:
     else:  # only the trained adapter: DPO/KTO/GRPO from an init adapter also hold a frozen `ref` copy
         trainer.model.save_pretrained(out, selected_adapters=["default"])
     tokenizer.save_pretrained(out)
-    write_stop_tokens(out, tokenizer, source=base)  # generation_config.json: eos and end of turn (stop tokens travel)
+    # generation_config.json: eos and end of turn, so the files stop at the end of a turn wherever they are served
+    write_stop_tokens(out, stop_token_ids(tokenizer), tokenizer.pad_token_id, source=base)
 
     history = trainer.state.log_history
     atomic_write_jsonl(st.dir / "metrics.jsonl", history)

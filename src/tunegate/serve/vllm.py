@@ -349,7 +349,7 @@ class VLLMEngine:
             # vLLM reads a copy that lists both, for every client (the smoke test too); requests carry them as well.
             stops = stop_token_ids(tokenizer)
             plan.generation_config = Path(workdir.name) / "generation"
-            write_stop_tokens(plan.generation_config, tokenizer, source=plan.model)
+            write_stop_tokens(plan.generation_config, stops, tokenizer.pad_token_id, source=plan.model)
             problem = head_size_problem(plan.model)
             if problem:
                 raise TunegateError(problem)
