@@ -64,6 +64,54 @@ def tiny_model_dir(tmp_path_factory, tokenizer) -> Path:
     return out
 
 
+SPLIT_EOS_ANSWER = "The answer."  # what the split-eos model answers to any chat prompt, then <|im_end|>
+
+
+@pytest.fixture(scope="session")
+def split_eos_model_dir(tmp_path_factory, base_dir) -> Path:
+    """A tiny Llama whose tokenizer's eos is not its end-of-turn token, as many Hub chat models have it: the SmolLM2
+    tokenizer with eos (and pad) `<|endoftext|>`, while its ChatML template still ends each turn with `<|im_end|>`;
+    config.json and generation_config.json name `<|endoftext|>` as eos, like such a base model's.
+
+    Built to answer deterministically: its attention and MLP outputs are scaled down 100x, so the last hidden
+    state is (nearly) the last token's embedding, and its untied output layer maps a few tokens to a successor:
+    "\n" (the end of the generation prompt) -> "The" -> " answer" -> "." -> `<|im_end|>` -> "\n" -> ... Greedy
+    decoding therefore writes SPLIT_EOS_ANSWER, then `<|im_end|>`; a generator that does not stop there writes
+    the answer again and again up to its token limit. Head size 32 (2 heads of 64), which vLLM's CPU attention runs.
+    """
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tunegate.models import load_tokenizer
+
+    tok = load_tokenizer(base_dir)
+    tok.eos_token = tok.pad_token = "<|endoftext|>"
+    eot = tok.convert_tokens_to_ids("<|im_end|>")
+    assert tok.eos_token_id != eot
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=512, tie_word_embeddings=False,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    )
+    model = LlamaForCausalLM(cfg)
+    newline = tok("\n", add_special_tokens=False)["input_ids"]
+    chain = newline + tok(SPLIT_EOS_ANSWER, add_special_tokens=False)["input_ids"] + [eot] + newline
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.mul_(0.01)
+            layer.mlp.down_proj.weight.mul_(0.01)
+        emb, out = model.model.embed_tokens.weight, model.lm_head.weight  # (V, 64) each
+        for prev, nxt in zip(chain, chain[1:]):
+            out[nxt] = emb[prev] * 10.0  # logit of `nxt` after `prev`: ~13; any other token: under ~1
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    out_dir = tmp_path_factory.mktemp("tiny-llama-split-eos")
+    model.save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
+    return out_dir
+
+
 def write_jsonl(path: Path, rows) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:

@@ -80,7 +80,7 @@ def merge_adapter(
         base: a folder or hub id `from_pretrained` reads (see `models.resolve_base_model`).
         adapter_dir: PEFT adapter folder (adapter_config.json + adapter_model.safetensors).
         out_dir: where the merged model goes; it appears whole (safetensors, tokenizer, chat template,
-            `merge_check.json`) or not at all. An existing folder is replaced only by a merge that passes.
+            `generation_config.json` whose eos ids include the end-of-turn token, `merge_check.json`) or not at all. An existing folder is replaced only by a merge that passes.
         prompts: rendered prompts (chat template applied, generation prompt added), e.g. golden prompts.
         base_label: how `merge_check.json` names the base model (default: str(base)).
 
@@ -94,8 +94,9 @@ def merge_adapter(
     import torch
     from peft import PeftModel
 
+    from tunegate.data.format import stop_token_ids
     from tunegate.evals.generate import generate
-    from tunegate.models import device_name, load_model, load_tokenizer
+    from tunegate.models import device_name, load_model, load_tokenizer, write_stop_tokens
 
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
     restore_set_aside(out_dir)  # an export killed between its two renames left the old merge aside: put it back
@@ -155,6 +156,7 @@ def merge_adapter(
     try:
         merged.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)  # tokenizer_config.json / chat_template.jinja carry the chat template
+        write_stop_tokens(tmp, stop_token_ids(tokenizer), tokenizer.pad_token_id)  # eos and end of turn
         atomic_write_json(tmp / MERGE_CHECK, check)
         publish_dir(tmp, out_dir)
     except BaseException:

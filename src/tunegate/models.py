@@ -87,6 +87,49 @@ def _convert_gguf(gguf: Path, target: Path, progress: bool) -> None:
     publish_dir(tmp, target)  # the cache folder appears whole or not at all
 
 
+GENERATION_CONFIG = "generation_config.json"
+
+
+def write_stop_tokens(folder: Path | str, stop_ids: list[int], pad_token_id: int | None = None,
+                      source: Path | str | None = None) -> list[int]:
+    """Make `folder/generation_config.json` stop at the end of a turn: its `eos_token_id` becomes the list
+    `stop_ids` (`data.format.stop_token_ids(tokenizer)`: eos, then the end-of-turn token), followed by any other
+    eos id the file already listed (Llama 3 lists three); `pad_token_id` is set when the file has none.
+
+    Hugging Face `generate` and vLLM (`--generation-config auto`, its default, reads the model folder's file)
+    stop at every id of that list without being told, so a released model whose tokenizer's eos is not its
+    end-of-turn token (`<|endoftext|>` vs `<|im_end|>`) still ends its answer.
+
+    folder: a model folder (merged or full fine-tune: `save_pretrained` wrote the file) or an adapter folder
+        (no file yet). source: where to start from when `folder` has no file: a base model folder, whose
+        sampling defaults (temperature, top_p) are kept; a hub id or a folder without the file starts empty.
+
+    Returns:
+        The eos ids written.
+    """
+    import json
+
+    from tunegate.core.io import atomic_write_json
+
+    folder = Path(folder)
+    start = folder / GENERATION_CONFIG
+    if not start.is_file() and source is not None:
+        start = Path(source) / GENERATION_CONFIG
+    config: dict[str, Any] = {}
+    if start.is_file():
+        config = json.loads(start.read_text(encoding="utf-8"))
+    listed = config.get("eos_token_id")
+    listed = [listed] if isinstance(listed, int) else list(listed or [])
+    eos = list(dict.fromkeys([*(int(i) for i in stop_ids), *(int(i) for i in listed)]))
+    config["eos_token_id"] = eos
+    config.pop("_from_model_config", None)  # edited: transformers must not rebuild it from config.json
+    if config.get("pad_token_id") is None and pad_token_id is not None:
+        config["pad_token_id"] = pad_token_id
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(folder / GENERATION_CONFIG, config)
+    return eos
+
+
 def load_tokenizer(base: Path | str):
     from transformers import AutoTokenizer
 

@@ -279,9 +279,11 @@ def run_pipeline(project: Project, run_id: str = "default", until: str = "report
 def validate_project(p: Project) -> list[str]:
     """What `tunegate validate` finds wrong with a project without loading a model, one line per problem (empty when
     none): missing source, golden, corpus or suite files; bad golden rows or a golden set that changed since its lock;
-    an unreadable price table; TRL/PEFT settings their config classes do not accept."""
+    an unreadable price table; TRL/PEFT settings their config classes do not accept or tunegate cannot honour; a
+    tokenizer with more tokens than the base model's embedding (when the base model is on this machine)."""
     from tunegate.data import golden
     from tunegate.data.records import read_source
+    from tunegate.preflight import check_vocabulary
     from tunegate.prices import load_prices
     from tunegate.recipes.defaults import check_passthrough
 
@@ -305,4 +307,4 @@ def validate_project(p: Project) -> list[str]:
             problems.append(f"audit.prices: {exc}")
     if p.eval.suites:
         problems += [f"eval.suites: {path} not found" for path in p.eval.suites.files().values() if not path.is_file()]
-    return problems + check_passthrough(p)
+    return problems + check_passthrough(p) + check_vocabulary(p)

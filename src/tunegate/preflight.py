@@ -292,6 +292,54 @@ def anti_patterns(project, n_train_rows: int, base_is_instruct: bool, answers: d
 
 
 # ---------------------------------------------------------------------------------------------------------
+# The vocabulary and the pass-through settings
+
+VOCAB_FIX = ("use the tokenizer saved with the model, or resize the model's embeddings to the tokenizer "
+             "(model.resize_token_embeddings(len(tokenizer))) and save both before training")
+
+
+def vocabulary_problem(n_tokens: int, embedding_rows: int | None) -> str | None:
+    """Why a tokenizer of `n_tokens` tokens (len(tokenizer): its vocabulary and added tokens) cannot train a model
+    whose input embedding has `embedding_rows` rows (config vocab_size), or None. Fewer tokens than rows is
+    normal (embeddings padded to a multiple of 64 or 128); more means token ids past the last row, which index
+    past the embedding: an IndexError mid-training (or a CUDA device-side assert), after data and preflight."""
+    if embedding_rows is None or n_tokens <= embedding_rows:
+        return None
+    return (f"base_model: the tokenizer has {n_tokens} tokens but the model's embedding has {embedding_rows} rows "
+            f"(vocab_size): token ids {embedding_rows}..{n_tokens - 1} would index past it mid-training")
+
+
+def _config_vocab_size(config) -> int | None:
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    size = getattr(text, "vocab_size", None)
+    return int(size) if isinstance(size, int) else None
+
+
+def check_vocabulary(project) -> list[str]:
+    """`tunegate validate`'s vocabulary check, without weights: len(tokenizer) against config.json's vocab_size.
+
+    Returns one line naming both numbers and the fix, or []. Skipped ([]) when the base model is not on this
+    machine: a hub id not in the local Hugging Face cache (nothing is downloaded), or the embedded model before
+    its one-time conversion (its tokenizer and model agree); the preflight checks it again on the loaded model.
+    """
+    from tunegate.models import EMBEDDED, cache_dir, resolve_base_model
+
+    name = project.base_model
+    if name in EMBEDDED and not (cache_dir() / "models" / name / "config.json").is_file():
+        return []
+    try:
+        from transformers import AutoConfig, AutoTokenizer
+
+        base = str(resolve_base_model(name, progress=False))
+        tokenizer = AutoTokenizer.from_pretrained(base, local_files_only=True)
+        config = AutoConfig.from_pretrained(base, local_files_only=True)
+    except (TunegateError, OSError, ValueError):
+        return []  # not on this machine, or not a transformers folder: loading it later says why
+    problem = vocabulary_problem(len(tokenizer), _config_vocab_size(config))
+    return [f"{problem}; {VOCAB_FIX}"] if problem else []
+
+
+# ---------------------------------------------------------------------------------------------------------
 # LoRA target modules (case C12 in docs/cases.md)
 
 
@@ -669,6 +717,8 @@ def run_checks(project, data_dir: Path, measure: bool = True) -> dict[str, Any]:
 
     Reads the data stage's train.jsonl and stats.json. Loads the tokenizer and the base model's architecture
     (on the meta device: no weights; real weights only with `measure`): anti-patterns, loss-mask and length rejections the data stage made (C01-C03, C07, C09-C11),
+    a tokenizer with more tokens than the model's embedding rows (`vocab_mismatch`), TRL/PEFT settings tunegate
+    cannot honour (`passthrough_unsupported`: recipes.defaults.check_passthrough),
     LoRA target modules resolved against the model's real module names (C12), and with `measure` a
     micro-benchmark and the estimate (tokens, FLOPs, time here, peak memory, 7B cloud cost).
 
@@ -679,7 +729,7 @@ def run_checks(project, data_dir: Path, measure: bool = True) -> dict[str, Any]:
 
     from tunegate.core.io import read_jsonl
     from tunegate.models import load_model, load_tokenizer, resolve_base_model
-    from tunegate.recipes.defaults import lora_kwargs
+    from tunegate.recipes.defaults import check_passthrough, lora_kwargs
 
     rows = read_jsonl(data_dir / "train.jsonl")
     stats = json.loads((data_dir / "stats.json").read_text()) if (data_dir / "stats.json").is_file() else {}
@@ -695,6 +745,12 @@ def run_checks(project, data_dir: Path, measure: bool = True) -> dict[str, Any]:
     # Module names and parameter counts need no weights: a model on the meta device costs no memory. Real
     # weights are loaded only for the micro-benchmark (--dry-run).
     model = load_model(base) if measure and rows else _meta_model(base)
+    problem = vocabulary_problem(len(tokenizer), model.get_input_embeddings().num_embeddings)
+    if problem:
+        findings.insert(0, Finding("vocab_mismatch", "error", problem, VOCAB_FIX))
+    for problem in check_passthrough(project):  # also run by validate and before every training
+        findings.insert(0, Finding("passthrough_unsupported", "error", problem,
+                                   "remove or change that setting in the project file (`tunegate validate` checks it)"))
     targets = None
     n_params = sum(p.numel() for p in model.parameters())
     n_trainable = n_params

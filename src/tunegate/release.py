@@ -4,8 +4,9 @@ A release is refused unless the run's eval gate said PASS, the eval scored the t
 folder now, and the adapter on disk still has the sha256 its train manifest recorded. The bundle is built in a
 hidden sibling folder and renamed into place at the end, so a crash leaves no half-written bundle. Layout:
 
-    release.json          what was released (project, run, base model, method, adapter settings, scores, vLLM fit)
-    adapter/              the PEFT adapter files exactly as trained
+    release.json          what was released (project, run, base model, method, adapter settings, scores, vLLM fit,
+                          stop_token_ids: the eos and end-of-turn ids generation stops at)
+    adapter/              the PEFT adapter files exactly as trained (with generation_config.json: the stop ids)
     merged/               only when vLLM cannot serve the adapter as a LoRA (DoRA, modules_to_save, bias, rank):
                           the merged model from `tunegate.export` (checked against the adapter, case C13 in docs/cases.md)
     manifests/<stage>.json  every stage manifest of the run, byte for byte (the lineage chain)
@@ -510,6 +511,11 @@ def build_bundle(project, run_id: str = "default", private_key: Path | None = No
 
         train_cfg = train.config.get("train", {})
         weights_rel = "adapter/adapter_model.safetensors"
+        # The eos ids the bundle's generation_config.json lists (eos and end of turn; models.write_stop_tokens):
+        # what any engine serving the bundle must stop at. None for a run trained before they were written.
+        gen_cfg = next((tmp / d / "generation_config.json" for d in ("merged", "adapter")
+                        if (tmp / d / "generation_config.json").is_file()), None)
+        stop_ids = json.loads(gen_cfg.read_text(encoding="utf-8")).get("eos_token_id") if gen_cfg else None
         release = {
             "project": project.name,
             "run_id": run_id,
@@ -521,6 +527,7 @@ def build_bundle(project, run_id: str = "default", private_key: Path | None = No
             "lora_alpha": adapter_cfg.get("lora_alpha"),
             "target_modules": sorted(adapter_cfg["target_modules"]) if isinstance(adapter_cfg.get("target_modules"), list) else adapter_cfg.get("target_modules"),
             "modules_to_save": adapter_cfg.get("modules_to_save"),
+            "stop_token_ids": [stop_ids] if isinstance(stop_ids, int) else stop_ids,
             "adapter_sha256": train.outputs.get(weights_rel) if not full else train.outputs.get("model/model.safetensors"),
             "verdict": "PASS",
             "scores": json.loads((tmp / "eval" / "scores.json").read_text(encoding="utf-8")),

@@ -127,3 +127,36 @@ def test_vllm_serves_two_adapters_behind_the_proxy(vllm_project, tmp_path):
     finally:
         engine.close()
     assert engine.process.proc.poll() is not None
+
+
+def test_vllm_stops_at_the_end_of_turn_when_the_bases_eos_is_another_token(tmp_path, split_eos_model_dir):
+    """Issue 20, stop tokens travel: the base's tokenizer and generation_config.json name `<|endoftext|>` as eos,
+    its template ends turns with `<|im_end|>`, and the model answers "The answer." then `<|im_end|>`, then
+    repeats itself (conftest.split_eos_model_dir). vLLM started by tunegate stops there both for a request sent
+    to it directly with no stop ids (--generation-config) and for one forwarded by the proxy (stop_token_ids)."""
+    import httpx
+    from conftest import SPLIT_EOS_ANSWER
+
+    from tunegate.serve.vllm import VLLMEngine
+
+    (tmp_path / "tunegate.yaml").write_text(project_yaml("stops", split_eos_model_dir, train="  adapter: lora"))
+    project = load_project(tmp_path / "tunegate.yaml")
+    engine = VLLMEngine.launch(project, venv=VENV, dtype="float32", enforce_eager=True, timeout_s=900, max_model_len=512)
+    n, max_tokens = 8, 32
+    try:
+        direct, proxied = [], []
+        for i in range(n):
+            msgs = [{"role": "user", "content": f"golden question {i} on alpha"}]
+            r = httpx.post(engine.url + "/chat/completions", timeout=300, json={
+                "model": engine.base_name, "messages": msgs, "max_tokens": max_tokens, "temperature": 0})
+            assert r.status_code == 200, r.text
+            choice = r.json()["choices"][0]
+            direct.append((choice["message"]["content"], choice["finish_reason"]))
+            out = engine.complete(None, msgs, max_tokens, temperature=0)
+            proxied.append((out.text, out.finish_reason))
+    finally:
+        engine.close()
+    stopped = [sum(a == (SPLIT_EOS_ANSWER, "stop") for a in answers) for answers in (direct, proxied)]
+    print(f"vLLM answers that stopped at the end of turn: direct (--generation-config) {stopped[0]}/{n}, "
+          f"through the proxy (stop_token_ids) {stopped[1]}/{n}; first answers {direct[0]!r} {proxied[0]!r}")
+    assert stopped == [n, n]

@@ -147,3 +147,52 @@ def test_the_audit_reruns_for_what_its_probe_trains_with_not_for_the_full_runs_l
         assert _config_for(load_project(path, [override]), "train") != _config_for(load_project(path), "train"), override
     for override in ("train.trl.learning_rate=2.0e-4", "train.lora.r=8", "audit.probe.max_steps=10"):
         assert _config_for(load_project(path, [override]), "audit") != audit, override
+
+
+SFT_BREAKING = [  # (override, the key path the one-line refusal names): issue 20, refuse before spend
+    ("train.trl.packing=true", "train.trl.packing"),
+    ("train.trl.eval_packing=true", "train.trl.eval_packing"),
+    ("train.trl.padding_free=true", "train.trl.padding_free"),
+    ("train.trl.assistant_only_loss=true", "train.trl.assistant_only_loss"),
+    ("train.trl.max_length=64", "train.trl.max_length"),  # below data.max_length 2048: TRL would cut fitted rows
+    ("train.trl.loss_type=dft", "train.trl.loss_type"),
+    ("train.trl.label_smoothing_factor=0.1", "train.trl.label_smoothing_factor"),
+    ("train.trl.model_init_kwargs={dtype: bfloat16}", "train.trl.model_init_kwargs"),
+    ("train.lora.target_modules=[q_proj, lm_head]", "train.lora.target_modules"),
+]
+
+
+@pytest.mark.parametrize("override,key", SFT_BREAKING, ids=[k for _, k in SFT_BREAKING])
+def test_passthrough_settings_tunegate_cannot_honour_are_refused_in_one_line(tmp_path, override, key):
+    """TRL accepts these, then the run crashes after the model loaded (packing, padding_free: KeyError
+    'attention_mask'; assistant_only_loss, an adapter on lm_head: ValueError) or trains something else than asked
+    (TRL's truncation, a loss tunegate's replaces, kwargs for a model TRL does not load)."""
+    from tunegate.recipes.defaults import check_passthrough
+
+    problems = check_passthrough(load_project(write(tmp_path, MINIMAL), [override]))
+    assert len(problems) == 1, problems
+    assert problems[0].startswith(f"{key}: ") and "not supported" in problems[0] and "\n" not in problems[0]
+
+
+@pytest.mark.parametrize("overrides", [
+    ["train.trl.max_length=2048"],  # at data.max_length: a no-op
+    ["train.trl.completion_only_loss=true", "train.trl.dataset_text_field=body",
+     "train.trl.dataset_kwargs={skip_prepare_dataset: true}"],  # the rows carry input_ids and labels: harmless
+    ["train.trl.packing=false", "train.trl.padding_free=false", "train.trl.loss_type=nll"],
+    ["train.lora.target_modules=all-linear", "train.lora.modules_to_save=[lm_head]"],
+], ids=["max_length_at_data_max_length", "harmless_for_tokenized_rows", "defaults_spelled_out", "lm_head_saved_not_adapted"])
+def test_passthrough_settings_that_do_no_harm_are_accepted(tmp_path, overrides):
+    from tunegate.recipes.defaults import check_passthrough
+
+    assert check_passthrough(load_project(write(tmp_path, MINIMAL), overrides)) == []
+
+
+def test_packing_is_refused_for_cpt_too_and_lm_head_for_dpo(tmp_path):
+    from tunegate.recipes.defaults import check_passthrough
+
+    text = MINIMAL.replace("{path: train.jsonl}", "{path: train.jsonl, format: text}")
+    cpt = load_project(write(tmp_path, text + "train:\n  method: cpt\n"), ["train.trl.packing=true", "train.trl.max_length=2048"])
+    assert [p.split(":")[0] for p in check_passthrough(cpt)] == ["train.trl.packing"]
+    pref = MINIMAL.replace("{path: train.jsonl}", "{path: train.jsonl, format: preference}")
+    dpo = load_project(write(tmp_path, pref + "train:\n  method: dpo\n"), ["train.lora.target_modules=[q_proj, lm_head]"])
+    assert [p.split(":")[0] for p in check_passthrough(dpo)] == ["train.lora.target_modules"]

@@ -305,3 +305,63 @@ def test_render_puts_errors_first_and_prints_the_estimate(tmp_path):
     assert "time here: 33.3 min at 500 tokens/s" in text
     assert "gpu-x:" in text and "$0.45" in text
     assert render([], None) == "preflight: 0 error(s), 0 warning(s)\n"
+
+
+# ---------------------------------------------------------------- refuse before spend (issue 20)
+
+
+@pytest.fixture(scope="module")
+def short_vocab_model_dir(tmp_path_factory, tokenizer):
+    """A tiny Llama whose embedding has 16 rows fewer than its tokenizer has tokens (as after adding tokens to the
+    tokenizer without resizing the model)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tokenizer) - 16, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    out = tmp_path_factory.mktemp("short-vocab")
+    LlamaForCausalLM(cfg).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def _on_disk_project(tmp_path, base_model, *overrides):
+    (tmp_path / "train.jsonl").write_text(GOLDEN_ROW + "\n")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train.jsonl").write_text(GOLDEN_ROW + "\n")  # the data stage's output, for run_checks
+    return load_project(project(tmp_path, f"base_model: {base_model}\n").source_file, list(overrides))
+
+
+def test_a_tokenizer_larger_than_the_embedding_is_an_error_at_validate_and_preflight(tmp_path, short_vocab_model_dir, tokenizer):
+    from tunegate.pipeline import validate_project
+    from tunegate.preflight import run_checks
+
+    p = _on_disk_project(tmp_path, short_vocab_model_dir)
+    n = len(tokenizer)
+    problems = validate_project(p)
+    assert len(problems) == 1 and "\n" not in problems[0], problems
+    assert f"the tokenizer has {n} tokens but the model's embedding has {n - 16} rows" in problems[0]
+    check = run_checks(p, tmp_path / "data", measure=False)
+    found = by_name([Finding(**f) for f in check["findings"]], "vocab_mismatch")
+    assert found.level == "error" and f"{n} tokens" in found.message and f"{n - 16} rows" in found.message
+    assert check["errors"] >= 1
+
+
+def test_a_matching_vocabulary_passes(tmp_path, tiny_model_dir):
+    from tunegate.pipeline import validate_project
+
+    assert validate_project(_on_disk_project(tmp_path, tiny_model_dir)) == []
+
+
+def test_validate_and_the_preflight_refuse_packing(tmp_path, tiny_model_dir):
+    from tunegate.pipeline import validate_project
+    from tunegate.preflight import run_checks
+
+    p = _on_disk_project(tmp_path, tiny_model_dir, "train.trl.packing=true", "train.trl.max_length=2048")
+    problems = validate_project(p)
+    assert len(problems) == 1 and problems[0].startswith("train.trl.packing: True is not supported by tunegate"), problems
+    check = run_checks(p, tmp_path / "data", measure=False)
+    found = by_name([Finding(**f) for f in check["findings"]], "passthrough_unsupported")
+    assert found.level == "error" and found.message == problems[0]
+    assert check["findings"][0]["level"] == "error"

@@ -382,3 +382,52 @@ def test_both_engines_implement_the_engine_protocol():
         embedded.add_adapter("support", Path("bundle"))
     with pytest.raises(TunegateError, match="remove the bundle from serve.bundles and restart"):
         embedded.remove_adapter("support")
+
+
+def test_launch_and_every_forwarded_request_carry_the_end_of_turn_stop_ids(tmp_path, monkeypatch, split_eos_model_dir):
+    """Issue 20, stop tokens travel: on a base whose eos (<|endoftext|>, 0) is not its end-of-turn token
+    (<|im_end|>, 2), vLLM is started with --generation-config pointing at a copy of the base's generation config
+    that lists both (vLLM adds a generation config's eos ids to every request's stop ids), and the proxy sends
+    both as `stop_token_ids` with every completion. vLLM itself is replaced by a fake upstream."""
+    from conftest import project_yaml
+
+    import tunegate.serve.vllm as vllm_mod
+    from tunegate.config import load_project
+
+    (tmp_path / "tunegate.yaml").write_text(project_yaml("stops", split_eos_model_dir, train="  adapter: lora"))
+    project = load_project(tmp_path / "tunegate.yaml")
+    started = {}
+
+    class FakeProcess:
+        def stop(self):
+            started["stopped"] = True
+
+    def fake_start(cls, argv, url, log, env, timeout_s=600.0):
+        started["argv"] = argv
+        gen = Path(argv[argv.index("--generation-config") + 1]) / "generation_config.json"
+        started["generation_config"] = json.loads(gen.read_text())  # read while the launch's folder exists
+        return FakeProcess()
+
+    with fake_openai_server(lambda model, messages: "The answer.") as (url, calls):
+        monkeypatch.setattr(vllm_mod, "find_vllm_python", lambda venv=None: Path("vllm-python"))
+        monkeypatch.setattr(vllm_mod, "free_port", lambda host="127.0.0.1": int(url.rsplit(":", 1)[1].split("/")[0]))
+        monkeypatch.setattr(vllm_mod.VLLMProcess, "start", classmethod(fake_start))
+        engine = vllm_mod.VLLMEngine.launch(project)
+        try:
+            out = engine.complete(None, [{"role": "user", "content": "hi"}], 16, temperature=0)
+        finally:
+            engine.close()
+    assert engine.stop_token_ids == [0, 2] and out.text == "The answer."
+    gen = started["generation_config"]
+    assert gen["eos_token_id"] == [0, 2] and gen["pad_token_id"] == 0
+    base_gen = json.loads((split_eos_model_dir / "generation_config.json").read_text())
+    assert base_gen["eos_token_id"] == 0  # the base's own file is left as it is; vLLM reads the copy
+    path, body = calls[-1]
+    assert path == "/v1/chat/completions" and body["stop_token_ids"] == [0, 2]
+    assert started.get("stopped")
+
+
+def test_launch_plan_passes_the_generation_config_folder():
+    argv = LaunchPlan(model=Path("m"), served_name="m", generation_config=Path("/tmp/gen")).argv("py")
+    assert argv[argv.index("--generation-config") + 1] == "/tmp/gen"
+    assert "--generation-config" not in LaunchPlan(model=Path("m"), served_name="m").argv("py")

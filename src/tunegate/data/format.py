@@ -173,6 +173,20 @@ def end_token_id(tokenizer) -> int:
     return eot
 
 
+def stop_token_ids(tokenizer) -> list[int]:
+    """The token ids generation stops at: the tokenizer's eos, then the end-of-turn token (`end_token_id`) when
+    it differs (e.g. `<|endoftext|>` and `<|im_end|>`), without duplicates or None.
+
+    The one list every generator and every written artifact uses: the eval stage and the embedded server pass it
+    to `generate`, GRPO's policy carries it, the adapter folder, merged model and release bundle write it as
+    `generation_config.json`'s `eos_token_id` (`models.write_stop_tokens`), and the vLLM proxy sends it as
+    `stop_token_ids`. A list because Hugging Face `generate` and vLLM both read a list of eos ids; eos first, so
+    readers that take the first id as "the" eos (pad fallbacks) keep the tokenizer's.
+    """
+    ids = [tokenizer.eos_token_id, end_token_id(tokenizer)]
+    return [int(i) for i in dict.fromkeys(ids) if i is not None]
+
+
 def encode_chat(tokenizer, messages: list[dict[str, str]]) -> Encoded:
     """Token ids and labels for a chat; only assistant content and its end-of-turn token are supervised."""
     eot = end_token_id(tokenizer)

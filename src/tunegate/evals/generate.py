@@ -18,10 +18,10 @@ def generate(
     import torch
 
     from tunegate.core.console import progress
-    from tunegate.data.format import end_token_id
+    from tunegate.data.format import stop_token_ids
 
     tokenizer.padding_side = "left"
-    stop = sorted({end_token_id(tokenizer), tokenizer.eos_token_id})
+    stop = stop_token_ids(tokenizer)
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     outputs: list[str] = [""] * len(prompts)

@@ -130,14 +130,107 @@ def _trainer_defaults(project: Project, output_dir: Path, device_bf16: bool) -> 
     return defaults
 
 
+def trains_on_tokenized_rows(project: Project) -> bool:
+    """Whether `train.method` runs tunegate's SFT trainer (recipes.sft) on rows tunegate tokenized itself, with its
+    own loss mask and loss: SFT, CPT (texts packed into blocks by recipes.cpt) and sequence-level distillation."""
+    method = project.train.method
+    return method in ("sft", "cpt") or (method == "distillation" and project.train.distillation.mode == "sequence")
+
+
+def unsupported_passthrough(project: Project) -> list[str]:
+    """Pass-through settings TRL/PEFT accept but tunegate's own data path or loss cannot honour: each one would
+    crash mid-run, after the model loaded, or silently train something else than asked. One line per setting set,
+    naming it and why (`check_passthrough` adds them to its problems: `tunegate validate`, the preflight and every
+    training refuse them).
+
+    For the recipes on tunegate-tokenized rows (`trains_on_tokenized_rows`; TRL 1.x SFTTrainer):
+      packing, eval_packing  TRL packs rows into one padding-free sequence: tunegate's loss reads the attention
+                             mask packing drops (KeyError mid-run), and outside flash-attention kernels packed
+                             rows attend to each other. Rows are fit by data.max_length / data.overlength; the cpt
+                             method packs texts itself.
+      padding_free           the same flattening without packing.
+      max_length             below data.max_length: TRL cuts rows the over-length policy already fit, dropping
+                             the supervised end-of-turn token (TRL's own truncation, keep_start).
+      assistant_only_loss    TRL builds that mask from conversational rows; it gets tokenized rows and stops
+                             with ValueError. tunegate's labels already supervise only assistant tokens.
+      loss_type (not nll), label_smoothing_factor > 0
+                             tunegate's loss (recipes.sft.supervised_only_loss) replaces TRL's: ignored silently.
+    For every method:
+      model_init_kwargs      tunegate loads the model itself (train.adapter) and hands TRL the loaded model, which
+                             TRL then leaves as it is: the kwargs would be ignored.
+      train.lora.target_modules selecting lm_head
+                             TRL's SFT, DPO, KTO, GRPO and distillation trainers stop with ValueError (they read
+                             lm_head.weight directly); ORPO's does not.
+    Settings that are harmless here (completion_only_loss, dataset_text_field, dataset_kwargs: the rows carry
+    input_ids and labels, so TRL neither renders nor masks them) are not refused.
+    """
+    trl = project.train.trl
+    problems = []
+
+    def refuse(key: str, why: str) -> None:
+        problems.append(f"train.trl.{key}: {trl[key]!r} is not supported by tunegate: {why}")
+
+    if trl.get("model_init_kwargs"):
+        refuse("model_init_kwargs", "tunegate loads the base model itself (train.adapter; TRL ignores these kwargs "
+                                    "for a loaded model); remove it")
+    if project.train.adapter != "full" and project.train.method != "orpo" and _targets_lm_head(lora_kwargs(project)):
+        problems.append("train.lora.target_modules: an adapter on lm_head is not supported: TRL's "
+                        f"{project.train.method.upper()} trainer refuses it (it computes log-probabilities from "
+                        "lm_head.weight directly); remove lm_head (all-linear leaves it out)")
+    if not trains_on_tokenized_rows(project):
+        return problems
+    packs = ("TRL would pack tunegate's tokenized rows into one padding-free sequence: tunegate's loss needs the "
+             "attention mask packing drops, and packed rows would attend to each other; remove it (data.max_length "
+             "and data.overlength fit rows; `method: cpt` packs raw text itself)")
+    for key in ("packing", "eval_packing"):
+        if trl.get(key) is True:
+            refuse(key, packs)
+    if trl.get("padding_free") is True:
+        refuse("padding_free", "TRL would flatten each batch into one sequence without an attention mask, which "
+                               "tunegate's loss reads; rows would attend to each other; remove it")
+    max_length = trl.get("max_length")
+    if isinstance(max_length, int) and not isinstance(max_length, bool) and max_length < project.data.max_length:
+        refuse("max_length", f"below data.max_length {project.data.max_length}, TRL would cut rows the data stage "
+                             f"already fit (data.overlength {project.data.overlength}), dropping their supervised "
+                             "end-of-turn token; set data.max_length instead")
+    if trl.get("assistant_only_loss") is True:
+        refuse("assistant_only_loss", "TRL builds that mask from conversational rows and stops on tunegate's tokenized "
+                                      "rows; tunegate's labels already supervise only the assistant's tokens; remove it")
+    if trl.get("loss_type", "nll") not in ("nll", None):
+        refuse("loss_type", "tunegate's loss (supervised tokens' cross-entropy) replaces TRL's, so it would be "
+                            "ignored; remove it")
+    smoothing = trl.get("label_smoothing_factor", 0)
+    if isinstance(smoothing, (int, float)) and not isinstance(smoothing, bool) and smoothing > 0:
+        refuse("label_smoothing_factor", "tunegate's loss (supervised tokens' cross-entropy) replaces the trainer's, "
+                                         "so it would be ignored; remove it")
+    return problems
+
+
+def _targets_lm_head(lora: dict[str, Any]) -> bool:
+    """Whether LoRA `target_modules` selects the `lm_head` module, by PEFT's rules: a list names a module or a
+    suffix of its path, a string is a full-match regex ("all-linear" excludes the output layer)."""
+    import re
+
+    targets = lora.get("target_modules")
+    if isinstance(targets, str):
+        if targets == "all-linear":
+            return False
+        try:
+            return re.fullmatch(targets, "lm_head") is not None
+        except re.error:
+            return False  # peft.LoraConfig / the preflight report a bad pattern
+    return isinstance(targets, (list, tuple, set)) and "lm_head" in targets
+
+
 def check_passthrough(project: Project) -> list[str]:
-    """Build peft.LoraConfig and the method's TRL config (SFTConfig, DPOConfig, ...) from the project, without loading a model.
+    """Build peft.LoraConfig and the method's TRL config (SFTConfig, DPOConfig, ...) from the project, without
+    loading a model, and refuse the settings tunegate cannot honour (`unsupported_passthrough`).
 
     Returns a list of problems, each naming the key path; empty when both accept their settings.
     """
     import tempfile
 
-    problems = []
+    problems = unsupported_passthrough(project)
     if project.train.adapter != "full":
         try:
             from peft import LoraConfig

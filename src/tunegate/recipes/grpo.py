@@ -40,7 +40,7 @@ def sample(model, tokenizer, prompts: list[list[dict[str, str]]], n: int, max_ne
     """`n` sampled answers per chat prompt (the policy's own sampling, as GRPO does). Returns one list per prompt."""
     import torch
 
-    from tunegate.data.format import end_token_id
+    from tunegate.data.format import stop_token_ids
 
     tokenizer.padding_side = "left"
     texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
@@ -48,7 +48,7 @@ def sample(model, tokenizer, prompts: list[list[dict[str, str]]], n: int, max_ne
     with torch.inference_mode():
         out = model.generate(**batch, do_sample=True, temperature=temperature, top_p=1.0, top_k=0, num_return_sequences=n,
                              max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                             eos_token_id=sorted({end_token_id(tokenizer), tokenizer.eos_token_id}))
+                             eos_token_id=stop_token_ids(tokenizer))
     new = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
     return [new[i * n : (i + 1) * n] for i in range(len(prompts))]
 
@@ -101,7 +101,12 @@ def build(ctx: Context) -> Built:
     kwargs = ctx.trl_args(evaluate=False)  # held-out reward is measured here, greedy; GRPO's eval would sample
     kwargs.pop("include_num_input_tokens_seen", None)
     model, peft = load_policy(project, ctx.base)
+    from tunegate.data.format import stop_token_ids
     from tunegate.models import device_name
+
+    # TRL's GRPOTrainer ends each sampled completion at the policy's generation_config eos ids: with an eos
+    # that is not the end-of-turn token, completions would run past the answer to max_completion_length.
+    model.generation_config.eos_token_id = stop_token_ids(ctx.tokenizer)
 
     if project.train.adapter != "qlora":  # a 4-bit model is placed on the GPU when it loads
         model = model.to(device_name())  # the smoke batch and held-out reward generate on the GPU when there is one

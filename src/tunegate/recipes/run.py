@@ -1,7 +1,8 @@
 """The training body: the preflight, the recipe of `train.method` (tunegate.recipes), and what it trained, saved.
 
 The train stage calls `run_training` on the data stage's rows; the audit's LoRA probe calls it on a sample of
-them, in its own folder. Writes preflight.json, adapter/ (PEFT format; `model/` instead for `adapter: full`),
+them, in its own folder. Writes preflight.json, adapter/ (PEFT format, with the tokenizer and a
+generation_config.json whose eos ids include the end-of-turn token; `model/` instead for `adapter: full`),
 metrics.jsonl (every logged step), loss.png and train_summary.json.
 """
 
@@ -77,7 +78,8 @@ def run_training(st: Stage, data_dir: Path) -> dict[str, Any] | None:
     """
     import torch
 
-    from tunegate.models import bf16_supported, load_tokenizer, resolve_base_model
+    from tunegate.data.format import stop_token_ids
+    from tunegate.models import bf16_supported, load_tokenizer, resolve_base_model, write_stop_tokens
 
     project = st.project
     method = project.train.method
@@ -131,6 +133,8 @@ def run_training(st: Stage, data_dir: Path) -> dict[str, Any] | None:
     else:  # only the trained adapter: DPO/KTO/GRPO from an init adapter also hold a frozen `ref` copy
         trainer.model.save_pretrained(out, selected_adapters=["default"])
     tokenizer.save_pretrained(out)
+    # generation_config.json: eos and end of turn, so the files stop at the end of a turn wherever they are served
+    write_stop_tokens(out, stop_token_ids(tokenizer), tokenizer.pad_token_id, source=base)
 
     history = trainer.state.log_history
     atomic_write_jsonl(st.dir / "metrics.jsonl", history)

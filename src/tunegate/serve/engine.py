@@ -234,10 +234,10 @@ class EmbeddedEngine:
         input_ids, attention = self.encode(messages)  # (1, T) each; outside the generation lock
         n_prompt = int(input_ids.shape[1])
         max_new_tokens = check_context(self.context_window, n_prompt, max_new_tokens, fit_max_tokens)
-        from tunegate.data.format import end_token_id
+        from tunegate.data.format import stop_token_ids
 
-        # The same stop tokens as the eval stage (tunegate.evals.generate): end of turn and eos.
-        stop_ids = sorted({end_token_id(self.tokenizer), self.tokenizer.eos_token_id})
+        # The same stop tokens as the eval stage, the bundle and vLLM: eos and end of turn.
+        stop_ids = stop_token_ids(self.tokenizer)
         sampling = temperature >= MIN_TEMPERATURE
         kwargs = {"max_new_tokens": max_new_tokens, "do_sample": sampling,
                   "pad_token_id": self.tokenizer.pad_token_id, "eos_token_id": stop_ids,

@@ -13,6 +13,11 @@ Launch (`plan_launch`, `LaunchPlan.argv`):
 
     python -m vllm.entrypoints.openai.api_server --model BASE_DIR --served-model-name BASE_NAME --enable-lora
         --lora-modules NAME=DIR ... --max-lora-rank R --max-loras N --dtype bfloat16 --host 127.0.0.1 --port P
+        --generation-config GEN_DIR
+
+GEN_DIR holds a copy of the model folder's generation_config.json whose eos_token_id lists eos and the end-of-turn
+token (models.write_stop_tokens), and every forwarded request carries them as `stop_token_ids`: a base whose
+eos is not its end-of-turn token (`<|endoftext|>` vs `<|im_end|>`) would otherwise answer to max_tokens.
 
 R is `release.max_lora_rank_for` over every rank of every adapter (case C14 in docs/cases.md: a server started with the
 default max rank 16 fails on a rank-32 adapter at its first request). Before launch each bundle is verified
@@ -86,6 +91,9 @@ class LaunchPlan:
     dtype: str = "bfloat16"
     max_model_len: int | None = None
     enforce_eager: bool = False  # skip torch.compile: starts faster, decodes slower (tests)
+    # A folder whose generation_config.json lists the stop ids (eos and end of turn; `VLLMEngine.launch` writes
+    # it): vLLM's --generation-config, read instead of the model folder's own file (its default, "auto").
+    generation_config: Path | None = None
 
     def argv(self, python: Path | str, host: str = "127.0.0.1", port: int = 8001) -> list[str]:
         cmd = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.model),
@@ -97,6 +105,8 @@ class LaunchPlan:
             cmd += ["--max-model-len", str(self.max_model_len)]
         if self.enforce_eager:
             cmd += ["--enforce-eager"]
+        if self.generation_config is not None:
+            cmd += ["--generation-config", str(self.generation_config)]
         return cmd
 
 
@@ -280,6 +290,9 @@ class VLLMEngine:
     kind: str = "vllm"
     runtime_adapters: bool = True  # vLLM runs with VLLM_ALLOW_RUNTIME_LORA_UPDATING (vllm_env)
     special_tokens: frozenset[str] = frozenset()  # the base tokenizer's control tokens (`launch` reads them)
+    # Sent as every request's `stop_token_ids` (vLLM's extra field): eos and the end-of-turn token of the base
+    # tokenizer (data.format.stop_token_ids, as the eval stage and the embedded engine stop); `launch` sets them.
+    stop_token_ids: list[int] = field(default_factory=list)
     plan: LaunchPlan | None = None
     process: VLLMProcess | None = None
     workdir: Any = None  # TemporaryDirectory holding the verified bundle copies vLLM reads
@@ -308,8 +321,8 @@ class VLLMEngine:
         Raises:
             TunegateError: no vLLM environment, a refused bundle, or vLLM failed to start.
         """
-        from tunegate.data.format import special_tokens
-        from tunegate.models import load_tokenizer, resolve_base_model
+        from tunegate.data.format import special_tokens, stop_token_ids
+        from tunegate.models import load_tokenizer, resolve_base_model, write_stop_tokens
 
         python = find_vllm_python(venv)
         serve = project.serve
@@ -329,7 +342,14 @@ class VLLMEngine:
                 raise TunegateError(msg) from None
             plan.dtype, plan.max_model_len, plan.enforce_eager = dtype, max_model_len, enforce_eager
             # vLLM renders the chat template itself: the app refuses text spelling a control token before forwarding
-            specials = special_tokens(load_tokenizer(resolve_base_model(project.base_model)))
+            tokenizer = load_tokenizer(resolve_base_model(project.base_model))
+            specials = special_tokens(tokenizer)
+            # vLLM stops at the eos ids of the generation config it reads (--generation-config auto: the model
+            # folder's). The base model's lists only its tokenizer's eos, which need not be the end-of-turn token:
+            # vLLM reads a copy that lists both, for every client (the smoke test too); requests carry them as well.
+            stops = stop_token_ids(tokenizer)
+            plan.generation_config = Path(workdir.name) / "generation"
+            write_stop_tokens(plan.generation_config, stops, tokenizer.pad_token_id, source=plan.model)
             problem = head_size_problem(plan.model)
             if problem:
                 raise TunegateError(problem)
@@ -346,7 +366,7 @@ class VLLMEngine:
         served = {n: a for n, a in verified.items() if merged is None or n == merged}
         return cls(url=url, base_name=base_name, adapters=served, serves_base=merged is None, plan=plan,
                    process=process, workdir=workdir, project=project, public_key=public_key, timeout_s=timeout_s,
-                   special_tokens=specials)
+                   special_tokens=specials, stop_token_ids=stops)
 
     def upstream_model(self, adapter: str | None) -> str:
         """vLLM's model name for `adapter` (None: the base model). Raises ApiError 404: no base model served."""
@@ -382,6 +402,8 @@ class VLLMEngine:
             body["seed"] = seed
         if stop:
             body["stop"] = stop
+        if self.stop_token_ids:  # vLLM's extra field: end the answer at the end-of-turn token whatever the model's eos
+            body["stop_token_ids"] = list(self.stop_token_ids)
         try:
             r = self.client.post("/chat/completions", json=body,
                                  **({"timeout": timeout_s} if timeout_s is not None else {}))
