@@ -183,3 +183,57 @@ def test_a_text_longer_than_the_scanner_takes_drops_its_row_and_the_others_are_r
     assert [k["id"] for k in kept] == ["short"] and kept[0]["messages"][0]["content"] == "mail <EMAIL_ADDRESS>"
     assert [(d.id, d.rule) for d in drops] == [("long", UNSCANNED)] and "1,120,000 characters" in drops[0].detail
     assert report["rows_dropped_unscannable"] == 1
+
+
+# ---- issue 20: letter case and neighbouring symbols ----------------------------------------------------------
+
+@pytest.mark.parametrize("text", [
+    "Please forward the invoice to John Smith before Friday.",
+    "please forward the invoice to john smith before friday.",
+    "PLEASE FORWARD THE INVOICE TO JOHN SMITH BEFORE FRIDAY.",
+    "Please forward the invoice to \U0001F642John Smith before Friday.",  # an emoji touching the name
+    "Please forward the invoice to \U0001F469\u200d\U0001F4BBJohn Smith before Friday.",  # a ZWJ sequence
+])
+def test_a_name_is_masked_whatever_its_case_and_neighbouring_symbols(text):
+    """On main the lower-case, upper-case and emoji-adjacent copies of this sentence kept the name."""
+    from tunegate.data.pii import Redactor
+
+    [out] = Redactor(entities=["PERSON"]).redact_texts([text])
+    assert "john" not in out.text.lower() and "smith" not in out.text.lower(), out.text
+    assert out.found["PERSON"] >= 1
+
+
+def test_views_keep_offsets_and_only_touch_what_they_should():
+    from tunegate.data.pii import case_degenerate, case_view, symbol_view
+
+    text = "hi \U0001F469\u200d\U0001F4BBJohn, mail \U0001F642a@b.co \U0001F642 ok"
+    view, offsets = symbol_view(text)
+    assert view == "hi John, mail a@b.co  ok"  # an emoji between spaces goes; the spaces are the text's own
+    start = view.index("a@b.co")
+    assert text[offsets[start]:offsets[start + 5] + 1] == "a@b.co"
+    assert symbol_view("plain ascii") == ("plain ascii", None)
+    assert case_view("MY NAME IS JOHN O'NEIL") == "my name is John O'neil"  # "name" is a stop word in spaCy's list
+    assert len(case_view("straße STRASSE")) == len("straße STRASSE")
+    assert case_degenerate("please call john smith tomorrow") and case_degenerate("PLEASE CALL JOHN SMITH")
+    assert not case_degenerate("Please call John Smith tomorrow") and not case_degenerate("I think so. Yes it is")
+    assert case_degenerate("i think so, call john")
+
+
+def test_the_rescan_reads_differently_and_finds_what_the_first_pass_missed(monkeypatch):
+    """The re-scan reads every text through the case view: a capitalised name the first view did not take for
+    a name (here: the first pass is made to miss it) is found, and the row is not passed as clean."""
+    from tunegate.data import pii
+    from tunegate.data.pii import Redactor
+
+    r = Redactor(entities=["PERSON"])
+    real = r._analyze_views
+    calls = []
+
+    def first_view_blind(views, thr, entities=None):
+        calls.append(views)
+        return [[] for _ in views] if len(calls) == 1 else real(views, thr, entities)
+
+    monkeypatch.setattr(r, "_analyze_views", first_view_blind)
+    [out] = r.redact_texts(["The parcel was signed for by Margaret Thompson at the door."])
+    assert out.found == {} and out.rescan.get("PERSON") == 1
+    assert pii.case_view("the parcel was signed for by margaret thompson") .count("Margaret") == 1

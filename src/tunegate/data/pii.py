@@ -316,19 +316,16 @@ def symbol_view(text: str) -> tuple[str, list[int] | None]:
 
 
 def case_degenerate(text: str) -> bool:
-    """True when the casing of `text` cannot tell names apart: all its letters upper case (80% or more), or no
-    word but the first of a sentence (and "I") starts with a capital. spaCy's NER leans on capitals: on the
-    same sentences it found 64% of names in Title case, 37% in lower case and 16% in upper case."""
+    """True when the casing of `text` cannot tell names apart: its letters are 80% or more upper case, or no word
+    starts with a capital (the pronoun "I" aside), as in chat typed in lower case. A text that capitalises its
+    sentences uses case, and is read as written. spaCy's NER leans on capitals: on the same sentences it found
+    64% of names in Title case, 37% in lower case and 16% in upper case (bench/pii_variants.py)."""
     letters = [c for c in text if c.isalpha() and c.lower() != c.upper()]
     if len(letters) < 8:
         return False
-    upper = sum(c.isupper() for c in letters)
-    if upper >= 0.8 * len(letters):
+    if sum(c.isupper() for c in letters) >= 0.8 * len(letters):
         return True
-    words = text.split()
-    capitals = sum(1 for i, w in enumerate(words)
-                   if w[:1].isupper() and w != "I" and i > 0 and not words[i - 1].endswith((".", "!", "?", ":")))
-    return capitals == 0
+    return not any(w[:1].isupper() and w.rstrip(".,!?;:") not in ("I", "I'm", "I'd", "I'll", "I've") for w in text.split())
 
 
 def case_view(text: str) -> str:
@@ -464,8 +461,9 @@ class Redactor:
 
         Every text is analysed through `symbol_view` (emoji, ZWJ sequences and other symbols read as one space,
         so "🙂John" is a name after a space). The NER types (PERSON, LOCATION, ...) also come from `case_view`
-        (every word capitalised) when the text's own casing says nothing about names (`case_degenerate`: all
-        lower or all upper case). With `views="rescan"` the case view is read for every text, and in a text
+        (words rebuilt in lower case, capitalised unless a stop word) when the text's own casing says nothing
+        about names (`case_degenerate`: all lower or all upper case); the pattern types of such a text are
+        also read in upper case (an IBAN written in lower case). With `views="rescan"` the case view is read for every text, and in a text
         with real casing its findings count when they start on a capital letter that the first view did not
         take for a name: the re-scan reads text differently from the first pass, so it can find what that
         missed. Findings are mapped back to the original text's offsets.
@@ -486,6 +484,12 @@ class Redactor:
                 new = [r for r in res if not any(o.start <= r.start and r.end <= o.end for o in found[i])
                        and (degenerate[i] or view[r.start].isupper())]
                 found[i] = found[i] + new
+        patterns = [e for e in self.entities if e not in NER_ENTITIES]
+        lowered = [i for i in range(len(unique)) if patterns and degenerate[i] and len(mapped[i][0].upper()) == len(mapped[i][0])]
+        if lowered:  # an IBAN or a postcode written in lower case: the recognizers expect capitals
+            extra = self._analyze_views([mapped[i][0].upper() for i in lowered], thr, patterns)
+            for i, res in zip(lowered, extra):
+                found[i] = found[i] + [r for r in res if not any(o.start <= r.start and r.end <= o.end for o in found[i])]
         for (_, offsets), res in zip(mapped, found):
             if offsets is not None:
                 for r in res:
