@@ -120,7 +120,7 @@ def test_a_legacy_aside_is_deleted_when_the_folder_exists_and_never_restored_ove
     aside = folder(tmp_path / ".out.old-999999999", "stale")
     clean_stale(tmp_path / "out", say=said.append)
     assert not (tmp_path / "out").exists() and aside.is_dir()  # never restored
-    assert len(said) == 1 and "left alone" in said[0] and str(aside) in said[0]
+    assert len(said) == 1 and "not restored" in said[0] and str(aside) in said[0]
     folder(tmp_path / "out", "new")
     clean_stale(tmp_path / "out", say=said.append)
     assert names(tmp_path) == ["out"] and (tmp_path / "out" / "f.txt").read_text() == "new" and len(said) == 1

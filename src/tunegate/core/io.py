@@ -62,7 +62,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     clean_stale(path, folders=False)  # temporary files of writers of `path` killed before their rename
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}-", suffix=".tmp")
-    _MINE.add(tmp)  # another thread's clean_stale must not take it for a dead process's
+    _MINE.add(_key(tmp))  # another thread's clean_stale must not take it for a dead process's
     umask = os.umask(0)
     os.umask(umask)
     os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600; give the mode open() would
@@ -76,7 +76,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     finally:
-        _MINE.discard(tmp)
+        _MINE.discard(_key(tmp))
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -168,7 +168,11 @@ def fault_point(name: str) -> None:
 _OWNED = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)-(?P<token>[a-z0-9_]{8})\.(?P<kind>partial|old|tmp)$")
 _LEGACY_ASIDE = re.compile(r"^\.(?P<name>.+)\.old-(?P<pid>\d+)$")  # tunegate before the exchange: `.NAME.old-PID`
 _LEGACY_TEMP = re.compile(r"^\.(?P<name>.+)\.[a-z0-9_]{8}\.(?P<kind>partial|tmp)$")  # before the PID: `.NAME.RANDOM.partial`
-_MINE: set[str] = set()  # staging folders and asides this process made (its PID may be a dead process's, in a container)
+_MINE: set[str] = set()  # staging folders, asides, temp files this process made (its PID may be a dead process's, in a container)
+
+
+def _key(path: str | Path) -> str:
+    return os.path.realpath(path)  # one spelling of a path, relative or not
 
 
 def staging_dir(final: Path) -> Path:
@@ -181,7 +185,7 @@ def staging_dir(final: Path) -> Path:
     final.parent.mkdir(parents=True, exist_ok=True)
     clean_stale(final)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.{os.getpid()}-", suffix=".partial"))
-    _MINE.add(str(tmp))
+    _MINE.add(_key(tmp))
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; a bundle or model folder gets the mode mkdir would give
@@ -236,7 +240,7 @@ def _locked(path: Path) -> bool:
 
 def _alive(pid: int, path: Path) -> bool:
     if pid == os.getpid():
-        return str(path) in _MINE  # our PID on a leftover we did not make: a dead process's, in another container
+        return _key(path) in _MINE  # our PID on a leftover we did not make: a dead process's, in another container
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -451,7 +455,7 @@ def publish_dir(staged: Path, final: Path) -> None:
         break
     else:
         raise OSError(errno.EBUSY, "could not publish: the folder kept changing under a concurrent publish", str(final))
-    _MINE.discard(str(staged))
+    _MINE.discard(_key(staged))
     clean_stale(final)
 
 
@@ -461,7 +465,7 @@ def _two_renames(staged: Path, final: Path) -> bool:
     m = _OWNED.match(staged.name)
     token = m["token"] if m and m["kind"] == "partial" else secrets.token_hex(4)
     aside = final.with_name(f".{final.name}.{os.getpid()}-{token}.old")
-    _MINE.add(str(aside))
+    _MINE.add(_key(aside))
     try:
         os.rename(final, aside)
     except FileNotFoundError:
@@ -475,5 +479,5 @@ def _two_renames(staged: Path, final: Path) -> bool:
     fault_point("publish:renamed")
     _fsync_dir(final.parent)
     shutil.rmtree(aside, ignore_errors=True)
-    _MINE.discard(str(aside))
+    _MINE.discard(_key(aside))
     return True
