@@ -20,7 +20,7 @@ from typing import Any
 from tunegate import EXIT_AUDIT_NO_TRAIN, TunegateError
 from tunegate.config import Project
 from tunegate.core.console import console
-from tunegate.core.io import claim_dir, clean_stale, fault_point, publish_dir
+from tunegate.core.io import atomic_write_text, claim_dir, clean_stale, fault_point, publish_dir
 from tunegate.core.paths import check_identifier
 from tunegate.core.manifest import (
     Manifest,
@@ -234,7 +234,7 @@ def _prepare_checkpoints(ckpt_dir: Path, fp: str) -> None:
     if ckpt_dir.exists() and not (fp_file.is_file() and fp_file.read_text().strip() == fp):
         shutil.rmtree(ckpt_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    fp_file.write_text(fp + "\n")
+    atomic_write_text(fp_file, fp + "\n")
 
 
 class AuditSaysNoTrain(TunegateError):
