@@ -718,8 +718,10 @@ def serve_smoke(
                        base_served=not no_base, n_canaries=canaries, max_tokens=max_tokens, match_tokens=match_tokens,
                        max_rank=max_rank)
     typer.echo(format_smoke(report))
+    from tunegate.core.io import atomic_write_text
+
     out = Path(p.root) / "serve_smoke.json"
-    out.write_text(json.dumps(report, indent=1, ensure_ascii=False))
+    atomic_write_text(out, json.dumps(report, indent=1, ensure_ascii=False))  # whole or not at all
     typer.echo(f"report: {out}")
     if not report["passed"]:
         raise TunegateError("the serving smoke test failed (case C17):\n  " + "\n  ".join(report["failures"]))

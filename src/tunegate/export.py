@@ -11,14 +11,13 @@ beside the weights; a merge outside it raises and leaves the output folder as it
 from __future__ import annotations
 
 import shutil
-import tempfile
 from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from tunegate import TunegateError
-from tunegate.core.io import atomic_write_json, publish_dir, read_jsonl, restore_set_aside
+from tunegate.core.io import atomic_write_json, clean_stale, publish_dir, read_jsonl, staging_dir
 from tunegate.core.manifest import sha256_file
 
 # fp32 merge error is rounding only: W x + s B (A x) versus (W + s B A) x differ by reassociation, ~1e-7
@@ -99,7 +98,7 @@ def merge_adapter(
     from tunegate.models import device_name, load_model, load_tokenizer, write_stop_tokens
 
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
-    restore_set_aside(out_dir)  # an export killed between its two renames left the old merge aside: put it back
+    clean_stale(out_dir)  # what a killed export left beside the merge (core.io)
     _check_adapter(adapter_dir)
     prompts = list(prompts)
     if not prompts:
@@ -151,8 +150,7 @@ def merge_adapter(
             f"{before_text[bad]!r}. Nothing was written to {out_dir}"
         )
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".partial"))
+    tmp = staging_dir(out_dir)
     try:
         merged.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)  # tokenizer_config.json / chat_template.jinja carry the chat template

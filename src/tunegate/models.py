@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from tunegate import TunegateError
-from tunegate.core.io import publish_dir
+from tunegate.core.io import clean_stale, publish_dir, staging_dir
 
 EMBEDDED = {
     "smollm2-135m-instruct": {
@@ -53,6 +53,7 @@ def resolve_base_model(name: str, progress: bool = True) -> Path | str:
     """
     if name in EMBEDDED:
         target = cache_dir() / "models" / name
+        clean_stale(target)  # a conversion killed midway left its staging folder (core.io)
         if not (target / "config.json").is_file():
             _convert_gguf(_embedded_gguf(name), target, progress)
         return target
@@ -70,8 +71,6 @@ def _convert_gguf(gguf: Path, target: Path, progress: bool) -> None:
 
     if progress:
         print(f"Converting the embedded base model once: {gguf.name} -> {target}", flush=True)
-    tmp = target.with_name(target.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -82,9 +81,14 @@ def _convert_gguf(gguf: Path, target: Path, progress: bool) -> None:
     model.load_state_dict(gguf_model.state_dict())
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    publish_dir(tmp, target)  # the cache folder appears whole or not at all
+    tmp = staging_dir(target)  # `.NAME.PID-TOKEN.partial`: two processes converting at once do not collide
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        publish_dir(tmp, target)  # the cache folder appears whole or not at all
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 GENERATION_CONFIG = "generation_config.json"

@@ -1,15 +1,17 @@
 """Runs the stages in order, skipping finished ones whose inputs and config are unchanged.
 
 A stage reads files and writes files into `runs/<run-id>/<stage>/`, and is finished exactly when its
-`manifest.json` exists (written last, atomically). While it runs it writes into `.<stage>.partial/`, which
-replaces the finished folder only on success: a stage that fails on bad input or is killed midway damages
-nothing already written, leaves no manifest, and is redone. The train stage keeps its checkpoints in
+`manifest.json` exists (written last, atomically). While it runs it writes into `.<stage>.partial/` (locked, so
+that a second process neither deletes nor reuses it), which replaces the finished folder only on success
+(core.io.publish_dir): a stage that fails on bad input or is killed midway damages nothing already written,
+leaves no manifest, and is redone; what a kill left beside the stage folder is deleted on the next run. The train stage keeps its checkpoints in
 `.train.checkpoints/` across an interruption and resumes from the last one when its fingerprint is unchanged.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import os
 import shutil
 import time
 from pathlib import Path
@@ -18,7 +20,7 @@ from typing import Any
 from tunegate import EXIT_AUDIT_NO_TRAIN, TunegateError
 from tunegate.config import Project
 from tunegate.core.console import console
-from tunegate.core.io import publish_dir
+from tunegate.core.io import atomic_write_text, claim_dir, clean_stale, fault_point, publish_dir
 from tunegate.core.paths import check_identifier
 from tunegate.core.manifest import (
     Manifest,
@@ -136,6 +138,8 @@ def run_stage(
     config = spec.config(project)
     fp = stage_fingerprint(project, spec, named_inputs, upstream)
 
+    if rank == 0:
+        clean_stale(st.final_dir)  # a killed run's `.<stage>.partial`, or the old folder a publish swapped out (core.io)
     old = read_manifest(st.final_dir)
     if old is not None and old.fingerprint == fp and not force:
         broken = verify_outputs(st.final_dir, old)
@@ -150,34 +154,41 @@ def run_stage(
         console.print(f"[dim]- {stage}: rerunning, changed since the last run: {', '.join(changed) or 'tunegate version'}[/dim]")
     if rank > 0:  # data-parallel training: rank 0 owns the stage folder, checkpoints and manifest
         return _run_as_worker(st, body, rank)
-    shutil.rmtree(st.dir, ignore_errors=True)
-    st.dir.mkdir(parents=True)
-    if spec.checkpoints:
-        _prepare_checkpoints(st.checkpoint_dir, fp)
-    console.rule(f"[bold]{stage}")
-    started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-    _wait_for_everyone(world)  # workers start once the checkpoint folder is settled
-    t0 = time.perf_counter()
-    result = body(st)
-    wall = time.perf_counter() - t0
-    for path in result.inputs.values():
-        inputs[str(path)] = sha256_file(path)
-    publish_dir(st.dir, st.final_dir)  # the finished folder swaps into place; the manifest is written last
-    shutil.rmtree(st.checkpoint_dir, ignore_errors=True)
-    manifest = Manifest(
-        stage=stage,
-        fingerprint=fp,
-        config=config,
-        inputs=inputs,
-        outputs=hash_outputs(st.final_dir),
-        upstream=upstream,
-        started_at=started,
-        wall_s=round(wall, 2),
-        metrics=result.metrics,
-        verdict=result.verdict,
-        overrides=overrides or [],
-    )
-    write_manifest(st.final_dir, manifest)
+    try:
+        lock = claim_dir(st.dir)
+    except BlockingIOError:
+        raise TunegateError(f"{st.dir}: another tunegate process is running stage {stage} of this run now; "
+                            f"wait for it, or use another --run-id") from None
+    try:
+        if spec.checkpoints:
+            _prepare_checkpoints(st.checkpoint_dir, fp)
+        console.rule(f"[bold]{stage}")
+        started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+        _wait_for_everyone(world)  # workers start once the checkpoint folder is settled
+        t0 = time.perf_counter()
+        result = body(st)
+        wall = time.perf_counter() - t0
+        for path in result.inputs.values():
+            inputs[str(path)] = sha256_file(path)
+        publish_dir(st.dir, st.final_dir)  # the finished folder swaps into place; the manifest is written last
+        fault_point("stage:published")
+        shutil.rmtree(st.checkpoint_dir, ignore_errors=True)
+        manifest = Manifest(
+            stage=stage,
+            fingerprint=fp,
+            config=config,
+            inputs=inputs,
+            outputs=hash_outputs(st.final_dir),
+            upstream=upstream,
+            started_at=started,
+            wall_s=round(wall, 2),
+            metrics=result.metrics,
+            verdict=result.verdict,
+            overrides=overrides or [],
+        )
+        write_manifest(st.final_dir, manifest)
+    finally:
+        os.close(lock)
     console.print(f"[green]- {stage}: done in {wall:.1f} s[/green]" + (f" verdict {result.verdict}" if result.verdict else ""))
     _wait_for_everyone(world)  # workers read the manifest once it exists
     return manifest
@@ -223,7 +234,7 @@ def _prepare_checkpoints(ckpt_dir: Path, fp: str) -> None:
     if ckpt_dir.exists() and not (fp_file.is_file() and fp_file.read_text().strip() == fp):
         shutil.rmtree(ckpt_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    fp_file.write_text(fp + "\n")
+    atomic_write_text(fp_file, fp + "\n")
 
 
 class AuditSaysNoTrain(TunegateError):

@@ -4,7 +4,9 @@ Statuses: `candidate` (registered, not serving), `production` (at most one per p
 `promote` moves a version to production only when its eval verdict is PASS and the adapter on disk still
 has the sha256 recorded by the train stage; the previous production version is retired. A registered
 adapter is copied next to the database (`adapters/<project>-v<N>/`), so a later run in the same run folder
-cannot change what was promoted; its sha256 is checked again before it is promoted or restored. `rollback`
+cannot change what was promoted; its sha256 is checked again before it is promoted or restored. The copy is made
+in a staging folder and published whole (core.io.publish_dir) before its row is committed: a kill leaves either
+no row and at most a copy that the next registration deletes or replaces, or the row and its whole copy. `rollback`
 retires the current production version and restores the one that was in production before it. Every
 transition is kept in `transitions`, so the history can be read back.
 """
@@ -19,7 +21,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from tunegate import TunegateError
-from tunegate.core.io import create_private
+from tunegate.core.io import clean_stale_all, create_private, fault_point, publish_dir, staging_dir
 from tunegate.core.manifest import read_manifest
 
 SCHEMA = """
@@ -97,11 +99,17 @@ def check_stored(entry: dict[str, Any]) -> None:
 def register(db_path: Path, project: str, run_dir: Path) -> dict[str, Any]:
     """Record a finished run's adapter as a candidate and copy it into the registry (idempotent).
 
-    Raises TunegateError without a finished eval, or when the adapter changed since training.
+    Order, so that a kill at any point is harmless: the row is inserted (uncommitted, holding SQLite's write lock),
+    the adapter is copied into a staging folder beside `adapters/<project>-v<N>/`, checked against the train
+    manifest's sha256 and published (fsync, rename), then the row is committed. A kill before the commit rolls
+    the row back; the next registration reuses N and replaces the copy, and deletes copies whose number the
+    database has since given to another project, and dead staging folders.
+
+    Raises TunegateError without a finished eval, or when the adapter changed since training (or while copied).
     """
     import shutil
 
-    from tunegate.core.manifest import manifest_hash, verify_outputs
+    from tunegate.core.manifest import manifest_hash, sha256_file, verify_outputs
 
     ev = read_manifest(run_dir / "eval")
     if ev is None:
@@ -126,12 +134,45 @@ def register(db_path: Path, project: str, run_dir: Path) -> dict[str, Any]:
                 "INSERT INTO transitions (project, version, from_status, to_status, reason, at) VALUES (?, ?, NULL, 'candidate', 'registered', ?)",
                 (project, cur.lastrowid, _now()),
             )
-            stored = db_path.parent / "adapters" / f"{project}-v{cur.lastrowid}"
-            shutil.rmtree(stored, ignore_errors=True)
-            shutil.copytree(run_dir / "train" / "adapter", stored)
+            adapters = db_path.parent / "adapters"
+            stored = adapters / f"{project}-v{cur.lastrowid}"
+            _clean_adapters(con, adapters, project, cur.lastrowid)
+            staged = staging_dir(stored)
+            try:
+                shutil.copytree(run_dir / "train" / "adapter", staged, dirs_exist_ok=True)
+                if sha256_file(staged / "adapter_model.safetensors") != digest:
+                    raise TunegateError(f"{run_dir}/train/adapter/adapter_model.safetensors: changed while it was copied "
+                                        "into the registry; rule: only the evaluated adapter can be registered")
+                publish_dir(staged, stored)
+            except BaseException:
+                shutil.rmtree(staged, ignore_errors=True)
+                raise
+            fault_point("registry:published")
             con.execute("UPDATE versions SET adapter_dir=? WHERE version=?", (str(stored), cur.lastrowid))
             row = con.execute("SELECT * FROM versions WHERE version=?", (cur.lastrowid,)).fetchone()
         return dict(row)
+
+
+def _clean_adapters(con: sqlite3.Connection, adapters: Path, project: str, new_version: int) -> None:
+    """Delete what killed registrations left in `adapters/`: staging folders of dead processes, and copies
+    `<project>-v<N>/` renamed in whose row was never committed and whose number N the database has since given to
+    another project. Called holding the write lock (after an INSERT), so no other registration is in flight.
+    A copy whose N belongs to this project, or to no row yet, is left: it is that row's, or N's next owner
+    replaces it."""
+    import re
+    import shutil
+
+    clean_stale_all(adapters)
+    if not adapters.is_dir():
+        return
+    pattern = re.compile(rf"^{re.escape(project)}-v(\d+)$")
+    for entry in adapters.iterdir():
+        m = pattern.match(entry.name)
+        if not m or int(m[1]) == new_version or not entry.is_dir():
+            continue
+        row = con.execute("SELECT project FROM versions WHERE version=?", (int(m[1]),)).fetchone()
+        if row is not None and row["project"] != project:
+            shutil.rmtree(entry, ignore_errors=True)
 
 
 def _move(con: sqlite3.Connection, project: str, version: int, to: str, reason: str) -> None:

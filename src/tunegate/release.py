@@ -2,7 +2,8 @@
 
 A release is refused unless the run's eval gate said PASS, the eval scored the train stage that is in the run
 folder now, and the adapter on disk still has the sha256 its train manifest recorded. The bundle is built in a
-hidden sibling folder and renamed into place at the end, so a crash leaves no half-written bundle. Layout:
+hidden sibling folder and swapped into place at the end (core.io.publish_dir), so a crash leaves no half-written
+bundle, and what a kill leaves beside it is deleted by the next release. Layout:
 
     release.json          what was released (project, run, base model, method, adapter settings, scores, vLLM fit,
                           stop_token_ids: the eos and end-of-turn ids generation stops at)
@@ -37,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from tunegate import TunegateError, __version__
-from tunegate.core.io import atomic_write_json, publish_dir, restore_set_aside
+from tunegate.core.io import atomic_write_json, clean_stale, publish_dir, staging_dir
 from tunegate.core.manifest import MANIFEST, Manifest, manifest_hash, read_manifest, sha256_file
 
 RELEASE = "release.json"
@@ -427,7 +428,8 @@ def build_bundle(project, run_id: str = "default", private_key: Path | None = No
         merge: when vLLM cannot serve the adapter as a LoRA, put the merged model in merged/ (False: record
             why not, merge nothing).
         sigstore: sign keyless through Sigstore (needs the network and an OIDC login) instead of a key.
-        force: replace an existing bundle at `out_dir` (the old one is kept until the new one is complete).
+        force: replace an existing bundle at `out_dir` (the old one is kept until the new one is complete), or a
+            bundle an earlier tunegate set aside (`.NAME.old-PID`) while `out_dir` is missing.
 
     Returns:
         The bundle folder.
@@ -435,7 +437,8 @@ def build_bundle(project, run_id: str = "default", private_key: Path | None = No
     Raises:
         TunegateError: no finished train/eval stage, verdict not PASS (the message names it and the failing
             rules), stages from different chains, the adapter changed since training, an empty adapter (C24),
-            no key, the bundle exists (without `force`), or the merge check failed (tunegate.export).
+            no key, the bundle exists (without `force`), an earlier tunegate's set-aside bundle is there while `out_dir`
+            is missing (without `force`), or the merge check failed (tunegate.export).
     """
     from tunegate.core.console import console
     from tunegate.pipeline import run_dir_for
@@ -444,9 +447,12 @@ def build_bundle(project, run_id: str = "default", private_key: Path | None = No
     if not run_dir.is_dir():
         raise TunegateError(f"{run_dir}: no such run (run `tunegate run` first)")
     out = Path(out_dir) if out_dir is not None else run_dir / "release"
-    restored = restore_set_aside(out)  # a --force killed between its two renames set the old bundle aside
-    if restored is not None:
-        console.print(f"[yellow]- release: {out} was set aside by an interrupted --force; restored from {restored.name}[/yellow]")
+    notes: list[str] = []
+    clean_stale(out, say=notes.append)  # what a killed release left beside the bundle (core.io); never restores one
+    if notes and not force:  # an earlier tunegate's set-aside bundle, and none in place: the user decides
+        raise TunegateError(f"{notes[0]}; or pass --force to build a new bundle")
+    for note in notes:
+        console.print(f"- release: {note}", style="yellow", markup=False, highlight=False)
     if out.exists() and not force:
         raise TunegateError(f"{out}: a release bundle exists; pass --force to replace it, or --out for another folder")
     if not sigstore:
@@ -461,8 +467,7 @@ def build_bundle(project, run_id: str = "default", private_key: Path | None = No
 
     train, ev = manifests["train"], manifests["eval"]
     full = any(r.startswith("model/") for r in train.outputs)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".partial"))
+    tmp = staging_dir(out)
     try:
         # The weights as trained (full fine-tune: the whole model goes to merged/).
         for rel in sorted(r for r in train.outputs if r.startswith(("adapter/", "model/"))):

@@ -317,31 +317,42 @@ def test_importing_the_release_module_loads_neither_torch_nor_model_signing():
     assert out.stdout.strip() == "[]"
 
 
-def test_force_interrupted_between_its_two_renames_keeps_the_old_bundle(bundle, keys, lora_run, tmp_path, monkeypatch):
-    """`--force` sets the old bundle aside, renames the new one in, then deletes the old one. Interrupted
-    between the renames: an exception puts the old bundle back at once; a killed process leaves it set aside,
-    and the next release puts it back before anything else."""
+def test_force_interrupted_at_the_swap_keeps_the_old_bundle(bundle, keys, lora_run, tmp_path, monkeypatch):
+    """`--force` builds the new bundle in `.NAME.PID-TOKEN.partial` and swaps it in (core.io.publish_dir); an
+    error at the swap leaves the old bundle in place and nothing beside it (kills: tests/integration/test_kill.py)."""
+    from tunegate.core import io as tio
+
     project = load_project(lora_run / "tunegate.yaml")
     out = tmp_path / "bundle"
     shutil.copytree(bundle, out)
     before = release.verify_bundle(out, keys[1])
-    real_replace = os.replace
 
-    def interrupted(src, dst):
-        if str(src).endswith(".partial"):  # the second rename: new bundle into place
-            raise KeyboardInterrupt
-        real_replace(src, dst)
+    def interrupted(a, b):
+        raise KeyboardInterrupt
 
-    monkeypatch.setattr(release.os, "replace", interrupted)
+    monkeypatch.setattr(tio, "_exchange", interrupted)
     with pytest.raises(KeyboardInterrupt):
         release.build_bundle(project, private_key=keys[0], out_dir=out, force=True)
     monkeypatch.undo()
     assert release.verify_bundle(out, keys[1]) == before
-    assert [p.name for p in tmp_path.iterdir()] == ["bundle"]  # no partial or set-aside folder left
+    assert [p.name for p in tmp_path.iterdir()] == ["bundle"]  # no partial folder left
 
-    # killed between the renames: only the set-aside folder is there
-    os.replace(out, tmp_path / ".bundle.old-4242")
+
+def test_a_bundle_an_earlier_tunegate_set_aside_is_never_restored_over_a_deleted_one(bundle, keys, lora_run, tmp_path):
+    """The old two-rename swap left `.NAME.old-PID` when killed after its second rename; the next release put it
+    back, also over a bundle the user had deleted meanwhile. Now it is named in one line and the user decides."""
+    project = load_project(lora_run / "tunegate.yaml")
+    out = tmp_path / "bundle"
+    shutil.copytree(bundle, tmp_path / ".bundle.old-999999999")  # set aside by a dead process; `out` deleted since
+    with pytest.raises(TunegateError, match=r"\.bundle\.old-999999999: a copy of bundle that an earlier tunegate set aside.*"
+                                            r"not restored.*or pass --force"):
+        release.build_bundle(project, private_key=keys[0], out_dir=out)
+    assert not out.exists() and (tmp_path / ".bundle.old-999999999").is_dir()
+    release.build_bundle(project, private_key=keys[0], out_dir=out, force=True)  # the user chose a new bundle
+    release.verify_bundle(out, keys[1])
+    assert [p.name for p in tmp_path.iterdir()] == ["bundle"]
+
+    shutil.copytree(bundle, tmp_path / ".bundle.old-999999998")  # beside a bundle in place: stale, deleted
     with pytest.raises(TunegateError, match="a release bundle exists"):
         release.build_bundle(project, private_key=keys[0], out_dir=out)
-    assert release.verify_bundle(out, keys[1]) == before
     assert [p.name for p in tmp_path.iterdir()] == ["bundle"]

@@ -1,5 +1,7 @@
 """Promotion registry: only a PASS moves to production; rollback restores the previous production version."""
 
+from pathlib import Path
+
 import pytest
 
 from tunegate import TunegateError, registry
@@ -85,3 +87,52 @@ def test_refused_promotion_registers_nothing_and_reading_creates_no_database(tmp
     with pytest.raises(TunegateError, match="verdict FAIL"):
         registry.promote(db, "p", fake_run(tmp_path, "bad", "FAIL"))
     assert registry.versions(db, "p") == []
+
+
+def _promote_killed_at(point, db, run):
+    import os
+    import subprocess
+    import sys
+
+    src = str(Path(__file__).resolve().parents[2] / "src")
+    code = f"from pathlib import Path; from tunegate import registry; registry.promote(Path({str(db)!r}), 'p', Path({str(run)!r}))"
+    return subprocess.run([sys.executable, "-c", code], env=dict(os.environ, TUNEGATE_FAULT=point, PYTHONPATH=src),
+                          capture_output=True, text=True).returncode
+
+
+@pytest.mark.parametrize("point", ["staging:created", "publish:start", "registry:published"])
+def test_a_promote_killed_at_any_step_leaves_nothing_once_promote_runs_again(tmp_path, point):
+    """Killed while copying, after the copy is renamed in but before its row is committed: the row is rolled back,
+    another project takes that version number meanwhile, and the rerun leaves one whole copy per row, nothing else."""
+    from tunegate.core.manifest import sha256_file
+
+    db = tmp_path / "tunegate.db"
+    r1, other = fake_run(tmp_path, "r1", "PASS"), fake_run(tmp_path, "o1", "PASS")
+    assert _promote_killed_at(point, db, r1) == -9
+    assert registry.versions(db, "p") == []  # no row without its copy
+    registry.promote(db, "q", other)  # takes version 1, which the killed promote had used for p-v1
+    entry = registry.promote(db, "p", r1)
+    assert entry["status"] == "production" and entry["version"] == 2
+    assert sorted(p.name for p in (tmp_path / "adapters").iterdir()) == ["p-v2", "q-v1"]
+    stored = tmp_path / "adapters" / "p-v2" / "adapter_model.safetensors"
+    assert sha256_file(stored) == entry["adapter_sha256"]
+
+
+def test_a_half_copied_adapter_left_by_an_earlier_tunegate_is_removed(tmp_path):
+    """Before the staged copy, a kill during promote's copy left a visible `adapters/p-v1/` with no row; once the
+    number went to another project nothing ever removed it."""
+    db = tmp_path / "tunegate.db"
+    (tmp_path / "adapters" / "p-v1").mkdir(parents=True)
+    (tmp_path / "adapters" / "p-v1" / "adapter_config.json").write_text("{")  # half a copy
+    registry.promote(db, "q", fake_run(tmp_path, "o1", "PASS"))  # version 1 goes to q
+    registry.promote(db, "p", fake_run(tmp_path, "r1", "PASS"))
+    assert sorted(p.name for p in (tmp_path / "adapters").iterdir()) == ["p-v2", "q-v1"]
+
+
+def test_a_copy_whose_number_is_this_projects_or_unused_is_kept(tmp_path):
+    db = tmp_path / "tunegate.db"
+    registry.promote(db, "p", fake_run(tmp_path, "r1", "PASS"))
+    (tmp_path / "adapters" / "p-v9").mkdir()  # no row 9 yet: N's next owner replaces it, nobody deletes it
+    registry.promote(db, "q", fake_run(tmp_path, "o1", "PASS"))
+    registry.promote(db, "p", fake_run(tmp_path, "r2", "PASS"))
+    assert sorted(p.name for p in (tmp_path / "adapters").iterdir()) == ["p-v1", "p-v3", "p-v9", "q-v2"]

@@ -2,8 +2,8 @@
 itself to the pipeline (`StageSpec`).
 
 A stage reads files and writes files into `runs/<run-id>/<stage>/`. It writes into `.<stage>.partial/`
-while it runs; the pipeline renames that folder into place and writes `manifest.json` last, so a stage is
-finished exactly when its manifest exists. Each file under `tunegate/stages/` defines one `SPEC`;
+while it runs (the pipeline holds it locked); the pipeline swaps that folder into place (core.io.publish_dir)
+and writes `manifest.json` last, so a stage is finished exactly when its manifest exists. Each file under `tunegate/stages/` defines one `SPEC`;
 `tunegate.pipeline.STAGES` lists them in order. Adding a stage is writing one such file and naming its SPEC
 there.
 """
@@ -32,7 +32,7 @@ class Stage:
 
     @property
     def dir(self) -> Path:
-        """Where the stage writes while it runs; renamed to `final_dir` when it succeeds."""
+        """Where the stage writes while it runs; swapped in as `final_dir` when it succeeds."""
         return self.worker_dir or self.partial_dir
 
     @property
