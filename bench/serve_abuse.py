@@ -229,7 +229,7 @@ def main() -> int:
     ap.add_argument("--near-window-duration", type=float, default=0.0,
                     help="seconds of abuse with prompts just under the context window (0: skip)")
     ap.add_argument("--abusers", type=int, default=4, help="tenant A's concurrent threads")
-    ap.add_argument("--shutdown-grace", type=float, default=5.0, help="serve.shutdown_grace_s of the project")
+    ap.add_argument("--shutdown-grace", type=float, default=2.0, help="serve.shutdown_grace_s of the project")
     ap.add_argument("--sigterm-after", type=float, default=3.0, help="seconds of abuse before SIGTERM")
     ap.add_argument("--no-sigterm", action="store_true", help="skip the `tunegate serve` SIGTERM phase")
     ap.add_argument("--timeout", type=float, default=300.0, help="client timeout per request, seconds")

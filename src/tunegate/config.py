@@ -590,7 +590,7 @@ class ServeConfig(_Section):
     # SIGTERM an answer in flight gets shutdown_grace_s to finish, then it is cut short and the server exits.
     max_request_bytes: int = Field(default=1_048_576, ge=1024, le=1_073_741_824)
     request_timeout_s: float = Field(default=60.0, gt=0, le=86_400)
-    shutdown_grace_s: float = Field(default=5.0, ge=0, le=600)
+    shutdown_grace_s: float = Field(default=2.0, ge=0, le=600)
 
     @field_validator("bundles", mode="before")
     @classmethod

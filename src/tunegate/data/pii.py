@@ -489,7 +489,12 @@ class Redactor:
         if lowered:  # an IBAN or a postcode written in lower case: the recognizers expect capitals
             extra = self._analyze_views([mapped[i][0].upper() for i in lowered], thr, patterns)
             for i, res in zip(lowered, extra):
-                found[i] = found[i] + [r for r in res if not any(o.start <= r.start and r.end <= o.end for o in found[i])]
+                for r in res:
+                    same = [o for o in found[i] if o.entity_type == r.entity_type and o.start <= r.start and r.end <= o.end]
+                    if not same:
+                        found[i].append(r)
+                    for o in same:  # read in upper case, the recognizer is surer (an IBAN's checksum and shape)
+                        o.score = max(o.score, r.score)
         for (_, offsets), res in zip(mapped, found):
             if offsets is not None:
                 for r in res:

@@ -361,18 +361,24 @@ class _PrefillStopped(Exception):
 class _PrefillGuard:
     """A forward pre-hook on the input embeddings: before each forward pass over more than one position (a chunk of
     the prompt; generating a token is one position, stopped by the stopping criteria instead), raise _PrefillStopped
-    once the deadline (time.time()) has passed or `cancel` is set. The one way to stop transformers' chunked prefill."""
+    once the deadline (time.time()) has passed, or would pass before the chunk ends (a chunk takes at least as long
+    as the one before it: each attends to more of the prompt), or `cancel` is set. The one way to stop transformers'
+    chunked prefill; it keeps the generation lock from being held past the deadline by a chunk started just before."""
 
     deadline: float | None
     cancel: threading.Event | None
+    last_start: float | None = None  # when the previous chunk started (time.time())
 
     def __call__(self, _module, args) -> None:
         if not args or getattr(args[0], "ndim", 0) < 2 or args[0].shape[-1] <= 1:  # input_ids (B, T)
             return
         if self.cancel is not None and self.cancel.is_set():
             raise _PrefillStopped(cancelled=True)
-        if self.deadline is not None and time.time() >= self.deadline:
+        now = time.time()
+        previous = now - self.last_start if self.last_start is not None else 0.0
+        if self.deadline is not None and now + previous >= self.deadline:
             raise _PrefillStopped(cancelled=False)
+        self.last_start = now
 
 
 def _stopping_criteria(started: float, timeout_s: float | None, cancel: threading.Event | None):
