@@ -328,10 +328,11 @@ def case_degenerate(text: str) -> bool:
     return not any(w[:1].isupper() and w.rstrip(".,!?;:") not in ("I", "I'm", "I'd", "I'll", "I've") for w in text.split())
 
 
-def case_view(text: str) -> str:
+def case_view(text: str, stop_words: bool = True) -> str:
     """`text` with its casing rebuilt for NER, one character for one (a character whose case mapping changes the
     length is kept): every word in lower case, then capitalised unless it is an English stop word (spaCy's
-    list: "my", "and", "in", ...), so "MY NAME IS JOHN SMITH" reads "my Name is John Smith"."""
+    list: "my", "and", "in", ...), so "MY NAME IS JOHN SMITH" reads "my name is John Smith". With `stop_words`
+    False every word is capitalised (the re-scan's view of text that has its own casing)."""
     import re
 
     from spacy.lang.en.stop_words import STOP_WORDS
@@ -339,7 +340,7 @@ def case_view(text: str) -> str:
     def word(m: re.Match) -> str:
         w = m.group(0)
         low = "".join(c.lower() if len(c.lower()) == 1 else c for c in w)
-        if low in STOP_WORDS or not low[:1].isalpha():
+        if (stop_words and low in STOP_WORDS) or not low[:1].isalpha():
             return low
         first = low[0].upper()
         return (first if len(first) == 1 else low[0]) + low[1:]
@@ -463,9 +464,9 @@ class Redactor:
         so "🙂John" is a name after a space). The NER types (PERSON, LOCATION, ...) also come from `case_view`
         (words rebuilt in lower case, capitalised unless a stop word) when the text's own casing says nothing
         about names (`case_degenerate`: all lower or all upper case); the pattern types of such a text are
-        also read in upper case (an IBAN written in lower case). With `views="rescan"` the case view is read for every text, and in a text
-        with real casing its findings count when they start on a capital letter that the first view did not
-        take for a name: the re-scan reads text differently from the first pass, so it can find what that
+        also read in upper case (an IBAN written in lower case). With `views="rescan"` a text with real casing
+        is read with every word capitalised too, and what is found there counts when it starts on a capital
+        letter that the first view did not take for a name: the re-scan reads text differently from the first pass, so it can find what that
         missed. Findings are mapped back to the original text's offsets.
 
         A text longer than `max_chars` is not analysed (spaCy refuses it) and has no findings: callers that
@@ -478,7 +479,7 @@ class Redactor:
         degenerate = [case_degenerate(t) for t in unique]
         cased = [i for i in range(len(unique)) if ner and (views == "rescan" or degenerate[i])]
         if cased:
-            extra = self._analyze_views([case_view(mapped[i][0]) for i in cased], thr, ner)
+            extra = self._analyze_views([case_view(mapped[i][0], stop_words=degenerate[i]) for i in cased], thr, ner)
             for i, res in zip(cased, extra):
                 view = mapped[i][0]
                 new = [r for r in res if not any(o.start <= r.start and r.end <= o.end for o in found[i])
