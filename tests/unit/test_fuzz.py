@@ -66,7 +66,7 @@ def _line(value) -> bytes:
 adversarial_lines = st.one_of(
     valid_chat.map(_line),
     wrong_shapes.map(_line),
-    st.integers(1, 50_000).map(lambda n: b"[" * n + b"]" * n),  # nesting past the parser
+    st.one_of(st.integers(1, 1_200), st.integers(1, 50_000)).map(lambda n: b"[" * n + b"]" * n),  # nesting, up to past the parser
     st.integers(4_301, 20_000).map(lambda n: b'{"id": ' + b"9" * n + b"}"),  # an integer past int()'s digit limit
     st.sampled_from([b'{"messages": "\\ud800"}', b'{"messages": [{"role": "user", "content": "\\udfff x"}, '
                                                   b'{"role": "assistant", "content": "\\ud83d"}]}']),  # lone surrogates

@@ -55,12 +55,29 @@ def test_a_csv_line_over_the_row_limit_rejects_its_row_and_the_next_rows_are_rea
     assert "5,004 bytes > max_row_bytes 1,024" in rejected[0].detail
 
 
-def test_a_quoted_csv_field_over_the_limit_across_lines_is_field_too_large(tmp_path):
-    """Every line is under the limit, the one field they make is not: the csv module's field limit catches it."""
-    (tmp_path / "a.csv").write_text("prompt,completion\nq1,a1\nq2,\"" + ("y" * 600 + "\n") * 3 + "end\"\n")
+def test_a_csv_row_over_the_limit_across_lines_is_one_rejection_and_the_next_rows_are_read(tmp_path):
+    """Every line is under the limit, the row they make is not: the row is rejected whole (memory stays bounded
+    by the limit) and the parser stays in step, so the rest of the quoted field is not read as rows."""
+    (tmp_path / "a.csv").write_text("prompt,completion\nq1,a1\nq2,\"" + ("y" * 600 + "\n") * 3 + "end\"\nq3,a3\n")
     rows, rejected = read_source(SourceConfig(path=tmp_path / "a.csv", format="prompt_completion", max_row_bytes=1024))
-    assert [r["prompt"] for r in rows] == ["q1"]
-    assert rejected[0].line == 3 and rejected[0].rule == "field_too_large"
+    assert [r["prompt"] for r in rows] == ["q1", "q3"]
+    assert [(r.line, r.rule) for r in rejected] == [(3, "row_too_large")]
+
+
+def test_a_bad_line_inside_a_quoted_csv_field_rejects_that_row_only(tmp_path):
+    """Found in review: a line that was not UTF-8 (or too long) inside a quoted field reset the parser, and the rest
+    of the field became a row of its own ('world"', 'answer') that was kept."""
+    for bad in (b"\xff\n", b"z" * 3000 + b'"x"\n'):
+        (tmp_path / "a.csv").write_bytes(b'prompt,completion\nq1,a1\n"hello\n' + bad + b'world",answer\nq3,a3\n')
+        rows, rejected = read_source(SourceConfig(path=tmp_path / "a.csv", format="prompt_completion", max_row_bytes=1024))
+        assert [r["prompt"] for r in rows] == ["q1", "q3"], bad[:4]
+        assert [r.line for r in rejected] == [3] and rejected[0].rule in ("invalid_utf8", "row_too_large")
+
+
+def test_a_csv_file_with_old_mac_line_endings_is_read(tmp_path):
+    (tmp_path / "a.csv").write_bytes(b'prompt,completion\rq1,a1\r"q\r2",a2\r')
+    rows, rejected = read_source(SourceConfig(path=tmp_path / "a.csv", format="prompt_completion"))
+    assert [r["prompt"] for r in rows] == ["q1", "q\r2"] and rejected == []
 
 
 def test_a_csv_line_that_is_not_utf8_rejects_that_row_only(tmp_path):
@@ -186,3 +203,19 @@ def test_iter_jsonl_yields_every_bad_line_as_an_error_and_reads_on(tmp_path):
     assert got == [(1, True), (2, False), (3, False), (4, False), (5, True)]
     errors = [str(e) for _, _, e in iter_jsonl(path, max_line_bytes=200_000) if e is not None]
     assert "not UTF-8" in errors[0] and "nested deeper" in errors[1] and "300,003 bytes" in errors[2]
+
+
+@pytest.mark.parametrize("extra", ["messages", "meta_key"])
+def test_a_row_nested_deep_but_within_the_parser_is_rejected_as_too_deep(tmp_path, extra):
+    """Found in review: a row nested ~600 levels parses, then writing rejected.jsonl (a deep copy) or handing a kept
+    row to a worker process (pickle) raised RecursionError, which stopped the data stage."""
+    import pickle
+
+    deep = "[" * 600 + "]" * 600
+    line = ('{"messages": ' + deep + "}" if extra == "messages" else
+            json.dumps(CHAT)[:-1] + ', "extra": ' + deep + "}")
+    (tmp_path / "a.jsonl").write_text(json.dumps(CHAT) + "\n" + line + "\n", encoding="utf-8")
+    rows, rejected = read_source(SourceConfig(path=tmp_path / "a.jsonl", format="chat"))
+    assert len(rows) == 1 and [(r.line, r.rule) for r in rejected] == [(2, "too_deep")]
+    json.dumps(rejected[0].to_json())
+    pickle.dumps(rows)

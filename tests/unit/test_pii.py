@@ -207,10 +207,10 @@ def test_views_keep_offsets_and_only_touch_what_they_should():
     from tunegate.data.pii import case_degenerate, case_view, symbol_view
 
     text = "hi \U0001F469\u200d\U0001F4BBJohn, mail \U0001F642a@b.co \U0001F642 ok"
-    view, offsets = symbol_view(text)
+    view, spans = symbol_view(text)
     assert view == "hi John, mail a@b.co  ok"  # an emoji between spaces goes; the spaces are the text's own
     start = view.index("a@b.co")
-    assert text[offsets[start]:offsets[start + 5] + 1] == "a@b.co"
+    assert text[spans[start][0]:spans[start + 5][1]] == "a@b.co"
     assert symbol_view("plain ascii") == ("plain ascii", None)
     assert case_view("MY NAME IS JOHN O'NEIL") == "my name is John O'neil"  # "name" is a stop word in spaCy's list
     assert len(case_view("straße STRASSE")) == len("straße STRASSE")
@@ -237,3 +237,20 @@ def test_the_rescan_reads_differently_and_finds_what_the_first_pass_missed(monke
     [out] = r.redact_texts(["The parcel was signed for by Margaret Thompson at the door."])
     assert out.found == {} and out.rescan.get("PERSON") == 1
     assert pii.case_view("the parcel was signed for by margaret thompson") .count("Margaret") == 1
+
+
+def test_marks_inside_a_word_are_kept_so_a_decomposed_name_is_masked_whole():
+    """Found in review: combining marks were read as spaces, so a name in NFD ("Mu" + U+0308 + "ller") was cut in
+    two and half of it stayed after masking."""
+    import unicodedata
+
+    from tunegate.data.pii import Redactor, symbol_view
+
+    assert symbol_view("Mül\u00adler") == ("Mül\u00adler", None)
+    text = unicodedata.normalize("NFD", "Please call Zoë Müller tomorrow about the invoice.")
+    view, spans = symbol_view(text)
+    assert view == unicodedata.normalize("NFC", text) and text[spans[12][0]:spans[14][1]] == "Zoe\u0308"
+    [out] = Redactor(entities=["PERSON"]).redact_texts([text])
+    assert "ller" not in out.text and "<PERSON>" in out.text, out.text
+    view, _ = symbol_view("hi \U0001F44D\U0001F3FD\ufe0fJohn")  # a thumbs-up with a skin tone and VS16
+    assert view == "hi John"

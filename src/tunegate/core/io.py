@@ -151,26 +151,31 @@ def iter_jsonl(path: str | Path, max_line_bytes: int = 64 * 2**20) -> Iterator[t
 READ_CHUNK = 2**20  # bytes read at a time past the end of a line over the limit
 
 
-def bounded_lines(f, limit: int) -> Iterator[tuple[int, bytes, int | None]]:
+def bounded_lines(f, limit: int, on_skip: Callable[[bytes], None] | None = None) -> Iterator[tuple[int, bytes, int | None]]:
     """The physical lines of the binary file `f` as (line number from 1, bytes, None), a UTF-8 byte-order mark
-    on line 1 removed; a line longer than `limit` bytes as (line number, its first 200 bytes, its size in bytes),
-    read past in READ_CHUNK pieces, so memory stays bounded by `limit`, whatever one line's size."""
+    on line 1 removed (it does not count towards `limit`); a line longer than `limit` bytes as (line number, its
+    first 200 bytes, its size in bytes), read past in READ_CHUNK pieces, each given to `on_skip` (with the
+    first piece), so memory stays bounded by `limit`, whatever one line's size."""
     lineno = 0
     while True:
-        raw = f.readline(limit + 1)
+        raw = f.readline(limit + 1 + (len(UTF8_BOM) if lineno == 0 else 0))
         if not raw:
             return
         lineno += 1
-        whole = len(raw) <= limit or raw.endswith(b"\n")  # before the mark is cut: it counts towards the read
+        ends = raw.endswith(b"\n")
         if lineno == 1 and raw.startswith(UTF8_BOM):
             raw = raw[len(UTF8_BOM):]
-        if whole:
+        if len(raw) <= limit or ends:
             yield lineno, raw, None
             continue
         head, size = raw[:200], len(raw)
+        if on_skip is not None:
+            on_skip(raw)
         while raw and not raw.endswith(b"\n"):
             raw = f.readline(READ_CHUNK)
             size += len(raw)
+            if on_skip is not None:
+                on_skip(raw)
         yield lineno, head, size
 
 

@@ -279,7 +279,8 @@ def normalize_value(entity_type: str, value: str, regions: Sequence[str] = ("US"
     return v.casefold()
 
 
-_SYMBOL_CATEGORIES = ("So", "Sk", "Cf", "Co", "Cn", "Mn")  # emoji and other symbols, ZWJ / format, marks
+_SYMBOL_CATEGORIES = ("So", "Sk", "Co", "Cn")  # emoji and other symbols, private use, unassigned
+_JOINER_CATEGORIES = ("Mn", "Me", "Cf")  # a ZWJ, a variation selector, a skin tone's mark: part of a symbol run
 
 
 def _is_symbol(c: str) -> bool:
@@ -288,31 +289,50 @@ def _is_symbol(c: str) -> bool:
     return ord(c) > 127 and not c.isalnum() and unicodedata.category(c) in _SYMBOL_CATEGORIES
 
 
-def symbol_view(text: str) -> tuple[str, list[int] | None]:
-    """`text` as NER should read it: each run of symbol characters (emoji, ZWJ and variation selectors, private
-    use and unassigned code points, marks) becomes one space between two words ("🙂John" -> " John") and
-    nothing next to a space, so spaCy's tokenizer sees the word boundary and no whitespace token. Returns (the
-    view, the original offset of each view character plus one for the end), or (text, None) when unchanged."""
-    if text.isascii() or not any(_is_symbol(c) for c in text):
+def _is_joiner(c: str) -> bool:
+    import unicodedata
+
+    return ord(c) > 127 and unicodedata.category(c) in _JOINER_CATEGORIES
+
+
+def symbol_view(text: str) -> tuple[str, list[tuple[int, int]] | None]:
+    """`text` as NER should read it, with the original character range of every view character:
+      - each run of symbols (emoji, other symbols, private-use and unassigned code points, with the ZWJs,
+        variation selectors and marks that join them) becomes one space between two words ("🙂John" -> " John")
+        and nothing next to a space, so spaCy's tokenizer sees the word boundary and no whitespace token;
+      - a letter followed by combining marks is read composed (NFC) when it composes to one character (a
+        decomposed "Mu" + U+0308 + "ller" reads "Müller"), other marks and format characters inside a word are
+        kept as they are.
+    Returns (the view, (start, end) in `text` of each view character), or (text, None) when the view is the text."""
+    import unicodedata
+
+    if text.isascii() or (unicodedata.is_normalized("NFC", text) and not any(_is_symbol(c) for c in text)):
         return text, None
     out: list[str] = []
-    offsets: list[int] = []
+    spans: list[tuple[int, int]] = []
     i, n = 0, len(text)
     while i < n:
-        if not _is_symbol(text[i]):
-            out.append(text[i])
-            offsets.append(i)
-            i += 1
+        if _is_symbol(text[i]):
+            j = i
+            while j < n and (_is_symbol(text[j]) or _is_joiner(text[j])):
+                j += 1
+            if out and not out[-1].isspace() and j < n and not text[j].isspace():
+                out.append(" ")
+                spans.append((i, j))
+            i = j
             continue
-        j = i
-        while j < n and _is_symbol(text[j]):
+        j = i + 1
+        while j < n and unicodedata.combining(text[j]):
             j += 1
-        if out and not out[-1].isspace() and j < n and not text[j].isspace():
-            out.append(" ")
-            offsets.append(i)
+        composed = unicodedata.normalize("NFC", text[i:j]) if j > i + 1 else text[i]
+        if len(composed) == 1:
+            out.append(composed)
+            spans.append((i, j))
+        else:
+            out.extend(text[i:j])
+            spans.extend((k, k + 1) for k in range(i, j))
         i = j
-    offsets.append(n)
-    return "".join(out), offsets
+    return "".join(out), spans
 
 
 def case_degenerate(text: str) -> bool:
@@ -473,7 +493,7 @@ class Redactor:
         make a claim about it check `len(text) > self.max_chars` themselves (`redact_texts` does)."""
         thr = self.score_threshold if score_threshold is None else score_threshold
         unique = [t for t in dict.fromkeys(texts) if len(t) <= self.max_chars]
-        mapped = [symbol_view(t) for t in unique]  # (view, view offset -> original offset, or None)
+        mapped = [symbol_view(t) for t in unique]  # (view, each view character's range in the text, or None)
         found = self._analyze_views([v for v, _ in mapped], thr)
         ner = [e for e in self.entities if e in NER_ENTITIES]
         degenerate = [case_degenerate(t) for t in unique]
@@ -496,10 +516,10 @@ class Redactor:
                         found[i].append(r)
                     for o in same:  # read in upper case, the recognizer is surer (an IBAN's checksum and shape)
                         o.score = max(o.score, r.score)
-        for (_, offsets), res in zip(mapped, found):
-            if offsets is not None:
+        for (_, spans), res in zip(mapped, found):
+            if spans is not None:
                 for r in res:
-                    r.start, r.end = offsets[r.start], offsets[r.end - 1] + 1
+                    r.start, r.end = spans[r.start][0], spans[r.end - 1][1]
         by_text = {t: _drop_contained(r) for t, r in zip(unique, found)}
         return [by_text.get(t, []) for t in texts]
 

@@ -24,7 +24,7 @@ import json
 import random
 import re
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -50,7 +50,8 @@ class Rejection:
         return cls(record["meta"]["file"], record["meta"]["line"], record["id"], rule, detail)
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        """The rejected.jsonl row: a shallow dict (no deep copy of `raw`)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
     def __str__(self) -> str:
         rid = f" (id {self.id})" if self.id else ""
@@ -435,24 +436,53 @@ def _csv_rows(path: Path, src) -> Iterator[tuple[int, Any, Exception | None]]:
 
 
 class _CsvLines:
-    """The lines of a CSV file as text for `csv.reader`, from `_bounded_lines`: a line over the limit or not
-    UTF-8 raises its RowError from `__next__`, and the next call goes on with the following line (csv.reader
-    starts each row afresh, so a bad line costs its own row only)."""
+    """The lines of a CSV file as text for `csv.reader`, from `bounded_lines`, read so that a bad line costs its
+    own row and never puts the parser out of step: a line that is not UTF-8 is decoded with replacement
+    characters (quotes are ASCII, so the parser sees every quote), and a line over the limit, or the rest of a
+    row once the row is over the limit, is passed on as a stand-in holding as many quote characters (odd or even)
+    as the line it stands for, so a quoted field spanning it still ends where it ends. Either way the error is
+    recorded in `row_errors` for the row being read; `start_row` is called before each row. Old Mac line endings
+    (a lone CR) end lines too, as the csv module's newline="" reading did."""
 
     def __init__(self, f, limit: int):
-        self.lines, self.limit, self.lineno = bounded_lines(f, limit), limit, 0
+        self.limit, self.lineno, self.pending = limit, 0, []
+        self.quotes = 0  # quote characters in the parts of an over-limit line read past
+        self.lines = bounded_lines(f, limit, on_skip=self._count_quotes)
+        self.row_errors: list[RowError] = []
+        self.row_bytes = 0
+
+    def _count_quotes(self, chunk: bytes) -> None:
+        self.quotes += chunk.count(b'"')
+
+    def start_row(self) -> None:
+        self.row_errors, self.row_bytes = [], 0
 
     def __iter__(self):
         return self
 
     def __next__(self) -> str:
+        if self.pending:
+            return self.pending.pop(0)
+        self.quotes = 0
         self.lineno, raw, oversize = next(self.lines)
-        if oversize is not None:
-            raise _too_large(oversize, self.limit)
+        ending = "\n" if raw.endswith(b"\n") or oversize is not None else ""
+        size = oversize if oversize is not None else len(raw)
+        self.row_bytes += size
+        if oversize is not None or self.row_bytes > self.limit:
+            if not self.row_errors or self.row_errors[-1].rule != "row_too_large":
+                self.row_errors.append(_too_large(self.row_bytes if oversize is None else oversize, self.limit))
+            quotes = raw.count(b'"') + self.quotes if oversize is not None else raw.count(b'"')
+            return '"' * (quotes % 2) + " " + ending  # the parser's quote state, without the text; never a blank line
         try:
-            return raw.decode("utf-8")
+            text = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
-            raise RowError("invalid_utf8", str(exc)) from None
+            self.row_errors.append(RowError("invalid_utf8", f"line {self.lineno}: {exc}"))
+            text = raw.decode("utf-8", "replace")
+        if "\r" in text.rstrip("\r\n"):  # lone CRs end lines (old Mac / Excel for Mac exports)
+            parts = [p for p in re.split(r"(?<=\r)(?!\n)", text) if p]
+            self.pending = parts[1:]
+            return parts[0]
+        return text
 
 
 def _csv_dict_rows(path: Path, src) -> Iterator[tuple[int, Any, Exception | None]]:
@@ -461,20 +491,23 @@ def _csv_dict_rows(path: Path, src) -> Iterator[tuple[int, Any, Exception | None
         reader = csv.DictReader(lines, delimiter="\t" if path.suffix == ".tsv" else ",")
         try:
             names = reader.fieldnames or []
-        except (RowError, csv.Error) as exc:
+        except csv.Error as exc:
             raise TunegateError(f"{path}:1: the header cannot be read ({exc})") from None
+        if lines.row_errors:
+            raise TunegateError(f"{path}:1: the header cannot be read ({lines.row_errors[0]})")
         _check_columns(path, src, names)
         while True:
+            lines.start_row()
             start = lines.lineno + 1
             try:
                 row = next(reader)
             except StopIteration:
                 return
-            except RowError as exc:
-                yield start, f"(row starting at line {start})", exc
-                continue
             except csv.Error as exc:
                 yield start, f"(row starting at line {start})", RowError("field_too_large" if "field limit" in str(exc) else "invalid_csv", str(exc))
+                continue
+            if lines.row_errors:
+                yield start, f"(row starting at line {start})", lines.row_errors[0]
                 continue
             yield lines.lineno, row, None
 
@@ -605,12 +638,16 @@ def text_bytes(value: Any) -> int:
     return _text_scan(value)[0]
 
 
-def _text_scan(value: Any) -> tuple[int, bool]:
+MAX_ROW_DEPTH = 64  # levels of nesting in a row; a chat row has 4, Python's pickle and deepcopy fail near 1,000
+
+
+def _text_scan(value: Any) -> tuple[int, bool, int]:
     """(text_bytes, whether a string holds a lone surrogate: JSON's "\\ud800" escape parses to one, and no
-    UTF-8 writer, tokenizer or hash downstream can encode it)."""
-    total, surrogate, stack = 0, False, [value]
+    UTF-8 writer, tokenizer or hash downstream can encode it; the row's nesting depth)."""
+    total, surrogate, depth, stack = 0, False, 0, [(value, 1)]
     while stack:
-        v = stack.pop()
+        v, level = stack.pop()
+        depth = max(depth, level)
         if isinstance(v, str):
             if v.isascii():
                 total += len(v)
@@ -621,17 +658,17 @@ def _text_scan(value: Any) -> tuple[int, bool]:
                 surrogate = True
                 total += len(v.encode("utf-8", "surrogatepass"))
         elif isinstance(v, dict):
-            stack.extend(v.keys())
-            stack.extend(v.values())
+            stack.extend((k, level + 1) for k in v.keys())
+            stack.extend((x, level + 1) for x in v.values())
         elif isinstance(v, (list, tuple)):
-            stack.extend(v)
+            stack.extend((x, level + 1) for x in v)
         elif isinstance(v, bool) or v is None:
             total += 4
         elif isinstance(v, (int, float)):
             total += len(repr(v)) if not isinstance(v, int) or v.bit_length() < 10_000 else v.bit_length() // 3
         else:
             total += 4
-    return total, surrogate
+    return total, surrogate, depth
 
 
 def _clip_raw(obj: Any, n: int = 200) -> str:
@@ -690,8 +727,10 @@ def read_source(src, role: str = "train") -> tuple[list[dict[str, Any]], list[Re
         default_id = f"{stem}:{lineno}"
         rid = str(obj.get("id")) if isinstance(obj, dict) and "id" in obj else None
         if err is None:
-            size, surrogate = _text_scan(obj)
-            if size > src.max_row_bytes:  # a JSON array's or Parquet row, already in memory
+            size, surrogate, depth = _text_scan(obj)
+            if depth > MAX_ROW_DEPTH:  # parsed, but every recursive step after (copy, pickle, JSON) would fail
+                err, obj = RowError("too_deep", f"nested {depth} levels deep; at most {MAX_ROW_DEPTH}"), f"(nested {depth} levels deep)"
+            elif size > src.max_row_bytes:  # a JSON array's or Parquet row, already in memory
                 err, obj = _too_large(size, src.max_row_bytes), _clip_raw(obj)
             elif surrogate:
                 err = RowError("invalid_unicode", "a string holds a lone surrogate (a \\ud800-\\udfff escape): not text")
