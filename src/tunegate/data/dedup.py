@@ -4,8 +4,9 @@ Exact: sha256 of the normalised text (lower case, whitespace collapsed). Near, t
 row is dropped:
   - Jaccard: MinHash LSH (Broder 1997; `datasketch`) over word shingles, 128 permutations, Jaccard threshold
     0.8. Shingles adapt to length: `shingle_words`-word shingles (5) for texts of at least 4 x that many words,
-    single words for shorter ones (a one-word change in a 12-word text leaves a 5-shingle Jaccard of 0.33 but a
-    word Jaccard of 0.85). The LSH bands are chosen for the threshold (`lsh_params`): a pair at exactly the
+    single words and word pairs for shorter ones (one word added to a 12-word text leaves a 5-shingle Jaccard of
+    0.6 but 0.88 on words and pairs; the pairs keep word order). A pair with one text on each side of 20 words
+    is compared by the one-word rule only. The LSH bands are chosen for the threshold (`lsh_params`): a pair at exactly the
     threshold becomes a candidate with probability >= 0.99 (datasketch's own choice missed pairs at 0.867 about
     one time in five); every candidate is verified by its true Jaccard.
   - One-word variants: texts of ONE_WORD_MIN to ONE_WORD_MAX words that differ in exactly one word (a number,
@@ -46,12 +47,13 @@ def shingles(text: str, size: int) -> set[str]:
 
 
 def adaptive_shingles(words: list[str], size: int) -> set[str]:
-    """`size`-word shingles for a text of at least 4 x size words, single words for a shorter one; empty under 2
-    words (such a text takes the exact path only)."""
+    """`size`-word shingles for a text of at least 4 x size words; for a shorter one its single words and its
+    word pairs (the pairs keep word order: "from savings to checking" is not "from checking to savings"); empty
+    under 2 words (such a text takes the exact path only)."""
     if len(words) < 2:
         return set()
     if len(words) < 4 * size:
-        return set(words)
+        return set(words) | {f"{a} {b}" for a, b in zip(words, words[1:])}
     return {" ".join(words[i : i + size]) for i in range(len(words) - size + 1)}
 
 
@@ -68,9 +70,16 @@ def lsh_params(threshold: float, num_perm: int, max_miss: float = 0.01) -> tuple
     return best
 
 
-def _one_word_keys(words: list[str]) -> list[str]:
-    """The text with each word in turn blanked: two texts differing in one word at one position share a key."""
-    return [" ".join([*words[:i], "\x00", *words[i + 1 :]]) for i in range(len(words))]
+def _one_word_keys(words: list[str]) -> list[int]:
+    """A hash of the text with each word in turn blanked: two texts differing in one word at one position share a
+    key. Hashes (8 bytes, not the text) keep the index small; a shared key is checked word by word
+    (`_one_word_apart`)."""
+    t = tuple(words)
+    return [hash((len(t), i, t[:i], t[i + 1 :])) for i in range(len(t))]
+
+
+def _one_word_apart(a: list[str], b: list[str]) -> bool:
+    return len(a) == len(b) and sum(x != y for x, y in zip(a, b)) == 1
 
 
 def _jaccard(a: set[str], b: set[str]) -> float:
@@ -94,7 +103,8 @@ def dedup(
 
     lsh = MinHashLSH(num_perm=num_perm, params=lsh_params(threshold, num_perm)) if near else None
     exact: dict[str, str] = {}
-    variants: dict[str, str] = {}  # one-word-blanked key -> the kept row holding it
+    variants: dict[int, list[str]] = {}  # one-word-blanked key -> the kept rows holding it
+    kept_words: dict[str, list[str]] = {}  # kept rows of the one-word rule: their words
     kept_shingles: dict[str, set[str]] = {}
     kept, dropped = [], []
     for row in rows:
@@ -106,7 +116,7 @@ def dedup(
         words = norm.split()
         sh = adaptive_shingles(words, shingle_words) if near else set()
         keys = _one_word_keys(words) if near and one_word_variants and ONE_WORD_MIN <= len(words) <= ONE_WORD_MAX else []
-        match = next((variants[k] for k in keys if k in variants), None)
+        match = next((rid for k in keys for rid in variants.get(k, ()) if _one_word_apart(words, kept_words[rid])), None)
         if match is not None:
             dropped.append(Duplicate(row["id"], match, "near", round(_jaccard(sh, kept_shingles.get(match, set())), 4)))
             continue
@@ -123,8 +133,10 @@ def dedup(
                 continue
             lsh.insert(row["id"], mh)
         kept_shingles[row["id"]] = sh
+        if keys:
+            kept_words[row["id"]] = words
         for k in keys:
-            variants.setdefault(k, row["id"])
+            variants.setdefault(k, []).append(row["id"])
         exact[key] = row["id"]
         kept.append(row)
     return kept, dropped
