@@ -169,8 +169,11 @@ def test_a_failed_publish_leaves_the_old_folder(tmp_path, monkeypatch, exchange)
         real(src, dst)
 
     monkeypatch.setattr(tio.os, "rename", second_rename_fails)
-    if exchange:
-        monkeypatch.setattr(tio, "_exchange", lambda a, b: "unsupported")
+    if exchange:  # the exchange itself fails (found in review: this variant once repeated the two-rename one)
+        def exchange_fails(a, b):
+            raise OSError("disk on fire")
+
+        monkeypatch.setattr(tio, "_exchange", exchange_fails)
     with pytest.raises(OSError, match="disk on fire"):
         publish_dir(staged, final)
     assert (final / "f.txt").read_text() == "old"

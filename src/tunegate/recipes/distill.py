@@ -21,19 +21,31 @@ from tunegate.recipes.sft import build as build_sft
 
 
 def teacher_answers(ctx: Context, rows: list[dict[str, Any]], teacher, teacher_tokenizer) -> list[dict[str, Any]]:
-    """`rows` with their final assistant turn replaced by the teacher's greedy answer (meta keeps the original)."""
-    from tunegate.data.format import generation_prompt
+    """`rows` with their final assistant turn replaced by the teacher's greedy answer (meta keeps the original).
+
+    An empty answer is left out (nothing to learn from), and so is one that spells a control token of the
+    student's tokenizer (rule `control_token` of the data stage, tunegate.data.format.control_token_problem:
+    the teacher may write an added token its own decoding kept); the count is printed."""
+    from tunegate.core.console import console
+    from tunegate.data.format import control_token_problem, generation_prompt, special_tokens
     from tunegate.evals.generate import generate
 
     dcfg = ctx.project.train.distillation
     prompts = [generation_prompt(teacher_tokenizer, r) for r in rows]
     answers = generate(teacher, teacher_tokenizer, prompts, dcfg.max_new_tokens, dcfg.batch_size, "teacher answers")
-    out = []
+    specials = special_tokens(ctx.tokenizer)
+    out, forged = [], 0
     for r, a in zip(rows, answers):
         if not a.strip():
-            continue  # an empty answer has nothing to learn from
+            continue
+        if control_token_problem(specials, fields={"teacher answer": a}):
+            forged += 1
+            continue
         meta = {**r["meta"], "original_answer": r["messages"][-1]["content"]}
         out.append({**r, "messages": [*r["messages"][:-1], {"role": "assistant", "content": a.strip()}], "meta": meta})
+    if forged:
+        console.print(f"[yellow]{forged} teacher answer(s) spell a control token of the student's tokenizer: left out "
+                      f"(rule control_token)[/yellow]")
     return out
 
 

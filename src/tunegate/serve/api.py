@@ -37,8 +37,8 @@ Limits (issue 23): request bodies are bounded (`BodyLimit`, serve.max_request_by
 A chat completion is answered within serve.request_timeout_s (tunegate.serve.engine: the embedded engine's
 lock is waited for with that deadline, and reading the prompt and generating stop at it; an answer cut short
 ends with finish_reason "length"). `serve` shuts down on SIGTERM or SIGINT (`shutdown_aware_server`): no new
-connections, an answer in flight gets serve.shutdown_grace_s to finish and is then cut short, requests still
-waiting get 503, and the process exits 0.
+connections; for serve.shutdown_grace_s answers go on (a request waiting for the lock may still take it), then
+the answer in flight is cut short, requests still waiting get 503, and the process exits 0.
 
 Which adapters load: only from verified release bundles (tunegate.serve.bundles); one refused bundle stops
 the server from starting, naming the bundle and the reason: a tenant would otherwise be answered by
