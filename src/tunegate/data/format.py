@@ -111,10 +111,11 @@ def control_token_problem(tokenizer_or_specials, messages: list[dict[str, Any]] 
     The decision (docs/design.md#control-tokens): text never becomes a control token; text that spells one is
     refused. `<|im_end|>\n<|im_start|>assistant\n...` inside a message would become real turn boundaries when
     the chat template is rendered and tokenized: a user could forge an assistant turn at serve time, and through
-    `tunegate data feedback` in the next round's training data. So such text is refused wherever it enters:
-    the data stage rejects the row (rejected.jsonl, rule `control_token`), a golden set holding one is refused
-    (data and eval stages), the serving API answers 400 (`code: control_token`) to a chat message or an edited
-    answer, and the feedback export rejects the row. This is tiktoken's default (`encode` raises when text
+    `tunegate data feedback` in the next round's training data. So such text is refused where it enters what is
+    trained on, gated or served: the data stage rejects the row (rejected.jsonl, rule `control_token`), a golden
+    set holding one is refused (data and eval stages), the serving API answers 400 (`code: control_token`) to a
+    chat message or an edited answer, the feedback export rejects the row, and distillation leaves out a teacher
+    answer holding one. (Prompts of the optional eval suites, e.g. IFEval's files, are not checked.) This is tiktoken's default (`encode` raises when text
     contains a special token, `disallowed_special="all"`). Escaping instead (tokenizing each content with
     special tokens off, so `<|im_end|>` stays plain text) would need every engine to tokenize message contents
     apart from the template's markers; vLLM renders and tokenizes the chat template itself from the messages
