@@ -346,6 +346,24 @@ class TrainConfig(_Section):
     distillation: DistillationConfig | None = None  # method distillation: required
     budget_minutes: float | None = Field(default=None, gt=0)  # stop training (and save) after this long
     seed: int = 0
+    # Tokens added to the base tokenizer (e.g. ["<ticket>"]), as plain, non-special tokens: they may appear in the
+    # data, and each becomes one new token id. The embedding grows by one row per token; the new rows train and
+    # are saved with the adapter (tunegate.models.load_tokenizer, recipes.common.load_policy). A token the base
+    # tokenizer already has is refused by `tunegate validate` and the preflight.
+    added_tokens: list[str] = Field(default_factory=list)
+
+    @field_validator("added_tokens")
+    @classmethod
+    def _added_tokens_distinct(cls, v: list[str]) -> list[str]:
+        for i, tok in enumerate(v):
+            if not tok.strip():
+                raise ValueError(f"added_tokens[{i}]: an empty or blank token")
+            if tok != tok.strip():
+                raise ValueError(f"added_tokens[{i}]: {tok!r} begins or ends with whitespace")
+        dup = sorted({t for t in v if v.count(t) > 1})
+        if dup:
+            raise ValueError(f"added_tokens: {', '.join(map(repr, dup))} listed twice")
+        return v
 
     @model_validator(mode="after")
     def _method_settings(self) -> "TrainConfig":

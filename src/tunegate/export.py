@@ -77,7 +77,9 @@ def merge_adapter(
 
     Args:
         base: a folder or hub id `from_pretrained` reads (see `models.resolve_base_model`).
-        adapter_dir: PEFT adapter folder (adapter_config.json + adapter_model.safetensors).
+        adapter_dir: PEFT adapter folder (adapter_config.json + adapter_model.safetensors). One trained with
+            `train.added_tokens` merges onto the base grown to its recorded vocabulary (models.fit_to_adapter): the
+            merged model has the grown embedding (config vocab_size), the adapter's tokenizer and its record.
         out_dir: where the merged model goes; it appears whole (safetensors, tokenizer, chat template,
             `generation_config.json` whose eos ids include the end-of-turn token, `merge_check.json`) or not at all. An existing folder is replaced only by a merge that passes.
         prompts: rendered prompts (chat template applied, generation prompt added), e.g. golden prompts.
@@ -95,7 +97,7 @@ def merge_adapter(
 
     from tunegate.data.format import stop_token_ids
     from tunegate.evals.generate import generate
-    from tunegate.models import device_name, load_model, load_tokenizer, write_stop_tokens
+    from tunegate.models import VOCAB_RECORD, device_name, fit_to_adapter, load_adapter_tokenizer, load_model, write_stop_tokens
 
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
     clean_stale(out_dir)  # what a killed export left beside the merge (core.io)
@@ -107,8 +109,9 @@ def merge_adapter(
     tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
     try:
-        tokenizer = load_tokenizer(base)
-        model = PeftModel.from_pretrained(load_model(base, dtype=torch.float32), str(adapter_dir))
+        tokenizer = load_adapter_tokenizer(adapter_dir, base)  # with the adapter's train.added_tokens, if any
+        # the base model's embeddings grown first for the added tokens' rows (models.fit_to_adapter)
+        model = PeftModel.from_pretrained(fit_to_adapter(load_model(base, dtype=torch.float32), adapter_dir), str(adapter_dir))
         model = model.to(device_name()).eval()
         before_logits = _logits(model, tokenizer, prompts)
         before_text = generate(model, tokenizer, prompts, max_new_tokens, batch_size, desc="greedy, adapter unmerged")
@@ -155,6 +158,8 @@ def merge_adapter(
         merged.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)  # tokenizer_config.json / chat_template.jinja carry the chat template
         write_stop_tokens(tmp, stop_token_ids(tokenizer), tokenizer.pad_token_id)  # eos and end of turn
+        if (adapter_dir / VOCAB_RECORD).is_file():  # the vocabulary it was trained with (its config's vocab_size)
+            shutil.copyfile(adapter_dir / VOCAB_RECORD, tmp / VOCAB_RECORD)
         atomic_write_json(tmp / MERGE_CHECK, check)
         publish_dir(tmp, out_dir)
     except BaseException:
@@ -170,7 +175,7 @@ def export_run(project, run_id: str = "default", out_dir: Path | None = None, n_
     Default output: runs/<id>/export/merged. Raises TunegateError naming the file that is missing.
     """
     from tunegate.data.format import generation_prompt
-    from tunegate.models import load_tokenizer, resolve_base_model
+    from tunegate.models import load_adapter_tokenizer, resolve_base_model
     from tunegate.pipeline import run_dir_for
 
     run_dir = run_dir_for(project, run_id)
@@ -187,7 +192,7 @@ def export_run(project, run_id: str = "default", out_dir: Path | None = None, n_
     if not rows:
         raise TunegateError(f"{golden_path}: no golden rows to check the merge on")
     base = resolve_base_model(project.base_model)
-    tokenizer = load_tokenizer(base)
+    tokenizer = load_adapter_tokenizer(adapter_dir, base)
     prompts = [generation_prompt(tokenizer, r) for r in rows[:n_prompts]]
     target = out_dir or run_dir / "export" / "merged"
     check = merge_adapter(

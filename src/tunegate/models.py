@@ -13,7 +13,7 @@ import importlib.util
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from tunegate import TunegateError
 from tunegate.core.io import clean_stale, publish_dir, staging_dir
@@ -134,13 +134,54 @@ def write_stop_tokens(folder: Path | str, stop_ids: list[int], pad_token_id: int
     return eos
 
 
-def load_tokenizer(base: Path | str):
+def load_tokenizer(base: Path | str, added_tokens: Sequence[str] = ()):
+    """The tokenizer of `base` (a model or adapter folder, or a hub id), with a pad token (eos when it has none)
+    and `added_tokens` (a project's `train.added_tokens`) added.
+
+    The added tokens are plain added tokens (`tokenizer.add_tokens(..., special_tokens=False)`), not special ones:
+    they are vocabulary for the data (a `<ticket>` placeholder, a `<tool_call>` marker a project brings), so text
+    that spells one becomes that one token, the data stage's control-token rule (`data.format.special_tokens`:
+    special tokens and the chat template's own markers) keeps such rows, and a decode with
+    `skip_special_tokens=True` (eval, serving) keeps them in the answer. Special tokens are what the chat template
+    builds turns with; a token added here cannot forge a turn, so refusing it in text would refuse the data it
+    was added for.
+
+    Raises:
+        TunegateError: an added token the tokenizer already has (`added_token_problem`), one line.
+    """
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(base))
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
+    if added_tokens:
+        problem = added_token_problem(tok, added_tokens)
+        if problem:
+            raise TunegateError(problem)
+        tok.add_tokens(list(added_tokens), special_tokens=False)
     return tok
+
+
+def added_token_problem(tokenizer, added_tokens: Sequence[str]) -> str | None:
+    """Why `added_tokens` cannot be added to `tokenizer` (one line), or None: a token that is already one of its
+    tokens: a vocabulary entry, an added token, or text it already encodes as one token. transformers would add
+    such a string again under a second id, which the data would never use."""
+    vocab = tokenizer.get_vocab()
+    known = []
+    for tok in added_tokens:
+        ids = tokenizer(tok, add_special_tokens=False)["input_ids"]
+        if tok in vocab or len(ids) == 1:
+            known.append(f"{tok!r} (id {vocab.get(tok, ids[0] if len(ids) == 1 else None)})")
+    if not known:
+        return None
+    return (f"train.added_tokens: {', '.join(known)} already in the base tokenizer's vocabulary; "
+            "remove it from train.added_tokens (the base model already has its row)")
+
+
+def load_project_tokenizer(project, progress: bool = True):
+    """The project's tokenizer: its base model's, with `train.added_tokens` (`load_tokenizer`). What the data stage
+    tokenizes with and training trains on; an adapter's own (`load_adapter_tokenizer`) is the same, saved with it."""
+    return load_tokenizer(resolve_base_model(project.base_model, progress=progress), project.train.added_tokens)
 
 
 def load_model(base: Path | str, dtype: Any = None):
@@ -148,6 +189,140 @@ def load_model(base: Path | str, dtype: Any = None):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(str(base), dtype=dtype or torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Added tokens: the embedding rows they need, recorded with the adapter (train.added_tokens)
+
+VOCAB_RECORD = "tunegate_vocabulary.json"  # in an adapter (or full model) folder: the vocabulary it trained with
+
+
+def embedding_rows(model) -> int:
+    """Rows of `model`'s input embedding (V of its (V, hidden) weight), through a PEFT wrapper around it."""
+    emb = model.get_input_embeddings()
+    emb = getattr(emb, "original_module", emb)  # peft's TrainableTokensWrapper / ModulesToSaveWrapper
+    return int(emb.weight.shape[0])
+
+
+def _grow(model, n_rows: int) -> None:
+    """`model.resize_token_embeddings(n_rows)` (a tied output layer follows) when it has fewer rows: the new rows
+    start at a draw from the old rows' mean and covariance (`mean_resizing`; Hewitt 2021,
+    nlp.stanford.edu/~johnhew/vocab-expansion.html: the next-token distribution barely moves before they train),
+    under a fixed seed, so every load of one base model gets the same rows."""
+    import torch
+
+    if n_rows <= embedding_rows(model):
+        return
+    meta = model.get_input_embeddings().weight.is_meta  # the preflight's weightless model: nothing to draw from
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(0)
+        model.resize_token_embeddings(n_rows, mean_resizing=not meta)
+
+
+def fit_embeddings(model, tokenizer, added_tokens: Sequence[str]) -> dict[str, Any]:
+    """Grow the base model `model`'s input and output embeddings to len(tokenizer) rows, the ids of
+    `added_tokens` (train.added_tokens, in `tokenizer`) included, when it has fewer. A model with as many rows or
+    more (embeddings padded to a multiple of 64 or 128) keeps them: the new ids index rows it already has.
+
+    Returns:
+        What the model now carries, also set as `model.tunegate_vocabulary`: {"base_vocab_size": rows before,
+        "vocab_size": rows after, "added_tokens": {token: id}} (`fit_to_adapter` reads it).
+    """
+    carried = getattr(model, "tunegate_vocabulary", None)
+    base_rows = carried["base_vocab_size"] if carried else embedding_rows(model)
+    if added_tokens:
+        _grow(model, len(tokenizer))
+    model.tunegate_vocabulary = {"base_vocab_size": base_rows, "vocab_size": embedding_rows(model),
+                                 "added_tokens": {t: int(tokenizer.convert_tokens_to_ids(t)) for t in added_tokens}}
+    return model.tunegate_vocabulary
+
+
+def vocabulary_record(tokenizer, base_rows: int, rows: int, added_tokens: Sequence[str]) -> dict[str, Any]:
+    """What VOCAB_RECORD holds: `vocab_size` (the embedding rows the adapter needs), `base_vocab_size` (the base
+    model's rows before), `tokenizer_size` (len(tokenizer)) and `added_tokens` ({token: id})."""
+    return {"vocab_size": int(rows), "base_vocab_size": int(base_rows), "tokenizer_size": len(tokenizer),
+            "added_tokens": {t: int(tokenizer.convert_tokens_to_ids(t)) for t in added_tokens}}
+
+
+def read_vocabulary_record(folder: Path | str) -> dict[str, Any] | None:
+    """`folder`'s VOCAB_RECORD, or None when it has none (an adapter trained before it was written: the base
+    model's vocabulary). Raises TunegateError when it is unreadable."""
+    import json
+
+    path = Path(folder) / VOCAB_RECORD
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        int(record["vocab_size"]), int(record["base_vocab_size"]), dict(record["added_tokens"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise TunegateError(f"{path}: unreadable vocabulary record ({type(exc).__name__}: {exc})") from None
+    return record
+
+
+def fit_to_adapter(model, adapter_dir: Path | str):
+    """Before `PeftModel.from_pretrained(model, adapter_dir)` or `load_adapter`: grow the base model's embeddings
+    to the vocabulary the adapter recorded (VOCAB_RECORD: its added tokens' rows), as training did. An adapter
+    without added tokens (or without a record) loads on the model as it is, also on one grown for another
+    adapter: the new ids are then the base model's (untrained) rows, as for the base model itself.
+
+    Returns:
+        `model`, grown in place where needed.
+
+    Raises:
+        TunegateError (one line): the adapter's recorded base vocabulary is not this model's (trained on another
+            base model), or the model already carries other added tokens (another adapter's: adapters with
+            different added tokens cannot share one base model).
+    """
+    record = read_vocabulary_record(adapter_dir)
+    if record is None:
+        return model
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    carried = getattr(inner, "tunegate_vocabulary", None) or {"base_vocab_size": embedding_rows(model), "added_tokens": {}}
+    if carried["base_vocab_size"] != record["base_vocab_size"]:
+        raise TunegateError(f"{adapter_dir}: the adapter was trained on a base model whose embedding has "
+                            f"{record['base_vocab_size']} rows (plus {len(record['added_tokens'])} added token(s): "
+                            f"{record['vocab_size']}); this base model's has {carried['base_vocab_size']}: load it on "
+                            "the base model it was trained on")
+    wanted = record["added_tokens"]
+    if not wanted:
+        return model
+    if carried["added_tokens"]:
+        if carried["added_tokens"] != wanted:
+            raise TunegateError(f"{adapter_dir}: the adapter's added tokens {sorted(wanted)} differ from those this "
+                                f"model already carries for another adapter ({sorted(carried['added_tokens'])}); "
+                                "adapters with different train.added_tokens cannot share one base model")
+        return model
+    _grow(inner, int(record["vocab_size"]))
+    if embedding_rows(model) != record["vocab_size"]:
+        raise TunegateError(f"{adapter_dir}: the adapter needs {record['vocab_size']} embedding rows, fewer than its "
+                            f"base model's {record['base_vocab_size']}: its vocabulary record is wrong")
+    inner.tunegate_vocabulary = {"base_vocab_size": carried["base_vocab_size"], "vocab_size": embedding_rows(model),
+                                 "added_tokens": dict(wanted)}
+    return model
+
+
+def load_adapter_tokenizer(adapter_dir: Path | str, base: Path | str):
+    """The tokenizer an adapter (or a full fine-tune's model folder) trained with: with added tokens, the one saved
+    in its folder, checked against its record (VOCAB_RECORD); otherwise the base model's (`load_tokenizer`).
+
+    Raises:
+        TunegateError (one line): the folder records added tokens but holds no tokenizer, or its tokenizer gives
+            them other ids than recorded.
+    """
+    record = read_vocabulary_record(adapter_dir)
+    if not record or not record["added_tokens"]:
+        return load_tokenizer(base)
+    if not (Path(adapter_dir) / "tokenizer_config.json").is_file():
+        raise TunegateError(f"{adapter_dir}: records added tokens {sorted(record['added_tokens'])} but holds no "
+                            "tokenizer (tokenizer_config.json); copy the whole folder the train stage wrote")
+    tok = load_tokenizer(adapter_dir)
+    ids = {t: tok.convert_tokens_to_ids(t) for t in record["added_tokens"]}
+    if ids != record["added_tokens"] or len(tok) > int(record["vocab_size"]):
+        raise TunegateError(f"{adapter_dir}: its tokenizer ({len(tok)} tokens, added {ids}) does not match its "
+                            f"vocabulary record ({record['vocab_size']} rows, added {record['added_tokens']})")
+    return tok
 
 
 def load_inference_model(base: Path | str):

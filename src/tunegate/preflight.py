@@ -316,13 +316,14 @@ def _config_vocab_size(config) -> int | None:
 
 
 def check_vocabulary(project) -> list[str]:
-    """`tunegate validate`'s vocabulary check, without weights: len(tokenizer) against config.json's vocab_size.
+    """`tunegate validate`'s vocabulary check, without weights: len(tokenizer) against config.json's vocab_size,
+    and `train.added_tokens` against the tokenizer (a token it already has: `models.added_token_problem`).
 
-    Returns one line naming both numbers and the fix, or []. Skipped ([]) when the base model is not on this
+    Returns one line per problem, naming the numbers (or tokens) and the fix, or []. Skipped ([]) when the base model is not on this
     machine: a hub id not in the local Hugging Face cache (nothing is downloaded), or the embedded model before
     its one-time conversion (its tokenizer and model agree); the preflight checks it again on the loaded model.
     """
-    from tunegate.models import EMBEDDED, cache_dir, resolve_base_model
+    from tunegate.models import EMBEDDED, added_token_problem, cache_dir, resolve_base_model
 
     name = project.base_model
     if name in EMBEDDED and not (cache_dir() / "models" / name / "config.json").is_file():
@@ -336,7 +337,8 @@ def check_vocabulary(project) -> list[str]:
     except (TunegateError, OSError, ValueError):
         return []  # not on this machine, or not a transformers folder: loading it later says why
     problem = vocabulary_problem(len(tokenizer), _config_vocab_size(config))
-    return [f"{problem}; {VOCAB_FIX}"] if problem else []
+    added = added_token_problem(tokenizer, project.train.added_tokens) if project.train.added_tokens else None
+    return ([f"{problem}; {VOCAB_FIX}"] if problem else []) + ([added] if added else [])
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -717,7 +719,9 @@ def run_checks(project, data_dir: Path, measure: bool = True) -> dict[str, Any]:
 
     Reads the data stage's train.jsonl and stats.json. Loads the tokenizer and the base model's architecture
     (on the meta device: no weights; real weights only with `measure`): anti-patterns, loss-mask and length rejections the data stage made (C01-C03, C07, C09-C11),
-    a tokenizer with more tokens than the model's embedding rows (`vocab_mismatch`), TRL/PEFT settings tunegate
+    a tokenizer with more tokens than the model's embedding rows (`vocab_mismatch`), a `train.added_tokens` token
+    the tokenizer already has (`added_token_known`; otherwise the tokens are added and the model's embedding grows
+    for them, as training does), TRL/PEFT settings tunegate
     cannot honour (`passthrough_unsupported`: recipes.defaults.check_passthrough),
     LoRA target modules resolved against the model's real module names (C12), and with `measure` a
     micro-benchmark and the estimate (tokens, FLOPs, time here, peak memory, 7B cloud cost).
@@ -728,7 +732,8 @@ def run_checks(project, data_dir: Path, measure: bool = True) -> dict[str, Any]:
     import json
 
     from tunegate.core.io import read_jsonl
-    from tunegate.models import load_model, load_tokenizer, resolve_base_model
+    from tunegate.models import added_token_problem, fit_embeddings, load_model, load_tokenizer, resolve_base_model
+    from tunegate.recipes.common import peft_config
     from tunegate.recipes.defaults import check_passthrough, lora_kwargs
 
     rows = read_jsonl(data_dir / "train.jsonl")
@@ -748,6 +753,14 @@ def run_checks(project, data_dir: Path, measure: bool = True) -> dict[str, Any]:
     problem = vocabulary_problem(len(tokenizer), model.get_input_embeddings().num_embeddings)
     if problem:
         findings.insert(0, Finding("vocab_mismatch", "error", problem, VOCAB_FIX))
+    added = list(project.train.added_tokens)
+    problem = added_token_problem(tokenizer, added) if added else None
+    if problem:
+        findings.insert(0, Finding("added_token_known", "error", problem, "remove it from train.added_tokens"))
+        added = []
+    if added:  # what training tokenizes with and the embedding rows it trains (recipes.common.load_policy)
+        tokenizer = load_tokenizer(base, added)
+        fit_embeddings(model, tokenizer, added)
     for problem in check_passthrough(project):  # also run by validate and before every training
         findings.insert(0, Finding("passthrough_unsupported", "error", problem,
                                    "remove or change that setting in the project file (`tunegate validate` checks it)"))
@@ -764,7 +777,7 @@ def run_checks(project, data_dir: Path, measure: bool = True) -> dict[str, Any]:
         if targets is not None:
             from peft import LoraConfig, get_peft_model
 
-            model = get_peft_model(model, LoraConfig(**lora_kwargs(project)))
+            model = get_peft_model(model, peft_config(project, model, tokenizer) if added else LoraConfig(**lora_kwargs(project)))
             n_trainable, n_params = model.get_nb_trainable_parameters()
 
     bench, est = None, None

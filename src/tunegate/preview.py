@@ -161,16 +161,17 @@ def choose(rows: Rows, ids: list[str] | None, first: int) -> list[tuple[dict[str
 
 
 def build_previews(project, run_dir: Path, ids: list[str] | None, first: int) -> tuple[list[RowPreview], Rows]:
-    """Choose rows and encode them with the base model's tokenizer (no weights are loaded).
+    """Choose rows and encode them with the project's tokenizer (the base model's, with train.added_tokens; no
+    weights are loaded).
 
     Returns the previews in the order chosen, and the rows they were chosen from.
     """
-    from tunegate.models import load_tokenizer, resolve_base_model
+    from tunegate.models import load_project_tokenizer
 
     cfg = project.data
     rows = load_rows(project, run_dir)
     chosen = choose(rows, ids, first)
-    tokenizer = load_tokenizer(resolve_base_model(project.base_model))
+    tokenizer = load_project_tokenizer(project)
     to_encode = [c for c in chosen if not isinstance(c, RowPreview)]
     rejected_early: dict[str, str] = {}
     if not rows.from_stage:  # the data stage's steps before the template, on the chosen rows only

@@ -6,9 +6,10 @@ hidden sibling folder and swapped into place at the end (core.io.publish_dir), s
 bundle, and what a kill leaves beside it is deleted by the next release. Layout:
 
     release.json          what was released (project, run, base model, method, adapter settings, scores, vLLM fit,
-                          stop_token_ids: the eos and end-of-turn ids generation stops at)
+                          stop_token_ids: the eos and end-of-turn ids generation stops at; vocab_size and
+                          added_tokens: the embedding rows and train.added_tokens it trained with)
     adapter/              the PEFT adapter files exactly as trained (with generation_config.json: the stop ids)
-    merged/               only when vLLM cannot serve the adapter as a LoRA (DoRA, modules_to_save, bias, rank):
+    merged/               only when vLLM cannot serve the adapter as a LoRA (DoRA, modules_to_save, added tokens, bias, rank):
                           the merged model from `tunegate.export` (checked against the adapter, case C13 in docs/cases.md)
     manifests/<stage>.json  every stage manifest of the run, byte for byte (the lineage chain)
     eval/verdict.json, eval/scores.json (+ eval.html), report/report.md
@@ -290,7 +291,8 @@ def _diff_against_signed(directory: Path, signature: Path, signature_rel: str | 
 def vllm_compatibility(adapter_config: dict[str, Any]) -> tuple[bool, list[str]]:
     """Whether vLLM can serve a PEFT adapter as a LoRA (`--enable-lora --lora-modules`), and why not.
 
-    vLLM refuses DoRA magnitude vectors, `modules_to_save`, trained biases (`bias` other than "none",
+    vLLM refuses DoRA magnitude vectors, `modules_to_save`, trained token rows (`trainable_token_indices`, written
+    for `train.added_tokens`), trained biases (`bias` other than "none",
     `lora_bias`), and ranks above its largest --max-lora-rank value (VLLM_LORA_RANKS; docs/design.md#vllm).
     A rank between the allowed values (e.g. 24) is served: the server's --max-lora-rank is the smallest
     allowed value at or above the largest rank it registers (case C14, `max_lora_rank_for`).
@@ -306,6 +308,9 @@ def vllm_compatibility(adapter_config: dict[str, Any]) -> tuple[bool, list[str]]
         reasons.append("DoRA: vLLM does not load magnitude vectors (lora_magnitude_vector)")
     if adapter_config.get("modules_to_save"):
         reasons.append(f"modules_to_save {sorted(adapter_config['modules_to_save'])}: vLLM loads LoRA matrices only")
+    if adapter_config.get("trainable_token_indices"):
+        reasons.append("added tokens (train.added_tokens: trainable_token_indices): vLLM loads LoRA matrices only, "
+                       "not an adapter's embedding rows")
     if adapter_config.get("bias", "none") != "none" or adapter_config.get("lora_bias"):
         reasons.append(f"trained biases (bias: {adapter_config.get('bias')}, lora_bias: {bool(adapter_config.get('lora_bias'))}): vLLM loads no LoRA biases")
     ranks = {adapter_config.get("r")} | set((adapter_config.get("rank_pattern") or {}).values())
@@ -441,6 +446,7 @@ def build_bundle(project, run_id: str = "default", private_key: Path | None = No
             is missing (without `force`), or the merge check failed (tunegate.export).
     """
     from tunegate.core.console import console
+    from tunegate.models import VOCAB_RECORD
     from tunegate.pipeline import run_dir_for
 
     run_dir = run_dir_for(project, run_id)
@@ -521,6 +527,9 @@ def build_bundle(project, run_id: str = "default", private_key: Path | None = No
         gen_cfg = next((tmp / d / "generation_config.json" for d in ("merged", "adapter")
                         if (tmp / d / "generation_config.json").is_file()), None)
         stop_ids = json.loads(gen_cfg.read_text(encoding="utf-8")).get("eos_token_id") if gen_cfg else None
+        # The vocabulary it trained with (train.added_tokens and the embedding rows they need); None: not recorded
+        vocab_file = next((tmp / d / VOCAB_RECORD for d in ("adapter", "merged") if (tmp / d / VOCAB_RECORD).is_file()), None)
+        vocab = json.loads(vocab_file.read_text(encoding="utf-8")) if vocab_file else {}
         release = {
             "project": project.name,
             "run_id": run_id,
@@ -533,6 +542,8 @@ def build_bundle(project, run_id: str = "default", private_key: Path | None = No
             "target_modules": sorted(adapter_cfg["target_modules"]) if isinstance(adapter_cfg.get("target_modules"), list) else adapter_cfg.get("target_modules"),
             "modules_to_save": adapter_cfg.get("modules_to_save"),
             "stop_token_ids": [stop_ids] if isinstance(stop_ids, int) else stop_ids,
+            "vocab_size": vocab.get("vocab_size"),  # embedding rows: the base model's plus the added tokens'
+            "added_tokens": vocab.get("added_tokens", {}),  # train.added_tokens -> token id
             "adapter_sha256": train.outputs.get(weights_rel) if not full else train.outputs.get("model/model.safetensors"),
             "verdict": "PASS",
             "scores": json.loads((tmp / "eval" / "scores.json").read_text(encoding="utf-8")),

@@ -355,16 +355,17 @@ def generation_prompt(tokenizer, record: dict[str, Any]) -> str:
     return record["prompt"]
 
 
-def encode_batch_fn(base_model: str, system_role: str, max_length: int, policy: str):
+def encode_batch_fn(base_model: str, system_role: str, max_length: int, policy: str, added_tokens: tuple[str, ...] = ()):
     """A worker's batch function (tunegate.data.engine) for the data stage's template step.
 
     The returned function maps records to ("kept", record with the system policy applied, tokens, truncated)
-    or ("rejected", rule, detail), in order; the tokenizer is loaded once per worker (no weights).
+    or ("rejected", rule, detail), in order; the tokenizer is loaded once per worker (no weights), with the
+    project's `train.added_tokens` (plain tokens: text may spell them, `models.load_tokenizer`).
     """
     from tunegate.data.records import RowError
     from tunegate.models import load_tokenizer, resolve_base_model
 
-    tokenizer = load_tokenizer(resolve_base_model(base_model, progress=False))
+    tokenizer = load_tokenizer(resolve_base_model(base_model, progress=False), added_tokens)
     has_system = supports_system_role(tokenizer)
     specials = special_tokens(tokenizer)
 

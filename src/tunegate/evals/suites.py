@@ -108,7 +108,7 @@ def run_suite(name: str, data_root: Path, base_model: str, adapter: Path | None 
     """
     from tunegate import TunegateError
     from tunegate.evals.backends import LocalChat
-    from tunegate.models import load_inference_model, load_tokenizer, resolve_base_model
+    from tunegate.models import fit_to_adapter, load_adapter_tokenizer, load_inference_model, load_tokenizer, resolve_base_model
 
     if name not in ("ifeval", "safety"):
         raise TunegateError(f"unknown suite {name!r}; known: ifeval, safety")
@@ -121,7 +121,8 @@ def run_suite(name: str, data_root: Path, base_model: str, adapter: Path | None 
 
         if not (adapter / "adapter_config.json").is_file():
             raise TunegateError(f"{adapter}: not an adapter folder (no adapter_config.json)")
-        model = PeftModel.from_pretrained(model, str(adapter))
+        tok = load_adapter_tokenizer(adapter, path)  # with the adapter's train.added_tokens, if any
+        model = PeftModel.from_pretrained(fit_to_adapter(model, adapter), str(adapter))
         systems = {"baseline": LocalChat(model, tok, batch_size, "base model", adapter_off=True),
                    "candidate": LocalChat(model, tok, batch_size, str(adapter))}
     else:

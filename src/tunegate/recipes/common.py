@@ -51,27 +51,49 @@ class Built:
     trl_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
-def peft_config(project: Project):
-    """The adapter to train (peft.LoraConfig), or None for `adapter: full`."""
+def peft_config(project: Project, model=None, tokenizer=None):
+    """The adapter to train (peft.LoraConfig), or None for `adapter: full`. With `train.added_tokens`, `model` (grown
+    by `load_policy`) and `tokenizer` (with the tokens) give the new rows PEFT trains (`added_token_indices`)."""
     if project.train.adapter == "full":
         return None
     from peft import LoraConfig
 
-    return LoraConfig(**lora_kwargs(project))
+    kwargs = lora_kwargs(project)
+    if project.train.added_tokens:
+        kwargs["trainable_token_indices"] = added_token_indices(model, [tokenizer.convert_tokens_to_ids(t) for t in project.train.added_tokens])
+    return LoraConfig(**kwargs)
 
 
-def load_policy(project: Project, base: Path | str):
+def added_token_indices(model, ids: list[int]) -> list[int] | dict[str, list[int]]:
+    """PEFT's `trainable_token_indices` for the rows of the added tokens `ids`: only those rows train (PEFT's
+    trainable tokens, saved with the adapter as a (n_added, hidden) tensor per layer), not the whole embedding
+    (`modules_to_save` would save all of it). A list targets the input embedding, which a tied output layer
+    follows; an untied output layer (lm_head) is named too, so the model also learns to write the new tokens and
+    its rows travel with the adapter (they would otherwise stay at the resize's starting values)."""
+    emb_in, emb_out = model.get_input_embeddings(), model.get_output_embeddings()
+    if emb_out is None or emb_out.weight is emb_in.weight:
+        return list(ids)
+    names = {id(m): n for n, m in model.named_modules()}
+    return {names[id(emb_in)]: list(ids), names[id(emb_out)]: list(ids)}
+
+
+def load_policy(project: Project, base: Path | str, tokenizer):
     """The model training starts from, and the PEFT config for the trainer (None when the model already carries
     its adapter, or for a full fine-tune).
 
     - `adapter: qlora`: the base loaded in 4-bit NF4 with double quantisation (Dettmers et al. 2023) through
       bitsandbytes. Raises TunegateError without a CUDA GPU or without bitsandbytes: its 4-bit kernels are CUDA's.
     - `train.init_adapter`: that adapter, loaded trainable; TRL's DPO/KTO/GRPO then keep a frozen copy of it as
-      the reference (`ref` adapter), so at step 0 the policy equals the reference (case C19 in docs/cases.md).
+      the reference (`ref` adapter), so at step 0 the policy equals the reference (case C19).
+    - `train.added_tokens` (`tokenizer` holds them): the embeddings grow to len(tokenizer) rows
+      (`models.fit_embeddings`) and the LoRA config trains the new rows (`added_token_indices`); a full
+      fine-tune trains them with every other weight. An init adapter must have been trained with the same added
+      tokens (its vocabulary record). The model carries `tunegate_vocabulary` ({base_vocab_size, vocab_size,
+      added_tokens}: models.fit_embeddings) for the adapter's record (recipes.run).
     """
     import torch
 
-    from tunegate.models import load_model
+    from tunegate.models import fit_embeddings, fit_to_adapter, load_model, read_vocabulary_record
 
     t = project.train
     if t.adapter == "qlora":
@@ -92,9 +114,12 @@ def load_policy(project: Project, base: Path | str):
         quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                    bnb_4bit_compute_dtype=torch.bfloat16)
         model = AutoModelForCausalLM.from_pretrained(str(base), quantization_config=quant, dtype=torch.bfloat16)
+        if t.init_adapter is None:  # the embedding is not quantised: it grows before the k-bit preparation
+            fit_embeddings(model, tokenizer, t.added_tokens)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     else:
         model = load_model(base)
+    added = {tok: tokenizer.convert_tokens_to_ids(tok) for tok in t.added_tokens}
     if t.init_adapter is not None:
         from peft import PeftModel
 
@@ -102,8 +127,15 @@ def load_policy(project: Project, base: Path | str):
             raise TunegateError("train.init_adapter with adapter full: merge the adapter first (`tunegate export`)")
         if not (t.init_adapter / "adapter_config.json").is_file():
             raise TunegateError(f"{t.init_adapter}: train.init_adapter has no adapter_config.json (a PEFT adapter folder)")
+        recorded = (read_vocabulary_record(t.init_adapter) or {}).get("added_tokens", {})
+        if recorded != added:
+            raise TunegateError(f"train.init_adapter {t.init_adapter}: trained with added tokens {recorded or 'none'}, "
+                                f"but train.added_tokens gives {added or 'none'}; set train.added_tokens to the init adapter's")
+        fit_embeddings(model, tokenizer, ())  # the base's rows, recorded; the adapter's record grows them
+        fit_to_adapter(model, t.init_adapter)
         return PeftModel.from_pretrained(model, str(t.init_adapter), is_trainable=True), None
-    return model, peft_config(project)
+    fit_embeddings(model, tokenizer, t.added_tokens)
+    return model, peft_config(project, model, tokenizer)
 
 
 def tracker(st: Stage, budget_s: float | None):

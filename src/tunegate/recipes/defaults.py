@@ -156,6 +156,9 @@ def unsupported_passthrough(project: Project) -> list[str]:
       loss_type (not nll), label_smoothing_factor > 0
                              tunegate's loss (recipes.sft.supervised_only_loss) replaces TRL's: ignored silently.
     For every method:
+      train.lora.trainable_token_indices, or modules_to_save naming embed_tokens / lm_head, with train.added_tokens
+                             tunegate sets trainable_token_indices to the added tokens' rows; PEFT refuses a layer
+                             both trained whole and by rows.
       model_init_kwargs      tunegate loads the model itself (train.adapter) and hands TRL the loaded model, which
                              TRL then leaves as it is: the kwargs would be ignored.
       train.lora.target_modules selecting lm_head
@@ -177,6 +180,14 @@ def unsupported_passthrough(project: Project) -> list[str]:
         problems.append("train.lora.target_modules: an adapter on lm_head is not supported: TRL's "
                         f"{project.train.method.upper()} trainer refuses it (it computes log-probabilities from "
                         "lm_head.weight directly); remove lm_head (all-linear leaves it out)")
+    lora = project.train.lora
+    if project.train.added_tokens and lora.get("trainable_token_indices") is not None:
+        problems.append("train.lora.trainable_token_indices: set by train.added_tokens (the rows of the added tokens "
+                        "train); remove it")
+    embeddings = sorted({"embed_tokens", "lm_head"} & set(lora.get("modules_to_save") or ()))
+    if project.train.added_tokens and embeddings:
+        problems.append(f"train.lora.modules_to_save: {embeddings} with train.added_tokens: PEFT trains either the whole "
+                        "layer or the added tokens' rows, not both; remove them (the added tokens' rows train)")
     if not trains_on_tokenized_rows(project):
         return problems
     packs = ("TRL would pack tunegate's tokenized rows into one padding-free sequence: tunegate's loss needs the "

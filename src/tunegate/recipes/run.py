@@ -1,8 +1,9 @@
 """The training body: the preflight, the recipe of `train.method` (tunegate.recipes), and what it trained, saved.
 
 The train stage calls `run_training` on the data stage's rows; the audit's LoRA probe calls it on a sample of
-them, in its own folder. Writes preflight.json, adapter/ (PEFT format, with the tokenizer and a
-generation_config.json whose eos ids include the end-of-turn token; `model/` instead for `adapter: full`),
+them, in its own folder. Writes preflight.json, adapter/ (PEFT format, with the tokenizer, a
+generation_config.json whose eos ids include the end-of-turn token, and tunegate_vocabulary.json: the embedding
+rows and `train.added_tokens` it trained with; `model/` instead for `adapter: full`),
 metrics.jsonl (every logged step), loss.png and train_summary.json.
 """
 
@@ -79,7 +80,14 @@ def run_training(st: Stage, data_dir: Path) -> dict[str, Any] | None:
     import torch
 
     from tunegate.data.format import stop_token_ids
-    from tunegate.models import bf16_supported, load_tokenizer, resolve_base_model, write_stop_tokens
+    from tunegate.models import (
+        VOCAB_RECORD,
+        bf16_supported,
+        load_tokenizer,
+        resolve_base_model,
+        vocabulary_record,
+        write_stop_tokens,
+    )
 
     project = st.project
     method = project.train.method
@@ -89,7 +97,7 @@ def run_training(st: Stage, data_dir: Path) -> dict[str, Any] | None:
     check = _preflight(project, data_dir)
     atomic_write_json(st.dir / "preflight.json", check)
     base = resolve_base_model(project.base_model)
-    tokenizer = load_tokenizer(base)
+    tokenizer = load_tokenizer(base, project.train.added_tokens)  # the data stage's (models.load_project_tokenizer)
     torch.manual_seed(project.train.seed)
     use_bf16 = bf16_supported()
     track = common.tracker(st, project.train.budget_minutes * 60 if project.train.budget_minutes else None)
@@ -131,8 +139,16 @@ def run_training(st: Stage, data_dir: Path) -> dict[str, Any] | None:
     elif full:
         trainer.model.save_pretrained(out, safe_serialization=True)
     else:  # only the trained adapter: DPO/KTO/GRPO from an init adapter also hold a frozen `ref` copy
-        trainer.model.save_pretrained(out, selected_adapters=["default"])
+        # Added tokens: their rows are in the adapter (trainable tokens); PEFT's "auto" would add the whole resized
+        # embedding and output layer, which the loader rebuilds from the base (models.fit_to_adapter).
+        trainer.model.save_pretrained(out, selected_adapters=["default"],
+                                      **({"save_embedding_layers": False} if project.train.added_tokens else {}))
     tokenizer.save_pretrained(out)
+    # The vocabulary it trained with: a loader grows the base model's embedding to it before loading the adapter
+    vocab = getattr(trainer.model, "tunegate_vocabulary", None)
+    if vocab is not None:
+        vocab = vocabulary_record(tokenizer, vocab["base_vocab_size"], vocab["vocab_size"], project.train.added_tokens)
+        atomic_write_json(out / VOCAB_RECORD, vocab)
     # generation_config.json: eos and end of turn, so the files stop at the end of a turn wherever they are served
     write_stop_tokens(out, stop_token_ids(tokenizer), tokenizer.pad_token_id, source=base)
 
@@ -163,6 +179,8 @@ def run_training(st: Stage, data_dir: Path) -> dict[str, Any] | None:
         "trainable_params": trainable,
         "total_params": total,
         "lora": None if full else _trained_lora(trainer.model),
+        "vocab_size": vocab["vocab_size"] if vocab else None,  # embedding rows: the base's plus the added tokens'
+        "added_tokens": vocab["added_tokens"] if vocab else {},  # train.added_tokens -> token id
         "trl": {k: v for k, v in built.trl_kwargs.items() if k != "output_dir"},
         **after,
     }

@@ -100,7 +100,7 @@ def build_from_columns(ctx: Context, train_cols: dict[str, list], val_cols: dict
     from trl import SFTConfig
 
     kwargs = ctx.trl_args(evaluate=bool(val_cols))
-    model, peft = load_policy(ctx.project, ctx.base)
+    model, peft = load_policy(ctx.project, ctx.base, ctx.tokenizer)
     train_ds = Dataset.from_dict(train_cols)
     trainer = trainer_class()(
         model=model,

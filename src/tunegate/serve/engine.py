@@ -189,16 +189,21 @@ class EmbeddedEngine:
 
     @classmethod
     def load(cls, project, bundles: list | None = None, public_key: Path | None = None) -> "EmbeddedEngine":
-        """Load the base model once and attach each bundle's adapter under its name.
+        """Load the base model once and attach each bundle's adapter under its name. Adapters trained with
+        `train.added_tokens` grow the base model's embeddings first and bring their tokenizer, which then serves
+        every request (the base model's answers included).
 
         Raises:
-            TunegateError: a bundle is refused (every refusal is listed), or two bundles share a name.
+            TunegateError: a bundle is refused (every refusal is listed), two bundles share a name, or two
+                adapters were trained with different added tokens (one tokenizer serves them all).
         """
         import tempfile
 
         from tunegate.models import (
+            load_adapter_tokenizer,
             load_inference_model,
             load_tokenizer,
+            read_vocabulary_record,
             resolve_base_model,
         )
 
@@ -208,10 +213,13 @@ class EmbeddedEngine:
         with tempfile.TemporaryDirectory(prefix="tunegate-serve-") as tmp:
             adapters = verify_bundles(project, bundles, public_key, Path(tmp))  # before the model loads: fail fast
             path = resolve_base_model(project.base_model)
-            tokenizer = load_tokenizer(path)
             model = load_inference_model(path)
             for name in adapters:
                 model = _attach(model, Path(tmp) / name / "adapter", name)
+            # One tokenizer for every adapter: the base model's, or the one saved with the adapters that added tokens
+            # (_attach refused adapters whose added tokens differ)
+            added = [n for n in adapters if (read_vocabulary_record(Path(tmp) / n / "adapter") or {}).get("added_tokens")]
+            tokenizer = load_adapter_tokenizer(Path(tmp) / added[0] / "adapter", path) if added else load_tokenizer(path)
         return cls(model=model, tokenizer=tokenizer, base_name=base_model_name(project), adapters=adapters)
 
     def complete(self, adapter: str | None, messages: list[dict[str, str]], max_new_tokens: int,
@@ -409,8 +417,14 @@ def _stopping_criteria(started: float, timeout_s: float | None, cancel: threadin
 
 
 def _attach(model, adapter_dir: Path, name: str):
+    """`adapter_dir` attached to `model` as `name`, the base model's embeddings grown first for its added tokens
+    (models.fit_to_adapter: TunegateError for an adapter of another vocabulary, or added tokens other than those of
+    an adapter already attached)."""
     from peft import PeftModel
 
+    from tunegate.models import fit_to_adapter
+
+    fit_to_adapter(model, adapter_dir)
     if isinstance(model, PeftModel):
         model.load_adapter(str(adapter_dir), adapter_name=name, is_trainable=False)
         return model

@@ -237,12 +237,12 @@ def _prepare(st: Stage, metric: str, bar: float | None, prices: dict[str, Any]) 
     demonstration rows."""
     import torch
 
-    from tunegate.models import load_model, load_tokenizer, resolve_base_model
+    from tunegate.models import fit_embeddings, load_model, load_tokenizer, resolve_base_model
 
     project, acfg = st.project, st.project.audit
     data_dir = st.upstream_dir("data")
     base_path = resolve_base_model(project.base_model)
-    tokenizer = load_tokenizer(base_path)
+    tokenizer = load_tokenizer(base_path, project.train.added_tokens)  # the data stage's, as the probe trains with
     golden = check_golden(project, data_dir, tokenizer)
     if acfg.golden_rows and acfg.golden_rows < len(golden):
         keep = sorted(random.Random(acfg.seed).sample(range(len(golden)), acfg.golden_rows))
@@ -265,6 +265,7 @@ def _prepare(st: Stage, metric: str, bar: float | None, prices: dict[str, Any]) 
 
     torch.manual_seed(acfg.seed)
     model = load_model(base_path)
+    fit_embeddings(model, tokenizer, project.train.added_tokens)  # rows for the added tokens, as training starts from
     refs = [reference_answer(r) for r in golden]
     return _Audit(
         project=project, metric=metric, golden=golden, queries=[prompt_text(r) for r in golden],
@@ -417,7 +418,9 @@ def _probe_candidates(st: Stage, a: _Audit, prices: dict[str, Any], rag_prompts:
 
     usd_per_hour = prices["machines"][prices["training_machine"]]["usd_per_hour"]
     probe = _train_probe(st, a.pool, a.n_train, st.project.audit.seed, usd_per_hour)
-    a.model = PeftModel.from_pretrained(a.model, str(probe["adapter"]))
+    from tunegate.models import fit_to_adapter
+
+    a.model = PeftModel.from_pretrained(fit_to_adapter(a.model, probe["adapter"]), str(probe["adapter"]))
     training_cost = probe["full_run_usd"]
     if a.want("lora_probe"):
         out, wall = a.timed_generate(a.prompts, "lora_probe")

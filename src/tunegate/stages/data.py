@@ -112,7 +112,8 @@ def run(st: Stage) -> StageResult:
     kept, rejections, per_source = read_sources(cfg.sources, keep_raw=redactor is None)
     rows = log.record("read and validate structure", len(kept) + len(rejections), kept, rejections)
     base = str(resolve_base_model(st.project.base_model))  # converted once here, before any worker starts
-    tokenizer = load_tokenizer(base)  # no weights
+    added = tuple(st.project.train.added_tokens)  # the project's tokenizer: what training tokenizes with
+    tokenizer = load_tokenizer(base, added)  # no weights
     golden, lock = read_golden(cfg, tokenizer)
     log.restart_clock()  # reading and checking the golden set is not a step of the training rows
 
@@ -126,7 +127,7 @@ def run(st: Stage) -> StageResult:
 
     # 3. Control tokens, template, loss-mask and length checks with the real tokenizer, on every core.
     has_system = supports_system_role(tokenizer)
-    kept, rejections, n_tokens, truncated = encode_rows(rows, base, cfg, num_proc)
+    kept, rejections, n_tokens, truncated = encode_rows(rows, base, cfg, num_proc, added)
     rows = log.record(f"chat template, loss mask, max_length {cfg.max_length} ({cfg.overlength})", len(rows), kept, rejections)
     _warn_near_identical_pairs(rows)
     apply_system_policy_to_golden(golden, cfg, has_system)
@@ -320,12 +321,12 @@ def redact_pii(rows: list[dict[str, Any]], golden: list[dict[str, Any]], redacto
     return kept, rejections, report
 
 
-def encode_rows(rows: list[dict[str, Any]], base: str, cfg,
-                num_proc: int) -> tuple[list[dict[str, Any]], list[Rejection], dict[str, int], set[str]]:
+def encode_rows(rows: list[dict[str, Any]], base: str, cfg, num_proc: int,
+                added_tokens: tuple[str, ...] = ()) -> tuple[list[dict[str, Any]], list[Rejection], dict[str, int], set[str]]:
     """Each row through the system-message policy, the chat template with its loss mask, and the over-length
     policy (tunegate.data.format.encode_batch_fn), on `num_proc` processes of `data.engine`.
 
-    base: the base model's local folder (only its tokenizer is loaded). Returns (kept rows with the system policy
+    base: the base model's local folder (only its tokenizer is loaded, with `added_tokens`: train.added_tokens). Returns (kept rows with the system policy
     applied, rejections, tokens per kept row id, ids of kept rows the policy truncated).
     """
     from functools import partial
@@ -334,7 +335,7 @@ def encode_rows(rows: list[dict[str, Any]], base: str, cfg,
     from tunegate.data.format import encode_batch_fn
 
     kept, rejections, n_tokens, truncated = [], [], {}, set()
-    encoded = map_batches(partial(encode_batch_fn, base, cfg.system_role, cfg.max_length, cfg.overlength), rows,
+    encoded = map_batches(partial(encode_batch_fn, base, cfg.system_role, cfg.max_length, cfg.overlength, added_tokens), rows,
                           engine=cfg.engine, num_proc=num_proc, batch_size=512, desc="chat template")
     for rec, res in zip(rows, encoded):
         if res[0] == "rejected":
@@ -471,15 +472,18 @@ def select_rows(st: Stage, rows: list[dict[str, Any]],
     quality = {r["id"]: row_quality(r) for r in rows}
     ifd: dict[str, float | None] = {}
     if sel.complexity == "ifd":
-        from tunegate.models import load_model, load_tokenizer, resolve_base_model
+        from tunegate.models import fit_embeddings, load_model, load_project_tokenizer, resolve_base_model
 
         base = resolve_base_model(st.project.base_model)
         console.print(f"data.select: scoring instruction-following difficulty of {len(rows)} rows with the base model")
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        model = load_model(base).to(device)
-        scores = q.ifd_scores(rows, model, load_tokenizer(base), batch_size=sel.batch_size, max_length=cfg.max_length,
+        tokenizer = load_project_tokenizer(st.project)
+        model = load_model(base)
+        fit_embeddings(model, tokenizer, st.project.train.added_tokens)  # rows for the added tokens, as training starts from
+        model = model.to(device)
+        scores = q.ifd_scores(rows, model, tokenizer, batch_size=sel.batch_size, max_length=cfg.max_length,
                               device=device, bf16=device == "cuda", progress=True)
         del model
         ifd = {s["id"]: s["ifd"] for s in scores}
@@ -550,4 +554,13 @@ def inputs(project) -> dict[str, Path]:
     return files
 
 
-SPEC = StageSpec(name="data", run=run, config=config_sections("base_model", "data"), inputs=inputs)
+def config(project) -> dict[str, Any]:
+    """The settings the data stage depends on: base_model and data, and train.added_tokens when set (they change
+    how rows tokenize: lengths, the over-length policy)."""
+    view = config_sections("base_model", "data")(project)
+    if project.train.added_tokens:
+        view["added_tokens"] = list(project.train.added_tokens)
+    return view
+
+
+SPEC = StageSpec(name="data", run=run, config=config, inputs=inputs)

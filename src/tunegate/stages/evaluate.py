@@ -77,19 +77,22 @@ def _systems(project, tokenizer, base_path, adapter_dir, production):
     from peft import PeftModel
 
     from tunegate.evals.backends import LocalChat
-    from tunegate.models import load_inference_model
+    from tunegate.models import fit_to_adapter, load_inference_model
 
     full_model = adapter_dir.parent / "model"
     if full_model.is_dir():  # `train.adapter: full`: the candidate is a whole model, the baseline the base model
         if production is not None:
             raise TunegateError("eval.baseline: production compares adapters on one base; a full fine-tune is compared with the base model")
-        return {"baseline": LocalChat(load_inference_model(base_path), tokenizer, ecfg.batch_size, "base model"),
+        # the base model with rows for train.added_tokens (its tokenizer is the candidate's), as training started
+        return {"baseline": LocalChat(fit_to_adapter(load_inference_model(base_path), full_model), tokenizer, ecfg.batch_size, "base model"),
                 "candidate": LocalChat(load_inference_model(full_model), tokenizer, ecfg.batch_size, "candidate")}
-    model = PeftModel.from_pretrained(load_inference_model(base_path), str(adapter_dir))  # adapter name "default"
+    # grown first for the adapter's added tokens (models.fit_to_adapter); adapter name "default"
+    model = PeftModel.from_pretrained(fit_to_adapter(load_inference_model(base_path), adapter_dir), str(adapter_dir))
     candidate = LocalChat(model, tokenizer, ecfg.batch_size, "candidate", adapter="default")
     if production is None:
         return {"baseline": LocalChat(model, tokenizer, ecfg.batch_size, "base model", adapter_off=True), "candidate": candidate}
     _same_base(production, adapter_dir)
+    fit_to_adapter(model, production["adapter_dir"])
     model.load_adapter(production["adapter_dir"], adapter_name="production")
     return {"baseline": LocalChat(model, tokenizer, ecfg.batch_size, f"production v{production['version']}", adapter="production"),
             "candidate": candidate}
@@ -128,12 +131,14 @@ def run(st: Stage) -> StageResult:
 
     import torch
 
-    from tunegate.models import load_tokenizer, resolve_base_model
+    from tunegate.models import load_adapter_tokenizer, resolve_base_model
 
     project = st.project
     ecfg = project.eval
     base_path = resolve_base_model(project.base_model)
-    tokenizer = load_tokenizer(base_path)
+    trained = st.upstream_dir("train") / "adapter"
+    # the tokenizer the candidate trained with (train.added_tokens), saved beside it; the base model's otherwise
+    tokenizer = load_adapter_tokenizer(trained if trained.is_dir() else trained.parent / "model", base_path)
     golden = check_golden(project, st.upstream_dir("data"), tokenizer)  # control tokens too: its template renders them
     refs = [reference_answer(r) for r in golden]
 
