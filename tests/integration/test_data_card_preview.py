@@ -75,7 +75,7 @@ class _Spans(HTMLParser):
 def test_data_card_html_has_histogram_steps_sources_duplicates_pii_and_licence(tiny_project):
     _append(tiny_project, "{not json", chat("message number 0 about topic alpha", "alpha", "t0-copy"),
             chat("write to ann@example.com about topic beta", "beta", "mail"))
-    overrides = ["data.dedup={}", "data.max_rejected_fraction=0.2", "data.sources.0.license=CC-BY-4.0",
+    overrides = ["data.dedup={one_word_variants: false}", "data.max_rejected_fraction=0.2", "data.sources.0.license=CC-BY-4.0",
                  "data.pii={mode: mask, entities: [EMAIL_ADDRESS]}"]
     run_pipeline(load_project(tiny_project / "tunegate.yaml", overrides), until="data")
     out = tiny_project / "runs/default/data"

@@ -46,7 +46,7 @@ def _project_with_pii(tiny_project):
             chat("call bob at bob@example.org about topic gamma " + "word " * 80, "gamma", "long"),  # over max_length
         ]):
             f.write(json.dumps(row) + "\n")
-    return ["data.dedup={}", "data.max_rejected_fraction=0.2", "data.pii={mode: pseudonym, entities: [EMAIL_ADDRESS]}"]
+    return ["data.dedup={one_word_variants: false}", "data.max_rejected_fraction=0.2", "data.pii={mode: pseudonym, entities: [EMAIL_ADDRESS]}"]
 
 
 def _outputs(tiny_project, run_id):

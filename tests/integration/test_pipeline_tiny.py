@@ -104,12 +104,12 @@ def test_duplicates_are_removals_not_invalid_rows(tiny_project):
     rows = (tiny_project / "train.jsonl").read_text().splitlines()
     with open(tiny_project / "train.jsonl", "a") as f:
         f.write("\n".join(rows[:10]) + "\n")
-    run_pipeline(load_project(tiny_project / "tunegate.yaml", ["data.dedup={}"]), until="data")
+    run_pipeline(load_project(tiny_project / "tunegate.yaml", ["data.dedup={one_word_variants: false}"]), until="data")
     stats = json.loads((tiny_project / "runs/default/data/stats.json").read_text())
     assert (stats["rows_invalid"], stats["rows_removed"], stats["rows_selected_out"]) == (0, 10, 0)
     assert "10 removed by the quality gates" in (tiny_project / "runs/default/data/data_card.md").read_text()
     with pytest.raises(TunegateError, match=r"10 of 70 rows removed by the quality gates .* > data.max_removed_fraction 10.0%"):
-        run_pipeline(load_project(tiny_project / "tunegate.yaml", ["data.dedup={}", "data.max_removed_fraction=0.1"]),
+        run_pipeline(load_project(tiny_project / "tunegate.yaml", ["data.dedup={one_word_variants: false}", "data.max_removed_fraction=0.1"]),
                      until="data", force=("data",))
 
 
@@ -237,7 +237,8 @@ def test_a_copied_project_keeps_its_finished_stages(tiny_project, tmp_path_facto
 def test_dedup_in_the_data_stage_lists_duplicates_in_rejected(tiny_project):
     with open(tiny_project / "train.jsonl", "a") as f:
         f.write(json.dumps(chat("MESSAGE number 7   about topic beta", "beta", "copy7")) + "\n")
-    run_pipeline(load_project(tiny_project / "tunegate.yaml", ["data.dedup={}"]), until="data")
+    # the tiny project's rows are one template with one word changed: the one-word rule would take them all
+    run_pipeline(load_project(tiny_project / "tunegate.yaml", ["data.dedup={one_word_variants: false}"]), until="data")
     rejected = [json.loads(x) for x in (tiny_project / "runs/default/data/rejected.jsonl").read_text().splitlines()]
     assert [(r["id"], r["rule"], r["detail"]) for r in rejected] == [("copy7", "duplicate", "exact duplicate of t7")]
     stats = json.loads((tiny_project / "runs/default/data/stats.json").read_text())
