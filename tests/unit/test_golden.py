@@ -45,6 +45,28 @@ def test_edited_golden_set_is_refused_naming_the_rows(tmp_path):
     assert new and json.loads((tmp_path / "golden.lock.json").read_text())["rows"]["g2"] == lock["rows"]["g2"]
 
 
+def test_a_changed_copy_under_an_existing_id_and_extra_rows_are_refused(tmp_path):
+    """Found by trying it: the lock kept one hash per id and the last row with an id won, so a tampered row with
+    the original appended after it under the same id (and 300 more copies of another row) matched the lock."""
+    cfg = SourceConfig(path=write_jsonl(tmp_path / "golden.jsonl", GOLDEN))
+    golden.freeze(cfg, load(cfg.path), tmp_path / "golden.lock.json")
+    tampered = [chat(GOLDEN[0]["messages"][0]["content"], "TAMPERED", "g1"), *GOLDEN[1:], GOLDEN[0], *[GOLDEN[1]] * 30]
+    write_jsonl(cfg.path, tampered)
+    with pytest.raises(TunegateError, match=r"2 id\(s\) on more than one row: g1, g2; 34 rows, 3 frozen"):
+        golden.freeze(cfg, load(cfg.path), tmp_path / "golden.lock.json")
+    with pytest.raises(TunegateError, match="every golden row has its own id"):  # nor can such a set be frozen
+        golden.freeze(cfg, load(cfg.path), tmp_path / "golden.lock.json", force=True)
+
+
+def test_training_ids_repeated_in_one_file_are_made_unique():
+    from tunegate.data.records import dedupe_ids
+
+    rows = [{"id": i, "source": "a.jsonl", "meta": {"line": n}} for n, i in enumerate(["x", "x", "1", "y"], start=1)]
+    rows.append({"id": "x", "source": "b.jsonl", "meta": {"line": 1}})
+    dedupe_ids(rows)
+    assert [r["id"] for r in rows] == ["a.jsonl:x@1", "a.jsonl:x@2", "1", "y", "b.jsonl:x"]
+
+
 def test_c23_overlap_catches_verbatim_and_rewrapped_copies():
     train = [chat("I still have not received my new card, it has been two weeks.", "card_arrival", "t1"),
              chat("Can I get a refund for\nan item I   returned?", "refund_not_showing_up", "t2"),

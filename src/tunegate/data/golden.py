@@ -22,7 +22,22 @@ from tunegate.data.records import Rejection, normalize_text, prompt_text, read_s
 from tunegate.core.manifest import sha256_file
 
 
+def _repeated_ids(records: list[dict[str, Any]]) -> list[str]:
+    from collections import Counter
+
+    return sorted(k for k, n in Counter(r["id"] for r in records).items() if n > 1)
+
+
 def build_lock(golden_cfg, records: list[dict[str, Any]]) -> dict[str, Any]:
+    """The lock of a golden set: a hash per row id, the row count and the file's hash.
+
+    Raises:
+        TunegateError: two rows share an id (the lock could not tell them apart).
+    """
+    repeated = _repeated_ids(records)
+    if repeated:
+        raise TunegateError(f"{golden_cfg.path}: {len(repeated)} id(s) used by more than one golden row ({', '.join(repeated[:10])}); "
+                            "rule: every golden row has its own id, so the lock can tell each row apart")
     return {
         "file": Path(golden_cfg.path).name,
         "file_sha256": sha256_file(golden_cfg.path),
@@ -67,14 +82,20 @@ def read_lock(lock_path: Path) -> dict[str, Any]:
 
 
 def check(golden_cfg, records: list[dict[str, Any]], lock: dict[str, Any], lock_path: Path) -> None:
+    """Raises TunegateError when the golden rows differ from the lock: a row changed, added or removed (by id),
+    an id used by two rows (a changed copy beside the original), a different row count, or other sampling."""
     current = {r["id"]: row_hash(r) for r in records}
     frozen = lock["rows"]
     changed = sorted(k for k in current.keys() & frozen.keys() if current[k] != frozen[k])
     added = sorted(current.keys() - frozen.keys())
     removed = sorted(frozen.keys() - current.keys())
+    repeated = _repeated_ids(records)
+    count_differs = isinstance(lock.get("n_rows"), int) and lock["n_rows"] != len(records)
     same_sampling = (lock.get("sample"), lock.get("seed")) == (golden_cfg.sample, golden_cfg.seed)
-    if changed or added or removed or not same_sampling:
-        parts = []
+    if changed or added or removed or repeated or count_differs or not same_sampling:
+        parts = [f"{len(repeated)} id(s) on more than one row: {', '.join(repeated[:10])}"] if repeated else []
+        if count_differs:
+            parts.append(f"{len(records)} rows, {lock['n_rows']} frozen")
         for label, ids in (("changed", changed), ("added", added), ("removed", removed)):
             if ids:
                 shown = ", ".join(ids[:10]) + (f" ... (+{len(ids) - 10} more)" if len(ids) > 10 else "")

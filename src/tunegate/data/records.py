@@ -840,8 +840,13 @@ def row_hash(record: dict[str, Any]) -> str:
 
 
 def dedupe_ids(records: list[dict[str, Any]]) -> None:
-    """Row ids must be unique across sources: the file name prefixes a repeated id."""
+    """Row ids must be unique (every step after reading finds rows by id): the source's name prefixes a repeated
+    id, and an id still repeated (twice in one file, or 1 and "1") gets its line too: `train.jsonl:7@12`."""
     seen: Counter[str] = Counter(r["id"] for r in records)
     for r in records:
         if seen[r["id"]] > 1:
             r["id"] = f"{r['source']}:{r['id']}"
+    seen = Counter(r["id"] for r in records)
+    for r in records:
+        if seen[r["id"]] > 1:
+            r["id"] = f"{r['id']}@{r['meta'].get('line', '?')}"
