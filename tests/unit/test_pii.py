@@ -254,3 +254,24 @@ def test_marks_inside_a_word_are_kept_so_a_decomposed_name_is_masked_whole():
     assert "ller" not in out.text and "<PERSON>" in out.text, out.text
     view, _ = symbol_view("hi \U0001F44D\U0001F3FD\ufe0fJohn")  # a thumbs-up with a skin tone and VS16
     assert view == "hi John"
+
+
+@pytest.mark.parametrize("mark", ["\u2192", "\u2022", "1\ufe0f\u20e3", "\u00ab"])
+def test_arrows_bullets_keycaps_and_quotes_before_a_name_are_word_boundaries(mark):
+    """Found by trying it: '→Jennifer Garcia' and '•Jennifer Garcia' kept 'Jennifer' after masking."""
+    from tunegate.data.pii import Redactor
+
+    [out] = Redactor(entities=["PERSON"]).redact_texts([f"Ticket opened by {mark}Jennifer Garcia yesterday."])
+    assert "Jennifer" not in out.text and "Garcia" not in out.text, out.text
+
+
+def test_a_json_answer_is_not_read_as_lower_case_text():
+    """Found by trying it: with PII on, the quickstart's JSON answers ('"bike": null, "day": "Thursday"') were read
+    as all-lower-case text, 'Null' became a PERSON, and 113 of 360 answers were no longer JSON."""
+    from tunegate.data.pii import Redactor, case_degenerate, case_view
+
+    answer = '{"queue": "other", "bike": null, "part": "chain", "day": "Thursday"}'
+    assert not case_degenerate(answer)
+    assert "null" in case_view('{"bike": null, "ok": true}')
+    [out] = Redactor(entities=["PERSON", "LOCATION"]).redact_texts([answer])
+    assert out.text == answer

@@ -279,14 +279,16 @@ def normalize_value(entity_type: str, value: str, regions: Sequence[str] = ("US"
     return v.casefold()
 
 
-_SYMBOL_CATEGORIES = ("So", "Sk", "Co", "Cn")  # emoji and other symbols, private use, unassigned
-_JOINER_CATEGORIES = ("Mn", "Me", "Cf")  # a ZWJ, a variation selector, a skin tone's mark: part of a symbol run
+# Outside ASCII: emoji and other symbols, arrows and maths, currency, bullets and other punctuation, dashes,
+# brackets and quotes, enclosing marks (a keycap's U+20E3), private use and unassigned code points
+_SYMBOL_CATEGORIES = ("So", "Sk", "Sm", "Sc", "Po", "Pd", "Ps", "Pe", "Pi", "Pf", "Me", "Co", "Cn")
+_JOINER_CATEGORIES = ("Mn", "Cf")  # a ZWJ, a variation selector, a skin tone's mark: part of a symbol run
 
 
 def _is_symbol(c: str) -> bool:
     import unicodedata
 
-    return ord(c) > 127 and not c.isalnum() and unicodedata.category(c) in _SYMBOL_CATEGORIES
+    return ord(c) > 127 and not c.isalnum() and (unicodedata.category(c) in _SYMBOL_CATEGORIES or 0xFE00 <= ord(c) <= 0xFE0F)
 
 
 def _is_joiner(c: str) -> bool:
@@ -345,7 +347,11 @@ def case_degenerate(text: str) -> bool:
         return False
     if sum(c.isupper() for c in letters) >= 0.8 * len(letters):
         return True
-    return not any(w[:1].isupper() and w.rstrip(".,!?;:") not in ("I", "I'm", "I'd", "I'll", "I've") for w in text.split())
+    words = (w.strip("\"'()[]{}<>«»“”‘’*_.,!?;:") for w in text.split())  # '"Thursday",' is a capitalised word
+    return not any(w[:1].isupper() and w not in ("I", "I'm", "I'd", "I'll", "I've") for w in words)
+
+
+_LITERALS = frozenset({"null", "true", "false", "none", "nan", "yes", "no"})  # JSON and code words: never capitalised
 
 
 def case_view(text: str, stop_words: bool = True) -> str:
@@ -360,7 +366,7 @@ def case_view(text: str, stop_words: bool = True) -> str:
     def word(m: re.Match) -> str:
         w = m.group(0)
         low = "".join(c.lower() if len(c.lower()) == 1 else c for c in w)
-        if (stop_words and low in STOP_WORDS) or not low[:1].isalpha():
+        if (stop_words and low in STOP_WORDS) or not low[:1].isalpha() or low in _LITERALS:
             return low
         first = low[0].upper()
         return (first if len(first) == 1 else low[0]) + low[1:]
