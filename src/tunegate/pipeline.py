@@ -21,7 +21,7 @@ from tunegate import EXIT_AUDIT_NO_TRAIN, TunegateError
 from tunegate.config import Project
 from tunegate.core.console import console
 from tunegate.core.io import atomic_write_text, claim_dir, clean_stale, fault_point, publish_dir
-from tunegate.core.paths import check_identifier
+from tunegate.core.paths import check_identifier, inside
 from tunegate.core.manifest import (
     Manifest,
     fingerprint,
@@ -51,8 +51,12 @@ def stage_spec(name: str) -> StageSpec:
 
 def run_dir_for(project: Project, run_id: str) -> Path:
     """`runs_dir/<run_id>`. Raises TunegateError when the run id is not an identifier (core.paths.IDENTIFIER):
-    `..` or a separator would put stage folders, and their folder swaps, outside `runs/`."""
-    return project.runs_dir / check_identifier("run id", run_id)
+    `..` or a separator would put stage folders, and their folder swaps, outside `runs/`; or when that folder is a
+    symbolic link that leads outside the project (core.paths.inside)."""
+    path = project.runs_dir / check_identifier("run id", run_id)
+    if path.is_symlink():
+        inside(project.root, path, f"runs/{run_id}")
+    return path
 
 
 def stage_config(project: Project, spec: StageSpec) -> dict[str, Any]:

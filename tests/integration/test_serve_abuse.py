@@ -165,14 +165,18 @@ BAD_FIELDS = [  # (field, value): each one is a 400 whose message names the fiel
     ("messages", []), ("messages", [{"role": "user", "content": "hi"}] * 2049), ("messages", "hi"),
     ("messages", [{"role": "wizard", "content": "hi"}]), ("messages", [{"role": "user"}]),
     ("messages", [{"role": "user", "content": 5}]), ("messages", [{"role": "user", "content": "  "}]),
+    # found by trying it: a lone surrogate was a 500, true was max_tokens 1, 1e9 a max_tokens
+    ("messages", [{"role": "user", "content": "a\ud800b"}]),
+    ("messages", [{"role": "user", "content": [{"type": "text", "text": "x\udfff"}]}]),
+    ("max_tokens", True), ("max_tokens", 1e9), ("seed", True),
 ]
 
 
 def test_each_bad_field_is_a_400_naming_it(abuse):
     with _client(abuse["app"]) as c:
         for field, value in BAD_FIELDS:
-            body = {**_body(abuse["model"], max_tokens=2), field: value}
-            r = c.post("/v1/chat/completions", json=body, headers=_auth(abuse["key"]))
+            body = json.dumps({**_body(abuse["model"], max_tokens=2), field: value}, separators=(",", ":"))  # ASCII: "\ud800" stays an escape
+            r = c.post("/v1/chat/completions", content=body, headers={**_auth(abuse["key"]), "Content-Type": "application/json"})
             assert r.status_code == 400, (field, value, r.status_code, r.text[:300])
             err = r.json()["error"]
             assert err["type"] == "invalid_request_error" and field in err["message"], (field, value, err)
@@ -323,9 +327,13 @@ def _env_with_this_src() -> dict:
     return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")]))}
 
 
+N_QUEUED = 30
+
+
 def test_sigterm_stops_tunegate_serve_within_seconds(abuse, tmp_path):
     """`tunegate serve` as its own process, three long generations in flight (one running, two waiting for the lock),
-    then SIGTERM: it exits within serve.shutdown_grace_s (1 s here) plus a few seconds, the running answer cut short."""
+    then SIGTERM: it exits within serve.shutdown_grace_s (1 s here) plus a few seconds, and the answers still waiting
+    get 503 server_shutting_down (found flaky: on a quiet machine three answers had all finished before the signal)."""
     import httpx
 
     from tunegate.serve.vllm import free_port
@@ -355,11 +363,13 @@ def test_sigterm_stops_tunegate_serve_within_seconds(abuse, tmp_path):
             except httpx.HTTPError as exc:
                 results[i] = exc
 
-        threads = [threading.Thread(target=ask, args=(i,)) for i in range(3)]
+        # A queue of answers longer than the wait below on any machine (each is up to 256 tokens, a fraction of a
+        # second on a quiet machine): one is generating at SIGTERM, others wait for the lock.
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(N_QUEUED)]
         for t in threads:
             t.start()
-        time.sleep(1.5)  # all three sent; one is generating
-        assert proc.poll() is None and not results, (results, log.read_text()[-2000:])
+        time.sleep(1.5)
+        assert proc.poll() is None and len(results) < N_QUEUED - 1, (results, log.read_text()[-2000:])
         t0 = time.perf_counter()
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
@@ -375,10 +385,10 @@ def test_sigterm_stops_tunegate_serve_within_seconds(abuse, tmp_path):
     assert exit_s < 5, (exit_s, text[-3000:])
     assert proc.returncode == 0, (proc.returncode, text[-3000:])
     assert "shutting down" in text
-    codes = sorted(r.status_code if not isinstance(r, Exception) else type(r).__name__ for r in results.values())
-    assert codes == [200, 503, 503], (codes, text[-3000:])
-    done = next(r for r in results.values() if r.status_code == 200).json()
-    assert done["choices"][0]["finish_reason"] == "length" and done["usage"]["completion_tokens"] < 400
+    codes = [r.status_code if not isinstance(r, Exception) else type(r).__name__ for r in results.values()]
+    assert len(codes) == N_QUEUED and set(codes) <= {200, 503} and codes.count(503) >= 1, (codes, text[-3000:])
+    refused = next(r for r in results.values() if r.status_code == 503).json()["error"]
+    assert refused["code"] == "server_shutting_down", refused
 
 
 def test_bench_serve_abuse_runs_for_seconds(tmp_path):

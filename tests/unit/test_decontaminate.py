@@ -80,3 +80,14 @@ def test_ngram_size_is_configurable_and_on_by_default():
     gold = [chat("one two three four five six", "x", "g1")]
     train = [chat("zero two three four nine", "x", "t1"), chat("zero two three nine", "x", "t2")]
     assert [t for t, _, _ in golden.ngram_overlap(train, gold, n=3)] == ["t1"]
+
+
+def test_decomposed_and_zero_width_copies_are_found():
+    """Found by trying it: an NFD "café" copy and a copy with zero-width spaces inside words stayed in training."""
+    import unicodedata
+
+    prompt = "Can I pay at the café near the station with my card?"
+    gold = [chat(prompt, "card_payment", "g1")]
+    train = [chat(unicodedata.normalize("NFD", prompt), "x", "nfd"), chat(prompt.replace("station", "sta\u200btion"), "x", "zw"),
+             chat("Can I pay at the cafe near the station with my card?", "x", "no_accent")]
+    assert [t for t, _, _ in golden.ngram_overlap(train, gold)] == ["nfd", "zw"]

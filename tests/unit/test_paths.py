@@ -108,3 +108,18 @@ def test_project_names_name_folders_so_they_follow_the_rule(tmp_path):
     path = project(tmp_path)
     with pytest.raises(TunegateError, match=r"name '\.\./up' is not"):
         load_project(path, ["name=../up"])
+
+
+def test_a_run_folder_that_is_a_link_leading_outside_is_refused(tmp_path):
+    """Found by trying it: `ln -s /tmp/outside runs/evil; tunegate data . --run-id evil` wrote /tmp/outside/data."""
+    from tunegate.pipeline import run_dir_for
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    p = load_project(project(tmp_path / "p"))
+    p.runs_dir.mkdir(parents=True, exist_ok=True)
+    (p.runs_dir / "evil").symlink_to(outside)
+    with pytest.raises(TunegateError, match=r"runs/evil: .* outside the project folder"):
+        run_dir_for(p, "evil")
+    (p.runs_dir / "fine").symlink_to(p.runs_dir / "elsewhere", target_is_directory=True)  # a link inside is fine
+    assert run_dir_for(p, "fine") == p.runs_dir / "fine"

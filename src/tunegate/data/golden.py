@@ -131,8 +131,9 @@ DEFAULT_NGRAM = 13  # words; the GPT-3 (Brown et al. 2020, app. C) and Llama 2 (
 
 
 def ngram_words(text: str) -> list[str]:
-    """The words n-gram decontamination compares: lower case, punctuation stripped, whitespace collapsed."""
-    return _PUNCT.sub(" ", text.lower()).split()
+    """The words decontamination compares: `records.normalize_text` (NFKC, invisible characters removed, lower
+    case), then punctuation stripped and whitespace collapsed."""
+    return _PUNCT.sub(" ", normalize_text(text)).split()
 
 
 MIN_CONTAINED_WORDS = 5  # a golden text this long or longer is looked for inside training text (bench/decontamination.py)

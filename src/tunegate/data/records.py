@@ -758,8 +758,17 @@ def read_source(src, role: str = "train") -> tuple[list[dict[str, Any]], list[Re
 _WS = re.compile(r"\s+")
 
 
+_INVISIBLE = re.compile("[\u00ad\u200b-\u200f\u2060-\u2064\ufeff]")  # soft hyphen, zero-width and direction marks
+
+
 def normalize_text(text: str) -> str:
-    """Lower-case, whitespace collapsed: the key for exact-after-normalisation overlap checks (case C23)."""
+    """Unicode NFKC (a decomposed "café" is the composed one, a full-width letter the letter), invisible characters
+    removed (zero-width spaces, soft hyphens), lower case, whitespace collapsed: the key for exact-after-
+    normalisation overlap and duplicate checks (case C23)."""
+    import unicodedata
+
+    if not text.isascii():
+        text = _INVISIBLE.sub("", unicodedata.normalize("NFKC", text))
     return _WS.sub(" ", text).strip().lower()
 
 

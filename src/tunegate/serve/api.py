@@ -64,7 +64,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tunegate import TunegateError, __version__
 from tunegate.serve import db as servedb
-from tunegate.serve.engine import ApiError, Completion, EmbeddedEngine, Engine
+from tunegate.serve.engine import ApiError, Completion, EmbeddedEngine, Engine, busy_error
 
 ENGINES = ("embedded", "vllm")
 MAX_MESSAGES = 2048  # OpenAI's limit on `messages`
@@ -85,16 +85,16 @@ class ChatRequest(BaseModel):
 
     model: str = Field(min_length=1, max_length=MAX_MODEL_CHARS)
     messages: list[Any] = Field(min_length=1, max_length=MAX_MESSAGES)  # each one checked by _chat_messages
-    max_tokens: int | None = Field(default=None, ge=1)  # capped by serve.max_new_tokens
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: int | None = Field(default=None, ge=1, strict=True)  # capped by serve.max_new_tokens; true is not 1
+    max_completion_tokens: int | None = Field(default=None, ge=1, strict=True)
     temperature: float = Field(default=1.0, ge=0, le=2)  # OpenAI's default; 0 (below 1e-5) is greedy
     top_p: float = Field(default=1.0, gt=0, le=1)
-    seed: int | None = Field(default=None, ge=0, lt=SEED_LIMIT)
+    seed: int | None = Field(default=None, ge=0, lt=SEED_LIMIT, strict=True)
     stop: (Annotated[str, Field(max_length=MAX_STOP_CHARS)]
            | Annotated[list[Annotated[str, Field(max_length=MAX_STOP_CHARS)]], Field(max_length=MAX_STOP)]
            | None) = None
     stream: bool = False
-    n: int = Field(default=1, ge=1, le=1)  # one answer per request (each answer is one trace)
+    n: int = Field(default=1, ge=1, le=1, strict=True)  # one answer per request (each answer is one trace)
 
 
 class FeedbackRequest(BaseModel):
@@ -167,6 +167,7 @@ class BodyLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        scope.setdefault("state", {})["arrived"] = time.perf_counter()  # the deadline counts from here (request.state)
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and declared.strip().isdigit() and int(declared) > self.max_bytes:
             await self._refuse(scope, receive, send, f"{int(declared)} bytes (Content-Length)")
@@ -240,8 +241,9 @@ def require_admin(request: Request, authorization: Annotated[str | None, Header(
 # Endpoints return dicts without a return annotation (FastAPI would take one as a response model and validate
 # through it); those that build a JSONResponse may say so, since FastAPI does not validate a Response subclass.
 
-def health(request: Request):
-    """GET /health, no key: liveness and the engine. Adapter names stay private (a key lists its own in /v1/models)."""
+async def health(request: Request):
+    """GET /health, no key: liveness and the engine. Adapter names stay private (a key lists its own in /v1/models).
+    On the event loop, not in the thread pool the chat endpoints wait in, so it answers while they queue."""
     engine: Engine = request.app.state.engine
     return {"status": "ok", "engine": engine.kind, "adapters_loaded": len(engine.adapters)}
 
@@ -277,6 +279,12 @@ def _chat_messages(body: ChatRequest, engine: Engine) -> list[dict[str, str]]:
         messages = normalize_messages(body.messages, require_final_assistant=False)
     except RowError as exc:
         raise ApiError(400, f"messages: {exc.rule}: {exc.detail}", code=exc.rule) from None
+    for i, m in enumerate(messages):  # JSON's "\ud800" escape: a lone surrogate no tokenizer or database can take
+        try:
+            m["content"].encode("utf-8")
+        except UnicodeEncodeError:
+            raise ApiError(400, f"messages[{i}].content: invalid_unicode: holds a lone surrogate (a \\ud800-\\udfff "
+                                "escape): not text", code="invalid_unicode") from None
     if messages[-1]["role"] != "user":
         raise ApiError(400, "messages: the last message must be a user turn", code="role_order")
     _refuse_control_tokens(engine, messages)
@@ -312,9 +320,13 @@ def chat_completions(request: Request, body: ChatRequest, t: AuthTenant):
             control token included), or the engine's own (400 context_length_exceeded, 503 busy or shutting
             down, 504 past the deadline, 502 vLLM failed).
     """
-    started = time.perf_counter()
+    # The deadline counts from arrival (BodyLimit), not from when a worker thread took the request: under load
+    # requests queue for the thread pool first.
+    started = getattr(request.state, "arrived", None) or time.perf_counter()
     engine: Engine = request.app.state.engine
     db, settings = request.app.state.db, request.app.state.settings
+    if time.perf_counter() - started >= settings.request_timeout_s:
+        raise busy_error(settings.request_timeout_s)
     adapter = _granted_adapter(engine, t, body.model)
     messages = _chat_messages(body, engine)
     asked = body.max_completion_tokens or body.max_tokens
