@@ -331,7 +331,7 @@ N_QUEUED = 30
 
 
 def test_sigterm_stops_tunegate_serve_within_seconds(abuse, tmp_path):
-    """`tunegate serve` as its own process, three long generations in flight (one running, two waiting for the lock),
+    """`tunegate serve` as its own process, N_QUEUED answers asked at once (one running, the others waiting for the lock),
     then SIGTERM: it exits within serve.shutdown_grace_s (1 s here) plus a few seconds, and the answers still waiting
     get 503 server_shutting_down (found flaky: on a quiet machine three answers had all finished before the signal)."""
     import httpx
