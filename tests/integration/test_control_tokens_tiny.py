@@ -100,6 +100,12 @@ def test_the_embedded_server_answers_400_and_the_export_rejects_old_rows(tiny_pr
         bad = c.post("/v1/feedback", headers=h, json={"trace_id": tid, "rating": "down", "edited_answer": "4<|endoftext|>"})
         assert bad.status_code == 400 and bad.json()["error"]["code"] == "control_token"
         assert c.post("/v1/feedback", headers=h, json={"trace_id": tid, "rating": "down", "edited_answer": "4"}).status_code == 201
+    # the random model's 2 tokens end by max_tokens; a cut answer is left out of the export (truncated_response),
+    # so this trace is marked as a whole answer to test the control-token rule alone
+    from sqlalchemy import update
+
+    with db.begin() as con:
+        con.execute(update(servedb.tables()["traces"]).where(servedb.tables()["traces"].c.id == tid).values(finish_reason="stop"))
     # a trace and an edit stored before the API had the rule
     servedb.write_trace(db, id="chatcmpl-old", tenant="ops", model="tiny", adapter=None, adapter_sha256=None,
                         messages=[{"role": "user", "content": FORGED}], params={}, response="x", finish_reason="stop",

@@ -219,3 +219,21 @@ def test_a_row_nested_deep_but_within_the_parser_is_rejected_as_too_deep(tmp_pat
     assert len(rows) == 1 and [(r.line, r.rule) for r in rejected] == [(2, "too_deep")]
     json.dumps(rejected[0].to_json())
     pickle.dumps(rows)
+
+
+def test_a_parquet_cell_that_is_not_utf8_rejects_its_row_and_a_broken_file_is_one_line(tmp_path):
+    """Found by trying it: a string cell with invalid UTF-8 raised UnicodeDecodeError for the whole batch, and a
+    truncated .parquet file an ArrowInvalid traceback."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tunegate import TunegateError
+
+    good = json.dumps(CHAT).encode()
+    col = pa.array([good, b"bad \xff\xfe", good], type=pa.binary()).cast(pa.string(), safe=False)
+    pq.write_table(pa.table({"row": col}), tmp_path / "a.parquet")
+    rows, rejected = read_source(SourceConfig(path=tmp_path / "a.parquet", format="text", text_column="row"))
+    assert len(rows) == 2 and [(r.line, r.rule) for r in rejected] == [(2, "invalid_utf8")]
+    (tmp_path / "b.parquet").write_bytes((tmp_path / "a.parquet").read_bytes()[:40])
+    with pytest.raises(TunegateError, match="b.parquet: not a readable Parquet file"):
+        read_source(SourceConfig(path=tmp_path / "b.parquet", format="text", text_column="row"))

@@ -143,7 +143,7 @@ def test_export_gives_preference_and_kto_rows_the_reader_accepts(db, tmp_path):
     servedb.record_feedback(db, "acme", "chatcmpl-c", "down", "Marseille.", None)  # an edit that changes nothing
     pairs, kto, counts = servedb.export_feedback(db)
     assert counts == {"feedback_rows": 4, "traces_with_feedback": 3, "kto_rows": 3, "kto_up": 1, "kto_down": 2,
-                      "preference_rows": 1, "edits_identical_to_answer": 1}
+                      "preference_rows": 1, "edits_identical_to_answer": 1, "rejected_by_rule": {}, "rejected": []}
     atomic_write_jsonl(tmp_path / "pref.jsonl", pairs)
     atomic_write_jsonl(tmp_path / "kto.jsonl", kto)
     recs, rej = read_source(SourceConfig(path=tmp_path / "pref.jsonl", format="preference"))
@@ -160,3 +160,18 @@ def test_export_gives_preference_and_kto_rows_the_reader_accepts(db, tmp_path):
     assert base_row["meta"]["adapter"] is None and base_row["messages"][-1]["content"] == "Paris is the capital."
     # filter by adapter; "base" names the base model
     assert [x["trace_id"] for x in servedb.export_feedback(db, ["base"])[1]] == ["chatcmpl-b"]
+
+
+def test_an_answer_cut_short_is_left_out_of_the_export(tmp_path):
+    """Found by trying it: a thumbs-up on an answer cut by max_tokens became a KTO row labelled good, and the cut
+    answer the rejected side of a pair; the openai_log reader rejects such answers (truncated_response)."""
+    db = servedb.connect(f"sqlite:///{tmp_path / 'serve.db'}")
+    servedb.add_tenant(db, "acme", [], True)
+    for tid, reason in (("t-cut", "length"), ("t-ok", "stop")):
+        servedb.write_trace(db, id=tid, tenant="acme", model="base", adapter=None, adapter_sha256=None, messages=MSGS,
+                            params={}, response="Hello there! How can I", finish_reason=reason, prompt_tokens=9,
+                            completion_tokens=6, latency_ms=1.0)
+        servedb.record_feedback(db, "acme", tid, "up", "Hello there! How can I help?", None)
+    pairs, kto, counts = servedb.export_feedback(db)
+    assert [k["trace_id"] for k in kto] == ["t-ok"] and [p["trace_id"] for p in pairs] == ["t-ok"]
+    assert counts["rejected_by_rule"] == {"truncated_response": 2}

@@ -567,14 +567,33 @@ def _parquet_rows(files: list[Path], src) -> Iterator[tuple[int, Any, Exception 
     """Parquet rows (pyarrow, read in record batches); row n counts from 1 across the files in order."""
     import pyarrow.parquet as pq
 
+    import pyarrow as pa
+
     n = 0
     for path in files:
-        pf = pq.ParquetFile(path)
+        try:
+            pf = pq.ParquetFile(path)
+        except (pa.ArrowException, OSError) as exc:  # truncated, not Parquet: the file, not a row
+            raise TunegateError(f"{path}: not a readable Parquet file ({type(exc).__name__}: {str(exc)[:200]})") from None
         _check_columns(path, src, pf.schema_arrow.names)
-        for batch in pf.iter_batches(batch_size=4096):
-            for obj in batch.to_pylist():
-                n += 1
-                yield n, jsonable(obj), None
+        try:
+            for batch in pf.iter_batches(batch_size=4096):
+                try:
+                    objs = batch.to_pylist()
+                except (UnicodeDecodeError, pa.ArrowException, ValueError):
+                    objs = None  # a cell Python cannot take (a string column holding bytes that are not UTF-8)
+                for i in range(batch.num_rows):
+                    n += 1
+                    if objs is not None:
+                        yield n, jsonable(objs[i]), None
+                        continue
+                    try:
+                        yield n, jsonable(batch.slice(i, 1).to_pylist()[0]), None
+                    except (UnicodeDecodeError, pa.ArrowException, ValueError) as exc:
+                        rule = "invalid_utf8" if isinstance(exc, UnicodeDecodeError) else "unreadable_row"
+                        yield n, f"(row {n} of {path.name})", RowError(rule, f"{type(exc).__name__}: {str(exc)[:200]}")
+        except (pa.ArrowException, OSError) as exc:  # a corrupt page after the rows read so far
+            raise TunegateError(f"{path}: not a readable Parquet file after row {n} ({type(exc).__name__}: {str(exc)[:200]})") from None
 
 
 def _dataset_rows(ds, where: str, src) -> Iterator[tuple[int, Any, Exception | None]]:

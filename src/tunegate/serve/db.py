@@ -340,6 +340,9 @@ def count_feedback(engine) -> int:
 
 # ---------------------------------------------------------------- export for the next round
 
+TRUNCATED_RULE = "truncated_response"  # the openai_log reader's rule for an answer cut by max_tokens
+
+
 def export_feedback(engine, adapters: list[str] | None = None,
                     special_tokens: frozenset[str] = frozenset()) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
     """Traces with feedback -> (preference rows, KTO rows, counts), in the JSONL shapes of `format: preference`
@@ -352,18 +355,22 @@ def export_feedback(engine, adapters: list[str] | None = None,
     (None: the base model), adapter_sha256, feedback_id, served_at. `adapters` keeps only traces of those
     adapter names ("base" selects the base model's traces).
 
-    A row any of whose texts (the request's messages, the served answer, the edit) spells one of
-    `special_tokens` (the base tokenizer's, tunegate.data.format.special_tokens) is left out: the API refuses
-    such text (400, `control_token`), but a database may predate that rule. counts["rejected"] lists each one
-    ({id, trace_id, feedback_id, rule, detail}) and counts["rejected_by_rule"] counts them.
+    Left out: a row whose served answer was cut short (finish_reason "length": max_tokens, the deadline or a
+    shutdown; rule `truncated_response`, as the `openai_log` reader rejects such logged answers), and a row any of
+    whose texts (the request's messages, the served answer, the edit) spells one of `special_tokens` (the base
+    tokenizer's, tunegate.data.format.special_tokens; the API refuses such text, 400 `control_token`, but a
+    database may predate that rule). counts["rejected"] lists each one ({id, trace_id, feedback_id, rule,
+    detail}) and counts["rejected_by_rule"] counts them.
     """
+    from collections import Counter
+
     from sqlalchemy import select
 
     from tunegate.data.format import CONTROL_TOKEN_RULE, control_token_problem
     from tunegate.data.records import normalize_text
 
     t, f = tables()["traces"], tables()["feedback"]
-    q = select(f, t.c.messages, t.c.response, t.c.adapter, t.c.adapter_sha256, t.c.model,
+    q = select(f, t.c.messages, t.c.response, t.c.finish_reason, t.c.adapter, t.c.adapter_sha256, t.c.model,
                t.c.created_at.label("served_at")).join(t, t.c.id == f.c.trace_id).order_by(f.c.created_at, f.c.id)
     with engine.connect() as con:
         rows = con.execute(q).mappings().all()
@@ -383,17 +390,21 @@ def export_feedback(engine, adapters: list[str] | None = None,
 
     rejected: list[dict[str, Any]] = []
 
-    def clean(row: dict[str, Any], texts: dict[str, str]) -> bool:
+    def clean(row: dict[str, Any], texts: dict[str, str], finish_reason: str | None) -> bool:
         messages = row["prompt"] if isinstance(row["prompt"], list) else None
-        problem = control_token_problem(special_tokens, messages, fields=texts) if special_tokens else None
+        rule, problem = TRUNCATED_RULE, None
+        if finish_reason == "length":  # cut by max_tokens, the deadline or a shutdown: not the model's answer
+            problem = "the served answer was cut short (finish_reason 'length')"
+        elif special_tokens:
+            rule, problem = CONTROL_TOKEN_RULE, control_token_problem(special_tokens, messages, fields=texts)
         if problem:
             rejected.append({"id": row["id"], "trace_id": row["trace_id"], "feedback_id": row["feedback_id"],
-                             "rule": CONTROL_TOKEN_RULE, "detail": problem})
+                             "rule": rule, "detail": problem})
         return problem is None
 
     kto = [{"id": f"{tid}-kto", "prompt": r["messages"], "completion": r["response"], "label": r["rating"] == "up",
             **provenance(r)} for tid, r in latest_rating.items()]
-    kto = [k for k in kto if clean(k, {"completion": k["completion"]})]
+    kto = [k for k, r in zip(kto, latest_rating.values()) if clean(k, {"completion": k["completion"]}, r["finish_reason"])]
     pairs, same = [], 0
     for tid, r in latest_edit.items():
         if normalize_text(r["edited_answer"]) == normalize_text(r["response"]):
@@ -401,22 +412,21 @@ def export_feedback(engine, adapters: list[str] | None = None,
             continue
         pair = {"id": f"{tid}-pref", "prompt": r["messages"], "chosen": r["edited_answer"], "rejected": r["response"],
                 **provenance(r)}
-        if clean(pair, {"chosen": pair["chosen"], "rejected": pair["rejected"]}):
+        if clean(pair, {"chosen": pair["chosen"], "rejected": pair["rejected"]}, r["finish_reason"]):
             pairs.append(pair)
     counts = {"feedback_rows": len(rows), "traces_with_feedback": len(latest_rating), "kto_rows": len(kto),
               "kto_up": sum(1 for r in kto if r["label"]), "kto_down": sum(1 for r in kto if not r["label"]),
               "preference_rows": len(pairs), "edits_identical_to_answer": same}
-    if special_tokens:
-        counts["rejected_by_rule"] = {CONTROL_TOKEN_RULE: len(rejected)} if rejected else {}
-        counts["rejected"] = rejected
+    counts["rejected_by_rule"] = dict(Counter(r["rule"] for r in rejected))
+    counts["rejected"] = rejected
     return pairs, kto, counts
 
 
 def export_to_files(project, out_dir: Path | None = None, adapters: list[str] | None = None) -> tuple[dict[str, Path], dict[str, Any]]:
     """`tunegate data feedback`: export_feedback from the project's serving database into `out_dir` (default
     <project dir>/feedback): preference.jsonl, kto.jsonl (each only when it has rows), rejected.jsonl (rows left
-    out for spelling one of the base tokenizer's control tokens, rule `control_token`; only when there are any)
-    and feedback_stats.json (with `rejected_by_rule`).
+    out: an answer cut short, rule `truncated_response`, or text spelling one of the base tokenizer's control
+    tokens, rule `control_token`; only when there are any) and feedback_stats.json (with `rejected_by_rule`).
 
     Returns ({format: path written, "rejected" included when written}, counts). Raises TunegateError when the
     database holds no traces table yet.
