@@ -84,3 +84,38 @@ def test_ray_data_gives_the_same_rows_as_one_process(tiny_project, monkeypatch):
         ray.shutdown()
     assert _outputs(tiny_project, "local") == _outputs(tiny_project, "ray")
     assert json.loads((tiny_project / "runs/ray/data/timings.json").read_text())["engine"] == "ray"
+
+
+def test_pool_workers_die_with_the_process_that_started_them(tmp_path):
+    """Found by trying it: after kill -9 of `tunegate data`, its two workers ran on for ~30 s holding the stage
+    lock. A pool started by a child process that is then SIGKILLed leaves no worker behind."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    code = ("import time\n"
+            "from tunegate.data.engine import map_batches\n"
+            "def slow():\n"
+            "    def run(b):\n"
+            "        time.sleep(60)\n"
+            "        return b\n"
+            "    return run\n"
+            "if __name__ == '__main__':\n"
+            "    map_batches(slow, list(range(64)), engine='local', num_proc=2, batch_size=1)\n")
+    (tmp_path / "pool.py").write_text(code)
+    proc = subprocess.Popen([sys.executable, str(tmp_path / "pool.py")])
+    deadline = time.monotonic() + 60
+    children: list[int] = []
+    while time.monotonic() < deadline and len(children) < 2:
+        out = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        children = [int(c) for c in out]
+        time.sleep(0.2)
+    assert len(children) >= 2, "the pool did not start"
+    time.sleep(1.0)  # the workers have run their initializer
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    time.sleep(1.0)
+    alive = [c for c in children if os.path.exists(f"/proc/{c}") and "Z" not in open(f"/proc/{c}/stat").read().split()[2]]
+    assert alive == [], alive
