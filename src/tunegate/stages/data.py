@@ -169,7 +169,7 @@ def run(st: Stage) -> StageResult:
     for r in rejected[:5]:
         console.print(f"[yellow]rejected[/yellow] {r}")
     if len(rejected) > 5:
-        console.print(f"[yellow]... {len(rejected) - 5} more in {st.dir / 'rejected.jsonl'}[/yellow]")
+        console.print(f"[yellow]... {len(rejected) - 5} more in {st.final_dir / 'rejected.jsonl'}[/yellow]")  # where it is published
     _check_rejected_fraction(st, rows, rejected)
 
     # 8. Deterministic split and outputs.
