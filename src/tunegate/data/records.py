@@ -471,7 +471,7 @@ class _CsvLines:
         if oversize is not None or self.row_bytes > self.limit:
             if not self.row_errors or self.row_errors[-1].rule != "row_too_large":
                 self.row_errors.append(_too_large(self.row_bytes if oversize is None else oversize, self.limit))
-            quotes = raw.count(b'"') + self.quotes if oversize is not None else raw.count(b'"')
+            quotes = self.quotes if oversize is not None else raw.count(b'"')  # on_skip saw every byte of a long line
             return '"' * (quotes % 2) + " " + ending  # the parser's quote state, without the text; never a blank line
         try:
             text = raw.decode("utf-8")
