@@ -17,13 +17,10 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
-import importlib.util
 import json
 import os
 import random
-import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -31,20 +28,15 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("TUNEGATE_SHARED_DATA", REPO.parent / "shared" / "data"))
 sys.path.insert(0, str(REPO / "src"))
+sys.path.insert(0, str(REPO / "bench"))
 BEFORE = "cf25042"
 
 
 def load_before():
-    """tunegate.data.dedup as it was at BEFORE, imported from `git show` (it depends only on records)."""
-    code = subprocess.run(["git", "-C", str(REPO), "show", f"{BEFORE}:src/tunegate/data/dedup.py"],
-                          capture_output=True, text=True, check=True).stdout
-    path = Path(tempfile.mkdtemp()) / "dedup_before.py"
-    path.write_text(code)
-    spec = importlib.util.spec_from_file_location("dedup_before", path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["dedup_before"] = mod  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(mod)
-    return mod
+    """tunegate.data.dedup as it was at BEFORE (it depends only on records)."""
+    from before import module_at
+
+    return module_at(BEFORE, "src/tunegate/data/dedup.py", "dedup_before")
 
 
 def variant(text: str, rng: random.Random, vocab: list[str]) -> str:

@@ -25,12 +25,8 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import importlib.util
 import json
-import os
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -42,15 +38,9 @@ PATTERN = ["EMAIL_ADDRESS", "PHONE_NUMBER", "CREDIT_CARD", "IBAN_CODE", "IP_ADDR
 
 
 def _load_before():
-    code = subprocess.run(["git", "-C", str(REPO), "show", f"{BEFORE}:src/tunegate/data/pii.py"],
-                          capture_output=True, text=True, check=True).stdout
-    path = Path(tempfile.mkdtemp()) / "pii_before.py"
-    path.write_text(code)
-    spec = importlib.util.spec_from_file_location("pii_before", path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["pii_before"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    from before import module_at
+
+    return module_at(BEFORE, "src/tunegate/data/pii.py", "pii_before")
 
 
 def _insert_before_spans(sample: dict, mark: str) -> dict:
