@@ -90,7 +90,7 @@ def main() -> None:
         }
         print(name, json.dumps(result[name]))
     result["after_params"] = {"lsh_bands_rows": after.lsh_params(0.8, 128), "one_word_words": [after.ONE_WORD_MIN, after.ONE_WORD_MAX],
-                              "shingles": "single words under 20 words, else 5-word shingles",
+                              "shingles": "words and word pairs under 20 words, else 5-word shingles",
                               "miss_probability_at_threshold": round((1 - 0.8 ** after.lsh_params(0.8, 128)[1]) ** after.lsh_params(0.8, 128)[0], 4)}
     (REPO / "bench" / "results" / "dedup_short.json").write_text(json.dumps(result, indent=2) + "\n")
 
