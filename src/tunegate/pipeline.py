@@ -54,8 +54,7 @@ def run_dir_for(project: Project, run_id: str) -> Path:
     `..` or a separator would put stage folders, and their folder swaps, outside `runs/`; or when that folder is a
     symbolic link that leads outside the project (core.paths.inside)."""
     path = project.runs_dir / check_identifier("run id", run_id)
-    if path.is_symlink():
-        inside(project.root, path, f"runs/{run_id}")
+    inside(project.root, path, f"runs/{run_id}")  # the folder, if it exists, may be a link: followed and checked
     return path
 
 

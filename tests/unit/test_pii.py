@@ -236,7 +236,7 @@ def test_the_rescan_reads_differently_and_finds_what_the_first_pass_missed(monke
     monkeypatch.setattr(r, "_analyze_views", first_view_blind)
     [out] = r.redact_texts(["The parcel was signed for by Margaret Thompson at the door."])
     assert out.found == {} and out.rescan.get("PERSON") == 1
-    assert pii.case_view("the parcel was signed for by margaret thompson") .count("Margaret") == 1
+    assert pii.case_view("the parcel was signed for by margaret thompson").count("Margaret") == 1
 
 
 def test_marks_inside_a_word_are_kept_so_a_decomposed_name_is_masked_whole():

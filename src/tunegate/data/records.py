@@ -425,8 +425,10 @@ def _csv_rows(path: Path, src) -> Iterator[tuple[int, Any, Exception | None]]:
     """CSV / TSV rows as dicts keyed by the header; row numbers are file lines (the header is line 1).
 
     A UTF-8 byte-order mark is skipped. Lines are read at most max_row_bytes at a time and decoded one by one: a
-    longer line ("row_too_large"), a line that is not UTF-8 ("invalid_utf8") or a field over the limit (a quoted
-    field spanning lines, "field_too_large") rejects its row and reading goes on with the next one.
+    row over the limit, in one line or across quoted lines ("row_too_large"), a line that is not UTF-8
+    ("invalid_utf8") or a line the csv module refuses ("invalid_csv") rejects its row, and reading goes on with the
+    next one (`_CsvLines`). The csv module's field limit is raised to max_row_bytes, so a field is never refused
+    before its row is.
     """
     previous = csv.field_size_limit(src.max_row_bytes)  # the csv module's limit is process-wide: put it back after
     try:
@@ -504,7 +506,7 @@ def _csv_dict_rows(path: Path, src) -> Iterator[tuple[int, Any, Exception | None
             except StopIteration:
                 return
             except csv.Error as exc:
-                yield start, f"(row starting at line {start})", RowError("field_too_large" if "field limit" in str(exc) else "invalid_csv", str(exc))
+                yield start, f"(row starting at line {start})", RowError("invalid_csv", str(exc))
                 continue
             if lines.row_errors:
                 yield start, f"(row starting at line {start})", lines.row_errors[0]
