@@ -64,10 +64,20 @@ def _load(project: Path, overrides: list[str] | None):
     return load_project(project, overrides or [])
 
 
+def _export_feedback(p) -> None:
+    """Data sources `feedback: ...` read what the serving database holds now (tunegate.serve.db)."""
+    from tunegate.serve.db import refresh_feedback_sources
+
+    for line in refresh_feedback_sources(p):
+        typer.echo(line)
+
+
 def _stage(project: Path, overrides: list[str] | None, run_id: str, stage: str, force: bool, train_anyway: bool = False) -> None:
     from tunegate import pipeline
 
     p = _load(project, overrides)
+    if stage == "data":
+        _export_feedback(p)
     run_dir = pipeline.run_dir_for(p, run_id)
     notes = pipeline.training_override(p, run_dir, train_anyway) if stage == "train" else []
     m = pipeline.run_stage(p, run_dir, stage, force=force, overrides=notes)
@@ -95,6 +105,7 @@ def run(
     p = _load(project, overrides)
     if until not in STAGE_NAMES:
         raise TunegateError(f"--until {until}: not a stage; stages: {', '.join(STAGE_NAMES)}")
+    _export_feedback(p)
     manifests = run_pipeline(p, run_id=run_id, force=tuple(force or ()), train_anyway=train_anyway, until=until)
     if "eval" not in manifests:
         console.print(f"[green]stopped after {until}[/green] ({run_dir_for(p, run_id)})")
@@ -136,29 +147,33 @@ def data(project: ProjectArg, overrides: Overrides = None, run_id: RunId = "defa
 def data_feedback(
     project: ProjectArg,
     overrides: Overrides = None,
-    out: Annotated[Optional[Path], typer.Option("--out", help="folder for preference.jsonl, kto.jsonl and feedback_stats.json (default <project dir>/feedback)")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="folder for sft.jsonl, preference.jsonl, kto.jsonl and feedback_stats.json (default <project dir>/feedback, where `data.sources: [{feedback: sft}]` reads)")] = None,
     adapter: Annotated[Optional[list[str]], typer.Option("--adapter", help="only traces of this adapter (repeatable; `base` for the base model)")] = None,
 ) -> None:
-    """Turn served traces with feedback into training sources: preference pairs (prompt = the request's messages,
-    chosen = the edited answer, rejected = the served answer) and KTO rows (thumbs up -> label true, down -> false).
+    """Turn served traces with feedback into training sources: SFT chat rows (the request's messages + the edited
+    answer), preference pairs (prompt = the request's messages, chosen = the edited answer, rejected = the served
+    answer) and KTO rows (thumbs up -> label true, down -> false). A data source `{feedback: sft}` (or
+    `preference`, `kto`) trains the next run on them; `tunegate run` exports them anew first.
 
-    Written as JSONL in the data stage's `format: preference` and `format: kto`; every row keeps its provenance
+    Written as JSONL in the data stage's `format: chat`, `preference` and `kto`; every row keeps its provenance
     (source feedback, trace_id, tenant, adapter, adapter_sha256) in its meta. A row whose text spells one of the
     base tokenizer's control tokens goes to rejected.jsonl instead (rule control_token). Reads
     serve.database_url (default <project dir>/serve.db).
     """
+    from tunegate.config import FEEDBACK_FILES
     from tunegate.serve.db import export_to_files
 
     p = _load(project, overrides)
     written, counts = export_to_files(p, out, adapter or None)
     typer.echo(f"{counts['feedback_rows']} feedback row(s) on {counts['traces_with_feedback']} trace(s): "
-               f"{counts['preference_rows']} preference pair(s), {counts['kto_rows']} KTO row(s) "
+               f"{counts['sft_rows']} SFT row(s) from edits, {counts['preference_rows']} preference pair(s), {counts['kto_rows']} KTO row(s) "
                f"({counts['kto_up']} up, {counts['kto_down']} down)")
     for fmt, path in written.items():
         if fmt == "rejected":
             typer.echo(f"rejected {sum(counts['rejected_by_rule'].values())} row(s) ({counts['rejected_by_rule']}): see {path}")
         else:
-            typer.echo(f"wrote {path}  (data.sources: {{path: {path}, format: {fmt}}})")
+            typer.echo(f"wrote {path}" + (f"  (data.sources: {{feedback: {fmt}}} reads it; tunegate run exports it anew)"
+                                           if out is None else f"  (data.sources: {{path: {path}, format: {FEEDBACK_FILES[fmt][1]}}})"))
 
 
 @app.command(name="data-preview")

@@ -42,6 +42,10 @@ class _Section(BaseModel):
 MAX_ROW_BYTES = 8 * 2**20  # data.sources[].max_row_bytes default
 
 
+# `data.sources[].feedback` kind -> (file name under <project>/feedback/, the format of its rows)
+FEEDBACK_FILES = {"sft": ("sft.jsonl", "chat"), "preference": ("preference.jsonl", "preference"), "kto": ("kto.jsonl", "kto")}
+
+
 class SourceConfig(_Section):
     """One raw data source (tunegate.data.records). `format` is the shape of a row:
 
@@ -66,6 +70,11 @@ class SourceConfig(_Section):
 
     path: Path | None = None
     hub: str | None = None  # a Hugging Face Hub dataset id (network needed); pin `revision` for a repeatable run
+    # The next round from served feedback: `feedback: sft` (edited answers as chat rows), `preference` (edit =
+    # chosen, served answer = rejected) or `kto` (thumbs). The source is the file `tunegate data feedback` writes
+    # (feedback/<kind>.jsonl in the project folder, FEEDBACK_FILES); `tunegate run` and `tunegate data` export it
+    # from the serving database first, so a new rating is in the next run. Sets `path` and `format`.
+    feedback: Literal["sft", "preference", "kto"] | None = None
     revision: str | None = None  # hub: a commit, tag or branch
     split: str = "train"  # a `datasets` folder holding several splits, or hub: which split to read
     format: Literal["chat", "prompt_completion", "alpaca", "sharegpt", "openai_log", "csv", "preference", "kto", "text"] = "chat"
@@ -83,10 +92,26 @@ class SourceConfig(_Section):
     # documents in continued pretraining.
     max_row_bytes: int = Field(default=MAX_ROW_BYTES, ge=1024)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _feedback_file(cls, v):
+        if isinstance(v, dict) and v.get("feedback") is not None:
+            kind = v["feedback"]
+            if kind not in FEEDBACK_FILES:
+                return v  # the field's own check names the allowed kinds
+            if v.get("path") is not None or v.get("hub") is not None:
+                raise ValueError("a `feedback` source reads the file `tunegate data feedback` writes: give no `path` or `hub`")
+            fmt = FEEDBACK_FILES[kind][1]
+            if v.get("format", fmt) != fmt:
+                raise ValueError(f"feedback: {kind} rows are format {fmt}, not {v['format']}")
+            v = {**v, "path": Path("feedback") / FEEDBACK_FILES[kind][0], "format": fmt}
+        return v
+
     @model_validator(mode="after")
     def _one_location(self):
         if (self.path is None) == (self.hub is None):
-            raise ValueError("a source needs exactly one of `path` (a local file or folder) and `hub` (a Hub dataset id)")
+            raise ValueError("a source needs exactly one of `path` (a local file or folder), `hub` (a Hub dataset id) "
+                             "and `feedback` (sft | preference | kto: served feedback)")
         return self
 
     @property

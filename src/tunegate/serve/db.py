@@ -422,11 +422,28 @@ def export_feedback(engine, adapters: list[str] | None = None,
     return pairs, kto, counts
 
 
+def sft_rows(pairs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Preference pairs from edits -> chat rows for supervised fine-tuning: the request's messages followed by the
+    edited answer as the assistant turn (`format: chat`), with the pair's provenance (source feedback, trace_id,
+    tenant, adapter, ...) as top-level keys, which the reader keeps in `meta`. A pair whose prompt is a plain string
+    becomes one user turn."""
+    out = []
+    for pair in pairs:
+        prompt = pair["prompt"] if isinstance(pair["prompt"], list) else [{"role": "user", "content": pair["prompt"]}]
+        provenance = {k: v for k, v in pair.items() if k not in ("id", "prompt", "chosen", "rejected")}
+        out.append({"id": pair["id"].removesuffix("-pref") + "-sft",
+                    "messages": [*prompt, {"role": "assistant", "content": pair["chosen"]}], **provenance})
+    return out
+
+
 def export_to_files(project, out_dir: Path | None = None, adapters: list[str] | None = None) -> tuple[dict[str, Path], dict[str, Any]]:
     """`tunegate data feedback`: export_feedback from the project's serving database into `out_dir` (default
-    <project dir>/feedback): preference.jsonl, kto.jsonl (each only when it has rows), rejected.jsonl (rows left
-    out: an answer cut short, rule `truncated_response`, or text spelling one of the base tokenizer's control
-    tokens, rule `control_token`; only when there are any) and feedback_stats.json (with `rejected_by_rule`).
+    <project dir>/feedback, where `data.sources[].feedback` reads): sft.jsonl (edited answers as chat rows,
+    sft_rows), preference.jsonl and kto.jsonl (each written, empty when it has no rows, so a feedback source
+    always has its file), rejected.jsonl (rows left out: an answer cut short, rule `truncated_response`, or text
+    spelling one of the base tokenizer's control tokens, rule `control_token`; only when there are any) and
+    feedback_stats.json (with `rejected_by_rule`). The rows are in feedback order, so an unchanged database
+    writes the same bytes and a run's data stage stays finished.
 
     Returns ({format: path written, "rejected" included when written}, counts). Raises TunegateError when the
     database holds no traces table yet.
@@ -444,12 +461,37 @@ def export_to_files(project, out_dir: Path | None = None, adapters: list[str] | 
     counts.setdefault("rejected_by_rule", {})
     out = Path(out_dir) if out_dir is not None else Path(project.root) / "feedback"
     written: dict[str, Path] = {}
-    for fmt, rows, name in (("preference", pairs, "preference.jsonl"), ("kto", kto, "kto.jsonl"), ("rejected", rejected, "rejected.jsonl")):
-        if rows:
-            atomic_write_jsonl(out / name, rows)
-            written[fmt] = out / name
-        elif (out / name).is_file():
-            (out / name).unlink()  # an earlier export's file would now be stale
+    sft = sft_rows(pairs)
+    counts["sft_rows"] = len(sft)
+    for fmt, rows, name in (("sft", sft, "sft.jsonl"), ("preference", pairs, "preference.jsonl"), ("kto", kto, "kto.jsonl")):
+        atomic_write_jsonl(out / name, rows)
+        written[fmt] = out / name
+    if rejected:
+        atomic_write_jsonl(out / "rejected.jsonl", rejected)
+        written["rejected"] = out / "rejected.jsonl"
+    elif (out / "rejected.jsonl").is_file():
+        (out / "rejected.jsonl").unlink()  # an earlier export's file would now be stale
     atomic_write_json(out / "feedback_stats.json", {**counts, "database": url.split("://")[0], "adapters": adapters,
                                                      "exported_at": iso_utc(_now())})
     return written, counts
+
+
+def refresh_feedback_sources(project) -> list[str]:
+    """Before `tunegate run` / `tunegate data`: when a data source is `feedback: sft|preference|kto`, export the
+    serving database into <project dir>/feedback/ (export_to_files) so the run trains on the feedback collected so
+    far. Returns lines to print. With no serving database yet, the files are written empty (a project may keep its
+    feedback source from the first round on): the data stage then reads no rows from it."""
+    from tunegate.core.io import atomic_write_jsonl
+
+    kinds = [s.feedback for s in project.data.sources if s.feedback is not None]
+    if not kinds:
+        return []
+    url = project_url(project)
+    if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).is_file():
+        for s in project.data.sources:
+            if s.feedback is not None and not s.path.is_file():
+                atomic_write_jsonl(s.path, [])
+        return [f"feedback sources ({', '.join(kinds)}): no serving database yet ({url[len('sqlite:///'):]}), so no feedback rows"]
+    written, counts = export_to_files(project)
+    return [f"feedback sources: {counts['sft_rows']} SFT row(s), {counts['preference_rows']} preference pair(s), "
+            f"{counts['kto_rows']} KTO row(s) exported from the serving database into {written['sft'].parent}"]

@@ -1,0 +1,83 @@
+"""The next round from served feedback (issue 22, item 3): a data source `{feedback: sft|preference|kto}` reads what
+`tunegate data feedback` exports, and `tunegate data` / `tunegate run` export it anew from the serving database
+first, so a rating given since the last run is in the next one."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from tunegate.cli import app as cli_app
+from pydantic import ValidationError
+
+from tunegate import TunegateError
+from tunegate.config import SourceConfig, load_project
+from tunegate.serve import db as servedb
+
+MSGS = [{"role": "user", "content": "message number 7 about topic beta, please"}]
+
+
+def _serve_feedback(root, edits):
+    """A serving database beside the project with one trace per edit and the edit as feedback."""
+    eng = servedb.connect(servedb.default_url(root))
+    for i, edit in enumerate(edits):
+        tid = f"chatcmpl-{i}"
+        servedb.write_trace(eng, id=tid, tenant="acme", model="tiny", adapter="tiny", adapter_sha256="ab" * 32,
+                            messages=MSGS, params={}, response="alpha", finish_reason="stop", prompt_tokens=9,
+                            completion_tokens=1, latency_ms=3.0)
+        servedb.record_feedback(eng, "acme", tid, "down", edit, None)
+
+
+def _with_feedback_source(root, kind="sft"):
+    cfg = root / "tunegate.yaml"
+    cfg.write_text(cfg.read_text().replace("sources: [{path: train.jsonl, format: chat}]",
+                                           f"sources: [{{path: train.jsonl, format: chat}}, {{feedback: {kind}}}]"))
+    return cfg
+
+
+def _kept(root):
+    rows = [json.loads(x) for x in (root / "runs/default/data/train.jsonl").read_text().splitlines()]
+    rows += [json.loads(x) for x in (root / "runs/default/data/val.jsonl").read_text().splitlines()]
+    return rows
+
+
+def test_config_feedback_source_sets_path_and_format(tiny_project):
+    p = load_project(_with_feedback_source(tiny_project, "sft"))
+    src = p.data.sources[1]
+    assert (src.feedback, src.format, src.path) == ("sft", "chat", tiny_project / "feedback" / "sft.jsonl")
+    pref = SourceConfig.model_validate({"feedback": "preference"})
+    assert (pref.format, str(pref.path)) == ("preference", "feedback/preference.jsonl")
+    with pytest.raises(ValidationError, match="give no `path`"):
+        SourceConfig.model_validate({"feedback": "sft", "path": "x.jsonl"})
+    with pytest.raises(ValidationError, match="rows are format kto, not chat"):
+        SourceConfig.model_validate({"feedback": "kto", "format": "chat"})
+    # a preference source on an SFT project is refused at load time, naming the method's formats
+    cfg = tiny_project / "tunegate.yaml"
+    cfg.write_text(cfg.read_text().replace("{feedback: sft}", "{feedback: preference}"))
+    with pytest.raises(TunegateError, match="train.method sft cannot train on"):
+        load_project(cfg)
+
+
+def test_data_stage_trains_on_edits_collected_since_the_last_run(tiny_project):
+    cfg = _with_feedback_source(tiny_project)
+    runner = CliRunner()
+    # Round 1: no serving database yet: the source is empty and the stage runs on the other source.
+    res = runner.invoke(cli_app, ["data", str(cfg)])
+    assert res.exit_code == 0, res.output
+    assert "no serving database yet" in res.output
+    assert not [r for r in _kept(tiny_project) if r.get("meta", {}).get("source") == "feedback"]
+
+    # Users correct two answers; the next `tunegate data` exports them and trains on the edits.
+    _serve_feedback(tiny_project, ["beta", "beta, from topic 7"])
+    res = runner.invoke(cli_app, ["data", str(cfg)])
+    assert res.exit_code == 0, res.output
+    assert "2 SFT row(s)" in res.output
+    fb = [r for r in _kept(tiny_project) if r.get("meta", {}).get("source") == "feedback"]
+    answers = sorted(r["messages"][-1]["content"] for r in fb)
+    assert answers == ["beta", "beta, from topic 7"]
+    assert {r["meta"]["trace_id"] for r in fb} == {"chatcmpl-0", "chatcmpl-1"}
+    assert all(r["meta"]["tenant"] == "acme" and r["meta"]["adapter"] == "tiny" for r in fb)
+
+    # Nothing new: the export writes the same bytes and the finished data stage is skipped.
+    res = runner.invoke(cli_app, ["data", str(cfg)])
+    assert res.exit_code == 0 and "unchanged" in res.output, res.output
