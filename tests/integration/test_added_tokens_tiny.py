@@ -157,7 +157,7 @@ def bundle(trained, tmp_path_factory):
     project, run = trained
     keys = release.generate_keys(tmp_path_factory.mktemp("keys") / "k")
     fake = types.ModuleType("tunegate.report.release_docs")  # the release documents have their own tests
-    fake.render_release_docs = lambda run_dir, project: {name: f"# {name}\n" for name in release.DOC_NAMES}
+    fake.render_release_docs = lambda run_dir, project, **kw: {name: f"# {name}\n" for name in release.DOC_NAMES}
     with pytest.MonkeyPatch.context() as mp:
         mp.setitem(sys.modules, "tunegate.report.release_docs", fake)
         out = release.build_bundle(project, private_key=keys[0], out_dir=run.parent.parent / "bundle")

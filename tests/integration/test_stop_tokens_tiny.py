@@ -33,7 +33,7 @@ def released(tmp_path_factory, split_eos_model_dir):
     assert run_pipeline(project, until="eval")["eval"].verdict == "PASS"
     keys = release.generate_keys(root / "keys")
     fake = types.ModuleType("tunegate.report.release_docs")  # the release documents have their own tests
-    fake.render_release_docs = lambda run_dir, project: {name: f"# {name}\n" for name in release.DOC_NAMES}
+    fake.render_release_docs = lambda run_dir, project, **kw: {name: f"# {name}\n" for name in release.DOC_NAMES}
     with pytest.MonkeyPatch.context() as mp:
         mp.setitem(sys.modules, "tunegate.report.release_docs", fake)
         bundle = release.build_bundle(project, private_key=keys[0], out_dir=root / "bundle")

@@ -360,3 +360,40 @@ def test_real_banking77_run():
     got = {m["type"]: m["value"] for m in meta["model-index"][0]["results"][0]["metrics"]}
     assert got == {k: v["candidate"]["mean"] for k, v in scores["metrics"].items()}
     assert "CC-BY-4.0" in docs["dpia.md"]
+
+
+@pytest.mark.parametrize("knn, expected", [
+    ((0.62, 0.55, 0.70), "the upper end of every such option's 95% CI is below\n0.800"),
+    ((0.76, 0.70, 0.82), "but the 95% CI of knn_classifier (0.760 [0.700, 0.820]) reaches it"),
+    ((0.83, 0.78, 0.88), "An option without fine-tuning met the bar on its point estimate (knn_classifier 0.830 [0.780, 0.880])"),
+])
+def test_dpia_necessity_wording_follows_the_audits_cis(tmp_path, knn, expected):
+    project = _project(tmp_path)
+    run = _run(tmp_path, project, audit_verdict="TRAIN")
+    audit = json.loads((run / "audit" / "audit.json").read_text())
+    audit["candidates"][1].update(mean=knn[0], ci_low=knn[1], ci_high=knn[2])
+    _write(run / "audit" / "audit.json", audit)
+    dpia = render_release_docs(run, project)["dpia.md"]
+    assert expected in dpia
+    said_none = "The audit measured that no option without training met the bar" in dpia
+    assert said_none == (knn[2] < 0.8)  # "none met the bar" only when no CI reaches it
+
+
+def test_documents_name_project_files_relative_to_the_project(tmp_path):
+    project = _project(tmp_path)
+    run = _run(tmp_path, project)
+    (run / "data" / "train.jsonl").write_text("")
+    docs = render_release_docs(run, project)
+    for name, text in docs.items():
+        assert str(tmp_path) not in text, name  # an absolute path of this machine would mean nothing to a reviewer
+    assert "| data/train.csv |" in docs["dpia.md"] and "runs/r1/data/train.jsonl" in docs["dpia.md"]
+
+
+def test_the_card_points_at_the_bundles_merged_model_instead_of_advising_a_merge(tmp_path):
+    project = _project(tmp_path)
+    run = _run(tmp_path, project)
+    cfg = json.loads((run / "train" / "adapter" / "adapter_config.json").read_text())
+    _write(run / "train" / "adapter" / "adapter_config.json", {**cfg, "use_dora": True})
+    assert "merge it into the base model first with `tunegate export`" in render_release_docs(run, project)["MODEL_CARD.md"]
+    card = render_release_docs(run, project, merged="merged/")["MODEL_CARD.md"]
+    assert "tunegate export" not in card and "serve the merged model in this bundle's `merged/` folder" in card

@@ -293,9 +293,10 @@ def _section(manifests: dict[str, Any], stage: str, name: str, project) -> dict[
     return project.section(name)
 
 
-def _data(cfg: dict[str, Any], stats: dict[str, Any], data_manifest) -> dict[str, Any]:
+def _data(cfg: dict[str, Any], stats: dict[str, Any], data_manifest, root: Path) -> dict[str, Any]:
     """cfg: the data section as the data stage recorded it. A setting missing there (an older run) counts as not
-    applied: the documents say only what the run's own files show."""
+    applied: the documents say only what the run's own files show. Files are named relative to the project
+    folder `root` (project_relative)."""
     def key(s: dict[str, Any]) -> str:  # the data stage's per_source key (config.SourceConfig.name)
         if s.get("path") is None:
             return f"hf://{s.get('hub')}:{s.get('split', 'train')}"
@@ -305,7 +306,7 @@ def _data(cfg: dict[str, Any], stats: dict[str, Any], data_manifest) -> dict[str
     inputs = data_manifest.inputs if data_manifest else {}
     sources = []
     for path, counts in (stats.get("per_source") or {}).items():
-        sources.append({"name": Path(path).name, "path": path, "license": licence_of.get(path), "sha256": inputs.get(path),
+        sources.append({"name": Path(path).name, "path": project_relative(path, root), "license": licence_of.get(path), "sha256": inputs.get(path),
                         "rows_read": counts.get("rows_read"), "kept": counts.get("kept"), "rejected": counts.get("rejected"),
                         "train": counts.get("train"), "val": counts.get("val")})
     pii = stats.get("pii")
@@ -329,7 +330,7 @@ def _data(cfg: dict[str, Any], stats: dict[str, Any], data_manifest) -> dict[str
         "min_words": (cfg.get("decontaminate") or {}).get("min_words") if "golden_ngram_overlap_removed" in stats else None,
         "golden_overlap_removed": stats.get("golden_overlap_removed", 0),
         "golden_ngram_overlap_removed": stats.get("golden_ngram_overlap_removed"),
-        "max_length": cfg.get("max_length"), "overlength": cfg.get("overlength"), "golden_path": str(golden.get("path")),
+        "max_length": cfg.get("max_length"), "overlength": cfg.get("overlength"), "golden_path": project_relative(golden.get("path"), root),
         "golden_sample": golden.get("sample"), "golden_license": golden.get("license"),
         "instructions": sorted({s["instruction"] for s in cfg.get("sources", []) if s.get("instruction")}),
         "formats": sorted({s.get("format", "chat") for s in cfg.get("sources", [])}),
@@ -372,7 +373,13 @@ def _audit(audit: dict[str, Any] | None, audit_manifest) -> dict[str, Any] | Non
     cands = [{"name": c["name"], "method": c.get("method"), "trains": c.get("trains"), "mean": c["mean"], "lo": c["ci_low"],
               "hi": c["ci_high"], "detail": c.get("detail"), "usd": c.get("usd_per_1k_requests")} for c in audit.get("candidates", [])]
     decision = rec.get("decision") or {}
-    return {"verdict": rec.get("verdict") or (audit_manifest.verdict if audit_manifest else None), "metric": audit.get("metric"),
+    bar = audit.get("bar")
+    no_training = [c for c in cands if not c["trains"]]
+    # What the measurement supports: an option "met the bar" on its point estimate; one whose 95% CI reaches the
+    # bar cannot be ruled out; only when no CI reaches it did the audit measure that none meets it.
+    met = [c for c in no_training if bar is not None and c["mean"] >= bar]
+    reaches = [c for c in no_training if bar is not None and c["mean"] < bar <= c["hi"]]
+    return {"met_bar": met, "ci_reaches_bar": reaches, "verdict": rec.get("verdict") or (audit_manifest.verdict if audit_manifest else None), "metric": audit.get("metric"),
             "bar": audit.get("bar"), "golden_rows": audit.get("golden_rows"), "task": audit.get("task"), "labels": audit.get("labels"),
             "candidates": cands, "best_no_training": rec.get("best_no_training"), "best_training": rec.get("best_training"),
             "gap": rec.get("gap"), "method": decision.get("method"), "why": decision.get("why"),
@@ -386,9 +393,10 @@ def _anti_patterns(preflight: dict[str, Any] | None) -> list[dict[str, Any]]:
     return [f for f in (preflight or {}).get("findings", []) if f.get("found", True)]
 
 
-def gather(run_dir: Path, project) -> dict[str, Any]:
-    """Everything the three templates show, read from the run's files. Raises TunegateError when the data,
-    train or eval stage has not finished (their summaries are missing)."""
+def gather(run_dir: Path, project, merged: str | None = None) -> dict[str, Any]:
+    """Everything the three templates show, read from the run's files. `merged`: the release bundle's folder
+    holding the merged model ("merged/"), when the bundle has one. Raises TunegateError when the data, train or
+    eval stage has not finished (their summaries are missing)."""
     run_dir = Path(run_dir)
     hint = "finish the run first (`tunegate run PROJECT.yaml`)"
     stats = _require(run_dir / "data" / "stats.json", hint)
@@ -407,11 +415,11 @@ def gather(run_dir: Path, project) -> dict[str, Any]:
     base = compute["base"]
     eval_cfg = _section(manifests, "eval", "eval", project)
     ctx = {
-        "name": project.name, "run_id": run_dir.name, "run_dir": str(run_dir.resolve()),
-        "project_file": str(project.source_file) if project.source_file else None,
+        "name": project.name, "run_id": run_dir.name, "run_dir": project_relative(run_dir, project.root),
+        "project_file": project_relative(project.source_file, project.root) if project.source_file else None,
         "base": base, "base_ref": base["hf_id"] or base_model,
         "adapter": adapter, "train": train, "compute": compute,
-        "data": _data(_section(manifests, "data", "data", project), stats, manifests.get("data")),
+        "data": _data(_section(manifests, "data", "data", project), stats, manifests.get("data"), project.root),
         "eval": _eval(scores, verdict, _json(run_dir / "eval" / "suites.json")),
         "audit": _audit(_json(run_dir / "audit" / "audit.json"), manifests.get("audit")),
         "anti_patterns": _anti_patterns(_json(run_dir / "train" / "preflight.json")),
@@ -419,9 +427,10 @@ def gather(run_dir: Path, project) -> dict[str, Any]:
                       for k, m in manifests.items()},
         "lineage_problems": problems,
         "eval_max_new_tokens": eval_cfg.get("max_new_tokens"),
-        "registry": str(project.registry), "runs_dir": str(project.runs_dir),
+        "registry": project_relative(project.registry, project.root), "runs_dir": project_relative(project.runs_dir, project.root),
         "embedded_info": _embedded_info(base_model),
-        "stored": _stored(run_dir),
+        "stored": _stored(run_dir, project.root),
+        "merged_in_bundle": merged,
     }
     ctx["limitations"] = _limitations(ctx)
     return ctx
@@ -443,8 +452,19 @@ _STORED = (
 )
 
 
-def _stored(run_dir: Path) -> list[dict[str, str]]:
-    return [{"path": str(run_dir.resolve() / rel), "holds": holds} for rel, holds in _STORED if (run_dir / rel).exists()]
+def _stored(run_dir: Path, root: Path) -> list[dict[str, str]]:
+    return [{"path": project_relative(run_dir / rel, root), "holds": holds} for rel, holds in _STORED if (run_dir / rel).exists()]
+
+
+def project_relative(path: Any, root: Path) -> str:
+    """`path` relative to the project folder `root` when it lies inside it (how the documents name files: a
+    reviewer reads them beside the project, on another machine), else as given."""
+    if path is None:
+        return "None"
+    try:
+        return str(Path(path).resolve().relative_to(Path(root).resolve()))
+    except ValueError:
+        return str(path)
 
 
 def _embedded_info(name: str) -> dict[str, Any] | None:
@@ -593,16 +613,17 @@ def _front_matter(ctx: dict[str, Any]) -> str:
     return "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True, width=1000) + "---\n"
 
 
-def render_release_docs(run_dir: Path, project) -> dict[str, str]:
+def render_release_docs(run_dir: Path, project, merged: str | None = None) -> dict[str, str]:
     """MODEL_CARD.md, article25.md and dpia.md for a finished run, as {file name: markdown text}.
 
     run_dir: runs/<run_id>/ with finished data, train and eval stages (audit optional). project: the
-    `config.Project` the run used (licences, golden set, data settings, base model).
+    `config.Project` the run used (licences, golden set, data settings, base model). merged: the folder of the
+    release bundle that holds the merged model ("merged/"), so the card points there instead of advising a merge.
 
     Raises:
         TunegateError: data/stats.json, train/train_summary.json, eval/scores.json or eval/verdict.json is missing.
     """
-    ctx = gather(Path(run_dir), project)
+    ctx = gather(Path(run_dir), project, merged)
     env = _env()
     card = _front_matter(ctx) + "\n" + env.get_template("model_card.md.j2").render(**ctx)
     return {
