@@ -460,6 +460,7 @@ class VLLMEngine:
         check_identifier("adapter name", name)  # it names the verified copy's folder below
         if name in self.adapters or name == self.base_name:
             raise TunegateError(f"adapter name {name}: already served; remove it first or pick another name")
+        self._require_lora()
         copy = Path(self.workdir.name) / "bundles" / name
         if copy.exists():
             shutil.rmtree(copy)
@@ -475,11 +476,14 @@ class VLLMEngine:
         self.adapters[name] = ServedAdapter(name, Path(bundle), release)
         return release
 
-    def _load_lora(self, name: str, copy: Path, release: dict[str, Any]) -> None:
-        """Post the adapter of the verified bundle folder `copy` to vLLM as LoRA `name` (C15/C16, C14 checked first)."""
+    def _require_lora(self) -> None:
         if self.plan is None or self.plan.merged is not None or not self.plan.max_lora_rank:
             raise TunegateError("this vLLM server was started without LoRA support (no adapters, or --merged); "
                                 "restart it with the adapter in serve.bundles")
+
+    def _load_lora(self, name: str, copy: Path, release: dict[str, Any]) -> None:
+        """Post the adapter of the verified bundle folder `copy` to vLLM as LoRA `name` (C15/C16, C14 checked first)."""
+        self._require_lora()
         cfg = json.loads((copy / "adapter" / "adapter_config.json").read_text(encoding="utf-8"))
         reasons = lora_refusals(release, cfg)
         if reasons:
