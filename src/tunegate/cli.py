@@ -658,7 +658,9 @@ def serve(
     match_tokens: Annotated[Optional[int], typer.Option("--match-tokens", help="smoke test: accept the first K tokens matching the reference (default: exact)")] = None,
     max_rank: Annotated[Optional[int], typer.Option("--max-rank", help="smoke test: accept an answer whose every reference token is in vLLM's top K, teacher-forced (default 3 in bf16; float32: exact)")] = None,
 ) -> None:
-    """Serve the base model and the release bundles in serve.bundles behind an OpenAI-compatible API.
+    """Serve the base model, the registry's production version (as the project name; serve.versions pinned as
+    NAME-vN, switched on promote/rollback while running) and the release bundles in serve.bundles behind an
+    OpenAI-compatible API.
 
     Only bundles whose signature verifies with serve.public_key and whose verdict is PASS are loaded; any other
     stops the server before it starts, naming the bundle and the reason. Tenants call it with the keys from

@@ -11,7 +11,6 @@ import json
 import shutil
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import pytest

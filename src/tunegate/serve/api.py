@@ -428,6 +428,9 @@ def remove_adapter(request: Request, name: str):
     engine: Engine = request.app.state.engine
     if name not in engine.adapters:
         raise ApiError(404, f"adapter {name!r} is not served here", code="model_not_found")
+    if engine.adapters[name].slot is not None:
+        raise ApiError(400, f"adapter {name!r} is served from the registry; change it with `tunegate promote` or "
+                       "`tunegate rollback` (or serve.versions)", code="adapter_refused")
     try:
         engine.remove_adapter(name)
     except TunegateError as exc:
