@@ -219,9 +219,9 @@ class Switchboard:
                 self.missing.pop(name, None)
                 self.switched_at[name] = time.time()
                 events.append(f"{name} -> {label} (run {row['run_id']}, adapter sha256 {row['adapter_sha256'][:12]})")
+            for e in events:
+                self.log(e)
             self.reap()
-        for e in events:
-            self.log(e)
         return events
 
     def _load(self, label: str, row: dict[str, Any]) -> ServedAdapter:
