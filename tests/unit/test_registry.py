@@ -31,7 +31,9 @@ def fake_bundle(run, private_key):
     (b / "eval" / "verdict.json").write_text('{"verdict": "PASS"}')
     (b / "eval" / "scores.json").write_text("{}")
     digest = sha256_file(b / "adapter" / "adapter_model.safetensors")
-    (b / "release.json").write_text(json.dumps({"verdict": "PASS", "run_id": run.name, "adapter_sha256": digest}))
+    (b / "adapter" / "adapter_config.json").write_text("{}")
+    (b / "release.json").write_text(json.dumps({"verdict": "PASS", "run_id": run.name, "adapter_sha256": digest,
+                                                "base_model": "base"}))
     files, _ = release.list_files(b)
     (b / "files.json").write_text(json.dumps({rel: sha256_file(b / rel) for rel in files}))
     release.sign_directory(b, b / "model.sig", private_key=private_key)
