@@ -340,13 +340,18 @@ def export(
 
 @app.command()
 def promote(project: ProjectArg, overrides: Overrides = None, run_id: RunId = "default") -> None:
-    """Make a run's adapter the production version; refused unless its eval verdict is PASS."""
-    from tunegate import registry
-    from tunegate.pipeline import run_dir_for
+    """Make a run's adapter the production version: what `tunegate serve` serves as the project's name.
+
+    Refused unless its eval verdict is PASS and its signed release bundle (runs/<run-id>/release/bundle/) verifies
+    with serve.public_key (else .tunegate/keys/public.pem) and holds the evaluated adapter. A running server
+    switches to it within serve.reload_interval_s.
+    """
+    from tunegate.serve.production import promote as promote_run
 
     p = _load(project, overrides)
-    entry = registry.promote(p.registry, p.name, run_dir_for(p, run_id))
-    typer.echo(f"version {entry['version']} (run {entry['run_id']}) is now production for {p.name}")
+    entry = promote_run(p, run_id)
+    typer.echo(f"version {entry['version']} (run {entry['run_id']}) is now production for {p.name} "
+               f"(served as {p.name}; adapter sha256 {entry['adapter_sha256'][:12]})")
 
 
 @keys_app.command("generate")
@@ -415,11 +420,12 @@ def verify(
 
 @app.command()
 def rollback(project: ProjectArg, overrides: Overrides = None) -> None:
-    """Retire the production version and restore the one that was in production before it."""
-    from tunegate import registry
+    """Retire the production version and restore the one that was in production before it (its stored release
+    bundle must verify); a running server switches back within serve.reload_interval_s."""
+    from tunegate.serve.production import rollback as rollback_run
 
     p = _load(project, overrides)
-    entry = registry.rollback(p.registry, p.name)
+    entry = rollback_run(p)
     typer.echo(f"rolled back: version {entry['version']} (run {entry['run_id']}) is production again for {p.name}")
 
 
@@ -667,7 +673,9 @@ def serve(
     match_tokens: Annotated[Optional[int], typer.Option("--match-tokens", help="smoke test: accept the first K tokens matching the reference (default: exact)")] = None,
     max_rank: Annotated[Optional[int], typer.Option("--max-rank", help="smoke test: accept an answer whose every reference token is in vLLM's top K, teacher-forced (default 3 in bf16; float32: exact)")] = None,
 ) -> None:
-    """Serve the base model and the release bundles in serve.bundles behind an OpenAI-compatible API.
+    """Serve the base model, the registry's production version (as the project name; serve.versions pinned as
+    NAME-vN, switched on promote/rollback while running) and the release bundles in serve.bundles behind an
+    OpenAI-compatible API.
 
     Only bundles whose signature verifies with serve.public_key and whose verdict is PASS are loaded; any other
     stops the server before it starts, naming the bundle and the reason. Tenants call it with the keys from

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Annotated, Any, Literal, Sequence
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -634,6 +634,11 @@ class ServeConfig(_Section):
     max_request_bytes: int = Field(default=1_048_576, ge=1024, le=1_073_741_824)
     request_timeout_s: float = Field(default=60.0, gt=0, le=86_400)
     shutdown_grace_s: float = Field(default=2.0, ge=0, le=600)
+    # The registry's production version of this project's adapter is served as the project `name`; `versions`
+    # pins registered versions besides it (served as NAME-vN). A watcher reads the registry every
+    # reload_interval_s and switches the name to a newly promoted (or rolled back) version without a restart.
+    versions: list[Annotated[int, Field(ge=1)]] = Field(default_factory=list)
+    reload_interval_s: float = Field(default=1.0, gt=0, le=3600)
 
     @field_validator("bundles", mode="before")
     @classmethod

@@ -1,14 +1,23 @@
 """Promotion registry: adapter versions with their eval scores and status, in the project's SQLite database.
 
 Statuses: `candidate` (registered, not serving), `production` (at most one per project), `retired`.
-`promote` moves a version to production only when its eval verdict is PASS and the adapter on disk still
-has the sha256 recorded by the train stage; the previous production version is retired. A registered
-adapter is copied next to the database (`adapters/<project>-v<N>/`), so a later run in the same run folder
-cannot change what was promoted; its sha256 is checked again before it is promoted or restored. The copy is made
-in a staging folder and published whole (core.io.publish_dir) before its row is committed: a kill leaves either
-no row and at most a copy that the next registration deletes or replaces, or the row and its whole copy. `rollback`
-retires the current production version and restores the one that was in production before it. Every
-transition is kept in `transitions`, so the history can be read back.
+The production version is what `tunegate serve` serves under the project's name (tunegate.serve.production
+watches this database and switches while it runs).
+
+`promote` moves a version to production only when its eval verdict is PASS, the adapter on disk still has the
+sha256 recorded by the train stage, and the run's signed release bundle verifies (the caller passes `verify`,
+tunegate.release.verify_bundle with the project's public key: this library module does not import the release
+verb) and is a bundle of that very adapter; the previous production version is retired. A registered version
+is copied next to the database: the adapter to `adapters/<project>-v<N>/` (what the eval stage compares
+against) and the verified bundle to `bundles/<project>-v<N>/` (what is served), so a later run in the same run
+folder cannot change what was promoted. Their sha256 (the adapter's, and the bundle's files.json's, which pins
+every file of the bundle) are checked again before a version is promoted or restored. Each copy is made in a
+staging folder and published whole (core.io.publish_dir) before its row is committed: a kill leaves either no
+row and at most copies that the next registration deletes or replaces, or the row and its whole copies. A
+registry made before bundles were stored gains the columns `bundle_dir` and `bundle_sha256` on first use (NULL
+for its old rows: such a version is served only once promoted again with its bundle). `rollback` retires the
+current production version and restores the one that was in production before it. Every transition is kept
+in `transitions`, so the history can be read back.
 """
 
 from __future__ import annotations
@@ -18,7 +27,7 @@ import json
 import sqlite3
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from tunegate import TunegateError
 from tunegate.core.io import clean_stale_all, create_private, fault_point, publish_dir, staging_dir
@@ -36,6 +45,8 @@ CREATE TABLE IF NOT EXISTS versions (
     scores TEXT NOT NULL,
     status TEXT NOT NULL CHECK (status IN ('candidate', 'production', 'retired')),
     created_at TEXT NOT NULL,
+    bundle_dir TEXT,
+    bundle_sha256 TEXT,
     UNIQUE (project, run_id, adapter_sha256)
 );
 CREATE TABLE IF NOT EXISTS transitions (
@@ -48,6 +59,10 @@ CREATE TABLE IF NOT EXISTS transitions (
     at TEXT NOT NULL
 );
 """
+# Columns added after the first release of the schema: (name, SQL type); `connect` adds those an old file lacks.
+ADDED_COLUMNS = (("bundle_dir", "TEXT"), ("bundle_sha256", "TEXT"))
+COPY_FOLDERS = ("adapters", "bundles")  # beside the database: the adapter copy and the bundle copy of each version
+Verify = Callable[[Path], dict]  # a release bundle folder -> its release.json; TunegateError when it does not verify
 
 
 def _now() -> str:
@@ -64,6 +79,10 @@ def connect(db_path: Path) -> Iterator[sqlite3.Connection]:
     try:
         try:
             con.executescript(SCHEMA)
+            have = {r["name"] for r in con.execute("PRAGMA table_info(versions)")}
+            for name, kind in ADDED_COLUMNS:
+                if name not in have:  # a registry from before the column existed; old rows read NULL
+                    con.execute(f"ALTER TABLE versions ADD COLUMN {name} {kind}")
         except sqlite3.DatabaseError as exc:
             raise TunegateError(f"{db_path}: not a tunegate registry ({exc}); `registry` names an SQLite file "
                                 "tunegate creates: point it at a new path or move that file away") from None
@@ -87,25 +106,72 @@ def _adapter_digest(run_dir: Path) -> str:
 
 
 def check_stored(entry: dict[str, Any]) -> None:
-    """Raise TunegateError unless the registered version's stored adapter weights still have the sha256 recorded
-    when it was registered (only the evaluated adapter is ever served or compared against)."""
+    """Raise TunegateError unless the registered version's stored adapter weights (and, when it has one, its stored
+    bundle's files.json and adapter weights) still have the sha256 recorded when it was registered (only the
+    evaluated adapter is ever served or compared against)."""
     from tunegate.core.manifest import sha256_file
 
     weights = Path(entry["adapter_dir"]) / "adapter_model.safetensors"
     if not weights.is_file() or sha256_file(weights) != entry["adapter_sha256"]:
         raise TunegateError(f"{weights}: missing or changed since version {entry['version']} was registered; rule: only the evaluated adapter is served")
+    if entry.get("bundle_dir"):
+        bundle = Path(entry["bundle_dir"])
+        files, weights = bundle / "files.json", bundle / "adapter" / "adapter_model.safetensors"
+        if not files.is_file() or sha256_file(files) != entry["bundle_sha256"]:
+            raise TunegateError(f"{files}: missing or changed since version {entry['version']} was registered; rule: only the evaluated adapter is served")
+        if not weights.is_file() or sha256_file(weights) != entry["adapter_sha256"]:
+            raise TunegateError(f"{weights}: missing or changed since version {entry['version']} was registered; rule: only the evaluated adapter is served")
 
 
-def register(db_path: Path, project: str, run_dir: Path) -> dict[str, Any]:
-    """Record a finished run's adapter as a candidate and copy it into the registry (idempotent).
+def _verified_release(bundle: Path, verify: Verify, digest: str, run_dir: Path) -> dict[str, Any]:
+    """`verify(bundle)`, and the bundle must be one of this run's evaluated adapter. Raises TunegateError."""
+    if not (Path(bundle) / "release.json").is_file():
+        raise TunegateError(f"{bundle}: no signed release bundle; rule: only a released (signed, verified) version can be "
+                            "promoted; run the release stage (`tunegate release`) first")
+    release = verify(Path(bundle))
+    if release.get("adapter_sha256") != digest:
+        raise TunegateError(f"{bundle}/release.json: adapter_sha256 {release.get('adapter_sha256')} is not the one "
+                            f"{run_dir}/train recorded ({digest}); rule: the bundle must hold the evaluated adapter")
+    return release
 
-    Order, so that a kill at any point is harmless: the row is inserted (uncommitted, holding SQLite's write lock),
-    the adapter is copied into a staging folder beside `adapters/<project>-v<N>/`, checked against the train
-    manifest's sha256 and published (fsync, rename), then the row is committed. A kill before the commit rolls
-    the row back; the next registration reuses N and replaces the copy, and deletes copies whose number the
-    database has since given to another project, and dead staging folders.
 
-    Raises TunegateError without a finished eval, or when the adapter changed since training (or while copied).
+def _store_bundle(bundle: Path, stored: Path, verify: Verify, digest: str, run_dir: Path) -> str:
+    """Copy `bundle` to `stored` through a staging folder, verify the copy (signature, files, adapter sha256) and
+    publish it. Returns the sha256 of the copy's files.json. Raises TunegateError: the copy does not verify."""
+    import shutil
+
+    from tunegate.core.manifest import sha256_file
+
+    staged = staging_dir(stored)
+    try:
+        shutil.copytree(bundle, staged, dirs_exist_ok=True, symlinks=True)
+        try:
+            _verified_release(staged, verify, digest, run_dir)
+        except TunegateError as exc:
+            raise TunegateError(str(exc).replace(str(staged), str(bundle)) + " (changed while it was copied into the registry)") from None
+        files_sha = sha256_file(staged / "files.json")
+        publish_dir(staged, stored)
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
+    return files_sha
+
+
+def register(db_path: Path, project: str, run_dir: Path, *, bundle: Path, verify: Verify) -> dict[str, Any]:
+    """Record a finished run's adapter and its signed release bundle as a candidate and copy both into the
+    registry (idempotent). `verify(folder)` verifies a release bundle and returns its release.json
+    (tunegate.release.verify_bundle with the project's public key).
+
+    Order, so that a kill at any point is harmless: the bundle is verified, the row is inserted (uncommitted,
+    holding SQLite's write lock), the adapter is copied into a staging folder beside `adapters/<project>-v<N>/`,
+    checked against the train manifest's sha256 and published (fsync, rename), the bundle likewise to
+    `bundles/<project>-v<N>/` (the copy verified again), then the row is committed. A kill before the commit
+    rolls the row back; the next registration reuses N and replaces the copies, and deletes copies whose number
+    the database has since given to another project, and dead staging folders. A row registered before bundles
+    were stored gets its bundle copy now.
+
+    Raises TunegateError without a finished eval, when the adapter changed since training (or while copied), or
+    when the bundle is missing, does not verify, or holds another adapter.
     """
     import shutil
 
@@ -119,10 +185,17 @@ def register(db_path: Path, project: str, run_dir: Path) -> dict[str, Any]:
     if broken:
         raise TunegateError(f"{run_dir}/train: files changed since training: {', '.join(broken)}; rule: only the evaluated adapter can be registered")
     digest = _adapter_digest(run_dir)
+    _verified_release(bundle, verify, digest, run_dir)  # refused before anything is written
     with connect(db_path) as con:
         row = con.execute(
             "SELECT * FROM versions WHERE project=? AND run_id=? AND adapter_sha256=?", (project, run_dir.name, digest)
         ).fetchone()
+        if row is not None and not row["bundle_dir"]:  # registered before bundles were stored: store it now
+            stored_bundle = db_path.parent / "bundles" / f"{project}-v{row['version']}"
+            files_sha = _store_bundle(bundle, stored_bundle, verify, digest, run_dir)
+            con.execute("UPDATE versions SET bundle_dir=?, bundle_sha256=? WHERE version=?",
+                        (str(stored_bundle), files_sha, row["version"]))
+            row = con.execute("SELECT * FROM versions WHERE version=?", (row["version"],)).fetchone()
         if row is None:
             cur = con.execute(
                 "INSERT INTO versions (project, run_id, adapter_dir, adapter_sha256, eval_manifest_sha256, verdict, scores, status, created_at)"
@@ -134,9 +207,9 @@ def register(db_path: Path, project: str, run_dir: Path) -> dict[str, Any]:
                 "INSERT INTO transitions (project, version, from_status, to_status, reason, at) VALUES (?, ?, NULL, 'candidate', 'registered', ?)",
                 (project, cur.lastrowid, _now()),
             )
-            adapters = db_path.parent / "adapters"
-            stored = adapters / f"{project}-v{cur.lastrowid}"
-            _clean_adapters(con, adapters, project, cur.lastrowid)
+            for folder in COPY_FOLDERS:
+                _clean_adapters(con, db_path.parent / folder, project, cur.lastrowid)
+            stored = db_path.parent / "adapters" / f"{project}-v{cur.lastrowid}"
             staged = staging_dir(stored)
             try:
                 shutil.copytree(run_dir / "train" / "adapter", staged, dirs_exist_ok=True)
@@ -147,14 +220,17 @@ def register(db_path: Path, project: str, run_dir: Path) -> dict[str, Any]:
             except BaseException:
                 shutil.rmtree(staged, ignore_errors=True)
                 raise
+            stored_bundle = db_path.parent / "bundles" / f"{project}-v{cur.lastrowid}"
+            files_sha = _store_bundle(bundle, stored_bundle, verify, digest, run_dir)
             fault_point("registry:published")
-            con.execute("UPDATE versions SET adapter_dir=? WHERE version=?", (str(stored), cur.lastrowid))
+            con.execute("UPDATE versions SET adapter_dir=?, bundle_dir=?, bundle_sha256=? WHERE version=?",
+                        (str(stored), str(stored_bundle), files_sha, cur.lastrowid))
             row = con.execute("SELECT * FROM versions WHERE version=?", (cur.lastrowid,)).fetchone()
         return dict(row)
 
 
 def _clean_adapters(con: sqlite3.Connection, adapters: Path, project: str, new_version: int) -> None:
-    """Delete what killed registrations left in `adapters/`: staging folders of dead processes, and copies
+    """Delete what killed registrations left in `adapters/` (or `bundles/`): staging folders of dead processes, and copies
     `<project>-v<N>/` renamed in whose row was never committed and whose number N the database has since given to
     another project. Called holding the write lock (after an INSERT), so no other registration is in flight.
     A copy whose N belongs to this project, or to no row yet, is left: it is that row's, or N's next owner
@@ -192,15 +268,24 @@ def production(db_path: Path, project: str) -> dict[str, Any] | None:
         return dict(row) if row else None
 
 
-def promote(db_path: Path, project: str, run_dir: Path) -> dict[str, Any]:
-    """Register the run if needed and make it production. Raises TunegateError unless its verdict is PASS."""
+def promote(db_path: Path, project: str, run_dir: Path, *, bundle: Path, verify: Verify) -> dict[str, Any]:
+    """Register the run and its release bundle `bundle` if needed (see `register`) and make it production.
+
+    Returns:
+        The version's row (version, run_id, status, adapter_dir, adapter_sha256, bundle_dir, bundle_sha256, ...).
+
+    Raises:
+        TunegateError: the verdict is not PASS, the bundle is missing or does not verify (`verify`), or a stored
+            copy changed since it was registered.
+    """
     ev = read_manifest(run_dir / "eval")
     if ev is not None and ev.verdict != "PASS":
         raise TunegateError(
             f"{run_dir}/eval/verdict.json: verdict {ev.verdict}; rule: only a version whose eval gate passed can be promoted"
         )
-    entry = register(db_path, project, run_dir)
+    entry = register(db_path, project, run_dir, bundle=bundle, verify=verify)
     check_stored(entry)
+    verify(Path(entry["bundle_dir"]))  # the stored copy, as the server will load it
     with connect(db_path) as con:
         current = con.execute("SELECT version FROM versions WHERE project=? AND status='production'", (project,)).fetchone()
         if current and current["version"] == entry["version"]:
@@ -211,10 +296,14 @@ def promote(db_path: Path, project: str, run_dir: Path) -> dict[str, Any]:
         return dict(con.execute("SELECT * FROM versions WHERE version=?", (entry["version"],)).fetchone())
 
 
-def rollback(db_path: Path, project: str) -> dict[str, Any]:
+def rollback(db_path: Path, project: str, verify: Verify | None = None) -> dict[str, Any]:
     """Retire the production version and restore the version that was in production before it.
 
-    Raises TunegateError when there is no production version or nothing to roll back to.
+    With `verify` (a release bundle folder -> release.json, as for `promote`) the restored version must have a
+    stored bundle that verifies: it is what the server switches to.
+
+    Raises TunegateError when there is no production version or nothing to roll back to, or the version to restore
+    has no stored bundle (with `verify`), or a stored copy changed.
     """
     if not Path(db_path).is_file():
         raise TunegateError(f"{db_path}: no registry yet; project {project} has no production version to roll back")
@@ -234,10 +323,25 @@ def rollback(db_path: Path, project: str) -> dict[str, Any]:
         ).fetchone()
         if previous is None:
             raise TunegateError(f"{db_path}: version {current['version']} is the first production version; nothing to roll back to")
-        check_stored(dict(con.execute("SELECT * FROM versions WHERE version=?", (previous["version"],)).fetchone()))
+        restored = dict(con.execute("SELECT * FROM versions WHERE version=?", (previous["version"],)).fetchone())
+        check_stored(restored)
+        if verify is not None:
+            if not restored["bundle_dir"]:
+                raise TunegateError(f"{db_path}: version {restored['version']} was registered without a release bundle and "
+                                    "cannot be served; promote its run again once it has one (`tunegate release`)")
+            verify(Path(restored["bundle_dir"]))
         _move(con, project, current["version"], "retired", f"rolled back to version {previous['version']}")
         _move(con, project, previous["version"], "production", f"restored by rollback from version {current['version']}")
         return dict(con.execute("SELECT * FROM versions WHERE version=?", (previous["version"],)).fetchone())
+
+
+def version(db_path: Path, project: str, number: int) -> dict[str, Any] | None:
+    """The row of registered version `number` of `project`; None when there is none (reading creates nothing)."""
+    if not Path(db_path).is_file():
+        return None
+    with connect(db_path) as con:
+        row = con.execute("SELECT * FROM versions WHERE project=? AND version=?", (project, number)).fetchone()
+        return dict(row) if row else None
 
 
 def versions(db_path: Path, project: str) -> list[dict[str, Any]]:

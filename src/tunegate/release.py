@@ -699,3 +699,23 @@ def verify_bundle(bundle_dir: Path, public_key: Path | None = None, *, sigstore_
     if problems:
         raise TunegateError(f"{bundle}: release bundle does not verify:\n  " + "\n  ".join(dict.fromkeys(problems)))
     return release
+
+
+# ---------------------------------------------------------------------------------------------- where bundles live
+# (Engineer A owns these two in issue 22; engineer B added these small equivalents with the agreed names and
+# semantics so promote and serve work before the release stage lands. Keep A's version on merge.)
+
+
+def bundle_dir(run_dir: Path) -> Path:
+    """The signed release bundle of a run: `runs/<id>/release/bundle/` (it may not exist yet)."""
+    return Path(run_dir) / "release" / "bundle"
+
+
+def public_key_for(project) -> Path | None:
+    """The public key this project's bundles verify with: `serve.public_key` when set, else the project-local
+    `<project root>/.tunegate/keys/public.pem` when it exists, else None."""
+    serve = getattr(project, "serve", None)
+    if serve is not None and serve.public_key is not None:
+        return Path(serve.public_key)
+    local = Path(project.root) / ".tunegate" / "keys" / PUBLIC_KEY
+    return local if local.is_file() else None

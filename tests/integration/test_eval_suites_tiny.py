@@ -92,12 +92,19 @@ def test_a_gate_rule_on_an_unmeasured_suite_metric_is_a_config_error(tiny_projec
 
 
 def test_production_adapter_as_baseline(tiny_project):
-    from tunegate import registry
     from tunegate.core.manifest import read_manifest
 
     project = load_project(tiny_project / "tunegate.yaml")
     run_pipeline(project, until="eval")
-    registry.promote(project.registry, project.name, tiny_project / "runs" / "default")
+    from tunegate.release import build_bundle, bundle_dir, generate_keys
+    from tunegate.serve import production
+
+    if not bundle_dir(tiny_project / "runs" / "default").is_dir():  # unless the release stage made it
+        keys = tiny_project / ".tunegate" / "keys"
+        private = keys / "private.pem" if (keys / "private.pem").is_file() else generate_keys(keys)[0]
+        build_bundle(project, "default", private_key=private, out_dir=bundle_dir(tiny_project / "runs" / "default"),
+                     merge=False)
+    production.promote(project, "default")
 
     second = load_project(tiny_project / "tunegate.yaml", ["eval.baseline=production"])
     run_pipeline(second, run_id="second", until="eval")

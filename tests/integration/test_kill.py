@@ -70,10 +70,10 @@ def tunegate(root, *args, fault=None, kill_after_s=None):
 
 def leftovers(root):
     found = [str(p.relative_to(root)) for p in root.rglob("*") if LEFTOVER.search(p.name)]
-    adapters = root / "adapters"
-    if adapters.is_dir():  # one copy per row
-        rows = {Path(v["adapter_dir"]).name for v in _versions(root)}
-        found += [f"adapters/{p.name}" for p in adapters.iterdir() if p.name not in rows]
+    for folder, column in (("adapters", "adapter_dir"), ("bundles", "bundle_dir")):
+        if (root / folder).is_dir():  # one copy per row
+            rows = {Path(v[column]).name for v in _versions(root) if v[column]}
+            found += [f"{folder}/{p.name}" for p in (root / folder).iterdir() if p.name not in rows]
     return sorted(found)
 
 
@@ -157,10 +157,24 @@ def test_release_killed_at_any_point_reruns_to_the_clean_runs_bundle(project):
     print(f"release: {len(tried)} kill points {tried}; clean run {clean_s:.1f} s")
 
 
+def _promotable(root):
+    """The run's signed bundle at runs/default/release/bundle/, signed with the project-local key that promote
+    verifies with; made here unless the pipeline's release stage made it already."""
+    keys = root / ".tunegate" / "keys"
+    if not (keys / "private.pem").is_file():
+        release.generate_keys(keys)
+    bundle = release.bundle_dir(root / "runs" / "default")
+    if not bundle.is_dir():
+        release.build_bundle(load_project(root / "tunegate.yaml"), "default", private_key=keys / "private.pem",
+                             out_dir=bundle, merge=False)
+
+
 def test_promote_killed_at_any_point_reruns_to_one_whole_registered_copy(project):
     digest = read_manifest(project / "runs" / "default" / "train").outputs["adapter/adapter_model.safetensors"]
+    _promotable(project)
     tried = []
-    for fault in ("staging:created", "publish:start", "registry:published"):
+    # @2: the second copy of a promotion, the bundle's (the adapter's is the first)
+    for fault in ("staging:created", "publish:start", "staging:created@2", "publish:start@2", "registry:published"):
         assert tunegate(project, "promote", "tunegate.yaml", fault=fault)[0] == -9, fault
         tried.append(fault)
         assert _versions(project) == []  # never a row without its copy
@@ -169,8 +183,10 @@ def test_promote_killed_at_any_point_reruns_to_one_whole_registered_copy(project
         assert v["status"] == "production" and sha256_file(Path(v["adapter_dir"]) / "adapter_model.safetensors") == digest
         assert leftovers(project) == [], fault
         assert sorted(p.name for p in (project / "adapters").iterdir()) == [Path(v["adapter_dir"]).name]
+        assert sorted(p.name for p in (project / "bundles").iterdir()) == [Path(v["bundle_dir"]).name]
         (project / "tunegate.db").unlink()  # the next kill point starts from an empty registry again
         shutil.rmtree(project / "adapters")
+        shutil.rmtree(project / "bundles")
     print(f"promote: {len(tried)} kill points {tried}")
 
 

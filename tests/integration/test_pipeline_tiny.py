@@ -55,7 +55,15 @@ def test_full_run_writes_every_artifact_and_a_rerun_skips(tiny_project, capsys):
     html = (run_dir / "report" / "report.html").read_text()
     assert "data:image/png;base64," in html and "PASS" in html
 
-    # the passed run can be promoted through the CLI; the registry lives next to the project file
+    # the passed run can be promoted through the CLI once it has its signed bundle (made here unless the pipeline's
+    # release stage made it); the registry lives next to the project file
+    from tunegate.release import build_bundle, bundle_dir, generate_keys
+
+    if not bundle_dir(run_dir).is_dir():
+        keys = tiny_project / ".tunegate" / "keys"
+        private = keys / "private.pem" if (keys / "private.pem").is_file() else generate_keys(keys)[0]
+        build_bundle(load_project(tiny_project / "tunegate.yaml"), "default", private_key=private,
+                     out_dir=bundle_dir(run_dir), merge=False)
     r = cli("promote", tiny_project / "tunegate.yaml")
     assert r.returncode == 0 and "is now production" in r.stdout, r.stderr
     from tunegate import registry

@@ -175,3 +175,27 @@ def test_an_answer_cut_short_is_left_out_of_the_export(tmp_path):
     pairs, kto, counts = servedb.export_feedback(db)
     assert [k["trace_id"] for k in kto] == ["t-ok"] and [p["trace_id"] for p in pairs] == ["t-ok"]
     assert counts["rejected_by_rule"] == {"truncated_response": 2}
+
+
+def test_a_database_from_before_the_version_column_gains_it(tmp_path):
+    """A serving database made before traces had `version`: connect adds the column, old rows read NULL, new
+    traces store the label and the export carries it as adapter_version."""
+    import sqlite3
+
+    path = tmp_path / "old.db"
+    con = sqlite3.connect(path)
+    con.execute("CREATE TABLE traces (id VARCHAR(64) PRIMARY KEY, tenant VARCHAR(200) NOT NULL, model VARCHAR(300) NOT NULL,"
+                " adapter VARCHAR(200), adapter_sha256 VARCHAR(64), messages JSON NOT NULL, params JSON NOT NULL,"
+                " response TEXT NOT NULL, finish_reason VARCHAR(20) NOT NULL, prompt_tokens INTEGER NOT NULL,"
+                " completion_tokens INTEGER NOT NULL, created_at DATETIME NOT NULL, latency_ms FLOAT NOT NULL)")
+    con.execute("INSERT INTO traces VALUES ('old', 't', 'm', 'a', NULL, '[]', '{}', 'r', 'stop', 1, 1, '2026-01-01 00:00:00', 1.0)")
+    con.commit()
+    con.close()
+    db = servedb.connect(f"sqlite:///{path}")
+    assert servedb.get_trace(db, "old")["version"] is None
+    servedb.write_trace(db, id="new", tenant="t", model="svc", adapter="svc", version="svc-v2", adapter_sha256=None,
+                        messages=[{"role": "user", "content": "hi"}], params={}, response="yes", finish_reason="stop",
+                        prompt_tokens=1, completion_tokens=1, latency_ms=1.0)
+    servedb.record_feedback(db, "t", "new", "up", None, None)
+    _, kto, _ = servedb.export_feedback(db)
+    assert [(k["trace_id"], k["adapter_version"]) for k in kto] == [("new", "svc-v2")]

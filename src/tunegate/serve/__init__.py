@@ -6,6 +6,7 @@
     vllm_setup  `tunegate serve-setup vllm`: vLLM's own virtual environment
     smoke       the smoke test against the PEFT reference (case C17 in docs/cases.md)
     db          the serving database: tenants, traces, feedback
+    production  the registry's production version served as the project name, switched on promote/rollback
     api         the FastAPI app (`create_app`), `serve` (the foreground server) and `start_background`
 
 `create_app`, `serve` and `start_background` are importable from here; they load tunegate.serve.api (and

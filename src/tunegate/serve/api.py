@@ -42,7 +42,12 @@ the answer in flight is cut short, requests still waiting get 503, and the proce
 
 Which adapters load: only from verified release bundles (tunegate.serve.bundles); one refused bundle stops
 the server from starting, naming the bundle and the reason: a tenant would otherwise be answered by
-something other than what was released.
+something other than what was released. Besides serve.bundles, the registry's production version is served
+under the project's name and each version in serve.versions as NAME-vN (tunegate.serve.production: a watcher
+switches them while the server runs, after `tunegate promote` / `rollback`; 404 while there is no production
+version). Every chat completion says what answered: `X-Tunegate-Adapter-Version` (NAME-vN, a bundle's name, or
+`base`) and `X-Tunegate-Adapter-Sha256` (the adapter weights' sha256; absent for the base model); the trace
+stores the same label (column `version`).
 
 Each endpoint is a function of this module; `create_app` wires them to one engine and one serving database
 (`app.state.engine`, `app.state.db`, `app.state.settings`).
@@ -51,6 +56,7 @@ Each endpoint is a function of this module; `create_app` wires them to one engin
 import json
 import threading
 import time
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -65,6 +71,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from tunegate import TunegateError, __version__
 from tunegate.serve import db as servedb
 from tunegate.serve.engine import ApiError, Completion, EmbeddedEngine, Engine, busy_error
+from tunegate.serve.production import Switchboard
 
 ENGINES = ("embedded", "vllm")
 MAX_MESSAGES = 2048  # OpenAI's limit on `messages`
@@ -260,11 +267,14 @@ def models(request: Request, t: AuthTenant):
     return {"object": "list", "data": cards}
 
 
-def _granted_adapter(engine: Engine, t: servedb.Tenant, model: str) -> str | None:
-    """The adapter a request's `model` names (None: the base model), once the key may use it and it is loaded."""
+def _granted_adapter(engine: Engine, t: servedb.Tenant, model: str, missing: dict[str, str] | None = None) -> str | None:
+    """The adapter a request's `model` names (None: the base model), once the key may use it and it is loaded.
+    `missing`: registry names with nothing to serve -> the 404 message (tunegate.serve.production)."""
     adapter = None if model == engine.base_name else model
     if not t.may_use(adapter):  # 403 whether or not the model exists: another tenant's names stay private
         raise ApiError(403, f"this API key may not use model {model!r}", "permission_error", "model_not_allowed")
+    if adapter is not None and adapter not in engine.adapters and adapter in (missing or {}):
+        raise ApiError(404, missing[adapter], "invalid_request_error", "model_not_found")
     if (adapter is not None and adapter not in engine.adapters) or (adapter is None and not engine.serves_base):
         raise ApiError(404, f"model {model!r} is not loaded on this server", "invalid_request_error", "model_not_found")
     return adapter
@@ -327,21 +337,27 @@ def chat_completions(request: Request, body: ChatRequest, t: AuthTenant):
     db, settings = request.app.state.db, request.app.state.settings
     if time.perf_counter() - started >= settings.request_timeout_s:
         raise busy_error(settings.request_timeout_s)
-    adapter = _granted_adapter(engine, t, body.model)
+    board: Switchboard = request.app.state.production
+    adapter = _granted_adapter(engine, t, body.model, board.missing)
     messages = _chat_messages(body, engine)
     asked = body.max_completion_tokens or body.max_tokens
     max_new = min(asked or settings.max_new_tokens, settings.max_new_tokens)
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-    remaining_s = settings.request_timeout_s - (time.perf_counter() - started)
-    out = engine.complete(adapter, messages, max_new, body.temperature, body.top_p, body.seed, stop,
-                          fit_max_tokens=asked is None, timeout_s=max(remaining_s, 0.001),
-                          cancel=request.app.state.stopping)
+    # The version this request is answered by is fixed here: a promotion meanwhile switches the next request,
+    # and the lease keeps this one's adapter loaded until the answer is done.
+    with board.lease(adapter) as served:
+        if adapter is not None and served is None:  # removed between the check and the lease (admin, registry)
+            raise ApiError(404, f"model {body.model!r} is not loaded on this server", "invalid_request_error", "model_not_found")
+        remaining_s = settings.request_timeout_s - (time.perf_counter() - started)
+        out = engine.complete(served.engine_name if served else None, messages, max_new, body.temperature, body.top_p,
+                              body.seed, stop, fit_max_tokens=asked is None, timeout_s=max(remaining_s, 0.001),
+                              cancel=request.app.state.stopping)
     latency_ms = (time.perf_counter() - started) * 1000
     trace_id = servedb.new_trace_id()
-    served = engine.adapters.get(adapter) if adapter else None  # may have been removed meanwhile (admin)
     release = served.release if served else {}
+    version = served.label if served else "base"
     servedb.write_trace(
-        db, id=trace_id, tenant=t.name, model=body.model, adapter=adapter,
+        db, id=trace_id, tenant=t.name, model=body.model, adapter=adapter, version=version,
         adapter_sha256=release.get("adapter_sha256"), messages=messages,
         params={"max_tokens": max_new, "temperature": body.temperature, "top_p": body.top_p, "seed": body.seed,
                 "stop": stop, "stream": body.stream},
@@ -351,7 +367,9 @@ def chat_completions(request: Request, body: ChatRequest, t: AuthTenant):
     created = int(time.time())
     usage = {"prompt_tokens": out.prompt_tokens, "completion_tokens": out.completion_tokens,
              "total_tokens": out.prompt_tokens + out.completion_tokens}
-    headers = {"X-Trace-Id": trace_id}
+    headers = {"X-Trace-Id": trace_id, "X-Tunegate-Adapter-Version": version}
+    if release.get("adapter_sha256"):
+        headers["X-Tunegate-Adapter-Sha256"] = release["adapter_sha256"]
     if body.stream:
         return StreamingResponse(_sse_events(trace_id, created, body.model, out, usage), media_type="text/event-stream",
                                  headers=headers)
@@ -410,6 +428,9 @@ def remove_adapter(request: Request, name: str):
     engine: Engine = request.app.state.engine
     if name not in engine.adapters:
         raise ApiError(404, f"adapter {name!r} is not served here", code="model_not_found")
+    if engine.adapters[name].slot is not None:
+        raise ApiError(400, f"adapter {name!r} is served from the registry; change it with `tunegate promote` or "
+                       "`tunegate rollback` (or serve.versions)", code="adapter_refused")
     try:
         engine.remove_adapter(name)
     except TunegateError as exc:
@@ -420,8 +441,10 @@ def remove_adapter(request: Request, name: str):
 # ---------------------------------------------------------------- the app
 
 def create_app(project, engine: Engine | None = None, database_url: str | None = None,
-               admin_token: str | None = None) -> FastAPI:
-    """The FastAPI app over `engine` and the serving database.
+               admin_token: str | None = None, watch: bool = True) -> FastAPI:
+    """The FastAPI app over `engine` and the serving database, serving the registry's production version too
+    (`app.state.production`, a tunegate.serve.production.Switchboard: synced once here, then watched every
+    serve.reload_interval_s while the app runs, when `watch`).
 
     Args:
         project: the loaded project (its serve section: feedback, max_new_tokens, database_url, and the limits
@@ -431,12 +454,26 @@ def create_app(project, engine: Engine | None = None, database_url: str | None =
         admin_token: opens /admin/adapters when the engine has `runtime_adapters`.
 
     Raises:
-        TunegateError: loading the default engine failed (a refused bundle).
+        TunegateError: loading the default engine failed (a refused bundle), a bundle's name clashes with the
+            registry's names (NAME, NAME-vN), or the registry's production version could not be loaded.
     """
     engine = engine if engine is not None else EmbeddedEngine.load(project)
+    board = Switchboard(project, engine)
+    board.sync(strict=True)
     cfg = project.serve
-    app = FastAPI(title="tunegate", version=__version__, docs_url=None, redoc_url=None)
+
+    @asynccontextmanager
+    async def lifespan(_app):
+        if watch:
+            board.start()
+        try:
+            yield
+        finally:
+            board.stop()
+
+    app = FastAPI(title="tunegate", version=__version__, docs_url=None, redoc_url=None, lifespan=lifespan)
     app.state.engine = engine
+    app.state.production = board
     app.state.db = servedb.connect(database_url or servedb.project_url(project))
     app.state.settings = ApiSettings(
         feedback=cfg.feedback, max_new_tokens=cfg.max_new_tokens, admin_token=admin_token,
@@ -483,7 +520,8 @@ def serve(project, engine: str = "embedded", host: str | None = None, port: int 
     port = port if port is not None else (cfg.port if cfg else 8000)
     if engine == "embedded":
         app = create_app(project)
-        loaded = app.state.engine.adapters
+        loaded = [f"{n} ({a.label})" if a.label != n else n for n, a in app.state.engine.adapters.items()]
+        loaded += [f"{n} (no version yet)" for n in app.state.production.missing]
         print(f"tunegate serve: base model {app.state.engine.base_name}, adapters: {', '.join(loaded) or '(none)'}; "
               f"database {servedb.project_url(project).split('://')[0]}; http://{host}:{port}/v1", flush=True)
         shutdown_aware_server(app, host, port).run()
@@ -493,7 +531,18 @@ def serve(project, engine: str = "embedded", host: str | None = None, port: int 
     from tunegate.serve.smoke import BF16_MAX_RANK, format_smoke, run_smoke
     from tunegate.serve.vllm import VLLMEngine, write_admin_file
 
-    backend = VLLMEngine.launch(project, venv=vllm_venv, merged=merged, dtype=dtype, enforce_eager=enforce_eager)
+    import tempfile
+
+    from tunegate.serve.production import REGISTRY_LORA_RANK, registry_copies
+
+    copies = tempfile.TemporaryDirectory(prefix="tunegate-registry-")  # vLLM reads the registry's versions from here
+    try:
+        preload = registry_copies(project, Path(copies.name)) if merged is None else {}
+        backend = VLLMEngine.launch(project, venv=vllm_venv, merged=merged, dtype=dtype, enforce_eager=enforce_eager,
+                                    preload=preload, reserve_lora_rank=REGISTRY_LORA_RANK if merged is None else None)
+    except BaseException:
+        copies.cleanup()
+        raise
     admin_file = None
     try:
         if smoke:
@@ -516,6 +565,7 @@ def serve(project, engine: str = "embedded", host: str | None = None, port: int 
         if admin_file is not None:
             admin_file.unlink(missing_ok=True)
         backend.close()
+        copies.cleanup()
 
 
 def begin_shutdown(app, now: bool = False) -> None:

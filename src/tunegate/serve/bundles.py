@@ -18,11 +18,28 @@ from tunegate.core.paths import check_identifier
 
 @dataclass
 class ServedAdapter:
-    """An adapter an engine serves: its model name, the bundle folder it came from, and that bundle's release.json."""
+    """An adapter an engine serves: its model name, the bundle folder it came from, and that bundle's release.json.
+
+    A registry version (tunegate.serve.production) is loaded once under its `slot` (the engine's own adapter name,
+    `NAME-vN`) and may be served under several public names; `version` is the label responses and traces carry.
+    A bundle of serve.bundles is loaded under its own name: slot and version None mean `name`.
+    """
 
     name: str
     bundle: Path
     release: dict[str, Any]
+    slot: str | None = None
+    version: str | None = None
+
+    @property
+    def engine_name(self) -> str:
+        """The adapter's name inside the engine (PEFT adapter name, vLLM LoRA name)."""
+        return self.slot or self.name
+
+    @property
+    def label(self) -> str:
+        """What answered, for the response header and the trace: `NAME-vN`, or the bundle's name."""
+        return self.version or self.name
 
 
 def bundle_name(b) -> str:

@@ -7,7 +7,9 @@ Tables:
   tenants   name, key_sha256 (unique), adapters (JSON list), allow_base, created_at, revoked_at
   traces    id (the OpenAI response `id`, "chatcmpl-..."), tenant, model (the name asked for), adapter (None for
             the base model), adapter_sha256, messages (the request's chat, JSON), params (JSON), response,
-            finish_reason, prompt_tokens, completion_tokens, created_at, latency_ms
+            finish_reason, prompt_tokens, completion_tokens, created_at, latency_ms, version (what answered:
+            `NAME-vN` for a registry version, a bundle's name, or "base"; NULL in rows from before the column,
+            which `connect` adds to an older database)
   feedback  id, trace_id -> traces.id, tenant, idempotency_key, request_sha256, rating ('up' | 'down'),
             edited_answer, created_at; UNIQUE (tenant, idempotency_key)
 
@@ -133,6 +135,7 @@ def _build_tables() -> None:
         Column("completion_tokens", Integer, nullable=False),
         Column("created_at", DateTime(timezone=True), nullable=False, index=True),
         Column("latency_ms", Float, nullable=False),
+        Column("version", String(200), nullable=True),  # tunegate.serve.production's label of what answered
     )
     _TABLES["feedback"] = Table(
         "feedback", md,
@@ -178,7 +181,22 @@ def connect(url: str):
     except (ArgumentError, NoSuchModuleError) as exc:
         raise TunegateError(f"serve.database_url {url!r}: {exc}") from None
     tables()["metadata"].create_all(engine)
+    _add_missing_columns(engine)
     return engine
+
+
+def _add_missing_columns(engine) -> None:
+    """Migrate a database made by an older tunegate: add the columns its tables lack (nullable; old rows read NULL)."""
+    from sqlalchemy import inspect, text
+
+    have = {c["name"] for c in inspect(engine).get_columns("traces")}
+    table = tables()["traces"]
+    missing = [c for c in table.columns if c.name not in have]
+    if not missing:
+        return
+    with engine.begin() as con:
+        for c in missing:
+            con.execute(text(f"ALTER TABLE traces ADD COLUMN {c.name} {c.type.compile(dialect=engine.dialect)}"))
 
 
 # ---------------------------------------------------------------- tenants
@@ -352,7 +370,8 @@ def export_feedback(engine, adapters: list[str] | None = None,
     answer, label = rating == "up"), and the latest edited answer that differs from the served answer gives
     one preference pair (chosen = the edit, rejected = the served answer). Every row carries its provenance
     as top-level keys, which the reader keeps in `meta`: source "feedback", trace_id, tenant, adapter
-    (None: the base model), adapter_sha256, feedback_id, served_at. `adapters` keeps only traces of those
+    (None: the base model), adapter_sha256, adapter_version (the trace's `version`: NAME-vN, a bundle's name,
+    or "base"), feedback_id, served_at. `adapters` keeps only traces of those
     adapter names ("base" selects the base model's traces).
 
     Left out: a row whose served answer was cut short (finish_reason "length": max_tokens, the deadline or a
@@ -371,6 +390,7 @@ def export_feedback(engine, adapters: list[str] | None = None,
 
     t, f = tables()["traces"], tables()["feedback"]
     q = select(f, t.c.messages, t.c.response, t.c.finish_reason, t.c.adapter, t.c.adapter_sha256, t.c.model,
+               t.c.version.label("adapter_version"),
                t.c.created_at.label("served_at")).join(t, t.c.id == f.c.trace_id).order_by(f.c.created_at, f.c.id)
     with engine.connect() as con:
         rows = con.execute(q).mappings().all()
@@ -385,7 +405,8 @@ def export_feedback(engine, adapters: list[str] | None = None,
 
     def provenance(r) -> dict[str, Any]:
         return {"source": "feedback", "trace_id": r["trace_id"], "tenant": r["tenant"], "adapter": r["adapter"],
-                "adapter_sha256": r["adapter_sha256"], "model": r["model"], "feedback_id": r["id"],
+                "adapter_sha256": r["adapter_sha256"], "adapter_version": r["adapter_version"], "model": r["model"],
+                "feedback_id": r["id"],
                 "rating": r["rating"], "served_at": iso_utc(r["served_at"])}
 
     rejected: list[dict[str, Any]] = []

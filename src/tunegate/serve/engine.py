@@ -150,6 +150,15 @@ class Engine(Protocol):
         """Unload the adapter `name`. Raises TunegateError: not served, refused, or `runtime_adapters` is False."""
         ...
 
+    def load_slot(self, slot: str, bundle: Path, release: dict[str, Any]) -> None:
+        """Load the adapter of the already verified bundle folder `bundle` under the engine name `slot`, without
+        serving it under any public name (tunegate.serve.production switches names to it). Raises TunegateError."""
+        ...
+
+    def unload_slot(self, slot: str) -> None:
+        """Unload the engine adapter `slot` (no public name points at it, no request uses it). Raises TunegateError."""
+        ...
+
     def close(self) -> None:
         """Release what the engine holds (a subprocess, private folders)."""
         ...
@@ -209,7 +218,10 @@ class EmbeddedEngine:
 
         serve = project.serve
         bundles = list(serve.bundles if serve and bundles is None else bundles or [])
-        public_key = public_key if public_key is not None else (serve.public_key if serve else None)
+        if public_key is None:  # serve.public_key, else the project-local key (tunegate.release.public_key_for)
+            from tunegate.release import public_key_for
+
+            public_key = public_key_for(project)
         with tempfile.TemporaryDirectory(prefix="tunegate-serve-") as tmp:
             adapters = verify_bundles(project, bundles, public_key, Path(tmp))  # before the model loads: fail fast
             path = resolve_base_model(project.base_model)
@@ -263,8 +275,8 @@ class EmbeddedEngine:
             input_ids, attention = input_ids.to(self.model.device), attention.to(self.model.device)
             if seed is not None:
                 torch.manual_seed(seed)
-            if adapter is None:
-                ctx = self.model.disable_adapter() if self.adapters else contextlib.nullcontext()
+            if adapter is None:  # a PeftModel (disable_adapter, singular) once any adapter is attached
+                ctx = self.model.disable_adapter() if hasattr(self.model, "disable_adapter") else contextlib.nullcontext()
             else:
                 self.model.set_adapter(adapter)
                 ctx = contextlib.nullcontext()
@@ -352,6 +364,29 @@ class EmbeddedEngine:
         """
         raise TunegateError(f"adapter {name}: the embedded engine unloads adapters only when it stops; "
                             "remove the bundle from serve.bundles and restart the server")
+
+    def load_slot(self, slot: str, bundle: Path, release: dict[str, Any]) -> None:
+        """Attach the adapter of the verified bundle folder `bundle` as `slot` (tunegate.serve.production), under the
+        generation lock: the answer in flight finishes first, and the next one may use it.
+
+        Raises:
+            TunegateError: the adapter adds tokens this server's tokenizer lacks (a new tokenizer needs a restart),
+                or another vocabulary (models.fit_to_adapter).
+        """
+        from tunegate.models import read_vocabulary_record
+
+        added = (read_vocabulary_record(Path(bundle) / "adapter") or {}).get("added_tokens") or {}
+        vocab = self.tokenizer.get_vocab() if hasattr(self.tokenizer, "get_vocab") else {}
+        if any(tok not in vocab for tok in added):
+            raise TunegateError(f"{bundle}: the adapter was trained with added tokens this server's tokenizer lacks; "
+                                "restart the server to serve it")
+        with self.lock:
+            self.model = _attach(self.model, Path(bundle) / "adapter", slot)
+
+    def unload_slot(self, slot: str) -> None:
+        """Delete the PEFT adapter `slot` from the model, under the generation lock."""
+        with self.lock:
+            self.model.delete_adapter(slot)
 
     def close(self) -> None:
         """Nothing to release: the model is freed with the engine."""

@@ -98,9 +98,11 @@ class LaunchPlan:
     def argv(self, python: Path | str, host: str = "127.0.0.1", port: int = 8001) -> list[str]:
         cmd = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.model),
                "--served-model-name", self.served_name, "--dtype", self.dtype, "--host", host, "--port", str(port)]
-        if self.loras:
-            cmd += ["--enable-lora", "--lora-modules", *(f"{m.name}={m.path}" for m in self.loras),
-                    "--max-lora-rank", str(self.max_lora_rank), "--max-loras", str(self.max_loras)]
+        if self.loras or self.max_lora_rank:  # LoRA support: adapters now, or room for the registry's later
+            cmd += ["--enable-lora"]
+            if self.loras:
+                cmd += ["--lora-modules", *(f"{m.name}={m.path}" for m in self.loras)]
+            cmd += ["--max-lora-rank", str(self.max_lora_rank), "--max-loras", str(max(self.max_loras, 1))]
         if self.max_model_len:
             cmd += ["--max-model-len", str(self.max_model_len)]
         if self.enforce_eager:
@@ -314,9 +316,16 @@ class VLLMEngine:
     @classmethod
     def launch(cls, project, venv: Path | None = None, merged: str | None = None, dtype: str = "bfloat16",
                timeout_s: float = 900.0, log: Path | None = None, extra_loras: int = 2,
-               max_model_len: int | None = None, enforce_eager: bool = False) -> VLLMEngine:
+               max_model_len: int | None = None, enforce_eager: bool = False,
+               preload: dict[str, tuple[Path, dict[str, Any]]] | None = None, reserve_lora_rank: int | None = None,
+               ) -> VLLMEngine:
         """Verify the configured bundles, plan the launch (C14-C16 preflight) and start vLLM on a private
         loopback port. The bundles are copied to a private folder and verified there; vLLM loads the copies.
+
+        `preload`: registry versions (tunegate.serve.production.registry_copies: slot -> (verified copy, release.json))
+        vLLM starts with as LoRAs under their slot names, served under no public name until the switchboard says.
+        `reserve_lora_rank`: start with LoRA support up to at least this rank even without an adapter (the
+        registry's versions promoted later are loaded at run time; a higher rank needs a restart, C14).
 
         Raises:
             TunegateError: no vLLM environment, a refused bundle, or vLLM failed to start.
@@ -326,7 +335,9 @@ class VLLMEngine:
 
         python = find_vllm_python(venv)
         serve = project.serve
-        public_key = serve.public_key if serve else None
+        from tunegate.release import public_key_for
+
+        public_key = public_key_for(project)  # serve.public_key, else the project-local key
         base_name = base_model_name(project)
         workdir = tempfile.TemporaryDirectory(prefix="tunegate-vllm-")
         copies = Path(workdir.name) / "bundles"  # vLLM reads the verified copy of each bundle: copies/NAME
@@ -334,13 +345,19 @@ class VLLMEngine:
             verified = verify_bundles(project, list(serve.bundles if serve else []), public_key, copies)
             try:
                 plan = plan_launch(resolve_base_model(project.base_model), base_name,
-                                   {n: (copies / n, a.release) for n, a in verified.items()}, merged, extra_loras)
+                                   {**{n: (copies / n, a.release) for n, a in verified.items()}, **(preload or {})},
+                                   merged, extra_loras)
             except TunegateError as exc:  # name the configured bundle, not the private copy
                 msg = str(exc)
                 for n, a in verified.items():
                     msg = msg.replace(str(copies / n), str(a.bundle))
                 raise TunegateError(msg) from None
             plan.dtype, plan.max_model_len, plan.enforce_eager = dtype, max_model_len, enforce_eager
+            if reserve_lora_rank and merged is None:
+                from tunegate.release import max_lora_rank_for
+
+                plan.max_lora_rank = max(plan.max_lora_rank or 0, max_lora_rank_for([reserve_lora_rank]))
+                plan.max_loras = max(plan.max_loras, len(plan.loras) + extra_loras)
             # vLLM renders the chat template itself: the app refuses text spelling a control token before forwarding
             tokenizer = load_tokenizer(resolve_base_model(project.base_model))
             specials = special_tokens(tokenizer)
@@ -443,26 +460,13 @@ class VLLMEngine:
         check_identifier("adapter name", name)  # it names the verified copy's folder below
         if name in self.adapters or name == self.base_name:
             raise TunegateError(f"adapter name {name}: already served; remove it first or pick another name")
-        if self.plan is None or self.plan.merged is not None or not self.plan.loras:
-            raise TunegateError("this vLLM server was started without LoRA support (no adapters, or --merged); "
-                                "restart it with the adapter in serve.bundles")
+        self._require_lora()
         copy = Path(self.workdir.name) / "bundles" / name
         if copy.exists():
             shutil.rmtree(copy)
         try:
             release = copy_verified(Path(bundle), copy, self.public_key, self.project)
-            cfg = json.loads((copy / "adapter" / "adapter_config.json").read_text(encoding="utf-8"))
-            reasons = lora_refusals(release, cfg)
-            if reasons:
-                raise TunegateError(f"{bundle}: refused for vLLM multi-LoRA serving: {'; '.join(reasons)}; "
-                                    f"serve its merged model on a server of its own (--merged)")
-            top = max(adapter_ranks(cfg) or [0])
-            if top > (self.plan.max_lora_rank or 0):
-                raise TunegateError(f"{bundle}: rank {top} is above this server's --max-lora-rank {self.plan.max_lora_rank} "
-                                    "(case C14); add the bundle to serve.bundles and restart the server")
-            r = self.client.post("/load_lora_adapter", json={"lora_name": name, "lora_path": str(copy / "adapter")})
-            if r.status_code >= 400:
-                raise TunegateError(f"{bundle}: vLLM refused the adapter (HTTP {r.status_code}): {r.text[:500]}")
+            self._load_lora(name, copy, release)
         except TunegateError as exc:
             shutil.rmtree(copy, ignore_errors=True)
             raise TunegateError(str(exc).replace(str(copy), str(bundle))) from None
@@ -471,6 +475,48 @@ class VLLMEngine:
             raise
         self.adapters[name] = ServedAdapter(name, Path(bundle), release)
         return release
+
+    def _require_lora(self) -> None:
+        if self.plan is None or self.plan.merged is not None or not self.plan.max_lora_rank:
+            raise TunegateError("this vLLM server was started without LoRA support (no adapters, or --merged); "
+                                "restart it with the adapter in serve.bundles")
+
+    def _load_lora(self, name: str, copy: Path, release: dict[str, Any]) -> None:
+        """Post the adapter of the verified bundle folder `copy` to vLLM as LoRA `name` (C15/C16, C14 checked first)."""
+        self._require_lora()
+        cfg = json.loads((copy / "adapter" / "adapter_config.json").read_text(encoding="utf-8"))
+        reasons = lora_refusals(release, cfg)
+        if reasons:
+            raise TunegateError(f"{copy}: refused for vLLM multi-LoRA serving: {'; '.join(reasons)}; "
+                                f"serve its merged model on a server of its own (--merged)")
+        top = max(adapter_ranks(cfg) or [0])
+        if top > (self.plan.max_lora_rank or 0):
+            raise TunegateError(f"{copy}: rank {top} is above this server's --max-lora-rank {self.plan.max_lora_rank} "
+                                "(case C14); add the bundle to serve.bundles and restart the server")
+        r = self.client.post("/load_lora_adapter", json={"lora_name": name, "lora_path": str(copy / "adapter")})
+        if r.status_code >= 400:
+            raise TunegateError(f"{copy}: vLLM refused the adapter (HTTP {r.status_code}): {r.text[:500]}")
+
+    def load_slot(self, slot: str, bundle: Path, release: dict[str, Any]) -> None:
+        """Load the adapter of the verified bundle folder `bundle` into vLLM as LoRA `slot`, serving no public name
+        yet (tunegate.serve.production switches names to it). A slot vLLM launched with is already loaded.
+
+        Raises:
+            TunegateError: refused for multi-LoRA serving, a rank above --max-lora-rank, or vLLM refused it.
+        """
+        with self._admin_lock:
+            if self.plan is not None and any(m.name == slot for m in self.plan.loras):
+                return
+            self._load_lora(slot, Path(bundle), release)
+
+    def unload_slot(self, slot: str) -> None:
+        """Unload LoRA `slot` from vLLM. Raises TunegateError: vLLM refused."""
+        with self._admin_lock:
+            r = self.client.post("/unload_lora_adapter", json={"lora_name": slot})
+            if r.status_code >= 400:
+                raise TunegateError(f"adapter {slot}: vLLM refused to unload it (HTTP {r.status_code}): {r.text[:500]}")
+            if self.plan is not None:
+                self.plan.loras = [m for m in self.plan.loras if m.name != slot]
 
     def remove_adapter(self, name: str) -> None:
         """Unload an adapter from the running vLLM. Raises TunegateError: not served, or vLLM refused."""
