@@ -47,9 +47,11 @@ def plot_candidates(report: dict[str, Any], path: Path) -> None:
 
 def render(report: dict[str, Any], out_dir: Path) -> None:
     from tunegate.decide import explain
+    from tunegate.report.header import run_header
     from tunegate.report.render import environment, png_data_uri
 
     plot_candidates(report, out_dir / "audit.png")
     env = environment()
-    html = env.get_template("audit.html.j2").render(r=report, png=png_data_uri(out_dir / "audit.png"), tree=explain())
+    html = env.get_template("audit.html.j2").render(r=report, png=png_data_uri(out_dir / "audit.png"), tree=explain(),
+                                                      header=run_header(report["project"], Path(out_dir).resolve().parent, out_dir))
     atomic_write_text(out_dir / "audit.html", html)

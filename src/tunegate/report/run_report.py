@@ -12,6 +12,7 @@ from typing import Any
 
 from tunegate.core.io import atomic_write_text, read_jsonl
 from tunegate.core.manifest import read_manifest
+from tunegate.report.header import run_header
 from tunegate.report.render import environment, png_data_uri, pyplot
 
 
@@ -79,6 +80,7 @@ def write_run_report(run_dir: Path, out_dir: Path, project) -> dict[str, Any]:
     ctx["project"] = project
     ctx["loss_png"] = png_data_uri(run_dir / "train" / "loss.png")
     ctx["scores_png"] = png_data_uri(out_dir / "scores.png")
+    ctx["header"] = run_header(project.name, run_dir, out_dir)
     env = environment()
     atomic_write_text(out_dir / "report.html", env.get_template("run_report.html.j2").render(**ctx))
     atomic_write_text(out_dir / "report.md", env.get_template("run_report.md.j2").render(**ctx))
