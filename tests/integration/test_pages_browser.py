@@ -64,13 +64,38 @@ def two_runs(tmp_path_factory, tiny_model_dir):
     run_pipeline(load_project(yaml, ["eval.max_new_tokens=3"]), run_id="b", train_anyway=True)
     project = load_project(yaml)
     run_preview(project, root / "runs" / "a", None, 3, root / "runs" / "a" / "preview.html")
+    for offset, rid in enumerate(("s1", "s2")):
+        long_answers(root / "runs" / "a" / "eval", root / "runs" / rid / "eval", offset)
     runs.write_index(project, runs.list_runs(project))
     runs.write_compare(project, runs.compare_runs(project, "a", "b"))
+    runs.write_compare(project, runs.compare_runs(project, "s1", "s2"))
     return root
 
 
+# Answers a random tiny model never writes: one unbroken 3,000-character token, a long paragraph, a short correct
+# answer, a long URL, whitespace only. The pages must show each whole (or cut with a visible "…") and stay in the window.
+LONG = ["x" * 3000, ("The answer, explained at length. " * 60).strip(), "alpha", "https://example.org/" + "a/b-c_d" * 80, "\n\n"]
+
+
+def long_answers(src, dst, offset):
+    """An eval folder `dst` (no manifest) made of `src`'s files with the candidate's answers from LONG and alternating
+    scores, and its eval.html."""
+    from tunegate.core.io import atomic_write_jsonl, read_jsonl
+    from tunegate.report.eval import write_eval_report
+
+    dst.mkdir(parents=True)
+    for name in ("scores.json", "verdict.json"):
+        shutil.copy(src / name, dst / name)
+    rows = read_jsonl(src / "samples.jsonl")
+    for k, r in enumerate(rows):
+        r["candidate_output"] = LONG[(k + offset) % len(LONG)]
+        r["candidate_exact_match"] = float((k + offset) % 2)
+    atomic_write_jsonl(dst / "samples.jsonl", rows)
+    write_eval_report(dst, "tiny")
+
+
 PAGES = ["a/data/data_card.html", "a/audit/audit.html", "a/eval/eval.html", "a/report/report.html", "a/preview.html",
-         "b/eval/eval.html", "b/report/report.html", "index.html", "compare-a-b.html"]
+         "b/eval/eval.html", "b/report/report.html", "s2/eval/eval.html", "index.html", "compare-a-b.html", "compare-s1-s2.html"]
 
 # Links, images and scripts the page holds after its scripts ran; overflow: the page and each wide element.
 CHECK_JS = """() => {
@@ -122,6 +147,10 @@ def test_every_page_renders_with_working_links_no_overflow_and_the_live_header(t
             assert states["release"] == "missing" and states["data"] == states["train"] == "done", f"{rel}: {got['stages']}"
             # b's eval ran with eval.max_new_tokens=3, which the project file does not say
             assert states["eval"] == ("stale" if rel.startswith("b/") else "done"), f"{rel}: {got['stages']}"
+    for rel in ("s2/eval/eval.html", "compare-s1-s2.html"):  # long answers: whole in the page, "…" where cut
+        html = (runs_dir / rel).read_text()
+        assert LONG[0] in html and LONG[3] in html and "show all 3000 characters" in html and "only whitespace" in html, rel
+        assert "<div class=\"t\">alpha</div>" in html, rel
     page.close()
     assert not errors, errors
     assert problems == [], "\n".join(problems)

@@ -12,8 +12,9 @@ from tunegate.core.io import atomic_write_text
 
 
 def plot_candidates(report: dict[str, Any], path: Path) -> None:
-    """Left: each candidate's score with its 95% CI (and the bar). Right: score against USD per 1,000 requests."""
-    from tunegate.report.render import pyplot
+    """Left: each candidate's score with its 95% CI (and the bar). Right: score against USD per 1,000 requests.
+    Every bar and point is labelled, inside the axes; candidates at the same point share one label."""
+    from tunegate.report.render import LABEL_BOX, keep_labels_inside, pyplot
 
     plt = pyplot()
 
@@ -22,10 +23,16 @@ def plot_candidates(report: dict[str, Any], path: Path) -> None:
     colours = ["#e67e22" if c["trains"] else "#2f80ed" for c in cands]
     for i, (c, colour) in enumerate(zip(cands, colours)):
         a1.barh(i, c["mean"], color=colour, height=0.6, xerr=[[c["mean"] - c["ci_low"]], [c["ci_high"] - c["mean"]]], capsize=3)
-        a1.text(min(c["ci_high"] + 0.015, 0.9), i, f"{c['mean']:.3f}", va="center", ha="left", fontsize=8)  # right of the CI
+        right = c["ci_high"] < 0.85  # the label right of the CI, else left of it (over the bar)
+        a1.annotate(f"{c['mean']:.3f}", (c["ci_high"] if right else c["ci_low"], i), xytext=(4 if right else -4, 0),
+                    textcoords="offset points", va="center", ha="left" if right else "right", fontsize=8, bbox=LABEL_BOX)
         a2.errorbar([c["usd_per_1k_requests"]], [c["mean"]], yerr=[[c["mean"] - c["ci_low"]], [c["ci_high"] - c["mean"]]],
                     fmt="o", color=colour, capsize=3)
-        a2.annotate(c["name"], (c["usd_per_1k_requests"], c["mean"]), fontsize=7, xytext=(4, 2), textcoords="offset points")
+    points: dict[tuple[float, float], list[str]] = {}
+    for c in cands:
+        points.setdefault((c["usd_per_1k_requests"], round(c["mean"], 3)), []).append(c["name"])
+    for k, ((x, y), names) in enumerate(sorted(points.items())):
+        a2.annotate(", ".join(names), (x, y), fontsize=7, xytext=(4, 4 + 9 * (k % 2)), textcoords="offset points", bbox=LABEL_BOX)
     a1.set_yticks(range(len(cands)), [c["name"] for c in cands])
     a1.invert_yaxis()
     a1.set_xlim(0, 1)
@@ -34,13 +41,16 @@ def plot_candidates(report: dict[str, Any], path: Path) -> None:
         for ax in (a1,):
             ax.axvline(report["bar"], color="#c0392b", ls="--", lw=1)
         a2.axhline(report["bar"], color="#c0392b", ls="--", lw=1, label=f"bar {report['bar']:.2f}")
-        a2.legend(fontsize=7, loc="lower right")
+        a2.legend(fontsize=7, loc="lower right", bbox_to_anchor=(1, 1), frameon=False)  # above the axes, clear of the points
     a2.set_xscale("log")
     a2.set_xlabel(f"{report['prices']['currency']} per 1,000 requests")
     a2.set_ylabel(report["metric"])
-    a2.set_ylim(0, 1)
+    a2.set_ylim(-0.04, 1.04)
+    a2.margins(x=0.15)
     fig.suptitle("blue: no training; orange: fine-tuned (probe)", fontsize=8)
     fig.tight_layout()
+    for ax in (a1, a2):
+        keep_labels_inside(ax)
     fig.savefig(path)
     plt.close(fig)
 
