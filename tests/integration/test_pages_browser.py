@@ -115,7 +115,7 @@ CHECK_JS = """() => {
 }"""
 
 
-def test_every_page_renders_with_working_links_no_overflow_and_the_live_header(two_runs, browser):
+def test_every_page_renders_with_working_links_no_overflow_and_the_live_header(browser, two_runs):
     from urllib.parse import unquote, urlparse
 
     runs_dir = two_runs / "runs"
@@ -163,3 +163,19 @@ def test_runs_list_and_compare_through_the_cli(two_runs):
     assert "eval.max_new_tokens" in r.stdout and "paired 95% CI" in r.stdout and "compare-a-b.html" in r.stdout
     r = subprocess.run([sys.executable, "-m", "tunegate.cli", "runs", two_runs, "--compare", "a", "nope"], capture_output=True, text=True, env=env)
     assert r.returncode == 2 and "no such run" in r.stderr and "a, b" in r.stderr, r.stderr
+
+
+def test_the_checks_catch_a_wide_pre_a_wide_page_and_a_dead_link(browser, tmp_path):
+    """The checks above can fail: a page with an unwrapped long line in a <pre>, a table wider than the window and
+    a link to a missing file is reported on all three counts."""
+    page_file = tmp_path / "bad.html"
+    page_file.write_text("<!doctype html><body style='max-width:40rem'><header class='tg'></header><pre>" + "y" * 400
+                         + "</pre><table><tr><td style='white-space:nowrap'>" + "z " * 900
+                         + "</td></tr></table><a href='missing.html'>x</a></body>")
+    page = browser.new_page(viewport={"width": WIDTH, "height": 900})
+    page.goto(page_file.as_uri())
+    got = page.evaluate(CHECK_JS)
+    page.close()
+    assert got["scroll"] > got["width"]
+    assert any(w.startswith("PRE scrolls") for w in got["wide"]) and any(w.startswith("TABLE") for w in got["wide"])
+    assert any(r.endswith("/missing.html") and not (tmp_path / "missing.html").exists() for r in got["refs"])
