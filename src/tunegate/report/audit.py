@@ -5,6 +5,7 @@ Writes audit.png and audit.html (plot embedded, readable offline) into the audit
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,8 @@ from tunegate.core.io import atomic_write_text
 def plot_candidates(report: dict[str, Any], path: Path) -> None:
     """Left: each candidate's score with its 95% CI (and the bar). Right: score against USD per 1,000 requests.
     Every bar and point is labelled, inside the axes; candidates at the same point share one label."""
+    from matplotlib.ticker import NullFormatter
+
     from tunegate.report.render import LABEL_BOX, keep_labels_inside, pyplot
 
     plt = pyplot()
@@ -43,10 +46,13 @@ def plot_candidates(report: dict[str, Any], path: Path) -> None:
         a2.axhline(report["bar"], color="#c0392b", ls="--", lw=1, label=f"bar {report['bar']:.2f}")
         a2.legend(fontsize=7, loc="lower right", bbox_to_anchor=(1, 1), frameon=False)  # above the axes, clear of the points
     a2.set_xscale("log")
+    costs = [c["usd_per_1k_requests"] for c in cands if c["usd_per_1k_requests"] > 0]
+    if costs:  # whole decades, so at least two labelled ticks and no crowded minor labels
+        a2.set_xlim(10 ** math.floor(math.log10(min(costs) / 1.5)), 10 ** math.ceil(math.log10(max(costs) * 1.5)))
+    a2.xaxis.set_minor_formatter(NullFormatter())
     a2.set_xlabel(f"{report['prices']['currency']} per 1,000 requests")
     a2.set_ylabel(report["metric"])
     a2.set_ylim(-0.04, 1.04)
-    a2.margins(x=0.15)
     fig.suptitle("blue: no training; orange: fine-tuned (probe)", fontsize=8)
     fig.tight_layout()
     for ax in (a1, a2):
