@@ -122,10 +122,10 @@ def run_row(project, run_dir: Path) -> dict[str, Any]:
 
 
 def differing_keys(rows: list[dict[str, Any]]) -> list[str]:
-    """The config keys whose value is not the same in every run (a key one run lacks counts as differing)."""
+    """The config keys with more than one value among the runs that have them (a run that stopped before a stage
+    lacks that stage's keys: that is its status, not a setting)."""
     keys = sorted({k for r in rows for k in r["config"]})
-    return [k for k in keys
-            if len({json.dumps(r["config"][k], sort_keys=True, default=str) if k in r["config"] else "<unset>" for r in rows}) > 1]
+    return [k for k in keys if len({json.dumps(r["config"][k], sort_keys=True, default=str) for r in rows if k in r["config"]}) > 1]
 
 
 def list_runs(project) -> list[dict[str, Any]]:
@@ -258,14 +258,25 @@ def print_runs(rows: list[dict[str, Any]], console) -> None:
     """The `tunegate runs` table on a rich console."""
     from rich.table import Table
 
-    table = Table("run", "date", *STAGE_PAGES, "method", "settings that differ", "headline (95% CI)", "verdict", "wall s")
+    table = Table("run", "date (UTC)", "stages", "method")
+    table.add_column("settings that differ", overflow="fold")
+    for name in ("headline (95% CI)", "verdict", "wall s"):
+        table.add_column(name)
     for r in rows:
-        states = {s["name"]: s["status"] for s in r["stages"]}
-        colour = {"done": "green", "stale": "yellow", "running": "blue"}
-        table.add_row(r["run_id"], r["date"], *[f"[{colour.get(states[n], 'dim')}]{states[n]}[/]" for n in STAGE_PAGES],
-                      r["method"] or "-", "\n".join(f"{k}={fmt_value(v)}" for k, v in r["differs"].items()) or "-",
+        table.add_row(r["run_id"], r["date"][:16].replace("T", " "), stage_summary(r["stages"]), r["method"] or "-",
+                      "\n".join(f"{k}={fmt_value(v)}" for k, v in r["differs"].items()) or "-",
                       f"{r['metric']} {fmt_ci(r['value'])}" if r["metric"] else "-", r["verdict"] or "-", f"{r['total_s']:.1f}")
     console.print(table)
+
+
+def stage_summary(stages: list[dict[str, Any]]) -> str:
+    """The stages that are not done, by status (`stale: audit, eval; missing: release`), or `all done`."""
+    by: dict[str, list[str]] = {}
+    for s in stages:
+        if s["status"] != "done":
+            by.setdefault(s["status"], []).append(s["name"])
+    colour = {"stale": "yellow", "running": "blue"}
+    return "; ".join(f"[{colour.get(k, 'dim')}]{k}: {', '.join(v)}[/]" for k, v in by.items()) or "[green]all done[/]"
 
 
 def print_compare(result: dict[str, Any], console) -> None:

@@ -115,3 +115,8 @@ def test_header_links_only_existing_pages_relative_to_the_published_folder(proje
     write_manifest(run / "data", Manifest(stage="data", fingerprint="y", config={}))
     states = {s["name"]: s for s in header.stage_states(run)}
     assert states["train"]["status"] == "stale" and "older data" in states["train"]["why"]
+
+
+def test_differing_keys_ignore_keys_a_run_lacks():
+    rows = [{"config": {"train.lr": 1, "eval.n": 4}}, {"config": {"train.lr": 2, "eval.n": 4}}, {"config": {"eval.n": 4}}]
+    assert runs.differing_keys(rows) == ["train.lr"]
