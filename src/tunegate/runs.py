@@ -189,7 +189,7 @@ def compare_runs(project, a: str, b: str, n_samples: int | None = None, seed: in
     """Run `b` against run `a`.
 
     Returns {a, b (run_row dicts), config ([{key, a, b}] for every key whose value differs), metrics ([{metric,
-    n, a, b, delta}]: per-row metrics get a, b means over the shared rows and delta = mean(b - a) with a paired
+    n, a, b, delta, lower_is_better}]: per-row metrics get a, b means over the shared rows and delta = mean(b - a) with a paired
     bootstrap 95% CI ({mean, ci_low, ci_high}); corpus metrics without per-row scores get each run's scores.json
     value and delta None), n_shared, only_a, only_b (golden row ids scored by one run only, or whose prompt
     differs), changed ([{id, prompt, reference, a_output, b_output, a_scores, b_scores}]: rows whose candidate
@@ -198,6 +198,7 @@ def compare_runs(project, a: str, b: str, n_samples: int | None = None, seed: in
     n_samples: bootstrap resamples (default: run b's eval.bootstrap_samples, else 10,000). Raises TunegateError
     for an unknown run id (naming the runs there are) or a run without eval/samples.jsonl.
     """
+    from tunegate.catalog import LOWER_IS_BETTER
     from tunegate.evals.bootstrap import paired_bootstrap
 
     da, db = run_dir_of(project, a), run_dir_of(project, b)
@@ -216,11 +217,11 @@ def compare_runs(project, a: str, b: str, n_samples: int | None = None, seed: in
         xa = [float(sa[i][f"candidate_{m}"]) for i in shared]
         xb = [float(sb[i][f"candidate_{m}"]) for i in shared]
         metrics.append({"metric": m, "n": len(shared), "a": sum(xa) / len(xa), "b": sum(xb) / len(xb),
-                        "delta": paired_bootstrap(xa, xb, n_samples=n_samples, seed=seed).as_dict()})
+                        "delta": paired_bootstrap(xa, xb, n_samples=n_samples, seed=seed).as_dict(), "lower_is_better": m in LOWER_IS_BETTER})
     corpus = [m for m in (scores_a.get("metrics") or {}) if m in (scores_b.get("metrics") or {}) and m not in row_metrics]
     for m in corpus:
         metrics.append({"metric": m, "n": None, "a": scores_a["metrics"][m]["candidate"]["mean"],
-                        "b": scores_b["metrics"][m]["candidate"]["mean"], "delta": None})
+                        "b": scores_b["metrics"][m]["candidate"]["mean"], "delta": None, "lower_is_better": m in LOWER_IS_BETTER})
 
     changed = []
     for i in shared:
