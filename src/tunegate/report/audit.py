@@ -1,6 +1,7 @@
 """The audit's page: candidates (metric with 95% CI against cost per 1,000 requests), the decision, the numbers.
 
-Writes audit.png and audit.html (plot embedded, readable offline) into the audit stage's folder.
+Writes audit.png and audit.html (plot embedded, readable offline, opening with the run's header: report.header)
+into the audit stage's folder.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 `data_card_markdown(project, stats, timings)` is data_card.md. `write_data_card_html(stage_dir, project, stats,
 rejected, lengths)` is called by the data stage after stats.json and data_card.md; it writes token_lengths.png
-and data_card.html (plot embedded, readable offline) next to them. Everything shown comes from stats.json and
+and data_card.html (plot embedded, readable offline, opening with the run's header: report.header) next to them. Everything shown comes from stats.json and
 rejected.jsonl, so the page and the markdown card cannot disagree. Rejected rows are shown by file, line, id,
 rule and detail only: never their text (a row rejected for PII must not reappear here).
 """

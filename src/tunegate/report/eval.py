@@ -1,8 +1,9 @@
 """The eval stage's own page: the verdict, every gate rule, the scores with 95% CIs, and the rows that changed.
 
-`write_eval_report(eval_dir)` reads what the eval stage wrote there (scores.json, verdict.json, samples.jsonl
-and, when present, suites.json) and writes eval.png and eval.html (plot embedded, readable offline) next to
-them. The page needs no model and no project: any finished or in-progress eval folder renders.
+`write_eval_report(eval_dir, project_name)` reads what the eval stage wrote there (scores.json, verdict.json,
+samples.jsonl and, when present, suites.json) and writes eval.png and eval.html (plot embedded, readable offline)
+next to them. The page needs no model and no project file: any finished or in-progress eval folder renders. Like
+every page it opens with the run's header (report.header); answers are shown whole (or cut with a visible "…").
 """
 
 from __future__ import annotations

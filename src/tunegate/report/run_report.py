@@ -1,7 +1,8 @@
 """The run report: one page that says what ran, what the data looked like, how training went, and the verdict.
 
 `write_run_report` writes report.html (plots embedded, readable offline), report.md and scores.png; the report
-stage (tunegate.stages.report) calls it.
+stage (tunegate.stages.report) calls it. The page opens with the run's header (report.header); answers are shown
+whole (or cut with a visible "…"), and every bar and point of scores.png carries its value inside the axes.
 """
 
 from __future__ import annotations
