@@ -259,6 +259,9 @@ def print_runs(rows: list[dict[str, Any]], console) -> None:
     """The `tunegate runs` table on a rich console."""
     from rich.table import Table
 
+    if not rows:
+        console.print("no runs yet: `tunegate run` writes runs/<run-id>/")
+        return
     table = Table("run", "date (UTC)", "stages", "method")
     table.add_column("settings that differ", overflow="fold")
     for name in ("headline (95% CI)", "verdict", "wall s"):
