@@ -451,6 +451,30 @@ def versions(project: ProjectArg, overrides: Overrides = None) -> None:
 
 
 @app.command()
+def runs(
+    project: ProjectArg,
+    overrides: Overrides = None,
+    compare: Annotated[Optional[tuple[str, str]], typer.Option("--compare", help="two run ids A B: config diff, metric deltas B - A with paired CIs, changed rows")] = None,
+) -> None:
+    """List the project's runs (status per stage, method, differing settings, headline metric, verdict, wall time)
+    and write runs/index.html; with --compare A B, compare two runs and write runs/compare-A-B.html."""
+    from rich.console import Console
+
+    from tunegate import runs as runs_mod
+
+    p = _load(project, overrides)
+    out = Console()
+    if compare:
+        result = runs_mod.compare_runs(p, *compare)
+        runs_mod.print_compare(result, out)
+        typer.echo(f"wrote {runs_mod.write_compare(p, result)}")
+        return
+    rows = runs_mod.list_runs(p)
+    runs_mod.print_runs(rows, out)
+    typer.echo(f"wrote {runs_mod.write_index(p, rows)}")
+
+
+@app.command()
 def validate(project: ProjectArg, overrides: Overrides = None) -> None:
     """Check a project without loading a model: keys, types, files, the frozen golden set, and TRL/PEFT settings."""
     from tunegate.pipeline import validate_project

@@ -33,6 +33,7 @@ from tunegate.core.manifest import (
     write_manifest,
 )
 from tunegate.core.stage import Stage, StageSpec, distributed_rank
+from tunegate.report.header import write_run_js
 from tunegate.stages import audit, data, evaluate, report, train
 
 # The stages in order. Each file under tunegate/stages/ declares its SPEC (name, body, upstream stages, the config
@@ -190,6 +191,7 @@ def run_stage(
             overrides=overrides or [],
         )
         write_manifest(st.final_dir, manifest)
+        write_run_js(run_dir)  # the live status every page's header shows (report.header); no stage's output
     finally:
         os.close(lock)
     console.print(f"[green]- {stage}: done in {wall:.1f} s[/green]" + (f" verdict {result.verdict}" if result.verdict else ""))

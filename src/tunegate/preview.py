@@ -228,12 +228,14 @@ def print_previews(previews: list[RowPreview], max_length: int, policy: str, con
             console.print(body, soft_wrap=True)
 
 
-def render_html(previews: list[RowPreview], title: str, max_length: int, policy: str, origin: str) -> str:
+def render_html(previews: list[RowPreview], title: str, max_length: int, policy: str, origin: str,
+                header: dict[str, Any] | None = None) -> str:
+    """The preview page; header: the run's page header (report.header.run_header), or None for none."""
     from tunegate.report.render import environment
 
     env = environment()
     return env.get_template("data_preview.html.j2").render(
-        title=title, previews=previews, max_length=max_length, policy=policy, origin=origin, policy_cut=POLICY_CUT
+        title=title, previews=previews, max_length=max_length, policy=policy, origin=origin, policy_cut=POLICY_CUT, header=header
     )
 
 
@@ -247,6 +249,11 @@ def run_preview(project, run_dir: Path, ids: list[str] | None, first: int, html:
     print_previews(previews, cfg.max_length, cfg.overlength)
     if html is not None:
         origin = rows.origin if rows.from_stage else f"the sources {rows.origin} (no current data stage: before dedup and golden-overlap removal)"
-        atomic_write_text(html, render_html(previews, project.name, cfg.max_length, cfg.overlength, origin))
+        from tunegate.report.header import RUN_JS, run_header
+
+        header = run_header(project.name, run_dir, Path(html).parent)
+        if not (run_dir / RUN_JS).is_file():
+            header["run_js"] = None  # not a stage page: no run.js will be written after it
+        atomic_write_text(html, render_html(previews, project.name, cfg.max_length, cfg.overlength, origin, header))
         err.print(f"wrote {html}")
     return previews

@@ -2,7 +2,7 @@
 
 `data_card_markdown(project, stats, timings)` is data_card.md. `write_data_card_html(stage_dir, project, stats,
 rejected, lengths)` is called by the data stage after stats.json and data_card.md; it writes token_lengths.png
-and data_card.html (plot embedded, readable offline) next to them. Everything shown comes from stats.json and
+and data_card.html (plot embedded, readable offline, opening with the run's header: report.header) next to them. Everything shown comes from stats.json and
 rejected.jsonl, so the page and the markdown card cannot disagree. Rejected rows are shown by file, line, id,
 rule and detail only: never their text (a row rejected for PII must not reappear here).
 """
@@ -90,6 +90,7 @@ def write_data_card_html(stage_dir: Path, project, stats: dict[str, Any], reject
     project: the `config.Project` the data stage ran with (its data section names max_length, the over-length
     policy, dedup settings and each source's licence).
     """
+    from tunegate.report.header import run_header
     from tunegate.report.render import environment, png_data_uri
 
     stage_dir = Path(stage_dir)
@@ -99,6 +100,7 @@ def write_data_card_html(stage_dir: Path, project, stats: dict[str, Any], reject
     ctx = card_context(project, stats, rejected, lengths)
     ctx["seconds"] = {t["step"]: t["seconds"] for t in (timings or {}).get("steps", [])}
     ctx["timings"] = timings
+    ctx["header"] = run_header(project.name, stage_dir.resolve().parent, stage_dir)
     html = env.get_template("data_card.html.j2").render(png=png_data_uri(png), **ctx)
     out = stage_dir / "data_card.html"
     atomic_write_text(out, html)

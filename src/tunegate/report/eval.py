@@ -1,8 +1,9 @@
 """The eval stage's own page: the verdict, every gate rule, the scores with 95% CIs, and the rows that changed.
 
-`write_eval_report(eval_dir)` reads what the eval stage wrote there (scores.json, verdict.json, samples.jsonl
-and, when present, suites.json) and writes eval.png and eval.html (plot embedded, readable offline) next to
-them. The page needs no model and no project: any finished or in-progress eval folder renders.
+`write_eval_report(eval_dir, project_name)` reads what the eval stage wrote there (scores.json, verdict.json,
+samples.jsonl and, when present, suites.json) and writes eval.png and eval.html (plot embedded, readable offline)
+next to them. The page needs no model and no project file: any finished or in-progress eval folder renders. Like
+every page it opens with the run's header (report.header); answers are shown whole (or cut with a visible "…").
 """
 
 from __future__ import annotations
@@ -81,12 +82,15 @@ def _breakdown(body: dict[str, Any]) -> dict[str, Any] | None:
     return None
 
 
-def write_eval_report(eval_dir: Path) -> Path:
-    """Write eval.png and eval.html into `eval_dir` (an eval stage folder); returns the path of eval.html.
+def write_eval_report(eval_dir: Path, project_name: str | None = None) -> Path:
+    """Write eval.png and eval.html into `eval_dir` (an eval stage folder, or the stage's `.eval.partial/`);
+    returns the path of eval.html. project_name: shown in the page header (report.header), which covers the run
+    `eval_dir` sits in.
 
     Raises:
         FileNotFoundError: scores.json or verdict.json is missing.
     """
+    from tunegate.report.header import run_header
     from tunegate.report.render import environment, png_data_uri
     from tunegate.report.run_report import plot_scores
 
@@ -118,6 +122,7 @@ def write_eval_report(eval_dir: Path) -> Path:
         suites={name: _suite(body) for name, body in suites.items() if isinstance(body, dict)},
         png=png_data_uri(png) if metrics else None,
         max_diffs=MAX_DIFFS,
+        header=run_header(project_name or "tunegate", eval_dir.resolve().parent, eval_dir),
     )
     out = eval_dir / "eval.html"
     atomic_write_text(out, html)

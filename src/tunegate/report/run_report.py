@@ -1,7 +1,8 @@
 """The run report: one page that says what ran, what the data looked like, how training went, and the verdict.
 
 `write_run_report` writes report.html (plots embedded, readable offline), report.md and scores.png; the report
-stage (tunegate.stages.report) calls it.
+stage (tunegate.stages.report) calls it. The page opens with the run's header (report.header); answers are shown
+whole (or cut with a visible "…"), and every bar and point of scores.png carries its value inside the axes.
 """
 
 from __future__ import annotations
@@ -12,11 +13,15 @@ from typing import Any
 
 from tunegate.core.io import atomic_write_text, read_jsonl
 from tunegate.core.manifest import read_manifest
-from tunegate.report.render import environment, png_data_uri, pyplot
+from tunegate.report.header import run_header
+from tunegate.report.render import LABEL_BOX, environment, keep_labels_inside, png_data_uri, pyplot
 
 
 def plot_scores(scores: dict[str, Any], path: Path) -> None:
-    """Per metric: base model and candidate with 95% CIs (left), and the paired difference with its CI (right)."""
+    """Per metric: base model and candidate with 95% CIs (left), and the paired difference with its CI (right).
+    Every bar and point carries its value, inside the axes."""
+    from matplotlib.ticker import MaxNLocator
+
     plt = pyplot()
 
     names = list(scores["metrics"])
@@ -28,21 +33,28 @@ def plot_scores(scores: dict[str, Any], path: Path) -> None:
             y = i + (0.2 if j == 0 else -0.2)
             a1.barh(y, v["mean"], height=0.38, color=colour, xerr=[[v["mean"] - v["ci_low"]], [v["ci_high"] - v["mean"]]],
                     capsize=4, label=("base model" if j == 0 else "candidate") if i == 0 else None)
-            a1.text(min(v["ci_high"] + 0.02, 0.97), y, f"{v['mean']:.3f}", va="center", ha="left" if v["ci_high"] < 0.85 else "right",
-                    color="black" if v["ci_high"] < 0.85 else "white", fontsize=8)
+            right = v["ci_high"] < 0.85  # the label right of the CI, else left of it (over the bar)
+            a1.annotate(f"{v['mean']:.3f}", (v["ci_high"] if right else v["ci_low"], y), xytext=(4 if right else -4, 0),
+                        textcoords="offset points", va="center", ha="left" if right else "right", fontsize=8, bbox=LABEL_BOX)
         d = s["delta"]
         a2.errorbar([d["mean"]], [i], xerr=[[d["mean"] - d["ci_low"]], [d["ci_high"] - d["mean"]]], fmt="o", capsize=5,
                     color="#27ae60" if d["ci_low"] > 0 else ("#c0392b" if d["ci_high"] < 0 else "#7f8c8d"))
+        a2.annotate(f"{d['mean']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]", (d["mean"], i), xytext=(0, 8),
+                    textcoords="offset points", ha="center", va="bottom", fontsize=7, bbox=LABEL_BOX)
     for ax in (a1, a2):
         ax.set_yticks(range(len(names)), names)
         ax.invert_yaxis()
     a1.set_xlim(0, 1)
     a1.set_xlabel("score (95% CI)")
-    a1.legend(loc="lower right", fontsize=8)
+    a1.legend(loc="lower right", bbox_to_anchor=(1, 1), ncol=2, fontsize=8, frameon=False)  # above the axes, clear of the bars
     a2.axvline(0, color="k", lw=0.8)
     a2.set_yticklabels([])
     a2.set_xlabel("candidate - base (paired 95% CI)")
+    a2.xaxis.set_major_locator(MaxNLocator(4))
+    a2.margins(y=0.35)
     fig.tight_layout()
+    for ax in (a1, a2):
+        keep_labels_inside(ax)
     fig.savefig(path)
     plt.close(fig)
 
@@ -79,6 +91,7 @@ def write_run_report(run_dir: Path, out_dir: Path, project) -> dict[str, Any]:
     ctx["project"] = project
     ctx["loss_png"] = png_data_uri(run_dir / "train" / "loss.png")
     ctx["scores_png"] = png_data_uri(out_dir / "scores.png")
+    ctx["header"] = run_header(project.name, run_dir, out_dir)
     env = environment()
     atomic_write_text(out_dir / "report.html", env.get_template("run_report.html.j2").render(**ctx))
     atomic_write_text(out_dir / "report.md", env.get_template("run_report.md.j2").render(**ctx))

@@ -187,7 +187,7 @@ def run(st: Stage) -> StageResult:
         scores["judge"] = judge_counts
     atomic_write_json(st.dir / "scores.json", scores)
     atomic_write_json(st.dir / "verdict.json", {"verdict": result, "rules": rules})
-    write_eval_report(st.dir)
+    write_eval_report(st.dir, project.name)
     _print_results(summary, rules)
     return StageResult(metrics=scores, verdict=result)
 

@@ -1,0 +1,122 @@
+"""`tunegate runs` and the page header without a model: run folders written by hand (manifests, eval samples)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tunegate import TunegateError
+from tunegate.config import load_project
+from tunegate.core.io import atomic_write_json, atomic_write_jsonl
+from tunegate.core.manifest import Manifest, manifest_hash, write_manifest
+from tunegate.evals.bootstrap import paired_bootstrap
+from tunegate.report import header
+from tunegate import runs
+
+from conftest import chat, project_yaml, write_jsonl
+
+
+@pytest.fixture
+def project(tmp_path):
+    write_jsonl(tmp_path / "train.jsonl", [chat(f"q{i}", "a", f"t{i}") for i in range(4)])
+    write_jsonl(tmp_path / "golden.jsonl", [chat(f"g{i}", "a", f"g{i}") for i in range(4)])
+    (tmp_path / "tunegate.yaml").write_text(project_yaml("p", "smollm2-135m-instruct", train="  method: sft"))
+    return load_project(tmp_path / "tunegate.yaml")
+
+
+def fake_run(project, rid, lr, em, outputs, started="2026-01-01T00:00:00+00:00", overrides=()):
+    """A run folder with data, train and eval manifests (train config: learning rate `lr`) and eval samples: row i has
+    candidate exact_match em[i] and answer outputs[i]."""
+    run = project.runs_dir / rid
+    for stage, cfg in (("data", {"data": {"max_length": 64, "sources": [{"path": str(project.root / "train.jsonl")}]}}),
+                       ("train", {"train": {"method": "sft", "adapter": "dora", "trl": {"learning_rate": lr}}}),
+                       ("eval", {"eval": {"gate": [{"metric": "exact_match", "min": 0.0}]}})):
+        (run / stage).mkdir(parents=True)
+        upstream = {"data": manifest_hash(run / "data")} if stage != "data" else {}
+        write_manifest(run / stage, Manifest(stage=stage, fingerprint="x", config=cfg, upstream=upstream, started_at=started,
+                                             wall_s=1.5, verdict="PASS" if stage == "eval" else None,
+                                             overrides=list(overrides) if stage == "train" else []))
+    rows = [{"id": f"g{i}", "prompt": f"g{i}", "reference": "a", "baseline_output": "", "candidate_output": o,
+             "baseline_exact_match": 0.0, "candidate_exact_match": e} for i, (e, o) in enumerate(zip(em, outputs))]
+    atomic_write_jsonl(run / "eval" / "samples.jsonl", rows)
+    mean = sum(em) / len(em)
+    atomic_write_json(run / "eval" / "scores.json", {"headline": "exact_match", "bootstrap_samples": 500, "metrics": {
+        "exact_match": {"candidate": {"mean": mean, "ci_low": mean - 0.1, "ci_high": mean + 0.1}}}})
+    return run
+
+
+def test_flatten_gives_dotted_keys_and_indexes_lists_of_dicts():
+    got = runs.flatten({"train": {"lora": {"r": 4}, "x": [1, 2]}, "data": {"sources": [{"path": "a"}, {"path": "b"}]}})
+    assert got == {"train.lora.r": 4, "train.x": [1, 2], "data.sources.0.path": "a", "data.sources.1.path": "b"}
+
+
+def test_list_shows_status_method_differing_settings_headline_and_time(project):
+    fake_run(project, "r1", 1e-4, [1.0, 0.0, 1.0, 1.0], ["a", "b", "a", "a"], started="2026-01-01T00:00:00+00:00",
+             overrides=["--train-anyway"])
+    fake_run(project, "r2", 2e-4, [1.0, 1.0, 1.0, 1.0], ["a", "a", "a", "a"], started="2026-01-02T00:00:00+00:00")
+    (project.runs_dir / "not a run").mkdir()
+    rows = runs.list_runs(project)
+    assert [r["run_id"] for r in rows] == ["r1", "r2"]
+    r1 = rows[0]
+    # hand-written manifests carry no real fingerprint: stale against the project file, with the reason
+    states = {s["name"]: s["status"] for s in r1["stages"]}
+    assert states == {"data": "stale", "audit": "skipped", "train": "stale", "eval": "stale", "report": "missing", "release": "missing"}
+    assert r1["method"] == "sft (dora)" and r1["metric"] == "exact_match" and r1["value"]["mean"] == 0.75
+    assert r1["differs"] == {"train.trl.learning_rate": 1e-4} and rows[1]["differs"] == {"train.trl.learning_rate": 2e-4}
+    assert r1["verdict"] == "PASS" and r1["total_s"] == 4.5 and r1["overrides"] == ["--train-anyway"]
+    assert r1["config"]["data.sources.0.path"] == "train.jsonl"  # relative to the project
+    # run.js carries the same statuses for the pages' headers
+    js = (project.runs_dir / "r1" / "run.js").read_text()
+    data = json.loads(js.split("=", 1)[1].split(";\n", 1)[0])
+    assert [s["status"] for s in data["stages"]] == [s["status"] for s in r1["stages"]]
+    index = runs.write_index(project, rows).read_text()
+    assert 'href="r1/eval/eval.html"' not in index  # no page written there: no link
+    assert "train.trl.learning_rate" in index and "0.750 [0.650, 0.850]" in index
+
+
+def test_compare_gives_config_diff_paired_ci_on_shared_rows_and_changed_rows(project):
+    fake_run(project, "a", 1e-4, [1.0, 0.0, 0.0, 1.0], ["a", "b", "c", "a"])
+    b = fake_run(project, "b", 2e-4, [1.0, 1.0, 1.0, 1.0], ["a", "a", "a", "a"])
+    # b scored one more row, and one of its rows has another prompt: neither is paired
+    rows = [json.loads(line) for line in (b / "eval" / "samples.jsonl").read_text().splitlines()]
+    rows[3]["prompt"] = "changed"
+    rows.append({**rows[0], "id": "g9"})
+    atomic_write_jsonl(b / "eval" / "samples.jsonl", rows)
+    r = runs.compare_runs(project, "a", "b", n_samples=500)
+    assert r["config"] == [{"key": "train.trl.learning_rate", "a": 1e-4, "b": 2e-4}]
+    assert r["n_shared"] == 3 and r["only_a"] == ["g3"] and r["only_b"] == ["g3", "g9"]
+    (m,) = r["metrics"]
+    assert (m["metric"], m["n"], m["a"], m["b"]) == ("exact_match", 3, 1 / 3, 1.0)
+    assert m["delta"] == paired_bootstrap([1.0, 0.0, 0.0], [1.0, 1.0, 1.0], n_samples=500, seed=0).as_dict()
+    assert [c["id"] for c in r["changed"]] == ["g1", "g2"] and r["changed"][0]["a_output"] == "b"
+    page = runs.write_compare(project, r)
+    assert page.name == "compare-a-b.html" and "+0.667" in page.read_text()
+
+
+def test_an_unknown_run_id_names_the_runs_there_are(project):
+    fake_run(project, "a", 1e-4, [1.0], ["a"])
+    fake_run(project, "b", 1e-4, [1.0], ["a"])
+    with pytest.raises(TunegateError, match=r"runs/zz: no such run; runs of p: a, b"):
+        runs.compare_runs(project, "a", "zz")
+
+
+def test_header_links_only_existing_pages_relative_to_the_published_folder(project):
+    run = fake_run(project, "a", 1e-4, [1.0], ["a"])
+    (run / "eval" / "eval.html").write_text("<html></html>")
+    partial = run / ".report.partial"
+    partial.mkdir()
+    h = header.run_header("p", run, partial)
+    states = {s["name"]: (s["status"], s["page"]) for s in h["runs"][0]["stages"]}
+    assert states["report"] == ("running", None)  # being written: no link until it exists
+    assert states["eval"] == ("done", "eval/eval.html") and states["data"] == ("done", None)
+    assert h["base"] == ".." and h["run_js"] == "../run.js"
+    # an upstream manifest rewritten after a stage was built makes that stage stale
+    write_manifest(run / "data", Manifest(stage="data", fingerprint="y", config={}))
+    states = {s["name"]: s for s in header.stage_states(run)}
+    assert states["train"]["status"] == "stale" and "older data" in states["train"]["why"]
+
+
+def test_differing_keys_ignore_keys_a_run_lacks():
+    rows = [{"config": {"train.lr": 1, "eval.n": 4}}, {"config": {"train.lr": 2, "eval.n": 4}}, {"config": {"eval.n": 4}}]
+    assert runs.differing_keys(rows) == ["train.lr"]
