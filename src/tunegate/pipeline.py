@@ -336,35 +336,33 @@ def run_pipeline(project: Project, run_id: str = "default", until: str = "report
 
 
 def print_summary(project: Project, run_dir: Path, manifests: dict[str, Manifest], timings: dict[str, str]) -> None:
-    """The block at the end of `tunegate run`: verdict, headline metric (the first gate rule's) with its 95% CI
-    and the baseline's, time per stage, and where the report, the release bundle (if one exists) and the log are."""
-    from rich.table import Table
-
-    grid = Table.grid(padding=(0, 2))
-    grid.add_column(style="bold")
-    grid.add_column()
+    """The block at the end of `tunegate run`: verdict (and the gate rules that failed), headline metric (the first
+    gate rule's) with its 95% CI and the baseline's, time per stage, and where the report, the release bundle (if
+    one exists) and the log are. One line per item, never cut (paths stay whole for copying)."""
+    rows: list[tuple[str, str]] = []
     verdict = manifests["eval"].verdict
     colour = "green" if verdict == "PASS" else "red"
     failed = [r["description"] for r in _gate_rules(run_dir) if not r.get("passed")]
-    grid.add_row("verdict", f"[bold {colour}]{verdict}[/bold {colour}] (eval gate)" + (f"; failed: {'; '.join(failed)}" if failed else ""))
+    rows.append(("verdict", f"[bold {colour}]{verdict}[/bold {colour}] (eval gate)" + (f"; failed: {'; '.join(failed)}" if failed else "")))
     scores = manifests["eval"].metrics
     metric = project.eval.gate[0].metric if project.eval.gate else scores.get("headline")
     s = scores.get("metrics", {}).get(metric)
     if s:
         c, b, d = s["candidate"], s["baseline"], s["delta"]
-        grid.add_row("headline", f"{metric} {c['mean']:.3f} [{c['ci_low']:.3f}, {c['ci_high']:.3f}] vs "
+        rows.append(("headline", f"{metric} {c['mean']:.3f} [{c['ci_low']:.3f}, {c['ci_high']:.3f}] vs "
                                  f"{scores.get('baseline', 'baseline')} {b['mean']:.3f}; delta {d['mean']:+.3f} "
-                                 f"[{d['ci_low']:+.3f}, {d['ci_high']:+.3f}] (95% CI, n={scores.get('n')})")
-    grid.add_row("time", ", ".join(f"{name} {t}" for name, t in timings.items()))
+                                 f"[{d['ci_low']:+.3f}, {d['ci_high']:+.3f}] (95% CI, n={scores.get('n')})"))
+    rows.append(("time", ", ".join(f"{name} {t}" for name, t in timings.items())))
     report = run_dir / "report" / "report.html"
     if report.is_file():
-        grid.add_row("report", str(report))
+        rows.append(("report", str(report)))
     bundle = run_dir / "release" / "bundle"  # tunegate.release.bundle_dir (a verb: the pipeline room cannot import it)
     if bundle.is_dir():
-        grid.add_row("bundle", str(bundle))
-    grid.add_row("log", str(log_path(run_dir)))
+        rows.append(("bundle", str(bundle)))
+    rows.append(("log", str(log_path(run_dir))))
     console.rule("[bold]summary", align="left")
-    console.print(grid)
+    for key, value in rows:
+        console.print(f"[bold]{key:<9}[/bold] {value}", soft_wrap=True, highlight=False)
 
 
 def _gate_rules(run_dir: Path) -> list[dict[str, Any]]:
