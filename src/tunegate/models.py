@@ -240,10 +240,22 @@ def load_project_tokenizer(project, progress: bool = True):
 
 
 def load_model(base: Path | str, dtype: Any = None):
+    """The causal LM in `base` (fp32 unless `dtype`), loaded without transformers' own tqdm bar (quiet_loading)."""
     import torch
     from transformers import AutoModelForCausalLM
 
+    quiet_loading()
     return AutoModelForCausalLM.from_pretrained(str(base), dtype=dtype or torch.float32)
+
+
+def quiet_loading() -> None:
+    """Turn off transformers' and huggingface_hub's tqdm bars ("Loading weights", downloads): tunegate's console
+    shows the stage's progress instead (core.console), and tqdm's carriage returns would litter CI logs and log.txt."""
+    from huggingface_hub.utils import disable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    disable_progress_bars()
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -93,7 +93,7 @@ def load_policy(project: Project, base: Path | str, tokenizer):
     """
     import torch
 
-    from tunegate.models import fit_embeddings, fit_to_adapter, load_model, read_vocabulary_record
+    from tunegate.models import fit_embeddings, fit_to_adapter, load_model, quiet_loading, read_vocabulary_record
 
     t = project.train
     if t.adapter == "qlora":
@@ -113,6 +113,7 @@ def load_policy(project: Project, base: Path | str, tokenizer):
 
         quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                    bnb_4bit_compute_dtype=torch.bfloat16)
+        quiet_loading()
         model = AutoModelForCausalLM.from_pretrained(str(base), quantization_config=quant, dtype=torch.bfloat16)
         if t.init_adapter is None:  # the embedding is not quantised: it grows before the k-bit preparation
             fit_embeddings(model, tokenizer, t.added_tokens)
@@ -195,6 +196,7 @@ def console_progress(trainer, desc: str = "training"):
     class ConsoleProgress(TrainerCallback):
         def __init__(self):
             self.bar = StepBar(desc)
+            self.last: dict[str, str] = {}  # the latest of each shown series: an eval log keeps the train loss
 
         def on_train_begin(self, args, state, control, **kw):
             self.bar.start(state.max_steps, completed=state.global_step)
@@ -204,10 +206,11 @@ def console_progress(trainer, desc: str = "training"):
 
         def on_log(self, args, state, control, logs=None, **kw):
             row = state.log_history[-1] if state.log_history else dict(logs or {})  # with the tracker's tokens_per_s
-            shown = [f"{k.removeprefix('train_')} {row[k]:.4g}" for k in ("loss", "eval_loss", "train_loss") if isinstance(row.get(k), (int, float))]
-            if isinstance(row.get("tokens_per_s"), (int, float)):
-                shown.append(f"{row['tokens_per_s']:.0f} tok/s")
-            self.bar.update(state.global_step, info=", ".join(shown))
+            for key, shown in (("loss", "loss {:.4g}"), ("train_loss", "loss {:.4g}"), ("eval_loss", "eval_loss {:.4g}"),
+                               ("tokens_per_s", "{:.0f} tok/s")):
+                if isinstance(row.get(key), (int, float)):
+                    self.last[shown.split(" ")[0] if key != "tokens_per_s" else key] = shown.format(row[key])
+            self.bar.update(state.global_step, info=", ".join(self.last.values()))
             log_only(f"step {state.global_step}/{state.max_steps} " + " ".join(f"{k}={_short(v)}" for k, v in row.items() if k != "step"))
 
         def on_train_end(self, args, state, control, **kw):
