@@ -195,11 +195,14 @@ def audit(project: ProjectArg, overrides: Overrides = None, run_id: RunId = "def
     and audit.json with the recommended method."""
     from tunegate import pipeline
 
+    from tunegate.core.console import log_to
+
     p = _load(project, overrides)
     run_dir = pipeline.run_dir_for(p, run_id)
     run_dir.mkdir(parents=True, exist_ok=True)
-    pipeline.run_stage(p, run_dir, "data")
-    m = pipeline.run_stage(p, run_dir, "audit", force=force)
+    with log_to(pipeline.log_path(run_dir)):  # one header in log.txt for both stages
+        pipeline.run_stage(p, run_dir, "data")
+        m = pipeline.run_stage(p, run_dir, "audit", force=force)
     rec = m.metrics
     typer.echo(f"audit: {m.verdict}, recommended method {str(rec.get('recommendation')).upper()}; report: {run_dir / 'audit' / 'audit.html'}")
 

@@ -339,11 +339,12 @@ def print_summary(project: Project, run_dir: Path, manifests: dict[str, Manifest
     """The block at the end of `tunegate run`: verdict (and the gate rules that failed), headline metric (the first
     gate rule's) with its 95% CI and the baseline's, time per stage, and where the report, the release bundle (if
     one exists) and the log are. One line per item, never cut (paths stay whole for copying)."""
-    rows: list[tuple[str, str]] = []
+    from rich.text import Text
+
+    rows: list[tuple[str, str]] = []  # (key, plain text: never read as rich markup)
     verdict = manifests["eval"].verdict
-    colour = "green" if verdict == "PASS" else "red"
     failed = [r["description"] for r in _gate_rules(run_dir) if not r.get("passed")]
-    rows.append(("verdict", f"[bold {colour}]{verdict}[/bold {colour}] (eval gate)" + (f"; failed: {'; '.join(failed)}" if failed else "")))
+    rows.append(("verdict", f"{verdict} (eval gate)" + (f"; failed: {'; '.join(failed)}" if failed else "")))
     scores = manifests["eval"].metrics
     metric = project.eval.gate[0].metric if project.eval.gate else scores.get("headline")
     s = scores.get("metrics", {}).get(metric)
@@ -361,8 +362,12 @@ def print_summary(project: Project, run_dir: Path, manifests: dict[str, Manifest
         rows.append(("bundle", str(bundle)))
     rows.append(("log", str(log_path(run_dir))))
     console.rule("[bold]summary", align="left")
+    colour = "green" if verdict == "PASS" else "red"
     for key, value in rows:
-        console.print(f"[bold]{key:<9}[/bold] {value}", soft_wrap=True, highlight=False)
+        line = Text.assemble((f"{key:<9} ", "bold"), value)
+        if key == "verdict":
+            line.stylize(f"bold {colour}", 10, 10 + len(verdict))
+        console.print(line, soft_wrap=True, highlight=False)
 
 
 def _gate_rules(run_dir: Path) -> list[dict[str, Any]]:
