@@ -86,3 +86,39 @@ def test_progress_on_a_terminal_redraws_and_removes_its_bar(terminal, monkeypatc
 
 def test_fmt_seconds():
     assert [con.fmt_seconds(s) for s in (4.25, 185, 3725)] == ["4.2 s", "3 min 05 s", "1 h 02 min"]
+
+
+def test_the_training_bar_keeps_the_latest_loss_eval_loss_and_throughput(tmp_path, screen):
+    """recipes.common.console_progress: transformers' own printers are removed, the bar's info keeps the latest
+    value of each series, and every logged dict becomes one `step N/M key=value` line in the log file."""
+    from transformers import TrainerState
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    from tunegate.recipes.common import console_progress
+
+    class Trainer:  # the two methods console_progress calls
+        def __init__(self):
+            self.callbacks = [ProgressCallback(), PrinterCallback()]
+
+        def remove_callback(self, kind):
+            self.callbacks = [c for c in self.callbacks if not isinstance(c, kind)]
+
+        def add_callback(self, cb):
+            self.callbacks.append(cb)
+
+    trainer = Trainer()
+    cb = console_progress(trainer)
+    assert trainer.callbacks == [cb]
+    state = TrainerState(max_steps=4, global_step=0)
+    with con.log_to(tmp_path / "log.txt", header="h"):
+        cb.on_train_begin(None, state, None)
+        task = con._display.tasks[0]
+        for step, row in ((1, {"loss": 2.5, "tokens_per_s": 812.4}), (2, {"eval_loss": 2.25})):
+            state.global_step = step
+            state.log_history.append({**row, "step": step})
+            cb.on_log(None, state, None, logs=row)
+        assert task.completed == 2 and task.total == 4
+        assert task.fields["info"] == "loss 2.5, 812 tok/s, eval_loss 2.25"
+        cb.on_train_end(None, state, None)
+    assert con._display is None
+    assert (tmp_path / "log.txt").read_text().splitlines() == ["h", "step 1/4 loss=2.5 tokens_per_s=812.4", "step 2/4 eval_loss=2.25"]

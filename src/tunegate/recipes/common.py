@@ -177,6 +177,11 @@ def tracker(st: Stage, budget_s: float | None):
     return MetricsAndBudget()
 
 
+# What the training bar shows after each log: (logged key, slot on the bar, format); a later value replaces its slot.
+BAR_FIELDS = (("loss", "loss", "loss {:.4g}"), ("train_loss", "loss", "loss {:.4g}"),
+              ("eval_loss", "eval_loss", "eval_loss {:.4g}"), ("tokens_per_s", "tokens_per_s", "{:.0f} tok/s"))
+
+
 def console_progress(trainer, desc: str = "training"):
     """Put the trainer's progress on tunegate's console: removes transformers' ProgressCallback and PrinterCallback
     (tqdm bars, raw `{'loss': ...}` dicts) and adds a callback that drives one bar (core.console.StepBar):
@@ -199,17 +204,17 @@ def console_progress(trainer, desc: str = "training"):
             self.last: dict[str, str] = {}  # the latest of each shown series: an eval log keeps the train loss
 
         def on_train_begin(self, args, state, control, **kw):
-            self.bar.start(state.max_steps, completed=state.global_step)
+            if state.is_world_process_zero:  # data-parallel workers show nothing (update/close are no-ops then)
+                self.bar.start(state.max_steps, completed=state.global_step)
 
         def on_step_end(self, args, state, control, **kw):
             self.bar.update(state.global_step)
 
         def on_log(self, args, state, control, logs=None, **kw):
             row = state.log_history[-1] if state.log_history else dict(logs or {})  # with the tracker's tokens_per_s
-            for key, shown in (("loss", "loss {:.4g}"), ("train_loss", "loss {:.4g}"), ("eval_loss", "eval_loss {:.4g}"),
-                               ("tokens_per_s", "{:.0f} tok/s")):
+            for key, slot, fmt in BAR_FIELDS:
                 if isinstance(row.get(key), (int, float)):
-                    self.last[shown.split(" ")[0] if key != "tokens_per_s" else key] = shown.format(row[key])
+                    self.last[slot] = fmt.format(row[key])
             self.bar.update(state.global_step, info=", ".join(self.last.values()))
             log_only(f"step {state.global_step}/{state.max_steps} " + " ".join(f"{k}={_short(v)}" for k, v in row.items() if k != "step"))
 
