@@ -66,10 +66,11 @@ def _load(project: Path, overrides: list[str] | None):
 
 def _export_feedback(p) -> None:
     """Data sources `feedback: ...` read what the serving database holds now (tunegate.serve.db)."""
+    from tunegate.core.console import console
     from tunegate.serve.db import refresh_feedback_sources
 
     for line in refresh_feedback_sources(p):
-        typer.echo(line)
+        console.print(line, markup=False, highlight=False)
 
 
 def _stage(project: Path, overrides: list[str] | None, run_id: str, stage: str, force: bool, train_anyway: bool = False) -> None:
@@ -78,7 +79,8 @@ def _stage(project: Path, overrides: list[str] | None, run_id: str, stage: str, 
     p = _load(project, overrides)
     if stage == "data":
         _export_feedback(p)
-    run_dir = pipeline.run_dir_for(p, run_id)
+    # a stage that builds on others reads an existing run: an unknown --run-id lists the runs there are
+    run_dir = pipeline.existing_run_dir(p, run_id) if pipeline.stage_spec(stage).upstream else pipeline.run_dir_for(p, run_id)
     notes = pipeline.training_override(p, run_dir, train_anyway) if stage == "train" else []
     m = pipeline.run_stage(p, run_dir, stage, force=force, overrides=notes)
     if m.verdict == "FAIL":
@@ -100,21 +102,16 @@ def run(
     the run stops before training (exit 4) and audit.html says why.
     """
     from tunegate.core.console import console
-    from tunegate.pipeline import STAGE_NAMES, run_dir_for, run_pipeline
+    from tunegate.pipeline import run_dir_for, run_pipeline
 
     p = _load(project, overrides)
-    if until not in STAGE_NAMES:
-        raise TunegateError(f"--until {until}: not a stage; stages: {', '.join(STAGE_NAMES)}")
+    # run_pipeline refuses an --until or --force that is not a stage, and prints the summary block after eval
     _export_feedback(p)
     manifests = run_pipeline(p, run_id=run_id, force=tuple(force or ()), train_anyway=train_anyway, until=until)
     if "eval" not in manifests:
         console.print(f"[green]stopped after {until}[/green] ({run_dir_for(p, run_id)})")
         return
-    verdict = manifests["eval"].verdict
-    report = run_dir_for(p, run_id) / "report" / "report.html"
-    colour = "green" if verdict == "PASS" else "red"
-    console.print(f"\n[bold {colour}]Eval gate: {verdict}[/bold {colour}]  report: {report}")
-    if verdict != "PASS":
+    if manifests["eval"].verdict != "PASS":
         raise typer.Exit(EXIT_GATE_FAILED)
 
 
@@ -202,7 +199,9 @@ def data_preview(
     if ids == []:
         raise TunegateError("--rows: no row id given")
     p = _load(project, overrides)
-    run_preview(p, pipeline.run_dir_for(p, run_id), ids, first or 5, html)
+    # without a data stage the rows come from the sources; a --run-id named explicitly must exist
+    run_dir = pipeline.run_dir_for(p, run_id) if run_id == "default" else pipeline.existing_run_dir(p, run_id)
+    run_preview(p, run_dir, ids, first or 5, html)
 
 
 @app.command()
@@ -212,11 +211,14 @@ def audit(project: ProjectArg, overrides: Overrides = None, run_id: RunId = "def
     and audit.json with the recommended method."""
     from tunegate import pipeline
 
+    from tunegate.core.console import log_to
+
     p = _load(project, overrides)
     run_dir = pipeline.run_dir_for(p, run_id)
     run_dir.mkdir(parents=True, exist_ok=True)
-    pipeline.run_stage(p, run_dir, "data")
-    m = pipeline.run_stage(p, run_dir, "audit", force=force)
+    with log_to(pipeline.log_path(run_dir)):  # one header in log.txt for both stages
+        pipeline.run_stage(p, run_dir, "data")
+        m = pipeline.run_stage(p, run_dir, "audit", force=force)
     rec = m.metrics
     typer.echo(f"audit: {m.verdict}, recommended method {str(rec.get('recommendation')).upper()}; report: {run_dir / 'audit' / 'audit.html'}")
 
@@ -305,11 +307,11 @@ def docs(
 
     Figures come from the run; what only a person can answer is marked [TO BE ANSWERED BY A PERSON: ...].
     """
-    from tunegate.pipeline import run_dir_for
+    from tunegate.pipeline import existing_run_dir
     from tunegate.report.release_docs import write_release_docs
 
     p = _load(project, overrides)
-    for path in write_release_docs(run_dir_for(p, run_id), p, out):
+    for path in write_release_docs(existing_run_dir(p, run_id), p, out):
         typer.echo(f"wrote {path}")
 
 
@@ -328,8 +330,10 @@ def export(
     (safetensors, tokenizer, chat template) and merge_check.json appear in the output folder together.
     """
     from tunegate.export import export_run
+    from tunegate.pipeline import existing_run_dir
 
     p = _load(project, overrides)
+    existing_run_dir(p, run_id)  # an unknown --run-id lists the runs
     target, check = export_run(p, run_id, out, prompts)
     typer.echo(
         f"merged {check['adapter_type']} adapter: max |logit diff| {check['max_abs_logit_diff']:.2e} "
@@ -346,9 +350,11 @@ def promote(project: ProjectArg, overrides: Overrides = None, run_id: RunId = "d
     with serve.public_key (else .tunegate/keys/public.pem) and holds the evaluated adapter. A running server
     switches to it within serve.reload_interval_s.
     """
+    from tunegate.pipeline import existing_run_dir
     from tunegate.serve.production import promote as promote_run
 
     p = _load(project, overrides)
+    existing_run_dir(p, run_id)  # an unknown --run-id lists the runs there are
     entry = promote_run(p, run_id)
     typer.echo(f"version {entry['version']} (run {entry['run_id']}) is now production for {p.name} "
                f"(served as {p.name}; adapter sha256 {entry['adapter_sha256'][:12]})")
@@ -391,7 +397,10 @@ def release(
 
     if key is not None and sigstore:
         raise TunegateError("--key and --sigstore: give one of them")
+    from tunegate.pipeline import existing_run_dir
+
     p = _load(project, overrides)
+    existing_run_dir(p, run_id)  # an unknown --run-id lists the runs
     bundle = build_bundle(p, run_id, private_key=key, out_dir=out, merge=not no_merge, sigstore=sigstore, force=force)
     typer.echo(f"wrote {bundle}")
 
@@ -476,14 +485,18 @@ def runs(
 
 @app.command()
 def validate(project: ProjectArg, overrides: Overrides = None) -> None:
-    """Check a project without loading a model: keys, types, files, the frozen golden set, and TRL/PEFT settings."""
+    """Check a project without loading a model or touching the network: keys, types, the base model (embedded,
+    a folder, or a hub id in the local cache), files, the header and first rows of every source, the frozen golden
+    set, and TRL/PEFT settings."""
+    from tunegate.models import describe_base_model
     from tunegate.pipeline import validate_project
 
     p = _load(project, overrides)
     problems = validate_project(p)
     if problems:
         raise TunegateError("\n".join(f"{p.source_file}: {x}" for x in problems))
-    typer.echo(f"{p.source_file}: OK (project {p.name}, base model {p.base_model}, {len(p.data.sources)} source(s))")
+    typer.echo(f"{p.source_file}: OK (project {p.name}, base model {describe_base_model(p.base_model)}, "
+               f"{len(p.data.sources)} source(s))")
 
 
 @golden_app.command("freeze")

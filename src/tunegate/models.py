@@ -62,7 +62,62 @@ def resolve_base_model(name: str, progress: bool = True) -> Path | str:
         if not (path / "config.json").is_file():
             raise TunegateError(f"base_model {name}: no config.json in that folder")
         return path.resolve()
+    describe_base_model(name)  # offline and not in the local HF cache: one line now, not a network traceback later
     return name  # a hub id; transformers honours HF_HUB_OFFLINE
+
+
+def hf_hub_cache() -> Path:
+    """The Hugging Face hub cache folder, read from the environment now: $HF_HUB_CACHE, else $HF_HOME/hub, else
+    ~/.cache/huggingface/hub."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    return Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")).expanduser() / "hub"
+
+
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE set to a true value (1, true, yes, on)."""
+    return any(os.environ.get(k, "").strip().lower() in ("1", "true", "yes", "on") for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def describe_base_model(name: str) -> str:
+    """Where `base_model` `name` comes from, checked without loading or converting a model and without the network:
+    `embedded smollm2-135m-instruct (<gguf>)`, `local folder <path>`, `hub id <id> (in the local HF cache)` or
+    `hub id <id> (not in the local HF cache; downloaded on first use)`.
+
+    Raises:
+        TunegateError: the embedded package is missing; a folder (a name that exists or starts with `.`, `/`, `~`)
+            has no config.json or does not exist; the name is one letter-slip from an embedded name (did you mean);
+            it is not a valid hub id; it is a hub id not in the local HF cache while HF_HUB_OFFLINE is set.
+    """
+    import difflib
+
+    if name in EMBEDDED:
+        return f"embedded {name} ({_embedded_gguf(name)})"
+    path = Path(name).expanduser()
+    if path.exists() or name.startswith((".", "/", "~")):
+        if not path.is_dir():
+            raise TunegateError(f"base_model {name}: no such folder ({path.resolve()})")
+        if not (path / "config.json").is_file():
+            raise TunegateError(f"base_model {name}: no config.json in that folder")
+        return f"local folder {path.resolve()}"
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError
+
+    try:
+        cached = try_to_load_from_cache(name, "config.json", cache_dir=hf_hub_cache())
+    except HFValidationError as exc:
+        raise TunegateError(f"base_model {name}: not an embedded model ({', '.join(EMBEDDED)}), a folder or a "
+                            f"Hugging Face id ({str(exc).splitlines()[0]})") from None
+    if isinstance(cached, str):
+        return f"hub id {name} (in the local HF cache {hf_hub_cache()})"
+    near = difflib.get_close_matches(name.lower(), list(EMBEDDED), n=1, cutoff=0.8)
+    if near:
+        raise TunegateError(f"base_model {name}: not an embedded model, a folder or a cached hub id; did you mean {near[0]}?")
+    if hub_offline():
+        raise TunegateError(f"base_model {name}: a Hugging Face id not in the local cache {hf_hub_cache()}, and "
+                            f"HF_HUB_OFFLINE is set; download it where there is network (huggingface-cli download {name}), "
+                            f"or give a local folder")
+    return f"hub id {name} (not in the local HF cache; downloaded on first use)"
 
 
 def _convert_gguf(gguf: Path, target: Path, progress: bool) -> None:
@@ -185,10 +240,22 @@ def load_project_tokenizer(project, progress: bool = True):
 
 
 def load_model(base: Path | str, dtype: Any = None):
+    """The causal LM in `base` (fp32 unless `dtype`), loaded without transformers' own tqdm bar (quiet_loading)."""
     import torch
     from transformers import AutoModelForCausalLM
 
+    quiet_loading()
     return AutoModelForCausalLM.from_pretrained(str(base), dtype=dtype or torch.float32)
+
+
+def quiet_loading() -> None:
+    """Turn off transformers' and huggingface_hub's tqdm bars ("Loading weights", downloads): tunegate's console
+    shows the stage's progress instead (core.console), and tqdm's carriage returns would litter CI logs and log.txt."""
+    from huggingface_hub.utils import disable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    disable_progress_bars()
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from typing import Any
 
 from tunegate import EXIT_AUDIT_NO_TRAIN, TunegateError
 from tunegate.config import Project
-from tunegate.core.console import console
+from tunegate.core.console import console, fmt_seconds, log_to
 from tunegate.core.io import atomic_write_text, claim_dir, clean_stale, fault_point, publish_dir
 from tunegate.core.paths import check_identifier, inside
 from tunegate.core.manifest import (
@@ -111,13 +111,38 @@ def run_stage(
     *,
     force: bool = False,
     overrides: list[str] | None = None,
+    position: tuple[int, int] | None = None,
 ) -> Manifest:
     """Run one stage unless an identical finished run exists. Returns its manifest.
 
     overrides: decisions a person took against a gate's advice (e.g. training after the audit said NO_TRAIN);
     recorded in the manifest, not part of the fingerprint.
+    position: (number, count) for the console's `stage 3/6 train` lines; default the stage's place in STAGES.
+    Everything printed meanwhile is appended to `run_dir/log.txt` (core.console.log_to; rank 0 only).
     """
     spec = stage_spec(spec) if isinstance(spec, str) else spec
+    if distributed_rank()[0] > 0:
+        return _run_stage(project, run_dir, spec, force, overrides, position)
+    with log_to(log_path(run_dir)):
+        return _run_stage(project, run_dir, spec, force, overrides, position)
+
+
+def log_path(run_dir: Path) -> Path:
+    """`runs/<id>/log.txt`: everything a command printed about this run, appended per invocation (plain text)."""
+    return run_dir / "log.txt"
+
+
+def stage_label(spec: StageSpec, position: tuple[int, int] | None = None) -> str:
+    """`stage 3/6 train`: the stage's number among the stages this command runs (default: its place in STAGES)."""
+    if position is None:
+        names = [s.name for s in STAGES]
+        position = (names.index(spec.name) + 1, len(names)) if spec.name in names else (1, 1)
+    return f"stage {position[0]}/{position[1]} {spec.name}"
+
+
+def _run_stage(project: Project, run_dir: Path, spec: StageSpec, force: bool, overrides: list[str] | None,
+               position: tuple[int, int] | None) -> Manifest:
+    label = stage_label(spec, position)
     stage, body = spec.name, spec.run
     rank, world = distributed_rank()
     if world > 1 and not spec.distributed:
@@ -148,14 +173,14 @@ def run_stage(
     if old is not None and old.fingerprint == fp and not force:
         broken = verify_outputs(st.final_dir, old)
         if not broken:
-            console.print(f"[dim]- {stage}: unchanged since {old.started_at}, skipped[/dim]")
+            console.print(f"[dim]{label}: unchanged since {old.started_at}, skipped[/dim]")
             return old
-        console.print(f"[yellow]- {stage}: outputs changed since the manifest ({', '.join(broken)}); rerunning[/yellow]")
+        console.print(f"[yellow]{label}: outputs changed since the manifest ({', '.join(broken)}); rerunning[/yellow]")
 
     if old is not None and old.fingerprint != fp:
         changed = [name for name, a, b in (("config", old.config, config), ("input files", {k: old.inputs.get(k) for k in inputs}, inputs),
                                            ("upstream stages", old.upstream, upstream)) if a != b]
-        console.print(f"[dim]- {stage}: rerunning, changed since the last run: {', '.join(changed) or 'tunegate version'}[/dim]")
+        console.print(f"[dim]{label}: rerunning, changed since the last run: {', '.join(changed) or 'tunegate version'}[/dim]")
     if rank > 0:  # data-parallel training: rank 0 owns the stage folder, checkpoints and manifest
         return _run_as_worker(st, body, rank)
     try:
@@ -166,7 +191,7 @@ def run_stage(
     try:
         if spec.checkpoints:
             _prepare_checkpoints(st.checkpoint_dir, fp)
-        console.rule(f"[bold]{stage}")
+        console.rule(f"[bold]{label}", align="left")
         started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
         _wait_for_everyone(world)  # workers start once the checkpoint folder is settled
         t0 = time.perf_counter()
@@ -194,7 +219,7 @@ def run_stage(
         write_run_js(run_dir)  # the live status every page's header shows (report.header); no stage's output
     finally:
         os.close(lock)
-    console.print(f"[green]- {stage}: done in {wall:.1f} s[/green]" + (f" verdict {result.verdict}" if result.verdict else ""))
+    console.print(f"[green]{label}: done in {fmt_seconds(wall)}[/green]" + (f", verdict {result.verdict}" if result.verdict else ""))
     _wait_for_everyone(world)  # workers read the manifest once it exists
     return manifest
 
@@ -273,40 +298,147 @@ def run_pipeline(project: Project, run_id: str = "default", until: str = "report
     """data -> audit -> train -> eval -> report (`stages`, in order). Returns the manifests; the caller reads the
     eval verdict.
 
-    Raises AuditSaysNoTrain when the audit's verdict is NO_TRAIN and `train_anyway` is false.
+    Prints `stage N/M name` lines (M: the stages up to `until` that this project does not skip) and, when the eval
+    stage is among them, the summary block (`print_summary`); all of it is appended to `runs/<id>/log.txt`.
+
+    Raises TunegateError when `until` or a `force` entry is not a stage (or `all`); AuditSaysNoTrain when the
+    audit's verdict is NO_TRAIN and `train_anyway` is false.
     """
+    names = [s.name for s in stages]
+    if until not in names:
+        raise TunegateError(f"--until {until}: not a stage; stages: {', '.join(names)}")
+    bogus = [f for f in force if f not in names and f != "all"]
+    if bogus:
+        raise TunegateError(f"--force {bogus[0]}: not a stage; stages: {', '.join(names)} (or all)")
     run_dir = run_dir_for(project, run_id)
     run_dir.mkdir(parents=True, exist_ok=True)
-    manifests = {}
-    for spec in stages:
-        skipped = spec.skip(project)
-        if skipped:
-            console.print(f"[dim]- {spec.name}: skipped ({skipped})[/dim]")
-        else:
+    planned = stages[: names.index(until) + 1]
+    counted = [s.name for s in planned if not s.skip(project)]
+    manifests: dict[str, Manifest] = {}
+    timings: dict[str, str] = {}
+    with log_to(log_path(run_dir)):
+        for spec in planned:
+            skipped = spec.skip(project)
+            if skipped:
+                console.print(f"[dim]stage -/{len(counted)} {spec.name}: skipped ({skipped})[/dim]")
+                timings[spec.name] = "skipped"
+                continue
             overrides = training_override(project, run_dir, train_anyway) if spec.name == "train" else []
             for o in overrides:
                 console.print(f"[yellow]{o}[/yellow]")
-            manifests[spec.name] = run_stage(project, run_dir, spec, force=spec.name in force or "all" in force, overrides=overrides)
-        if spec.name == until:
-            break
+            before = read_manifest(run_dir / spec.name)
+            t0 = time.perf_counter()
+            manifests[spec.name] = run_stage(project, run_dir, spec, force=spec.name in force or "all" in force,
+                                             overrides=overrides, position=(counted.index(spec.name) + 1, len(counted)))
+            unchanged = before is not None and before.started_at == manifests[spec.name].started_at
+            timings[spec.name] = "unchanged" if unchanged else fmt_seconds(time.perf_counter() - t0)
+        if "eval" in manifests:
+            print_summary(project, run_dir, manifests, timings)
     return manifests
 
 
+def print_summary(project: Project, run_dir: Path, manifests: dict[str, Manifest], timings: dict[str, str]) -> None:
+    """The block at the end of `tunegate run`: verdict (and the gate rules that failed), headline metric (the first
+    gate rule's) with its 95% CI and the baseline's, time per stage, and where the report, the release bundle (if
+    one exists) and the log are. One line per item, never cut (paths stay whole for copying)."""
+    from rich.text import Text
+
+    rows: list[tuple[str, str]] = []  # (key, plain text: never read as rich markup)
+    verdict = manifests["eval"].verdict
+    failed = [r["description"] for r in _gate_rules(run_dir) if not r.get("passed")]
+    rows.append(("verdict", f"{verdict} (eval gate)" + (f"; failed: {'; '.join(failed)}" if failed else "")))
+    scores = manifests["eval"].metrics
+    metric = project.eval.gate[0].metric if project.eval.gate else scores.get("headline")
+    s = scores.get("metrics", {}).get(metric)
+    if s:
+        c, b, d = s["candidate"], s["baseline"], s["delta"]
+        rows.append(("headline", f"{metric} {c['mean']:.3f} [{c['ci_low']:.3f}, {c['ci_high']:.3f}] vs "
+                                 f"{scores.get('baseline', 'baseline')} {b['mean']:.3f}; delta {d['mean']:+.3f} "
+                                 f"[{d['ci_low']:+.3f}, {d['ci_high']:+.3f}] (95% CI, n={scores.get('n')})"))
+    rows.append(("time", ", ".join(f"{name} {t}" for name, t in timings.items())))
+    report = run_dir / "report" / "report.html"
+    if report.is_file():
+        rows.append(("report", str(report)))
+    bundle = run_dir / "release" / "bundle"  # tunegate.release.bundle_dir (a verb: the pipeline room cannot import it)
+    if bundle.is_dir():
+        rows.append(("bundle", str(bundle)))
+    rows.append(("log", str(log_path(run_dir))))
+    console.rule("[bold]summary", align="left")
+    colour = "green" if verdict == "PASS" else "red"
+    for key, value in rows:
+        line = Text.assemble((f"{key:<9} ", "bold"), value)
+        if key == "verdict":
+            line.stylize(f"bold {colour}", 10, 10 + len(verdict))
+        console.print(line, soft_wrap=True, highlight=False)
+
+
+def _gate_rules(run_dir: Path) -> list[dict[str, Any]]:
+    import json
+
+    path = run_dir / "eval" / "verdict.json"
+    return json.loads(path.read_text()).get("rules", []) if path.is_file() else []
+
+
+def existing_run_dir(project: Project, run_id: str) -> Path:
+    """`run_dir_for`, for a command that reads a run that must already exist (eval, report, docs, export, promote,
+    release, data-preview). Raises TunegateError naming the runs that do exist when `runs/<run_id>` does not."""
+    path = run_dir_for(project, run_id)
+    if not path.is_dir():
+        runs = sorted(p.name for p in project.runs_dir.iterdir() if p.is_dir() and not p.name.startswith(".")) \
+            if project.runs_dir.is_dir() else []
+        listed = f"existing runs: {', '.join(runs)}" if runs else "there are no runs yet; start one with `tunegate run`"
+        raise TunegateError(f"--run-id {run_id}: no run {path}; {listed}")
+    return path
+
+
+VALIDATE_ROWS = 5  # rows of each source `tunegate validate` parses: enough to catch a wrong format or column
+
+
 def validate_project(p: Project) -> list[str]:
-    """What `tunegate validate` finds wrong with a project without loading a model, one line per problem (empty when
-    none): missing source, golden, corpus or suite files; bad golden rows or a golden set that changed since its lock;
+    """What `tunegate validate` finds wrong with a project without loading a model or touching the network, one line
+    per problem (empty when none): a `base_model` that does not resolve (models.describe_base_model: a misspelled
+    embedded name, a missing folder, a hub id not in the local cache while offline); missing source, golden, corpus
+    or suite files; a source whose header lacks a mapped column or whose first VALIDATE_ROWS rows all fail to parse
+    as its `format` (Hub dataset sources are not read); bad golden rows or a golden set that changed since its lock;
     an unreadable price table; TRL/PEFT settings their config classes do not accept or tunegate cannot honour; a
     tokenizer with more tokens than the base model's embedding (when the base model is on this machine)."""
     from tunegate.data import golden
     from tunegate.data.records import read_source
+    from tunegate.models import describe_base_model
     from tunegate.preflight import check_vocabulary
     from tunegate.prices import load_prices
     from tunegate.recipes.defaults import check_passthrough
 
-    problems = [f"data.sources.{i}.path: {src.path} not found" for i, src in enumerate(p.data.sources)
-                if src.path is not None and not src.path.exists()]
+    problems = []
+    try:
+        describe_base_model(p.base_model)
+    except TunegateError as exc:
+        problems.append(str(exc))
+    for i, src in enumerate(p.data.sources):
+        if src.path is None:
+            continue  # a Hub dataset: reading it would need the network
+        if not src.path.exists():
+            problems.append(f"data.sources.{i}.path: {src.path} not found")
+            continue
+        try:
+            rows, rejected = read_source(src, limit=VALIDATE_ROWS)
+        except TunegateError as exc:
+            problems.append(f"data.sources.{i}: {exc}")
+            continue
+        if rejected and not rows:
+            problems.append(f"data.sources.{i} (format {src.format}): none of the first {len(rejected)} row(s) parse "
+                            f"as {src.format}; first: {rejected[0]}")
     if not p.data.golden.path.is_file():
         problems.append(f"data.golden.path: {p.data.golden.path} not found")
+    if p.data.golden.path.is_file() and not p.data.golden_lock.is_file():
+        try:
+            rows, rejected = read_source(p.data.golden, role="golden", limit=VALIDATE_ROWS)
+        except TunegateError as exc:
+            rows, rejected = [], []
+            problems.append(f"data.golden: {exc}")
+        if rejected and not rows:
+            problems.append(f"data.golden (format {p.data.golden.format}): none of the first {len(rejected)} row(s) "
+                            f"parse as {p.data.golden.format}; first: {rejected[0]}")
     if p.data.golden.path.is_file() and p.data.golden_lock.is_file():
         rows, rejected = read_source(p.data.golden, role="golden")
         problems += [f"data.golden: {r}" for r in rejected[:5]]

@@ -102,6 +102,7 @@ def test_missing_adapter_names_the_path(tiny_project, tiny_model_dir):
         export_run(project)
     with pytest.raises(TunegateError, match=re.escape(str(tiny_project / "nowhere" / "adapter_config.json"))):
         merge_adapter(tiny_model_dir, tiny_project / "nowhere", tiny_project / "out", ["hi"])
+    (tiny_project / "runs" / "default").mkdir(parents=True)  # a run without a train stage (no run at all: the runs are listed)
     r = subprocess.run([sys.executable, "-m", "tunegate.cli", "export", str(tiny_project)], capture_output=True, text=True, check=False)
     assert r.returncode == 2 and "adapter_config.json" in r.stderr and "no trained adapter" in r.stderr
     assert not (tiny_project / "runs" / "default" / "export").exists()

@@ -166,7 +166,7 @@ def test_cli_exit_codes_and_one_line_errors(tiny_project):
     # a gate the tiny random model cannot pass: exit 3, and the report is still written
     r = cli("run", tiny_project / "tunegate.yaml", "eval.gate.0.min=0.99")
     assert r.returncode == 3, r.stderr[-2000:]
-    assert "Eval gate: FAIL" in r.stderr
+    assert "FAIL (eval gate); failed: exact_match: candidate >= 0.99" in r.stderr
     assert (tiny_project / "runs/default/report/report.html").is_file()
     verdict = json.loads((tiny_project / "runs/default/eval/verdict.json").read_text())
     assert verdict["verdict"] == "FAIL" and not verdict["rules"][0]["passed"]

@@ -124,15 +124,16 @@ def _checked(result: list, batch: list) -> list:
 
 
 def _progress(it, desc: str | None, total_items: int, batches: list[list] | None = None):
-    """A tqdm bar counted in items (not batches); silent for small inputs or without a description."""
-    from tqdm import tqdm
+    """A progress bar counted in items (not batches) on tunegate's console (core.console.progress); silent for
+    small inputs or without a description."""
+    from tunegate.core.console import progress
 
     if desc is None or total_items < 2048:
         yield from it
         return
-    with tqdm(total=total_items, desc=desc, unit="row") as bar:
+    with progress(desc, total_items) as advance:
         for i, x in enumerate(it):
-            bar.update(len(batches[i]) if batches is not None else len(x))
+            advance(len(batches[i]) if batches is not None else len(x))
             yield x
 
 

@@ -229,7 +229,7 @@ def ifd_scores(
     classification set, run once) are sorted by length and run in batches of `batch_size`, right-padded with an
     attention mask; padding never enters a loss (labels are masked by position). torch.no_grad, model in eval
     mode for the call (its train/eval state is restored). fp32 unless `bf16` (autocast to bfloat16; losses are
-    still computed in fp32). The model must already be on `device`. `progress`: a tqdm bar over sequences
+    still computed in fp32). The model must already be on `device`. `progress`: a bar over sequences (core.console.progress)
     (default: on for more than 64 rows).
 
     Returns one dict per row, in input order: {"id", "loss_conditional", "loss_answer", "ifd",
@@ -239,9 +239,11 @@ def ifd_scores(
     A preference pair is scored on its chosen answer (the final assistant turn), a KTO row on its answer.
     Raises ValueError when batch_size < 1 or max_length < 2.
     """
-    import torch
-    from tqdm import tqdm
+    from contextlib import nullcontext
 
+    import torch
+
+    from tunegate.core.console import progress as console_progress
     from tunegate.data.format import IGNORE_INDEX
     from tunegate.data.records import RowError
 
@@ -273,7 +275,7 @@ def ifd_scores(
     losses: dict[tuple[int, ...], float] = {}
     show = progress if progress is not None else len(records) > 64
     try:
-        with torch.no_grad(), tqdm(total=len(items), desc="IFD", unit="seq", disable=not show) as bar:
+        with torch.no_grad(), (console_progress("IFD", len(items)) if show else nullcontext(lambda n=1: None)) as advance:
             for b in range(0, len(items), batch_size):
                 batch = items[b : b + batch_size]
                 width = max(len(it[1]) for it in batch)
@@ -298,7 +300,7 @@ def ifd_scores(
                 per_row = (nll * mask).sum(1) / mask.sum(1)  # (B,) mean nats per answer token
                 for (key, _, _), v in zip(batch, per_row.tolist()):
                     losses[key] = v
-                bar.update(len(batch))
+                advance(len(batch))
     finally:
         model.train(was_training)
     for row, pair in zip(out, keys):

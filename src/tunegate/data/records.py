@@ -20,6 +20,7 @@ no model; the template and loss-mask checks that need the tokenizer are in `tune
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import random
 import re
@@ -730,8 +731,10 @@ def parse_row(obj: Any, src, default_id: str, source: str) -> dict[str, Any]:
     return rec
 
 
-def read_source(src, role: str = "train") -> tuple[list[dict[str, Any]], list[Rejection]]:
+def read_source(src, role: str = "train", limit: int | None = None) -> tuple[list[dict[str, Any]], list[Rejection]]:
     """Read one configured source (a `config.SourceConfig`). Returns (records, rejections); never raises on a row.
+
+    limit: read only the first `limit` rows (after the header), as `tunegate validate` does; `sample` still applies.
 
     Raises:
         TunegateError: the file or folder is missing or unreadable, a mapped column is not in the header, or a
@@ -744,7 +747,7 @@ def read_source(src, role: str = "train") -> tuple[list[dict[str, Any]], list[Re
     stem = Path(src.path).stem if src.path is not None and Path(src.path).is_file() else name.rsplit("/", 1)[-1].replace(":", "-")
     records: list[dict[str, Any]] = []
     rejected: list[Rejection] = []
-    for lineno, obj, err in rows:
+    for lineno, obj, err in itertools.islice(rows, limit):
         default_id = f"{stem}:{lineno}"
         rid = str(obj.get("id")) if isinstance(obj, dict) and "id" in obj else None
         if err is None:

@@ -93,7 +93,7 @@ def load_policy(project: Project, base: Path | str, tokenizer):
     """
     import torch
 
-    from tunegate.models import fit_embeddings, fit_to_adapter, load_model, read_vocabulary_record
+    from tunegate.models import fit_embeddings, fit_to_adapter, load_model, quiet_loading, read_vocabulary_record
 
     t = project.train
     if t.adapter == "qlora":
@@ -113,6 +113,7 @@ def load_policy(project: Project, base: Path | str, tokenizer):
 
         quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                    bnb_4bit_compute_dtype=torch.bfloat16)
+        quiet_loading()
         model = AutoModelForCausalLM.from_pretrained(str(base), quantization_config=quant, dtype=torch.bfloat16)
         if t.init_adapter is None:  # the embedding is not quantised: it grows before the k-bit preparation
             fit_embeddings(model, tokenizer, t.added_tokens)
@@ -150,12 +151,6 @@ def tracker(st: Stage, budget_s: float | None):
             self.t0 = time.perf_counter()
             self.start_step = 0
             self.start_tokens = 0
-            self.progress = None  # transformers' ProgressCallback: its bar shows tokens/s beside the ETA
-
-        def attach(self, trainer) -> None:
-            from transformers.trainer_callback import ProgressCallback
-
-            self.progress = next((c for c in trainer.callback_handler.callbacks if isinstance(c, ProgressCallback)), None)
 
         def on_train_begin(self, args, state, control, **kw):
             self.t0 = time.perf_counter()
@@ -167,9 +162,6 @@ def tracker(st: Stage, budget_s: float | None):
             elapsed = time.perf_counter() - self.t0
             if rows and state.num_input_tokens_seen and elapsed > 0:  # throughput since this session started
                 rows[-1]["tokens_per_s"] = round((state.num_input_tokens_seen - self.start_tokens) / elapsed, 1)
-                bar = getattr(self.progress, "training_bar", None)
-                if bar is not None:
-                    bar.set_postfix(tokens_per_s=f"{rows[-1]['tokens_per_s']:.0f}", refresh=False)
             for r in rows[-1:]:
                 if "loss" in r and (r["loss"] is None or (isinstance(r["loss"], float) and math.isnan(r["loss"]))):
                     control.should_training_stop = True
@@ -183,6 +175,62 @@ def tracker(st: Stage, budget_s: float | None):
                 control.should_save = True
 
     return MetricsAndBudget()
+
+
+# What the training bar shows after each log: (logged key, slot on the bar, format); a later value replaces its slot.
+BAR_FIELDS = (("loss", "loss", "loss {:.4g}"), ("train_loss", "loss", "loss {:.4g}"),
+              ("eval_loss", "eval_loss", "eval_loss {:.4g}"), ("tokens_per_s", "tokens_per_s", "{:.0f} tok/s"))
+
+
+def console_progress(trainer, desc: str = "training"):
+    """Put the trainer's progress on tunegate's console: removes transformers' ProgressCallback and PrinterCallback
+    (tqdm bars, raw `{'loss': ...}` dicts) and adds a callback that drives one bar (core.console.StepBar):
+    step/total, ETA, and after each log the loss, eval loss and tokens/s. Every logged dict also goes to the run's
+    log file as one line (`step 3/8 loss=2.31 learning_rate=0.0002 ...`, core.console.log_only).
+
+    Returns the callback; call its `close()` when training ends or fails (the bar stays up otherwise).
+    """
+    from transformers import TrainerCallback
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    from tunegate.core.console import StepBar, log_only
+
+    trainer.remove_callback(ProgressCallback)
+    trainer.remove_callback(PrinterCallback)
+
+    class ConsoleProgress(TrainerCallback):
+        def __init__(self):
+            self.bar = StepBar(desc)
+            self.last: dict[str, str] = {}  # the latest of each shown series: an eval log keeps the train loss
+
+        def on_train_begin(self, args, state, control, **kw):
+            if state.is_world_process_zero:  # data-parallel workers show nothing (update/close are no-ops then)
+                self.bar.start(state.max_steps, completed=state.global_step)
+
+        def on_step_end(self, args, state, control, **kw):
+            self.bar.update(state.global_step)
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            row = state.log_history[-1] if state.log_history else dict(logs or {})  # with the tracker's tokens_per_s
+            for key, slot, fmt in BAR_FIELDS:
+                if isinstance(row.get(key), (int, float)):
+                    self.last[slot] = fmt.format(row[key])
+            self.bar.update(state.global_step, info=", ".join(self.last.values()))
+            log_only(f"step {state.global_step}/{state.max_steps} " + " ".join(f"{k}={_short(v)}" for k, v in row.items() if k != "step"))
+
+        def on_train_end(self, args, state, control, **kw):
+            self.close()
+
+        def close(self) -> None:
+            self.bar.close()
+
+    callback = ConsoleProgress()
+    trainer.add_callback(callback)
+    return callback
+
+
+def _short(value: Any) -> str:
+    return f"{value:.6g}" if isinstance(value, float) else str(value)
 
 
 def plot_loss(history: list[dict[str, Any]], path: Path, extra: tuple[str, ...] = ()) -> None:

@@ -105,7 +105,7 @@ def run_training(st: Stage, data_dir: Path) -> dict[str, Any] | None:
                          use_bf16, [track])
     built = recipe(method).build(ctx)
     trainer = built.trainer
-    track.attach(trainer)
+    bar = common.console_progress(trainer)
 
     full = project.train.adapter == "full"
     if full:
@@ -124,7 +124,10 @@ def run_training(st: Stage, data_dir: Path) -> dict[str, Any] | None:
     if resume:
         console.print(f"resuming from the last checkpoint in {ckpt_dir}")
     t0 = time.perf_counter()
-    trainer.train(resume_from_checkpoint=True if resume else None)
+    try:
+        trainer.train(resume_from_checkpoint=True if resume else None)
+    finally:
+        bar.close()
     train_s = time.perf_counter() - t0
     after = built.after_train(trainer) if built.after_train else {}
 

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from tunegate import TunegateError
-from tunegate.core.console import console
+from tunegate.core.console import console, progress
 from tunegate.core.io import atomic_write_json, atomic_write_jsonl, read_jsonl
 from tunegate.core.stage import Stage, StageResult, StageSpec
 from tunegate.data.format import apply_system_policy, generation_prompt, supports_system_role
@@ -195,11 +195,17 @@ def run(st: Stage) -> StageResult:
     bar = quality_bar(project, metric)
     a = _prepare(st, metric, bar, prices)
 
-    search = _prompt_candidates(a)  # zero_shot, prompt_optimization
-    atomic_write_json(st.dir / "prompt_search.json", search)
-    _knn_candidates(a)  # knn_fewshot, knn_classifier
-    retrieval, rag_prompts = _rag_candidates(a)  # rag_bm25, rag_dense, rag_hybrid
-    probe = _probe_candidates(st, a, prices, rag_prompts)  # lora_probe, lora_probe+rag
+    # one bar over the four families of candidates (each family's generation shows its own bar inside it)
+    with progress("audit candidates", 4) as advance:
+        search = _prompt_candidates(a)  # zero_shot, prompt_optimization
+        atomic_write_json(st.dir / "prompt_search.json", search)
+        advance(info=_best_so_far(a))
+        _knn_candidates(a)  # knn_fewshot, knn_classifier
+        advance(info=_best_so_far(a))
+        retrieval, rag_prompts = _rag_candidates(a)  # rag_bm25, rag_dense, rag_hybrid
+        advance(info=_best_so_far(a))
+        probe = _probe_candidates(st, a, prices, rag_prompts)  # lora_probe, lora_probe+rag
+        advance(info=_best_so_far(a))
     if not a.scorer.results:
         raise TunegateError(f"{project.source_file}: audit.candidates selects nothing that applies to this project")
 
@@ -229,6 +235,14 @@ def run(st: Stage) -> StageResult:
     console.print(f"audit written: {st.final_dir / 'audit.html'}")
     return StageResult(metrics={"recommendation": rec["decision"]["method"], "best": rec["best_no_training"], "gap": rec["gap"]},
                        verdict=rec["verdict"])
+
+
+def _best_so_far(a: _Audit) -> str:
+    """`best zero_shot 0.417`: the progress bar's note after each family of candidates."""
+    if not a.scorer.results:
+        return ""
+    best = max(a.scorer.results, key=lambda c: c["mean"])
+    return f"best {best['name']} {best['mean']:.3f}"
 
 
 def _prepare(st: Stage, metric: str, bar: float | None, prices: dict[str, Any]) -> _Audit:
