@@ -113,7 +113,7 @@ def run(
 
         key = public_key_for(p)
         console.print(f"release: {bundle_dir(run_dir_for(p, run_id))}" + (f"  (tunegate verify BUNDLE --key {key})" if key else ""),
-                      markup=False, highlight=False)
+                      markup=False, highlight=False, soft_wrap=True)
 
 
 class _DataGroup(TyperGroup):

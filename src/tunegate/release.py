@@ -166,7 +166,7 @@ def project_keys(project) -> tuple[Path, Path]:
     generate_keys(folder)
     atomic_write_text(folder / ".gitignore", f"# tunegate: the private signing key never goes into git\n{PRIVATE_KEY}\n")
     console.print(f"- release: made the project's signing key pair: {private} (private, mode 0600, ignored by git) "
-                  f"and {public} (public: `tunegate verify --key`, serve.public_key)", markup=False, highlight=False)
+                  f"and {public} (public: `tunegate verify --key`, serve.public_key)", markup=False, highlight=False, soft_wrap=True)
     return private, public
 
 
