@@ -92,14 +92,17 @@ def run(
     project: ProjectArg,
     overrides: Overrides = None,
     run_id: RunId = "default",
-    force: Annotated[Optional[list[str]], typer.Option("--force", help="stage to rerun even if unchanged: data, audit, train, eval, report or all (repeatable)")] = None,
+    force: Annotated[Optional[list[str]], typer.Option("--force", help="stage to rerun even if unchanged: data, audit, train, eval, report, release or all (repeatable)")] = None,
     train_anyway: Annotated[bool, typer.Option("--train-anyway", help="train even when the audit says it does not pay (recorded in the train manifest)")] = False,
-    until: Annotated[str, typer.Option("--until", help="stop after this stage: data, audit, train, eval or report")] = "report",
+    until: Annotated[str, typer.Option("--until", help="stop after this stage: data, audit, train, eval, report or release")] = "release",
 ) -> None:
-    """Run the whole pipeline: data -> audit -> train -> eval gate -> report. Finished, unchanged stages are skipped.
+    """Run the whole pipeline: data -> audit -> train -> eval gate -> report -> release. Finished, unchanged stages
+    are skipped.
 
     The audit benchmarks the cheap options first; when one meets the bar and fine-tuning does not beat it,
-    the run stops before training (exit 4) and audit.html says why.
+    the run stops before training (exit 4) and audit.html says why. A PASS ends in a signed bundle,
+    runs/<run-id>/release/bundle (signed with release.key, or the project's own .tunegate/keys/private.pem,
+    made on first use); a FAIL ends after the report (exit 3) and nothing is released.
     """
     from tunegate.core.console import console
     from tunegate.pipeline import run_dir_for, run_pipeline
@@ -113,6 +116,12 @@ def run(
         return
     if manifests["eval"].verdict != "PASS":
         raise typer.Exit(EXIT_GATE_FAILED)
+    if "release" in manifests:
+        from tunegate.release import bundle_dir, public_key_for
+
+        key = public_key_for(p)
+        console.print(f"release: {bundle_dir(run_dir_for(p, run_id))}" + (f"  (tunegate verify BUNDLE --key {key})" if key else ""),
+                      markup=False, highlight=False, soft_wrap=True)
 
 
 class _DataGroup(TyperGroup):
@@ -379,29 +388,41 @@ def release(
     project: ProjectArg,
     overrides: Overrides = None,
     run_id: RunId = "default",
-    key: Annotated[Optional[Path], typer.Option("--key", help="PEM private key from `tunegate keys generate`")] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", help="bundle folder (default runs/<run-id>/release)")] = None,
+    key: Annotated[Optional[Path], typer.Option("--key", help="PEM private key (default: release.key, else the project's .tunegate/keys/private.pem)")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="build a bundle in this folder instead of running the release stage")] = None,
     no_merge: Annotated[bool, typer.Option("--no-merge", help="do not merge an adapter vLLM cannot serve as a LoRA (release.json says why)")] = False,
-    sigstore: Annotated[bool, typer.Option("--sigstore", help="sign keyless with Sigstore instead of --key (OIDC login; needs the network)")] = False,
-    force: Annotated[bool, typer.Option("--force", help="replace an existing bundle at --out")] = False,
+    sigstore: Annotated[bool, typer.Option("--sigstore", help="sign keyless with Sigstore instead of a key (OIDC login; needs the network)")] = False,
+    force: Annotated[bool, typer.Option("--force", help="rebuild the release stage even if unchanged; with --out: replace an existing bundle")] = False,
 ) -> None:
     """Build the signed release bundle of a run whose eval gate said PASS.
 
-    Refused unless the verdict is PASS and the adapter still has the sha256 its train manifest recorded. The
-    bundle holds the adapter, the merged model when vLLM cannot serve the adapter as a LoRA (DoRA,
-    modules_to_save, biases, a rank outside 8/16/32/64/128/256/320/512), every stage manifest, the verdict and
-    scores, release.json, files.json and model.sig (model-signing, OpenSSF model signing). It appears whole or
-    not at all. Check it with `tunegate verify BUNDLE --key public.pem`.
+    Without --out this runs the release stage, as `tunegate run` does: the bundle is runs/<run-id>/release/bundle,
+    skipped when unchanged. Refused unless the verdict is PASS and the adapter still has the sha256 its train
+    manifest recorded. The bundle holds the adapter, the merged model when vLLM cannot serve the adapter as a LoRA
+    (DoRA, modules_to_save, biases, a rank outside 8/16/32/64/128/256/320/512), the data, train, eval and report
+    manifests, the verdict and scores, release.json, files.json and model.sig (model-signing, OpenSSF model
+    signing). It appears whole or not at all. Check it with `tunegate verify BUNDLE --key public.pem`.
     """
-    from tunegate.release import build_bundle
+    from tunegate import pipeline
+    from tunegate.release import build_bundle, bundle_dir, check_releasable, signing_key
 
     if key is not None and sigstore:
         raise TunegateError("--key and --sigstore: give one of them")
-    from tunegate.pipeline import existing_run_dir
-
     p = _load(project, overrides)
-    existing_run_dir(p, run_id)  # an unknown --run-id lists the runs
-    bundle = build_bundle(p, run_id, private_key=key, out_dir=out, merge=not no_merge, sigstore=sigstore, force=force)
+    run_dir = pipeline.existing_run_dir(p, run_id)  # an unknown --run-id lists the runs
+    if key is not None:
+        p.release.key, p.release.sigstore = key.resolve(), False
+    if sigstore:
+        p.release.key, p.release.sigstore = None, True
+    if no_merge:
+        p.release.merge = False
+    if out is not None:
+        bundle = build_bundle(p, run_id, private_key=signing_key(p), out_dir=out, merge=p.release.merge,
+                              sigstore=p.release.sigstore, force=force)
+    else:
+        check_releasable(run_dir)  # a FAIL verdict: the failing rules, and nothing written
+        pipeline.run_stage(p, run_dir, "release", force=force)
+        bundle = bundle_dir(run_dir)
     typer.echo(f"wrote {bundle}")
 
 

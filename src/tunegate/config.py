@@ -31,7 +31,7 @@ from tunegate.catalog import (
     SAFETY_SOURCES,
     SAFETY_WITH_SAFE_PROMPTS,
 )
-from tunegate.core.paths import identifier_problem, inside
+from tunegate.core.paths import check_identifier, identifier_problem, inside
 
 
 class _Section(BaseModel):
@@ -646,6 +646,28 @@ class ServeConfig(_Section):
         return [{"path": b} if isinstance(b, (str, Path)) else b for b in (v or [])]
 
 
+# The project-local signing key pair (tunegate.release.project_keys), relative to the project folder.
+LOCAL_KEYS = Path(".tunegate") / "keys"
+
+
+class ReleaseConfig(_Section):
+    """The release stage (tunegate.stages.release): the signed bundle at the end of `tunegate run`.
+
+    With neither `key` nor `sigstore`, the stage signs with the project-local key pair in `.tunegate/keys/`
+    (created on first use; tunegate.release.project_keys).
+    """
+
+    key: Path | None = None  # PEM elliptic-curve private key (`tunegate keys generate`), relative to the project file
+    sigstore: bool = False  # sign keyless through Sigstore (OIDC login; needs the network) instead of a key
+    merge: bool = True  # merge an adapter vLLM cannot serve as a LoRA (DoRA, ...) into merged/ (checked, tunegate.export)
+
+    @model_validator(mode="after")
+    def _one_signer(self) -> "ReleaseConfig":
+        if self.key is not None and self.sigstore:
+            raise ValueError("release.key and release.sigstore: give one of them")
+        return self
+
+
 class DriftConfig(_Section):
     """`tunegate drift` (tunegate.drift): recent production requests (serving-database traces) against the
     run's training prompts, and with `--golden` the frozen golden set re-run on the served adapter.
@@ -690,6 +712,7 @@ class Project(_Section):
     audit: AuditConfig = Field(default_factory=AuditConfig)
     serve: ServeConfig | None = None  # `tunegate serve`; with feedback on, no no_feedback_capture warning
     drift: DriftConfig = Field(default_factory=DriftConfig)  # `tunegate drift`: production traces vs training data
+    release: ReleaseConfig = Field(default_factory=ReleaseConfig)  # the release stage: signing key, Sigstore, merge
 
     # Set by load_project, not by the file.
     root: Path = Field(default=Path("."), exclude=True)
@@ -718,6 +741,14 @@ class Project(_Section):
         if self.data.golden.path is None or self.data.golden.path.suffix not in (".jsonl", ".json", ".csv", ".tsv"):
             raise ValueError("data.golden.path must be a local .jsonl, .json, .csv or .tsv file: the golden set is frozen by its sha256")
         return self
+
+    def run_dir(self, run_id: str) -> Path:
+        """`runs_dir/<run_id>`. Raises TunegateError when the run id is not an identifier (core.paths.IDENTIFIER):
+        `..` or a separator would put stage folders, and their folder swaps, outside `runs/`; or when that folder is
+        a symbolic link that leads outside the project (core.paths.inside)."""
+        path = self.runs_dir / check_identifier("run id", run_id)
+        inside(self.root, path, f"runs/{run_id}")  # the folder, if it exists, may be a link: followed and checked
+        return path
 
     def section(self, name: str) -> dict[str, Any]:
         """One config section as validated, JSON-ready (what a stage manifest records)."""
@@ -848,6 +879,10 @@ def load_project(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) 
             b.path = _resolve(root, b.path)
         if project.serve.public_key is not None:
             project.serve.public_key = _resolve(root, project.serve.public_key)
+        elif (root / LOCAL_KEYS / "public.pem").is_file():  # default: the key the release stage signs with
+            project.serve.public_key = root / LOCAL_KEYS / "public.pem"
+    if project.release.key is not None:
+        project.release.key = _resolve(root, project.release.key)
     if project.eval.json_schema is not None:
         project.eval.json_schema = _resolve(root, project.eval.json_schema)
     if project.eval.suites:

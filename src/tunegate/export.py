@@ -170,19 +170,27 @@ def merge_adapter(
 
 def export_run(project, run_id: str = "default", out_dir: Path | None = None, n_prompts: int = 8,
                atol: float = DEFAULT_ATOL) -> tuple[Path, dict[str, Any]]:
-    """Merge a run's `train/adapter` into the project's base model, checked on its first `n_prompts` golden prompts.
+    """`merge_run` on run `run_id`; default output runs/<id>/export/merged. Raises TunegateError as `merge_run`,
+    or for a run id that is not an identifier."""
+    run_dir = project.run_dir(run_id)
+    target = Path(out_dir) if out_dir is not None else run_dir / "export" / "merged"
+    return target, merge_run(project, run_dir, target, n_prompts, atol)
 
-    Default output: runs/<id>/export/merged. Raises TunegateError naming the file that is missing.
+
+def merge_run(project, run_dir: Path, out_dir: Path, n_prompts: int = 8, atol: float = DEFAULT_ATOL) -> dict[str, Any]:
+    """Merge the run folder's `train/adapter` into the project's base model, checked on its first `n_prompts`
+    golden prompts (`run_dir/data/golden.jsonl`), and publish it to `out_dir` (`merge_adapter`).
+
+    Returns the merge check. Raises TunegateError naming the file that is missing, or when the merge is refused.
     """
     from tunegate.data.format import generation_prompt
     from tunegate.models import load_adapter_tokenizer, resolve_base_model
-    from tunegate.pipeline import run_dir_for
 
-    run_dir = run_dir_for(project, run_id)
+    run_dir = Path(run_dir)
     adapter_dir = run_dir / "train" / "adapter"
     if not (adapter_dir / "adapter_config.json").is_file():
         raise TunegateError(
-            f"{adapter_dir / 'adapter_config.json'} not found: run {run_id!r} has no trained adapter "
+            f"{adapter_dir / 'adapter_config.json'} not found: run {run_dir.name!r} has no trained adapter "
             f"(run `tunegate train` or `tunegate run` first)"
         )
     golden_path = run_dir / "data" / "golden.jsonl"
@@ -194,9 +202,7 @@ def export_run(project, run_id: str = "default", out_dir: Path | None = None, n_
     base = resolve_base_model(project.base_model)
     tokenizer = load_adapter_tokenizer(adapter_dir, base)
     prompts = [generation_prompt(tokenizer, r) for r in rows[:n_prompts]]
-    target = out_dir or run_dir / "export" / "merged"
-    check = merge_adapter(
-        base, adapter_dir, target, prompts, atol=atol,
+    return merge_adapter(
+        base, adapter_dir, out_dir, prompts, atol=atol,
         max_new_tokens=project.eval.max_new_tokens, batch_size=project.eval.batch_size, base_label=project.base_model,
     )
-    return target, check

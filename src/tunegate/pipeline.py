@@ -21,7 +21,6 @@ from tunegate import EXIT_AUDIT_NO_TRAIN, TunegateError
 from tunegate.config import Project
 from tunegate.core.console import console, fmt_seconds, log_to
 from tunegate.core.io import atomic_write_text, claim_dir, clean_stale, fault_point, publish_dir
-from tunegate.core.paths import check_identifier, inside
 from tunegate.core.manifest import (
     Manifest,
     fingerprint,
@@ -34,11 +33,11 @@ from tunegate.core.manifest import (
 )
 from tunegate.core.stage import Stage, StageSpec, distributed_rank
 from tunegate.report.header import write_run_js
-from tunegate.stages import audit, data, evaluate, report, train
+from tunegate.stages import audit, data, evaluate, release, report, train
 
 # The stages in order. Each file under tunegate/stages/ declares its SPEC (name, body, upstream stages, the config
 # view it fingerprints, the files it reads); adding a stage is one such file and one entry here.
-STAGES: tuple[StageSpec, ...] = (data.SPEC, audit.SPEC, train.SPEC, evaluate.SPEC, report.SPEC)
+STAGES: tuple[StageSpec, ...] = (data.SPEC, audit.SPEC, train.SPEC, evaluate.SPEC, report.SPEC, release.SPEC)
 STAGE_NAMES = tuple(s.name for s in STAGES)
 
 
@@ -51,12 +50,9 @@ def stage_spec(name: str) -> StageSpec:
 
 
 def run_dir_for(project: Project, run_id: str) -> Path:
-    """`runs_dir/<run_id>`. Raises TunegateError when the run id is not an identifier (core.paths.IDENTIFIER):
-    `..` or a separator would put stage folders, and their folder swaps, outside `runs/`; or when that folder is a
-    symbolic link that leads outside the project (core.paths.inside)."""
-    path = project.runs_dir / check_identifier("run id", run_id)
-    inside(project.root, path, f"runs/{run_id}")  # the folder, if it exists, may be a link: followed and checked
-    return path
+    """`runs_dir/<run_id>` (config.Project.run_dir). Raises TunegateError when the run id is not an identifier or
+    the folder is a symbolic link that leads outside the project."""
+    return project.run_dir(run_id)
 
 
 def stage_config(project: Project, spec: StageSpec) -> dict[str, Any]:
@@ -293,10 +289,19 @@ def training_override(project: Project, run_dir: Path, train_anyway: bool) -> li
     return [f"trained although the audit said NO_TRAIN ({why}): --train-anyway"]
 
 
-def run_pipeline(project: Project, run_id: str = "default", until: str = "report", force: tuple[str, ...] = (),
+def release_gate(manifests: dict[str, Manifest]) -> str | None:
+    """Why the release stage does not run after these stages (the eval verdict is not PASS), or None when it runs."""
+    ev = manifests.get("eval")
+    if ev is None:
+        return "no eval stage ran"
+    return None if ev.verdict == "PASS" else f"eval verdict {ev.verdict}"
+
+
+def run_pipeline(project: Project, run_id: str = "default", until: str = STAGE_NAMES[-1], force: tuple[str, ...] = (),
                  train_anyway: bool = False, stages: tuple[StageSpec, ...] = STAGES) -> dict[str, Manifest]:
-    """data -> audit -> train -> eval -> report (`stages`, in order). Returns the manifests; the caller reads the
-    eval verdict.
+    """data -> audit -> train -> eval -> report -> release (`stages`, in order). Returns the manifests; the caller
+    reads the eval verdict. The release stage runs only when the eval verdict is PASS (`release_gate`); otherwise
+    the run ends after the report, saying why.
 
     Prints `stage N/M name` lines (M: the stages up to `until` that this project does not skip) and, when the eval
     stage is among them, the summary block (`print_summary`); all of it is appended to `runs/<id>/log.txt`.
@@ -318,7 +323,7 @@ def run_pipeline(project: Project, run_id: str = "default", until: str = "report
     timings: dict[str, str] = {}
     with log_to(log_path(run_dir)):
         for spec in planned:
-            skipped = spec.skip(project)
+            skipped = spec.skip(project) or (release_gate(manifests) if spec.name == "release" else None)
             if skipped:
                 console.print(f"[dim]stage -/{len(counted)} {spec.name}: skipped ({skipped})[/dim]")
                 timings[spec.name] = "skipped"

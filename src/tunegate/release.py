@@ -1,17 +1,24 @@
 """Signed release bundles: a PASSed run's adapter, evidence and manifest chain, signed as one directory.
 
+A library module: it takes the run folder (and the stages whose manifests go into the bundle) as arguments and
+imports no pipeline. The release stage (tunegate.stages.release, the last stage of `tunegate run`) writes the
+bundle into its own folder, `runs/<id>/release/bundle/` (`bundle_dir`); `build_bundle` writes one anywhere else
+(`tunegate release --out DIR`).
+
 A release is refused unless the run's eval gate said PASS, the eval scored the train stage that is in the run
 folder now, and the adapter on disk still has the sha256 its train manifest recorded. The bundle is built in a
-hidden sibling folder and swapped into place at the end (core.io.publish_dir), so a crash leaves no half-written
-bundle, and what a kill leaves beside it is deleted by the next release. Layout:
+hidden folder (the stage's `.release.partial/`, or a staging sibling of `--out`) and swapped into place at the
+end (core.io.publish_dir), so a crash leaves no half-written bundle, and what a kill leaves beside it is deleted
+by the next release. Layout:
 
-    release.json          what was released (project, run, base model, method, adapter settings, scores, vLLM fit,
+    release.json          what was released (project, run, base model and the sha256 of its weights, the data sources
+                          by project-relative path with their sha256, method, adapter settings, scores, vLLM fit,
                           stop_token_ids: the eos and end-of-turn ids generation stops at; vocab_size and
                           added_tokens: the embedding rows and train.added_tokens it trained with)
     adapter/              the PEFT adapter files exactly as trained (with generation_config.json: the stop ids)
     merged/               only when vLLM cannot serve the adapter as a LoRA (DoRA, modules_to_save, added tokens, bias, rank):
                           the merged model from `tunegate.export` (checked against the adapter, case C13 in docs/cases.md)
-    manifests/<stage>.json  every stage manifest of the run, byte for byte (the lineage chain)
+    manifests/<stage>.json  the manifests of data, train, eval and report, byte for byte (the lineage chain)
     eval/verdict.json, eval/scores.json (+ eval.html), report/report.md
     MODEL_CARD.md, article25.md, dpia.md   from `tunegate.report.release_docs` when that module is installed
     files.json            sha256 of every file above, keyed by path relative to the bundle
@@ -25,6 +32,10 @@ elliptic-curve key (P-256 here; offline) or, with `sigstore=True`, keyless throu
 signature and, independently, every file against `files.json` and every manifest's recorded output hashes
 against the bundle's files, so a failure names each added, removed or changed file.
 
+Keys: `release.key` in the project file, `--sigstore` / `release.sigstore`, or else the project-local pair
+`.tunegate/keys/private.pem` (0600, ignored by git through `.tunegate/keys/.gitignore`) and `public.pem`,
+created on first use (`project_keys`). Bundles of a project verify with `public_key_for(project)`.
+
 torch and model-signing are imported inside the functions that need them.
 """
 
@@ -36,10 +47,13 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from tunegate import TunegateError, __version__
-from tunegate.core.io import atomic_write_json, clean_stale, publish_dir, staging_dir
+from tunegate.config import LOCAL_KEYS
+from tunegate.core.console import console
+from tunegate.core.io import atomic_write_json, atomic_write_text, clean_stale, publish_dir, staging_dir
+from tunegate.core.paths import inside
 from tunegate.core.manifest import MANIFEST, Manifest, manifest_hash, read_manifest, sha256_file
 
 RELEASE = "release.json"
@@ -48,6 +62,9 @@ SIGNATURE = "model.sig"
 PRIVATE_KEY = "private.pem"
 PUBLIC_KEY = "public.pem"
 DOC_NAMES = ("MODEL_CARD.md", "article25.md", "dpia.md")
+# The stages whose manifests a bundle carries: the chain the adapter descends from, and the report on it. The
+# release stage lists them as its upstream stages, so their manifests are its fingerprint.
+BUNDLED_STAGES = ("data", "train", "eval", "report")
 # The values vLLM accepts for --max-lora-rank (vllm.config.LoRAConfig). An adapter whose rank is one of them is
 # served at that rank as it is; any other rank is merged (the rule this project applies, see vllm_compatibility).
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's allowed --max-lora-rank values
@@ -108,7 +125,12 @@ def public_key_sha256(public_pem: bytes) -> str:
     return hashlib.sha256(raw).hexdigest()
 
 
-def _public_pem_of(private_key: Path) -> bytes:
+def public_pem_of(private_key: Path) -> bytes:
+    """The PEM SubjectPublicKeyInfo of an elliptic-curve private key file.
+
+    Raises:
+        TunegateError: not an unencrypted PEM private key, or not an elliptic-curve key.
+    """
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -119,6 +141,60 @@ def _public_pem_of(private_key: Path) -> bytes:
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         raise TunegateError(f"{private_key}: not an elliptic-curve key; make one with `tunegate keys generate`")
     return key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def project_keys(project) -> tuple[Path, Path]:
+    """The project-local signing key pair, `<project root>/.tunegate/keys/private.pem` and `public.pem`, created
+    on first use (`generate_keys`: P-256, private key mode 0600, never overwritten) together with a `.gitignore`
+    there that ignores private.pem. Both paths are printed when the pair is created.
+
+    Returns:
+        (private key path, public key path).
+
+    Raises:
+        TunegateError: `.tunegate/keys` leads outside the project (a link), or one key of the pair exists without
+            the other (nothing is overwritten; the message says which is missing).
+    """
+    folder = inside(project.root, project.root / LOCAL_KEYS, str(LOCAL_KEYS))
+    private, public = folder / PRIVATE_KEY, folder / PUBLIC_KEY
+    if private.is_file() and public.is_file():
+        return private, public
+    if private.exists() or public.exists():
+        missing = public if private.exists() else private
+        raise TunegateError(f"{missing}: missing, but its pair {private if missing == public else public} exists; rule: signing "
+                            "keys are never overwritten (restore the file, or move both away to make a new pair)")
+    generate_keys(folder)
+    atomic_write_text(folder / ".gitignore", f"# tunegate: the private signing key never goes into git\n{PRIVATE_KEY}\n")
+    console.print(f"- release: made the project's signing key pair: {private} (private, mode 0600, ignored by git) "
+                  f"and {public} (public: `tunegate verify --key`, serve.public_key)", markup=False, highlight=False, soft_wrap=True)
+    return private, public
+
+
+def signing_key(project) -> Path | None:
+    """The private key the release stage signs with: `release.key` when set, None with `release.sigstore`, else the
+    project-local key (`project_keys`, created on first use). Raises TunegateError when release.key is missing."""
+    r = project.release
+    if r.sigstore:
+        return None
+    if r.key is not None:
+        if not Path(r.key).is_file():
+            raise TunegateError(f"{project.source_file}: release.key {r.key} not found (make one with `tunegate keys generate`)")
+        return Path(r.key)
+    return project_keys(project)[0]
+
+
+def public_key_for(project) -> Path | None:
+    """The public key this project's bundles verify with: `serve.public_key` when set, else the project-local
+    `.tunegate/keys/public.pem` when it exists, else None. Never creates a key."""
+    if project.serve is not None and project.serve.public_key is not None:
+        return Path(project.serve.public_key)
+    local = project.root / LOCAL_KEYS / PUBLIC_KEY
+    return local if local.is_file() else None
+
+
+def bundle_dir(run_dir: Path) -> Path:
+    """Where the release stage puts a run's signed bundle: `runs/<id>/release/bundle/`."""
+    return Path(run_dir) / "release" / "bundle"
 
 
 # ---------------------------------------------------------------------------------------------- files
@@ -207,7 +283,7 @@ def sign_directory(directory: Path, signature: Path, private_key: Path | None = 
             raise TunegateError("no signing key: pass a PEM private key (`tunegate keys generate`) or use Sigstore")
         if not Path(private_key).is_file():
             raise TunegateError(f"{private_key}: private key not found (make one with `tunegate keys generate`)")
-        _public_pem_of(Path(private_key))
+        public_pem_of(Path(private_key))
         try:
             config.use_elliptic_key_signer(private_key=Path(private_key))
         except ValueError as exc:
@@ -338,12 +414,9 @@ def max_lora_rank_for(ranks: list[int]) -> int:
 # ---------------------------------------------------------------------------------------------- build
 
 
-def _run_manifests(run_dir: Path) -> dict[str, Manifest]:
-    from tunegate.pipeline import STAGE_NAMES
-
-    found = sorted(p.parent.name for p in run_dir.glob(f"*/{MANIFEST}") if not p.parent.name.startswith("."))
-    order = [s for s in STAGE_NAMES if s in found] + [s for s in found if s not in STAGE_NAMES]
-    return {s: read_manifest(run_dir / s) for s in order}
+def _run_manifests(run_dir: Path, stages: Sequence[str]) -> dict[str, Manifest]:
+    """The finished manifests of `stages` in `run_dir`, in that order."""
+    return {s: m for s in stages if (m := read_manifest(run_dir / s)) is not None}
 
 
 def _failing_rules(eval_dir: Path) -> str:
@@ -353,6 +426,13 @@ def _failing_rules(eval_dir: Path) -> str:
         return "eval/verdict.json unreadable"
     failed = [r for r in rules if not r.get("passed")]
     return "; ".join(f"{r.get('description', r.get('metric'))} (measured {r.get('value')})" for r in failed) or "none listed"
+
+
+def check_releasable(run_dir: Path, stages: Sequence[str] = BUNDLED_STAGES) -> None:
+    """The release gate on the run folder, without writing anything: finished train and eval stages, eval verdict
+    PASS, one consistent chain, the evaluated adapter still on disk. Raises TunegateError naming the file and rule
+    (for a FAIL verdict: the failing rules)."""
+    _check_run(Path(run_dir), _run_manifests(Path(run_dir), stages))
 
 
 def _check_run(run_dir: Path, manifests: dict[str, Manifest]) -> None:
@@ -399,7 +479,7 @@ def _copy_recorded(src_stage: Path, manifest: Manifest, rel: str, dest: Path) ->
         raise TunegateError(f"{src_stage / rel}: changed since the {manifest.stage} manifest was written; nothing was released")
 
 
-def _release_docs(run_dir: Path, project, console) -> dict[str, str]:
+def _release_docs(run_dir: Path, project) -> dict[str, str]:
     try:
         from tunegate.report.release_docs import render_release_docs
     except ImportError:
@@ -413,46 +493,60 @@ def _release_docs(run_dir: Path, project, console) -> dict[str, str]:
     return docs
 
 
-def _base_model_sha256(manifests: dict[str, Manifest]) -> str | None:
-    for m in manifests.values():
-        digest = m.metrics.get("base_model_sha256") if isinstance(m.metrics, dict) else None
-        if digest:
-            return digest
-    return None
+def base_model_sha256(base_model: str) -> str | None:
+    """sha256 of a local or embedded base model's weights: of its one `*.safetensors` (else `*.bin`) file, or, for
+    several shards, of the lines `<sha256>  <file name>` (sorted by name; what `sha256sum` prints). None for a hub id
+    (its files are not on this machine by a path) or a folder without weight files."""
+    import hashlib
+
+    from tunegate.models import EMBEDDED, resolve_base_model
+
+    if base_model not in EMBEDDED and not Path(base_model).expanduser().is_dir():
+        return None
+    folder = Path(resolve_base_model(base_model, progress=False))
+    weights = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
+    if len(weights) == 1:
+        return sha256_file(weights[0])
+    lines = "".join(f"{sha256_file(w)}  {w.name}\n" for w in weights)
+    return hashlib.sha256(lines.encode()).hexdigest() if weights else None
+
+
+def _project_relative(path: str, root: Path) -> str:
+    """`path` relative to the project folder (posix) when it lies inside it; otherwise as it is."""
+    rel = _relative_inside(root, Path(path))
+    return rel if rel is not None and not rel.startswith("..") else path
 
 
 def build_bundle(project, run_id: str = "default", private_key: Path | None = None, out_dir: Path | None = None,
-                 merge: bool = True, sigstore: bool = False, force: bool = False) -> Path:
-    """Build and sign the release bundle of a PASSed run (layout in the module docstring).
+                 merge: bool = True, sigstore: bool = False, force: bool = False,
+                 stages: Sequence[str] = BUNDLED_STAGES) -> Path:
+    """Build and sign the release bundle of a PASSed run in `out_dir` (`tunegate release --out`; layout in the
+    module docstring). It appears whole, signed, or not at all: built in a staging sibling (core.io.staging_dir)
+    and swapped into place (core.io.publish_dir). The run's own bundle is the release stage's (`bundle_dir`).
 
     Args:
         project: the loaded project (`tunegate.config.load_project`).
         run_id: the run under `runs/`.
         private_key: PEM elliptic-curve private key (`tunegate keys generate`); not used with `sigstore`.
-        out_dir: the bundle folder (default runs/<run_id>/release). It appears whole, signed, or not at all.
+        out_dir: the bundle folder (default `bundle_dir(run folder)`, without the release stage's manifest).
         merge: when vLLM cannot serve the adapter as a LoRA, put the merged model in merged/ (False: record
             why not, merge nothing).
         sigstore: sign keyless through Sigstore (needs the network and an OIDC login) instead of a key.
         force: replace an existing bundle at `out_dir` (the old one is kept until the new one is complete), or a
             bundle an earlier tunegate set aside (`.NAME.old-PID`) while `out_dir` is missing.
+        stages: the stages whose manifests go into manifests/ (those finished; train and eval must be).
 
     Returns:
         The bundle folder.
 
     Raises:
-        TunegateError: no finished train/eval stage, verdict not PASS (the message names it and the failing
-            rules), stages from different chains, the adapter changed since training, an empty adapter (C24),
-            no key, the bundle exists (without `force`), an earlier tunegate's set-aside bundle is there while `out_dir`
-            is missing (without `force`), or the merge check failed (tunegate.export).
+        TunegateError: as `write_bundle`; the bundle exists (without `force`), or an earlier tunegate's set-aside
+            bundle is there while `out_dir` is missing (without `force`).
     """
-    from tunegate.core.console import console
-    from tunegate.models import VOCAB_RECORD
-    from tunegate.pipeline import run_dir_for
-
-    run_dir = run_dir_for(project, run_id)
+    run_dir = project.run_dir(run_id)
     if not run_dir.is_dir():
         raise TunegateError(f"{run_dir}: no such run (run `tunegate run` first)")
-    out = Path(out_dir) if out_dir is not None else run_dir / "release"
+    out = Path(out_dir) if out_dir is not None else bundle_dir(run_dir)
     notes: list[str] = []
     clean_stale(out, say=notes.append)  # what a killed release left beside the bundle (core.io); never restores one
     if notes and not force:  # an earlier tunegate's set-aside bundle, and none in place: the user decides
@@ -461,116 +555,152 @@ def build_bundle(project, run_id: str = "default", private_key: Path | None = No
         console.print(f"- release: {note}", style="yellow", markup=False, highlight=False)
     if out.exists() and not force:
         raise TunegateError(f"{out}: a release bundle exists; pass --force to replace it, or --out for another folder")
+    check_releasable(run_dir, stages)  # before anything is written beside `out`
+    tmp = staging_dir(out)
+    try:
+        write_bundle(project, run_dir, tmp, private_key=private_key, merge=merge, sigstore=sigstore, stages=stages)
+        publish_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def write_bundle(project, run_dir: Path, dest: Path, *, private_key: Path | None = None, merge: bool = True,
+                 sigstore: bool = False, stages: Sequence[str] = BUNDLED_STAGES) -> dict[str, Any]:
+    """Write and sign the release bundle of the PASSed run in `run_dir` into the folder `dest` (created; it must
+    be new or empty). The caller swaps `dest` into place: the release stage writes it inside its partial folder.
+
+    Args:
+        project: the loaded project.
+        run_dir: the run folder (`runs/<id>`); its name is the run id release.json records.
+        dest: where the bundle's files go.
+        private_key, merge, sigstore: as `build_bundle`.
+        stages: the stages whose manifests go into manifests/ (those finished; train and eval must be).
+
+    Returns:
+        release.json's contents.
+
+    Raises:
+        TunegateError: no finished train/eval stage, verdict not PASS (the message names it and the failing
+            rules), stages from different chains, the adapter changed since training, an empty adapter (C24),
+            no key or an unusable one, or the merge check failed (tunegate.export).
+    """
+    from tunegate.models import VOCAB_RECORD
+
+    run_dir, tmp = Path(run_dir), Path(dest)
+    run_id = run_dir.name
     if not sigstore:
         if private_key is None:
             raise TunegateError("no signing key: pass --key PRIVATE.pem (make one with `tunegate keys generate`) or --sigstore")
         if not Path(private_key).is_file():
             raise TunegateError(f"{private_key}: private key not found (make one with `tunegate keys generate`)")
-        public_pem = _public_pem_of(Path(private_key))
-    manifests = _run_manifests(run_dir)
+        public_pem = public_pem_of(Path(private_key))
+    manifests = _run_manifests(run_dir, stages)
     _check_run(run_dir, manifests)
     _import_model_signing()
+    tmp.mkdir(parents=True, exist_ok=True)
+    if any(tmp.iterdir()):
+        raise TunegateError(f"{tmp}: not empty; a bundle is written into a new folder")
 
     train, ev = manifests["train"], manifests["eval"]
     full = any(r.startswith("model/") for r in train.outputs)
-    tmp = staging_dir(out)
-    try:
-        # The weights as trained (full fine-tune: the whole model goes to merged/).
-        for rel in sorted(r for r in train.outputs if r.startswith(("adapter/", "model/"))):
-            dest = tmp / ("merged/" + rel[len("model/"):] if full else rel)
-            _copy_recorded(run_dir / "train", train, rel, dest)
-        if not full:
-            _require_files(tmp / "adapter", "sign")
-        for stage in manifests:
-            (tmp / "manifests").mkdir(exist_ok=True)
-            shutil.copyfile(run_dir / stage / MANIFEST, tmp / "manifests" / f"{stage}.json")
-            if manifest_hash(run_dir / stage) != sha256_file(tmp / "manifests" / f"{stage}.json"):
-                raise TunegateError(f"{run_dir / stage / MANIFEST}: changed while the release was built")
-        for name in ("verdict.json", "scores.json", "eval.html"):
-            if name in ev.outputs:
-                _copy_recorded(run_dir / "eval", ev, name, tmp / "eval" / name)
-        for name in ("verdict.json", "scores.json"):
-            if not (tmp / "eval" / name).is_file():
-                raise TunegateError(f"{run_dir / 'eval' / MANIFEST}: records no {name}; rerun `tunegate eval`")
-        if "report" in manifests and "report.md" in manifests["report"].outputs:
-            _copy_recorded(run_dir / "report", manifests["report"], "report.md", tmp / "report" / "report.md")
+    # The weights as trained (full fine-tune: the whole model goes to merged/).
+    for rel in sorted(r for r in train.outputs if r.startswith(("adapter/", "model/"))):
+        dest_file = tmp / ("merged/" + rel[len("model/"):] if full else rel)
+        _copy_recorded(run_dir / "train", train, rel, dest_file)
+    if not full:
+        _require_files(tmp / "adapter", "sign")
+    for stage in manifests:
+        (tmp / "manifests").mkdir(exist_ok=True)
+        shutil.copyfile(run_dir / stage / MANIFEST, tmp / "manifests" / f"{stage}.json")
+        if manifest_hash(run_dir / stage) != sha256_file(tmp / "manifests" / f"{stage}.json"):
+            raise TunegateError(f"{run_dir / stage / MANIFEST}: changed while the release was built")
+    for name in ("verdict.json", "scores.json", "eval.html"):
+        if name in ev.outputs:
+            _copy_recorded(run_dir / "eval", ev, name, tmp / "eval" / name)
+    for name in ("verdict.json", "scores.json"):
+        if not (tmp / "eval" / name).is_file():
+            raise TunegateError(f"{run_dir / 'eval' / MANIFEST}: records no {name}; rerun `tunegate eval`")
+    if "report" in manifests and "report.md" in manifests["report"].outputs:
+        _copy_recorded(run_dir / "report", manifests["report"], "report.md", tmp / "report" / "report.md")
 
-        if full:
-            adapter_cfg: dict[str, Any] = {}
-            servable, reasons, merged = False, ["full fine-tune: a whole model, served from merged/ as a base model"], "merged/"
-        else:
-            adapter_cfg = json.loads((tmp / "adapter" / "adapter_config.json").read_text(encoding="utf-8"))
-            servable, reasons = vllm_compatibility(adapter_cfg)
-            merged = None
-            if not servable and merge:
-                from tunegate.export import export_run
+    trained_on = train.config.get("base_model", project.base_model)
+    if full:
+        adapter_cfg: dict[str, Any] = {}
+        servable, reasons, merged = False, ["full fine-tune: a whole model, served from merged/ as a base model"], "merged/"
+    else:
+        adapter_cfg = json.loads((tmp / "adapter" / "adapter_config.json").read_text(encoding="utf-8"))
+        servable, reasons = vllm_compatibility(adapter_cfg)
+        merged = None
+        if not servable and merge:
+            from tunegate.export import merge_run
 
-                trained_on = train.config.get("base_model")
-                if trained_on is not None and trained_on != project.base_model:
-                    raise TunegateError(
-                        f"{project.source_file}: base_model is {project.base_model}, but run {run_id!r} was trained on "
-                        f"{trained_on}; the merge needs the training base model (set base_model back, or --no-merge)"
-                    )
-                console.print(f"[dim]- release: vLLM cannot serve this adapter as a LoRA ({'; '.join(reasons)}); merging[/dim]")
-                export_run(project, run_id, out_dir=tmp / "merged")
-                merged = "merged/"
-            elif not servable:
-                console.print(f"[yellow]- release: --no-merge: vLLM cannot serve this adapter as a LoRA ({'; '.join(reasons)})[/yellow]")
+            if trained_on != project.base_model:
+                raise TunegateError(
+                    f"{project.source_file}: base_model is {project.base_model}, but run {run_id!r} was trained on "
+                    f"{trained_on}; the merge needs the training base model (set base_model back, or release.merge: false)"
+                )
+            console.print(f"[dim]- release: vLLM cannot serve this adapter as a LoRA ({'; '.join(reasons)}); merging[/dim]")
+            with console.status("release: merging the adapter into the base model and checking the merge in fp32"):
+                merge_run(project, run_dir, tmp / "merged")
+            merged = "merged/"
+        elif not servable:
+            console.print(f"[yellow]- release: no merge: vLLM cannot serve this adapter as a LoRA ({'; '.join(reasons)})[/yellow]")
 
-        for name, text in _release_docs(run_dir, project, console).items():
-            (tmp / name).write_text(text, encoding="utf-8")
+    for name, text in _release_docs(run_dir, project).items():
+        (tmp / name).write_text(text, encoding="utf-8")
 
-        train_cfg = train.config.get("train", {})
-        weights_rel = "adapter/adapter_model.safetensors"
-        # The eos ids the bundle's generation_config.json lists (eos and end of turn; models.write_stop_tokens):
-        # what any engine serving the bundle must stop at. None for a run trained before they were written.
-        gen_cfg = next((tmp / d / "generation_config.json" for d in ("merged", "adapter")
-                        if (tmp / d / "generation_config.json").is_file()), None)
-        stop_ids = json.loads(gen_cfg.read_text(encoding="utf-8")).get("eos_token_id") if gen_cfg else None
-        # The vocabulary it trained with (train.added_tokens and the embedding rows they need); None: not recorded
-        vocab_file = next((tmp / d / VOCAB_RECORD for d in ("adapter", "merged") if (tmp / d / VOCAB_RECORD).is_file()), None)
-        vocab = json.loads(vocab_file.read_text(encoding="utf-8")) if vocab_file else {}
-        release = {
-            "project": project.name,
-            "run_id": run_id,
-            "base_model": train.config.get("base_model", project.base_model),
-            "base_model_sha256": _base_model_sha256(manifests),
-            "method": train_cfg.get("method"),
-            "adapter_type": "full" if full else ("dora" if adapter_cfg.get("use_dora") else "lora"),
-            "lora_rank": adapter_cfg.get("r"),
-            "lora_alpha": adapter_cfg.get("lora_alpha"),
-            "target_modules": sorted(adapter_cfg["target_modules"]) if isinstance(adapter_cfg.get("target_modules"), list) else adapter_cfg.get("target_modules"),
-            "modules_to_save": adapter_cfg.get("modules_to_save"),
-            "stop_token_ids": [stop_ids] if isinstance(stop_ids, int) else stop_ids,
-            "vocab_size": vocab.get("vocab_size"),  # embedding rows: the base model's plus the added tokens'
-            "added_tokens": vocab.get("added_tokens", {}),  # train.added_tokens -> token id
-            "adapter_sha256": train.outputs.get(weights_rel) if not full else train.outputs.get("model/model.safetensors"),
-            "verdict": "PASS",
-            "scores": json.loads((tmp / "eval" / "scores.json").read_text(encoding="utf-8")),
-            "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-            "tunegate_version": __version__,
-            "vllm": {"servable_as_lora": servable, "reasons": reasons, "merged": merged},
-            "signing": {"method": "sigstore" if sigstore else "ec-key",
-                        "public_key_sha256": None if sigstore else public_key_sha256(public_pem),
-                        "spec": "OpenSSF model signing (model-signing 1.1)"},
-        }
-        atomic_write_json(tmp / RELEASE, release)
-        files, other = list_files(tmp)
-        if other:
-            raise TunegateError(f"{out}: not regular files (links?) in the bundle: {', '.join(other)}")
-        atomic_write_json(tmp / FILES, {rel: sha256_file(tmp / rel) for rel in files})
-        sign_directory(tmp, tmp / SIGNATURE, private_key=private_key, sigstore=sigstore)
-        if not sigstore:  # read it back before publishing: a bundle that does not verify is never renamed into place
-            with tempfile.TemporaryDirectory() as keydir:
-                (Path(keydir) / PUBLIC_KEY).write_bytes(public_pem)
-                verify_bundle(tmp, Path(keydir) / PUBLIC_KEY)
-        publish_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    console.print(f"[green]- release: signed bundle {out}[/green] (vLLM as LoRA: {servable}"
-                  + (f"; merged model in {out / 'merged'}" if merged else "") + ")")
-    return out
+    train_cfg = train.config.get("train", {})
+    weights_rel = "adapter/adapter_model.safetensors"
+    # The eos ids the bundle's generation_config.json lists (eos and end of turn; models.write_stop_tokens):
+    # what any engine serving the bundle must stop at. None for a run trained before they were written.
+    gen_cfg = next((tmp / d / "generation_config.json" for d in ("merged", "adapter")
+                    if (tmp / d / "generation_config.json").is_file()), None)
+    stop_ids = json.loads(gen_cfg.read_text(encoding="utf-8")).get("eos_token_id") if gen_cfg else None
+    # The vocabulary it trained with (train.added_tokens and the embedding rows they need); None: not recorded
+    vocab_file = next((tmp / d / VOCAB_RECORD for d in ("adapter", "merged") if (tmp / d / VOCAB_RECORD).is_file()), None)
+    vocab = json.loads(vocab_file.read_text(encoding="utf-8")) if vocab_file else {}
+    data = manifests.get("data")
+    release = {
+        "project": project.name,
+        "run_id": run_id,
+        "base_model": _project_relative(trained_on, project.root),
+        "base_model_sha256": base_model_sha256(trained_on),
+        # what the data stage read (sources, golden set, ...): project-relative path -> sha256
+        "sources": {_project_relative(p, project.root): digest for p, digest in sorted(data.inputs.items())} if data else {},
+        "method": train_cfg.get("method"),
+        "adapter_type": "full" if full else ("dora" if adapter_cfg.get("use_dora") else "lora"),
+        "lora_rank": adapter_cfg.get("r"),
+        "lora_alpha": adapter_cfg.get("lora_alpha"),
+        "target_modules": sorted(adapter_cfg["target_modules"]) if isinstance(adapter_cfg.get("target_modules"), list) else adapter_cfg.get("target_modules"),
+        "modules_to_save": adapter_cfg.get("modules_to_save"),
+        "stop_token_ids": [stop_ids] if isinstance(stop_ids, int) else stop_ids,
+        "vocab_size": vocab.get("vocab_size"),  # embedding rows: the base model's plus the added tokens'
+        "added_tokens": vocab.get("added_tokens", {}),  # train.added_tokens -> token id
+        "adapter_sha256": train.outputs.get(weights_rel) if not full else train.outputs.get("model/model.safetensors"),
+        "verdict": "PASS",
+        "scores": json.loads((tmp / "eval" / "scores.json").read_text(encoding="utf-8")),
+        "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "tunegate_version": __version__,
+        "vllm": {"servable_as_lora": servable, "reasons": reasons, "merged": merged},
+        "signing": {"method": "sigstore" if sigstore else "ec-key",
+                    "public_key_sha256": None if sigstore else public_key_sha256(public_pem),
+                    "spec": "OpenSSF model signing (model-signing 1.1)"},
+    }
+    atomic_write_json(tmp / RELEASE, release)
+    files, other = list_files(tmp)
+    if other:
+        raise TunegateError(f"{tmp}: not regular files (links?) in the bundle: {', '.join(other)}")
+    atomic_write_json(tmp / FILES, {rel: sha256_file(tmp / rel) for rel in files})
+    sign_directory(tmp, tmp / SIGNATURE, private_key=private_key, sigstore=sigstore)
+    if not sigstore:  # read it back before publishing: a bundle that does not verify is never renamed into place
+        with tempfile.TemporaryDirectory() as keydir:
+            (Path(keydir) / PUBLIC_KEY).write_bytes(public_pem)
+            verify_bundle(tmp, Path(keydir) / PUBLIC_KEY)
+    console.print(f"[green]- release: signed bundle[/green] (vLLM as LoRA: {servable}"
+                  + ("; merged model in merged/" if merged else "") + ")")
+    return release
 
 
 # ---------------------------------------------------------------------------------------------- verify
@@ -699,23 +829,3 @@ def verify_bundle(bundle_dir: Path, public_key: Path | None = None, *, sigstore_
     if problems:
         raise TunegateError(f"{bundle}: release bundle does not verify:\n  " + "\n  ".join(dict.fromkeys(problems)))
     return release
-
-
-# ---------------------------------------------------------------------------------------------- where bundles live
-# (Engineer A owns these two in issue 22; engineer B added these small equivalents with the agreed names and
-# semantics so promote and serve work before the release stage lands. Keep A's version on merge.)
-
-
-def bundle_dir(run_dir: Path) -> Path:
-    """The signed release bundle of a run: `runs/<id>/release/bundle/` (it may not exist yet)."""
-    return Path(run_dir) / "release" / "bundle"
-
-
-def public_key_for(project) -> Path | None:
-    """The public key this project's bundles verify with: `serve.public_key` when set, else the project-local
-    `<project root>/.tunegate/keys/public.pem` when it exists, else None."""
-    serve = getattr(project, "serve", None)
-    if serve is not None and serve.public_key is not None:
-        return Path(serve.public_key)
-    local = Path(project.root) / ".tunegate" / "keys" / PUBLIC_KEY
-    return local if local.is_file() else None

@@ -39,7 +39,8 @@ sweep = pytest.mark.skipif(not os.environ.get("TUNEGATE_KILL_SWEEP"), reason="th
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory, tiny_model_dir):
-    """A PASSed run with a LoRA r8 adapter (released as it is, no merge) and a key pair."""
+    """A PASSed run with a LoRA r8 adapter (released as it is, no merge; the release stage signed it with the
+    project-local key) and a second key pair, keys/, that `tunegate release --key` signs with."""
     root = tmp_path_factory.mktemp("kill")
     labels = ["alpha", "beta", "gamma"]
     write_jsonl(root / "train.jsonl", [chat(f"message number {i} about topic {labels[i % 3]}", labels[i % 3], f"t{i}") for i in range(60)])
@@ -146,11 +147,13 @@ def test_data_killed_at_any_point_reruns_to_the_clean_runs_files(project):
 
 
 def test_release_killed_at_any_point_reruns_to_the_clean_runs_bundle(project):
+    """Without --out, `tunegate release` runs the release stage: its folder swap publishes the bundle
+    (runs/<id>/release/bundle) and the manifest is written after it."""
     args = ("release", "tunegate.yaml", "--key", project / "keys" / "private.pem")
-    tried, clean_s = kill_release(project, args, project / "runs" / "default" / "release",
-                                  ["staging:created", "publish:start", "publish:exchanged"], n_delays=2)
-    # A first release (no bundle there yet) killed right after its rename: the bundle is in place, whole.
-    clean = bundle_files(project, project / "runs" / "default" / "release")
+    tried, clean_s = kill_release(project, args, project / "runs" / "default" / "release" / "bundle",
+                                  ["publish:start", "publish:exchanged", "stage:published"], n_delays=2)
+    # A first release into --out (no bundle there yet) killed right after its rename: the bundle is in place, whole.
+    clean = bundle_files(project, project / "runs" / "default" / "release" / "bundle")
     assert tunegate(project, *args, "--out", "first", fault="publish:renamed")[0] == -9
     assert bundle_files(project, project / "first") == clean and leftovers(project) == []
     tried.append("publish:renamed (first release)")
@@ -198,11 +201,11 @@ def test_sweep_data_killed_after_many_delays(project):
 
 @sweep
 def test_sweep_dora_release_with_its_merge_killed_at_every_step_of_both_publishes(project):
-    """A DoRA adapter is merged (`export`) into merged/ inside the release's staging folder: publish @1 is the
-    merge's (its first time: a plain rename), @2 the bundle's."""
+    """A DoRA adapter is merged (`export`) into merged/ inside the release stage's partial folder: publish @1 is the
+    merge's (its first time: a plain rename), @2 the release stage folder's."""
     run_pipeline(load_project(project / "tunegate.yaml", ["train.adapter=dora"]), run_id="dora")
     args = ("release", "tunegate.yaml", "train.adapter=dora", "--run-id", "dora", "--key", project / "keys" / "private.pem")
-    faults = ["staging:created@1", "staging:created@2", "publish:start@1", "publish:renamed@1", "publish:start@2",
-              "publish:exchanged@1"]
-    tried, clean_s = kill_release(project, args, project / "runs" / "dora" / "release", faults, n_delays=8)
+    faults = ["staging:created@1", "publish:start@1", "publish:renamed@1", "publish:start@2", "publish:exchanged@1",
+              "stage:published"]
+    tried, clean_s = kill_release(project, args, project / "runs" / "dora" / "release" / "bundle", faults, n_delays=8)
     print(f"DoRA release sweep: {len(tried)} kill points {tried}; clean run {clean_s:.1f} s")

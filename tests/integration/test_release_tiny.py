@@ -1,4 +1,5 @@
-"""Signed release bundles on the tiny random Llama: build, verify, tamper detection, refusals (issue 7, case C24 in docs/cases.md)."""
+"""Signed release bundles on the tiny random Llama: the release stage at the end of `tunegate run` with the
+project-local key (issue 22), build, verify, tamper detection, refusals (issue 7, case C24 in docs/cases.md)."""
 
 import json
 import os
@@ -7,6 +8,7 @@ import stat
 import subprocess
 import sys
 import types
+from pathlib import Path
 
 import pytest
 from conftest import chat, project_yaml, write_jsonl
@@ -59,18 +61,95 @@ def keys(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def lora_run(tmp_path_factory, tiny_model_dir):
-    """A PASSed run with a plain LoRA r8 adapter (servable by vLLM as it is), through the report stage."""
+    """A PASSed run with a plain LoRA r8 adapter (servable by vLLM as it is), through the release stage (signed
+    with the project-local key it made)."""
     root = _project(tmp_path_factory.mktemp("lora"), tiny_model_dir, "  adapter: lora\n  lora: {r: 8, lora_alpha: 16}")
     manifests = run_pipeline(load_project(root / "tunegate.yaml"))
-    assert manifests["eval"].verdict == "PASS"
+    assert manifests["eval"].verdict == "PASS" and "release" in manifests
     return root
 
 
 @pytest.fixture(scope="module")
-def bundle(lora_run, keys):
-    out = release.build_bundle(load_project(lora_run / "tunegate.yaml"), private_key=keys[0])
-    assert out == lora_run / "runs" / "default" / "release"
-    return out
+def bundle(lora_run, keys, tmp_path_factory):
+    """A bundle of the same run built with `build_bundle` (`tunegate release --out`) and the `keys` pair."""
+    return release.build_bundle(load_project(lora_run / "tunegate.yaml"), private_key=keys[0],
+                                out_dir=tmp_path_factory.mktemp("out") / "bundle")
+
+
+def test_run_ends_in_a_bundle_signed_with_the_project_local_key(lora_run):
+    from tunegate.core.manifest import read_manifest, sha256_file
+
+    project = load_project(lora_run / "tunegate.yaml")
+    run_dir = lora_run / "runs" / "default"
+    private, public = release.project_keys(project)  # made by the run; returned as they are
+    assert (private, public) == (lora_run / ".tunegate" / "keys" / "private.pem", lora_run / ".tunegate" / "keys" / "public.pem")
+    assert stat.S_IMODE(os.stat(private).st_mode) == 0o600
+    assert (private.parent / ".gitignore").read_text().splitlines()[-1] == "private.pem"
+    if shutil.which("git"):  # git itself agrees: the private key is ignored, the public one is not
+        subprocess.run(["git", "init", "-q", str(lora_run)], check=True)
+        ignored = subprocess.run(["git", "-C", str(lora_run), "check-ignore", "-q", str(private)], check=False)
+        shown = subprocess.run(["git", "-C", str(lora_run), "check-ignore", "-q", str(public)], check=False)
+        assert (ignored.returncode, shown.returncode) == (0, 1)
+    assert release.public_key_for(project) == public
+
+    bundle = release.bundle_dir(run_dir)
+    assert bundle == run_dir / "release" / "bundle"
+    m = read_manifest(run_dir / "release")
+    assert m is not None and set(m.upstream) == {"data", "train", "eval", "report"}
+    assert m.config == {"merge": True, "sigstore": False, "public_key_sha256": release.public_key_sha256(public.read_bytes())}
+    assert sorted(p.name for p in (run_dir / "release").iterdir()) == ["bundle", "manifest.json"]
+    assert not [p.name for p in run_dir.iterdir() if p.name.startswith(".release")]  # no partial folder left
+    info = release.verify_bundle(bundle, public)
+    assert info["verdict"] == "PASS" and info["signing"]["public_key_sha256"] == m.config["public_key_sha256"]
+    # item 8: the base model's sha256 (the tiny model is one local safetensors file) and project-relative sources
+    weights = sorted(Path(project.base_model).glob("*.safetensors"))
+    assert len(weights) == 1 and info["base_model_sha256"] == sha256_file(weights[0])
+    assert info["sources"] == {name: sha256_file(lora_run / name) for name in ("golden.jsonl", "golden.lock.json", "train.jsonl")}
+
+    # a second run skips every stage, release included: the same manifest and bundle
+    before = (run_dir / "release" / "manifest.json").read_bytes()
+    again = run_pipeline(project)
+    assert again["release"].started_at == m.started_at
+    assert (run_dir / "release" / "manifest.json").read_bytes() == before
+    release.verify_bundle(bundle, public)
+
+
+def test_release_cli_without_out_runs_the_release_stage(lora_run):
+    """`tunegate release PROJECT` is the release stage: skipped when unchanged, rebuilt with --force into the
+    same place, with the same files but release.json (its time) and the release documents."""
+    run_dir = lora_run / "runs" / "default"
+    bundle = release.bundle_dir(run_dir)
+    files_before = json.loads((bundle / "files.json").read_text())
+    manifest_before = (run_dir / "release" / "manifest.json").read_bytes()
+    r = cli("release", lora_run / "tunegate.yaml")
+    assert r.returncode == 0, r.stderr
+    assert f"wrote {bundle}" in r.stdout and "release: unchanged" in " ".join(r.stderr.split())
+    assert (run_dir / "release" / "manifest.json").read_bytes() == manifest_before
+    r = cli("release", lora_run / "tunegate.yaml", "--force")
+    assert r.returncode == 0, r.stderr
+    assert (run_dir / "release" / "manifest.json").read_bytes() != manifest_before
+    # in-process runs here render stub release docs, the CLI the real ones: those three files are left out
+    files_after = json.loads((bundle / "files.json").read_text())
+    for name in ("release.json", *release.DOC_NAMES):
+        assert files_after.pop(name) and files_before.pop(name), name
+    assert files_after == files_before and "adapter/adapter_model.safetensors" in files_after
+    release.verify_bundle(bundle, lora_run / ".tunegate" / "keys" / "public.pem")
+
+
+def test_a_configured_key_is_used_instead_of_making_one(lora_run, keys, tmp_path):
+    root = tmp_path / "proj"
+    shutil.copytree(lora_run, root, ignore=shutil.ignore_patterns("release", ".tunegate"))
+    project = load_project(root / "tunegate.yaml", [f"release.key={keys[0]}"])
+    assert project.release.key == keys[0]
+    manifests = run_pipeline(project)
+    assert not (root / ".tunegate").exists()  # no project-local key was made
+    assert manifests["release"].config["public_key_sha256"] == release.public_key_sha256(keys[1].read_bytes())
+    release.verify_bundle(release.bundle_dir(root / "runs" / "default"), keys[1])
+    with pytest.raises(TunegateError, match="Key mismatch"):  # not signed with a key of its own
+        release.verify_bundle(release.bundle_dir(root / "runs" / "default"), release.project_keys(project)[1])
+    # a missing configured key is named, with its setting
+    with pytest.raises(TunegateError, match=r"release.key .*nope.pem not found"):
+        run_pipeline(load_project(root / "tunegate.yaml", [f"release.key={tmp_path / 'nope.pem'}"]))
 
 
 def _copy(bundle, tmp_path):
@@ -102,7 +181,7 @@ def test_release_writes_the_layout_and_verifies(bundle, keys, lora_run):
                 "eval/verdict.json", "eval/scores.json", "report/report.md"):
         assert (bundle / rel).is_file(), rel
     assert not (bundle / "merged").exists()  # LoRA r8: vLLM serves it as it is
-    assert not [p.name for p in bundle.parent.iterdir() if p.name.startswith(".release")]  # no partial folders
+    assert not [p.name for p in bundle.parent.iterdir() if p.name.startswith(".bundle")]  # no partial folders
     info = json.loads((bundle / "release.json").read_text())
     train = json.loads((run_dir / "train" / "manifest.json").read_text())
     assert info["project"] == "tiny" and info["run_id"] == "default" and info["verdict"] == "PASS"
@@ -121,7 +200,7 @@ def test_release_writes_the_layout_and_verifies(bundle, keys, lora_run):
     r = cli("verify", bundle, "--key", keys[1])
     assert r.returncode == 0 and "OK" in r.stdout, r.stderr
 
-    r = cli("release", lora_run / "tunegate.yaml", "--key", keys[0])  # an existing bundle is kept
+    r = cli("release", lora_run / "tunegate.yaml", "--key", keys[0], "--out", bundle)  # an existing bundle is kept
     assert r.returncode == 2 and "--force" in r.stderr
     r = cli("release", lora_run / "tunegate.yaml", "--key", keys[0], "--sigstore")
     assert r.returncode == 2 and "give one of them" in r.stderr
@@ -203,14 +282,21 @@ def test_c24_empty_folders_are_neither_signed_nor_verified(tmp_path, keys):
 
 def test_fail_verdict_is_refused_naming_the_rules(lora_run, keys, tmp_path):
     root = tmp_path / "proj"
-    shutil.copytree(lora_run, root, ignore=shutil.ignore_patterns("release"))
+    shutil.copytree(lora_run, root, ignore=shutil.ignore_patterns("release", ".tunegate"))
+    r = cli("run", root / "tunegate.yaml", "eval.gate.0.min=0.99")  # `tunegate run`: the gate fails, no release
+    assert r.returncode == 3, r.stderr
+    assert "release: skipped (eval verdict FAIL)" in " ".join(r.stderr.split())
     project = load_project(root / "tunegate.yaml", ["eval.gate.0.min=0.99"])
-    assert run_pipeline(project, until="eval")["eval"].verdict == "FAIL"
+    manifests = run_pipeline(project)
+    assert manifests["eval"].verdict == "FAIL" and "report" in manifests and "release" not in manifests
     with pytest.raises(TunegateError, match=r"eval verdict FAIL; failing rules: exact_match: candidate >= 0.99 \(measured"):
         release.build_bundle(project, private_key=keys[0])
-    r = cli("release", root / "tunegate.yaml", "--key", keys[0])
+    r = cli("release", root / "tunegate.yaml", "eval.gate.0.min=0.99", "--key", keys[0])
+    assert r.returncode == 2 and "eval verdict FAIL" in r.stderr
+    r = cli("release", root / "tunegate.yaml", "eval.gate.0.min=0.99")  # the stage path: nothing written, no key made
     assert r.returncode == 2 and "eval verdict FAIL" in r.stderr
     assert not [p.name for p in (root / "runs" / "default").iterdir() if "release" in p.name]
+    assert not (root / ".tunegate").exists()
 
 
 def test_changed_adapter_is_refused(lora_run, keys, tmp_path):

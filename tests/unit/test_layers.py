@@ -5,11 +5,11 @@ the rooms before it. Read with the stdlib `ast`, so imports written inside funct
     config    config.py, catalog.py, prices.py            + core, and decide.py (a pure table)
     library   data/ evals/ recipes/ report/, models.py,    + config, each other
               decide.py, retrieval.py, verifiers.py,
-              preflight.py, registry.py, launch.py
+              preflight.py, registry.py, launch.py,
+              release.py, export.py
     stage     stages/                                     + library; never pipeline, never another stage
     pipeline  pipeline.py                                 + stage
-    verb      release.py, export.py, drift.py,            + pipeline, each other
-              preview.py, runs.py, serve/
+    verb      drift.py, preview.py, runs.py, serve/       + pipeline, each other
     cli       cli.py                                      everything
 
 No module imports another module's `_private` name, and the modules form no import cycle.
@@ -38,9 +38,9 @@ MAY_IMPORT = {
 ALSO_ALLOWED = {("config", "tunegate.decide")}
 CONFIG_ROOM = {"tunegate.config", "tunegate.catalog", "tunegate.prices"}
 LIBRARY_MODULES = {"tunegate.models", "tunegate.decide", "tunegate.retrieval", "tunegate.verifiers", "tunegate.preflight",
-                   "tunegate.registry", "tunegate.launch"}
+                   "tunegate.registry", "tunegate.launch", "tunegate.release", "tunegate.export"}
 LIBRARY_PACKAGES = ("tunegate.data.", "tunegate.evals.", "tunegate.recipes.", "tunegate.report.")
-VERB_MODULES = {"tunegate.release", "tunegate.export", "tunegate.drift", "tunegate.preview", "tunegate.runs"}
+VERB_MODULES = {"tunegate.drift", "tunegate.preview", "tunegate.runs"}
 
 # Violations allowed while a move is under way: (importer, imported) or (importer, "name"). Empty: keep it so.
 ALLOWED_VIOLATIONS: set[tuple[str, str]] = set()

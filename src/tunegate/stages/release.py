@@ -1,0 +1,45 @@
+"""Release stage: the last stage of `tunegate run`, the PASSed run's signed, servable bundle.
+
+The pipeline runs it only when the eval verdict is PASS (a FAIL stops after the report). The body is
+`tunegate.release.write_bundle`, written into the stage's partial folder so that the folder swap publishes the
+bundle whole: `runs/<id>/release/bundle/` (`tunegate.release.bundle_dir`), beside the stage's manifest.json.
+
+Signing key (`release:` in the project file): `release.key`, or `release.sigstore`, or else the project-local
+pair `.tunegate/keys/private.pem` (0600, ignored by git) and `public.pem`, made on first use
+(`tunegate.release.project_keys`). The key is settled when the fingerprint is taken (the config view below), so
+the run that makes it and the next one fingerprint the same public key.
+
+Fingerprint: the manifests of data, train, eval and report (upstream), `release.merge`, `release.sigstore` and the
+sha256 of the signing key's public part; never the private key's bytes or path.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tunegate.core.stage import Stage, StageResult, StageSpec
+from tunegate.release import BUNDLED_STAGES, bundle_dir, public_key_sha256, public_pem_of, signing_key, write_bundle
+
+
+def config(project) -> dict[str, Any]:
+    """The settings that change the bundle. Makes the project-local key pair when no key is configured."""
+    r, key = project.release, signing_key(project)
+    return {"merge": r.merge, "sigstore": r.sigstore,
+            "public_key_sha256": None if key is None else public_key_sha256(public_pem_of(key))}
+
+
+def run(st: Stage) -> StageResult:
+    p = st.project
+    info = write_bundle(p, st.run_dir, st.dir / bundle_dir(st.run_dir).name, private_key=signing_key(p),
+                        merge=p.release.merge, sigstore=p.release.sigstore, stages=BUNDLED_STAGES)
+    return StageResult(metrics={
+        "bundle": "bundle/",
+        "adapter_type": info["adapter_type"],
+        "servable_as_lora": info["vllm"]["servable_as_lora"],
+        "merged": info["vllm"]["merged"],
+        "signing": info["signing"]["method"],
+        "public_key_sha256": info["signing"]["public_key_sha256"],
+    })
+
+
+SPEC = StageSpec(name="release", run=run, upstream=BUNDLED_STAGES, config=config)

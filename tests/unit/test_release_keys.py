@@ -1,0 +1,79 @@
+"""The project-local signing key of the release stage (issue 22): made once, private 0600 and ignored by git,
+never overwritten; which public key a project's bundles verify with; the release stage's fingerprint view."""
+
+import os
+import stat
+
+import pytest
+from conftest import make_tiny_project
+
+from tunegate import TunegateError
+from tunegate.config import load_project
+
+release = pytest.importorskip("tunegate.release")
+pytest.importorskip("cryptography")
+
+
+@pytest.fixture
+def project_dir(tmp_path):
+    return make_tiny_project(tmp_path, "some-hub/model")  # never loaded here
+
+
+def test_project_keys_are_made_once_0600_and_ignored_by_git(project_dir, capsys):
+    project = load_project(project_dir / "tunegate.yaml")
+    assert release.public_key_for(project) is None  # nothing made yet, and asking makes nothing
+    assert not (project_dir / ".tunegate").exists()
+    private, public = release.project_keys(project)
+    assert (private, public) == (project_dir / ".tunegate/keys/private.pem", project_dir / ".tunegate/keys/public.pem")
+    assert stat.S_IMODE(os.stat(private).st_mode) == 0o600
+    assert "private.pem" in (private.parent / ".gitignore").read_text().splitlines()
+    err = " ".join(capsys.readouterr().err.split())
+    assert str(private) in err and str(public) in err
+    assert release.public_pem_of(private) == public.read_bytes()
+    before = private.read_bytes()
+    assert release.project_keys(project) == (private, public) and private.read_bytes() == before  # reused, not remade
+    assert capsys.readouterr().err == ""
+    assert release.public_key_for(project) == public
+
+
+def test_half_a_key_pair_is_refused_not_overwritten(project_dir):
+    project = load_project(project_dir / "tunegate.yaml")
+    private, public = release.project_keys(project)
+    public.unlink()
+    before = private.read_bytes()
+    with pytest.raises(TunegateError, match=r"public.pem: missing, but its pair .*private.pem exists; rule: signing keys are never overwritten"):
+        release.project_keys(project)
+    assert private.read_bytes() == before and not public.exists()
+
+
+def test_a_configured_key_makes_no_project_key_and_sets_the_fingerprint(project_dir, tmp_path):
+    from tunegate.stages.release import config as release_view
+
+    private, public = release.generate_keys(tmp_path / "mine")
+    project = load_project(project_dir / "tunegate.yaml", [f"release.key={private}"])
+    view = release_view(project)
+    assert view == {"merge": True, "sigstore": False, "public_key_sha256": release.public_key_sha256(public.read_bytes())}
+    assert str(private) not in str(view)  # the public part only: a moved private key reruns nothing
+    assert release.signing_key(project) == private and not (project_dir / ".tunegate").exists()
+    assert release_view(load_project(project_dir / "tunegate.yaml", ["release.sigstore=true"]))["public_key_sha256"] is None
+    # with no key configured the view makes the project-local pair, so the first and second run fingerprint alike
+    first = release_view(load_project(project_dir / "tunegate.yaml"))
+    assert (project_dir / ".tunegate/keys/public.pem").is_file()
+    assert release_view(load_project(project_dir / "tunegate.yaml")) == first != view
+    with pytest.raises(TunegateError, match=r"release.key and release.sigstore: give one of them"):
+        load_project(project_dir / "tunegate.yaml", [f"release.key={private}", "release.sigstore=true"])
+
+
+def test_serve_public_key_defaults_to_the_project_key(project_dir, tmp_path):
+    (project_dir / "tunegate.yaml").write_text((project_dir / "tunegate.yaml").read_text() + "serve:\n  bundles: []\n")
+    assert load_project(project_dir / "tunegate.yaml").serve.public_key is None  # no project key yet
+    _, public = release.project_keys(load_project(project_dir / "tunegate.yaml"))
+    project = load_project(project_dir / "tunegate.yaml")
+    assert project.serve.public_key == public and release.public_key_for(project) == public
+    _, other = release.generate_keys(tmp_path / "other")
+    project = load_project(project_dir / "tunegate.yaml", [f"serve.public_key={other}"])
+    assert project.serve.public_key == other and release.public_key_for(project) == other  # a set key wins
+
+
+def test_bundle_dir_is_inside_the_release_stage_folder(tmp_path):
+    assert release.bundle_dir(tmp_path / "runs" / "r1") == tmp_path / "runs" / "r1" / "release" / "bundle"
