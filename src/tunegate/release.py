@@ -479,14 +479,14 @@ def _copy_recorded(src_stage: Path, manifest: Manifest, rel: str, dest: Path) ->
         raise TunegateError(f"{src_stage / rel}: changed since the {manifest.stage} manifest was written; nothing was released")
 
 
-def _release_docs(run_dir: Path, project) -> dict[str, str]:
+def _release_docs(run_dir: Path, project, merged: str | None) -> dict[str, str]:
     try:
         from tunegate.report.release_docs import render_release_docs
     except ImportError:
         console.print("[yellow]- release: tunegate.report.release_docs is not installed; "
                       f"{', '.join(DOC_NAMES)} not written[/yellow]")
         return {}
-    docs = render_release_docs(run_dir, project)
+    docs = render_release_docs(run_dir, project, merged=merged)  # the card points at merged/ when the bundle has it
     bad = [name for name in docs if name not in DOC_NAMES]
     if bad:
         raise TunegateError(f"release docs: unexpected file names {bad}; expected {', '.join(DOC_NAMES)}")
@@ -648,7 +648,7 @@ def write_bundle(project, run_dir: Path, dest: Path, *, private_key: Path | None
         elif not servable:
             console.print(f"[yellow]- release: no merge: vLLM cannot serve this adapter as a LoRA ({'; '.join(reasons)})[/yellow]")
 
-    for name, text in _release_docs(run_dir, project).items():
+    for name, text in _release_docs(run_dir, project, merged).items():
         (tmp / name).write_text(text, encoding="utf-8")
 
     train_cfg = train.config.get("train", {})
