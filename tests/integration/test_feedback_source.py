@@ -17,14 +17,14 @@ from tunegate.serve import db as servedb
 MSGS = [{"role": "user", "content": "message number 7 about topic beta, please"}]
 
 
-def _serve_feedback(root, edits):
-    """A serving database beside the project with one trace per edit and the edit as feedback."""
+def _serve_feedback(root, edits, version="tiny-v1", adapter="tiny", first=0):
+    """A serving database beside the project with one trace per edit (answered by `version`) and the edit as feedback."""
     eng = servedb.connect(servedb.default_url(root))
-    for i, edit in enumerate(edits):
+    for i, edit in enumerate(edits, start=first):
         tid = f"chatcmpl-{i}"
-        servedb.write_trace(eng, id=tid, tenant="acme", model="tiny", adapter="tiny", adapter_sha256="ab" * 32,
+        servedb.write_trace(eng, id=tid, tenant="acme", model=adapter or "base", adapter=adapter, adapter_sha256="ab" * 32,
                             messages=MSGS, params={}, response="alpha", finish_reason="stop", prompt_tokens=9,
-                            completion_tokens=1, latency_ms=3.0)
+                            completion_tokens=1, latency_ms=3.0, version=version)
         servedb.record_feedback(eng, "acme", tid, "down", edit, None)
 
 
@@ -69,6 +69,9 @@ def test_data_stage_trains_on_edits_collected_since_the_last_run(tiny_project):
 
     # Users correct two answers; the next `tunegate data` exports them and trains on the edits.
     _serve_feedback(tiny_project, ["beta", "beta, from topic 7"])
+    # answers of another bundle and of the base model the server also serves are not this adapter's to learn from
+    _serve_feedback(tiny_project, ["gamma"], version="other", adapter="other", first=10)
+    _serve_feedback(tiny_project, ["gamma"], version="base", adapter=None, first=11)
     res = runner.invoke(cli_app, ["data", str(cfg)])
     assert res.exit_code == 0, res.output
     assert "2 SFT row(s)" in res.output
@@ -76,7 +79,7 @@ def test_data_stage_trains_on_edits_collected_since_the_last_run(tiny_project):
     answers = sorted(r["messages"][-1]["content"] for r in fb)
     assert answers == ["beta", "beta, from topic 7"]
     assert {r["meta"]["trace_id"] for r in fb} == {"chatcmpl-0", "chatcmpl-1"}
-    assert all(r["meta"]["tenant"] == "acme" and r["meta"]["adapter"] == "tiny" for r in fb)
+    assert all(r["meta"]["tenant"] == "acme" and r["meta"]["adapter_version"] == "tiny-v1" for r in fb)
 
     # Nothing new: the export writes the same bytes and the finished data stage is skipped.
     res = runner.invoke(cli_app, ["data", str(cfg)])

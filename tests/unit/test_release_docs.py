@@ -397,3 +397,15 @@ def test_the_card_points_at_the_bundles_merged_model_instead_of_advising_a_merge
     assert "merge it into the base model first with `tunegate export`" in render_release_docs(run, project)["MODEL_CARD.md"]
     card = render_release_docs(run, project, merged="merged/")["MODEL_CARD.md"]
     assert "tunegate export" not in card and "serve the merged model in this bundle's `merged/` folder" in card
+
+
+def test_dpia_says_nothing_was_measured_without_a_bar_or_a_cheaper_option(tmp_path):
+    project = _project(tmp_path)
+    run = _run(tmp_path, project, audit_verdict="TRAIN")
+    audit = json.loads((run / "audit" / "audit.json").read_text())
+    _write(run / "audit" / "audit.json", {**audit, "bar": None})
+    dpia = render_release_docs(run, project)["dpia.md"]
+    assert "no bar was set" in dpia and "met the bar" not in dpia
+    _write(run / "audit" / "audit.json", {**audit, "candidates": [{**c, "trains": True} for c in audit["candidates"]]})
+    dpia = render_release_docs(run, project)["dpia.md"]
+    assert "every candidate trains" in dpia and "no option without training met the bar" not in dpia

@@ -379,7 +379,7 @@ def _audit(audit: dict[str, Any] | None, audit_manifest) -> dict[str, Any] | Non
     # bar cannot be ruled out; only when no CI reaches it did the audit measure that none meets it.
     met = [c for c in no_training if bar is not None and c["mean"] >= bar]
     reaches = [c for c in no_training if bar is not None and c["mean"] < bar <= c["hi"]]
-    return {"met_bar": met, "ci_reaches_bar": reaches, "verdict": rec.get("verdict") or (audit_manifest.verdict if audit_manifest else None), "metric": audit.get("metric"),
+    return {"met_bar": met, "ci_reaches_bar": reaches, "no_training": no_training, "verdict": rec.get("verdict") or (audit_manifest.verdict if audit_manifest else None), "metric": audit.get("metric"),
             "bar": audit.get("bar"), "golden_rows": audit.get("golden_rows"), "task": audit.get("task"), "labels": audit.get("labels"),
             "candidates": cands, "best_no_training": rec.get("best_no_training"), "best_training": rec.get("best_training"),
             "gap": rec.get("gap"), "method": decision.get("method"), "why": decision.get("why"),

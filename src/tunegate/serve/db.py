@@ -38,6 +38,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import re
 import secrets
 import threading
 import uuid
@@ -362,7 +363,8 @@ TRUNCATED_RULE = "truncated_response"  # the openai_log reader's rule for an ans
 
 
 def export_feedback(engine, adapters: list[str] | None = None,
-                    special_tokens: frozenset[str] = frozenset()) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
+                    special_tokens: frozenset[str] = frozenset(),
+                    versions_of: str | None = None) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
     """Traces with feedback -> (preference rows, KTO rows, counts), in the JSONL shapes of `format: preference`
     and `format: kto` (tunegate.data.records).
 
@@ -372,7 +374,8 @@ def export_feedback(engine, adapters: list[str] | None = None,
     as top-level keys, which the reader keeps in `meta`: source "feedback", trace_id, tenant, adapter
     (None: the base model), adapter_sha256, adapter_version (the trace's `version`: NAME-vN, a bundle's name,
     or "base"), feedback_id, served_at. `adapters` keeps only traces of those
-    adapter names ("base" selects the base model's traces).
+    adapter names ("base" selects the base model's traces); `versions_of` keeps only traces answered by a registry
+    version of that project (version `NAME-vN`, tunegate.serve.production).
 
     Left out: a row whose served answer was cut short (finish_reason "length": max_tokens, the deadline or a
     shutdown; rule `truncated_response`, as the `openai_log` reader rejects such logged answers), and a row any of
@@ -396,8 +399,11 @@ def export_feedback(engine, adapters: list[str] | None = None,
         rows = con.execute(q).mappings().all()
     latest_rating: dict[str, Any] = {}
     latest_edit: dict[str, Any] = {}
+    own_version = re.compile(rf"{re.escape(versions_of)}-v[0-9]+") if versions_of is not None else None
     for r in rows:  # ordered oldest first: later submissions overwrite
         if adapters is not None and (r["adapter"] or "base") not in adapters:
+            continue
+        if own_version is not None and not own_version.fullmatch(r["adapter_version"] or ""):
             continue
         latest_rating[r["trace_id"]] = r
         if r["edited_answer"] is not None and r["edited_answer"].strip():
@@ -457,7 +463,8 @@ def sft_rows(pairs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def export_to_files(project, out_dir: Path | None = None, adapters: list[str] | None = None) -> tuple[dict[str, Path], dict[str, Any]]:
+def export_to_files(project, out_dir: Path | None = None, adapters: list[str] | None = None,
+                    versions_of: str | None = None) -> tuple[dict[str, Path], dict[str, Any]]:
     """`tunegate data feedback`: export_feedback from the project's serving database into `out_dir` (default
     <project dir>/feedback, where `data.sources[].feedback` reads): sft.jsonl (edited answers as chat rows,
     sft_rows), preference.jsonl and kto.jsonl (each written, empty when it has no rows, so a feedback source
@@ -477,7 +484,7 @@ def export_to_files(project, out_dir: Path | None = None, adapters: list[str] | 
     if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).is_file():
         raise TunegateError(f"{url[len('sqlite:///'):]}: no serving database yet (run `tunegate serve` and collect feedback first)")
     specials = special_tokens(load_tokenizer(resolve_base_model(project.base_model)))
-    pairs, kto, counts = export_feedback(connect(url), adapters, specials)
+    pairs, kto, counts = export_feedback(connect(url), adapters, specials, versions_of)
     rejected = counts.pop("rejected", [])
     counts.setdefault("rejected_by_rule", {})
     out = Path(out_dir) if out_dir is not None else Path(project.root) / "feedback"
@@ -501,7 +508,9 @@ def refresh_feedback_sources(project) -> list[str]:
     """Before `tunegate run` / `tunegate data`: when a data source is `feedback: sft|preference|kto`, export the
     serving database into <project dir>/feedback/ (export_to_files) so the run trains on the feedback collected so
     far. Returns lines to print. With no serving database yet, the files are written empty (a project may keep its
-    feedback source from the first round on): the data stage then reads no rows from it."""
+    feedback source from the first round on): the data stage then reads no rows from it. Only feedback on this
+    project's registry versions (`NAME-vN`, what `tunegate promote` put in production) is exported: answers of
+    the base model or of other bundles the server also serves are not this adapter's to learn from."""
     from tunegate.core.io import atomic_write_jsonl
 
     kinds = [s.feedback for s in project.data.sources if s.feedback is not None]
@@ -513,6 +522,7 @@ def refresh_feedback_sources(project) -> list[str]:
             if s.feedback is not None and not s.path.is_file():
                 atomic_write_jsonl(s.path, [])
         return [f"feedback sources ({', '.join(kinds)}): no serving database yet ({url[len('sqlite:///'):]}), so no feedback rows"]
-    written, counts = export_to_files(project)
+    written, counts = export_to_files(project, versions_of=project.name)
     return [f"feedback sources: {counts['sft_rows']} SFT row(s), {counts['preference_rows']} preference pair(s), "
-            f"{counts['kto_rows']} KTO row(s) exported from the serving database into {written['sft'].parent}"]
+            f"{counts['kto_rows']} KTO row(s) on versions {project.name}-vN exported from the serving database "
+            f"into {written['sft'].parent}"]
