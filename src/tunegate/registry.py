@@ -7,9 +7,11 @@ watches this database and switches while it runs).
 `promote` moves a version to production only when its eval verdict is PASS, the adapter on disk still has the
 sha256 recorded by the train stage, and the run's signed release bundle verifies (the caller passes `verify`,
 tunegate.release.verify_bundle with the project's public key: this library module does not import the release
-verb) and is a bundle of that very adapter; the previous production version is retired. A registered version
+verb) and is this project's release of that very run: release.json's `project`, `run_id` and `adapter_sha256`,
+and its `manifests/eval.json` byte for byte the run's eval manifest; the previous production version is retired. A registered version
 is copied next to the database: the adapter to `adapters/<project>-v<N>/` (what the eval stage compares
-against) and the verified bundle to `bundles/<project>-v<N>/` (what is served), so a later run in the same run
+against) and the verified bundle to `bundles/<project>-v<N>/` (what is served; both folders must resolve
+inside the project, `copy_folder`), so a later run in the same run
 folder cannot change what was promoted. Their sha256 (the adapter's, and the bundle's files.json's, which pins
 every file of the bundle) are checked again before a version is promoted or restored. Each copy is made in a
 staging folder and published whole (core.io.publish_dir) before its row is committed: a kill leaves either no

@@ -34,7 +34,8 @@ against the bundle's files, so a failure names each added, removed or changed fi
 
 Keys: `release.key` in the project file, `--sigstore` / `release.sigstore`, or else the project-local pair
 `.tunegate/keys/private.pem` (0600, ignored by git through `.tunegate/keys/.gitignore`) and `public.pem`,
-created on first use (`project_keys`). Bundles of a project verify with `public_key_for(project)`.
+created on first use (`project_keys`). Bundles of a project verify with `public_key_for(project)` (serve.public_key,
+else release.key's public part, else the project-local public.pem).
 
 torch and model-signing are imported inside the functions that need them.
 """

@@ -17,8 +17,11 @@ The switch (`sync`, run by the watcher thread every `serve.reload_interval_s`): 
 then `engine.adapters[NAME]` is replaced in one assignment. A request takes a lease on the ServedAdapter it found
 (`lease`) before it generates and gives it back after, so a request in flight finishes on the version it started
 with, and the next request gets the new one. A slot no public name points at any more is unloaded by the watcher
-once no lease holds it. A version that cannot be loaded (refused bundle, changed copy) is logged and the name
-keeps serving what it served: a bad promotion never takes the endpoint down.
+once no lease holds it. A version that cannot be loaded (refused bundle, changed copy, an engine error) is logged
+once and the name keeps serving what it served: a bad promotion never takes the endpoint down, and one name's
+failure never stops the others. A version the engine cannot serve at all (tunegate.serve.engine.NotServable: DoRA
+on vLLM, a --merged server) never fails start-up either: a name with nothing else to serve answers 404 saying why.
+`promote` refuses release.sigstore: the registry and the server verify with a key only.
 
 The response of every chat completion names what answered (tunegate.serve.api): `X-Tunegate-Adapter-Version`
 (`NAME-vN`, a static bundle's name, or `base`) and `X-Tunegate-Adapter-Sha256`; the trace row keeps the label
