@@ -486,9 +486,10 @@ def test_vllm_refuses_a_dora_slot_as_not_servable_naming_merged_serving(tmp_path
     import tempfile
 
     from tunegate.serve.engine import NotServable
-    from tunegate.serve.vllm import VLLMEngine
+    from tunegate.serve.vllm import VLLMEngine, servable_as_lora
 
     bundle, release = _bundle(tmp_path, "dora", r=8, use_dora=True)
+    assert not servable_as_lora(bundle, release) and servable_as_lora(*_bundle(tmp_path, "plain", r=8))  # serve()'s preload filter
     engine = VLLMEngine(url="http://127.0.0.1:9/v1", base_name="base", workdir=tempfile.TemporaryDirectory(),
                         plan=LaunchPlan(model="m", served_name="base", max_lora_rank=64, max_loras=2))
     with pytest.raises(NotServable, match=r"^refused for vLLM multi-LoRA serving: .*DoRA.*; vLLM serves it only merged"):

@@ -382,7 +382,8 @@ class EmbeddedEngine:
         generation lock: the answer in flight finishes first, and the next one may use it.
 
         Raises:
-            NotServable: the adapter adds tokens this server's tokenizer lacks (a new tokenizer needs a restart).
+            NotServable: the adapter adds tokens this server's tokenizer lacks (a new tokenizer needs a restart
+                with the bundle in serve.bundles).
             TunegateError: another vocabulary (models.fit_to_adapter).
         """
         from tunegate.models import read_vocabulary_record
@@ -390,8 +391,8 @@ class EmbeddedEngine:
         added = (read_vocabulary_record(Path(bundle) / "adapter") or {}).get("added_tokens") or {}
         vocab = self.tokenizer.get_vocab() if hasattr(self.tokenizer, "get_vocab") else {}
         if any(tok not in vocab for tok in added):
-            raise NotServable("the adapter was trained with added tokens this server's tokenizer lacks; "
-                              "restart the server to serve it")
+            raise NotServable("the adapter was trained with added tokens this server's tokenizer lacks; add its "
+                              "bundle to serve.bundles and restart the server (it then starts with that tokenizer)")
         with self.lock:
             self.model = _attach(self.model, Path(bundle) / "adapter", slot)
 
