@@ -356,7 +356,8 @@ def promote(project: ProjectArg, overrides: Overrides = None, run_id: RunId = "d
     """Make a run's adapter the production version: what `tunegate serve` serves as the project's name.
 
     Refused unless its eval verdict is PASS and its signed release bundle (runs/<run-id>/release/bundle/) verifies
-    with serve.public_key (else .tunegate/keys/public.pem) and holds the evaluated adapter. A running server
+    with serve.public_key (else release.key's public part, else .tunegate/keys/public.pem) and is this project's
+    release of the run's evaluated adapter; Sigstore-signed bundles cannot be promoted yet. A running server
     switches to it within serve.reload_interval_s.
     """
     from tunegate.pipeline import existing_run_dir

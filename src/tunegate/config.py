@@ -879,7 +879,8 @@ def load_project(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) 
             b.path = _resolve(root, b.path)
         if project.serve.public_key is not None:
             project.serve.public_key = _resolve(root, project.serve.public_key)
-        elif (root / LOCAL_KEYS / "public.pem").is_file():  # default: the key the release stage signs with
+        elif project.release.key is None and (root / LOCAL_KEYS / "public.pem").is_file():
+            # default: the key the release stage signs with (with release.key: its public part, release.public_key_for)
             project.serve.public_key = root / LOCAL_KEYS / "public.pem"
     if project.release.key is not None:
         project.release.key = _resolve(root, project.release.key)

@@ -7,9 +7,11 @@ watches this database and switches while it runs).
 `promote` moves a version to production only when its eval verdict is PASS, the adapter on disk still has the
 sha256 recorded by the train stage, and the run's signed release bundle verifies (the caller passes `verify`,
 tunegate.release.verify_bundle with the project's public key: this library module does not import the release
-verb) and is a bundle of that very adapter; the previous production version is retired. A registered version
+verb) and is this project's release of that very run: release.json's `project`, `run_id` and `adapter_sha256`,
+and its `manifests/eval.json` byte for byte the run's eval manifest; the previous production version is retired. A registered version
 is copied next to the database: the adapter to `adapters/<project>-v<N>/` (what the eval stage compares
-against) and the verified bundle to `bundles/<project>-v<N>/` (what is served), so a later run in the same run
+against) and the verified bundle to `bundles/<project>-v<N>/` (what is served; both folders must resolve
+inside the project, `copy_folder`), so a later run in the same run
 folder cannot change what was promoted. Their sha256 (the adapter's, and the bundle's files.json's, which pins
 every file of the bundle) are checked again before a version is promoted or restored. Each copy is made in a
 staging folder and published whole (core.io.publish_dir) before its row is committed: a kill leaves either no
@@ -32,6 +34,7 @@ from typing import Any, Callable, Iterator
 from tunegate import TunegateError
 from tunegate.core.io import clean_stale_all, create_private, fault_point, publish_dir, staging_dir
 from tunegate.core.manifest import read_manifest
+from tunegate.core.paths import inside
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS versions (
@@ -123,8 +126,12 @@ def check_stored(entry: dict[str, Any]) -> None:
             raise TunegateError(f"{weights}: missing or changed since version {entry['version']} was registered; rule: only the evaluated adapter is served")
 
 
-def _verified_release(bundle: Path, verify: Verify, digest: str, run_dir: Path) -> dict[str, Any]:
-    """`verify(bundle)`, and the bundle must be one of this run's evaluated adapter. Raises TunegateError."""
+def _verified_release(bundle: Path, verify: Verify, digest: str, run_dir: Path, project: str) -> dict[str, Any]:
+    """`verify(bundle)`, and the bundle must be this project's release of this very run: its release.json holds the
+    adapter of sha256 `digest`, names `project` and run `run_dir.name`, and its manifests/eval.json is the run's
+    eval/manifest.json byte for byte (the evaluation that gated it). Raises TunegateError naming the field."""
+    from tunegate.core.manifest import manifest_hash, sha256_file
+
     if not (Path(bundle) / "release.json").is_file():
         raise TunegateError(f"{bundle}: no signed release bundle; rule: only a released (signed, verified) version can be "
                             "promoted; run the release stage (`tunegate release`) first")
@@ -132,10 +139,28 @@ def _verified_release(bundle: Path, verify: Verify, digest: str, run_dir: Path) 
     if release.get("adapter_sha256") != digest:
         raise TunegateError(f"{bundle}/release.json: adapter_sha256 {release.get('adapter_sha256')} is not the one "
                             f"{run_dir}/train recorded ({digest}); rule: the bundle must hold the evaluated adapter")
+    rule = "rule: the bundle must be this project's release of the evaluated run"
+    if release.get("project") != project:
+        raise TunegateError(f"{bundle}/release.json: project {release.get('project')!r} is not {project!r}; {rule}")
+    if release.get("run_id") != run_dir.name:
+        raise TunegateError(f"{bundle}/release.json: run_id {release.get('run_id')!r} is not {run_dir.name!r} ({run_dir}); {rule}")
+    evidence = Path(bundle) / "manifests" / "eval.json"
+    if not evidence.is_file() or sha256_file(evidence) != manifest_hash(run_dir / "eval"):
+        raise TunegateError(f"{evidence}: missing or not {run_dir}/eval/manifest.json byte for byte; rule: the bundle must "
+                            "carry the evaluation that gated this run (release the run again after a new eval)")
     return release
 
 
-def _store_bundle(bundle: Path, stored: Path, verify: Verify, digest: str, run_dir: Path) -> str:
+def copy_folder(db_path: Path, folder: str, root: Path | None = None) -> Path:
+    """`<folder of db_path>/<folder>` (`adapters` or `bundles`, COPY_FOLDERS), once it resolves inside `root` (the
+    project folder; default the database's folder), before anything is written there. Raises TunegateError: it
+    leads outside (a link)."""
+    path = Path(db_path).parent / folder
+    inside(root if root is not None else Path(db_path).parent, path, f"registry {folder}/ folder")
+    return path
+
+
+def _store_bundle(bundle: Path, stored: Path, verify: Verify, digest: str, run_dir: Path, project: str) -> str:
     """Copy `bundle` to `stored` through a staging folder, verify the copy (signature, files, adapter sha256) and
     publish it. Returns the sha256 of the copy's files.json. Raises TunegateError: the copy does not verify."""
     import shutil
@@ -146,7 +171,7 @@ def _store_bundle(bundle: Path, stored: Path, verify: Verify, digest: str, run_d
     try:
         shutil.copytree(bundle, staged, dirs_exist_ok=True, symlinks=True)
         try:
-            _verified_release(staged, verify, digest, run_dir)
+            _verified_release(staged, verify, digest, run_dir, project)
         except TunegateError as exc:
             raise TunegateError(str(exc).replace(str(staged), str(bundle)) + " (changed while it was copied into the registry)") from None
         files_sha = sha256_file(staged / "files.json")
@@ -157,7 +182,8 @@ def _store_bundle(bundle: Path, stored: Path, verify: Verify, digest: str, run_d
     return files_sha
 
 
-def register(db_path: Path, project: str, run_dir: Path, *, bundle: Path, verify: Verify) -> dict[str, Any]:
+def register(db_path: Path, project: str, run_dir: Path, *, bundle: Path, verify: Verify,
+             root: Path | None = None) -> dict[str, Any]:
     """Record a finished run's adapter and its signed release bundle as a candidate and copy both into the
     registry (idempotent). `verify(folder)` verifies a release bundle and returns its release.json
     (tunegate.release.verify_bundle with the project's public key).
@@ -170,8 +196,12 @@ def register(db_path: Path, project: str, run_dir: Path, *, bundle: Path, verify
     the database has since given to another project, and dead staging folders. A row registered before bundles
     were stored gets its bundle copy now.
 
-    Raises TunegateError without a finished eval, when the adapter changed since training (or while copied), or
-    when the bundle is missing, does not verify, or holds another adapter.
+    `root`: the project folder `adapters/` and `bundles/` must resolve inside (`copy_folder`; default the
+    database's folder), checked before anything is written.
+
+    Raises TunegateError without a finished eval, when the adapter changed since training (or while copied), when
+    the bundle is missing, does not verify, or is not this project's release of this run (`_verified_release`),
+    or when a copy folder leads outside the project.
     """
     import shutil
 
@@ -185,14 +215,15 @@ def register(db_path: Path, project: str, run_dir: Path, *, bundle: Path, verify
     if broken:
         raise TunegateError(f"{run_dir}/train: files changed since training: {', '.join(broken)}; rule: only the evaluated adapter can be registered")
     digest = _adapter_digest(run_dir)
-    _verified_release(bundle, verify, digest, run_dir)  # refused before anything is written
+    _verified_release(bundle, verify, digest, run_dir, project)  # refused before anything is written
+    adapters, bundles = (copy_folder(db_path, f, root) for f in COPY_FOLDERS)
     with connect(db_path) as con:
         row = con.execute(
             "SELECT * FROM versions WHERE project=? AND run_id=? AND adapter_sha256=?", (project, run_dir.name, digest)
         ).fetchone()
         if row is not None and not row["bundle_dir"]:  # registered before bundles were stored: store it now
-            stored_bundle = db_path.parent / "bundles" / f"{project}-v{row['version']}"
-            files_sha = _store_bundle(bundle, stored_bundle, verify, digest, run_dir)
+            stored_bundle = bundles / f"{project}-v{row['version']}"
+            files_sha = _store_bundle(bundle, stored_bundle, verify, digest, run_dir, project)
             con.execute("UPDATE versions SET bundle_dir=?, bundle_sha256=? WHERE version=?",
                         (str(stored_bundle), files_sha, row["version"]))
             row = con.execute("SELECT * FROM versions WHERE version=?", (row["version"],)).fetchone()
@@ -207,9 +238,9 @@ def register(db_path: Path, project: str, run_dir: Path, *, bundle: Path, verify
                 "INSERT INTO transitions (project, version, from_status, to_status, reason, at) VALUES (?, ?, NULL, 'candidate', 'registered', ?)",
                 (project, cur.lastrowid, _now()),
             )
-            for folder in COPY_FOLDERS:
-                _clean_adapters(con, db_path.parent / folder, project, cur.lastrowid)
-            stored = db_path.parent / "adapters" / f"{project}-v{cur.lastrowid}"
+            for folder in (adapters, bundles):
+                _clean_adapters(con, folder, project, cur.lastrowid)
+            stored = adapters / f"{project}-v{cur.lastrowid}"
             staged = staging_dir(stored)
             try:
                 shutil.copytree(run_dir / "train" / "adapter", staged, dirs_exist_ok=True)
@@ -220,8 +251,8 @@ def register(db_path: Path, project: str, run_dir: Path, *, bundle: Path, verify
             except BaseException:
                 shutil.rmtree(staged, ignore_errors=True)
                 raise
-            stored_bundle = db_path.parent / "bundles" / f"{project}-v{cur.lastrowid}"
-            files_sha = _store_bundle(bundle, stored_bundle, verify, digest, run_dir)
+            stored_bundle = bundles / f"{project}-v{cur.lastrowid}"
+            files_sha = _store_bundle(bundle, stored_bundle, verify, digest, run_dir, project)
             fault_point("registry:published")
             con.execute("UPDATE versions SET adapter_dir=?, bundle_dir=?, bundle_sha256=? WHERE version=?",
                         (str(stored), str(stored_bundle), files_sha, cur.lastrowid))
@@ -268,22 +299,25 @@ def production(db_path: Path, project: str) -> dict[str, Any] | None:
         return dict(row) if row else None
 
 
-def promote(db_path: Path, project: str, run_dir: Path, *, bundle: Path, verify: Verify) -> dict[str, Any]:
-    """Register the run and its release bundle `bundle` if needed (see `register`) and make it production.
+def promote(db_path: Path, project: str, run_dir: Path, *, bundle: Path, verify: Verify,
+            root: Path | None = None) -> dict[str, Any]:
+    """Register the run and its release bundle `bundle` if needed (see `register`, also for `root`) and make it
+    production.
 
     Returns:
         The version's row (version, run_id, status, adapter_dir, adapter_sha256, bundle_dir, bundle_sha256, ...).
 
     Raises:
-        TunegateError: the verdict is not PASS, the bundle is missing or does not verify (`verify`), or a stored
-            copy changed since it was registered.
+        TunegateError: the verdict is not PASS, the bundle is missing, does not verify (`verify`) or is not this
+            project's release of this run, a copy folder leads outside `root`, or a stored copy changed since it
+            was registered.
     """
     ev = read_manifest(run_dir / "eval")
     if ev is not None and ev.verdict != "PASS":
         raise TunegateError(
             f"{run_dir}/eval/verdict.json: verdict {ev.verdict}; rule: only a version whose eval gate passed can be promoted"
         )
-    entry = register(db_path, project, run_dir, bundle=bundle, verify=verify)
+    entry = register(db_path, project, run_dir, bundle=bundle, verify=verify, root=root)
     check_stored(entry)
     verify(Path(entry["bundle_dir"]))  # the stored copy, as the server will load it
     with connect(db_path) as con:

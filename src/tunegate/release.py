@@ -34,7 +34,8 @@ against the bundle's files, so a failure names each added, removed or changed fi
 
 Keys: `release.key` in the project file, `--sigstore` / `release.sigstore`, or else the project-local pair
 `.tunegate/keys/private.pem` (0600, ignored by git through `.tunegate/keys/.gitignore`) and `public.pem`,
-created on first use (`project_keys`). Bundles of a project verify with `public_key_for(project)`.
+created on first use (`project_keys`). Bundles of a project verify with `public_key_for(project)` (serve.public_key,
+else release.key's public part, else the project-local public.pem).
 
 torch and model-signing are imported inside the functions that need them.
 """
@@ -52,7 +53,7 @@ from typing import Any, Sequence
 from tunegate import TunegateError, __version__
 from tunegate.config import LOCAL_KEYS
 from tunegate.core.console import console
-from tunegate.core.io import atomic_write_json, atomic_write_text, clean_stale, publish_dir, staging_dir
+from tunegate.core.io import atomic_write_bytes, atomic_write_json, atomic_write_text, clean_stale, publish_dir, staging_dir
 from tunegate.core.paths import inside
 from tunegate.core.manifest import MANIFEST, Manifest, manifest_hash, read_manifest, sha256_file
 
@@ -183,13 +184,44 @@ def signing_key(project) -> Path | None:
     return project_keys(project)[0]
 
 
+# The public part of `release.key`, written here when no public.pem of that key sits beside it (`public_key_for`).
+RELEASE_KEY_PUBLIC = "release-key.pub.pem"
+
+
 def public_key_for(project) -> Path | None:
-    """The public key this project's bundles verify with: `serve.public_key` when set, else the project-local
-    `.tunegate/keys/public.pem` when it exists, else None. Never creates a key."""
+    """The public key this project's bundles verify with: `serve.public_key` when set; else, with `release.key`,
+    that key's public part: the `public.pem` beside it when it is that key's pair, else the public part written
+    to `.tunegate/keys/release-key.pub.pem` (atomic, rewritten only when it changes); else the project-local
+    `.tunegate/keys/public.pem` when it exists; else None. Never creates a key pair.
+
+    Raises:
+        TunegateError: release.key is set but missing or not an elliptic-curve private key, or `.tunegate/keys`
+            leads outside the project.
+    """
     if project.serve is not None and project.serve.public_key is not None:
         return Path(project.serve.public_key)
+    key = getattr(getattr(project, "release", None), "key", None)
+    if key is not None:
+        if not Path(key).is_file():
+            raise TunegateError(f"{project.source_file}: release.key {key} not found (make one with `tunegate keys generate`)")
+        public_pem = public_pem_of(Path(key))
+        beside = Path(key).with_name(PUBLIC_KEY)
+        if beside.is_file() and _same_public_key(beside.read_bytes(), public_pem):
+            return beside
+        out = inside(project.root, project.root / LOCAL_KEYS, str(LOCAL_KEYS)) / RELEASE_KEY_PUBLIC
+        if not out.is_file() or out.read_bytes() != public_pem:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(out, public_pem)
+        return out
     local = project.root / LOCAL_KEYS / PUBLIC_KEY
     return local if local.is_file() else None
+
+
+def _same_public_key(pem: bytes, public_pem: bytes) -> bool:
+    try:
+        return public_key_sha256(pem) == public_key_sha256(public_pem)
+    except (ValueError, TypeError):  # not a PEM public key: not the pair
+        return False
 
 
 def bundle_dir(run_dir: Path) -> Path:

@@ -18,7 +18,7 @@ def keys(tmp_path_factory):
     return release.generate_keys(tmp_path_factory.mktemp("keys"))
 
 
-def fake_bundle(run, private_key):
+def fake_bundle(run, private_key, project="p"):
     """A minimal signed release bundle of the fake run, in runs/<id>/release/bundle/: the adapter, both manifests,
     the verdict, release.json, files.json and model.sig; `release.verify_bundle` checks it for real."""
     b = release.bundle_dir(run)
@@ -32,15 +32,15 @@ def fake_bundle(run, private_key):
     (b / "eval" / "scores.json").write_text("{}")
     digest = sha256_file(b / "adapter" / "adapter_model.safetensors")
     (b / "adapter" / "adapter_config.json").write_text("{}")
-    (b / "release.json").write_text(json.dumps({"verdict": "PASS", "run_id": run.name, "adapter_sha256": digest,
-                                                "base_model": "base"}))
+    (b / "release.json").write_text(json.dumps({"verdict": "PASS", "project": project, "run_id": run.name,
+                                                "adapter_sha256": digest, "base_model": "base"}))
     files, _ = release.list_files(b)
     (b / "files.json").write_text(json.dumps({rel: sha256_file(b / rel) for rel in files}))
     release.sign_directory(b, b / "model.sig", private_key=private_key)
     return b
 
 
-def fake_run(root, run_id, verdict, weights=b"w", keys=None):
+def fake_run(root, run_id, verdict, weights=b"w", keys=None, project="p"):
     run = root / "runs" / run_id
     (run / "train" / "adapter").mkdir(parents=True)
     (run / "train" / "adapter" / "adapter_model.safetensors").write_bytes(weights + run_id.encode())
@@ -49,7 +49,7 @@ def fake_run(root, run_id, verdict, weights=b"w", keys=None):
     write_manifest(run / "eval", Manifest(stage="eval", fingerprint="f", config={}, verdict=verdict,
                                           metrics={"candidate": {"mean": 0.9}}))
     if keys is not None and verdict == "PASS":
-        fake_bundle(run, keys[0])
+        fake_bundle(run, keys[0], project)
     return run
 
 
@@ -162,7 +162,7 @@ def test_a_promote_killed_at_any_step_leaves_nothing_once_promote_runs_again(tmp
     from tunegate.core.manifest import sha256_file
 
     db = tmp_path / "tunegate.db"
-    r1, other = run(tmp_path, "r1", "PASS"), run(tmp_path, "o1", "PASS")
+    r1, other = run(tmp_path, "r1", "PASS"), run(tmp_path, "o1", "PASS", project="q")
     assert _promote_killed_at(point, db, r1, keys[1]) == -9
     assert registry.versions(db, "p") == []  # no row without its copy
     promote(db, "q", other)  # takes version 1, which the killed promote had used for p-v1
@@ -182,7 +182,7 @@ def test_a_half_copied_adapter_left_by_an_earlier_tunegate_is_removed(tmp_path, 
     db = tmp_path / "tunegate.db"
     (tmp_path / "adapters" / "p-v1").mkdir(parents=True)
     (tmp_path / "adapters" / "p-v1" / "adapter_config.json").write_text("{")  # half a copy
-    promote(db, "q", run(tmp_path, "o1", "PASS"))  # version 1 goes to q
+    promote(db, "q", run(tmp_path, "o1", "PASS", project="q"))  # version 1 goes to q
     promote(db, "p", run(tmp_path, "r1", "PASS"))
     assert sorted(p.name for p in (tmp_path / "adapters").iterdir()) == ["p-v2", "q-v1"]
 
@@ -191,7 +191,7 @@ def test_a_copy_whose_number_is_this_projects_or_unused_is_kept(tmp_path, promot
     db = tmp_path / "tunegate.db"
     promote(db, "p", run(tmp_path, "r1", "PASS"))
     (tmp_path / "adapters" / "p-v9").mkdir()  # no row 9 yet: N's next owner replaces it, nobody deletes it
-    promote(db, "q", run(tmp_path, "o1", "PASS"))
+    promote(db, "q", run(tmp_path, "o1", "PASS", project="q"))
     promote(db, "p", run(tmp_path, "r2", "PASS"))
     assert sorted(p.name for p in (tmp_path / "adapters").iterdir()) == ["p-v1", "p-v3", "p-v9", "q-v2"]
 
@@ -272,3 +272,40 @@ def test_a_changed_stored_bundle_is_not_restored(tmp_path, promote, run):
     with pytest.raises(TunegateError, match=r"bundles/p-v1/files.json: missing or changed since version 1 was registered"):
         registry.rollback(db, "p")
     assert registry.production(db, "p")["run_id"] == "r2"
+
+
+def test_a_bundle_of_another_project_run_or_evaluation_is_refused(tmp_path, promote, run, keys):
+    """Review finding 9: the adapter sha256 alone let a signed bundle of the same adapter stand for another project,
+    another run folder, or an evaluation that is not the run's current one."""
+    db = tmp_path / "tunegate.db"
+    r1 = run(tmp_path, "r1", "PASS")
+    shutil.rmtree(release.bundle_dir(r1))
+    fake_bundle(r1, keys[0], project="q")  # signed with the key, same adapter, but project q's release
+    with pytest.raises(TunegateError, match=r"release.json: project 'q' is not 'p'; rule: the bundle must be this project's"):
+        promote(db, "p", r1)
+    shutil.rmtree(release.bundle_dir(r1))
+    fake_bundle(r1, keys[0])
+    copy = tmp_path / "runs" / "r1-copy"
+    shutil.copytree(r1, copy)  # the same adapter and eval, in another run folder: its bundle says run r1
+    with pytest.raises(TunegateError, match=r"release.json: run_id 'r1' is not 'r1-copy'"):
+        promote(db, "p", copy)
+    write_manifest(r1 / "eval", Manifest(stage="eval", fingerprint="g", config={}, verdict="PASS",
+                                         metrics={"candidate": {"mean": 0.5}}))  # evaluated again after the release
+    with pytest.raises(TunegateError, match=r"manifests/eval.json: missing or not .*r1/eval/manifest.json byte for byte"):
+        promote(db, "p", r1)
+    assert registry.versions(db, "p") == [] and not (tmp_path / "bundles").exists()
+
+
+def test_copy_folders_leading_outside_the_project_are_refused_before_anything_is_written(tmp_path, promote, run, keys):
+    from functools import partial
+
+    project_dir, outside = tmp_path / "project", tmp_path / "elsewhere"
+    project_dir.mkdir()
+    outside.mkdir()
+    (project_dir / "bundles").symlink_to(outside)
+    r1 = run(project_dir, "r1", "PASS")
+    verify = partial(release.verify_bundle, public_key=keys[1])
+    with pytest.raises(TunegateError, match=r"registry bundles/ folder: .*bundles resolves to .*elsewhere, outside the project"):
+        registry.promote(project_dir / "tunegate.db", "p", r1, bundle=release.bundle_dir(r1), verify=verify, root=project_dir)
+    assert list(outside.iterdir()) == [] and not (project_dir / "adapters").exists()
+    assert registry.versions(project_dir / "tunegate.db", "p") == []

@@ -77,3 +77,27 @@ def test_serve_public_key_defaults_to_the_project_key(project_dir, tmp_path):
 
 def test_bundle_dir_is_inside_the_release_stage_folder(tmp_path):
     assert release.bundle_dir(tmp_path / "runs" / "r1") == tmp_path / "runs" / "r1" / "release" / "bundle"
+
+
+def test_with_release_key_bundles_verify_with_its_public_part(project_dir, tmp_path):
+    """Review finding 8: with release.key set and no serve.public_key, public_key_for gave None (or the unrelated
+    project-local key), so promote could not verify the bundles the release stage had signed."""
+    import shutil
+
+    (project_dir / "tunegate.yaml").write_text((project_dir / "tunegate.yaml").read_text() + "serve:\n  bundles: []\n")
+    release.project_keys(load_project(project_dir / "tunegate.yaml"))  # an older project-local pair exists too
+    private, public = release.generate_keys(tmp_path / "mine")
+    project = load_project(project_dir / "tunegate.yaml", [f"release.key={private}"])
+    assert project.serve.public_key is None  # not defaulted to the project-local key: release.key signs
+    assert release.public_key_for(project) == public  # its pair, beside it
+    lone = tmp_path / "lone" / "signing.pem"
+    lone.parent.mkdir()
+    shutil.copyfile(private, lone)
+    (lone.parent / "public.pem").write_bytes((project_dir / ".tunegate/keys/public.pem").read_bytes())  # not its pair
+    project = load_project(project_dir / "tunegate.yaml", [f"release.key={lone}"])
+    written = release.public_key_for(project)
+    assert written == (project_dir / ".tunegate/keys/release-key.pub.pem").resolve()
+    assert written.read_bytes() == public.read_bytes() == release.public_pem_of(lone)
+    project = load_project(project_dir / "tunegate.yaml", [f"release.key={tmp_path / 'gone.pem'}"])
+    with pytest.raises(TunegateError, match=r"tunegate.yaml: release.key .*gone.pem not found"):
+        release.public_key_for(project)

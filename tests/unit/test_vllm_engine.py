@@ -431,3 +431,102 @@ def test_launch_plan_passes_the_generation_config_folder():
     argv = LaunchPlan(model=Path("m"), served_name="m", generation_config=Path("/tmp/gen")).argv("py")
     assert argv[argv.index("--generation-config") + 1] == "/tmp/gen"
     assert "--generation-config" not in LaunchPlan(model=Path("m"), served_name="m").argv("py")
+
+
+# ---------------------------------------------------------------- the registry's names on vLLM
+
+
+def _registry_project(tmp_path):
+    """Project `p` (base model `base`) with version 1 in production in its registry; bundles signed for real."""
+    from functools import partial
+
+    from test_registry import fake_run
+
+    from tunegate import registry, release
+    from tunegate.config import load_project
+
+    private, public = release.generate_keys(tmp_path / "keys")
+    (tmp_path / "tunegate.yaml").write_text(
+        "name: p\nbase_model: base\ndata:\n  sources: [{path: t.jsonl, format: chat}]\n"
+        f"  golden: {{path: g.jsonl, format: chat}}\nserve:\n  public_key: {public}\n  max_new_tokens: 8\n")
+    project = load_project(tmp_path / "tunegate.yaml")
+    run = fake_run(tmp_path, "r1", "PASS", keys=(private, public))
+    registry.promote(project.registry, "p", run, bundle=release.bundle_dir(run),
+                     verify=partial(release.verify_bundle, public_key=public), root=tmp_path)
+    return project
+
+
+def test_a_merged_vllm_server_starts_with_a_production_version_and_its_name_answers_404_saying_why(tmp_path):
+    """Review finding 2: with anything in production, `--merged` made create_app's start-up sync raise (vLLM's
+    load_slot: no LoRA support), so the server never started."""
+    from fastapi.testclient import TestClient
+
+    from tunegate.serve import create_app
+    from tunegate.serve import db as servedb
+    from tunegate.serve.vllm import VLLMEngine
+
+    project = _registry_project(tmp_path)
+    with fake_openai_server(lambda model, messages: f"[{model}]") as (url, calls):
+        engine = VLLMEngine(url=url, base_name="base", serves_base=False,
+                            plan=LaunchPlan(model="m", served_name="support", merged="support"))
+        db_url = f"sqlite:///{tmp_path / 'serve.db'}"
+        app = create_app(project, engine=engine, database_url=db_url, watch=False)
+        key = servedb.add_tenant(servedb.connect(db_url), "acme", ["p"])
+        with TestClient(app) as client:
+            r = _ask(client, key, "p")
+        engine.close()
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    assert r.json()["error"]["message"] == (
+        "model 'p': version 1 of project p cannot be served by this server: this vLLM server serves the merged model "
+        "support only (--merged) and loads no LoRA adapters; serve it from a server started without --merged")
+    assert not [p for p, _ in calls if p.endswith("load_lora_adapter")]
+
+
+def test_vllm_refuses_a_dora_slot_as_not_servable_naming_merged_serving(tmp_path):
+    import tempfile
+
+    from tunegate.serve.engine import NotServable
+    from tunegate.serve.vllm import VLLMEngine, servable_as_lora
+
+    bundle, release = _bundle(tmp_path, "dora", r=8, use_dora=True)
+    assert not servable_as_lora(bundle, release) and servable_as_lora(*_bundle(tmp_path, "plain", r=8))  # serve()'s preload filter
+    engine = VLLMEngine(url="http://127.0.0.1:9/v1", base_name="base", workdir=tempfile.TemporaryDirectory(),
+                        plan=LaunchPlan(model="m", served_name="base", max_lora_rank=64, max_loras=2))
+    with pytest.raises(NotServable, match=r"^refused for vLLM multi-LoRA serving: .*DoRA.*; vLLM serves it only merged"):
+        engine.load_slot("p-v2", bundle, release)
+    engine.close()
+
+
+def test_runtime_adapters_cannot_take_the_registrys_names(proxy):
+    """Review finding 5: /admin/adapters only checked the names already loaded, so NAME or NAME-vN (what
+    `tunegate promote` serves) could be taken by a runtime adapter."""
+    auth = {"Authorization": "Bearer secret-admin"}
+    for name in ("proxy", "proxy-v2"):
+        r = proxy["client"].post("/admin/adapters", json={"path": "/nope/x", "name": name}, headers=auth)
+        assert r.status_code == 409 and r.json()["error"]["code"] == "name_reserved", r.text
+        assert r.json()["error"]["message"] == (f"adapter name {name!r} is one of the registry's names for project proxy "
+                                                "(NAME, NAME-vN: what `tunegate promote` serves); give the adapter another name")
+    r = proxy["client"].post("/admin/adapters", json={"path": "/nope/x", "name": "proxy-v2b"}, headers=auth)
+    assert r.status_code == 400  # not a registry name: refused for its missing bundle, as before
+
+
+def test_create_app_failing_after_the_sync_releases_the_switchboard(tmp_path, monkeypatch):
+    """Review finding 13: an error after board.sync (here: a database URL without a driver) left the slot loaded
+    in the engine and the switchboard's private copies on disk."""
+    import tempfile
+
+    from tunegate.serve import create_app
+    from tunegate.serve.vllm import VLLMEngine
+
+    project = _registry_project(tmp_path)
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    with fake_openai_server(lambda model, messages: "ok") as (url, calls):
+        engine = VLLMEngine(url=url, base_name="base", workdir=tempfile.TemporaryDirectory(),
+                            plan=LaunchPlan(model="m", served_name="base", max_lora_rank=64, max_loras=2))
+        with pytest.raises(TunegateError, match=r"serve.database_url 'nosuch://x'"):
+            create_app(project, engine=engine, database_url="nosuch://x", watch=False)
+        engine.close()
+    assert [(p, b["lora_name"]) for p, b in calls] == [("/v1/load_lora_adapter", "p-v1"), ("/v1/unload_lora_adapter", "p-v1")]
+    assert engine.adapters == {} and list(scratch.iterdir()) == []

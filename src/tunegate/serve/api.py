@@ -409,11 +409,19 @@ def feedback(request: Request, body: FeedbackRequest, t: AuthTenant,
 
 
 def add_adapter(request: Request, body: AdapterRequest) -> JSONResponse:
-    """POST /admin/adapters: verify a bundle and load its adapter at run time. Raises ApiError 400: refused."""
+    """POST /admin/adapters: verify a bundle and load its adapter at run time.
+
+    Raises:
+        ApiError: 409 `name_reserved`: the name is one of the registry's names (NAME, NAME-vN); 400: refused.
+    """
     from tunegate.config import BundleConfig
 
     engine: Engine = request.app.state.engine
+    board: Switchboard = request.app.state.production
     name = body.name or Path(body.path).name
+    if board.clashes(name):
+        raise ApiError(409, f"adapter name {name!r} is one of the registry's names for project {board.name} (NAME, NAME-vN: "
+                       "what `tunegate promote` serves); give the adapter another name", code="name_reserved")
     try:
         BundleConfig(path=Path(body.path), name=name)  # the same name rule as serve.bundles
         release = engine.add_adapter(name, Path(body.path))
@@ -455,11 +463,23 @@ def create_app(project, engine: Engine | None = None, database_url: str | None =
 
     Raises:
         TunegateError: loading the default engine failed (a refused bundle), a bundle's name clashes with the
-            registry's names (NAME, NAME-vN), or the registry's production version could not be loaded.
+            registry's names (NAME, NAME-vN), or the registry's production version could not be loaded (a refused
+            or changed bundle; a version the engine cannot serve, such as DoRA on vLLM, is not an error: its name
+            answers 404 saying why). Whatever fails after the switchboard synced stops it first.
     """
     engine = engine if engine is not None else EmbeddedEngine.load(project)
     board = Switchboard(project, engine)
-    board.sync(strict=True)
+    try:
+        board.sync(strict=True)
+        return _app(project, engine, board, database_url, admin_token, watch)
+    except BaseException:
+        board.stop(unload=True)  # its private bundle copies and the slots it loaded into the engine
+        raise
+
+
+def _app(project, engine: Engine, board: Switchboard, database_url: str | None, admin_token: str | None,
+         watch: bool) -> FastAPI:
+    """The FastAPI app of `create_app` around a synced switchboard."""
     cfg = project.serve
 
     @asynccontextmanager
@@ -529,7 +549,7 @@ def serve(project, engine: str = "embedded", host: str | None = None, port: int 
     import secrets
 
     from tunegate.serve.smoke import BF16_MAX_RANK, format_smoke, run_smoke
-    from tunegate.serve.vllm import VLLMEngine, write_admin_file
+    from tunegate.serve.vllm import VLLMEngine, servable_as_lora, write_admin_file
 
     import tempfile
 
@@ -538,6 +558,9 @@ def serve(project, engine: str = "embedded", host: str | None = None, port: int 
     copies = tempfile.TemporaryDirectory(prefix="tunegate-registry-")  # vLLM reads the registry's versions from here
     try:
         preload = registry_copies(project, Path(copies.name)) if merged is None else {}
+        # a version vLLM cannot serve as a LoRA (DoRA, added tokens, ...) does not stop the launch: the switchboard
+        # marks its name missing with the reason (create_app)
+        preload = {slot: copy for slot, copy in preload.items() if servable_as_lora(*copy)}
         backend = VLLMEngine.launch(project, venv=vllm_venv, merged=merged, dtype=dtype, enforce_eager=enforce_eager,
                                     preload=preload, reserve_lora_rank=REGISTRY_LORA_RANK if merged is None else None)
     except BaseException:

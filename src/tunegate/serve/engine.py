@@ -55,6 +55,13 @@ class ApiError(Exception):
         self.headers = headers  # extra response headers, e.g. Retry-After on a 503
 
 
+class NotServable(TunegateError):
+    """An engine cannot serve this adapter at all (its kind, not its integrity): DoRA or added tokens on vLLM, a
+    server started with --merged, a rank above --max-lora-rank, tokens the embedded engine's tokenizer lacks.
+    The message says why without naming private folders (a 404 shows it). tunegate.serve.production marks the
+    registry name missing instead of failing start-up."""
+
+
 RETRY_AFTER_S = 5  # the Retry-After of a 503 (busy or shutting down): a hint, the wait is not known
 LOCK_POLL_S = 0.1  # how often a request waiting for the generation lock looks at the deadline and the shutdown event
 MIN_TEMPERATURE = 1e-5  # below this sampling is greedy, as in vLLM (its _SAMPLING_EPS): logits / 1e-40 overflow float32
@@ -152,7 +159,12 @@ class Engine(Protocol):
 
     def load_slot(self, slot: str, bundle: Path, release: dict[str, Any]) -> None:
         """Load the adapter of the already verified bundle folder `bundle` under the engine name `slot`, without
-        serving it under any public name (tunegate.serve.production switches names to it). Raises TunegateError."""
+        serving it under any public name (tunegate.serve.production switches names to it).
+
+        Raises:
+            NotServable: this engine cannot serve such an adapter (the name is marked missing, start-up goes on).
+            TunegateError: loading failed.
+        """
         ...
 
     def unload_slot(self, slot: str) -> None:
@@ -370,16 +382,17 @@ class EmbeddedEngine:
         generation lock: the answer in flight finishes first, and the next one may use it.
 
         Raises:
-            TunegateError: the adapter adds tokens this server's tokenizer lacks (a new tokenizer needs a restart),
-                or another vocabulary (models.fit_to_adapter).
+            NotServable: the adapter adds tokens this server's tokenizer lacks (a new tokenizer needs a restart
+                with the bundle in serve.bundles).
+            TunegateError: another vocabulary (models.fit_to_adapter).
         """
         from tunegate.models import read_vocabulary_record
 
         added = (read_vocabulary_record(Path(bundle) / "adapter") or {}).get("added_tokens") or {}
         vocab = self.tokenizer.get_vocab() if hasattr(self.tokenizer, "get_vocab") else {}
         if any(tok not in vocab for tok in added):
-            raise TunegateError(f"{bundle}: the adapter was trained with added tokens this server's tokenizer lacks; "
-                                "restart the server to serve it")
+            raise NotServable("the adapter was trained with added tokens this server's tokenizer lacks; add its "
+                              "bundle to serve.bundles and restart the server (it then starts with that tokenizer)")
         with self.lock:
             self.model = _attach(self.model, Path(bundle) / "adapter", slot)
 

@@ -17,8 +17,11 @@ The switch (`sync`, run by the watcher thread every `serve.reload_interval_s`): 
 then `engine.adapters[NAME]` is replaced in one assignment. A request takes a lease on the ServedAdapter it found
 (`lease`) before it generates and gives it back after, so a request in flight finishes on the version it started
 with, and the next request gets the new one. A slot no public name points at any more is unloaded by the watcher
-once no lease holds it. A version that cannot be loaded (refused bundle, changed copy) is logged and the name
-keeps serving what it served: a bad promotion never takes the endpoint down.
+once no lease holds it. A version that cannot be loaded (refused bundle, changed copy, an engine error) is logged
+once and the name keeps serving what it served: a bad promotion never takes the endpoint down, and one name's
+failure never stops the others. A version the engine cannot serve at all (tunegate.serve.engine.NotServable: DoRA
+on vLLM, a --merged server) never fails start-up either: a name with nothing else to serve answers 404 saying why.
+`promote` refuses release.sigstore: the registry and the server verify with a key only.
 
 The response of every chat completion names what answered (tunegate.serve.api): `X-Tunegate-Adapter-Version`
 (`NAME-vN`, a static bundle's name, or `base`) and `X-Tunegate-Adapter-Sha256`; the trace row keeps the label
@@ -42,6 +45,7 @@ from typing import Any, Callable, Iterator
 
 from tunegate import TunegateError, registry
 from tunegate.serve.bundles import ServedAdapter, copy_verified
+from tunegate.serve.engine import NotServable
 
 
 # vLLM starts with LoRA support up to this rank even before any version is promoted, so that versions promoted
@@ -71,13 +75,20 @@ def promote(project, run_id: str = "default") -> dict[str, Any]:
     runs/<id>/release/bundle/ and the project's public key). Returns the version's registry row.
 
     Raises:
-        TunegateError: verdict not PASS, no bundle, a bundle that does not verify or holds another adapter.
+        TunegateError: release.sigstore is set (the registry and the server verify with a key only), verdict not
+            PASS, no bundle, a bundle that does not verify or is not this project's release of this run.
     """
     from tunegate.pipeline import run_dir_for
     from tunegate.release import bundle_dir
 
+    release_cfg = getattr(project, "release", None)
+    if release_cfg is not None and release_cfg.sigstore:
+        raise TunegateError(f"{project.source_file}: release.sigstore is true; Sigstore-signed bundles cannot be promoted "
+                            "yet (the registry and the server verify with a key): sign with a key (release.key, or "
+                            "neither for the project's own key) and release the run again")
     run_dir = run_dir_for(project, run_id)
-    return registry.promote(project.registry, project.name, run_dir, bundle=bundle_dir(run_dir), verify=verifier(project))
+    return registry.promote(project.registry, project.name, run_dir, bundle=bundle_dir(run_dir), verify=verifier(project),
+                            root=Path(project.root))
 
 
 def rollback(project) -> dict[str, Any]:
@@ -143,20 +154,24 @@ class Switchboard:
         self._leases: Counter[str] = Counter()
         self._lock = threading.Lock()  # _leases and engine.adapters[...] assignments
         self._sync_lock = threading.Lock()
-        self._failed: dict[str, str] = {}  # slot -> refusal already logged (logged once, retried every sync)
-        self._workdir = tempfile.TemporaryDirectory(prefix="tunegate-production-")
+        self._failed: dict[str, str] = {}  # "load NAME", "unload SLOT", ... -> the message logged last (once per message)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._check_names()
+        self._workdir = tempfile.TemporaryDirectory(prefix="tunegate-production-")
 
     @property
     def names(self) -> list[str]:
         """The public names served from the registry: the project name, then each pinned version's."""
         return [self.name] + [version_label(self.name, v) for v in self.pinned]
 
+    def clashes(self, name: str) -> bool:
+        """Whether `name` is one of the registry's names for this project, NAME or NAME-vN (served or not): such a
+        name is never given to a serve.bundles bundle or a runtime adapter (/admin/adapters)."""
+        return re.fullmatch(rf"{re.escape(self.name)}(-v\d+)?", name) is not None
+
     def _check_names(self) -> None:
-        clash = re.compile(rf"^{re.escape(self.name)}(-v\d+)?$")
-        taken = [n for n in self.engine.adapters if clash.match(n)]
+        taken = [n for n in self.engine.adapters if self.clashes(n)]
         if self.engine.base_name == self.name:
             taken.append(f"{self.name} (the base model's name)")
         if taken:
@@ -185,44 +200,68 @@ class Switchboard:
 
     def sync(self, strict: bool = False) -> list[str]:
         """Bring every public name to the version the registry wants: load it if it is not loaded, then switch the
-        name. Returns one line per switch. `strict` (at start-up): a version that cannot be loaded raises
-        TunegateError; otherwise it is logged once and the name keeps what it served."""
+        name. Returns one line per switch. A version this engine cannot serve (NotServable: DoRA on vLLM, a
+        --merged server, ...) never fails: it is logged once, and a name with nothing else to serve is marked
+        missing with the reason (its 404). Any other error of one name is logged once per distinct message and
+        the name keeps what it served; the other names are still synced, and idle slots are reaped in any case.
+        `strict` (at start-up): such other errors (a refused or changed bundle) raise instead."""
         events: list[str] = []
         with self._sync_lock:
-            for name, row in served_names(self.project).items():
-                current = self.engine.adapters.get(name)
-                if row is None:
-                    self.missing[name] = (f"model {name!r}: the registry has no production version of project {self.name}; "
-                                          f"promote one (tunegate promote)") if name == self.name else (
-                                          f"model {name!r}: version {name.rsplit('-v', 1)[1]} of project {self.name} is not "
-                                          "in the registry (serve.versions)")
-                    if current is not None:  # e.g. the registry file was replaced: stop serving what it no longer lists
-                        with self._lock:
-                            del self.engine.adapters[name]
-                        events.append(f"{name}: no version in the registry any more; not served")
-                    continue
-                label = version_label(self.name, row["version"])
-                if current is not None and current.slot == label:
-                    continue
-                try:
-                    served = self._load(label, row)
-                except TunegateError as exc:
-                    if strict:
-                        raise
-                    if self._failed.get(label) != str(exc):
-                        self._failed[label] = str(exc)
-                        self.log(f"{name}: version {row['version']} not loaded, still serving "
-                                 f"{current.version if current else 'nothing'}: {exc}")
-                    continue
-                with self._lock:
-                    self.engine.adapters[name] = replace(served, name=name)
-                self.missing.pop(name, None)
-                self.switched_at[name] = time.time()
-                events.append(f"{name} -> {label} (run {row['run_id']}, adapter sha256 {row['adapter_sha256'][:12]})")
-            for e in events:
-                self.log(e)
-            self.reap()
+            try:
+                for name, row in served_names(self.project).items():
+                    event = self._sync_name(name, row, strict)
+                    if event:
+                        events.append(event)
+            finally:
+                for e in events:
+                    self.log(e)
+                self.reap()
         return events
+
+    def _sync_name(self, name: str, row: dict[str, Any] | None, strict: bool) -> str | None:
+        """Switch one public name to `row`'s version (see `sync`). Returns the event line, None when nothing changed."""
+        current = self.engine.adapters.get(name)
+        if row is None:
+            self.missing[name] = (f"model {name!r}: the registry has no production version of project {self.name}; "
+                                  f"promote one (tunegate promote)") if name == self.name else (
+                                  f"model {name!r}: version {name.rsplit('-v', 1)[1]} of project {self.name} is not "
+                                  "in the registry (serve.versions)")
+            if current is None:
+                return None
+            with self._lock:  # e.g. the registry file was replaced: stop serving what it no longer lists
+                del self.engine.adapters[name]
+            return f"{name}: no version in the registry any more; not served"
+        label = version_label(self.name, row["version"])
+        if current is not None and current.slot == label:
+            return None
+        try:
+            served = self._load(label, row)
+        except NotServable as exc:
+            if current is None:
+                self.missing[name] = (f"model {name!r}: version {row['version']} of project {self.name} cannot be served "
+                                      f"by this server: {exc}")
+            self._log_once(f"load {name}", f"{name}: version {row['version']} not loaded, still serving "
+                                  f"{current.version if current else 'nothing'}: {exc}")
+            return None
+        except Exception as exc:  # noqa: BLE001 - one name's failure (a locked file, an engine error) spares the others
+            if strict and isinstance(exc, TunegateError):
+                raise
+            why = str(exc) if isinstance(exc, TunegateError) else f"{type(exc).__name__}: {exc}"
+            self._log_once(f"load {name}", f"{name}: version {row['version']} not loaded, still serving "
+                                  f"{current.version if current else 'nothing'}: {why}")
+            return None
+        with self._lock:
+            self.engine.adapters[name] = replace(served, name=name)
+        self._failed.pop(f"load {name}", None)
+        self.missing.pop(name, None)
+        self.switched_at[name] = time.time()
+        return f"{name} -> {label} (run {row['run_id']}, adapter sha256 {row['adapter_sha256'][:12]})"
+
+    def _log_once(self, key: str, message: str) -> None:
+        """Log `message` unless it is the one last logged for `key` (a failure retried every sync is logged once)."""
+        if self._failed.get(key) != message:
+            self._failed[key] = message
+            self.log(message)
 
     def _load(self, label: str, row: dict[str, Any]) -> ServedAdapter:
         """The slot `label` loaded in the engine (once), from a verified private copy of the stored bundle."""
@@ -244,7 +283,6 @@ class Switchboard:
         except BaseException:
             shutil.rmtree(copy, ignore_errors=True)
             raise
-        self._failed.pop(label, None)
         served = ServedAdapter(label, Path(row["bundle_dir"]), release, slot=label, version=label)
         self._slots[label] = served
         return served
@@ -258,9 +296,11 @@ class Switchboard:
         for slot in idle:
             try:
                 self.engine.unload_slot(slot)
-            except TunegateError as exc:
-                self.log(f"{slot}: could not be unloaded: {exc}")
+            except Exception as exc:  # noqa: BLE001 - PEFT's delete_adapter raises ValueError, vLLM's client httpx errors
+                why = str(exc) if isinstance(exc, TunegateError) else f"{type(exc).__name__}: {exc}"
+                self._log_once(f"unload {slot}", f"{slot}: could not be unloaded (retried at the next sync): {why}")
                 continue
+            self._failed.pop(f"unload {slot}", None)
             del self._slots[slot]
             shutil.rmtree(Path(self._workdir.name) / slot, ignore_errors=True)
             done.append(slot)
@@ -284,16 +324,31 @@ class Switchboard:
             while not self._stop.wait(self.interval_s):
                 try:
                     self.sync()
+                    self._failed.pop("registry watcher", None)
                 except Exception as exc:  # noqa: BLE001 - the watcher must outlive a locked or broken registry file
-                    self.log(f"registry watcher: {type(exc).__name__}: {exc}")
+                    self._log_once("registry watcher", f"registry watcher: {type(exc).__name__}: {exc}")
 
         self._thread = threading.Thread(target=loop, name="tunegate-registry-watcher", daemon=True)
         self._thread.start()
 
-    def stop(self) -> None:
-        """Stop the watcher (waits for a sync in progress) and delete the private bundle copies."""
+    def stop(self, timeout_s: float = 60.0, unload: bool = False) -> bool:
+        """Stop the watcher (waits up to `timeout_s` for a sync in progress) and delete the private bundle copies;
+        with `unload`, first take the registry's names off the engine and unload every slot (an app that failed
+        to start gives the engine back as it was). Returns False when the watcher was still running after
+        `timeout_s`: nothing is unloaded or deleted under it then (logged; the temporary folder goes when the
+        process exits)."""
         self._stop.set()
         if self._thread is not None:
-            self._thread.join(timeout=60)
+            self._thread.join(timeout=timeout_s)
+            if self._thread.is_alive():
+                self.log(f"registry watcher: still running after {timeout_s:g} s; its bundle copies in "
+                         f"{self._workdir.name} are left in place")
+                return False
             self._thread = None
+        if unload:
+            with self._lock:
+                for name in self.names:
+                    self.engine.adapters.pop(name, None)
+            self.reap()
         self._workdir.cleanup()
+        return True

@@ -61,7 +61,7 @@ from tunegate.serve.bundles import (
     copy_verified,
     verify_bundles,
 )
-from tunegate.serve.engine import ApiError, Completion, shutting_down_error
+from tunegate.serve.engine import ApiError, Completion, NotServable, shutting_down_error
 from tunegate.serve.vllm_setup import find_vllm_python
 
 KVCACHE_SPACE_GIB = "1"  # VLLM_CPU_KVCACHE_SPACE default: small, the CPU's memory is shared with everything
@@ -130,6 +130,13 @@ def lora_refusals(release: dict[str, Any], adapter_config: dict[str, Any]) -> li
         reasons.append("full fine-tune: a whole model, not a LoRA")
     _, now = vllm_compatibility(adapter_config) if adapter_config else (True, [])
     return list(dict.fromkeys(reasons + now))
+
+
+def servable_as_lora(bundle: Path, release: dict[str, Any]) -> bool:
+    """Whether vLLM can serve the verified bundle folder `bundle`'s adapter as a LoRA (`lora_refusals` is empty)."""
+    cfg_path = Path(bundle) / "adapter" / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path.is_file() else {}
+    return not lora_refusals(release, cfg)
 
 
 def plan_launch(base_dir: Path | str, base_name: str, adapters: dict[str, tuple[Path, dict[str, Any]]],
@@ -467,6 +474,9 @@ class VLLMEngine:
         try:
             release = copy_verified(Path(bundle), copy, self.public_key, self.project)
             self._load_lora(name, copy, release)
+        except NotServable as exc:
+            shutil.rmtree(copy, ignore_errors=True)
+            raise TunegateError(f"{bundle}: {exc}") from None
         except TunegateError as exc:
             shutil.rmtree(copy, ignore_errors=True)
             raise TunegateError(str(exc).replace(str(copy), str(bundle))) from None
@@ -477,9 +487,13 @@ class VLLMEngine:
         return release
 
     def _require_lora(self) -> None:
-        if self.plan is None or self.plan.merged is not None or not self.plan.max_lora_rank:
-            raise TunegateError("this vLLM server was started without LoRA support (no adapters, or --merged); "
-                                "restart it with the adapter in serve.bundles")
+        """Raises NotServable: this server loads no LoRA adapters (started with --merged, or without LoRA support)."""
+        if self.plan is not None and self.plan.merged is not None:
+            raise NotServable(f"this vLLM server serves the merged model {self.plan.merged} only (--merged) and loads "
+                              "no LoRA adapters; serve it from a server started without --merged")
+        if self.plan is None or not self.plan.max_lora_rank:
+            raise NotServable("this vLLM server was started without LoRA support (no adapters); "
+                              "restart it with the adapter in serve.bundles")
 
     def _load_lora(self, name: str, copy: Path, release: dict[str, Any]) -> None:
         """Post the adapter of the verified bundle folder `copy` to vLLM as LoRA `name` (C15/C16, C14 checked first)."""
@@ -487,12 +501,12 @@ class VLLMEngine:
         cfg = json.loads((copy / "adapter" / "adapter_config.json").read_text(encoding="utf-8"))
         reasons = lora_refusals(release, cfg)
         if reasons:
-            raise TunegateError(f"{copy}: refused for vLLM multi-LoRA serving: {'; '.join(reasons)}; "
-                                f"serve its merged model on a server of its own (--merged)")
+            raise NotServable(f"refused for vLLM multi-LoRA serving: {'; '.join(reasons)}; vLLM serves it only merged, "
+                              "on a server of its own (tunegate serve --engine vllm --merged)")
         top = max(adapter_ranks(cfg) or [0])
         if top > (self.plan.max_lora_rank or 0):
-            raise TunegateError(f"{copy}: rank {top} is above this server's --max-lora-rank {self.plan.max_lora_rank} "
-                                "(case C14); add the bundle to serve.bundles and restart the server")
+            raise NotServable(f"rank {top} is above this server's --max-lora-rank {self.plan.max_lora_rank} "
+                              "(case C14); add the bundle to serve.bundles and restart the server")
         r = self.client.post("/load_lora_adapter", json={"lora_name": name, "lora_path": str(copy / "adapter")})
         if r.status_code >= 400:
             raise TunegateError(f"{copy}: vLLM refused the adapter (HTTP {r.status_code}): {r.text[:500]}")
@@ -502,7 +516,9 @@ class VLLMEngine:
         yet (tunegate.serve.production switches names to it). A slot vLLM launched with is already loaded.
 
         Raises:
-            TunegateError: refused for multi-LoRA serving, a rank above --max-lora-rank, or vLLM refused it.
+            NotServable: refused for multi-LoRA serving (DoRA, added tokens, ...), a rank above --max-lora-rank, or
+                a server started with --merged.
+            TunegateError: vLLM refused it.
         """
         with self._admin_lock:
             if self.plan is not None and any(m.name == slot for m in self.plan.loras):
