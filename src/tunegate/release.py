@@ -53,7 +53,7 @@ from tunegate import TunegateError, __version__
 from tunegate.config import LOCAL_KEYS
 from tunegate.core.console import console
 from tunegate.core.io import atomic_write_json, atomic_write_text, clean_stale, publish_dir, staging_dir
-from tunegate.core.paths import inside
+from tunegate.core.paths import inside, project_relative
 from tunegate.core.manifest import MANIFEST, Manifest, manifest_hash, read_manifest, sha256_file
 
 RELEASE = "release.json"
@@ -511,12 +511,6 @@ def base_model_sha256(base_model: str) -> str | None:
     return hashlib.sha256(lines.encode()).hexdigest() if weights else None
 
 
-def _project_relative(path: str, root: Path) -> str:
-    """`path` relative to the project folder (posix) when it lies inside it; otherwise as it is."""
-    rel = _relative_inside(root, Path(path))
-    return rel if rel is not None and not rel.startswith("..") else path
-
-
 def build_bundle(project, run_id: str = "default", private_key: Path | None = None, out_dir: Path | None = None,
                  merge: bool = True, sigstore: bool = False, force: bool = False,
                  stages: Sequence[str] = BUNDLED_STAGES) -> Path:
@@ -665,10 +659,10 @@ def write_bundle(project, run_dir: Path, dest: Path, *, private_key: Path | None
     release = {
         "project": project.name,
         "run_id": run_id,
-        "base_model": _project_relative(trained_on, project.root),
+        "base_model": project_relative(trained_on, project.root),
         "base_model_sha256": base_model_sha256(trained_on),
         # what the data stage read (sources, golden set, ...): project-relative path -> sha256
-        "sources": {_project_relative(p, project.root): digest for p, digest in sorted(data.inputs.items())} if data else {},
+        "sources": {project_relative(p, project.root): digest for p, digest in sorted(data.inputs.items())} if data else {},
         "method": train_cfg.get("method"),
         "adapter_type": "full" if full else ("dora" if adapter_cfg.get("use_dora") else "lora"),
         "lora_rank": adapter_cfg.get("r"),
