@@ -81,7 +81,9 @@ def _input_hashes(project: Project, spec: StageSpec) -> tuple[dict[str, Path], d
 
 def stale_reason(project: Project, run_dir: Path, spec: StageSpec | str) -> str | None:
     """None when `run_dir/<stage>` is finished and current: its fingerprint matches the config, input files and
-    upstream manifests it would run with now, and its outputs are unchanged since. Otherwise, why not."""
+    upstream manifests it would run with now, and its outputs are unchanged since. Otherwise, why not (also when
+    the config view cannot be read now, e.g. a missing release.key: the error's line). Reads only: creates nothing
+    (the stage's `prepare` is not called)."""
     spec = stage_spec(spec) if isinstance(spec, str) else spec
     stage_dir = run_dir / spec.name
     m = read_manifest(stage_dir)
@@ -92,7 +94,11 @@ def stale_reason(project: Project, run_dir: Path, spec: StageSpec | str) -> str 
     except TunegateError as exc:
         return str(exc)
     upstream = {up: manifest_hash(run_dir / up) for up in spec.upstream if read_manifest(run_dir / up) is not None}
-    if stage_fingerprint(project, spec, named, upstream) != m.fingerprint:
+    try:
+        fp = stage_fingerprint(project, spec, named, upstream)
+    except TunegateError as exc:  # e.g. release.key not found: the stage cannot be current, and the listing goes on
+        return str(exc)
+    if fp != m.fingerprint:
         return f"{stage_dir} was built from another {spec.name} config or other files than the current ones"
     broken = verify_outputs(stage_dir, m)
     if broken:
@@ -158,6 +164,7 @@ def _run_stage(project: Project, run_dir: Path, spec: StageSpec, force: bool, ov
                     f"{st.upstream_dir(up)}: stage {up} was built from an older {up2} stage than the one in {run_dir}; "
                     f"rule: a run's stages must come from one chain. Run `tunegate run` (or `tunegate {up}`) first."
                 )
+    spec.prepare(project)  # e.g. the release stage's project-local key: made before it is fingerprinted
     input_files, named_inputs = _input_hashes(project, spec)
     inputs = {str(p): named_inputs[name] for name, p in input_files.items()}
     config = spec.config(project)

@@ -170,6 +170,33 @@ def project_keys(project) -> tuple[Path, Path]:
     return private, public
 
 
+def signing_public_sha256(project) -> str | None:
+    """sha256 of the public part of the key the release stage signs with (`public_key_sha256`), read without
+    creating anything (the release stage's fingerprint; `tunegate runs` takes it for every run): of `release.key`
+    when set; of the project-local `.tunegate/keys/public.pem` when it exists (also without its private.pem, as
+    after a clone); None with `release.sigstore`, or before the project-local pair is made (the release stage
+    makes it before it is fingerprinted, so the run that makes it and the next one agree).
+
+    Raises:
+        TunegateError: release.key missing or not an EC private key; public.pem not a PEM public key; or
+            `.tunegate/keys` leads outside the project.
+    """
+    r = project.release
+    if r.sigstore:
+        return None
+    if r.key is not None:
+        if not Path(r.key).is_file():
+            raise TunegateError(f"{project.source_file}: release.key {r.key} not found (make one with `tunegate keys generate`)")
+        return public_key_sha256(public_pem_of(Path(r.key)))
+    public = inside(project.root, project.root / LOCAL_KEYS, str(LOCAL_KEYS)) / PUBLIC_KEY
+    if not public.is_file():
+        return None
+    try:
+        return public_key_sha256(public.read_bytes())
+    except (ValueError, TypeError) as exc:
+        raise TunegateError(f"{public}: not a PEM public key ({exc})") from None
+
+
 def signing_key(project) -> Path | None:
     """The private key the release stage signs with: `release.key` when set, None with `release.sigstore`, else the
     project-local key (`project_keys`, created on first use). Raises TunegateError when release.key is missing."""
