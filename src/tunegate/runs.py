@@ -22,7 +22,7 @@ from typing import Any
 from tunegate import TunegateError
 from tunegate.core.io import atomic_write_text, read_jsonl
 from tunegate.core.manifest import read_manifest
-from tunegate.core.paths import IDENTIFIER
+from tunegate.core.paths import IDENTIFIER, inside
 from tunegate.pipeline import STAGES, stale_reason
 from tunegate.report.header import STAGE_PAGES, project_header, run_summary, write_run_js
 
@@ -31,12 +31,21 @@ MAX_DIFF_KEYS = 8  # differing settings shown per run in the list
 
 
 def run_dirs(project) -> list[Path]:
-    """The run folders under `project.runs_dir` (identifier names holding at least one stage folder), by name."""
+    """The run folders under `project.runs_dir` (identifier names holding at least one stage folder), by name. A
+    symbolic link that leads outside the project is left out (listing a run writes its run.js: core.paths.inside)."""
     root = Path(project.runs_dir)
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and IDENTIFIER.fullmatch(p.name)
+    return sorted(p for p in root.iterdir() if p.is_dir() and IDENTIFIER.fullmatch(p.name) and _inside(project, p)
                   and any((p / s).is_dir() for s in STAGE_PAGES))
+
+
+def _inside(project, path: Path) -> bool:
+    try:
+        inside(project.root, path, f"runs/{path.name}")
+    except TunegateError:
+        return False
+    return True
 
 
 def run_dir_of(project, run_id: str) -> Path:
