@@ -20,7 +20,7 @@ from typing import Any
 from tunegate import EXIT_AUDIT_NO_TRAIN, TunegateError
 from tunegate.config import Project
 from tunegate.core.console import console, fmt_seconds, log_to
-from tunegate.core.io import atomic_write_text, claim_dir, clean_stale, fault_point, publish_dir
+from tunegate.core.io import atomic_write_text, claim_dir, clean_stale, fault_point, publish_dir, remove_dir
 from tunegate.core.manifest import (
     Manifest,
     fingerprint,
@@ -32,6 +32,7 @@ from tunegate.core.manifest import (
     write_manifest,
 )
 from tunegate.core.stage import Stage, StageSpec, distributed_rank
+from tunegate.release import bundle_dir
 from tunegate.report.header import write_run_js
 from tunegate.stages import audit, data, evaluate, release, report, train
 
@@ -308,7 +309,8 @@ def run_pipeline(project: Project, run_id: str = "default", until: str = STAGE_N
                  train_anyway: bool = False, stages: tuple[StageSpec, ...] = STAGES) -> dict[str, Manifest]:
     """data -> audit -> train -> eval -> report -> release (`stages`, in order). Returns the manifests; the caller
     reads the eval verdict. The release stage runs only when the eval verdict is PASS (`release_gate`); otherwise
-    the run ends after the report, saying why.
+    the run ends after the report, saying why, and a `runs/<id>/release/` left by an earlier PASS is removed
+    (core.io.remove_dir), so no bundle of an older chain stays in the run.
 
     Prints `stage N/M name` lines (M: the stages up to `until` that this project does not skip) and, when the eval
     stage is among them, the summary block (`print_summary`); all of it is appended to `runs/<id>/log.txt`.
@@ -331,8 +333,11 @@ def run_pipeline(project: Project, run_id: str = "default", until: str = STAGE_N
     with log_to(log_path(run_dir)):
         for spec in planned:
             skipped = spec.skip(project) or (release_gate(manifests) if spec.name == "release" else None)
+            if skipped and spec.name == "release" and remove_dir(run_dir / spec.name):
+                # a bundle of an earlier PASS must not outlive this chain's FAIL: it would be served or listed
+                skipped += f"; removed the release of an earlier chain, {run_dir / spec.name}"
             if skipped:
-                console.print(f"[dim]stage -/{len(counted)} {spec.name}: skipped ({skipped})[/dim]")
+                console.print(f"[dim]stage -/{len(counted)} {spec.name}: skipped ({skipped})[/dim]", soft_wrap=True)  # paths whole
                 timings[spec.name] = "skipped"
                 continue
             overrides = training_override(project, run_dir, train_anyway) if spec.name == "train" else []
@@ -352,7 +357,7 @@ def run_pipeline(project: Project, run_id: str = "default", until: str = STAGE_N
 def print_summary(project: Project, run_dir: Path, manifests: dict[str, Manifest], timings: dict[str, str]) -> None:
     """The block at the end of `tunegate run`: verdict (and the gate rules that failed), headline metric (the first
     gate rule's) with its 95% CI and the baseline's, time per stage, and where the report, the release bundle (if
-    one exists) and the log are. One line per item, never cut (paths stay whole for copying)."""
+    one exists, built on the eval stage in the run now: `release.bundle_dir`) and the log are. One line per item, never cut (paths stay whole for copying)."""
     from rich.text import Text
 
     rows: list[tuple[str, str]] = []  # (key, plain text: never read as rich markup)
@@ -371,8 +376,8 @@ def print_summary(project: Project, run_dir: Path, manifests: dict[str, Manifest
     report = run_dir / "report" / "report.html"
     if report.is_file():
         rows.append(("report", str(report)))
-    bundle = run_dir / "release" / "bundle"  # tunegate.release.bundle_dir (a verb: the pipeline room cannot import it)
-    if bundle.is_dir():
+    bundle = bundle_dir(run_dir)
+    if bundle.is_dir() and _current_release(run_dir):
         rows.append(("bundle", str(bundle)))
     rows.append(("log", str(log_path(run_dir))))
     console.rule("[bold]summary", align="left")
@@ -382,6 +387,12 @@ def print_summary(project: Project, run_dir: Path, manifests: dict[str, Manifest
         if key == "verdict":
             line.stylize(f"bold {colour}", 10, 10 + len(verdict))
         console.print(line, soft_wrap=True, highlight=False)
+
+
+def _current_release(run_dir: Path) -> bool:
+    """Whether `run_dir/release` was built on the eval stage in the run now (not on an older chain's)."""
+    m, ev = read_manifest(run_dir / "release"), read_manifest(run_dir / "eval")
+    return m is not None and ev is not None and m.upstream.get("eval") == manifest_hash(run_dir / "eval")
 
 
 def _gate_rules(run_dir: Path) -> list[dict[str, Any]]:
