@@ -402,15 +402,16 @@ def _gate_rules(run_dir: Path) -> list[dict[str, Any]]:
     return json.loads(path.read_text()).get("rules", []) if path.is_file() else []
 
 
-def existing_run_dir(project: Project, run_id: str) -> Path:
+def existing_run_dir(project: Project, run_id: str, flag: str = "--run-id") -> Path:
     """`run_dir_for`, for a command that reads a run that must already exist (eval, report, docs, export, promote,
-    release, data-preview). Raises TunegateError naming the runs that do exist when `runs/<run_id>` does not."""
+    release, data-preview, runs --compare). Raises TunegateError naming `flag` and the runs that do exist when
+    `runs/<run_id>` does not."""
     path = run_dir_for(project, run_id)
     if not path.is_dir():
         runs = sorted(p.name for p in project.runs_dir.iterdir() if p.is_dir() and not p.name.startswith(".")) \
             if project.runs_dir.is_dir() else []
         listed = f"existing runs: {', '.join(runs)}" if runs else "there are no runs yet; start one with `tunegate run`"
-        raise TunegateError(f"--run-id {run_id}: no run {path}; {listed}")
+        raise TunegateError(f"{flag} {run_id}: no run {path}; {listed}")
     return path
 
 

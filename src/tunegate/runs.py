@@ -23,7 +23,7 @@ from tunegate import TunegateError
 from tunegate.core.io import atomic_write_text, read_jsonl
 from tunegate.core.manifest import read_manifest
 from tunegate.core.paths import IDENTIFIER, inside
-from tunegate.pipeline import STAGES, stale_reason
+from tunegate.pipeline import STAGES, existing_run_dir, stale_reason
 from tunegate.report.header import STAGE_PAGES, project_header, run_summary, write_run_js
 
 MAX_CHANGED_ROWS = 200  # rows listed on the comparison page (all are counted)
@@ -46,15 +46,6 @@ def _inside(project, path: Path) -> bool:
     except TunegateError:
         return False
     return True
-
-
-def run_dir_of(project, run_id: str) -> Path:
-    """The folder of run `run_id`. Raises TunegateError naming the runs that exist when there is no such run."""
-    for d in run_dirs(project):
-        if d.name == run_id:
-            return d
-    known = ", ".join(d.name for d in run_dirs(project)) or "none"
-    raise TunegateError(f"{Path(project.runs_dir) / run_id}: no such run; runs of {project.name}: {known}")
 
 
 def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
@@ -210,7 +201,7 @@ def compare_runs(project, a: str, b: str, n_samples: int | None = None, seed: in
     from tunegate.catalog import LOWER_IS_BETTER
     from tunegate.evals.bootstrap import paired_bootstrap
 
-    da, db = run_dir_of(project, a), run_dir_of(project, b)
+    da, db = existing_run_dir(project, a, "--compare"), existing_run_dir(project, b, "--compare")
     sa, sb = _samples(da), _samples(db)
     shared = [i for i in sa if i in sb and sa[i].get("prompt") == sb[i].get("prompt")]
     scores_a, scores_b = _scores(da), _scores(db)
