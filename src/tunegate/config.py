@@ -619,7 +619,7 @@ class ServeConfig(_Section):
     """
 
     bundles: list[BundleConfig] = Field(default_factory=list)
-    public_key: Path | None = None  # PEM public key the bundles' model.sig must verify with
+    public_key: Path | None = None  # PEM public key the bundles' model.sig verify with; unset: tunegate.release.public_key_for
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
     # Any SQLAlchemy URL (postgresql+psycopg://..., ...); default sqlite:///<project folder>/serve.db
@@ -877,11 +877,8 @@ def load_project(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) 
     if project.serve is not None:
         for b in project.serve.bundles:
             b.path = _resolve(root, b.path)
-        if project.serve.public_key is not None:
+        if project.serve.public_key is not None:  # unset: tunegate.release.public_key_for falls back to the project key
             project.serve.public_key = _resolve(root, project.serve.public_key)
-        elif project.release.key is None and (root / LOCAL_KEYS / "public.pem").is_file():
-            # default: the key the release stage signs with (with release.key: its public part, release.public_key_for)
-            project.serve.public_key = root / LOCAL_KEYS / "public.pem"
     if project.release.key is not None:
         project.release.key = _resolve(root, project.release.key)
     if project.eval.json_schema is not None:

@@ -20,7 +20,7 @@ from typing import Any
 from tunegate import EXIT_AUDIT_NO_TRAIN, TunegateError
 from tunegate.config import Project
 from tunegate.core.console import console, fmt_seconds, log_to
-from tunegate.core.io import atomic_write_text, claim_dir, clean_stale, fault_point, publish_dir
+from tunegate.core.io import atomic_write_text, claim_dir, clean_stale, fault_point, publish_dir, remove_dir
 from tunegate.core.manifest import (
     Manifest,
     fingerprint,
@@ -32,6 +32,7 @@ from tunegate.core.manifest import (
     write_manifest,
 )
 from tunegate.core.stage import Stage, StageSpec, distributed_rank
+from tunegate.release import bundle_dir
 from tunegate.report.header import write_run_js
 from tunegate.stages import audit, data, evaluate, release, report, train
 
@@ -81,7 +82,9 @@ def _input_hashes(project: Project, spec: StageSpec) -> tuple[dict[str, Path], d
 
 def stale_reason(project: Project, run_dir: Path, spec: StageSpec | str) -> str | None:
     """None when `run_dir/<stage>` is finished and current: its fingerprint matches the config, input files and
-    upstream manifests it would run with now, and its outputs are unchanged since. Otherwise, why not."""
+    upstream manifests it would run with now, and its outputs are unchanged since. Otherwise, why not (also when
+    the config view cannot be read now, e.g. a missing release.key: the error's line). Reads only: creates nothing
+    (the stage's `prepare` is not called)."""
     spec = stage_spec(spec) if isinstance(spec, str) else spec
     stage_dir = run_dir / spec.name
     m = read_manifest(stage_dir)
@@ -92,7 +95,11 @@ def stale_reason(project: Project, run_dir: Path, spec: StageSpec | str) -> str 
     except TunegateError as exc:
         return str(exc)
     upstream = {up: manifest_hash(run_dir / up) for up in spec.upstream if read_manifest(run_dir / up) is not None}
-    if stage_fingerprint(project, spec, named, upstream) != m.fingerprint:
+    try:
+        fp = stage_fingerprint(project, spec, named, upstream)
+    except TunegateError as exc:  # e.g. release.key not found: the stage cannot be current, and the listing goes on
+        return str(exc)
+    if fp != m.fingerprint:
         return f"{stage_dir} was built from another {spec.name} config or other files than the current ones"
     broken = verify_outputs(stage_dir, m)
     if broken:
@@ -158,6 +165,7 @@ def _run_stage(project: Project, run_dir: Path, spec: StageSpec, force: bool, ov
                     f"{st.upstream_dir(up)}: stage {up} was built from an older {up2} stage than the one in {run_dir}; "
                     f"rule: a run's stages must come from one chain. Run `tunegate run` (or `tunegate {up}`) first."
                 )
+    spec.prepare(project)  # e.g. the release stage's project-local key: made before it is fingerprinted
     input_files, named_inputs = _input_hashes(project, spec)
     inputs = {str(p): named_inputs[name] for name, p in input_files.items()}
     config = spec.config(project)
@@ -301,7 +309,8 @@ def run_pipeline(project: Project, run_id: str = "default", until: str = STAGE_N
                  train_anyway: bool = False, stages: tuple[StageSpec, ...] = STAGES) -> dict[str, Manifest]:
     """data -> audit -> train -> eval -> report -> release (`stages`, in order). Returns the manifests; the caller
     reads the eval verdict. The release stage runs only when the eval verdict is PASS (`release_gate`); otherwise
-    the run ends after the report, saying why.
+    the run ends after the report, saying why, and a `runs/<id>/release/` left by an earlier PASS is removed
+    (core.io.remove_dir), so no bundle of an older chain stays in the run.
 
     Prints `stage N/M name` lines (M: the stages up to `until` that this project does not skip) and, when the eval
     stage is among them, the summary block (`print_summary`); all of it is appended to `runs/<id>/log.txt`.
@@ -324,8 +333,11 @@ def run_pipeline(project: Project, run_id: str = "default", until: str = STAGE_N
     with log_to(log_path(run_dir)):
         for spec in planned:
             skipped = spec.skip(project) or (release_gate(manifests) if spec.name == "release" else None)
+            if skipped and spec.name == "release" and remove_dir(run_dir / spec.name):
+                # a bundle of an earlier PASS must not outlive this chain's FAIL: it would be served or listed
+                skipped += f"; removed the release of an earlier chain, {run_dir / spec.name}"
             if skipped:
-                console.print(f"[dim]stage -/{len(counted)} {spec.name}: skipped ({skipped})[/dim]")
+                console.print(f"[dim]stage -/{len(counted)} {spec.name}: skipped ({skipped})[/dim]", soft_wrap=True)  # paths whole
                 timings[spec.name] = "skipped"
                 continue
             overrides = training_override(project, run_dir, train_anyway) if spec.name == "train" else []
@@ -345,7 +357,7 @@ def run_pipeline(project: Project, run_id: str = "default", until: str = STAGE_N
 def print_summary(project: Project, run_dir: Path, manifests: dict[str, Manifest], timings: dict[str, str]) -> None:
     """The block at the end of `tunegate run`: verdict (and the gate rules that failed), headline metric (the first
     gate rule's) with its 95% CI and the baseline's, time per stage, and where the report, the release bundle (if
-    one exists) and the log are. One line per item, never cut (paths stay whole for copying)."""
+    one exists, built on the eval stage in the run now: `release.bundle_dir`) and the log are. One line per item, never cut (paths stay whole for copying)."""
     from rich.text import Text
 
     rows: list[tuple[str, str]] = []  # (key, plain text: never read as rich markup)
@@ -364,8 +376,8 @@ def print_summary(project: Project, run_dir: Path, manifests: dict[str, Manifest
     report = run_dir / "report" / "report.html"
     if report.is_file():
         rows.append(("report", str(report)))
-    bundle = run_dir / "release" / "bundle"  # tunegate.release.bundle_dir (a verb: the pipeline room cannot import it)
-    if bundle.is_dir():
+    bundle = bundle_dir(run_dir)
+    if bundle.is_dir() and _current_release(run_dir):
         rows.append(("bundle", str(bundle)))
     rows.append(("log", str(log_path(run_dir))))
     console.rule("[bold]summary", align="left")
@@ -377,6 +389,12 @@ def print_summary(project: Project, run_dir: Path, manifests: dict[str, Manifest
         console.print(line, soft_wrap=True, highlight=False)
 
 
+def _current_release(run_dir: Path) -> bool:
+    """Whether `run_dir/release` was built on the eval stage in the run now (not on an older chain's)."""
+    m, ev = read_manifest(run_dir / "release"), read_manifest(run_dir / "eval")
+    return m is not None and ev is not None and m.upstream.get("eval") == manifest_hash(run_dir / "eval")
+
+
 def _gate_rules(run_dir: Path) -> list[dict[str, Any]]:
     import json
 
@@ -384,15 +402,16 @@ def _gate_rules(run_dir: Path) -> list[dict[str, Any]]:
     return json.loads(path.read_text()).get("rules", []) if path.is_file() else []
 
 
-def existing_run_dir(project: Project, run_id: str) -> Path:
+def existing_run_dir(project: Project, run_id: str, flag: str = "--run-id") -> Path:
     """`run_dir_for`, for a command that reads a run that must already exist (eval, report, docs, export, promote,
-    release, data-preview). Raises TunegateError naming the runs that do exist when `runs/<run_id>` does not."""
+    release, data-preview, runs --compare). Raises TunegateError naming `flag` and the runs that do exist when
+    `runs/<run_id>` does not."""
     path = run_dir_for(project, run_id)
     if not path.is_dir():
         runs = sorted(p.name for p in project.runs_dir.iterdir() if p.is_dir() and not p.name.startswith(".")) \
             if project.runs_dir.is_dir() else []
         listed = f"existing runs: {', '.join(runs)}" if runs else "there are no runs yet; start one with `tunegate run`"
-        raise TunegateError(f"--run-id {run_id}: no run {path}; {listed}")
+        raise TunegateError(f"{flag} {run_id}: no run {path}; {listed}")
     return path
 
 

@@ -54,7 +54,7 @@ from tunegate import TunegateError, __version__
 from tunegate.config import LOCAL_KEYS
 from tunegate.core.console import console
 from tunegate.core.io import atomic_write_bytes, atomic_write_json, atomic_write_text, clean_stale, publish_dir, staging_dir
-from tunegate.core.paths import inside
+from tunegate.core.paths import inside, project_relative
 from tunegate.core.manifest import MANIFEST, Manifest, manifest_hash, read_manifest, sha256_file
 
 RELEASE = "release.json"
@@ -169,6 +169,33 @@ def project_keys(project) -> tuple[Path, Path]:
     console.print(f"- release: made the project's signing key pair: {private} (private, mode 0600, ignored by git) "
                   f"and {public} (public: `tunegate verify --key`, serve.public_key)", markup=False, highlight=False, soft_wrap=True)
     return private, public
+
+
+def signing_public_sha256(project) -> str | None:
+    """sha256 of the public part of the key the release stage signs with (`public_key_sha256`), read without
+    creating anything (the release stage's fingerprint; `tunegate runs` takes it for every run): of `release.key`
+    when set; of the project-local `.tunegate/keys/public.pem` when it exists (also without its private.pem, as
+    after a clone); None with `release.sigstore`, or before the project-local pair is made (the release stage
+    makes it before it is fingerprinted, so the run that makes it and the next one agree).
+
+    Raises:
+        TunegateError: release.key missing or not an EC private key; public.pem not a PEM public key; or
+            `.tunegate/keys` leads outside the project.
+    """
+    r = project.release
+    if r.sigstore:
+        return None
+    if r.key is not None:
+        if not Path(r.key).is_file():
+            raise TunegateError(f"{project.source_file}: release.key {r.key} not found (make one with `tunegate keys generate`)")
+        return public_key_sha256(public_pem_of(Path(r.key)))
+    public = inside(project.root, project.root / LOCAL_KEYS, str(LOCAL_KEYS)) / PUBLIC_KEY
+    if not public.is_file():
+        return None
+    try:
+        return public_key_sha256(public.read_bytes())
+    except (ValueError, TypeError) as exc:
+        raise TunegateError(f"{public}: not a PEM public key ({exc})") from None
 
 
 def signing_key(project) -> Path | None:
@@ -543,12 +570,6 @@ def base_model_sha256(base_model: str) -> str | None:
     return hashlib.sha256(lines.encode()).hexdigest() if weights else None
 
 
-def _project_relative(path: str, root: Path) -> str:
-    """`path` relative to the project folder (posix) when it lies inside it; otherwise as it is."""
-    rel = _relative_inside(root, Path(path))
-    return rel if rel is not None and not rel.startswith("..") else path
-
-
 def build_bundle(project, run_id: str = "default", private_key: Path | None = None, out_dir: Path | None = None,
                  merge: bool = True, sigstore: bool = False, force: bool = False,
                  stages: Sequence[str] = BUNDLED_STAGES) -> Path:
@@ -697,10 +718,10 @@ def write_bundle(project, run_dir: Path, dest: Path, *, private_key: Path | None
     release = {
         "project": project.name,
         "run_id": run_id,
-        "base_model": _project_relative(trained_on, project.root),
+        "base_model": project_relative(trained_on, project.root),
         "base_model_sha256": base_model_sha256(trained_on),
         # what the data stage read (sources, golden set, ...): project-relative path -> sha256
-        "sources": {_project_relative(p, project.root): digest for p, digest in sorted(data.inputs.items())} if data else {},
+        "sources": {project_relative(p, project.root): digest for p, digest in sorted(data.inputs.items())} if data else {},
         "method": train_cfg.get("method"),
         "adapter_type": "full" if full else ("dora" if adapter_cfg.get("use_dora") else "lora"),
         "lora_rank": adapter_cfg.get("r"),

@@ -22,8 +22,8 @@ from typing import Any
 from tunegate import TunegateError
 from tunegate.core.io import atomic_write_text, read_jsonl
 from tunegate.core.manifest import read_manifest
-from tunegate.core.paths import IDENTIFIER
-from tunegate.pipeline import STAGES, stale_reason
+from tunegate.core.paths import IDENTIFIER, inside
+from tunegate.pipeline import STAGES, existing_run_dir, stale_reason
 from tunegate.report.header import STAGE_PAGES, project_header, run_summary, write_run_js
 
 MAX_CHANGED_ROWS = 200  # rows listed on the comparison page (all are counted)
@@ -31,21 +31,21 @@ MAX_DIFF_KEYS = 8  # differing settings shown per run in the list
 
 
 def run_dirs(project) -> list[Path]:
-    """The run folders under `project.runs_dir` (identifier names holding at least one stage folder), by name."""
+    """The run folders under `project.runs_dir` (identifier names holding at least one stage folder), by name. A
+    symbolic link that leads outside the project is left out (listing a run writes its run.js: core.paths.inside)."""
     root = Path(project.runs_dir)
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and IDENTIFIER.fullmatch(p.name)
+    return sorted(p for p in root.iterdir() if p.is_dir() and IDENTIFIER.fullmatch(p.name) and _inside(project, p)
                   and any((p / s).is_dir() for s in STAGE_PAGES))
 
 
-def run_dir_of(project, run_id: str) -> Path:
-    """The folder of run `run_id`. Raises TunegateError naming the runs that exist when there is no such run."""
-    for d in run_dirs(project):
-        if d.name == run_id:
-            return d
-    known = ", ".join(d.name for d in run_dirs(project)) or "none"
-    raise TunegateError(f"{Path(project.runs_dir) / run_id}: no such run; runs of {project.name}: {known}")
+def _inside(project, path: Path) -> bool:
+    try:
+        inside(project.root, path, f"runs/{path.name}")
+    except TunegateError:
+        return False
+    return True
 
 
 def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
@@ -201,7 +201,7 @@ def compare_runs(project, a: str, b: str, n_samples: int | None = None, seed: in
     from tunegate.catalog import LOWER_IS_BETTER
     from tunegate.evals.bootstrap import paired_bootstrap
 
-    da, db = run_dir_of(project, a), run_dir_of(project, b)
+    da, db = existing_run_dir(project, a, "--compare"), existing_run_dir(project, b, "--compare")
     sa, sb = _samples(da), _samples(db)
     shared = [i for i in sa if i in sb and sa[i].get("prompt") == sb[i].get("prompt")]
     scores_a, scores_b = _scores(da), _scores(db)

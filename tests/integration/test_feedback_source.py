@@ -84,3 +84,22 @@ def test_data_stage_trains_on_edits_collected_since_the_last_run(tiny_project):
     # Nothing new: the export writes the same bytes and the finished data stage is skipped.
     res = runner.invoke(cli_app, ["data", str(cfg)])
     assert res.exit_code == 0 and "unchanged" in res.output, res.output
+
+
+def test_a_feedback_folder_linked_outside_the_project_is_refused_before_writing(tmp_path):
+    from conftest import make_tiny_project
+
+    root = make_tiny_project(tmp_path / "proj", "some-hub/model")  # the model is never loaded
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (root / "feedback").symlink_to(outside)
+    project = load_project(_with_feedback_source(root))
+    # no serving database yet: the empty source file would have been written through the link
+    with pytest.raises(TunegateError, match=r"^feedback/: .* outside the project folder"):
+        servedb.refresh_feedback_sources(project)
+    _serve_feedback(root, ["beta"])
+    with pytest.raises(TunegateError, match=r"^feedback/: .* outside the project folder"):
+        servedb.refresh_feedback_sources(project)
+    with pytest.raises(TunegateError, match=r"^feedback/: .* outside the project folder"):
+        servedb.export_to_files(project)
+    assert list(outside.iterdir()) == []

@@ -162,7 +162,7 @@ def test_runs_list_and_compare_through_the_cli(two_runs):
     assert r.returncode == 0, r.stderr
     assert "eval.max_new_tokens" in r.stdout and "paired 95% CI" in r.stdout and "compare-a-b.html" in r.stdout
     r = subprocess.run([sys.executable, "-m", "tunegate.cli", "runs", two_runs, "--compare", "a", "nope"], capture_output=True, text=True, env=env)
-    assert r.returncode == 2 and "no such run" in r.stderr and "a, b" in r.stderr, r.stderr
+    assert r.returncode == 2 and "--compare nope: no run" in r.stderr and "existing runs: a, b" in r.stderr, r.stderr
 
 
 def test_the_checks_catch_a_wide_pre_a_wide_page_and_a_dead_link(browser, tmp_path):

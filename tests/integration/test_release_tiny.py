@@ -43,7 +43,7 @@ def stub_release_docs():
     """In-process releases render a stub of tunegate.report.release_docs (that module has its own tests);
     the CLI test below runs the real one in a subprocess."""
 
-    def render_release_docs(run_dir, project):
+    def render_release_docs(run_dir, project, merged=None):
         DOCS_CALLS.append((run_dir, project.name))
         return {name: f"# {name}\n" for name in release.DOC_NAMES}
 
@@ -297,6 +297,24 @@ def test_fail_verdict_is_refused_naming_the_rules(lora_run, keys, tmp_path):
     assert r.returncode == 2 and "eval verdict FAIL" in r.stderr
     assert not [p.name for p in (root / "runs" / "default").iterdir() if "release" in p.name]
     assert not (root / ".tunegate").exists()
+
+
+def test_a_fail_after_a_pass_removes_the_older_bundle_and_says_so(lora_run, tmp_path, capsys):
+    root = tmp_path / "proj"
+    shutil.copytree(lora_run, root)  # a PASSed run with its release/bundle
+    run_dir = root / "runs" / "default"
+    assert release.bundle_dir(run_dir).is_dir()
+    project = load_project(root / "tunegate.yaml", ["eval.gate.0.min=0.99"])
+    run_pipeline(project, until="report")  # the release stage is not planned: its folder stays, but is not this chain's
+    summary = " ".join(capsys.readouterr().err.split()).split("summary", 1)[1]
+    assert "verdict FAIL" in summary and "bundle" not in summary and release.bundle_dir(run_dir).is_dir()
+    manifests = run_pipeline(project)
+    assert manifests["eval"].verdict == "FAIL" and "release" not in manifests
+    out = " ".join(capsys.readouterr().err.split())
+    assert f"release: skipped (eval verdict FAIL; removed the release of an earlier chain, {run_dir / 'release'})" in out
+    assert not [p.name for p in run_dir.iterdir() if "release" in p.name]  # no folder, no aside left
+    summary = out.split("summary", 1)[1]
+    assert "verdict FAIL" in summary and "bundle" not in summary and str(run_dir / "report" / "report.html") in summary
 
 
 def test_changed_adapter_is_refused(lora_run, keys, tmp_path):

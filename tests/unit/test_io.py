@@ -214,3 +214,17 @@ def test_iter_jsonl_gives_line_numbers_and_the_bad_lines_to_the_caller(tmp_path)
     rows = list(iter_jsonl(tmp_path / "a.jsonl"))
     assert [(n, v) for n, v, e in rows if e is None] == [(1, {"a": 1}), (4, [2])]
     assert [(n, v, type(e).__name__) for n, v, e in rows if e is not None] == [(3, "{not json", "JSONDecodeError")]
+
+
+def test_remove_dir_deletes_a_folder_whole_and_its_aside_is_never_put_back(tmp_path):
+    from tunegate.core.io import clean_stale, remove_dir
+
+    final = tmp_path / "release"
+    (final / "bundle").mkdir(parents=True)
+    (final / "bundle" / "model.sig").write_text("x")
+    assert remove_dir(final) and not final.exists() and list(tmp_path.iterdir()) == []
+    assert remove_dir(final) is False  # nothing there
+    aside = tmp_path / ".release.999999999-abcdef12.old"  # what a kill after the rename leaves (its PID is gone)
+    (aside / "bundle").mkdir(parents=True)
+    clean_stale(final, say=lambda _: None)
+    assert list(tmp_path.iterdir()) == []  # deleted, not restored as `release`

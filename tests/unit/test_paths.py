@@ -123,3 +123,36 @@ def test_a_run_folder_that_is_a_link_leading_outside_is_refused(tmp_path):
         run_dir_for(p, "evil")
     (p.runs_dir / "fine").symlink_to(p.runs_dir / "elsewhere", target_is_directory=True)  # a link inside is fine
     assert run_dir_for(p, "fine") == p.runs_dir / "fine"
+
+
+def test_project_relative_reads_names_against_the_project_not_the_current_folder(tmp_path, monkeypatch):
+    from tunegate.core.paths import project_relative
+
+    root = tmp_path / "proj"
+    (root / "models" / "tiny").mkdir(parents=True)
+    (root / "sub").mkdir()
+    monkeypatch.chdir(root / "sub")  # review finding 1: from a sub-folder a hub id became 'sub/<id>'
+    assert project_relative("smollm2-135m-instruct", root) == "smollm2-135m-instruct"
+    assert project_relative("HuggingFaceTB/SmolLM2-135M-Instruct", root) == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert project_relative(str(root / "models" / "tiny"), root) == "models/tiny"
+    assert project_relative("models/tiny", root) == "models/tiny"
+    assert project_relative(str(tmp_path / "elsewhere"), root) == str(tmp_path / "elsewhere")
+    (tmp_path / "real").mkdir()
+    (root / "link").symlink_to(tmp_path / "real")
+    assert project_relative(str(root / "link"), root) == "link"  # inside as written
+    assert project_relative(None, root) == "None"
+
+
+def test_a_served_bundle_recorded_with_a_project_relative_base_matches_from_any_folder(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from tunegate.serve.bundles import _same_base
+
+    root = tmp_path / "proj"
+    (root / "models" / "tiny").mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")  # the server does not run from the project folder
+    project = SimpleNamespace(root=root, base_model=str(root / "models" / "tiny"))
+    assert _same_base("models/tiny", project)
+    assert not _same_base("models/other", project)
+    assert _same_base("smollm2-135m-instruct", SimpleNamespace(root=root, base_model="smollm2-135m-instruct"))

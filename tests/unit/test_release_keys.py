@@ -56,10 +56,9 @@ def test_a_configured_key_makes_no_project_key_and_sets_the_fingerprint(project_
     assert str(private) not in str(view)  # the public part only: a moved private key reruns nothing
     assert release.signing_key(project) == private and not (project_dir / ".tunegate").exists()
     assert release_view(load_project(project_dir / "tunegate.yaml", ["release.sigstore=true"]))["public_key_sha256"] is None
-    # with no key configured the view makes the project-local pair, so the first and second run fingerprint alike
-    first = release_view(load_project(project_dir / "tunegate.yaml"))
-    assert (project_dir / ".tunegate/keys/public.pem").is_file()
-    assert release_view(load_project(project_dir / "tunegate.yaml")) == first != view
+    # with no key configured the view only reads: no pair yet, no sha256 (the stage's prepare makes the pair)
+    assert release_view(load_project(project_dir / "tunegate.yaml"))["public_key_sha256"] is None
+    assert not (project_dir / ".tunegate").exists()
     with pytest.raises(TunegateError, match=r"release.key and release.sigstore: give one of them"):
         load_project(project_dir / "tunegate.yaml", [f"release.key={private}", "release.sigstore=true"])
 
@@ -69,7 +68,8 @@ def test_serve_public_key_defaults_to_the_project_key(project_dir, tmp_path):
     assert load_project(project_dir / "tunegate.yaml").serve.public_key is None  # no project key yet
     _, public = release.project_keys(load_project(project_dir / "tunegate.yaml"))
     project = load_project(project_dir / "tunegate.yaml")
-    assert project.serve.public_key == public and release.public_key_for(project) == public
+    # the fallback lives in public_key_for alone: the loaded config keeps what the project file says
+    assert project.serve.public_key is None and release.public_key_for(project) == public
     _, other = release.generate_keys(tmp_path / "other")
     project = load_project(project_dir / "tunegate.yaml", [f"serve.public_key={other}"])
     assert project.serve.public_key == other and release.public_key_for(project) == other  # a set key wins
@@ -101,3 +101,49 @@ def test_with_release_key_bundles_verify_with_its_public_part(project_dir, tmp_p
     project = load_project(project_dir / "tunegate.yaml", [f"release.key={tmp_path / 'gone.pem'}"])
     with pytest.raises(TunegateError, match=r"tunegate.yaml: release.key .*gone.pem not found"):
         release.public_key_for(project)
+
+
+def _finished_release(project, run_id="r1"):
+    """runs/<run_id>/release/ finished by the pipeline, with the release stage's key handling and a stand-in body
+    (no model): prepare, config view and fingerprint as the real stage."""
+    import dataclasses
+
+    from tunegate.core.stage import StageResult
+    from tunegate.pipeline import run_stage
+    from tunegate.stages.release import SPEC
+
+    spec = dataclasses.replace(SPEC, upstream=(), run=lambda st: StageResult(metrics={"bundle": None}))
+    run_dir = project.run_dir(run_id)
+    return spec, run_dir, run_stage(project, run_dir, spec)
+
+
+def test_the_release_stage_makes_the_key_before_its_fingerprint_so_the_second_run_is_unchanged(project_dir, capsys):
+    project = load_project(project_dir / "tunegate.yaml")
+    spec, run_dir, first = _finished_release(project)
+    public = project_dir / ".tunegate/keys/public.pem"
+    assert first.config["public_key_sha256"] == release.public_key_sha256(public.read_bytes())
+    _, _, second = _finished_release(load_project(project_dir / "tunegate.yaml"))
+    assert second.started_at == first.started_at and "unchanged" in capsys.readouterr().err
+
+
+def test_listing_runs_makes_no_key_and_survives_a_clone_or_a_missing_key(project_dir, tmp_path):
+    import shutil
+
+    from tunegate.pipeline import stale_reason
+
+    project = load_project(project_dir / "tunegate.yaml")
+    spec, run_dir, _ = _finished_release(project)
+    keys = project_dir / ".tunegate/keys"
+    assert stale_reason(project, run_dir, spec) is None
+    (keys / "private.pem").unlink()  # a clone: the public key is committed, the private one is not
+    assert stale_reason(load_project(project_dir / "tunegate.yaml"), run_dir, spec) is None
+    assert not (keys / "private.pem").exists()  # and nothing was made
+    shutil.rmtree(project_dir / ".tunegate")
+    assert "built from another release config" in stale_reason(load_project(project_dir / "tunegate.yaml"), run_dir, spec)
+    assert not (project_dir / ".tunegate").exists()  # review finding 3: the stale check made a key pair
+    from tunegate import runs
+
+    [row] = runs.list_runs(load_project(project_dir / "tunegate.yaml"))
+    assert row["run_id"] == "r1" and not (project_dir / ".tunegate").exists()
+    missing = load_project(project_dir / "tunegate.yaml", [f"release.key={tmp_path / 'gone.pem'}"])
+    assert "release.key" in stale_reason(missing, run_dir, spec) and "gone.pem not found" in stale_reason(missing, run_dir, spec)

@@ -97,8 +97,8 @@ def test_compare_gives_config_diff_paired_ci_on_shared_rows_and_changed_rows(pro
 def test_an_unknown_run_id_names_the_runs_there_are(project):
     fake_run(project, "a", 1e-4, [1.0], ["a"])
     fake_run(project, "b", 1e-4, [1.0], ["a"])
-    with pytest.raises(TunegateError, match=r"runs/zz: no such run; runs of p: a, b"):
-        runs.compare_runs(project, "a", "zz")
+    with pytest.raises(TunegateError, match=r"^--compare zz: no run .*runs/zz; existing runs: a, b$"):
+        runs.compare_runs(project, "a", "zz")  # pipeline.existing_run_dir: one rule and message for every verb
 
 
 def test_header_links_only_existing_pages_relative_to_the_published_folder(project):
@@ -120,3 +120,13 @@ def test_header_links_only_existing_pages_relative_to_the_published_folder(proje
 def test_differing_keys_ignore_keys_a_run_lacks():
     rows = [{"config": {"train.lr": 1, "eval.n": 4}}, {"config": {"train.lr": 2, "eval.n": 4}}, {"config": {"eval.n": 4}}]
     assert runs.differing_keys(rows) == ["train.lr"]
+
+
+def test_a_run_folder_linked_outside_the_project_is_not_listed_nor_written(project, tmp_path_factory):
+    fake_run(project, "a", 1e-4, [1.0], ["a"])
+    elsewhere = tmp_path_factory.mktemp("elsewhere")
+    fake_run(project, "b", 1e-4, [1.0], ["a"])
+    (project.runs_dir / "b").rename(elsewhere / "b")
+    (project.runs_dir / "b").symlink_to(elsewhere / "b")  # review finding 6: run.js was written into the target
+    assert [r["run_id"] for r in runs.list_runs(project)] == ["a"]
+    assert not (elsewhere / "b" / "run.js").exists() and (project.runs_dir / "a" / "run.js").is_file()

@@ -514,6 +514,25 @@ def publish_dir(staged: Path, final: Path) -> None:
     clean_stale(final)
 
 
+def remove_dir(final: Path) -> bool:
+    """Delete the folder `final` whole: one rename aside to `.NAME.PID-TOKEN.old`, then the aside is deleted.
+    Readers see the folder or nothing, and a kill midway leaves only the aside, which `clean_stale` deletes (no
+    staged folder beside it: it is never put back). Returns False when there was no `final`."""
+    final = Path(final)
+    aside = final.with_name(f".{final.name}.{os.getpid()}-{secrets.token_hex(4)}.old")
+    _MINE.add(_key(aside))
+    try:
+        os.rename(final, aside)
+    except FileNotFoundError:
+        _MINE.discard(_key(aside))
+        return False
+    fault_point("remove:aside")
+    _fsync_dir(final.parent)
+    shutil.rmtree(aside, ignore_errors=True)
+    _MINE.discard(_key(aside))
+    return True
+
+
 def _two_renames(staged: Path, final: Path) -> bool:
     """The fallback without an exchange: `final` aside to `.NAME.PID-TOKEN.old`, `staged` in, the aside deleted.
     Returns False when there is no `final` (the caller renames `staged` in)."""

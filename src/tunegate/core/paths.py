@@ -5,10 +5,12 @@ Run ids, project names, adapter names and tenant names become folder names (`run
 a letter or digit, then letters, digits, `-` or `_`, at most 128 characters. No separator, no dot (so no `..`),
 never empty. Paths the tool writes to from the project file (`runs_dir`, `registry`, `data.golden_lock`) and code
 it runs from the project (a GRPO verifier file) must resolve, symbolic links followed, inside the project folder.
+Records (release.json, the release documents) name files of the project relative to it (`project_relative`).
 """
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -45,3 +47,28 @@ def inside(root: Path, path: Path, what: str) -> Path:
         raise TunegateError(f"{what}: {path} resolves to {resolved}, outside the project folder {base}; rule: tunegate "
                             "writes, and runs code from, only inside the project (use an --out flag to write elsewhere)")
     return resolved
+
+
+def project_relative(value: object, root: Path) -> str:
+    """How records name a file or folder of the project, so that they read the same on another machine and from
+    any working folder: a posix path relative to the project folder `root` when `value` lies inside it, else
+    `value` as written (a hub id, an embedded model name, a path outside the project). None gives "None".
+
+    An absolute `value` is relative when it lies inside `root` as written or with symbolic links followed. A
+    relative `value` is read against `root`, never against the current folder, and only when `root/value` exists:
+    `smollm2-135m-instruct` or `org/model` stay as written unless the project holds a folder of that name.
+    """
+    if value is None:
+        return "None"
+    text = str(value)
+    path = Path(text).expanduser()
+    full = path if path.is_absolute() else Path(root) / path
+    if not path.is_absolute() and not full.exists():
+        return text
+    pairs = [(Path(os.path.normpath(full)), Path(os.path.normpath(Path(root).absolute())))]
+    if full.exists():
+        pairs.append((full.resolve(), Path(root).resolve()))
+    for candidate, base in pairs:
+        if candidate.is_relative_to(base):
+            return candidate.relative_to(base).as_posix()
+    return text

@@ -65,6 +65,10 @@ def never_skipped(project: Any) -> str | None:
     return None
 
 
+def nothing_to_prepare(project: Any) -> None:
+    return None
+
+
 @dataclass(frozen=True)
 class StageSpec:
     """One stage, as the pipeline sees it.
@@ -77,6 +81,9 @@ class StageSpec:
     inputs: files outside the run folder the stage reads, `inputs(project) -> {name: path}`; their sha256
         enter the fingerprint.
     skip: why the stage does not run for this project (`skip(project) -> reason`), or None when it runs.
+    prepare: what the stage settles just before its fingerprint is taken when it is about to run
+        (`prepare(project)`; the release stage makes the project-local signing key there). `config` and `inputs`
+        only read: status checks (`tunegate runs`, pipeline.stale_reason) call them and must change nothing.
     checkpoints: keeps `.<name>.checkpoints/` across an interruption, resumed while the fingerprint holds.
     distributed: may run under torchrun/accelerate with several processes (rank 0 writes the stage folder).
     """
@@ -87,6 +94,7 @@ class StageSpec:
     config: Callable[[Any], dict[str, Any]] = no_config
     inputs: Callable[[Any], dict[str, Path]] = no_inputs
     skip: Callable[[Any], str | None] = never_skipped
+    prepare: Callable[[Any], None] = nothing_to_prepare
     checkpoints: bool = False
     distributed: bool = False
 

@@ -27,6 +27,7 @@ from typing import Any
 from tunegate import TunegateError
 from tunegate.core.io import atomic_write_text, read_jsonl
 from tunegate.core.manifest import MANIFEST, read_manifest, sha256_file, verify_outputs
+from tunegate.core.paths import project_relative
 
 BLANK = "[TO BE ANSWERED BY A PERSON: {}]"
 NOT_MEASURED = "not measured"
@@ -454,17 +455,6 @@ _STORED = (
 
 def _stored(run_dir: Path, root: Path) -> list[dict[str, str]]:
     return [{"path": project_relative(run_dir / rel, root), "holds": holds} for rel, holds in _STORED if (run_dir / rel).exists()]
-
-
-def project_relative(path: Any, root: Path) -> str:
-    """`path` relative to the project folder `root` when it lies inside it (how the documents name files: a
-    reviewer reads them beside the project, on another machine), else as given."""
-    if path is None:
-        return "None"
-    try:
-        return str(Path(path).resolve().relative_to(Path(root).resolve()))
-    except ValueError:
-        return str(path)
 
 
 def _embedded_info(name: str) -> dict[str, Any] | None:

@@ -59,15 +59,26 @@ def base_model_name(project) -> str:
 
 
 def _same_base(recorded: Any, project) -> bool:
+    """Whether release.json's `base_model` is the base model this server serves: the same name, or the same folder.
+    A relative recorded path is read against the project folder (release.json names a folder inside the project
+    relative to it, core.paths.project_relative); the project's own `base_model` as the model loader reads it
+    (the current folder) or against the project folder."""
     if not recorded:
         return False
     if str(recorded) == project.base_model:
         return True
+    root = Path(project.root)
     try:
-        a, b = Path(str(recorded)).expanduser(), Path(project.base_model).expanduser()
-        return a.exists() and b.exists() and a.resolve() == b.resolve()
+        a = _existing(Path(str(recorded)).expanduser(), root)
+        mine = Path(project.base_model).expanduser()
+        return a is not None and any(b.exists() and a == b.resolve() for b in (mine, root / mine))
     except OSError:
         return False
+
+
+def _existing(path: Path, root: Path) -> Path | None:
+    full = path if path.is_absolute() else root / path
+    return full.resolve() if full.exists() else None
 
 
 def check_bundle(bundle_dir: Path, public_key: Path | None, project) -> dict[str, Any]:

@@ -48,7 +48,7 @@ from typing import Any
 
 from tunegate import TunegateError
 from tunegate.core.io import create_private
-from tunegate.core.paths import check_identifier
+from tunegate.core.paths import check_identifier, inside
 
 BUSY_TIMEOUT_S = 30.0  # how long an SQLite writer waits for the write lock
 KEY_PREFIX = "tg-"  # makes a leaked key easy to recognise (secret scanners, logs)
@@ -463,6 +463,16 @@ def sft_rows(pairs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def feedback_dir(project) -> Path:
+    """<project dir>/feedback, where `data.sources[].feedback` reads and `tunegate data feedback` writes by default.
+
+    Raises:
+        TunegateError: it is (or lies under) a symbolic link leading outside the project (core.paths.inside; one
+            line naming the folder, where it leads and the project folder).
+    """
+    return inside(project.root, Path(project.root) / "feedback", "feedback/")
+
+
 def export_to_files(project, out_dir: Path | None = None, adapters: list[str] | None = None,
                     versions_of: str | None = None) -> tuple[dict[str, Path], dict[str, Any]]:
     """`tunegate data feedback`: export_feedback from the project's serving database into `out_dir` (default
@@ -474,12 +484,13 @@ def export_to_files(project, out_dir: Path | None = None, adapters: list[str] | 
     writes the same bytes and a run's data stage stays finished.
 
     Returns ({format: path written, "rejected" included when written}, counts). Raises TunegateError when the
-    database holds no traces table yet.
+    database holds no traces table yet, or when the default folder leads outside the project (`feedback_dir`).
     """
     from tunegate.core.io import atomic_write_json, atomic_write_jsonl
     from tunegate.data.format import special_tokens
     from tunegate.models import load_tokenizer, resolve_base_model
 
+    out = Path(out_dir) if out_dir is not None else feedback_dir(project)
     url = project_url(project)
     if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).is_file():
         raise TunegateError(f"{url[len('sqlite:///'):]}: no serving database yet (run `tunegate serve` and collect feedback first)")
@@ -487,7 +498,6 @@ def export_to_files(project, out_dir: Path | None = None, adapters: list[str] | 
     pairs, kto, counts = export_feedback(connect(url), adapters, specials, versions_of)
     rejected = counts.pop("rejected", [])
     counts.setdefault("rejected_by_rule", {})
-    out = Path(out_dir) if out_dir is not None else Path(project.root) / "feedback"
     written: dict[str, Path] = {}
     sft = sft_rows(pairs)
     counts["sft_rows"] = len(sft)
@@ -510,12 +520,14 @@ def refresh_feedback_sources(project) -> list[str]:
     far. Returns lines to print. With no serving database yet, the files are written empty (a project may keep its
     feedback source from the first round on): the data stage then reads no rows from it. Only feedback on this
     project's registry versions (`NAME-vN`, what `tunegate promote` put in production) is exported: answers of
-    the base model or of other bundles the server also serves are not this adapter's to learn from."""
+    the base model or of other bundles the server also serves are not this adapter's to learn from.
+    Raises TunegateError when <project dir>/feedback leads outside the project (`feedback_dir`)."""
     from tunegate.core.io import atomic_write_jsonl
 
     kinds = [s.feedback for s in project.data.sources if s.feedback is not None]
     if not kinds:
         return []
+    feedback_dir(project)  # refused before anything is written when it leads outside the project
     url = project_url(project)
     if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).is_file():
         for s in project.data.sources:

@@ -6,8 +6,9 @@ bundle whole: `runs/<id>/release/bundle/` (`tunegate.release.bundle_dir`), besid
 
 Signing key (`release:` in the project file): `release.key`, or `release.sigstore`, or else the project-local
 pair `.tunegate/keys/private.pem` (0600, ignored by git) and `public.pem`, made on first use
-(`tunegate.release.project_keys`). The key is settled when the fingerprint is taken (the config view below), so
-the run that makes it and the next one fingerprint the same public key.
+(`tunegate.release.project_keys`). The key is made by `prepare`, which the pipeline calls just before it
+fingerprints a release that is about to run, so the run that makes it and the next one fingerprint the same public
+key; the config view only reads (`tunegate runs` and stale checks make no key).
 
 Fingerprint: the manifests of data, train, eval and report (upstream), `release.merge`, `release.sigstore` and the
 sha256 of the signing key's public part; never the private key's bytes or path.
@@ -18,14 +19,19 @@ from __future__ import annotations
 from typing import Any
 
 from tunegate.core.stage import Stage, StageResult, StageSpec
-from tunegate.release import BUNDLED_STAGES, bundle_dir, public_key_sha256, public_pem_of, signing_key, write_bundle
+from tunegate.release import BUNDLED_STAGES, bundle_dir, signing_key, signing_public_sha256, write_bundle
 
 
 def config(project) -> dict[str, Any]:
-    """The settings that change the bundle. Makes the project-local key pair when no key is configured."""
-    r, key = project.release, signing_key(project)
-    return {"merge": r.merge, "sigstore": r.sigstore,
-            "public_key_sha256": None if key is None else public_key_sha256(public_pem_of(key))}
+    """The settings that change the bundle. Reads only: never makes a key (`tunegate runs` calls it for every run)."""
+    r = project.release
+    return {"merge": r.merge, "sigstore": r.sigstore, "public_key_sha256": signing_public_sha256(project)}
+
+
+def prepare(project) -> None:
+    """Before the fingerprint of a release that is about to run: make the project-local key pair when no key is
+    configured (`signing_key`), so that its public part is what the fingerprint holds from the first run on."""
+    signing_key(project)
 
 
 def run(st: Stage) -> StageResult:
@@ -42,4 +48,4 @@ def run(st: Stage) -> StageResult:
     })
 
 
-SPEC = StageSpec(name="release", run=run, upstream=BUNDLED_STAGES, config=config)
+SPEC = StageSpec(name="release", run=run, upstream=BUNDLED_STAGES, config=config, prepare=prepare)
