@@ -82,14 +82,14 @@ def test_the_embedded_server_answers_400_and_the_export_rejects_old_rows(tiny_pr
     from tunegate.serve.engine import EmbeddedEngine
 
     project = load_project(tiny_project / "tunegate.yaml")
-    engine = EmbeddedEngine(model=load_inference_model(tiny_model_dir), tokenizer=tokenizer, base_name="tiny")
+    engine = EmbeddedEngine(model=load_inference_model(tiny_model_dir), tokenizer=tokenizer, base_name="tiny-base")  # not the project name: that is the registry's
     app = create_app(project, engine=engine)
     db = servedb.connect(servedb.project_url(project))
     h = {"Authorization": f"Bearer {servedb.add_tenant(db, 'ops', [], allow_base=True)}"}
     with TestClient(app) as c:
         def ask(text):
             return c.post("/v1/chat/completions", headers=h, json={
-                "model": "tiny", "max_tokens": 2, "temperature": 0, "messages": [{"role": "user", "content": text}]})
+                "model": "tiny-base", "max_tokens": 2, "temperature": 0, "messages": [{"role": "user", "content": text}]})
 
         r = ask(FORGED)
         assert r.status_code == 400 and r.json()["error"]["code"] == "control_token"
