@@ -103,3 +103,12 @@ def test_a_feedback_folder_linked_outside_the_project_is_refused_before_writing(
     with pytest.raises(TunegateError, match=r"^feedback/: .* outside the project folder"):
         servedb.export_to_files(project)
     assert list(outside.iterdir()) == []
+
+
+def test_the_pipeline_called_from_python_reads_a_feedback_source_not_exported_yet_as_empty(tiny_project):
+    from tunegate.pipeline import run_pipeline
+
+    project = load_project(_with_feedback_source(tiny_project, "sft"))
+    manifests = run_pipeline(project, until="data")
+    assert (tiny_project / "feedback" / "sft.jsonl").read_bytes() == b""
+    assert str(tiny_project / "feedback" / "sft.jsonl") in manifests["data"].inputs

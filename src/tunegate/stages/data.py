@@ -554,6 +554,17 @@ def inputs(project) -> dict[str, Path]:
     return files
 
 
+def prepare(project) -> None:
+    """A `feedback:` source whose file `tunegate data feedback` has not written yet (nothing served, or the pipeline
+    called from Python rather than through `tunegate run`, which exports it first) is an empty file: no rows."""
+    from tunegate.core.io import atomic_write_jsonl
+    from tunegate.core.paths import inside
+
+    for src in project.data.sources:
+        if src.feedback is not None and not src.path.exists():
+            atomic_write_jsonl(inside(project.root, src.path, f"feedback/{src.path.name}"), [])
+
+
 def config(project) -> dict[str, Any]:
     """The settings the data stage depends on: base_model and data, and train.added_tokens when set (they change
     how rows tokenize: lengths, the over-length policy)."""
@@ -563,4 +574,4 @@ def config(project) -> dict[str, Any]:
     return view
 
 
-SPEC = StageSpec(name="data", run=run, config=config, inputs=inputs)
+SPEC = StageSpec(name="data", run=run, config=config, inputs=inputs, prepare=prepare)
