@@ -186,9 +186,7 @@ def signing_public_sha256(project) -> str | None:
     if r.sigstore:
         return None
     if r.key is not None:
-        if not Path(r.key).is_file():
-            raise TunegateError(f"{project.source_file}: release.key {r.key} not found (make one with `tunegate keys generate`)")
-        return public_key_sha256(public_pem_of(Path(r.key)))
+        return public_key_sha256(public_pem_of(_configured_key(project)))
     public = inside(project.root, project.root / LOCAL_KEYS, str(LOCAL_KEYS)) / PUBLIC_KEY
     if not public.is_file():
         return None
@@ -205,10 +203,15 @@ def signing_key(project) -> Path | None:
     if r.sigstore:
         return None
     if r.key is not None:
-        if not Path(r.key).is_file():
-            raise TunegateError(f"{project.source_file}: release.key {r.key} not found (make one with `tunegate keys generate`)")
-        return Path(r.key)
+        return _configured_key(project)
     return project_keys(project)[0]
+
+
+def _configured_key(project) -> Path:
+    """`release.key`; raises TunegateError naming the project file when it is not a file."""
+    if not Path(project.release.key).is_file():
+        raise TunegateError(f"{project.source_file}: release.key {project.release.key} not found (make one with `tunegate keys generate`)")
+    return Path(project.release.key)
 
 
 # The public part of `release.key`, written here when no public.pem of that key sits beside it (`public_key_for`).
@@ -227,11 +230,9 @@ def public_key_for(project) -> Path | None:
     """
     if project.serve is not None and project.serve.public_key is not None:
         return Path(project.serve.public_key)
-    key = getattr(getattr(project, "release", None), "key", None)
-    if key is not None:
-        if not Path(key).is_file():
-            raise TunegateError(f"{project.source_file}: release.key {key} not found (make one with `tunegate keys generate`)")
-        public_pem = public_pem_of(Path(key))
+    if getattr(getattr(project, "release", None), "key", None) is not None:
+        key = _configured_key(project)
+        public_pem = public_pem_of(key)
         beside = Path(key).with_name(PUBLIC_KEY)
         if beside.is_file() and _same_public_key(beside.read_bytes(), public_pem):
             return beside
