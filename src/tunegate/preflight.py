@@ -138,7 +138,8 @@ def anti_pattern_table(project, n_train_rows: int, base_is_instruct: bool, answe
       grpo_too_few_generations  error    method grpo with num_generations < 2 (train.trl, else tunegate's GRPO
                                          default, else TRL's 8)
       qlora_needs_cuda          error    adapter qlora on a machine without a CUDA GPU
-      no_feedback_capture       warning  no feedback capture configured: no `serve` section, or serve.feedback false
+      no_feedback_capture       warning  no feedback capture configured: no `serve` section and no `feedback:` data
+                                         source, or serve.feedback false
     """
     from tunegate.catalog import JUDGE_METRICS
     from tunegate.recipes.defaults import adapter_kind, lora_kwargs
@@ -268,16 +269,20 @@ def anti_pattern_table(project, n_train_rows: int, base_is_instruct: bool, answe
 
     # No feedback capture: production signals (thumbs, corrections) are never collected for the next round.
     # `tunegate serve` collects them (POST /v1/feedback) when the project has a serve section with feedback on.
+    # A `data.sources[].feedback` source reads what `tunegate serve` collects (it takes feedback unless
+    # serve.feedback is false), so it counts as capture too.
     serve = project.serve
-    found = serve is None or not serve.feedback
+    feedback_sources = [f"{{feedback: {s.feedback}}}" for s in project.data.sources if s.feedback is not None]
+    found = (serve is not None and not serve.feedback) or (serve is None and not feedback_sources)
     add("no_feedback_capture", "warning",
         "no feedback capture: production answers and corrections never reach the next training round",
         found,
         ("no feedback capture is configured (serve.feedback)" if serve is None else "serve.feedback is false")
         + ": production thumbs and corrections are lost, and the next training round has only the data it has now" if found else
-        "serve.feedback: true (`tunegate serve` takes thumbs and edited answers at POST /v1/feedback)",
-        "add `serve: {feedback: true}` and serve with `tunegate serve` (POST /v1/feedback), then "
-        "`tunegate data feedback PROJECT` turns thumbs and edits into kto / preference sources for the next round; "
+        (f"data.sources reads served feedback ({', '.join(feedback_sources)})" if feedback_sources else
+         "serve.feedback: true (`tunegate serve` takes thumbs and edited answers at POST /v1/feedback)"),
+        "add `serve: {feedback: true}` and serve with `tunegate serve` (POST /v1/feedback), and list a source "
+        "`{feedback: sft}` (or preference, kto) under data.sources: each `tunegate run` trains on the edits and thumbs so far; "
         "or log them with request ids where the adapter is served and bring them back the same way")
     return out
 

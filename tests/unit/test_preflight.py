@@ -115,6 +115,19 @@ def test_serve_section_with_feedback_silences_the_warning(tmp_path):
     assert f.message.startswith("serve.feedback is false")
 
 
+def test_a_feedback_data_source_is_feedback_capture(tmp_path):
+    p = project(tmp_path)
+    cfg = tmp_path / "tunegate.yaml"
+    cfg.write_text(cfg.read_text().replace("sources: [{path: train.jsonl, format: chat}]",
+                                           "sources: [{path: train.jsonl, format: chat}, {feedback: sft}]"))
+    p = load_project(cfg)
+    f = by_name(anti_pattern_table(p, 5000, True), "no_feedback_capture")
+    assert not f.found and f.message == "data.sources reads served feedback ({feedback: sft})"
+    # ... unless the server is told not to take feedback
+    cfg.write_text(cfg.read_text() + "serve: {feedback: false}\n")
+    assert by_name(anti_pattern_table(load_project(cfg), 5000, True), "no_feedback_capture").found
+
+
 def test_anti_patterns_name_what_they_found(tmp_path):
     # the rules the audit page added: knowledge that changes (the audit's answers, else audit.answers) and no eval gate
     p = project(tmp_path)
