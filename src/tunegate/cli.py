@@ -848,7 +848,7 @@ def _serving_db(project: Path, overrides: list[str] | None):
 def tenants_add(
     project: ProjectArg,
     name: Annotated[str, typer.Argument(help="the tenant's name")],
-    adapter: Annotated[Optional[list[str]], typer.Option("--adapter", help="an adapter name from serve.bundles this tenant may call (repeatable)")] = None,
+    adapter: Annotated[Optional[list[str]], typer.Option("--adapter", help="a model name this tenant may call (repeatable): the project's name (its production version), NAME-vN for a version in serve.versions, or a serve.bundles name")] = None,
     allow_base: Annotated[bool, typer.Option("--allow-base", help="the tenant may also call the base model")] = False,
 ) -> None:
     """Add a tenant and print its new API key, once: only the key's SHA-256 is stored."""
@@ -856,10 +856,13 @@ def tenants_add(
     from tunegate.serve.bundles import bundle_name
 
     p, db = _serving_db(project, None)
-    known = [bundle_name(b) for b in (p.serve.bundles if p.serve else [])]
+    # the registry's names (tunegate.serve.production: NAME serves production, NAME-vN a pinned version), then bundles
+    known = [p.name, *(f"{p.name}-v{v}" for v in (p.serve.versions if p.serve else []))]
+    known += [bundle_name(b) for b in (p.serve.bundles if p.serve else [])]
     unknown = [a for a in adapter or [] if a not in known]
     if unknown:
-        raise TunegateError(f"{p.source_file}: adapter(s) {', '.join(unknown)} not in serve.bundles (names: {', '.join(known) or 'none'})")
+        raise TunegateError(f"{p.source_file}: adapter(s) {', '.join(unknown)} not served by this project: not its name, "
+                            f"a serve.versions version or in serve.bundles (names: {', '.join(known)})")
     key = servedb.add_tenant(db, name, list(adapter or []), allow_base)
     typer.echo(f"tenant {name}: adapters {', '.join(adapter or []) or '-'}{'; base model' if allow_base else ''}")
     typer.echo("API key (shown once, store it now; only its hash is kept):")

@@ -324,7 +324,10 @@ def test_tenants_cli_prints_the_key_once_and_stores_its_hash(served):
     key = r.output.strip().splitlines()[-1]
     assert key.startswith("tg-") and servedb.tenant_for_key(served["db"], key).name == "initech"
     r = CliRunner().invoke(cli_app, ["tenants", "add", yaml, "bad", "--adapter", "nope"])
-    assert r.exit_code != 0 and "not in serve.bundles" in str(r.exception)
+    assert r.exit_code != 0 and "not served by this project" in str(r.exception)
+    name = load_project(served["root"] / "tunegate.yaml").name  # the registry's production version is served as the project name
+    r = CliRunner().invoke(cli_app, ["tenants", "add", yaml, "registry-user", "--adapter", name])
+    assert r.exit_code == 0, r.output
     r = CliRunner().invoke(cli_app, ["tenants", "list", yaml])
     assert "initech\tactive" in r.output and key not in r.output
     assert CliRunner().invoke(cli_app, ["tenants", "revoke", yaml, "initech"]).exit_code == 0
