@@ -99,6 +99,12 @@ def test_the_embedded_server_answers_400_and_the_export_rejects_old_rows(tiny_pr
         tid = ok.json()["id"]
         bad = c.post("/v1/feedback", headers=h, json={"trace_id": tid, "rating": "down", "edited_answer": "4<|endoftext|>"})
         assert bad.status_code == 400 and bad.json()["error"]["code"] == "control_token"
+        # control characters (ESC sequences, NUL) would reach traces, the next round's rows and the terminal
+        esc = ask("title \x1b]0;PWNED\x07 please")
+        assert esc.status_code == 400 and esc.json()["error"]["code"] == "control_character"
+        assert "messages[0].content: control_character: holds the control character U+001B" in esc.json()["error"]["message"]
+        nul = c.post("/v1/feedback", headers=h, json={"trace_id": tid, "rating": "down", "edited_answer": "4\x00"})
+        assert nul.status_code == 400 and nul.json()["error"]["code"] == "control_character"
         assert c.post("/v1/feedback", headers=h, json={"trace_id": tid, "rating": "down", "edited_answer": "4"}).status_code == 201
     # the random model's 2 tokens end by max_tokens; a cut answer is left out of the export (truncated_response),
     # so this trace is marked as a whole answer to test the control-token rule alone

@@ -57,6 +57,19 @@ def test_an_error_leaving_the_block_is_logged(tmp_path, screen):
     assert con.console.log_console is None  # detached again
 
 
+def test_a_log_that_is_a_symbolic_link_is_refused_not_followed(tmp_path, screen):
+    from tunegate import TunegateError
+
+    victim = tmp_path / "outside.txt"
+    victim.write_text("theirs\n")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "log.txt").symlink_to(victim)
+    with pytest.raises(TunegateError, match="a symbolic link .*never through a link"):
+        with con.log_to(tmp_path / "run" / "log.txt"):
+            con.console.print("stage 1/1 data")
+    assert victim.read_text() == "theirs\n" and con.console.log_console is None
+
+
 def test_progress_off_a_terminal_draws_nothing_live_and_says_when_done(screen, monkeypatch):
     monkeypatch.setattr(con, "DONE_LINE_S", 0.0)
     with con.progress("eval", 40) as advance:

@@ -194,6 +194,18 @@ def test_a_lone_surrogate_is_invalid_unicode_and_rejected_jsonl_stays_utf8(tmp_p
     assert read_jsonl(tmp_path / "rejected.jsonl")[0]["raw"] == json.loads(line)
 
 
+@pytest.mark.parametrize("text, code", [("\x00 nul", 0x0), ("title \x1b]0;PWNED\x07", 0x1B), ("c1 \x9b2J", 0x9B), ("del \x7f", 0x7F)])
+def test_a_control_character_is_rejected_and_tab_newline_form_feed_are_kept(tmp_path, text, code):
+    """Found by the attacker pass on issue 22: a tenant's edit holding ESC sequences became a training row, and
+    `data-preview` then printed them raw to the operator's terminal."""
+    kept = {"messages": [{"role": "user", "content": "a\tb\nc\r\n\x0bd\x0c"}, {"role": "assistant", "content": "ok"}]}
+    bad = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": text}]}
+    (tmp_path / "a.jsonl").write_text(json.dumps(kept) + "\n" + json.dumps(bad) + "\n", encoding="utf-8")
+    rows, rejected = read_source(SourceConfig(path=tmp_path / "a.jsonl", format="chat"))
+    assert len(rows) == 1 and [(r.line, r.rule) for r in rejected] == [(2, "control_character")]
+    assert f"U+{code:04X}" in rejected[0].detail
+
+
 def test_iter_jsonl_yields_every_bad_line_as_an_error_and_reads_on(tmp_path):
     """The reader of the corpus, IFEval and seed files: a line that is not UTF-8, nested past the parser, or
     longer than the limit is an error for that line (audit.read_corpus names it), never a UnicodeDecodeError."""

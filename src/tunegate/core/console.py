@@ -16,6 +16,7 @@ Imports only the standard library and rich (core room).
 from __future__ import annotations
 
 import datetime as dt
+import os
 import re
 import sys
 import time
@@ -58,14 +59,24 @@ def log_to(path: Path, header: str | None = None) -> Iterator[Path]:
 
     Opens with a header line: `==== <UTC time> tunegate <argv> ====` (or `header`). An exception leaving the block
     is written as `error: <message>` before it propagates. Re-entrant: an inner block for a log already open
-    writes no second header.
+    writes no second header. A `path` that is a symbolic link is not followed (O_NOFOLLOW): TunegateError, rather
+    than appending to wherever the link leads.
     """
     path = Path(path)
     if console.log_console is not None:  # already logging (a stage inside `tunegate run`)
         yield path
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a", encoding="utf-8") as f:
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError:
+        if path.is_symlink():
+            from tunegate import TunegateError
+
+            raise TunegateError(f"{path}: a symbolic link (to {os.readlink(path)}); rule: the run's log is written only "
+                                "inside the project, never through a link: remove it") from None
+        raise
+    with open(fd, "a", encoding="utf-8") as f:
         log = Console(file=f, width=LOG_WIDTH, color_system=None, force_terminal=False, highlight=False,
                       emoji=False, legacy_windows=False)
         now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")

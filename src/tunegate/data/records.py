@@ -663,14 +663,29 @@ def text_bytes(value: Any) -> int:
 MAX_ROW_DEPTH = 64  # levels of nesting in a row; a chat row has 4, Python's pickle and deepcopy fail near 1,000
 
 
-def _text_scan(value: Any) -> tuple[int, bool, int]:
+# Control characters no text needs: C0 but tab, line feed, vertical tab, form feed and carriage return; DEL; C1.
+# NUL truncates C strings, ESC starts terminal escape sequences (a row printed by `data-preview` could set the
+# window title or clear the screen); a tokenizer turns them into byte tokens the model then learns to emit.
+CONTROL_CHARACTERS = re.compile("[\x00-\x08\x0e-\x1f\x7f-\x9f]")
+
+
+def control_character_problem(text: str) -> str | None:
+    """None, or what rule `control_character` says about the first control character in `text` (CONTROL_CHARACTERS)."""
+    m = CONTROL_CHARACTERS.search(text)
+    return None if m is None else f"holds the control character U+{ord(m.group()):04X} at offset {m.start()}: not text"
+
+
+def _text_scan(value: Any) -> tuple[int, bool, int, str | None]:
     """(text_bytes, whether a string holds a lone surrogate: JSON's "\\ud800" escape parses to one, and no
-    UTF-8 writer, tokenizer or hash downstream can encode it; the row's nesting depth)."""
-    total, surrogate, depth, stack = 0, False, 0, [(value, 1)]
+    UTF-8 writer, tokenizer or hash downstream can encode it; the row's nesting depth; the first control character
+    problem of its strings, control_character_problem)."""
+    total, surrogate, depth, control, stack = 0, False, 0, None, [(value, 1)]
     while stack:
         v, level = stack.pop()
         depth = max(depth, level)
         if isinstance(v, str):
+            if control is None:
+                control = control_character_problem(v)
             if v.isascii():
                 total += len(v)
                 continue
@@ -690,7 +705,7 @@ def _text_scan(value: Any) -> tuple[int, bool, int]:
             total += len(repr(v)) if not isinstance(v, int) or v.bit_length() < 10_000 else v.bit_length() // 3
         else:
             total += 4
-    return total, surrogate, depth
+    return total, surrogate, depth, control
 
 
 def _clip_raw(obj: Any, n: int = 200) -> str:
@@ -751,13 +766,15 @@ def read_source(src, role: str = "train", limit: int | None = None) -> tuple[lis
         default_id = f"{stem}:{lineno}"
         rid = str(obj.get("id")) if isinstance(obj, dict) and "id" in obj else None
         if err is None:
-            size, surrogate, depth = _text_scan(obj)
+            size, surrogate, depth, control = _text_scan(obj)
             if depth > MAX_ROW_DEPTH:  # parsed, but every recursive step after (copy, pickle, JSON) would fail
                 err, obj = RowError("too_deep", f"nested {depth} levels deep; at most {MAX_ROW_DEPTH}"), f"(nested {depth} levels deep)"
             elif size > src.max_row_bytes:  # a JSON array's or Parquet row, already in memory
                 err, obj = _too_large(size, src.max_row_bytes), _clip_raw(obj)
             elif surrogate:
                 err = RowError("invalid_unicode", "a string holds a lone surrogate (a \\ud800-\\udfff escape): not text")
+            elif control:
+                err = RowError("control_character", f"a string {control}")
         if err is None:
             try:
                 rec = parse_row(obj, src, default_id, name)

@@ -295,10 +295,22 @@ def _chat_messages(body: ChatRequest, engine: Engine) -> list[dict[str, str]]:
         except UnicodeEncodeError:
             raise ApiError(400, f"messages[{i}].content: invalid_unicode: holds a lone surrogate (a \\ud800-\\udfff "
                                 "escape): not text", code="invalid_unicode") from None
+        _refuse_control_characters(f"messages[{i}].content", m["content"])
     if messages[-1]["role"] != "user":
         raise ApiError(400, "messages: the last message must be a user turn", code="role_order")
     _refuse_control_tokens(engine, messages)
     return messages
+
+
+def _refuse_control_characters(field: str, text: str) -> None:
+    """ApiError 400 `control_character` when `text` holds a control character (NUL, ESC, ...: the data stage's
+    rule of the same name, tunegate.data.records.CONTROL_CHARACTERS): it would reach traces, feedback sources and
+    the terminals that print them."""
+    from tunegate.data.records import control_character_problem
+
+    problem = control_character_problem(text)
+    if problem:
+        raise ApiError(400, f"{field}: control_character: {problem}", code="control_character")
 
 
 def _refuse_control_tokens(engine: Engine, messages: list[dict[str, str]] | None = None,
@@ -386,8 +398,8 @@ def feedback(request: Request, body: FeedbackRequest, t: AuthTenant,
     """POST /v1/feedback: a rating (and an edited answer) on one of this key's traces, written exactly once.
 
     Raises:
-        ApiError: 403 feedback is off, 400 an empty edit or one spelling a control token (it would become a
-            preference pair's chosen answer), 404 no such trace for this key, 409 a reused Idempotency-Key with
+        ApiError: 403 feedback is off, 400 an empty edit, or one holding a control character or spelling a
+            control token (it would become a preference pair's chosen answer), 404 no such trace for this key, 409 a reused Idempotency-Key with
             another body.
     """
     db = request.app.state.db
@@ -396,6 +408,7 @@ def feedback(request: Request, body: FeedbackRequest, t: AuthTenant,
                        "feedback_disabled")
     if body.edited_answer is not None and not body.edited_answer.strip():
         raise ApiError(400, "edited_answer is empty: leave it out for a plain thumbs rating", code="empty_turn")
+    _refuse_control_characters("edited_answer", body.edited_answer or "")
     _refuse_control_tokens(request.app.state.engine, fields={"edited_answer": body.edited_answer or ""})
     trace = servedb.get_trace(db, body.trace_id)
     if trace is None or trace["tenant"] != t.name:  # another tenant's trace looks like no trace at all
