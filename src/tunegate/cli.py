@@ -105,10 +105,11 @@ def run(
     made on first use); a FAIL ends after the report (exit 3) and nothing is released.
     """
     from tunegate.core.console import console
-    from tunegate.pipeline import run_dir_for, run_pipeline
+    from tunegate.pipeline import check_stage_names, run_dir_for, run_pipeline
 
     p = _load(project, overrides)
-    # run_pipeline refuses an --until or --force that is not a stage, and prints the summary block after eval
+    check_stage_names(until, tuple(force or ()))  # refused before the feedback export writes anything,
+    run_dir_for(p, run_id)  # like a run id that is not an identifier
     _export_feedback(p)
     manifests = run_pipeline(p, run_id=run_id, force=tuple(force or ()), train_anyway=train_anyway, until=until)
     if "eval" not in manifests:

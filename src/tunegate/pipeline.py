@@ -224,6 +224,10 @@ def _run_stage(project: Project, run_dir: Path, spec: StageSpec, force: bool, ov
     finally:
         os.close(lock)
     console.print(f"[green]{label}: done in {fmt_seconds(wall)}[/green]" + (f", verdict {result.verdict}" if result.verdict else ""))
+    if stage == "eval" and release_gate({"eval": manifest}) and remove_dir(run_dir / "release"):
+        # `tunegate eval` alone: a bundle of an earlier PASS must not outlive this chain's FAIL (served by path, listed)
+        console.print(f"[yellow]- release: removed the release of an earlier chain, {run_dir / 'release'} "
+                      f"(eval verdict {manifest.verdict})[/yellow]", soft_wrap=True)
     _wait_for_everyone(world)  # workers read the manifest once it exists
     return manifest
 
@@ -305,6 +309,18 @@ def release_gate(manifests: dict[str, Manifest]) -> str | None:
     return None if ev.verdict == "PASS" else f"eval verdict {ev.verdict}"
 
 
+def check_stage_names(until: str, force: tuple[str, ...] = (), stages: tuple[StageSpec, ...] = STAGES) -> list[str]:
+    """The stage names, once `--until` and every `--force` entry name one of them (or `all`). Raises TunegateError
+    naming the stages otherwise (checked before anything is written)."""
+    names = [s.name for s in stages]
+    if until not in names:
+        raise TunegateError(f"--until {until}: not a stage; stages: {', '.join(names)}")
+    bogus = [f for f in force if f not in names and f != "all"]
+    if bogus:
+        raise TunegateError(f"--force {bogus[0]}: not a stage; stages: {', '.join(names)} (or all)")
+    return names
+
+
 def run_pipeline(project: Project, run_id: str = "default", until: str = STAGE_NAMES[-1], force: tuple[str, ...] = (),
                  train_anyway: bool = False, stages: tuple[StageSpec, ...] = STAGES) -> dict[str, Manifest]:
     """data -> audit -> train -> eval -> report -> release (`stages`, in order). Returns the manifests; the caller
@@ -318,12 +334,7 @@ def run_pipeline(project: Project, run_id: str = "default", until: str = STAGE_N
     Raises TunegateError when `until` or a `force` entry is not a stage (or `all`); AuditSaysNoTrain when the
     audit's verdict is NO_TRAIN and `train_anyway` is false.
     """
-    names = [s.name for s in stages]
-    if until not in names:
-        raise TunegateError(f"--until {until}: not a stage; stages: {', '.join(names)}")
-    bogus = [f for f in force if f not in names and f != "all"]
-    if bogus:
-        raise TunegateError(f"--force {bogus[0]}: not a stage; stages: {', '.join(names)} (or all)")
+    names = check_stage_names(until, force, stages)
     run_dir = run_dir_for(project, run_id)
     run_dir.mkdir(parents=True, exist_ok=True)
     planned = stages[: names.index(until) + 1]
@@ -441,6 +452,8 @@ def validate_project(p: Project) -> list[str]:
     for i, src in enumerate(p.data.sources):
         if src.path is None:
             continue  # a Hub dataset: reading it would need the network
+        if src.feedback is not None and not src.path.exists():
+            continue  # not exported yet (nothing served, or a fresh clone): `tunegate run` writes it, empty if need be
         if not src.path.exists():
             problems.append(f"data.sources.{i}.path: {src.path} not found")
             continue

@@ -120,9 +120,9 @@ def test_the_embedded_server_answers_400_and_the_export_rejects_old_rows(tiny_pr
     out = tiny_project / "fb"
     res = CliRunner().invoke(cli_app, ["data", "feedback", str(tiny_project / "tunegate.yaml"), "--out", str(out)])
     assert res.exit_code == 0, res.output
-    assert "rejected 2 row(s) ({'control_token': 2})" in res.output
+    assert "rejected 3 row(s) ({'control_token': 3})" in res.output
     assert [p["trace_id"] for p in read_jsonl(out / "preference.jsonl")] == [tid]
     assert [k["trace_id"] for k in read_jsonl(out / "kto.jsonl")] == [tid]
     assert {(r["id"], r["rule"]) for r in read_jsonl(out / "rejected.jsonl")} == {
-        ("chatcmpl-old-kto", "control_token"), ("chatcmpl-old-pref", "control_token")}
-    assert json.loads((out / "feedback_stats.json").read_text())["rejected_by_rule"] == {"control_token": 2}
+        ("chatcmpl-old-kto", "control_token"), ("chatcmpl-old-pref", "control_token"), ("chatcmpl-old-sft", "control_token")}
+    assert json.loads((out / "feedback_stats.json").read_text())["rejected_by_rule"] == {"control_token": 3}

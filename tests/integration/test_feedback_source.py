@@ -112,3 +112,18 @@ def test_the_pipeline_called_from_python_reads_a_feedback_source_not_exported_ye
     manifests = run_pipeline(project, until="data")
     assert (tiny_project / "feedback" / "sft.jsonl").read_bytes() == b""
     assert str(tiny_project / "feedback" / "sft.jsonl") in manifests["data"].inputs
+
+
+def test_an_edit_of_an_answer_cut_short_is_still_an_sft_row(tiny_project):
+    """Found by the new-user pass: an answer cut by max_tokens made its edit vanish from sft.jsonl too (the SFT
+    rows were built from the preference pairs, which leave such answers out)."""
+    from tunegate.core.io import read_jsonl
+
+    eng = servedb.connect(servedb.default_url(tiny_project))
+    servedb.write_trace(eng, id="chatcmpl-cut", tenant="acme", model="tiny", adapter="tiny", adapter_sha256="ab" * 32,
+                        messages=MSGS, params={}, response="alp", finish_reason="length", prompt_tokens=9,
+                        completion_tokens=1, latency_ms=3.0, version="tiny-v1")
+    servedb.record_feedback(eng, "acme", "chatcmpl-cut", "down", "beta", None)
+    written, counts = servedb.export_to_files(load_project(tiny_project / "tunegate.yaml"), versions_of="tiny")
+    assert [r["messages"][-1]["content"] for r in read_jsonl(written["sft"])] == ["beta"]
+    assert read_jsonl(written["preference"]) == [] and counts["rejected_by_rule"] == {"truncated_response": 2}

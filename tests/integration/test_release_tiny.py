@@ -305,14 +305,18 @@ def test_a_fail_after_a_pass_removes_the_older_bundle_and_says_so(lora_run, tmp_
     run_dir = root / "runs" / "default"
     assert release.bundle_dir(run_dir).is_dir()
     project = load_project(root / "tunegate.yaml", ["eval.gate.0.min=0.99"])
-    run_pipeline(project, until="report")  # the release stage is not planned: its folder stays, but is not this chain's
-    summary = " ".join(capsys.readouterr().err.split()).split("summary", 1)[1]
-    assert "verdict FAIL" in summary and "bundle" not in summary and release.bundle_dir(run_dir).is_dir()
-    manifests = run_pipeline(project)
+    run_pipeline(project, until="report")  # the release stage is not planned; the eval stage's FAIL removes it
+    out = " ".join(capsys.readouterr().err.split())
+    assert f"release: removed the release of an earlier chain, {run_dir / 'release'} (eval verdict FAIL)" in out
+    summary = out.split("summary", 1)[1]
+    assert "verdict FAIL" in summary and "bundle" not in summary
+    assert not [p.name for p in run_dir.iterdir() if "release" in p.name]  # no folder, no aside left
+    shutil.copytree(lora_run / "runs" / "default" / "release", run_dir / "release")  # an older PASS's bundle again
+    manifests = run_pipeline(project)  # eval unchanged (FAIL): the release gate removes it
     assert manifests["eval"].verdict == "FAIL" and "release" not in manifests
     out = " ".join(capsys.readouterr().err.split())
     assert f"release: skipped (eval verdict FAIL; removed the release of an earlier chain, {run_dir / 'release'})" in out
-    assert not [p.name for p in run_dir.iterdir() if "release" in p.name]  # no folder, no aside left
+    assert not [p.name for p in run_dir.iterdir() if "release" in p.name]
     summary = out.split("summary", 1)[1]
     assert "verdict FAIL" in summary and "bundle" not in summary and str(run_dir / "report" / "report.html") in summary
 

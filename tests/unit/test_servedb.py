@@ -142,8 +142,10 @@ def test_export_gives_preference_and_kto_rows_the_reader_accepts(db, tmp_path):
     servedb.record_feedback(db, "globex", "chatcmpl-b", "up", None, None)
     servedb.record_feedback(db, "acme", "chatcmpl-c", "down", "Marseille.", None)  # an edit that changes nothing
     pairs, kto, counts = servedb.export_feedback(db)
+    sft = counts.pop("sft")
     assert counts == {"feedback_rows": 4, "traces_with_feedback": 3, "kto_rows": 3, "kto_up": 1, "kto_down": 2,
                       "preference_rows": 1, "edits_identical_to_answer": 1, "rejected_by_rule": {}, "rejected": []}
+    assert [(r["id"], r["messages"]) for r in sft] == [("chatcmpl-a-sft", [*MSGS, {"role": "assistant", "content": "Paris."}])]
     atomic_write_jsonl(tmp_path / "pref.jsonl", pairs)
     atomic_write_jsonl(tmp_path / "kto.jsonl", kto)
     recs, rej = read_source(SourceConfig(path=tmp_path / "pref.jsonl", format="preference"))

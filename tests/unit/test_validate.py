@@ -29,6 +29,16 @@ def test_the_tiny_project_validates_clean(tiny_project):
     assert problems(tiny_project) == []
 
 
+def test_a_feedback_source_not_exported_yet_is_no_problem_but_a_broken_one_is(tiny_project):
+    cfg = tiny_project / "tunegate.yaml"
+    cfg.write_text(cfg.read_text().replace("sources: [{path: train.jsonl, format: chat}]",
+                                           "sources: [{path: train.jsonl, format: chat}, {feedback: sft}]"))
+    assert problems(tiny_project) == []  # a fresh clone: feedback/ is git-ignored, `tunegate run` writes it
+    (tiny_project / "feedback").mkdir()
+    (tiny_project / "feedback" / "sft.jsonl").write_text('{"prompt": "not a chat row"}\n')
+    assert any(x.startswith("data.sources.1 (format chat)") for x in problems(tiny_project))
+
+
 def test_a_misspelled_embedded_model_is_named_with_the_right_spelling(tiny_project, offline_empty_cache):
     found = problems(tiny_project, "base_model=smollm2-135m-instrct")
     assert found == ["base_model smollm2-135m-instrct: not an embedded model, a folder or a cached hub id; "

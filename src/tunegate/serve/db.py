@@ -370,7 +370,9 @@ def export_feedback(engine, adapters: list[str] | None = None,
 
     Per trace, the latest rating gives one KTO row (prompt = the request's messages, completion = the served
     answer, label = rating == "up"), and the latest edited answer that differs from the served answer gives
-    one preference pair (chosen = the edit, rejected = the served answer). Every row carries its provenance
+    one preference pair (chosen = the edit, rejected = the served answer) and one SFT chat row (the request's
+    messages + the edit as the assistant turn; in counts["sft"], which export_to_files takes out: kept even when
+    the served answer was cut short, since that answer is not in it). Every row carries its provenance
     as top-level keys, which the reader keeps in `meta`: source "feedback", trace_id, tenant, adapter
     (None: the base model), adapter_sha256, adapter_version (the trace's `version`: NAME-vN, a bundle's name,
     or "base"), feedback_id, served_at. `adapters` keeps only traces of those
@@ -418,7 +420,7 @@ def export_feedback(engine, adapters: list[str] | None = None,
     rejected: list[dict[str, Any]] = []
 
     def clean(row: dict[str, Any], texts: dict[str, str], finish_reason: str | None) -> bool:
-        messages = row["prompt"] if isinstance(row["prompt"], list) else None
+        messages = row["prompt"] if isinstance(row.get("prompt"), list) else row.get("messages")
         rule, problem = TRUNCATED_RULE, None
         if finish_reason == "length":  # cut by max_tokens, the deadline or a shutdown: not the model's answer
             problem = "the served answer was cut short (finish_reason 'length')"
@@ -432,7 +434,7 @@ def export_feedback(engine, adapters: list[str] | None = None,
     kto = [{"id": f"{tid}-kto", "prompt": r["messages"], "completion": r["response"], "label": r["rating"] == "up",
             **provenance(r)} for tid, r in latest_rating.items()]
     kto = [k for k, r in zip(kto, latest_rating.values()) if clean(k, {"completion": k["completion"]}, r["finish_reason"])]
-    pairs, same = [], 0
+    pairs, sft, same = [], [], 0
     for tid, r in latest_edit.items():
         if normalize_text(r["edited_answer"]) == normalize_text(r["response"]):
             same += 1  # an "edit" that changes nothing carries no preference
@@ -441,26 +443,23 @@ def export_feedback(engine, adapters: list[str] | None = None,
                 **provenance(r)}
         if clean(pair, {"chosen": pair["chosen"], "rejected": pair["rejected"]}, r["finish_reason"]):
             pairs.append(pair)
+        # The edit as a demonstration: the request + the edited answer. A served answer that was cut short does not
+        # matter here (it is not in the row), so such an edit is still an SFT row.
+        row = {"id": f"{tid}-sft", "messages": [*_as_messages(r["messages"]), {"role": "assistant", "content": r["edited_answer"]}],
+               **provenance(r)}
+        if clean(row, {"edited_answer": r["edited_answer"]}, None):
+            sft.append(row)
     counts = {"feedback_rows": len(rows), "traces_with_feedback": len(latest_rating), "kto_rows": len(kto),
               "kto_up": sum(1 for r in kto if r["label"]), "kto_down": sum(1 for r in kto if not r["label"]),
               "preference_rows": len(pairs), "edits_identical_to_answer": same}
     counts["rejected_by_rule"] = dict(Counter(r["rule"] for r in rejected))
     counts["rejected"] = rejected
+    counts["sft"] = sft
     return pairs, kto, counts
 
 
-def sft_rows(pairs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Preference pairs from edits -> chat rows for supervised fine-tuning: the request's messages followed by the
-    edited answer as the assistant turn (`format: chat`), with the pair's provenance (source feedback, trace_id,
-    tenant, adapter, ...) as top-level keys, which the reader keeps in `meta`. A pair whose prompt is a plain string
-    becomes one user turn."""
-    out = []
-    for pair in pairs:
-        prompt = pair["prompt"] if isinstance(pair["prompt"], list) else [{"role": "user", "content": pair["prompt"]}]
-        provenance = {k: v for k, v in pair.items() if k not in ("id", "prompt", "chosen", "rejected")}
-        out.append({"id": pair["id"].removesuffix("-pref") + "-sft",
-                    "messages": [*prompt, {"role": "assistant", "content": pair["chosen"]}], **provenance})
-    return out
+def _as_messages(prompt: Any) -> list[dict[str, Any]]:
+    return prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
 
 
 def feedback_dir(project) -> Path:
@@ -476,8 +475,8 @@ def feedback_dir(project) -> Path:
 def export_to_files(project, out_dir: Path | None = None, adapters: list[str] | None = None,
                     versions_of: str | None = None) -> tuple[dict[str, Path], dict[str, Any]]:
     """`tunegate data feedback`: export_feedback from the project's serving database into `out_dir` (default
-    <project dir>/feedback, where `data.sources[].feedback` reads): sft.jsonl (edited answers as chat rows,
-    sft_rows), preference.jsonl and kto.jsonl (each written, empty when it has no rows, so a feedback source
+    <project dir>/feedback, where `data.sources[].feedback` reads): sft.jsonl (edited answers as chat rows:
+    the request + the edit), preference.jsonl and kto.jsonl (each written, empty when it has no rows, so a feedback source
     always has its file), rejected.jsonl (rows left out: an answer cut short, rule `truncated_response`, or text
     spelling one of the base tokenizer's control tokens, rule `control_token`; only when there are any) and
     feedback_stats.json (with `rejected_by_rule`). The rows are in feedback order, so an unchanged database
@@ -499,7 +498,7 @@ def export_to_files(project, out_dir: Path | None = None, adapters: list[str] | 
     rejected = counts.pop("rejected", [])
     counts.setdefault("rejected_by_rule", {})
     written: dict[str, Path] = {}
-    sft = sft_rows(pairs)
+    sft = counts.pop("sft", [])
     counts["sft_rows"] = len(sft)
     for fmt, rows, name in (("sft", sft, "sft.jsonl"), ("preference", pairs, "preference.jsonl"), ("kto", kto, "kto.jsonl")):
         atomic_write_jsonl(out / name, rows)
