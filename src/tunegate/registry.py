@@ -330,17 +330,20 @@ def promote(db_path: Path, project: str, run_dir: Path, *, bundle: Path, verify:
         return dict(con.execute("SELECT * FROM versions WHERE version=?", (entry["version"],)).fetchone())
 
 
-def rollback(db_path: Path, project: str, verify: Verify | None = None) -> dict[str, Any]:
+def rollback(db_path: Path, project: str, verify: Verify | None = None, root: Path | None = None) -> dict[str, Any]:
     """Retire the production version and restore the version that was in production before it.
 
     With `verify` (a release bundle folder -> release.json, as for `promote`) the restored version must have a
-    stored bundle that verifies: it is what the server switches to.
+    stored bundle that verifies: it is what the server switches to. `root`: the project folder the copy folders
+    must resolve inside (`copy_folder`), as for `promote`.
 
     Raises TunegateError when there is no production version or nothing to roll back to, or the version to restore
-    has no stored bundle (with `verify`), or a stored copy changed.
+    has no stored bundle (with `verify`), or a stored copy changed, or a copy folder leads outside `root`.
     """
     if not Path(db_path).is_file():
         raise TunegateError(f"{db_path}: no registry yet; project {project} has no production version to roll back")
+    for folder in COPY_FOLDERS:
+        copy_folder(db_path, folder, root)  # a `bundles/` link leading outside: refused, as promote refuses it
     with connect(db_path) as con:
         current = con.execute("SELECT version FROM versions WHERE project=? AND status='production'", (project,)).fetchone()
         if current is None:

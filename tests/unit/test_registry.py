@@ -309,3 +309,24 @@ def test_copy_folders_leading_outside_the_project_are_refused_before_anything_is
         registry.promote(project_dir / "tunegate.db", "p", r1, bundle=release.bundle_dir(r1), verify=verify, root=project_dir)
     assert list(outside.iterdir()) == [] and not (project_dir / "adapters").exists()
     assert registry.versions(project_dir / "tunegate.db", "p") == []
+
+
+def test_rollback_refuses_copy_folders_moved_outside_the_project(tmp_path, run, keys):
+    """Found by the attacker pass: `mv bundles /elsewhere; ln -s /elsewhere/bundles bundles` was refused by promote
+    but not by rollback, and the server then loaded versions from outside the project."""
+    import shutil
+    from functools import partial
+
+    project_dir, outside = tmp_path / "project", tmp_path / "elsewhere"
+    project_dir.mkdir()
+    outside.mkdir()
+    db = project_dir / "tunegate.db"
+    verify = partial(release.verify_bundle, public_key=keys[1])
+    for rid in ("r1", "r2"):
+        r = run(project_dir, rid, "PASS")
+        registry.promote(db, "p", r, bundle=release.bundle_dir(r), verify=verify, root=project_dir)
+    shutil.move(project_dir / "bundles", outside / "bundles")
+    (project_dir / "bundles").symlink_to(outside / "bundles")
+    with pytest.raises(TunegateError, match=r"registry bundles/ folder: .*outside the project"):
+        registry.rollback(db, "p", verify=verify, root=project_dir)
+    assert [v["status"] for v in registry.versions(db, "p")] == ["retired", "production"]

@@ -97,7 +97,7 @@ def rollback(project) -> dict[str, Any]:
     Raises:
         TunegateError: nothing to roll back to, or the version to restore has no bundle that verifies.
     """
-    return registry.rollback(project.registry, project.name, verify=verifier(project))
+    return registry.rollback(project.registry, project.name, verify=verifier(project), root=project.root)
 
 
 def version_label(name: str, version: int) -> str:
