@@ -19,8 +19,10 @@ from tunegate import EXIT_AUDIT_NO_TRAIN, EXIT_DRIFT, EXIT_GATE_FAILED, Tunegate
 app = typer.Typer(
     help=(
         "tunegate: benchmark-first, gated LLM fine-tuning. A project file (tunegate.yaml) names the base model, "
-        "the data, the golden set and the gate; `tunegate run` goes data -> audit -> train -> eval gate -> report, "
-        "and stops before training when the audit measures that a cheaper option (prompting, retrieval) is enough.\n\n"
+        "the data, the golden set and the gate; `tunegate run` goes data -> audit -> train -> eval gate -> report -> "
+        "release (a signed bundle, on PASS only), and stops before training when the audit measures that a cheaper "
+        "option (prompting, retrieval) is enough. Then `promote` decides what `serve` serves, served feedback feeds "
+        "the next run (`data.sources: [{feedback: sft}]`), and `runs --compare A B` shows what changed.\n\n"
         "Any config key can be overridden after the project path: `train.trl.learning_rate=1e-4`.\n\n"
         "Exit codes: 0 ok, 1 unexpected error, 2 invalid input, 3 eval gate FAIL, 4 audit: training does not pay, 5 drift detected."
     ),
@@ -489,7 +491,7 @@ def runs(
     compare: Annotated[Optional[tuple[str, str]], typer.Option("--compare", help="two run ids A B: config diff, metric deltas B - A with paired CIs, changed rows")] = None,
 ) -> None:
     """List the project's runs (status per stage, method, differing settings, headline metric, verdict, wall time)
-    and write runs/index.html; with --compare A B, compare two runs and write runs/compare-A-B.html."""
+    and write runs/index.html; with --compare A B, compare two runs and write runs/compare-A.vs.B.html."""
     from rich.console import Console
 
     from tunegate import runs as runs_mod

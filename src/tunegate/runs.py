@@ -9,7 +9,7 @@ every run's `run.js` is refreshed with the same statuses, so the header of each 
 `compare_runs(project, a, b)` compares run B with run A: the config diff (dotted keys, from the stage manifests'
 configs), each metric's difference B - A with a **paired** bootstrap CI over the golden rows both runs scored
 (`eval/samples.jsonl`, rows matched by id and prompt; `tunegate.evals.bootstrap.paired_bootstrap`), and the rows
-whose candidate answer or score changed. `write_compare` writes `runs/compare-A-B.html`.
+whose candidate answer or score changed. `write_compare` writes `runs/compare-A.vs.B.html`.
 """
 
 from __future__ import annotations
@@ -242,12 +242,12 @@ def compare_runs(project, a: str, b: str, n_samples: int | None = None, seed: in
 
 
 def write_compare(project, result: dict[str, Any]) -> Path:
-    """Write `runs_dir/compare-A-B.html` for a `compare_runs` result; returns its path."""
+    """Write `runs_dir/compare-A.vs.B.html` for a `compare_runs` result; returns its path."""
     from tunegate.report.render import environment
 
     runs_dir = Path(project.runs_dir)
     a, b = result["a"]["run_id"], result["b"]["run_id"]
-    out = runs_dir / f"compare-{a}-{b}.html"
+    out = runs_dir / f"compare-{a}.vs.{b}.html"  # "." is in no run id: `a-b` vs `c` and `a` vs `b-c` differ
     header = project_header(project.name, runs_dir, runs_dir, [result["a"], result["b"]], f"run {b} compared with run {a}")
     html = environment().get_template("runs_compare.html.j2").render(header=header, r=result, fmt_value=fmt_value, fmt_ci=fmt_ci,
                                                                      max_rows=MAX_CHANGED_ROWS)

@@ -52,7 +52,7 @@ def browser():
 @pytest.fixture(scope="module")
 def two_runs(tmp_path_factory, tiny_model_dir):
     """Run `a` (audit on, trained anyway) and run `b`: a copy of `a` with eval.max_new_tokens=3, so only its eval
-    and report stages rerun; then the data preview, runs/index.html and runs/compare-a-b.html."""
+    and report stages rerun; then the data preview, runs/index.html and runs/compare-a.vs.b.html."""
     from tunegate import runs
     from tunegate.preview import run_preview
 
@@ -95,7 +95,7 @@ def long_answers(src, dst, offset):
 
 
 PAGES = ["a/data/data_card.html", "a/audit/audit.html", "a/eval/eval.html", "a/report/report.html", "a/preview.html",
-         "b/eval/eval.html", "b/report/report.html", "s2/eval/eval.html", "index.html", "compare-a-b.html", "compare-s1-s2.html"]
+         "b/eval/eval.html", "b/report/report.html", "s2/eval/eval.html", "index.html", "compare-a.vs.b.html", "compare-s1.vs.s2.html"]
 
 # Links, images and scripts the page holds after its scripts ran; overflow: the page and each wide element.
 CHECK_JS = """() => {
@@ -147,7 +147,7 @@ def test_every_page_renders_with_working_links_no_overflow_and_the_live_header(b
             assert states["release"] == states["data"] == states["train"] == "done", f"{rel}: {got['stages']}"  # the runs passed: signed
             # b's eval ran with eval.max_new_tokens=3, which the project file does not say
             assert states["eval"] == ("stale" if rel.startswith("b/") else "done"), f"{rel}: {got['stages']}"
-    for rel in ("s2/eval/eval.html", "compare-s1-s2.html"):  # long answers: whole in the page, "…" where cut
+    for rel in ("s2/eval/eval.html", "compare-s1.vs.s2.html"):  # long answers: whole in the page, "…" where cut
         html = (runs_dir / rel).read_text()
         assert LONG[0] in html and LONG[3] in html and "show all 3000 characters" in html and "only whitespace" in html, rel
         assert "<div class=\"t\">alpha</div>" in html, rel
@@ -160,7 +160,7 @@ def test_runs_list_and_compare_through_the_cli(two_runs):
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2] / "src"), COLUMNS="200")
     r = subprocess.run([sys.executable, "-m", "tunegate.cli", "runs", two_runs, "--compare", "a", "b"], capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr
-    assert "eval.max_new_tokens" in r.stdout and "paired 95% CI" in r.stdout and "compare-a-b.html" in r.stdout
+    assert "eval.max_new_tokens" in r.stdout and "paired 95% CI" in r.stdout and "compare-a.vs.b.html" in r.stdout
     r = subprocess.run([sys.executable, "-m", "tunegate.cli", "runs", two_runs, "--compare", "a", "nope"], capture_output=True, text=True, env=env)
     assert r.returncode == 2 and "--compare nope: no run" in r.stderr and "existing runs: a, b" in r.stderr, r.stderr
 

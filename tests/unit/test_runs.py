@@ -91,7 +91,7 @@ def test_compare_gives_config_diff_paired_ci_on_shared_rows_and_changed_rows(pro
     assert m["delta"] == paired_bootstrap([1.0, 0.0, 0.0], [1.0, 1.0, 1.0], n_samples=500, seed=0).as_dict()
     assert [c["id"] for c in r["changed"]] == ["g1", "g2"] and r["changed"][0]["a_output"] == "b"
     page = runs.write_compare(project, r)
-    assert page.name == "compare-a-b.html" and "+0.667" in page.read_text()
+    assert page.name == "compare-a.vs.b.html" and "+0.667" in page.read_text()
 
 
 def test_an_unknown_run_id_names_the_runs_there_are(project):
