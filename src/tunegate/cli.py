@@ -933,6 +933,19 @@ def drift(
         raise typer.Exit(EXIT_DRIFT)
 
 
+@app.command(name="mcp")
+def mcp_cmd(
+    project: ProjectArg,
+    allow_writes: Annotated[bool, typer.Option("--allow-writes", help="also offer the tools that start runs or stages in the background and promote")] = False,
+) -> None:
+    """Serve the project to AI agents over MCP (stdio): validate, the decision tree, runs, compare, verdicts,
+    audits, loss-mask previews, and report/manifest resources. Read-only unless --allow-writes. Register it with
+    an MCP client as command `tunegate`, args `["mcp", "/path/to/project"]`."""
+    from tunegate.mcp_server import serve
+
+    serve(project, allow_writes=allow_writes)
+
+
 @app.command()
 def env() -> None:
     """Print versions and the machine for bug reports."""

@@ -40,7 +40,7 @@ CONFIG_ROOM = {"tunegate.config", "tunegate.catalog", "tunegate.prices"}
 LIBRARY_MODULES = {"tunegate.models", "tunegate.decide", "tunegate.retrieval", "tunegate.verifiers", "tunegate.preflight",
                    "tunegate.registry", "tunegate.launch", "tunegate.release", "tunegate.export"}
 LIBRARY_PACKAGES = ("tunegate.data.", "tunegate.evals.", "tunegate.recipes.", "tunegate.report.")
-VERB_MODULES = {"tunegate.drift", "tunegate.preview", "tunegate.runs"}
+VERB_MODULES = {"tunegate.drift", "tunegate.preview", "tunegate.runs", "tunegate.mcp_server"}
 
 # Violations allowed while a move is under way: (importer, imported) or (importer, "name"). Empty: keep it so.
 ALLOWED_VIOLATIONS: set[tuple[str, str]] = set()
