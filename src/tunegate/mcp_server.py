@@ -174,7 +174,8 @@ class Tools:
     def preview_rows(self, run_id: str = "default", rows: list[str] | None = None, first: int = 5) -> dict[str, Any]:
         """The loss mask of chosen rows (`tunegate data-preview`): `rows` (row ids) or the `first` training rows,
         at most MAX_PREVIEW_ROWS. Each row: id, split, where it was read from, status (fits / TRUNCATED /
-        REJECTED), token counts, and its text with the supervised spans between ⟦ and ⟧. Loads the tokenizer only."""
+        REJECTED), token counts, and its text with the supervised spans between ⟦ and ⟧; `from_data_stage` is false
+        when the run has no current data stage and the rows come from the sources. Loads the tokenizer only."""
         from tunegate.pipeline import run_dir_for
         from tunegate.preview import SUP_CLOSE, SUP_OPEN, build_previews
 
@@ -184,8 +185,9 @@ class Tools:
             raise TunegateError(f"first: {first} is not between 1 and {MAX_PREVIEW_ROWS}")
         p = self.project()
         check_identifier("run id", run_id)
-        previews, _ = build_previews(p, run_dir_for(p, run_id), rows, first)
-        return {"max_length": p.data.max_length, "overlength": p.data.overlength, "rows": [
+        previews, chosen_from = build_previews(p, run_dir_for(p, run_id), rows, first)
+        return {"max_length": p.data.max_length, "overlength": p.data.overlength, "origin": chosen_from.origin,
+                "from_data_stage": chosen_from.from_stage, "rows": [
             {"id": r.id, "split": r.split, "where": r.where, "status": r.status, "n_tokens": r.n_tokens,
              "n_supervised": r.n_supervised,
              "text": "".join(f"{SUP_OPEN}{s.text}{SUP_CLOSE}" if s.supervised else s.text for s in r.segments)}

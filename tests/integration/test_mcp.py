@@ -86,13 +86,14 @@ def test_read_tools_answer_from_the_run_folders(project):
             "changing_knowledge": "no", "prompt_meets_bar": "no", "verifier": "yes"}}))
         unanswered = payload(await s.call_tool("decide", {"answers": {}}))
         compared, _ = payload(await s.call_tool("compare_runs", {"run_a": "r1", "run_b": "r2"}))
+        preview, _ = payload(await s.call_tool("preview_rows", {"run_id": "r1", "rows": ["t1"]}))
         report = await s.read_resource("tunegate://runs/r1/report")
         manifest = await s.read_resource("tunegate://runs/r1/train/manifest")
         listed = field(await s.list_resource_templates(), "resource_templates", "resourceTemplates")
         templates = {field(t, "uri_template", "uriTemplate") for t in listed}
-        return names, validated, runs, verdict, audit, decided, unanswered, compared, report, manifest, templates
+        return names, validated, runs, verdict, audit, decided, unanswered, compared, preview, report, manifest, templates
 
-    names, validated, runs, verdict, audit, decided, unanswered, compared, report, manifest, templates = \
+    names, validated, runs, verdict, audit, decided, unanswered, compared, preview, report, manifest, templates = \
         asyncio.run(session(project, False, body))
     assert names == {"validate", "decide", "decision_tree", "list_runs", "compare_runs", "verdict",
                      "audit_recommendation", "preview_rows"}
@@ -107,6 +108,10 @@ def test_read_tools_answer_from_the_run_folders(project):
     assert unanswered[1] and "is not answered" in unanswered[0]
     assert compared["config"] == [{"key": "train.trl.learning_rate", "a": 1e-4, "b": 2e-4}]
     assert compared["metrics"][0]["b"] == 1.0
+    # hand-written data manifest: not current, so the row comes from the source file, masked by the real template
+    (row,) = preview["rows"]
+    assert preview["from_data_stage"] is False and row["id"] == "t1" and row["where"].endswith("train.jsonl:2")
+    assert row["text"].endswith("assistant\n⟦a<|im_end|>⟧\n") and row["status"] == "fits max_length, not truncated"
     assert report.contents[0].text.startswith("# mcpdemo, run r1")
     assert json.loads(manifest.contents[0].text)["stage"] == "train"
     assert templates == {"tunegate://runs/{run_id}/report", "tunegate://runs/{run_id}/{stage}/manifest"}
@@ -114,17 +119,20 @@ def test_read_tools_answer_from_the_run_folders(project):
 
 def test_paths_outside_the_project_and_write_tools_are_refused_without_the_flag(project, tmp_path_factory):
     outside = tmp_path_factory.mktemp("outside")
-    atomic_write_json(outside / "verdict.json", VERDICT)
+    atomic_write_json(outside / "eval" / "verdict.json", VERDICT)
+    (project / "runs" / "linked").symlink_to(outside)  # a run folder that leads outside the project
 
     async def body(s):
-        return [payload(await s.call_tool("verdict", {"run_id": rid})) for rid in ("../..", "r1/../r2", "nope")] + [
+        return [payload(await s.call_tool("verdict", {"run_id": rid})) for rid in ("../..", "r1/../r2", "nope", "linked")] + [
             payload(await s.call_tool("start_run", {"run_id": "r3"})),
             payload(await s.call_tool("promote", {"run_id": "r1"})),
         ]
 
-    (dots, _), (slash, _), (missing, _), (start, start_err), (promote, promote_err) = asyncio.run(session(project, False, body))
+    (dots, _), (slash, _), (missing, _), (linked, linked_err), (start, start_err), (promote, promote_err) = \
+        asyncio.run(session(project, False, body))
     assert "is not a letter or digit" in dots and "is not a letter or digit" in slash
-    assert "no run" in missing and "existing runs: r1, r2" in missing
+    assert "no run" in missing and "existing runs: " in missing
+    assert linked_err and "outside the project folder" in linked
     assert start_err and promote_err and "start_run" in start and "promote" in promote
     assert not (project / "runs" / "r3").exists()
 
