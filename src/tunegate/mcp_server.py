@@ -18,9 +18,9 @@ Resources (templates): `tunegate://runs/{run_id}/report` (report/report.md) and
 
 Write tools, registered only with `allow_writes` (`tunegate mcp --allow-writes`); without it they are not listed
 and a call is refused as an unknown tool:
-  start_run / start_stage   `tunegate run|<stage> PROJECT --run-id ID` as a background subprocess (stdout and
-                            stderr to /dev/null: the command appends what it prints to runs/<id>/log.txt)
-  run_progress              that subprocess's state and the tail of runs/<id>/log.txt
+  start_run / start_stage   `tunegate run|<stage> PROJECT --run-id ID` as a background subprocess, in its own
+                            session (it outlives the server); its stdout and stderr go to a temporary file
+  run_progress              that subprocess's state, the tail of runs/<id>/log.txt and of what it printed
   promote                   tunegate.serve.production.promote (PASS and a verified bundle only)
 
 Every run id is checked with core.paths.check_identifier and resolved inside the project (Project.run_dir);
@@ -35,6 +35,7 @@ import functools
 import json
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +86,7 @@ class Tools:
         self.project_path = Path(project_path)
         self.jobs: dict[str, subprocess.Popen] = {}  # run id -> the background `tunegate` command started for it
         self.job_args: dict[str, list[str]] = {}
+        self.outputs: dict[str, Any] = {}  # run id -> the temporary file the command's stdout and stderr go to
 
     def project(self):
         from tunegate.config import load_project
@@ -214,9 +216,10 @@ class Tools:
             raise TunegateError(f"run {run_id}: `tunegate {' '.join(self.job_args[run_id])}` is still running (pid {job.pid}); "
                                 "rule: one command per run at a time")
         cmd = [sys.executable, "-m", "tunegate.cli", *args]
-        self.jobs[run_id] = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                             stderr=subprocess.DEVNULL, start_new_session=True)
-        self.job_args[run_id] = args
+        output = tempfile.TemporaryFile()  # what the command prints (stdout is the protocol's channel here)
+        self.jobs[run_id] = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT,
+                                             start_new_session=True)
+        self.job_args[run_id], self.outputs[run_id] = args, output
         return {"run_id": run_id, "pid": self.jobs[run_id].pid, "command": ["tunegate", *args], "state": "running",
                 "poll": "run_progress"}
 
@@ -239,23 +242,36 @@ class Tools:
         run_progress."""
         from tunegate.pipeline import run_dir_for
 
+        from tunegate.pipeline import stage_spec
+
         p = self.project()
         check_identifier("run id", run_id)
-        run_dir_for(p, run_id)
-        args = [_stage(stage), str(p.source_file), "--run-id", run_id] + (["--force"] if force else [])
+        # a stage that builds on others needs the run (as on the command line): refused here, not in the background
+        if stage_spec(_stage(stage)).upstream:
+            self.run_dir(p, run_id)
+        else:
+            run_dir_for(p, run_id)
+        args = [stage, str(p.source_file), "--run-id", run_id] + (["--force"] if force else [])
         return self.start(args, run_id)
 
     def run_progress(self, run_id: str = "default", lines: int = LOG_TAIL_LINES) -> dict[str, Any]:
-        """The background command of a run (running / exited with its code / none started by this server) and the
-        last `lines` lines of runs/<id>/log.txt (at most 500)."""
+        """The background command of a run (running / exited with its code / none started by this server), the
+        last `lines` lines (at most 500) of runs/<id>/log.txt, and of what the command printed (`output_tail`:
+        also its errors, e.g. before the run folder exists)."""
         p = self.project()
         check_identifier("run id", run_id)
         job = self.jobs.get(run_id)
         state = {"state": "none"} if job is None else (
             {"state": "running", "pid": job.pid} if job.poll() is None else {"state": "exited", "exit_code": job.returncode})
+        n = max(1, min(lines, 500))
         log = inside(p.root, p.run_dir(run_id) / "log.txt", "file")
-        tail = log.read_text(encoding="utf-8", errors="replace").splitlines()[-max(1, min(lines, 500)):] if log.is_file() else []
-        return {"run_id": run_id, **state, "command": ["tunegate", *self.job_args.get(run_id, [])], "log_tail": tail}
+        tail = log.read_text(encoding="utf-8", errors="replace").splitlines()[-n:] if log.is_file() else []
+        output = []
+        if run_id in self.outputs:
+            self.outputs[run_id].seek(0)
+            output = self.outputs[run_id].read().decode("utf-8", errors="replace").splitlines()[-n:]
+        return {"run_id": run_id, **state, "command": ["tunegate", *self.job_args.get(run_id, [])], "log_tail": tail,
+                "output_tail": output}
 
     def promote(self, run_id: str = "default") -> dict[str, Any]:
         """Make a run's adapter the production version (`tunegate promote`): refused unless its verdict is PASS and

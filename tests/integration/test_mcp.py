@@ -143,10 +143,23 @@ def test_write_tools_are_listed_with_allow_writes(project):
         bad_stage = payload(await s.call_tool("start_stage", {"stage": "../eval", "run_id": "r1"}))
         bad_until = payload(await s.call_tool("start_run", {"run_id": "r1", "until": "deploy"}))
         progress, _ = payload(await s.call_tool("run_progress", {"run_id": "r1"}))
-        return names, bad_stage, bad_until, progress
+        no_run = payload(await s.call_tool("start_stage", {"stage": "eval", "run_id": "nothing_yet"}))
+        # the data stage (no model weights, no training) of a new run, in the background, polled to its end
+        started, _ = payload(await s.call_tool("start_stage", {"stage": "data", "run_id": "fresh"}))
+        for _ in range(600):
+            done, _ = payload(await s.call_tool("run_progress", {"run_id": "fresh"}))
+            if done["state"] != "running":
+                break
+            await asyncio.sleep(0.5)
+        return names, bad_stage, bad_until, progress, no_run, started, done
 
-    names, bad_stage, bad_until, progress = asyncio.run(session(project, True, body))
+    names, bad_stage, bad_until, progress, no_run, started, done = asyncio.run(session(project, True, body))
     assert {"start_run", "start_stage", "run_progress", "promote"} <= names
     assert bad_stage[1] and "not a stage" in bad_stage[0]
     assert bad_until[1] and "--until deploy: not a stage" in bad_until[0]
-    assert progress["state"] == "none" and progress["log_tail"] == []
+    assert progress["state"] == "none" and progress["log_tail"] == [] and progress["output_tail"] == []
+    assert no_run[1] and "run_id nothing_yet: no run" in no_run[0]  # refused before anything starts
+    assert started["state"] == "running" and started["command"][:2] == ["tunegate", "data"]
+    assert done["state"] == "exited" and done["exit_code"] == 0, done["log_tail"]
+    assert any("data" in line for line in done["log_tail"]) and done["output_tail"]
+    assert (project / "runs" / "fresh" / "data" / "manifest.json").is_file()
