@@ -701,6 +701,25 @@ class DriftConfig(_Section):
     api_key_env: str = "OPENAI_API_KEY"  # env var holding the key (a tenant key for `tunegate serve`); eval.server's when set
 
 
+class MlflowConfig(_Section):
+    """Experiment tracking in MLflow (tunegate.tracking): one MLflow run per tunegate run, one nested run per
+    stage execution; the trainer logs into the train stage's nested run through transformers' MLflowCallback.
+
+    tracking_uri: any MLflow tracking URI. `sqlite:///mlflow.db` (relative: inside the project folder; needs
+    sqlalchemy and alembic, the `tracking` extra) or a `file:` folder work with no server; `http(s)://...` is a
+    tracking server. experiment: the MLflow experiment (default: the project name).
+    """
+
+    tracking_uri: str = "sqlite:///mlflow.db"
+    experiment: str | None = None
+
+
+class TrackingConfig(_Section):
+    """`tracking:` experiment trackers tunegate reports to; off unless a tracker is set (tunegate.tracking)."""
+
+    mlflow: MlflowConfig | None = None
+
+
 class Project(_Section):
     name: str
     base_model: str = "smollm2-135m-instruct"
@@ -713,6 +732,7 @@ class Project(_Section):
     serve: ServeConfig | None = None  # `tunegate serve`; with feedback on, no no_feedback_capture warning
     drift: DriftConfig = Field(default_factory=DriftConfig)  # `tunegate drift`: production traces vs training data
     release: ReleaseConfig = Field(default_factory=ReleaseConfig)  # the release stage: signing key, Sigstore, merge
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)  # MLflow experiment tracking (tunegate.tracking); off by default
 
     # Set by load_project, not by the file.
     root: Path = Field(default=Path("."), exclude=True)
@@ -881,6 +901,8 @@ def load_project(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) 
             project.serve.public_key = _resolve(root, project.serve.public_key)
     if project.release.key is not None:
         project.release.key = _resolve(root, project.release.key)
+    if project.tracking.mlflow is not None:
+        project.tracking.mlflow.tracking_uri = _local_store_uri(root, project.tracking.mlflow.tracking_uri)
     if project.eval.json_schema is not None:
         project.eval.json_schema = _resolve(root, project.eval.json_schema)
     if project.eval.suites:
@@ -904,3 +926,22 @@ def load_project(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) 
 def _resolve(root: Path, p: Path) -> Path:
     p = p.expanduser()
     return p if p.is_absolute() else (root / p).resolve()
+
+
+def _local_store_uri(root: Path, uri: str) -> str:
+    """A relative `sqlite:///PATH`, `file:PATH` or bare PATH store made absolute inside the project folder (raises
+    TunegateError naming tracking.mlflow.tracking_uri when it leads outside); server URIs are returned unchanged."""
+    key = "tracking.mlflow.tracking_uri"
+    if uri.startswith("sqlite:///"):
+        path = uri[len("sqlite:///"):]
+        if path.startswith("/"):
+            return uri
+        return "sqlite:///" + str(inside(root, _resolve(root, Path(path)), key))
+    if uri.startswith("file:"):
+        path = re.sub(r"^file:(//)?", "", uri)
+        if path.startswith("/"):
+            return uri
+        return Path(inside(root, _resolve(root, Path(path)), key)).as_uri()
+    if "://" not in uri and not uri.startswith(("databricks", "uc:")):
+        return Path(inside(root, _resolve(root, Path(uri)), key)).as_uri()
+    return uri

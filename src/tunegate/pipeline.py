@@ -34,6 +34,7 @@ from tunegate.core.manifest import (
 from tunegate.core.stage import Stage, StageSpec, distributed_rank
 from tunegate.release import bundle_dir
 from tunegate.report.header import write_run_js
+from tunegate import tracking
 from tunegate.stages import audit, data, evaluate, release, report, train
 
 # The stages in order. Each file under tunegate/stages/ declares its SPEC (name, body, upstream stages, the config
@@ -199,7 +200,8 @@ def _run_stage(project: Project, run_dir: Path, spec: StageSpec, force: bool, ov
         started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
         _wait_for_everyone(world)  # workers start once the checkpoint folder is settled
         t0 = time.perf_counter()
-        result = body(st)
+        with tracking.stage_run(project, run_dir, stage) as tracked:  # MLflow, when `tracking.mlflow` is set
+            result = body(st)
         wall = time.perf_counter() - t0
         for path in result.inputs.values():
             inputs[str(path)] = sha256_file(path)
@@ -220,6 +222,7 @@ def _run_stage(project: Project, run_dir: Path, spec: StageSpec, force: bool, ov
             overrides=overrides or [],
         )
         write_manifest(st.final_dir, manifest)
+        tracked.finish(manifest, st.final_dir)  # params, metrics, tags and artifacts of this stage (tunegate.tracking)
         write_run_js(run_dir)  # the live status every page's header shows (report.header); no stage's output
     finally:
         os.close(lock)

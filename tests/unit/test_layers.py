@@ -38,7 +38,8 @@ MAY_IMPORT = {
 ALSO_ALLOWED = {("config", "tunegate.decide")}
 CONFIG_ROOM = {"tunegate.config", "tunegate.catalog", "tunegate.prices"}
 LIBRARY_MODULES = {"tunegate.models", "tunegate.decide", "tunegate.retrieval", "tunegate.verifiers", "tunegate.preflight",
-                   "tunegate.registry", "tunegate.launch", "tunegate.release", "tunegate.export"}
+                   "tunegate.registry", "tunegate.launch", "tunegate.release", "tunegate.export",
+                   "tunegate.tracking"}
 LIBRARY_PACKAGES = ("tunegate.data.", "tunegate.evals.", "tunegate.recipes.", "tunegate.report.")
 VERB_MODULES = {"tunegate.drift", "tunegate.preview", "tunegate.runs", "tunegate.mcp_server"}
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from tunegate.config import Project
+from tunegate import tracking
 from tunegate.models import bf16_supported, cuda_available
 
 DEFAULT_LORA: dict[str, Any] = {
@@ -117,7 +118,7 @@ def _trainer_defaults(project: Project, output_dir: Path, device_bf16: bool) -> 
         "logging_steps": 5,
         "save_steps": 50,
         "save_total_limit": 2,
-        "report_to": "none",
+        "report_to": tracking.report_to(project),  # "mlflow" inside a tracked stage (tunegate.tracking)
         "seed": project.train.seed,
         "bf16": device_bf16,
         "use_cpu": not cuda_available(),
