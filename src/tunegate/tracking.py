@@ -39,7 +39,8 @@ from typing import Any, Iterator
 
 from tunegate.core.console import console
 
-ENV_KEYS = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID")
+# TUNEGATE_MLFLOW_RUN_ID marks an MLFLOW_RUN_ID tunegate set itself (not one left in the shell)
+ENV_KEYS = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID", "TUNEGATE_MLFLOW_RUN_ID")
 ARTIFACT_SUFFIXES = (".json", ".html", ".md", ".png")
 MAX_ARTIFACT_BYTES = 5 * 1024 * 1024
 MAX_PARAM_CHARS = 500
@@ -53,7 +54,8 @@ def enabled(project) -> bool:
 def report_to(project) -> str:
     """The TRL/transformers `report_to` for this project: "mlflow" while a tracked stage runs (MLFLOW_RUN_ID set by
     `stage_run`), else "none" (so an unreachable tracker never reaches the trainer)."""
-    return "mlflow" if enabled(project) and os.environ.get("MLFLOW_RUN_ID") else "none"
+    run = os.environ.get("MLFLOW_RUN_ID")
+    return "mlflow" if enabled(project) and run and os.environ.get("TUNEGATE_MLFLOW_RUN_ID") == run else "none"
 
 
 def experiment_name(project) -> str:
@@ -228,7 +230,8 @@ def stage_run(project, run_dir: Path, stage: str) -> Iterator[StageRun]:
     saved = {k: os.environ.get(k) for k in ENV_KEYS}
     if tracked.child is not None:
         os.environ.update({"MLFLOW_TRACKING_URI": project.tracking.mlflow.tracking_uri,
-                           "MLFLOW_EXPERIMENT_NAME": experiment_name(project), "MLFLOW_RUN_ID": tracked.child})
+                           "MLFLOW_EXPERIMENT_NAME": experiment_name(project), "MLFLOW_RUN_ID": tracked.child,
+                           "TUNEGATE_MLFLOW_RUN_ID": tracked.child})
     try:
         yield tracked
     except BaseException:
