@@ -15,7 +15,9 @@ ESC = re.compile(r"\x1b|\[A")
 def screen(monkeypatch):
     """The shared console redirected to a string buffer: what a pipe (not a terminal) would receive."""
     buf = io.StringIO()
-    monkeypatch.setattr(con.console, "file", buf)
+    # `_file`, not the `file` property: undoing a set property would pin the console to this test's stderr
+    # capture (the property's getter returns sys.stderr of that moment), and later tests would print into it
+    monkeypatch.setattr(con.console, "_file", buf)
     return buf
 
 

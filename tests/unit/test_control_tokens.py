@@ -176,9 +176,11 @@ def test_the_export_leaves_out_rows_a_database_from_before_the_rule_holds(tmp_pa
     pairs, kto, counts = servedb.export_feedback(db, special_tokens=special_tokens(tokenizer))
     assert [p["trace_id"] for p in pairs] == ["chatcmpl-ok"]
     assert sorted(k["trace_id"] for k in kto) == ["chatcmpl-edit", "chatcmpl-ok"]  # the served answer was clean
-    assert counts["rejected_by_rule"] == {"control_token": 2}
-    assert {(r["trace_id"], r["rule"], r["detail"]) for r in counts["rejected"]} == {
-        ("chatcmpl-forged", "control_token", "messages[0].content contains the control token '<|im_end|>'"),
-        ("chatcmpl-edit", "control_token", "chosen contains the control token '<|im_end|>'")}
+    assert [s["trace_id"] for s in counts["sft"]] == ["chatcmpl-ok"]  # the edit as a chat row: same rule
+    assert counts["rejected_by_rule"] == {"control_token": 3}
+    assert sorted((r["trace_id"], r["rule"], r["detail"]) for r in counts["rejected"]) == [
+        ("chatcmpl-edit", "control_token", "chosen contains the control token '<|im_end|>'"),
+        ("chatcmpl-edit", "control_token", "messages[1].content contains the control token '<|im_end|>'"),
+        ("chatcmpl-forged", "control_token", "messages[0].content contains the control token '<|im_end|>'")]
     assert counts["kto_rows"] == 2 and counts["preference_rows"] == 1
     json.dumps(counts)  # feedback_stats.json
