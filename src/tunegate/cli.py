@@ -604,7 +604,7 @@ DataRoot = Annotated[Path, typer.Option("--data-root", help="folder with the ups
 
 @app.command()
 def suite(
-    name: Annotated[str, typer.Argument(help="ifeval | safety")],
+    name: Annotated[str, typer.Argument(help="ifeval | safety | lm_eval")],
     adapter: Annotated[Optional[Path], typer.Option("--adapter", help="an adapter folder: score it against its base model, with paired CIs")] = None,
     base_model: Annotated[str, typer.Option("--base-model", help="embedded name or a local HF model folder")] = "smollm2-135m-instruct",
     data_root: DataRoot = Path("../shared/data"),
@@ -613,12 +613,16 @@ def suite(
     batch_size: Annotated[int, typer.Option("--batch-size")] = 16,
     sources: Annotated[str, typer.Option("--sources", help="safety: comma-separated harmbench,jbb,xstest")] = "harmbench,jbb,xstest",
     judge_model: Annotated[Optional[str], typer.Option("--judge", help="safety: also classify refusals with this local judge model")] = None,
+    tasks: Annotated[Optional[str], typer.Option("--tasks", help="lm_eval: comma-separated lm-eval task or group names")] = None,
+    include: Annotated[Optional[Path], typer.Option("--include", help="lm_eval: a folder of task YAML files")] = None,
     out: Annotated[Path, typer.Option("--out", help="folder for suite.json and samples.jsonl")] = Path("suite-results"),
 ) -> None:
-    """Score a standard suite on the base model (and an adapter): IFEval's four numbers, or safety refusal rates.
+    """Score a standard suite on the base model (and an adapter): IFEval's four numbers, safety refusal rates, or
+    lm-evaluation-harness tasks.
 
     The same code the eval stage runs for `eval.suites`; use it to see where a base model stands before
-    choosing gate thresholds. Example: tunegate suite safety --adapter runs/default/train/adapter --limit 50
+    choosing gate thresholds. Examples: tunegate suite safety --adapter runs/default/train/adapter --limit 50;
+    tunegate suite lm_eval --tasks gsm8k_local --include examples/quickstart/lm_eval_tasks --limit 20
     """
     import json
 
@@ -626,12 +630,14 @@ def suite(
     from tunegate.evals.suites import run_suite
 
     details, samples = run_suite(name, data_root, base_model, adapter, limit, max_new_tokens, batch_size,
-                                 [s.strip() for s in sources.split(",")], judge_model)
+                                 [s.strip() for s in sources.split(",")], judge_model,
+                                 [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None, include)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "suite.json", details)
     atomic_write_jsonl(out / "samples.jsonl", samples)
     for system in ("baseline", "candidate") if adapter is not None else ("baseline",):
-        typer.echo(f"{system}: " + json.dumps(details[system].get("summary") or {**details[system]["string_match"], **details[system].get("judge", {})}))
+        d = details[system]
+        typer.echo(f"{system}: " + json.dumps(d.get("summary") or d.get("results") or {**d["string_match"], **d.get("judge", {})}))
     for m, s in details["metrics"].items():
         b = s["baseline"]
         line = f"{m}: base {b['mean']:.3f} [{b['ci_low']:.3f}, {b['ci_high']:.3f}]"

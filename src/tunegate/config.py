@@ -24,6 +24,7 @@ from tunegate.catalog import (
     IFEVAL_FILE,
     IFEVAL_METRICS,
     JUDGE_METRICS,
+    LM_EVAL_PREFIX,
     LOWER_IS_BETTER,
     SAFETY_FILES,
     SAFETY_JUDGE_METRICS,
@@ -411,28 +412,80 @@ def _default_gate() -> list[GateRule]:
     return [GateRule(metric="exact_match", min_delta_ci_low=0.0)]
 
 
+class LmEvalConfig(_Section):
+    """lm-evaluation-harness tasks scored for the base model and the candidate (tunegate.evals.harness), with
+    tunegate's own model loading: the models the golden set is scored with, adapter off for the base model.
+
+    tasks: task or group names as lm-eval knows them (`arc_easy`, `hellaswag`, `gsm8k`, `mmlu_pro`...; those read
+    their data from the Hugging Face Hub, so they run where it or a local datasets cache is reachable) or
+    defined by a YAML file in `include`. include: a folder of the project with task YAML files (lm-eval's task
+    format; relative `data_files` are read from that folder). Its files are project code (a YAML may name a
+    `!function`), so it must lie inside the project, and their sha256 is part of the eval stage's fingerprint.
+    Each task's per-row scores give metrics `lm_eval.<task>.<metric>` (with `.<filter>` when the task's filter is
+    not lm-eval's "none"), with the same paired-bootstrap CIs and gate rules as golden-set metrics; a group's
+    rows are pooled (the micro average).
+    """
+
+    tasks: list[str] = Field(min_length=1)
+    include: Path | None = None
+    num_fewshot: int | None = Field(default=None, ge=0)  # None: each task's own setting
+    limit: int | None = Field(default=None, ge=1)  # first N rows of each task, for quick runs
+    chat_template: bool = False  # render prompts through the tokenizer's chat template (lm-eval's apply_chat_template)
+    batch_size: int = Field(default=8, ge=1)
+
+    @field_validator("tasks")
+    @classmethod
+    def _names(cls, v: list[str]) -> list[str]:
+        bad = [t for t in v if not t or "/" in t or t != t.strip()]
+        if bad:
+            raise ValueError(f"task name(s) {bad}: give lm-eval task or group names (files go in `include`)")
+        if len(set(v)) != len(v):
+            raise ValueError(f"task names repeat: {v}")
+        return v
+
+    def files(self) -> dict[str, Path]:
+        """Every file under `include` (task YAMLs, local data, `!function` modules), keyed `lm_eval:<relative path>`."""
+        if self.include is None or not self.include.is_dir():
+            return {}
+        return {f"lm_eval:{p.relative_to(self.include).as_posix()}": p for p in sorted(self.include.rglob("*"))
+                if p.is_file() and "__pycache__" not in p.parts}
+
+    def measures(self, metric: str) -> bool:
+        """Whether `metric` names one of these tasks (its metric part is checked when lm-eval loads the task)."""
+        return any(metric.startswith(f"{LM_EVAL_PREFIX}{t}.") and len(metric) > len(LM_EVAL_PREFIX + t) + 1 for t in self.tasks)
+
+
 class SuitesConfig(_Section):
     """Standard suites scored for the base model and the candidate beside the golden set (tunegate.evals.suites).
 
     `data_root` holds the upstream files as published: ifeval/input_data.jsonl, harmbench/, jbb_behaviors/,
-    xstest/ (the repository's ../shared/data). Metrics they add, usable in gate rules: ifeval_prompt_strict,
-    ifeval_inst_strict, ifeval_prompt_loose, ifeval_inst_loose; harmful_refusal, over_refusal (and the
-    `_judge` variants with `safety_judge`).
+    xstest/ (the repository's ../shared/data); IFEval and the safety suites need it. Metrics they add, usable in
+    gate rules: ifeval_prompt_strict, ifeval_inst_strict, ifeval_prompt_loose, ifeval_inst_loose; harmful_refusal,
+    over_refusal (and the `_judge` variants with `safety_judge`); `lm_eval.<task>.<metric>` (LmEvalConfig).
     """
 
-    data_root: Path
+    data_root: Path | None = None
     ifeval: bool = False
     ifeval_max_new_tokens: int = Field(default=512, ge=1)
     safety: list[Literal[SAFETY_SOURCES]] = Field(default_factory=list)
     safety_max_new_tokens: int = Field(default=64, ge=1)  # refusals show in the opening words
     safety_judge: bool = False  # also classify refusals with eval.judge
     limit: int | None = Field(default=None, ge=1)  # first N prompts per suite source (and kind), for quick runs
+    lm_eval: LmEvalConfig | None = None
+
+    @model_validator(mode="after")
+    def _data_root_when_read(self):
+        if self.data_root is None and (self.ifeval or self.safety):
+            raise ValueError("eval.suites.data_root is needed for ifeval and safety (the folder holding ifeval/, "
+                             "harmbench/, jbb_behaviors/, xstest/)")
+        return self
 
     def files(self) -> dict[str, Path]:
         """The suite files this config reads (their sha256 goes into the eval stage's fingerprint)."""
         rel = [IFEVAL_FILE] if self.ifeval else []
         rel += [f for src in self.safety for f in SAFETY_FILES[src]]
-        return {f"suite:{r}": self.data_root / r for r in rel}
+        out = {f"suite:{r}": self.data_root / r for r in rel} if rel and self.data_root is not None else {}
+        return out | (self.lm_eval.files() if self.lm_eval else {})
 
     def metrics(self) -> list[str]:
         """The metrics these suites add, in report order."""
@@ -508,9 +561,13 @@ class EvalConfig(_Section):
             raise ValueError(f"unknown metric(s) {unknown}; known: {', '.join(ALL_METRICS)}")
         if "json_schema" in self.metrics and self.json_schema is None:
             raise ValueError("metric json_schema needs eval.json_schema (a JSON Schema file)")
-        ungated = [r.metric for r in self.gate if r.metric not in self.measured()]
+        lm_eval = self.suites.lm_eval if self.suites else None
+        ungated = [r.metric for r in self.gate if r.metric not in self.measured() and not (lm_eval and lm_eval.measures(r.metric))]
         if ungated:
-            raise ValueError(f"gate rule(s) on {ungated}, which this eval does not measure (measured: {', '.join(self.measured())})")
+            also = f", and {LM_EVAL_PREFIX}<task>.<metric> for tasks {lm_eval.tasks}" if lm_eval else ""
+            raise ValueError(f"gate rule(s) on {ungated}, which this eval does not measure (measured: {', '.join(self.measured())}{also})")
+        if lm_eval and self.server:
+            raise ValueError("eval.suites.lm_eval scores log-likelihoods in-process: it cannot run with eval.server")
         if self.suites and self.suites.safety_judge and not self.judge:
             raise ValueError("eval.suites.safety_judge needs eval.judge")
         if any(r.metric == "judge_score" for r in self.gate):
@@ -906,7 +963,13 @@ def load_project(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) 
     if project.eval.json_schema is not None:
         project.eval.json_schema = _resolve(root, project.eval.json_schema)
     if project.eval.suites:
-        project.eval.suites.data_root = _resolve(root, project.eval.suites.data_root)
+        if project.eval.suites.data_root is not None:
+            project.eval.suites.data_root = _resolve(root, project.eval.suites.data_root)
+        lm_eval = project.eval.suites.lm_eval
+        if lm_eval is not None and lm_eval.include is not None:  # task files are project code: inside the project
+            lm_eval.include = inside(root, _resolve(root, lm_eval.include), "eval.suites.lm_eval.include")
+            if not lm_eval.include.is_dir():
+                raise TunegateError(f"{path}: eval.suites.lm_eval.include: {lm_eval.include} is not a folder (of lm-eval task YAML files)")
     if project.eval.judge:
         project.eval.judge.calibration_file = _resolve(root, project.eval.judge.calibration_file)
     if project.audit.corpus is not None:

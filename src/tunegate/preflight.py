@@ -37,7 +37,7 @@ FULL_SFT_INSTRUCT_MAX_LR = 1e-4  # full SFT of an instruct model: a lr at or abo
 ADAPTER_INSTRUCT_MAX_LR = 5e-4  # LoRA/DoRA/QLoRA on an instruct model: a lr above this is too high
 MIN_GRPO_GENERATIONS = 2  # group-relative advantages need a group
 TRL_GRPO_DEFAULT_GENERATIONS = 8  # trl.GRPOConfig.num_generations default
-SUITE_METRIC_PREFIXES = ("ifeval_", "harmful_refusal", "over_refusal")  # standard suites, not the golden set
+SUITE_METRIC_PREFIXES = ("ifeval_", "harmful_refusal", "over_refusal", "lm_eval.")  # standard suites, not the golden set
 
 # Cost at 7B scale.
 SCALE_PARAMS = 7e9  # the model size the cloud-cost column is re-scaled to

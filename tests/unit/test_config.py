@@ -196,3 +196,33 @@ def test_packing_is_refused_for_cpt_too_and_lm_head_for_dpo(tmp_path):
     pref = MINIMAL.replace("{path: train.jsonl}", "{path: train.jsonl, format: preference}")
     dpo = load_project(write(tmp_path, pref + "train:\n  method: dpo\n"), ["train.lora.target_modules=[q_proj, lm_head]"])
     assert [p.split(":")[0] for p in check_passthrough(dpo)] == ["train.lora.target_modules"]
+
+
+def _lm_eval(tmp_path, suites: str, gate: str = "[{metric: exact_match, min: 0.0}]", extra: str = "") -> object:
+    return write(tmp_path, MINIMAL + f"eval:\n  suites: {suites}\n  gate: {gate}\n{extra}")
+
+
+def test_lm_eval_tasks_their_folder_inside_the_project_and_their_gate_rules(tmp_path):
+    (tmp_path / "tasks").mkdir()
+    p = load_project(_lm_eval(tmp_path, "{lm_eval: {tasks: [local_arith], include: tasks}}",
+                              "[{metric: lm_eval.local_arith.acc, min: 0.5}]"))
+    assert p.eval.suites.lm_eval.include == tmp_path / "tasks" and p.eval.suites.data_root is None
+    with pytest.raises(TunegateError, match=r"gate rule\(s\) on \['lm_eval.arc_easy.acc'\], which this eval does not measure "
+                                            r"\(measured: exact_match, and lm_eval.<task>.<metric> for tasks \['local_arith'\]\)"):
+        load_project(_lm_eval(tmp_path, "{lm_eval: {tasks: [local_arith], include: tasks}}", "[{metric: lm_eval.arc_easy.acc, min: 0.5}]"))
+    with pytest.raises(TunegateError, match=r"does not measure"):  # the task name alone is no metric
+        load_project(_lm_eval(tmp_path, "{lm_eval: {tasks: [local_arith]}}", "[{metric: lm_eval.local_arith., min: 0.5}]"))
+    with pytest.raises(TunegateError, match=r"eval.suites.lm_eval.include: .*/elsewhere resolves to .*outside the project folder"):
+        load_project(_lm_eval(tmp_path, "{lm_eval: {tasks: [t], include: ../elsewhere}}"))
+    with pytest.raises(TunegateError, match=r"eval.suites.lm_eval.include: .*/missing is not a folder"):
+        load_project(_lm_eval(tmp_path, "{lm_eval: {tasks: [t], include: missing}}"))
+    with pytest.raises(TunegateError, match=r"task name\(s\) \['tasks/t.yaml'\]: give lm-eval task or group names"):
+        load_project(_lm_eval(tmp_path, "{lm_eval: {tasks: [tasks/t.yaml]}}"))
+    with pytest.raises(TunegateError, match=r"in-process: it cannot run with eval.server"):
+        load_project(_lm_eval(tmp_path, "{lm_eval: {tasks: [t]}}", extra="  server: {base_url: 'http://x/v1', base_model: b}\n"))
+
+
+def test_ifeval_and_safety_need_the_data_root(tmp_path):
+    with pytest.raises(TunegateError, match=r"eval.suites.data_root is needed for ifeval and safety"):
+        load_project(_lm_eval(tmp_path, "{ifeval: true}"))
+    assert load_project(_lm_eval(tmp_path, "{data_root: suites, ifeval: true}")).eval.suites.data_root == tmp_path / "suites"

@@ -286,6 +286,21 @@ def test_safety_suites_reported_when_run(tmp_path):
     assert any(m["type"] == "harmful_refusal" and m["value"] == 0.7 for r in meta["model-index"][0]["results"] for m in r["metrics"])
 
 
+
+def test_lm_eval_benchmarks_have_their_own_table_not_the_golden_sets_or_safetys(tmp_path):
+    project = _project(tmp_path)
+    run = _run(tmp_path, project)
+    scores = json.loads((run / "eval" / "scores.json").read_text())
+    scores["metrics"]["lm_eval.local_arith.acc"] = {"baseline": _ci(0.5, 0.3, 0.7), "candidate": _ci(0.6, 0.4, 0.8), "delta": _ci(0.1, 0.0, 0.2)}
+    _write(run / "eval" / "scores.json", scores)
+    _write(run / "eval" / "suites.json", {"lm_eval": {"tasks": ["local_arith"], "num_fewshot": 0, "limit": None, "lm_eval_version": "0.4.13"}})
+    card = render_release_docs(run, project)["MODEL_CARD.md"]
+    evaluation, safety = card.split("## Evaluation")[1].split("## Safety")
+    golden_table, rest = evaluation.split("Standard benchmarks through lm-evaluation-harness (tasks local_arith, 0-shot, lm-eval 0.4.13)")
+    assert "lm_eval" not in golden_table
+    assert "| lm_eval.local_arith.acc | 0.500 [0.300, 0.700] | 0.600 [0.400, 0.800] | +0.100 [+0.000, +0.200] |" in rest
+    assert "lm_eval" not in safety.split("## Limitations")[0] and "were not scored" in safety
+
 def test_audit_no_train_and_stale_lineage(tmp_path):
     project = _project(tmp_path)
     run = _run(tmp_path, project, audit_verdict="NO_TRAIN")

@@ -97,22 +97,38 @@ def bootstrap_summary(per_row: PerRow, n_samples: int, seed: int, baseline: str 
 
 def run_suite(name: str, data_root: Path, base_model: str, adapter: Path | None = None, limit: int | None = None,
               max_new_tokens: int | None = None, batch_size: int = 16, sources: list[str] | None = None,
-              judge_model: str | None = None) -> tuple[dict[str, Any], list[dict]]:
-    """Score the suite `name` ("ifeval" or "safety") on a base model and, with `adapter`, on that adapter against
-    its base with paired bootstrap CIs (10,000 resamples, seed 0): the code the eval stage runs for `eval.suites`.
+              judge_model: str | None = None, tasks: list[str] | None = None,
+              include: Path | None = None) -> tuple[dict[str, Any], list[dict]]:
+    """Score the suite `name` ("ifeval", "safety" or "lm_eval") on a base model and, with `adapter`, on that adapter
+    against its base with paired bootstrap CIs (10,000 resamples, seed 0): the code the eval stage runs for
+    `eval.suites`.
 
     max_new_tokens: default 512 for IFEval, 64 for safety. sources: safety's harmbench, jbb, xstest (default all).
-    judge_model: safety only, a local judge model that also classifies refusals.
+    judge_model: safety only, a local judge model that also classifies refusals. tasks, include: lm_eval only,
+    lm-eval task names and a folder of task YAMLs (config.LmEvalConfig); data_root is not read for it.
     Returns (details with per-system summaries and `metrics`, per-prompt samples).
-    Raises TunegateError for an unknown suite, a missing data root or a folder that is not an adapter.
+    Raises TunegateError for an unknown suite, a missing data root, lm_eval without tasks or a folder that is
+    not an adapter.
     """
     from tunegate import TunegateError
     from tunegate.evals.backends import LocalChat
     from tunegate.models import fit_to_adapter, load_adapter_tokenizer, load_inference_model, load_tokenizer, resolve_base_model
 
-    if name not in ("ifeval", "safety"):
-        raise TunegateError(f"unknown suite {name!r}; known: ifeval, safety")
-    if not data_root.is_dir():
+    if name not in ("ifeval", "safety", "lm_eval"):
+        raise TunegateError(f"unknown suite {name!r}; known: ifeval, safety, lm_eval")
+    if name == "lm_eval":
+        from pydantic import ValidationError
+
+        from tunegate.config import LmEvalConfig
+
+        if include is not None and not Path(include).is_dir():
+            raise TunegateError(f"{include}: not a folder of lm-eval task YAML files (--include)")
+        try:
+            lm_eval_cfg = LmEvalConfig(tasks=tasks or [], include=Path(include).resolve() if include else None, limit=limit,
+                                       batch_size=batch_size)
+        except ValidationError as e:
+            raise TunegateError(f"lm_eval: {e.errors()[0]['msg']} (--tasks)") from None
+    elif not data_root.is_dir():
         raise TunegateError(f"{data_root}: suite data root not found (pass --data-root)")
     path = resolve_base_model(base_model)
     tok, model = load_tokenizer(path), load_inference_model(path)
@@ -135,6 +151,10 @@ def run_suite(name: str, data_root: Path, base_model: str, adapter: Path | None 
         judge = build_judge(JudgeConfig(model=judge_model))
     if name == "ifeval":
         per_row, details, samples = run_ifeval(systems, data_root, limit, max_new_tokens or 512)
+    elif name == "lm_eval":
+        from tunegate.evals.harness import run_lm_eval
+
+        per_row, details, samples = run_lm_eval(systems, lm_eval_cfg, [])
     else:
         per_row, details, samples = run_safety(systems, data_root, sources or ["harmbench", "jbb", "xstest"], limit,
                                                max_new_tokens or 64, judge)

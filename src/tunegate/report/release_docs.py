@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from tunegate import TunegateError
+from tunegate.catalog import LM_EVAL_PREFIX
 from tunegate.core.io import atomic_write_text, read_jsonl
 from tunegate.core.manifest import MANIFEST, read_manifest, sha256_file, verify_outputs
 from tunegate.core.paths import project_relative
@@ -266,21 +267,26 @@ def _ci(s: dict[str, Any]) -> dict[str, Any]:
 
 def _eval(scores: dict[str, Any], verdict: dict[str, Any], suites: dict[str, Any] | None) -> dict[str, Any]:
     metrics = scores.get("metrics") or {}
-    golden, suite_metrics = [], []
+    golden, suite_metrics, benchmark_metrics = [], [], []
     for name, s in metrics.items():
         row = {"name": name, "baseline": _ci(s["baseline"]), "candidate": _ci(s["candidate"]), "delta": _ci(s["delta"]),
                "half_width": (s["candidate"]["ci_high"] - s["candidate"]["ci_low"]) / 2}
-        (suite_metrics if name.startswith(_SUITE_PREFIXES) else golden).append(row)
+        if name.startswith(LM_EVAL_PREFIX):
+            benchmark_metrics.append(row)
+        else:
+            (suite_metrics if name.startswith(_SUITE_PREFIXES) else golden).append(row)
     suite_info = []
     for name, body in (suites or {}).items():
         if isinstance(body, dict):
             sources = body.get("sources")
             suite_info.append({"name": name, "n_prompts": body.get("n_prompts"),
                                "sources": ", ".join(_SUITE_NAMES.get(s, s) for s in sources) if sources else None,
-                               "max_new_tokens": body.get("max_new_tokens")})
+                               "max_new_tokens": body.get("max_new_tokens"), "tasks": ", ".join(body.get("tasks") or []),
+                               "num_fewshot": body.get("num_fewshot"), "limit": body.get("limit"),
+                               "lm_eval_version": body.get("lm_eval_version")})
     return {"n": scores.get("n"), "headline": scores.get("headline"), "baseline_name": scores.get("baseline", "base model"),
             "bootstrap_samples": scores.get("bootstrap_samples"), "confidence": scores.get("confidence", 0.95),
-            "golden": golden, "suite_metrics": suite_metrics, "suites": suite_info,
+            "golden": golden, "suite_metrics": suite_metrics, "benchmark_metrics": benchmark_metrics, "suites": suite_info,
             "verdict": verdict.get("verdict"), "rules": verdict.get("rules", []),
             "stopped_share": scores.get("candidate_stopped_before_max_new_tokens")}
 

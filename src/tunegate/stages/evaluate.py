@@ -6,7 +6,7 @@ docs/cases.md). Both systems answer every golden prompt with batched greedy gene
 score; the candidate-minus-base difference gets a paired bootstrap 95% CI. The gate rules in `eval.gate`
 decide PASS or FAIL.
 
-Beside the golden set, `eval.suites` scores standard suites (IFEval, safety) for both systems and
+Beside the golden set, `eval.suites` scores standard suites (IFEval, safety, lm-evaluation-harness tasks) for both systems and
 `eval.judge` adds judge scores; their metrics get the same CIs and may carry gate rules. A rule on a judge
 metric only passes when the judge passed its calibration (`tunegate judge calibrate`). With `eval.server`
 both systems answer through an OpenAI-compatible server (vLLM multi-LoRA) instead of in-process.
@@ -210,7 +210,7 @@ def _judge(ecfg, golden, base_out: list[str], cand_out: list[str], summary: dict
 
 
 def _run_suites(ecfg, systems, judge, summary: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """The standard suites of `eval.suites` (IFEval, safety) for both systems; their bootstrap summaries are added
+    """The standard suites of `eval.suites` (IFEval, safety, lm-eval tasks) for both systems; their bootstrap summaries are added
     to `summary`. Returns (per suite: its details, metrics and wall time; the suites' sample rows)."""
     import time
 
@@ -227,6 +227,10 @@ def _run_suites(ecfg, systems, judge, summary: dict[str, Any]) -> tuple[dict[str
     if sc.safety:
         runs.append(("safety", lambda: suite_runs.run_safety(systems, sc.data_root, sc.safety, sc.limit, sc.safety_max_new_tokens,
                                                              judge if sc.safety_judge else None)))
+    if sc.lm_eval:
+        from tunegate.evals.harness import run_lm_eval
+
+        runs.append(("lm_eval", lambda: run_lm_eval(systems, sc.lm_eval, [r.metric for r in ecfg.gate])))
     for name, go in runs:
         t0 = time.perf_counter()
         rows, details, samples = go()

@@ -1,0 +1,204 @@
+"""lm-evaluation-harness tasks as a tunegate suite (`eval.suites.lm_eval`), scored per row so every task metric
+gets the same paired-bootstrap CI and gate rules as a golden-set metric.
+
+lm-eval (EleutherAI, https://github.com/EleutherAI/lm-evaluation-harness) loads the tasks, renders their prompts
+and few-shot examples, and scores each document; tunegate hands it the models it already loaded for the golden
+set (`HFLM(pretrained=<model instance>)`), the base model with its adapter disabled and the candidate with it
+merged (backends.LocalChat.answering), and takes the per-document scores from lm-eval's logged samples. lm-eval's
+own aggregate (and its bootstrap standard error) is kept in the details; the CIs tunegate gates on are its own.
+
+Metric names: `lm_eval.<task>.<metric>`, with `.<filter>` appended when the task's filter is not lm-eval's
+"none" (gsm8k: `lm_eval.gsm8k.exact_match.strict-match`). A group (e.g. `mmlu`) pools the rows of its subtasks
+(the micro average). A metric lm-eval scores over the whole corpus rather than per document (f1, bleu, mcc) has
+no per-row scores: it is recorded in the details and cannot carry a gate rule.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import numbers
+import time
+from typing import TYPE_CHECKING, Any, Mapping
+
+from tunegate import TunegateError
+from tunegate.catalog import LM_EVAL_PREFIX
+from tunegate.core.console import console
+
+if TYPE_CHECKING:
+    from tunegate.config import LmEvalConfig
+
+PerRow = dict[str, dict[str, list[float]]]  # metric -> system -> per-row scores (same row order for every system)
+
+
+def metric_name(task: str, metric: str, filter_name: str) -> str:
+    """`lm_eval.<task>.<metric>`, plus `.<filter>` unless the filter is lm-eval's default "none"."""
+    return f"{LM_EVAL_PREFIX}{task}.{metric}" + ("" if filter_name == "none" else f".{filter_name}")
+
+
+def leaves(name: str, group_subtasks: Mapping[str, list[str]]) -> list[str]:
+    """The leaf tasks under `name` (itself when it is not a group), in lm-eval's order."""
+    if name not in group_subtasks:
+        return [name]
+    return [leaf for sub in group_subtasks[name] for leaf in leaves(sub, group_subtasks)]
+
+
+def evaluate(backend, cfg: LmEvalConfig) -> dict[str, Any]:
+    """lm-eval's `simple_evaluate` on one system (a backends.LocalChat) with its own samples logged.
+
+    The model is the system's as it answers (adapter disabled or merged). Relative `data_files` of the task YAMLs
+    are read from `cfg.include` (lm-eval's `datasets` calls resolve them against the working folder, so the call
+    runs there). Raises TunegateError when lm-eval does not know a task name or cannot load a task's data.
+    """
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    include = str(cfg.include) if cfg.include is not None else None
+    with _quiet_lm_eval():
+        manager = TaskManager(include_path=include)
+        unknown = [t for t in cfg.tasks if t not in manager.all_tasks]
+        if unknown:
+            where = f" or in {cfg.include}" if include else " (set eval.suites.lm_eval.include to a folder of task YAMLs)"
+            raise TunegateError(f"eval.suites.lm_eval.tasks: {unknown} not found among lm-eval's tasks{where}")
+        with backend.answering(), (contextlib.chdir(cfg.include) if include else contextlib.nullcontext()):
+            lm = HFLM(pretrained=backend.model, tokenizer=backend.tokenizer, batch_size=cfg.batch_size)
+            try:
+                out = lm_eval.simple_evaluate(
+                    model=lm, tasks=list(cfg.tasks), task_manager=manager, num_fewshot=cfg.num_fewshot, limit=cfg.limit,
+                    log_samples=True, bootstrap_iters=0, apply_chat_template=cfg.chat_template,
+                    fewshot_as_multiturn=cfg.chat_template)
+            except (FileNotFoundError, ValueError, KeyError) as e:  # a task's data file missing, a bad task config
+                raise TunegateError(f"eval.suites.lm_eval: lm-eval could not run {cfg.tasks}: {type(e).__name__}: {e}") from None
+    if out is None:
+        raise TunegateError("eval.suites.lm_eval: lm-eval returned no results")
+    return out
+
+
+@contextlib.contextmanager
+def _quiet_lm_eval():
+    """lm-eval's call without its chatter on the console: what it and `datasets` write to stderr (their tqdm bars,
+    one line per redraw off a terminal) goes to the run's log file instead (core.console.log_only); its warning
+    that a model instance ignores model_args (expected here) is dropped, and so is the `git describe` it runs to
+    record a commit hash (which prints "fatal: not a git repository" outside one)."""
+    import io
+    import re
+    from unittest import mock
+
+    import lm_eval.evaluator
+
+    from tunegate.core.console import log_only
+
+    log = logging.getLogger("lm_eval")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    err = io.StringIO()
+    try:
+        with mock.patch.object(lm_eval.evaluator, "get_git_commit_hash", lambda: None), contextlib.redirect_stderr(err):
+            yield
+    finally:
+        log.setLevel(level)
+        for line in err.getvalue().splitlines():  # a bar's last redraw is the line worth keeping
+            last = re.split(r"\r", line.rstrip("\r"))[-1].strip()
+            if last:
+                log_only(f"lm-eval: {last}")
+
+
+def per_row_scores(out: Mapping[str, Any], tasks: list[str]) -> tuple[dict[str, dict[tuple, float]], dict[str, list[str]]]:
+    """Per tunegate metric, {(leaf task, doc_id): score} from lm-eval's logged samples; and per requested task the
+    metrics lm-eval scored over the whole corpus only (no per-row value: not gateable)."""
+    groups = out.get("group_subtasks") or {}
+    scores: dict[str, dict[tuple, float]] = {}
+    corpus_only: dict[str, list[str]] = {}
+    for name in tasks:
+        for leaf in leaves(name, groups):
+            for sample in out["samples"].get(leaf, []):
+                for metric in sample.get("metrics", []):
+                    value = sample.get(metric)
+                    key = metric_name(name, metric, sample.get("filter", "none"))
+                    if isinstance(value, numbers.Real):  # bool included: acc and exact_match come as 0/1
+                        scores.setdefault(key, {})[(leaf, sample["doc_id"])] = float(value)
+                    elif key not in corpus_only.setdefault(name, []):
+                        corpus_only[name].append(key)
+    return scores, corpus_only
+
+
+def aggregates(out: Mapping[str, Any]) -> dict[str, dict[str, float]]:
+    """lm-eval's own aggregate per task and group ({"acc,none": 0.61, ...}), numbers only (no "N/A" stderr)."""
+    return {task: {k: v for k, v in body.items() if isinstance(v, numbers.Real) and not isinstance(v, bool) and "," in k}
+            for task, body in (out.get("results") or {}).items()}
+
+
+def run_lm_eval(systems: Mapping[str, Any], cfg: LmEvalConfig, gated: list[str]) -> tuple[PerRow, dict, list[dict]]:
+    """The tasks of `cfg` for each system (backends.LocalChat). Returns (per_row, details, samples) as the other
+    suites of tunegate.evals.suites do.
+
+    gated: the gate's metric names; one under `lm_eval.` that the tasks do not score per row is refused after the
+    first system ran (before the second spends its time). Raises TunegateError for it, naming what the tasks
+    measure; for a system that is not in-process (an OpenAI-compatible server: lm-eval needs log-likelihoods).
+    """
+    import lm_eval
+
+    details: dict[str, Any] = {"tasks": list(cfg.tasks), "include": str(cfg.include) if cfg.include else None,
+                               "num_fewshot": cfg.num_fewshot, "limit": cfg.limit, "chat_template": cfg.chat_template,
+                               "lm_eval_version": getattr(lm_eval, "__version__", None)}
+    by_system: dict[str, dict[str, dict[tuple, float]]] = {}
+    samples_by_key: dict[tuple, dict[str, Any]] = {}
+    for system, backend in systems.items():
+        if not hasattr(backend, "answering"):
+            raise TunegateError(f"eval.suites.lm_eval: the {system} is {backend.name}, not an in-process model")
+        console.print(f"- lm_eval: {', '.join(cfg.tasks)} for the {system} ({backend.name}) ...", markup=False, highlight=False)
+        t0 = time.perf_counter()
+        out = evaluate(backend, cfg)
+        console.print(f"- lm_eval: {system} done in {time.perf_counter() - t0:.1f} s",
+                      markup=False, highlight=False)
+        scores, corpus_only = per_row_scores(out, cfg.tasks)
+        missing = [m for m in gated if m.startswith(LM_EVAL_PREFIX) and m not in scores]
+        if missing:
+            corpus = sorted(m for ms in corpus_only.values() for m in ms)
+            raise TunegateError(f"eval.gate: {missing} not scored per row by lm-eval; these are: {', '.join(sorted(scores)) or 'none'}"
+                                + (f" (scored over the whole corpus only, not gateable: {', '.join(corpus)})" if corpus else ""))
+        by_system[system] = scores
+        details[system] = {"results": aggregates(out), "n_shot": out.get("n-shot"), "corpus_only_metrics": corpus_only}
+        details.setdefault("versions", out.get("versions"))
+        for leaf, rows in (out.get("samples") or {}).items():
+            for s in rows:
+                key = (leaf, s["doc_id"], s.get("filter", "none"))
+                row = samples_by_key.setdefault(key, {"suite": "lm_eval", "id": f"lm_eval:{leaf}:{s['doc_id']}:{key[2]}",
+                                                      "task": leaf, "prompt": _prompt(s), "target": str(s.get("target"))})
+                row[f"{system}_output"] = _response(s)
+                for metric in s.get("metrics", []):
+                    if isinstance(s.get(metric), numbers.Real):
+                        row[f"{system}_{metric}"] = float(s[metric])
+    per_row: PerRow = {}
+    for metric in sorted({m for scores in by_system.values() for m in scores}):
+        keys = sorted(set.intersection(*(set(scores.get(metric, {})) for scores in by_system.values())), key=str)
+        per_row[metric] = {system: [scores[metric][k] for k in keys] for system, scores in by_system.items()}
+    details["n_rows"] = {m: len(next(iter(v.values()))) for m, v in per_row.items()}
+    return per_row, details, list(samples_by_key.values())
+
+
+def _prompt(sample: Mapping[str, Any]) -> str:
+    """The rendered prompt of a logged sample (the context of its first request)."""
+    args = sample.get("arguments")
+    first = args[0] if isinstance(args, (list, tuple)) and args else None
+    if isinstance(first, dict):  # lm-eval's newer sample shape: {"gen_args_0": {"arg_0": context, ...}}
+        first = next(iter(first.values()), None)
+    if isinstance(first, dict):
+        return str(next(iter(first.values()), ""))
+    if isinstance(first, (list, tuple)) and first:
+        return str(first[0])
+    return ""
+
+
+def _response(sample: Mapping[str, Any]) -> Any:
+    """What the system answered, after lm-eval's filters: the generated text, or the chosen option's index for
+    multiple choice (the option with the highest log-likelihood)."""
+    resps = sample.get("filtered_resps")
+    if isinstance(resps, list) and resps and all(isinstance(r, (list, tuple)) and r and isinstance(r[0], numbers.Real) for r in resps):
+        lls = [float(r[0]) for r in resps]  # (log-likelihood, is_greedy) per option
+        return max(range(len(lls)), key=lls.__getitem__)
+    if isinstance(resps, list) and len(resps) == 1:
+        return resps[0]
+    return resps
+
