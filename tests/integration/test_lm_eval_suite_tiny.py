@@ -134,3 +134,9 @@ def test_tunegate_suite_lm_eval_scores_a_base_model_alone(tmp_path, tiny_model_d
     assert len(samples) == 6 and details["n_rows"] == {"lm_eval.local_arith.acc": 6}
     with pytest.raises(TunegateError, match=r"lm_eval: .*at least 1 item.* \(--tasks\)"):
         run_suite("lm_eval", tmp_path, str(tiny_model_dir))
+
+
+def test_a_rule_whose_direction_contradicts_lm_eval_is_refused(tiny_project):
+    y = _configure(tiny_project, "    - {metric: lm_eval.local_arith.acc, max_regression: 0.1, lower_is_better: true}", tasks="[local_arith]")
+    with pytest.raises(TunegateError, match=r"lower_is_better: true, but lm-eval says higher is better for it; set lower_is_better: false"):
+        run_pipeline(load_project(y), until="eval")

@@ -226,3 +226,14 @@ def test_ifeval_and_safety_need_the_data_root(tmp_path):
     with pytest.raises(TunegateError, match=r"eval.suites.data_root is needed for ifeval and safety"):
         load_project(_lm_eval(tmp_path, "{ifeval: true}"))
     assert load_project(_lm_eval(tmp_path, "{data_root: suites, ifeval: true}")).eval.suites.data_root == tmp_path / "suites"
+
+
+def test_the_lm_eval_task_folder_is_a_folder_of_task_files_inside_the_project(tmp_path):
+    with pytest.raises(TunegateError, match=r"eval.suites.lm_eval.include: .* holds .*/runs, which tunegate writes"):
+        load_project(_lm_eval(tmp_path, "{lm_eval: {tasks: [t], include: .}}"))
+    (tmp_path / "tasks").mkdir()
+    outside = tmp_path.parent / f"{tmp_path.name}-outside.yaml"
+    outside.write_text("task: t\n")
+    (tmp_path / "tasks" / "t.yaml").symlink_to(outside)
+    with pytest.raises(TunegateError, match=r"tasks/t.yaml leads to .*-outside.yaml, outside the project folder"):
+        load_project(_lm_eval(tmp_path, "{lm_eval: {tasks: [t], include: tasks}}"))

@@ -36,19 +36,24 @@ def metric_name(task: str, metric: str, filter_name: str) -> str:
     return f"{LM_EVAL_PREFIX}{task}.{metric}" + ("" if filter_name == "none" else f".{filter_name}")
 
 
-def leaves(name: str, group_subtasks: Mapping[str, list[str]]) -> list[str]:
-    """The leaf tasks under `name` (itself when it is not a group), in lm-eval's order."""
-    if name not in group_subtasks:
-        return [name]
-    return [leaf for sub in group_subtasks[name] for leaf in leaves(sub, group_subtasks)]
+def leaves(name: str, group_subtasks: Mapping[str, list[str]], tags: Mapping[str, list[str]] | None = None) -> list[str]:
+    """The leaf tasks under `name`, in lm-eval's order: a group's subtasks (recursively), a tag's member tasks
+    (lm-eval expands a tag into its tasks and logs no group for it), else `name` itself. A plain task may be listed
+    in `group_subtasks` with no subtasks (lm-eval before 0.4.13 lists every task so)."""
+    if group_subtasks.get(name):
+        return [leaf for sub in group_subtasks[name] for leaf in leaves(sub, group_subtasks, tags)]
+    if tags and tags.get(name):
+        return [leaf for sub in tags[name] for leaf in leaves(sub, group_subtasks, tags)]
+    return [name]
 
 
-def evaluate(backend, cfg: LmEvalConfig) -> dict[str, Any]:
+def evaluate(backend, cfg: LmEvalConfig) -> tuple[dict[str, Any], dict[str, list[str]]]:
     """lm-eval's `simple_evaluate` on one system (a backends.LocalChat) with its own samples logged.
 
     The model is the system's as it answers (adapter disabled or merged). Relative `data_files` of the task YAMLs
     are read from `cfg.include` (lm-eval's `datasets` calls resolve them against the working folder, so the call
-    runs there). Raises TunegateError when lm-eval does not know a task name or cannot load a task's data.
+    runs there). Returns (lm-eval's results, {requested tag: its member tasks}). Raises TunegateError when lm-eval
+    does not know a task name or cannot find a task's data file.
     """
     import lm_eval
     from lm_eval.models.huggingface import HFLM
@@ -61,6 +66,8 @@ def evaluate(backend, cfg: LmEvalConfig) -> dict[str, Any]:
         if unknown:
             where = f" or in {cfg.include}" if include else " (set eval.suites.lm_eval.include to a folder of task YAMLs)"
             raise TunegateError(f"eval.suites.lm_eval.tasks: {unknown} not found among lm-eval's tasks{where}")
+        tags = {t: sorted(n for n, entry in manager.task_index.items() if t in getattr(entry, "tags", ()))
+                for t in cfg.tasks if t in set(getattr(manager, "all_tags", []))}
         with backend.answering(), (contextlib.chdir(cfg.include) if include else contextlib.nullcontext()):
             lm = HFLM(pretrained=backend.model, tokenizer=backend.tokenizer, batch_size=cfg.batch_size)
             try:
@@ -68,11 +75,11 @@ def evaluate(backend, cfg: LmEvalConfig) -> dict[str, Any]:
                     model=lm, tasks=list(cfg.tasks), task_manager=manager, num_fewshot=cfg.num_fewshot, limit=cfg.limit,
                     log_samples=True, bootstrap_iters=0, apply_chat_template=cfg.chat_template,
                     fewshot_as_multiturn=cfg.chat_template)
-            except (FileNotFoundError, ValueError, KeyError) as e:  # a task's data file missing, a bad task config
-                raise TunegateError(f"eval.suites.lm_eval: lm-eval could not run {cfg.tasks}: {type(e).__name__}: {e}") from None
+            except FileNotFoundError as e:  # a task's data file is missing
+                raise TunegateError(f"eval.suites.lm_eval: lm-eval could not run {cfg.tasks}: {e}") from e
     if out is None:
         raise TunegateError("eval.suites.lm_eval: lm-eval returned no results")
-    return out
+    return out, tags
 
 
 @contextlib.contextmanager
@@ -104,23 +111,58 @@ def _quiet_lm_eval():
                 log_only(f"lm-eval: {last}")
 
 
-def per_row_scores(out: Mapping[str, Any], tasks: list[str]) -> tuple[dict[str, dict[tuple, float]], dict[str, list[str]]]:
+def per_row_scores(out: Mapping[str, Any], tasks: list[str], tags: Mapping[str, list[str]] | None = None
+                   ) -> tuple[dict[str, dict[tuple, float]], dict[str, list[str]]]:
     """Per tunegate metric, {(leaf task, doc_id): score} from lm-eval's logged samples; and per requested task the
-    metrics lm-eval scored over the whole corpus only (no per-row value: not gateable)."""
+    metrics that have no per-row mean (not gateable).
+
+    A per-row value counts only when its mean over a leaf task's rows is lm-eval's own aggregate for that task
+    (a `mean` aggregation): a number logged per row but aggregated otherwise (loglikelihood tasks log each row's
+    log-likelihood under `perplexity`, aggregated as exp(-mean); median; corpus f1 or bleu) is not a per-row score.
+    Raises TunegateError for a requested name with no logged rows at all.
+    """
     groups = out.get("group_subtasks") or {}
+    results = out.get("results") or {}
     scores: dict[str, dict[tuple, float]] = {}
     corpus_only: dict[str, list[str]] = {}
     for name in tasks:
-        for leaf in leaves(name, groups):
+        names = leaves(name, groups, tags)
+        if not any(out["samples"].get(leaf) for leaf in names):
+            raise TunegateError(f"eval.suites.lm_eval: {name!r} logged no rows (tasks looked for: {', '.join(names)})")
+        for leaf in names:
+            by_metric: dict[tuple[str, str], dict[int, float]] = {}
             for sample in out["samples"].get(leaf, []):
                 for metric in sample.get("metrics", []):
                     value = sample.get(metric)
-                    key = metric_name(name, metric, sample.get("filter", "none"))
+                    filt = sample.get("filter", "none")
                     if isinstance(value, numbers.Real):  # bool included: acc and exact_match come as 0/1
-                        scores.setdefault(key, {})[(leaf, sample["doc_id"])] = float(value)
-                    elif key not in corpus_only.setdefault(name, []):
-                        corpus_only[name].append(key)
+                        by_metric.setdefault((metric, filt), {})[sample["doc_id"]] = float(value)
+                    else:
+                        by_metric.setdefault((metric, filt), {})
+            for (metric, filt), rows in by_metric.items():
+                key = metric_name(name, metric, filt)
+                agg = results.get(leaf, {}).get(f"{metric},{filt}")
+                if rows and isinstance(agg, numbers.Real) and abs(sum(rows.values()) / len(rows) - float(agg)) < 1e-9:
+                    scores.setdefault(key, {}).update({(leaf, doc): v for doc, v in rows.items()})
+                elif key not in corpus_only.setdefault(name, []):
+                    corpus_only[name].append(key)
+    for name, keys in corpus_only.items():  # a metric that is a mean in one leaf and not in another is no mean
+        for key in keys:
+            scores.pop(key, None)
     return scores, corpus_only
+
+
+def higher_is_better(out: Mapping[str, Any], tasks: list[str], tags: Mapping[str, list[str]] | None = None) -> dict[str, bool]:
+    """Per tunegate metric name, lm-eval's `higher_is_better` for it (as its task config or metric registry says),
+    where every leaf task under the name agrees."""
+    groups, hib = out.get("group_subtasks") or {}, out.get("higher_is_better") or {}
+    found: dict[str, set[bool]] = {}
+    for name in tasks:
+        for leaf in leaves(name, groups, tags):
+            for metric, better in (hib.get(leaf) or {}).items():
+                if isinstance(better, bool):
+                    found.setdefault(f"{LM_EVAL_PREFIX}{name}.{metric}", set()).add(better)
+    return {m: v.pop() for m, v in found.items() if len(v) == 1}
 
 
 def aggregates(out: Mapping[str, Any]) -> dict[str, dict[str, float]]:
@@ -129,13 +171,14 @@ def aggregates(out: Mapping[str, Any]) -> dict[str, dict[str, float]]:
             for task, body in (out.get("results") or {}).items()}
 
 
-def run_lm_eval(systems: Mapping[str, Any], cfg: LmEvalConfig, gated: list[str]) -> tuple[PerRow, dict, list[dict]]:
+def run_lm_eval(systems: Mapping[str, Any], cfg: LmEvalConfig, rules: list[Any]) -> tuple[PerRow, dict, list[dict]]:
     """The tasks of `cfg` for each system (backends.LocalChat). Returns (per_row, details, samples) as the other
     suites of tunegate.evals.suites do.
 
-    gated: the gate's metric names; one under `lm_eval.` that the tasks do not score per row is refused after the
-    first system ran (before the second spends its time). Raises TunegateError for it, naming what the tasks
-    measure; for a system that is not in-process (an OpenAI-compatible server: lm-eval needs log-likelihoods).
+    rules: the gate's rules (config.GateRule). After the first system ran (before the second spends its time), a
+    rule on an `lm_eval.` metric the tasks do not score per row is refused, naming what they do score, and so is a
+    rule whose `lower_is_better` contradicts lm-eval's `higher_is_better` for the metric. Raises TunegateError for
+    those, and for a system that is not in-process (an OpenAI-compatible server: lm-eval needs log-likelihoods).
     """
     import lm_eval
 
@@ -149,15 +192,24 @@ def run_lm_eval(systems: Mapping[str, Any], cfg: LmEvalConfig, gated: list[str])
             raise TunegateError(f"eval.suites.lm_eval: the {system} is {backend.name}, not an in-process model")
         console.print(f"- lm_eval: {', '.join(cfg.tasks)} for the {system} ({backend.name}) ...", markup=False, highlight=False)
         t0 = time.perf_counter()
-        out = evaluate(backend, cfg)
+        out, tags = evaluate(backend, cfg)
         console.print(f"- lm_eval: {system} done in {time.perf_counter() - t0:.1f} s",
                       markup=False, highlight=False)
-        scores, corpus_only = per_row_scores(out, cfg.tasks)
-        missing = [m for m in gated if m.startswith(LM_EVAL_PREFIX) and m not in scores]
+        scores, corpus_only = per_row_scores(out, cfg.tasks, tags)
+        gated = [r for r in rules if r.metric.startswith(LM_EVAL_PREFIX)]
+        missing = [r.metric for r in gated if r.metric not in scores]
         if missing:
             corpus = sorted(m for ms in corpus_only.values() for m in ms)
             raise TunegateError(f"eval.gate: {missing} not scored per row by lm-eval; these are: {', '.join(sorted(scores)) or 'none'}"
-                                + (f" (scored over the whole corpus only, not gateable: {', '.join(corpus)})" if corpus else ""))
+                                + (f" (no per-row mean, not gateable: {', '.join(corpus)})" if corpus else ""))
+        better = higher_is_better(out, cfg.tasks, tags)
+        details["higher_is_better"] = better
+        for r in gated:
+            base = next((m for m in better if r.metric == m or r.metric.startswith(m + ".")), None)  # without .<filter>
+            if base is not None and better[base] == r.lower_is_better:
+                raise TunegateError(f"eval.gate: the rule on {r.metric} says lower_is_better: {str(r.lower_is_better).lower()}, "
+                                    f"but lm-eval says higher is {'better' if better[base] else 'worse'} for it; set "
+                                    f"lower_is_better: {str(not better[base]).lower()}")
         by_system[system] = scores
         details[system] = {"results": aggregates(out), "n_shot": out.get("n-shot"), "corpus_only_metrics": corpus_only}
         details.setdefault("versions", out.get("versions"))

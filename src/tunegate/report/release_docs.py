@@ -501,7 +501,7 @@ def _limitations(ctx: dict[str, Any]) -> list[str]:
         out.append(f"Training stopped at the time budget ({tr['budget_minutes']} min) at step {tr['steps']} of {tr['max_steps']} planned.")
     if not ev["suite_metrics"]:
         out.append("Safety (harmful-request refusal, over-refusal) and general instruction following were not measured: "
-                   "eval.suites was not configured for this run.")
+                   "eval.suites ran no safety or IFEval suite for this run.")
     if data["pii"] is None:
         out.append("The training data was not scanned for personal data (data.pii was not set).")
     if not data["dedup_on"]:

@@ -230,7 +230,7 @@ def _run_suites(ecfg, systems, judge, summary: dict[str, Any]) -> tuple[dict[str
     if sc.lm_eval:
         from tunegate.evals.harness import run_lm_eval
 
-        runs.append(("lm_eval", lambda: run_lm_eval(systems, sc.lm_eval, [r.metric for r in ecfg.gate])))
+        runs.append(("lm_eval", lambda: run_lm_eval(systems, sc.lm_eval, ecfg.gate)))
     for name, go in runs:
         t0 = time.perf_counter()
         rows, details, samples = go()
