@@ -31,7 +31,8 @@ SAFETY_FILES = {
 SAFETY_METRICS = ("harmful_refusal", "over_refusal")  # by string match
 SAFETY_JUDGE_METRICS = ("harmful_refusal_judge", "over_refusal_judge")  # by eval.judge
 
-# Metrics where a rise is the regression (over-refusal rates); a gate rule on one compares downwards.
 # eval.suites.lm_eval (tunegate.evals.harness): lm_eval.<task>.<metric>[.<filter>], one per task metric scored per row
 LM_EVAL_PREFIX = "lm_eval."
+
+# Metrics where a rise is the regression (over-refusal rates); a gate rule on one compares downwards.
 LOWER_IS_BETTER = frozenset({"over_refusal", "over_refusal_judge"})

@@ -970,7 +970,7 @@ def load_project(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) 
             lm_eval.include = inside(root, _resolve(root, lm_eval.include), "eval.suites.lm_eval.include")
             if not lm_eval.include.is_dir():
                 raise TunegateError(f"{path}: eval.suites.lm_eval.include: {lm_eval.include} is not a folder (of lm-eval task YAML files)")
-            _check_task_folder(path, root, lm_eval.include, [project.runs_dir, project.registry])
+            _check_task_folder(path, root, lm_eval, [project.runs_dir, project.registry])
     if project.eval.judge:
         project.eval.judge.calibration_file = _resolve(root, project.eval.judge.calibration_file)
     if project.audit.corpus is not None:
@@ -990,16 +990,16 @@ def load_project(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) 
 MAX_TASK_FILES = 1000  # eval.suites.lm_eval.include is a folder of task files, not a project or a dataset store
 
 
-def _check_task_folder(source: Path, root: Path, folder: Path, outputs: list[Path]) -> None:
+def _check_task_folder(source: Path, root: Path, lm_eval: LmEvalConfig, outputs: list[Path]) -> None:
     """eval.suites.lm_eval.include must be a folder of task files: not the project folder, not holding what tunegate
     writes (runs, registry: the eval stage would fingerprint its own outputs), at most MAX_TASK_FILES files, and no
     file in it may lead outside the project through a symbolic link (task files are project code).
     Raises TunegateError naming the project file, the setting and the offending path."""
-    key = f"{source}: eval.suites.lm_eval.include"
+    key, folder = f"{source}: eval.suites.lm_eval.include", lm_eval.include
     for out in outputs:
         if out == folder or Path(out).is_relative_to(folder):
             raise TunegateError(f"{key}: {folder} holds {out}, which tunegate writes; give a folder of task files only")
-    files = [p for p in folder.rglob("*") if p.is_file()]
+    files = list(lm_eval.files().values())  # the files the eval stage fingerprints
     if len(files) > MAX_TASK_FILES:
         raise TunegateError(f"{key}: {folder} holds {len(files)} files (at most {MAX_TASK_FILES}); give a folder of task files only")
     for f in files:

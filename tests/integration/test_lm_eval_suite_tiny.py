@@ -69,7 +69,12 @@ def _configure(project_dir, gate: str, tasks: str = "[local_arith, local_sum]", 
     return y
 
 
-def test_local_tasks_are_scored_per_row_with_cis_and_gated(tiny_project):
+def test_local_tasks_are_scored_per_row_with_cis_and_gated(tiny_project, monkeypatch):
+    import lm_eval.tasks
+
+    built = []  # lm-eval indexes every task YAML when a TaskManager is made (seconds): once for both systems
+    real = lm_eval.tasks.TaskManager
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", lambda *a, **k: built.append(1) or real(*a, **k))
     y = _configure(tiny_project, "    - {metric: lm_eval.local_arith.acc, min: 0.0, min_delta_ci_low: -1.0}\n"
                                  "    - {metric: lm_eval.local_sum.exact_match.first-number, max: 1.0}")
     project = load_project(y)
@@ -91,6 +96,7 @@ def test_local_tasks_are_scored_per_row_with_cis_and_gated(tiny_project):
     assert sum(r["baseline_acc"] for r in mc) / 10 == pytest.approx(arith["baseline"]["mean"])
     assert all(r["baseline_output"] in (0, 1, 2) and r["target"] == str(ARITH[int(r["id"].split(":")[2])]["answer"]) for r in mc)
     assert all(r["prompt"].startswith("Question: What is ") for r in mc)
+    assert len(built) == 1
     verdict = json.loads((eval_dir / "verdict.json").read_text())
     assert verdict["verdict"] == "PASS"
     assert list(dict.fromkeys(r["metric"] for r in verdict["rules"])) == [
@@ -134,6 +140,10 @@ def test_tunegate_suite_lm_eval_scores_a_base_model_alone(tmp_path, tiny_model_d
     assert len(samples) == 6 and details["n_rows"] == {"lm_eval.local_arith.acc": 6}
     with pytest.raises(TunegateError, match=r"lm_eval: .*at least 1 item.* \(--tasks\)"):
         run_suite("lm_eval", tmp_path, str(tiny_model_dir))
+    with pytest.raises(TunegateError, match=r"lm_eval: .*task name\(s\) \['../x.yaml'\]: give lm-eval task or group names"):
+        run_suite("lm_eval", tmp_path, str(tiny_model_dir), tasks=["../x.yaml"])
+    with pytest.raises(TunegateError, match=r"arith.jsonl: not a folder of lm-eval task YAML files \(--include\)"):
+        run_suite("lm_eval", tmp_path, str(tiny_model_dir), tasks=["local_arith"], include=tmp_path / "tasks" / "arith.jsonl")
 
 
 def test_a_rule_whose_direction_contradicts_lm_eval_is_refused(tiny_project):

@@ -47,27 +47,36 @@ def leaves(name: str, group_subtasks: Mapping[str, list[str]], tags: Mapping[str
     return [name]
 
 
-def evaluate(backend, cfg: LmEvalConfig) -> tuple[dict[str, Any], dict[str, list[str]]]:
-    """lm-eval's `simple_evaluate` on one system (a backends.LocalChat) with its own samples logged.
+def task_manager(cfg: LmEvalConfig) -> tuple[Any, dict[str, list[str]]]:
+    """lm-eval's TaskManager over its own tasks and `cfg.include` (it indexes every task YAML: about 5 s here, so
+    one serves both systems), and {requested tag: its member tasks}. Raises TunegateError naming the task names
+    lm-eval does not know."""
+    from lm_eval.tasks import TaskManager
+
+    with _quiet_lm_eval():
+        manager = TaskManager(include_path=str(cfg.include) if cfg.include is not None else None)
+    unknown = [t for t in cfg.tasks if t not in manager.all_tasks]
+    if unknown:
+        where = f" or in {cfg.include}" if cfg.include else " (set eval.suites.lm_eval.include to a folder of task YAMLs)"
+        raise TunegateError(f"eval.suites.lm_eval.tasks: {unknown} not found among lm-eval's tasks{where}")
+    tags = {t: sorted(n for n, entry in manager.task_index.items() if t in getattr(entry, "tags", ()))
+            for t in cfg.tasks if t in set(getattr(manager, "all_tags", []))}
+    return manager, tags
+
+
+def evaluate(backend, cfg: LmEvalConfig, manager: Any) -> dict[str, Any]:
+    """lm-eval's `simple_evaluate` on one system (a backends.LocalChat) with its own samples logged, over the tasks
+    of `manager` (task_manager).
 
     The model is the system's as it answers (adapter disabled or merged). Relative `data_files` of the task YAMLs
     are read from `cfg.include` (lm-eval's `datasets` calls resolve them against the working folder, so the call
-    runs there). Returns (lm-eval's results, {requested tag: its member tasks}). Raises TunegateError when lm-eval
-    does not know a task name or cannot find a task's data file.
+    runs there). Raises TunegateError when a task's data file is missing.
     """
     import lm_eval
     from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
 
     include = str(cfg.include) if cfg.include is not None else None
     with _quiet_lm_eval():
-        manager = TaskManager(include_path=include)
-        unknown = [t for t in cfg.tasks if t not in manager.all_tasks]
-        if unknown:
-            where = f" or in {cfg.include}" if include else " (set eval.suites.lm_eval.include to a folder of task YAMLs)"
-            raise TunegateError(f"eval.suites.lm_eval.tasks: {unknown} not found among lm-eval's tasks{where}")
-        tags = {t: sorted(n for n, entry in manager.task_index.items() if t in getattr(entry, "tags", ()))
-                for t in cfg.tasks if t in set(getattr(manager, "all_tags", []))}
         with backend.answering(), (contextlib.chdir(cfg.include) if include else contextlib.nullcontext()):
             lm = HFLM(pretrained=backend.model, tokenizer=backend.tokenizer, batch_size=cfg.batch_size)
             try:
@@ -79,7 +88,7 @@ def evaluate(backend, cfg: LmEvalConfig) -> tuple[dict[str, Any], dict[str, list
                 raise TunegateError(f"eval.suites.lm_eval: lm-eval could not run {cfg.tasks}: {e}") from e
     if out is None:
         raise TunegateError("eval.suites.lm_eval: lm-eval returned no results")
-    return out, tags
+    return out
 
 
 @contextlib.contextmanager
@@ -185,6 +194,7 @@ def run_lm_eval(systems: Mapping[str, Any], cfg: LmEvalConfig, rules: list[Any])
     details: dict[str, Any] = {"tasks": list(cfg.tasks), "include": str(cfg.include) if cfg.include else None,
                                "num_fewshot": cfg.num_fewshot, "limit": cfg.limit, "chat_template": cfg.chat_template,
                                "lm_eval_version": getattr(lm_eval, "__version__", None)}
+    manager, tags = task_manager(cfg)
     by_system: dict[str, dict[str, dict[tuple, float]]] = {}
     samples_by_key: dict[tuple, dict[str, Any]] = {}
     for system, backend in systems.items():
@@ -192,7 +202,7 @@ def run_lm_eval(systems: Mapping[str, Any], cfg: LmEvalConfig, rules: list[Any])
             raise TunegateError(f"eval.suites.lm_eval: the {system} is {backend.name}, not an in-process model")
         console.print(f"- lm_eval: {', '.join(cfg.tasks)} for the {system} ({backend.name}) ...", markup=False, highlight=False)
         t0 = time.perf_counter()
-        out, tags = evaluate(backend, cfg)
+        out = evaluate(backend, cfg, manager)
         console.print(f"- lm_eval: {system} done in {time.perf_counter() - t0:.1f} s",
                       markup=False, highlight=False)
         scores, corpus_only = per_row_scores(out, cfg.tasks, tags)
@@ -234,11 +244,7 @@ def _prompt(sample: Mapping[str, Any]) -> str:
     """The rendered prompt of a logged sample (the context of its first request)."""
     args = sample.get("arguments")
     first = args[0] if isinstance(args, (list, tuple)) and args else None
-    if isinstance(first, dict):  # lm-eval's newer sample shape: {"gen_args_0": {"arg_0": context, ...}}
-        first = next(iter(first.values()), None)
-    if isinstance(first, dict):
-        return str(next(iter(first.values()), ""))
-    if isinstance(first, (list, tuple)) and first:
+    if isinstance(first, (list, tuple)) and first:  # lm-eval logs each request's args: (context, continuation...)
         return str(first[0])
     return ""
 
