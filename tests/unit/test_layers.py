@@ -6,7 +6,8 @@ the rooms before it. Read with the stdlib `ast`, so imports written inside funct
     library   data/ evals/ recipes/ report/, models.py,    + config, each other
               decide.py, retrieval.py, verifiers.py,
               preflight.py, registry.py, launch.py,
-              release.py, export.py
+              release.py, run_chain.py, export.py, gguf_export.py,
+              llama_env.py, llama_worker.py
     stage     stages/                                     + library; never pipeline, never another stage
     pipeline  pipeline.py                                 + stage
     verb      drift.py, preview.py, runs.py, serve/       + pipeline, each other
@@ -39,7 +40,7 @@ ALSO_ALLOWED = {("config", "tunegate.decide")}
 CONFIG_ROOM = {"tunegate.config", "tunegate.catalog", "tunegate.prices"}
 LIBRARY_MODULES = {"tunegate.models", "tunegate.decide", "tunegate.retrieval", "tunegate.verifiers", "tunegate.preflight",
                    "tunegate.registry", "tunegate.launch", "tunegate.release", "tunegate.export",
-                   "tunegate.tracking"}
+                   "tunegate.tracking", "tunegate.run_chain", "tunegate.gguf_export", "tunegate.llama_env", "tunegate.llama_worker"}
 LIBRARY_PACKAGES = ("tunegate.data.", "tunegate.evals.", "tunegate.recipes.", "tunegate.report.")
 VERB_MODULES = {"tunegate.drift", "tunegate.preview", "tunegate.runs", "tunegate.mcp_server"}
 

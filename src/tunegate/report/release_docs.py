@@ -400,9 +400,10 @@ def _anti_patterns(preflight: dict[str, Any] | None) -> list[dict[str, Any]]:
     return [f for f in (preflight or {}).get("findings", []) if f.get("found", True)]
 
 
-def gather(run_dir: Path, project, merged: str | None = None) -> dict[str, Any]:
+def gather(run_dir: Path, project, merged: str | None = None, gguf: dict[str, Any] | None = None) -> dict[str, Any]:
     """Everything the three templates show, read from the run's files. `merged`: the release bundle's folder
-    holding the merged model ("merged/"), when the bundle has one. Raises TunegateError when the data, train or
+    holding the merged model ("merged/"), when the bundle has one; `gguf`: the bundle's gguf/verdict.json
+    (tunegate.gguf_export), when it carries GGUF files. Raises TunegateError when the data, train or
     eval stage has not finished (their summaries are missing)."""
     run_dir = Path(run_dir)
     hint = "finish the run first (`tunegate run PROJECT.yaml`)"
@@ -438,6 +439,7 @@ def gather(run_dir: Path, project, merged: str | None = None) -> dict[str, Any]:
         "embedded_info": _embedded_info(base_model),
         "stored": _stored(run_dir, project.root),
         "merged_in_bundle": merged,
+        "gguf": gguf,
     }
     ctx["limitations"] = _limitations(ctx)
     return ctx
@@ -609,17 +611,18 @@ def _front_matter(ctx: dict[str, Any]) -> str:
     return "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True, width=1000) + "---\n"
 
 
-def render_release_docs(run_dir: Path, project, merged: str | None = None) -> dict[str, str]:
+def render_release_docs(run_dir: Path, project, merged: str | None = None, gguf: dict[str, Any] | None = None) -> dict[str, str]:
     """MODEL_CARD.md, article25.md and dpia.md for a finished run, as {file name: markdown text}.
 
     run_dir: runs/<run_id>/ with finished data, train and eval stages (audit optional). project: the
     `config.Project` the run used (licences, golden set, data settings, base model). merged: the folder of the
     release bundle that holds the merged model ("merged/"), so the card points there instead of advising a merge.
+    gguf: the bundle's gguf/verdict.json, so the card lists the GGUF files with their parity results.
 
     Raises:
         TunegateError: data/stats.json, train/train_summary.json, eval/scores.json or eval/verdict.json is missing.
     """
-    ctx = gather(Path(run_dir), project, merged)
+    ctx = gather(Path(run_dir), project, merged, gguf)
     env = _env()
     card = _front_matter(ctx) + "\n" + env.get_template("model_card.md.j2").render(**ctx)
     return {

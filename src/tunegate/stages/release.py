@@ -10,8 +10,9 @@ pair `.tunegate/keys/private.pem` (0600, ignored by git) and `public.pem`, made 
 fingerprints a release that is about to run, so the run that makes it and the next one fingerprint the same public
 key; the config view only reads (`tunegate runs` and stale checks make no key).
 
-Fingerprint: the manifests of data, train, eval and report (upstream), `release.merge`, `release.sigstore` and the
-sha256 of the signing key's public part; never the private key's bytes or path.
+Fingerprint: the manifests of data, train, eval and report (upstream), `release.merge`, `release.sigstore`,
+`release.gguf` with the pinned llama.cpp, and the sha256 of the signing key's public part; never the private key's
+bytes or path.
 """
 
 from __future__ import annotations
@@ -25,7 +26,12 @@ from tunegate.release import BUNDLED_STAGES, bundle_dir, signing_key, signing_pu
 def config(project) -> dict[str, Any]:
     """The settings that change the bundle. Reads only: never makes a key (`tunegate runs` calls it for every run)."""
     r = project.release
-    return {"merge": r.merge, "sigstore": r.sigstore, "public_key_sha256": signing_public_sha256(project)}
+    out = {"merge": r.merge, "sigstore": r.sigstore, "public_key_sha256": signing_public_sha256(project)}
+    if r.gguf is not None:  # the GGUF files and their parity gate, made by one pinned llama.cpp (tunegate.llama_env)
+        from tunegate.llama_env import LLAMA_CPP_PYTHON
+
+        out["gguf"] = {**r.gguf.model_dump(), "llama_cpp": LLAMA_CPP_PYTHON}
+    return out
 
 
 def prepare(project) -> None:
@@ -44,6 +50,7 @@ def run(st: Stage) -> StageResult:
         "servable_as_lora": info["vllm"]["servable_as_lora"],
         "merged": info["vllm"]["merged"],
         "signing": info["signing"]["method"],
+        "gguf": sorted(info["gguf"]) if info.get("gguf") else None,
         "public_key_sha256": info["signing"]["public_key_sha256"],
     })
 

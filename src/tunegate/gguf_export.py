@@ -1,0 +1,401 @@
+"""GGUF export with a parity gate: the run's model as GGUF files for llama.cpp and Ollama, kept only when llama.cpp
+answers the frozen golden set as the PEFT adapter did.
+
+A fine-tune that works in Python and rambles or never stops after export is the common failure of GGUF exports:
+the chat template or the stop tokens did not travel (cases C01 and C16 in docs/cases.md are the same kind in
+vLLM). So every file is checked before anything is published:
+
+1. The merged model (tunegate.export, itself checked against the adapter in fp32) is converted with llama.cpp's
+   own `convert_hf_to_gguf.py` (tunegate.llama_env: the converter and the runtime come from one pinned llama.cpp),
+   which writes the chat template (`tokenizer.chat_template`) and the eos / end-of-turn ids into the file's
+   metadata. k-quant types (q4_k_m, ...) are quantized from the f16 file by llama.cpp's quantizer.
+2. Each file answers the golden prompts in llama.cpp (tunegate.llama_worker: `Llama.create_chat_completion`, greedy,
+   the GGUF's own template) with eval.max_new_tokens, and the answers are compared with the PEFT adapter's answers
+   the eval stage recorded (eval/samples.jsonl). The parity gate's rules, each PASS or FAIL in `verdict.json`:
+   - `prompt_identical`: on every row, the prompt token ids llama.cpp fed the model are the ids training's chat
+     template gives (tokenizer.apply_chat_template, then the Hugging Face tokenizer);
+   - `stops`: on every row where the adapter's answer ended before max_new_tokens, llama.cpp's ended at an
+     end-of-generation token (or the template's stop string), not at the length limit;
+   - `metric_tolerance`: for each golden metric (eval.metrics), |mean(GGUF) - mean(adapter)| <= the tolerance
+     (release.gguf.tolerance, default 0.02), with the paired bootstrap 95% CI of the difference beside it.
+   The fraction of answers identical to the adapter's (with a bootstrap CI) is reported, not gated.
+3. An Ollama `Modelfile`: FROM the smallest file, the chat template as an Ollama TEMPLATE when the model's template
+   is ChatML (checked by rendering every golden prompt both ways; otherwise Ollama reads the GGUF's own template
+   and the Modelfile says so), the project's system prompt as SYSTEM, the stop strings, and temperature 0 (the
+   gate measured greedy answers).
+
+Everything is written into a staging folder and published whole (core.io.publish_dir): runs/<id>/export/gguf/ by
+`tunegate export --format gguf`, or the bundle's gguf/ folder by the release stage with `release.gguf` set.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from tunegate import TunegateError
+from tunegate.config import GGUF_CONVERTER_TYPES, GgufConfig
+from tunegate.core.console import console
+from tunegate.core.io import atomic_write_json, atomic_write_text, publish_dir, read_jsonl, staging_dir
+from tunegate.core.manifest import read_manifest, sha256_file
+from tunegate.llama_env import LLAMA_CPP_PYTHON, converter, find_venv, installed_version, venv_python
+
+VERDICT = "verdict.json"
+MODELFILE = "Modelfile"
+WORKER = Path(__file__).with_name("llama_worker.py")
+CONVERT_TIMEOUT_S = 3600  # one conversion; the quickstart's 135M model takes ~5 s here
+
+
+def gguf_file_name(project_name: str, gguf_type: str) -> str:
+    """`<project>-<type>.gguf` (project names are identifiers: core.paths.IDENTIFIER)."""
+    return f"{project_name}-{gguf_type}.gguf"
+
+
+# ------------------------------------------------------------------------------------------------ convert
+
+
+def _run_logged(cmd: list[str], log: Path, what: str, env: dict[str, str] | None = None,
+                timeout: float = CONVERT_TIMEOUT_S) -> None:
+    """Run `cmd` with its output appended to `log`. Raises TunegateError with the log's last lines on failure."""
+    with open(log, "a", encoding="utf-8") as f:
+        f.write("+ " + " ".join(cmd) + "\n")
+        f.flush()
+        try:
+            rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, timeout=timeout, check=False).returncode
+        except subprocess.TimeoutExpired:
+            rc = None
+    if rc != 0:
+        tail = "\n".join(log.read_text(encoding="utf-8", errors="replace").splitlines()[-12:])
+        why = f"timed out after {timeout:.0f} s" if rc is None else f"exit status {rc}"
+        raise TunegateError(f"{what} failed ({why}); the last lines of {log}:\n{tail}")
+
+
+def convert(model_dir: Path, out_file: Path, gguf_type: str, venv: Path, log: Path, threads: int) -> float:
+    """Write the Hugging Face model folder `model_dir` (safetensors, tokenizer, chat template) as the GGUF file
+    `out_file` of `gguf_type` (tunegate.config.GGUF_CONVERTER_TYPES by llama.cpp's converter, the k-quants by its
+    quantizer from an f16 file written first beside it). Returns the seconds it took.
+
+    Raises:
+        TunegateError: the converter or quantizer failed (the message has the last lines of `log`).
+    """
+    t0 = time.perf_counter()
+    if gguf_type in GGUF_CONVERTER_TYPES:
+        script, env = converter(venv)
+        _run_logged([sys.executable, str(script), str(model_dir), "--outtype", gguf_type, "--outfile", str(out_file)],
+                    log, f"convert_hf_to_gguf.py --outtype {gguf_type}", env)
+    else:
+        f16 = out_file.with_name(out_file.name + ".f16-source.gguf")
+        try:
+            convert(model_dir, f16, "f16", venv, log, threads)
+            request = {"task": "quantize", "input": str(f16), "output": str(out_file), "type": gguf_type, "threads": threads}
+            _worker(venv, request, out_file.with_name(out_file.name + ".quantize.jsonl"), log, f"quantize to {gguf_type}")
+        finally:
+            f16.unlink(missing_ok=True)
+            out_file.with_name(out_file.name + ".quantize.jsonl").unlink(missing_ok=True)
+    return time.perf_counter() - t0
+
+
+def _worker(venv: Path, request: dict[str, Any], out: Path, log: Path, what: str) -> list[dict[str, Any]]:
+    """Run tunegate.llama_worker in the llama.cpp environment; returns the lines it wrote to `out`."""
+    req = out.with_name(out.name + ".request.json")
+    atomic_write_json(req, request)
+    try:
+        _run_logged([str(venv_python(venv)), str(WORKER), str(req), str(out)], log, f"llama.cpp ({what})")
+    finally:
+        req.unlink(missing_ok=True)
+    return read_jsonl(out)
+
+
+# ------------------------------------------------------------------------------------------------ parity
+
+
+def _inputs(run_dir: Path, max_rows: int | None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(golden rows, the eval stage's samples for them): the rows the eval stage scored, in its order, checked
+    against the eval manifest's sha256 of samples.jsonl. Raises TunegateError naming the file."""
+    samples_path, golden_path = run_dir / "eval" / "samples.jsonl", run_dir / "data" / "golden.jsonl"
+    manifest = read_manifest(run_dir / "eval")
+    if manifest is None or "samples.jsonl" not in manifest.outputs:
+        raise TunegateError(f"{run_dir / 'eval'}: no finished eval stage; the parity gate compares with its answers (run `tunegate run`)")
+    if not samples_path.is_file() or sha256_file(samples_path) != manifest.outputs["samples.jsonl"]:
+        raise TunegateError(f"{samples_path}: missing or changed since the eval stage wrote it; rerun `tunegate eval`")
+    samples = read_jsonl(samples_path)
+    golden = {r["id"]: r for r in read_jsonl(golden_path)} if golden_path.is_file() else {}
+    missing = [s["id"] for s in samples if s["id"] not in golden]
+    if missing:
+        raise TunegateError(f"{golden_path}: no golden row {missing[0]!r} that eval/samples.jsonl scored; rerun `tunegate run`")
+    samples = samples[:max_rows] if max_rows else samples
+    return [golden[s["id"]] for s in samples], samples
+
+
+def _first_difference(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def parity(project, tokenizer, golden: list[dict[str, Any]], samples: list[dict[str, Any]],
+           answers: list[dict[str, Any]], tolerance: float) -> dict[str, Any]:
+    """The parity gate on one GGUF file: its rules (PASS/FAIL each) and the comparison table.
+
+    Args:
+        tokenizer: the tokenizer training used (its chat template renders the training prompts).
+        golden: golden rows (`messages` or `prompt`); samples: the eval stage's rows for them (`candidate_output`,
+            `reference`); answers: llama_worker's rows for them, in the same order.
+        tolerance: max |mean(GGUF) - mean(adapter)| per golden metric.
+
+    Returns:
+        {"verdict", "rules": [{rule, metric?, description, value, ci?, threshold, passed, ...}], "table": {...}}.
+    """
+    from tunegate.data.format import generation_prompt, stop_token_ids
+    from tunegate.evals.bootstrap import bootstrap_ci
+    from tunegate.evals.gate import score_metrics, verdict
+
+    ecfg = project.eval
+    n = len(golden)
+    expected = [tokenizer(generation_prompt(tokenizer, r), add_special_tokens=False)["input_ids"] for r in golden]
+    same_prompt = [a["prompt_token_ids"] == e for a, e in zip(answers, expected)]
+    rules: list[dict[str, Any]] = []
+    bad = next((i for i, ok in enumerate(same_prompt) if not ok), None)
+    rule = {"rule": "prompt_identical", "description": f"llama.cpp's prompt tokens are training's chat template's on all {n} rows",
+            "value": sum(same_prompt) / n, "threshold": 1.0, "passed": all(same_prompt)}
+    if bad is not None:
+        got, want = answers[bad]["prompt_token_ids"] or [], expected[bad]
+        at = _first_difference(got, want)
+        rule["first_difference"] = {
+            "id": golden[bad]["id"], "token": at,
+            "llama_cpp": tokenizer.decode(got[max(0, at - 8):at + 8]), "training": tokenizer.decode(want[max(0, at - 8):at + 8]),
+        }
+    rules.append(rule)
+
+    adapter_stopped = [len(tokenizer(s["candidate_output"], add_special_tokens=False)["input_ids"]) < ecfg.max_new_tokens
+                       for s in samples]
+    gguf_stopped = [a["finish_reason"] == "stop" for a in answers]
+    owed = [i for i, s in enumerate(adapter_stopped) if s]
+    kept = [i for i in owed if gguf_stopped[i]]
+    rule = {"rule": "stops", "description": f"llama.cpp stops at the end of turn wherever the adapter did ({len(owed)} rows)",
+            "value": len(kept) / len(owed) if owed else 1.0, "threshold": 1.0, "passed": len(kept) == len(owed)}
+    ran_on = [i for i in owed if not gguf_stopped[i]]
+    if ran_on:
+        rule["first_difference"] = {"id": golden[ran_on[0]]["id"], "llama_cpp": answers[ran_on[0]]["output"][-80:]}
+    rules.append(rule)
+
+    peft = [s["candidate_output"] for s in samples]
+    gguf = [a["output"] for a in answers]
+    refs = [s["reference"] for s in samples]
+    summary, _ = score_metrics(ecfg.metrics, peft, gguf, refs, ecfg.bootstrap_samples, ecfg.seed, ecfg.json_schema)
+    for metric, s in summary.items():
+        d = s["delta"]
+        rules.append({"rule": "metric_tolerance", "metric": metric,
+                      "description": f"|{metric}(GGUF) - {metric}(adapter)| <= {tolerance:g}",
+                      "value": d["mean"], "ci": [d["ci_low"], d["ci_high"]], "threshold": tolerance,
+                      "passed": abs(d["mean"]) <= tolerance + 1e-12})
+    identical = bootstrap_ci([float(a.strip() == b.strip()) for a, b in zip(gguf, peft)], ecfg.bootstrap_samples, ecfg.seed)
+    seconds = sum(a["seconds"] for a in answers)
+    tokens = sum(a["completion_tokens"] for a in answers)
+    table = {
+        "n": n,
+        "metrics": {m: {"adapter": s["baseline"], "gguf": s["candidate"], "difference": s["delta"]} for m, s in summary.items()},
+        "identical_answers": identical.as_dict(),
+        "stopped": {"gguf": sum(gguf_stopped) / n, "adapter": sum(adapter_stopped) / n},
+        "stop_token_ids": stop_token_ids(tokenizer),
+        "answer_s": round(seconds, 1),
+        "tokens_per_s": round(tokens / seconds, 1) if seconds else None,
+    }
+    return {"verdict": verdict(rules), "rules": rules, "table": table}
+
+
+# ------------------------------------------------------------------------------------------------ Ollama
+
+_CHATML_TEMPLATE = """{{- range $i, $_ := .Messages }}
+{{- $last := eq (len (slice $.Messages $i)) 1 -}}
+<|im_start|>{{ .Role }}
+{{ .Content }}<|im_end|>
+{{ if and $last (ne .Role "assistant") }}<|im_start|>assistant
+{{ end }}
+{{- end }}"""
+_SYSTEM_TURN = re.compile(r"^<\|im_start\|>system\n(.*?)<\|im_end\|>\n", re.S)
+
+
+def _chatml(messages: list[dict[str, str]]) -> str:
+    """ChatML as the Ollama TEMPLATE above renders it, generation prompt included."""
+    return "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages) + "<|im_start|>assistant\n"
+
+
+def _template_default_system(tokenizer) -> str | None:
+    """The system message the chat template inserts when a conversation has none (SmolLM2's names itself), or None."""
+    from tunegate.data.format import render_chat
+
+    m = _SYSTEM_TURN.match(render_chat(tokenizer, [{"role": "user", "content": "x"}], True))
+    return m.group(1) if m else None
+
+
+def ollama_modelfile(tokenizer, golden: list[dict[str, Any]], gguf_name: str, other_files: list[str],
+                     header: str) -> tuple[str, list[str]]:
+    """An Ollama Modelfile for `gguf_name` (beside it). Returns (its text, notes on what it could not carry).
+
+    TEMPLATE is written only when the chat template is ChatML: every golden prompt rendered by the tokenizer's
+    template equals ChatML of the same messages (with the template's default system message when the row has none).
+    SYSTEM: the system message every golden row shares (the project's), else the template's default, else none.
+    """
+    from tunegate.data.format import render_chat, stop_token_ids
+
+    notes: list[str] = []
+    chats = [r["messages"][:-1] for r in golden if "messages" in r]
+    default_system = _template_default_system(tokenizer)
+
+    def with_default(msgs):
+        if default_system is not None and (not msgs or msgs[0]["role"] != "system"):
+            return [{"role": "system", "content": default_system}, *msgs]
+        return msgs
+
+    chatml = bool(chats) and all(render_chat(tokenizer, m, True) == _chatml(with_default(m)) for m in chats)
+    systems = {m[0]["content"] if m and m[0]["role"] == "system" else None for m in chats}
+    system = next(iter(systems)) if len(systems) == 1 and None not in systems else default_system
+    lines = [f"# {header}", f"# ollama create NAME -f {MODELFILE}", f"FROM ./{gguf_name}"]
+    lines += [f"# also here: ./{f}" for f in other_files]
+    if chatml:
+        lines += ["# the chat template (ChatML), checked against the model's own on every golden prompt",
+                  f'TEMPLATE """{_CHATML_TEMPLATE}"""']
+    else:
+        notes.append("the chat template is not ChatML: no TEMPLATE written; Ollama reads the GGUF's tokenizer.chat_template")
+        lines.append("# no TEMPLATE: the chat template is not ChatML; Ollama uses the GGUF's tokenizer.chat_template")
+    if system is not None and '"""' in system:  # a Modelfile's triple-quoted string cannot hold three quotes
+        notes.append('the system prompt contains """: no SYSTEM written; send it as the system message of each request')
+        lines.append('# no SYSTEM: the system prompt contains """, which a Modelfile cannot quote')
+        system = None
+    if system is not None:
+        why = "every golden prompt's system message" if len(systems) == 1 and None not in systems else "the chat template's default"
+        lines += [f"# system prompt used when a request has none: {why}", f'SYSTEM """{system}"""']
+    for tok in stop_token_ids(tokenizer):
+        lines.append(f"PARAMETER stop {json.dumps(tokenizer.convert_ids_to_tokens(tok))}")
+    lines += ["# the parity gate measured greedy answers", "PARAMETER temperature 0"]
+    return "\n".join(lines) + "\n", notes
+
+
+# ------------------------------------------------------------------------------------------------ export
+
+
+def _merged_model(project, run_dir: Path) -> Path:
+    """The Hugging Face model to convert: a full fine-tune's train/model, or the adapter merged into the base model
+    (runs/<id>/export/merged, reused when its merge_check.json names this adapter's sha256; tunegate.export)."""
+    from tunegate.export import adapter_digests, merge_run
+
+    if (run_dir / "train" / "model").is_dir():
+        return run_dir / "train" / "model"
+    merged = run_dir / "export" / "merged"
+    check = merged / "merge_check.json"
+    if check.is_file() and json.loads(check.read_text(encoding="utf-8")).get("adapter_sha256") == adapter_digests(run_dir / "train" / "adapter"):
+        return merged
+    with console.status("gguf: merging the adapter into the base model and checking the merge in fp32"):
+        merge_run(project, run_dir, merged)
+    return merged
+
+
+def write_gguf(project, run_dir: Path, dest: Path, cfg: GgufConfig, venv: Path | None = None,
+               model_dir: Path | None = None) -> dict[str, Any]:
+    """Convert, gate and describe the run's model as GGUF files in the new, empty folder `dest` (the caller
+    publishes it). Writes `<project>-<type>.gguf` per `cfg.types`, `parity-<type>.jsonl` (llama.cpp's answers and
+    prompt checks per row), `Modelfile`, `convert.log` and `verdict.json` (per type: rules, table, file size and
+    sha256; overall PASS only when every type passed). `model_dir`: the merged model when the caller has one
+    (the release's merged/), else `_merged_model`.
+
+    Raises:
+        TunegateError: no llama.cpp environment (tunegate.llama_env), the run is not releasable (run_chain.check_releasable),
+            no eval answers to compare with, or a conversion failed.
+    """
+    from tunegate.data.format import generation_prompt
+    from tunegate.models import load_adapter_tokenizer, resolve_base_model
+    from tunegate.run_chain import check_releasable
+
+    venv = find_venv(venv)
+    run_dir = Path(run_dir)
+    check_releasable(run_dir, ("data", "train", "eval"))  # PASS, one chain, the evaluated adapter on disk
+    golden, samples = _inputs(run_dir, cfg.max_rows)
+    trained = run_dir / "train" / "adapter"
+    tokenizer = load_adapter_tokenizer(trained if trained.is_dir() else trained.parent / "model", resolve_base_model(project.base_model))
+    model_dir = Path(model_dir) if model_dir is not None else _merged_model(project, run_dir)
+    dest.mkdir(parents=True, exist_ok=True)
+    log = dest / "convert.log"
+    threads = os.cpu_count() or 1
+    longest = max(len(tokenizer(generation_prompt(tokenizer, r), add_special_tokens=False)["input_ids"]) for r in golden)
+    n_ctx = longest + project.eval.max_new_tokens + 16
+    rows = [{"id": r["id"], **({"messages": r["messages"][:-1]} if "messages" in r else {"prompt": r["prompt"]})} for r in golden]
+
+    files: dict[str, Any] = {}
+    for t in cfg.types:
+        name = gguf_file_name(project.name, t)
+        with console.status(f"gguf: writing {name}"):
+            seconds = convert(model_dir, dest / name, t, venv, log, threads)
+        with console.status(f"gguf: {name} answers {len(rows)} golden prompts in llama.cpp"):
+            out = _worker(venv, {"task": "answer", "model": str(dest / name), "rows": rows, "n_ctx": n_ctx,
+                                 "max_tokens": project.eval.max_new_tokens, "threads": threads},
+                          dest / f"parity-{t}.jsonl", log, f"answer with {name}")
+        header, answers = out[0], out[1:]
+        if [a["id"] for a in answers] != [r["id"] for r in rows]:
+            raise TunegateError(f"{dest / f'parity-{t}.jsonl'}: llama.cpp answered {len(answers)} of {len(rows)} rows")
+        gate = parity(project, tokenizer, golden, samples, answers, cfg.tolerance)
+        files[t] = {"file": name, "bytes": (dest / name).stat().st_size, "sha256": sha256_file(dest / name),
+                    "convert_s": round(seconds, 1), "llama_cpp": header, **gate}
+        _print_parity(name, files[t])
+
+    # FROM the smallest file that passed (the smallest of all when none did: the verdict says FAIL then)
+    passed = [f for f in files.values() if f["verdict"] == "PASS"] or list(files.values())
+    smallest = min(passed, key=lambda f: f["bytes"])["file"]
+    modelfile, notes = ollama_modelfile(tokenizer, golden, smallest, [f["file"] for f in files.values() if f["file"] != smallest],
+                                        f"Ollama Modelfile for {project.name}, run {run_dir.name} (written by tunegate)")
+    atomic_write_text(dest / MODELFILE, modelfile)
+    result = {
+        "verdict": "PASS" if all(f["verdict"] == "PASS" for f in files.values()) else "FAIL",
+        "project": project.name,
+        "run_id": run_dir.name,
+        "adapter_sha256": json.loads((model_dir / "merge_check.json").read_text(encoding="utf-8")).get("adapter_sha256")
+        if (model_dir / "merge_check.json").is_file() else None,
+        "tolerance": cfg.tolerance,
+        "llama_cpp_python": installed_version(venv),
+        "converter": LLAMA_CPP_PYTHON + " vendor/llama.cpp/convert_hf_to_gguf.py",
+        "types": files,
+        "modelfile": {"from": smallest, "notes": notes},
+    }
+    atomic_write_json(dest / VERDICT, result)
+    return result
+
+
+def _print_parity(name: str, f: dict[str, Any]) -> None:
+    t = f["table"]
+    console.print(f"{name}: {f['bytes'] / 1e6:.1f} MB, identical answers {t['identical_answers']['mean']:.3f} "
+                  f"[{t['identical_answers']['ci_low']:.3f}, {t['identical_answers']['ci_high']:.3f}], stopped "
+                  f"{t['stopped']['gguf']:.3f} (adapter {t['stopped']['adapter']:.3f}), {t['tokens_per_s']} tokens/s", highlight=False)
+    for r in f["rules"]:
+        ci = f" [{r['ci'][0]:+.3f}, {r['ci'][1]:+.3f}]" if r.get("ci") else ""
+        console.print(f"  {'[green]PASS[/green]' if r['passed'] else '[red]FAIL[/red]'} {r['description']}: {r['value']:.3f}{ci}",
+                      highlight=False)
+        if not r["passed"] and r.get("first_difference"):
+            console.print(f"    first difference: {r['first_difference']}", markup=False, highlight=False)
+
+
+def export_gguf(project, run_id: str = "default", out_dir: Path | None = None, venv: Path | None = None,
+                types: list[str] | None = None) -> tuple[Path, dict[str, Any]]:
+    """`tunegate export --format gguf`: `write_gguf` for run `run_id` with `release.gguf` (or the defaults, f16 and
+    q8_0), published whole to `out_dir` (default runs/<id>/export/gguf/) whatever the verdict, so a FAIL can be read.
+
+    Returns (the folder, verdict.json's contents). Raises TunegateError as `write_gguf`, or for a run id that is
+    not an identifier.
+    """
+    run_dir = project.run_dir(run_id)
+    cfg = project.release.gguf or GgufConfig()
+    if types:
+        cfg = GgufConfig(types=types, tolerance=cfg.tolerance, max_rows=cfg.max_rows)
+    target = Path(out_dir) if out_dir is not None else run_dir / "export" / "gguf"
+    tmp = staging_dir(target)
+    try:
+        result = write_gguf(project, run_dir, tmp, cfg, venv)
+        publish_dir(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target, result
