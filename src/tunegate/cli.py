@@ -356,6 +356,8 @@ def export(
     if fmt == "gguf":
         from tunegate.gguf_export import export_gguf
 
+        if prompts != 8:
+            raise TunegateError("--prompts is for --format merged (the parity gate answers every golden row)")
         target, result = export_gguf(p, run_id, out, llama_venv, [t.strip() for t in types.split(",")] if types else None)
         for t, f in result["types"].items():
             typer.echo(f"{f['file']}: {f['bytes'] / 1e6:.1f} MB, parity {f['verdict']}")
@@ -365,6 +367,8 @@ def export(
         return
     if fmt != "merged":
         raise TunegateError(f"--format {fmt}: unknown; formats: merged, gguf")
+    if types or llama_venv:
+        raise TunegateError("--types and --llama-venv are for --format gguf")
     from tunegate.export import export_run
 
     target, check = export_run(p, run_id, out, prompts)
@@ -798,6 +802,8 @@ def serve_setup(
     if engine == "llama":
         from tunegate.llama_env import DEFAULT_VENV, setup_venv as setup_llama
 
+        if pinned is not None:
+            raise TunegateError("--pinned/--unpinned is for vllm; llama.cpp is pinned by its sdist's sha256")
         py = setup_llama(venv or DEFAULT_VENV, force=force)
         typer.echo(f"llama.cpp ready in {venv or DEFAULT_VENV} ({py}); export with: tunegate export PROJECT --format gguf")
         return

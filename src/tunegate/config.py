@@ -723,6 +723,7 @@ class GgufConfig(_Section):
     types: list[str] = Field(default_factory=lambda: ["f16", "q8_0"], min_length=1)  # one GGUF file per type
     tolerance: float = Field(default=0.02, gt=0, lt=1)  # max |GGUF - adapter| of each golden metric (eval.metrics)
     max_rows: int | None = Field(default=None, ge=1)  # golden rows the parity gate answers (default: all)
+    timeout_s: int = Field(default=3600, ge=10)  # each conversion and each golden-set pass in llama.cpp is stopped after this
 
     @field_validator("types")
     @classmethod

@@ -181,13 +181,23 @@ def merge_run(project, run_dir: Path, out_dir: Path, n_prompts: int = 8, atol: f
     """Merge the run folder's `train/adapter` into the project's base model, checked on its first `n_prompts`
     golden prompts (`run_dir/data/golden.jsonl`), and publish it to `out_dir` (`merge_adapter`).
 
-    Returns the merge check. Raises TunegateError naming the file that is missing, or when the merge is refused.
+    Returns the merge check. Raises TunegateError naming the file that is missing, when the project's base_model is
+    not the one the train manifest records, or when the merge is refused.
     """
     from tunegate.data.format import generation_prompt
     from tunegate.models import load_adapter_tokenizer, resolve_base_model
 
+    from tunegate.core.manifest import read_manifest
+
     run_dir = Path(run_dir)
     adapter_dir = run_dir / "train" / "adapter"
+    train = read_manifest(run_dir / "train")
+    trained_on = train.config.get("base_model", project.base_model) if train is not None else project.base_model
+    if trained_on != project.base_model:
+        raise TunegateError(
+            f"{project.source_file}: base_model is {project.base_model}, but run {run_dir.name!r} was trained on "
+            f"{trained_on}; rule: an adapter is merged into the base model it was trained on (set base_model back)"
+        )
     if not (adapter_dir / "adapter_config.json").is_file():
         raise TunegateError(
             f"{adapter_dir / 'adapter_config.json'} not found: run {run_dir.name!r} has no trained adapter "

@@ -40,7 +40,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tunegate import TunegateError
+from tunegate import EXIT_GATE_FAILED, TunegateError
 from tunegate.config import GGUF_CONVERTER_TYPES, GgufConfig
 from tunegate.core.console import console
 from tunegate.core.io import atomic_write_json, atomic_write_text, publish_dir, read_jsonl, staging_dir
@@ -50,7 +50,7 @@ from tunegate.llama_env import LLAMA_CPP_PYTHON, converter, find_venv, installed
 VERDICT = "verdict.json"
 MODELFILE = "Modelfile"
 WORKER = Path(__file__).with_name("llama_worker.py")
-CONVERT_TIMEOUT_S = 3600  # one conversion; the quickstart's 135M model takes ~5 s here
+STEP_TIMEOUT_S = 3600  # default for one conversion or golden-set pass (release.gguf.timeout_s); the quickstart: 5-40 s here
 
 
 def gguf_file_name(project_name: str, gguf_type: str) -> str:
@@ -62,7 +62,7 @@ def gguf_file_name(project_name: str, gguf_type: str) -> str:
 
 
 def _run_logged(cmd: list[str], log: Path, what: str, env: dict[str, str] | None = None,
-                timeout: float = CONVERT_TIMEOUT_S) -> None:
+                timeout: float = STEP_TIMEOUT_S) -> None:
     """Run `cmd` with its output appended to `log`. Raises TunegateError with the log's last lines on failure."""
     with open(log, "a", encoding="utf-8") as f:
         f.write("+ " + " ".join(cmd) + "\n")
@@ -77,37 +77,42 @@ def _run_logged(cmd: list[str], log: Path, what: str, env: dict[str, str] | None
         raise TunegateError(f"{what} failed ({why}); the last lines of {log}:\n{tail}")
 
 
-def convert(model_dir: Path, out_file: Path, gguf_type: str, venv: Path, log: Path, threads: int) -> float:
+def convert(model_dir: Path, out_file: Path, gguf_type: str, venv: Path, log: Path, threads: int,
+            timeout_s: float = STEP_TIMEOUT_S, f16: Path | None = None) -> float:
     """Write the Hugging Face model folder `model_dir` (safetensors, tokenizer, chat template) as the GGUF file
-    `out_file` of `gguf_type` (tunegate.config.GGUF_CONVERTER_TYPES by llama.cpp's converter, the k-quants by its
-    quantizer from an f16 file written first beside it). Returns the seconds it took.
+    `out_file` of `gguf_type` (tunegate.config.GGUF_CONVERTER_TYPES by llama.cpp's converter, the others by its
+    quantizer from the f16 file `f16`, or from one written first beside `out_file` and deleted). Each step is
+    stopped after `timeout_s` seconds. Returns the seconds it took.
 
     Raises:
-        TunegateError: the converter or quantizer failed (the message has the last lines of `log`).
+        TunegateError: the converter or quantizer failed or timed out (the message has the last lines of `log`).
     """
     t0 = time.perf_counter()
     if gguf_type in GGUF_CONVERTER_TYPES:
         script, env = converter(venv)
         _run_logged([sys.executable, str(script), str(model_dir), "--outtype", gguf_type, "--outfile", str(out_file)],
-                    log, f"convert_hf_to_gguf.py --outtype {gguf_type}", env)
-    else:
-        f16 = out_file.with_name(out_file.name + ".f16-source.gguf")
-        try:
-            convert(model_dir, f16, "f16", venv, log, threads)
-            request = {"task": "quantize", "input": str(f16), "output": str(out_file), "type": gguf_type, "threads": threads}
-            _worker(venv, request, out_file.with_name(out_file.name + ".quantize.jsonl"), log, f"quantize to {gguf_type}")
-        finally:
-            f16.unlink(missing_ok=True)
-            out_file.with_name(out_file.name + ".quantize.jsonl").unlink(missing_ok=True)
+                    log, f"convert_hf_to_gguf.py --outtype {gguf_type}", env, timeout_s)
+        return time.perf_counter() - t0
+    source = f16 or out_file.with_name(out_file.name + ".f16-source.gguf")
+    try:
+        if f16 is None:
+            convert(model_dir, source, "f16", venv, log, threads, timeout_s)
+        request = {"task": "quantize", "input": str(source), "output": str(out_file), "type": gguf_type, "threads": threads}
+        _worker(venv, request, out_file.with_name(out_file.name + ".quantize.jsonl"), log, f"quantize to {gguf_type}", timeout_s)
+    finally:
+        if f16 is None:
+            source.unlink(missing_ok=True)
+        out_file.with_name(out_file.name + ".quantize.jsonl").unlink(missing_ok=True)
     return time.perf_counter() - t0
 
 
-def _worker(venv: Path, request: dict[str, Any], out: Path, log: Path, what: str) -> list[dict[str, Any]]:
+def _worker(venv: Path, request: dict[str, Any], out: Path, log: Path, what: str,
+            timeout_s: float = STEP_TIMEOUT_S) -> list[dict[str, Any]]:
     """Run tunegate.llama_worker in the llama.cpp environment; returns the lines it wrote to `out`."""
     req = out.with_name(out.name + ".request.json")
     atomic_write_json(req, request)
     try:
-        _run_logged([str(venv_python(venv)), str(WORKER), str(req), str(out)], log, f"llama.cpp ({what})")
+        _run_logged([str(venv_python(venv)), str(WORKER), str(req), str(out)], log, f"llama.cpp ({what})", timeout=timeout_s)
     finally:
         req.unlink(missing_ok=True)
     return read_jsonl(out)
@@ -116,13 +121,20 @@ def _worker(venv: Path, request: dict[str, Any], out: Path, log: Path, what: str
 # ------------------------------------------------------------------------------------------------ parity
 
 
-def _inputs(run_dir: Path, max_rows: int | None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def _inputs(project, run_dir: Path, max_rows: int | None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(golden rows, the eval stage's samples for them): the rows the eval stage scored, in its order, checked
-    against the eval manifest's sha256 of samples.jsonl. Raises TunegateError naming the file."""
+    against the eval manifest's sha256 of samples.jsonl, with the eval settings (`base_model`, `eval:`) the project
+    has now, so llama.cpp answers as the adapter did. Raises TunegateError naming the file."""
     samples_path, golden_path = run_dir / "eval" / "samples.jsonl", run_dir / "data" / "golden.jsonl"
     manifest = read_manifest(run_dir / "eval")
     if manifest is None or "samples.jsonl" not in manifest.outputs:
         raise TunegateError(f"{run_dir / 'eval'}: no finished eval stage; the parity gate compares with its answers (run `tunegate run`)")
+    now = project.model_dump(mode="json")
+    changed = [k for k in ("base_model", "eval") if manifest.config.get(k) != now[k]]
+    if changed:
+        raise TunegateError(f"{run_dir / 'eval' / 'manifest.json'}: the eval stage ran with other {' and '.join(changed)} settings than "
+                            f"{project.source_file} has now; rule: the parity gate compares with answers made under the project's "
+                            "eval settings. Rerun `tunegate eval` (or `tunegate run`)")
     if not samples_path.is_file() or sha256_file(samples_path) != manifest.outputs["samples.jsonl"]:
         raise TunegateError(f"{samples_path}: missing or changed since the eval stage wrote it; rerun `tunegate eval`")
     samples = read_jsonl(samples_path)
@@ -138,11 +150,12 @@ def _first_difference(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
-def parity(project, tokenizer, golden: list[dict[str, Any]], samples: list[dict[str, Any]],
+def parity(ecfg, tokenizer, golden: list[dict[str, Any]], samples: list[dict[str, Any]],
            answers: list[dict[str, Any]], tolerance: float) -> dict[str, Any]:
     """The parity gate on one GGUF file: its rules (PASS/FAIL each) and the comparison table.
 
     Args:
+        ecfg: the eval settings the eval stage ran with (metrics, max_new_tokens, bootstrap samples, seed).
         tokenizer: the tokenizer training used (its chat template renders the training prompts).
         golden: golden rows (`messages` or `prompt`); samples: the eval stage's rows for them (`candidate_output`,
             `reference`); answers: llama_worker's rows for them, in the same order.
@@ -155,7 +168,6 @@ def parity(project, tokenizer, golden: list[dict[str, Any]], samples: list[dict[
     from tunegate.evals.bootstrap import bootstrap_ci
     from tunegate.evals.gate import score_metrics, verdict
 
-    ecfg = project.eval
     n = len(golden)
     expected = [tokenizer(generation_prompt(tokenizer, r), add_special_tokens=False)["input_ids"] for r in golden]
     same_prompt = [a["prompt_token_ids"] == e for a, e in zip(answers, expected)]
@@ -172,14 +184,19 @@ def parity(project, tokenizer, golden: list[dict[str, Any]], samples: list[dict[
         }
     rules.append(rule)
 
-    adapter_stopped = [len(tokenizer(s["candidate_output"], add_special_tokens=False)["input_ids"]) < ecfg.max_new_tokens
+    # whether the adapter's answer ended at a stop token: as the eval stage recorded it (in-process answers), else
+    # (an eval on a server, or a run from before it was recorded) its text re-encoded to fewer than max_new_tokens
+    recorded = all(isinstance(s.get("candidate_stopped"), bool) for s in samples)
+    adapter_stopped = [s["candidate_stopped"] if recorded else
+                       len(tokenizer(s["candidate_output"], add_special_tokens=False)["input_ids"]) < ecfg.max_new_tokens
                        for s in samples]
     gguf_stopped = [a["finish_reason"] == "stop" for a in answers]
     owed = [i for i, s in enumerate(adapter_stopped) if s]
-    kept = [i for i in owed if gguf_stopped[i]]
+    # the same text as the adapter's is never a stop failure: it is the adapter's answer, ended where the adapter's ended
+    kept = [i for i in owed if gguf_stopped[i] or answers[i]["output"] == samples[i]["candidate_output"]]
     rule = {"rule": "stops", "description": f"llama.cpp stops at the end of turn wherever the adapter did ({len(owed)} rows)",
             "value": len(kept) / len(owed) if owed else 1.0, "threshold": 1.0, "passed": len(kept) == len(owed)}
-    ran_on = [i for i in owed if not gguf_stopped[i]]
+    ran_on = [i for i in owed if i not in kept]
     if ran_on:
         rule["first_difference"] = {"id": golden[ran_on[0]]["id"], "llama_cpp": answers[ran_on[0]]["output"][-80:]}
     rules.append(rule)
@@ -202,6 +219,7 @@ def parity(project, tokenizer, golden: list[dict[str, Any]], samples: list[dict[
         "metrics": {m: {"adapter": s["baseline"], "gguf": s["candidate"], "difference": s["delta"]} for m, s in summary.items()},
         "identical_answers": identical.as_dict(),
         "stopped": {"gguf": sum(gguf_stopped) / n, "adapter": sum(adapter_stopped) / n},
+        "adapter_stopped_from": "eval/samples.jsonl candidate_stopped" if recorded else "answer re-encoded < max_new_tokens",
         "stop_token_ids": stop_token_ids(tokenizer),
         "answer_s": round(seconds, 1),
         "tokens_per_s": round(tokens / seconds, 1) if seconds else None,
@@ -259,7 +277,7 @@ def ollama_modelfile(tokenizer, golden: list[dict[str, Any]], gguf_name: str, ot
     lines = [f"# {header}", f"# ollama create NAME -f {MODELFILE}", f"FROM ./{gguf_name}"]
     lines += [f"# also here: ./{f}" for f in other_files]
     if chatml:
-        lines += ["# the chat template (ChatML), checked against the model's own on every golden prompt",
+        lines += ["# the chat template as ChatML: the model's own template renders every golden prompt as this ChatML does",
                   f'TEMPLATE """{_CHATML_TEMPLATE}"""']
     else:
         notes.append("the chat template is not ChatML: no TEMPLATE written; Ollama reads the GGUF's tokenizer.chat_template")
@@ -297,16 +315,17 @@ def _merged_model(project, run_dir: Path) -> Path:
 
 
 def write_gguf(project, run_dir: Path, dest: Path, cfg: GgufConfig, venv: Path | None = None,
-               model_dir: Path | None = None) -> dict[str, Any]:
+               model_dir: Path | None = None, check: bool = True) -> dict[str, Any]:
     """Convert, gate and describe the run's model as GGUF files in the new, empty folder `dest` (the caller
     publishes it). Writes `<project>-<type>.gguf` per `cfg.types`, `parity-<type>.jsonl` (llama.cpp's answers and
     prompt checks per row), `Modelfile`, `convert.log` and `verdict.json` (per type: rules, table, file size and
     sha256; overall PASS only when every type passed). `model_dir`: the merged model when the caller has one
-    (the release's merged/), else `_merged_model`.
+    (the release's), else `_merged_model`. `check`: the run chain is checked first (run_chain.check_releasable;
+    False when the caller just did).
 
     Raises:
         TunegateError: no llama.cpp environment (tunegate.llama_env), the run is not releasable (run_chain.check_releasable),
-            no eval answers to compare with, or a conversion failed.
+            no eval answers to compare with or ones made under other eval settings, or a conversion failed.
     """
     from tunegate.data.format import generation_prompt
     from tunegate.models import load_adapter_tokenizer, resolve_base_model
@@ -314,8 +333,9 @@ def write_gguf(project, run_dir: Path, dest: Path, cfg: GgufConfig, venv: Path |
 
     venv = find_venv(venv)
     run_dir = Path(run_dir)
-    check_releasable(run_dir, ("data", "train", "eval"))  # PASS, one chain, the evaluated adapter on disk
-    golden, samples = _inputs(run_dir, cfg.max_rows)
+    if check:
+        check_releasable(run_dir, ("data", "train", "eval"))  # PASS, one chain, the evaluated adapter on disk
+    golden, samples = _inputs(project, run_dir, cfg.max_rows)
     trained = run_dir / "train" / "adapter"
     tokenizer = load_adapter_tokenizer(trained if trained.is_dir() else trained.parent / "model", resolve_base_model(project.base_model))
     model_dir = Path(model_dir) if model_dir is not None else _merged_model(project, run_dir)
@@ -323,22 +343,24 @@ def write_gguf(project, run_dir: Path, dest: Path, cfg: GgufConfig, venv: Path |
     log = dest / "convert.log"
     threads = os.cpu_count() or 1
     longest = max(len(tokenizer(generation_prompt(tokenizer, r), add_special_tokens=False)["input_ids"]) for r in golden)
-    n_ctx = longest + project.eval.max_new_tokens + 16
+    # room for the answer and for a template that renders longer prompts than training's (prompt_identical names it)
+    n_ctx = 2 * longest + project.eval.max_new_tokens + 64
     rows = [{"id": r["id"], **({"messages": r["messages"][:-1]} if "messages" in r else {"prompt": r["prompt"]})} for r in golden]
 
     files: dict[str, Any] = {}
     for t in cfg.types:
         name = gguf_file_name(project.name, t)
+        f16 = dest / gguf_file_name(project.name, "f16")  # a k-quant is quantized from the f16 file when it is there
         with console.status(f"gguf: writing {name}"):
-            seconds = convert(model_dir, dest / name, t, venv, log, threads)
+            seconds = convert(model_dir, dest / name, t, venv, log, threads, cfg.timeout_s, f16 if f16.is_file() else None)
         with console.status(f"gguf: {name} answers {len(rows)} golden prompts in llama.cpp"):
             out = _worker(venv, {"task": "answer", "model": str(dest / name), "rows": rows, "n_ctx": n_ctx,
                                  "max_tokens": project.eval.max_new_tokens, "threads": threads},
-                          dest / f"parity-{t}.jsonl", log, f"answer with {name}")
+                          dest / f"parity-{t}.jsonl", log, f"answer with {name}", cfg.timeout_s)
         header, answers = out[0], out[1:]
         if [a["id"] for a in answers] != [r["id"] for r in rows]:
             raise TunegateError(f"{dest / f'parity-{t}.jsonl'}: llama.cpp answered {len(answers)} of {len(rows)} rows")
-        gate = parity(project, tokenizer, golden, samples, answers, cfg.tolerance)
+        gate = parity(project.eval, tokenizer, golden, samples, answers, cfg.tolerance)
         files[t] = {"file": name, "bytes": (dest / name).stat().st_size, "sha256": sha256_file(dest / name),
                     "convert_s": round(seconds, 1), "llama_cpp": header, **gate}
         _print_parity(name, files[t])
@@ -356,6 +378,7 @@ def write_gguf(project, run_dir: Path, dest: Path, cfg: GgufConfig, venv: Path |
         "adapter_sha256": json.loads((model_dir / "merge_check.json").read_text(encoding="utf-8")).get("adapter_sha256")
         if (model_dir / "merge_check.json").is_file() else None,
         "tolerance": cfg.tolerance,
+        "rows": len(rows),
         "llama_cpp_python": installed_version(venv),
         "converter": LLAMA_CPP_PYTHON + " vendor/llama.cpp/convert_hf_to_gguf.py",
         "types": files,
@@ -363,6 +386,48 @@ def write_gguf(project, run_dir: Path, dest: Path, cfg: GgufConfig, venv: Path |
     }
     atomic_write_json(dest / VERDICT, result)
     return result
+
+
+class GgufGateFailed(TunegateError):
+    """A GGUF file failed its parity gate inside the release stage (exit 3, as an eval gate FAIL)."""
+
+    exit_code = EXIT_GATE_FAILED
+
+
+def release_gguf(project, run_dir: Path, bundle: Path, merged: Path | None = None) -> dict[str, Any]:
+    """The release stage's GGUF files (`release.gguf`): `write_gguf` into `bundle/gguf/` (the bundle being built).
+
+    The merged model is the bundle's `merged` when it has one; otherwise the adapter is merged into a hidden folder
+    inside `bundle`, deleted before the bundle is listed and signed. The caller has checked the run chain.
+
+    Returns verdict.json's contents (PASS). Raises GgufGateFailed when a file failed its gate, after publishing the
+    gated folder to runs/<id>/export/gguf/ (verdict.json with the failing rule's first difference, the answers),
+    and TunegateError as `write_gguf`.
+    """
+    from tunegate.export import merge_run
+
+    run_dir, bundle = Path(run_dir), Path(bundle)
+    scratch = None
+    if merged is None and not (run_dir / "train" / "model").is_dir():
+        scratch = bundle / ".gguf-merged"
+        with console.status("release: merging the adapter into the base model for GGUF and checking the merge in fp32"):
+            merge_run(project, run_dir, scratch)
+    try:
+        result = write_gguf(project, run_dir, bundle / "gguf", project.release.gguf, model_dir=merged or scratch, check=False)
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+    if result["verdict"] == "PASS":
+        return result
+    target = run_dir / "export" / "gguf"
+    staged = staging_dir(target)
+    staged.rmdir()
+    (bundle / "gguf").rename(staged)
+    publish_dir(staged, target)
+    failed = [f"{f['file']}: {r['description']} (measured {r['value']:.3f})"
+              for f in result["types"].values() for r in f["rules"] if not r["passed"]]
+    raise GgufGateFailed(f"{target / VERDICT}: GGUF parity gate FAIL: {'; '.join(failed)}; rule: a release carries a GGUF "
+                         "file only when its parity gate passed (drop that type from release.gguf.types, or remove release.gguf)")
 
 
 def _print_parity(name: str, f: dict[str, Any]) -> None:
@@ -386,10 +451,15 @@ def export_gguf(project, run_id: str = "default", out_dir: Path | None = None, v
     Returns (the folder, verdict.json's contents). Raises TunegateError as `write_gguf`, or for a run id that is
     not an identifier.
     """
+    from pydantic import ValidationError
+
     run_dir = project.run_dir(run_id)
     cfg = project.release.gguf or GgufConfig()
     if types:
-        cfg = GgufConfig(types=types, tolerance=cfg.tolerance, max_rows=cfg.max_rows)
+        try:
+            cfg = cfg.model_copy(update={"types": GgufConfig(types=types).types})
+        except ValidationError as exc:
+            raise TunegateError(f"--types {','.join(types)}: {exc.errors()[0]['msg']}") from None
     target = Path(out_dir) if out_dir is not None else run_dir / "export" / "gguf"
     tmp = staging_dir(target)
     try:

@@ -14,7 +14,6 @@ Measured here (2 cores): download 77 MB in ~6 s, build ~3 min 40 s, 0.7 GB peak 
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import subprocess
@@ -23,11 +22,15 @@ import tarfile
 from pathlib import Path
 
 from tunegate import TunegateError
+from tunegate.core.manifest import sha256_file
 
 LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"
 SDIST = "llama_cpp_python-0.3.36.tar.gz"
-# sha256 of the sdist on PyPI (pip download, 2026-12-07): a different file is refused before anything is built
+# sha256 of the sdist on PyPI (pip download, 2026-12-07): pip refuses a different file (--require-hashes) before it
+# unpacks it or runs its build backend. Pinned: this file only; its build tools (scikit-build-core, CMake when the
+# system has none) and runtime dependencies (numpy, jinja2, diskcache, typing-extensions) are what pip resolves.
 SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
+STEP_TIMEOUT_S = 3600  # one download or build step
 DEFAULT_VENV = Path(".venv-llama")
 STAMP = ".tunegate-llama-installed"
 CONVERTER_DIR = "llama.cpp"  # inside the environment: convert_hf_to_gguf.py, conversion/, gguf-py/
@@ -39,14 +42,6 @@ _CONVERTER_PARTS = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/gguf/")
 def venv_python(venv: Path) -> Path:
     """The python executable of the virtual environment `venv`."""
     return Path(venv) / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _extract_converter(sdist: Path, dest: Path) -> None:
@@ -74,8 +69,8 @@ def setup_venv(venv: Path = DEFAULT_VENV, python: str | None = None, force: bool
         The environment's python.
 
     Raises:
-        TunegateError: a step failed (the message names the command), or the downloaded sdist is not the one
-            pinned (sha256).
+        TunegateError: a step failed or ran past an hour (the message names the command), or the sdist is not
+            the one pinned (sha256).
     """
     venv = Path(venv)
     py = venv_python(venv)
@@ -83,19 +78,31 @@ def setup_venv(venv: Path = DEFAULT_VENV, python: str | None = None, force: bool
     if stamp.is_file() and py.is_file() and not force:
         print(f"{venv}: llama.cpp already installed ({stamp.read_text().strip()})", flush=True)
         return py
+    stamp.unlink(missing_ok=True)  # a forced reinstall that fails leaves no stamp behind
 
-    def step(cmd: list[str], env: dict[str, str] | None = None) -> None:
+    def step(cmd: list[str]) -> None:
         print("+ " + " ".join(cmd), flush=True)
-        if subprocess.run(cmd, check=False, env=env).returncode != 0:
-            raise TunegateError(f"`{' '.join(cmd)}` failed; nothing is stamped, rerun `tunegate serve-setup llama`")
+        try:
+            rc = subprocess.run(cmd, check=False, timeout=STEP_TIMEOUT_S).returncode
+        except subprocess.TimeoutExpired:
+            rc = None
+        if rc != 0:
+            why = f"ran past {STEP_TIMEOUT_S} s" if rc is None else "failed"
+            raise TunegateError(f"`{' '.join(cmd)}` {why}; nothing is stamped, rerun `tunegate serve-setup llama`")
 
     if not py.is_file():
         step([python or sys.executable, "-m", "venv", str(venv)])
     download = venv / "sdist"
     sdist = download / SDIST
-    if not (sdist.is_file() and _sha256(sdist) == SDIST_SHA256):
-        step([str(py), "-m", "pip", "download", "--no-deps", "--no-binary=:all:", "-d", str(download), LLAMA_CPP_PYTHON])
-    digest = _sha256(sdist)
+    if sdist.is_file() and sha256_file(sdist) != SDIST_SHA256:
+        sdist.unlink()  # not the pinned file (a broken download): fetched again below
+    if not sdist.is_file():
+        download.mkdir(parents=True, exist_ok=True)
+        requirement = download / "requirement.txt"
+        requirement.write_text(f"{LLAMA_CPP_PYTHON} --hash=sha256:{SDIST_SHA256}\n")
+        step([str(py), "-m", "pip", "download", "--no-deps", "--no-binary=:all:", "--require-hashes", "-r", str(requirement),
+              "-d", str(download)])
+    digest = sha256_file(sdist)
     if digest != SDIST_SHA256:
         raise TunegateError(f"{sdist}: sha256 {digest}, expected {SDIST_SHA256} (the file pinned in tunegate.llama_env); "
                             "nothing was built")

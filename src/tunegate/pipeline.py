@@ -342,6 +342,9 @@ def run_pipeline(project: Project, run_id: str = "default", until: str = STAGE_N
     run_dir.mkdir(parents=True, exist_ok=True)
     planned = stages[: names.index(until) + 1]
     counted = [s.name for s in planned if not s.skip(project)]
+    for spec in planned:  # what the stages need from this machine, before any of them runs (StageSpec.requires)
+        if spec.name in counted:
+            spec.requires(project)
     manifests: dict[str, Manifest] = {}
     timings: dict[str, str] = {}
     with log_to(log_path(run_dir)):

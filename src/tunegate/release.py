@@ -58,7 +58,7 @@ from tunegate.core.console import console
 from tunegate.core.io import atomic_write_bytes, atomic_write_json, atomic_write_text, clean_stale, publish_dir, staging_dir
 from tunegate.core.paths import inside, project_relative
 from tunegate.core.manifest import MANIFEST, Manifest, manifest_hash, sha256_file
-from tunegate.run_chain import BUNDLED_STAGES, check_releasable, check_run, run_manifests  # noqa: F401 (check_releasable: re-exported)
+from tunegate.run_chain import BUNDLED_STAGES, check_releasable, check_run, run_manifests
 
 RELEASE = "release.json"
 FILES = "files.json"
@@ -636,11 +636,6 @@ def write_bundle(project, run_dir: Path, dest: Path, *, private_key: Path | None
         if not servable and merge:
             from tunegate.export import merge_run
 
-            if trained_on != project.base_model:
-                raise TunegateError(
-                    f"{project.source_file}: base_model is {project.base_model}, but run {run_id!r} was trained on "
-                    f"{trained_on}; the merge needs the training base model (set base_model back, or release.merge: false)"
-                )
             console.print(f"[dim]- release: vLLM cannot serve this adapter as a LoRA ({'; '.join(reasons)}); merging[/dim]")
             with console.status("release: merging the adapter into the base model and checking the merge in fp32"):
                 merge_run(project, run_dir, tmp / "merged")
@@ -650,15 +645,9 @@ def write_bundle(project, run_dir: Path, dest: Path, *, private_key: Path | None
 
     gguf = None
     if project.release.gguf is not None:  # GGUF files, each through its parity gate (tunegate.gguf_export)
-        from tunegate.gguf_export import write_gguf
+        from tunegate.gguf_export import release_gguf
 
-        gguf = write_gguf(project, run_dir, tmp / "gguf", project.release.gguf,
-                          model_dir=tmp / "merged" if merged else None)
-        if gguf["verdict"] != "PASS":
-            failed = [f"{f['file']}: {r['description']} (measured {r['value']:.3f})"
-                      for f in gguf["types"].values() for r in f["rules"] if not r["passed"]]
-            raise TunegateError(f"{run_dir}: GGUF parity gate FAIL: {'; '.join(failed)}; rule: a release carries a GGUF file "
-                                "only when its parity gate passed (drop that type from release.gguf.types, or remove release.gguf)")
+        gguf = release_gguf(project, run_dir, tmp, merged=tmp / "merged" if merged else None)
 
     for name, text in _release_docs(run_dir, project, merged, gguf).items():
         (tmp / name).write_text(text, encoding="utf-8")

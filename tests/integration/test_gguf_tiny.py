@@ -78,6 +78,22 @@ def test_export_writes_f16_and_q8_0_that_answer_as_the_adapter_did(evaluated):
     assert not list(folder.parent.glob(".*partial"))  # published whole
 
 
+def test_answers_made_under_other_eval_settings_or_edited_are_refused(evaluated, tmp_path):
+    from tunegate.gguf_export import export_gguf
+
+    with pytest.raises(TunegateError, match="the eval stage ran with other eval settings"):
+        export_gguf(load_project(evaluated / "tunegate.yaml", ["eval.max_new_tokens=16"]), venv=VENV, out_dir=tmp_path / "a")
+    samples = evaluated / "runs" / "default" / "eval" / "samples.jsonl"
+    original = samples.read_bytes()
+    samples.write_bytes(original.replace(b"The answer.", b"The answer!", 1))
+    try:
+        with pytest.raises(TunegateError, match="samples.jsonl: missing or changed since the eval stage wrote it"):
+            export_gguf(load_project(evaluated / "tunegate.yaml"), venv=VENV, out_dir=tmp_path / "b")
+    finally:
+        samples.write_bytes(original)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
 def test_a_template_that_did_not_travel_fails_the_gate_and_says_where(evaluated, tmp_path):
     """The merged model's chat template edited (a space where training had a newline): the GGUF carries it, and
     the parity gate finds the first differing prompt token. The verdict is published so it can be read; exit 3."""
@@ -128,6 +144,18 @@ def test_release_carries_the_gated_gguf_signed_and_is_refused_when_its_gate_fail
         return gate
 
     monkeypatch.setattr(gguf_export, "parity", failing)
-    with pytest.raises(TunegateError, match="GGUF parity gate FAIL: tiny-q4_0.gguf: llama.cpp stops"):
+    with pytest.raises(gguf_export.GgufGateFailed, match="GGUF parity gate FAIL: tiny-q4_0.gguf: llama.cpp stops") as failed:
         run_pipeline(load_project(root / "tunegate.yaml", ["release.gguf.types=[q4_0]"]))
+    assert failed.value.exit_code == 3
     assert json.loads((bundle / "release.json").read_text())["gguf"] == release["gguf"]  # the earlier bundle stays
+    readable = root / "runs" / "default" / "export" / "gguf"  # the failed gate's folder, to read why
+    assert json.loads((readable / "verdict.json").read_text())["verdict"] == "FAIL" and (readable / "parity-q4_0.jsonl").is_file()
+    assert not list((root / "runs" / "default" / "export").glob(".*"))  # published whole (the stage's own partial is the pipeline's)
+
+
+def test_a_missing_llama_environment_stops_the_run_before_its_first_stage(tmp_path, split_eos_model_dir, monkeypatch):
+    root = _project(tmp_path / "p", split_eos_model_dir, release="release:\n  gguf: {types: [q8_0]}\n")
+    monkeypatch.setenv("TUNEGATE_LLAMA_VENV", str(tmp_path / "nowhere"))
+    with pytest.raises(TunegateError, match="no llama.cpp environment; install it with: tunegate serve-setup llama"):
+        run_pipeline(load_project(root / "tunegate.yaml"))
+    assert not (root / "runs" / "default" / "data").exists()

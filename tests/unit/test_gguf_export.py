@@ -74,31 +74,42 @@ def test_parity_rules_pass_on_the_adapters_answers_and_fail_each_on_its_own_faul
     golden = [chat(f"q{i}", ["alpha", "beta"][i % 2], f"g{i}") for i in range(10)]
     samples = [{"id": g["id"], "reference": g["messages"][-1]["content"], "candidate_output": g["messages"][-1]["content"]}
                for g in golden]
-    same = parity(project, tokenizer, golden, samples, _answers(tokenizer, golden, [s["candidate_output"] for s in samples], [True] * 10), 0.02)
+    same = parity(project.eval, tokenizer, golden, samples, _answers(tokenizer, golden, [s["candidate_output"] for s in samples], [True] * 10), 0.02)
     assert same["verdict"] == "PASS"
     assert [r["rule"] for r in same["rules"]] == ["prompt_identical", "stops", "metric_tolerance"]
     assert same["table"]["identical_answers"]["mean"] == 1.0 and same["table"]["stopped"] == {"gguf": 1.0, "adapter": 1.0}
 
-    # one answer runs to the length limit where the adapter stopped
-    ran_on = parity(project, tokenizer, golden, samples, _answers(tokenizer, golden, [s["candidate_output"] for s in samples], [True] * 9 + [False]), 0.02)
+    # one answer runs on to the length limit where the adapter stopped
+    rambling = [s["candidate_output"] for s in samples[:9]] + [samples[9]["candidate_output"] + " and so on and on"]
+    ran_on = parity(project.eval, tokenizer, golden, samples, _answers(tokenizer, golden, rambling, [True] * 9 + [False]), 1.0)
     stops = ran_on["rules"][1]
     assert ran_on["verdict"] == "FAIL" and not stops["passed"] and stops["value"] == 0.9 and stops["first_difference"]["id"] == "g9"
+
+    # a row where the adapter itself ran to max_new_tokens (the eval stage recorded it) owes no stop
+    recorded = [{**s, "candidate_stopped": i != 9} for i, s in enumerate(samples)]
+    owed = parity(project.eval, tokenizer, golden, recorded, _answers(tokenizer, golden, ["x"] * 9 + ["y"], [True] * 9 + [False]), 1.0)
+    assert owed["rules"][1]["passed"] and owed["rules"][1]["description"].endswith("(9 rows)")
+    assert owed["table"]["adapter_stopped_from"] == "eval/samples.jsonl candidate_stopped"
+    assert ran_on["table"]["adapter_stopped_from"] == "answer re-encoded < max_new_tokens"
+    # the adapter's own text, run to the limit in llama.cpp, is the adapter's answer: not a stop failure
+    same_text = parity(project.eval, tokenizer, golden, samples, _answers(tokenizer, golden, [s["candidate_output"] for s in samples], [False] * 10), 0.02)
+    assert same_text["rules"][1]["passed"]
 
     # one wrong answer in ten moves exact_match by 0.1 > 0.02
     outputs = [s["candidate_output"] for s in samples]
     outputs[3] = "gamma"
-    worse = parity(project, tokenizer, golden, samples, _answers(tokenizer, golden, outputs, [True] * 10), 0.02)
+    worse = parity(project.eval, tokenizer, golden, samples, _answers(tokenizer, golden, outputs, [True] * 10), 0.02)
     metric = worse["rules"][2]
     assert metric["metric"] == "exact_match" and metric["value"] == pytest.approx(-0.1) and not metric["passed"]
     assert worse["table"]["identical_answers"]["mean"] == pytest.approx(0.9)
-    assert parity(project, tokenizer, golden, samples, _answers(tokenizer, golden, outputs, [True] * 10), 0.15)["verdict"] == "PASS"
+    assert parity(project.eval, tokenizer, golden, samples, _answers(tokenizer, golden, outputs, [True] * 10), 0.15)["verdict"] == "PASS"
 
     # a prompt with a different newline after the role: found, and where
     from tunegate.data.format import generation_prompt
 
     ids = [tokenizer(generation_prompt(tokenizer, g), add_special_tokens=False)["input_ids"] for g in golden]
     ids[5] = tokenizer(generation_prompt(tokenizer, golden[5]).replace("assistant\n", "assistant "), add_special_tokens=False)["input_ids"]
-    off = parity(project, tokenizer, golden, samples, _answers(tokenizer, golden, outputs, [True] * 10, ids), 0.15)
+    off = parity(project.eval, tokenizer, golden, samples, _answers(tokenizer, golden, outputs, [True] * 10, ids), 0.15)
     prompt = off["rules"][0]
     assert not prompt["passed"] and prompt["value"] == 0.9 and prompt["first_difference"]["id"] == "g5"
     assert "assistant " in prompt["first_difference"]["llama_cpp"] and "assistant\n" in prompt["first_difference"]["training"]
@@ -131,6 +142,19 @@ def test_bundle_check_of_gguf_needs_pass_and_the_measured_sha256(tmp_path):
     release = _bundle(swapped)
     (swapped / "gguf" / "p-q8_0.gguf").write_bytes(b"GGUF other")
     assert _check_gguf(swapped, release) == ["gguf/p-q8_0.gguf: sha256 differs from the one its parity gate measured"]
+    other_type = tmp_path / "other_type"
+    other_type.mkdir()
+    release = _bundle(other_type)
+    assert _check_gguf(other_type, {"gguf": {"f16": release["gguf"]["q8_0"]}}) == [
+        "gguf/verdict.json: types ['q8_0'], release.json lists ['f16']",
+        "gguf/p-q8_0.gguf: sha256 differs from the one its parity gate measured"]  # release.json has no q8_0 to agree with
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    release = _bundle(outside)
+    verdict = json.loads((outside / "gguf" / "verdict.json").read_text())
+    verdict["types"]["q8_0"]["file"] = "../gguf/p-q8_0.gguf"  # the same bytes, named from outside gguf/
+    (outside / "gguf" / "verdict.json").write_text(json.dumps(verdict))
+    assert _check_gguf(outside, release) == ["gguf/../gguf/p-q8_0.gguf: missing"]
     listed_only = tmp_path / "listed"
     listed_only.mkdir()
     assert _check_gguf(listed_only, {"gguf": {"q8_0": {}}}) == ["gguf/verdict.json: missing or unreadable"]

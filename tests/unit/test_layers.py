@@ -197,3 +197,14 @@ def test_the_checker_sees_imports_inside_functions_and_finds_cycles(tmp_path):
     assert room_of("tunegate.stages.data") == "stage" and room_of("tunegate.core.stage") == "core"
     f.write_text("from tunegate import registry\nimport tunegate.core.io as tio\nregistry._check(1)\ntio._y\nregistry.__name__\n")
     assert sorted(private_attributes(f, {"tunegate.registry", "tunegate.core.io"})) == [("tunegate.core.io", "_y", 4), ("tunegate.registry", "_check", 3)]
+
+
+def test_the_llama_worker_imports_only_the_standard_library_and_llama_cpp():
+    """tunegate/llama_worker.py runs inside llama.cpp's own environment (tunegate.llama_env), where tunegate is not
+    installed: an import of tunegate (or of anything else) would pass here and fail only there."""
+    import sys
+
+    tree = ast.parse((SRC / "tunegate" / "llama_worker.py").read_text())
+    top = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    top |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+    assert top - set(sys.stdlib_module_names) == {"llama_cpp"}, top

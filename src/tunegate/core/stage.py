@@ -84,6 +84,9 @@ class StageSpec:
     prepare: what the stage settles just before its fingerprint is taken when it is about to run
         (`prepare(project)`; the release stage makes the project-local signing key there). `config` and `inputs`
         only read: status checks (`tunegate runs`, pipeline.stale_reason) call them and must change nothing.
+    requires: what the stage needs from this machine, checked before the first stage of a run that includes it
+        (`requires(project)` raises TunegateError; the release stage: llama.cpp when `release.gguf` is set), so
+        a missing tool is found before hours of training, not after.
     checkpoints: keeps `.<name>.checkpoints/` across an interruption, resumed while the fingerprint holds.
     distributed: may run under torchrun/accelerate with several processes (rank 0 writes the stage folder).
     """
@@ -95,6 +98,7 @@ class StageSpec:
     inputs: Callable[[Any], dict[str, Path]] = no_inputs
     skip: Callable[[Any], str | None] = never_skipped
     prepare: Callable[[Any], None] = nothing_to_prepare
+    requires: Callable[[Any], None] = nothing_to_prepare
     checkpoints: bool = False
     distributed: bool = False
 

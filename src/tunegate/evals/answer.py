@@ -21,13 +21,15 @@ def golden_prompts(tokenizer, golden: list[dict[str, Any]]) -> list[str]:
     return [generation_prompt(tokenizer, r) for r in golden]
 
 
-def answer_golden(backend, tokenizer, golden: list[dict[str, Any]], max_new_tokens: int, desc: str) -> list[str]:
+def answer_golden(backend, tokenizer, golden: list[dict[str, Any]], max_new_tokens: int, desc: str,
+                  stopped: list[bool] | None = None) -> list[str]:
     """One answer per golden row from `backend`, greedy, at most `max_new_tokens` new tokens each.
 
     backend: a `tunegate.evals.backends.LocalChat` (in-process: prompts from `golden_prompts`, batched, with the
     backend's adapter switched on or off) or any chat backend with `complete(conversations, max_new_tokens,
     desc=...)`, such as `OpenAIChat` (the rows' messages without the reference answer). tokenizer: needed
-    in-process only (None for a server). desc: the progress bar's label.
+    in-process only (None for a server). desc: the progress bar's label. stopped: in-process, filled with one
+    bool per row, whether its answer ended at an end-of-turn / eos token (`generate`); left empty for a server.
 
     Raises:
         TunegateError: a server backend and golden rows that are prompt/completion text, not chat messages.
@@ -35,7 +37,7 @@ def answer_golden(backend, tokenizer, golden: list[dict[str, Any]], max_new_toke
     if isinstance(backend, LocalChat):
         prompts = golden_prompts(tokenizer, golden)
         with backend.answering():
-            return generate(backend.model, tokenizer, prompts, max_new_tokens, backend.batch_size, desc=desc)
+            return generate(backend.model, tokenizer, prompts, max_new_tokens, backend.batch_size, desc=desc, stopped=stopped)
     if any("messages" not in r for r in golden):
         raise TunegateError("eval.server answers chat messages; this golden set is prompt/completion text (data.golden.format): "
                             "use a chat golden set, or evaluate in-process")

@@ -7,13 +7,15 @@ from typing import Sequence
 
 def generate(
     model, tokenizer, prompts: Sequence[str], max_new_tokens: int, batch_size: int, desc: str = "generating",
-    temperature: float = 0.0, top_p: float = 1.0,
+    temperature: float = 0.0, top_p: float = 1.0, stopped: list[bool] | None = None,
 ) -> list[str]:
     """Completions of `prompts` (rendered text), in input order: greedy, or sampled when `temperature` > 0
     (nucleus sampling with `top_p`, Holtzman et al. 2019; seed torch for reproducible samples).
 
     Prompts are sorted by length so each batch pads little; left padding keeps the last prompt token next
-    to the first generated one. Generation stops at the end-of-turn or eos token.
+    to the first generated one. Generation stops at the end-of-turn or eos token. `stopped`, when given, is
+    filled with one bool per prompt, in input order: whether its answer ended at one of those tokens (False: it
+    ran to `max_new_tokens`).
     """
     import torch
 
@@ -25,6 +27,7 @@ def generate(
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     outputs: list[str] = [""] * len(prompts)
+    ended = [False] * len(prompts)
     sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
     model.eval()
     with torch.inference_mode(), progress(desc, len(prompts)) as advance:
@@ -41,5 +44,8 @@ def generate(
             new = out[:, batch["input_ids"].shape[1] :]  # (B, new_tokens)
             for i, row in zip(idx, new):
                 outputs[i] = tokenizer.decode(row, skip_special_tokens=True)
+                ended[i] = any(int(t) in stop for t in row)
             advance(len(idx))
+    if stopped is not None:
+        stopped[:] = ended
     return outputs

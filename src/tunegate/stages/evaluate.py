@@ -155,7 +155,8 @@ def run(st: Stage) -> StageResult:
     base_out = answer_golden(systems["baseline"], tokenizer, golden, ecfg.max_new_tokens, "base model")
     base_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    cand_out = answer_golden(systems["candidate"], tokenizer, golden, ecfg.max_new_tokens, "candidate")
+    cand_stopped: list[bool] = []  # in-process: whether each answer ended at a stop token (the GGUF parity gate reads it)
+    cand_out = answer_golden(systems["candidate"], tokenizer, golden, ecfg.max_new_tokens, "candidate", cand_stopped)
     cand_s = time.perf_counter() - t0
 
     summary, per_row = score_metrics(ecfg.metrics, base_out, cand_out, refs, ecfg.bootstrap_samples, ecfg.seed, ecfg.json_schema)
@@ -167,7 +168,7 @@ def run(st: Stage) -> StageResult:
     _judge_rules(rules, ecfg, judge.name if judge else None)
     result = verdict(rules)
 
-    atomic_write_jsonl(st.dir / "samples.jsonl", _samples(golden, refs, base_out, cand_out, per_row))
+    atomic_write_jsonl(st.dir / "samples.jsonl", _samples(golden, refs, base_out, cand_out, per_row, cand_stopped))
     if suite_details:
         atomic_write_json(st.dir / "suites.json", suite_details)
         atomic_write_jsonl(st.dir / "suite_samples.jsonl", suite_samples)
@@ -241,11 +242,14 @@ def _run_suites(ecfg, systems, judge, summary: dict[str, Any]) -> tuple[dict[str
     return details_by_suite, suite_samples
 
 
-def _samples(golden, refs, base_out, cand_out, per_row) -> list[dict[str, Any]]:
-    """Per golden row: prompt, reference, both systems' outputs and per-row scores."""
+def _samples(golden, refs, base_out, cand_out, per_row, cand_stopped: list[bool] | None = None) -> list[dict[str, Any]]:
+    """Per golden row: prompt, reference, both systems' outputs and per-row scores, and (answered in-process)
+    `candidate_stopped`: whether the candidate's answer ended at a stop token rather than at max_new_tokens."""
     samples = []
     for i, (g, ref, bo, co) in enumerate(zip(golden, refs, base_out, cand_out)):
         row = {"id": g["id"], "prompt": prompt_text(g), "reference": ref, "baseline_output": bo, "candidate_output": co}
+        if cand_stopped:
+            row["candidate_stopped"] = cand_stopped[i]
         for name, scores in per_row.items():
             row[f"baseline_{name}"] = scores["baseline"][i]
             row[f"candidate_{name}"] = scores["candidate"][i]

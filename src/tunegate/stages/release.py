@@ -40,6 +40,14 @@ def prepare(project) -> None:
     signing_key(project)
 
 
+def requires(project) -> None:
+    """With `release.gguf`: the llama.cpp environment (tunegate.llama_env), checked before the run's first stage."""
+    if project.release.gguf is not None:
+        from tunegate.llama_env import find_venv
+
+        find_venv()
+
+
 def run(st: Stage) -> StageResult:
     p = st.project
     info = write_bundle(p, st.run_dir, st.dir / bundle_dir(st.run_dir).name, private_key=signing_key(p),
@@ -55,4 +63,4 @@ def run(st: Stage) -> StageResult:
     })
 
 
-SPEC = StageSpec(name="release", run=run, upstream=BUNDLED_STAGES, config=config, prepare=prepare)
+SPEC = StageSpec(name="release", run=run, upstream=BUNDLED_STAGES, config=config, prepare=prepare, requires=requires)
