@@ -358,7 +358,8 @@ def export(
 
         if prompts != 8:
             raise TunegateError("--prompts is for --format merged (the parity gate answers every golden row)")
-        target, result = export_gguf(p, run_id, out, llama_venv, [t.strip() for t in types.split(",")] if types else None)
+        chosen = None if types is None else [t.strip() for t in types.split(",") if t.strip()]
+        target, result = export_gguf(p, run_id, out, llama_venv, chosen)
         for t, f in result["types"].items():
             typer.echo(f"{f['file']}: {f['bytes'] / 1e6:.1f} MB, parity {f['verdict']}")
         typer.echo(f"wrote {target} (verdict.json, Modelfile); GGUF parity gate: {result['verdict']}")
@@ -367,7 +368,7 @@ def export(
         return
     if fmt != "merged":
         raise TunegateError(f"--format {fmt}: unknown; formats: merged, gguf")
-    if types or llama_venv:
+    if types is not None or llama_venv:
         raise TunegateError("--types and --llama-venv are for --format gguf")
     from tunegate.export import export_run
 

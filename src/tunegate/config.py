@@ -803,10 +803,24 @@ class MlflowConfig(_Section):
     experiment: str | None = None
 
 
+class TrackioConfig(_Section):
+    """Experiment tracking in Trackio (tunegate.tracking), a local store with no server: one Trackio run per stage
+    of a tunegate run, grouped by run id; the trainer logs into the train stage's run through transformers'
+    TrackioCallback. `trackio show --project NAME` (with TRACKIO_DIR set to `dir`) opens its dashboard.
+
+    project: the Trackio project (default: the project name). dir: the local store (TRACKIO_DIR), relative to the
+    project file and inside the project folder.
+    """
+
+    project: str | None = None
+    dir: Path = Path("trackio")
+
+
 class TrackingConfig(_Section):
     """`tracking:` experiment trackers tunegate reports to; off unless a tracker is set (tunegate.tracking)."""
 
     mlflow: MlflowConfig | None = None
+    trackio: TrackioConfig | None = None
 
 
 class Project(_Section):
@@ -821,7 +835,7 @@ class Project(_Section):
     serve: ServeConfig | None = None  # `tunegate serve`; with feedback on, no no_feedback_capture warning
     drift: DriftConfig = Field(default_factory=DriftConfig)  # `tunegate drift`: production traces vs training data
     release: ReleaseConfig = Field(default_factory=ReleaseConfig)  # the release stage: signing key, Sigstore, merge
-    tracking: TrackingConfig = Field(default_factory=TrackingConfig)  # MLflow experiment tracking (tunegate.tracking); off by default
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)  # MLflow / Trackio experiment tracking (tunegate.tracking); off by default
 
     # Set by load_project, not by the file.
     root: Path = Field(default=Path("."), exclude=True)
@@ -992,6 +1006,8 @@ def load_project(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) 
         project.release.key = _resolve(root, project.release.key)
     if project.tracking.mlflow is not None:
         project.tracking.mlflow.tracking_uri = _local_store_uri(root, project.tracking.mlflow.tracking_uri)
+    if project.tracking.trackio is not None:
+        project.tracking.trackio.dir = inside(root, _resolve(root, project.tracking.trackio.dir), "tracking.trackio.dir")
     if project.eval.json_schema is not None:
         project.eval.json_schema = _resolve(root, project.eval.json_schema)
     if project.eval.suites:

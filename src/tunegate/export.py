@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from tunegate import TunegateError
-from tunegate.core.io import atomic_write_json, clean_stale, publish_dir, read_jsonl, staging_dir
+from tunegate.core.io import atomic_write_json, check_replaceable, clean_stale, publish_dir, read_jsonl, staging_dir
 from tunegate.core.manifest import sha256_file
 
 # fp32 merge error is rounding only: W x + s B (A x) versus (W + s B A) x differ by reassociation, ~1e-7
@@ -89,7 +89,8 @@ def merge_adapter(
         The merge check (what `merge_check.json` holds).
 
     Raises:
-        TunegateError: no adapter in `adapter_dir`, no prompts, or the merge is outside tolerance (the message
+        TunegateError: no adapter in `adapter_dir`, no prompts, `out_dir` exists and holds no merge_check.json (not an
+            earlier merge), or the merge is outside tolerance (the message
             names the max difference, the tolerance and the first differing prompt; nothing is written).
     """
     import torch
@@ -100,6 +101,7 @@ def merge_adapter(
     from tunegate.models import VOCAB_RECORD, device_name, fit_to_adapter, load_adapter_tokenizer, load_model, write_stop_tokens
 
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
+    check_replaceable(out_dir, MERGE_CHECK, "merged model")  # never another folder's files
     clean_stale(out_dir)  # what a killed export left beside the merge (core.io)
     _check_adapter(adapter_dir)
     prompts = list(prompts)

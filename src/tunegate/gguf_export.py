@@ -43,7 +43,8 @@ from typing import Any
 from tunegate import EXIT_GATE_FAILED, TunegateError
 from tunegate.config import GGUF_CONVERTER_TYPES, GgufConfig
 from tunegate.core.console import console
-from tunegate.core.io import atomic_write_json, atomic_write_text, publish_dir, read_jsonl, staging_dir
+from tunegate.core.io import atomic_write_json, atomic_write_text, check_replaceable, publish_dir, read_jsonl, staging_dir
+from tunegate.core.process import die_with_parent
 from tunegate.core.manifest import read_manifest, sha256_file
 from tunegate.llama_env import LLAMA_CPP_PYTHON, converter, find_venv, installed_version, venv_python
 
@@ -68,7 +69,8 @@ def _run_logged(cmd: list[str], log: Path, what: str, env: dict[str, str] | None
         f.write("+ " + " ".join(cmd) + "\n")
         f.flush()
         try:
-            rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, timeout=timeout, check=False).returncode
+            rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, timeout=timeout, check=False,
+                                preexec_fn=die_with_parent).returncode  # a killed tunegate takes llama.cpp with it
         except subprocess.TimeoutExpired:
             rc = None
     if rc != 0:
@@ -351,8 +353,10 @@ def write_gguf(project, run_dir: Path, dest: Path, cfg: GgufConfig, venv: Path |
     for t in cfg.types:
         name = gguf_file_name(project.name, t)
         f16 = dest / gguf_file_name(project.name, "f16")  # a k-quant is quantized from the f16 file when it is there
+        console.print(f"[dim]- gguf: writing {name}[/dim]")
         with console.status(f"gguf: writing {name}"):
             seconds = convert(model_dir, dest / name, t, venv, log, threads, cfg.timeout_s, f16 if f16.is_file() else None)
+        console.print(f"[dim]- gguf: {name} answers {len(rows)} golden prompts in llama.cpp[/dim]")
         with console.status(f"gguf: {name} answers {len(rows)} golden prompts in llama.cpp"):
             out = _worker(venv, {"task": "answer", "model": str(dest / name), "rows": rows, "n_ctx": n_ctx,
                                  "max_tokens": project.eval.max_new_tokens, "threads": threads},
@@ -368,8 +372,11 @@ def write_gguf(project, run_dir: Path, dest: Path, cfg: GgufConfig, venv: Path |
     # FROM the smallest file that passed (the smallest of all when none did: the verdict says FAIL then)
     passed = [f for f in files.values() if f["verdict"] == "PASS"] or list(files.values())
     smallest = min(passed, key=lambda f: f["bytes"])["file"]
-    modelfile, notes = ollama_modelfile(tokenizer, golden, smallest, [f["file"] for f in files.values() if f["file"] != smallest],
-                                        f"Ollama Modelfile for {project.name}, run {run_dir.name} (written by tunegate)")
+    failed = [f["file"] for f in files.values() if f["verdict"] != "PASS"]
+    header = f"Ollama Modelfile for {project.name}, run {run_dir.name} (written by tunegate)"
+    if failed:
+        header += f"\n# PARITY GATE FAILED for {', '.join(failed)}: llama.cpp does not answer as the adapter did (verdict.json)"
+    modelfile, notes = ollama_modelfile(tokenizer, golden, smallest, [f["file"] for f in files.values() if f["file"] != smallest], header)
     atomic_write_text(dest / MODELFILE, modelfile)
     result = {
         "verdict": "PASS" if all(f["verdict"] == "PASS" for f in files.values()) else "FAIL",
@@ -434,13 +441,13 @@ def _print_parity(name: str, f: dict[str, Any]) -> None:
     t = f["table"]
     console.print(f"{name}: {f['bytes'] / 1e6:.1f} MB, identical answers {t['identical_answers']['mean']:.3f} "
                   f"[{t['identical_answers']['ci_low']:.3f}, {t['identical_answers']['ci_high']:.3f}], stopped "
-                  f"{t['stopped']['gguf']:.3f} (adapter {t['stopped']['adapter']:.3f}), {t['tokens_per_s']} tokens/s", highlight=False)
+                  f"{t['stopped']['gguf']:.3f} (adapter {t['stopped']['adapter']:.3f}), {t['tokens_per_s']} tokens/s", highlight=False, soft_wrap=True)
     for r in f["rules"]:
         ci = f" [{r['ci'][0]:+.3f}, {r['ci'][1]:+.3f}]" if r.get("ci") else ""
         console.print(f"  {'[green]PASS[/green]' if r['passed'] else '[red]FAIL[/red]'} {r['description']}: {r['value']:.3f}{ci}",
-                      highlight=False)
+                      highlight=False, soft_wrap=True)
         if not r["passed"] and r.get("first_difference"):
-            console.print(f"    first difference: {r['first_difference']}", markup=False, highlight=False)
+            console.print(f"    first difference: {r['first_difference']}", markup=False, highlight=False, soft_wrap=True)
 
 
 def export_gguf(project, run_id: str = "default", out_dir: Path | None = None, venv: Path | None = None,
@@ -448,22 +455,31 @@ def export_gguf(project, run_id: str = "default", out_dir: Path | None = None, v
     """`tunegate export --format gguf`: `write_gguf` for run `run_id` with `release.gguf` (or the defaults, f16 and
     q8_0), published whole to `out_dir` (default runs/<id>/export/gguf/) whatever the verdict, so a FAIL can be read.
 
-    Returns (the folder, verdict.json's contents). Raises TunegateError as `write_gguf`, or for a run id that is
-    not an identifier.
+    Returns (the folder, verdict.json's contents). Raises TunegateError as `write_gguf`, before anything is written:
+    a run id that is not an identifier, no type in `types` or an unknown one, or `out_dir` exists and is not an
+    earlier GGUF export (core.io.check_replaceable).
     """
     from pydantic import ValidationError
 
+    from tunegate.run_chain import check_releasable
+
     run_dir = project.run_dir(run_id)
     cfg = project.release.gguf or GgufConfig()
-    if types:
+    if types is not None:
+        if not types:
+            raise TunegateError("--types: no GGUF type given; e.g. --types f16,q8_0")
         try:
             cfg = cfg.model_copy(update={"types": GgufConfig(types=types).types})
         except ValidationError as exc:
             raise TunegateError(f"--types {','.join(types)}: {exc.errors()[0]['msg']}") from None
     target = Path(out_dir) if out_dir is not None else run_dir / "export" / "gguf"
+    check_replaceable(target, VERDICT, "GGUF export")  # never another folder's files
+    venv = find_venv(venv)
+    check_releasable(run_dir, ("data", "train", "eval"))  # before anything is written
+    _inputs(project, run_dir, cfg.max_rows)
     tmp = staging_dir(target)
     try:
-        result = write_gguf(project, run_dir, tmp, cfg, venv)
+        result = write_gguf(project, run_dir, tmp, cfg, venv, check=False)
         publish_dir(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

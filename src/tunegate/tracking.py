@@ -1,5 +1,5 @@
-"""Experiment tracking through MLflow (config `tracking.mlflow`; off unless set). mlflow is imported inside functions:
-`import tunegate` never loads it.
+"""Experiment tracking through MLflow (config `tracking.mlflow`) and Trackio (`tracking.trackio`); each is off unless
+set, and both may be. mlflow and trackio are imported inside functions: `import tunegate` never loads them.
 
 Layout in MLflow (experiment `tracking.mlflow.experiment`, default the project name):
   one MLflow run per tunegate run, found (or created) by its tags `tunegate.kind` = run, `tunegate.project` and
@@ -23,6 +23,15 @@ Layout in MLflow (experiment `tracking.mlflow.experiment`, default the project n
   and the stage folder's .json/.html/.md/.png files (up to 5 MB each) as artifacts under `<stage>/` (report.html,
   audit.html, the data card, verdict.json, ...).
 
+Layout in Trackio (project `tracking.trackio.project`, default the project name; a local store in
+`tracking.trackio.dir`, default `trackio/` in the project folder, which becomes TRACKIO_DIR):
+  one Trackio run per stage of a tunegate run, named `<run id>-<stage>`, in the group named after the run id. Its
+  config holds the same tags (tunegate.project, tunegate.run_id, tunegate.stage, tunegate.config_hash,
+  tunegate.verdict, ...) and `config.*` params; its metrics are the same per-stage metrics as the nested MLflow run's,
+  logged once the manifest is written. While the train stage runs, transformers' TrackioCallback (`report_to:
+  trackio`, with TrainingArguments `project` and `run_name` naming that run) logs the training loss into it. A stage
+  run again appends to its run (the next step). The stage folder's pages and JSON files are logged as artifacts.
+
 A tracking failure (no mlflow, server down, ...) never fails the pipeline: one warning line, and the run goes on.
 """
 
@@ -30,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import os
 import re
@@ -39,8 +49,9 @@ from typing import Any, Iterator
 
 from tunegate.core.console import console
 
-# TUNEGATE_MLFLOW_RUN_ID marks an MLFLOW_RUN_ID tunegate set itself (not one left in the shell)
-ENV_KEYS = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID", "TUNEGATE_MLFLOW_RUN_ID")
+# TUNEGATE_MLFLOW_RUN_ID marks an MLFLOW_RUN_ID tunegate set itself (not one left in the shell); TUNEGATE_TRACKIO_RUN
+# names the Trackio run of the stage that is running
+ENV_KEYS = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID", "TUNEGATE_MLFLOW_RUN_ID", "TUNEGATE_TRACKIO_RUN")
 ARTIFACT_SUFFIXES = (".json", ".html", ".md", ".png")
 MAX_ARTIFACT_BYTES = 5 * 1024 * 1024
 MAX_PARAM_CHARS = 500
@@ -51,11 +62,33 @@ def enabled(project) -> bool:
     return getattr(getattr(project, "tracking", None), "mlflow", None) is not None
 
 
-def report_to(project) -> str:
-    """The TRL/transformers `report_to` for this project: "mlflow" while a tracked stage runs (MLFLOW_RUN_ID set by
-    `stage_run`), else "none" (so an unreachable tracker never reaches the trainer)."""
+def trackio_enabled(project) -> bool:
+    """Whether the project reports to Trackio (`tracking.trackio` set)."""
+    return getattr(getattr(project, "tracking", None), "trackio", None) is not None
+
+
+def report_to(project) -> str | list[str]:
+    """The TRL/transformers `report_to` for this project: "mlflow" and/or "trackio" while a tracked stage runs
+    (MLFLOW_RUN_ID / TUNEGATE_TRACKIO_RUN set by `stage_run`), else "none" (so an unreachable tracker never reaches
+    the trainer)."""
     run = os.environ.get("MLFLOW_RUN_ID")
-    return "mlflow" if enabled(project) and run and os.environ.get("TUNEGATE_MLFLOW_RUN_ID") == run else "none"
+    out = ["mlflow"] if enabled(project) and run and os.environ.get("TUNEGATE_MLFLOW_RUN_ID") == run else []
+    if trackio_enabled(project) and os.environ.get("TUNEGATE_TRACKIO_RUN"):
+        out.append("trackio")
+    return out[0] if len(out) == 1 else (out or "none")
+
+
+def trainer_settings(project) -> dict[str, Any]:
+    """The TrainingArguments tracking needs: `report_to`, and with Trackio the `project` and `run_name` that make
+    transformers' TrackioCallback log into the running stage's Trackio run."""
+    out: dict[str, Any] = {"report_to": report_to(project)}
+    if "trackio" in out["report_to"]:
+        out.update(project=trackio_project(project), run_name=os.environ["TUNEGATE_TRACKIO_RUN"])
+    return out
+
+
+def trackio_project(project) -> str:
+    return project.tracking.trackio.project or project.name
 
 
 def experiment_name(project) -> str:
@@ -160,55 +193,140 @@ class StageRun:
     def _log(self, manifest, stage_dir: Path) -> None:
         from mlflow.entities import Metric, Param, RunTag
 
-        metrics: dict[str, float] = {"wall_s": float(manifest.wall_s)}
-        child_tags = {"tunegate.stage_fingerprint": manifest.fingerprint}
-        parent_tags = {"tunegate.config_hash": config_hash(self.run_dir)}
-        parent_metrics: dict[str, float] = {}
-        if manifest.verdict:
-            child_tags["tunegate.verdict"] = str(manifest.verdict)
-        if self.stage == "data":
-            stats = _read_json(stage_dir / "stats.json")
-            metrics.update({f"data.{k}": v for k, v in _numbers(stats, depth=0).items()})
-            metrics.update({f"data.rejected.{k}": v for k, v in _numbers(stats.get("rejected_by_rule") or {}, depth=0).items()})
-        elif self.stage == "audit":
-            audit = _read_json(stage_dir / "audit.json")
-            for c in audit.get("candidates") or []:
-                metrics.update({f"audit.{c.get('name', '?')}.{k}": v for k, v in _numbers(c).items()})
-            rec = audit.get("recommendation") or {}
-            if rec.get("recommendation"):
-                parent_tags["tunegate.recommendation"] = child_tags["tunegate.recommendation"] = str(rec["recommendation"])
-        elif self.stage == "eval":
-            for rule in _read_json(stage_dir / "verdict.json").get("rules") or []:
-                base = f"gate.{rule.get('metric')}.{rule.get('rule')}"
-                ci = rule.get("ci") or [None, None]
-                for key, value in (("value", rule.get("value")), ("ci_low", ci[0]), ("ci_high", ci[1]),
-                                   ("threshold", rule.get("threshold")), ("passed", float(bool(rule.get("passed"))))):
-                    if isinstance(value, (int, float)):
-                        parent_metrics[f"{base}.{key}"] = float(value)
-            metrics.update(parent_metrics)
-            for name, s in (_read_json(stage_dir / "scores.json").get("metrics") or {}).items():
-                metrics.update({f"eval.{name}.{k}": v for k, v in _numbers(s).items()})
-            parent_tags["tunegate.verdict"] = str(manifest.verdict)
-        elif self.stage == "release":
-            files = stage_dir / "bundle" / "files.json"
-            if files.is_file():
-                parent_tags["tunegate.bundle_sha256"] = child_tags["tunegate.bundle_sha256"] = hashlib.sha256(files.read_bytes()).hexdigest()
-
-        params = {f"config.{k}": v for k, v in _flatten(manifest.config).items()}
-        if manifest.overrides:
-            params["overrides"] = "; ".join(manifest.overrides)
+        facts = stage_facts(self.stage, manifest, stage_dir, self.run_dir)
         now = int(time.time() * 1000)
-        metric_list = [Metric(_key(k), float(v), now, 0) for k, v in metrics.items()]
-        param_list = [Param(_key(k), str(v)[:MAX_PARAM_CHARS]) for k, v in params.items()]
+        metric_list = [Metric(_key(k), float(v), now, 0) for k, v in facts["metrics"].items()]
+        param_list = [Param(_key(k), str(v)[:MAX_PARAM_CHARS]) for k, v in facts["params"].items()]
         for i in range(0, max(len(metric_list), len(param_list), 1), 100):  # MLflow takes up to 100 params per batch
             self.client.log_batch(self.child, metrics=metric_list[i:i + 100], params=param_list[i:i + 100],
-                                  tags=[RunTag(k, v) for k, v in child_tags.items()] if i == 0 else [])
+                                  tags=[RunTag(k, v) for k, v in facts["stage_tags"].items()] if i == 0 else [])
         step = _step(self.client, self.parent)
-        self.client.log_batch(self.parent, metrics=[Metric(_key(k), v, now, step) for k, v in parent_metrics.items()],
-                              tags=[RunTag(k, v) for k, v in parent_tags.items()])
-        for path in sorted(stage_dir.iterdir()):
-            if path.is_file() and path.suffix in ARTIFACT_SUFFIXES and path.stat().st_size <= MAX_ARTIFACT_BYTES:
-                self.client.log_artifact(self.child, str(path), artifact_path=self.stage)
+        self.client.log_batch(self.parent, metrics=[Metric(_key(k), v, now, step) for k, v in facts["run_metrics"].items()],
+                              tags=[RunTag(k, v) for k, v in facts["run_tags"].items()])
+        for path in artifacts(stage_dir):
+            self.client.log_artifact(self.child, str(path), artifact_path=self.stage)
+
+
+def artifacts(stage_dir: Path) -> list[Path]:
+    """The stage folder's pages and JSON files a tracker keeps (ARTIFACT_SUFFIXES, up to MAX_ARTIFACT_BYTES each)."""
+    return [p for p in sorted(Path(stage_dir).iterdir())
+            if p.is_file() and p.suffix in ARTIFACT_SUFFIXES and p.stat().st_size <= MAX_ARTIFACT_BYTES]
+
+
+def stage_facts(stage: str, manifest, stage_dir: Path, run_dir: Path) -> dict[str, dict[str, Any]]:
+    """What only tunegate knows about a finished stage, for any tracker (the module docstring lists it per stage).
+
+    Returns {"metrics": the stage's {name: float}, "params": {config.<key>: value, overrides}, "stage_tags": {name:
+    str}, "run_tags": the tags the whole run carries, "run_metrics": the gate metrics the whole run carries}.
+    """
+    stage_dir = Path(stage_dir)
+    metrics: dict[str, float] = {"wall_s": float(manifest.wall_s)}
+    child_tags = {"tunegate.stage_fingerprint": manifest.fingerprint}
+    parent_tags = {"tunegate.config_hash": config_hash(run_dir)}
+    parent_metrics: dict[str, float] = {}
+    if manifest.verdict:
+        child_tags["tunegate.verdict"] = str(manifest.verdict)
+    if stage == "data":
+        stats = _read_json(stage_dir / "stats.json")
+        metrics.update({f"data.{k}": v for k, v in _numbers(stats, depth=0).items()})
+        metrics.update({f"data.rejected.{k}": v for k, v in _numbers(stats.get("rejected_by_rule") or {}, depth=0).items()})
+    elif stage == "audit":
+        audit = _read_json(stage_dir / "audit.json")
+        for c in audit.get("candidates") or []:
+            metrics.update({f"audit.{c.get('name', '?')}.{k}": v for k, v in _numbers(c).items()})
+        rec = audit.get("recommendation") or {}
+        if rec.get("recommendation"):
+            parent_tags["tunegate.recommendation"] = child_tags["tunegate.recommendation"] = str(rec["recommendation"])
+    elif stage == "eval":
+        for rule in _read_json(stage_dir / "verdict.json").get("rules") or []:
+            base = f"gate.{rule.get('metric')}.{rule.get('rule')}"
+            ci = rule.get("ci") or [None, None]
+            for key, value in (("value", rule.get("value")), ("ci_low", ci[0]), ("ci_high", ci[1]),
+                               ("threshold", rule.get("threshold")), ("passed", float(bool(rule.get("passed"))))):
+                if isinstance(value, (int, float)):
+                    parent_metrics[f"{base}.{key}"] = float(value)
+        metrics.update(parent_metrics)
+        for name, s in (_read_json(stage_dir / "scores.json").get("metrics") or {}).items():
+            metrics.update({f"eval.{name}.{k}": v for k, v in _numbers(s).items()})
+        parent_tags["tunegate.verdict"] = str(manifest.verdict)
+    elif stage == "release":
+        files = stage_dir / "bundle" / "files.json"
+        if files.is_file():
+            parent_tags["tunegate.bundle_sha256"] = child_tags["tunegate.bundle_sha256"] = hashlib.sha256(files.read_bytes()).hexdigest()
+    params = {f"config.{k}": v for k, v in _flatten(manifest.config).items()}
+    if manifest.overrides:
+        params["overrides"] = "; ".join(manifest.overrides)
+    return {"metrics": metrics, "params": params, "stage_tags": child_tags, "run_tags": parent_tags, "run_metrics": parent_metrics}
+
+
+class TrackioStage:
+    """The Trackio run of one stage of a tunegate run, `<run id>-<stage>` in the group `<run id>` (or a no-op when
+    Trackio is off or failed to start). The trainer's TrackioCallback opens it itself while the stage runs."""
+
+    def __init__(self, project, run_dir: Path, stage: str):
+        self.project, self.run_dir, self.stage = project, Path(run_dir), stage
+        self.name = f"{self.run_dir.name}-{stage}"
+        self.trackio = None
+
+    def start(self) -> None:
+        try:
+            self.trackio = _import_trackio(self.project.tracking.trackio.dir)
+        except Exception as exc:  # noqa: BLE001 - tracking never fails the pipeline
+            _warn(f"starting Trackio for stage {self.stage}", exc)
+
+    def _tags(self) -> dict[str, Any]:
+        return {"tunegate.project": self.project.name, "tunegate.run_id": self.run_dir.name, "tunegate.stage": self.stage}
+
+    def _open(self, config: dict[str, Any]) -> None:
+        """Open (or reopen) the run, keeping the config already there (the trainer's arguments) under `config`."""
+        from trackio.sqlite_storage import SQLiteStorage
+
+        project = trackio_project(self.project)
+        try:
+            prior = SQLiteStorage.get_run_config(project, self.name) or {}
+        except Exception:  # noqa: BLE001 - a new project has no database yet
+            prior = {}
+        merged = {k: v for k, v in prior.items() if not k.startswith("_") and k != "allow_val_change"}
+        with contextlib.redirect_stdout(io.StringIO()):  # trackio prints dashboard hints on init and finish
+            self.trackio.init(project=project, name=self.name, group=self.run_dir.name, config={**merged, **config},
+                              resume="allow", embed=False, auto_log_cpu=False, auto_log_gpu=False)
+
+    def finish(self, manifest, stage_dir: Path) -> None:
+        """Log what tunegate knows about the finished stage (`stage_facts`); never raises."""
+        if self.trackio is None:
+            return
+        try:
+            facts = stage_facts(self.stage, manifest, Path(stage_dir), self.run_dir)
+            self._open({**self._tags(), **facts["params"], **facts["stage_tags"], **facts["run_tags"], "tunegate.status": "FINISHED"})
+            self.trackio.log(facts["metrics"])
+            for path in artifacts(stage_dir):
+                self.trackio.log_artifact(path, name=f"{self.name}-{path.name}", type="tunegate")
+            with contextlib.redirect_stdout(io.StringIO()):
+                self.trackio.finish()
+        except Exception as exc:  # noqa: BLE001
+            _warn(f"logging stage {self.stage} to Trackio", exc)
+
+    def failed(self) -> None:
+        if self.trackio is not None:
+            with contextlib.suppress(Exception):
+                self._open({**self._tags(), "tunegate.status": "FAILED"})
+                with contextlib.redirect_stdout(io.StringIO()):
+                    self.trackio.finish()
+
+
+def _import_trackio(store: Path):
+    """trackio, with its local store at `store` (TRACKIO_DIR, read once when trackio is first imported). Raises
+    RuntimeError when trackio was imported earlier in this process with another store."""
+    import sys
+
+    if "trackio" not in sys.modules:
+        os.environ["TRACKIO_DIR"] = str(store)
+    import trackio
+    from trackio.utils import TRACKIO_DIR
+
+    if Path(TRACKIO_DIR).resolve() != Path(store).resolve():
+        raise RuntimeError(f"trackio was imported in this process with TRACKIO_DIR={TRACKIO_DIR}, not {store}")
+    return trackio
 
 
 def _step(client, run_id: str) -> int:
@@ -218,20 +336,26 @@ def _step(client, run_id: str) -> int:
 
 
 @contextlib.contextmanager
-def stage_run(project, run_dir: Path, stage: str) -> Iterator[StageRun]:
-    """Around a stage body: creates the stage's nested MLflow run and points the MLFLOW_* variables
-    (ENV_KEYS) at it while the body runs (restored afterwards); a body that raises marks the run FAILED.
-    Yields the StageRun (call `finish` once the manifest is written). A no-op when tracking is off."""
-    tracked = StageRun(project, run_dir, stage)
-    if not enabled(project):
+def stage_run(project, run_dir: Path, stage: str) -> Iterator["Trackers"]:
+    """Around a stage body: creates the stage's nested MLflow run and points the MLFLOW_* variables at it, and
+    names the stage's Trackio run in TUNEGATE_TRACKIO_RUN, while the body runs (ENV_KEYS, restored afterwards); a
+    body that raises marks the runs FAILED. Yields the trackers (call `finish` once the manifest is written). A
+    no-op when tracking is off."""
+    tracked = Trackers(project, run_dir, stage)
+    if not (enabled(project) or trackio_enabled(project)):
         yield tracked
         return
-    tracked.start()
     saved = {k: os.environ.get(k) for k in ENV_KEYS}
-    if tracked.child is not None:
-        os.environ.update({"MLFLOW_TRACKING_URI": project.tracking.mlflow.tracking_uri,
-                           "MLFLOW_EXPERIMENT_NAME": experiment_name(project), "MLFLOW_RUN_ID": tracked.child,
-                           "TUNEGATE_MLFLOW_RUN_ID": tracked.child})
+    if enabled(project):
+        tracked.mlflow.start()
+        if tracked.mlflow.child is not None:
+            os.environ.update({"MLFLOW_TRACKING_URI": project.tracking.mlflow.tracking_uri,
+                               "MLFLOW_EXPERIMENT_NAME": experiment_name(project), "MLFLOW_RUN_ID": tracked.mlflow.child,
+                               "TUNEGATE_MLFLOW_RUN_ID": tracked.mlflow.child})
+    if trackio_enabled(project):
+        tracked.trackio.start()
+        if tracked.trackio.trackio is not None:
+            os.environ["TUNEGATE_TRACKIO_RUN"] = tracked.trackio.name
     try:
         yield tracked
     except BaseException:
@@ -243,6 +367,22 @@ def stage_run(project, run_dir: Path, stage: str) -> Iterator[StageRun]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+class Trackers:
+    """The trackers of one stage execution: `mlflow` (StageRun) and `trackio` (TrackioStage), each a no-op when off."""
+
+    def __init__(self, project, run_dir: Path, stage: str):
+        self.mlflow = StageRun(project, run_dir, stage)
+        self.trackio = TrackioStage(project, run_dir, stage)
+
+    def finish(self, manifest, stage_dir: Path) -> None:
+        self.mlflow.finish(manifest, stage_dir)
+        self.trackio.finish(manifest, stage_dir)
+
+    def failed(self) -> None:
+        self.mlflow.failed()
+        self.trackio.failed()
 
 
 def _read_json(path: Path) -> dict[str, Any]:

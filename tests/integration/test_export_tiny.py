@@ -48,6 +48,15 @@ def test_export_reproduces_the_adapter(tiny_project, use_dora):
     assert load_tokenizer(out).chat_template  # the chat template travels with the merged model
     assert not [p.name for p in out.parent.iterdir() if p.name.startswith(".")]  # no partial folders left
 
+    # --out on a folder that is not an earlier merge: refused before any work, its files untouched
+    (tiny_project / "mine").mkdir()
+    (tiny_project / "mine" / "notes.txt").write_text("precious")
+    r = subprocess.run([sys.executable, "-m", "tunegate.cli", "export", str(tiny_project / "tunegate.yaml"),
+                        f"train.lora.use_dora={str(use_dora).lower()}", "--out", str(tiny_project / "mine")],
+                       capture_output=True, text=True, check=False)
+    assert r.returncode == 2 and "is not an earlier merged model (no merge_check.json in it)" in r.stderr, r.stderr
+    assert (tiny_project / "mine" / "notes.txt").read_text() == "precious"
+
     # the merged folder, loaded as a plain transformers model, gives the adapter's greedy outputs
     tok = load_tokenizer(out)
     prompts = [p["prompt"] for p in check["prompts"]]

@@ -94,6 +94,19 @@ def test_answers_made_under_other_eval_settings_or_edited_are_refused(evaluated,
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
+def test_an_out_folder_of_other_files_and_an_empty_type_list_are_refused_before_any_work(evaluated, tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("precious")
+    for args, message in ((["--out", str(mine)], "is not an earlier GGUF export (no verdict.json in it)"),
+                          (["--types", ""], "--types: no GGUF type given"),
+                          (["--types", "q3"], "--types q3: Value error, unknown GGUF type q3")):
+        r = subprocess.run([sys.executable, "-m", "tunegate.cli", "export", str(evaluated), "--format", "gguf",
+                            "--llama-venv", str(VENV), *args], capture_output=True, text=True, check=False)
+        assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+
+
 def test_a_template_that_did_not_travel_fails_the_gate_and_says_where(evaluated, tmp_path):
     """The merged model's chat template edited (a space where training had a newline): the GGUF carries it, and
     the parity gate finds the first differing prompt token. The verdict is published so it can be read; exit 3."""
@@ -112,6 +125,7 @@ def test_a_template_that_did_not_travel_fails_the_gate_and_says_where(evaluated,
     assert r.returncode == 3, r.stdout + r.stderr
     out = r.stdout + r.stderr
     assert "GGUF parity gate: FAIL" in r.stdout and "FAIL llama.cpp's prompt tokens" in out and "first difference" in out
+    assert "# PARITY GATE FAILED for tiny-q8_0.gguf" in (tmp_path / "out" / "Modelfile").read_text()
     verdict = json.loads((tmp_path / "out" / "verdict.json").read_text())
     prompt = verdict["types"]["q8_0"]["rules"][0]
     assert prompt["rule"] == "prompt_identical" and prompt["value"] == 0.0 and prompt["first_difference"]["id"] == "g0"

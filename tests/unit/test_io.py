@@ -228,3 +228,24 @@ def test_remove_dir_deletes_a_folder_whole_and_its_aside_is_never_put_back(tmp_p
     (aside / "bundle").mkdir(parents=True)
     clean_stale(final, say=lambda _: None)
     assert list(tmp_path.iterdir()) == []  # deleted, not restored as `release`
+
+
+def test_an_output_folder_replaces_only_an_earlier_output_of_its_kind(tmp_path):
+    from tunegate import TunegateError
+    from tunegate.core.io import check_replaceable
+
+    check_replaceable(tmp_path / "new", "verdict.json", "GGUF export")  # absent: fine
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    (earlier / "verdict.json").write_text("{}")
+    check_replaceable(earlier, "verdict.json", "GGUF export")
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("precious")
+    with pytest.raises(TunegateError, match=r"other: exists and is not an earlier GGUF export \(no verdict.json in it\)"):
+        check_replaceable(other, "verdict.json", "GGUF export")
+    with pytest.raises(TunegateError, match="is not an earlier"):
+        check_replaceable(other / "notes.txt", "verdict.json", "GGUF export")
+    (tmp_path / "link").symlink_to(earlier)
+    with pytest.raises(TunegateError, match="is not an earlier"):  # a link to an export is not one
+        check_replaceable(tmp_path / "link", "verdict.json", "GGUF export")

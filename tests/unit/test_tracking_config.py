@@ -47,3 +47,18 @@ def test_report_to_is_mlflow_only_inside_a_tracked_stage(tmp_path, monkeypatch):
     assert tracking.report_to(project) == "none"  # an MLFLOW_RUN_ID left in the shell is not a tracked stage
     monkeypatch.setenv("TUNEGATE_MLFLOW_RUN_ID", "abc")
     assert tracking.report_to(project) == "mlflow"
+
+
+def test_trackio_store_resolves_inside_the_project_and_the_trainer_logs_into_the_stage_run(tmp_path, monkeypatch):
+    project = _load(tmp_path, "tracking:\n  trackio: {}\n")
+    assert project.tracking.trackio.dir == tmp_path.resolve() / "trackio" and tracking.trackio_project(project) == "p"
+    monkeypatch.delenv("TUNEGATE_TRACKIO_RUN", raising=False)
+    assert tracking.trainer_settings(project) == {"report_to": "none"}  # outside a tracked stage
+    monkeypatch.setenv("TUNEGATE_TRACKIO_RUN", "r1-train")
+    assert tracking.trainer_settings(project) == {"report_to": "trackio", "project": "p", "run_name": "r1-train"}
+    both = _load(tmp_path, "tracking:\n  trackio: {project: q}\n  mlflow: {}\n")
+    monkeypatch.setenv("MLFLOW_RUN_ID", "abc")
+    monkeypatch.setenv("TUNEGATE_MLFLOW_RUN_ID", "abc")
+    assert tracking.trainer_settings(both) == {"report_to": ["mlflow", "trackio"], "project": "q", "run_name": "r1-train"}
+    with pytest.raises(TunegateError, match="tracking.trackio.dir: .*outside the project folder"):
+        _load(tmp_path, "tracking:\n  trackio: {dir: ../elsewhere}\n")

@@ -472,6 +472,21 @@ def _exchange(a: Path, b: Path) -> str:
     raise OSError(err, os.strerror(err), str(a), None, str(b))
 
 
+def check_replaceable(final: Path, marker: str, what: str) -> None:
+    """Refuse to let `publish_dir` replace `final` unless it is absent or a folder holding `marker`, the file an
+    earlier `what` writes: an output folder given by the user (`--out`) must never swallow a folder of other files.
+
+    Raises:
+        TunegateError: `final` exists and is a file, or a folder without `marker`.
+    """
+    from tunegate import TunegateError
+
+    final = Path(final)
+    if final.exists() and not (final.is_dir() and not final.is_symlink() and (final / marker).is_file()):
+        raise TunegateError(f"{final}: exists and is not an earlier {what} (no {marker} in it); rule: an output folder "
+                            "replaces only an earlier output of the same kind. Choose a new folder, or delete it first")
+
+
 def publish_dir(staged: Path, final: Path) -> None:
     """Replace `final` (if any) with the finished folder `staged`: readers see the old folder or the new one,
     and a kill at any instant leaves only what `clean_stale` removes (the module docstring says how and why).

@@ -31,6 +31,8 @@ import os
 import pickle
 from typing import Any, Callable, Sequence
 
+from tunegate.core.process import die_with_parent
+
 ENGINES = ("local", "ray")
 # Below this many batches per process the pool's start-up costs more than it saves.
 MIN_BATCHES_PER_PROC = 2
@@ -50,24 +52,7 @@ def default_num_proc() -> int:
 def _init_worker(make_fn: Callable[[], Callable[[list], list]]) -> None:
     global _worker_make
     _worker_make = make_fn
-    _die_with_parent()
-
-
-def _die_with_parent() -> None:
-    """Ask Linux to SIGKILL this worker when the process that started it dies (prctl PR_SET_PDEATHSIG): a data
-    stage killed with kill -9 must not leave workers burning CPU and holding its stage lock. Elsewhere a no-op."""
-    import ctypes
-    import signal
-    import sys
-
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        return
-    if os.getppid() == 1:  # the parent died before the request was made
-        os._exit(1)
+    die_with_parent()
 
 
 def _run_batch(batch: list) -> list:

@@ -118,7 +118,8 @@ def _trainer_defaults(project: Project, output_dir: Path, device_bf16: bool) -> 
         "logging_steps": 5,
         "save_steps": 50,
         "save_total_limit": 2,
-        "report_to": tracking.report_to(project),  # "mlflow" inside a tracked stage (tunegate.tracking)
+        # report_to "mlflow" / "trackio" inside a tracked stage, with Trackio's project and run name (tunegate.tracking)
+        **tracking.trainer_settings(project),
         "seed": project.train.seed,
         "bf16": device_bf16,
         "use_cpu": not cuda_available(),
