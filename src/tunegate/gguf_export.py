@@ -44,9 +44,9 @@ from tunegate import EXIT_GATE_FAILED, TunegateError
 from tunegate.config import GGUF_CONVERTER_TYPES, GgufConfig
 from tunegate.core.console import console
 from tunegate.core.io import atomic_write_json, atomic_write_text, check_replaceable, publish_dir, read_jsonl, staging_dir
-from tunegate.core.process import die_with_parent
+from tunegate.core.process import die_with_parent, venv_python
 from tunegate.core.manifest import read_manifest, sha256_file
-from tunegate.llama_env import LLAMA_CPP_PYTHON, converter, find_venv, installed_version, venv_python
+from tunegate.llama_env import LLAMA_CPP_PYTHON, converter, find_venv, installed_version
 
 VERDICT = "verdict.json"
 MODELFILE = "Modelfile"

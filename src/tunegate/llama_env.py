@@ -23,7 +23,7 @@ from pathlib import Path
 
 from tunegate import TunegateError
 from tunegate.core.manifest import sha256_file
-from tunegate.core.process import die_with_parent
+from tunegate.core.process import die_with_parent, venv_python
 
 LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"
 SDIST = "llama_cpp_python-0.3.36.tar.gz"
@@ -38,11 +38,6 @@ CONVERTER_DIR = "llama.cpp"  # inside the environment: convert_hf_to_gguf.py, co
 # what the converter needs from the sdist's vendor/llama.cpp/ (its top-level script and the two packages it imports)
 _VENDOR = "llama_cpp_python-0.3.36/vendor/llama.cpp/"
 _CONVERTER_PARTS = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/gguf/")
-
-
-def venv_python(venv: Path) -> Path:
-    """The python executable of the virtual environment `venv`."""
-    return Path(venv) / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
 
 
 def _extract_converter(sdist: Path, dest: Path) -> None:

@@ -1,8 +1,15 @@
-"""Child processes that do not outlive the tunegate process that started them."""
+"""Child processes: the tools tunegate runs in virtual environments of their own (vLLM, llama.cpp), and workers that
+do not outlive the tunegate process that started them."""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
+
+
+def venv_python(venv: Path) -> Path:
+    """The python executable of the virtual environment `venv`."""
+    return Path(venv) / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
 
 
 def die_with_parent() -> None:

