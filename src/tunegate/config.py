@@ -1007,7 +1007,10 @@ def load_project(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) 
     if project.tracking.mlflow is not None:
         project.tracking.mlflow.tracking_uri = _local_store_uri(root, project.tracking.mlflow.tracking_uri)
     if project.tracking.trackio is not None:
-        project.tracking.trackio.dir = inside(root, _resolve(root, project.tracking.trackio.dir), "tracking.trackio.dir")
+        store = inside(root, _resolve(root, project.tracking.trackio.dir), "tracking.trackio.dir")
+        if store == root.resolve():  # Trackio writes its database, media/ and artifacts/ there
+            raise TunegateError(f"{project.source_file}: tracking.trackio.dir is the project folder itself; rule: a folder inside it, e.g. trackio")
+        project.tracking.trackio.dir = store
     if project.eval.json_schema is not None:
         project.eval.json_schema = _resolve(root, project.eval.json_schema)
     if project.eval.suites:

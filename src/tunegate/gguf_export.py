@@ -44,7 +44,7 @@ from tunegate import EXIT_GATE_FAILED, TunegateError
 from tunegate.config import GGUF_CONVERTER_TYPES, GgufConfig
 from tunegate.core.console import console
 from tunegate.core.io import atomic_write_json, atomic_write_text, check_replaceable, publish_dir, read_jsonl, staging_dir
-from tunegate.core.process import die_with_parent, venv_python
+from tunegate.core.process import child_dies_with_parent, venv_python
 from tunegate.core.manifest import read_manifest, sha256_file
 from tunegate.llama_env import LLAMA_CPP_PYTHON, converter, find_venv, installed_version
 
@@ -70,7 +70,7 @@ def _run_logged(cmd: list[str], log: Path, what: str, env: dict[str, str] | None
         f.flush()
         try:
             rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, timeout=timeout, check=False,
-                                preexec_fn=die_with_parent).returncode  # a killed tunegate takes llama.cpp with it
+                                preexec_fn=child_dies_with_parent()).returncode  # a killed tunegate takes llama.cpp with it
         except subprocess.TimeoutExpired:
             rc = None
     if rc != 0:
@@ -473,7 +473,7 @@ def export_gguf(project, run_id: str = "default", out_dir: Path | None = None, v
         except ValidationError as exc:
             raise TunegateError(f"--types {','.join(types)}: {exc.errors()[0]['msg']}") from None
     target = Path(out_dir) if out_dir is not None else run_dir / "export" / "gguf"
-    check_replaceable(target, VERDICT, "GGUF export")  # never another folder's files
+    check_replaceable(target, VERDICT, "GGUF export", keys=("types", "converter"))  # never another folder's files
     venv = find_venv(venv)
     check_releasable(run_dir, ("data", "train", "eval"))  # before anything is written
     _inputs(project, run_dir, cfg.max_rows)

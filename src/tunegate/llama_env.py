@@ -23,7 +23,7 @@ from pathlib import Path
 
 from tunegate import TunegateError
 from tunegate.core.manifest import sha256_file
-from tunegate.core.process import die_with_parent, venv_python
+from tunegate.core.process import child_dies_with_parent, venv_python
 
 LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"
 SDIST = "llama_cpp_python-0.3.36.tar.gz"
@@ -79,7 +79,7 @@ def setup_venv(venv: Path = DEFAULT_VENV, python: str | None = None, force: bool
     def step(cmd: list[str]) -> None:
         print("+ " + " ".join(cmd), flush=True)
         try:
-            rc = subprocess.run(cmd, check=False, timeout=STEP_TIMEOUT_S, preexec_fn=die_with_parent).returncode
+            rc = subprocess.run(cmd, check=False, timeout=STEP_TIMEOUT_S, preexec_fn=child_dies_with_parent()).returncode
         except subprocess.TimeoutExpired:
             rc = None
         if rc != 0:

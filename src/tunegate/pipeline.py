@@ -200,7 +200,7 @@ def _run_stage(project: Project, run_dir: Path, spec: StageSpec, force: bool, ov
         started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
         _wait_for_everyone(world)  # workers start once the checkpoint folder is settled
         t0 = time.perf_counter()
-        with tracking.stage_run(project, run_dir, stage) as tracked:  # MLflow, when `tracking.mlflow` is set
+        with tracking.stage_run(project, run_dir, stage) as tracked:  # MLflow / Trackio, when `tracking` sets them
             result = body(st)
         wall = time.perf_counter() - t0
         for path in result.inputs.values():

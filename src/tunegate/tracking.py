@@ -49,9 +49,13 @@ from typing import Any, Iterator
 
 from tunegate.core.console import console
 
+# Trackio sends a run to a Space, server or bucket when one of these is set: removed while a stage runs, so a
+# tracked run stays in the project's store
+TRACKIO_REMOTE_KEYS = ("TRACKIO_SPACE_ID", "TRACKIO_SERVER_URL", "TRACKIO_BUCKET_ID", "TRACKIO_DATASET_ID")
 # TUNEGATE_MLFLOW_RUN_ID marks an MLFLOW_RUN_ID tunegate set itself (not one left in the shell); TUNEGATE_TRACKIO_RUN
 # names the Trackio run of the stage that is running
-ENV_KEYS = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID", "TUNEGATE_MLFLOW_RUN_ID", "TUNEGATE_TRACKIO_RUN")
+ENV_KEYS = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID", "TUNEGATE_MLFLOW_RUN_ID", "TUNEGATE_TRACKIO_RUN",
+            *TRACKIO_REMOTE_KEYS)
 ARTIFACT_SUFFIXES = (".json", ".html", ".md", ".png")
 MAX_ARTIFACT_BYTES = 5 * 1024 * 1024
 MAX_PARAM_CHARS = 500
@@ -82,7 +86,8 @@ def trainer_settings(project) -> dict[str, Any]:
     """The TrainingArguments tracking needs: `report_to`, and with Trackio the `project` and `run_name` that make
     transformers' TrackioCallback log into the running stage's Trackio run."""
     out: dict[str, Any] = {"report_to": report_to(project)}
-    if "trackio" in out["report_to"]:
+    targets = [out["report_to"]] if isinstance(out["report_to"], str) else out["report_to"]
+    if "trackio" in targets:
         out.update(project=trackio_project(project), run_name=os.environ["TUNEGATE_TRACKIO_RUN"])
     return out
 
@@ -278,7 +283,8 @@ class TrackioStage:
         return {"tunegate.project": self.project.name, "tunegate.run_id": self.run_dir.name, "tunegate.stage": self.stage}
 
     def _open(self, config: dict[str, Any]) -> None:
-        """Open (or reopen) the run, keeping the config already there (the trainer's arguments) under `config`."""
+        """Open (or reopen) the run with `config`, keeping from the config already there only what the trainer's
+        TrackioCallback wrote (its arguments): tunegate's own keys of an earlier execution are replaced whole."""
         from trackio.sqlite_storage import SQLiteStorage
 
         project = trackio_project(self.project)
@@ -286,17 +292,17 @@ class TrackioStage:
             prior = SQLiteStorage.get_run_config(project, self.name) or {}
         except Exception:  # noqa: BLE001 - a new project has no database yet
             prior = {}
-        merged = {k: v for k, v in prior.items() if not k.startswith("_") and k != "allow_val_change"}
-        with contextlib.redirect_stdout(io.StringIO()):  # trackio prints dashboard hints on init and finish
+        merged = {k: v for k, v in prior.items()
+                  if not k.startswith(("_", "tunegate.", "config.")) and k not in ("overrides", "allow_val_change")}
+        with _local_only(), contextlib.redirect_stdout(io.StringIO()):  # trackio prints dashboard hints on init and finish
             self.trackio.init(project=project, name=self.name, group=self.run_dir.name, config={**merged, **config},
                               resume="allow", embed=False, auto_log_cpu=False, auto_log_gpu=False)
 
-    def finish(self, manifest, stage_dir: Path) -> None:
+    def finish(self, facts: dict[str, dict[str, Any]], stage_dir: Path) -> None:
         """Log what tunegate knows about the finished stage (`stage_facts`); never raises."""
         if self.trackio is None:
             return
         try:
-            facts = stage_facts(self.stage, manifest, Path(stage_dir), self.run_dir)
             self._open({**self._tags(), **facts["params"], **facts["stage_tags"], **facts["run_tags"], "tunegate.status": "FINISHED"})
             self.trackio.log(facts["metrics"])
             for path in artifacts(stage_dir):
@@ -307,25 +313,43 @@ class TrackioStage:
             _warn(f"logging stage {self.stage} to Trackio", exc)
 
     def failed(self) -> None:
+        """Mark the run FAILED (Trackio stores a run's config with its first log: one metric is logged)."""
         if self.trackio is not None:
             with contextlib.suppress(Exception):
                 self._open({**self._tags(), "tunegate.status": "FAILED"})
+                self.trackio.log({"tunegate.failed": 1.0})
                 with contextlib.redirect_stdout(io.StringIO()):
                     self.trackio.finish()
 
 
+def _no_user_lookup() -> str:
+    raise RuntimeError("tunegate keeps Trackio local: no Hugging Face user lookup")
+
+
 def _import_trackio(store: Path):
-    """trackio, with its local store at `store` (TRACKIO_DIR, read once when trackio is first imported). Raises
-    RuntimeError when trackio was imported earlier in this process with another store."""
+    """trackio, with its local store at `store` (TRACKIO_DIR, read once when trackio is first imported; the variable
+    is put back as it was right after). Its Hugging Face user lookup, a network call on every `init` when a token
+    is present, is switched off: runs are local. Raises RuntimeError when trackio was imported earlier in this
+    process with another store."""
     import sys
 
     if "trackio" not in sys.modules:
+        saved = os.environ.get("TRACKIO_DIR")
         os.environ["TRACKIO_DIR"] = str(store)
+        try:
+            import trackio  # noqa: F401
+        finally:
+            if saved is None:
+                os.environ.pop("TRACKIO_DIR", None)
+            else:
+                os.environ["TRACKIO_DIR"] = saved
     import trackio
+    import trackio.run
     from trackio.utils import TRACKIO_DIR
 
     if Path(TRACKIO_DIR).resolve() != Path(store).resolve():
         raise RuntimeError(f"trackio was imported in this process with TRACKIO_DIR={TRACKIO_DIR}, not {store}")
+    trackio.run._get_default_namespace = _no_user_lookup  # Run._get_username catches it: the username is None
     return trackio
 
 
@@ -333,6 +357,16 @@ def _step(client, run_id: str) -> int:
     """The next step of the parent's gate metrics: one more than the eval stages logged so far."""
     return sum(1 for r in client.search_runs([client.get_run(run_id).info.experiment_id],
                                              filter_string=f"tags.`mlflow.parentRunId` = '{run_id}' and tags.`tunegate.stage` = 'eval'"))
+
+
+@contextlib.contextmanager
+def _local_only() -> Iterator[None]:
+    """Without TRACKIO_REMOTE_KEYS in the environment (put back afterwards): the run opened here stays local."""
+    saved = {k: os.environ.pop(k) for k in TRACKIO_REMOTE_KEYS if k in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
 
 
 @contextlib.contextmanager
@@ -353,6 +387,8 @@ def stage_run(project, run_dir: Path, stage: str) -> Iterator["Trackers"]:
                                "MLFLOW_EXPERIMENT_NAME": experiment_name(project), "MLFLOW_RUN_ID": tracked.mlflow.child,
                                "TUNEGATE_MLFLOW_RUN_ID": tracked.mlflow.child})
     if trackio_enabled(project):
+        for key in TRACKIO_REMOTE_KEYS:
+            os.environ.pop(key, None)
         tracked.trackio.start()
         if tracked.trackio.trackio is not None:
             os.environ["TUNEGATE_TRACKIO_RUN"] = tracked.trackio.name
@@ -378,7 +414,13 @@ class Trackers:
 
     def finish(self, manifest, stage_dir: Path) -> None:
         self.mlflow.finish(manifest, stage_dir)
-        self.trackio.finish(manifest, stage_dir)
+        if self.trackio.trackio is not None:
+            try:
+                facts = stage_facts(self.trackio.stage, manifest, Path(stage_dir), self.trackio.run_dir)
+            except Exception as exc:  # noqa: BLE001
+                _warn(f"reading stage {self.trackio.stage} for Trackio", exc)
+                return
+            self.trackio.finish(facts, stage_dir)
 
     def failed(self) -> None:
         self.mlflow.failed()

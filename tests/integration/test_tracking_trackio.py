@@ -61,4 +61,49 @@ def test_tiny_run_is_read_back_from_trackio(tiny_project):
     assert data_log["data.train_rows"] == stats["train_rows"]
     last = runs["r1-release" if released else "r1-report"]["config"]["tunegate.config_hash"]
     assert last == tracking.config_hash(load_project(tiny_project).run_dir("r1"))
-    assert any((store / "artifacts").rglob("*"))  # the stage pages and JSON files
+    blobs = [p for p in (store / "artifacts").rglob("*") if p.is_file()]
+    assert len(blobs) >= len(tracking.artifacts(tiny_project / "runs" / "r1" / "report"))  # the stage pages and JSON files
+
+
+RERUN_AND_FAIL = """
+import json, sys
+from pathlib import Path
+from types import SimpleNamespace
+from tunegate import tracking
+from tunegate.core.manifest import Manifest
+
+root = Path(sys.argv[1])
+project = SimpleNamespace(name="p", tracking=SimpleNamespace(mlflow=None, trackio=SimpleNamespace(project="p", dir=root / "store")))
+run_dir = root / "runs" / "r1"
+(run_dir / "eval").mkdir(parents=True, exist_ok=True)
+
+def execute(overrides, fail=False):
+    try:
+        with tracking.stage_run(project, run_dir, "eval") as tracked:
+            if fail:
+                raise RuntimeError("the stage body failed")
+        tracked.finish(Manifest(stage="eval", fingerprint="f", config={"eval": {"k": 1}}, wall_s=2.0, overrides=overrides),
+                       run_dir / "eval")
+    except RuntimeError:
+        pass
+    from trackio.sqlite_storage import SQLiteStorage
+    return SQLiteStorage.get_run_config("p", "r1-eval"), SQLiteStorage.get_logs("p", "r1-eval")
+
+first = execute(["eval.k=1"])
+second = execute([])
+failed = execute([], fail=True)
+print(json.dumps({"first": first, "second": second, "failed": failed}, default=str))
+"""
+
+
+def test_a_stage_run_again_replaces_tunegates_keys_and_a_failure_is_recorded(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRACKIO_SERVER_URL": "http://127.0.0.1:9/not-used"}
+    out = subprocess.run([sys.executable, "-c", RERUN_AND_FAIL, str(tmp_path)], capture_output=True, text=True, env=env,
+                         timeout=120, check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    runs = json.loads(out.stdout.splitlines()[-1])
+    first, second, failed = runs["first"], runs["second"], runs["failed"]
+    assert first[0]["overrides"] == "eval.k=1" and first[0]["tunegate.status"] == "FINISHED"
+    assert "overrides" not in second[0] and second[0]["config.eval.k"] == 1  # an earlier execution's keys do not linger
+    assert failed[0]["tunegate.status"] == "FAILED" and any(log.get("tunegate.failed") == 1.0 for log in failed[1])
+    assert (tmp_path / "store" / "p.db").is_file()  # the project's store, not the TRACKIO_SERVER_URL of the shell

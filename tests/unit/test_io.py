@@ -249,3 +249,12 @@ def test_an_output_folder_replaces_only_an_earlier_output_of_its_kind(tmp_path):
     (tmp_path / "link").symlink_to(earlier)
     with pytest.raises(TunegateError, match="is not an earlier"):  # a link to an export is not one
         check_replaceable(tmp_path / "link", "verdict.json", "GGUF export")
+    (tmp_path / "dangling").symlink_to(tmp_path / "gone")
+    with pytest.raises(TunegateError, match="is not an earlier"):
+        check_replaceable(tmp_path / "dangling", "verdict.json", "GGUF export")
+    # a common marker name is checked for the keys an earlier output of that kind writes
+    check_replaceable(earlier, "verdict.json", "GGUF export", keys=())
+    with pytest.raises(TunegateError, match="is not an earlier"):  # e.g. an eval stage's verdict.json
+        check_replaceable(earlier, "verdict.json", "GGUF export", keys=("types", "converter"))
+    (earlier / "verdict.json").write_text('{"types": {}, "converter": "x"}')
+    check_replaceable(earlier, "verdict.json", "GGUF export", keys=("types", "converter"))

@@ -62,3 +62,5 @@ def test_trackio_store_resolves_inside_the_project_and_the_trainer_logs_into_the
     assert tracking.trainer_settings(both) == {"report_to": ["mlflow", "trackio"], "project": "q", "run_name": "r1-train"}
     with pytest.raises(TunegateError, match="tracking.trackio.dir: .*outside the project folder"):
         _load(tmp_path, "tracking:\n  trackio: {dir: ../elsewhere}\n")
+    with pytest.raises(TunegateError, match="tracking.trackio.dir is the project folder itself"):
+        _load(tmp_path, "tracking:\n  trackio: {dir: .}\n")

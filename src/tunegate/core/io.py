@@ -472,17 +472,30 @@ def _exchange(a: Path, b: Path) -> str:
     raise OSError(err, os.strerror(err), str(a), None, str(b))
 
 
-def check_replaceable(final: Path, marker: str, what: str) -> None:
+def check_replaceable(final: Path, marker: str, what: str, keys: tuple[str, ...] = ()) -> None:
     """Refuse to let `publish_dir` replace `final` unless it is absent or a folder holding `marker`, the file an
-    earlier `what` writes: an output folder given by the user (`--out`) must never swallow a folder of other files.
+    earlier `what` writes (with `keys`: a JSON object holding all of them, for a common name such as verdict.json):
+    an output folder given by the user (`--out`) must never swallow a folder of other files.
 
     Raises:
-        TunegateError: `final` exists and is a file, or a folder without `marker`.
+        TunegateError: `final` exists (a dangling link too) and is a file, a link, or a folder without `marker`.
     """
     from tunegate import TunegateError
 
     final = Path(final)
-    if final.exists() and not (final.is_dir() and not final.is_symlink() and (final / marker).is_file()):
+
+    def earlier() -> bool:
+        if not (final.is_dir() and not final.is_symlink() and (final / marker).is_file()):
+            return False
+        if not keys:
+            return True
+        try:
+            data = json.loads((final / marker).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return False
+        return isinstance(data, dict) and all(k in data for k in keys)
+
+    if os.path.lexists(final) and not earlier():
         raise TunegateError(f"{final}: exists and is not an earlier {what} (no {marker} in it); rule: an output folder "
                             "replaces only an earlier output of the same kind. Choose a new folder, or delete it first")
 

@@ -12,20 +12,34 @@ def venv_python(venv: Path) -> Path:
     return Path(venv) / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
 
 
-def die_with_parent() -> None:
-    """Ask Linux to SIGKILL this process when the process that started it dies (prctl PR_SET_PDEATHSIG): a stage
-    killed with kill -9 must not leave workers burning CPU and writing into its folders. Call it in the child: a
-    multiprocessing initializer, or `preexec_fn` of a subprocess (tunegate.data.engine, tunegate.gguf_export).
-    Elsewhere than Linux a no-op."""
+def child_dies_with_parent():
+    """A function for a child process to call first (`preexec_fn` of a subprocess, or a multiprocessing
+    initializer) that asks Linux to SIGKILL the child when the process that started it dies (prctl
+    PR_SET_PDEATHSIG): a stage killed with kill -9 must not leave workers burning CPU and writing into its folders
+    (tunegate.data.engine, tunegate.gguf_export, tunegate.llama_env). libc's prctl is looked up here, in the parent:
+    after a fork in a process with other threads the child should only call it. Linux ties the signal to the thread
+    that started the child: start children from a thread that lives as long as they should. Elsewhere than Linux,
+    a function that does nothing."""
     import ctypes
     import signal
     import sys
 
     if not sys.platform.startswith("linux"):
-        return
+        return lambda: None
     try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
     except (OSError, AttributeError):
-        return
-    if os.getppid() == 1:  # the parent died before the request was made
-        os._exit(1)
+        return lambda: None
+    sigkill = int(signal.SIGKILL)
+
+    def set_death_signal() -> None:
+        prctl(1, sigkill, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+        if os.getppid() == 1:  # the parent died before the request was made
+            os._exit(1)
+
+    return set_death_signal
+
+
+def die_with_parent() -> None:
+    """`child_dies_with_parent()`, called in the child itself (a multiprocessing worker's initializer)."""
+    child_dies_with_parent()()

@@ -163,6 +163,8 @@ def unsupported_passthrough(project: Project) -> list[str]:
                              both trained whole and by rows.
       model_init_kwargs      tunegate loads the model itself (train.adapter) and hands TRL the loaded model, which
                              TRL then leaves as it is: the kwargs would be ignored.
+      report_to, run_name, project, with `tracking:` set
+                             tunegate names the stage's MLflow / Trackio run itself (tunegate.tracking).
       train.lora.target_modules selecting lm_head
                              TRL's SFT, DPO, KTO, GRPO and distillation trainers stop with ValueError (they read
                              lm_head.weight directly); ORPO's does not.
@@ -178,6 +180,11 @@ def unsupported_passthrough(project: Project) -> list[str]:
     if trl.get("model_init_kwargs"):
         refuse("model_init_kwargs", "tunegate loads the base model itself (train.adapter; TRL ignores these kwargs "
                                     "for a loaded model); remove it")
+    if project.tracking.mlflow is not None or project.tracking.trackio is not None:
+        for key in ("report_to", "run_name", "project"):
+            if key in trl:
+                refuse(key, "with tracking: set, tunegate points the trainer's logging at the stage's own run "
+                            "(tunegate.tracking); another value would log elsewhere. Remove it")
     if project.train.adapter != "full" and project.train.method != "orpo" and _targets_lm_head(lora_kwargs(project)):
         problems.append("train.lora.target_modules: an adapter on lm_head is not supported: TRL's "
                         f"{project.train.method.upper()} trainer refuses it (it computes log-probabilities from "
