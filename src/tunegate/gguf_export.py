@@ -427,6 +427,7 @@ def release_gguf(project, run_dir: Path, bundle: Path, merged: Path | None = Non
     if result["verdict"] == "PASS":
         return result
     target = run_dir / "export" / "gguf"
+    check_replaceable(target, VERDICT, "GGUF export", keys=("types", "converter"))
     staged = staging_dir(target)
     staged.rmdir()
     (bundle / "gguf").rename(staged)
