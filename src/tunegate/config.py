@@ -532,6 +532,10 @@ class EvalConfig(_Section):
     # Row metrics: exact_match, numeric_match, json_valid, json_schema (needs json_schema), rouge_l, chrf,
     # refusal; corpus metrics: macro_f1. The first one is the headline metric of the report.
     metrics: list[str] = Field(default_factory=lambda: ["exact_match"], min_length=1)
+    # Project-defined row metrics, name -> "path/to/file.py:function" (relative to the project file, inside the
+    # project): function(prediction, reference) -> a finite float per golden row (tunegate.evals.custom). Listed in
+    # `metrics` to be scored; gate rules may bound them. The file's sha256 enters the eval and audit fingerprints.
+    custom_metrics: dict[str, str] = Field(default_factory=dict)
     json_schema: Path | None = None  # a JSON Schema file, for the json_schema metric
     max_new_tokens: int = Field(default=32, ge=1)
     batch_size: int = Field(default=16, ge=1)
@@ -556,9 +560,18 @@ class EvalConfig(_Section):
 
     @model_validator(mode="after")
     def _metrics_known_and_gated_metrics_measured(self):
-        unknown = [m for m in self.metrics if m not in ALL_METRICS]
+        clash = [m for m in self.custom_metrics if m in ALL_METRICS or m in JUDGE_METRICS or not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", m)
+                 or m.startswith(LM_EVAL_PREFIX.rstrip("."))]
+        if clash:
+            raise ValueError(f"eval.custom_metrics: {clash}: a custom metric's name is a new identifier (letters, digits, _), "
+                             f"not a built-in metric's ({', '.join(ALL_METRICS)})")
+        bad = [f"{m}: {spec!r}" for m, spec in self.custom_metrics.items() if not re.fullmatch(r".+\.py:[A-Za-z_][A-Za-z0-9_]*", spec)]
+        if bad:
+            raise ValueError(f"eval.custom_metrics: {bad}: written 'path/to/file.py:function'")
+        unknown = [m for m in self.metrics if m not in ALL_METRICS and m not in self.custom_metrics]
         if unknown:
-            raise ValueError(f"unknown metric(s) {unknown}; known: {', '.join(ALL_METRICS)}")
+            custom = f"; custom: {', '.join(self.custom_metrics)}" if self.custom_metrics else " (or one named in eval.custom_metrics)"
+            raise ValueError(f"unknown metric(s) {unknown}; known: {', '.join(ALL_METRICS)}{custom}")
         if "json_schema" in self.metrics and self.json_schema is None:
             raise ValueError("metric json_schema needs eval.json_schema (a JSON Schema file)")
         lm_eval = self.suites.lm_eval if self.suites else None
@@ -1013,6 +1026,8 @@ def load_project(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) 
         project.tracking.trackio.dir = store
     if project.eval.json_schema is not None:
         project.eval.json_schema = _resolve(root, project.eval.json_schema)
+    for name, spec in project.eval.custom_metrics.items():  # code run from the project: only its own files
+        inside(root, _resolve(root, Path(spec.rpartition(":")[0])), f"eval.custom_metrics.{name}")
     if project.eval.suites:
         if project.eval.suites.data_root is not None:
             project.eval.suites.data_root = _resolve(root, project.eval.suites.data_root)

@@ -153,7 +153,7 @@ def _first_difference(a: list[int], b: list[int]) -> int:
 
 
 def parity(ecfg, tokenizer, golden: list[dict[str, Any]], samples: list[dict[str, Any]],
-           answers: list[dict[str, Any]], tolerance: float) -> dict[str, Any]:
+           answers: list[dict[str, Any]], tolerance: float, custom: dict[str, Any] | None = None) -> dict[str, Any]:
     """The parity gate on one GGUF file: its rules (PASS/FAIL each) and the comparison table.
 
     Args:
@@ -162,6 +162,7 @@ def parity(ecfg, tokenizer, golden: list[dict[str, Any]], samples: list[dict[str
         golden: golden rows (`messages` or `prompt`); samples: the eval stage's rows for them (`candidate_output`,
             `reference`); answers: llama_worker's rows for them, in the same order.
         tolerance: max |mean(GGUF) - mean(adapter)| per golden metric.
+        custom: the project-defined metrics (tunegate.evals.custom.metric_functions).
 
     Returns:
         {"verdict", "rules": [{rule, metric?, description, value, ci?, threshold, passed, ...}], "table": {...}}.
@@ -206,7 +207,7 @@ def parity(ecfg, tokenizer, golden: list[dict[str, Any]], samples: list[dict[str
     peft = [s["candidate_output"] for s in samples]
     gguf = [a["output"] for a in answers]
     refs = [s["reference"] for s in samples]
-    summary, _ = score_metrics(ecfg.metrics, peft, gguf, refs, ecfg.bootstrap_samples, ecfg.seed, ecfg.json_schema)
+    summary, _ = score_metrics(ecfg.metrics, peft, gguf, refs, ecfg.bootstrap_samples, ecfg.seed, ecfg.json_schema, custom)
     for metric, s in summary.items():
         d = s["delta"]
         rules.append({"rule": "metric_tolerance", "metric": metric,
@@ -330,6 +331,7 @@ def write_gguf(project, run_dir: Path, dest: Path, cfg: GgufConfig, venv: Path |
             no eval answers to compare with or ones made under other eval settings, or a conversion failed.
     """
     from tunegate.data.format import generation_prompt
+    from tunegate.evals.custom import metric_functions
     from tunegate.models import load_adapter_tokenizer, resolve_base_model
     from tunegate.run_chain import check_releasable
 
@@ -364,7 +366,7 @@ def write_gguf(project, run_dir: Path, dest: Path, cfg: GgufConfig, venv: Path |
         header, answers = out[0], out[1:]
         if [a["id"] for a in answers] != [r["id"] for r in rows]:
             raise TunegateError(f"{dest / f'parity-{t}.jsonl'}: llama.cpp answered {len(answers)} of {len(rows)} rows")
-        gate = parity(project.eval, tokenizer, golden, samples, answers, cfg.tolerance)
+        gate = parity(project.eval, tokenizer, golden, samples, answers, cfg.tolerance, metric_functions(project))
         files[t] = {"file": name, "bytes": (dest / name).stat().st_size, "sha256": sha256_file(dest / name),
                     "convert_s": round(seconds, 1), "llama_cpp": header, **gate}
         _print_parity(name, files[t])

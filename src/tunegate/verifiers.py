@@ -21,7 +21,6 @@ columns other than `prompt` to reward functions as keyword arguments, one list e
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import logging
 import re
@@ -31,7 +30,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tunegate import TunegateError
-from tunegate.core.paths import inside
 from tunegate.evals.metrics import final_number, json_schema_metric, normalize_answer
 
 if TYPE_CHECKING:
@@ -125,50 +123,17 @@ def ifeval(completion: str, reference: str, row: dict) -> float:
 
 
 def load_file_verifier(spec: str, project_root: Path) -> tuple[Score, Path, str]:
-    """Load "path/to/file.py:function" (path relative to `project_root`) by file location, not by dotted import.
+    """Load "path/to/file.py:function" (path relative to `project_root`) by file location, not by dotted import
+    (tunegate.project_code.load_project_function).
 
     Returns (function, resolved path, sha256 hex of the file's bytes); the bytes hashed are the bytes executed.
     Raises TunegateError naming the file and `train.grpo.verifier` when the spec is malformed, the file resolves
     outside the project folder (symbolic links followed), is missing or fails to import (syntax error, exception), or the function is missing, not callable, or cannot
     take (completion, reference, row).
     """
-    import importlib.util
-    import sys
+    from tunegate.project_code import load_project_function
 
-    file_part, sep, func_name = spec.rpartition(":")
-    if not sep or not file_part or not func_name.isidentifier():
-        raise TunegateError(f"{KEY}: {spec!r}: a file verifier is written 'path/to/file.py:function'")
-    path = inside(project_root, Path(project_root) / file_part, KEY)  # code run from the project: only its own files
-    if not path.is_file():
-        raise TunegateError(f"{KEY}: {path}: verifier file not found")
-    data = path.read_bytes()
-    sha256 = hashlib.sha256(data).hexdigest()
-    mod_name = f"tunegate_user_verifier_{sha256[:16]}"
-    mod_spec = importlib.util.spec_from_file_location(mod_name, path)
-    if mod_spec is None:
-        raise TunegateError(f"{KEY}: {path}: cannot be loaded as a Python file")
-    module = importlib.util.module_from_spec(mod_spec)
-    sys.modules[mod_name] = module  # dataclasses and pickling in the user's file look their module up here
-    try:
-        exec(compile(data, str(path), "exec"), module.__dict__)  # noqa: S102  the project's own file, hashed above
-    except SyntaxError as e:
-        sys.modules.pop(mod_name, None)
-        raise TunegateError(f"{KEY}: {path}:{e.lineno}: syntax error ({e.msg})") from None
-    except Exception as e:  # noqa: BLE001  the user's module failed at import: any error, one message
-        sys.modules.pop(mod_name, None)
-        raise TunegateError(f"{KEY}: {path}: import failed ({type(e).__name__}: {e})") from None
-    fn = getattr(module, func_name, None)
-    if fn is None:
-        raise TunegateError(f"{KEY}: {path}: no function {func_name!r}")
-    if not callable(fn):
-        raise TunegateError(f"{KEY}: {path}: {func_name!r} is not callable ({type(fn).__name__})")
-    try:
-        inspect.signature(fn).bind("", "", {})
-    except TypeError as e:
-        raise TunegateError(f"{KEY}: {path}: {func_name} must take (completion, reference, row) ({e})") from None
-    except ValueError:  # builtins without a signature: cannot check, let it run
-        pass
-    return fn, path, sha256
+    return load_project_function(spec, project_root, KEY, ("", "", {}), "(completion, reference, row)", "verifier")
 
 
 # --- the verifier object ---------------------------------------------------------------------------------------

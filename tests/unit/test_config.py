@@ -237,3 +237,19 @@ def test_the_lm_eval_task_folder_is_a_folder_of_task_files_inside_the_project(tm
     (tmp_path / "tasks" / "t.yaml").symlink_to(outside)
     with pytest.raises(TunegateError, match=r"tasks/t.yaml leads to .*-outside.yaml, outside the project folder"):
         load_project(_lm_eval(tmp_path, "{lm_eval: {tasks: [t], include: tasks}}"))
+
+
+def test_custom_metrics_are_new_names_written_file_colon_function_and_may_be_gated(tmp_path):
+    from tunegate.config import EvalConfig
+
+    ok = EvalConfig(metrics=["exact_match", "jaccard"], custom_metrics={"jaccard": "metrics.py:jaccard"},
+                    gate=[{"metric": "jaccard", "min": 0.5}])
+    assert ok.custom_metrics == {"jaccard": "metrics.py:jaccard"}
+    for custom, message in (({"exact_match": "m.py:f"}, "a custom metric's name is a new identifier"),
+                            ({"lm_eval_x": "m.py:f"}, "a custom metric's name is a new identifier"),
+                            ({"j": "m.py"}, "written 'path/to/file.py:function'"),
+                            ({"j": "m.txt:f"}, "written 'path/to/file.py:function'")):
+        with pytest.raises(ValueError, match=message):
+            EvalConfig(metrics=["exact_match"], custom_metrics=custom)
+    with pytest.raises(ValueError, match=r"unknown metric\(s\) \['jacard'\]; .*custom: jaccard"):
+        EvalConfig(metrics=["jacard"], custom_metrics={"jaccard": "metrics.py:jaccard"})

@@ -40,7 +40,7 @@ ALSO_ALLOWED = {("config", "tunegate.decide")}
 CONFIG_ROOM = {"tunegate.config", "tunegate.catalog", "tunegate.prices"}
 LIBRARY_MODULES = {"tunegate.models", "tunegate.decide", "tunegate.retrieval", "tunegate.verifiers", "tunegate.preflight",
                    "tunegate.registry", "tunegate.launch", "tunegate.release", "tunegate.export",
-                   "tunegate.tracking", "tunegate.run_chain", "tunegate.gguf_export", "tunegate.llama_env", "tunegate.llama_worker"}
+                   "tunegate.tracking", "tunegate.project_code", "tunegate.run_chain", "tunegate.gguf_export", "tunegate.llama_env", "tunegate.llama_worker"}
 LIBRARY_PACKAGES = ("tunegate.data.", "tunegate.evals.", "tunegate.recipes.", "tunegate.report.")
 VERB_MODULES = {"tunegate.drift", "tunegate.preview", "tunegate.runs", "tunegate.mcp_server"}
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from tunegate.evals.bootstrap import bootstrap_ci, bootstrap_statistic, paired_bootstrap
 from tunegate.evals.metrics import CORPUS_METRICS, ROW_METRICS, json_schema_metric, label_ids, macro_f1_ids
@@ -29,15 +29,25 @@ def score_metrics(
     n_samples: int = 10_000,
     seed: int = 0,
     json_schema: Path | None = None,
+    custom: Mapping[str, Callable[[str, str], float]] | None = None,
 ) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, list[float]]]]:
     """Returns (summary, per_row).
 
     summary[metric] = {"baseline": {mean, ci_low, ci_high}, "candidate": {...}, "delta": {...}}
     per_row[metric] = {"baseline": [...], "candidate": [...]} for row metrics (corpus metrics have none).
+    custom: project-defined row metrics by name (tunegate.evals.custom.metric_functions); their errors and
+    non-finite values raise TunegateError naming the metric and row.
     """
+    from tunegate.evals.custom import score_rows
+
     summary, per_row = {}, {}
     for name in metrics:
-        if name in CORPUS_METRICS:
+        if custom and name in custom:
+            bs = score_rows(name, custom[name], baseline, references)
+            cs = score_rows(name, custom[name], candidate, references)
+            per_row[name] = {"baseline": bs, "candidate": cs}
+            b, c, d = bootstrap_ci(bs, n_samples, seed), bootstrap_ci(cs, n_samples, seed), paired_bootstrap(bs, cs, n_samples, seed)
+        elif name in CORPUS_METRICS:
             b_pred, ref, n_labels = label_ids(baseline, references)
             c_pred, ref_c, n_labels_c = label_ids(candidate, references)
             # separate label indexings are fine: each system's F1 only compares its own ids with the reference's

@@ -29,6 +29,7 @@ from __future__ import annotations
 import random
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 from tunegate import TunegateError
@@ -40,12 +41,13 @@ from tunegate.data.golden import check_golden
 from tunegate.data.records import prompt_text, reference_answer
 from tunegate.evals.answer import golden_prompts
 from tunegate.evals.bootstrap import bootstrap_ci
+from tunegate.evals.custom import metric_files, metric_functions, score_rows
 from tunegate.evals.metrics import ROW_METRICS
 from tunegate.preflight import anti_pattern_table, instruct_tuned
 from tunegate.prices import load_prices
 
 # The eval settings the audit reads: changing suites, the judge, the server or the baseline must not rerun it.
-AUDIT_EVAL_KEYS = ("metrics", "json_schema", "max_new_tokens", "batch_size", "bootstrap_samples", "seed", "gate")
+AUDIT_EVAL_KEYS = ("metrics", "custom_metrics", "json_schema", "max_new_tokens", "batch_size", "bootstrap_samples", "seed", "gate")
 # The train settings the audit's probe does not train with (it drops these and sets its own steps, logging and
 # budget; `_train_probe`): they only scale the audit's projection of a full run's cost, so changing them must not
 # rerun a 15-minute audit. The projection records the settings it assumed (audit.json probe.full_run_assumes).
@@ -54,9 +56,10 @@ PASSAGE_WORDS = 200  # each retrieved passage is cut to this many words before i
 
 
 def headline_metric(project) -> str:
-    """The audit's metric: eval.metrics[0] if it is a row metric (per-row scores are needed), else exact_match."""
+    """The audit's metric: eval.metrics[0] if it is a row metric (per-row scores are needed; a project-defined one
+    is), else exact_match."""
     first = project.eval.metrics[0]
-    return first if first in ROW_METRICS else "exact_match"
+    return first if first in ROW_METRICS or first in project.eval.custom_metrics else "exact_match"
 
 
 def quality_bar(project, metric: str) -> float | None:
@@ -101,15 +104,24 @@ class _Scorer:
     """Scores one candidate's answers on the golden rows and records its cost figures."""
 
     def __init__(self, metric: str, refs: list[str], n_samples: int, seed: int, tokenizer, prices: dict[str, Any],
-                 also: tuple[str, ...] = ()):
-        self.metric, self.fn, self.refs = metric, ROW_METRICS[metric], refs
-        self.also = [m for m in also if m in ROW_METRICS and m != metric]  # the project's other row metrics, reported too
+                 also: tuple[str, ...] = (), custom: dict[str, Any] | None = None):
+        self.metric, self.refs, self.custom = metric, refs, custom or {}
+        known = set(ROW_METRICS) | set(self.custom)
+        self.also = [m for m in also if m in known and m != metric]  # the project's other row metrics, reported too
         self.n_samples, self.seed, self.tokenizer, self.prices = n_samples, seed, tokenizer, prices
         self.results: list[dict[str, Any]] = []
         self.outputs: dict[str, list[str]] = {}
 
+    def rows(self, metric: str, outputs: list[str], refs: list[str] | None = None) -> list[float]:
+        """Per row, `metric` of `outputs` against `refs` (default: the golden references); a project-defined metric
+        goes through tunegate.evals.custom.score_rows."""
+        refs = self.refs if refs is None else refs
+        if metric in self.custom:
+            return score_rows(metric, self.custom[metric], outputs, refs)
+        return [ROW_METRICS[metric](o, r) for o, r in zip(outputs, refs)]
+
     def add(self, name: str, outputs: list[str], wall_s: float, prompts: list[str] | None, trains: bool, **extra) -> dict:
-        rows = [self.fn(o, r) for o, r in zip(outputs, self.refs)]
+        rows = self.rows(self.metric, outputs)
         ci = bootstrap_ci(rows, self.n_samples, self.seed)
         n = len(outputs)
         tok = (lambda t: len(self.tokenizer(t, add_special_tokens=False)["input_ids"]))
@@ -122,8 +134,7 @@ class _Scorer:
             "seconds_per_request": round(s_per_req, 4),
             "prompt_tokens_per_request": round(prompt_tokens, 1), "new_tokens_per_request": round(new_tokens, 1),
             "usd_per_1k_requests": round(s_per_req * 1000 / 3600 * usd_hour, 5),
-            "other_metrics": {m: bootstrap_ci([ROW_METRICS[m](o, r) for o, r in zip(outputs, self.refs)], self.n_samples, self.seed).as_dict()
-                              for m in self.also},
+            "other_metrics": {m: bootstrap_ci(self.rows(m, outputs), self.n_samples, self.seed).as_dict() for m in self.also},
             **extra,
         }
         self.results.append(result)
@@ -286,7 +297,8 @@ def _prepare(st: Stage, metric: str, bar: float | None, prices: dict[str, Any]) 
         prompts=golden_prompts(tokenizer, golden),
         dev=dev, pool=pool, n_train=len(train), labels=labels, base_instruction=instruction_of(golden[0]) if golden else None,
         tokenizer=tokenizer, has_system=supports_system_role(tokenizer), model=model,
-        scorer=_Scorer(metric, refs, project.eval.bootstrap_samples, project.eval.seed, tokenizer, prices, tuple(project.eval.metrics)),
+        scorer=_Scorer(metric, refs, project.eval.bootstrap_samples, project.eval.seed, tokenizer, prices, tuple(project.eval.metrics),
+                       metric_functions(project)),
         want=lambda name: not wanted or name in wanted,
     )
 
@@ -310,13 +322,12 @@ def _prompt_candidates(a: _Audit) -> list[dict[str, Any]]:
     variants = list(dict.fromkeys(variants))
     shots_for = _shot_picker(a.pool, a.labels, acfg.seed)
     dev_refs = [reference_answer(r) for r in a.dev]
-    fn = ROW_METRICS[a.metric]
     for vi, instr in enumerate(variants):
         for k in acfg.shots:
             shots = shots_for(k)
             prompts = [chat_prompt(a.tokenizer, a.has_system, instr, shots, prompt_text(r)) for r in a.dev]
             out = a.generate(prompts, f"prompt search {vi + 1}/{len(variants)}, {k}-shot")
-            score = sum(fn(o, r) for o, r in zip(out, dev_refs)) / len(a.dev)
+            score = sum(scorer.rows(a.metric, out, dev_refs)) / len(a.dev)
             search.append({"instruction": instr, "shots": k, "shot_ids": [s["id"] for s in shots], "dev_score": score})
             console.print(f"  prompt search: instruction {vi + 1}, {k}-shot: {a.metric} {score:.3f} on {len(a.dev)} dev rows")
     best = max(search, key=lambda s: s["dev_score"])  # the first of equals: fewer shots and the project's own wording first
@@ -626,4 +637,9 @@ def skip(project) -> str | None:
     return None
 
 
-SPEC = StageSpec(name="audit", run=run, upstream=("data",), config=config, skip=skip)
+def inputs(project) -> dict[str, Path]:
+    """Project-defined metric files (eval.custom_metrics): their code scores every candidate."""
+    return metric_files(project)
+
+
+SPEC = StageSpec(name="audit", run=run, upstream=("data",), config=config, skip=skip, inputs=inputs)

@@ -24,6 +24,7 @@ from tunegate import TunegateError
 from tunegate.data.golden import check_golden
 from tunegate.data.records import prompt_text, reference_answer
 from tunegate.evals.answer import answer_golden
+from tunegate.evals.custom import metric_files, metric_functions
 from tunegate.evals.gate import check_rules, score_metrics, verdict
 from tunegate.core.io import atomic_write_json, atomic_write_jsonl
 from tunegate.core.console import console
@@ -159,7 +160,8 @@ def run(st: Stage) -> StageResult:
     cand_out = answer_golden(systems["candidate"], tokenizer, golden, ecfg.max_new_tokens, "candidate", cand_stopped)
     cand_s = time.perf_counter() - t0
 
-    summary, per_row = score_metrics(ecfg.metrics, base_out, cand_out, refs, ecfg.bootstrap_samples, ecfg.seed, ecfg.json_schema)
+    summary, per_row = score_metrics(ecfg.metrics, base_out, cand_out, refs, ecfg.bootstrap_samples, ecfg.seed, ecfg.json_schema,
+                                     metric_functions(project))
 
     judge, judge_counts = _judge(ecfg, golden, base_out, cand_out, summary)
     suite_details, suite_samples = _run_suites(ecfg, systems, judge, summary)
@@ -272,9 +274,10 @@ def _print_results(summary: dict[str, Any], rules: list[dict[str, Any]]) -> None
 
 
 def inputs(project) -> dict[str, Path]:
-    """Suite files, the judge's calibration (a new one changes what the gate may count) and, with
+    """Suite files, project-defined metric files, the judge's calibration (a new one changes what the gate may count) and, with
     `eval.baseline: production`, the promoted adapter (a newly promoted version is a new baseline)."""
     files = project.eval.suites.files() if project.eval.suites else {}
+    files.update(metric_files(project))  # project-defined metrics (eval.custom_metrics): their code decides scores
     judge = project.eval.judge
     if judge and judge.calibration_file.is_file():
         files["judge_calibration"] = judge.calibration_file
