@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Sequence
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
 
 from tunegate import TunegateError
 from tunegate.catalog import (
@@ -535,7 +535,7 @@ class EvalConfig(_Section):
     # Project-defined row metrics, name -> "path/to/file.py:function" (relative to the project file, inside the
     # project): function(prediction, reference) -> a finite float per golden row (tunegate.evals.custom). Listed in
     # `metrics` to be scored; gate rules may bound them. The file's sha256 enters the eval and audit fingerprints.
-    custom_metrics: dict[str, str] = Field(default_factory=dict)
+    custom_metrics: dict[str, str] = Field(default_factory=dict)  # left out of the dump when empty (_no_empty_custom)
     json_schema: Path | None = None  # a JSON Schema file, for the json_schema metric
     max_new_tokens: int = Field(default=32, ge=1)
     batch_size: int = Field(default=16, ge=1)
@@ -558,13 +558,24 @@ class EvalConfig(_Section):
             out += list(JUDGE_METRICS)
         return out
 
+    @model_serializer(mode="wrap")
+    def _no_empty_custom(self, handler):
+        """The dump (stage config views, manifests) leaves out an empty `custom_metrics`, so the runs of projects that
+        define none keep the fingerprints they had before the setting existed."""
+        out = handler(self)
+        if not self.custom_metrics:
+            out.pop("custom_metrics", None)
+        return out
+
     @model_validator(mode="after")
     def _metrics_known_and_gated_metrics_measured(self):
-        clash = [m for m in self.custom_metrics if m in ALL_METRICS or m in JUDGE_METRICS or not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", m)
-                 or m.startswith(LM_EVAL_PREFIX.rstrip("."))]
+        taken = (*ALL_METRICS, *JUDGE_METRICS, *IFEVAL_METRICS, *SAFETY_METRICS, *SAFETY_JUDGE_METRICS)
+        # not a built-in's name or prefix, nor a samples.jsonl field's (candidate_output, candidate_stopped)
+        clash = [m for m in self.custom_metrics if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", m) or m in ("output", "stopped")
+                 or m.startswith((LM_EVAL_PREFIX.rstrip("."), "ifeval_", "harmful_refusal", "over_refusal")) or m in taken]
         if clash:
             raise ValueError(f"eval.custom_metrics: {clash}: a custom metric's name is a new identifier (letters, digits, _), "
-                             f"not a built-in metric's ({', '.join(ALL_METRICS)})")
+                             f"not a built-in metric's or suite's ({', '.join(ALL_METRICS)}, ifeval_*, lm_eval*, ...)")
         bad = [f"{m}: {spec!r}" for m, spec in self.custom_metrics.items() if not re.fullmatch(r".+\.py:[A-Za-z_][A-Za-z0-9_]*", spec)]
         if bad:
             raise ValueError(f"eval.custom_metrics: {bad}: written 'path/to/file.py:function'")

@@ -270,6 +270,11 @@ def golden_drift(project, run_dir: Path, model: str) -> dict[str, Any]:
     if missing:
         raise TunegateError(f"{run_dir / 'data'}: missing {', '.join(missing)} (rerun the data stage of run {run_dir.name})")
     golden = check_golden(project, run_dir / "data")
+    from tunegate.core.manifest import read_manifest
+    from tunegate.evals.custom import check_unchanged, metric_functions
+
+    check_unchanged(project, read_manifest(run_dir / "eval"))  # the metric code the release's scores were made with
+    custom = metric_functions(project)  # loaded before the endpoint answers
     base_url, key_env = golden_endpoint(project)
     note = None
     try:  # the same check as the eval stage's: is the served model this run's adapter?
@@ -286,10 +291,7 @@ def golden_drift(project, run_dir: Path, model: str) -> dict[str, Any]:
         by_id = {s["id"]: s.get("candidate_output") for s in read_jsonl(samples_path)}
         if all(isinstance(by_id.get(g["id"]), str) for g in golden):
             at_release, paired = [by_id[g["id"]] for g in golden], True
-    from tunegate.evals.custom import metric_functions
-
-    summary, _ = score_metrics(ecfg.metrics, at_release, outputs, refs, ecfg.bootstrap_samples, ecfg.seed, ecfg.json_schema,
-                               metric_functions(project))
+    summary, _ = score_metrics(ecfg.metrics, at_release, outputs, refs, ecfg.bootstrap_samples, ecfg.seed, ecfg.json_schema, custom)
     lower = {r.metric for r in ecfg.gate if r.lower_is_better}
     metrics, reasons = {}, []
     for name in ecfg.metrics:

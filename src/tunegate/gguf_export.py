@@ -131,6 +131,9 @@ def _inputs(project, run_dir: Path, max_rows: int | None) -> tuple[list[dict[str
     manifest = read_manifest(run_dir / "eval")
     if manifest is None or "samples.jsonl" not in manifest.outputs:
         raise TunegateError(f"{run_dir / 'eval'}: no finished eval stage; the parity gate compares with its answers (run `tunegate run`)")
+    from tunegate.evals.custom import check_unchanged
+
+    check_unchanged(project, manifest)  # the project's metric code, as the eval stage ran it
     now = project.model_dump(mode="json")
     changed = [k for k in ("base_model", "eval") if manifest.config.get(k) != now[k]]
     if changed:
@@ -340,6 +343,7 @@ def write_gguf(project, run_dir: Path, dest: Path, cfg: GgufConfig, venv: Path |
     if check:
         check_releasable(run_dir, ("data", "train", "eval"))  # PASS, one chain, the evaluated adapter on disk
     golden, samples = _inputs(project, run_dir, cfg.max_rows)
+    custom = metric_functions(project)  # loaded once, before any conversion
     trained = run_dir / "train" / "adapter"
     tokenizer = load_adapter_tokenizer(trained if trained.is_dir() else trained.parent / "model", resolve_base_model(project.base_model))
     model_dir = Path(model_dir) if model_dir is not None else _merged_model(project, run_dir)
@@ -366,7 +370,7 @@ def write_gguf(project, run_dir: Path, dest: Path, cfg: GgufConfig, venv: Path |
         header, answers = out[0], out[1:]
         if [a["id"] for a in answers] != [r["id"] for r in rows]:
             raise TunegateError(f"{dest / f'parity-{t}.jsonl'}: llama.cpp answered {len(answers)} of {len(rows)} rows")
-        gate = parity(project.eval, tokenizer, golden, samples, answers, cfg.tolerance, metric_functions(project))
+        gate = parity(project.eval, tokenizer, golden, samples, answers, cfg.tolerance, custom)
         files[t] = {"file": name, "bytes": (dest / name).stat().st_size, "sha256": sha256_file(dest / name),
                     "convert_s": round(seconds, 1), "llama_cpp": header, **gate}
         _print_parity(name, files[t])

@@ -4,6 +4,7 @@ an eval input (editing it reruns the eval)."""
 
 import json
 
+import numpy as np
 import pytest
 from conftest import project_yaml
 
@@ -12,13 +13,16 @@ from tunegate.config import load_project
 from tunegate.pipeline import run_pipeline, stale_reason
 
 METRIC = '''
+import numpy as np
+
+
 def answer_length(prediction, reference):
-    """Characters in the answer: a metric no built-in gives."""
-    return float(len(prediction))
+    """The answer's length in characters over 100, capped at 1 (numpy scalars are numbers too)."""
+    return np.float32(min(len(prediction), 100) / 100)
 '''
 
 
-def _project(root, tiny_model_dir, metric_file="metrics.py:answer_length", gate="{metric: answer_length, max: 1000}"):
+def _project(root, tiny_model_dir, metric_file="metrics.py:answer_length", gate="{metric: answer_length, max: 1.0}"):
     from conftest import chat, write_jsonl
 
     root.mkdir(parents=True, exist_ok=True)
@@ -41,9 +45,9 @@ def test_a_project_metric_is_scored_gated_and_fingerprinted(tmp_path, tiny_model
     run_dir = project.run_dir("default")
     samples = [json.loads(line) for line in (run_dir / "eval" / "samples.jsonl").read_text().splitlines()]
     scores = json.loads((run_dir / "eval" / "scores.json").read_text())["metrics"]["answer_length"]
-    expected = sum(len(s["candidate_output"]) for s in samples) / len(samples)
-    assert scores["candidate"]["mean"] == pytest.approx(expected) and [s["candidate_answer_length"] for s in samples] == [
-        float(len(s["candidate_output"])) for s in samples]
+    per_row = [float(np.float32(min(len(s["candidate_output"]), 100) / 100)) for s in samples]
+    expected = sum(per_row) / len(samples)
+    assert scores["candidate"]["mean"] == pytest.approx(expected) and [s["candidate_answer_length"] for s in samples] == per_row
     assert scores["candidate"]["ci_low"] <= expected <= scores["candidate"]["ci_high"]
     rules = json.loads((run_dir / "eval" / "verdict.json").read_text())["rules"]
     assert (rules[-1]["metric"], rules[-1]["rule"], rules[-1]["passed"]) == ("answer_length", "max", True)
@@ -51,7 +55,7 @@ def test_a_project_metric_is_scored_gated_and_fingerprinted(tmp_path, tiny_model
     assert any(k.endswith("metrics.py") for k in manifests["eval"].inputs)
 
     assert stale_reason(project, run_dir, "eval") is None
-    (root / "metrics.py").write_text(METRIC.replace("len(prediction)", "len(prediction) * 2"))
+    (root / "metrics.py").write_text(METRIC.replace("/ 100)", "/ 200)"))
     assert stale_reason(load_project(root / "tunegate.yaml"), run_dir, "eval") is not None  # its code decides scores
 
 
@@ -59,6 +63,13 @@ def test_a_project_metric_must_live_in_the_project_and_return_numbers(tmp_path, 
     with pytest.raises(TunegateError, match="eval.custom_metrics.answer_length: .*outside the project folder"):
         load_project(_project(tmp_path / "a", tiny_model_dir, metric_file="../elsewhere.py:f") / "tunegate.yaml")
     root = _project(tmp_path / "b", tiny_model_dir)
-    (root / "metrics.py").write_text("def answer_length(prediction, reference):\n    return float('nan')\n")
-    with pytest.raises(TunegateError, match=r"eval.custom_metrics.answer_length: row 0: returned nan; rule: a metric returns a finite number"):
+    for body, message in (("return float('nan')", r"row 0: returned nan; rule: a metric returns a number in \[0, 1\]"),
+                          ("return 3.0", r"row 0: returned 3.0; rule"),
+                          ("return {}['x']", r"row 0: the metric raised KeyError: 'x'")):
+        (root / "metrics.py").write_text(f"def answer_length(prediction, reference):\n    {body}\n")
+        with pytest.raises(TunegateError, match=f"eval.custom_metrics.answer_length: {message}"):
+            run_pipeline(load_project(root / "tunegate.yaml"), until="eval")
+    # a function that cannot take (prediction, reference) is refused before anything is generated
+    (root / "metrics.py").write_text("def answer_length(prediction):\n    return 1.0\n")
+    with pytest.raises(TunegateError, match=r"metrics.py: answer_length must take \(prediction, reference\)"):
         run_pipeline(load_project(root / "tunegate.yaml"), until="eval")

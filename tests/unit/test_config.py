@@ -244,8 +244,12 @@ def test_custom_metrics_are_new_names_written_file_colon_function_and_may_be_gat
 
     ok = EvalConfig(metrics=["exact_match", "jaccard"], custom_metrics={"jaccard": "metrics.py:jaccard"},
                     gate=[{"metric": "jaccard", "min": 0.5}])
-    assert ok.custom_metrics == {"jaccard": "metrics.py:jaccard"}
+    assert ok.model_dump(mode="json")["custom_metrics"] == {"jaccard": "metrics.py:jaccard"}
+    assert "custom_metrics" not in EvalConfig().model_dump(mode="json")  # runs of projects without one stay current
     for custom, message in (({"exact_match": "m.py:f"}, "a custom metric's name is a new identifier"),
+                            ({"output": "m.py:f"}, "a custom metric's name is a new identifier"),
+                            ({"ifeval_mine": "m.py:f"}, "a custom metric's name is a new identifier"),
+                            ({"over_refusal_x": "m.py:f"}, "a custom metric's name is a new identifier"),
                             ({"lm_eval_x": "m.py:f"}, "a custom metric's name is a new identifier"),
                             ({"j": "m.py"}, "written 'path/to/file.py:function'"),
                             ({"j": "m.txt:f"}, "written 'path/to/file.py:function'")):

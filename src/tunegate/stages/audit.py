@@ -59,7 +59,8 @@ def headline_metric(project) -> str:
     """The audit's metric: eval.metrics[0] if it is a row metric (per-row scores are needed; a project-defined one
     is), else exact_match."""
     first = project.eval.metrics[0]
-    return first if first in ROW_METRICS or first in project.eval.custom_metrics else "exact_match"
+    lower = any(r.metric == first and r.lower_is_better for r in project.eval.gate)  # the audit ranks higher-is-better
+    return first if first in ROW_METRICS or (first in project.eval.custom_metrics and not lower) else "exact_match"
 
 
 def quality_bar(project, metric: str) -> float | None:

@@ -136,6 +136,7 @@ def run(st: Stage) -> StageResult:
 
     project = st.project
     ecfg = project.eval
+    custom = metric_functions(project)  # the project's metric code, loaded before any answer is generated
     base_path = resolve_base_model(project.base_model)
     trained = st.upstream_dir("train") / "adapter"
     # the tokenizer the candidate trained with (train.added_tokens), saved beside it; the base model's otherwise
@@ -161,7 +162,7 @@ def run(st: Stage) -> StageResult:
     cand_s = time.perf_counter() - t0
 
     summary, per_row = score_metrics(ecfg.metrics, base_out, cand_out, refs, ecfg.bootstrap_samples, ecfg.seed, ecfg.json_schema,
-                                     metric_functions(project))
+                                     custom)
 
     judge, judge_counts = _judge(ecfg, golden, base_out, cand_out, summary)
     suite_details, suite_samples = _run_suites(ecfg, systems, judge, summary)
