@@ -207,6 +207,25 @@ def test_stop_leaves_the_copies_while_the_watcher_still_runs(setup):
     assert board.stop() is True and not Path(board._workdir.name).exists()
 
 
+def test_two_stops_at_once_do_not_trip_over_each_other(setup):
+    """CI log: a second stop() cleared `_thread` between the first one's join() and is_alive() (AttributeError in
+    the server's shutdown thread). Here the watcher thread's join is where the other stop finishes first."""
+    board = setup.board
+    board.start()
+    real = board._thread
+
+    class Racing:
+        def join(self, timeout=None):
+            real.join(timeout)
+            board._thread = None  # the other stop() got there first
+
+        def is_alive(self):
+            return real.is_alive()
+
+    board._thread = Racing()
+    assert board.stop(timeout_s=5) is True and board._thread is None
+
+
 def test_promote_refuses_sigstore_signing_with_one_line(tmp_path):
     from tunegate.serve import production
 

@@ -338,9 +338,10 @@ class Switchboard:
         `timeout_s`: nothing is unloaded or deleted under it then (logged; the temporary folder goes when the
         process exits)."""
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=timeout_s)
-            if self._thread.is_alive():
+        thread = self._thread  # a second stop() in another thread (server shutdown) may set it to None meanwhile
+        if thread is not None:
+            thread.join(timeout=timeout_s)
+            if thread.is_alive():
                 self.log(f"registry watcher: still running after {timeout_s:g} s; its bundle copies in "
                          f"{self._workdir.name} are left in place")
                 return False
