@@ -11,7 +11,12 @@ from __future__ import annotations
 # name to its function); corpus metrics need every row at once; json_schema needs eval.json_schema.
 ROW_METRICS = ("exact_match", "token_f1", "numeric_match", "json_valid", "rouge_l", "chrf", "refusal")
 CORPUS_METRICS = ("macro_f1",)
-ALL_METRICS = (*ROW_METRICS, *CORPUS_METRICS, "json_schema")
+# Label metrics of a `task` (tunegate.evals.labels): classification with an abstain label (CLINC150's in-scope
+# accuracy and out-of-scope recall, Larson et al. 2019, with oos precision), and multilabel answers (label sets).
+ABSTAIN_METRICS = ("in_scope_accuracy", "oos_recall", "oos_precision")
+MULTILABEL_ROW_METRICS = ("set_match", "jaccard")
+MULTILABEL_METRICS = (*MULTILABEL_ROW_METRICS, "label_micro_f1", "label_macro_f1", "label_micro_precision", "label_micro_recall")
+ALL_METRICS = (*ROW_METRICS, *CORPUS_METRICS, "json_schema", *ABSTAIN_METRICS, *MULTILABEL_METRICS)
 
 # The LLM judge's golden-set metrics (eval.judge.grade): a 1-10 rating / 10, and the pairwise win rate.
 JUDGE_METRICS = ("judge_score", "judge_win_rate")

@@ -16,16 +16,18 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Sequence
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_serializer, model_validator
 
 from tunegate import TunegateError
 from tunegate.catalog import (
+    ABSTAIN_METRICS,
     ALL_METRICS,
     IFEVAL_FILE,
     IFEVAL_METRICS,
     JUDGE_METRICS,
     LM_EVAL_PREFIX,
     LOWER_IS_BETTER,
+    MULTILABEL_METRICS,
     SAFETY_FILES,
     SAFETY_JUDGE_METRICS,
     SAFETY_METRICS,
@@ -92,6 +94,24 @@ class SourceConfig(_Section):
     # by this, not by the largest row of a file. 8 MiB holds ~2M tokens: generous for chat rows, room for long
     # documents in continued pretraining.
     max_row_bytes: int = Field(default=MAX_ROW_BYTES, ge=1024)
+    # Label answers (a `task.kind` of classification or multilabel): `drop_labels` rejects the rows whose answer is
+    # one of these labels (rule `dropped_label`), `label_map` rewrites an answer label to another. Together they
+    # build the standard out-of-scope protocol from a closed-label dataset: hold some intents out of training
+    # (drop_labels on the training source) and label their golden rows out-of-scope (label_map: {intent: oos}).
+    drop_labels: list[str] = Field(default_factory=list)
+    label_map: dict[str, str] = Field(default_factory=dict)
+    # Set by Project from its `task` section: how a source's answers are read as labels (tunegate.evals.labels).
+    _task: Any = PrivateAttr(default=None)  # a TaskConfig
+
+    @model_serializer(mode="wrap")
+    def _no_empty_label_ops(self, handler):
+        """The dump leaves out empty `drop_labels` and `label_map`, so the runs of projects that set neither keep
+        the fingerprints they had before the settings existed."""
+        out = handler(self)
+        for key in ("drop_labels", "label_map"):
+            if not getattr(self, key):
+                out.pop(key, None)
+        return out
 
     @model_validator(mode="before")
     @classmethod
@@ -122,6 +142,58 @@ class SourceConfig(_Section):
         if self.path is None:
             return f"hf://{self.hub}:{self.split}"
         return str(self.path) + (f":{self.split}" if self.path.is_dir() else "")
+
+
+TASK_KINDS = ("generation", "classification", "multilabel", "tool_call")
+
+
+class TaskConfig(_Section):
+    """What the answers are, and so how they are measured (tunegate.evals.labels). Without a `task` section a
+    project is `generation`: free text, scored by `eval.metrics`.
+
+    classification: every answer is one label of a closed set (`labels`, or every label of the training and golden
+        answers). With `abstain_label` (e.g. `oos`, CLINC150's out-of-scope label, Larson et al. 2019) the metrics
+        in_scope_accuracy, oos_recall and oos_precision are measured, and the audit's kNN classifier abstains
+        below a similarity threshold tuned on dev rows.
+    multilabel: an answer is a set of labels written `label<separator>label` (order never matters; the empty set
+        is `none_label`). A source's answer may also be a JSON list of labels. Answers are stored in canonical
+        form: sorted, each label once, joined by `separator`. Metrics: set_match, jaccard, label_micro_f1,
+        label_macro_f1, label_micro_precision, label_micro_recall, and a per-label table on the eval page.
+    tool_call: answers are function calls (tunegate.evals.toolcall).
+
+    Each kind brings its own default `eval.metrics` when the project gives none (the first is the headline):
+    classification: exact_match, macro_f1 (+ in_scope_accuracy, oos_recall, oos_precision with abstain_label);
+    multilabel: set_match, label_micro_f1, label_macro_f1, jaccard.
+    """
+
+    kind: Literal["generation", "classification", "multilabel", "tool_call"] = "generation"
+    labels: list[str] | None = None  # classification / multilabel: the closed label set (None: read from the data)
+    abstain_label: str | None = None  # classification: the answer for an out-of-scope query, e.g. oos
+    separator: str = ", "  # multilabel: written between the labels of an answer (read: split on it, spaces trimmed)
+    none_label: str = "none"  # multilabel: how the empty set is written
+
+    @model_validator(mode="after")
+    def _fits_kind(self):
+        if self.abstain_label is not None and self.kind != "classification":
+            raise ValueError(f"task.abstain_label is for task.kind classification, not {self.kind}")
+        if self.labels is not None and self.kind not in ("classification", "multilabel"):
+            raise ValueError(f"task.labels is for task.kind classification or multilabel, not {self.kind}")
+        if self.kind == "multilabel" and not self.separator.strip():
+            raise ValueError("task.separator must hold a visible character (e.g. ', '): answers are split on it")
+        if self.labels is not None:
+            if len(set(self.labels)) != len(self.labels) or not all(label.strip() for label in self.labels):
+                raise ValueError("task.labels: each label once, none empty")
+            if self.kind == "multilabel" and any(self.separator.strip() in label for label in self.labels):
+                raise ValueError(f"task.labels: a label holds the separator {self.separator.strip()!r}")
+        return self
+
+    def default_metrics(self) -> list[str] | None:
+        """The eval.metrics of this kind when the project sets none (None: the generation default)."""
+        if self.kind == "classification":
+            return ["exact_match", "macro_f1", *(ABSTAIN_METRICS if self.abstain_label else ())]
+        if self.kind == "multilabel":
+            return ["set_match", "label_micro_f1", "label_macro_f1", "jaccard"]
+        return None
 
 
 class GateRule(_Section):
@@ -558,6 +630,15 @@ class EvalConfig(_Section):
             out += list(JUDGE_METRICS)
         return out
 
+    @model_validator(mode="before")
+    @classmethod
+    def _gate_on_headline(cls, v):
+        """Without `gate`, the default rule bounds the headline metric (metrics[0]): the candidate must not be
+        measurably worse than the baseline on it."""
+        if isinstance(v, dict) and "gate" not in v and isinstance(v.get("metrics"), list) and v["metrics"]:
+            return {**v, "gate": [{"metric": v["metrics"][0], "min_delta_ci_low": 0.0}]}
+        return v
+
     @model_serializer(mode="wrap")
     def _no_empty_custom(self, handler):
         """The dump (stage config views, manifests) leaves out an empty `custom_metrics`, so the runs of projects that
@@ -850,6 +931,7 @@ class TrackingConfig(_Section):
 class Project(_Section):
     name: str
     base_model: str = "smollm2-135m-instruct"
+    task: TaskConfig | None = None  # what the answers are (classification, multilabel, tool_call); None: generation
     runs_dir: Path = Path("runs")
     registry: Path = Path("tunegate.db")  # SQLite: adapter versions, eval scores, production status
     data: DataConfig
@@ -872,6 +954,42 @@ class Project(_Section):
         if problem:
             raise ValueError(f"name {problem}")
         return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _task_default_metrics(cls, v):
+        """A task kind's default eval.metrics (TaskConfig.default_metrics) when the project lists none (the default
+        gate rule then bounds the kind's headline metric: EvalConfig._gate_on_headline)."""
+        if not isinstance(v, dict) or not isinstance(v.get("task"), dict):
+            return v
+        try:
+            task = TaskConfig.model_validate(v["task"])
+        except ValidationError:
+            return v  # the field's own validation reports it
+        ev = v.get("eval") if isinstance(v.get("eval"), dict) else None
+        metrics = task.default_metrics()
+        if metrics is None or (ev is not None and "metrics" in ev) or (ev is None and "eval" in v):
+            return v
+        return {**v, "eval": {**(ev or {}), "metrics": metrics}}
+
+    @model_validator(mode="after")
+    def _metrics_fit_task(self) -> "Project":
+        """Label metrics need the task kind that defines them; every source reads its answers as the task says."""
+        task = self.task or TaskConfig()
+        wanted = [m for m in self.eval.metrics if m in ABSTAIN_METRICS]
+        if wanted and task.abstain_label is None:
+            raise ValueError(f"eval.metrics {wanted} need task.kind classification with task.abstain_label (e.g. oos)")
+        wanted = [m for m in self.eval.metrics if m in MULTILABEL_METRICS]
+        if wanted and task.kind != "multilabel":
+            raise ValueError(f"eval.metrics {wanted} need task.kind multilabel")
+        if self.data.golden.drop_labels:
+            raise ValueError("data.golden.drop_labels: a golden set keeps every row; relabel rows with label_map instead")
+        label_ops = [i for i, src in enumerate([*self.data.sources, self.data.golden]) if src.drop_labels or src.label_map]
+        if label_ops and task.kind not in ("classification", "multilabel"):
+            raise ValueError("drop_labels / label_map read answers as labels: they need task.kind classification or multilabel")
+        for src in [*self.data.sources, self.data.golden]:
+            src._task = self.task
+        return self
 
     @model_validator(mode="after")
     def _formats_fit_method(self) -> "Project":

@@ -274,7 +274,7 @@ def explain_markdown() -> str:
 # --- the audit's recommendation: measured numbers answer the questions they can ---------------------------
 
 RETRIEVAL_CANDIDATES = ("rag_bm25", "rag_dense", "rag_hybrid", "lora_probe+rag")
-PROMPTING_CANDIDATES = ("zero_shot", "prompt_optimization", "knn_fewshot", "knn_classifier")
+PROMPTING_CANDIDATES = ("zero_shot", "prompt_optimization", "knn_fewshot", "knn_classifier", "knn_classifier_abstain")
 DEFAULT_ANSWERS = {"verifier": "no", "preference": "none", "demonstrations": "default"}  # assumed when not given
 
 
@@ -359,8 +359,8 @@ def recommend(candidates: list[dict[str, Any]], bar: float | None, min_gain: flo
     for qid, m in measured.items():
         if any(o.key == m["answer"] and o.next == f"leaf:{decision.method}" for o in TREE[qid].options):
             decision.why = f"{decision.why} Measured: {m['why']}."
-    if decision.method == "prompt_optimization" and best_nt["name"] == "knn_classifier":
-        notes.append("the best option without training, knn_classifier, is not a prompt: a similarity-weighted kNN vote over "
+    if decision.method == "prompt_optimization" and best_nt["name"].startswith("knn_classifier"):
+        notes.append(f"the best option without training, {best_nt['name']}, is not a prompt: a similarity-weighted kNN vote over "
                      "MiniLM embeddings of the labelled training rows, no LLM; using it means serving that classifier")
     if decision.trains and best_ft is not None and gap is not None and not gap["ci_low"] > min_gain:
         notes.append(

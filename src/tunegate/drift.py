@@ -291,7 +291,8 @@ def golden_drift(project, run_dir: Path, model: str) -> dict[str, Any]:
         by_id = {s["id"]: s.get("candidate_output") for s in read_jsonl(samples_path)}
         if all(isinstance(by_id.get(g["id"]), str) for g in golden):
             at_release, paired = [by_id[g["id"]] for g in golden], True
-    summary, _ = score_metrics(ecfg.metrics, at_release, outputs, refs, ecfg.bootstrap_samples, ecfg.seed, ecfg.json_schema, custom)
+    summary, _ = score_metrics(ecfg.metrics, at_release, outputs, refs, ecfg.bootstrap_samples, ecfg.seed, ecfg.json_schema, custom,
+                               project.task)
     lower = {r.metric for r in ecfg.gate if r.lower_is_better}
     metrics, reasons = {}, []
     for name in ecfg.metrics:

@@ -156,7 +156,7 @@ def _first_difference(a: list[int], b: list[int]) -> int:
 
 
 def parity(ecfg, tokenizer, golden: list[dict[str, Any]], samples: list[dict[str, Any]],
-           answers: list[dict[str, Any]], tolerance: float, custom: dict[str, Any] | None = None) -> dict[str, Any]:
+           answers: list[dict[str, Any]], tolerance: float, custom: dict[str, Any] | None = None, task=None) -> dict[str, Any]:
     """The parity gate on one GGUF file: its rules (PASS/FAIL each) and the comparison table.
 
     Args:
@@ -166,6 +166,7 @@ def parity(ecfg, tokenizer, golden: list[dict[str, Any]], samples: list[dict[str
             `reference`); answers: llama_worker's rows for them, in the same order.
         tolerance: max |mean(GGUF) - mean(adapter)| per golden metric.
         custom: the project-defined metrics (tunegate.evals.custom.metric_functions).
+        task: the project's config.TaskConfig (label metrics).
 
     Returns:
         {"verdict", "rules": [{rule, metric?, description, value, ci?, threshold, passed, ...}], "table": {...}}.
@@ -210,7 +211,7 @@ def parity(ecfg, tokenizer, golden: list[dict[str, Any]], samples: list[dict[str
     peft = [s["candidate_output"] for s in samples]
     gguf = [a["output"] for a in answers]
     refs = [s["reference"] for s in samples]
-    summary, _ = score_metrics(ecfg.metrics, peft, gguf, refs, ecfg.bootstrap_samples, ecfg.seed, ecfg.json_schema, custom)
+    summary, _ = score_metrics(ecfg.metrics, peft, gguf, refs, ecfg.bootstrap_samples, ecfg.seed, ecfg.json_schema, custom, task)
     for metric, s in summary.items():
         d = s["delta"]
         rules.append({"rule": "metric_tolerance", "metric": metric,
@@ -370,7 +371,7 @@ def write_gguf(project, run_dir: Path, dest: Path, cfg: GgufConfig, venv: Path |
         header, answers = out[0], out[1:]
         if [a["id"] for a in answers] != [r["id"] for r in rows]:
             raise TunegateError(f"{dest / f'parity-{t}.jsonl'}: llama.cpp answered {len(answers)} of {len(rows)} rows")
-        gate = parity(project.eval, tokenizer, golden, samples, answers, cfg.tolerance, custom)
+        gate = parity(project.eval, tokenizer, golden, samples, answers, cfg.tolerance, custom, project.task)
         files[t] = {"file": name, "bytes": (dest / name).stat().st_size, "sha256": sha256_file(dest / name),
                     "convert_s": round(seconds, 1), "llama_cpp": header, **gate}
         _print_parity(name, files[t])

@@ -88,12 +88,37 @@ def recall_at_k(retrieved: np.ndarray, gold: Sequence[int], k: int) -> list[floa
     return [float(g in row[:k]) for row, g in zip(retrieved, gold)]
 
 
-def knn_classify(neighbour_labels: Sequence[Sequence[str]], neighbour_sims: np.ndarray, k: int) -> list[str]:
-    """Similarity-weighted vote of the k nearest labelled neighbours (ties go to the nearer neighbour)."""
+def knn_classify(neighbour_labels: Sequence[Sequence[str]], neighbour_sims: np.ndarray, k: int,
+                 threshold: float | None = None, abstain: str | None = None) -> list[str]:
+    """Similarity-weighted vote of the k nearest labelled neighbours (ties go to the nearer neighbour).
+
+    With `threshold` and `abstain`: a query whose nearest neighbour's cosine similarity is below `threshold`
+    gets `abstain` (the maximum-similarity out-of-scope baseline: far from every training row = out of scope).
+    neighbour_labels: per query, its neighbours' labels, nearest first; neighbour_sims: shape (Q, >= k)."""
     out = []
     for labels, sims in zip(neighbour_labels, neighbour_sims):
+        if threshold is not None and abstain is not None and (not len(labels) or float(sims[0]) < threshold):
+            out.append(abstain)
+            continue
         votes: dict[str, float] = {}
         for rank, (label, sim) in enumerate(zip(labels[:k], sims[:k])):
             votes[label] = votes.get(label, 0.0) + float(sim) - 1e-9 * rank
         out.append(max(votes, key=votes.get))
+    return out
+
+
+def knn_multilabel(neighbour_labels: Sequence[Sequence[frozenset[str]]], neighbour_sims: np.ndarray, k: int,
+                   threshold: float) -> list[frozenset[str]]:
+    """Multi-label kNN by label voting (after ML-kNN's idea, Zhang & Zhou 2007, without its Bayesian prior): a
+    label is predicted when the similarity-weighted share of the k nearest neighbours holding it is at least
+    `threshold` (0..1). neighbour_labels: per query, its neighbours' label sets, nearest first."""
+    out = []
+    for sets, sims in zip(neighbour_labels, neighbour_sims):
+        weights = [max(float(s), 0.0) for s in sims[:k]]
+        total = sum(weights) or 1.0
+        share: dict[str, float] = {}
+        for labels, w in zip(sets[:k], weights):
+            for label in labels:
+                share[label] = share.get(label, 0.0) + w / total
+        out.append(frozenset(label for label, v in share.items() if v >= threshold - 1e-12))
     return out

@@ -242,9 +242,9 @@ def test_the_lm_eval_task_folder_is_a_folder_of_task_files_inside_the_project(tm
 def test_custom_metrics_are_new_names_written_file_colon_function_and_may_be_gated(tmp_path):
     from tunegate.config import EvalConfig
 
-    ok = EvalConfig(metrics=["exact_match", "jaccard"], custom_metrics={"jaccard": "metrics.py:jaccard"},
-                    gate=[{"metric": "jaccard", "min": 0.5}])
-    assert ok.model_dump(mode="json")["custom_metrics"] == {"jaccard": "metrics.py:jaccard"}
+    ok = EvalConfig(metrics=["exact_match", "word_overlap"], custom_metrics={"word_overlap": "metrics.py:word_overlap"},
+                    gate=[{"metric": "word_overlap", "min": 0.5}])
+    assert ok.model_dump(mode="json")["custom_metrics"] == {"word_overlap": "metrics.py:word_overlap"}
     assert "custom_metrics" not in EvalConfig().model_dump(mode="json")  # runs of projects without one stay current
     for custom, message in (({"exact_match": "m.py:f"}, "a custom metric's name is a new identifier"),
                             ({"output": "m.py:f"}, "a custom metric's name is a new identifier"),
@@ -255,5 +255,5 @@ def test_custom_metrics_are_new_names_written_file_colon_function_and_may_be_gat
                             ({"j": "m.txt:f"}, "written 'path/to/file.py:function'")):
         with pytest.raises(ValueError, match=message):
             EvalConfig(metrics=["exact_match"], custom_metrics=custom)
-    with pytest.raises(ValueError, match=r"unknown metric\(s\) \['jacard'\]; .*custom: jaccard"):
-        EvalConfig(metrics=["jacard"], custom_metrics={"jaccard": "metrics.py:jaccard"})
+    with pytest.raises(ValueError, match=r"unknown metric\(s\) \['word_overlapp'\]; .*custom: word_overlap"):
+        EvalConfig(metrics=["word_overlapp"], custom_metrics={"word_overlap": "metrics.py:word_overlap"})

@@ -104,11 +104,12 @@ class StageSpec:
 
 
 def config_sections(*names: str) -> Callable[[Any], dict[str, Any]]:
-    """A `StageSpec.config` that takes whole top-level sections of the project config."""
+    """A `StageSpec.config` that takes whole top-level sections of the project config. An optional section that
+    is not set (None, e.g. `task`) is left out, so adding one keeps the fingerprints of projects without it."""
 
     def view(project: Any) -> dict[str, Any]:
         dumped = project.model_dump(mode="json")
-        return {k: dumped[k] for k in names}
+        return {k: dumped[k] for k in names if dumped.get(k) is not None}
 
     return view
 

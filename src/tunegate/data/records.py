@@ -724,8 +724,73 @@ def source_files(src) -> list[Path]:
 
 
 def parse_row(obj: Any, src, default_id: str, source: str) -> dict[str, Any]:
-    """One row of a source (any format) -> a canonical record, with the source's instruction. Raises RowError."""
+    """One row of a source (any format) -> a canonical record, with the source's instruction, its answer read as
+    labels when the project's task is classification or multilabel (`_label_answer`). Raises RowError."""
     obj = _rename_columns(obj, src.columns)
+    task = getattr(src, "_task", None)
+    if task is not None and task.kind == "multilabel":
+        obj = _label_list_answer(obj, src, task)
+    rec = _parse_row(obj, src, default_id, source)
+    if task is not None and task.kind in ("classification", "multilabel"):
+        _label_answer(rec, src, task)
+    return rec
+
+
+def _answer_key(src) -> str | None:
+    """The field of a raw row holding its answer, for formats whose answer is one field."""
+    return {"csv": src.completion_column, "prompt_completion": "completion"}.get(src.format)
+
+
+def _label_list_answer(obj: Any, src, task) -> Any:
+    """A multi-label row whose answer field is a JSON list of labels (or null / missing: the empty set, as NLU++
+    writes a row with no intent) gets that answer in canonical text form (tunegate.evals.labels.canonical_answer)."""
+    from tunegate.evals.labels import canonical_answer
+
+    key = _answer_key(src)
+    if key is None or not isinstance(obj, dict) or isinstance(obj.get(key), str):
+        return obj
+    try:
+        return {**obj, key: canonical_answer(obj.get(key), task)}
+    except ValueError as exc:
+        raise RowError("wrong_type", f"'{key}': {exc}") from None
+
+
+def _label_answer(rec: dict[str, Any], src, task) -> None:
+    """The row's answer as a label (classification: trimmed) or label set (multilabel: canonical form), then the
+    source's `drop_labels` (RowError `dropped_label`) and `label_map`. Rows without one answer are left alone."""
+    from tunegate.evals.labels import canonical_answer, label_set
+    from tunegate.evals.metrics import normalize_answer
+
+    if "messages" in rec and rec["messages"][-1]["role"] == "assistant" and "rejected" not in rec:
+        get, put = (lambda: rec["messages"][-1]["content"]), (lambda v: rec["messages"][-1].update(content=v))
+    elif "completion" in rec:
+        get, put = (lambda: rec["completion"]), (lambda v: rec.update(completion=v))
+    else:
+        return
+    if task.kind == "multilabel":
+        try:
+            answer = canonical_answer(get(), task)
+        except ValueError as exc:
+            raise RowError("wrong_type", f"answer: {exc}") from None
+        labels = [normalize_answer(label) for label in label_set(answer, task)]
+    else:
+        answer = get().strip()
+        labels = [normalize_answer(answer)]
+    dropped = {normalize_answer(label) for label in src.drop_labels}
+    hit = sorted(set(labels) & dropped)
+    if hit:
+        raise RowError("dropped_label", f"answer label {hit[0]!r} is in this source's drop_labels")
+    if src.label_map:
+        mapping = {normalize_answer(k): v for k, v in src.label_map.items()}
+        if task.kind == "multilabel":
+            parts = [p.strip() for p in answer.split(task.separator.strip())]
+            answer = canonical_answer(task.separator.join(mapping.get(normalize_answer(p), p) for p in parts), task)
+        else:
+            answer = mapping.get(normalize_answer(answer), answer)
+    put(answer)
+
+
+def _parse_row(obj: Any, src, default_id: str, source: str) -> dict[str, Any]:
     tabular = src.path is not None and Path(src.path).suffix in (".csv", ".tsv")
     if tabular and src.format == "kto" and isinstance(obj.get("label"), str):  # CSV cells are text: true/false, 1/0
         cell = obj["label"].strip().lower()

@@ -11,7 +11,9 @@ import json
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+from tunegate.catalog import ABSTAIN_METRICS, MULTILABEL_METRICS
 from tunegate.evals.bootstrap import bootstrap_ci, bootstrap_statistic, paired_bootstrap
+from tunegate.evals.labels import MULTILABEL_ROW
 from tunegate.evals.metrics import CORPUS_METRICS, ROW_METRICS, json_schema_metric, label_ids, macro_f1_ids
 
 
@@ -30,6 +32,7 @@ def score_metrics(
     seed: int = 0,
     json_schema: Path | None = None,
     custom: Mapping[str, Callable[[str, str], float]] | None = None,
+    task=None,
 ) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, list[float]]]]:
     """Returns (summary, per_row).
 
@@ -37,12 +40,26 @@ def score_metrics(
     per_row[metric] = {"baseline": [...], "candidate": [...]} for row metrics (corpus metrics have none).
     custom: project-defined row metrics by name (tunegate.evals.custom.metric_functions); their errors and
     non-finite values raise TunegateError naming the metric and row.
+    task: the project's config.TaskConfig, for the label metrics of tunegate.evals.labels (abstention and
+    multi-label). Raises TunegateError when the golden set cannot define one (no out-of-scope row).
     """
     from tunegate.evals.custom import score_rows
 
+    corpus = _label_statistics(metrics, baseline, candidate, references, task)
     summary, per_row = {}, {}
     for name in metrics:
-        if custom and name in custom:
+        if name in corpus:
+            b_stat, c_stat = corpus[name]
+            b = bootstrap_statistic(b_stat, len(references), n_samples, seed)
+            c = bootstrap_statistic(c_stat, len(references), n_samples, seed)
+            d = bootstrap_statistic(lambda i: c_stat(i) - b_stat(i), len(references), n_samples, seed)
+        elif name in MULTILABEL_ROW:
+            fn = MULTILABEL_ROW[name]
+            bs = [fn(p, r, task) for p, r in zip(baseline, references)]
+            cs = [fn(p, r, task) for p, r in zip(candidate, references)]
+            per_row[name] = {"baseline": bs, "candidate": cs}
+            b, c, d = bootstrap_ci(bs, n_samples, seed), bootstrap_ci(cs, n_samples, seed), paired_bootstrap(bs, cs, n_samples, seed)
+        elif custom and name in custom:
             bs = score_rows(name, custom[name], baseline, references)
             cs = score_rows(name, custom[name], candidate, references)
             per_row[name] = {"baseline": bs, "candidate": cs}
@@ -65,6 +82,36 @@ def score_metrics(
             b, c, d = bootstrap_ci(bs, n_samples, seed), bootstrap_ci(cs, n_samples, seed), paired_bootstrap(bs, cs, n_samples, seed)
         summary[name] = {"baseline": b.as_dict(), "candidate": c.as_dict(), "delta": d.as_dict()}
     return summary, per_row
+
+
+def corpus_scores(metrics: Sequence[str], outputs: Sequence[str], references: Sequence[str], n_samples: int = 10_000,
+                  seed: int = 0, task=None) -> dict[str, dict[str, float]]:
+    """One system's corpus metrics among `metrics` (macro_f1 and the corpus label metrics of tunegate.evals.labels),
+    each {mean, ci_low, ci_high} with its bootstrap 95% CI; row metrics are left to the caller."""
+    out = {m: bootstrap_statistic(stat, len(references), n_samples, seed).as_dict()
+           for m, (_, stat) in _label_statistics(metrics, outputs, outputs, references, task).items()}
+    if "macro_f1" in metrics:
+        pred, ref, n_labels = label_ids(outputs, references)
+        out["macro_f1"] = bootstrap_statistic(lambda i: macro_f1_ids(pred[i], ref[i], n_labels), len(references), n_samples, seed).as_dict()
+    return out
+
+
+def _label_statistics(metrics, baseline, candidate, references, task) -> dict[str, tuple[Callable, Callable]]:
+    """{metric: (baseline stat, candidate stat)} for the corpus label metrics asked for (tunegate.evals.labels)."""
+    from tunegate import TunegateError
+    from tunegate.evals.labels import abstain_statistics, multilabel_statistics
+
+    out: dict[str, tuple[Callable, Callable]] = {}
+    if any(m in ABSTAIN_METRICS for m in metrics):
+        try:
+            b, c = (abstain_statistics(x, references, task.abstain_label) for x in (baseline, candidate))
+        except ValueError as exc:
+            raise TunegateError(f"eval.metrics {[m for m in metrics if m in ABSTAIN_METRICS]}: {exc}") from None
+        out.update({m: (b[m], c[m]) for m in ABSTAIN_METRICS})
+    if any(m in MULTILABEL_METRICS and m not in MULTILABEL_ROW for m in metrics):
+        b, c = (multilabel_statistics(x, references, task) for x in (baseline, candidate))
+        out.update({m: (b[m], c[m]) for m in b})
+    return {m: v for m, v in out.items() if m in metrics}
 
 
 def check_rules(rules, summary: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:

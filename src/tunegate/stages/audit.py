@@ -8,6 +8,11 @@ per request (batched, amortised), tokens per request, and a cost per 1,000 reque
                          split (never the golden set); only the winner is scored on the golden set
     knn_fewshot          the `fewshot_k` most similar training rows (MiniLM) as in-context examples
     knn_classifier       labelled tasks: a similarity-weighted kNN vote over MiniLM embeddings, no LLM at all
+                         (task.kind multilabel: label voting, a label kept when its weighted share of the k
+                         neighbours reaches a threshold; k and the threshold picked on dev rows)
+    knn_classifier_abstain
+                         task.abstain_label: the kNN vote, abstaining when the nearest training row's similarity
+                         is under a threshold tuned on dev rows (tunegate.stages.audit._tune_abstain)
     rag_bm25, rag_dense, rag_hybrid
                          with `audit.corpus`: the `top_k` passages from bm25s, MiniLM, or both fused by
                          reciprocal rank, put before the question; retrieval recall@k where gold passages are known
@@ -42,7 +47,10 @@ from tunegate.data.records import prompt_text, reference_answer
 from tunegate.evals.answer import golden_prompts
 from tunegate.evals.bootstrap import bootstrap_ci
 from tunegate.evals.custom import metric_files, metric_functions, score_rows
-from tunegate.evals.metrics import ROW_METRICS
+from tunegate.evals.gate import corpus_scores
+from tunegate.evals.labels import MULTILABEL_ROW, canonical_labels
+from tunegate.evals.labels import label_set as answer_labels
+from tunegate.evals.metrics import ROW_METRICS, normalize_answer
 from tunegate.preflight import anti_pattern_table, instruct_tuned
 from tunegate.prices import load_prices
 
@@ -53,14 +61,18 @@ AUDIT_EVAL_KEYS = ("metrics", "custom_metrics", "json_schema", "max_new_tokens",
 # rerun a 15-minute audit. The projection records the settings it assumed (audit.json probe.full_run_assumes).
 AUDIT_IGNORED_TRL_KEYS = ("max_steps", "num_train_epochs", "eval_steps", "save_steps", "logging_steps")
 PASSAGE_WORDS = 200  # each retrieved passage is cut to this many words before it goes into the prompt
+# Out-of-scope dev rows when the training rows have none (held-out intents): this share of the training labels is
+# hidden from the kNN pool, and the dev rows of those labels are treated as out of scope (_tune_abstain).
+SIMULATED_OOS_SHARE = 0.2
+MULTILABEL_THRESHOLDS = (0.2, 0.3, 0.4, 0.5, 0.6)  # label-share thresholds the multi-label kNN picks from on dev rows
 
 
 def headline_metric(project) -> str:
     """The audit's metric: eval.metrics[0] if it is a row metric (per-row scores are needed; a project-defined one
-    is), else exact_match."""
+    is, and set_match / jaccard of a multi-label task are), else exact_match."""
     first = project.eval.metrics[0]
     lower = any(r.metric == first and r.lower_is_better for r in project.eval.gate)  # the audit ranks higher-is-better
-    return first if first in ROW_METRICS or (first in project.eval.custom_metrics and not lower) else "exact_match"
+    return first if first in ROW_METRICS or first in MULTILABEL_ROW or (first in project.eval.custom_metrics and not lower) else "exact_match"
 
 
 def quality_bar(project, metric: str) -> float | None:
@@ -71,8 +83,14 @@ def quality_bar(project, metric: str) -> float | None:
     return max(mins) if mins else None
 
 
-def label_set(train: list[dict[str, Any]], golden: list[dict[str, Any]]) -> list[str] | None:
-    """The labels, when the task is classification: few distinct short answers that cover the golden set."""
+def label_set(train: list[dict[str, Any]], golden: list[dict[str, Any]], task=None) -> list[str] | None:
+    """The labels of a classification or multi-label task: `task.labels`, else those of the training answers (with
+    the abstain label). Without a task section: few distinct short answers that cover the golden set, else None."""
+    if task is not None and task.kind == "multilabel":
+        return task.labels or sorted(set().union(*(answer_labels(reference_answer(r), task) for r in train)))
+    if task is not None and task.kind == "classification":
+        labels = task.labels or sorted({reference_answer(r) for r in train})
+        return labels + [task.abstain_label] if task.abstain_label and task.abstain_label not in labels else labels
     refs = [reference_answer(r) for r in train]
     labels = sorted(set(refs))
     if len(labels) > max(2, min(200, len(refs) // 5)) or any(len(x.split()) > 6 for x in labels):
@@ -105,10 +123,11 @@ class _Scorer:
     """Scores one candidate's answers on the golden rows and records its cost figures."""
 
     def __init__(self, metric: str, refs: list[str], n_samples: int, seed: int, tokenizer, prices: dict[str, Any],
-                 also: tuple[str, ...] = (), custom: dict[str, Any] | None = None):
-        self.metric, self.refs, self.custom = metric, refs, custom or {}
-        known = set(ROW_METRICS) | set(self.custom)
+                 also: tuple[str, ...] = (), custom: dict[str, Any] | None = None, task=None):
+        self.metric, self.refs, self.custom, self.task = metric, refs, custom or {}, task
+        known = set(ROW_METRICS) | set(self.custom) | (set(MULTILABEL_ROW) if task is not None and task.kind == "multilabel" else set())
         self.also = [m for m in also if m in known and m != metric]  # the project's other row metrics, reported too
+        self.corpus = [m for m in also if m not in known]  # macro_f1 and the label metrics (corpus_scores)
         self.n_samples, self.seed, self.tokenizer, self.prices = n_samples, seed, tokenizer, prices
         self.results: list[dict[str, Any]] = []
         self.outputs: dict[str, list[str]] = {}
@@ -119,6 +138,8 @@ class _Scorer:
         refs = self.refs if refs is None else refs
         if metric in self.custom:
             return score_rows(metric, self.custom[metric], outputs, refs)
+        if metric in MULTILABEL_ROW:
+            return [MULTILABEL_ROW[metric](o, r, self.task) for o, r in zip(outputs, refs)]
         return [ROW_METRICS[metric](o, r) for o, r in zip(outputs, refs)]
 
     def add(self, name: str, outputs: list[str], wall_s: float, prompts: list[str] | None, trains: bool, **extra) -> dict:
@@ -135,7 +156,8 @@ class _Scorer:
             "seconds_per_request": round(s_per_req, 4),
             "prompt_tokens_per_request": round(prompt_tokens, 1), "new_tokens_per_request": round(new_tokens, 1),
             "usd_per_1k_requests": round(s_per_req * 1000 / 3600 * usd_hour, 5),
-            "other_metrics": {m: bootstrap_ci(self.rows(m, outputs), self.n_samples, self.seed).as_dict() for m in self.also},
+            "other_metrics": {**{m: bootstrap_ci(self.rows(m, outputs), self.n_samples, self.seed).as_dict() for m in self.also},
+                              **corpus_scores(self.corpus, outputs, self.refs, self.n_samples, self.seed, self.task)},
             **extra,
         }
         self.results.append(result)
@@ -229,7 +251,7 @@ def run(st: Stage) -> StageResult:
         "bar": bar,
         "min_gain": project.audit.min_gain,
         "golden_rows": len(a.golden),
-        "task": "classification" if a.labels else "generation",
+        "task": a.project.task.kind if a.project.task else "classification" if a.labels else "generation",
         "labels": len(a.labels) if a.labels else None,
         "candidates": [{k: v for k, v in c.items() if k != "rows"} for c in a.scorer.results],
         "retrieval": retrieval,
@@ -283,10 +305,11 @@ def _prepare(st: Stage, metric: str, bar: float | None, prices: dict[str, Any]) 
     dev_idx = set(rng.sample(range(len(train)), min(acfg.dev_rows, max(len(train) // 2, 1))))
     dev = [r for i, r in enumerate(train) if i in dev_idx]
     pool = [r for i, r in enumerate(train) if i not in dev_idx]
-    labels = label_set(train, golden)
+    labels = label_set(train, golden, project.task)
     wanted = set(acfg.candidates or [])
+    kind = project.task.kind if project.task else "classification" if labels else "generation"
     console.print(f"audit on {len(golden)} golden rows, metric {metric}, bar {bar if bar is not None else 'none'}; "
-                  f"task: {'classification, ' + str(len(labels)) + ' labels' if labels else 'generation'}; "
+                  f"task: {kind}{', ' + str(len(labels)) + ' labels' if labels else ''}; "
                   f"{len(dev)} dev rows, {len(pool)} pool rows")
 
     torch.manual_seed(acfg.seed)
@@ -299,7 +322,7 @@ def _prepare(st: Stage, metric: str, bar: float | None, prices: dict[str, Any]) 
         dev=dev, pool=pool, n_train=len(train), labels=labels, base_instruction=instruction_of(golden[0]) if golden else None,
         tokenizer=tokenizer, has_system=supports_system_role(tokenizer), model=model,
         scorer=_Scorer(metric, refs, project.eval.bootstrap_samples, project.eval.seed, tokenizer, prices, tuple(project.eval.metrics),
-                       metric_functions(project)),
+                       metric_functions(project), project.task),
         want=lambda name: not wanted or name in wanted,
     )
 
@@ -318,8 +341,7 @@ def _prompt_candidates(a: _Audit) -> list[dict[str, Any]]:
         return search
     variants = [a.base_instruction, *acfg.instructions]
     if a.labels:
-        lead = a.base_instruction or "Classify the message."
-        variants.append(f"{lead} Answer with exactly one of these labels and nothing else: {', '.join(a.labels)}.")
+        variants.append(_label_instruction(a))
     variants = list(dict.fromkeys(variants))
     shots_for = _shot_picker(a.pool, a.labels, acfg.seed)
     dev_refs = [reference_answer(r) for r in a.dev]
@@ -345,6 +367,18 @@ def _prompt_candidates(a: _Audit) -> list[dict[str, Any]]:
     return search
 
 
+def _label_instruction(a: _Audit) -> str:
+    """The prompt-search variant that lists the labels, worded for the task kind."""
+    lead, task = a.base_instruction or "Classify the message.", a.project.task
+    if task is not None and task.kind == "multilabel":
+        return (f"{lead} Answer with every label that applies, separated by {task.separator!r}, from: {', '.join(a.labels)}; "
+                f"answer {task.none_label} if none applies.")
+    text = f"{lead} Answer with exactly one of these labels and nothing else: {', '.join(a.labels)}."
+    if task is not None and task.abstain_label:
+        text += f" Answer {task.abstain_label} if none of the others fits."
+    return text
+
+
 def _knn_candidates(a: _Audit) -> None:
     """Retrieval of labelled examples: knn_fewshot (the `fewshot_k` most similar training rows as in-context
     examples) and, for labelled tasks, knn_classifier (a similarity-weighted vote, k picked on dev rows; no LLM)."""
@@ -366,22 +400,106 @@ def _knn_candidates(a: _Audit) -> None:
         out, wall = a.timed_generate(prompts, "knn_fewshot", extra_s=search_s)
         scorer.add("knn_fewshot", out, wall, prompts, trains=False, method="prompt_optimization",
                    detail=f"the {acfg.fewshot_k} most similar training rows (MiniLM) as few-shot examples")
-    if a.labels and a.want("knn_classifier"):
-        pool_labels = [reference_answer(r) for r in a.pool]
-        dev_ids, dev_sims = pool_index.search([prompt_text(r) for r in a.dev], depth)
-        dev_refs = [reference_answer(r) for r in a.dev]
-        dev_scores = {}
-        for k in acfg.knn_k:
-            pred = knn_classify([[pool_labels[j] for j in row] for row in dev_ids], dev_sims, k)
-            dev_scores[k] = sum(p == r for p, r in zip(pred, dev_refs)) / len(a.dev)
-        k_best = max(acfg.knn_k, key=lambda k: dev_scores[k])
+    if not (a.labels and a.want("knn_classifier")):
+        return
+    dev_ids, dev_sims = pool_index.search([prompt_text(r) for r in a.dev], depth)
+    if a.project.task is not None and a.project.task.kind == "multilabel":
+        _knn_multilabel(a, (ids, sims, search_s), (dev_ids, dev_sims), index_s)
+        return
+    pool_labels = [reference_answer(r) for r in a.pool]
+    dev_refs = [reference_answer(r) for r in a.dev]
+    dev_scores = {}
+    for k in acfg.knn_k:
+        pred = knn_classify([[pool_labels[j] for j in row] for row in dev_ids], dev_sims, k)
+        dev_scores[k] = sum(scorer.rows(a.metric, pred, dev_refs)) / len(a.dev)
+    k_best = max(acfg.knn_k, key=lambda k: dev_scores[k])
+    t0 = time.perf_counter()
+    out = knn_classify([[pool_labels[j] for j in row] for row in ids], sims, k_best)
+    wall = time.perf_counter() - t0 + search_s
+    scorer.add("knn_classifier", out, wall, None, trains=False, method="prompt_optimization",
+               detail=f"MiniLM embeddings, similarity-weighted vote of k={k_best} neighbours (k picked on dev rows: "
+                      + ", ".join(f"k={k} {v:.3f}" for k, v in dev_scores.items()) + "); no LLM",
+               index_s=round(index_s, 1))
+    abstain = a.project.task.abstain_label if a.project.task is not None else None
+    if abstain:
+        tuned = _tune_abstain(a, pool_index, pool_labels, k_best, abstain)
         t0 = time.perf_counter()
-        out = knn_classify([[pool_labels[j] for j in row] for row in ids], sims, k_best)
+        out = knn_classify([[pool_labels[j] for j in row] for row in ids], sims, k_best, tuned["threshold"], abstain)
         wall = time.perf_counter() - t0 + search_s
-        scorer.add("knn_classifier", out, wall, None, trains=False, method="prompt_optimization",
-                   detail=f"MiniLM embeddings, similarity-weighted vote of k={k_best} neighbours (k picked on dev rows: "
-                          + ", ".join(f"k={k} {v:.3f}" for k, v in dev_scores.items()) + "); no LLM",
-                   index_s=round(index_s, 1))
+        scorer.add("knn_classifier_abstain", out, wall, None, trains=False, method="prompt_optimization",
+                   detail=f"knn_classifier (k={k_best}) answering {abstain} when the nearest training row's cosine is under "
+                          f"{tuned['threshold']:.3f}, tuned on {tuned['dev_rows']} dev rows ({tuned['protocol']}); no LLM",
+                   abstain=tuned, index_s=round(index_s, 1))
+
+
+def _tune_abstain(a: _Audit, pool_index, pool_labels: list[str], k: int, abstain: str) -> dict[str, Any]:
+    """The similarity threshold under which the kNN classifier abstains, picked on dev rows (never golden rows):
+    the threshold with the best headline metric among the dev rows' own nearest-neighbour similarities.
+
+    When the training rows hold out-of-scope examples (answers equal to `abstain`), the dev rows are used as they
+    are. When they hold none (the held-out-intents protocol: out-of-scope queries are intents never trained on),
+    out-of-scope dev rows are simulated the same way: a seeded SIMULATED_OOS_SHARE of the training labels is hidden
+    from the neighbour pool and their dev rows are relabelled `abstain`.
+    Returns {threshold, protocol, dev_rows, dev_oos_rows, hidden_labels, dev_score, dev_score_without}."""
+    import numpy as np
+
+    from tunegate.retrieval import knn_classify
+
+    dev_refs = [reference_answer(r) for r in a.dev]
+    oos = normalize_answer(abstain)
+    hidden: set[str] = set()
+    if not any(normalize_answer(label) == oos for label in pool_labels):
+        in_scope = sorted(set(pool_labels))
+        n_hidden = max(1, round(len(in_scope) * SIMULATED_OOS_SHARE))
+        hidden = set(random.Random(a.project.audit.seed).sample(in_scope, n_hidden))
+        dev_refs = [abstain if r in hidden else r for r in dev_refs]
+    keep = np.array([label not in hidden for label in pool_labels])
+    depth = min(len(pool_labels), max(k, 1) * 4 + 32)  # deep enough that k visible neighbours remain after hiding
+    ids, sims = pool_index.search([prompt_text(r) for r in a.dev], depth)
+    labels, kept_sims = [], []
+    for row, row_sims in zip(ids, sims):
+        visible = [(pool_labels[j], s) for j, s in zip(row, row_sims) if keep[j]][:k]
+        labels.append([lab for lab, _ in visible])
+        kept_sims.append([s for _, s in visible] or [0.0])
+    top = sorted({float(s[0]) for s in kept_sims})
+    candidates = [0.0, *[t + 1e-6 for t in top]]  # abstain below each dev row's own similarity, or never
+
+    def score(threshold: float) -> float:
+        pred = knn_classify(labels, kept_sims, k, threshold, abstain)
+        return sum(a.scorer.rows(a.metric, pred, dev_refs)) / len(dev_refs)
+
+    scores = [score(t) for t in candidates]
+    best = int(np.argmax(scores))  # the first of equals: the lowest threshold, abstaining least
+    return {"threshold": round(candidates[best], 6), "protocol": f"{len(hidden)} training labels hidden as simulated out-of-scope"
+            if hidden else "out-of-scope rows of the training data", "dev_rows": len(dev_refs),
+            "dev_oos_rows": sum(normalize_answer(r) == oos for r in dev_refs), "hidden_labels": sorted(hidden),
+            "dev_score": round(scores[best], 4), "dev_score_without": round(scores[0], 4)}
+
+
+def _knn_multilabel(a: _Audit, golden_hits, dev_hits, index_s: float) -> None:
+    """knn_classifier for a multi-label task: label voting over the k nearest training rows, k and the label-share
+    threshold picked on dev rows by the headline metric (tunegate.retrieval.knn_multilabel)."""
+    from tunegate.retrieval import knn_multilabel
+
+    task, acfg = a.project.task, a.project.audit
+    pool_sets = [answer_labels(reference_answer(r), task) for r in a.pool]
+    dev_refs = [reference_answer(r) for r in a.dev]
+
+    def answers(ids, sims, k, threshold) -> list[str]:
+        return [canonical_labels(s, task) for s in knn_multilabel([[pool_sets[j] for j in row] for row in ids], sims, k, threshold)]
+
+    dev_ids, dev_sims = dev_hits
+    dev_scores = {(k, t): sum(a.scorer.rows(a.metric, answers(dev_ids, dev_sims, k, t), dev_refs)) / len(a.dev)
+                  for k in acfg.knn_k for t in MULTILABEL_THRESHOLDS}
+    k_best, t_best = max(dev_scores, key=dev_scores.get)
+    ids, sims, search_s = golden_hits
+    t0 = time.perf_counter()
+    out = answers(ids, sims, k_best, t_best)
+    wall = time.perf_counter() - t0 + search_s
+    a.scorer.add("knn_classifier", out, wall, None, trains=False, method="prompt_optimization",
+                 detail=f"MiniLM embeddings, labels held by >= {t_best:.0%} of the similarity-weighted k={k_best} neighbours "
+                        f"(k and the share picked on {len(a.dev)} dev rows, {a.metric} {dev_scores[(k_best, t_best)]:.3f}); no LLM",
+                 index_s=round(index_s, 1))
 
 
 def _rag_candidates(a: _Audit) -> tuple[dict[str, Any], list[str] | None]:
@@ -626,8 +744,11 @@ def config(project) -> dict[str, Any]:
     dumped = project.model_dump(mode="json")
     train = {k: v for k, v in dumped["train"].items() if k != "budget_minutes"}
     train["trl"] = {k: v for k, v in train["trl"].items() if k not in AUDIT_IGNORED_TRL_KEYS}
-    return {"base_model": dumped["base_model"], "audit": dumped["audit"],
-            "eval": {k: v for k, v in dumped["eval"].items() if k in AUDIT_EVAL_KEYS}, "train": train}
+    out = {"base_model": dumped["base_model"], "audit": dumped["audit"],
+           "eval": {k: v for k, v in dumped["eval"].items() if k in AUDIT_EVAL_KEYS}, "train": train}
+    if dumped["task"] is not None:  # left out when unset: the runs of projects without it keep their fingerprints
+        out["task"] = dumped["task"]
+    return out
 
 
 def skip(project) -> str | None:

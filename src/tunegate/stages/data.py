@@ -37,7 +37,8 @@ from tunegate.data.quality import row_quality
 from tunegate.data.records import Rejection, RowError, dedupe_ids, read_source, row_text
 
 # Rules of deliberate selection (data.select), not faults: they count towards no limit.
-SELECTION_RULES = ("ifd_above_max", "too_similar", "over_budget")
+# `dropped_label` is a source's drop_labels (a label held out of training on purpose, e.g. out-of-scope protocols).
+SELECTION_RULES = ("ifd_above_max", "too_similar", "over_budget", "dropped_label")
 # Rules of the quality gates: good rows removed on purpose. They count towards data.max_removed_fraction, not
 # towards data.max_rejected_fraction (invalid input).
 REMOVAL_RULES = ("duplicate", "semantic_duplicate", "golden_overlap", "golden_ngram_overlap", "pii", "pii_rescan")
@@ -166,7 +167,7 @@ def run(st: Stage) -> StageResult:
     # 7. Rejections: written first, so a refused run still shows why.
     rejected = log.rejected
     atomic_write_jsonl(st.dir / "rejected.jsonl", [r.to_json() for r in rejected])
-    for r in rejected[:5]:
+    for r in sorted(rejected, key=lambda r: rejection_kind(r.rule) != "invalid")[:5]:  # faults first, then deliberate drops
         console.print(f"[yellow]rejected[/yellow] {r}")
     if len(rejected) > 5:
         console.print(f"[yellow]... {len(rejected) - 5} more in {st.final_dir / 'rejected.jsonl'}[/yellow]")  # where it is published
@@ -568,7 +569,7 @@ def prepare(project) -> None:
 def config(project) -> dict[str, Any]:
     """The settings the data stage depends on: base_model and data, and train.added_tokens when set (they change
     how rows tokenize: lengths, the over-length policy)."""
-    view = config_sections("base_model", "data")(project)
+    view = config_sections("base_model", "task", "data")(project)
     if project.train.added_tokens:
         view["added_tokens"] = list(project.train.added_tokens)
     return view

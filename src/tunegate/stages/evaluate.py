@@ -162,7 +162,7 @@ def run(st: Stage) -> StageResult:
     cand_s = time.perf_counter() - t0
 
     summary, per_row = score_metrics(ecfg.metrics, base_out, cand_out, refs, ecfg.bootstrap_samples, ecfg.seed, ecfg.json_schema,
-                                     custom)
+                                     custom, st.project.task)
 
     judge, judge_counts = _judge(ecfg, golden, base_out, cand_out, summary)
     suite_details, suite_samples = _run_suites(ecfg, systems, judge, summary)
@@ -189,6 +189,10 @@ def run(st: Stage) -> StageResult:
     }
     if judge_counts:
         scores["judge"] = judge_counts
+    if project.task is not None and project.task.kind in ("classification", "multilabel"):  # the eval page's per-label table
+        from tunegate.evals.labels import per_label_table
+
+        scores["per_label"] = per_label_table({"baseline": base_out, "candidate": cand_out}, refs, project.task)
     atomic_write_json(st.dir / "scores.json", scores)
     atomic_write_json(st.dir / "verdict.json", {"verdict": result, "rules": rules})
     write_eval_report(st.dir, project.name)
@@ -291,4 +295,4 @@ def inputs(project) -> dict[str, Path]:
     return files
 
 
-SPEC = StageSpec(name="eval", run=run, upstream=("data", "train"), config=config_sections("base_model", "eval"), inputs=inputs)
+SPEC = StageSpec(name="eval", run=run, upstream=("data", "train"), config=config_sections("base_model", "task", "eval"), inputs=inputs)

@@ -1,0 +1,161 @@
+"""Label answers (tunegate.evals.labels): the task section, reading answers as labels, abstention and multi-label
+metrics (checked against scikit-learn), the kNN classifiers, and the per-label table."""
+
+import json
+
+import numpy as np
+import pytest
+
+from tunegate.config import Project, SourceConfig, TaskConfig
+from tunegate.core.stage import config_sections
+from tunegate.data.records import read_source
+from tunegate.evals.gate import check_rules, corpus_scores, score_metrics
+from tunegate.evals.labels import OUTSIDE_LABELS, canonical_answer, label_set, per_label_table
+from tunegate.retrieval import knn_classify, knn_multilabel
+
+MULTI = TaskConfig(kind="multilabel")
+OOS = TaskConfig(kind="classification", abstain_label="oos")
+
+
+def project(**extra):
+    return Project.model_validate({"name": "p", "data": {"sources": [{"path": "a.jsonl"}], "golden": {"path": "g.jsonl"}}, **extra})
+
+
+def test_each_task_kind_brings_its_metrics_and_headline_gate():
+    assert project().eval.metrics == ["exact_match"] and project().task is None
+    multi = project(task={"kind": "multilabel"})
+    assert multi.eval.metrics == ["set_match", "label_micro_f1", "label_macro_f1", "jaccard"]
+    assert [(r.metric, r.min_delta_ci_low) for r in multi.eval.gate] == [("set_match", 0.0)]
+    oos = project(task={"kind": "classification", "abstain_label": "oos"}, eval={"gate": [{"metric": "oos_recall", "min": 0.5}]})
+    assert oos.eval.metrics == ["exact_match", "macro_f1", "in_scope_accuracy", "oos_recall", "oos_precision"]
+    assert [r.metric for r in oos.eval.gate] == ["oos_recall"]  # the project's own gate is kept
+    assert project(task={"kind": "multilabel"}, eval={"metrics": ["jaccard"]}).eval.metrics == ["jaccard"]  # given: kept
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"eval": {"metrics": ["exact_match", "oos_recall"]}}, "need task.kind classification with task.abstain_label"),
+    ({"task": {"kind": "classification"}, "eval": {"metrics": ["exact_match", "oos_recall"]}}, "task.abstain_label"),
+    ({"task": {"kind": "classification"}, "eval": {"metrics": ["exact_match", "set_match"]}}, "need task.kind multilabel"),
+    ({"task": {"kind": "multilabel", "abstain_label": "oos"}}, "abstain_label is for task.kind classification"),
+    ({"task": {"kind": "generation", "labels": ["a"]}}, "task.labels is for task.kind classification or multilabel"),
+    ({"task": {"kind": "multilabel", "separator": " "}}, "separator must hold a visible character"),
+    ({"task": {"kind": "multilabel", "labels": ["a, b"]}}, "holds the separator"),
+    ({"task": {"kind": "classification", "labels": ["a", "a"]}}, "each label once"),
+    ({"task": {"kind": "sentiment"}}, "kind"),
+])
+def test_task_settings_that_cannot_hold_are_refused(extra, message):
+    with pytest.raises(ValueError, match=message):
+        project(**extra)
+
+
+def test_label_operations_need_a_label_task_and_a_golden_set_keeps_its_rows():
+    with pytest.raises(ValueError, match="need task.kind classification or multilabel"):
+        Project.model_validate({"name": "p", "data": {"sources": [{"path": "a.jsonl", "drop_labels": ["x"]}], "golden": {"path": "g.jsonl"}}})
+    with pytest.raises(ValueError, match="relabel rows with label_map"):
+        Project.model_validate({"name": "p", "task": {"kind": "classification"},
+                                "data": {"sources": [{"path": "a.jsonl"}], "golden": {"path": "g.jsonl", "drop_labels": ["x"]}}})
+
+
+def test_projects_without_a_task_keep_their_stage_fingerprints():
+    p = project()
+    assert "task" not in config_sections("base_model", "task", "eval")(p)
+    assert "drop_labels" not in p.section("data")["sources"][0] and "label_map" not in p.section("data")["sources"][0]
+    with_task = project(task={"kind": "multilabel"})
+    assert config_sections("base_model", "task", "eval")(with_task)["task"]["kind"] == "multilabel"
+
+
+def test_multilabel_answers_are_read_order_free_in_one_canonical_form():
+    assert canonical_answer(["how", "card", "how"], MULTI) == "card, how"
+    assert canonical_answer("how,card", MULTI) == canonical_answer("card ,  how", MULTI) == "card, how"
+    assert canonical_answer(None, MULTI) == canonical_answer([], MULTI) == canonical_answer("none", MULTI) == "none"
+    assert label_set("Card, HOW.", MULTI) == {"card", "how"} and label_set("none", MULTI) == frozenset()
+    for bad, message in (([1, "a"], "holds int"), (["a, b"], "holds the separator"), ({"a": 1}, "got dict")):
+        with pytest.raises(ValueError, match=message):
+            canonical_answer(bad, MULTI)
+
+
+def _source(tmp_path, rows, task, **kw):
+    path = tmp_path / "rows.json"
+    path.write_text(json.dumps(rows))
+    src = SourceConfig(path=path, format="csv", prompt_column="text", completion_column="intents", **kw)
+    src._task = task
+    return read_source(src)
+
+
+def test_sources_read_label_lists_drop_and_map_labels_and_reject_bad_answers_by_rule(tmp_path):
+    rows = [{"text": "lost my card", "intents": ["lost_stolen", "card"]}, {"text": "hello"},
+            {"text": "where is my card", "intents": ["card", "arrival"]}, {"text": "x", "intents": [3]},
+            {"text": "y", "intents": {"a": 1}}]
+    kept, rejected = _source(tmp_path, rows, MULTI, drop_labels=["LOST_STOLEN"], label_map={"arrival": "delivery"})
+    assert [r["messages"][-1]["content"] for r in kept] == ["none", "card, delivery"]
+    assert [(r.line, r.rule) for r in rejected] == [(1, "dropped_label"), (4, "wrong_type"), (5, "wrong_type")]
+    oos_rows = [{"text": "a", "intents": " card_arrival "}, {"text": "b", "intents": "Exchange_Rate"}, {"text": "c", "intents": "fee"}]
+    kept, rejected = _source(tmp_path, oos_rows, OOS, drop_labels=["fee"], label_map={"exchange_rate": "oos"})
+    assert [r["messages"][-1]["content"] for r in kept] == ["card_arrival", "oos"] and [r.rule for r in rejected] == ["dropped_label"]
+
+
+def test_abstention_metrics_follow_their_clinc_definitions():
+    refs = ["a", "b", "oos", "oos", "a", "b"]
+    pred = ["a", "oos", "oos", "b", "a", "a"]
+    summary, per_row = score_metrics(["exact_match", "in_scope_accuracy", "oos_recall", "oos_precision"], refs, pred, refs,
+                                     500, 0, task=OOS)
+    cand = {m: s["candidate"]["mean"] for m, s in summary.items()}
+    assert cand == {"exact_match": 3 / 6, "in_scope_accuracy": 2 / 4, "oos_recall": 1 / 2, "oos_precision": 1 / 2}
+    assert summary["oos_recall"]["baseline"]["mean"] == 1.0 and summary["oos_recall"]["delta"]["mean"] == -0.5
+    assert "oos_recall" not in per_row  # a ratio over a subset: a corpus statistic with a bootstrap CI
+    never = corpus_scores(["oos_recall", "oos_precision"], ["a"] * 6, refs, 500, 0, OOS)
+    assert never["oos_recall"]["mean"] == 0.0 and never["oos_precision"]["mean"] == 0.0  # never abstains: 0, not an error
+    rules = check_rules(project(task={"kind": "classification", "abstain_label": "oos"},
+                                eval={"gate": [{"metric": "oos_recall", "min": 0.6}]}).eval.gate, summary)
+    assert [(r["value"], r["passed"]) for r in rules] == [(0.5, False)]
+    from tunegate import TunegateError
+
+    with pytest.raises(TunegateError, match="no golden row's reference is the abstain label 'oos'"):
+        score_metrics(["oos_recall"], ["a"], ["a"], ["a"], 100, 0, task=OOS)
+
+
+def test_multilabel_metrics_equal_scikit_learns():
+    from sklearn.metrics import f1_score, jaccard_score, precision_score, recall_score
+    from sklearn.preprocessing import MultiLabelBinarizer
+
+    rng = np.random.default_rng(0)
+    labels = ["card", "how", "lost", "fee", "arrival"]
+    refs = [", ".join(rng.choice(labels, size=rng.integers(0, 4), replace=False)) or "none" for _ in range(60)]
+    pred = [", ".join(rng.choice(labels, size=rng.integers(0, 4), replace=False)) or "none" for _ in range(60)]
+    summary, per_row = score_metrics(["set_match", "jaccard", "label_micro_f1", "label_macro_f1", "label_micro_precision",
+                                      "label_micro_recall"], refs, pred, refs, 200, 0, task=MULTI)
+    mlb = MultiLabelBinarizer(classes=sorted(labels))
+    R, P = mlb.fit_transform([label_set(r, MULTI) for r in refs]), mlb.transform([label_set(p, MULTI) for p in pred])
+    got = {m: s["candidate"]["mean"] for m, s in summary.items()}
+    assert got["label_micro_f1"] == pytest.approx(f1_score(R, P, average="micro"))
+    assert got["label_micro_precision"] == pytest.approx(precision_score(R, P, average="micro"))
+    assert got["label_micro_recall"] == pytest.approx(recall_score(R, P, average="micro"))
+    present = (R.sum(0) + P.sum(0)) > 0
+    assert got["label_macro_f1"] == pytest.approx(f1_score(R[:, present], P[:, present], average="macro", zero_division=0))
+    assert got["jaccard"] == pytest.approx(jaccard_score(R, P, average="samples", zero_division=1))
+    assert got["set_match"] == pytest.approx(np.mean([set(label_set(a, MULTI)) == set(label_set(b, MULTI)) for a, b in zip(pred, refs)]))
+    assert len(per_row["set_match"]["candidate"]) == 60 and {m: s["baseline"]["mean"] for m, s in summary.items()} == dict.fromkeys(got, 1.0)
+    assert score_metrics(["set_match"], refs, ["how, card"], ["card, how"], 100, 0, task=MULTI)[0]["set_match"]["candidate"]["mean"] == 1.0
+
+
+def test_knn_classifier_abstains_under_its_threshold_and_multilabel_votes_by_share():
+    labels = [["a", "b", "a"], ["b", "b", "a"]]
+    sims = np.array([[0.9, 0.8, 0.7], [0.4, 0.3, 0.3]])
+    assert knn_classify(labels, sims, 3) == ["a", "b"]
+    assert knn_classify(labels, sims, 3, threshold=0.5, abstain="oos") == ["a", "oos"]
+    sets = [[frozenset({"card", "how"}), frozenset({"card"}), frozenset({"fee"})]]
+    share = np.array([[0.5, 0.3, 0.2]])
+    assert knn_multilabel(sets, share, 3, 0.5) == [frozenset({"card", "how"})]  # card 0.8, how 0.5, fee 0.2
+    assert knn_multilabel(sets, share, 3, 0.6) == [frozenset({"card"})]
+    assert knn_multilabel(sets, share, 1, 0.9) == [frozenset({"card", "how"})]
+
+
+def test_per_label_table_counts_each_reference_label_and_pools_answers_outside_them():
+    refs = ["card, how", "none", "card"]
+    table = per_label_table({"baseline": ["blah", "none", "card, xyz"], "candidate": ["card, how", "none", "card"]}, refs, MULTI)
+    assert [(r["label"], r["support"]) for r in table] == [("card", 2), ("how", 1), (OUTSIDE_LABELS, 0)]
+    assert table[0]["candidate"] == {"precision": 1.0, "recall": 1.0, "f1": 1.0, "predicted": 2}
+    assert table[0]["baseline"] == {"precision": 1.0, "recall": 0.5, "f1": pytest.approx(2 / 3), "predicted": 1}
+    assert table[-1]["baseline"]["predicted"] == 2 and table[-1]["candidate"]["predicted"] == 0  # "blah" and "xyz"
+    single = per_label_table({"candidate": ["a", "oos"]}, ["a", "b"], OOS)
+    assert [(r["label"], r["candidate"]["recall"]) for r in single] == [("a", 1.0), ("b", 0.0), (OUTSIDE_LABELS, 0.0)]
