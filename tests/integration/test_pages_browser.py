@@ -58,7 +58,7 @@ def two_runs(tmp_path_factory, tiny_model_dir):
 
     root = make_tiny_project(tmp_path_factory.mktemp("pages"), tiny_model_dir)
     yaml = root / "tunegate.yaml"
-    yaml.write_text(yaml.read_text().replace("audit:\n  enabled: false\n", AUDIT))
+    yaml.write_text(yaml.read_text().replace("audit:\n  enabled: false\n", AUDIT) + "task: {kind: classification}\n")  # per-label table
     run_pipeline(load_project(yaml), run_id="a", train_anyway=True)
     shutil.copytree(root / "runs" / "a", root / "runs" / "b")
     run_pipeline(load_project(yaml, ["eval.max_new_tokens=3"]), run_id="b", train_anyway=True)

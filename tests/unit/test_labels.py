@@ -159,3 +159,17 @@ def test_per_label_table_counts_each_reference_label_and_pools_answers_outside_t
     assert table[-1]["baseline"]["predicted"] == 2 and table[-1]["candidate"]["predicted"] == 0  # "blah" and "xyz"
     single = per_label_table({"candidate": ["a", "oos"]}, ["a", "b"], OOS)
     assert [(r["label"], r["candidate"]["recall"]) for r in single] == [("a", 1.0), ("b", 0.0), (OUTSIDE_LABELS, 0.0)]
+
+
+def test_the_task_kind_is_inferred_and_a_hint_given_when_the_project_names_none():
+    from tunegate.evals.labels import task_summary
+
+    labels = ["card_arrival", "lost_card", "fee"]
+    train = [labels[i % 3] for i in range(30)]
+    inferred = task_summary(None, train, ["fee", "lost_card"])
+    assert inferred["kind"] == "classification" and inferred["labels"] == 3 and "task: {kind: classification}" in inferred["hint"]
+    free = task_summary(None, [f"a long free answer number {i} with many words" for i in range(30)], ["x"])
+    assert free == {"kind": "generation", "source": "inferred from the answers", "labels": None, "hint": None}
+    assert task_summary(None, train, ["something else entirely"] * 3)["kind"] == "generation"  # golden not covered
+    given = task_summary(MULTI, ["card, how", "none", "fee"], [])
+    assert given == {"kind": "multilabel", "source": "task section", "labels": 3, "hint": None}

@@ -72,6 +72,39 @@ def canonical_answer(value: Any, task) -> str:
     raise ValueError(f"a multi-label answer is a list of labels or a string, got {type(value).__name__}")
 
 
+def closed_label_set(train_answers: Sequence[str], golden_answers: Sequence[str]) -> list[str] | None:
+    """The labels when answers look like closed-set classification without a `task` section saying so: few
+    distinct short answers (at most max(2, min(200, N/5)), none over 6 words) that cover 90% of the golden
+    answers; else None (free generation)."""
+    labels = sorted(set(train_answers))
+    if len(labels) > max(2, min(200, len(train_answers) // 5)) or any(len(x.split()) > 6 for x in labels):
+        return None
+    covered = sum(g in set(labels) for g in golden_answers) / max(len(golden_answers), 1)
+    return labels if covered >= 0.9 else None
+
+
+def task_summary(task, train_answers: Sequence[str], golden_answers: Sequence[str]) -> dict[str, Any]:
+    """What the data stage prints and records about the task: {kind, source, labels, hint}. With a `task`
+    section it is that kind ("task section"); without one the kind is inferred from the answers (generation,
+    or classification when `closed_label_set` finds one), with a hint of what `task.kind` would add."""
+    if task is not None and task.kind in ("classification", "multilabel"):
+        if task.labels:
+            n = len(task.labels)
+        elif task.kind == "multilabel":
+            n = len(set().union(*(label_set(a, task) for a in train_answers)))
+        else:
+            n = len(set(train_answers))
+        return {"kind": task.kind, "source": "task section", "labels": n, "hint": None}
+    if task is not None:
+        return {"kind": task.kind, "source": "task section", "labels": None, "hint": None}
+    labels = closed_label_set(train_answers, golden_answers)
+    if labels is None:
+        return {"kind": "generation", "source": "inferred from the answers", "labels": None, "hint": None}
+    return {"kind": "classification", "source": "inferred from the answers", "labels": len(labels),
+            "hint": f"the answers are a closed set of {len(labels)} labels: `task: {{kind: classification}}` in the project file "
+                    "adds per-label metrics, and `abstain_label` out-of-scope metrics and abstention"}
+
+
 # ---- classification with an abstain label -------------------------------------------------------------------
 
 def _ratio(num, den) -> float:

@@ -122,6 +122,8 @@ def data_card_markdown(project, stats: dict[str, Any], timings: dict[str, Any] |
         f"- tokens per row: mean {stats['tokens_per_row_mean']}, max {stats['tokens_per_row_max']}; "
         f"truncated rows: {stats['truncated_rows']} (policy `{project.data.overlength}`, max_length {project.data.max_length})",
         f"- licences: {', '.join(stats['licenses']) or 'not stated'}",
+        *([f"- task: {t['kind']} ({t['source']}" + (f", {t['labels']} labels" if t.get("labels") else "") + ")"
+           + (f"; hint: {t['hint']}" if t.get("hint") else "")] if (t := stats.get("task")) else []),
         (f"- duplicates removed: {stats['duplicates_removed']['exact']} exact, {stats['duplicates_removed']['near']} near"
          + (f", {stats['duplicates_removed']['semantic']} semantic" if "semantic" in stats["duplicates_removed"] else "")
          if project.data.dedup is not None else "- duplicates: not checked (`data.dedup` is not set)"),

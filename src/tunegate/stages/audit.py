@@ -48,7 +48,7 @@ from tunegate.evals.answer import golden_prompts
 from tunegate.evals.bootstrap import bootstrap_ci
 from tunegate.evals.custom import metric_files, metric_functions, score_rows
 from tunegate.evals.gate import corpus_scores
-from tunegate.evals.labels import MULTILABEL_ROW, canonical_labels
+from tunegate.evals.labels import MULTILABEL_ROW, canonical_labels, closed_label_set
 from tunegate.evals.labels import label_set as answer_labels
 from tunegate.evals.metrics import ROW_METRICS, normalize_answer
 from tunegate.preflight import anti_pattern_table, instruct_tuned
@@ -91,12 +91,7 @@ def label_set(train: list[dict[str, Any]], golden: list[dict[str, Any]], task=No
     if task is not None and task.kind == "classification":
         labels = task.labels or sorted({reference_answer(r) for r in train})
         return labels + [task.abstain_label] if task.abstain_label and task.abstain_label not in labels else labels
-    refs = [reference_answer(r) for r in train]
-    labels = sorted(set(refs))
-    if len(labels) > max(2, min(200, len(refs) // 5)) or any(len(x.split()) > 6 for x in labels):
-        return None
-    covered = sum(reference_answer(g) in set(labels) for g in golden) / max(len(golden), 1)
-    return labels if covered >= 0.9 else None
+    return closed_label_set([reference_answer(r) for r in train], [reference_answer(g) for g in golden])
 
 
 def instruction_of(record: dict[str, Any]) -> str | None:

@@ -212,6 +212,7 @@ def run(st: Stage) -> StageResult:
         "steps": log.steps,
         "per_source": per_source,
         "licenses": sorted({s.license for s in cfg.sources if s.license}),
+        "task": _task_summary(st.project, rows, golden),
     }
     log.lap("split and write", len(rows))
     timings = log.timings(cfg.engine, num_proc)
@@ -220,7 +221,19 @@ def run(st: Stage) -> StageResult:
         f"rows: {len(rows)} kept ({len(train)} train / {len(val)} val), {len(rejected)} rejected {dict(by_rule)}; "
         f"{len(golden)} golden"
     )
+    task = stats["task"]
+    console.print(f"task: {task['kind']} ({task['source']}{', ' + str(task['labels']) + ' labels' if task['labels'] else ''})"
+                  + (f"; hint: {task['hint']}" if task["hint"] else ""))
     return StageResult(metrics=stats, inputs={"golden_lock": Path(cfg.golden_lock)})
+
+
+def _task_summary(project, rows: list[dict[str, Any]], golden: list[dict[str, Any]]) -> dict[str, Any]:
+    """The task kind of the project file, or inferred from the answers (tunegate.evals.labels.task_summary)."""
+    from tunegate.data.records import reference_answer
+    from tunegate.evals.labels import task_summary
+
+    demos = [r for r in rows if "messages" in r or "completion" in r]
+    return task_summary(project.task, [reference_answer(r) for r in demos], [reference_answer(g) for g in golden])
 
 
 def _write_stats_and_card(st: Stage, stats: dict[str, Any], timings: dict[str, Any], rejected: list[Rejection],
