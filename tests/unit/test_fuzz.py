@@ -145,6 +145,34 @@ def test_fuzz_parquet_every_row_is_a_record_or_a_rejection(tmp_path_factory, row
     _accounted(SourceConfig(path=path, format="text", text_column="row", max_row_bytes=LIMIT), len(rows))
 
 
+label_answers = st.one_of(json_values, st.lists(st.sampled_from(["card", "how", "fee", "oos", "none", " Card ", ""]), max_size=4),
+                          st.sampled_from(["card, how", "how,card", "none", ",,", "FEE", "oos"]))
+
+
+@fuzz(120)
+@given(answers=st.lists(label_answers, min_size=1, max_size=10), kind=st.sampled_from(["multilabel", "classification"]))
+def test_fuzz_label_answers_are_kept_canonical_or_rejected_with_a_rule(tmp_path_factory, answers, kind):
+    """A `task` reads answers as labels (lists, strings, null, anything): every row ends kept, in canonical form and
+    free of its source's drop_labels, or rejected with a rule."""
+    from tunegate.config import TaskConfig
+    from tunegate.evals.labels import canonical_answer, label_set
+
+    task = TaskConfig(kind=kind)
+    path = tmp_path_factory.mktemp("labels") / "a.json"
+    path.write_text(json.dumps([{"text": f"q{i}", "labels": a} for i, a in enumerate(answers)], ensure_ascii=False), encoding="utf-8")
+    src = SourceConfig(path=path, format="csv", prompt_column="text", completion_column="labels", max_row_bytes=LIMIT,
+                       drop_labels=["fee"], label_map={"how": "how_to"})
+    src._task = task
+    rows, _ = _accounted(src, len(answers))
+    for r in rows:
+        answer = r["messages"][-1]["content"]
+        if kind == "multilabel":
+            assert canonical_answer(answer, task) == answer and not label_set(answer, task) & {"fee", "how"}
+        else:
+            assert answer == answer.strip() and answer.lower() not in ("fee", "how")
+            assert isinstance(answers[int(r["messages"][-2]["content"][1:])], str)  # a list is no single label
+
+
 # ---- the template step --------------------------------------------------------------------------------------
 
 @fuzz(60)

@@ -730,6 +730,8 @@ def parse_row(obj: Any, src, default_id: str, source: str) -> dict[str, Any]:
     task = getattr(src, "_task", None)
     if task is not None and task.kind == "multilabel":
         obj = _label_list_answer(obj, src, task)
+    elif task is not None and task.kind == "classification" and isinstance(obj, dict) and isinstance(obj.get(_answer_key(src)), list):
+        raise RowError("wrong_type", f"'{_answer_key(src)}' is a list; a classification answer is one label (task.kind multilabel reads label lists)")
     rec = _parse_row(obj, src, default_id, source)
     if task is not None and task.kind in ("classification", "multilabel"):
         _label_answer(rec, src, task)
