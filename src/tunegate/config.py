@@ -35,6 +35,7 @@ from tunegate.catalog import (
     SAFETY_WITH_SAFE_PROMPTS,
 )
 from tunegate.core.paths import check_identifier, identifier_problem, inside
+from tunegate.core.text import normalize_answer
 
 
 class _Section(BaseModel):
@@ -102,6 +103,20 @@ class SourceConfig(_Section):
     label_map: dict[str, str] = Field(default_factory=dict)
     # Set by Project from its `task` section: how a source's answers are read as labels (tunegate.evals.labels).
     _task: Any = PrivateAttr(default=None)  # a TaskConfig
+
+    @model_validator(mode="after")
+    def _label_ops_well_formed(self):
+        keys = [normalize_answer(k) for k in self.label_map]
+        if len(set(keys)) != len(keys) or not all(keys):
+            raise ValueError(f"label_map {self.label_map}: its labels must differ after normalisation (case, spaces, edge punctuation) and not be empty")
+        bad = [v for v in self.label_map.values() if not v.strip() or v != v.strip()]
+        if bad:
+            raise ValueError(f"label_map maps to {bad[0]!r}: a label is a visible word without surrounding spaces")
+        both = sorted({normalize_answer(d) for d in self.drop_labels} & (set(keys) | {normalize_answer(v) for v in self.label_map.values()}))
+        if both:
+            raise ValueError(f"label {both[0]!r} is both dropped and mapped (drop_labels is matched on the source's own "
+                             "labels, before label_map): keep it in one of them")
+        return self
 
     @model_serializer(mode="wrap")
     def _no_empty_label_ops(self, handler):
@@ -180,12 +195,26 @@ class TaskConfig(_Section):
             raise ValueError(f"task.labels is for task.kind classification or multilabel, not {self.kind}")
         if self.kind == "multilabel" and not self.separator.strip():
             raise ValueError("task.separator must hold a visible character (e.g. ', '): answers are split on it")
+        if self.kind == "multilabel" and (not self.none_label.strip() or self.separator.strip() in self.none_label):
+            raise ValueError(f"task.none_label {self.none_label!r}: a visible word without the separator {self.separator.strip()!r}")
         if self.labels is not None:
             if len(set(self.labels)) != len(self.labels) or not all(label.strip() for label in self.labels):
                 raise ValueError("task.labels: each label once, none empty")
             if self.kind == "multilabel" and any(self.separator.strip() in label for label in self.labels):
                 raise ValueError(f"task.labels: a label holds the separator {self.separator.strip()!r}")
         return self
+
+    def reading(self) -> dict[str, Any] | None:
+        """The settings that change how rows are read (the data stage's fingerprint): kind, labels, and the
+        multi-label spelling; None for a generation task. Changing the metrics or abstain_label reruns no data stage."""
+        if self.kind not in ("classification", "multilabel"):
+            return None
+        out: dict[str, Any] = {"kind": self.kind, "labels": self.labels}
+        if self.kind == "multilabel":
+            out |= {"separator": self.separator, "none_label": self.none_label}
+        if self.kind == "classification" and self.labels is not None:
+            out["abstain_label"] = self.abstain_label  # an allowed answer beside the labels (unknown_label rule)
+        return out
 
     def default_metrics(self) -> list[str] | None:
         """The eval.metrics of this kind when the project sets none (None: the generation default)."""
@@ -630,15 +659,6 @@ class EvalConfig(_Section):
             out += list(JUDGE_METRICS)
         return out
 
-    @model_validator(mode="before")
-    @classmethod
-    def _gate_on_headline(cls, v):
-        """Without `gate`, the default rule bounds the headline metric (metrics[0]): the candidate must not be
-        measurably worse than the baseline on it."""
-        if isinstance(v, dict) and "gate" not in v and isinstance(v.get("metrics"), list) and v["metrics"]:
-            return {**v, "gate": [{"metric": v["metrics"][0], "min_delta_ci_low": 0.0}]}
-        return v
-
     @model_serializer(mode="wrap")
     def _no_empty_custom(self, handler):
         """The dump (stage config views, manifests) leaves out an empty `custom_metrics`, so the runs of projects that
@@ -703,7 +723,7 @@ class ProbeConfig(_Section):
 
 
 AUDIT_CANDIDATES = (
-    "zero_shot", "prompt_optimization", "knn_fewshot", "knn_classifier", "rag_bm25", "rag_dense", "rag_hybrid",
+    "zero_shot", "prompt_optimization", "knn_fewshot", "knn_classifier", "knn_classifier_abstain", "rag_bm25", "rag_dense", "rag_hybrid",
     "lora_probe", "lora_probe+rag",
 )
 
@@ -958,19 +978,21 @@ class Project(_Section):
     @model_validator(mode="before")
     @classmethod
     def _task_default_metrics(cls, v):
-        """A task kind's default eval.metrics (TaskConfig.default_metrics) when the project lists none (the default
-        gate rule then bounds the kind's headline metric: EvalConfig._gate_on_headline)."""
-        if not isinstance(v, dict) or not isinstance(v.get("task"), dict):
+        """With a `task` section: the kind's default eval.metrics (TaskConfig.default_metrics) when the project lists
+        none, and without `eval.gate` a default rule on the headline metric (metrics[0]): the candidate may not be
+        measurably worse than the baseline on it. Projects without a task keep EvalConfig's defaults as they were."""
+        if not isinstance(v, dict) or not isinstance(v.get("task"), dict) or ("eval" in v and not isinstance(v["eval"], dict)):
             return v
         try:
             task = TaskConfig.model_validate(v["task"])
         except ValidationError:
             return v  # the field's own validation reports it
-        ev = v.get("eval") if isinstance(v.get("eval"), dict) else None
-        metrics = task.default_metrics()
-        if metrics is None or (ev is not None and "metrics" in ev) or (ev is None and "eval" in v):
-            return v
-        return {**v, "eval": {**(ev or {}), "metrics": metrics}}
+        ev = dict(v.get("eval") or {})
+        if "metrics" not in ev and task.default_metrics() is not None:
+            ev["metrics"] = task.default_metrics()
+        if "gate" not in ev and isinstance(ev.get("metrics"), list) and ev["metrics"] and isinstance(ev["metrics"][0], str):
+            ev["gate"] = [{"metric": ev["metrics"][0], "min_delta_ci_low": 0.0}]
+        return {**v, "eval": ev}
 
     @model_validator(mode="after")
     def _metrics_fit_task(self) -> "Project":
@@ -987,6 +1009,13 @@ class Project(_Section):
         label_ops = [i for i, src in enumerate([*self.data.sources, self.data.golden]) if src.drop_labels or src.label_map]
         if label_ops and task.kind not in ("classification", "multilabel"):
             raise ValueError("drop_labels / label_map read answers as labels: they need task.kind classification or multilabel")
+        if task.kind == "multilabel":
+            sep, none = task.separator.strip(), task.none_label.strip().lower()
+            for src in [*self.data.sources, self.data.golden]:
+                bad = [v for v in src.label_map.values() if sep in v or normalize_answer(v) == normalize_answer(none)]
+                if bad:
+                    raise ValueError(f"{src.name}: label_map maps to {bad[0]!r}, which holds the separator {sep!r} or is the "
+                                     f"none label {task.none_label!r}: map a label to one label")
         for src in [*self.data.sources, self.data.golden]:
             src._task = self.task
         return self

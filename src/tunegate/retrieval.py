@@ -94,10 +94,14 @@ def knn_classify(neighbour_labels: Sequence[Sequence[str]], neighbour_sims: np.n
 
     With `threshold` and `abstain`: a query whose nearest neighbour's cosine similarity is below `threshold`
     gets `abstain` (the maximum-similarity out-of-scope baseline: far from every training row = out of scope).
+    A query without neighbours gets `abstain` ("" without one).
     neighbour_labels: per query, its neighbours' labels, nearest first; neighbour_sims: shape (Q, >= k)."""
     out = []
     for labels, sims in zip(neighbour_labels, neighbour_sims):
-        if threshold is not None and abstain is not None and (not len(labels) or float(sims[0]) < threshold):
+        if not len(labels):  # no neighbour at all (an empty pool): nothing to vote on
+            out.append(abstain or "")
+            continue
+        if threshold is not None and abstain is not None and float(sims[0]) < threshold:
             out.append(abstain)
             continue
         votes: dict[str, float] = {}

@@ -4,6 +4,8 @@ the kNN classifier's tuned abstain threshold, CLINC-style metrics through the ga
 
 import json
 
+import pytest
+
 from tunegate.config import load_project
 from tunegate.core.io import read_jsonl
 from tunegate.pipeline import run_stage
@@ -20,7 +22,7 @@ def _configure(root, task: str, metrics: str, sources: str, golden: str):
     cfg = cfg.replace("  sources: [{path: train.jsonl, format: chat}]", f"  sources: [{sources}]")
     cfg = cfg.replace("  golden: {path: golden.jsonl, format: chat}", f"  golden: {golden}")
     cfg = cfg.replace("  gate: [{metric: exact_match, min: 0.0, min_delta_ci_low: -1.0}]", f"  metrics: {metrics}\n  gate: []")
-    cfg = cfg.replace("audit:\n  enabled: false", "audit:\n  dev_rows: 20\n  candidates: [knn_classifier]\n  knn_k: [1, 3]")
+    cfg = cfg.replace("audit:\n  enabled: false", "audit:\n  dev_rows: 20\n  candidates: [knn_classifier, knn_classifier_abstain]\n  knn_k: [1, 3]")
     (root / "tunegate.yaml").write_text(cfg + task)
 
 
@@ -45,7 +47,8 @@ def test_held_out_label_becomes_out_of_scope_and_the_knn_classifier_learns_to_ab
     tuned = abstain["abstain"]
     # no oos row in training: one of the two training labels is hidden as simulated out-of-scope on the dev rows
     assert tuned["protocol"] == "1 training labels hidden as simulated out-of-scope" and tuned["dev_oos_rows"] > 0
-    assert tuned["dev_score"] >= tuned["dev_score_without"] and 0.0 <= tuned["threshold"] <= 1.0 + 1e-5
+    assert tuned["dev_score"] > tuned["dev_score_without"] and 0.0 <= tuned["threshold"] <= 1.0 + 1e-5
+    assert abstain["other_metrics"]["oos_recall"]["mean"] > 0.0  # it abstains on the golden set's held-out label
     for m in ("in_scope_accuracy", "oos_recall", "oos_precision"):
         s = abstain["other_metrics"][m]
         assert s["ci_low"] <= s["mean"] <= s["ci_high"]
@@ -58,6 +61,17 @@ def test_held_out_label_becomes_out_of_scope_and_the_knn_classifier_learns_to_ab
     assert [r["metric"] for r in verdict["rules"]] == ["oos_recall"]
     assert [r["label"] for r in scores["per_label"][:3]] == ["alpha", "beta", "oos"] and scores["per_label"][2]["support"] == 4
     assert "<h2>Per label</h2>" in (run_dir / "eval" / "eval.html").read_text()
+
+
+def test_a_golden_set_without_out_of_scope_rows_is_refused_before_anything_trains(tiny_project):
+    from tunegate import TunegateError
+
+    _configure(tiny_project, OOS_TASK, "[exact_match, oos_recall]", "{path: train.jsonl, format: chat, drop_labels: [gamma]}",
+               "{path: golden.jsonl, format: chat, label_map: {gamma: out_of_scope}}")  # a typo: no golden row says oos
+    project = load_project(tiny_project / "tunegate.yaml", ["eval.gate=[{metric: oos_recall, min: 0.0}]"])
+    with pytest.raises(TunegateError, match=r"golden.jsonl: no golden row's reference is the abstain label 'oos'"):
+        run_stage(project, tiny_project / "runs" / "default", "data")
+    assert not (tiny_project / "runs" / "default" / "data").exists()
 
 
 def test_multilabel_lists_are_read_canonically_and_scored_as_sets(tiny_project):

@@ -29,7 +29,13 @@ def test_each_task_kind_brings_its_metrics_and_headline_gate():
     oos = project(task={"kind": "classification", "abstain_label": "oos"}, eval={"gate": [{"metric": "oos_recall", "min": 0.5}]})
     assert oos.eval.metrics == ["exact_match", "macro_f1", "in_scope_accuracy", "oos_recall", "oos_precision"]
     assert [r.metric for r in oos.eval.gate] == ["oos_recall"]  # the project's own gate is kept
-    assert project(task={"kind": "multilabel"}, eval={"metrics": ["jaccard"]}).eval.metrics == ["jaccard"]  # given: kept
+    given = project(task={"kind": "multilabel"}, eval={"metrics": ["jaccard"]}).eval
+    assert given.metrics == ["jaccard"] and [r.metric for r in given.gate] == ["jaccard"]  # given metrics kept, gated on the first
+    # without a task section nothing changes: the default rule stays on exact_match whatever metrics[0] is
+    plain = project(eval={"metrics": ["token_f1", "exact_match"]}).eval
+    assert [(r.metric, r.min_delta_ci_low) for r in plain.gate] == [("exact_match", 0.0)]
+    with pytest.raises(ValueError, match=r"gate rule\(s\) on \['exact_match'\]"):
+        project(eval={"metrics": ["token_f1"]})
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -41,11 +47,27 @@ def test_each_task_kind_brings_its_metrics_and_headline_gate():
     ({"task": {"kind": "multilabel", "separator": " "}}, "separator must hold a visible character"),
     ({"task": {"kind": "multilabel", "labels": ["a, b"]}}, "holds the separator"),
     ({"task": {"kind": "classification", "labels": ["a", "a"]}}, "each label once"),
+    ({"task": {"kind": "multilabel", "none_label": " "}}, "none_label"),
+    ({"task": {"kind": "multilabel", "none_label": "no, thing"}}, "none_label"),
     ({"task": {"kind": "sentiment"}}, "kind"),
 ])
 def test_task_settings_that_cannot_hold_are_refused(extra, message):
     with pytest.raises(ValueError, match=message):
         project(**extra)
+
+
+@pytest.mark.parametrize("source, message", [
+    ({"label_map": {"a": ""}}, "a visible word"),
+    ({"label_map": {"a": " oos "}}, "a visible word"),
+    ({"label_map": {"Card": "x", "card.": "y"}}, "must differ after normalisation"),
+    ({"label_map": {"a": "b"}, "drop_labels": ["B"]}, "both dropped and mapped"),
+    ({"label_map": {"a": "b, c"}}, "holds the separator"),
+    ({"label_map": {"a": "None"}}, "none label"),
+])
+def test_label_operations_that_would_break_a_row_are_refused(source, message):
+    with pytest.raises(ValueError, match=message):
+        Project.model_validate({"name": "p", "task": {"kind": "multilabel"},
+                                "data": {"sources": [{"path": "a.jsonl", **source}], "golden": {"path": "g.jsonl"}}})
 
 
 def test_label_operations_need_a_label_task_and_a_golden_set_keeps_its_rows():
@@ -57,8 +79,15 @@ def test_label_operations_need_a_label_task_and_a_golden_set_keeps_its_rows():
 
 
 def test_projects_without_a_task_keep_their_stage_fingerprints():
+    from tunegate.stages import data as data_stage
+
     p = project()
-    assert "task" not in config_sections("base_model", "task", "eval")(p)
+    assert "task" not in config_sections("base_model", "task", "eval")(p) and "task" not in data_stage.config(p)
+    # the data stage reads rows by kind, labels and spelling only: metrics and the abstain label rerun no data stage
+    a = project(task={"kind": "classification"})
+    b = project(task={"kind": "classification", "abstain_label": "oos"})
+    assert data_stage.config(a) == data_stage.config(b) and data_stage.config(a)["task"]["kind"] == "classification"
+    assert data_stage.config(project(task={"kind": "generation"})) == data_stage.config(p)
     assert "drop_labels" not in p.section("data")["sources"][0] and "label_map" not in p.section("data")["sources"][0]
     with_task = project(task={"kind": "multilabel"})
     assert config_sections("base_model", "task", "eval")(with_task)["task"]["kind"] == "multilabel"
@@ -69,6 +98,12 @@ def test_multilabel_answers_are_read_order_free_in_one_canonical_form():
     assert canonical_answer("how,card", MULTI) == canonical_answer("card ,  how", MULTI) == "card, how"
     assert canonical_answer(None, MULTI) == canonical_answer([], MULTI) == canonical_answer("none", MULTI) == "none"
     assert label_set("Card, HOW.", MULTI) == {"card", "how"} and label_set("none", MULTI) == frozenset()
+    # the none label is no label, whether read or scored; spellings equal after normalisation are one label
+    assert canonical_answer(["none", "card"], MULTI) == canonical_answer("card, none", MULTI) == "card"
+    assert label_set("card, none", MULTI) == {"card"}
+    assert canonical_answer(["Card", "card", "card.", "arrival"], MULTI) == "arrival, Card"
+    with pytest.raises(ValueError, match="at most 100"):
+        canonical_answer([f"l{i}" for i in range(101)], MULTI)
     for bad, message in (([1, "a"], "holds int"), (["a, b"], "holds the separator"), ({"a": 1}, "got dict")):
         with pytest.raises(ValueError, match=message):
             canonical_answer(bad, MULTI)
@@ -92,6 +127,14 @@ def test_sources_read_label_lists_drop_and_map_labels_and_reject_bad_answers_by_
     oos_rows = [{"text": "a", "intents": " card_arrival "}, {"text": "b", "intents": "Exchange_Rate"}, {"text": "c", "intents": "fee"}]
     kept, rejected = _source(tmp_path, oos_rows, OOS, drop_labels=["fee"], label_map={"exchange_rate": "oos"})
     assert [r["messages"][-1]["content"] for r in kept] == ["card_arrival", "oos"] and [r.rule for r in rejected] == ["dropped_label"]
+
+
+def test_a_closed_label_set_rejects_answers_outside_it(tmp_path):
+    closed = TaskConfig(kind="classification", labels=["card_arrival", "fee"], abstain_label="oos")
+    rows = [{"text": "a", "intents": "Card_Arrival"}, {"text": "b", "intents": "oos"}, {"text": "c", "intents": "card_arival"}]
+    kept, rejected = _source(tmp_path, rows, closed)
+    assert [r["messages"][-1]["content"] for r in kept] == ["Card_Arrival", "oos"]
+    assert [(r.line, r.rule) for r in rejected] == [(3, "unknown_label")] and "'card_arival'" in rejected[0].detail
 
 
 def test_abstention_metrics_follow_their_clinc_definitions():
@@ -136,6 +179,16 @@ def test_multilabel_metrics_equal_scikit_learns():
     assert got["set_match"] == pytest.approx(np.mean([set(label_set(a, MULTI)) == set(label_set(b, MULTI)) for a, b in zip(pred, refs)]))
     assert len(per_row["set_match"]["candidate"]) == 60 and {m: s["baseline"]["mean"] for m, s in summary.items()} == dict.fromkeys(got, 1.0)
     assert score_metrics(["set_match"], refs, ["how, card"], ["card, how"], 100, 0, task=MULTI)[0]["set_match"]["candidate"]["mean"] == 1.0
+    assert score_metrics(["set_match"], ["x"], ["card, none"], ["card"], 100, 0, task=MULTI)[0]["set_match"]["candidate"]["mean"] == 1.0
+
+
+def test_a_ratio_undefined_in_a_resample_is_left_out_of_its_ci_not_counted_as_zero():
+    refs = ["a"] * 497 + ["oos"] * 3
+    pred = ["a"] * 494 + ["oos"] * 3 + ["oos"] * 3  # 3 false and 3 true abstentions
+    s = corpus_scores(["oos_precision", "oos_recall"], pred, refs, 2000, 0, OOS)
+    assert s["oos_precision"]["mean"] == 0.5 and s["oos_recall"]["mean"] == 1.0
+    # about 5% of resamples hold no oos row at all: with them counted as 0 the lower end would be 0.0
+    assert s["oos_recall"]["ci_low"] == 1.0 and s["oos_recall"]["ci_high"] == 1.0
 
 
 def test_knn_classifier_abstains_under_its_threshold_and_multilabel_votes_by_share():

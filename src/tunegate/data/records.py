@@ -789,6 +789,12 @@ def _label_answer(rec: dict[str, Any], src, task) -> None:
             answer = canonical_answer(task.separator.join(mapping.get(normalize_answer(p), p) for p in parts), task)
         else:
             answer = mapping.get(normalize_answer(answer), answer)
+    if task.labels is not None:  # a closed set given: an answer outside it is a fault of the data, not a new class
+        allowed = {normalize_answer(label) for label in [*task.labels, *([task.abstain_label] if task.abstain_label else [])]}
+        found = label_set(answer, task) if task.kind == "multilabel" else {normalize_answer(answer)}
+        unknown = sorted(found - allowed)
+        if unknown:
+            raise RowError("unknown_label", f"answer label {unknown[0]!r} is not in task.labels")
     put(answer)
 
 

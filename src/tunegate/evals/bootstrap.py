@@ -45,12 +45,19 @@ def bootstrap_statistic(stat, n_rows: int, n_samples: int = 10_000, seed: int = 
     """CI of a corpus statistic (e.g. macro-F1) by resampling rows. `stat(idx)` scores the rows idx (shape (N,)).
 
     Pass a statistic of the difference between two systems to get a paired CI. The same seed draws the same
-    resamples as `bootstrap_ci`, so row and corpus metrics are resampled alike.
+    resamples as `bootstrap_ci`, so row and corpus metrics are resampled alike. A statistic may be undefined
+    (NaN) on some rows, as a ratio with an empty denominator (tunegate.evals.labels): those resamples are left
+    out of the CI, and an undefined value on all the rows reads 0.0 (scikit-learn's zero_division=0).
     """
     if n_rows == 0:
         raise ValueError("bootstrap of zero rows")
     rng = np.random.default_rng(seed)
     draws = rng.integers(0, n_rows, size=(n_samples, n_rows))
     values = np.fromiter((stat(idx) for idx in draws), dtype=float, count=n_samples)
+    values = values[np.isfinite(values)]
+    point = float(stat(np.arange(n_rows)))
+    point = point if np.isfinite(point) else 0.0
+    if values.size == 0:
+        return Interval(point, point, point)
     a = (1 - confidence) / 2
-    return Interval(float(stat(np.arange(n_rows))), float(np.quantile(values, a)), float(np.quantile(values, 1 - a)))
+    return Interval(point, float(np.quantile(values, a)), float(np.quantile(values, 1 - a)))

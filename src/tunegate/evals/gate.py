@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from tunegate.catalog import ABSTAIN_METRICS, MULTILABEL_METRICS
-from tunegate.evals.bootstrap import bootstrap_ci, bootstrap_statistic, paired_bootstrap
+from tunegate.evals.bootstrap import Interval, bootstrap_ci, bootstrap_statistic, paired_bootstrap
 from tunegate.evals.labels import MULTILABEL_ROW
 from tunegate.evals.metrics import CORPUS_METRICS, ROW_METRICS, json_schema_metric, label_ids, macro_f1_ids
 
@@ -53,6 +53,7 @@ def score_metrics(
             b = bootstrap_statistic(b_stat, len(references), n_samples, seed)
             c = bootstrap_statistic(c_stat, len(references), n_samples, seed)
             d = bootstrap_statistic(lambda i: c_stat(i) - b_stat(i), len(references), n_samples, seed)
+            d = Interval(c.mean - b.mean, d.low, d.high)  # an undefined side reads 0.0 in the point estimate, as alone
         elif name in MULTILABEL_ROW:
             fn = MULTILABEL_ROW[name]
             bs = [fn(p, r, task) for p, r in zip(baseline, references)]

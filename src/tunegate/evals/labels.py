@@ -10,7 +10,8 @@ Intent Classification and Out-of-Scope Prediction"):
     oos_recall         of the rows whose reference is the abstain label, the fraction answered with it
     oos_precision      of the rows answered with the abstain label, the fraction whose reference is it
     (overall accuracy is `exact_match`). A ratio with an empty denominator is 0.0 (a system that never abstains
-    has oos_recall and oos_precision 0.0), as scikit-learn's zero_division=0.
+    has oos_recall and oos_precision 0.0), as scikit-learn's zero_division=0; bootstrap resamples where it is
+    undefined are left out of its CI.
 
 Multi-label (answers are label sets; order never matters):
     set_match              1.0 when the answer's label set equals the reference's (row metric)
@@ -18,7 +19,8 @@ Multi-label (answers are label sets; order never matters):
     label_micro_precision  sum over labels of TP / (TP + FP)
     label_micro_recall     sum over labels of TP / (TP + FN)
     label_micro_f1         2 TP / (2 TP + FP + FN), summed over labels
-    label_macro_f1         unweighted mean of per-label F1 over the labels of the references and answers
+    label_macro_f1         unweighted mean of per-label F1 over the labels of the references and answers (an
+                           answer's label that no reference has counts, with F1 0: scikit-learn's labels=None)
 These are the standard multi-label measures (Tsoumakas & Katakis 2007; scikit-learn's `average="micro"` /
 `"macro"` / `"samples"`), as NLU++ reports them (Casanueva et al. 2022).
 
@@ -34,42 +36,52 @@ from tunegate.evals.metrics import normalize_answer
 
 # ---- reading answers as labels ------------------------------------------------------------------------------
 
+MAX_LABELS_PER_ANSWER = 100  # a source answer with more labels than this is refused (a list, not a label set)
+
+
 def label_set(answer: str, task) -> frozenset[str]:
-    """A multi-label answer as its set of normalised labels: 'Card, how' -> {'card', 'how'}; the task's
-    `none_label` (or an empty answer) -> the empty set. Splits on `task.separator` stripped of spaces."""
-    sep = task.separator.strip()
-    parts = {normalize_answer(p) for p in answer.split(sep)}
-    parts.discard("")
-    return frozenset() if parts <= {normalize_answer(task.none_label)} else frozenset(parts)
+    """A multi-label answer as its set of normalised labels: 'Card, how' -> {'card', 'how'}. The task's
+    `none_label` is no label ('card, none' -> {'card'}; 'none' or an empty answer -> the empty set). Splits on
+    `task.separator` stripped of spaces."""
+    parts = {normalize_answer(p) for p in answer.split(task.separator.strip())}
+    return frozenset(parts - {"", normalize_answer(task.none_label)})
 
 
 def canonical_labels(labels: Iterable[str], task) -> str:
-    """A label set written the one way training and references use: sorted, each once, joined by
-    `task.separator`; the empty set is `task.none_label`. Labels keep their spelling (trimmed)."""
-    unique = sorted({str(label).strip() for label in labels} - {""})
-    return task.separator.join(unique) if unique else task.none_label
+    """A label set written the one way training and references use: each label once (labels equal after
+    `normalize_answer` are one label, written as first given, trimmed), sorted by that normalised form, joined
+    by `task.separator`; without labels (or only the none label) it is `task.none_label`."""
+    none = normalize_answer(task.none_label)
+    first: dict[str, str] = {}
+    for label in labels:
+        key = normalize_answer(str(label))
+        if key and key != none:
+            first.setdefault(key, str(label).strip())
+    return task.separator.join(first[k] for k in sorted(first)) if first else task.none_label
 
 
 def canonical_answer(value: Any, task) -> str:
     """A source's multi-label answer (a JSON list of labels, a written set, or null / missing = the empty set)
-    in canonical form. Raises ValueError for anything else (a number, an object, a list holding a non-string)."""
+    in canonical form (`canonical_labels`). Raises ValueError for anything else (a number, an object, a list
+    holding a non-string or a label with the separator in it, more than MAX_LABELS_PER_ANSWER labels)."""
+    sep = task.separator.strip()
     if value is None:
         return task.none_label
     if isinstance(value, str):
-        sep = task.separator.strip()
-        parts = [p.strip() for p in value.split(sep)]
-        parts = [p for p in parts if p and normalize_answer(p) != normalize_answer(task.none_label)]
-        return canonical_labels(parts, task)
-    if isinstance(value, (list, tuple)):
+        labels = value.split(sep)
+    elif isinstance(value, (list, tuple)):
         bad = [v for v in value if not isinstance(v, str)]
         if bad:
             raise ValueError(f"a label list holds {type(bad[0]).__name__} {bad[0]!r}; labels are strings")
-        sep = task.separator.strip()
         split = [v for v in value if sep in v]
         if split:
             raise ValueError(f"label {split[0]!r} holds the separator {sep!r} (task.separator)")
-        return canonical_labels(value, task)
-    raise ValueError(f"a multi-label answer is a list of labels or a string, got {type(value).__name__}")
+        labels = list(value)
+    else:
+        raise ValueError(f"a multi-label answer is a list of labels or a string, got {type(value).__name__}")
+    if len(labels) > MAX_LABELS_PER_ANSWER:
+        raise ValueError(f"{len(labels)} labels in one answer; at most {MAX_LABELS_PER_ANSWER}")
+    return canonical_labels(labels, task)
 
 
 def closed_label_set(train_answers: Sequence[str], golden_answers: Sequence[str]) -> list[str] | None:
@@ -85,16 +97,19 @@ def closed_label_set(train_answers: Sequence[str], golden_answers: Sequence[str]
 
 def task_summary(task, train_answers: Sequence[str], golden_answers: Sequence[str]) -> dict[str, Any]:
     """What the data stage prints and records about the task: {kind, source, labels, hint}. With a `task`
-    section it is that kind ("task section"); without one the kind is inferred from the answers (generation,
-    or classification when `closed_label_set` finds one), with a hint of what `task.kind` would add."""
+    section it is that kind ("task section"), labels counting the abstain label as the audit's label list does;
+    without one the kind is inferred from the answers (generation, or classification when `closed_label_set`
+    finds one), with a hint of what `task.kind` would add."""
     if task is not None and task.kind in ("classification", "multilabel"):
         if task.labels:
-            n = len(task.labels)
+            labels = {normalize_answer(label) for label in task.labels}
         elif task.kind == "multilabel":
-            n = len(set().union(*(label_set(a, task) for a in train_answers)))
+            labels = set().union(*(label_set(a, task) for a in train_answers))
         else:
-            n = len(set(train_answers))
-        return {"kind": task.kind, "source": "task section", "labels": n, "hint": None}
+            labels = {normalize_answer(a) for a in train_answers}
+        if task.abstain_label:  # counted as an answer the model may give, trained on or not
+            labels.add(normalize_answer(task.abstain_label))
+        return {"kind": task.kind, "source": "task section", "labels": len(labels), "hint": None}
     if task is not None:
         return {"kind": task.kind, "source": "task section", "labels": None, "hint": None}
     labels = closed_label_set(train_answers, golden_answers)
@@ -107,14 +122,23 @@ def task_summary(task, train_answers: Sequence[str], golden_answers: Sequence[st
 
 # ---- classification with an abstain label -------------------------------------------------------------------
 
-def _ratio(num, den) -> float:
-    den = int(den.sum())
-    return float(num.sum()) / den if den else 0.0
+def _ratio(num: float, den: float) -> float:
+    """num / den; NaN when den is 0: `tunegate.evals.bootstrap.bootstrap_statistic` leaves such resamples out of
+    the CI and reads an undefined point estimate as 0.0 (scikit-learn's zero_division=0)."""
+    return num / den if den else float("nan")
+
+
+def _resample_weights(idx, n: int):
+    """How many times each of the n rows is in the resample idx (an int array of shape (K,)): shape (n,)."""
+    import numpy as np
+
+    return np.bincount(idx, minlength=n).astype(np.float64)
 
 
 def abstain_statistics(predictions: Sequence[str], references: Sequence[str], abstain: str) -> dict[str, Callable]:
     """{metric: stat(idx) -> float} for in_scope_accuracy, oos_recall and oos_precision on the rows idx (an int
-    array of shape (K,), as `tunegate.evals.bootstrap.bootstrap_statistic` draws them).
+    array of shape (K,), as `tunegate.evals.bootstrap.bootstrap_statistic` draws them); NaN where the ratio's
+    denominator is empty in those rows.
 
     Raises ValueError when no reference is the abstain label (out-of-scope recall is undefined without
     out-of-scope rows) or when every reference is (in-scope accuracy is)."""
@@ -130,11 +154,18 @@ def abstain_statistics(predictions: Sequence[str], references: Sequence[str], ab
                          "out-of-scope recall needs out-of-scope rows in the golden set")
     if ref_oos.all():
         raise ValueError(f"every golden row's reference is the abstain label {abstain!r}: in-scope accuracy needs in-scope rows")
-    return {
-        "in_scope_accuracy": lambda i: _ratio(correct[i] & ~ref_oos[i], ~ref_oos[i]),
-        "oos_recall": lambda i: _ratio(pred_oos[i] & ref_oos[i], ref_oos[i]),
-        "oos_precision": lambda i: _ratio(pred_oos[i] & ref_oos[i], pred_oos[i]),
-    }
+    n = len(ref)
+    in_right, in_rows = (correct & ~ref_oos).astype(float), (~ref_oos).astype(float)
+    oos_found, oos_rows, oos_said = (pred_oos & ref_oos).astype(float), ref_oos.astype(float), pred_oos.astype(float)
+
+    def stat(num, den):
+        def f(idx):
+            w = _resample_weights(idx, n)
+            return _ratio(w @ num, w @ den)
+        return f
+
+    return {"in_scope_accuracy": stat(in_right, in_rows), "oos_recall": stat(oos_found, oos_rows),
+            "oos_precision": stat(oos_found, oos_said)}
 
 
 # ---- multi-label --------------------------------------------------------------------------------------------
@@ -181,28 +212,36 @@ def _counts(P, R):
     return tp, (P & ~R).sum(axis=0), (~P & R).sum(axis=0)
 
 
-def _micro(P, R) -> dict[str, float]:
-    tp, fp, fn = (int(x.sum()) for x in _counts(P, R))
-    return {"label_micro_precision": tp / (tp + fp) if tp + fp else 0.0,
-            "label_micro_recall": tp / (tp + fn) if tp + fn else 0.0,
-            "label_micro_f1": 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 1.0}
-
-
-def _macro_f1(P, R) -> float:
-
-    tp, fp, fn = _counts(P, R)
-    denom = 2 * tp + fp + fn
-    present = denom > 0  # a label neither answered nor referenced in these rows is not counted
-    return float((2 * tp[present] / denom[present]).mean()) if present.any() else 1.0
-
-
 def multilabel_statistics(predictions: Sequence[str], references: Sequence[str], task) -> dict[str, Callable]:
-    """{metric: stat(idx) -> float} for the corpus multi-label metrics on the rows idx (int array of shape (K,))."""
+    """{metric: stat(idx) -> float} for the corpus multi-label metrics on the rows idx (int array of shape (K,)).
+
+    Micro averages pool every label's TP, FP and FN; macro-F1 averages the F1 of the labels answered or referenced
+    in those rows (scikit-learn's `average="macro"` with labels=None: an answer's label outside the references
+    counts as a label with F1 0). NaN where undefined (no label at all in those rows). A resample costs one
+    (N,) x (N, L) product per count, not a copy of the (N, L) matrices."""
+    import numpy as np
+
     P, R, _ = label_matrices(predictions, references, task)
-    out: dict[str, Callable] = {name: (lambda i, name=name: _micro(P[i], R[i])[name])
-                                for name in ("label_micro_precision", "label_micro_recall", "label_micro_f1")}
-    out["label_macro_f1"] = lambda i: _macro_f1(P[i], R[i])
-    return out
+    n = len(references)
+    TP, FP, FN = ((P & R).astype(np.float64), (P & ~R).astype(np.float64), (~P & R).astype(np.float64))
+    tp_row, fp_row, fn_row = TP.sum(axis=1), FP.sum(axis=1), FN.sum(axis=1)
+
+    def micro(name: str) -> Callable:
+        def f(idx):
+            w = _resample_weights(idx, n)
+            tp, fp, fn = w @ tp_row, w @ fp_row, w @ fn_row
+            return {"label_micro_precision": _ratio(tp, tp + fp), "label_micro_recall": _ratio(tp, tp + fn),
+                    "label_micro_f1": _ratio(2 * tp, 2 * tp + fp + fn)}[name]
+        return f
+
+    def macro_f1(idx):
+        w = _resample_weights(idx, n)
+        tp, fp, fn = w @ TP, w @ FP, w @ FN
+        denom = 2 * tp + fp + fn
+        present = denom > 0
+        return float((2 * tp[present] / denom[present]).mean()) if present.any() else float("nan")
+
+    return {**{m: micro(m) for m in ("label_micro_precision", "label_micro_recall", "label_micro_f1")}, "label_macro_f1": macro_f1}
 
 
 def per_label_table(systems: dict[str, Sequence[str]], references: Sequence[str], task) -> list[dict[str, Any]]:

@@ -22,9 +22,8 @@ from functools import lru_cache
 from typing import Any, Callable, Sequence
 
 from tunegate import catalog
+from tunegate.core.text import normalize_answer  # noqa: F401 (the metrics' normalisation, used across the evals)
 
-_WS = re.compile(r"\s+")
-_EDGE = string.punctuation + "\u201c\u201d\u2018\u2019"
 _NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?")
 _FENCE = re.compile(r"^```(?:json)?\s*(.*?)\s*```$", re.S)
 
@@ -36,11 +35,6 @@ REFUSAL_MARKERS = (
     "i do not feel comfortable", "i don't feel comfortable", "cannot assist", "can't assist", "cannot help with",
     "can't help with", "not able to provide", "against my", "i'm just an ai", "i'm really sorry",
 )
-
-
-def normalize_answer(text: str) -> str:
-    """Lower-case, collapse whitespace, strip surrounding punctuation and quotes: 'Card_Arrival.' -> 'card_arrival'."""
-    return _WS.sub(" ", text).strip().lower().strip(_EDGE).strip()
 
 
 def exact_match(prediction: str, reference: str) -> float:

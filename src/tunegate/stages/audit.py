@@ -48,8 +48,7 @@ from tunegate.evals.answer import golden_prompts
 from tunegate.evals.bootstrap import bootstrap_ci
 from tunegate.evals.custom import metric_files, metric_functions, score_rows
 from tunegate.evals.gate import corpus_scores
-from tunegate.evals.labels import MULTILABEL_ROW, canonical_labels, closed_label_set
-from tunegate.evals.labels import label_set as answer_labels
+from tunegate.evals.labels import MULTILABEL_ROW, canonical_labels, closed_label_set, label_set
 from tunegate.evals.metrics import ROW_METRICS, normalize_answer
 from tunegate.preflight import anti_pattern_table, instruct_tuned
 from tunegate.prices import load_prices
@@ -83,11 +82,11 @@ def quality_bar(project, metric: str) -> float | None:
     return max(mins) if mins else None
 
 
-def label_set(train: list[dict[str, Any]], golden: list[dict[str, Any]], task=None) -> list[str] | None:
+def task_labels(train: list[dict[str, Any]], golden: list[dict[str, Any]], task=None) -> list[str] | None:
     """The labels of a classification or multi-label task: `task.labels`, else those of the training answers (with
     the abstain label). Without a task section: few distinct short answers that cover the golden set, else None."""
     if task is not None and task.kind == "multilabel":
-        return task.labels or sorted(set().union(*(answer_labels(reference_answer(r), task) for r in train)))
+        return task.labels or sorted(set().union(*(label_set(reference_answer(r), task) for r in train)))
     if task is not None and task.kind == "classification":
         labels = task.labels or sorted({reference_answer(r) for r in train})
         return labels + [task.abstain_label] if task.abstain_label and task.abstain_label not in labels else labels
@@ -300,7 +299,7 @@ def _prepare(st: Stage, metric: str, bar: float | None, prices: dict[str, Any]) 
     dev_idx = set(rng.sample(range(len(train)), min(acfg.dev_rows, max(len(train) // 2, 1))))
     dev = [r for i, r in enumerate(train) if i in dev_idx]
     pool = [r for i, r in enumerate(train) if i not in dev_idx]
-    labels = label_set(train, golden, project.task)
+    labels = task_labels(train, golden, project.task)
     wanted = set(acfg.candidates or [])
     kind = project.task.kind if project.task else "classification" if labels else "generation"
     console.print(f"audit on {len(golden)} golden rows, metric {metric}, bar {bar if bar is not None else 'none'}; "
@@ -378,7 +377,9 @@ def _knn_candidates(a: _Audit) -> None:
     """Retrieval of labelled examples: knn_fewshot (the `fewshot_k` most similar training rows as in-context
     examples) and, for labelled tasks, knn_classifier (a similarity-weighted vote, k picked on dev rows; no LLM)."""
     acfg, scorer = a.project.audit, a.scorer
-    if not (a.want("knn_fewshot") or (a.labels and a.want("knn_classifier"))):
+    abstain = a.project.task.abstain_label if a.project.task is not None else None
+    classifier = bool(a.labels) and (a.want("knn_classifier") or bool(abstain and a.want("knn_classifier_abstain")))
+    if not (a.want("knn_fewshot") or classifier):
         return
     from tunegate.retrieval import DenseIndex, knn_classify
 
@@ -395,7 +396,7 @@ def _knn_candidates(a: _Audit) -> None:
         out, wall = a.timed_generate(prompts, "knn_fewshot", extra_s=search_s)
         scorer.add("knn_fewshot", out, wall, prompts, trains=False, method="prompt_optimization",
                    detail=f"the {acfg.fewshot_k} most similar training rows (MiniLM) as few-shot examples")
-    if not (a.labels and a.want("knn_classifier")):
+    if not classifier:
         return
     dev_ids, dev_sims = pool_index.search([prompt_text(r) for r in a.dev], depth)
     if a.project.task is not None and a.project.task.kind == "multilabel":
@@ -408,26 +409,27 @@ def _knn_candidates(a: _Audit) -> None:
         pred = knn_classify([[pool_labels[j] for j in row] for row in dev_ids], dev_sims, k)
         dev_scores[k] = sum(scorer.rows(a.metric, pred, dev_refs)) / len(a.dev)
     k_best = max(acfg.knn_k, key=lambda k: dev_scores[k])
-    t0 = time.perf_counter()
-    out = knn_classify([[pool_labels[j] for j in row] for row in ids], sims, k_best)
-    wall = time.perf_counter() - t0 + search_s
-    scorer.add("knn_classifier", out, wall, None, trains=False, method="prompt_optimization",
-               detail=f"MiniLM embeddings, similarity-weighted vote of k={k_best} neighbours (k picked on dev rows: "
-                      + ", ".join(f"k={k} {v:.3f}" for k, v in dev_scores.items()) + "); no LLM",
-               index_s=round(index_s, 1))
-    abstain = a.project.task.abstain_label if a.project.task is not None else None
-    if abstain:
-        tuned = _tune_abstain(a, pool_index, pool_labels, k_best, abstain)
+    if a.want("knn_classifier"):
+        t0 = time.perf_counter()
+        out = knn_classify([[pool_labels[j] for j in row] for row in ids], sims, k_best)
+        wall = time.perf_counter() - t0 + search_s
+        scorer.add("knn_classifier", out, wall, None, trains=False, method="prompt_optimization",
+                   detail=f"MiniLM embeddings, similarity-weighted vote of k={k_best} neighbours (k picked on dev rows: "
+                          + ", ".join(f"k={k} {v:.3f}" for k, v in dev_scores.items()) + "); no LLM",
+                   index_s=round(index_s, 1))
+    tuned = _tune_abstain(a, pool_index, pool_labels, k_best, abstain) if abstain and a.want("knn_classifier_abstain") else None
+    if tuned is not None:
         t0 = time.perf_counter()
         out = knn_classify([[pool_labels[j] for j in row] for row in ids], sims, k_best, tuned["threshold"], abstain)
         wall = time.perf_counter() - t0 + search_s
         scorer.add("knn_classifier_abstain", out, wall, None, trains=False, method="prompt_optimization",
                    detail=f"knn_classifier (k={k_best}) answering {abstain} when the nearest training row's cosine is under "
-                          f"{tuned['threshold']:.3f}, tuned on {tuned['dev_rows']} dev rows ({tuned['protocol']}); no LLM",
+                          + (f"{tuned['threshold']:.3f}" if tuned["threshold"] is not None else "no threshold (never abstaining scored best)")
+                          + f", tuned on {tuned['dev_rows']} dev rows ({tuned['protocol']}); no LLM",
                    abstain=tuned, index_s=round(index_s, 1))
 
 
-def _tune_abstain(a: _Audit, pool_index, pool_labels: list[str], k: int, abstain: str) -> dict[str, Any]:
+def _tune_abstain(a: _Audit, pool_index, pool_labels: list[str], k: int, abstain: str) -> dict[str, Any] | None:
     """The similarity threshold under which the kNN classifier abstains, picked on dev rows (never golden rows):
     the threshold with the best headline metric among the dev rows' own nearest-neighbour similarities.
 
@@ -435,7 +437,8 @@ def _tune_abstain(a: _Audit, pool_index, pool_labels: list[str], k: int, abstain
     are. When they hold none (the held-out-intents protocol: out-of-scope queries are intents never trained on),
     out-of-scope dev rows are simulated the same way: a seeded SIMULATED_OOS_SHARE of the training labels is hidden
     from the neighbour pool and their dev rows are relabelled `abstain`.
-    Returns {threshold, protocol, dev_rows, dev_oos_rows, hidden_labels, dev_score, dev_score_without}."""
+    Returns {threshold (None: never abstaining scored best), protocol, dev_rows, dev_oos_rows, hidden_labels,
+    dev_score, dev_score_without}, or None when out-of-scope cannot be simulated (fewer than 2 training labels)."""
     import numpy as np
 
     from tunegate.retrieval import knn_classify
@@ -445,6 +448,9 @@ def _tune_abstain(a: _Audit, pool_index, pool_labels: list[str], k: int, abstain
     hidden: set[str] = set()
     if not any(normalize_answer(label) == oos for label in pool_labels):
         in_scope = sorted(set(pool_labels))
+        if len(in_scope) < 2:
+            console.print(f"  knn_classifier_abstain: skipped, {len(in_scope)} training label(s): no out-of-scope rows to tune on")
+            return None
         n_hidden = max(1, round(len(in_scope) * SIMULATED_OOS_SHARE))
         hidden = set(random.Random(a.project.audit.seed).sample(in_scope, n_hidden))
         dev_refs = [abstain if r in hidden else r for r in dev_refs]
@@ -457,15 +463,15 @@ def _tune_abstain(a: _Audit, pool_index, pool_labels: list[str], k: int, abstain
         labels.append([lab for lab, _ in visible])
         kept_sims.append([s for _, s in visible] or [0.0])
     top = sorted({float(s[0]) for s in kept_sims})
-    candidates = [0.0, *[t + 1e-6 for t in top]]  # abstain below each dev row's own similarity, or never
+    candidates = [None, *[t + 1e-6 for t in top]]  # never abstain, or abstain below each dev row's own similarity
 
-    def score(threshold: float) -> float:
+    def score(threshold: float | None) -> float:
         pred = knn_classify(labels, kept_sims, k, threshold, abstain)
         return sum(a.scorer.rows(a.metric, pred, dev_refs)) / len(dev_refs)
 
     scores = [score(t) for t in candidates]
-    best = int(np.argmax(scores))  # the first of equals: the lowest threshold, abstaining least
-    return {"threshold": round(candidates[best], 6), "protocol": f"{len(hidden)} training labels hidden as simulated out-of-scope"
+    best = int(np.argmax(scores))  # the first of equals: never, else the lowest threshold, abstaining least
+    return {"threshold": None if candidates[best] is None else round(candidates[best], 6), "protocol": f"{len(hidden)} training labels hidden as simulated out-of-scope"
             if hidden else "out-of-scope rows of the training data", "dev_rows": len(dev_refs),
             "dev_oos_rows": sum(normalize_answer(r) == oos for r in dev_refs), "hidden_labels": sorted(hidden),
             "dev_score": round(scores[best], 4), "dev_score_without": round(scores[0], 4)}
@@ -477,7 +483,7 @@ def _knn_multilabel(a: _Audit, golden_hits, dev_hits, index_s: float) -> None:
     from tunegate.retrieval import knn_multilabel
 
     task, acfg = a.project.task, a.project.audit
-    pool_sets = [answer_labels(reference_answer(r), task) for r in a.pool]
+    pool_sets = [label_set(reference_answer(r), task) for r in a.pool]
     dev_refs = [reference_answer(r) for r in a.dev]
 
     def answers(ids, sims, k, threshold) -> list[str]:

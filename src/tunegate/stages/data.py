@@ -116,6 +116,7 @@ def run(st: Stage) -> StageResult:
     added = tuple(st.project.train.added_tokens)  # the project's tokenizer: what training tokenizes with
     tokenizer = load_tokenizer(base, added)  # no weights
     golden, lock = read_golden(cfg, tokenizer)
+    _check_golden_defines_metrics(st.project, golden)
     log.restart_clock()  # reading and checking the golden set is not a step of the training rows
 
     # 2. PII: redact every turn, then re-scan; before the template checks, so lengths are those of the redacted
@@ -227,6 +228,25 @@ def run(st: Stage) -> StageResult:
     return StageResult(metrics=stats, inputs={"golden_lock": Path(cfg.golden_lock)})
 
 
+def _check_golden_defines_metrics(project, golden: list[dict[str, Any]]) -> None:
+    """Out-of-scope metrics need golden rows on both sides of the abstain label: refused here, before any training
+    or generation, rather than after the eval stage answered the whole golden set. Raises TunegateError."""
+    from tunegate.catalog import ABSTAIN_METRICS
+    from tunegate.data.records import reference_answer
+    from tunegate.evals.metrics import normalize_answer
+
+    asked = [m for m in project.eval.metrics if m in ABSTAIN_METRICS]
+    if not asked:
+        return
+    label = project.task.abstain_label
+    n_oos = sum(normalize_answer(reference_answer(g)) == normalize_answer(label) for g in golden)
+    if n_oos == 0 or n_oos == len(golden):
+        side = "no" if n_oos == 0 else "every"
+        raise TunegateError(f"{project.data.golden.path}: {side} golden row's reference is the abstain label {label!r} "
+                            f"(task.abstain_label); eval.metrics {asked} need both out-of-scope and in-scope golden rows "
+                            "(label_map on data.golden relabels held-out labels)")
+
+
 def _task_summary(project, rows: list[dict[str, Any]], golden: list[dict[str, Any]]) -> dict[str, Any]:
     """The task kind of the project file, or inferred from the answers (tunegate.evals.labels.task_summary)."""
     from tunegate.data.records import reference_answer
@@ -262,7 +282,7 @@ def read_sources(sources, keep_raw: bool = True) -> tuple[list[dict[str, Any]], 
     per_source: dict[str, dict[str, int]] = {}
     for src in sources:
         recs, rej = read_source(src)
-        per_source[src.name] = {"rows_read": len(recs) + len(rej), "rejected_structure": len(rej)}
+        per_source[src.name] = {"rows_read": len(recs) + len(rej), "rejected_structure": sum(rejection_kind(r.rule) == "invalid" for r in rej)}
         rows += recs
         rejections += rej
     dedupe_ids(rows)
@@ -580,9 +600,13 @@ def prepare(project) -> None:
 
 
 def config(project) -> dict[str, Any]:
-    """The settings the data stage depends on: base_model and data, and train.added_tokens when set (they change
-    how rows tokenize: lengths, the over-length policy)."""
-    view = config_sections("base_model", "task", "data")(project)
+    """The settings the data stage depends on: base_model and data, train.added_tokens when set (they change
+    how rows tokenize: lengths, the over-length policy), and how a `task` reads answers as labels when it does
+    (TaskConfig.reading: not its metrics)."""
+    view = config_sections("base_model", "data")(project)
+    reading = project.task.reading() if project.task is not None else None
+    if reading is not None:
+        view["task"] = reading
     if project.train.added_tokens:
         view["added_tokens"] = list(project.train.added_tokens)
     return view
