@@ -61,6 +61,10 @@ def test_held_out_label_becomes_out_of_scope_and_the_knn_classifier_learns_to_ab
     assert [r["metric"] for r in verdict["rules"]] == ["oos_recall"]
     assert [r["label"] for r in scores["per_label"][:3]] == ["alpha", "beta", "oos"] and scores["per_label"][2]["support"] == 4
     assert "<h2>Per label</h2>" in (run_dir / "eval" / "eval.html").read_text()
+    from tunegate.report.release_docs import render_release_docs
+
+    card = render_release_docs(run_dir, project)["MODEL_CARD.md"]
+    assert "the answer `oos` means the model judged the request to be outside the labels" in card
 
 
 def test_a_golden_set_without_out_of_scope_rows_is_refused_before_anything_trains(tiny_project):
@@ -104,3 +108,6 @@ def test_multilabel_lists_are_read_canonically_and_scored_as_sets(tiny_project):
     assert scores["headline"] == "set_match" and {r["label"] for r in scores["per_label"]} >= set(words)
     verdict = json.loads((run_dir / "eval" / "verdict.json").read_text())
     assert verdict["rules"] == [] and verdict["verdict"] == "FAIL"  # `gate: []` given: a gate without rules does not pass
+    from tunegate.report.release_docs import render_release_docs
+
+    assert 'a set of labels, written sorted and joined by ", "; "none" means no label applies' in render_release_docs(run_dir, project)["MODEL_CARD.md"]

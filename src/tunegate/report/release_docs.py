@@ -430,6 +430,8 @@ def gather(run_dir: Path, project, merged: str | None = None, gguf: dict[str, An
         "data": _data(_section(manifests, "data", "data", project), stats, manifests.get("data"), project.root),
         "eval": _eval(scores, verdict, _json(run_dir / "eval" / "suites.json")),
         "audit": _audit(_json(run_dir / "audit" / "audit.json"), manifests.get("audit")),
+        # the task section the eval measured with (its stage config view holds it when set)
+        "task": manifests["eval"].config.get("task") if manifests.get("eval") else (project.task.model_dump() if project.task else None),
         "anti_patterns": _anti_patterns(_json(run_dir / "train" / "preflight.json")),
         "manifests": {k: {"started_at": m.started_at, "wall_s": m.wall_s, "sha256": sha256_file(run_dir / k / MANIFEST)}
                       for k, m in manifests.items()},
