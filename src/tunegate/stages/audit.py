@@ -647,8 +647,10 @@ def _train_probe(st: Stage, pool: list[dict[str, Any]], n_train: int, seed: int,
     atomic_write_jsonl(probe_dir / "data" / "train.jsonl", rows)
     atomic_write_jsonl(probe_dir / "data" / "val.jsonl", [])
     project = st.project.model_copy(deep=True)
-    # The probe is SFT with the default adapter whatever train.method is: a lower bound of what training buys.
+    # The probe is SFT with the default adapter whatever train.method is (classify too: its label generated, not
+    # scored by a head): a lower bound of what training buys.
     project.train.method, project.train.grpo, project.train.distillation, project.train.init_adapter = "sft", None, None, None
+    project.train.classify = None
     if project.train.adapter in ("full", "qlora"):
         project.train.adapter, project.train.lora = "dora", {}
     trl = {k: v for k, v in project.train.trl.items() if k in _sft_keys() and k not in AUDIT_IGNORED_TRL_KEYS}
