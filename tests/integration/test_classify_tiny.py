@@ -50,6 +50,8 @@ def test_the_head_and_its_labels_are_saved_with_a_threshold_tuned_on_validation_
     assert head["labels"] == ["alpha", "beta"] and head["abstain_label"] == "oos" and head["max_length"] == 64
     summary = json.loads((run / "train" / "train_summary.json").read_text())
     assert summary["method"] == "classify" and summary["steps"] == 4
+    preflight = json.loads((run / "train" / "preflight.json").read_text())
+    assert set(preflight["rows_per_label"]) == {"alpha", "beta"} and preflight["errors"] == 0
     val = read_jsonl(run / "data" / "val.jsonl")
     # val_abstain_rate 0.5: the floor(0.5 n)-th smallest largest probability of the n validation rows
     assert summary["classify"]["val_rows"] == len(val) >= 2

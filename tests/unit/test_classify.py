@@ -76,3 +76,16 @@ def test_abstention_by_threshold_answers_the_abstain_label_under_it():
     assert tune_threshold(top, 0.2) == 0.65
     assert sum(p < tune_threshold(top, 0.2) for p in top) == 2  # two of ten in-scope rows abstain
     assert tune_threshold(top, 0.05) == 0.0  # under one row: never abstain
+
+
+def test_the_preflight_counts_rows_per_label_and_refuses_a_single_label(tmp_path, tiny_project_factory):
+    from tunegate.preflight import MIN_ROWS_PER_LABEL, classify_findings
+
+    project = _project(tmp_path, tiny_project_factory)
+    rows = [chat(f"q{i}", "alpha") for i in range(MIN_ROWS_PER_LABEL)] + [chat("q", "beta")]
+    findings, per_label = classify_findings(project, rows)
+    assert per_label == {"alpha": MIN_ROWS_PER_LABEL, "beta": 1}
+    assert [(f.name, f.level) for f in findings] == [("classify_few_rows", "warning")] and "beta 1" in findings[0].message
+    findings, _ = classify_findings(project, rows[:1])
+    assert [(f.name, f.level) for f in findings] == [("classify_labels", "error")] and "at least 2 labels" in findings[0].message
+    assert classify_findings(_project(tmp_path / "sft", tiny_project_factory, "train.method=sft"), rows) == ([], None)
