@@ -128,3 +128,23 @@ def test_the_embedded_server_answers_with_the_label(classified, tiny_model_dir):
         r = client.post("/v1/chat/completions", headers={"Authorization": f"Bearer {key}"},
                         json={"model": base, "messages": [{"role": "user", "content": "hello"}], "max_tokens": 3})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+
+
+def test_a_promoted_classify_version_is_served_under_the_project_name(classified):
+    root, project, run = classified
+    from fastapi.testclient import TestClient
+
+    from tunegate.serve import create_app, production
+    from tunegate.serve import db as servedb
+
+    project = load_project(root / "tunegate.yaml", ["data.val_fraction=0.2"])
+    entry = production.promote(project, "default")
+    app = create_app(project)
+    key = servedb.add_tenant(servedb.connect(servedb.project_url(project)), "globex", [project.name])
+    prompt, label = next((s["prompt"], s["candidate_output"]) for s in read_jsonl(run / "eval" / "samples.jsonl"))
+    with TestClient(app) as client:
+        r = client.post("/v1/chat/completions", headers={"Authorization": f"Bearer {key}"},
+                        json={"model": project.name, "messages": [{"role": "user", "content": prompt}]})
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["message"]["content"] == label
+        assert r.headers["X-Tunegate-Adapter-Version"] == f"{project.name}-v{entry['version']}"
