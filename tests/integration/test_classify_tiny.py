@@ -148,3 +148,31 @@ def test_a_promoted_classify_version_is_served_under_the_project_name(classified
         assert r.status_code == 200, r.text
         assert r.json()["choices"][0]["message"]["content"] == label
         assert r.headers["X-Tunegate-Adapter-Version"] == f"{project.name}-v{entry['version']}"
+
+
+def test_the_audit_probes_the_classification_head(tmp_path, tiny_model_dir):
+    """train.method classify: the audit's lora_probe trains the head (the dev rows as its validation rows) and scores
+    the golden rows with it, next to the kNN classifier; the recommendation follows the closed_label_set answer."""
+    from conftest import make_tiny_project
+
+    from tunegate.pipeline import run_stage
+
+    root = make_tiny_project(tmp_path, tiny_model_dir)
+    cfg = (root / "tunegate.yaml").read_text().replace("train:\n", "train:\n  method: classify\n")
+    cfg = cfg.replace("audit:\n  enabled: false", "audit:\n  dev_rows: 12\n  candidates: [knn_classifier, lora_probe]\n"
+                      "  knn_k: [1, 3]\n  probe: {max_steps: 2, rows: 30, budget_minutes: 1}\n"
+                      "  answers: {changing_knowledge: 'no', verifier: 'no', preference: none, demonstrations: closed_label_set}")
+    (root / "tunegate.yaml").write_text(cfg + "task: {kind: classification}\n")
+    project = load_project(root / "tunegate.yaml")
+    run = root / "runs" / "default"
+    run_stage(project, run, "data")
+    run_stage(project, run, "audit")
+    report = json.loads((run / "audit" / "audit.json").read_text())
+    probe = next(c for c in report["candidates"] if c["name"] == "lora_probe")
+    assert probe["trains"] and probe["method"] == "classify" and "classification-head probe: 2 steps on 30 rows" in probe["detail"]
+    assert 0.0 <= probe["mean"] <= 1.0
+    head = json.loads((run / "audit" / "probe" / ".train.partial" / "adapter" / "tunegate_classify.json").read_text())
+    assert head["labels"] == ["alpha", "beta", "gamma"]
+    summary = json.loads((run / "audit" / "probe" / ".train.partial" / "train_summary.json").read_text())
+    assert summary["method"] == "classify" and summary["classify"]["val_rows"] == 12  # the dev rows
+    assert report["recommendation"]["decision"]["method"] in ("classify", "prompt_optimization")

@@ -12,7 +12,10 @@ Concurrency of the embedded engine: one base model is loaded once, every adapter
 model). The active adapter is state of the one shared model, and transformers' generate is not thread-safe, so
 generation runs under one lock: requests are answered one at a time, in arrival order, while authentication,
 validation and the database writes of other requests (traces, feedback) go on beside it. This trades
-throughput for simplicity; vLLM batches requests for different adapters together.
+throughput for simplicity; vLLM batches requests for different adapters together. The adapter of a classify run
+(train.method classify, tunegate.recipes.classify) is not attached to the shared model: it gets a model of its own
+(the base model with its classification head, one more copy of the base weights) and answers a chat completion
+with its label from one forward pass, under the same lock and deadline (`EmbeddedEngine._classify`).
 
 Bounds of the embedded engine, so that no request can hold the lock for long (issue 23):
 - Context window: `context_window` is the model's (config.max_position_embeddings, or the tokenizer's
