@@ -577,7 +577,7 @@ def decide(
     as_json: Annotated[bool, typer.Option("--json", help="print the decision as JSON")] = False,
     out: Annotated[Optional[Path], typer.Option("--out", help="write decision.json here")] = None,
 ) -> None:
-    """Which method fits: at most five questions, twelve outcomes (RAG and prompting first). Asks what flags leave open."""
+    """Which method fits: at most five questions, thirteen outcomes (RAG and prompting first). Asks what flags leave open."""
     import json
 
     from tunegate import decide as tree

@@ -446,7 +446,25 @@ METHOD_FORMATS: dict[str, tuple[str, ...]] = {
     "kto": ("kto", "preference"),  # a pair gives one desirable and one undesirable row
     "grpo": ("chat", "alpaca", "sharegpt", "openai_log", "csv"),  # the final assistant turn is the reference answer the verifier checks against
     "distillation": ("chat", "alpaca", "sharegpt", "openai_log", "csv"),  # the teacher answers the prompts; the final turn is replaced
+    "classify": _DEMOS,  # the final answer is the row's label (task.kind classification)
 }
+
+
+class ClassifyConfig(_Section):
+    """Method classify (tunegate.recipes.classify): the base model with a sequence-classification head (one score per
+    label, on the last prompt token) and a LoRA/DoRA adapter; it answers in one forward pass, no generation.
+
+    Abstention (task.abstain_label): when the training rows hold the abstain label it is one more class. When they
+    hold none (held-out intents), the head answers the abstain label when its largest softmax probability is under
+    a threshold (the maximum-softmax-probability baseline, Hendrycks & Gimpel 2017): `abstain_threshold` when set,
+    else tuned on the validation rows (data stage's val.jsonl) after training, as the `val_abstain_rate` quantile of
+    their largest probabilities: that share of in-scope validation rows would abstain.
+    """
+
+    abstain_threshold: float | None = Field(default=None, ge=0, lt=1)  # fixed; None: tuned on the validation rows
+    val_abstain_rate: float = Field(default=0.05, ge=0, lt=1)  # the share of in-scope validation rows let abstain
+
+
 
 
 class TrainConfig(_Section):
@@ -454,12 +472,13 @@ class TrainConfig(_Section):
 
     method: sft (demonstrations), cpt (continued pretraining on raw text, packed), dpo (preference pairs,
     Rafailov et al. 2023), kto (unpaired thumbs, Ethayarajh et al. 2024), orpo (SFT + preference in one pass,
-    Hong et al. 2024), grpo (a verifier's reward), distillation (a teacher's answers or logits).
+    Hong et al. 2024), grpo (a verifier's reward), distillation (a teacher's answers or logits), classify (a
+    sequence-classification head and an adapter for a closed label set: task.kind classification).
     adapter: dora (default: LoRA r=16 with DoRA), lora, qlora (4-bit base via bitsandbytes: CUDA only),
     full (every weight trains; no adapter).
     """
 
-    method: Literal["sft", "cpt", "dpo", "kto", "orpo", "grpo", "distillation"] = "sft"
+    method: Literal["sft", "cpt", "dpo", "kto", "orpo", "grpo", "distillation", "classify"] = "sft"
     adapter: Literal["dora", "lora", "qlora", "full"] = "dora"
     # Passed as-is to peft.LoraConfig; tunegate's defaults are LoRA r=16, alpha=32, DoRA, all linear layers.
     lora: dict[str, Any] = Field(default_factory=dict)
@@ -471,6 +490,7 @@ class TrainConfig(_Section):
     init_adapter: Path | None = None
     grpo: GrpoConfig | None = None  # method grpo: required
     distillation: DistillationConfig | None = None  # method distillation: required
+    classify: ClassifyConfig | None = None  # method classify: optional (abstention settings)
     budget_minutes: float | None = Field(default=None, gt=0)  # stop training (and save) after this long
     seed: int = 0
     # Tokens added to the base tokenizer (e.g. ["<ticket>"]), as plain, non-special tokens: they may appear in the
@@ -502,6 +522,16 @@ class TrainConfig(_Section):
             raise ValueError(f"`grpo` is set but method is {self.method}")
         if self.method != "distillation" and self.distillation is not None:
             raise ValueError(f"`distillation` is set but method is {self.method}")
+        if self.method != "classify" and self.classify is not None:
+            raise ValueError(f"`classify` is set but method is {self.method}")
+        if self.method == "classify":
+            for setting, problem in (("adapter", self.adapter in ("full", "qlora") and f"adapter {self.adapter}"),
+                                     ("init_adapter", self.init_adapter is not None and "init_adapter"),
+                                     ("added_tokens", bool(self.added_tokens) and "added_tokens")):
+                if problem:
+                    raise ValueError(f"method classify with {problem}: not supported (train.{setting}); rule: a classify "
+                                     "run trains a new LoRA/DoRA adapter (adapter lora or dora) with its head on the "
+                                     "base model's own vocabulary")
         if self.adapter == "full" and self.lora:
             raise ValueError("adapter full trains every weight: remove `lora`")
         if self.init_adapter is not None and self.lora:
@@ -1018,6 +1048,25 @@ class Project(_Section):
                                      f"none label {task.none_label!r}: map a label to one label")
         for src in [*self.data.sources, self.data.golden]:
             src._task = self.task
+        return self
+
+    @model_validator(mode="after")
+    def _classify_needs_labels(self) -> "Project":
+        """train.method classify predicts one label of a closed set: task.kind classification."""
+        task = self.task or TaskConfig()
+        if self.train.method == "classify" and task.kind != "classification":
+            raise ValueError(f"train.method classify needs task.kind classification (got {task.kind}); rule: a "
+                             "classification head answers one label of a closed set (task.labels, or the training answers)")
+        if self.train.method == "classify" and self.release.gguf is not None:
+            raise ValueError("release.gguf with train.method classify: not supported; rule: GGUF files are checked by "
+                             "generating text (llama.cpp), and a classification head writes none (remove release.gguf)")
+        if self.train.method == "classify" and self.eval.suites is not None:
+            raise ValueError("eval.suites with train.method classify: not supported; rule: the suites score generated "
+                             "text, and a classification head answers one label (remove eval.suites)")
+        c = self.train.classify
+        if c is not None and c.abstain_threshold is not None and task.abstain_label is None:
+            raise ValueError("train.classify.abstain_threshold is set but task.abstain_label is not; rule: abstention "
+                             "answers the abstain label (e.g. task.abstain_label: oos)")
         return self
 
     @model_validator(mode="after")

@@ -1,4 +1,4 @@
-"""The honest decision tree: at most five questions, twelve methods, one table of data.
+"""The honest decision tree: at most five questions, thirteen methods, one table of data.
 
 The table (`TREE`) is the single source for the terminal wizard (`tunegate decide`), `tunegate decide
 --explain`, and the docs. The first question sends everything that is really a knowledge problem to RAG,
@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 METHODS = (
     "rag", "prompt_optimization", "lora", "dora", "qlora", "full_sft", "cpt", "dpo", "kto", "orpo", "grpo", "distillation",
+    "classify",
 )
 TRAINS = {m: m not in ("rag", "prompt_optimization") for m in METHODS}
 
@@ -88,6 +89,9 @@ TREE: dict[str, Question] = {q.id: q for q in (
         "LoRA rank 16 with DoRA is the default; the other answers name the one constraint that changes it.",
         (
             Option("default", "none of the below: learn a behaviour or format from demonstrations", "leaf:dora"),
+            Option("closed_label_set", "every answer is one label of a closed set (intents, categories), out-of-scope abstention included",
+                   "leaf:classify", "generating the label (SFT): a head scores every label in one forward pass, gives "
+                   "a probability to abstain on, and cannot answer outside the set"),
             Option("unmerged_serving", "the adapter must be served unmerged by an engine without DoRA (e.g. vLLM multi-LoRA)", "leaf:lora",
                    "DoRA: its magnitude vectors cannot be served unmerged by vLLM"),
             Option("memory_tight", "GPU memory is too tight for the base model in 16-bit", "leaf:qlora",
@@ -127,6 +131,10 @@ LEAVES: dict[str, Leaf] = {leaf.method: leaf for leaf in (
          "Generate teacher answers for your prompts; use logits when the tokenizers match."),
     Leaf("full_sft", "A benchmark showed LoRA falls short: full fine-tuning, with the benchmark kept as evidence.",
          "Budget for full optimizer state; compare against the LoRA run on the same golden set."),
+    Leaf("classify", "Demonstrations whose answers are labels of a closed set: a classification head with a LoRA/DoRA "
+         "adapter predicts the label in one forward pass, and abstains under a probability threshold.",
+         "Set task.kind classification (task.abstain_label for out of scope) and train.method classify; serve it "
+         "with `tunegate serve` (vLLM's multi-LoRA does not serve the head)."),
 )}
 
 START = "changing_knowledge"
@@ -142,6 +150,7 @@ TRAIN_SETTINGS: dict[str, dict[str, str]] = {
     "orpo": {"method": "orpo"},
     "grpo": {"method": "grpo"},
     "distillation": {"method": "distillation"},
+    "classify": {"method": "classify"},
 }
 
 
@@ -265,7 +274,7 @@ def explain_markdown() -> str:
             target = f"**{o.next[5:].upper()}**" if o.next.startswith("leaf:") else f"question `{o.next}`"
             lines.append(f"| `{o.key}`: {o.label} | {target} | {o.rejects} |")
         lines.append("")
-    lines += ["## The twelve methods", "", "| method | trains | why it fits | next step |", "|---|---|---|---|"]
+    lines += ["## The thirteen methods", "", "| method | trains | why it fits | next step |", "|---|---|---|---|"]
     for m in METHODS:
         leaf = LEAVES[m]
         lines.append(f"| **{m.upper()}** | {'yes' if TRAINS[m] else 'no'} | {leaf.why} | {leaf.next_step} |")

@@ -184,15 +184,22 @@ def merge_run(project, run_dir: Path, out_dir: Path, n_prompts: int = 8, atol: f
     golden prompts (`run_dir/data/golden.jsonl`), and publish it to `out_dir` (`merge_adapter`).
 
     Returns the merge check. Raises TunegateError naming the file that is missing, when the project's base_model is
-    not the one the train manifest records, or when the merge is refused.
+    not the one the train manifest records, when the adapter is a classification head (train.method classify), or
+    when the merge is refused.
     """
     from tunegate.data.format import generation_prompt
     from tunegate.models import load_adapter_tokenizer, resolve_base_model
 
     from tunegate.core.manifest import read_manifest
 
+    from tunegate.recipes.classify import is_classifier
+
     run_dir = Path(run_dir)
     adapter_dir = run_dir / "train" / "adapter"
+    if is_classifier(adapter_dir):
+        raise TunegateError(f"{adapter_dir}: a classification head (train.method classify) is not merged or exported; rule: "
+                            "the merge check and GGUF export compare generations, and a head writes no text; serve the "
+                            "release bundle with the embedded engine (`tunegate serve`)")
     train = read_manifest(run_dir / "train")
     trained_on = train.config.get("base_model", project.base_model) if train is not None else project.base_model
     if trained_on != project.base_model:

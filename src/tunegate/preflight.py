@@ -296,6 +296,39 @@ def anti_patterns(project, n_train_rows: int, base_is_instruct: bool, answers: d
     return sorted(found, key=lambda f: f.level != "error")
 
 
+MIN_ROWS_PER_LABEL = 8  # method classify: a label with fewer training rows than this is warned about
+
+
+def classify_findings(project, rows: list[dict[str, Any]]) -> tuple[list[Finding], dict[str, int] | None]:
+    """For train.method classify (tunegate.recipes.classify): the label set the head will have and how many training
+    rows each label has. Errors: fewer than 2 labels, or a training answer outside task.labels
+    (`classify_labels`); warning: a label with fewer than MIN_ROWS_PER_LABEL rows (`classify_few_rows`).
+
+    Returns (findings, rows per label; None when the method is not classify)."""
+    from collections import Counter
+
+    from tunegate.data.records import reference_answer
+    from tunegate.recipes.classify import label_set
+
+    if project.train.method != "classify":
+        return [], None
+    counts = Counter(reference_answer(r) for r in rows)
+    try:
+        labels = label_set(project.task, rows)
+    except TunegateError as exc:
+        return [Finding("classify_labels", "error", str(exc), "fix task.labels or the training answers")], dict(counts)
+    per_label = {label: counts.get(label, 0) for label in labels}
+    few = {label: n for label, n in per_label.items() if n < MIN_ROWS_PER_LABEL}
+    findings = []
+    if few:
+        shown = ", ".join(f"{label} {n}" for label, n in sorted(few.items(), key=lambda x: x[1])[:10])
+        findings.append(Finding("classify_few_rows", "warning",
+                                f"method classify: {len(few)} of {len(labels)} labels have fewer than {MIN_ROWS_PER_LABEL} "
+                                f"training rows ({shown}{', ...' if len(few) > 10 else ''}): the head sees too few "
+                                "examples of them to score them well", "add training rows for those labels"))
+    return findings, per_label
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The vocabulary and the pass-through settings
 
@@ -731,7 +764,10 @@ def run_checks(project, data_dir: Path, measure: bool = True) -> dict[str, Any]:
     LoRA target modules resolved against the model's real module names (C12), and with `measure` a
     micro-benchmark and the estimate (tokens, FLOPs, time here, peak memory, 7B cloud cost).
 
+    Method classify: its label set and rows per label (`classify_findings`).
+
     Returns {"findings": [Finding.to_json()], "errors": int, "rows": int, "mask_rejections": {rule: n},
+    "rows_per_label": {label: n} | None,
     "target_modules": ... | None, "micro_benchmark": ... | None, "estimate": ... | None, "text": render(...)}.
     """
     import json
@@ -746,6 +782,8 @@ def run_checks(project, data_dir: Path, measure: bool = True) -> dict[str, Any]:
     base = resolve_base_model(project.base_model)
     tokenizer = load_tokenizer(base)
     findings = anti_patterns(project, len(rows), instruct_tuned(tokenizer))
+    found, rows_per_label = classify_findings(project, rows)  # method classify: its label set
+    findings += found
 
     rejected = stats.get("rejected_by_rule", {})
     mask = {f"{rule} ({case})": rejected[rule] for rule, case in MASK_RULES.items() if rejected.get(rule)}
@@ -799,6 +837,9 @@ def run_checks(project, data_dir: Path, measure: bool = True) -> dict[str, Any]:
         train_tokens = round(train_tokens * stats.get("train_rows", len(rows)) / max(stats.get("rows_kept", len(rows)), 1))
         est = estimate(project, n_params, n_trainable, train_tokens, bench["tokens_per_s"], load_prices(project.audit.prices),
                        n_train_rows=len(rows), dims=dims, bf16=use_bf16)
+        if project.train.method == "classify":
+            est["notes"].append("time here is measured on the SFT loss over the answer; classify reads the same prompt "
+                                "tokens and scores one position per row with its head")
         if project.train.method in ("dpo", "kto", "orpo", "grpo", "distillation"):
             est["notes"].append(f"time here is measured on the SFT loss; {project.train.method} costs more per token "
                                 "(chosen and rejected sequences, a reference pass, or generation)")
@@ -808,10 +849,11 @@ def run_checks(project, data_dir: Path, measure: bool = True) -> dict[str, Any]:
         "errors": sum(f.level == "error" for f in findings),
         "rows": len(rows),
         "mask_rejections": mask,
+        "rows_per_label": rows_per_label,  # method classify: training rows of each label of the head (None otherwise)
         "target_modules": targets,
         "micro_benchmark": bench,
         "estimate": est,
-        "text": render(findings, est) + _render_checks(mask, targets, bench),
+        "text": render(findings, est) + _render_checks(mask, targets, bench, rows_per_label),
     }
 
 
@@ -832,9 +874,14 @@ def _autocast(bf16: bool):
     return torch.autocast("cpu", dtype=torch.bfloat16) if bf16 and not torch.cuda.is_available() else contextlib.nullcontext()
 
 
-def _render_checks(mask: dict[str, int], targets: dict[str, Any] | None, bench: dict[str, Any] | None) -> str:
+def _render_checks(mask: dict[str, int], targets: dict[str, Any] | None, bench: dict[str, Any] | None,
+                   rows_per_label: dict[str, int] | None = None) -> str:
     lines = ["", "loss mask and length (rows the data stage rejected or cut, by rule):"]
     lines += [f"  {k}: {v}" for k, v in mask.items()] or ["  none"]
+    if rows_per_label:
+        counts = sorted(rows_per_label.values())
+        lines.append(f"classification head: {len(counts)} labels, training rows per label min {counts[0]}, "
+                     f"median {counts[len(counts) // 2]}, max {counts[-1]}")
     if targets is not None:
         lines.append(f"LoRA target modules: {len(targets['matched'])} modules ({', '.join(targets['matched_suffixes'])}) "
                      f"of this model's linear layers {', '.join(targets['available_linear_suffixes'])}")

@@ -13,11 +13,13 @@ by the next release. Layout:
 
     release.json          what was released (project, run, base model and the sha256 of its weights, the data sources
                           by project-relative path with their sha256, method, adapter settings, scores, vLLM fit,
+                          `classify`: a classification head's labels and abstain threshold (train.method classify),
                           stop_token_ids: the eos and end-of-turn ids generation stops at; vocab_size and
                           added_tokens: the embedding rows and train.added_tokens it trained with)
     adapter/              the PEFT adapter files exactly as trained (with generation_config.json: the stop ids)
     merged/               only when vLLM cannot serve the adapter as a LoRA (DoRA, modules_to_save, added tokens, bias, rank):
-                          the merged model from `tunegate.export` (checked against the adapter, case C13 in docs/cases.md)
+                          the merged model from `tunegate.export` (checked against the adapter, case C13 in docs/cases.md);
+                          never for a classification head (train.method classify: served by the embedded engine)
     gguf/                 only with release.gguf: GGUF files, Modelfile and the parity gate's verdict.json (tunegate.gguf_export);
                           the release is refused unless every file's parity gate passed
     manifests/<stage>.json  the manifests of data, train, eval and report, byte for byte (the lineage chain)
@@ -476,6 +478,13 @@ def max_lora_rank_for(ranks: list[int]) -> int:
 # ---------------------------------------------------------------------------------------------- build
 
 
+def _classify_head(adapter_dir: Path) -> dict[str, Any] | None:
+    """A classify run's head file (tunegate.recipes.classify.CLASSIFY_FILE), or None for a generation adapter."""
+    from tunegate.recipes.classify import is_classifier, read_head
+
+    return read_head(adapter_dir) if is_classifier(adapter_dir) else None
+
+
 def _copy_recorded(src_stage: Path, manifest: Manifest, rel: str, dest: Path) -> None:
     """Copy one output of a stage and check the copy against the sha256 its manifest recorded."""
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -605,6 +614,7 @@ def write_bundle(project, run_dir: Path, dest: Path, *, private_key: Path | None
 
     train, ev = manifests["train"], manifests["eval"]
     full = any(r.startswith("model/") for r in train.outputs)
+    classify = _classify_head(run_dir / "train" / "adapter")
     # The weights as trained (full fine-tune: the whole model goes to merged/).
     for rel in sorted(r for r in train.outputs if r.startswith(("adapter/", "model/"))):
         dest_file = tmp / ("merged/" + rel[len("model/"):] if full else rel)
@@ -633,7 +643,11 @@ def write_bundle(project, run_dir: Path, dest: Path, *, private_key: Path | None
         adapter_cfg = json.loads((tmp / "adapter" / "adapter_config.json").read_text(encoding="utf-8"))
         servable, reasons = vllm_compatibility(adapter_cfg)
         merged = None
-        if not servable and merge:
+        if classify is not None:  # not merged: tunegate.export checks merges of generation adapters only
+            reasons.append("a classification head (train.method classify): vLLM's LoRA adapters are for generation; "
+                           "the bundle is served by the embedded engine (`tunegate serve`), not merged")
+            console.print(f"[dim]- release: classification head: not merged (release.merge does not apply); {reasons[-1]}[/dim]")
+        elif not servable and merge:
             from tunegate.export import merge_run
 
             console.print(f"[dim]- release: vLLM cannot serve this adapter as a LoRA ({'; '.join(reasons)}); merging[/dim]")
@@ -676,6 +690,8 @@ def write_bundle(project, run_dir: Path, dest: Path, *, private_key: Path | None
         "lora_alpha": adapter_cfg.get("lora_alpha"),
         "target_modules": sorted(adapter_cfg["target_modules"]) if isinstance(adapter_cfg.get("target_modules"), list) else adapter_cfg.get("target_modules"),
         "modules_to_save": adapter_cfg.get("modules_to_save"),
+        # train.method classify: the head's labels and abstention (adapter/tunegate_classify.json); None otherwise
+        "classify": classify,
         "stop_token_ids": [stop_ids] if isinstance(stop_ids, int) else stop_ids,
         "vocab_size": vocab.get("vocab_size"),  # embedding rows: the base model's plus the added tokens'
         "added_tokens": vocab.get("added_tokens", {}),  # train.added_tokens -> token id

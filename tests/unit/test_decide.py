@@ -1,4 +1,4 @@
-"""The decision tree: every one of the twelve leaves is reachable, in at most five questions."""
+"""The decision tree: every one of the thirteen leaves is reachable, in at most five questions."""
 
 import json
 import subprocess
@@ -12,7 +12,7 @@ from tunegate.decide import LEAVES, METHODS, TREE, DecisionError, decide, explai
 def test_every_method_is_a_reachable_leaf_within_five_questions():
     paths = paths_to_leaves()
     assert set(paths) == set(METHODS) == set(LEAVES)
-    assert len(METHODS) == 12
+    assert len(METHODS) == 13
     for method, answers in paths.items():
         d = decide(answers)
         assert d.method == method
@@ -32,6 +32,7 @@ def test_every_method_is_a_reachable_leaf_within_five_questions():
     ({"changing_knowledge": "no", "prompt_meets_bar": "no", "verifier": "no", "preference": "none", "demonstrations": "foreign_vocabulary"}, "cpt", True),
     ({"changing_knowledge": "no", "prompt_meets_bar": "no", "verifier": "no", "preference": "none", "demonstrations": "small_student"}, "distillation", True),
     ({"changing_knowledge": "no", "prompt_meets_bar": "no", "verifier": "no", "preference": "none", "demonstrations": "lora_fell_short"}, "full_sft", True),
+    ({"changing_knowledge": "no", "prompt_meets_bar": "no", "verifier": "no", "preference": "none", "demonstrations": "closed_label_set"}, "classify", True),
 ])
 def test_each_leaf(answers, method, trains):
     d = decide(answers)
@@ -133,3 +134,11 @@ def test_answers_given_ahead_read_from_a_file_then_flags(tmp_path):
         read_answers(None, ["colour=blue"])
     with pytest.raises(DecisionError, match="answers file not found"):
         read_answers(tmp_path / "missing.yaml")
+
+
+def test_the_classify_leaf_is_written_as_train_method_classify():
+    from tunegate.decide import TRAIN_SETTINGS
+
+    d = decide(paths_to_leaves()["classify"])
+    assert TRAIN_SETTINGS["classify"] == {"method": "classify"} and "closed set" in d.why
+    assert any("generating the label" in r for r in d.rejected)

@@ -9,7 +9,7 @@ from typing import Any
 
 from tunegate import TunegateError
 from tunegate.data.format import generation_prompt
-from tunegate.evals.backends import LocalChat
+from tunegate.evals.backends import LocalChat, LocalClassifier
 from tunegate.evals.generate import generate
 
 
@@ -22,7 +22,7 @@ def golden_prompts(tokenizer, golden: list[dict[str, Any]]) -> list[str]:
 
 
 def answer_golden(backend, tokenizer, golden: list[dict[str, Any]], max_new_tokens: int, desc: str,
-                  stopped: list[bool] | None = None) -> list[str]:
+                  stopped: list[bool] | None = None, probabilities: list[float] | None = None) -> list[str]:
     """One answer per golden row from `backend`, greedy, at most `max_new_tokens` new tokens each.
 
     backend: a `tunegate.evals.backends.LocalChat` (in-process: prompts from `golden_prompts`, batched, with the
@@ -30,10 +30,20 @@ def answer_golden(backend, tokenizer, golden: list[dict[str, Any]], max_new_toke
     desc=...)`, such as `OpenAIChat` (the rows' messages without the reference answer). tokenizer: needed
     in-process only (None for a server). desc: the progress bar's label. stopped: in-process, filled with one
     bool per row, whether its answer ended at an end-of-turn / eos token (`generate`); left empty for a server.
+    A `LocalClassifier` (method classify) answers each row with a label from one forward pass of its head, the
+    prompt rendered as for generation; `probabilities` is then filled with each label's probability, and `stopped`
+    with True (a label is a whole answer).
 
     Raises:
         TunegateError: a server backend and golden rows that are prompt/completion text, not chat messages.
     """
+    if isinstance(backend, LocalClassifier):
+        labels, top = backend.classify(golden, desc)
+        if probabilities is not None:
+            probabilities[:] = top
+        if stopped is not None:
+            stopped[:] = [True] * len(labels)
+        return labels
     if isinstance(backend, LocalChat):
         prompts = golden_prompts(tokenizer, golden)
         with backend.answering():

@@ -47,6 +47,31 @@ class LocalChat:
         return contextlib.nullcontext()
 
 
+class LocalClassifier:
+    """A classify run's adapter (tunegate.recipes.classify): answers each prompt with one label from one forward pass
+    of its classification head, no generation. `head`: the adapter's tunegate_classify.json (labels, abstention)."""
+
+    def __init__(self, model, tokenizer, head: dict[str, Any], batch_size: int = 16, name: str = "candidate"):
+        self.model, self.tokenizer, self.head, self.batch_size, self.name = model, tokenizer, head, batch_size, name
+
+    def classify(self, rows: Sequence[dict[str, Any]], desc: str = "classifying") -> tuple[list[str], list[float]]:
+        """(label, its probability) per row (golden-set rows: chat messages or prompt/completion), in order."""
+        from tunegate.recipes.classify import encode_prompts, predict_labels, probabilities
+
+        ids = encode_prompts(self.tokenizer, rows, self.head["max_length"])
+        return predict_labels(probabilities(self.model, ids, self.tokenizer.pad_token_id, self.batch_size, desc), self.head)
+
+    def complete(self, conversations: Sequence[Messages], max_new_tokens: int, prefill: str = "", desc: str = "generating") -> list[str]:
+        """The label for each conversation (its final turn the user's); `max_new_tokens` and `prefill` do not apply:
+        a classification head writes no text. Raises TunegateError for a prefill (the judge's form)."""
+        from tunegate import TunegateError
+
+        if prefill:
+            raise TunegateError("a classification head answers labels; it cannot continue a prefilled answer")
+        rows = [{"messages": [*m, {"role": "assistant", "content": ""}]} for m in conversations]
+        return self.classify(rows, desc)[0]
+
+
 class OpenAIChat:
     """An OpenAI-compatible /v1/chat/completions endpoint, temperature 0, `concurrency` requests in flight.
 

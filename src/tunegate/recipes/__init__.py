@@ -5,8 +5,10 @@
     preference.py    DPO (pairs), ORPO (pairs, no reference), KTO (unpaired thumbs)
     grpo.py          GRPO against a verifier (tunegate.verifiers), with the reward-variance checks (C18 in docs/cases.md)
     distill.py       distillation: sequence-level (teacher answers, then SFT) or logit-level (GKD)
+    classify.py      a sequence-classification head + LoRA/DoRA (PEFT SEQ_CLS), transformers' Trainer: one label
+                     of a closed set per forward pass, abstention by probability threshold
 
-Every recipe is `build(ctx: common.Context) -> common.Built`: it returns the TRL trainer, facts for the
+Every recipe is `build(ctx: common.Context) -> common.Built`: it returns the trainer (TRL's; classify: transformers'), facts for the
 summary, and what to do after training; `tunegate.recipes.run.run_training` (the train stage's body and the
 audit's probe) runs it, resumes, and saves.
 """
@@ -19,6 +21,7 @@ RECIPES = {
     "orpo": "preference",
     "grpo": "grpo",
     "distillation": "distill",
+    "classify": "classify",
 }
 
 

@@ -49,6 +49,7 @@ class Built:
     info: dict[str, Any] = field(default_factory=dict)
     after_train: Callable[[Any], dict[str, Any]] | None = None  # trainer -> more facts for the summary
     trl_kwargs: dict[str, Any] = field(default_factory=dict)
+    save: Callable[[Path], None] | None = None  # writes the recipe's own files into the saved adapter folder
 
 
 def peft_config(project: Project, model=None, tokenizer=None):

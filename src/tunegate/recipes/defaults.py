@@ -27,8 +27,12 @@ DEFAULT_LORA: dict[str, Any] = {
 
 
 def lora_kwargs(project: Project) -> dict[str, Any]:
-    """peft.LoraConfig arguments: DEFAULT_LORA, DoRA off for `adapter: lora | qlora`, then `train.lora`."""
+    """peft.LoraConfig arguments: DEFAULT_LORA, DoRA off for `adapter: lora | qlora`, then `train.lora`. Method
+    classify trains a sequence-classification head: task_type SEQ_CLS (PEFT then trains and saves the `score`
+    layer whole, as a module to save)."""
     adapter_default = {"use_dora": project.train.adapter == "dora"}
+    if project.train.method == "classify":
+        adapter_default["task_type"] = "SEQ_CLS"
     return {**DEFAULT_LORA, **adapter_default, **project.train.lora}
 
 
@@ -54,12 +58,18 @@ _DEFAULT_LR = {
     ("kto", "adapter"): 5e-5, ("kto", "full"): 5e-7,
     ("orpo", "adapter"): 8e-5, ("orpo", "full"): 8e-6,
     ("grpo", "adapter"): 1e-5, ("grpo", "full"): 1e-6,
+    ("classify", "adapter"): 2e-4,  # the new score head trains with the adapter
 }
 
 
 def trl_config_class(project: Project):
-    """The TRL config class `train.trl` is passed to for this method."""
+    """The TRL config class `train.trl` is passed to for this method (classify: transformers' TrainingArguments,
+    TRL has no classification trainer)."""
     method = project.train.method
+    if method == "classify":
+        from transformers import TrainingArguments
+
+        return TrainingArguments
     if method == "dpo":
         from trl import DPOConfig
 
@@ -100,6 +110,8 @@ def trl_kwargs(project: Project, output_dir: Path, device_bf16: bool) -> dict[st
         # a step holds whole groups: the batch defaults to one group (TRL requires a multiple of num_generations)
         defaults.update(num_generations=n_gen, max_completion_length=64, per_device_train_batch_size=n_gen,
                         logging_steps=1, temperature=1.0, beta=0.0)
+    if method == "classify":
+        defaults.pop("max_length")  # TrainingArguments has none: recipes.classify cuts prompts to data.max_length
     if method == "distillation" and project.train.distillation.mode == "logits":
         defaults.pop("max_length")  # DistillationConfig has no max_length: the data stage already fit the rows
         defaults.update(max_completion_length=project.train.distillation.max_new_tokens)
@@ -197,6 +209,9 @@ def unsupported_passthrough(project: Project) -> list[str]:
     if project.train.added_tokens and embeddings:
         problems.append(f"train.lora.modules_to_save: {embeddings} with train.added_tokens: PEFT trains either the whole "
                         "layer or the added tokens' rows, not both; remove them (the added tokens' rows train)")
+    if project.train.method == "classify" and lora.get("task_type", "SEQ_CLS") != "SEQ_CLS":
+        problems.append(f"train.lora.task_type: {lora['task_type']!r} with method classify; rule: the classification "
+                        "head trains with task_type SEQ_CLS (set by tunegate); remove it")
     if not trains_on_tokenized_rows(project):
         return problems
     packs = ("TRL would pack tunegate's tokenized rows into one padding-free sequence: tunegate's loss needs the "

@@ -147,6 +147,8 @@ def run_training(st: Stage, data_dir: Path) -> dict[str, Any] | None:
         trainer.model.save_pretrained(out, selected_adapters=["default"],
                                       **({"save_embedding_layers": False} if project.train.added_tokens else {}))
     tokenizer.save_pretrained(out)
+    if built.save is not None:  # the recipe's own files (classify: its labels and abstain threshold)
+        built.save(out)
     # The vocabulary it trained with: a loader grows the base model's embedding to it before loading the adapter
     vocab = getattr(trainer.model, "tunegate_vocabulary", None)
     if vocab is not None:

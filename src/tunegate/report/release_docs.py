@@ -442,6 +442,7 @@ def gather(run_dir: Path, project, merged: str | None = None, gguf: dict[str, An
         "stored": _stored(run_dir, project.root),
         "merged_in_bundle": merged,
         "gguf": gguf,
+        "classify": (summary.get("classify") if train["method"] == "classify" else None),  # labels, abstention
     }
     ctx["limitations"] = _limitations(ctx)
     return ctx
@@ -594,12 +595,13 @@ def _front_matter(ctx: dict[str, Any]) -> str:
     if ctx["base"]["license"]:
         meta["license"] = ctx["base"]["license"].lower()
     meta["tags"] = tags
-    meta["pipeline_tag"] = "text-generation"
+    task_type = "text-classification" if ctx.get("classify") else "text-generation"  # train.method classify: a head
+    meta["pipeline_tag"] = task_type
     golden_name = f"{ctx['name']} golden set ({Path(ctx['data']['golden_path']).name}, {ev['n']} rows)"
     results = []
     if ev["golden"]:
         results.append({
-            "task": {"type": "text-generation", "name": ctx["audit"]["task"] if ctx["audit"] and ctx["audit"].get("task") else "text-generation"},
+            "task": {"type": task_type, "name": ctx["audit"]["task"] if ctx["audit"] and ctx["audit"].get("task") else task_type},
             "dataset": {"name": golden_name, "type": "golden-set", "revision": ctx["data"]["stats"].get("golden_sha256")},
             "metrics": [{"type": m["name"], "value": m["candidate"]["mean"],
                          "name": f"{m['name']} (95% CI {m['candidate']['lo']:.3f}-{m['candidate']['hi']:.3f}; "

@@ -12,7 +12,10 @@ Concurrency of the embedded engine: one base model is loaded once, every adapter
 model). The active adapter is state of the one shared model, and transformers' generate is not thread-safe, so
 generation runs under one lock: requests are answered one at a time, in arrival order, while authentication,
 validation and the database writes of other requests (traces, feedback) go on beside it. This trades
-throughput for simplicity; vLLM batches requests for different adapters together.
+throughput for simplicity; vLLM batches requests for different adapters together. The adapter of a classify run
+(train.method classify, tunegate.recipes.classify) is not attached to the shared model: it gets a model of its own
+(the base model with its classification head, one more copy of the base weights) and answers a chat completion
+with its label from one forward pass, under the same lock and deadline (`EmbeddedEngine._classify`).
 
 Bounds of the embedded engine, so that no request can hold the lock for long (issue 23):
 - Context window: `context_window` is the model's (config.max_position_embeddings, or the tokenizer's
@@ -195,6 +198,10 @@ class EmbeddedEngine:
     # A longer prompt is read this many tokens per forward pass, the deadline checked between them; a shorter one
     # in one pass, as before (the same numbers as the eval stage's generation).
     prefill_chunk_tokens: int = 512
+    # Adapters of classify runs (tunegate.recipes.classify), by engine name: (their own sequence-classification
+    # model with the trained head and adapter, the head's tunegate_classify.json). They answer with a label.
+    classifiers: dict[str, tuple[Any, dict[str, Any]]] = field(default_factory=dict)
+    base_path: Path | str | None = None  # the base model's folder: classify adapters load their own model from it
 
     def __post_init__(self) -> None:
         if not self.special_tokens and self.tokenizer is not None:
@@ -212,7 +219,8 @@ class EmbeddedEngine:
     def load(cls, project, bundles: list | None = None, public_key: Path | None = None) -> "EmbeddedEngine":
         """Load the base model once and attach each bundle's adapter under its name. Adapters trained with
         `train.added_tokens` grow the base model's embeddings first and bring their tokenizer, which then serves
-        every request (the base model's answers included).
+        every request (the base model's answers included). The adapter of a classify run (tunegate.recipes.classify)
+        gets a model of its own, the base model with its classification head, which answers with a label.
 
         Raises:
             TunegateError: a bundle is refused (every refusal is listed), two bundles share a name, or two
@@ -227,6 +235,7 @@ class EmbeddedEngine:
             read_vocabulary_record,
             resolve_base_model,
         )
+        from tunegate.recipes.classify import is_classifier, load_trained
 
         serve = project.serve
         bundles = list(serve.bundles if serve and bundles is None else bundles or [])
@@ -238,19 +247,24 @@ class EmbeddedEngine:
             adapters = verify_bundles(project, bundles, public_key, Path(tmp))  # before the model loads: fail fast
             path = resolve_base_model(project.base_model)
             model = load_inference_model(path)
+            heads = [n for n in adapters if is_classifier(Path(tmp) / n / "adapter")]  # method classify: loaded below
             for name in adapters:
-                model = _attach(model, Path(tmp) / name / "adapter", name)
+                if name not in heads:
+                    model = _attach(model, Path(tmp) / name / "adapter", name)
             # One tokenizer for every adapter: the base model's, or the one saved with the adapters that added tokens
             # (_attach refused adapters whose added tokens differ)
             added = [n for n in adapters if (read_vocabulary_record(Path(tmp) / n / "adapter") or {}).get("added_tokens")]
             tokenizer = load_adapter_tokenizer(Path(tmp) / added[0] / "adapter", path) if added else load_tokenizer(path)
-        return cls(model=model, tokenizer=tokenizer, base_name=base_model_name(project), adapters=adapters)
+            classifiers = {n: load_trained(path, Path(tmp) / n / "adapter", tokenizer) for n in heads}
+        return cls(model=model, tokenizer=tokenizer, base_name=base_model_name(project), adapters=adapters,
+                   classifiers=classifiers, base_path=path)
 
     def complete(self, adapter: str | None, messages: list[dict[str, str]], max_new_tokens: int,
                  temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None,
                  stop: list[str] | None = None, *, fit_max_tokens: bool = False, timeout_s: float | None = None,
                  cancel: threading.Event | None = None) -> Completion:
         """Generate one answer with `adapter` (None: the base model). Serialised and bounded: see the module docstring.
+        A classify adapter answers with its label instead (`_classify`: one forward pass, no generation).
 
         Raises:
             ApiError: 400 `context_length_exceeded` or a chat template that refuses the messages; 503
@@ -263,6 +277,8 @@ class EmbeddedEngine:
 
         started = time.time()
         deadline = started + timeout_s if timeout_s is not None else None
+        if adapter in self.classifiers:
+            return self._classify(adapter, messages, deadline, timeout_s, cancel)
         input_ids, attention = self.encode(messages)  # (1, T) each; outside the generation lock
         n_prompt = int(input_ids.shape[1])
         max_new_tokens = check_context(self.context_window, n_prompt, max_new_tokens, fit_max_tokens)
@@ -317,6 +333,38 @@ class EmbeddedEngine:
             if s and s in text:
                 text, finish = text[: text.index(s)], "stop"
         return Completion(text, finish, n_prompt, n_generated, new)
+
+    def _classify(self, adapter: str, messages: list[dict[str, str]], deadline: float | None, timeout_s: float | None,
+                  cancel: threading.Event | None) -> Completion:
+        """The label of a classify adapter (tunegate.recipes.classify) for `messages`: the prompt rendered as the eval
+        renders it (the chat template up to the assistant's turn), cut to the head's max_length tokens from the left,
+        one forward pass under the generation lock (taken before `deadline`, as for generation), the most probable
+        label, or the abstain label under the head's threshold. max_tokens, sampling and stop strings do not apply:
+        the answer is a label, finish_reason "stop".
+
+        Raises:
+            ApiError: 400 (too many characters for the context window, or the chat template refused the messages),
+                503 busy or shutting down.
+        """
+        import torch
+
+        from tunegate.recipes.classify import encode_prompts, predict_labels
+
+        model, head = self.classifiers[adapter]
+        self.encode(messages)  # the same refusals as a generation request (characters over the window, the template)
+        with self.tokenizer_lock:
+            ids = encode_prompts(self.tokenizer, [{"messages": [*messages, {"role": "assistant", "content": ""}]}],
+                                 head["max_length"])[0]
+        self._acquire(deadline, timeout_s, cancel)
+        try:
+            with torch.inference_mode():
+                logits = model(input_ids=torch.tensor([ids], device=next(model.parameters()).device)).logits  # (1, n_labels)
+        finally:
+            self.lock.release()
+        (label,), _ = predict_labels(torch.softmax(logits.float(), -1).cpu().numpy(), head)
+        with self.tokenizer_lock:
+            n_label = len(self.tokenizer(label, add_special_tokens=False)["input_ids"])
+        return Completion(label, "stop", len(ids), n_label)
 
     def encode(self, messages: list[dict[str, str]]):
         """The chat template applied to `messages`: (input_ids, attention_mask), each (1, T), on the CPU.
@@ -387,7 +435,15 @@ class EmbeddedEngine:
             TunegateError: another vocabulary (models.fit_to_adapter).
         """
         from tunegate.models import read_vocabulary_record
+        from tunegate.recipes.classify import is_classifier, load_trained
 
+        if is_classifier(Path(bundle) / "adapter"):  # method classify: a model of its own, loaded outside the lock
+            if self.base_path is None:
+                raise NotServable("this server was started without its base model's folder; restart it to load a classification head")
+            loaded = load_trained(self.base_path, Path(bundle) / "adapter", self.tokenizer)
+            with self.lock:
+                self.classifiers[slot] = loaded
+            return
         added = (read_vocabulary_record(Path(bundle) / "adapter") or {}).get("added_tokens") or {}
         vocab = self.tokenizer.get_vocab() if hasattr(self.tokenizer, "get_vocab") else {}
         if any(tok not in vocab for tok in added):
@@ -397,9 +453,10 @@ class EmbeddedEngine:
             self.model = _attach(self.model, Path(bundle) / "adapter", slot)
 
     def unload_slot(self, slot: str) -> None:
-        """Delete the PEFT adapter `slot` from the model, under the generation lock."""
+        """Delete the PEFT adapter `slot` from the model (a classify adapter: its model), under the generation lock."""
         with self.lock:
-            self.model.delete_adapter(slot)
+            if self.classifiers.pop(slot, None) is None:
+                self.model.delete_adapter(slot)
 
     def close(self) -> None:
         """Nothing to release: the model is freed with the engine."""

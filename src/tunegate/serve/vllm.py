@@ -25,7 +25,8 @@ default max rank 16 fails on a rank-32 adapter at its first request). Before lau
 serve as a LoRA (release.json's "vllm" record and `release.vllm_compatibility` on the adapter's own config):
 `modules_to_save` (case C15), DoRA magnitude vectors (C16), trained biases and ranks above vLLM's largest are
 refused for multi-LoRA serving with the reasons; such a bundle carries a merged model (`merged/`), which one
-vLLM server serves as its model on its own (`--merged NAME`: one model, no base, no LoRA).
+vLLM server serves as its model on its own (`--merged NAME`: one model, no base, no LoRA). A classification head
+(train.method classify) is refused outright (CLASSIFY_REFUSAL): it has no merged model; the embedded engine serves it.
 
 After launch, before it accepts a tenant, the server runs the smoke test (case C17, tunegate.serve.smoke).
 
@@ -112,6 +113,13 @@ class LaunchPlan:
         return cmd
 
 
+# A release bundle of train.method classify (release.json `classify`): a LoRA adapter with a trained `score` head in
+# modules_to_save, which vLLM's LoRA loading does not take (docs/design.md#vllm); the embedded engine serves it.
+CLASSIFY_REFUSAL = ("refused for vLLM: a classification head (train.method classify; its trained `score` layer is a "
+                    "module to save, and vLLM's multi-LoRA loads LoRA matrices for generation only); serve it with the "
+                    "embedded engine (`tunegate serve` without --engine vllm), which answers with the label")
+
+
 def adapter_ranks(adapter_config: dict[str, Any]) -> list[int]:
     """Every LoRA rank in an adapter config: `r` and the values of `rank_pattern`."""
     ranks = {adapter_config.get("r")} | set((adapter_config.get("rank_pattern") or {}).values())
@@ -168,6 +176,9 @@ def plan_launch(base_dir: Path | str, base_name: str, adapters: dict[str, tuple[
         return LaunchPlan(model=model, served_name=merged, merged=merged)
     loras, problems = [], []
     for name, (bundle, release) in adapters.items():
+        if release.get("classify"):
+            problems.append(f"{bundle}: {CLASSIFY_REFUSAL}")
+            continue
         cfg_path = bundle / "adapter" / "adapter_config.json"
         cfg = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path.is_file() else {}
         reasons = lora_refusals(release, cfg)
@@ -498,6 +509,8 @@ class VLLMEngine:
     def _load_lora(self, name: str, copy: Path, release: dict[str, Any]) -> None:
         """Post the adapter of the verified bundle folder `copy` to vLLM as LoRA `name` (C15/C16, C14 checked first)."""
         self._require_lora()
+        if release.get("classify"):
+            raise NotServable(CLASSIFY_REFUSAL)
         cfg = json.loads((copy / "adapter" / "adapter_config.json").read_text(encoding="utf-8"))
         reasons = lora_refusals(release, cfg)
         if reasons:

@@ -17,7 +17,9 @@ per request (batched, amortised), tokens per request, and a cost per 1,000 reque
                          with `audit.corpus`: the `top_k` passages from bm25s, MiniLM, or both fused by
                          reciprocal rank, put before the question; retrieval recall@k where gold passages are known
     lora_probe           a short, budgeted LoRA fine-tune on a sample of the training rows: a lower bound of
-                         what training buys (its cost is extrapolated to a full run)
+                         what training buys (its cost is extrapolated to a full run); for train.method classify
+                         the classification head, its abstain threshold tuned on the dev rows, answering the
+                         golden rows in one forward pass
     lora_probe+rag       the probe's adapter with the hybrid RAG prompt
 
 `tunegate.decide.recommend` turns the numbers into one method through the same tree as `tunegate decide`
@@ -562,6 +564,8 @@ def _probe_candidates(st: Stage, a: _Audit, prices: dict[str, Any], rag_prompts:
     from peft import PeftModel
 
     usd_per_hour = prices["machines"][prices["training_machine"]]["usd_per_hour"]
+    if st.project.train.method == "classify":
+        return _classify_probe(st, a, usd_per_hour)
     probe = _train_probe(st, a.pool, a.n_train, st.project.audit.seed, usd_per_hour)
     from tunegate.models import fit_to_adapter
 
@@ -576,6 +580,27 @@ def _probe_candidates(st: Stage, a: _Audit, prices: dict[str, Any], rag_prompts:
         out, wall = a.timed_generate(rag_prompts, "lora_probe+rag")
         a.scorer.add("lora_probe+rag", out, wall, rag_prompts, trains=True, method="lora",
                      detail="the probe's adapter with the hybrid RAG prompt", training_usd=training_cost)
+    return probe
+
+
+def _classify_probe(st: Stage, a: _Audit, usd_per_hour: float) -> dict[str, Any] | None:
+    """train.method classify: the probe trains the classification head (tunegate.recipes.classify) on the sampled
+    pool rows, its abstain threshold tuned on the dev rows, and `lora_probe` is scored on the golden rows with one
+    forward pass per batch (no generation). No lora_probe+rag: the head reads the golden prompt as the eval does."""
+    if not a.want("lora_probe"):
+        return None
+    from tunegate.evals.backends import LocalClassifier
+    from tunegate.models import resolve_base_model
+    from tunegate.recipes.classify import load_trained
+
+    probe = _train_probe(st, a.pool, a.n_train, st.project.audit.seed, usd_per_hour, val_rows=a.dev)
+    model, head = load_trained(resolve_base_model(st.project.base_model), probe["adapter"], a.tokenizer)
+    t0 = time.perf_counter()
+    out, _ = LocalClassifier(model, a.tokenizer, head, st.project.audit.batch_size or st.project.eval.batch_size).classify(a.golden, "lora_probe")
+    a.scorer.add("lora_probe", out, time.perf_counter() - t0, a.prompts, trains=True, method="classify",
+                 detail=f"classification-head probe: {probe['steps']} steps on {probe['rows']} rows in {probe['train_wall_s']:.0f} s, "
+                        f"abstain threshold {head['abstain_threshold']:g} ({head['threshold_rule']})",
+                 training_usd=probe["full_run_usd"])
     return probe
 
 
@@ -636,9 +661,11 @@ def _sft_keys() -> set[str]:
     return {f.name for f in dataclasses.fields(SFTConfig)}
 
 
-def _train_probe(st: Stage, pool: list[dict[str, Any]], n_train: int, seed: int, usd_per_hour: float) -> dict[str, Any]:
-    """A short LoRA run through the train stage's own body (`recipes.run.run_training`), in <audit>/probe/.
-    Returns its summary and cost."""
+def _train_probe(st: Stage, pool: list[dict[str, Any]], n_train: int, seed: int, usd_per_hour: float,
+                 val_rows: list[dict[str, Any]] = ()) -> dict[str, Any]:
+    """A short LoRA run through the train stage's own body (`recipes.run.run_training`), in <audit>/probe/: SFT,
+    or for train.method classify the classification head, with `val_rows` as its validation rows (its abstain
+    threshold is tuned on them). Returns its summary and cost."""
     from tunegate.recipes.run import run_training
 
     pcfg = st.project.audit.probe
@@ -646,10 +673,13 @@ def _train_probe(st: Stage, pool: list[dict[str, Any]], n_train: int, seed: int,
     probe_dir = st.dir / "probe"
     (probe_dir / "data").mkdir(parents=True, exist_ok=True)
     atomic_write_jsonl(probe_dir / "data" / "train.jsonl", rows)
-    atomic_write_jsonl(probe_dir / "data" / "val.jsonl", [])
+    classify = st.project.train.method == "classify"
+    atomic_write_jsonl(probe_dir / "data" / "val.jsonl", list(val_rows) if classify else [])
     project = st.project.model_copy(deep=True)
-    # The probe is SFT with the default adapter whatever train.method is: a lower bound of what training buys.
-    project.train.method, project.train.grpo, project.train.distillation, project.train.init_adapter = "sft", None, None, None
+    # The probe is SFT with the default adapter whatever train.method is, or the classification head for classify:
+    # a lower bound of what training buys.
+    project.train.method, project.train.grpo, project.train.distillation, project.train.init_adapter = \
+        ("classify" if classify else "sft"), None, None, None
     if project.train.adapter in ("full", "qlora"):
         project.train.adapter, project.train.lora = "dora", {}
     trl = {k: v for k, v in project.train.trl.items() if k in _sft_keys() and k not in AUDIT_IGNORED_TRL_KEYS}

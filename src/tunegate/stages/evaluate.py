@@ -2,9 +2,10 @@
 
 Refuses to score when the golden set changed since it was frozen, when a golden row spells one of the
 tokenizer's control tokens (docs/design.md#control-tokens), or when training data overlaps it (case C23 in
-docs/cases.md). Both systems answer every golden prompt with batched greedy generation; each row gets a task
-score; the candidate-minus-base difference gets a paired bootstrap 95% CI. The gate rules in `eval.gate`
-decide PASS or FAIL.
+docs/cases.md). Both systems answer every golden prompt with batched greedy generation (a classify run's
+candidate instead: one forward pass of its classification head, tunegate.recipes.classify); each row gets a task
+score; the candidate-minus-base difference gets a paired bootstrap 95% CI. The gate rules in `eval.gate` decide
+PASS or FAIL.
 
 Beside the golden set, `eval.suites` scores standard suites (IFEval, safety, lm-evaluation-harness tasks) for both systems and
 `eval.judge` adds judge scores; their metrics get the same CIs and may carry gate rules. A rule on a judge
@@ -71,14 +72,28 @@ def _systems(project, tokenizer, base_path, adapter_dir, production):
 
         if (adapter_dir.parent / "model").is_dir():
             raise TunegateError("eval.server: a full fine-tune is not an adapter; serve its model folder and evaluate in-process")
+        from tunegate.recipes.classify import is_classifier
+
+        if is_classifier(adapter_dir):
+            raise TunegateError("eval.server with train.method classify: not supported; rule: vLLM's multi-LoRA does not "
+                                "serve a classification head (modules_to_save); evaluate in-process (remove eval.server)")
 
         check_served_adapter(srv.base_url, srv.candidate_model, adapter_dir, srv.api_key_env)
         return {"baseline": OpenAIChat(srv.base_url, srv.base_model, srv.api_key_env, srv.concurrency),
                 "candidate": OpenAIChat(srv.base_url, srv.candidate_model, srv.api_key_env, srv.concurrency)}
     from peft import PeftModel
 
-    from tunegate.evals.backends import LocalChat
+    from tunegate.evals.backends import LocalChat, LocalClassifier
     from tunegate.models import fit_to_adapter, load_inference_model
+    from tunegate.recipes.classify import is_classifier, load_trained
+
+    if is_classifier(adapter_dir):  # method classify: the head answers in one forward pass; the base model generates
+        if production is not None:
+            raise TunegateError("eval.baseline: production with train.method classify is not supported; rule: a "
+                                "classification head is compared with the base model (set eval.baseline: base)")
+        classifier, head = load_trained(base_path, adapter_dir, tokenizer)
+        return {"baseline": LocalChat(load_inference_model(base_path), tokenizer, ecfg.batch_size, "base model"),
+                "candidate": LocalClassifier(classifier, tokenizer, head, ecfg.batch_size)}
 
     full_model = adapter_dir.parent / "model"
     if full_model.is_dir():  # `train.adapter: full`: the candidate is a whole model, the baseline the base model
@@ -158,7 +173,8 @@ def run(st: Stage) -> StageResult:
     base_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     cand_stopped: list[bool] = []  # in-process: whether each answer ended at a stop token (the GGUF parity gate reads it)
-    cand_out = answer_golden(systems["candidate"], tokenizer, golden, ecfg.max_new_tokens, "candidate", cand_stopped)
+    cand_prob: list[float] = []  # method classify: the probability of each predicted label
+    cand_out = answer_golden(systems["candidate"], tokenizer, golden, ecfg.max_new_tokens, "candidate", cand_stopped, cand_prob)
     cand_s = time.perf_counter() - t0
 
     summary, per_row = score_metrics(ecfg.metrics, base_out, cand_out, refs, ecfg.bootstrap_samples, ecfg.seed, ecfg.json_schema,
@@ -171,7 +187,7 @@ def run(st: Stage) -> StageResult:
     _judge_rules(rules, ecfg, judge.name if judge else None)
     result = verdict(rules)
 
-    atomic_write_jsonl(st.dir / "samples.jsonl", _samples(golden, refs, base_out, cand_out, per_row, cand_stopped))
+    atomic_write_jsonl(st.dir / "samples.jsonl", _samples(golden, refs, base_out, cand_out, per_row, cand_stopped, cand_prob))
     if suite_details:
         atomic_write_json(st.dir / "suites.json", suite_details)
         atomic_write_jsonl(st.dir / "suite_samples.jsonl", suite_samples)
@@ -249,14 +265,18 @@ def _run_suites(ecfg, systems, judge, summary: dict[str, Any]) -> tuple[dict[str
     return details_by_suite, suite_samples
 
 
-def _samples(golden, refs, base_out, cand_out, per_row, cand_stopped: list[bool] | None = None) -> list[dict[str, Any]]:
-    """Per golden row: prompt, reference, both systems' outputs and per-row scores, and (answered in-process)
-    `candidate_stopped`: whether the candidate's answer ended at a stop token rather than at max_new_tokens."""
+def _samples(golden, refs, base_out, cand_out, per_row, cand_stopped: list[bool] | None = None,
+             cand_prob: list[float] | None = None) -> list[dict[str, Any]]:
+    """Per golden row: prompt, reference, both systems' outputs and per-row scores, (answered in-process)
+    `candidate_stopped`: whether the candidate's answer ended at a stop token rather than at max_new_tokens, and
+    (method classify) `candidate_probability`: the head's probability of its label."""
     samples = []
     for i, (g, ref, bo, co) in enumerate(zip(golden, refs, base_out, cand_out)):
         row = {"id": g["id"], "prompt": prompt_text(g), "reference": ref, "baseline_output": bo, "candidate_output": co}
         if cand_stopped:
             row["candidate_stopped"] = cand_stopped[i]
+        if cand_prob:
+            row["candidate_probability"] = cand_prob[i]
         for name, scores in per_row.items():
             row[f"baseline_{name}"] = scores["baseline"][i]
             row[f"candidate_{name}"] = scores["candidate"][i]
