@@ -107,8 +107,10 @@ class SourceConfig(_Section):
     @model_validator(mode="after")
     def _label_ops_well_formed(self):
         keys = [normalize_answer(k) for k in self.label_map]
-        if len(set(keys)) != len(keys) or not all(keys):
-            raise ValueError(f"label_map {self.label_map}: its labels must differ after normalisation (case, spaces, edge punctuation) and not be empty")
+        clash = [k for k in self.label_map if keys.count(normalize_answer(k)) > 1 or not normalize_answer(k)]
+        if clash:
+            raise ValueError(f"label_map keys {clash}: its labels must differ after normalisation (case, spaces, edge "
+                             "punctuation) and not be empty")
         bad = [v for v in self.label_map.values() if not v.strip() or v != v.strip()]
         if bad:
             raise ValueError(f"label_map maps to {bad[0]!r}: a label is a visible word without surrounding spaces")
@@ -191,6 +193,11 @@ class TaskConfig(_Section):
     def _fits_kind(self):
         if self.abstain_label is not None and self.kind != "classification":
             raise ValueError(f"task.abstain_label is for task.kind classification, not {self.kind}")
+        if self.abstain_label is not None and (not self.abstain_label.strip() or self.abstain_label != self.abstain_label.strip()):
+            raise ValueError(f"task.abstain_label {self.abstain_label!r}: a visible label without surrounding spaces, e.g. oos")
+        spelling = sorted({"separator", "none_label"} & self.model_fields_set)
+        if spelling and self.kind != "multilabel":
+            raise ValueError(f"task.{spelling[0]} is for task.kind multilabel, not {self.kind}")
         if self.labels is not None and self.kind not in ("classification", "multilabel"):
             raise ValueError(f"task.labels is for task.kind classification or multilabel, not {self.kind}")
         if self.kind == "multilabel" and not self.separator.strip():
@@ -202,6 +209,15 @@ class TaskConfig(_Section):
                 raise ValueError("task.labels: each label once, none empty")
             if self.kind == "multilabel" and any(self.separator.strip() in label for label in self.labels):
                 raise ValueError(f"task.labels: a label holds the separator {self.separator.strip()!r}")
+            if self.kind == "multilabel" and normalize_answer(self.none_label) in {normalize_answer(x) for x in self.labels}:
+                raise ValueError(f"task.labels holds the none label {self.none_label!r} (the empty set): give task.none_label another word")
+            # labels the metrics would read as one (they compare answers without edge punctuation: 'C' and 'C++')
+            seen: dict[str, str] = {}
+            for label in [*self.labels, *([self.abstain_label] if self.abstain_label else [])]:
+                other = seen.setdefault(normalize_answer(label), label)
+                if other != label:
+                    raise ValueError(f"task.labels: {other!r} and {label!r} are one label once case, spaces and edge "
+                                     "punctuation are ignored, as the metrics compare answers; rename one")
         return self
 
     def reading(self) -> dict[str, Any] | None:
@@ -1009,8 +1025,9 @@ class Project(_Section):
     @classmethod
     def _task_default_metrics(cls, v):
         """With a `task` section: the kind's default eval.metrics (TaskConfig.default_metrics) when the project lists
-        none, and without `eval.gate` a default rule on the headline metric (metrics[0]): the candidate may not be
-        measurably worse than the baseline on it. Projects without a task keep EvalConfig's defaults as they were."""
+        none, and without `eval.gate` a default rule on the headline metric (metrics[0]), and on oos_recall when it is
+        measured: the candidate must be measurably better than the baseline (the lower end of the paired 95% CI of
+        the difference above 0). Projects without a task keep EvalConfig's defaults as they were."""
         if not isinstance(v, dict) or not isinstance(v.get("task"), dict) or ("eval" in v and not isinstance(v["eval"], dict)):
             return v
         try:
@@ -1022,6 +1039,8 @@ class Project(_Section):
             ev["metrics"] = task.default_metrics()
         if "gate" not in ev and isinstance(ev.get("metrics"), list) and ev["metrics"] and isinstance(ev["metrics"][0], str):
             ev["gate"] = [{"metric": ev["metrics"][0], "min_delta_ci_low": 0.0}]
+            if task.abstain_label and "oos_recall" in ev["metrics"] and ev["metrics"][0] != "oos_recall":
+                ev["gate"].append({"metric": "oos_recall", "min_delta_ci_low": 0.0})  # a model that never abstains fails
         return {**v, "eval": ev}
 
     @model_validator(mode="after")
@@ -1042,10 +1061,12 @@ class Project(_Section):
         if task.kind == "multilabel":
             sep, none = task.separator.strip(), task.none_label.strip().lower()
             for src in [*self.data.sources, self.data.golden]:
-                bad = [v for v in src.label_map.values() if sep in v or normalize_answer(v) == normalize_answer(none)]
-                if bad:
-                    raise ValueError(f"{src.name}: label_map maps to {bad[0]!r}, which holds the separator {sep!r} or is the "
-                                     f"none label {task.none_label!r}: map a label to one label")
+                for v in src.label_map.values():
+                    if sep in v:
+                        raise ValueError(f"{src.name}: label_map maps to {v!r}, which holds the separator {sep!r}: map a label to one label")
+                    if normalize_answer(v) == normalize_answer(none):
+                        raise ValueError(f"{src.name}: label_map maps to {v!r}, the none label (the empty set): drop the label "
+                                         "with drop_labels, or map it to a label")
         for src in [*self.data.sources, self.data.golden]:
             src._task = self.task
         return self
@@ -1173,6 +1194,8 @@ def _format_validation_error(path: Path, err: ValidationError, overridden: set[s
             lines.append(f"{where}: unknown key '{loc}'")
         elif e["type"] == "missing":
             lines.append(f"{where}: missing required key '{loc}'")
+        elif not e["loc"]:  # a rule across sections: the input is the whole project, not worth echoing
+            lines.append(f"{where}: {e['msg'].removeprefix('Value error, ')}")
         else:
             lines.append(f"{where}: key '{loc}': {e['msg']} (got {e.get('input')!r})")
     return "\n".join(lines)

@@ -76,6 +76,7 @@ def test_a_golden_set_without_out_of_scope_rows_is_refused_before_anything_train
     with pytest.raises(TunegateError, match=r"golden.jsonl: no golden row's reference is the abstain label 'oos'"):
         run_stage(project, tiny_project / "runs" / "default", "data")
     assert not (tiny_project / "runs" / "default" / "data").exists()
+    assert not (tiny_project / "golden.lock.json").exists()  # refused before it was frozen: fixing the label_map is enough
 
 
 def test_multilabel_lists_are_read_canonically_and_scored_as_sets(tiny_project):

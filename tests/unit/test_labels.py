@@ -29,6 +29,9 @@ def test_each_task_kind_brings_its_metrics_and_headline_gate():
     oos = project(task={"kind": "classification", "abstain_label": "oos"}, eval={"gate": [{"metric": "oos_recall", "min": 0.5}]})
     assert oos.eval.metrics == ["exact_match", "macro_f1", "in_scope_accuracy", "oos_recall", "oos_precision"]
     assert [r.metric for r in oos.eval.gate] == ["oos_recall"]  # the project's own gate is kept
+    # without a gate: measurably better than the baseline on the headline and on finding out-of-scope rows
+    default = project(task={"kind": "classification", "abstain_label": "oos"}).eval.gate
+    assert [(r.metric, r.min_delta_ci_low) for r in default] == [("exact_match", 0.0), ("oos_recall", 0.0)]
     given = project(task={"kind": "multilabel"}, eval={"metrics": ["jaccard"]}).eval
     assert given.metrics == ["jaccard"] and [r.metric for r in given.gate] == ["jaccard"]  # given metrics kept, gated on the first
     # without a task section nothing changes: the default rule stays on exact_match whatever metrics[0] is
@@ -48,6 +51,11 @@ def test_each_task_kind_brings_its_metrics_and_headline_gate():
     ({"task": {"kind": "multilabel", "labels": ["a, b"]}}, "holds the separator"),
     ({"task": {"kind": "classification", "labels": ["a", "a"]}}, "each label once"),
     ({"task": {"kind": "multilabel", "none_label": " "}}, "none_label"),
+    ({"task": {"kind": "classification", "labels": ["C", "C++", "C#"]}}, "'C' and 'C\\+\\+' are one label"),
+    ({"task": {"kind": "multilabel", "labels": ["card", "None"]}}, "holds the none label"),
+    ({"task": {"kind": "classification", "abstain_label": " "}}, "a visible label"),
+    ({"task": {"kind": "classification", "abstain_label": ""}}, "a visible label"),
+    ({"task": {"kind": "classification", "separator": "|"}}, "task.separator is for task.kind multilabel"),
     ({"task": {"kind": "multilabel", "none_label": "no, thing"}}, "none_label"),
     ({"task": {"kind": "sentiment"}}, "kind"),
 ])
@@ -68,6 +76,29 @@ def test_label_operations_that_would_break_a_row_are_refused(source, message):
     with pytest.raises(ValueError, match=message):
         Project.model_validate({"name": "p", "task": {"kind": "multilabel"},
                                 "data": {"sources": [{"path": "a.jsonl", **source}], "golden": {"path": "g.jsonl"}}})
+
+
+def test_a_rule_across_sections_names_the_file_without_echoing_the_project(tmp_path):
+    from tunegate import TunegateError
+    from tunegate.config import load_project
+
+    (tmp_path / "tunegate.yaml").write_text("name: p\ndata: {sources: [{path: a.jsonl}], golden: {path: g.jsonl}}\n"
+                                            "eval: {metrics: [exact_match, set_match]}\n")
+    with pytest.raises(TunegateError) as err:
+        load_project(tmp_path / "tunegate.yaml")
+    assert str(err.value) == f"{tmp_path / 'tunegate.yaml'}: eval.metrics ['set_match'] need task.kind multilabel"
+
+
+def test_labels_the_metrics_would_merge_are_refused_in_the_data(tmp_path):
+    from tunegate import TunegateError
+    from tunegate.stages.data import _check_labels
+
+    p = project(task={"kind": "classification"})
+    rows = [{"id": str(i), "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": lab}]}
+            for i, lab in enumerate(["C", "C++", "Card", "card"])]
+    with pytest.raises(TunegateError, match="labels 'C' and 'C\\+\\+' are one label to the metrics"):
+        _check_labels(p, rows, rows[:1], [])
+    _check_labels(p, rows[2:], rows[2:], [])  # 'Card' and 'card': one label spelled two ways, not a collision
 
 
 def test_label_operations_need_a_label_task_and_a_golden_set_keeps_its_rows():
@@ -98,9 +129,15 @@ def test_multilabel_answers_are_read_order_free_in_one_canonical_form():
     assert canonical_answer("how,card", MULTI) == canonical_answer("card ,  how", MULTI) == "card, how"
     assert canonical_answer(None, MULTI) == canonical_answer([], MULTI) == canonical_answer("none", MULTI) == "none"
     assert label_set("Card, HOW.", MULTI) == {"card", "how"} and label_set("none", MULTI) == frozenset()
-    # the none label is no label, whether read or scored; spellings equal after normalisation are one label
-    assert canonical_answer(["none", "card"], MULTI) == canonical_answer("card, none", MULTI) == "card"
+    # a source answer holding the none label beside labels contradicts itself; scored, the none label is no label
+    for contradiction in (["none", "card"], "card, none"):
+        with pytest.raises(ValueError, match="the none label 'none' beside other labels"):
+            canonical_answer(contradiction, MULTI)
     assert label_set("card, none", MULTI) == {"card"}
+    # a list written as text in a cell (JSON, or Python / pandas) is read as the list
+    assert canonical_answer('["lost_stolen", "card"]', MULTI) == canonical_answer("['lost_stolen', 'card']", MULTI) == "card, lost_stolen"
+    with pytest.raises(ValueError, match="bracketed like a list"):
+        canonical_answer("[card; how]", MULTI)
     assert canonical_answer(["Card", "card", "card.", "arrival"], MULTI) == "arrival, Card"
     with pytest.raises(ValueError, match="at most 100"):
         canonical_answer([f"l{i}" for i in range(101)], MULTI)
@@ -124,6 +161,14 @@ def test_sources_read_label_lists_drop_and_map_labels_and_reject_bad_answers_by_
     kept, rejected = _source(tmp_path, rows, MULTI, drop_labels=["LOST_STOLEN"], label_map={"arrival": "delivery"})
     assert [r["messages"][-1]["content"] for r in kept] == ["none", "card, delivery"]
     assert [(r.line, r.rule) for r in rejected] == [(1, "dropped_label"), (4, "wrong_type"), (5, "wrong_type")]
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text(json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": ["lost", "card"]}]}) + "\n")
+    for task, want in ((MULTI, ("card, lost", None)), (OOS, (None, "wrong_type"))):
+        src = SourceConfig(path=chat, format="chat")
+        src._task = task
+        kept, rejected = read_source(src)
+        assert ([r["messages"][-1]["content"] for r in kept] or [None])[0] == want[0]  # a list answer: labels, never "lostcard"
+        assert ([r.rule for r in rejected] or [None])[0] == want[1]
     oos_rows = [{"text": "a", "intents": " card_arrival "}, {"text": "b", "intents": "Exchange_Rate"}, {"text": "c", "intents": "fee"}]
     kept, rejected = _source(tmp_path, oos_rows, OOS, drop_labels=["fee"], label_map={"exchange_rate": "oos"})
     assert [r["messages"][-1]["content"] for r in kept] == ["card_arrival", "oos"] and [r.rule for r in rejected] == ["dropped_label"]
@@ -133,7 +178,7 @@ def test_a_closed_label_set_rejects_answers_outside_it(tmp_path):
     closed = TaskConfig(kind="classification", labels=["card_arrival", "fee"], abstain_label="oos")
     rows = [{"text": "a", "intents": "Card_Arrival"}, {"text": "b", "intents": "oos"}, {"text": "c", "intents": "card_arival"}]
     kept, rejected = _source(tmp_path, rows, closed)
-    assert [r["messages"][-1]["content"] for r in kept] == ["Card_Arrival", "oos"]
+    assert [r["messages"][-1]["content"] for r in kept] == ["card_arrival", "oos"]  # written as task.labels spells it
     assert [(r.line, r.rule) for r in rejected] == [(3, "unknown_label")] and "'card_arival'" in rejected[0].detail
 
 

@@ -728,39 +728,48 @@ def parse_row(obj: Any, src, default_id: str, source: str) -> dict[str, Any]:
     labels when the project's task is classification or multilabel (`_label_answer`). Raises RowError."""
     obj = _rename_columns(obj, src.columns)
     task = getattr(src, "_task", None)
-    if task is not None and task.kind == "multilabel":
+    if task is not None and task.kind in ("classification", "multilabel"):
         obj = _label_list_answer(obj, src, task)
-    elif task is not None and task.kind == "classification" and isinstance(obj, dict) and isinstance(obj.get(_answer_key(src)), list):
-        raise RowError("wrong_type", f"'{_answer_key(src)}' is a list; a classification answer is one label (task.kind multilabel reads label lists)")
     rec = _parse_row(obj, src, default_id, source)
     if task is not None and task.kind in ("classification", "multilabel"):
         _label_answer(rec, src, task)
     return rec
 
 
-def _answer_key(src) -> str | None:
-    """The field of a raw row holding its answer, for formats whose answer is one field."""
-    return {"csv": src.completion_column, "prompt_completion": "completion"}.get(src.format)
-
-
 def _label_list_answer(obj: Any, src, task) -> Any:
-    """A multi-label row whose answer field is a JSON list of labels (or null / missing: the empty set, as NLU++
-    writes a row with no intent) gets that answer in canonical text form (tunegate.evals.labels.canonical_answer)."""
-    from tunegate.evals.labels import canonical_answer
+    """A row whose answer is a list, before the chat reader would join a list as text parts: for a multi-label
+    task the list (or null / missing: the empty set, as NLU++ writes a row with no intent) becomes the answer in
+    canonical text form (tunegate.evals.labels.canonical_answer); for a classification task a list is refused.
+    The answer is the `csv` completion column, the `prompt_completion` completion, or the last `chat` message's
+    content when it is a list of plain strings (typed text parts stay text). Raises RowError."""
+    from tunegate.evals.labels import LabelError, canonical_answer
 
-    key = _answer_key(src)
-    if key is None or not isinstance(obj, dict) or isinstance(obj.get(key), str):
+    if not isinstance(obj, dict):
         return obj
+    key = {"csv": src.completion_column, "prompt_completion": "completion"}.get(src.format)
+    msgs = obj.get("messages") if src.format == "chat" else None
+    last = msgs[-1] if isinstance(msgs, list) and msgs and isinstance(msgs[-1], dict) else None
+    if last is not None and isinstance(last.get("content"), list) and all(isinstance(p, str) for p in last["content"]):
+        where, value = "the last message's content", last["content"]
+    elif key is not None and (not isinstance(obj.get(key), str) and (task.kind == "multilabel" or isinstance(obj.get(key), list))):
+        where, value = f"'{key}'", obj.get(key)
+    else:
+        return obj
+    if task.kind == "classification":
+        raise RowError("wrong_type", f"{where} is a list; a classification answer is one label (task.kind multilabel reads label lists)")
     try:
-        return {**obj, key: canonical_answer(obj.get(key), task)}
-    except ValueError as exc:
-        raise RowError("wrong_type", f"'{key}': {exc}") from None
+        answer = canonical_answer(value, task)
+    except LabelError as exc:
+        raise RowError(exc.rule, f"{where}: {exc}") from None
+    if last is not None and where.startswith("the last"):
+        return {**obj, "messages": [*msgs[:-1], {**last, "content": answer}]}
+    return {**obj, key: answer}
 
 
 def _label_answer(rec: dict[str, Any], src, task) -> None:
     """The row's answer as a label (classification: trimmed) or label set (multilabel: canonical form), then the
     source's `drop_labels` (RowError `dropped_label`) and `label_map`. Rows without one answer are left alone."""
-    from tunegate.evals.labels import canonical_answer, label_set
+    from tunegate.evals.labels import LabelError, canonical_answer, canonical_labels, label_set
     from tunegate.evals.metrics import normalize_answer
 
     if "messages" in rec and rec["messages"][-1]["role"] == "assistant" and "rejected" not in rec:
@@ -772,9 +781,9 @@ def _label_answer(rec: dict[str, Any], src, task) -> None:
     if task.kind == "multilabel":
         try:
             answer = canonical_answer(get(), task)
-        except ValueError as exc:
-            raise RowError("wrong_type", f"answer: {exc}") from None
-        labels = [normalize_answer(label) for label in label_set(answer, task)]
+        except LabelError as exc:
+            raise RowError(exc.rule, f"answer: {exc}") from None
+        labels = list(label_set(answer, task))
     else:
         answer = get().strip()
         labels = [normalize_answer(answer)]
@@ -790,11 +799,13 @@ def _label_answer(rec: dict[str, Any], src, task) -> None:
         else:
             answer = mapping.get(normalize_answer(answer), answer)
     if task.labels is not None:  # a closed set given: an answer outside it is a fault of the data, not a new class
-        allowed = {normalize_answer(label) for label in [*task.labels, *([task.abstain_label] if task.abstain_label else [])]}
+        declared = {normalize_answer(label): label for label in [*task.labels, *([task.abstain_label] if task.abstain_label else [])]}
         found = label_set(answer, task) if task.kind == "multilabel" else {normalize_answer(answer)}
-        unknown = sorted(found - allowed)
+        unknown = sorted(found - set(declared))
         if unknown:
             raise RowError("unknown_label", f"answer label {unknown[0]!r} is not in task.labels")
+        # written as task.labels spells them: one training target per label, whatever the source's case
+        answer = canonical_labels([declared[k] for k in found], task) if task.kind == "multilabel" else declared[normalize_answer(answer)]
     put(answer)
 
 

@@ -39,6 +39,33 @@ from tunegate.evals.metrics import normalize_answer
 MAX_LABELS_PER_ANSWER = 100  # a source answer with more labels than this is refused (a list, not a label set)
 
 
+class LabelError(ValueError):
+    """A source answer that cannot be read as labels; `rule` names the row rule it breaks (wrong_type, label_syntax)."""
+
+    def __init__(self, rule: str, detail: str):
+        super().__init__(detail)
+        self.rule = rule
+
+
+def written_list(text: str) -> list[Any] | None:
+    """A list written as text in a cell ('["card", "how"]' as JSON, "['card', 'how']" as Python or pandas write
+    it): the list, else None (not bracketed). Raises LabelError (label_syntax) for a bracketed text that is neither."""
+    import ast
+    import json
+
+    stripped = text.strip()
+    if not (stripped.startswith("[") and stripped.endswith("]")):
+        return None
+    for parse in (json.loads, ast.literal_eval):
+        try:
+            value = parse(stripped)
+        except (ValueError, SyntaxError, RecursionError, MemoryError, TypeError):
+            continue
+        if isinstance(value, list):
+            return value
+    raise LabelError("label_syntax", f"{stripped[:60]!r} is bracketed like a list but is neither JSON nor a Python list")
+
+
 def label_set(answer: str, task) -> frozenset[str]:
     """A multi-label answer as its set of normalised labels: 'Card, how' -> {'card', 'how'}. The task's
     `none_label` is no label ('card, none' -> {'card'}; 'none' or an empty answer -> the empty set). Splits on
@@ -61,27 +88,52 @@ def canonical_labels(labels: Iterable[str], task) -> str:
 
 
 def canonical_answer(value: Any, task) -> str:
-    """A source's multi-label answer (a JSON list of labels, a written set, or null / missing = the empty set)
-    in canonical form (`canonical_labels`). Raises ValueError for anything else (a number, an object, a list
-    holding a non-string or a label with the separator in it, more than MAX_LABELS_PER_ANSWER labels)."""
+    """A source's multi-label answer in canonical form (`canonical_labels`): a JSON list of labels, a list written
+    as text ('["card", "how"]', `written_list`), a written set ('card, how'), or null / missing = the empty set.
+
+    Raises LabelError: rule wrong_type for a number, an object or a list holding a non-string; rule label_syntax
+    for a label holding the separator, the none label beside other labels, more than MAX_LABELS_PER_ANSWER
+    labels, or bracketed text that is no list."""
     sep = task.separator.strip()
     if value is None:
         return task.none_label
     if isinstance(value, str):
-        labels = value.split(sep)
+        value = written_list(value) if written_list(value) is not None else value
+    if isinstance(value, str):
+        labels = [p for p in value.split(sep)]
     elif isinstance(value, (list, tuple)):
         bad = [v for v in value if not isinstance(v, str)]
         if bad:
-            raise ValueError(f"a label list holds {type(bad[0]).__name__} {bad[0]!r}; labels are strings")
+            raise LabelError("wrong_type", f"a label list holds {type(bad[0]).__name__} {bad[0]!r}; labels are strings")
         split = [v for v in value if sep in v]
         if split:
-            raise ValueError(f"label {split[0]!r} holds the separator {sep!r} (task.separator)")
+            raise LabelError("label_syntax", f"label {split[0]!r} holds the separator {sep!r} (task.separator)")
         labels = list(value)
     else:
-        raise ValueError(f"a multi-label answer is a list of labels or a string, got {type(value).__name__}")
+        raise LabelError("wrong_type", f"a multi-label answer is a list of labels or a string, got {type(value).__name__}")
     if len(labels) > MAX_LABELS_PER_ANSWER:
-        raise ValueError(f"{len(labels)} labels in one answer; at most {MAX_LABELS_PER_ANSWER}")
+        raise LabelError("label_syntax", f"{len(labels)} labels in one answer; at most {MAX_LABELS_PER_ANSWER}")
+    none = normalize_answer(task.none_label)
+    keys = {normalize_answer(label) for label in labels} - {""}
+    if none in keys and len(keys) > 1:
+        raise LabelError("label_syntax", f"the none label {task.none_label!r} beside other labels ({sorted(keys - {none})[:3]}): "
+                         "an answer is either no label or labels")
     return canonical_labels(labels, task)
+
+
+def label_collisions(labels: Iterable[str]) -> list[tuple[str, str]]:
+    """Pairs of distinct labels the metrics would read as one: equal after `normalize_answer` (which strips edge
+    punctuation: 'C' and 'C++', '-1' and '+1') but not after case and spaces alone (those are spellings of one
+    label, 'Card' and 'card')."""
+    by_key: dict[str, str] = {}
+    out = []
+    for label in sorted(set(labels)):
+        spelling = " ".join(label.split()).casefold()
+        key = normalize_answer(label)
+        if key in by_key and " ".join(by_key[key].split()).casefold() != spelling:
+            out.append((by_key[key], label))
+        by_key.setdefault(key, label)
+    return out
 
 
 def closed_label_set(train_answers: Sequence[str], golden_answers: Sequence[str]) -> list[str] | None:

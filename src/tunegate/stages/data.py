@@ -115,8 +115,8 @@ def run(st: Stage) -> StageResult:
     base = str(resolve_base_model(st.project.base_model))  # converted once here, before any worker starts
     added = tuple(st.project.train.added_tokens)  # the project's tokenizer: what training tokenizes with
     tokenizer = load_tokenizer(base, added)  # no weights
-    golden, lock = read_golden(cfg, tokenizer)
-    _check_golden_defines_metrics(st.project, golden)
+    golden, lock = read_golden(cfg, tokenizer, before_freeze=lambda rows: _check_golden_defines_metrics(st.project, rows))
+    _check_labels(st.project, kept, golden, rejections)
     log.restart_clock()  # reading and checking the golden set is not a step of the training rows
 
     # 2. PII: redact every turn, then re-scan; before the template checks, so lengths are those of the redacted
@@ -247,6 +247,48 @@ def _check_golden_defines_metrics(project, golden: list[dict[str, Any]]) -> None
                             "(label_map on data.golden relabels held-out labels)")
 
 
+def _check_labels(project, rows: list[dict[str, Any]], golden: list[dict[str, Any]], rejections: list[Rejection]) -> None:
+    """A label task's answers, read: labels the metrics would merge are refused (TunegateError naming both, e.g.
+    'C' and 'C++'); a drop_labels entry that matches no row, golden labels no training row has (other than the
+    abstain label), and multi-label labels holding another separator ('|', ';', '/') are warned about."""
+    from tunegate.data.records import reference_answer
+    from tunegate.evals.labels import label_collisions, label_set
+    from tunegate.evals.metrics import normalize_answer
+
+    task = project.task
+    if task is None or task.kind not in ("classification", "multilabel"):
+        return
+
+    def labels_of(answer: str) -> list[str]:
+        if task.kind != "multilabel":
+            return [answer]
+        return [p.strip() for p in answer.split(task.separator.strip()) if label_set(p, task)]
+
+    train = {lab for r in rows if "messages" in r or "completion" in r for lab in labels_of(reference_answer(r))}
+    gold = {lab for g in golden for lab in labels_of(reference_answer(g))}
+    clash = label_collisions(train | gold)
+    if clash:
+        a, b = clash[0]
+        raise TunegateError(f"{project.source_file}: labels {a!r} and {b!r} are one label to the metrics (they compare answers "
+                            "without case, spaces and edge punctuation); rename one in the data, or relabel with label_map")
+    keys = {normalize_answer(x) for x in train}
+    dropped = {r.detail for r in rejections if r.rule == "dropped_label"}
+    for i, src in enumerate(project.data.sources):
+        missed = [x for x in src.drop_labels if not any(f"{normalize_answer(x)!r}" in d for d in dropped)]
+        if missed:
+            console.print(f"[yellow]warning: data.sources[{i}].drop_labels {missed[:5]} matched no row (a typo?)[/yellow]")
+    unseen = sorted({x for x in gold if normalize_answer(x) not in keys} - ({task.abstain_label} if task.abstain_label else set()))
+    if unseen:
+        console.print(f"[yellow]warning: {len(unseen)} golden label(s) no training row has: {unseen[:5]}"
+                      + (" (held-out labels belong under label_map on data.golden, e.g. {label: oos})" if task.abstain_label else "")
+                      + "[/yellow]")
+    if task.kind == "multilabel":
+        odd = sorted(x for x in train | gold if any(c in x for c in "|;/") and task.separator.strip() not in "|;/")
+        if odd:
+            console.print(f"[yellow]warning: label(s) {odd[:3]} hold '|', ';' or '/': written with another separator than "
+                          f"task.separator {task.separator!r}?[/yellow]")
+
+
 def _task_summary(project, rows: list[dict[str, Any]], golden: list[dict[str, Any]]) -> dict[str, Any]:
     """The task kind of the project file, or inferred from the answers (tunegate.evals.labels.task_summary)."""
     from tunegate.data.records import reference_answer
@@ -292,13 +334,13 @@ def read_sources(sources, keep_raw: bool = True) -> tuple[list[dict[str, Any]], 
     return rows, rejections, per_source
 
 
-def read_golden(cfg, tokenizer=None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def read_golden(cfg, tokenizer=None, before_freeze=None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """The golden set (`data.golden`), frozen into its lock on first use and checked against it after.
 
     Returns (golden rows, the lock). Raises TunegateError when a golden row is invalid (a golden set must be
     clean; with `tokenizer`, a row whose text spells one of its control tokens is invalid too, rule
-    `control_token`), when it is empty, or when it no longer matches its lock. Invalid rows are refused before
-    the lock is written.
+    `control_token`), when it is empty, when `before_freeze(rows)` raises, or when it no longer matches its lock.
+    Invalid rows are refused before the lock is written.
     """
     golden, rejections = read_source(cfg.golden, role="golden")
     if tokenizer is not None:
@@ -308,6 +350,8 @@ def read_golden(cfg, tokenizer=None) -> tuple[list[dict[str, Any]], dict[str, An
         raise TunegateError(f"{cfg.golden.path}: {len(rejections)} golden row(s) are invalid; a golden set must be clean:\n  {shown}")
     if not golden:
         raise TunegateError(f"{cfg.golden.path}: the golden set is empty")
+    if before_freeze is not None:  # a golden set the project cannot use is refused before it is frozen
+        before_freeze(golden)
     lock, new_lock = golden_lock.freeze(cfg.golden, golden, cfg.golden_lock)
     console.print(
         f"golden set: {len(golden)} rows, "
