@@ -110,3 +110,15 @@ def test_eval_page_corpus_headline_and_no_rules(tmp_path):
     page = write_eval_report(d).read_text(encoding="utf-8")
     assert "macro_f1 has no per-row scores" in page
     assert "No gate rule was checked" in page
+
+
+def test_a_corpus_ci_that_misses_its_point_estimate_still_plots(tmp_path):
+    """A percentile bootstrap CI of macro-F1 or a ratio need not contain the point estimate (here the mean is
+    under the CI): the bars are clipped at the estimate instead of matplotlib refusing a negative error."""
+    d = _eval_dir(tmp_path, [_row(0, 0.0, 1.0)], rules=[])
+    scores = json.loads((d / "scores.json").read_text())
+    off = {"mean": 0.40, "ci_low": 0.42, "ci_high": 0.55}
+    scores["metrics"] = {"label_macro_f1": {"baseline": off, "candidate": off, "delta": {"mean": -0.01, "ci_low": 0.0, "ci_high": 0.02}}}
+    (d / "scores.json").write_text(json.dumps(scores))
+    write_eval_report(d)
+    assert (d / "eval.png").stat().st_size > 1000

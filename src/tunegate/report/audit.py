@@ -18,7 +18,7 @@ def plot_candidates(report: dict[str, Any], path: Path) -> None:
     Every bar and point is labelled, inside the axes; candidates at the same point share one label."""
     from matplotlib.ticker import NullFormatter
 
-    from tunegate.report.render import LABEL_BOX, keep_labels_inside, pyplot
+    from tunegate.report.render import LABEL_BOX, error_bar, keep_labels_inside, pyplot
 
     plt = pyplot()
 
@@ -26,11 +26,11 @@ def plot_candidates(report: dict[str, Any], path: Path) -> None:
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 1.2 + 0.45 * len(cands)), dpi=110, gridspec_kw={"width_ratios": [3, 2]})
     colours = ["#e67e22" if c["trains"] else "#2f80ed" for c in cands]
     for i, (c, colour) in enumerate(zip(cands, colours)):
-        a1.barh(i, c["mean"], color=colour, height=0.6, xerr=[[c["mean"] - c["ci_low"]], [c["ci_high"] - c["mean"]]], capsize=3)
+        a1.barh(i, c["mean"], color=colour, height=0.6, xerr=error_bar(c), capsize=3)
         right = c["ci_high"] < 0.85  # the label right of the CI, else left of it (over the bar)
         a1.annotate(f"{c['mean']:.3f}", (c["ci_high"] if right else c["ci_low"], i), xytext=(4 if right else -4, 0),
                     textcoords="offset points", va="center", ha="left" if right else "right", fontsize=8, bbox=LABEL_BOX)
-        a2.errorbar([c["usd_per_1k_requests"]], [c["mean"]], yerr=[[c["mean"] - c["ci_low"]], [c["ci_high"] - c["mean"]]],
+        a2.errorbar([c["usd_per_1k_requests"]], [c["mean"]], yerr=error_bar(c),
                     fmt="o", color=colour, capsize=3)
     points: dict[tuple[float, float], list[str]] = {}
     for c in cands:

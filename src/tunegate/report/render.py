@@ -22,6 +22,13 @@ def environment(documents: bool = False):
     return Environment(loader=loader, autoescape=select_autoescape(["html", "html.j2"]))
 
 
+def error_bar(s) -> list[list[float]]:
+    """matplotlib's [[below], [above]] error lengths of {mean, ci_low, ci_high}, clipped at 0: a percentile
+    bootstrap CI of a corpus statistic (macro-F1, a ratio) need not contain its point estimate, and matplotlib
+    refuses a negative length."""
+    return [[max(0.0, s["mean"] - s["ci_low"])], [max(0.0, s["ci_high"] - s["mean"])]]
+
+
 def pyplot():
     """matplotlib's pyplot on the Agg backend (files only, no display)."""
     import matplotlib

@@ -14,7 +14,7 @@ from typing import Any
 from tunegate.core.io import atomic_write_text, read_jsonl
 from tunegate.core.manifest import read_manifest
 from tunegate.report.header import run_header
-from tunegate.report.render import LABEL_BOX, environment, keep_labels_inside, png_data_uri, pyplot
+from tunegate.report.render import LABEL_BOX, environment, error_bar, keep_labels_inside, png_data_uri, pyplot
 
 
 def plot_scores(scores: dict[str, Any], path: Path) -> None:
@@ -31,13 +31,13 @@ def plot_scores(scores: dict[str, Any], path: Path) -> None:
         for j, (system, colour) in enumerate((("baseline", "#9aa5b1"), ("candidate", "#2f80ed"))):
             v = s[system]
             y = i + (0.2 if j == 0 else -0.2)
-            a1.barh(y, v["mean"], height=0.38, color=colour, xerr=[[v["mean"] - v["ci_low"]], [v["ci_high"] - v["mean"]]],
+            a1.barh(y, v["mean"], height=0.38, color=colour, xerr=error_bar(v),
                     capsize=4, label=("base model" if j == 0 else "candidate") if i == 0 else None)
             right = v["ci_high"] < 0.85  # the label right of the CI, else left of it (over the bar)
             a1.annotate(f"{v['mean']:.3f}", (v["ci_high"] if right else v["ci_low"], y), xytext=(4 if right else -4, 0),
                         textcoords="offset points", va="center", ha="left" if right else "right", fontsize=8, bbox=LABEL_BOX)
         d = s["delta"]
-        a2.errorbar([d["mean"]], [i], xerr=[[d["mean"] - d["ci_low"]], [d["ci_high"] - d["mean"]]], fmt="o", capsize=5,
+        a2.errorbar([d["mean"]], [i], xerr=error_bar(d), fmt="o", capsize=5,
                     color="#27ae60" if d["ci_low"] > 0 else ("#c0392b" if d["ci_high"] < 0 else "#7f8c8d"))
         a2.annotate(f"{d['mean']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]", (d["mean"], i), xytext=(0, 8),
                     textcoords="offset points", ha="center", va="bottom", fontsize=7, bbox=LABEL_BOX)
