@@ -506,7 +506,9 @@ class TrainConfig(_Section):
     init_adapter: Path | None = None
     grpo: GrpoConfig | None = None  # method grpo: required
     distillation: DistillationConfig | None = None  # method distillation: required
-    classify: ClassifyConfig | None = None  # method classify: optional (abstention settings)
+    # method classify: optional (abstention settings); left out of the dump when unset, so the train stages of
+    # projects that never set it keep the fingerprints they had before it existed
+    classify: ClassifyConfig | None = Field(default=None, exclude_if=lambda v: v is None)
     budget_minutes: float | None = Field(default=None, gt=0)  # stop training (and save) after this long
     seed: int = 0
     # Tokens added to the base tokenizer (e.g. ["<ticket>"]), as plain, non-special tokens: they may appear in the

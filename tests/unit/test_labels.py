@@ -271,3 +271,20 @@ def test_the_task_kind_is_inferred_and_a_hint_given_when_the_project_names_none(
     assert task_summary(None, train, ["something else entirely"] * 3)["kind"] == "generation"  # golden not covered
     given = task_summary(MULTI, ["card, how", "none", "fee"], [])
     assert given == {"kind": "multilabel", "source": "task section", "labels": 3, "hint": None}
+
+
+def test_new_settings_leave_the_fingerprints_of_existing_projects_alone():
+    """The quickstart's audit, train, eval and report config views (what their fingerprints hash) as they were at
+    f2b21fa, before task kinds, the classification head and tool calling: a new optional setting must stay out of
+    the dump while unset, or every project reruns its audit and training after an upgrade. A deliberate change
+    of a view updates these values, and says so in its commit."""
+    import hashlib
+    from pathlib import Path
+
+    from tunegate.config import load_project
+    from tunegate.pipeline import STAGES
+
+    p = load_project(Path(__file__).resolve().parents[2] / "examples" / "quickstart" / "tunegate.yaml")
+    got = {s.name: hashlib.sha256(json.dumps(s.config(p), sort_keys=True, default=str).encode()).hexdigest()[:16]
+           for s in STAGES if s.name in ("audit", "train", "eval", "report")}
+    assert got == {"audit": "06ad447b7f8fdbc7", "train": "b32c20e3144c1f9f", "eval": "030a8ff47b0435b5", "report": "f18c40fa70312923"}
