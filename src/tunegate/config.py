@@ -62,6 +62,9 @@ class SourceConfig(_Section):
         HH-RLHF "\n\nHuman: ... \n\nAssistant: ..." transcripts).
     kto: unpaired feedback: `prompt`, `completion` and a boolean `label` (thumbs up = true).
     text: raw text for continued pretraining, in the `text_column` field.
+    bfcl: the Berkeley Function Calling Leaderboard's single-turn rows (tool calling; `path` a question file or
+        BFCL's data folder, ground truth read from `possible_answer/` beside them; tunegate.data.records._bfcl_row).
+    A chat row may carry OpenAI's `tools` with `tool_calls` and `tool` turns (tunegate.data.records.normalize_tools).
 
     The file type comes from `path`: .jsonl, .json (JSON lines or one JSON array), .csv, .tsv, .parquet, or a
     folder (a `datasets` save_to_disk folder, or a folder of .parquet files); `hub` reads a Hugging Face Hub
@@ -78,7 +81,7 @@ class SourceConfig(_Section):
     feedback: Literal["sft", "preference", "kto"] | None = None
     revision: str | None = None  # hub: a commit, tag or branch
     split: str = "train"  # a `datasets` folder holding several splits, or hub: which split to read
-    format: Literal["chat", "prompt_completion", "alpaca", "sharegpt", "openai_log", "csv", "preference", "kto", "text"] = "chat"
+    format: Literal["chat", "prompt_completion", "alpaca", "sharegpt", "openai_log", "csv", "preference", "kto", "text", "bfcl"] = "chat"
     columns: dict[str, str] = Field(default_factory=dict)  # canonical field -> the source's field/column name
     text_column: str = "text"  # text: the field holding the raw text
     prompt_column: str = "prompt"  # csv: the column that becomes the user turn
@@ -306,9 +309,10 @@ class DataConfig(_Section):
 class GrpoConfig(_Section):
     """GRPO (reinforcement fine-tuning, DeepSeekMath, Shao et al. 2024) against a verifier (tunegate.verifiers).
 
-    `verifier`: a built-in (numeric, exact_label, json_schema, regex, ifeval) or a function in a file of the
+    `verifier`: a built-in (numeric, exact_label, json_schema, regex, ifeval, tool_call) or a function in a file of the
     project, "verifiers/reward.py:score" (path relative to the project file; its sha256 goes in the manifest).
-    The verifier scores a completion against the row's reference answer (its final assistant turn), 0..1.
+    The verifier scores a completion against the row's reference answer (its final assistant turn; a tool row's
+    expected calls), 0..1.
     TRL's GRPOConfig settings (num_generations, max_completion_length, beta, ...) go in `train.trl`.
     """
 
@@ -335,7 +339,7 @@ class DistillationConfig(_Section):
     batch_size: int = Field(default=8, ge=1)
 
 
-_DEMOS = ("chat", "prompt_completion", "alpaca", "sharegpt", "openai_log", "csv")
+_DEMOS = ("chat", "prompt_completion", "alpaca", "sharegpt", "openai_log", "csv", "bfcl")
 # Which source formats each training method reads (the data stage's record kinds, tunegate.data.records).
 METHOD_FORMATS: dict[str, tuple[str, ...]] = {
     "sft": _DEMOS,
@@ -343,7 +347,7 @@ METHOD_FORMATS: dict[str, tuple[str, ...]] = {
     "dpo": ("preference",),
     "orpo": ("preference",),
     "kto": ("kto", "preference"),  # a pair gives one desirable and one undesirable row
-    "grpo": ("chat", "alpaca", "sharegpt", "openai_log", "csv"),  # the final assistant turn is the reference answer the verifier checks against
+    "grpo": ("chat", "alpaca", "sharegpt", "openai_log", "csv", "bfcl"),  # the final assistant turn is the reference answer the verifier checks against
     "distillation": ("chat", "alpaca", "sharegpt", "openai_log", "csv"),  # the teacher answers the prompts; the final turn is replaced
 }
 
@@ -530,7 +534,7 @@ class ServerConfig(_Section):
 
 class EvalConfig(_Section):
     # Row metrics: exact_match, numeric_match, json_valid, json_schema (needs json_schema), rouge_l, chrf,
-    # refusal; corpus metrics: macro_f1. The first one is the headline metric of the report.
+    # refusal, tool_call (rows with tools: BFCL's AST check of the calls); corpus metrics: macro_f1. The first one is the headline metric of the report.
     metrics: list[str] = Field(default_factory=lambda: ["exact_match"], min_length=1)
     # Project-defined row metrics, name -> "path/to/file.py:function" (relative to the project file, inside the
     # project): function(prediction, reference) -> a finite float per golden row (tunegate.evals.custom). Listed in
@@ -885,8 +889,11 @@ class Project(_Section):
         if self.data.golden.format not in _DEMOS:
             raise ValueError(f"data.golden has format {self.data.golden.format}: a golden set holds prompts with "
                              f"reference answers ({', '.join(_DEMOS)})")
-        if self.data.golden.path is None or self.data.golden.path.suffix not in (".jsonl", ".json", ".csv", ".tsv"):
-            raise ValueError("data.golden.path must be a local .jsonl, .json, .csv or .tsv file: the golden set is frozen by its sha256")
+        golden = self.data.golden
+        bfcl_folder = golden.format == "bfcl" and golden.path is not None and golden.path.is_dir()  # its files' sha256
+        if golden.path is None or (golden.path.suffix not in (".jsonl", ".json", ".csv", ".tsv") and not bfcl_folder):
+            raise ValueError("data.golden.path must be a local .jsonl, .json, .csv or .tsv file (or, format bfcl, BFCL's "
+                             "data folder): the golden set is frozen by its sha256")
         return self
 
     def run_dir(self, run_id: str) -> Path:
