@@ -47,6 +47,18 @@ MAX_ROW_BYTES = 8 * 2**20  # data.sources[].max_row_bytes default
 FEEDBACK_FILES = {"sft": ("sft.jsonl", "chat"), "preference": ("preference.jsonl", "preference"), "kto": ("kto.jsonl", "kto")}
 
 
+class HoldoutConfig(_Section):
+    """A split of a source by row id (tunegate.data.records.held_out): a row is held out when the sha256 of
+    "<seed>:<id>" falls in the first `fraction` of its range, so the same ids are held out by every source with
+    the same fraction and seed, whatever the rows' order or the file's other rows. `part: held_out` keeps those
+    rows (a golden set), `part: rest` the others (training): a golden set and a training source read from one
+    file then never share a row (BFCL is one such file: ../shared/data/bfcl/SOURCE.md)."""
+
+    fraction: float = Field(gt=0, lt=1)
+    seed: int = 0
+    part: Literal["held_out", "rest"]
+
+
 class SourceConfig(_Section):
     """One raw data source (tunegate.data.records). `format` is the shape of a row:
 
@@ -95,6 +107,16 @@ class SourceConfig(_Section):
     # by this, not by the largest row of a file. 8 MiB holds ~2M tokens: generous for chat rows, room for long
     # documents in continued pretraining.
     max_row_bytes: int = Field(default=MAX_ROW_BYTES, ge=1024)
+    # Keep only the rows held out by id, or only the others (HoldoutConfig); before `sample`. Left out of the dump
+    # when unset (_no_empty_holdout), so existing projects keep their fingerprints.
+    holdout: HoldoutConfig | None = None
+
+    @model_serializer(mode="wrap")
+    def _no_empty_holdout(self, handler):
+        out = handler(self)
+        if self.holdout is None:
+            out.pop("holdout", None)
+        return out
 
     @model_validator(mode="before")
     @classmethod
@@ -890,8 +912,15 @@ class Project(_Section):
             raise ValueError(f"data.golden has format {self.data.golden.format}: a golden set holds prompts with "
                              f"reference answers ({', '.join(_DEMOS)})")
         golden = self.data.golden
-        bfcl_folder = golden.format == "bfcl" and golden.path is not None and golden.path.is_dir()  # its files' sha256
-        if golden.path is None or (golden.path.suffix not in (".jsonl", ".json", ".csv", ".tsv") and not bfcl_folder):
+        for i, src in enumerate(self.data.sources):  # one file split by id: the training part must be the golden's complement
+            if golden.holdout is not None and src.path is not None and src.path == golden.path:
+                h, g = src.holdout, golden.holdout
+                if h is None or (h.fraction, h.seed) != (g.fraction, g.seed) or h.part == g.part:
+                    raise ValueError(f"data.sources[{i}] reads the golden set's {src.path} split by id: give it "
+                                     f"holdout: {{fraction: {g.fraction}, seed: {g.seed}, part: "
+                                     f"{'rest' if g.part == 'held_out' else 'held_out'}}}, the golden's complement")
+        bfcl = golden.format == "bfcl"  # a question file or BFCL's folder: the sha256 of its files (golden.source_sha256)
+        if golden.path is None or (golden.path.suffix not in (".jsonl", ".json", ".csv", ".tsv") and not bfcl):
             raise ValueError("data.golden.path must be a local .jsonl, .json, .csv or .tsv file (or, format bfcl, BFCL's "
                              "data folder): the golden set is frozen by its sha256")
         return self

@@ -213,3 +213,51 @@ def test_bfcl_folder_reads_clean_and_every_row_renders_under_1024_tokens(tokeniz
         answer = tokenizer.decode([t for t, lab in zip(enc.input_ids, enc.labels) if lab != IGNORE_INDEX][:-1])
         assert tool_call(answer, reference_answer(rec)) == 1.0, rec["id"]  # what is trained on scores 1
         assert parse_calls(answer) or rec["meta"]["category"] == "irrelevance"
+
+
+def test_holdout_splits_a_source_by_id_into_two_disjoint_parts(tmp_path):
+    rows = [{"id": f"r{i}", "messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "a"}]} for i in range(200)]
+    path = write_jsonl(tmp_path / "in.jsonl", rows)
+
+    def ids(part, fraction=0.25, seed=0):
+        return {r["id"] for r in read_source(SourceConfig(path=path, holdout={"fraction": fraction, "seed": seed, "part": part}))[0]}
+
+    held, rest = ids("held_out"), ids("rest")
+    assert held.isdisjoint(rest) and len(held | rest) == 200 and 30 < len(held) < 70
+    write_jsonl(path, rows[::-1][:150])  # the same ids are held out whatever the order or the other rows
+    assert ids("held_out") == {i for i in held if int(i[1:]) >= 50}
+    assert ids("held_out", seed=1) != ids("held_out")
+
+
+def test_holdout_config_demands_the_complement_on_the_golden_file(tmp_path):
+    from tunegate import TunegateError
+    from tunegate.config import load_project
+
+    write_jsonl(tmp_path / "all.jsonl", [{"id": "a", "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}])
+
+    def project(train_holdout):
+        (tmp_path / "tunegate.yaml").write_text(
+            "name: t\nbase_model: smollm2-135m-instruct\ndata:\n"
+            f"  sources: [{{path: all.jsonl{train_holdout}}}]\n"
+            "  golden: {path: all.jsonl, holdout: {fraction: 0.2, seed: 3, part: held_out}}\n")
+        return load_project(tmp_path / "tunegate.yaml")
+
+    assert project(", holdout: {fraction: 0.2, seed: 3, part: rest}").data.sources[0].holdout.part == "rest"
+    for bad in ("", ", holdout: {fraction: 0.2, seed: 0, part: rest}", ", holdout: {fraction: 0.2, seed: 3, part: held_out}"):
+        with pytest.raises(TunegateError, match="the golden's complement"):
+            project(bad)
+    assert "holdout" not in SourceConfig(path="x.jsonl").model_dump()  # unset: the dump (and fingerprints) as before
+
+
+@pytest.mark.real_data
+def test_the_bfcl_example_validates_and_its_golden_set_matches_its_lock():
+    from conftest import REPO
+    from tunegate.config import load_project
+    from tunegate.pipeline import validate_project
+
+    shared_data("bfcl")
+    project = load_project(REPO / "examples" / "bfcl" / "tunegate.yaml")
+    assert validate_project(project) == []  # the golden rows are read and checked against golden.lock.json
+    train, _ = read_source(project.data.sources[0])
+    golden, _ = read_source(project.data.golden, role="golden")
+    assert len(golden) == 209 and {r["id"] for r in train}.isdisjoint(r["id"] for r in golden)

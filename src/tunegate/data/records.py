@@ -945,10 +945,20 @@ def parse_row(obj: Any, src, default_id: str, source: str) -> dict[str, Any]:
     return rec
 
 
+def held_out(row_id: str, fraction: float, seed: int = 0) -> bool:
+    """Whether a row id falls in the held-out part of a split by id (config.HoldoutConfig): the first 8 bytes of
+    sha256("<seed>:<id>") as a number in [0, 1) is below `fraction`. Depends on the id alone."""
+    import hashlib
+
+    digest = hashlib.sha256(f"{seed}:{row_id}".encode("utf-8", "surrogatepass")).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+
+
 def read_source(src, role: str = "train", limit: int | None = None) -> tuple[list[dict[str, Any]], list[Rejection]]:
     """Read one configured source (a `config.SourceConfig`). Returns (records, rejections); never raises on a row.
 
-    limit: read only the first `limit` rows (after the header), as `tunegate validate` does; `sample` still applies.
+    limit: read only the first `limit` rows (after the header), as `tunegate validate` does; `holdout` (a split by
+    id, `held_out`) and `sample` still apply, in that order.
 
     Raises:
         TunegateError: the file or folder is missing or unreadable, a mapped column is not in the header, or a
@@ -988,6 +998,9 @@ def read_source(src, role: str = "train", limit: int | None = None) -> tuple[lis
                 # a row no rule foresaw: rejected with what went wrong, never a traceback that stops the stage
                 err = RowError("unreadable_row", f"{type(exc).__name__}: {str(exc)[:200]}")
         rejected.append(Rejection(where, lineno, rid, err.rule, err.detail, raw=obj))
+    if src.holdout is not None:
+        h = src.holdout
+        records = [r for r in records if held_out(r["id"], h.fraction, h.seed) == (h.part == "held_out")]
     if src.sample is not None and src.sample < len(records):
         rng = random.Random(src.seed)
         keep = sorted(rng.sample(range(len(records)), src.sample))
