@@ -563,6 +563,9 @@ class EvalConfig(_Section):
     # `metrics` to be scored; gate rules may bound them. The file's sha256 enters the eval and audit fingerprints.
     custom_metrics: dict[str, str] = Field(default_factory=dict)  # left out of the dump when empty (_no_empty_custom)
     json_schema: Path | None = None  # a JSON Schema file, for the json_schema metric
+    # A golden rows' `meta` field (e.g. `category`, BFCL's): scores.json's `slices` then give each row metric's
+    # mean and bootstrap CIs per value of it (evals.gate.score_slices); reported, not gated. Left out of the dump when unset.
+    slice_by: str | None = None
     max_new_tokens: int = Field(default=32, ge=1)
     batch_size: int = Field(default=16, ge=1)
     bootstrap_samples: int = Field(default=10_000, ge=100)
@@ -586,11 +589,13 @@ class EvalConfig(_Section):
 
     @model_serializer(mode="wrap")
     def _no_empty_custom(self, handler):
-        """The dump (stage config views, manifests) leaves out an empty `custom_metrics`, so the runs of projects that
-        define none keep the fingerprints they had before the setting existed."""
+        """The dump (stage config views, manifests) leaves out an empty `custom_metrics` and an unset `slice_by`, so
+        the runs of projects that set neither keep the fingerprints they had before the settings existed."""
         out = handler(self)
         if not self.custom_metrics:
             out.pop("custom_metrics", None)
+        if self.slice_by is None:
+            out.pop("slice_by", None)
         return out
 
     @model_validator(mode="after")

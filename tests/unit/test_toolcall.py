@@ -138,3 +138,19 @@ def test_every_bfcl_ground_truth_accepts_its_canonical_call():
             assert check_calls(calls_of_ground_truth(gt), gt), line[:120]
             n += 1
     assert n == 800
+
+
+def test_tool_call_is_scored_with_cis_and_sliced_by_category():
+    from tunegate.config import EvalConfig
+    from tunegate.evals.gate import score_metrics, score_slices
+
+    refs = [SIMPLE, "[]", "[]", PARALLEL]
+    base = ["no", "no", block("f"), "no"]
+    cand = [block("calculate_triangle_area", base=10, height=5), "no", "no", "no"]
+    summary, per_row = score_metrics(["tool_call"], base, cand, refs, n_samples=200)
+    assert summary["tool_call"]["baseline"]["mean"] == 0.25 and summary["tool_call"]["candidate"]["mean"] == 0.75
+    slices = score_slices(per_row, ["simple", "irrelevance", "irrelevance", "parallel"], n_samples=200)
+    assert list(slices) == ["irrelevance", "parallel", "simple"]
+    assert slices["irrelevance"]["n"] == 2 and slices["irrelevance"]["tool_call"]["baseline"]["mean"] == 0.5
+    assert slices["simple"]["tool_call"]["delta"]["mean"] == 1.0
+    assert "slice_by" not in EvalConfig().model_dump() and EvalConfig(slice_by="category").model_dump()["slice_by"] == "category"
