@@ -48,9 +48,10 @@ def read(tmp_path, rows, fmt="chat"):
 
 def test_tool_rows_are_read_into_one_canonical_shape(tmp_path):
     rows = [row("call", agentic()[:2]), row("agentic", agentic()),
-            row("bare_schema", agentic()[:2], tools=[WEATHER["function"]])]
+            row("bare_schema", agentic()[:2], tools=[WEATHER["function"]]),
+            row("no_calls_written_as_empty", [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello", "tool_calls": []}], tools=None)]
     records, rejected = read(tmp_path, rows)
-    assert not rejected
+    assert not rejected and records[3]["messages"][1] == {"role": "assistant", "content": "hello"}
     first = records[0]
     assert first["tools"] == [WEATHER] and "tools" not in first["meta"]
     assert first["messages"][1] == {"role": "assistant", "content": "",
@@ -261,3 +262,22 @@ def test_the_bfcl_example_validates_and_its_golden_set_matches_its_lock():
     train, _ = read_source(project.data.sources[0])
     golden, _ = read_source(project.data.golden, role="golden")
     assert len(golden) == 209 and {r["id"] for r in train}.isdisjoint(r["id"] for r in golden)
+
+
+NO_SYSTEM_TEMPLATE = (
+    "{% for m in messages %}{% if m.role == 'system' %}{{ raise_exception('no system role') }}{% endif %}"
+    "<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def test_fallback_on_a_template_without_system_role_puts_the_schemas_in_the_first_user_turn(tokenizer, tmp_path):
+    import copy
+
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = NO_SYSTEM_TEMPLATE
+    (rec,) = read(tmp_path, [row("call", agentic()[:2])])[0]
+    enc = encode_record(tok, rec, 1024, "drop")
+    text = tok.decode(enc.input_ids)
+    assert text.startswith("<|im_start|>user\nYou may call functions") and text.count("<|im_start|>user") == 1
+    sup = tok.decode([t for t, lab in zip(enc.input_ids, enc.labels) if lab != IGNORE_INDEX])
+    assert sup.startswith("<tool_call>") and sup.endswith("</tool_call><|im_end|>")

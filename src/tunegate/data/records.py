@@ -119,7 +119,7 @@ def normalize_messages(messages: Any, require_final_assistant: bool = True,
             raise RowError("tool_calls", f"messages[{i}] is a tool result, and the row declares no `tools`")
         if role not in roles:
             raise RowError("unknown_role", f"messages[{i}].role {role!r} is not one of {', '.join(roles)}")
-        calls = m.get("tool_calls") if role == "assistant" else None
+        calls = (m.get("tool_calls") or None) if role == "assistant" else None  # exports write null or [] for none
         if calls is not None and tools is None:
             raise RowError("tool_calls", f"messages[{i}] calls tools, and the row declares no `tools`")
         if "content" not in m and not calls:
