@@ -101,22 +101,15 @@ class SourceConfig(_Section):
     instruction: str | None = None  # a system message put before every row of this source
     sample: int | None = Field(default=None, ge=1)  # keep a seeded random sample of this many rows
     seed: int = 0
+    # Keep only the rows held out by id, or only the others (HoldoutConfig); before `sample`. Left out of the dump
+    # when unset, so existing projects keep their fingerprints.
+    holdout: HoldoutConfig | None = Field(default=None, exclude_if=lambda v: v is None)
     license: str | None = None  # travels to the data card
     # A row larger than this (bytes of its line in JSONL/CSV/TSV; UTF-8 bytes of its text in JSON arrays, Parquet
     # and `datasets`) is rejected ("row_too_large") before it is parsed or tokenized: memory and time stay bounded
     # by this, not by the largest row of a file. 8 MiB holds ~2M tokens: generous for chat rows, room for long
     # documents in continued pretraining.
     max_row_bytes: int = Field(default=MAX_ROW_BYTES, ge=1024)
-    # Keep only the rows held out by id, or only the others (HoldoutConfig); before `sample`. Left out of the dump
-    # when unset (_no_empty_holdout), so existing projects keep their fingerprints.
-    holdout: HoldoutConfig | None = None
-
-    @model_serializer(mode="wrap")
-    def _no_empty_holdout(self, handler):
-        out = handler(self)
-        if self.holdout is None:
-            out.pop("holdout", None)
-        return out
 
     @model_validator(mode="before")
     @classmethod
@@ -565,7 +558,7 @@ class EvalConfig(_Section):
     json_schema: Path | None = None  # a JSON Schema file, for the json_schema metric
     # A golden rows' `meta` field (e.g. `category`, BFCL's): scores.json's `slices` then give each row metric's
     # mean and bootstrap CIs per value of it (evals.gate.score_slices); reported, not gated. Left out of the dump when unset.
-    slice_by: str | None = None
+    slice_by: str | None = Field(default=None, exclude_if=lambda v: v is None)
     max_new_tokens: int = Field(default=32, ge=1)
     batch_size: int = Field(default=16, ge=1)
     bootstrap_samples: int = Field(default=10_000, ge=100)
@@ -589,13 +582,11 @@ class EvalConfig(_Section):
 
     @model_serializer(mode="wrap")
     def _no_empty_custom(self, handler):
-        """The dump (stage config views, manifests) leaves out an empty `custom_metrics` and an unset `slice_by`, so
-        the runs of projects that set neither keep the fingerprints they had before the settings existed."""
+        """The dump (stage config views, manifests) leaves out an empty `custom_metrics`, so the runs of projects that
+        define none keep the fingerprints they had before the setting existed."""
         out = handler(self)
         if not self.custom_metrics:
             out.pop("custom_metrics", None)
-        if self.slice_by is None:
-            out.pop("slice_by", None)
         return out
 
     @model_validator(mode="after")

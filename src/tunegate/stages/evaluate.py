@@ -187,11 +187,11 @@ def run(st: Stage) -> StageResult:
         "candidate_generation_s": round(cand_s, 1),
         "candidate_stopped_before_max_new_tokens": sum(n < ecfg.max_new_tokens for n in n_new) / len(n_new),
     }
-    if judge_counts:
-        scores["judge"] = judge_counts
     if ecfg.slice_by:  # each row metric per value of a golden meta field (e.g. BFCL's category): reported, not gated
         groups = [str((r.get("meta") or {}).get(ecfg.slice_by)) for r in golden]
         scores["slices"] = {"by": ecfg.slice_by, "slices": score_slices(per_row, groups, ecfg.bootstrap_samples, ecfg.seed)}
+    if judge_counts:
+        scores["judge"] = judge_counts
     atomic_write_json(st.dir / "scores.json", scores)
     atomic_write_json(st.dir / "verdict.json", {"verdict": result, "rules": rules})
     write_eval_report(st.dir, project.name)
