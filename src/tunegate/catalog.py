@@ -9,7 +9,7 @@ from __future__ import annotations
 
 # Golden-set metrics. Row metrics give one score per golden row (tunegate.evals.metrics.ROW_METRICS maps each
 # name to its function); corpus metrics need every row at once; json_schema needs eval.json_schema.
-ROW_METRICS = ("exact_match", "token_f1", "numeric_match", "json_valid", "rouge_l", "chrf", "refusal")
+ROW_METRICS = ("exact_match", "token_f1", "numeric_match", "json_valid", "rouge_l", "chrf", "refusal", "tool_call")
 CORPUS_METRICS = ("macro_f1",)
 # Label metrics of a `task` (tunegate.evals.labels): classification with an abstain label (CLINC150's in-scope
 # accuracy and out-of-scope recall, Larson et al. 2019, with oos precision), and multilabel answers (label sets).

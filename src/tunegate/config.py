@@ -50,6 +50,18 @@ MAX_ROW_BYTES = 8 * 2**20  # data.sources[].max_row_bytes default
 FEEDBACK_FILES = {"sft": ("sft.jsonl", "chat"), "preference": ("preference.jsonl", "preference"), "kto": ("kto.jsonl", "kto")}
 
 
+class HoldoutConfig(_Section):
+    """A split of a source by row id (tunegate.data.records.held_out): a row is held out when the sha256 of
+    "<seed>:<id>" falls in the first `fraction` of its range, so the same ids are held out by every source with
+    the same fraction and seed, whatever the rows' order or the file's other rows. `part: held_out` keeps those
+    rows (a golden set), `part: rest` the others (training): a golden set and a training source read from one
+    file then never share a row (BFCL is one such file: ../shared/data/bfcl/SOURCE.md)."""
+
+    fraction: float = Field(gt=0, lt=1)
+    seed: int = 0
+    part: Literal["held_out", "rest"]
+
+
 class SourceConfig(_Section):
     """One raw data source (tunegate.data.records). `format` is the shape of a row:
 
@@ -65,6 +77,9 @@ class SourceConfig(_Section):
         HH-RLHF "\n\nHuman: ... \n\nAssistant: ..." transcripts).
     kto: unpaired feedback: `prompt`, `completion` and a boolean `label` (thumbs up = true).
     text: raw text for continued pretraining, in the `text_column` field.
+    bfcl: the Berkeley Function Calling Leaderboard's single-turn rows (tool calling; `path` a question file or
+        BFCL's data folder, ground truth read from `possible_answer/` beside them; tunegate.data.records._bfcl_row).
+    A chat row may carry OpenAI's `tools` with `tool_calls` and `tool` turns (tunegate.data.records.normalize_tools).
 
     The file type comes from `path`: .jsonl, .json (JSON lines or one JSON array), .csv, .tsv, .parquet, or a
     folder (a `datasets` save_to_disk folder, or a folder of .parquet files); `hub` reads a Hugging Face Hub
@@ -81,7 +96,7 @@ class SourceConfig(_Section):
     feedback: Literal["sft", "preference", "kto"] | None = None
     revision: str | None = None  # hub: a commit, tag or branch
     split: str = "train"  # a `datasets` folder holding several splits, or hub: which split to read
-    format: Literal["chat", "prompt_completion", "alpaca", "sharegpt", "openai_log", "csv", "preference", "kto", "text"] = "chat"
+    format: Literal["chat", "prompt_completion", "alpaca", "sharegpt", "openai_log", "csv", "preference", "kto", "text", "bfcl"] = "chat"
     columns: dict[str, str] = Field(default_factory=dict)  # canonical field -> the source's field/column name
     text_column: str = "text"  # text: the field holding the raw text
     prompt_column: str = "prompt"  # csv: the column that becomes the user turn
@@ -89,6 +104,9 @@ class SourceConfig(_Section):
     instruction: str | None = None  # a system message put before every row of this source
     sample: int | None = Field(default=None, ge=1)  # keep a seeded random sample of this many rows
     seed: int = 0
+    # Keep only the rows held out by id, or only the others (HoldoutConfig); before `sample`. Left out of the dump
+    # when unset, so existing projects keep their fingerprints.
+    holdout: HoldoutConfig | None = Field(default=None, exclude_if=lambda v: v is None)
     license: str | None = None  # travels to the data card
     # A row larger than this (bytes of its line in JSONL/CSV/TSV; UTF-8 bytes of its text in JSON arrays, Parquet
     # and `datasets`) is rejected ("row_too_large") before it is parsed or tokenized: memory and time stay bounded
@@ -176,11 +194,12 @@ class TaskConfig(_Section):
         is `none_label`). A source's answer may also be a JSON list of labels. Answers are stored in canonical
         form: sorted, each label once, joined by `separator`. Metrics: set_match, jaccard, label_micro_f1,
         label_macro_f1, label_micro_precision, label_micro_recall, and a per-label table on the eval page.
-    tool_call: answers are function calls (tunegate.evals.toolcall).
+    tool_call: answers are function calls, scored by BFCL's AST rules against the allowed values
+        (tunegate.evals.toolcall; rows with `tools`, or `format: bfcl`).
 
     Each kind brings its own default `eval.metrics` when the project gives none (the first is the headline):
     classification: exact_match, macro_f1 (+ in_scope_accuracy, oos_recall, oos_precision with abstain_label);
-    multilabel: set_match, label_micro_f1, label_macro_f1, jaccard.
+    multilabel: set_match, label_micro_f1, label_macro_f1, jaccard; tool_call: tool_call.
     """
 
     kind: Literal["generation", "classification", "multilabel", "tool_call"] = "generation"
@@ -238,6 +257,8 @@ class TaskConfig(_Section):
             return ["exact_match", "macro_f1", *(ABSTAIN_METRICS if self.abstain_label else ())]
         if self.kind == "multilabel":
             return ["set_match", "label_micro_f1", "label_macro_f1", "jaccard"]
+        if self.kind == "tool_call":
+            return ["tool_call"]
         return None
 
 
@@ -423,9 +444,10 @@ class DataConfig(_Section):
 class GrpoConfig(_Section):
     """GRPO (reinforcement fine-tuning, DeepSeekMath, Shao et al. 2024) against a verifier (tunegate.verifiers).
 
-    `verifier`: a built-in (numeric, exact_label, json_schema, regex, ifeval) or a function in a file of the
+    `verifier`: a built-in (numeric, exact_label, json_schema, regex, ifeval, tool_call) or a function in a file of the
     project, "verifiers/reward.py:score" (path relative to the project file; its sha256 goes in the manifest).
-    The verifier scores a completion against the row's reference answer (its final assistant turn), 0..1.
+    The verifier scores a completion against the row's reference answer (its final assistant turn; a tool row's
+    expected calls), 0..1.
     TRL's GRPOConfig settings (num_generations, max_completion_length, beta, ...) go in `train.trl`.
     """
 
@@ -452,7 +474,7 @@ class DistillationConfig(_Section):
     batch_size: int = Field(default=8, ge=1)
 
 
-_DEMOS = ("chat", "prompt_completion", "alpaca", "sharegpt", "openai_log", "csv")
+_DEMOS = ("chat", "prompt_completion", "alpaca", "sharegpt", "openai_log", "csv", "bfcl")
 # Which source formats each training method reads (the data stage's record kinds, tunegate.data.records).
 METHOD_FORMATS: dict[str, tuple[str, ...]] = {
     "sft": _DEMOS,
@@ -460,7 +482,7 @@ METHOD_FORMATS: dict[str, tuple[str, ...]] = {
     "dpo": ("preference",),
     "orpo": ("preference",),
     "kto": ("kto", "preference"),  # a pair gives one desirable and one undesirable row
-    "grpo": ("chat", "alpaca", "sharegpt", "openai_log", "csv"),  # the final assistant turn is the reference answer the verifier checks against
+    "grpo": ("chat", "alpaca", "sharegpt", "openai_log", "csv", "bfcl"),  # the final assistant turn is the reference answer the verifier checks against
     "distillation": ("chat", "alpaca", "sharegpt", "openai_log", "csv"),  # the teacher answers the prompts; the final turn is replaced
     "classify": _DEMOS,  # the final answer is the row's label (task.kind classification)
 }
@@ -679,13 +701,16 @@ class ServerConfig(_Section):
 
 class EvalConfig(_Section):
     # Row metrics: exact_match, numeric_match, json_valid, json_schema (needs json_schema), rouge_l, chrf,
-    # refusal; corpus metrics: macro_f1. The first one is the headline metric of the report.
+    # refusal, tool_call (rows with tools: BFCL's AST check of the calls); corpus metrics: macro_f1. The first one is the headline metric of the report.
     metrics: list[str] = Field(default_factory=lambda: ["exact_match"], min_length=1)
     # Project-defined row metrics, name -> "path/to/file.py:function" (relative to the project file, inside the
     # project): function(prediction, reference) -> a finite float per golden row (tunegate.evals.custom). Listed in
     # `metrics` to be scored; gate rules may bound them. The file's sha256 enters the eval and audit fingerprints.
     custom_metrics: dict[str, str] = Field(default_factory=dict)  # left out of the dump when empty (_no_empty_custom)
     json_schema: Path | None = None  # a JSON Schema file, for the json_schema metric
+    # A golden rows' `meta` field (e.g. `category`, BFCL's): scores.json's `slices` then give each row metric's
+    # mean and bootstrap CIs per value of it (evals.gate.score_slices); reported, not gated. Left out of the dump when unset.
+    slice_by: str | None = Field(default=None, exclude_if=lambda v: v is None)
     max_new_tokens: int = Field(default=32, ge=1)
     batch_size: int = Field(default=16, ge=1)
     bootstrap_samples: int = Field(default=10_000, ge=100)
@@ -1104,8 +1129,18 @@ class Project(_Section):
         if self.data.golden.format not in _DEMOS:
             raise ValueError(f"data.golden has format {self.data.golden.format}: a golden set holds prompts with "
                              f"reference answers ({', '.join(_DEMOS)})")
-        if self.data.golden.path is None or self.data.golden.path.suffix not in (".jsonl", ".json", ".csv", ".tsv"):
-            raise ValueError("data.golden.path must be a local .jsonl, .json, .csv or .tsv file: the golden set is frozen by its sha256")
+        golden = self.data.golden
+        for i, src in enumerate(self.data.sources):  # one file split by id: the training part must be the golden's complement
+            if golden.holdout is not None and src.path is not None and src.path == golden.path:
+                h, g = src.holdout, golden.holdout
+                if h is None or (h.fraction, h.seed) != (g.fraction, g.seed) or h.part == g.part:
+                    raise ValueError(f"data.sources[{i}] reads the golden set's {src.path} split by id: give it "
+                                     f"holdout: {{fraction: {g.fraction}, seed: {g.seed}, part: "
+                                     f"{'rest' if g.part == 'held_out' else 'held_out'}}}, the golden's complement")
+        bfcl = golden.format == "bfcl"  # a question file or BFCL's folder: the sha256 of its files (golden.source_sha256)
+        if golden.path is None or (golden.path.suffix not in (".jsonl", ".json", ".csv", ".tsv") and not bfcl):
+            raise ValueError("data.golden.path must be a local .jsonl, .json, .csv or .tsv file (or, format bfcl, BFCL's "
+                             "data folder): the golden set is frozen by its sha256")
         return self
 
     def run_dir(self, run_id: str) -> Path:

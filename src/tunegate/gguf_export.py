@@ -354,7 +354,10 @@ def write_gguf(project, run_dir: Path, dest: Path, cfg: GgufConfig, venv: Path |
     longest = max(len(tokenizer(generation_prompt(tokenizer, r), add_special_tokens=False)["input_ids"]) for r in golden)
     # room for the answer and for a template that renders longer prompts than training's (prompt_identical names it)
     n_ctx = 2 * longest + project.eval.max_new_tokens + 64
-    rows = [{"id": r["id"], **({"messages": r["messages"][:-1]} if "messages" in r else {"prompt": r["prompt"]})} for r in golden]
+    # A tool row (records: `tools`) is sent as the text training rendered (its schemas in the prompt): llama.cpp's
+    # chat completion would render its messages without them. Not yet run against llama.cpp (README, Tool calling).
+    rows = [{"id": r["id"], **({"messages": r["messages"][:-1]} if "messages" in r and "tools" not in r else
+                               {"prompt": generation_prompt(tokenizer, r) if "tools" in r else r["prompt"]})} for r in golden]
 
     files: dict[str, Any] = {}
     for t in cfg.types:

@@ -471,9 +471,9 @@ def validate_project(p: Project) -> list[str]:
         if rejected and not rows:
             problems.append(f"data.sources.{i} (format {src.format}): none of the first {len(rejected)} row(s) parse "
                             f"as {src.format}; first: {rejected[0]}")
-    if not p.data.golden.path.is_file():
+    if not p.data.golden.path.exists():
         problems.append(f"data.golden.path: {p.data.golden.path} not found")
-    if p.data.golden.path.is_file() and not p.data.golden_lock.is_file():
+    if p.data.golden.path.exists() and not p.data.golden_lock.is_file():
         try:
             rows, rejected = read_source(p.data.golden, role="golden", limit=VALIDATE_ROWS)
         except TunegateError as exc:
@@ -482,7 +482,7 @@ def validate_project(p: Project) -> list[str]:
         if rejected and not rows:
             problems.append(f"data.golden (format {p.data.golden.format}): none of the first {len(rejected)} row(s) "
                             f"parse as {p.data.golden.format}; first: {rejected[0]}")
-    if p.data.golden.path.is_file() and p.data.golden_lock.is_file():
+    if p.data.golden.path.exists() and p.data.golden_lock.is_file():
         rows, rejected = read_source(p.data.golden, role="golden")
         problems += [f"data.golden: {r}" for r in rejected[:5]]
         try:

@@ -98,6 +98,10 @@ def effective_epochs(kw: dict[str, Any], n_train_rows: int | None) -> tuple[floa
 
 
 def _golden_problem(path: Path) -> str | None:
+    if path.is_dir():  # format bfcl: BFCL's data folder (config allows a folder for no other format)
+        from tunegate.data.records import BFCL_QUESTIONS
+
+        return None if any(path.glob(BFCL_QUESTIONS)) else f"the golden set data.golden.path {path} holds no BFCL question files"
     if not path.is_file():
         return f"the golden set data.golden.path {path} does not exist"
     with open(path, encoding="utf-8", errors="replace") as f:

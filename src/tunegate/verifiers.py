@@ -1,7 +1,8 @@
 """Verifiers: score a completion against the row's reference answer, for GRPO (Shao et al. 2024, DeepSeekMath).
 
 A verifier is a callable `(completion: str, reference: str, row: dict) -> float` in [0, 1]. `reference` is the
-row's final assistant turn; `row` is the whole training record {"id", "source", "messages", "meta"}.
+row's reference answer (`records.reference_answer`: its final assistant turn; for a row with tools, the JSON of
+its expected calls); `row` is the whole training record {"id", "source", "messages", "meta"}.
 
 Built-ins (`train.grpo.verifier`):
     numeric       GSM8K style: the final number (after `####` if present) within `train.grpo.tolerance`
@@ -9,6 +10,8 @@ Built-ins (`train.grpo.verifier`):
     json_schema   the completion is JSON (a ```json fence is allowed) valid against `train.grpo.json_schema`
     regex         `re.search(train.grpo.pattern, completion)`
     ifeval        fraction of the row's IFEval instructions followed, strict (Zhou et al. 2023)
+    tool_call     the completion's function calls are the row's expected ones (BFCL's AST check, Patil et al. 2025;
+                  the eval metric `tool_call`, tunegate.evals.toolcall)
 Or a function in a file of the project: "verifiers/reward.py:score" (path relative to the project file). The
 file is loaded by path, never by a dotted import, and its sha256 goes in the manifest.
 
@@ -39,7 +42,7 @@ log = logging.getLogger(__name__)
 
 Score = Callable[[str, str, dict], float]  # (completion, reference, row) -> score in [0, 1]
 
-BUILTINS = ("numeric", "exact_label", "json_schema", "regex", "ifeval")
+BUILTINS = ("numeric", "exact_label", "json_schema", "regex", "ifeval", "tool_call")
 KEY = "train.grpo.verifier"
 
 
@@ -120,6 +123,17 @@ def ifeval(completion: str, reference: str, row: dict) -> float:
     finally:
         random.setstate(state)
     return sum(result.follow_instruction_list) / len(ids)
+
+
+def tool_call(completion: str, reference: str, row: dict | None = None) -> float:
+    """Tool calling: 1.0 when the completion's calls (`<tool_call>` blocks or JSON) are the expected calls of
+    `reference`, a BFCL ground truth in JSON ([{name: {arg: [allowed values]}}]; `[]`: no call expected), in any
+    order, else 0.0. The checker is the eval metric's (tunegate.evals.toolcall.tool_call, after BFCL's AST
+    checker, Patil et al. 2025), so training rewards what the gate measures. A reference that is not a ground
+    truth raises ValueError (a row without tools; scored 0.0 and counted as an error during training)."""
+    from tunegate.evals.toolcall import tool_call as check
+
+    return check(completion, reference)
 
 
 def load_file_verifier(spec: str, project_root: Path) -> tuple[Score, Path, str]:
@@ -217,6 +231,8 @@ def build_verifier(cfg: GrpoConfig, project_root: Path) -> Verifier:
         except re.error as e:
             raise TunegateError(f"train.grpo.pattern: {cfg.pattern!r} is not a valid regular expression ({e})") from None
         return Verifier("regex", fn, params={"pattern": cfg.pattern})
+    if name == "tool_call":
+        return Verifier("tool_call", tool_call)
     if name == "ifeval":
         from tunegate.evals import ifeval as ifeval_eval
 

@@ -32,6 +32,8 @@ def test_each_task_kind_brings_its_metrics_and_headline_gate():
     # without a gate: measurably better than the baseline on the headline and on finding out-of-scope rows
     default = project(task={"kind": "classification", "abstain_label": "oos"}).eval.gate
     assert [(r.metric, r.min_delta_ci_low) for r in default] == [("exact_match", 0.0), ("oos_recall", 0.0)]
+    tools = project(task={"kind": "tool_call"}).eval
+    assert tools.metrics == ["tool_call"] and [r.metric for r in tools.gate] == ["tool_call"]
     given = project(task={"kind": "multilabel"}, eval={"metrics": ["jaccard"]}).eval
     assert given.metrics == ["jaccard"] and [r.metric for r in given.gate] == ["jaccard"]  # given metrics kept, gated on the first
     # without a task section nothing changes: the default rule stays on exact_match whatever metrics[0] is

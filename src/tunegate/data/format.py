@@ -8,6 +8,14 @@ label is set by position and padding is masked by position in the collator). Thi
 without `{% generation %}` markers (case C09). Plain prompt/completion rows (no template) are
 `prompt + completion + exactly one eos`, the eos supervised (case C02).
 
+Tool calling (a row with `tools`, tunegate.data.records): rendered through the chat template's own tool
+support when it has one (`supports_tools`: it writes the schemas, the assistant's `tool_calls` and the `tool`
+results), else through one fallback, `tool_fallback_messages` (SmolLM2's template has none): the schemas go into
+the system message (TOOL_FALLBACK), each call into the assistant's text as a `<tool_call>` JSON line, the format
+of Hermes-style and Qwen2.5 templates, and the results into a user turn as `<tool_response>` blocks. Either way
+`render_chat` does it, so the loss mask is still derived from rendered prefixes and the calls are supervised as
+the assistant's answer, and eval prompts (`generation_prompt`) render the same way.
+
 Every function here raises `RowError` (rule + detail) for a row it cannot encode; callers turn that into
 a rejection with the row's id, never a crash mid-run.
 """
@@ -15,6 +23,7 @@ a rejection with the row's id, never a crash mid-run.
 from __future__ import annotations
 
 import functools
+import json
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -35,8 +44,27 @@ class Encoded:
         return sum(1 for x in self.labels if x != IGNORE_INDEX)
 
 
+def _cached(tokenizer, name: str, compute):
+    """`compute()` for the tokenizer's current chat template, kept on the tokenizer as attribute `name` (computed
+    again when the template changes, or each time on a tokenizer that takes no new attribute)."""
+    template = str(getattr(tokenizer, "chat_template", None))
+    cached = getattr(tokenizer, name, None)
+    if cached is not None and cached[0] == template:
+        return cached[1]
+    value = compute()
+    try:
+        setattr(tokenizer, name, (template, value))
+    except AttributeError:
+        pass
+    return value
+
+
 def supports_system_role(tokenizer) -> bool:
     """Whether the chat template renders a system message (rather than raising or dropping it)."""
+    return _cached(tokenizer, "_tunegate_system_role", lambda: _renders_system(tokenizer))
+
+
+def _renders_system(tokenizer) -> bool:
     probe = "tunegate-system-probe"
     try:
         text = tokenizer.apply_chat_template(
@@ -137,6 +165,11 @@ def record_control_token_problem(specials, record: dict[str, Any]) -> str | None
     """`control_token_problem` over every text of a record of any kind (records.record_kind): its messages,
     a preference pair's `rejected`, a plain row's `prompt` and `completion`, a raw `text`."""
     fields = {k: record[k] for k in ("rejected", "prompt", "completion", "text") if isinstance(record.get(k), str)}
+    if record.get("tools"):  # rendered into the prompt: a schema's text must not spell a control token either
+        fields["tools"] = json.dumps(record["tools"], ensure_ascii=False)
+    for i, m in enumerate(record.get("messages") or []):
+        if isinstance(m, dict) and m.get("tool_calls"):
+            fields[f"messages[{i}].tool_calls"] = json.dumps(m["tool_calls"], ensure_ascii=False)
     return control_token_problem(specials, record.get("messages"), fields=fields)
 
 
@@ -152,16 +185,102 @@ def token_ids(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def render_chat(tokenizer, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+# The fallback's system message (tool_fallback_messages): the schemas one JSON object a line, and how to call.
+TOOL_FALLBACK = """You may call functions to answer the user. The functions, one JSON schema a line:
+<tools>
+{tools}
+</tools>
+To call functions, answer with one <tool_call></tool_call> block per call, each holding a JSON object with the function's name and arguments:
+<tool_call>
+{{"name": "function name", "arguments": {{"argument": "value"}}}}
+</tool_call>
+If no function fits the request, answer in words and call none."""
+
+
+def supports_tools(tokenizer) -> bool:
+    """Whether the chat template renders tool calling itself: given a probe schema in `tools`, an assistant turn
+    with a probe call and a `tool` result, its output holds all three (transformers' `apply_chat_template(...,
+    tools=...)` convention). Cached on the tokenizer."""
+    def probe() -> bool:
+        tools = [{"type": "function", "function": {"name": "tunegate_probe_tool", "description": "probe",
+                                                   "parameters": {"type": "object", "properties": {}}}}]
+        messages = [{"role": "user", "content": "hi"},
+                    {"role": "assistant", "content": "", "tool_calls": [
+                        {"type": "function", "function": {"name": "tunegate_probe_tool", "arguments": {"tunegate_probe_arg": 1}}}]},
+                    {"role": "tool", "content": "tunegate-probe-result"}]
+        try:
+            text = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False)
+        except Exception:  # a template that refuses the tool role or the keyword
+            return False
+        return all(p in text for p in ("tunegate_probe_tool", "tunegate_probe_arg", "tunegate-probe-result"))
+
+    return _cached(tokenizer, "_tunegate_supports_tools", probe)
+
+
+def _call_block(call: dict[str, Any]) -> str:
+    fn = call["function"]
+    return "<tool_call>\n" + json.dumps({"name": fn["name"], "arguments": fn["arguments"]}, ensure_ascii=False) + "\n</tool_call>"
+
+
+def tool_fallback_messages(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> list[dict[str, str]]:
+    """A chat with tools as plain system/user/assistant messages, for templates without tool support.
+
+    The schemas (records.normalize_tools shape) go into the system message, after the row's own system text if
+    any (TOOL_FALLBACK); an assistant turn's calls become `<tool_call>` blocks after its text, one a line,
+    `{"name", "arguments"}` JSON (what tunegate.evals.toolcall.parse_calls reads back); consecutive `tool` turns
+    become one user turn of `<tool_response>` blocks. A prefix of the chat ending before an assistant turn maps
+    to a prefix of the result, which the loss mask relies on.
+    """
+    out: list[dict[str, str]] = []
+    system = ""
+    if messages and messages[0]["role"] == "system":
+        system, messages = messages[0]["content"], messages[1:]
+    if tools:
+        block = TOOL_FALLBACK.format(tools="\n".join(json.dumps(t, ensure_ascii=False) for t in tools))
+        system = f"{system}\n\n{block}" if system else block
+    if system:
+        out.append({"role": "system", "content": system})
+    for m in messages:
+        if m["role"] == "tool":
+            text = f"<tool_response>\n{m['content']}\n</tool_response>"
+            if out and out[-1].get("_tool"):
+                out[-1] = {**out[-1], "content": out[-1]["content"] + "\n" + text}
+            else:
+                out.append({"role": "user", "content": text, "_tool": True})
+        elif m.get("tool_calls"):
+            parts = ([m["content"].strip()] if m["content"].strip() else []) + [_call_block(c) for c in m["tool_calls"]]
+            out.append({"role": "assistant", "content": "\n".join(parts)})
+        else:
+            out.append({"role": m["role"], "content": m["content"]})
+    return [{"role": m["role"], "content": m["content"]} for m in out]
+
+
+def _has_tool_turns(messages: list[dict[str, Any]]) -> bool:
+    return any(m.get("role") == "tool" or m.get("tool_calls") for m in messages)
+
+
+def render_chat(tokenizer, messages: list[dict[str, Any]], add_generation_prompt: bool,
+                tools: list[dict[str, Any]] | None = None) -> str:
     """`messages` rendered as text through the tokenizer's chat template, with the assistant header after the
     last turn when `add_generation_prompt`.
+
+    tools: the row's function schemas (records.normalize_tools), or None. With tools, or with tool calls or
+    results among the messages, the template renders them itself when `supports_tools`; otherwise the chat is
+    first rewritten by `tool_fallback_messages` (a system message it adds is merged into the first user turn
+    when the template has no system role, as data.system_role auto does).
 
     Raises:
         RowError: rule `template_error`, when the template refuses the messages (an unsupported role, its own
             `raise_exception(...)`).
     """
+    kwargs: dict[str, Any] = {}
+    if tools or _has_tool_turns(messages):
+        if tools and supports_tools(tokenizer):
+            kwargs["tools"] = tools
+        else:
+            messages = apply_system_policy(tool_fallback_messages(messages, tools), "auto", supports_system_role(tokenizer))
     try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt, **kwargs)
     except Exception as exc:  # a template's own error (unsupported role, raise_exception(...))
         raise RowError("template_error", f"the chat template refused the row: {exc}") from None
 
@@ -188,16 +307,17 @@ def stop_token_ids(tokenizer) -> list[int]:
     return [int(i) for i in dict.fromkeys(ids) if i is not None]
 
 
-def encode_chat(tokenizer, messages: list[dict[str, str]]) -> Encoded:
-    """Token ids and labels for a chat; only assistant content and its end-of-turn token are supervised."""
+def encode_chat(tokenizer, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> Encoded:
+    """Token ids and labels for a chat; only assistant content (with its tool calls) and its end-of-turn token
+    are supervised. tools: the row's function schemas, rendered as `render_chat` does."""
     eot = end_token_id(tokenizer)
-    full = token_ids(tokenizer, render_chat(tokenizer, messages, False))
+    full = token_ids(tokenizer, render_chat(tokenizer, messages, False, tools))
     labels = [IGNORE_INDEX] * len(full)
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        prefix = token_ids(tokenizer, render_chat(tokenizer, messages[:i], True))
-        upto = token_ids(tokenizer, render_chat(tokenizer, messages[: i + 1], False))
+        prefix = token_ids(tokenizer, render_chat(tokenizer, messages[:i], True, tools))
+        upto = token_ids(tokenizer, render_chat(tokenizer, messages[: i + 1], False, tools))
         if full[: len(upto)] != upto or upto[: len(prefix)] != prefix:
             raise RowError(
                 "prompt_not_prefix",
@@ -338,7 +458,7 @@ def encode_record(tokenizer, record: dict[str, Any], max_length: int, policy: st
         enc = encode_plain(tokenizer, record["prompt"], record["completion"])
         return apply_length_policy(enc, max_length, policy, tokenizer.eos_token_id)
     eot = end_token_id(tokenizer)
-    enc = apply_length_policy(encode_chat(tokenizer, record["messages"]), max_length, policy, eot)
+    enc = apply_length_policy(encode_chat(tokenizer, record["messages"], record.get("tools")), max_length, policy, eot)
     if "rejected" in record:
         try:
             rej = apply_length_policy(encode_chat(tokenizer, rejected_messages(record)), max_length, policy, eot)
@@ -351,7 +471,7 @@ def encode_record(tokenizer, record: dict[str, Any], max_length: int, policy: st
 def generation_prompt(tokenizer, record: dict[str, Any]) -> str:
     """What the model sees at eval and serve time: the conversation without its final answer."""
     if "messages" in record:
-        return render_chat(tokenizer, record["messages"][:-1], True)
+        return render_chat(tokenizer, record["messages"][:-1], True, record.get("tools"))
     return record["prompt"]
 
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from tunegate import TunegateError
 from tunegate.core.io import atomic_write_json, read_jsonl
-from tunegate.data.records import Rejection, normalize_text, prompt_text, read_source, reference_answer, row_hash
+from tunegate.data.records import Rejection, normalize_text, prompt_text, read_source, reference_answer, row_hash, source_files
 from tunegate.core.manifest import sha256_file
 
 
@@ -26,6 +26,19 @@ def _repeated_ids(records: list[dict[str, Any]]) -> list[str]:
     from collections import Counter
 
     return sorted(k for k, n in Counter(r["id"] for r in records).items() if n > 1)
+
+
+def source_sha256(src) -> str:
+    """The sha256 of a local source's bytes: its file's, or for a source of several files (BFCL questions with
+    their ground truth, records.source_files) the sha256 of its `<sha256>  <relative path>` lines."""
+    import hashlib
+
+    files = source_files(src)
+    if files == [Path(src.path)]:
+        return sha256_file(src.path)
+    root = Path(src.path) if Path(src.path).is_dir() else Path(src.path).parent
+    lines = "".join(f"{sha256_file(f)}  {f.relative_to(root).as_posix()}\n" for f in files)
+    return hashlib.sha256(lines.encode()).hexdigest()
 
 
 def build_lock(golden_cfg, records: list[dict[str, Any]]) -> dict[str, Any]:
@@ -40,7 +53,7 @@ def build_lock(golden_cfg, records: list[dict[str, Any]]) -> dict[str, Any]:
                             "rule: every golden row has its own id, so the lock can tell each row apart")
     return {
         "file": Path(golden_cfg.path).name,
-        "file_sha256": sha256_file(golden_cfg.path),
+        "file_sha256": source_sha256(golden_cfg),
         "format": golden_cfg.format,
         "sample": golden_cfg.sample,
         "seed": golden_cfg.seed,

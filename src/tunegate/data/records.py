@@ -10,6 +10,13 @@ An unpaired (KTO) row is a chat whose final assistant turn is the judged answer,
     {..., "messages": [..., {"role": "assistant", "content": answer}], "label": bool}
 Raw text for continued pretraining:
     {"id": str, "source": str, "text": str, "meta": {...}}
+A chat with tool calling (function calling) also carries the function schemas it may call, OpenAI's `tools`;
+an assistant turn may call them and `tool` turns hold the results (`normalize_tools`, `normalize_messages`):
+    {..., "tools": [{"type": "function", "function": {"name", "description", "parameters"}}, ...],
+     "messages": [..., {"role": "assistant", "content": str, "tool_calls": [{"type": "function",
+                  "function": {"name": str, "arguments": {...}}}, ...]}, {"role": "tool", "content": str}, ...]}
+and, read from BFCL (format `bfcl`), the allowed values of its expected calls: `"ground_truth": [{name: {arg:
+[allowed values]}}, ...]` (tunegate.evals.toolcall). Its reference answer is the JSON of that ground truth.
 So every method's rows share one shape where they can: the prompt is always `messages[:-1]`.
 
 Readers never raise on a bad row: each row is either a record or a `Rejection` naming the file, the line
@@ -86,43 +93,147 @@ def _text_content(content: Any, where: str) -> str:
     raise RowError("wrong_type", f"{where}: content must be a string or a list of text parts, got {type(content).__name__}")
 
 
-def normalize_messages(messages: Any, require_final_assistant: bool = True) -> list[dict[str, str]]:
+def normalize_messages(messages: Any, require_final_assistant: bool = True,
+                       tools: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """Check a chat and return it with string contents. Raises RowError with the rule broken.
 
     Rules: a list of {role, content} objects; roles are system/user/assistant; at most one system message,
     first; then user and assistant alternate, starting with user; no empty or whitespace-only turn (C07);
     the chat ends with an assistant turn (something to learn from).
+
+    tools: the row's function schemas (`normalize_tools`), or None. With tools, an assistant turn may also carry
+    `tool_calls` (its content may then be empty or null) and `tool` turns follow it with the results, one per
+    call (`_check_tool_turns`); without, either is refused (rule `tool_calls`).
     """
     if not isinstance(messages, list):
         raise RowError("wrong_type", f"messages must be a list, got {type(messages).__name__}")
     if not messages:
         raise RowError("empty_conversation", "messages is empty")
+    roles = ROLES + ("tool",) if tools is not None else ROLES
     out = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
             raise RowError("wrong_type", f"messages[{i}] must be an object, got {type(m).__name__}")
         role = m.get("role")
-        if role not in ROLES:
-            raise RowError("unknown_role", f"messages[{i}].role {role!r} is not one of {', '.join(ROLES)}")
-        if "content" not in m:
+        if role == "tool" and tools is None:
+            raise RowError("tool_calls", f"messages[{i}] is a tool result, and the row declares no `tools`")
+        if role not in roles:
+            raise RowError("unknown_role", f"messages[{i}].role {role!r} is not one of {', '.join(roles)}")
+        calls = (m.get("tool_calls") or None) if role == "assistant" else None  # exports write null or [] for none
+        if calls is not None and tools is None:
+            raise RowError("tool_calls", f"messages[{i}] calls tools, and the row declares no `tools`")
+        if "content" not in m and not calls:
             raise RowError("missing_field", f"messages[{i}] has no content")
-        content = _text_content(m["content"], f"messages[{i}]")
-        if not content.strip():
+        content = "" if calls and m.get("content") is None else _text_content(m.get("content"), f"messages[{i}]")
+        if not content.strip() and not calls:
             raise RowError("empty_turn", f"messages[{i}] ({role}) is empty or whitespace")
-        out.append({"role": role, "content": content})
+        turn: dict[str, Any] = {"role": role, "content": content}
+        if calls is not None:
+            turn["tool_calls"] = _normalize_calls(calls, tools, f"messages[{i}]")
+        if role == "tool":
+            turn |= {k: m[k] for k in ("tool_call_id", "name") if isinstance(m.get(k), str)}
+        out.append(turn)
     body = out[1:] if out[0]["role"] == "system" else out
+    offset = len(out) - len(body)
+    if tools is not None:
+        _check_tool_turns(body, offset, require_final_assistant)
+        return out
     for i, m in enumerate(body):
-        offset = i + (len(out) - len(body))
         if m["role"] == "system":
-            raise RowError("role_order", f"messages[{offset}]: a system message is only allowed first")
+            raise RowError("role_order", f"messages[{i + offset}]: a system message is only allowed first")
         expected = "user" if i % 2 == 0 else "assistant"
         if m["role"] != expected:
-            raise RowError("role_order", f"messages[{offset}] is {m['role']}, expected {expected} (turns must alternate, user first)")
+            raise RowError("role_order", f"messages[{i + offset}] is {m['role']}, expected {expected} (turns must alternate, user first)")
     if not body:
         raise RowError("role_order", "only a system message, no user turn")
     if require_final_assistant and body[-1]["role"] != "assistant":
         raise RowError("role_order", "the conversation must end with an assistant turn")
     return out
+
+
+def normalize_tools(tools: Any) -> list[dict[str, Any]]:
+    """A row's `tools` in OpenAI's shape, [{"type": "function", "function": {"name", "description"?,
+    "parameters"?}}, ...]; a bare function object ({"name", "description", "parameters"}, BFCL's shape) is
+    wrapped. The schemas are kept as they are (BFCL writes `"type": "dict"` for objects). Raises RowError
+    (rule `invalid_tools`): not a non-empty list of objects, a function without a name or with non-object
+    parameters, or a name declared twice."""
+    if not isinstance(tools, list) or not tools:
+        raise RowError("invalid_tools", f"tools must be a non-empty list of function schemas, got {type(tools).__name__}")
+    out, names = [], set()
+    for i, tool in enumerate(tools):
+        if isinstance(tool, dict) and tool.get("type") == "function" and isinstance(tool.get("function"), dict):
+            fn = tool["function"]
+        elif isinstance(tool, dict) and "name" in tool and "type" not in tool:
+            fn = tool
+        else:
+            raise RowError("invalid_tools", f"tools[{i}] must be {{type: function, function: {{name, parameters}}}} or {{name, parameters}}")
+        name = fn.get("name")
+        if not isinstance(name, str) or not name.strip():
+            raise RowError("invalid_tools", f"tools[{i}] has no function name")
+        if name in names:
+            raise RowError("invalid_tools", f"tools[{i}]: function {name!r} is declared twice")
+        if not isinstance(fn.get("parameters", {}), dict) or not isinstance(fn.get("description", ""), str):
+            raise RowError("invalid_tools", f"tools[{i}] ({name}): parameters must be an object and description a string")
+        names.add(name)
+        out.append({"type": "function", "function": fn})
+    return out
+
+
+def _normalize_calls(calls: Any, tools: list[dict[str, Any]], where: str) -> list[dict[str, Any]]:
+    """An assistant turn's `tool_calls` as [{"type": "function", "function": {"name", "arguments": dict}}, ...]
+    (plus each call's `id` when it has one); OpenAI's JSON-string arguments are parsed. Raises RowError: rule
+    `tool_calls` for a malformed call, `unknown_tool` for a call to a function the row does not declare."""
+    if not isinstance(calls, list) or not calls:
+        raise RowError("tool_calls", f"{where}.tool_calls must be a non-empty list")
+    declared = {t["function"]["name"] for t in tools}
+    out = []
+    for j, call in enumerate(calls):
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise RowError("tool_calls", f"{where}.tool_calls[{j}] must be {{type: function, function: {{name, arguments}}}}")
+        args = fn.get("arguments", {})
+        if isinstance(args, str):
+            try:
+                args = json.loads(args) if args.strip() else {}
+            except ValueError:
+                raise RowError("tool_calls", f"{where}.tool_calls[{j}] ({fn['name']}): arguments are not JSON") from None
+        if not isinstance(args, dict):
+            raise RowError("tool_calls", f"{where}.tool_calls[{j}] ({fn['name']}): arguments must be an object")
+        if fn["name"] not in declared:
+            raise RowError("unknown_tool", f"{where}.tool_calls[{j}] calls {fn['name']!r}, which the row's tools do not declare")
+        entry: dict[str, Any] = {"type": "function", "function": {"name": fn["name"], "arguments": args}}
+        if isinstance(call.get("id"), str):
+            entry["id"] = call["id"]
+        out.append(entry)
+    return out
+
+
+def _check_tool_turns(body: list[dict[str, Any]], offset: int, require_final_assistant: bool) -> None:
+    """Turn order in a chat with tools (after the system message): user first; a user turn is followed by an
+    assistant turn; an assistant turn that calls k tools by exactly k tool turns, then an assistant turn; any
+    other assistant turn by a user turn. Raises RowError (rule `role_order`)."""
+    if not body:
+        raise RowError("role_order", "only a system message, no user turn")
+    pending = 0  # tool results still owed to the last assistant turn's calls
+    for i, m in enumerate(body):
+        where = f"messages[{i + offset}]"
+        previous = body[i - 1] if i else None
+        if m["role"] == "system":
+            raise RowError("role_order", f"{where}: a system message is only allowed first")
+        if m["role"] == "tool":
+            if pending == 0:
+                raise RowError("role_order", f"{where} is a tool result that answers no remaining tool call")
+            pending -= 1
+            continue
+        if pending:
+            raise RowError("role_order", f"{where} is {m['role']}, but {pending} tool call(s) still await their result")
+        expected = "user" if previous is None or (previous["role"] == "assistant") else "assistant"
+        if m["role"] != expected:
+            raise RowError("role_order", f"{where} is {m['role']}, expected {expected} (turns must alternate, user first; "
+                                         "tool results follow the assistant turn that called)")
+        pending = len(m.get("tool_calls", ()))
+    if require_final_assistant and body[-1]["role"] != "assistant":
+        raise RowError("role_order", "the conversation must end with an assistant turn")
 
 
 _HH_TURN = re.compile(r"\n\n(Human|Assistant):[ ]?")
@@ -256,7 +367,14 @@ def record_from_object(obj: Any, fmt: str, default_id: str, source: str, text_co
     if fmt == "chat":
         if "messages" not in obj:
             raise RowError("missing_field", "no 'messages' field")
+        if obj.get("tools") is not None:  # tool calling: the schemas travel with the row
+            tools = normalize_tools(obj["tools"])
+            return {"id": rid, "source": source, "messages": normalize_messages(obj["messages"], tools=tools),
+                    "tools": tools, "meta": {k: v for k, v in meta.items() if k != "tools"}}
         return {"id": rid, "source": source, "messages": normalize_messages(obj["messages"]), "meta": meta}
+    if fmt == "bfcl":
+        meta = {k: v for k, v in meta.items() if k not in ("question", "function", "ground_truth")}
+        return {"id": rid, "source": source, **_bfcl_row(obj, rid), "meta": {**meta, "category": bfcl_category(rid)}}
     if fmt == "prompt_completion":
         for key in ("prompt", "completion"):
             if key not in obj:
@@ -270,6 +388,53 @@ def record_from_object(obj: Any, fmt: str, default_id: str, source: str, text_co
 
 
 # ---- row shapes beyond chat: each becomes canonical messages -------------------------------------------
+
+# The answer a BFCL irrelevance row trains on: none of its functions applies, so the right answer calls none.
+BFCL_NO_CALL_ANSWER = "None of the available functions can do this, so I will not call any."
+
+
+def bfcl_category(row_id: str) -> str:
+    """A BFCL row's category, its id without the trailing number: "simple_python_12" -> "simple_python"."""
+    head, _, tail = row_id.rpartition("_")
+    return head if head and tail.isdigit() else row_id
+
+
+def _bfcl_row(obj: dict[str, Any], rid: str) -> dict[str, Any]:
+    """A BFCL question row (Patil et al. 2025; ../shared/data/bfcl/SOURCE.md) with its `ground_truth` (joined in by
+    the reader from possible_answer/) -> {"messages", "tools", "ground_truth"}.
+
+    `question` holds one turn (a list of messages; multi-turn rows are refused, rule `unsupported_row`),
+    `function` the schemas. The assistant answer calls each expected function with its first allowed values
+    (`toolcall.calls_of_ground_truth`); an irrelevance row (no ground truth file, id `irrelevance_*`) expects no
+    call and answers BFCL_NO_CALL_ANSWER. Raises RowError.
+    """
+    from tunegate.evals.toolcall import CallParseError, calls_of_ground_truth, parse_ground_truth
+
+    question, functions = obj.get("question"), obj.get("function")
+    if question is None or functions is None:
+        raise RowError("missing_field", "a BFCL row needs 'question' and 'function'")
+    if not isinstance(question, list) or len(question) != 1:  # BFCL's multi_turn categories
+        raise RowError("unsupported_row", "only single-turn BFCL rows are read (question = [[messages]])")
+    tools = normalize_tools(functions)
+    if "ground_truth" in obj:
+        try:
+            truth = parse_ground_truth(json.dumps(obj["ground_truth"]))
+        except CallParseError as exc:
+            raise RowError("invalid_ground_truth", str(exc)) from None
+    elif "irrelevance" in bfcl_category(rid):
+        truth = []
+    else:
+        raise RowError("missing_field", f"no ground truth for {rid!r} in possible_answer/ (only irrelevance rows have none)")
+    declared = {t["function"]["name"] for t in tools}
+    unknown = [name for entry in truth for name in entry if name not in declared]
+    if unknown:
+        raise RowError("invalid_ground_truth", f"the ground truth calls {unknown[0]!r}, which 'function' does not declare")
+    calls = calls_of_ground_truth(truth)
+    answer = ({"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": c} for c in calls]}
+              if calls else {"role": "assistant", "content": BFCL_NO_CALL_ANSWER})
+    if not isinstance(question[0], list):
+        raise RowError("wrong_type", "question[0] must be a list of messages")
+    return {"messages": normalize_messages([*question[0], answer], tools=tools), "tools": tools, "ground_truth": truth}
 
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
@@ -628,6 +793,8 @@ def _rows(src) -> tuple[str, Iterator[tuple[int, Any, Exception | None]]]:
             raise TunegateError(f"hf://{src.hub}: cannot load the Hub dataset ({type(exc).__name__}: {exc})") from None
         return src.name, _dataset_rows(ds, src.name, src)
     path = Path(src.path)
+    if src.format == "bfcl":
+        return str(path), _bfcl_rows(path, src.max_row_bytes)
     if path.is_dir():
         if (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
             import datasets
@@ -651,6 +818,36 @@ def _rows(src) -> tuple[str, Iterator[tuple[int, Any, Exception | None]]]:
     if path.suffix == ".json":
         return str(path), _json_rows(path, src.max_row_bytes)
     return str(path), _jsonl_rows(path, src.max_row_bytes)
+
+
+BFCL_QUESTIONS = "BFCL_v*_*.json"  # question files in a BFCL data folder; ground truth in possible_answer/<same name>
+
+
+def bfcl_files(path: Path) -> list[tuple[Path, Path | None]]:
+    """(question file, its ground-truth file or None) for a BFCL question file or a folder of them (BFCL's
+    layout: `possible_answer/<same name>` beside the questions; irrelevance files have none)."""
+    questions = sorted(path.glob(BFCL_QUESTIONS)) if path.is_dir() else [path]
+    if not questions:
+        raise TunegateError(f"{path}: no BFCL question files ({BFCL_QUESTIONS}) in this folder")
+    return [(q, q.parent / "possible_answer" / q.name if (q.parent / "possible_answer" / q.name).is_file() else None)
+            for q in questions]
+
+
+def _bfcl_rows(path: Path, limit: int) -> Iterator[tuple[int, Any, Exception | None]]:
+    """BFCL question rows, each with its `ground_truth` from possible_answer/ when there is one; row n counts
+    from 1 across the question files in name order (the id names the row). A ground-truth line that cannot be
+    read leaves its row without one (then rejected unless it is an irrelevance row)."""
+    n = 0
+    for questions, answers in bfcl_files(path):
+        truth = {}
+        for _, obj, err in (_jsonl_rows(answers, limit) if answers else ()):
+            if err is None and isinstance(obj, dict) and "id" in obj and "ground_truth" in obj:
+                truth[str(obj["id"])] = obj["ground_truth"]
+        for _, obj, err in _jsonl_rows(questions, limit):
+            n += 1
+            if err is None and isinstance(obj, dict) and str(obj.get("id")) in truth:
+                obj = {**obj, "ground_truth": truth[str(obj["id"])]}
+            yield n, obj, err
 
 
 def text_bytes(value: Any) -> int:
@@ -718,6 +915,8 @@ def source_files(src) -> list[Path]:
     if src.path is None:
         return []
     path = Path(src.path)
+    if src.format == "bfcl" and path.is_file():
+        return [p for pair in bfcl_files(path) for p in pair if p is not None]
     if path.is_dir():
         return sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
     return [path]
@@ -830,10 +1029,20 @@ def _parse_row(obj: Any, src, default_id: str, source: str) -> dict[str, Any]:
     return rec
 
 
+def held_out(row_id: str, fraction: float, seed: int = 0) -> bool:
+    """Whether a row id falls in the held-out part of a split by id (config.HoldoutConfig): the first 8 bytes of
+    sha256("<seed>:<id>") as a number in [0, 1) is below `fraction`. Depends on the id alone."""
+    import hashlib
+
+    digest = hashlib.sha256(f"{seed}:{row_id}".encode("utf-8", "surrogatepass")).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+
+
 def read_source(src, role: str = "train", limit: int | None = None) -> tuple[list[dict[str, Any]], list[Rejection]]:
     """Read one configured source (a `config.SourceConfig`). Returns (records, rejections); never raises on a row.
 
-    limit: read only the first `limit` rows (after the header), as `tunegate validate` does; `sample` still applies.
+    limit: read only the first `limit` rows (after the header), as `tunegate validate` does; `holdout` (a split by
+    id, `held_out`) and `sample` still apply, in that order.
 
     Raises:
         TunegateError: the file or folder is missing or unreadable, a mapped column is not in the header, or a
@@ -873,6 +1082,9 @@ def read_source(src, role: str = "train", limit: int | None = None) -> tuple[lis
                 # a row no rule foresaw: rejected with what went wrong, never a traceback that stops the stage
                 err = RowError("unreadable_row", f"{type(exc).__name__}: {str(exc)[:200]}")
         rejected.append(Rejection(where, lineno, rid, err.rule, err.detail, raw=obj))
+    if src.holdout is not None:
+        h = src.holdout
+        records = [r for r in records if held_out(r["id"], h.fraction, h.seed) == (h.part == "held_out")]
     if src.sample is not None and src.sample < len(records):
         rng = random.Random(src.seed)
         keep = sorted(rng.sample(range(len(records)), src.sample))
@@ -955,11 +1167,30 @@ def row_text(record: dict[str, Any]) -> str:
         return record["text"]
     if "messages" in record:
         extra = ([record["rejected"]] if "rejected" in record else []) + ([f"label: {record['label']}"] if "label" in record else [])
-        return "\n".join([m["content"] for m in record["messages"] if m["role"] != "system"] + extra)
+        return "\n".join([turn_text(m) for m in record["messages"] if m["role"] != "system"] + extra)
     return record["prompt"] + "\n" + record["completion"]
 
 
+def turn_text(message: dict[str, Any]) -> str:
+    """A turn's text, with the JSON of its tool calls when it has any (what duplicate detection compares)."""
+    calls = message.get("tool_calls")
+    return message["content"] + ("\n" + json.dumps(calls, ensure_ascii=False, sort_keys=True) if calls else "")
+
+
 def reference_answer(record: dict[str, Any]) -> str:
+    """What a golden row's answer is scored against: the final assistant turn's text, or the completion.
+
+    A row with `tools` is scored on its calls: the reference is the JSON text of the expected calls of its final
+    turn as a BFCL ground truth ([{name: {arg: [allowed values]}}], tunegate.evals.toolcall), the row's own
+    `ground_truth` when it has one (BFCL), else the final turn's calls each allowing its own values only; `[]`
+    when that turn calls nothing."""
+    if "tools" in record and "messages" in record:
+        from tunegate.evals.toolcall import ground_truth_of_calls
+
+        truth = record.get("ground_truth")
+        if truth is None:
+            truth = ground_truth_of_calls([c["function"] for c in record["messages"][-1].get("tool_calls", ())])
+        return json.dumps(truth, ensure_ascii=False)
     if "messages" in record:
         return record["messages"][-1]["content"]
     return record["completion"]
@@ -969,7 +1200,7 @@ def row_hash(record: dict[str, Any]) -> str:
     """sha256 of what a golden row says (its prompt and answer), independent of file position."""
     import hashlib
 
-    body = {k: record[k] for k in ("messages", "prompt", "completion", "rejected", "label", "text") if k in record}
+    body = {k: record[k] for k in ("messages", "prompt", "completion", "rejected", "label", "text", "tools", "ground_truth") if k in record}
     return hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 

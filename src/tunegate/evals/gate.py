@@ -156,3 +156,22 @@ def verdict(results: list[dict[str, Any]]) -> str:
     return "PASS" if results and all(r["passed"] for r in results) else "FAIL"
 
 
+def score_slices(per_row: dict[str, dict[str, list[float]]], groups: Sequence[str], n_samples: int = 10_000,
+                 seed: int = 0) -> dict[str, dict[str, Any]]:
+    """Each row metric's scores within each slice of the golden rows (`eval.slice_by`, e.g. BFCL's category).
+
+    per_row: `score_metrics`' per-row scores ({metric: {"baseline": [N], "candidate": [N]}}); groups: each row's
+    slice, length N. Returns {slice: {"n": rows, metric: {"baseline", "candidate", "delta"}}}, slices in sorted
+    order, each with its bootstrap 95% CIs as in `score_metrics` (corpus metrics have no per-row scores and are
+    left out). Slices are reported, never gated.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for value in sorted(set(groups)):
+        rows = [i for i, g in enumerate(groups) if g == value]
+        entry: dict[str, Any] = {"n": len(rows)}
+        for name, scores in per_row.items():
+            bs, cs = [scores["baseline"][i] for i in rows], [scores["candidate"][i] for i in rows]
+            entry[name] = {"baseline": bootstrap_ci(bs, n_samples, seed).as_dict(), "candidate": bootstrap_ci(cs, n_samples, seed).as_dict(),
+                           "delta": paired_bootstrap(bs, cs, n_samples, seed).as_dict()}
+        out[value] = entry
+    return out

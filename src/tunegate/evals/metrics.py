@@ -8,6 +8,8 @@ Row metrics (name -> function(prediction, reference) -> float):
     rouge_l        ROUGE-L F-measure (Lin 2004), Google's `rouge-score` package
     chrf           sentence chrF (Popovic 2015) / 100, `sacrebleu`
     refusal        1.0 when the answer is a refusal (string-match baseline), for refusal and over-refusal rates
+    tool_call      the answer's function calls are the reference's expected ones (BFCL's AST accuracy, order-free;
+                   "no call" right where none is expected): tunegate.evals.toolcall
 Corpus metrics (name -> function(predictions, references) -> float):
     macro_f1       unweighted mean of per-label F1 over the labels of the references (and predictions)
 JSON-schema conformance needs the schema: `json_schema_metric(schema)` builds that row metric.
@@ -23,6 +25,7 @@ from typing import Any, Callable, Sequence
 
 from tunegate import catalog
 from tunegate.core.text import normalize_answer  # noqa: F401 (the metrics' normalisation, used across the evals)
+from tunegate.evals.toolcall import tool_call
 
 _NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?")
 _FENCE = re.compile(r"^```(?:json)?\s*(.*?)\s*```$", re.S)
@@ -171,5 +174,5 @@ def _by_name(names: Sequence[str], *functions: Callable) -> dict[str, Callable]:
 
 
 ROW_METRICS: dict[str, Callable[[str, str], float]] = _by_name(
-    catalog.ROW_METRICS, exact_match, token_f1, numeric_match, json_valid, rouge_l, chrf, refusal)
+    catalog.ROW_METRICS, exact_match, token_f1, numeric_match, json_valid, rouge_l, chrf, refusal, tool_call)
 CORPUS_METRICS: dict[str, Callable[[Sequence[str], Sequence[str]], float]] = _by_name(catalog.CORPUS_METRICS, macro_f1)

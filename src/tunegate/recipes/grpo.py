@@ -3,7 +3,7 @@
 Shao et al. 2024 ("DeepSeekMath", Group Relative Policy Optimization): for each prompt the policy samples
 `num_generations` answers; each answer's advantage is its reward minus the group's mean (scaled by the
 group's std). The reward is a verifier (tunegate.verifiers) scoring the answer against the row's reference
-(its final assistant turn).
+(its final assistant turn; for a row with tools, its expected calls: records.reference_answer).
 
 Case C18 in docs/cases.md is checked three ways:
 - before anything loads: `num_generations` >= 2 (one generation has no group to compare with), checked by
@@ -27,23 +27,38 @@ from tunegate.core.console import console
 from tunegate.recipes.common import Built, Context, load_policy
 
 
-def columns(rows: list[dict[str, Any]]) -> dict[str, list]:
-    """Chat records -> GRPO columns: prompt (messages without the answer), reference, row_json."""
+def prompts(rows: list[dict[str, Any]], tokenizer) -> list:
+    """Each row's prompt: its messages without the answer (TRL renders them through the chat template), or, when
+    any row carries `tools` (tool calling), every prompt as the text `format.generation_prompt` renders, since TRL's
+    rendering knows no per-row function schemas (its `tools` are callables it runs)."""
+    from tunegate.data.format import generation_prompt
+
+    if any("tools" in r for r in rows):
+        return [generation_prompt(tokenizer, r) for r in rows]
+    return [r["messages"][:-1] for r in rows]
+
+
+def columns(rows: list[dict[str, Any]], tokenizer=None) -> dict[str, list]:
+    """Chat records -> GRPO columns: prompt (`prompts`; messages without the answer when no tokenizer is given),
+    reference (records.reference_answer: the final assistant turn, or a tool row's expected calls), row_json."""
+    from tunegate.data.records import reference_answer
+
     return {
-        "prompt": [r["messages"][:-1] for r in rows],
-        "reference": [r["messages"][-1]["content"] for r in rows],
+        "prompt": prompts(rows, tokenizer) if tokenizer is not None else [r["messages"][:-1] for r in rows],
+        "reference": [reference_answer(r) for r in rows],
         "row_json": [json.dumps(r, ensure_ascii=False) for r in rows],
     }
 
 
-def sample(model, tokenizer, prompts: list[list[dict[str, str]]], n: int, max_new_tokens: int, temperature: float) -> list[list[str]]:
-    """`n` sampled answers per chat prompt (the policy's own sampling, as GRPO does). Returns one list per prompt."""
+def sample(model, tokenizer, prompts: list, n: int, max_new_tokens: int, temperature: float) -> list[list[str]]:
+    """`n` sampled answers per prompt, chat messages or rendered text (the policy's own sampling, as GRPO does).
+    Returns one list per prompt."""
     import torch
 
     from tunegate.data.format import stop_token_ids
 
     tokenizer.padding_side = "left"
-    texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
+    texts = [p if isinstance(p, str) else tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
     batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
     with torch.inference_mode():
         out = model.generate(**batch, do_sample=True, temperature=temperature, top_p=1.0, top_k=0, num_return_sequences=n,
@@ -61,7 +76,9 @@ def heldout_reward(model, tokenizer, verifier, rows: list[dict[str, Any]], max_n
     from tunegate.evals.generate import generate
 
     answers = generate(model, tokenizer, [generation_prompt(tokenizer, r) for r in rows], max_new_tokens, 16, "held-out reward")
-    return sum(verifier.score(a, r["messages"][-1]["content"], r) for a, r in zip(answers, rows)) / len(rows)
+    from tunegate.data.records import reference_answer
+
+    return sum(verifier.score(a, reference_answer(r), r) for a, r in zip(answers, rows)) / len(rows)
 
 
 def zero_variance_watch(cfg):
@@ -114,8 +131,10 @@ def build(ctx: Context) -> Built:
     # C18 smoke batch: does the reward vary within groups at all, on the starting policy?
     n, max_new = int(kwargs["num_generations"]), int(kwargs["max_completion_length"])
     smoke_rows = ctx.train_rows[: gcfg.smoke_prompts]
-    groups = sample(model, ctx.tokenizer, [r["messages"][:-1] for r in smoke_rows], n, max_new, float(kwargs.get("temperature", 1.0)))
-    scores = [[verifier.score(a, r["messages"][-1]["content"], r) for a in g] for g, r in zip(groups, smoke_rows)]
+    from tunegate.data.records import reference_answer
+
+    groups = sample(model, ctx.tokenizer, prompts(smoke_rows, ctx.tokenizer), n, max_new, float(kwargs.get("temperature", 1.0)))
+    scores = [[verifier.score(a, reference_answer(r), r) for a in g] for g, r in zip(groups, smoke_rows)]
     smoke = reward_variance_smoke(scores)
     smoke["mean_reward"] = sum(map(sum, scores)) / sum(map(len, scores))
     console.print(f"GRPO smoke batch: {smoke['groups']} prompts x {n} samples, mean reward {smoke['mean_reward']:.3f}, "
@@ -134,7 +153,7 @@ def build(ctx: Context) -> Built:
         model=model,
         reward_funcs=reward_function(verifier),
         args=GRPOConfig(**kwargs),
-        train_dataset=Dataset.from_dict(columns(ctx.train_rows)),
+        train_dataset=Dataset.from_dict(columns(ctx.train_rows, ctx.tokenizer)),
         processing_class=ctx.tokenizer,
         peft_config=peft,
         callbacks=[*ctx.callbacks, watch],

@@ -628,7 +628,8 @@ def inputs(project) -> dict[str, Path]:
     from tunegate.data.records import source_files
 
     files = {f"source{i}" + (f".{j}" if j else ""): f for i, s in enumerate(project.data.sources) for j, f in enumerate(source_files(s))}
-    files["golden"] = project.data.golden.path
+    golden = source_files(project.data.golden)  # one file; BFCL: its question and ground-truth files
+    files |= {"golden" + (f".{j}" if j else ""): f for j, f in enumerate(golden)}
     return files
 
 

@@ -26,7 +26,7 @@ from tunegate.data.golden import check_golden
 from tunegate.data.records import prompt_text, reference_answer
 from tunegate.evals.answer import answer_golden
 from tunegate.evals.custom import metric_files, metric_functions
-from tunegate.evals.gate import check_rules, score_metrics, verdict
+from tunegate.evals.gate import check_rules, score_metrics, score_slices, verdict
 from tunegate.core.io import atomic_write_json, atomic_write_jsonl
 from tunegate.core.console import console
 from tunegate.core.stage import Stage, StageResult, StageSpec, config_sections
@@ -203,6 +203,9 @@ def run(st: Stage) -> StageResult:
         "candidate_generation_s": round(cand_s, 1),
         "candidate_stopped_before_max_new_tokens": sum(n < ecfg.max_new_tokens for n in n_new) / len(n_new),
     }
+    if ecfg.slice_by:  # each row metric per value of a golden meta field (e.g. BFCL's category): reported, not gated
+        groups = [str((r.get("meta") or {}).get(ecfg.slice_by)) for r in golden]
+        scores["slices"] = {"by": ecfg.slice_by, "slices": score_slices(per_row, groups, ecfg.bootstrap_samples, ecfg.seed)}
     if judge_counts:
         scores["judge"] = judge_counts
     if project.task is not None and project.task.kind in ("classification", "multilabel"):  # the eval page's per-label table
@@ -213,6 +216,11 @@ def run(st: Stage) -> StageResult:
     atomic_write_json(st.dir / "verdict.json", {"verdict": result, "rules": rules})
     write_eval_report(st.dir, project.name)
     _print_results(summary, rules)
+    for value, entry in (scores.get("slices") or {}).get("slices", {}).items():
+        for name in (m for m in ecfg.metrics if m in entry):
+            b, c = entry[name]["baseline"], entry[name]["candidate"]
+            console.print(f"  {ecfg.slice_by}={value} (n={entry['n']}) {name}: base {b['mean']:.3f}, candidate {c['mean']:.3f} "
+                          f"[{c['ci_low']:.3f}, {c['ci_high']:.3f}]")
     return StageResult(metrics=scores, verdict=result)
 
 
