@@ -484,7 +484,7 @@ METHOD_FORMATS: dict[str, tuple[str, ...]] = {
     "kto": ("kto", "preference"),  # a pair gives one desirable and one undesirable row
     "grpo": ("chat", "alpaca", "sharegpt", "openai_log", "csv", "bfcl"),  # the final assistant turn is the reference answer the verifier checks against
     "distillation": ("chat", "alpaca", "sharegpt", "openai_log", "csv"),  # the teacher answers the prompts; the final turn is replaced
-    "classify": _DEMOS,  # the final answer is the row's label (task.kind classification)
+    "classify": tuple(f for f in _DEMOS if f != "bfcl"),  # the final answer is the row's label (task.kind classification)
 }
 
 
@@ -1080,6 +1080,10 @@ class Project(_Section):
         wanted = [m for m in self.eval.metrics if m in MULTILABEL_METRICS]
         if wanted and task.kind != "multilabel":
             raise ValueError(f"eval.metrics {wanted} need task.kind multilabel")
+        bfcl = [src.name for src in [*self.data.sources, self.data.golden] if src.format == "bfcl"]
+        if bfcl and task.kind in ("classification", "multilabel"):
+            raise ValueError(f"{bfcl[0]}: format bfcl holds tool calls, not labels: task.kind {task.kind} cannot read it "
+                             "(task.kind tool_call does)")
         if self.data.golden.drop_labels:
             raise ValueError("data.golden.drop_labels: a golden set keeps every row; relabel rows with label_map instead")
         label_ops = [i for i, src in enumerate([*self.data.sources, self.data.golden]) if src.drop_labels or src.label_map]

@@ -312,16 +312,16 @@ def classify_findings(project, rows: list[dict[str, Any]]) -> tuple[list[Finding
     from collections import Counter
 
     from tunegate.data.records import reference_answer
-    from tunegate.recipes.classify import label_set
+    from tunegate.recipes.classify import label_key, label_set
 
     if project.train.method != "classify":
         return [], None
-    counts = Counter(reference_answer(r) for r in rows)
+    counts = Counter(label_key(reference_answer(r)) for r in rows)
     try:
         labels = label_set(project.task, rows)
     except TunegateError as exc:
         return [Finding("classify_labels", "error", str(exc), "fix task.labels or the training answers")], dict(counts)
-    per_label = {label: counts.get(label, 0) for label in labels}
+    per_label = {label: counts.get(label_key(label), 0) for label in labels}
     few = {label: n for label, n in per_label.items() if n < MIN_ROWS_PER_LABEL}
     findings = []
     if few:

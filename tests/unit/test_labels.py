@@ -290,3 +290,36 @@ def test_new_settings_leave_the_fingerprints_of_existing_projects_alone():
     got = {s.name: hashlib.sha256(json.dumps(s.config(p), sort_keys=True, default=str).encode()).hexdigest()[:16]
            for s in STAGES if s.name in ("audit", "train", "eval", "report")}
     assert got == {"audit": "06ad447b7f8fdbc7", "train": "b32c20e3144c1f9f", "eval": "030a8ff47b0435b5", "report": "f18c40fa70312923"}
+
+
+def test_where_label_tasks_meet_the_classification_head_and_tool_rows():
+    from tunegate import TunegateError
+    from tunegate.data.records import RowError, _label_answer
+    from tunegate.recipes.classify import label_set as head_labels
+    from tunegate.stages import train as train_stage
+    from tunegate.stages.data import _check_golden_defines_metrics
+
+    def rows(*answers):
+        return [{"id": str(i), "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": a}]}
+                for i, a in enumerate(answers)]
+
+    # the head reads labels as the data stage and the metrics do: one class per label, the abstain label by its key
+    assert head_labels(TaskConfig(kind="classification"), rows("Card", "card", "fee")) == ["Card", "fee"]
+    trained_oos = TaskConfig(kind="classification", labels=["card", "fee"], abstain_label="oos")
+    assert head_labels(trained_oos, rows("card", "fee", "OOS")) == ["card", "fee", "oos"]  # trained: one more class
+    assert head_labels(trained_oos, rows("card", "fee")) == ["card", "fee"]  # not trained: answered by threshold
+    # the task is part of a classify run's train fingerprint, and of no other method's
+    sft = project(task={"kind": "classification", "abstain_label": "oos"})
+    head = project(task={"kind": "classification", "abstain_label": "oos"}, train={"method": "classify"})
+    assert "task" not in train_stage.config(sft) and train_stage.config(head)["task"]["abstain_label"] == "oos"
+    # tool rows hold calls, not labels
+    with pytest.raises(ValueError, match="format bfcl holds tool calls, not labels"):
+        Project.model_validate({"name": "p", "task": {"kind": "multilabel"},
+                                "data": {"sources": [{"path": "a", "format": "bfcl"}], "golden": {"path": "g.jsonl"}}})
+    src = SourceConfig(path="a.jsonl")
+    with pytest.raises(RowError, match="a tool-call row has no label answer"):
+        _label_answer({"id": "1", "tools": [{"type": "function"}], "messages": rows("")[0]["messages"]}, src, MULTI)
+    # metric tool_call needs a ground truth in every golden reference: refused before anything is frozen or trained
+    with pytest.raises(TunegateError, match="golden row 1: metric tool_call needs a ground truth"):
+        _check_golden_defines_metrics(project(task={"kind": "tool_call"}), rows('[{"f": {"a": [1]}}]', "plain text"))
+    _check_golden_defines_metrics(project(task={"kind": "tool_call"}), rows('[{"f": {"a": [1]}}]', "[]"))

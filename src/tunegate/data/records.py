@@ -971,6 +971,8 @@ def _label_answer(rec: dict[str, Any], src, task) -> None:
     from tunegate.evals.labels import LabelError, canonical_answer, canonical_labels, label_set
     from tunegate.evals.metrics import normalize_answer
 
+    if rec.get("tools") or ("messages" in rec and rec["messages"][-1].get("tool_calls")):
+        raise RowError("tool_calls", "a tool-call row has no label answer (task.kind classification / multilabel read labels)")
     if "messages" in rec and rec["messages"][-1]["role"] == "assistant" and "rejected" not in rec:
         get, put = (lambda: rec["messages"][-1]["content"]), (lambda v: rec["messages"][-1].update(content=v))
     elif "completion" in rec:

@@ -51,4 +51,7 @@ def answer_golden(backend, tokenizer, golden: list[dict[str, Any]], max_new_toke
     if any("messages" not in r for r in golden):
         raise TunegateError("eval.server answers chat messages; this golden set is prompt/completion text (data.golden.format): "
                             "use a chat golden set, or evaluate in-process")
+    if any(r.get("tools") for r in golden):  # the server request carries no schemas yet: its answers would be scored blind
+        raise TunegateError("eval.server (and drift --golden) cannot answer tool rows: the request does not carry the rows' "
+                            "tools; evaluate in-process")
     return backend.complete([r["messages"][:-1] for r in golden], max_new_tokens, desc=desc)

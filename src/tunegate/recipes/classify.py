@@ -37,21 +37,39 @@ from tunegate.recipes.common import Built, Context, peft_config
 CLASSIFY_FILE = "tunegate_classify.json"  # in the adapter folder: labels, abstention, max_length
 
 
+def label_key(label: str) -> str:
+    """How the head tells labels apart: as the metrics and the data stage do (tunegate.evals.metrics.normalize_answer),
+    so 'Card' and 'card' are one class, and the abstain label 'OOS' is task.abstain_label 'oos'."""
+    from tunegate.evals.metrics import normalize_answer
+
+    return normalize_answer(label)
+
+
 def label_set(task, rows: Sequence[dict[str, Any]]) -> list[str]:
-    """The head's labels, index = class id: task.labels (less an abstain label no row holds: it is answered by
-    threshold, not trained), else the sorted distinct answers of `rows`.
+    """The head's labels, index = class id: task.labels (with the abstain label when training rows hold it, as one
+    more class; without it when none does: it is answered by threshold, not trained), else the distinct answers of
+    `rows`, one spelling per `label_key` (the first seen), sorted by it.
 
     Raises:
-        TunegateError: a training answer outside task.labels, or fewer than 2 labels.
+        TunegateError: a training answer outside task.labels (and the abstain label), or fewer than 2 labels.
     """
-    trained = sorted({reference_answer(r) for r in rows})
-    labels = list(task.labels) if task.labels else trained
-    unknown = sorted(set(trained) - set(labels))
-    if unknown:
-        raise TunegateError(f"train.method classify: training answers {unknown[:5]} are not in task.labels; rule: every "
-                            "answer is one label of the closed set (add them to task.labels, or relabel with label_map)")
-    if task.abstain_label and task.abstain_label in labels and task.abstain_label not in trained:
-        labels.remove(task.abstain_label)
+    spelled: dict[str, str] = {}
+    for r in rows:
+        spelled.setdefault(label_key(reference_answer(r)), reference_answer(r).strip())
+    abstain = label_key(task.abstain_label) if task.abstain_label else None
+    if task.labels:
+        declared = {label_key(x): x for x in task.labels}
+        if abstain and abstain in spelled and abstain not in declared:
+            declared[abstain] = task.abstain_label
+        unknown = sorted(set(spelled) - set(declared))
+        if unknown:
+            raise TunegateError(f"train.method classify: training answers {unknown[:5]} are not in task.labels; rule: every "
+                                "answer is one label of the closed set (add them to task.labels, or relabel with label_map)")
+        if abstain and abstain in declared and abstain not in spelled:
+            del declared[abstain]
+        labels = list(declared.values())
+    else:
+        labels = [spelled[k] for k in sorted(spelled)]
     if len(labels) < 2:
         raise TunegateError(f"train.method classify: {len(labels)} label(s) ({labels}); rule: a classification head "
                             "needs at least 2 labels (task.labels or the training answers)")
@@ -167,14 +185,14 @@ def build(ctx: Context) -> Built:
     project, tok = ctx.project, ctx.tokenizer
     task, settings = project.task, project.train.classify
     labels = label_set(task, ctx.train_rows)
-    index = {label: i for i, label in enumerate(labels)}
+    index = {label_key(label): i for i, label in enumerate(labels)}
     max_length = project.data.max_length
     abstain = task.abstain_label
-    abstain_is_class = bool(abstain) and abstain in index
-    in_scope_val = [r for r in ctx.val_rows if reference_answer(r) in index]
+    abstain_is_class = bool(abstain) and label_key(abstain) in index
+    in_scope_val = [r for r in ctx.val_rows if label_key(reference_answer(r)) in index]
 
     def columns(rows):
-        return {"input_ids": encode_prompts(tok, rows, max_length), "labels": [index[reference_answer(r)] for r in rows]}
+        return {"input_ids": encode_prompts(tok, rows, max_length), "labels": [index[label_key(reference_answer(r))] for r in rows]}
 
     train_cols = columns(ctx.train_rows)
     val_cols = columns(in_scope_val) if in_scope_val else None

@@ -229,12 +229,22 @@ def run(st: Stage) -> StageResult:
 
 
 def _check_golden_defines_metrics(project, golden: list[dict[str, Any]]) -> None:
-    """Out-of-scope metrics need golden rows on both sides of the abstain label: refused here, before any training
-    or generation, rather than after the eval stage answered the whole golden set. Raises TunegateError."""
+    """Out-of-scope metrics need golden rows on both sides of the abstain label, and metric tool_call a ground truth
+    in every golden reference: refused here, before the golden set is frozen and anything trains, rather than after
+    the eval stage answered the whole golden set. Raises TunegateError."""
     from tunegate.catalog import ABSTAIN_METRICS
     from tunegate.data.records import reference_answer
     from tunegate.evals.metrics import normalize_answer
 
+    if "tool_call" in project.eval.metrics:  # its reference is a BFCL ground truth: rows with tools, or format bfcl
+        from tunegate.evals.toolcall import CallParseError, parse_ground_truth
+
+        for g in golden:
+            try:
+                parse_ground_truth(reference_answer(g))
+            except CallParseError as exc:
+                raise TunegateError(f"{project.data.golden.path}: golden row {g['id']}: metric tool_call needs a ground truth as "
+                                    f"the reference ({exc}); rule: a tool-call golden set holds rows with tools, or format bfcl") from None
     asked = [m for m in project.eval.metrics if m in ABSTAIN_METRICS]
     if not asked:
         return

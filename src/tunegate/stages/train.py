@@ -12,6 +12,7 @@ format; `model/` instead for `adapter: full`), metrics.jsonl (every logged step)
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from tunegate.core.stage import Stage, StageResult, StageSpec, config_sections
 from tunegate.recipes.run import run_training
@@ -39,5 +40,14 @@ def inputs(project) -> dict[str, Path]:
     return files
 
 
-SPEC = StageSpec(name="train", run=run, upstream=("data",), config=config_sections("base_model", "train"), inputs=inputs,
+def config(project) -> dict[str, Any]:
+    """base_model and train; for method classify also the task (its labels and abstain label make the head's classes
+    and threshold), left out for the other methods so their fingerprints stay as they were."""
+    view = config_sections("base_model", "train")(project)
+    if project.train.method == "classify" and project.task is not None:
+        view["task"] = project.task.model_dump(mode="json")
+    return view
+
+
+SPEC = StageSpec(name="train", run=run, upstream=("data",), config=config, inputs=inputs,
                  checkpoints=True, distributed=True)
