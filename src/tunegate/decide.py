@@ -89,7 +89,7 @@ TREE: dict[str, Question] = {q.id: q for q in (
         "LoRA rank 16 with DoRA is the default; the other answers name the one constraint that changes it.",
         (
             Option("default", "none of the below: learn a behaviour or format from demonstrations", "leaf:dora"),
-            Option("closed_label_set", "every answer is one label of a closed set (intents, categories), out-of-scope abstention included",
+            Option("closed_label_set", "every answer is one label of a closed set (intents, categories; abstaining allowed)",
                    "leaf:classify", "generating the label (SFT): a head scores every label in one forward pass, gives "
                    "a probability to abstain on, and cannot answer outside the set"),
             Option("unmerged_serving", "the adapter must be served unmerged by an engine without DoRA (e.g. vLLM multi-LoRA)", "leaf:lora",
