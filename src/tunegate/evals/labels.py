@@ -98,7 +98,8 @@ def canonical_answer(value: Any, task) -> str:
     if value is None:
         return task.none_label
     if isinstance(value, str):
-        value = written_list(value) if written_list(value) is not None else value
+        parsed = written_list(value)  # a bracketed cell is parsed once
+        value = value if parsed is None else parsed
     if isinstance(value, str):
         labels = [p for p in value.split(sep)]
     elif isinstance(value, (list, tuple)):
