@@ -16,6 +16,9 @@ CORPUS_METRICS = ("macro_f1",)
 ABSTAIN_METRICS = ("in_scope_accuracy", "oos_recall", "oos_precision")
 MULTILABEL_ROW_METRICS = ("set_match", "jaccard")
 MULTILABEL_METRICS = (*MULTILABEL_ROW_METRICS, "label_micro_f1", "label_macro_f1", "label_micro_precision", "label_micro_recall")
+# Per-system fields of the eval stage's samples.jsonl that are no metric (candidate_output, candidate_stopped,
+# candidate_probability, candidate_confidence, candidate_generated): no custom metric may take these names.
+SAMPLE_FIELDS = ("output", "stopped", "probability", "confidence", "generated")
 ALL_METRICS = (*ROW_METRICS, *CORPUS_METRICS, "json_schema", *ABSTAIN_METRICS, *MULTILABEL_METRICS)
 
 # The LLM judge's golden-set metrics (eval.judge.grade): a 1-10 rating / 10, and the pairwise win rate.

@@ -32,6 +32,7 @@ from tunegate.catalog import (
     SAFETY_JUDGE_METRICS,
     SAFETY_METRICS,
     SAFETY_SOURCES,
+    SAMPLE_FIELDS,
     SAFETY_WITH_SAFE_PROMPTS,
 )
 from tunegate.core.paths import check_identifier, identifier_problem, inside
@@ -699,6 +700,21 @@ class ServerConfig(_Section):
     concurrency: int = Field(default=8, ge=1)
 
 
+class AbstainConfig(_Section):
+    """A generating candidate abstains (task.abstain_label) when it is unsure of its answer (tunegate.evals.abstain).
+
+    Its confidence in an answer is the length-normalised probability of the greedy answer's tokens (the geometric
+    mean of their probabilities through the stop token; Malinin & Gales 2021, "Uncertainty estimation in
+    autoregressive structured prediction"). Under `threshold` the answer is replaced by the abstain label. Without
+    `threshold`, the eval stage tunes it before the golden set is scored, on the data stage's validation rows (never
+    the golden set): the `val_abstain_rate` quantile of the in-scope validation rows' confidences. The threshold goes
+    into the signed release and the embedded server applies it; vLLM refuses such a bundle.
+    """
+
+    threshold: float | None = Field(default=None, gt=0, le=1)  # fixed; None: tuned on the validation rows
+    val_abstain_rate: float = Field(default=0.05, ge=0, lt=1)  # the share of in-scope validation rows let abstain (as train.classify)
+
+
 class EvalConfig(_Section):
     # Row metrics: exact_match, numeric_match, json_valid, json_schema (needs json_schema), rouge_l, chrf,
     # refusal, tool_call (rows with tools: BFCL's AST check of the calls); corpus metrics: macro_f1. The first one is the headline metric of the report.
@@ -722,6 +738,9 @@ class EvalConfig(_Section):
     suites: SuitesConfig | None = None
     judge: JudgeConfig | None = None
     server: ServerConfig | None = None
+    # The candidate abstains (task.abstain_label) under a confidence threshold: AbstainConfig. Left out of the dump
+    # when unset, so the eval stages of projects that never set it keep their fingerprints.
+    abstain: AbstainConfig | None = Field(default=None, exclude_if=lambda v: v is None)
 
     def measured(self) -> list[str]:
         """Every metric this eval produces: golden-set metrics, suite metrics, judge metrics."""
@@ -744,8 +763,8 @@ class EvalConfig(_Section):
     @model_validator(mode="after")
     def _metrics_known_and_gated_metrics_measured(self):
         taken = (*ALL_METRICS, *JUDGE_METRICS, *IFEVAL_METRICS, *SAFETY_METRICS, *SAFETY_JUDGE_METRICS)
-        # not a built-in's name or prefix, nor a samples.jsonl field's (candidate_output, candidate_stopped)
-        clash = [m for m in self.custom_metrics if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", m) or m in ("output", "stopped")
+        # not a built-in's name or prefix, nor a samples.jsonl field's (catalog.SAMPLE_FIELDS: candidate_output, ...)
+        clash = [m for m in self.custom_metrics if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", m) or m in SAMPLE_FIELDS
                  or m.startswith((LM_EVAL_PREFIX.rstrip("."), "ifeval_", "harmful_refusal", "over_refusal")) or m in taken]
         if clash:
             raise ValueError(f"eval.custom_metrics: {clash}: a custom metric's name is a new identifier (letters, digits, _), "
@@ -1115,6 +1134,22 @@ class Project(_Section):
         if self.train.method == "classify" and self.eval.suites is not None:
             raise ValueError("eval.suites with train.method classify: not supported; rule: the suites score generated "
                              "text, and a classification head answers one label (remove eval.suites)")
+        if self.eval.abstain is not None:
+            if task.abstain_label is None:
+                raise ValueError("eval.abstain is set but task.abstain_label is not; rule: abstention answers the abstain "
+                                 "label (e.g. task: {kind: classification, abstain_label: oos})")
+            if self.train.method == "classify":
+                raise ValueError("eval.abstain with train.method classify: the head abstains by its own label probability; "
+                                 "set train.classify (abstain_threshold, val_abstain_rate) instead")
+            if self.eval.server is not None:
+                raise ValueError("eval.abstain with eval.server: a server's answers carry no token probabilities here; "
+                                 "evaluate in-process (remove eval.server)")
+            if self.eval.abstain.threshold is None and self.data.val_fraction == 0:
+                raise ValueError("eval.abstain tunes its threshold on validation rows, and data.val_fraction is 0; set "
+                                 "data.val_fraction above 0, or eval.abstain.threshold (never tuned on the golden set)")
+            if self.release.gguf is not None:
+                raise ValueError("eval.abstain with release.gguf: a GGUF file answers without the abstain threshold; "
+                                 "remove release.gguf (the embedded server applies the threshold)")
         c = self.train.classify
         if c is not None and c.abstain_threshold is not None and task.abstain_label is None:
             raise ValueError("train.classify.abstain_threshold is set but task.abstain_label is not; rule: abstention "

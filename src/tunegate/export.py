@@ -184,8 +184,8 @@ def merge_run(project, run_dir: Path, out_dir: Path, n_prompts: int = 8, atol: f
     golden prompts (`run_dir/data/golden.jsonl`), and publish it to `out_dir` (`merge_adapter`).
 
     Returns the merge check. Raises TunegateError naming the file that is missing, when the project's base_model is
-    not the one the train manifest records, when the adapter is a classification head (train.method classify), or
-    when the merge is refused.
+    not the one the train manifest records, when the adapter is a classification head (train.method classify) or its
+    eval gate applied an abstain threshold (eval.abstain), or when the merge is refused.
     """
     from tunegate.data.format import generation_prompt
     from tunegate.models import load_adapter_tokenizer, resolve_base_model
@@ -200,6 +200,14 @@ def merge_run(project, run_dir: Path, out_dir: Path, n_prompts: int = 8, atol: f
         raise TunegateError(f"{adapter_dir}: a classification head (train.method classify) is not merged or exported; rule: "
                             "the merge check and GGUF export compare generations, and a head writes no text; serve the "
                             "release bundle with the embedded engine (`tunegate serve`)")
+    from tunegate.evals.abstain import read_rule
+
+    rule = read_rule(run_dir / "eval")
+    if rule is not None:
+        raise TunegateError(f"{run_dir / 'eval'}: the eval gate measured this adapter with eval.abstain (answers under a "
+                            f"confidence of {rule['threshold']:g} become {rule['abstain_label']!r}); rule: a merged or GGUF "
+                            "model would answer without that threshold, so it is not exported; serve the release bundle "
+                            "with the embedded engine (`tunegate serve`), which applies it")
     train = read_manifest(run_dir / "train")
     trained_on = train.config.get("base_model", project.base_model) if train is not None else project.base_model
     if trained_on != project.base_model:

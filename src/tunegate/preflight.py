@@ -577,8 +577,10 @@ def estimate(project, n_params: int, n_trainable: int, train_tokens: int, tokens
     N = 7e9 with the trainable fraction N_a/N kept (an upper bound for LoRA, whose fraction shrinks with
     width); seconds = FLOPs / (ASSUMED_MFU x peak bf16 FLOP/s); USD = hours x usd_per_hour.
     """
+    from tunegate.recipes.defaults import adapter_kind
+
     train = project.train
-    method, adapter = train.method, train.adapter
+    method, adapter = train.method, adapter_kind(project)  # what peft builds: `lora.use_dora` decides LoRA/DoRA
     full = adapter == "full"
     kw = _trl_kwargs(project)
     epochs, epochs_from = effective_epochs(kw, n_train_rows)

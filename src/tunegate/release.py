@@ -14,6 +14,7 @@ by the next release. Layout:
     release.json          what was released (project, run, base model and the sha256 of its weights, the data sources
                           by project-relative path with their sha256, method, adapter settings, scores, vLLM fit,
                           `classify`: a classification head's labels and abstain threshold (train.method classify),
+                          `abstain`: a generating candidate's abstain threshold (eval.abstain, tunegate.evals.abstain),
                           stop_token_ids: the eos and end-of-turn ids generation stops at; vocab_size and
                           added_tokens: the embedding rows and train.added_tokens it trained with)
     adapter/              the PEFT adapter files exactly as trained (with generation_config.json: the stop ids)
@@ -23,7 +24,7 @@ by the next release. Layout:
     gguf/                 only with release.gguf: GGUF files, Modelfile and the parity gate's verdict.json (tunegate.gguf_export);
                           the release is refused unless every file's parity gate passed
     manifests/<stage>.json  the manifests of data, train, eval and report, byte for byte (the lineage chain)
-    eval/verdict.json, eval/scores.json (+ eval.html), report/report.md
+    eval/verdict.json, eval/scores.json (+ eval.html; + abstain.json with eval.abstain), report/report.md
     MODEL_CARD.md, article25.md, dpia.md   from `tunegate.report.release_docs` when that module is installed
     files.json            sha256 of every file above, keyed by path relative to the bundle
     model.sig             the signature over every file in the bundle, written last
@@ -60,6 +61,7 @@ from tunegate.core.console import console
 from tunegate.core.io import atomic_write_bytes, atomic_write_json, atomic_write_text, clean_stale, publish_dir, staging_dir
 from tunegate.core.paths import inside, project_relative
 from tunegate.core.manifest import MANIFEST, Manifest, manifest_hash, sha256_file
+from tunegate.evals.abstain import ABSTAIN_FILE, read_rule
 from tunegate.run_chain import BUNDLED_STAGES, check_releasable, check_run, run_manifests
 
 RELEASE = "release.json"
@@ -626,7 +628,7 @@ def write_bundle(project, run_dir: Path, dest: Path, *, private_key: Path | None
         shutil.copyfile(run_dir / stage / MANIFEST, tmp / "manifests" / f"{stage}.json")
         if manifest_hash(run_dir / stage) != sha256_file(tmp / "manifests" / f"{stage}.json"):
             raise TunegateError(f"{run_dir / stage / MANIFEST}: changed while the release was built")
-    for name in ("verdict.json", "scores.json", "eval.html"):
+    for name in ("verdict.json", "scores.json", "eval.html", ABSTAIN_FILE):
         if name in ev.outputs:
             _copy_recorded(run_dir / "eval", ev, name, tmp / "eval" / name)
     for name in ("verdict.json", "scores.json"):
@@ -635,6 +637,7 @@ def write_bundle(project, run_dir: Path, dest: Path, *, private_key: Path | None
     if "report" in manifests and "report.md" in manifests["report"].outputs:
         _copy_recorded(run_dir / "report", manifests["report"], "report.md", tmp / "report" / "report.md")
 
+    abstain = read_rule(tmp / "eval")  # eval.abstain: the threshold the gate measured; the embedded server applies it
     trained_on = train.config.get("base_model", project.base_model)
     if full:
         adapter_cfg: dict[str, Any] = {}
@@ -647,6 +650,10 @@ def write_bundle(project, run_dir: Path, dest: Path, *, private_key: Path | None
             reasons.append("a classification head (train.method classify): vLLM's LoRA adapters are for generation; "
                            "the bundle is served by the embedded engine (`tunegate serve`), not merged")
             console.print(f"[dim]- release: classification head: not merged (release.merge does not apply); {reasons[-1]}[/dim]")
+        elif abstain is not None:  # vLLM refuses it (tunegate.serve.vllm): a merged copy would serve without the threshold
+            reasons.append(f"eval.abstain: answers under a confidence of {abstain['threshold']:g} become "
+                           f"{abstain['abstain_label']!r}; vLLM cannot apply that threshold, the embedded engine does")
+            console.print(f"[dim]- release: not merged; {reasons[-1]}[/dim]")
         elif not servable and merge:
             from tunegate.export import merge_run
 
@@ -692,6 +699,8 @@ def write_bundle(project, run_dir: Path, dest: Path, *, private_key: Path | None
         "modules_to_save": adapter_cfg.get("modules_to_save"),
         # train.method classify: the head's labels and abstention (adapter/tunegate_classify.json); None otherwise
         "classify": classify,
+        # eval.abstain: the generating candidate's abstention rule (eval/abstain.json); None otherwise
+        "abstain": abstain,
         "stop_token_ids": [stop_ids] if isinstance(stop_ids, int) else stop_ids,
         "vocab_size": vocab.get("vocab_size"),  # embedding rows: the base model's plus the added tokens'
         "added_tokens": vocab.get("added_tokens", {}),  # train.added_tokens -> token id

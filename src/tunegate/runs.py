@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from tunegate import TunegateError
+from tunegate.catalog import ABSTAIN_METRICS, CORPUS_METRICS, MULTILABEL_METRICS, MULTILABEL_ROW_METRICS, SAMPLE_FIELDS
 from tunegate.core.io import atomic_write_text, read_jsonl
 from tunegate.core.manifest import read_manifest
 from tunegate.core.paths import IDENTIFIER, inside
@@ -27,6 +28,8 @@ from tunegate.pipeline import STAGES, existing_run_dir, stale_reason
 from tunegate.report.header import STAGE_PAGES, project_header, run_summary, write_run_js
 
 MAX_CHANGED_ROWS = 200  # rows listed on the comparison page (all are counted)
+# Corpus metrics that `runs --compare` recomputes from the two runs' answers, for a paired CI of their delta
+PAIRED_CORPUS = frozenset((*CORPUS_METRICS, *ABSTAIN_METRICS, *(set(MULTILABEL_METRICS) - set(MULTILABEL_ROW_METRICS))))
 MAX_DIFF_KEYS = 8  # differing settings shown per run in the list
 
 
@@ -191,7 +194,7 @@ def compare_runs(project, a: str, b: str, n_samples: int | None = None, seed: in
     Returns {a, b (run_row dicts), config ([{key, a, b}] for every key whose value differs), metrics ([{metric,
     n, a, b, delta, lower_is_better}]: per-row metrics get a, b means over the shared rows and delta = mean(b - a) with a paired
     bootstrap 95% CI ({mean, ci_low, ci_high}); corpus metrics without per-row scores get each run's scores.json
-    value and delta None), n_shared, only_a, only_b (golden row ids scored by one run only, or whose prompt
+    value and delta None; macro_f1 and the label corpus metrics are recomputed over the shared rows with a paired CI), n_shared, only_a, only_b (golden row ids scored by one run only, or whose prompt
     differs), changed ([{id, prompt, reference, a_output, b_output, a_scores, b_scores}]: rows whose candidate
     answer or a score differs; at most MAX_CHANGED_ROWS), n_changed}.
 
@@ -208,7 +211,7 @@ def compare_runs(project, a: str, b: str, n_samples: int | None = None, seed: in
     n_samples = n_samples or scores_b.get("bootstrap_samples") or 10_000
 
     def per_row(s: dict[str, Any]) -> set[str]:
-        return {k[len("candidate_"):] for k, v in s.items() if k.startswith("candidate_") and k != "candidate_output"
+        return {k[len("candidate_"):] for k, v in s.items() if k.startswith("candidate_") and k[len("candidate_"):] not in SAMPLE_FIELDS
                 and isinstance(v, (int, float)) and not isinstance(v, bool)}
 
     row_metrics = sorted(set.intersection(*[per_row(sa[i]) & per_row(sb[i]) for i in shared])) if shared else []
@@ -219,7 +222,13 @@ def compare_runs(project, a: str, b: str, n_samples: int | None = None, seed: in
         metrics.append({"metric": m, "n": len(shared), "a": sum(xa) / len(xa), "b": sum(xb) / len(xb),
                         "delta": paired_bootstrap(xa, xb, n_samples=n_samples, seed=seed).as_dict(), "lower_is_better": m in LOWER_IS_BETTER})
     corpus = [m for m in (scores_a.get("metrics") or {}) if m in (scores_b.get("metrics") or {}) and m not in row_metrics]
+    paired = _paired_corpus(project, [m for m in corpus if m in PAIRED_CORPUS],
+                            [sa[i] for i in shared], [sb[i] for i in shared], n_samples, seed)
     for m in corpus:
+        if m in paired:  # recomputed over the shared rows, with the paired delta of the two runs' answers
+            metrics.append({"metric": m, "n": len(shared), "a": paired[m]["baseline"]["mean"], "b": paired[m]["candidate"]["mean"],
+                            "delta": paired[m]["delta"], "lower_is_better": m in LOWER_IS_BETTER})
+            continue
         metrics.append({"metric": m, "n": None, "a": scores_a["metrics"][m]["candidate"]["mean"],
                         "b": scores_b["metrics"][m]["candidate"]["mean"], "delta": None, "lower_is_better": m in LOWER_IS_BETTER})
 
@@ -239,6 +248,24 @@ def compare_runs(project, a: str, b: str, n_samples: int | None = None, seed: in
     return {"a": row_a, "b": row_b, "config": config, "metrics": metrics, "n_shared": len(shared), "n_samples": n_samples,
             "only_a": sorted(set(sa) - set(shared)), "only_b": sorted(set(sb) - set(shared)),
             "changed": changed[:MAX_CHANGED_ROWS], "n_changed": len(changed)}
+
+
+def _paired_corpus(project, metrics: list[str], rows_a: list[dict[str, Any]], rows_b: list[dict[str, Any]],
+                   n_samples: int, seed: int) -> dict[str, dict[str, Any]]:
+    """Corpus metrics (macro_f1, the label metrics) of two runs' answers on the same golden rows, as the eval gate
+    scores them (tunegate.evals.gate.score_metrics: run A in the baseline's place), so their delta gets a paired
+    bootstrap CI. {} when there is nothing to recompute or the rows cannot define a metric (e.g. no out-of-scope
+    row among the shared ones): those metrics keep each run's own value and no delta."""
+    from tunegate.evals.gate import score_metrics
+
+    if not metrics or not rows_a or any("candidate_output" not in r or "reference" not in r for r in rows_a + rows_b):
+        return {}
+    try:
+        summary, _ = score_metrics(metrics, [r["candidate_output"] for r in rows_a], [r["candidate_output"] for r in rows_b],
+                                   [r["reference"] for r in rows_b], n_samples=n_samples, seed=seed, task=project.task)
+    except TunegateError:
+        return {}
+    return summary
 
 
 def write_compare(project, result: dict[str, Any]) -> Path:

@@ -5,7 +5,8 @@ import pytest
 
 from tunegate import TunegateError
 from tunegate.config import TaskConfig, load_project
-from tunegate.recipes.classify import label_set, predict_labels, tune_threshold
+from tunegate.evals.abstain import tune_threshold
+from tunegate.recipes.classify import label_set, predict_labels
 from tunegate.recipes.defaults import check_passthrough, lora_kwargs, trl_config_class
 
 from conftest import chat

@@ -248,6 +248,8 @@ def test_custom_metrics_are_new_names_written_file_colon_function_and_may_be_gat
     assert "custom_metrics" not in EvalConfig().model_dump(mode="json")  # runs of projects without one stay current
     for custom, message in (({"exact_match": "m.py:f"}, "a custom metric's name is a new identifier"),
                             ({"output": "m.py:f"}, "a custom metric's name is a new identifier"),
+                            ({"confidence": "m.py:f"}, "a custom metric's name is a new identifier"),  # samples.jsonl
+                            ({"probability": "m.py:f"}, "a custom metric's name is a new identifier"),
                             ({"ifeval_mine": "m.py:f"}, "a custom metric's name is a new identifier"),
                             ({"over_refusal_x": "m.py:f"}, "a custom metric's name is a new identifier"),
                             ({"lm_eval_x": "m.py:f"}, "a custom metric's name is a new identifier"),

@@ -294,6 +294,13 @@ def test_estimate_7b_cost_time_and_memory(tmp_path):
     assert m["total_gib"] * 2**30 == pytest.approx(4 * 1e8 + 4 * 1e6 + 8 * 1e6)
 
 
+def test_estimate_names_the_adapter_peft_builds(tmp_path):
+    """`adapter: dora` (the default) with `lora: {use_dora: false}` trains plain LoRA: the estimate says lora."""
+    p = project(tmp_path, "train:\n  lora: {use_dora: false}\n")
+    assert estimate(p, 1_000, 10, 100, None, PRICES)["adapter"] == "lora"
+    assert estimate(project(tmp_path, "train: {}\n"), 1_000, 10, 100, None, PRICES)["adapter"] == "dora"
+
+
 def test_estimate_full_max_steps_activations_and_dpo_reference(tmp_path):
     p = project(tmp_path, "train:\n  adapter: full\n  trl: {max_steps: 10, per_device_train_batch_size: 8}\n")
     e = estimate(p, 1_000_000, 5, 4_000, None, PRICES, n_train_rows=40,

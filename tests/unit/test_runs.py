@@ -83,6 +83,10 @@ def test_compare_gives_config_diff_paired_ci_on_shared_rows_and_changed_rows(pro
     rows[3]["prompt"] = "changed"
     rows.append({**rows[0], "id": "g9"})
     atomic_write_jsonl(b / "eval" / "samples.jsonl", rows)
+    for run in (project.runs_dir / "a", b):  # sample fields that are no metric (catalog.SAMPLE_FIELDS) are not compared
+        rows = [{**json.loads(line), "candidate_confidence": 0.5, "candidate_probability": 0.9, "candidate_generated": "x"}
+                for line in (run / "eval" / "samples.jsonl").read_text().splitlines()]
+        atomic_write_jsonl(run / "eval" / "samples.jsonl", rows)
     r = runs.compare_runs(project, "a", "b", n_samples=500)
     assert r["config"] == [{"key": "train.trl.learning_rate", "a": 1e-4, "b": 2e-4}]
     assert r["n_shared"] == 3 and r["only_a"] == ["g3"] and r["only_b"] == ["g3", "g9"]
@@ -92,6 +96,29 @@ def test_compare_gives_config_diff_paired_ci_on_shared_rows_and_changed_rows(pro
     assert [c["id"] for c in r["changed"]] == ["g1", "g2"] and r["changed"][0]["a_output"] == "b"
     page = runs.write_compare(project, r)
     assert page.name == "compare-a.vs.b.html" and "+0.667" in page.read_text()
+
+
+def test_compare_recomputes_corpus_metrics_with_a_paired_ci(project):
+    """macro_f1 has no per-row score: --compare recomputes it over the shared rows from both runs' answers, as the
+    eval gate scores a baseline and a candidate, so its delta has a paired CI instead of none."""
+    from tunegate.evals.gate import score_metrics
+
+    refs = ["x", "y", "x", "y"]
+    out_a, out_b = ["x", "x", "x", "x"], ["x", "y", "x", "x"]
+    for rid, outs in (("a", out_a), ("b", out_b)):
+        run = fake_run(project, rid, 1e-4, [1.0] * 4, outs)
+        rows = [{**json.loads(line), "reference": r} for line, r in
+                zip((run / "eval" / "samples.jsonl").read_text().splitlines(), refs)]
+        atomic_write_jsonl(run / "eval" / "samples.jsonl", rows)
+        scores = json.loads((run / "eval" / "scores.json").read_text())
+        scores["metrics"]["macro_f1"] = {"candidate": {"mean": 0.123, "ci_low": 0.0, "ci_high": 1.0}}
+        atomic_write_json(run / "eval" / "scores.json", scores)
+    r = runs.compare_runs(project, "a", "b", n_samples=500)
+    m = {x["metric"]: x for x in r["metrics"]}["macro_f1"]
+    want, _ = score_metrics(["macro_f1"], out_a, out_b, refs, n_samples=500, seed=0)
+    # a: x always (F1 x = 2/3, y = 0) -> 1/3; b: one y right (F1 x = 0.8, y = 2/3) -> 0.733
+    assert m["n"] == 4 and m["a"] == pytest.approx(1 / 3) and m["b"] == pytest.approx(11 / 15)
+    assert m["delta"] == want["macro_f1"]["delta"] and m["delta"]["mean"] == pytest.approx(11 / 15 - 1 / 3)
 
 
 def test_an_unknown_run_id_names_the_runs_there_are(project):

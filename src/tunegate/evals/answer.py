@@ -22,7 +22,8 @@ def golden_prompts(tokenizer, golden: list[dict[str, Any]]) -> list[str]:
 
 
 def answer_golden(backend, tokenizer, golden: list[dict[str, Any]], max_new_tokens: int, desc: str,
-                  stopped: list[bool] | None = None, probabilities: list[float] | None = None) -> list[str]:
+                  stopped: list[bool] | None = None, probabilities: list[float] | None = None,
+                  confidences: list[float] | None = None) -> list[str]:
     """One answer per golden row from `backend`, greedy, at most `max_new_tokens` new tokens each.
 
     backend: a `tunegate.evals.backends.LocalChat` (in-process: prompts from `golden_prompts`, batched, with the
@@ -32,7 +33,8 @@ def answer_golden(backend, tokenizer, golden: list[dict[str, Any]], max_new_toke
     bool per row, whether its answer ended at an end-of-turn / eos token (`generate`); left empty for a server.
     A `LocalClassifier` (method classify) answers each row with a label from one forward pass of its head, the
     prompt rendered as for generation; `probabilities` is then filled with each label's probability, and `stopped`
-    with True (a label is a whole answer).
+    with True (a label is a whole answer). confidences: in-process generation only, filled with each answer's
+    confidence (tunegate.evals.abstain.answer_confidences).
 
     Raises:
         TunegateError: a server backend and golden rows that are prompt/completion text, not chat messages.
@@ -47,7 +49,8 @@ def answer_golden(backend, tokenizer, golden: list[dict[str, Any]], max_new_toke
     if isinstance(backend, LocalChat):
         prompts = golden_prompts(tokenizer, golden)
         with backend.answering():
-            return generate(backend.model, tokenizer, prompts, max_new_tokens, backend.batch_size, desc=desc, stopped=stopped)
+            return generate(backend.model, tokenizer, prompts, max_new_tokens, backend.batch_size, desc=desc, stopped=stopped,
+                            confidences=confidences)
     if any("messages" not in r for r in golden):
         raise TunegateError("eval.server answers chat messages; this golden set is prompt/completion text (data.golden.format): "
                             "use a chat golden set, or evaluate in-process")

@@ -15,7 +15,7 @@ Labels (`label_set`): task.labels, else the sorted distinct training answers. Ab
 training rows that hold the abstain label make it one more class; without such rows the head answers the abstain
 label when its largest softmax probability is under a threshold (Hendrycks & Gimpel 2017): train.classify.
 abstain_threshold when set, else the train.classify.val_abstain_rate quantile of the validation rows' largest
-probabilities (`tune_threshold`).
+probabilities (tunegate.evals.abstain.tune_threshold).
 
 Saved beside the adapter: tunegate_classify.json (CLASSIFY_FILE: labels, abstain label and threshold, how the
 threshold was chosen, max_length). `is_classifier(adapter_dir)` tells a classify adapter from a generation one.
@@ -24,7 +24,6 @@ threshold was chosen, max_length). `is_classifier(adapter_dir)` tells a classify
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -32,6 +31,7 @@ from tunegate import TunegateError
 from tunegate.core.io import atomic_write_json
 from tunegate.data.format import generation_prompt
 from tunegate.data.records import reference_answer
+from tunegate.evals.abstain import tune_threshold
 from tunegate.recipes.common import Built, Context, peft_config
 
 CLASSIFY_FILE = "tunegate_classify.json"  # in the adapter folder: labels, abstention, max_length
@@ -142,13 +142,6 @@ def predict_labels(probs, head: dict[str, Any]) -> tuple[list[str], list[float]]
         answers.append(abstain if abstain and p < threshold else labels[best])
         top.append(round(p, 6))
     return answers, top
-
-
-def tune_threshold(max_probs: Sequence[float], rate: float) -> float:
-    """The threshold under which the `rate` share of these in-scope rows' largest probabilities fall: the
-    floor(rate * n)-th smallest (0.0, never abstain, when that is no row)."""
-    k = math.floor(rate * len(max_probs))
-    return 0.0 if k == 0 else float(sorted(max_probs)[k])
 
 
 def is_classifier(adapter_dir: Path | str) -> bool:

@@ -29,6 +29,7 @@ from tunegate.catalog import LM_EVAL_PREFIX
 from tunegate.core.io import atomic_write_text, read_jsonl
 from tunegate.core.manifest import MANIFEST, read_manifest, sha256_file, verify_outputs
 from tunegate.core.paths import project_relative
+from tunegate.evals.abstain import ABSTAIN_FILE
 
 BLANK = "[TO BE ANSWERED BY A PERSON: {}]"
 NOT_MEASURED = "not measured"
@@ -443,6 +444,7 @@ def gather(run_dir: Path, project, merged: str | None = None, gguf: dict[str, An
         "merged_in_bundle": merged,
         "gguf": gguf,
         "classify": (summary.get("classify") if train["method"] == "classify" else None),  # labels, abstention
+        "abstain": _json(run_dir / "eval" / ABSTAIN_FILE) or None,  # eval.abstain: the generating candidate's threshold
     }
     ctx["limitations"] = _limitations(ctx)
     return ctx

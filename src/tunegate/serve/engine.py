@@ -15,7 +15,9 @@ validation and the database writes of other requests (traces, feedback) go on be
 throughput for simplicity; vLLM batches requests for different adapters together. The adapter of a classify run
 (train.method classify, tunegate.recipes.classify) is not attached to the shared model: it gets a model of its own
 (the base model with its classification head, one more copy of the base weights) and answers a chat completion
-with its label from one forward pass, under the same lock and deadline (`EmbeddedEngine._classify`).
+with its label from one forward pass, under the same lock and deadline (`EmbeddedEngine._classify`). An adapter
+whose eval gate measured it with an abstain threshold (eval.abstain, the bundle's eval/abstain.json) answers the
+abstain label when its answer's confidence is under that threshold, as in the eval (tunegate.evals.abstain).
 
 Bounds of the embedded engine, so that no request can hold the lock for long (issue 23):
 - Context window: `context_window` is the model's (config.max_position_embeddings, or the tokenizer's
@@ -202,6 +204,9 @@ class EmbeddedEngine:
     # model with the trained head and adapter, the head's tunegate_classify.json). They answer with a label.
     classifiers: dict[str, tuple[Any, dict[str, Any]]] = field(default_factory=dict)
     base_path: Path | str | None = None  # the base model's folder: classify adapters load their own model from it
+    # Adapters whose eval gate measured them with an abstain threshold (eval.abstain; the bundle's eval/abstain.json,
+    # tunegate.evals.abstain), by engine name: an answer under the threshold is replaced by the abstain label.
+    abstainers: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.special_tokens and self.tokenizer is not None:
@@ -235,6 +240,7 @@ class EmbeddedEngine:
             read_vocabulary_record,
             resolve_base_model,
         )
+        from tunegate.evals.abstain import read_rule
         from tunegate.recipes.classify import is_classifier, load_trained
 
         serve = project.serve
@@ -256,8 +262,9 @@ class EmbeddedEngine:
             added = [n for n in adapters if (read_vocabulary_record(Path(tmp) / n / "adapter") or {}).get("added_tokens")]
             tokenizer = load_adapter_tokenizer(Path(tmp) / added[0] / "adapter", path) if added else load_tokenizer(path)
             classifiers = {n: load_trained(path, Path(tmp) / n / "adapter", tokenizer) for n in heads}
+            rules = {n: read_rule(Path(tmp) / n / "eval") for n in adapters}
         return cls(model=model, tokenizer=tokenizer, base_name=base_model_name(project), adapters=adapters,
-                   classifiers=classifiers, base_path=path)
+                   classifiers=classifiers, base_path=path, abstainers={n: r for n, r in rules.items() if r})
 
     def complete(self, adapter: str | None, messages: list[dict[str, str]], max_new_tokens: int,
                  temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None,
@@ -296,6 +303,9 @@ class EmbeddedEngine:
             kwargs.update(temperature=None, top_p=None, top_k=None)
         if n_prompt > self.prefill_chunk_tokens:
             kwargs["prefill_chunk_size"] = self.prefill_chunk_tokens
+        rule = self.abstainers.get(adapter) if adapter is not None else None
+        if rule:  # eval.abstain: the answer's confidence needs each step's logits
+            kwargs.update(output_logits=True, return_dict_in_generate=True)
         self._acquire(deadline, timeout_s, cancel)
         hook = None
         try:
@@ -320,7 +330,8 @@ class EmbeddedEngine:
             if hook is not None:
                 hook.remove()
             self.lock.release()
-        new = out[0, n_prompt:].tolist()  # (N,) generated token ids; one sequence: no padding
+        sequences = out.sequences if rule else out
+        new = sequences[0, n_prompt:].tolist()  # (N,) generated token ids; one sequence: no padding
         n_generated = len(new)
         finish = "length"
         ends = [i for i, t in enumerate(new) if t in stop_ids]
@@ -332,6 +343,12 @@ class EmbeddedEngine:
         for s in stop or []:
             if s and s in text:
                 text, finish = text[: text.index(s)], "stop"
+        if rule:
+            from tunegate.evals.abstain import answer_confidences
+
+            (confidence,) = answer_confidences(out.logits, sequences[:, n_prompt:], stop_ids)
+            if confidence < rule["threshold"]:  # as the eval gate measured it: the abstain label, a whole answer
+                text, finish = rule["abstain_label"], "stop"
         return Completion(text, finish, n_prompt, n_generated, new)
 
     def _classify(self, adapter: str, messages: list[dict[str, str]], deadline: float | None, timeout_s: float | None,
@@ -434,6 +451,7 @@ class EmbeddedEngine:
                 with the bundle in serve.bundles).
             TunegateError: another vocabulary (models.fit_to_adapter).
         """
+        from tunegate.evals.abstain import read_rule
         from tunegate.models import read_vocabulary_record
         from tunegate.recipes.classify import is_classifier, load_trained
 
@@ -449,12 +467,17 @@ class EmbeddedEngine:
         if any(tok not in vocab for tok in added):
             raise NotServable("the adapter was trained with added tokens this server's tokenizer lacks; add its "
                               "bundle to serve.bundles and restart the server (it then starts with that tokenizer)")
+        rule = read_rule(Path(bundle) / "eval")
         with self.lock:
             self.model = _attach(self.model, Path(bundle) / "adapter", slot)
+            self.abstainers.pop(slot, None)
+            if rule:
+                self.abstainers[slot] = rule
 
     def unload_slot(self, slot: str) -> None:
         """Delete the PEFT adapter `slot` from the model (a classify adapter: its model), under the generation lock."""
         with self.lock:
+            self.abstainers.pop(slot, None)
             if self.classifiers.pop(slot, None) is None:
                 self.model.delete_adapter(slot)
 

@@ -27,6 +27,7 @@ serve as a LoRA (release.json's "vllm" record and `release.vllm_compatibility` o
 refused for multi-LoRA serving with the reasons; such a bundle carries a merged model (`merged/`), which one
 vLLM server serves as its model on its own (`--merged NAME`: one model, no base, no LoRA). A classification head
 (train.method classify) is refused outright (CLASSIFY_REFUSAL): it has no merged model; the embedded engine serves it.
+So is an adapter the eval gate measured with an abstain threshold (eval.abstain, ABSTAIN_REFUSAL): vLLM would not apply it.
 
 After launch, before it accepts a tenant, the server runs the smoke test (case C17, tunegate.serve.smoke).
 
@@ -120,6 +121,22 @@ CLASSIFY_REFUSAL = ("refused for vLLM: a classification head (train.method class
                     "embedded engine (`tunegate serve` without --engine vllm), which answers with the label")
 
 
+# A release bundle of a generating candidate that abstains under a confidence threshold (release.json `abstain`,
+# eval.abstain, tunegate.evals.abstain): vLLM would answer without the threshold the eval gate measured.
+ABSTAIN_REFUSAL = ("refused for vLLM: the eval gate measured this adapter with eval.abstain (answers under a confidence "
+                   "threshold become the abstain label), which vLLM does not apply; serve it with the embedded engine "
+                   "(`tunegate serve` without --engine vllm)")
+
+
+def bundle_refusal(release: dict[str, Any]) -> str | None:
+    """Why vLLM must not serve this bundle at all, in any form (None: it may, as a LoRA or merged)."""
+    if release.get("classify"):
+        return CLASSIFY_REFUSAL
+    if release.get("abstain"):
+        return ABSTAIN_REFUSAL
+    return None
+
+
 def adapter_ranks(adapter_config: dict[str, Any]) -> list[int]:
     """Every LoRA rank in an adapter config: `r` and the values of `rank_pattern`."""
     ranks = {adapter_config.get("r")} | set((adapter_config.get("rank_pattern") or {}).values())
@@ -169,6 +186,8 @@ def plan_launch(base_dir: Path | str, base_name: str, adapters: dict[str, tuple[
         if merged not in adapters:
             raise TunegateError(f"--merged {merged}: not a configured bundle (names: {', '.join(adapters) or 'none'})")
         bundle, release = adapters[merged]
+        if bundle_refusal(release):
+            raise TunegateError(f"{bundle}: {bundle_refusal(release)}")
         model = bundle / "merged"
         if not (model / "config.json").is_file():
             raise TunegateError(f"{bundle}: no merged model (merged/config.json); release.json vllm: {release.get('vllm')}; "
@@ -176,8 +195,8 @@ def plan_launch(base_dir: Path | str, base_name: str, adapters: dict[str, tuple[
         return LaunchPlan(model=model, served_name=merged, merged=merged)
     loras, problems = [], []
     for name, (bundle, release) in adapters.items():
-        if release.get("classify"):
-            problems.append(f"{bundle}: {CLASSIFY_REFUSAL}")
+        if bundle_refusal(release):
+            problems.append(f"{bundle}: {bundle_refusal(release)}")
             continue
         cfg_path = bundle / "adapter" / "adapter_config.json"
         cfg = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path.is_file() else {}
@@ -509,8 +528,8 @@ class VLLMEngine:
     def _load_lora(self, name: str, copy: Path, release: dict[str, Any]) -> None:
         """Post the adapter of the verified bundle folder `copy` to vLLM as LoRA `name` (C15/C16, C14 checked first)."""
         self._require_lora()
-        if release.get("classify"):
-            raise NotServable(CLASSIFY_REFUSAL)
+        if bundle_refusal(release):
+            raise NotServable(bundle_refusal(release))
         cfg = json.loads((copy / "adapter" / "adapter_config.json").read_text(encoding="utf-8"))
         reasons = lora_refusals(release, cfg)
         if reasons:

@@ -46,6 +46,7 @@ from tunegate.core.stage import Stage, StageResult, StageSpec
 from tunegate.data.format import apply_system_policy, generation_prompt, supports_system_role
 from tunegate.data.golden import check_golden
 from tunegate.data.records import prompt_text, reference_answer
+from tunegate.evals import abstain
 from tunegate.evals.answer import golden_prompts
 from tunegate.evals.bootstrap import bootstrap_ci
 from tunegate.evals.custom import metric_files, metric_functions, score_rows
@@ -56,7 +57,7 @@ from tunegate.preflight import anti_pattern_table, instruct_tuned
 from tunegate.prices import load_prices
 
 # The eval settings the audit reads: changing suites, the judge, the server or the baseline must not rerun it.
-AUDIT_EVAL_KEYS = ("metrics", "custom_metrics", "json_schema", "max_new_tokens", "batch_size", "bootstrap_samples", "seed", "gate")
+AUDIT_EVAL_KEYS = ("metrics", "custom_metrics", "json_schema", "max_new_tokens", "batch_size", "bootstrap_samples", "seed", "gate", "abstain")
 # The train settings the audit's probe does not train with (it drops these and sets its own steps, logging and
 # budget; `_train_probe`): they only scale the audit's projection of a full run's cost, so changing them must not
 # rerun a 15-minute audit. The projection records the settings it assumed (audit.json probe.full_run_assumes).
@@ -204,17 +205,20 @@ class _Audit:
     scorer: _Scorer
     want: Callable[[str], bool]  # is this candidate selected (audit.candidates; empty: all)
 
-    def generate(self, prompts: list[str], desc: str) -> list[str]:
+    def generate(self, prompts: list[str], desc: str, confidences: list[float] | None = None) -> list[str]:
         from tunegate.evals.generate import generate
 
         acfg = self.project.audit
         max_new = acfg.max_new_tokens or self.project.eval.max_new_tokens
-        return generate(self.model, self.tokenizer, prompts, max_new, acfg.batch_size or self.project.eval.batch_size, desc=desc)
+        return generate(self.model, self.tokenizer, prompts, max_new, acfg.batch_size or self.project.eval.batch_size, desc=desc,
+                        confidences=confidences)
 
-    def timed_generate(self, prompts: list[str], desc: str, extra_s: float = 0.0) -> tuple[list[str], float]:
-        """(outputs, seconds): generation wall time plus `extra_s` (a retrieval's search time)."""
+    def timed_generate(self, prompts: list[str], desc: str, extra_s: float = 0.0,
+                       confidences: list[float] | None = None) -> tuple[list[str], float]:
+        """(outputs, seconds): generation wall time plus `extra_s` (a retrieval's search time). `confidences`: filled
+        with each answer's confidence (tunegate.evals.abstain)."""
         t0 = time.perf_counter()
-        out = self.generate(prompts, desc)
+        out = self.generate(prompts, desc, confidences)
         return out, time.perf_counter() - t0 + extra_s
 
 
@@ -572,15 +576,39 @@ def _probe_candidates(st: Stage, a: _Audit, prices: dict[str, Any], rag_prompts:
     a.model = PeftModel.from_pretrained(fit_to_adapter(a.model, probe["adapter"]), str(probe["adapter"]))
     training_cost = probe["full_run_usd"]
     if a.want("lora_probe"):
-        out, wall = a.timed_generate(a.prompts, "lora_probe")
-        a.scorer.add("lora_probe", out, wall, a.prompts, trains=True, method="lora",
-                     detail=f"LoRA probe: {probe['steps']} steps on {probe['rows']} rows in {probe['train_wall_s']:.0f} s",
-                     training_usd=training_cost)
+        # eval.abstain: the probe abstains as the eval gate will measure the candidate, its threshold from the dev rows
+        rule = _probe_abstain_rule(a) if st.project.eval.abstain else None
+        conf: list[float] | None = [] if rule else None
+        out, wall = a.timed_generate(a.prompts, "lora_probe", confidences=conf)
+        detail = f"LoRA probe: {probe['steps']} steps on {probe['rows']} rows in {probe['train_wall_s']:.0f} s"
+        if rule:
+            out = abstain.apply(out, conf, rule)
+            detail += f"; abstains under a confidence of {rule['threshold']:g} ({rule['rule']})"
+        a.scorer.add("lora_probe", out, wall, a.prompts, trains=True, method="lora", detail=detail, training_usd=training_cost)
     if rag_prompts and a.want("lora_probe+rag"):
         out, wall = a.timed_generate(rag_prompts, "lora_probe+rag")
         a.scorer.add("lora_probe+rag", out, wall, rag_prompts, trains=True, method="lora",
                      detail="the probe's adapter with the hybrid RAG prompt", training_usd=training_cost)
     return probe
+
+
+def _probe_abstain_rule(a: _Audit) -> dict[str, Any]:
+    """eval.abstain for the probe's adapter: eval.abstain.threshold, or the val_abstain_rate quantile of its confidences
+    on the in-scope dev rows (training rows the probe did not train on; tunegate.evals.abstain), as the eval stage
+    tunes it on the validation rows. Never the golden set."""
+    settings, label = a.project.eval.abstain, a.project.task.abstain_label
+    rule = {"abstain_label": label, "confidence": abstain.CONFIDENCE}
+    if settings.threshold is not None:
+        return {**rule, "threshold": settings.threshold, "rule": "eval.abstain.threshold"}
+    dev = [r for r in a.dev if normalize_answer(reference_answer(r)) != normalize_answer(label)]
+    if not dev:
+        raise TunegateError("eval.abstain: the audit has no in-scope dev rows to tune the probe's abstain threshold on; "
+                            "rule: never on the golden set (raise audit.dev_rows, or set eval.abstain.threshold)")
+    conf: list[float] = []
+    a.generate(golden_prompts(a.tokenizer, dev), "lora_probe: dev rows (abstain threshold)", conf)
+    rate = settings.val_abstain_rate
+    return {**rule, "threshold": float(f"{abstain.tune_threshold(conf, rate):.6g}"),
+            "rule": f"eval.abstain.val_abstain_rate {rate:g} of {len(dev)} in-scope dev rows"}
 
 
 def _classify_probe(st: Stage, a: _Audit, usd_per_hour: float) -> dict[str, Any] | None:

@@ -13,7 +13,9 @@ metric only passes when the judge passed its calibration (`tunegate judge calibr
 both systems answer through an OpenAI-compatible server (vLLM multi-LoRA) instead of in-process.
 
 Writes: samples.jsonl (per row: prompt, reference, both outputs and scores), scores.json, verdict.json,
-suites.json and suite_samples.jsonl (when suites ran), eval.html and eval.png.
+suites.json and suite_samples.jsonl (when suites ran), abstain.json (with eval.abstain: the candidate's abstain
+threshold, tuned on the validation rows before the golden set is answered; tunegate.evals.abstain), eval.html and
+eval.png.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import Any
 from tunegate import TunegateError
 from tunegate.data.golden import check_golden
 from tunegate.data.records import prompt_text, reference_answer
+from tunegate.evals import abstain
 from tunegate.evals.answer import answer_golden
 from tunegate.evals.custom import metric_files, metric_functions
 from tunegate.evals.gate import check_rules, score_metrics, score_slices, verdict
@@ -171,10 +174,21 @@ def run(st: Stage) -> StageResult:
     t0 = time.perf_counter()
     base_out = answer_golden(systems["baseline"], tokenizer, golden, ecfg.max_new_tokens, "base model")
     base_s = time.perf_counter() - t0
+    # eval.abstain: the candidate's confidence threshold, fixed or tuned on the validation rows before any golden answer
+    rule = _abstain_rule(project, systems["candidate"], tokenizer, st.upstream_dir("data")) if ecfg.abstain else None
     t0 = time.perf_counter()
     cand_stopped: list[bool] = []  # in-process: whether each answer ended at a stop token (the GGUF parity gate reads it)
     cand_prob: list[float] = []  # method classify: the probability of each predicted label
-    cand_out = answer_golden(systems["candidate"], tokenizer, golden, ecfg.max_new_tokens, "candidate", cand_stopped, cand_prob)
+    cand_conf: list[float] | None = [] if rule else None  # eval.abstain: each generated answer's confidence
+    cand_out = answer_golden(systems["candidate"], tokenizer, golden, ecfg.max_new_tokens, "candidate", cand_stopped, cand_prob,
+                             cand_conf)
+    generated = None
+    if rule:  # the answers under the threshold become the abstain label; what was generated stays in the samples
+        generated, cand_out = cand_out, abstain.apply(cand_out, cand_conf, rule)
+        rule["golden_rows_abstained"] = sum(c < rule["threshold"] for c in cand_conf)
+        console.print(f"eval.abstain: the candidate answered {rule['abstain_label']} on {rule['golden_rows_abstained']} of "
+                      f"{len(golden)} golden rows (confidence under {rule['threshold']:g}; {rule['rule']})")
+        atomic_write_json(st.dir / abstain.ABSTAIN_FILE, rule)
     cand_s = time.perf_counter() - t0
 
     summary, per_row = score_metrics(ecfg.metrics, base_out, cand_out, refs, ecfg.bootstrap_samples, ecfg.seed, ecfg.json_schema,
@@ -187,7 +201,8 @@ def run(st: Stage) -> StageResult:
     _judge_rules(rules, ecfg, judge.name if judge else None)
     result = verdict(rules)
 
-    atomic_write_jsonl(st.dir / "samples.jsonl", _samples(golden, refs, base_out, cand_out, per_row, cand_stopped, cand_prob))
+    atomic_write_jsonl(st.dir / "samples.jsonl", _samples(golden, refs, base_out, cand_out, per_row, cand_stopped, cand_prob,
+                                                          cand_conf, generated))
     if suite_details:
         atomic_write_json(st.dir / "suites.json", suite_details)
         atomic_write_jsonl(st.dir / "suite_samples.jsonl", suite_samples)
@@ -203,6 +218,8 @@ def run(st: Stage) -> StageResult:
         "candidate_generation_s": round(cand_s, 1),
         "candidate_stopped_before_max_new_tokens": sum(n < ecfg.max_new_tokens for n in n_new) / len(n_new),
     }
+    if rule:
+        scores["abstain"] = rule
     if ecfg.slice_by:  # each row metric per value of a golden meta field (e.g. BFCL's category): reported, not gated
         groups = [str((r.get("meta") or {}).get(ecfg.slice_by)) for r in golden]
         scores["slices"] = {"by": ecfg.slice_by, "slices": score_slices(per_row, groups, ecfg.bootstrap_samples, ecfg.seed)}
@@ -274,10 +291,13 @@ def _run_suites(ecfg, systems, judge, summary: dict[str, Any]) -> tuple[dict[str
 
 
 def _samples(golden, refs, base_out, cand_out, per_row, cand_stopped: list[bool] | None = None,
-             cand_prob: list[float] | None = None) -> list[dict[str, Any]]:
+             cand_prob: list[float] | None = None, cand_conf: list[float] | None = None,
+             generated: list[str] | None = None) -> list[dict[str, Any]]:
     """Per golden row: prompt, reference, both systems' outputs and per-row scores, (answered in-process)
-    `candidate_stopped`: whether the candidate's answer ended at a stop token rather than at max_new_tokens, and
-    (method classify) `candidate_probability`: the head's probability of its label."""
+    `candidate_stopped`: whether the candidate's answer ended at a stop token rather than at max_new_tokens,
+    (method classify) `candidate_probability`: the head's probability of its label, and (eval.abstain)
+    `candidate_confidence`: its answer's confidence, with `candidate_generated`: what it generated before the
+    abstain rule replaced it."""
     samples = []
     for i, (g, ref, bo, co) in enumerate(zip(golden, refs, base_out, cand_out)):
         row = {"id": g["id"], "prompt": prompt_text(g), "reference": ref, "baseline_output": bo, "candidate_output": co}
@@ -285,11 +305,46 @@ def _samples(golden, refs, base_out, cand_out, per_row, cand_stopped: list[bool]
             row["candidate_stopped"] = cand_stopped[i]
         if cand_prob:
             row["candidate_probability"] = cand_prob[i]
+        if cand_conf:
+            row["candidate_confidence"] = cand_conf[i]
+            row["candidate_generated"] = generated[i]
         for name, scores in per_row.items():
             row[f"baseline_{name}"] = scores["baseline"][i]
             row[f"candidate_{name}"] = scores["candidate"][i]
         samples.append(row)
     return samples
+
+
+def _abstain_rule(project, candidate, tokenizer, data_dir: Path) -> dict[str, Any]:
+    """eval.abstain's rule for the candidate: {abstain_label, threshold, rule, confidence, val_rows (when tuned)}.
+    The threshold is eval.abstain.threshold, or the val_abstain_rate quantile of the candidate's confidences on the
+    in-scope validation rows (data stage's val.jsonl; tunegate.evals.abstain.tune_threshold), never the golden set.
+
+    Raises:
+        TunegateError: a candidate that does not generate in-process, or no in-scope validation row to tune on.
+    """
+    from tunegate.core.io import read_jsonl
+    from tunegate.core.text import normalize_answer
+    from tunegate.evals.backends import LocalChat
+
+    settings, label = project.eval.abstain, project.task.abstain_label
+    if not isinstance(candidate, LocalChat):
+        raise TunegateError("eval.abstain: the candidate must generate in-process (its token probabilities give the confidence)")
+    rule = {"abstain_label": label, "confidence": abstain.CONFIDENCE}
+    if settings.threshold is not None:
+        return {**rule, "threshold": settings.threshold, "rule": "eval.abstain.threshold"}
+    val = [r for r in read_jsonl(data_dir / "val.jsonl") if normalize_answer(reference_answer(r)) != normalize_answer(label)]
+    if not val:
+        raise TunegateError(f"{data_dir / 'val.jsonl'}: no in-scope validation row to tune eval.abstain's threshold on; rule: "
+                            "the threshold is tuned on validation rows, never the golden set (set data.val_fraction above 0, "
+                            "or eval.abstain.threshold)")
+    conf: list[float] = []
+    answer_golden(candidate, tokenizer, val, project.eval.max_new_tokens, "candidate: validation rows (abstain threshold)",
+                  confidences=conf)
+    rate = settings.val_abstain_rate
+    return {**rule, "threshold": float(f"{abstain.tune_threshold(conf, rate):.6g}"), "val_rows": len(val),
+            "rule": f"eval.abstain.val_abstain_rate {rate:g}: that share of the {len(val)} in-scope validation rows "
+                    "answered with a confidence under the threshold"}
 
 
 def _print_results(summary: dict[str, Any], rules: list[dict[str, Any]]) -> None:

@@ -1,0 +1,63 @@
+"""Abstention by confidence: a system answers the abstain label (task.abstain_label, e.g. `oos`) when it is unsure.
+
+Two systems abstain this way. A classification head (train.method classify, tunegate.recipes.classify) uses its
+largest label probability (the maximum-softmax-probability baseline, Hendrycks & Gimpel 2017). A generating
+candidate (eval.abstain, config.AbstainConfig) uses the length-normalised probability of its greedy answer: the
+geometric mean of its tokens' probabilities through the stop token (`answer_confidences`; Malinin & Gales 2021,
+"Uncertainty estimation in autoregressive structured prediction"). Either way the threshold is fixed in the project
+file or tuned on in-scope validation rows, never on the golden set (`tune_threshold`).
+
+For a generating candidate the eval stage writes the rule it used to `eval/abstain.json` (ABSTAIN_FILE); the release
+copies it into the bundle (`eval/abstain.json`, signed with the rest), and the embedded server applies it to every
+answer of that adapter (tunegate.serve.engine). vLLM cannot, and refuses such a bundle (tunegate.serve.vllm).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+ABSTAIN_FILE = "abstain.json"  # in the eval stage's folder and in a bundle's eval/: the rule a generating candidate used
+CONFIDENCE = ("the geometric mean of the greedy answer's token probabilities through its stop token "
+              "(length-normalised sequence probability)")
+
+
+def tune_threshold(confidences: Sequence[float], rate: float) -> float:
+    """The threshold under which the `rate` share of these in-scope rows' confidences fall: the floor(rate * n)-th
+    smallest (0.0, never abstain, when that is no row). confidences: one per in-scope validation row, in [0, 1]."""
+    k = math.floor(rate * len(confidences))
+    return 0.0 if k == 0 else float(sorted(confidences)[k])
+
+
+def answer_confidences(step_logits, new_tokens, stop_ids: Sequence[int]) -> list[float]:
+    """Each generated answer's confidence: exp(mean log-probability of its tokens), through its first stop token.
+
+    step_logits: one (B, V) tensor per generated position (transformers' `generate(output_logits=True)`: the raw
+    logits, before sampling's warpers), new_tokens: (B, N) the generated token ids, N = len(step_logits). Positions
+    after a row's first stop token (padding) do not count. Returns B floats in (0, 1]; 1.0 for a row with no token.
+    """
+    import torch
+
+    if not step_logits:
+        return [1.0] * int(new_tokens.shape[0])
+    logits = torch.stack([x.float() for x in step_logits], dim=1)  # (B, N, V)
+    token_logp = torch.log_softmax(logits, dim=-1).gather(-1, new_tokens[:, : logits.shape[1]].unsqueeze(-1)).squeeze(-1)
+    is_stop = torch.isin(new_tokens[:, : logits.shape[1]], torch.tensor(list(stop_ids), device=new_tokens.device))
+    # a position counts while no stop token came before it (the first stop token itself counts)
+    before = torch.cumsum(is_stop.int(), dim=1) - is_stop.int()
+    counted = (before == 0).float()
+    n = counted.sum(dim=1).clamp(min=1.0)
+    return torch.exp((token_logp * counted).sum(dim=1) / n).tolist()
+
+
+def apply(answers: Sequence[str], confidences: Sequence[float], rule: dict[str, Any]) -> list[str]:
+    """The answers with each one whose confidence is under rule["threshold"] replaced by rule["abstain_label"]."""
+    return [rule["abstain_label"] if c < rule["threshold"] else a for a, c in zip(answers, confidences)]
+
+
+def read_rule(folder: Path | str) -> dict[str, Any] | None:
+    """The abstention rule in `folder`/ABSTAIN_FILE (an eval stage's folder, or a bundle's eval/), else None."""
+    path = Path(folder) / ABSTAIN_FILE
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None

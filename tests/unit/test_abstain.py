@@ -1,0 +1,56 @@
+"""tunegate.evals.abstain without a model: the confidence of generated answers from step logits, the tuned threshold,
+and the project-file rules of eval.abstain."""
+
+import math
+
+import pytest
+
+from tunegate.evals.abstain import answer_confidences, apply, tune_threshold
+
+from conftest import chat, project_yaml, write_jsonl
+
+
+def test_confidence_is_the_geometric_mean_probability_through_the_first_stop_token():
+    import torch
+
+    # vocabulary of 3; token 2 is the stop token. Row 0: p(1)=0.5, then p(2)=0.8, then padding (not counted).
+    # Row 1: no stop token: p(0) = 0.25, 0.25, 0.5: all three count.
+    def step(rows):
+        return torch.log(torch.tensor(rows, dtype=torch.float32))
+
+    logits = [step([[0.25, 0.5, 0.25], [0.25, 0.5, 0.25]]),
+              step([[0.1, 0.1, 0.8], [0.25, 0.5, 0.25]]),
+              step([[0.9, 0.05, 0.05], [0.5, 0.25, 0.25]])]
+    new = torch.tensor([[1, 2, 2], [0, 0, 0]])
+    got = answer_confidences(logits, new, [2])
+    assert got[0] == pytest.approx(math.sqrt(0.5 * 0.8))  # the pad after the stop token is left out
+    assert got[1] == pytest.approx((0.25 * 0.25 * 0.5) ** (1 / 3))
+    assert answer_confidences([], torch.zeros((2, 0), dtype=torch.long), [2]) == [1.0, 1.0]
+
+
+def test_threshold_quantile_and_apply():
+    conf = [0.9, 0.2, 0.5, 0.7]
+    assert tune_threshold(conf, 0.5) == 0.7  # two of four rows fall under it
+    assert apply(["a", "b", "c", "d"], conf, {"threshold": 0.7, "abstain_label": "oos"}) == ["a", "oos", "oos", "d"]
+
+
+@pytest.mark.parametrize("extra, message", [
+    ("", "eval.abstain is set but task.abstain_label is not"),
+    ("task: {kind: classification, abstain_label: oos}\n", None),
+    ("task: {kind: classification, abstain_label: oos}\nrelease: {gguf: {}}\n", "eval.abstain with release.gguf"),
+])
+def test_eval_abstain_rules_in_the_project_file(tmp_path, extra, message):
+    from tunegate.config import load_project
+
+    write_jsonl(tmp_path / "train.jsonl", [chat(f"q{i}", "a", f"t{i}") for i in range(4)])
+    write_jsonl(tmp_path / "golden.jsonl", [chat(f"g{i}", "a", f"g{i}") for i in range(4)])
+    body = project_yaml("p", "smollm2-135m-instruct", train="  method: sft",
+                        eval_="  max_new_tokens: 4\n  abstain: {val_abstain_rate: 0.2}") + extra
+    (tmp_path / "tunegate.yaml").write_text(body)
+    if message is None:
+        assert load_project(tmp_path / "tunegate.yaml").eval.abstain.val_abstain_rate == 0.2
+        with pytest.raises(Exception, match="data.val_fraction is 0"):
+            load_project(tmp_path / "tunegate.yaml", ["data.val_fraction=0"])
+        return
+    with pytest.raises(Exception, match=message):
+        load_project(tmp_path / "tunegate.yaml")
