@@ -1141,6 +1141,9 @@ class Project(_Section):
             if self.train.method == "classify":
                 raise ValueError("eval.abstain with train.method classify: the head abstains by its own label probability; "
                                  "set train.classify (abstain_threshold, val_abstain_rate) instead")
+            if self.train.adapter == "full":
+                raise ValueError("eval.abstain with train.adapter full: a full fine-tune is served as a whole model (vLLM "
+                                 "--merged), which cannot apply the abstain threshold; train an adapter (lora, dora)")
             if self.eval.server is not None:
                 raise ValueError("eval.abstain with eval.server: a server's answers carry no token probabilities here; "
                                  "evaluate in-process (remove eval.server)")

@@ -179,6 +179,24 @@ def export_run(project, run_id: str = "default", out_dir: Path | None = None, n_
     return target, merge_run(project, run_dir, target, n_prompts, atol)
 
 
+def refuse_abstaining(run_dir: Path) -> None:
+    """Raise TunegateError when the run's eval gate measured its candidate with eval.abstain: a merged or GGUF model
+    would answer without that threshold. Decided by the eval manifest's outputs too, so deleting eval/abstain.json
+    does not lift it."""
+    from tunegate.core.manifest import read_manifest
+    from tunegate.evals.abstain import ABSTAIN_FILE, read_rule
+
+    ev = read_manifest(Path(run_dir) / "eval")
+    rule = read_rule(Path(run_dir) / "eval")
+    if rule is None and (ev is None or ABSTAIN_FILE not in ev.outputs):
+        return
+    what = (f"answers under a confidence of {rule['threshold']:g} become {rule['abstain_label']!r}" if rule
+            else f"its manifest records {ABSTAIN_FILE}")
+    raise TunegateError(f"{Path(run_dir) / 'eval'}: the eval gate measured this adapter with eval.abstain ({what}); rule: a "
+                        "merged or GGUF model would answer without that threshold, so it is not exported; serve the release "
+                        "bundle with the embedded engine (`tunegate serve`), which applies it")
+
+
 def merge_run(project, run_dir: Path, out_dir: Path, n_prompts: int = 8, atol: float = DEFAULT_ATOL) -> dict[str, Any]:
     """Merge the run folder's `train/adapter` into the project's base model, checked on its first `n_prompts`
     golden prompts (`run_dir/data/golden.jsonl`), and publish it to `out_dir` (`merge_adapter`).
@@ -200,14 +218,7 @@ def merge_run(project, run_dir: Path, out_dir: Path, n_prompts: int = 8, atol: f
         raise TunegateError(f"{adapter_dir}: a classification head (train.method classify) is not merged or exported; rule: "
                             "the merge check and GGUF export compare generations, and a head writes no text; serve the "
                             "release bundle with the embedded engine (`tunegate serve`)")
-    from tunegate.evals.abstain import read_rule
-
-    rule = read_rule(run_dir / "eval")
-    if rule is not None:
-        raise TunegateError(f"{run_dir / 'eval'}: the eval gate measured this adapter with eval.abstain (answers under a "
-                            f"confidence of {rule['threshold']:g} become {rule['abstain_label']!r}); rule: a merged or GGUF "
-                            "model would answer without that threshold, so it is not exported; serve the release bundle "
-                            "with the embedded engine (`tunegate serve`), which applies it")
+    refuse_abstaining(run_dir)
     train = read_manifest(run_dir / "train")
     trained_on = train.config.get("base_model", project.base_model) if train is not None else project.base_model
     if trained_on != project.base_model:

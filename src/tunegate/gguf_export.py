@@ -308,8 +308,9 @@ def ollama_modelfile(tokenizer, golden: list[dict[str, Any]], gguf_name: str, ot
 def _merged_model(project, run_dir: Path) -> Path:
     """The Hugging Face model to convert: a full fine-tune's train/model, or the adapter merged into the base model
     (runs/<id>/export/merged, reused when its merge_check.json names this adapter's sha256; tunegate.export)."""
-    from tunegate.export import adapter_digests, merge_run
+    from tunegate.export import adapter_digests, merge_run, refuse_abstaining
 
+    refuse_abstaining(run_dir)  # eval.abstain: a GGUF file would answer without the threshold the gate measured
     if (run_dir / "train" / "model").is_dir():
         return run_dir / "train" / "model"
     merged = run_dir / "export" / "merged"

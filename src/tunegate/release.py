@@ -651,6 +651,7 @@ def write_bundle(project, run_dir: Path, dest: Path, *, private_key: Path | None
                            "the bundle is served by the embedded engine (`tunegate serve`), not merged")
             console.print(f"[dim]- release: classification head: not merged (release.merge does not apply); {reasons[-1]}[/dim]")
         elif abstain is not None:  # vLLM refuses it (tunegate.serve.vllm): a merged copy would serve without the threshold
+            servable = False
             reasons.append(f"eval.abstain: answers under a confidence of {abstain['threshold']:g} become "
                            f"{abstain['abstain_label']!r}; vLLM cannot apply that threshold, the embedded engine does")
             console.print(f"[dim]- release: not merged; {reasons[-1]}[/dim]")

@@ -222,7 +222,7 @@ def compare_runs(project, a: str, b: str, n_samples: int | None = None, seed: in
         metrics.append({"metric": m, "n": len(shared), "a": sum(xa) / len(xa), "b": sum(xb) / len(xb),
                         "delta": paired_bootstrap(xa, xb, n_samples=n_samples, seed=seed).as_dict(), "lower_is_better": m in LOWER_IS_BETTER})
     corpus = [m for m in (scores_a.get("metrics") or {}) if m in (scores_b.get("metrics") or {}) and m not in row_metrics]
-    paired = _paired_corpus(project, [m for m in corpus if m in PAIRED_CORPUS],
+    paired = _paired_corpus(_eval_task(db, project), [m for m in corpus if m in PAIRED_CORPUS],
                             [sa[i] for i in shared], [sb[i] for i in shared], n_samples, seed)
     for m in corpus:
         if m in paired:  # recomputed over the shared rows, with the paired delta of the two runs' answers
@@ -250,22 +250,35 @@ def compare_runs(project, a: str, b: str, n_samples: int | None = None, seed: in
             "changed": changed[:MAX_CHANGED_ROWS], "n_changed": len(changed)}
 
 
-def _paired_corpus(project, metrics: list[str], rows_a: list[dict[str, Any]], rows_b: list[dict[str, Any]],
+def _eval_task(run_dir: Path, project):
+    """The task section run `run_dir`'s eval scored with (its eval manifest's config view), else the project's."""
+    from tunegate.config import TaskConfig
+
+    m = read_manifest(run_dir / "eval")
+    task = (m.config or {}).get("task") if m is not None else None
+    return TaskConfig.model_validate(task) if task else project.task
+
+
+def _paired_corpus(task, metrics: list[str], rows_a: list[dict[str, Any]], rows_b: list[dict[str, Any]],
                    n_samples: int, seed: int) -> dict[str, dict[str, Any]]:
     """Corpus metrics (macro_f1, the label metrics) of two runs' answers on the same golden rows, as the eval gate
     scores them (tunegate.evals.gate.score_metrics: run A in the baseline's place), so their delta gets a paired
-    bootstrap CI. {} when there is nothing to recompute or the rows cannot define a metric (e.g. no out-of-scope
-    row among the shared ones): those metrics keep each run's own value and no delta."""
+    bootstrap CI. A metric the rows cannot define (e.g. no out-of-scope row among the shared ones) is left out: it
+    keeps each run's own value and no delta."""
     from tunegate.evals.gate import score_metrics
 
     if not metrics or not rows_a or any("candidate_output" not in r or "reference" not in r for r in rows_a + rows_b):
         return {}
-    try:
-        summary, _ = score_metrics(metrics, [r["candidate_output"] for r in rows_a], [r["candidate_output"] for r in rows_b],
-                                   [r["reference"] for r in rows_b], n_samples=n_samples, seed=seed, task=project.task)
-    except TunegateError:
-        return {}
-    return summary
+    out_a, out_b = [r["candidate_output"] for r in rows_a], [r["candidate_output"] for r in rows_b]
+    refs = [r["reference"] for r in rows_b]
+    paired = {}
+    for m in metrics:
+        try:
+            summary, _ = score_metrics([m], out_a, out_b, refs, n_samples=n_samples, seed=seed, task=task)
+        except TunegateError:
+            continue
+        paired.update(summary)
+    return paired
 
 
 def write_compare(project, result: dict[str, Any]) -> Path:

@@ -53,7 +53,9 @@ def test_the_threshold_is_tuned_on_validation_rows_and_applied_to_the_golden_ans
     scores = json.loads((run / "eval" / "scores.json").read_text())
     assert scores["abstain"] == rule
     # the base model is the baseline as it is: it never abstains by threshold
-    assert all("baseline_confidence" not in s for s in samples)
+    assert all("baseline_confidence" not in s for s in samples) and "baseline_abstain" not in scores
+    page = (run / "eval" / "eval.html").read_text()
+    assert f"on {rule['golden_rows_abstained']} of 12 golden rows" in page and str(rule["threshold"]) in page
 
 
 def test_confidences_match_a_teacher_forced_forward_pass(tiny_model_dir):
@@ -101,6 +103,14 @@ def test_the_release_signs_the_rule_and_vllm_and_export_refuse_it(abstaining):
         plan_launch(root, "base", {"a": (bundle, release)})
     with pytest.raises(TunegateError, match=r"eval.abstain .*not exported"):
         merge_run(project, run, root / "merged")
+    import shutil  # deleting eval/abstain.json does not lift the refusal: the eval manifest records it
+
+    copy = root / "runs" / "copy"
+    shutil.copytree(run, copy)
+    (copy / "eval" / "abstain.json").unlink()
+    with pytest.raises(TunegateError, match=r"its manifest records abstain.json"):
+        merge_run(project, copy, root / "merged")
+    shutil.rmtree(copy)
 
 
 def test_the_embedded_server_abstains_as_the_eval_did(abstaining):
@@ -171,3 +181,25 @@ def test_the_audit_probe_abstains_with_a_threshold_from_the_dev_rows(tmp_path, t
     # are oos and some are not (the random tiny model's confidences of all rows lie close together)
     answers = [s["lora_probe"] for s in samples]
     assert "oos" in answers
+
+
+def test_a_promoted_abstaining_version_abstains_under_the_project_name(abstaining):
+    root, project, run = abstaining
+    from fastapi.testclient import TestClient
+
+    from tunegate.serve import create_app, production
+    from tunegate.serve import db as servedb
+
+    project = load_project(root / "tunegate.yaml", ["data.val_fraction=0.2"])
+    production.promote(project, "default")
+    app = create_app(project)
+    key = servedb.add_tenant(servedb.connect(servedb.project_url(project)), "globex", [project.name])
+    rule = json.loads((run / "eval" / "abstain.json").read_text())
+    with TestClient(app) as client:
+        assert rule in app.state.engine.abstainers.values()  # the production slot carries the bundle's rule
+        for slot in [n for n, r in app.state.engine.abstainers.items() if r == rule]:
+            app.state.engine.abstainers[slot] = {**rule, "threshold": 1.0}
+        r = client.post("/v1/chat/completions", headers={"Authorization": f"Bearer {key}"},
+                        json={"model": project.name, "messages": [{"role": "user", "content": "golden question 1 on beta"}]})
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["message"]["content"] == "oos"  # sampled by default, answered greedily and abstained

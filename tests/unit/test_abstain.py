@@ -34,23 +34,48 @@ def test_threshold_quantile_and_apply():
     assert apply(["a", "b", "c", "d"], conf, {"threshold": 0.7, "abstain_label": "oos"}) == ["a", "oos", "oos", "d"]
 
 
-@pytest.mark.parametrize("extra, message", [
-    ("", "eval.abstain is set but task.abstain_label is not"),
-    ("task: {kind: classification, abstain_label: oos}\n", None),
-    ("task: {kind: classification, abstain_label: oos}\nrelease: {gguf: {}}\n", "eval.abstain with release.gguf"),
+TASK = "task: {kind: classification, abstain_label: oos}\n"
+
+
+@pytest.mark.parametrize("train, extra, message", [
+    ("  method: sft", "", "eval.abstain is set but task.abstain_label is not"),
+    ("  method: sft", TASK, None),
+    ("  method: sft", TASK + "release: {gguf: {}}\n", "eval.abstain with release.gguf"),
+    ("  method: classify", TASK, "eval.abstain with train.method classify"),
+    ("  adapter: full", TASK, "eval.abstain with train.adapter full"),
 ])
-def test_eval_abstain_rules_in_the_project_file(tmp_path, extra, message):
+def test_eval_abstain_rules_in_the_project_file(tmp_path, train, extra, message):
     from tunegate.config import load_project
 
     write_jsonl(tmp_path / "train.jsonl", [chat(f"q{i}", "a", f"t{i}") for i in range(4)])
     write_jsonl(tmp_path / "golden.jsonl", [chat(f"g{i}", "a", f"g{i}") for i in range(4)])
-    body = project_yaml("p", "smollm2-135m-instruct", train="  method: sft",
+    body = project_yaml("p", "smollm2-135m-instruct", train=train,
                         eval_="  max_new_tokens: 4\n  abstain: {val_abstain_rate: 0.2}") + extra
     (tmp_path / "tunegate.yaml").write_text(body)
     if message is None:
         assert load_project(tmp_path / "tunegate.yaml").eval.abstain.val_abstain_rate == 0.2
         with pytest.raises(Exception, match="data.val_fraction is 0"):
             load_project(tmp_path / "tunegate.yaml", ["data.val_fraction=0"])
+        with pytest.raises(Exception, match="eval.abstain with eval.server"):
+            load_project(tmp_path / "tunegate.yaml", ["eval.server.base_url=http://127.0.0.1:9/v1", "eval.server.base_model=b"])
         return
     with pytest.raises(Exception, match=message):
         load_project(tmp_path / "tunegate.yaml")
+
+
+def test_projects_without_eval_abstain_keep_their_stage_config_views():
+    """eval.abstain is left out of the dump when unset: the eval and audit stages of every other project keep the
+    fingerprints they had before it existed."""
+    from tunegate.config import EvalConfig
+
+    assert "abstain" not in EvalConfig().model_dump(mode="json")
+    assert EvalConfig(abstain={"val_abstain_rate": 0.1}).model_dump(mode="json")["abstain"] == {"threshold": None, "val_abstain_rate": 0.1}
+
+
+def test_vllm_refuses_an_abstaining_bundle_in_every_form(tmp_path):
+    """release.json `abstain`: never servable as a LoRA (the registry's preload filter), nor merged."""
+    from tunegate.serve.vllm import ABSTAIN_REFUSAL, bundle_refusal, servable_as_lora
+
+    release = {"abstain": {"threshold": 0.5, "abstain_label": "oos"}, "vllm": {"servable_as_lora": True, "reasons": []}}
+    assert bundle_refusal(release) == ABSTAIN_REFUSAL and not servable_as_lora(tmp_path, release)
+    assert bundle_refusal({"abstain": None}) is None

@@ -238,6 +238,17 @@ def test_a_ratio_undefined_in_a_resample_is_left_out_of_its_ci_not_counted_as_ze
     assert s["oos_recall"]["ci_low"] == 1.0 and s["oos_recall"]["ci_high"] == 1.0
 
 
+def test_the_delta_of_a_ratio_undefined_for_the_baseline_has_a_ci():
+    """A baseline that never answers oos has oos_precision 0.0 (undefined in every resample): the delta reads that side
+    as 0.0 in each resample too, so its CI is the candidate's, not a point at 0."""
+    refs = ["a"] * 40 + ["oos"] * 10
+    pred = ["a"] * 36 + ["oos"] * 4 + ["oos"] * 6 + ["a"] * 4
+    summary, _ = score_metrics(["oos_precision"], ["a"] * 50, pred, refs, 1000, 0, task=OOS)
+    d, c = summary["oos_precision"]["delta"], summary["oos_precision"]["candidate"]
+    assert d["mean"] == c["mean"] == 0.6
+    assert d["ci_low"] < 0.6 < d["ci_high"] and d["ci_low"] > 0.2
+
+
 def test_knn_classifier_abstains_under_its_threshold_and_multilabel_votes_by_share():
     labels = [["a", "b", "a"], ["b", "b", "a"]]
     sims = np.array([[0.9, 0.8, 0.7], [0.4, 0.3, 0.3]])

@@ -42,14 +42,16 @@ def answer_confidences(step_logits, new_tokens, stop_ids: Sequence[int]) -> list
 
     if not step_logits:
         return [1.0] * int(new_tokens.shape[0])
-    logits = torch.stack([x.float() for x in step_logits], dim=1)  # (B, N, V)
-    token_logp = torch.log_softmax(logits, dim=-1).gather(-1, new_tokens[:, : logits.shape[1]].unsqueeze(-1)).squeeze(-1)
-    is_stop = torch.isin(new_tokens[:, : logits.shape[1]], torch.tensor(list(stop_ids), device=new_tokens.device))
+    n = len(step_logits)
+    tokens = new_tokens[:, :n]
+    # one step at a time: a (B, V) log-softmax each, never a (B, N, V) copy of the logits
+    token_logp = torch.stack([torch.log_softmax(x.float(), dim=-1).gather(-1, tokens[:, i : i + 1]).squeeze(-1)
+                              for i, x in enumerate(step_logits)], dim=1)  # (B, N)
+    is_stop = torch.isin(tokens, torch.tensor(list(stop_ids), device=new_tokens.device))
     # a position counts while no stop token came before it (the first stop token itself counts)
     before = torch.cumsum(is_stop.int(), dim=1) - is_stop.int()
     counted = (before == 0).float()
-    n = counted.sum(dim=1).clamp(min=1.0)
-    return torch.exp((token_logp * counted).sum(dim=1) / n).tolist()
+    return torch.exp((token_logp * counted).sum(dim=1) / counted.sum(dim=1).clamp(min=1.0)).tolist()
 
 
 def apply(answers: Sequence[str], confidences: Sequence[float], rule: dict[str, Any]) -> list[str]:

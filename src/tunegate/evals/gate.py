@@ -52,8 +52,10 @@ def score_metrics(
             b_stat, c_stat = corpus[name]
             b = bootstrap_statistic(b_stat, len(references), n_samples, seed)
             c = bootstrap_statistic(c_stat, len(references), n_samples, seed)
-            d = bootstrap_statistic(lambda i: c_stat(i) - b_stat(i), len(references), n_samples, seed)
-            d = Interval(c.mean - b.mean, d.low, d.high)  # an undefined side reads 0.0 in the point estimate, as alone
+            # an undefined side (a ratio with an empty denominator, NaN) reads 0.0 in each resample, as in the point
+            # estimate: a baseline that never answers oos has oos_precision 0.0, and the delta still gets a CI
+            d = bootstrap_statistic(lambda i: _or_zero(c_stat(i)) - _or_zero(b_stat(i)), len(references), n_samples, seed)
+            d = Interval(c.mean - b.mean, d.low, d.high)
         elif name in MULTILABEL_ROW:
             fn = MULTILABEL_ROW[name]
             bs = [fn(p, r, task) for p, r in zip(baseline, references)]
@@ -83,6 +85,11 @@ def score_metrics(
             b, c, d = bootstrap_ci(bs, n_samples, seed), bootstrap_ci(cs, n_samples, seed), paired_bootstrap(bs, cs, n_samples, seed)
         summary[name] = {"baseline": b.as_dict(), "candidate": c.as_dict(), "delta": d.as_dict()}
     return summary, per_row
+
+
+def _or_zero(x: float) -> float:
+    """A corpus statistic, 0.0 where it is undefined (NaN: scikit-learn's zero_division=0)."""
+    return x if x == x else 0.0
 
 
 def corpus_scores(metrics: Sequence[str], outputs: Sequence[str], references: Sequence[str], n_samples: int = 10_000,

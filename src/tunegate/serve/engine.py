@@ -17,7 +17,8 @@ throughput for simplicity; vLLM batches requests for different adapters together
 (the base model with its classification head, one more copy of the base weights) and answers a chat completion
 with its label from one forward pass, under the same lock and deadline (`EmbeddedEngine._classify`). An adapter
 whose eval gate measured it with an abstain threshold (eval.abstain, the bundle's eval/abstain.json) answers the
-abstain label when its answer's confidence is under that threshold, as in the eval (tunegate.evals.abstain).
+abstain label when its answer's confidence is under that threshold, as in the eval (tunegate.evals.abstain); it
+answers greedily, as the eval measured it (temperature and top_p do not apply).
 
 Bounds of the embedded engine, so that no request can hold the lock for long (issue 23):
 - Context window: `context_window` is the model's (config.max_position_embeddings, or the tokenizer's
@@ -293,7 +294,9 @@ class EmbeddedEngine:
 
         # The same stop tokens as the eval stage, the bundle and vLLM: eos and end of turn.
         stop_ids = stop_token_ids(self.tokenizer)
-        sampling = temperature >= MIN_TEMPERATURE
+        # eval.abstain: the threshold was measured on greedy answers, so an abstaining adapter answers greedily
+        rule = self.abstainers.get(adapter) if adapter is not None else None
+        sampling = temperature >= MIN_TEMPERATURE and not rule
         kwargs = {"max_new_tokens": max_new_tokens, "do_sample": sampling,
                   "pad_token_id": self.tokenizer.pad_token_id, "eos_token_id": stop_ids,
                   "stopping_criteria": _stopping_criteria(started, timeout_s, cancel)}
@@ -303,7 +306,6 @@ class EmbeddedEngine:
             kwargs.update(temperature=None, top_p=None, top_k=None)
         if n_prompt > self.prefill_chunk_tokens:
             kwargs["prefill_chunk_size"] = self.prefill_chunk_tokens
-        rule = self.abstainers.get(adapter) if adapter is not None else None
         if rule:  # eval.abstain: the answer's confidence needs each step's logits
             kwargs.update(output_logits=True, return_dict_in_generate=True)
         self._acquire(deadline, timeout_s, cancel)

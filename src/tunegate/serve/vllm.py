@@ -158,7 +158,10 @@ def lora_refusals(release: dict[str, Any], adapter_config: dict[str, Any]) -> li
 
 
 def servable_as_lora(bundle: Path, release: dict[str, Any]) -> bool:
-    """Whether vLLM can serve the verified bundle folder `bundle`'s adapter as a LoRA (`lora_refusals` is empty)."""
+    """Whether vLLM can serve the verified bundle folder `bundle`'s adapter as a LoRA (`lora_refusals` is empty, and
+    `bundle_refusal` has nothing against the bundle)."""
+    if bundle_refusal(release):
+        return False
     cfg_path = Path(bundle) / "adapter" / "adapter_config.json"
     cfg = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path.is_file() else {}
     return not lora_refusals(release, cfg)

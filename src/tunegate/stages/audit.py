@@ -587,8 +587,11 @@ def _probe_candidates(st: Stage, a: _Audit, prices: dict[str, Any], rag_prompts:
         a.scorer.add("lora_probe", out, wall, a.prompts, trains=True, method="lora", detail=detail, training_usd=training_cost)
     if rag_prompts and a.want("lora_probe+rag"):
         out, wall = a.timed_generate(rag_prompts, "lora_probe+rag")
-        a.scorer.add("lora_probe+rag", out, wall, rag_prompts, trains=True, method="lora",
-                     detail="the probe's adapter with the hybrid RAG prompt", training_usd=training_cost)
+        detail = "the probe's adapter with the hybrid RAG prompt"
+        if st.project.eval.abstain:  # a threshold tuned on plain dev prompts would not hold for retrieval prompts
+            detail += " (does not abstain: eval.abstain's threshold is tuned on prompts without retrieval)"
+        a.scorer.add("lora_probe+rag", out, wall, rag_prompts, trains=True, method="lora", detail=detail,
+                     training_usd=training_cost)
     return probe
 
 

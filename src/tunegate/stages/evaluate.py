@@ -171,8 +171,13 @@ def run(st: Stage) -> StageResult:
     if ecfg.baseline == "production" and production is None:
         baseline_name = "base model (no other production version)"
 
+    # a production baseline that abstains when served (its bundle's eval/abstain.json) is scored as it is served
+    base_rule = abstain.read_rule(Path(production["bundle_dir"]) / "eval") if production and production.get("bundle_dir") else None
+    base_conf: list[float] | None = [] if base_rule else None
     t0 = time.perf_counter()
-    base_out = answer_golden(systems["baseline"], tokenizer, golden, ecfg.max_new_tokens, "base model")
+    base_out = answer_golden(systems["baseline"], tokenizer, golden, ecfg.max_new_tokens, "base model", confidences=base_conf)
+    if base_rule:
+        base_out = abstain.apply(base_out, base_conf, base_rule)
     base_s = time.perf_counter() - t0
     # eval.abstain: the candidate's confidence threshold, fixed or tuned on the validation rows before any golden answer
     rule = _abstain_rule(project, systems["candidate"], tokenizer, st.upstream_dir("data")) if ecfg.abstain else None
@@ -206,7 +211,7 @@ def run(st: Stage) -> StageResult:
     if suite_details:
         atomic_write_json(st.dir / "suites.json", suite_details)
         atomic_write_jsonl(st.dir / "suite_samples.jsonl", suite_samples)
-    n_new = [len(tokenizer(o, add_special_tokens=False)["input_ids"]) for o in cand_out]
+    n_new = [len(tokenizer(o, add_special_tokens=False)["input_ids"]) for o in (generated or cand_out)]
     scores = {
         "n": len(golden),
         "headline": ecfg.metrics[0],
@@ -220,6 +225,8 @@ def run(st: Stage) -> StageResult:
     }
     if rule:
         scores["abstain"] = rule
+    if base_rule:
+        scores["baseline_abstain"] = base_rule
     if ecfg.slice_by:  # each row metric per value of a golden meta field (e.g. BFCL's category): reported, not gated
         groups = [str((r.get("meta") or {}).get(ecfg.slice_by)) for r in golden]
         scores["slices"] = {"by": ecfg.slice_by, "slices": score_slices(per_row, groups, ecfg.bootstrap_samples, ecfg.seed)}
@@ -315,10 +322,14 @@ def _samples(golden, refs, base_out, cand_out, per_row, cand_stopped: list[bool]
     return samples
 
 
+MAX_ABSTAIN_VAL_ROWS = 2000  # in-scope validation rows answered to tune eval.abstain's threshold
+
+
 def _abstain_rule(project, candidate, tokenizer, data_dir: Path) -> dict[str, Any]:
     """eval.abstain's rule for the candidate: {abstain_label, threshold, rule, confidence, val_rows (when tuned)}.
     The threshold is eval.abstain.threshold, or the val_abstain_rate quantile of the candidate's confidences on the
-    in-scope validation rows (data stage's val.jsonl; tunegate.evals.abstain.tune_threshold), never the golden set.
+    in-scope validation rows (data stage's val.jsonl, at most MAX_ABSTAIN_VAL_ROWS; tunegate.evals.abstain.tune_threshold),
+    never the golden set.
 
     Raises:
         TunegateError: a candidate that does not generate in-process, or no in-scope validation row to tune on.
@@ -334,6 +345,10 @@ def _abstain_rule(project, candidate, tokenizer, data_dir: Path) -> dict[str, An
     if settings.threshold is not None:
         return {**rule, "threshold": settings.threshold, "rule": "eval.abstain.threshold"}
     val = [r for r in read_jsonl(data_dir / "val.jsonl") if normalize_answer(reference_answer(r)) != normalize_answer(label)]
+    if len(val) > MAX_ABSTAIN_VAL_ROWS:  # a sample by id hash, not the first rows of a source that may be sorted by label
+        import hashlib
+
+        val = sorted(val, key=lambda r: hashlib.sha256(str(r["id"]).encode()).hexdigest())[:MAX_ABSTAIN_VAL_ROWS]
     if not val:
         raise TunegateError(f"{data_dir / 'val.jsonl'}: no in-scope validation row to tune eval.abstain's threshold on; rule: "
                             "the threshold is tuned on validation rows, never the golden set (set data.val_fraction above 0, "
