@@ -142,6 +142,16 @@ def make_tiny_project(root: Path, tiny_model_dir: Path) -> Path:
     return root
 
 
+def hold_out_gamma(cfg: str, eval_extra: str = "") -> str:
+    """The tiny project file (make_tiny_project) with its label gamma held out: dropped from training, `oos` in the golden
+    set, and the out-of-scope metrics measured (`eval_extra`: more indented eval lines, e.g. "  abstain: {...}\n")."""
+    cfg = cfg.replace("  sources: [{path: train.jsonl, format: chat}]", "  sources: [{path: train.jsonl, format: chat, drop_labels: [gamma]}]")
+    cfg = cfg.replace("  golden: {path: golden.jsonl, format: chat}", "  golden: {path: golden.jsonl, format: chat, label_map: {gamma: oos}}")
+    return cfg.replace("  gate: [{metric: exact_match, min: 0.0, min_delta_ci_low: -1.0}]",
+                       "  metrics: [exact_match, in_scope_accuracy, oos_recall, oos_precision]\n" + eval_extra
+                       + "  gate: [{metric: exact_match, min: 0.0, min_delta_ci_low: -1.0}]")
+
+
 @pytest.fixture
 def tiny_project(tmp_path, tiny_model_dir):
     """A small classification project on the tiny model: 60 train rows, 12 golden rows, 3 labels."""

@@ -19,18 +19,12 @@ TASK = "task: {kind: classification, abstain_label: oos}\n"
 def abstaining(tmp_path_factory, tiny_model_dir):
     """The tiny project as an SFT run whose candidate abstains (gamma dropped from training, out of scope in the golden
     set; eval.abstain with val_abstain_rate 0.5), run whole: data, train, eval, report, release."""
-    from conftest import make_tiny_project
+    from conftest import hold_out_gamma, make_tiny_project
 
     from tunegate.pipeline import run_pipeline
 
     root = make_tiny_project(tmp_path_factory.mktemp("abstain"), tiny_model_dir)
-    cfg = (root / "tunegate.yaml").read_text()
-    cfg = cfg.replace("  sources: [{path: train.jsonl, format: chat}]", "  sources: [{path: train.jsonl, format: chat, drop_labels: [gamma]}]")
-    cfg = cfg.replace("  golden: {path: golden.jsonl, format: chat}", "  golden: {path: golden.jsonl, format: chat, label_map: {gamma: oos}}")
-    cfg = cfg.replace("  gate: [{metric: exact_match, min: 0.0, min_delta_ci_low: -1.0}]",
-                      "  metrics: [exact_match, in_scope_accuracy, oos_recall, oos_precision]\n"
-                      "  abstain: {val_abstain_rate: 0.5}\n"
-                      "  gate: [{metric: exact_match, min: 0.0, min_delta_ci_low: -1.0}]")
+    cfg = hold_out_gamma((root / "tunegate.yaml").read_text(), "  abstain: {val_abstain_rate: 0.5}\n")
     (root / "tunegate.yaml").write_text(cfg + TASK)
     project = load_project(root / "tunegate.yaml", ["data.val_fraction=0.2"])
     run_pipeline(project)
@@ -156,16 +150,12 @@ def test_the_embedded_server_abstains_as_the_eval_did(abstaining):
 def test_the_audit_probe_abstains_with_a_threshold_from_the_dev_rows(tmp_path, tiny_model_dir):
     """eval.abstain: the audit's lora_probe abstains as the eval gate will measure the candidate, its threshold the
     val_abstain_rate quantile of its confidences on the in-scope dev rows (never the golden set)."""
-    from conftest import make_tiny_project
+    from conftest import hold_out_gamma, make_tiny_project
 
     from tunegate.pipeline import run_stage
 
     root = make_tiny_project(tmp_path, tiny_model_dir)
-    cfg = (root / "tunegate.yaml").read_text()
-    cfg = cfg.replace("  sources: [{path: train.jsonl, format: chat}]", "  sources: [{path: train.jsonl, format: chat, drop_labels: [gamma]}]")
-    cfg = cfg.replace("  golden: {path: golden.jsonl, format: chat}", "  golden: {path: golden.jsonl, format: chat, label_map: {gamma: oos}}")
-    cfg = cfg.replace("  gate: [{metric: exact_match, min: 0.0, min_delta_ci_low: -1.0}]",
-                      "  abstain: {val_abstain_rate: 0.5}\n  gate: [{metric: exact_match, min: 0.0, min_delta_ci_low: -1.0}]")
+    cfg = hold_out_gamma((root / "tunegate.yaml").read_text(), "  abstain: {val_abstain_rate: 0.5}\n")
     cfg = cfg.replace("audit:\n  enabled: false", "audit:\n  dev_rows: 10\n  candidates: [zero_shot, lora_probe]\n"
                       "  probe: {max_steps: 2, rows: 20, budget_minutes: 1}\n  answers: {changing_knowledge: 'no'}")
     (root / "tunegate.yaml").write_text(cfg + TASK)

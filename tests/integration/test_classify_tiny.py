@@ -19,18 +19,14 @@ TASK = "task: {kind: classification, abstain_label: oos}\n"
 def classified(tmp_path_factory, tiny_model_dir):
     """The tiny project as a classify run (gamma dropped from training, out of scope in the golden set), run whole:
     data, train, eval, report, release."""
-    from conftest import make_tiny_project
+    from conftest import hold_out_gamma, make_tiny_project
 
     from tunegate.pipeline import run_pipeline
 
     root = make_tiny_project(tmp_path_factory.mktemp("classify"), tiny_model_dir)
     cfg = (root / "tunegate.yaml").read_text()
     cfg = cfg.replace("train:\n", "train:\n  method: classify\n  classify: {val_abstain_rate: 0.5}\n")
-    cfg = cfg.replace("  sources: [{path: train.jsonl, format: chat}]", "  sources: [{path: train.jsonl, format: chat, drop_labels: [gamma]}]")
-    cfg = cfg.replace("  golden: {path: golden.jsonl, format: chat}", "  golden: {path: golden.jsonl, format: chat, label_map: {gamma: oos}}")
-    cfg = cfg.replace("  gate: [{metric: exact_match, min: 0.0, min_delta_ci_low: -1.0}]",
-                      "  metrics: [exact_match, in_scope_accuracy, oos_recall, oos_precision]\n"
-                      "  gate: [{metric: exact_match, min: 0.0, min_delta_ci_low: -1.0}]")
+    cfg = hold_out_gamma(cfg)
     (root / "tunegate.yaml").write_text(cfg + TASK)
     project = load_project(root / "tunegate.yaml", ["data.val_fraction=0.2"])
     run_pipeline(project)
