@@ -256,7 +256,12 @@ def _eval_task(run_dir: Path, project):
 
     m = read_manifest(run_dir / "eval")
     task = (m.config or {}).get("task") if m is not None else None
-    return TaskConfig.model_validate(task) if task else project.task
+    if not task:
+        return project.task
+    # the dump holds every field; the ones at their default were not set (a multilabel spelling on a classification
+    # task is refused only when set)
+    fields = TaskConfig.model_fields
+    return TaskConfig.model_validate({k: v for k, v in task.items() if k not in fields or v != fields[k].default})
 
 
 def _paired_corpus(task, metrics: list[str], rows_a: list[dict[str, Any]], rows_b: list[dict[str, Any]],

@@ -9,7 +9,7 @@ import pytest
 from tunegate import TunegateError
 from tunegate.config import load_project
 from tunegate.core.io import atomic_write_json, atomic_write_jsonl
-from tunegate.core.manifest import Manifest, manifest_hash, write_manifest
+from tunegate.core.manifest import Manifest, manifest_hash, read_manifest, write_manifest
 from tunegate.evals.bootstrap import paired_bootstrap
 from tunegate.report import header
 from tunegate import runs
@@ -157,3 +157,16 @@ def test_a_run_folder_linked_outside_the_project_is_not_listed_nor_written(proje
     (project.runs_dir / "b").symlink_to(elsewhere / "b")  # review finding 6: run.js was written into the target
     assert [r["run_id"] for r in runs.list_runs(project)] == ["a"]
     assert not (elsewhere / "b" / "run.js").exists() and (project.runs_dir / "a" / "run.js").is_file()
+
+
+def test_the_eval_task_is_read_back_from_its_manifest_dump(project):
+    """--compare scores corpus metrics with the task the run's eval used: its stage config view holds the full dump
+    (defaults included), which reads back as the same section."""
+    from tunegate.config import TaskConfig
+
+    for task in (TaskConfig(kind="classification", abstain_label="oos"), TaskConfig(kind="multilabel", separator="; ")):
+        run = fake_run(project, f"t{task.kind}", 1e-4, [1.0], ["a"])
+        m = read_manifest(run / "eval")
+        write_manifest(run / "eval", m.model_copy(update={"config": {**m.config, "task": task.model_dump(mode="json")}}))
+        assert runs._eval_task(run, project) == task
+    assert runs._eval_task(project.runs_dir / "none", project) is project.task
