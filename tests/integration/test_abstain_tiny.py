@@ -165,7 +165,7 @@ def test_the_audit_probe_abstains_with_a_threshold_from_the_dev_rows(tmp_path, t
     run_stage(project, run, "audit")
     report = json.loads((run / "audit" / "audit.json").read_text())
     probe = next(c for c in report["candidates"] if c["name"] == "lora_probe")
-    assert "abstains under a confidence of" in probe["detail"] and "val_abstain_rate 0.5 of 10 in-scope dev rows" in probe["detail"]
+    assert "abstains under a confidence of" in probe["detail"] and "val_abstain_rate 0.5: that share of the 10 in-scope dev rows" in probe["detail"]
     samples = read_jsonl(run / "audit" / "samples.jsonl")
     # val_abstain_rate 0.5 on 10 dev rows: the threshold is the 6th smallest dev confidence, so some golden answers
     # are oos and some are not (the random tiny model's confidences of all rows lie close together)

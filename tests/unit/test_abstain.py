@@ -79,3 +79,25 @@ def test_vllm_refuses_an_abstaining_bundle_in_every_form(tmp_path):
     release = {"abstain": {"threshold": 0.5, "abstain_label": "oos"}, "vllm": {"servable_as_lora": True, "reasons": []}}
     assert bundle_refusal(release) == ABSTAIN_REFUSAL and not servable_as_lora(tmp_path, release)
     assert bundle_refusal({"abstain": None}) is None
+
+
+def test_tuned_rule_takes_in_scope_rows_capped_by_id_hash_or_a_fixed_threshold():
+    from types import SimpleNamespace
+
+    from tunegate import TunegateError
+    from tunegate.evals.abstain import tuned_rule
+
+    rows = [chat(f"q{i}", "oos" if i % 5 == 0 else "a", f"r{i}") for i in range(50)]  # 10 out of scope
+    seen = []
+
+    def conf(rs):
+        seen.extend(rs)
+        return [0.1 * (i % 10) for i in range(len(rs))]
+
+    rule = tuned_rule(SimpleNamespace(threshold=None, val_abstain_rate=0.5), "oos", rows, conf, "dev rows", max_rows=30)
+    assert rule["val_rows"] == 30 and len(seen) == 30 and all(r["messages"][-1]["content"] == "a" for r in seen)
+    assert rule["threshold"] == 0.5 and "of the 30 in-scope dev rows" in rule["rule"]
+    fixed = tuned_rule(SimpleNamespace(threshold=0.3, val_abstain_rate=0.5), "oos", rows, conf, "dev rows")
+    assert fixed["threshold"] == 0.3 and "val_rows" not in fixed
+    with pytest.raises(TunegateError, match="no in-scope dev rows"):
+        tuned_rule(SimpleNamespace(threshold=None, val_abstain_rate=0.5), "oos", rows[::5], conf, "dev rows")

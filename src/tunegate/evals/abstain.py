@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 ABSTAIN_FILE = "abstain.json"  # in the eval stage's folder and in a bundle's eval/: the rule a generating candidate used
 CONFIDENCE = ("the geometric mean of the greedy answer's token probabilities through its stop token "
@@ -63,3 +63,36 @@ def read_rule(folder: Path | str) -> dict[str, Any] | None:
     """The abstention rule in `folder`/ABSTAIN_FILE (an eval stage's folder, or a bundle's eval/), else None."""
     path = Path(folder) / ABSTAIN_FILE
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def tuned_rule(settings, label: str, rows: Sequence[dict[str, Any]], confidences_of: Callable[[list], list[float]],
+               rows_name: str, max_rows: int | None = None) -> dict[str, Any]:
+    """A generating candidate's rule: {abstain_label, confidence, threshold, rule, and val_rows when tuned}.
+
+    settings: config.AbstainConfig. The threshold is settings.threshold, or the settings.val_abstain_rate quantile
+    (`tune_threshold`) of `confidences_of(in-scope rows)` over the rows of `rows` whose reference is not `label`
+    (at most `max_rows`, a sample by id hash: a source may be sorted by label). rows_name names them in the rule and
+    in errors ("validation rows", "dev rows"): never the golden set.
+
+    Raises:
+        TunegateError: no in-scope row to tune on.
+    """
+    import hashlib
+
+    from tunegate import TunegateError
+    from tunegate.core.text import normalize_answer
+    from tunegate.data.records import reference_answer
+
+    rule = {"abstain_label": label, "confidence": CONFIDENCE}
+    if settings.threshold is not None:
+        return {**rule, "threshold": settings.threshold, "rule": "eval.abstain.threshold"}
+    in_scope = [r for r in rows if normalize_answer(reference_answer(r)) != normalize_answer(label)]
+    if max_rows is not None and len(in_scope) > max_rows:
+        in_scope = sorted(in_scope, key=lambda r: hashlib.sha256(str(r["id"]).encode()).hexdigest())[:max_rows]
+    if not in_scope:
+        raise TunegateError(f"eval.abstain: no in-scope {rows_name} to tune the abstain threshold on; rule: never on the "
+                            "golden set (give it more such rows, or set eval.abstain.threshold)")
+    rate = settings.val_abstain_rate
+    return {**rule, "threshold": float(f"{tune_threshold(confidences_of(in_scope), rate):.6g}"), "val_rows": len(in_scope),
+            "rule": f"eval.abstain.val_abstain_rate {rate:g}: that share of the {len(in_scope)} in-scope {rows_name} "
+                    "answered with a confidence under the threshold"}

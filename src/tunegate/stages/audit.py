@@ -599,19 +599,12 @@ def _probe_abstain_rule(a: _Audit) -> dict[str, Any]:
     """eval.abstain for the probe's adapter: eval.abstain.threshold, or the val_abstain_rate quantile of its confidences
     on the in-scope dev rows (training rows the probe did not train on; tunegate.evals.abstain), as the eval stage
     tunes it on the validation rows. Never the golden set."""
-    settings, label = a.project.eval.abstain, a.project.task.abstain_label
-    rule = {"abstain_label": label, "confidence": abstain.CONFIDENCE}
-    if settings.threshold is not None:
-        return {**rule, "threshold": settings.threshold, "rule": "eval.abstain.threshold"}
-    dev = [r for r in a.dev if normalize_answer(reference_answer(r)) != normalize_answer(label)]
-    if not dev:
-        raise TunegateError("eval.abstain: the audit has no in-scope dev rows to tune the probe's abstain threshold on; "
-                            "rule: never on the golden set (raise audit.dev_rows, or set eval.abstain.threshold)")
-    conf: list[float] = []
-    a.generate(golden_prompts(a.tokenizer, dev), "lora_probe: dev rows (abstain threshold)", conf)
-    rate = settings.val_abstain_rate
-    return {**rule, "threshold": float(f"{abstain.tune_threshold(conf, rate):.6g}"),
-            "rule": f"eval.abstain.val_abstain_rate {rate:g} of {len(dev)} in-scope dev rows"}
+    def confidences_of(rows: list) -> list[float]:
+        conf: list[float] = []
+        a.generate(golden_prompts(a.tokenizer, rows), "lora_probe: dev rows (abstain threshold)", conf)
+        return conf
+
+    return abstain.tuned_rule(a.project.eval.abstain, a.project.task.abstain_label, a.dev, confidences_of, "dev rows")
 
 
 def _classify_probe(st: Stage, a: _Audit, usd_per_hour: float) -> dict[str, Any] | None:

@@ -335,31 +335,19 @@ def _abstain_rule(project, candidate, tokenizer, data_dir: Path) -> dict[str, An
         TunegateError: a candidate that does not generate in-process, or no in-scope validation row to tune on.
     """
     from tunegate.core.io import read_jsonl
-    from tunegate.core.text import normalize_answer
     from tunegate.evals.backends import LocalChat
 
-    settings, label = project.eval.abstain, project.task.abstain_label
     if not isinstance(candidate, LocalChat):
         raise TunegateError("eval.abstain: the candidate must generate in-process (its token probabilities give the confidence)")
-    rule = {"abstain_label": label, "confidence": abstain.CONFIDENCE}
-    if settings.threshold is not None:
-        return {**rule, "threshold": settings.threshold, "rule": "eval.abstain.threshold"}
-    val = [r for r in read_jsonl(data_dir / "val.jsonl") if normalize_answer(reference_answer(r)) != normalize_answer(label)]
-    if len(val) > MAX_ABSTAIN_VAL_ROWS:  # a sample by id hash, not the first rows of a source that may be sorted by label
-        import hashlib
 
-        val = sorted(val, key=lambda r: hashlib.sha256(str(r["id"]).encode()).hexdigest())[:MAX_ABSTAIN_VAL_ROWS]
-    if not val:
-        raise TunegateError(f"{data_dir / 'val.jsonl'}: no in-scope validation row to tune eval.abstain's threshold on; rule: "
-                            "the threshold is tuned on validation rows, never the golden set (set data.val_fraction above 0, "
-                            "or eval.abstain.threshold)")
-    conf: list[float] = []
-    answer_golden(candidate, tokenizer, val, project.eval.max_new_tokens, "candidate: validation rows (abstain threshold)",
-                  confidences=conf)
-    rate = settings.val_abstain_rate
-    return {**rule, "threshold": float(f"{abstain.tune_threshold(conf, rate):.6g}"), "val_rows": len(val),
-            "rule": f"eval.abstain.val_abstain_rate {rate:g}: that share of the {len(val)} in-scope validation rows "
-                    "answered with a confidence under the threshold"}
+    def confidences_of(rows: list) -> list[float]:
+        conf: list[float] = []
+        answer_golden(candidate, tokenizer, rows, project.eval.max_new_tokens, "candidate: validation rows (abstain threshold)",
+                      confidences=conf)
+        return conf
+
+    return abstain.tuned_rule(project.eval.abstain, project.task.abstain_label, read_jsonl(data_dir / "val.jsonl"),
+                              confidences_of, "validation rows (val.jsonl)", MAX_ABSTAIN_VAL_ROWS)
 
 
 def _print_results(summary: dict[str, Any], rules: list[dict[str, Any]]) -> None:
