@@ -53,7 +53,8 @@ vllm: $(STAMP)
 
 # llama.cpp in its own environment for `tunegate export PROJECT --format gguf` (the GGUF converter and the runtime
 # of the parity gate): llama-cpp-python 0.3.36 built from its sha256-pinned PyPI sdist with the system compiler and
-# CMake, ~4 minutes on 2 cores, 160 MB; idempotent (tunegate.llama_env)
+# CMake for this CPU without Intel AMX (its ggml backend segfaulted in CI), ~4 minutes on 2 cores, 160 MB;
+# idempotent (tunegate.llama_env)
 llama: $(STAMP)
 	$(BIN)/tunegate serve-setup llama --venv .venv-llama
 

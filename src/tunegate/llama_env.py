@@ -10,11 +10,19 @@ has what they import (torch, transformers, safetensors, numpy, sentencepiece). A
 install, so `make llama` costs nothing the second time.
 
 Measured here (2 cores): download 77 MB in ~6 s, build ~3 min 40 s, 0.7 GB peak memory, 160 MB installed.
+
+llama.cpp is built for the machine it is built on (GGML_NATIVE, -march=native), except Intel AMX: on x86-64 the
+compiler is told -mno-amx-tile -mno-amx-int8 -mno-amx-bf16, which GCC and Clang honour whatever -march says, so
+ggml's AMX backend (amx/amx.cpp, compiled only under __AMX_INT8__) is left out. On a Sapphire-Rapids-class CPU
+that backend segfaulted in tunegate's CI the first time a q8_0 file answered (exit -11, f16 files fine), as
+reported upstream (ggml-org/llama.cpp#20824, segfault in ggml_backend_amx_mul_mat, machine-dependent, unfixed).
+The wheel is built with pip's cache off, so a wheel built earlier with other flags is never reused.
 """
 
 from __future__ import annotations
 
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -38,6 +46,24 @@ CONVERTER_DIR = "llama.cpp"  # inside the environment: convert_hf_to_gguf.py, co
 # what the converter needs from the sdist's vendor/llama.cpp/ (its top-level script and the two packages it imports)
 _VENDOR = "llama_cpp_python-0.3.36/vendor/llama.cpp/"
 _CONVERTER_PARTS = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/gguf/")
+NO_AMX_FLAGS = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"  # see the module docstring
+
+
+def build_env(machine: str | None = None) -> tuple[dict[str, str], str]:
+    """(the environment pip builds llama-cpp-python in, the build's description for the stamp): on x86-64,
+    CFLAGS and CXXFLAGS (CMake's initial C/C++ flags) get NO_AMX_FLAGS after whatever the caller had set."""
+    env = dict(os.environ)
+    if (machine or platform.machine()).lower() not in ("x86_64", "amd64"):
+        return env, "native"
+    for var in ("CFLAGS", "CXXFLAGS"):
+        env[var] = f"{env.get(var, '')} {NO_AMX_FLAGS}".strip()
+    return env, f"native, {NO_AMX_FLAGS}"
+
+
+def stamp_text(build: str) -> str:
+    """What a finished install's stamp holds: the requirement, the sdist's sha256 and the build's flags. A stamp
+    with other text (an older tunegate's build) is no finished install: `setup_venv` builds again."""
+    return f"{LLAMA_CPP_PYTHON} sdist sha256 {SDIST_SHA256}, build {build}\n"
 
 
 def _extract_converter(sdist: Path, dest: Path) -> None:
@@ -71,15 +97,19 @@ def setup_venv(venv: Path = DEFAULT_VENV, python: str | None = None, force: bool
     venv = Path(venv)
     py = venv_python(venv)
     stamp = venv / STAMP
+    env, build = build_env()
     if stamp.is_file() and py.is_file() and not force:
-        print(f"{venv}: llama.cpp already installed ({stamp.read_text().strip()})", flush=True)
-        return py
+        if stamp.read_text() == stamp_text(build):
+            print(f"{venv}: llama.cpp already installed ({stamp.read_text().strip()})", flush=True)
+            return py
+        print(f"{venv}: built by an older tunegate ({stamp.read_text().strip()}); building again", flush=True)
     stamp.unlink(missing_ok=True)  # a forced reinstall that fails leaves no stamp behind
 
-    def step(cmd: list[str]) -> None:
+    def step(cmd: list[str], env: dict[str, str] | None = None) -> None:
         print("+ " + " ".join(cmd), flush=True)
         try:
-            rc = subprocess.run(cmd, check=False, timeout=STEP_TIMEOUT_S, preexec_fn=child_dies_with_parent()).returncode
+            rc = subprocess.run(cmd, check=False, timeout=STEP_TIMEOUT_S, env=env,
+                                preexec_fn=child_dies_with_parent()).returncode
         except subprocess.TimeoutExpired:
             rc = None
         if rc != 0:
@@ -103,9 +133,9 @@ def setup_venv(venv: Path = DEFAULT_VENV, python: str | None = None, force: bool
         raise TunegateError(f"{sdist}: sha256 {digest}, expected {SDIST_SHA256} (the file pinned in tunegate.llama_env); "
                             "nothing was built")
     _extract_converter(sdist, venv / CONVERTER_DIR)
-    print(f"building llama.cpp from {SDIST} with the system compiler (about 4 minutes on 2 cores)", flush=True)
-    step([str(py), "-m", "pip", "install", str(sdist)])
-    stamp.write_text(f"{LLAMA_CPP_PYTHON} sdist sha256 {SDIST_SHA256}\n")
+    print(f"building llama.cpp from {SDIST} with the system compiler ({build}; about 4 minutes on 2 cores)", flush=True)
+    step([str(py), "-m", "pip", "install", "--no-cache-dir", "--force-reinstall", str(sdist)], env=env)
+    stamp.write_text(stamp_text(build))
     return py
 
 

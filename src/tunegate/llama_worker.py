@@ -52,6 +52,7 @@ def answer(req: dict, out) -> None:
     eos, bos = llm.token_eos(), llm.token_bos()
     header = {
         "llama_cpp_python": llama_cpp.__version__,
+        "system_info": llama_cpp.llama_print_system_info().decode(errors="replace").strip(),  # the CPU features built in
         "chat_format": llm.chat_format,
         "chat_template": llm.metadata.get("tokenizer.chat_template"),
         "eos_token_id": eos,

@@ -188,3 +188,48 @@ def test_no_llama_environment_names_the_install_command(tmp_path, monkeypatch):
     monkeypatch.delenv("TUNEGATE_LLAMA_VENV", raising=False)
     with pytest.raises(TunegateError, match="tunegate serve-setup llama --venv .*nowhere"):
         find_venv(tmp_path / "nowhere")
+
+
+def test_llama_cpp_is_built_without_intel_amx_on_x86_and_an_older_build_is_rebuilt(tmp_path, monkeypatch):
+    """ggml's AMX backend segfaulted on a q8_0 file in CI (tunegate.llama_env): x86-64 builds get -mno-amx-*, with
+    pip's wheel cache off; a stamp written by a build without those flags is no finished install."""
+    import hashlib
+    import subprocess
+
+    from tunegate import llama_env
+
+    env, build = llama_env.build_env("x86_64")
+    assert env["CFLAGS"].split()[-3:] == ["-mno-amx-tile", "-mno-amx-int8", "-mno-amx-bf16"]
+    assert env["CXXFLAGS"].endswith(llama_env.NO_AMX_FLAGS)
+    monkeypatch.setenv("CFLAGS", "-O2")
+    assert llama_env.build_env("x86_64")[0]["CFLAGS"] == "-O2 " + llama_env.NO_AMX_FLAGS  # the caller's flags kept
+    arm_env, arm_build = llama_env.build_env("aarch64")
+    assert arm_env["CFLAGS"] == "-O2" and arm_build == "native"  # -mno-amx-* is an x86 flag
+
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").write_text("")
+    (venv / "sdist").mkdir()
+    sdist = venv / "sdist" / llama_env.SDIST
+    with tarfile.open(sdist, "w:gz") as tar:
+        data = b"# converter\n"
+        info = tarfile.TarInfo(llama_env._VENDOR + "convert_hf_to_gguf.py")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    monkeypatch.setattr(llama_env, "SDIST_SHA256", hashlib.sha256(sdist.read_bytes()).hexdigest())
+    monkeypatch.setattr(llama_env, "build_env", lambda machine=None: (dict(env), build))  # as on x86-64, on any machine
+    (venv / llama_env.STAMP).write_text(f"{llama_env.LLAMA_CPP_PYTHON} sdist sha256 {llama_env.SDIST_SHA256}\n")  # an older stamp
+    calls = []
+
+    def run(cmd, env=None, **kw):
+        calls.append((cmd, env))
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(llama_env.subprocess, "run", run)
+    llama_env.setup_venv(venv)
+    (cmd, build_vars), = calls
+    assert cmd[-4:] == ["install", "--no-cache-dir", "--force-reinstall", str(sdist)]
+    assert llama_env.NO_AMX_FLAGS in build_vars["CFLAGS"] and llama_env.NO_AMX_FLAGS in build_vars["CXXFLAGS"]
+    assert (venv / llama_env.STAMP).read_text() == llama_env.stamp_text(build)
+    llama_env.setup_venv(venv)
+    assert len(calls) == 1  # stamped with this build: nothing runs again
