@@ -398,16 +398,49 @@ def load_inference_model(base: Path | str):
 
 
 def bf16_supported() -> bool:
-    """True where bf16 autocast is fast: a CUDA GPU with bf16, or a CPU with AVX512-BF16 or AMX."""
+    """True where bf16 autocast is fast: a CUDA GPU with bf16, or a CPU with AVX512-BF16 or AMX (`native_bf16`)."""
+    return native_bf16() is not None
+
+
+def native_bf16() -> str | None:
+    """Why bf16 matmuls are fast here, or None: "CUDA GPU with bf16", or the CPU flag ("amx_bf16", "avx512_bf16")."""
     import torch
 
     if torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported()
+        return "CUDA GPU with bf16" if torch.cuda.is_bf16_supported() else None
     try:
-        flags = Path("/proc/cpuinfo").read_text()
+        flags = set(Path("/proc/cpuinfo").read_text().split())
     except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+        return None
+    return next((f for f in ("amx_bf16", "avx512_bf16") if f in flags), None)
+
+
+def train_precision(full: bool) -> dict[str, str | bool]:
+    """How training holds and computes its weights, chosen by the hardware (recorded in train_summary.json).
+
+    Where bf16 is native (`native_bf16`), an adapter's frozen base weights are loaded in bf16 once, so no step
+    re-casts them; the adapter's weights and its optimizer state stay fp32 (PEFT's autocast_adapter_dtype), and
+    bf16 autocast runs the adapter's matmuls. A full fine-tune keeps fp32 master weights under bf16 autocast (its
+    weights are the ones AdamW updates). Without native bf16 everything is fp32: emulated bf16 matmuls are tens of
+    times slower on such CPUs.
+
+    Returns {"base_weights": "bf16" | "fp32", "autocast": bool (bf16 autocast), "reason": str}.
+    """
+    why = native_bf16()
+    if why is None:
+        return {"base_weights": "fp32", "autocast": False, "reason": "no native bf16 (no CUDA GPU with bf16, no avx512_bf16 or amx_bf16)"}
+    if full:
+        return {"base_weights": "fp32", "autocast": True, "reason": f"{why}; a full fine-tune keeps fp32 master weights"}
+    return {"base_weights": "bf16", "autocast": True, "reason": f"{why}; frozen base weights cast to bf16 once"}
+
+
+def describe_precision(precision: dict[str, str | bool], adapter: bool) -> str:
+    """One line for the console and the reports, e.g. "bf16 base weights, fp32 adapter, bf16 autocast"."""
+    parts = [f"{precision['base_weights']} {'base ' if adapter else ''}weights"]
+    if adapter:
+        parts.append("fp32 adapter")
+    parts.append("bf16 autocast" if precision["autocast"] else "no autocast")
+    return ", ".join(parts)
 
 
 def cuda_available() -> bool:

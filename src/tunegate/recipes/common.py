@@ -27,8 +27,9 @@ class Context:
     tokenizer: Any
     train_rows: list[dict[str, Any]]
     val_rows: list[dict[str, Any]]
-    use_bf16: bool
+    use_bf16: bool  # bf16 autocast (TRL's bf16 argument)
     callbacks: list[Any]
+    base_weights: str = "fp32"  # the frozen base weights' dtype, "bf16" or "fp32" (models.train_precision)
 
     def trl_args(self, evaluate: bool = True) -> dict[str, Any]:
         """`recipes.defaults.trl_kwargs` for this method, with eval settings when `evaluate` and there are validation rows."""
@@ -78,9 +79,12 @@ def added_token_indices(model, ids: list[int]) -> list[int] | dict[str, list[int
     return {names[id(emb_in)]: list(ids), names[id(emb_out)]: list(ids)}
 
 
-def load_policy(project: Project, base: Path | str, tokenizer):
+def load_policy(project: Project, base: Path | str, tokenizer, base_weights: str = "fp32"):
     """The model training starts from, and the PEFT config for the trainer (None when the model already carries
     its adapter, or for a full fine-tune).
+
+    - `base_weights` "bf16": the base model is loaded in bf16 (models.train_precision: native bf16, an adapter);
+      the adapter PEFT adds on top stays fp32 (autocast_adapter_dtype).
 
     - `adapter: qlora`: the base loaded in 4-bit NF4 with double quantisation (Dettmers et al. 2023) through
       bitsandbytes. Raises TunegateError without a CUDA GPU or without bitsandbytes: its 4-bit kernels are CUDA's.
@@ -120,7 +124,7 @@ def load_policy(project: Project, base: Path | str, tokenizer):
             fit_embeddings(model, tokenizer, t.added_tokens)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     else:
-        model = load_model(base)
+        model = load_model(base, dtype=torch.bfloat16 if base_weights == "bf16" and t.adapter != "full" else torch.float32)
     added = {tok: tokenizer.convert_tokens_to_ids(tok) for tok in t.added_tokens}
     if t.init_adapter is not None:
         from peft import PeftModel

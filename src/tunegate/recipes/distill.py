@@ -103,7 +103,7 @@ def build(ctx: Context) -> Built:
                             "cannot be compared token by token; use `mode: sequence` (the teacher's answers as text)")
     kwargs = ctx.trl_args(evaluate=False)
     kwargs.pop("include_num_input_tokens_seen", None)
-    model, peft = load_policy(ctx.project, ctx.base, ctx.tokenizer)
+    model, peft = load_policy(ctx.project, ctx.base, ctx.tokenizer, ctx.base_weights)
     ctx.tokenizer.padding_side = "left"  # TRL's DistillationTrainer generates with the student
     trainer = DistillationTrainer(
         model=model,

@@ -117,7 +117,7 @@ def build(ctx: Context) -> Built:
     verifier = build_verifier(gcfg, project.root)
     kwargs = ctx.trl_args(evaluate=False)  # held-out reward is measured here, greedy; GRPO's eval would sample
     kwargs.pop("include_num_input_tokens_seen", None)
-    model, peft = load_policy(project, ctx.base, ctx.tokenizer)
+    model, peft = load_policy(project, ctx.base, ctx.tokenizer, ctx.base_weights)
     from tunegate.data.format import stop_token_ids
     from tunegate.models import device_name
 

@@ -80,7 +80,7 @@ def build(ctx: Context) -> Built:
     method = ctx.project.train.method
     kwargs = ctx.trl_args()  # with validation rows: TRL's eval loss and reward margins on them
     kwargs.pop("include_num_input_tokens_seen", None)  # the pair trainers count no input tokens
-    model, peft = load_policy(ctx.project, ctx.base, ctx.tokenizer)
+    model, peft = load_policy(ctx.project, ctx.base, ctx.tokenizer, ctx.base_weights)
 
     if method == "kto":
         from trl import KTOConfig, KTOTrainer

@@ -20,6 +20,7 @@ from tunegate.core.console import console
 from tunegate.core.io import atomic_write_json, atomic_write_jsonl, read_jsonl
 from tunegate.core.stage import Stage
 from tunegate.recipes import common, recipe
+from tunegate.recipes.dora import use_factored_norm
 
 # Logged series worth plotting beside the loss, per method (TRL's names).
 PLOTTED = {
@@ -66,7 +67,8 @@ def run_training(st: Stage, data_dir: Path) -> dict[str, Any] | None:
     Before any weights load: the settings passed through to PEFT and TRL are checked (`recipes.defaults.check_passthrough`)
     and the preflight runs (`tunegate.preflight.run_checks`, without the micro-benchmark): its warnings are
     printed, its result written to preflight.json. Then the base model and tokenizer load, the recipe's trainer
-    trains (bf16 autocast where the device supports it, fp32 otherwise; resumed from the last checkpoint in
+    trains (precision by the hardware, models.train_precision: bf16 frozen base weights and bf16 autocast where bf16
+    is native, fp32 otherwise; resumed from the last checkpoint in
     st.checkpoint_dir), and the weights, the logged history and the summary are written.
 
     Returns the summary written to train_summary.json (steps, tokens/s, wall time, final losses, trained
@@ -82,9 +84,10 @@ def run_training(st: Stage, data_dir: Path) -> dict[str, Any] | None:
     from tunegate.data.format import stop_token_ids
     from tunegate.models import (
         VOCAB_RECORD,
-        bf16_supported,
+        describe_precision,
         load_tokenizer,
         resolve_base_model,
+        train_precision,
         vocabulary_record,
         write_stop_tokens,
     )
@@ -99,15 +102,23 @@ def run_training(st: Stage, data_dir: Path) -> dict[str, Any] | None:
     base = resolve_base_model(project.base_model)
     tokenizer = load_tokenizer(base, project.train.added_tokens)  # the data stage's (models.load_project_tokenizer)
     torch.manual_seed(project.train.seed)
-    use_bf16 = bf16_supported()
+    full = project.train.adapter == "full"
+    if project.train.adapter == "qlora":
+        precision = {"base_weights": "nf4", "autocast": True, "reason": "QLoRA: 4-bit NF4 base, bf16 compute"}
+    elif method == "classify":  # recipes.classify loads its sequence-classification model in fp32
+        precision = {**train_precision(True), "base_weights": "fp32"}
+        precision["reason"] = precision["reason"].split(";")[0] + "; the classification head's model loads in fp32"
+    else:
+        precision = train_precision(full)
+    use_bf16 = bool(precision["autocast"])
     track = common.tracker(st, project.train.budget_minutes * 60 if project.train.budget_minutes else None)
     ctx = common.Context(st, project, base, tokenizer, read_jsonl(data_dir / "train.jsonl"), read_jsonl(data_dir / "val.jsonl"),
-                         use_bf16, [track])
+                         use_bf16, [track], base_weights=str(precision["base_weights"]))
     built = recipe(method).build(ctx)
     trainer = built.trainer
+    use_factored_norm(trainer.model)  # DoRA's weight norm without building W + sBA each step (recipes.dora)
     bar = common.console_progress(trainer)
 
-    full = project.train.adapter == "full"
     if full:
         trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in trainer.model.parameters())
@@ -117,7 +128,7 @@ def run_training(st: Stage, data_dir: Path) -> dict[str, Any] | None:
         f"{method}: {built.info.get('train_rows', len(ctx.train_rows))} train rows"
         + (f", {built.info['train_tokens_per_epoch']} tokens per epoch" if "train_tokens_per_epoch" in built.info else "")
         + f"; {'full fine-tune' if full else 'adapter'}: {trainable / 1e6:.2f}M trainable of {total / 1e6:.1f}M; "
-        f"precision: {'bf16 autocast' if use_bf16 else 'fp32'}"
+        f"precision: {describe_precision(precision, not full)} ({precision['reason']})"
     )
     ckpt_dir = st.checkpoint_dir
     resume = any(ckpt_dir.glob("checkpoint-*"))
@@ -179,7 +190,8 @@ def run_training(st: Stage, data_dir: Path) -> dict[str, Any] | None:
         "resumed_from_step": track.start_step,
         "final_train_loss": next((r["loss"] for r in reversed(history) if "loss" in r), None),
         "final_eval_loss": next((r["eval_loss"] for r in reversed(history) if "eval_loss" in r), None),
-        "precision": "bf16" if use_bf16 else "fp32",
+        "precision": describe_precision(precision, not full),
+        "precision_choice": precision,  # models.train_precision: what the hardware decided, and why
         "world_size": trainer.args.world_size,  # data-parallel processes (torchrun / accelerate launch)
         "trainable_params": trainable,
         "total_params": total,

@@ -1,9 +1,15 @@
 """SFT on demonstrations: TRL's SFTTrainer with the adapter of `train.adapter` (default LoRA r=16 + DoRA).
 
 Rows are tokenized by tunegate (`tunegate.data.format`): labels are set by position, only assistant
-tokens and their end-of-turn token are supervised, and TRL's collator pads labels with -100 by position
-(never by token id: eos == pad for SmolLM2, case C01 in docs/cases.md). Used as is for LoRA, DoRA, QLoRA and full SFT, and
-by the CPT and sequence-level distillation recipes.
+tokens and their end-of-turn token are supervised, and labels are padded with -100 by position (never by token
+id: eos == pad for SmolLM2, case C01 in docs/cases.md). Used as is for LoRA, DoRA, QLoRA and full SFT, and by
+the CPT and sequence-level distillation recipes.
+
+Padding-free batches (`PackedCollator`): a step's rows are the ones TRL's sampler gives it, as with padding, but
+laid end to end in a few packed sequences of at most PACK_TOKENS tokens, each row with its own position ids
+from 0. With no attention mask, transformers builds the attention from the position ids: block-diagonal and
+causal, so a row never attends to another (`masking_utils.find_packed_sequence_indices`). Loss mask, supervised
+tokens and per-token loss are those of the padded batch; only the padding is gone.
 """
 
 from __future__ import annotations
@@ -37,10 +43,81 @@ def tokenize_rows(tokenizer, rows: list[dict[str, Any]], max_length: int, policy
     return cols
 
 
+# The longest packed sequence a padding-free batch is built of (a row longer than this is a sequence of its own).
+# Attention over a packed sequence is dense, O(T²), on a CPU (no varlen kernel): on banking77 rows (~41 tokens,
+# batch 16, 2 cores, bf16 base) a step took 2.19 s packed into sequences of <=256 tokens, 2.29 s at 128, 2.47 s as
+# one sequence of ~650, 3.76 s at 512, against 2.61 s padded (medians of 7 steps, /work/meas/step_prof.py runs).
+PACK_TOKENS = 256
+
+
+def pack_rows(lengths: list[int], budget: int = PACK_TOKENS) -> list[list[int]]:
+    """First-fit decreasing: row indices grouped into sequences of at most max(budget, longest row) tokens.
+
+    lengths: tokens per row. Returns one list of row indices per packed sequence, in packing order.
+    """
+    cap = max([budget, *lengths])
+    bins: list[tuple[int, list[int]]] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        for j, (used, members) in enumerate(bins):
+            if used + lengths[i] <= cap:
+                bins[j] = (used + lengths[i], members + [i])
+                break
+        else:
+            bins.append((lengths[i], [i]))
+    return [members for _, members in bins]
+
+
+class PackedCollator:
+    """A padding-free batch of tokenized rows (module docstring): {"input_ids", "labels", "position_ids",
+    "attention_mask"}, each (S, T) with S packed sequences of T <= max(budget, longest row) tokens.
+
+    - labels: each row's own, except its first position set to IGNORE_INDEX (a row's first label is never a target
+      in a padded batch either: position t predicts t+1), so the last token of one row never learns the next row's
+      first token.
+    - position_ids: 0..n-1 for each row; a sequence's padding continues the last row's positions (it comes after
+      every real token, so causal attention never lets a real token see it).
+    - attention_mask: 1 on real tokens, 0 on padding. It counts tokens (Trainer's num_input_tokens_seen) and must
+      NOT be given to the model: a mask makes transformers ignore the position ids and attend across rows
+      (`supervised_only_loss` passes position_ids and no mask when position_ids are present).
+    """
+
+    def __init__(self, pad_token_id: int, budget: int = PACK_TOKENS):
+        self.pad_token_id = pad_token_id
+        self.budget = budget
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        import torch
+
+        rows = [(list(f["input_ids"]), list(f["labels"])) for f in features]
+        packs = pack_rows([len(ids) for ids, _ in rows], self.budget)
+        width = max(sum(len(rows[i][0]) for i in pack) for pack in packs)
+        out = {
+            "input_ids": torch.full((len(packs), width), self.pad_token_id, dtype=torch.long),
+            "labels": torch.full((len(packs), width), IGNORE_INDEX, dtype=torch.long),
+            "position_ids": torch.zeros((len(packs), width), dtype=torch.long),
+            "attention_mask": torch.zeros((len(packs), width), dtype=torch.long),
+        }
+        for s, pack in enumerate(packs):
+            at = 0
+            for i in pack:
+                ids, labels = rows[i]
+                n = len(ids)
+                out["input_ids"][s, at:at + n] = torch.tensor(ids)
+                out["labels"][s, at:at + n] = torch.tensor([IGNORE_INDEX, *labels[1:]])
+                out["position_ids"][s, at:at + n] = torch.arange(n)
+                out["attention_mask"][s, at:at + n] = 1
+                at += n
+            last = int(out["position_ids"][s, at - 1])
+            out["position_ids"][s, at:] = torch.arange(last + 1, last + 1 + width - at)
+        return out
+
+
 def supervised_only_loss(model, inputs, num_items_in_batch=None):
     """Cross-entropy over supervised positions only: the LM head runs on those rows of the hidden states.
 
-    inputs: input_ids and attention_mask (B, T), labels (B, T) with IGNORE_INDEX where no loss is taken.
+    inputs: input_ids and attention_mask (B, T), labels (B, T) with IGNORE_INDEX where no loss is taken; with
+    position_ids (B, T) the batch is packed (`PackedCollator`): the model gets the position ids and no attention
+    mask, so its attention stays within each row.
     Returns (loss, n_supervised, n_correct). With `num_items_in_batch` (supervised tokens over all
     gradient-accumulation steps) the sum is divided by it, as transformers' Trainer expects.
 
@@ -53,14 +130,17 @@ def supervised_only_loss(model, inputs, num_items_in_batch=None):
 
     labels = inputs["labels"][:, 1:]  # (B, T-1): position t predicts token t+1
     mask = labels != IGNORE_INDEX
+    position_ids = inputs.get("position_ids")
+    attention_mask = None if position_ids is not None else inputs.get("attention_mask")
     if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
         # Multi-process (DDP, FSDP, DeepSpeed): the forward must go through the wrapped model, whose hooks
         # all-reduce gradients or gather sharded weights.
-        out = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"), use_cache=False)
+        out = model(input_ids=inputs["input_ids"], attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
         logits = out.logits[:, :-1][mask]
     else:
         causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-        hidden = causal_lm.base_model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"), use_cache=False).last_hidden_state
+        hidden = causal_lm.base_model(input_ids=inputs["input_ids"], attention_mask=attention_mask,
+                                      position_ids=position_ids, use_cache=False).last_hidden_state
         logits = causal_lm.get_output_embeddings()(hidden[:, :-1][mask])  # (N_supervised, V)
     target = labels[mask]
     loss_sum = F.cross_entropy(logits.float(), target, reduction="sum")
@@ -75,7 +155,8 @@ def trainer_class():
     from trl import SFTTrainer
 
     class TunegateSFTTrainer(SFTTrainer):
-        """TRL's SFTTrainer with `supervised_only_loss`; everything else (collation, PEFT, checkpoints) is TRL's."""
+        """TRL's SFTTrainer with `supervised_only_loss` and padding-free batches (`PackedCollator`); everything
+        else (sampling, PEFT, checkpoints) is TRL's."""
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             mode = "train" if model.training else "eval"
@@ -100,7 +181,7 @@ def build_from_columns(ctx: Context, train_cols: dict[str, list], val_cols: dict
     from trl import SFTConfig
 
     kwargs = ctx.trl_args(evaluate=bool(val_cols))
-    model, peft = load_policy(ctx.project, ctx.base, ctx.tokenizer)
+    model, peft = load_policy(ctx.project, ctx.base, ctx.tokenizer, ctx.base_weights)
     train_ds = Dataset.from_dict(train_cols)
     trainer = trainer_class()(
         model=model,
@@ -110,6 +191,7 @@ def build_from_columns(ctx: Context, train_cols: dict[str, list], val_cols: dict
         processing_class=ctx.tokenizer,
         peft_config=peft,
         callbacks=ctx.callbacks,
+        data_collator=PackedCollator(ctx.tokenizer.pad_token_id),
     )
     info = {
         "train_rows": len(train_ds),

@@ -1,0 +1,153 @@
+"""The training engine's speed work (issue 24) changes no result: padding-free batches give the padded batch's loss
+mask and per-token loss and keep rows apart; DoRA's factored weight norm gives PEFT's outputs and gradients; the
+precision is chosen by the hardware. On the real tokenizer and a tiny 2-layer Llama built in-process."""
+
+import pytest
+
+from conftest import chat
+
+
+def _rows(tokenizer, n=6):
+    from tunegate.data.format import encode_chat
+
+    answers = ["card_arrival", "a much longer answer about an exchange rate that went wrong", "top_up", "no", "pin", "ok"]
+    rows = []
+    for i in range(n):
+        enc = encode_chat(tokenizer, chat(f"question {i} " + "word " * (3 * i), answers[i % len(answers)])["messages"])
+        rows.append({"input_ids": enc.input_ids, "labels": enc.labels})
+    return rows
+
+
+def _padded(rows, pad_id):
+    import torch
+
+    from tunegate.data.format import IGNORE_INDEX
+
+    width = max(len(r["input_ids"]) for r in rows)
+    ids = torch.full((len(rows), width), pad_id)
+    labels = torch.full((len(rows), width), IGNORE_INDEX)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        n = len(r["input_ids"])
+        ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(r["input_ids"]), torch.tensor(r["labels"]), 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def test_pack_rows_places_every_row_once_within_the_budget_and_a_long_row_alone():
+    from tunegate.recipes.sft import pack_rows
+
+    lengths = [40, 200, 30, 100, 90, 300, 10]
+    packs = pack_rows(lengths, budget=256)
+    assert sorted(i for p in packs for i in p) == list(range(len(lengths)))
+    cap = 300  # the longest row sets the cap when it is over the budget
+    assert all(sum(lengths[i] for i in p) <= cap for p in packs)
+    assert [5] in packs and len(packs) == 3  # 770 tokens in sequences of <= 300: three
+
+
+def test_padding_free_batch_has_the_padded_batchs_loss_mask_and_per_token_loss(tokenizer, tiny_model_dir):
+    import torch
+
+    from tunegate.data.format import IGNORE_INDEX
+    from tunegate.models import load_model
+    from tunegate.recipes.sft import PackedCollator, supervised_only_loss
+
+    rows = _rows(tokenizer)
+    packed = PackedCollator(tokenizer.pad_token_id, budget=160)(rows)
+    padded = _padded(rows, tokenizer.pad_token_id)
+    assert packed["input_ids"].shape[0] < len(rows)  # rows were packed together
+    assert int(packed["attention_mask"].sum()) == sum(len(r["input_ids"]) for r in rows)  # no token lost
+    supervised = sum(sum(1 for y in r["labels"][1:] if y != IGNORE_INDEX) for r in rows)
+    assert int((packed["labels"][:, 1:] != IGNORE_INDEX).sum()) == supervised == int((padded["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+    model = load_model(tiny_model_dir)
+    with torch.no_grad():
+        loss_packed, n_packed, correct_packed = supervised_only_loss(model, packed)
+        loss_padded, n_padded, correct_padded = supervised_only_loss(model, padded)
+    assert n_packed == n_padded == supervised
+    assert correct_packed == correct_padded
+    assert float(loss_packed) == pytest.approx(float(loss_padded), rel=1e-5)
+
+
+def test_a_row_never_attends_to_another_row_of_its_packed_sequence(tokenizer, tiny_model_dir):
+    import torch
+
+    from tunegate.models import load_model
+    from tunegate.recipes.sft import PackedCollator, pack_rows
+
+    rows = _rows(tokenizer, 3)
+    collate = PackedCollator(tokenizer.pad_token_id, budget=4096)
+    batch = collate(rows)
+    assert batch["input_ids"].shape[0] == 1  # one packed sequence holds all three rows
+    changed = [dict(r) for r in rows]
+    changed[0] = {"input_ids": [t if k < 2 else (t + 7) % 1000 for k, t in enumerate(rows[0]["input_ids"])],
+                  "labels": rows[0]["labels"]}
+    other = collate(changed)
+    model = load_model(tiny_model_dir).eval()
+    with torch.no_grad():
+        a = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits[0]
+        b = model(input_ids=other["input_ids"], position_ids=other["position_ids"]).logits[0]
+        alone = model(input_ids=torch.tensor([rows[1]["input_ids"]])).logits[0]
+    (order,) = pack_rows([len(r["input_ids"]) for r in rows], 4096)  # the collator's packing order
+    starts, at = {}, 0
+    for i in order:
+        starts[i] = at
+        at += len(rows[i]["input_ids"])
+    assert batch["input_ids"][0, starts[1]:starts[1] + len(rows[1]["input_ids"])].tolist() == rows[1]["input_ids"]
+    s0, n0 = starts[0], len(rows[0]["input_ids"])
+    assert not torch.allclose(a[s0:s0 + n0], b[s0:s0 + n0])  # the perturbed row's own logits moved
+    for i in (1, 2):
+        s, n = starts[i], len(rows[i]["input_ids"])
+        assert torch.allclose(a[s:s + n], b[s:s + n], atol=1e-5)  # the others did not
+    s1, n1 = starts[1], len(rows[1]["input_ids"])
+    assert torch.allclose(a[s1:s1 + n1], alone, atol=1e-4)  # a packed row is scored as if it were alone
+
+
+def test_factored_dora_norm_gives_peft_dora_outputs_and_gradients(tiny_model_dir):
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from tunegate.models import load_model
+    from tunegate.recipes.dora import use_factored_norm
+
+    def model(factored, dtype):
+        torch.manual_seed(0)
+        m = get_peft_model(load_model(tiny_model_dir, dtype=dtype), LoraConfig(
+            r=4, lora_alpha=8, target_modules="all-linear", use_dora=True, lora_dropout=0.0))
+        with torch.no_grad():  # B starts at zero: move it so the adapter's delta counts in the norm
+            for name, p in m.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.05)
+        if factored:
+            assert use_factored_norm(m) == 14  # 7 linear layers x 2 decoder layers
+            assert use_factored_norm(m) == 0  # already swapped
+        return m
+
+    ids = torch.tensor([[5, 17, 300, 42, 9, 1000, 77]])
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+        outs, grads = [], []
+        for factored in (False, True):
+            m = model(factored, dtype)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+                logits = m(input_ids=ids).logits.float()
+            logits.square().mean().backward()
+            outs.append(logits.detach())
+            grads.append({n: p.grad.float() for n, p in m.named_parameters() if p.requires_grad})
+        assert torch.allclose(outs[0], outs[1], atol=tol, rtol=tol), dtype
+        assert grads[0].keys() == grads[1].keys() and any("magnitude" in n for n in grads[0])
+        for name in grads[0]:
+            assert torch.allclose(grads[0][name], grads[1][name], atol=tol, rtol=tol * 10), (dtype, name)
+
+
+def test_precision_is_chosen_by_the_hardware(monkeypatch):
+    from tunegate import models
+
+    monkeypatch.setattr(models, "native_bf16", lambda: "avx512_bf16")
+    adapter = models.train_precision(full=False)
+    assert adapter["base_weights"] == "bf16" and adapter["autocast"] and "avx512_bf16" in adapter["reason"]
+    assert models.describe_precision(adapter, adapter=True) == "bf16 base weights, fp32 adapter, bf16 autocast"
+    full = models.train_precision(full=True)
+    assert full["base_weights"] == "fp32" and full["autocast"]  # fp32 master weights for what AdamW updates
+    monkeypatch.setattr(models, "native_bf16", lambda: None)
+    plain = models.train_precision(full=False)
+    assert plain == {"base_weights": "fp32", "autocast": False, "reason": plain["reason"]} and "no native bf16" in plain["reason"]
+    assert models.bf16_supported() is False
