@@ -14,7 +14,7 @@ Configurations (adapter r=16, alpha=32, all linear layers):
 - before_lora / before_dora: tunegate's trainer as of 13f67a5 (fp32 base weights under bf16 autocast, TRL's padding
   collator, supervised-only LM head, PEFT's DoRA forward).
 - tunegate_lora / tunegate_dora: today's engine (models.train_precision: bf16 base weights where bf16 is native;
-  recipes.sft.PackedCollator: padding-free; recipes.dora: factored DoRA norm). tunegate_dora is the default adapter.
+  recipes.sft.PackedCollator: padding-free; recipes.lean_adapter: factored DoRA norm, one-pass adapter output). tunegate_dora is the default adapter.
 
 MFU (model FLOPs utilisation, Chowdhery et al. 2022): achieved FLOP/s / the matmul peak measured in the same run.
 Achieved = tunegate.preflight.train_flops(N, N_a, tokens, full=False) / wall = (4·N·D + 6·N_a·D) / wall, with N
@@ -96,7 +96,7 @@ def run_one(name: str, steps: int, batch_size: int, data_name: str) -> dict:
     from tunegate.data.format import encode_chat
     from tunegate.models import load_model, load_tokenizer, native_bf16, resolve_base_model, train_precision
     from tunegate.preflight import train_flops
-    from tunegate.recipes.dora import use_factored_norm
+    from tunegate.recipes.lean_adapter import use_lean_forward
     from tunegate.recipes.sft import PackedCollator, trainer_class
 
     base = resolve_base_model("smollm2-135m-instruct")
@@ -125,7 +125,7 @@ def run_one(name: str, steps: int, batch_size: int, data_name: str) -> dict:
     trainer = cls(model=load_model(base, dtype=base_dtype), args=cfg, train_dataset=ds, processing_class=tok,
                   peft_config=lora, **extra)
     if new:
-        use_factored_norm(trainer.model)
+        use_lean_forward(trainer.model)
     trainable, total = trainer.model.get_nb_trainable_parameters()  # total includes the adapter
     t0 = time.perf_counter()
     trainer.train()

@@ -20,7 +20,7 @@ from tunegate.core.console import console
 from tunegate.core.io import atomic_write_json, atomic_write_jsonl, read_jsonl
 from tunegate.core.stage import Stage
 from tunegate.recipes import common, recipe
-from tunegate.recipes.dora import use_factored_norm
+from tunegate.recipes.lean_adapter import use_lean_forward
 
 # Logged series worth plotting beside the loss, per method (TRL's names).
 PLOTTED = {
@@ -116,7 +116,7 @@ def run_training(st: Stage, data_dir: Path) -> dict[str, Any] | None:
                          use_bf16, [track], base_weights=str(precision["base_weights"]))
     built = recipe(method).build(ctx)
     trainer = built.trainer
-    use_factored_norm(trainer.model)  # DoRA's weight norm without building W + sBA each step (recipes.dora)
+    use_lean_forward(trainer.model)  # PEFT's LoRA/DoRA layers, fewer operations per step (recipes.lean_adapter)
     bar = common.console_progress(trainer)
 
     if full:

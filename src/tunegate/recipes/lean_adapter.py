@@ -1,0 +1,137 @@
+"""PEFT's LoRA and DoRA linear layers with a leaner forward: the same function as PEFT's, fewer operations per step.
+
+Two parts, both applied by `use_lean_forward(model)` after the trainer built its PEFT model, by swapping the class of
+PEFT's modules (parameters, state dict, saving and merging stay PEFT's):
+
+1. DoRA's weight norm from factors (below).
+2. One pass for the adapter's output (`LeanLoraLinear`). PEFT's `lora.Linear.forward` casts the layer input to
+   the adapter's dtype (fp32) even where bf16 autocast casts it straight back for the matmul, then adds
+   `lora_B(lora_A(x)) * s` to the base output in separate operations; for DoRA it builds
+   `(m/n - 1)·base + (m/n)·s·lora` in fp32 and adds that to the base output. The lean forward keeps the input as
+   it is under autocast and computes `base + s·lora` in one `add` (LoRA) and `(m/n)·((base - bias) + s·lora) + bias`
+   (DoRA: the same sum, rearranged), the scale applied in fp32 as PEFT does. Anything else (dropout in training,
+   several active adapters, merged weights, mixed-adapter batches, other variants) goes through PEFT's forward.
+
+The DoRA weight norm:
+
+DoRA (Liu et al. 2024, "DoRA: Weight-Decomposed Low-Rank Adaptation", arXiv:2402.09353) scales each output row
+of W + s·BA by m / ||W + s·BA|| (the norm of that row, detached from the graph as section 4.3 of the paper says).
+PEFT's `DoraLinearLayer.forward` computes that norm by building the full (out, in) matrix W + s·BA in the input's
+dtype on every forward: on a CPU that is a copy of every frozen weight to fp32, an add and a norm over all of it,
+each step. On the default adapter (DoRA r16, all linear layers of SmolLM2-135M) it cost ~1 s of a ~3.5 s step
+(bench/train_throughput.py).
+
+The same norm from small factors, with W (out, in), B (out, r), A (r, in) and row i:
+
+    ||W_i + s·(BA)_i||² = ||W_i||² + 2s·B_i·(A W_iᵀ) + s²·B_i (A Aᵀ) B_iᵀ
+
+||W_i||² is computed once per frozen weight (and again only if the weight changes, e.g. a merge); A Wᵀ is one
+(r, in) x (in, out) matmul in W's dtype; A Aᵀ is (r, r). Nothing of size (out, in) is written. Everything else
+(magnitude, the LoRA branch, the base result reused, bias handling, merging, saving) stays PEFT's: only
+`forward` is replaced.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Any
+
+
+@lru_cache(maxsize=None)
+def _factored_layer_class():
+    import torch
+    import torch.nn.functional as F
+    from peft.tuners.lora.dora import DoraLinearLayer
+
+    class FactoredNormDoraLinearLayer(DoraLinearLayer):
+        """PEFT's DoRA linear layer with the weight norm from factors (module docstring). Shapes as PEFT's: x (..., in),
+        returns the DoRA part of the output (..., out) that PEFT adds to the base layer's result."""
+
+        def row_norm(self, weight, lora_A, lora_B, scaling: float):
+            """||W_i + s·(BA)_i|| for each output row i, fp32, no gradient. weight (out, in); lora_A/B nn.Linear."""
+            with torch.no_grad():
+                key = (weight.data_ptr(), weight._version, weight.dtype)
+                if getattr(self, "_w_sq_key", None) != key:
+                    self._w_sq = weight.float().pow(2).sum(1)  # (out,)
+                    self._w_sq_key = key
+                a = lora_A.weight.float()  # (r, in)
+                b = lora_B.weight.float()  # (out, r)
+                a_wt = F.linear(a.to(weight.dtype), weight).float()  # (r, out) = A Wᵀ
+                cross = (b * a_wt.T).sum(1)  # (out,)
+                lora_sq = ((b @ (a @ a.T)) * b).sum(1)  # (out,)
+                return (self._w_sq + 2 * scaling * cross + scaling * scaling * lora_sq).clamp_min(0).sqrt()
+
+        def factored(self, base_layer) -> bool:
+            """Whether the factored norm applies: a plain 2-D floating-point weight of (out, in)."""
+            weight = base_layer.weight
+            return not self.fan_in_fan_out and weight.ndim == 2 and weight.dtype.is_floating_point
+
+        def forward(self, x, *, lora_A, lora_B, scaling, base_layer, base_result=None, adapter_name="default"):
+            weight = base_layer.weight
+            if not self.factored(base_layer):
+                return super().forward(x, lora_A=lora_A, lora_B=lora_B, scaling=scaling, base_layer=base_layer,
+                                       base_result=base_result, adapter_name=adapter_name)
+            mag_norm_scale = (self.weight / self.row_norm(weight, lora_A, lora_B, scaling)).view(1, -1)
+            lora_result = lora_B(lora_A(x))
+            if base_result is not None:
+                if base_layer.bias is not None:
+                    base_result = base_result - base_layer.bias
+            else:
+                base_result = F.linear(x, weight.to(x.dtype))
+            return (mag_norm_scale - 1) * base_result + mag_norm_scale * lora_result * scaling
+
+    return FactoredNormDoraLinearLayer
+
+
+@lru_cache(maxsize=None)
+def _lean_linear_class():
+    import torch
+    from peft.tuners.lora.layer import Linear
+    from torch import nn
+
+    dora_cls = _factored_layer_class()
+
+    class LeanLoraLinear(Linear):
+        """PEFT's `lora.Linear` with the lean forward of the module docstring. x (..., in) -> (..., out)."""
+
+        def forward(self, x, *args, **kwargs):
+            if args or kwargs or self.disable_adapters or self.merged or len(self.active_adapters) != 1:
+                return super().forward(x, *args, **kwargs)
+            name = self.active_adapters[0]
+            variant = self.lora_variant.get(name)
+            dora = self.lora_magnitude_vector[name] if variant is not None and name in self.lora_magnitude_vector else None
+            if name not in self.lora_A or (variant is not None and not (isinstance(dora, dora_cls) and dora.factored(self.get_base_layer()))) \
+                    or (self.training and not isinstance(self.lora_dropout[name], nn.Identity)):
+                return super().forward(x, *args, **kwargs)
+            lora_A, lora_B, scaling = self.lora_A[name], self.lora_B[name], self.scaling[name]
+            base_layer = self.get_base_layer()
+            result = base_layer(x)
+            if not torch.is_autocast_enabled(x.device.type):
+                x = self._cast_input_dtype(x, lora_A.weight.dtype)  # as PEFT: the adapter's dtype without autocast
+            lora = lora_B(lora_A(x)).to(result.dtype)
+            if dora is None:
+                return result.add(lora, alpha=scaling)
+            scale = (dora.weight / dora.row_norm(base_layer.weight, lora_A, lora_B, scaling)).view(1, -1)  # fp32 (out,)
+            bias = base_layer.bias
+            if bias is None:
+                return (result.add(lora, alpha=scaling) * scale).to(result.dtype)
+            return ((result - bias).add(lora, alpha=scaling) * scale + bias).to(result.dtype)
+
+    return LeanLoraLinear
+
+
+def use_lean_forward(model: Any) -> int:
+    """Swap PEFT's `lora.Linear` and `DoraLinearLayer` modules in `model` for the lean classes (module docstring), in
+    place; returns how many linear layers were swapped (0 when already done or there are none)."""
+    from peft.tuners.lora.dora import DoraLinearLayer
+    from peft.tuners.lora.layer import Linear
+
+    dora_cls, linear_cls = _factored_layer_class(), _lean_linear_class()
+    n = 0
+    for module in model.modules():
+        if type(module) is DoraLinearLayer:
+            module.__class__ = dora_cls
+        elif type(module) is Linear:
+            module.__class__ = linear_cls
+            n += 1
+    return n
