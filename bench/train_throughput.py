@@ -10,7 +10,8 @@ runs in a subprocess of its own, so each reports its own peak RSS. Writes JSON:
 Configurations (adapter r=16, alpha=32, all linear layers):
 - plain_trl: `SFTTrainer` with `SFTConfig` defaults (activation checkpointing on, its LM head over every position)
   and LoRA dropout 0.05 as in PEFT's examples; bf16 and use_cpu set from the device (TRL's bf16 default fails on a
-  CPU otherwise).
+  CPU otherwise). It is the baseline of every speed-up in the JSON, the DoRA ones included: TRL has no faster
+  default to compare a DoRA adapter with, and DoRA costs more per step than LoRA.
 - before_lora / before_dora: tunegate's trainer as of 13f67a5 (fp32 base weights under bf16 autocast, TRL's padding
   collator, supervised-only LM head, PEFT's DoRA forward).
 - tunegate_lora / tunegate_dora: today's engine (models.train_precision: bf16 base weights where bf16 is native;

@@ -49,11 +49,22 @@ _CONVERTER_PARTS = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/gguf/")
 NO_AMX_FLAGS = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"  # see the module docstring
 
 
-def build_env(machine: str | None = None) -> tuple[dict[str, str], str]:
+def _compiler_takes(flags: str) -> bool:
+    """Whether the C compiler CMake will use ($CC, else cc) accepts `flags` (GCC < 11 and Clang < 12 know no AMX
+    flags; their builds cannot compile ggml's AMX code either, so they need none)."""
+    cmd = [os.environ.get("CC") or "cc", *flags.split(), "-x", "c", "-c", "-o", os.devnull, "-"]
+    try:
+        return subprocess.run(cmd, input=b"int main(void) { return 0; }\n", capture_output=True, timeout=60).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def build_env(machine: str | None = None, probe=_compiler_takes) -> tuple[dict[str, str], str]:
     """(the environment pip builds llama-cpp-python in, the build's description for the stamp): on x86-64,
-    CFLAGS and CXXFLAGS (CMake's initial C/C++ flags) get NO_AMX_FLAGS after whatever the caller had set."""
+    CFLAGS and CXXFLAGS (CMake's initial C/C++ flags) get NO_AMX_FLAGS after whatever the caller had set, when
+    the compiler knows them (`probe`)."""
     env = dict(os.environ)
-    if (machine or platform.machine()).lower() not in ("x86_64", "amd64"):
+    if (machine or platform.machine()).lower() not in ("x86_64", "amd64") or not probe(NO_AMX_FLAGS):
         return env, "native"
     for var in ("CFLAGS", "CXXFLAGS"):
         env[var] = f"{env.get(var, '')} {NO_AMX_FLAGS}".strip()
@@ -149,6 +160,10 @@ def find_venv(venv: Path | None = None) -> Path:
     if not venv_python(venv).is_file() or not (venv / STAMP).is_file():
         raise TunegateError(f"{venv}: no llama.cpp environment; install it with: tunegate serve-setup llama --venv {venv} "
                             f"(or `make llama`; {LLAMA_CPP_PYTHON} built from source, ~4 minutes)")
+    if ", build " not in (venv / STAMP).read_text():  # stamps from before the build's flags were recorded
+        raise TunegateError(f"{venv}: built by an older tunegate ({installed_version(venv)}), with Intel AMX code that "
+                            f"segfaulted on quantised files; rebuild it: tunegate serve-setup llama --venv {venv} "
+                            "(or `make llama`, ~4 minutes)")
     return venv
 
 
@@ -165,5 +180,5 @@ def converter(venv: Path) -> tuple[Path, dict[str, str]]:
 
 
 def installed_version(venv: Path) -> str:
-    """What the stamp records (the requirement and the sdist's sha256)."""
+    """What the stamp records (the requirement, the sdist's sha256 and the build's flags: `stamp_text`)."""
     return (Path(venv) / STAMP).read_text().strip()

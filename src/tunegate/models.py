@@ -407,7 +407,7 @@ def native_bf16() -> str | None:
     import torch
 
     if torch.cuda.is_available():
-        return "CUDA GPU with bf16" if torch.cuda.is_bf16_supported() else None
+        return "CUDA GPU with bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else None
     try:
         flags = set(Path("/proc/cpuinfo").read_text().split())
     except OSError:
@@ -415,7 +415,7 @@ def native_bf16() -> str | None:
     return next((f for f in ("amx_bf16", "avx512_bf16") if f in flags), None)
 
 
-def train_precision(full: bool) -> dict[str, str | bool]:
+def train_precision(full: bool) -> dict[str, str | None]:
     """How training holds and computes its weights, chosen by the hardware (recorded in train_summary.json).
 
     Where bf16 is native (`native_bf16`), an adapter's frozen base weights are loaded in bf16 once, so no step
@@ -424,22 +424,23 @@ def train_precision(full: bool) -> dict[str, str | bool]:
     weights are the ones AdamW updates). Without native bf16 everything is fp32: emulated bf16 matmuls are tens of
     times slower on such CPUs.
 
-    Returns {"base_weights": "bf16" | "fp32", "autocast": bool (bf16 autocast), "reason": str}.
+    Returns {"base_weights": "bf16" | "fp32", "autocast": "bf16" | None, "reason": str}.
     """
     why = native_bf16()
     if why is None:
-        return {"base_weights": "fp32", "autocast": False, "reason": "no native bf16 (no CUDA GPU with bf16, no avx512_bf16 or amx_bf16)"}
+        return {"base_weights": "fp32", "autocast": None, "reason": "no native bf16 (no CUDA GPU with bf16, no avx512_bf16 or amx_bf16)"}
     if full:
-        return {"base_weights": "fp32", "autocast": True, "reason": f"{why}; a full fine-tune keeps fp32 master weights"}
-    return {"base_weights": "bf16", "autocast": True, "reason": f"{why}; frozen base weights cast to bf16 once"}
+        return {"base_weights": "fp32", "autocast": "bf16", "reason": f"{why}; a full fine-tune keeps fp32 master weights"}
+    return {"base_weights": "bf16", "autocast": "bf16", "reason": f"{why}; frozen base weights cast to bf16 once"}
 
 
-def describe_precision(precision: dict[str, str | bool], adapter: bool) -> str:
-    """One line for the console and the reports, e.g. "bf16 base weights, fp32 adapter, bf16 autocast"."""
+def describe_precision(precision: dict[str, str | None], adapter: bool) -> str:
+    """One line for the console and the reports, e.g. "bf16 base weights, fp32 adapter, bf16 autocast"
+    (QLoRA: "nf4 base weights, bf16 adapter, bf16 autocast": TRL casts its adapter to bf16)."""
     parts = [f"{precision['base_weights']} {'base ' if adapter else ''}weights"]
     if adapter:
-        parts.append("fp32 adapter")
-    parts.append("bf16 autocast" if precision["autocast"] else "no autocast")
+        parts.append("bf16 adapter" if precision["base_weights"] == "nf4" else "fp32 adapter")
+    parts.append(f"{precision['autocast']} autocast" if precision["autocast"] else "no autocast")
     return ", ".join(parts)
 
 

@@ -69,6 +69,8 @@ def test_padding_free_batch_has_the_padded_batchs_loss_mask_and_per_token_loss(t
 
 
 def test_a_row_never_attends_to_another_row_of_its_packed_sequence(tokenizer, tiny_model_dir):
+    """The row packed first is perturbed: the rows packed after it (which causal attention alone would let see it)
+    keep their logits, and the row packed last scores as it does alone (its position ids restart at 0)."""
     import torch
 
     from tunegate.models import load_model
@@ -78,28 +80,32 @@ def test_a_row_never_attends_to_another_row_of_its_packed_sequence(tokenizer, ti
     collate = PackedCollator(tokenizer.pad_token_id, budget=4096)
     batch = collate(rows)
     assert batch["input_ids"].shape[0] == 1  # one packed sequence holds all three rows
-    changed = [dict(r) for r in rows]
-    changed[0] = {"input_ids": [t if k < 2 else (t + 7) % 1000 for k, t in enumerate(rows[0]["input_ids"])],
-                  "labels": rows[0]["labels"]}
-    other = collate(changed)
-    model = load_model(tiny_model_dir).eval()
-    with torch.no_grad():
-        a = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits[0]
-        b = model(input_ids=other["input_ids"], position_ids=other["position_ids"]).logits[0]
-        alone = model(input_ids=torch.tensor([rows[1]["input_ids"]])).logits[0]
     (order,) = pack_rows([len(r["input_ids"]) for r in rows], 4096)  # the collator's packing order
     starts, at = {}, 0
     for i in order:
         starts[i] = at
         at += len(rows[i]["input_ids"])
-    assert batch["input_ids"][0, starts[1]:starts[1] + len(rows[1]["input_ids"])].tolist() == rows[1]["input_ids"]
-    s0, n0 = starts[0], len(rows[0]["input_ids"])
+    first, last = order[0], order[-1]
+    changed = [dict(r) for r in rows]
+    changed[first] = {"input_ids": [t if k < 2 else (t + 7) % 1000 for k, t in enumerate(rows[first]["input_ids"])],
+                      "labels": rows[first]["labels"]}
+    other = collate(changed)
+    assert other["input_ids"][0, starts[last]:].tolist()[:len(rows[last]["input_ids"])] == rows[last]["input_ids"]
+    model = load_model(tiny_model_dir).eval()
+    with torch.no_grad():
+        a = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits[0]
+        b = model(input_ids=other["input_ids"], position_ids=other["position_ids"], use_cache=False).logits[0]
+        alone = model(input_ids=torch.tensor([rows[last]["input_ids"]])).logits[0]
+    s0, n0 = starts[first], len(rows[first]["input_ids"])
     assert not torch.allclose(a[s0:s0 + n0], b[s0:s0 + n0])  # the perturbed row's own logits moved
-    for i in (1, 2):
+    for i in order[1:]:
         s, n = starts[i], len(rows[i]["input_ids"])
-        assert torch.allclose(a[s:s + n], b[s:s + n], atol=1e-5)  # the others did not
-    s1, n1 = starts[1], len(rows[1]["input_ids"])
-    assert torch.allclose(a[s1:s1 + n1], alone, atol=1e-4)  # a packed row is scored as if it were alone
+        assert torch.allclose(a[s:s + n], b[s:s + n], atol=1e-5)  # the rows after it did not
+    s, n = starts[last], len(rows[last]["input_ids"])
+    assert torch.allclose(a[s:s + n], alone, atol=1e-4)  # a packed row is scored as if it were alone
+    with torch.no_grad():  # the check can see a leak: with a KV cache, transformers ignores the packing
+        leaky = model(input_ids=other["input_ids"], position_ids=other["position_ids"], use_cache=True).logits[0]
+    assert not torch.allclose(leaky[s:s + n], a[s:s + n], atol=1e-3)
 
 
 @pytest.mark.parametrize("dora", [True, False], ids=["dora", "lora"])
@@ -112,12 +118,12 @@ def test_lean_adapter_forward_gives_peft_outputs_and_gradients(tiny_model_dir, d
     from tunegate.models import load_model
     from tunegate.recipes.lean_adapter import use_lean_forward
 
-    def model(lean, dtype):
+    def model(lean, dtype, dropout=0.0):
         torch.manual_seed(0)
         base = load_model(tiny_model_dir, dtype=dtype)
         proj = base.model.layers[0].self_attn.o_proj
         proj.bias = torch.nn.Parameter(torch.randn(proj.out_features, dtype=dtype) * 0.1, requires_grad=False)
-        m = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", use_dora=dora, lora_dropout=0.0))
+        m = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", use_dora=dora, lora_dropout=dropout))
         with torch.no_grad():  # B starts at zero: move it so the adapter's delta counts (and the DoRA norm with it)
             for name, p in m.named_parameters():
                 if "lora_B" in name:
@@ -151,6 +157,20 @@ def test_lean_adapter_forward_gives_peft_outputs_and_gradients(tiny_model_dir, d
     for name, g in exact_grads.items():
         assert err(lean32_grads[name], g) < 1e-4, name
         assert err(lean16_grads[name], g) <= 1.5 * err(peft16_grads[name], g) + 0.02, (name, err(lean16_grads[name], g), err(peft16_grads[name], g))
+    from peft.tuners.lora.layer import Linear
+
+    peft_forward, calls = Linear.forward, []
+
+    def counted(self, *args, **kwargs):
+        calls.append(type(self).__name__)
+        return peft_forward(self, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Linear, "forward", counted)
+        model(True, torch.float32)(input_ids=ids)
+        assert calls == []  # the lean path ran: PEFT's forward was never entered
+        model(True, torch.float32, dropout=0.1).train()(input_ids=ids)
+        assert len(calls) == 14  # dropout in training: every layer went through PEFT's forward
     m = model(True, torch.float32)
     m.eval()
     with m.disable_adapter(), torch.no_grad():  # PEFT's own paths still answer: adapters disabled
@@ -164,16 +184,56 @@ def test_lean_adapter_forward_gives_peft_outputs_and_gradients(tiny_model_dir, d
     assert torch.allclose(merged, lean, atol=1e-4) and not torch.allclose(plain, lean, atol=1e-3)
 
 
+def test_a_fresh_dora_adapter_over_bf16_base_weights_starts_as_the_base_model(tiny_model_dir):
+    """PEFT rounds a new DoRA magnitude to the bf16 base's dtype; exact_dora_magnitude recomputes it in fp32, so at
+    step 0 the adapted model answers exactly as the base with the adapter disabled (DPO's reference)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from tunegate.models import load_model
+    from tunegate.recipes.lean_adapter import exact_dora_magnitude, use_lean_forward
+
+    m = get_peft_model(load_model(tiny_model_dir, dtype=torch.bfloat16),
+                       LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", use_dora=True), autocast_adapter_dtype=True)
+    use_lean_forward(m)
+    ids = torch.tensor([[5, 17, 300, 42, 9, 1000, 77]])
+
+    def gap():
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            adapted = m(input_ids=ids).logits.float()
+            with m.disable_adapter():
+                base = m(input_ids=ids).logits.float()
+        return float((adapted - base).abs().max())
+
+    assert gap() > 0  # PEFT's magnitude, rounded to bf16, moves the output at step 0
+    assert exact_dora_magnitude(m) == 14
+    assert gap() == 0.0
+
+
+def test_an_explicit_trl_precision_keeps_the_base_in_fp32():
+    from types import SimpleNamespace
+
+    from tunegate.recipes.run import _precision
+
+    def project(**trl):
+        return SimpleNamespace(train=SimpleNamespace(adapter="dora", method="sft", trl=trl))
+
+    assert _precision(project(bf16=False)) == {"base_weights": "fp32", "autocast": None,
+                                                "reason": "train.trl sets {'bf16': False}: fp32 base weights"}
+    assert _precision(project(fp16=True))["autocast"] == "fp16"
+    assert _precision(project())["base_weights"] in ("bf16", "fp32")  # by the hardware
+
+
 def test_precision_is_chosen_by_the_hardware(monkeypatch):
     from tunegate import models
 
     monkeypatch.setattr(models, "native_bf16", lambda: "avx512_bf16")
     adapter = models.train_precision(full=False)
-    assert adapter["base_weights"] == "bf16" and adapter["autocast"] and "avx512_bf16" in adapter["reason"]
+    assert adapter["base_weights"] == "bf16" and adapter["autocast"] == "bf16" and "avx512_bf16" in adapter["reason"]
     assert models.describe_precision(adapter, adapter=True) == "bf16 base weights, fp32 adapter, bf16 autocast"
     full = models.train_precision(full=True)
-    assert full["base_weights"] == "fp32" and full["autocast"]  # fp32 master weights for what AdamW updates
+    assert full["base_weights"] == "fp32" and full["autocast"] == "bf16"  # fp32 master weights for what AdamW updates
     monkeypatch.setattr(models, "native_bf16", lambda: None)
     plain = models.train_precision(full=False)
-    assert plain == {"base_weights": "fp32", "autocast": False, "reason": plain["reason"]} and "no native bf16" in plain["reason"]
+    assert plain == {"base_weights": "fp32", "autocast": None, "reason": plain["reason"]} and "no native bf16" in plain["reason"]
     assert models.bf16_supported() is False

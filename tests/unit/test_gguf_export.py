@@ -198,13 +198,14 @@ def test_llama_cpp_is_built_without_intel_amx_on_x86_and_an_older_build_is_rebui
 
     from tunegate import llama_env
 
-    env, build = llama_env.build_env("x86_64")
+    env, build = llama_env.build_env("x86_64", probe=lambda flags: True)
     assert env["CFLAGS"].split()[-3:] == ["-mno-amx-tile", "-mno-amx-int8", "-mno-amx-bf16"]
     assert env["CXXFLAGS"].endswith(llama_env.NO_AMX_FLAGS)
     monkeypatch.setenv("CFLAGS", "-O2")
-    assert llama_env.build_env("x86_64")[0]["CFLAGS"] == "-O2 " + llama_env.NO_AMX_FLAGS  # the caller's flags kept
-    arm_env, arm_build = llama_env.build_env("aarch64")
+    assert llama_env.build_env("x86_64", probe=lambda flags: True)[0]["CFLAGS"] == "-O2 " + llama_env.NO_AMX_FLAGS  # kept
+    arm_env, arm_build = llama_env.build_env("aarch64", probe=lambda flags: True)
     assert arm_env["CFLAGS"] == "-O2" and arm_build == "native"  # -mno-amx-* is an x86 flag
+    assert llama_env.build_env("x86_64", probe=lambda flags: False)[1] == "native"  # a compiler without AMX flags
 
     venv = tmp_path / "venv"
     (venv / "bin").mkdir(parents=True)
@@ -217,7 +218,7 @@ def test_llama_cpp_is_built_without_intel_amx_on_x86_and_an_older_build_is_rebui
         info.size = len(data)
         tar.addfile(info, io.BytesIO(data))
     monkeypatch.setattr(llama_env, "SDIST_SHA256", hashlib.sha256(sdist.read_bytes()).hexdigest())
-    monkeypatch.setattr(llama_env, "build_env", lambda machine=None: (dict(env), build))  # as on x86-64, on any machine
+    monkeypatch.setattr(llama_env, "build_env", lambda machine=None, probe=None: (dict(env), build))  # as on x86-64
     (venv / llama_env.STAMP).write_text(f"{llama_env.LLAMA_CPP_PYTHON} sdist sha256 {llama_env.SDIST_SHA256}\n")  # an older stamp
     calls = []
 
@@ -233,3 +234,18 @@ def test_llama_cpp_is_built_without_intel_amx_on_x86_and_an_older_build_is_rebui
     assert (venv / llama_env.STAMP).read_text() == llama_env.stamp_text(build)
     llama_env.setup_venv(venv)
     assert len(calls) == 1  # stamped with this build: nothing runs again
+    assert llama_env.find_venv(venv) == venv
+    (venv / llama_env.STAMP).write_text(f"{llama_env.LLAMA_CPP_PYTHON} sdist sha256 {llama_env.SDIST_SHA256}\n")
+    with pytest.raises(TunegateError, match="built by an older tunegate .*tunegate serve-setup llama"):
+        llama_env.find_venv(venv)  # an export never runs on the old build
+
+
+def test_this_machines_compiler_takes_the_no_amx_flags_if_it_is_x86():
+    import platform
+
+    from tunegate.llama_env import NO_AMX_FLAGS, _compiler_takes
+
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        pytest.skip("the AMX flags are x86 flags")
+    assert _compiler_takes(NO_AMX_FLAGS)  # GCC 12 here: the build gets them
+    assert not _compiler_takes("-mno-such-flag-anywhere")

@@ -9,8 +9,9 @@ PEFT's modules (parameters, state dict, saving and merging stay PEFT's):
    `lora_B(lora_A(x)) * s` to the base output in separate operations; for DoRA it builds
    `(m/n - 1)·base + (m/n)·s·lora` in fp32 and adds that to the base output. The lean forward keeps the input as
    it is under autocast and computes `base + s·lora` in one `add` (LoRA) and `(m/n)·((base - bias) + s·lora) + bias`
-   (DoRA: the same sum, rearranged), the scale applied in fp32 as PEFT does. Anything else (dropout in training,
-   several active adapters, merged weights, mixed-adapter batches, other variants) goes through PEFT's forward.
+   (DoRA: the same sum, rearranged; the sum in the output's dtype, the scale m/n applied in fp32). Anything else
+   (dropout in training, several or disabled adapters, merged weights, mixed-adapter batches, other variants,
+   quantised or fan_in_fan_out layers) goes through PEFT's forward.
 
 The DoRA weight norm:
 
@@ -25,10 +26,19 @@ The same norm from small factors, with W (out, in), B (out, r), A (r, in) and ro
 
     ||W_i + s·(BA)_i||² = ||W_i||² + 2s·B_i·(A W_iᵀ) + s²·B_i (A Aᵀ) B_iᵀ
 
-||W_i||² is computed once per frozen weight (and again only if the weight changes, e.g. a merge); A Wᵀ is one
-(r, in) x (in, out) matmul in W's dtype; A Aᵀ is (r, r). Nothing of size (out, in) is written. Everything else
-(magnitude, the LoRA branch, the base result reused, bias handling, merging, saving) stays PEFT's: only
-`forward` is replaced.
+||W_i||² is computed once per frozen weight (again when the weight tensor is replaced or bumps its version;
+merged layers go through PEFT's forward, and PEFT's unmerge replaces the tensor); A Wᵀ is one (r, in) x (in, out)
+matmul in W's dtype; A Aᵀ and the rest are fp32 with autocast off. Nothing of size (out, in) is written.
+Everything else (magnitude, the LoRA branch, the base result reused, bias handling, merging, saving) stays
+PEFT's: only `forward` is replaced.
+
+`exact_dora_magnitude`: PEFT sets a new DoRA magnitude m = ||W + sBA|| in the base weights' dtype, so over bf16
+base weights m is rounded to bf16 while the forward's norm is fp32: at step 0 every row would be scaled by
+1 ± up to half a bf16 ulp, and a fresh adapter would not be the base model (DPO/KTO's reference is the base with
+the adapter disabled). It recomputes m in fp32 with the forward's own norm, so the scale starts at exactly 1.
+
+Not used under DeepSpeed or FSDP (`use_lean_forward` is skipped there by recipes.run): the lean forward reads
+the adapter's parameters outside their modules' forward, which sharded parameters do not allow.
 """
 
 from __future__ import annotations
@@ -48,8 +58,9 @@ def _factored_layer_class():
         returns the DoRA part of the output (..., out) that PEFT adds to the base layer's result."""
 
         def row_norm(self, weight, lora_A, lora_B, scaling: float):
-            """||W_i + s·(BA)_i|| for each output row i, fp32, no gradient. weight (out, in); lora_A/B nn.Linear."""
-            with torch.no_grad():
+            """||W_i + s·(BA)_i|| for each output row i, (out,) fp32, no gradient. weight (out, in); lora_A/B
+            nn.Linear. A Wᵀ in W's dtype (bf16 weights: a bf16 matmul), everything else fp32 with autocast off."""
+            with torch.no_grad(), torch.autocast(weight.device.type, enabled=False):
                 key = (weight.data_ptr(), weight._version, weight.dtype)
                 if getattr(self, "_w_sq_key", None) != key:
                     self._w_sq = weight.float().pow(2).sum(1)  # (out,)
@@ -62,9 +73,11 @@ def _factored_layer_class():
                 return (self._w_sq + 2 * scaling * cross + scaling * scaling * lora_sq).clamp_min(0).sqrt()
 
         def factored(self, base_layer) -> bool:
-            """Whether the factored norm applies: a plain 2-D floating-point weight of (out, in)."""
-            weight = base_layer.weight
-            return not self.fan_in_fan_out and weight.ndim == 2 and weight.dtype.is_floating_point
+            """Whether the factored norm applies: a plain torch Linear (not a quantised layer) with a floating-point
+            (out, in) weight."""
+            if type(base_layer) is not torch.nn.Linear or type(base_layer.weight) is not torch.nn.Parameter:
+                return False
+            return not self.fan_in_fan_out and base_layer.weight.dtype.is_floating_point
 
         def forward(self, x, *, lora_A, lora_B, scaling, base_layer, base_result=None, adapter_name="default"):
             weight = base_layer.weight
@@ -134,4 +147,25 @@ def use_lean_forward(model: Any) -> int:
         elif type(module) is Linear:
             module.__class__ = linear_cls
             n += 1
+    return n
+
+
+def exact_dora_magnitude(model: Any) -> int:
+    """Set each DoRA magnitude of `model`'s lean layers to ||W + sBA|| in fp32, the forward's own norm (module
+    docstring); for a freshly created adapter only (an adapter loaded to go on training keeps its trained m).
+    Returns how many magnitude vectors were set."""
+    import torch
+
+    linear_cls = _lean_linear_class()
+    n = 0
+    with torch.no_grad():
+        for module in model.modules():
+            if type(module) is not linear_cls:
+                continue
+            for name, dora in module.lora_magnitude_vector.items():
+                base_layer = module.get_base_layer()
+                if isinstance(dora, _factored_layer_class()) and dora.factored(base_layer):
+                    norm = dora.row_norm(base_layer.weight, module.lora_A[name], module.lora_B[name], module.scaling[name])
+                    dora.weight.data = norm.to(dora.weight.dtype)
+                    n += 1
     return n

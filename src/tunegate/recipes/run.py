@@ -20,7 +20,7 @@ from tunegate.core.console import console
 from tunegate.core.io import atomic_write_json, atomic_write_jsonl, read_jsonl
 from tunegate.core.stage import Stage
 from tunegate.recipes import common, recipe
-from tunegate.recipes.lean_adapter import use_lean_forward
+from tunegate.recipes.lean_adapter import exact_dora_magnitude, use_lean_forward
 
 # Logged series worth plotting beside the loss, per method (TRL's names).
 PLOTTED = {
@@ -56,6 +56,25 @@ def _preflight(project, data_dir: Path) -> dict[str, Any]:
     return {k: v for k, v in check.items() if k != "text"}
 
 
+def _precision(project) -> dict[str, Any]:
+    """How this training holds its weights and which autocast it runs (models.train_precision), with what the
+    method or the project's `train.trl` decides instead: QLoRA's 4-bit base, classify's fp32 model, and an explicit
+    `train.trl` bf16 / fp16 (the base then stays fp32, under the autocast asked for)."""
+    from tunegate.models import train_precision
+
+    t = project.train
+    if t.adapter == "qlora":
+        return {"base_weights": "nf4", "autocast": "bf16", "reason": "QLoRA: 4-bit NF4 base weights, bf16 compute"}
+    asked = {k: t.trl[k] for k in ("bf16", "fp16") if k in t.trl}
+    if asked:
+        autocast = "fp16" if asked.get("fp16") else "bf16" if asked.get("bf16") else None
+        return {"base_weights": "fp32", "autocast": autocast, "reason": f"train.trl sets {asked}: fp32 base weights"}
+    if t.method == "classify":  # recipes.classify loads its sequence-classification model in fp32
+        chosen = train_precision(full=True)
+        return {**chosen, "reason": chosen["reason"].split(";")[0] + "; the classification head's model loads in fp32"}
+    return train_precision(full=t.adapter == "full")
+
+
 def run_training(st: Stage, data_dir: Path) -> dict[str, Any] | None:
     """Train `st.project`'s `train.method` on the rows of `data_dir` and save what it trained.
 
@@ -87,7 +106,6 @@ def run_training(st: Stage, data_dir: Path) -> dict[str, Any] | None:
         describe_precision,
         load_tokenizer,
         resolve_base_model,
-        train_precision,
         vocabulary_record,
         write_stop_tokens,
     )
@@ -103,20 +121,17 @@ def run_training(st: Stage, data_dir: Path) -> dict[str, Any] | None:
     tokenizer = load_tokenizer(base, project.train.added_tokens)  # the data stage's (models.load_project_tokenizer)
     torch.manual_seed(project.train.seed)
     full = project.train.adapter == "full"
-    if project.train.adapter == "qlora":
-        precision = {"base_weights": "nf4", "autocast": True, "reason": "QLoRA: 4-bit NF4 base, bf16 compute"}
-    elif method == "classify":  # recipes.classify loads its sequence-classification model in fp32
-        precision = {**train_precision(True), "base_weights": "fp32"}
-        precision["reason"] = precision["reason"].split(";")[0] + "; the classification head's model loads in fp32"
-    else:
-        precision = train_precision(full)
-    use_bf16 = bool(precision["autocast"])
+    precision = _precision(project)
+    use_bf16 = precision["autocast"] == "bf16"
     track = common.tracker(st, project.train.budget_minutes * 60 if project.train.budget_minutes else None)
     ctx = common.Context(st, project, base, tokenizer, read_jsonl(data_dir / "train.jsonl"), read_jsonl(data_dir / "val.jsonl"),
                          use_bf16, [track], base_weights=str(precision["base_weights"]))
     built = recipe(method).build(ctx)
     trainer = built.trainer
-    use_lean_forward(trainer.model)  # PEFT's LoRA/DoRA layers, fewer operations per step (recipes.lean_adapter)
+    if not (getattr(trainer, "is_deepspeed_enabled", False) or getattr(trainer, "is_fsdp_enabled", False)):
+        use_lean_forward(trainer.model)  # PEFT's LoRA/DoRA layers, fewer operations per step (recipes.lean_adapter)
+        if project.train.init_adapter is None:
+            exact_dora_magnitude(trainer.model)  # a fresh DoRA adapter starts as the base model, exactly
     bar = common.console_progress(trainer)
 
     if full:

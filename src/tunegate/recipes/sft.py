@@ -46,7 +46,8 @@ def tokenize_rows(tokenizer, rows: list[dict[str, Any]], max_length: int, policy
 # The longest packed sequence a padding-free batch is built of (a row longer than this is a sequence of its own).
 # Attention over a packed sequence is dense, O(T²), on a CPU (no varlen kernel): on banking77 rows (~41 tokens,
 # batch 16, 2 cores, bf16 base) a step took 2.19 s packed into sequences of <=256 tokens, 2.29 s at 128, 2.47 s as
-# one sequence of ~650, 3.76 s at 512, against 2.61 s padded (medians of 7 steps, /work/meas/step_prof.py runs).
+# one sequence of ~650, 3.76 s at 512, against 2.61 s padded (medians of 7 steps of one forward/backward/AdamW
+# timed by hand, LoRA r16, 2026-12-08).
 PACK_TOKENS = 256
 
 
@@ -77,8 +78,8 @@ class PackedCollator:
     - position_ids: 0..n-1 for each row; a sequence's padding continues the last row's positions (it comes after
       every real token, so causal attention never lets a real token see it).
     - attention_mask: 1 on real tokens, 0 on padding. It counts tokens (Trainer's num_input_tokens_seen) and must
-      NOT be given to the model: a mask makes transformers ignore the position ids and attend across rows
-      (`supervised_only_loss` passes position_ids and no mask when position_ids are present).
+      NOT be given to the model: a mask, or a KV cache, makes transformers ignore the position ids and attend
+      across rows (`supervised_only_loss` passes position_ids, no mask and use_cache=False).
     """
 
     def __init__(self, pad_token_id: int, budget: int = PACK_TOKENS):
