@@ -421,8 +421,8 @@ def train_precision(full: bool) -> dict[str, str | None]:
     Where bf16 is native (`native_bf16`), an adapter's frozen base weights are loaded in bf16 once, so no step
     re-casts them; the adapter's weights and its optimizer state stay fp32 (PEFT's autocast_adapter_dtype), and
     bf16 autocast runs the adapter's matmuls. A full fine-tune keeps fp32 master weights under bf16 autocast (its
-    weights are the ones AdamW updates). Without native bf16 everything is fp32: emulated bf16 matmuls are tens of
-    times slower on such CPUs.
+    weights are the ones AdamW updates). Without native bf16 everything is fp32: bf16 matmuls there are emulated,
+    slower than fp32 ones.
 
     Returns {"base_weights": "bf16" | "fp32", "autocast": "bf16" | None, "reason": str}.
     """

@@ -19,8 +19,8 @@ DoRA (Liu et al. 2024, "DoRA: Weight-Decomposed Low-Rank Adaptation", arXiv:2402
 of W + s·BA by m / ||W + s·BA|| (the norm of that row, detached from the graph as section 4.3 of the paper says).
 PEFT's `DoraLinearLayer.forward` computes that norm by building the full (out, in) matrix W + s·BA in the input's
 dtype on every forward: on a CPU that is a copy of every frozen weight to fp32, an add and a norm over all of it,
-each step. On the default adapter (DoRA r16, all linear layers of SmolLM2-135M) it cost ~1 s of a ~3.5 s step
-(bench/train_throughput.py).
+each step. With PEFT's forward, DoRA r16 on all linear layers of SmolLM2-135M took 6.44 s per step against LoRA's
+5.22 s (bench/results/train_throughput.json, before_dora / before_lora).
 
 The same norm from small factors, with W (out, in), B (out, r), A (r, in) and row i:
 
@@ -28,9 +28,8 @@ The same norm from small factors, with W (out, in), B (out, r), A (r, in) and ro
 
 ||W_i||² is computed once per frozen weight (again when the weight tensor is replaced or bumps its version;
 merged layers go through PEFT's forward, and PEFT's unmerge replaces the tensor); A Wᵀ is one (r, in) x (in, out)
-matmul in W's dtype; A Aᵀ and the rest are fp32 with autocast off. Nothing of size (out, in) is written.
-Everything else (magnitude, the LoRA branch, the base result reused, bias handling, merging, saving) stays
-PEFT's: only `forward` is replaced.
+matmul in W's dtype; A Aᵀ and the rest are fp32 with autocast off. Nothing of size (out, in) is written. The
+magnitude, merging and saving stay PEFT's.
 
 `exact_dora_magnitude`: PEFT sets a new DoRA magnitude m = ||W + sBA|| in the base weights' dtype, so over bf16
 base weights m is rounded to bf16 while the forward's norm is fp32: at step 0 every row would be scaled by
@@ -54,8 +53,8 @@ def _factored_layer_class():
     from peft.tuners.lora.dora import DoraLinearLayer
 
     class FactoredNormDoraLinearLayer(DoraLinearLayer):
-        """PEFT's DoRA linear layer with the weight norm from factors (module docstring). Shapes as PEFT's: x (..., in),
-        returns the DoRA part of the output (..., out) that PEFT adds to the base layer's result."""
+        """PEFT's DoRA linear layer, able to give its weight norm from factors (module docstring) to `LeanLoraLinear`.
+        Its own forward stays PEFT's: the paths that fall back to PEFT (dropout in training, ...) use PEFT's norm."""
 
         def row_norm(self, weight, lora_A, lora_B, scaling: float):
             """||W_i + s·(BA)_i|| for each output row i, (out,) fp32, no gradient. weight (out, in); lora_A/B
@@ -78,20 +77,6 @@ def _factored_layer_class():
             if type(base_layer) is not torch.nn.Linear or type(base_layer.weight) is not torch.nn.Parameter:
                 return False
             return not self.fan_in_fan_out and base_layer.weight.dtype.is_floating_point
-
-        def forward(self, x, *, lora_A, lora_B, scaling, base_layer, base_result=None, adapter_name="default"):
-            weight = base_layer.weight
-            if not self.factored(base_layer):
-                return super().forward(x, lora_A=lora_A, lora_B=lora_B, scaling=scaling, base_layer=base_layer,
-                                       base_result=base_result, adapter_name=adapter_name)
-            mag_norm_scale = (self.weight / self.row_norm(weight, lora_A, lora_B, scaling)).view(1, -1)
-            lora_result = lora_B(lora_A(x))
-            if base_result is not None:
-                if base_layer.bias is not None:
-                    base_result = base_result - base_layer.bias
-            else:
-                base_result = F.linear(x, weight.to(x.dtype))
-            return (mag_norm_scale - 1) * base_result + mag_norm_scale * lora_result * scaling
 
     return FactoredNormDoraLinearLayer
 

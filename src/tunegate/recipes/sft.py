@@ -45,9 +45,9 @@ def tokenize_rows(tokenizer, rows: list[dict[str, Any]], max_length: int, policy
 
 # The longest packed sequence a padding-free batch is built of (a row longer than this is a sequence of its own).
 # Attention over a packed sequence is dense, O(T²), on a CPU (no varlen kernel): on banking77 rows (~41 tokens,
-# batch 16, 2 cores, bf16 base) a step took 2.19 s packed into sequences of <=256 tokens, 2.29 s at 128, 2.47 s as
-# one sequence of ~650, 3.76 s at 512, against 2.61 s padded (medians of 7 steps of one forward/backward/AdamW
-# timed by hand, LoRA r16, 2026-12-08).
+# batch 16, 2 cores, bf16 base) a step took 2.19 s packed into sequences of <=256 tokens, 2.29 s at 128, 3.76 s at
+# 512, against 2.61 s padded (medians of 7 steps of one forward/backward/AdamW timed by hand in one run, LoRA r16,
+# 2026-12-08); as one sequence of ~650 tokens, 2.38 s and 2.80 s in two other runs.
 PACK_TOKENS = 256
 
 
