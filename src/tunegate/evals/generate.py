@@ -1,8 +1,29 @@
-"""Batched greedy generation with left padding and the KV cache."""
+"""Batched greedy generation with left padding and the KV cache; a prompt prefix every prompt shares is computed once.
+
+Every in-process caller generates through `generate`: the audit's candidates, the eval gate, the suites (IFEval,
+safety), the judge, distillation's teacher answers, synthetic data, the export check.
+"""
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
+
+# A shared prefix shorter than this is computed with each batch: one batch-1 forward and a copy of its KV cache
+# per batch cost about what they save. Measured on the quickstart golden set (bench/eval_throughput.py): a 30-token
+# shared system prompt gave no gain, a 190-token instruction with three fixed examples 2.2x.
+MIN_SHARED_PREFIX = 64
+
+
+def shared_prefix_length(encoded: Sequence[Sequence[int]]) -> int:
+    """The number of leading token ids every row of `encoded` has in common, leaving each row at least one token of
+    its own (generation needs a last prompt token to start from). 0 for fewer than two rows."""
+    if len(encoded) < 2:
+        return 0
+    first, most = encoded[0], min(len(e) for e in encoded) - 1
+    n = 0
+    while n < most and all(e[n] == first[n] for e in encoded):
+        n += 1
+    return n
 
 
 def generate(
@@ -14,10 +35,15 @@ def generate(
     (nucleus sampling with `top_p`, Holtzman et al. 2019; seed torch for reproducible samples).
 
     Prompts are sorted by length so each batch pads little; left padding keeps the last prompt token next
-    to the first generated one. Generation stops at the end-of-turn or eos token. `stopped`, when given, is
-    filled with one bool per prompt, in input order: whether its answer ended at one of those tokens (False: it
-    ran to `max_new_tokens`). `confidences`, when given, is filled with each answer's confidence, in input order:
-    the geometric mean of its tokens' probabilities through the stop token (tunegate.evals.abstain.answer_confidences).
+    to the first generated one. When every prompt starts with the same MIN_SHARED_PREFIX tokens or more (an audit
+    instruction with its label list or fixed few-shot examples), that prefix is run through the model once and
+    its KV cache copied into each batch; each row's own tokens follow it, left-padded: [prefix][pad][row]. The
+    token ids the model reads are the same either way. Generation stops at the end-of-turn or eos token.
+
+    `stopped`, when given, is filled with one bool per prompt, in input order: whether its answer ended at one of
+    those tokens (False: it ran to `max_new_tokens`). `confidences`, when given, is filled with each answer's
+    confidence, in input order: the geometric mean of its tokens' probabilities through the stop token
+    (tunegate.evals.abstain.answer_confidences).
     """
     import torch
 
@@ -25,8 +51,8 @@ def generate(
     from tunegate.data.format import stop_token_ids
     from tunegate.evals.abstain import answer_confidences
 
-    tokenizer.padding_side = "left"
     stop = stop_token_ids(tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     outputs: list[str] = [""] * len(prompts)
@@ -36,19 +62,23 @@ def generate(
     sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
     model.eval()
     with torch.inference_mode(), progress(desc, len(prompts)) as advance:
+        prefix = _prefix_cache(model, encoded)
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
-            batch = tokenizer.pad({"input_ids": [encoded[i] for i in idx]}, return_tensors="pt", padding=True).to(model.device)
+            input_ids, attention_mask = _left_padded([encoded[i] for i in idx], prefix[0] if prefix else [], pad_id)
+            cached = {"cache": _copy_for_batch(prefix[1], len(idx))} if prefix else {}
             out = model.generate(
-                **batch,
+                input_ids=input_ids.to(model.device),
+                attention_mask=attention_mask.to(model.device),
                 max_new_tokens=max_new_tokens,
                 **sampling,
-                pad_token_id=tokenizer.pad_token_id,
+                pad_token_id=pad_id,
                 eos_token_id=stop,
                 **scored,
+                **cached,
             )
             sequences = out.sequences if scored else out
-            new = sequences[:, batch["input_ids"].shape[1] :]  # (B, new_tokens)
+            new = sequences[:, input_ids.shape[1] :]  # (B, new_tokens)
             if scored:
                 for i, c in zip(idx, answer_confidences(out.logits, new, stop)):
                     confidence[i] = c
@@ -61,3 +91,51 @@ def generate(
     if confidences is not None:
         confidences[:] = confidence
     return outputs
+
+
+def _prefix_cache(model, encoded: Sequence[Sequence[int]]) -> tuple[list[int], Any] | None:
+    """(prefix token ids, its KV cache at batch 1) when the rows share MIN_SHARED_PREFIX tokens or more and the
+    model's cache is transformers' plain DynamicCache (full attention layers only: a sliding-window or recurrent
+    layer's state cannot be copied row by row this way); None otherwise."""
+    import torch
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    n = shared_prefix_length(encoded)
+    if n < MIN_SHARED_PREFIX:
+        return None
+    ids = list(encoded[0][:n])
+    cache = model(input_ids=torch.tensor([ids], device=model.device), use_cache=True, logits_to_keep=1).cache
+    if not isinstance(cache, DynamicCache) or not all(type(layer) is DynamicLayer for layer in cache.layers):
+        return None
+    return ids, cache
+
+
+def _copy_for_batch(cache, rows: int):
+    """A copy of a batch-1 KV cache repeated to `rows` rows (generate extends the cache it is given in place)."""
+    import copy
+
+    batch = copy.deepcopy(cache)
+    batch.batch_repeat_interleave(rows)
+    return batch
+
+
+def _left_padded(rows: Sequence[Sequence[int]], prefix: Sequence[int], pad_id: int):
+    """(input_ids, attention_mask), each (B, len(prefix) + L) with L the longest row after the prefix: the shared
+    prefix, then each row's own tokens left-padded to L. Position ids follow the mask (transformers' generate counts
+    them from it), so a row's tokens sit right after the prefix whatever its padding."""
+    import torch
+
+    n = len(prefix)
+    own = [r[n:] for r in rows]
+    width = n + max(len(r) for r in own)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    if n:
+        input_ids[:, :n] = torch.tensor(prefix, dtype=torch.long)
+        attention_mask[:, :n] = 1
+    for b, r in enumerate(own):
+        if r:
+            input_ids[b, width - len(r) :] = torch.tensor(r, dtype=torch.long)
+            attention_mask[b, width - len(r) :] = 1
+    return input_ids, attention_mask

@@ -1,0 +1,107 @@
+"""The one generation path (tunegate.evals.generate): batched, length-sorted, left-padded, with a shared prompt prefix
+computed once, gives the per-example greedy answers. On the real tokenizer and a tiny 2-layer Llama built in-process."""
+
+import pytest
+
+
+def test_shared_prefix_length_leaves_each_row_a_token_of_its_own():
+    from tunegate.evals.generate import shared_prefix_length
+
+    assert shared_prefix_length([[1, 2, 3, 4], [1, 2, 5]]) == 2
+    assert shared_prefix_length([[1, 2], [1, 2, 3]]) == 1  # [1, 2] must keep its last token
+    assert shared_prefix_length([[1, 2, 3], [1, 2, 3]]) == 2
+    assert shared_prefix_length([[7, 1], [8, 1]]) == 0
+    assert shared_prefix_length([[1, 2, 3]]) == 0  # one row: nothing to share
+
+
+def test_left_padded_puts_the_prefix_first_and_pads_between_it_and_each_row():
+    from tunegate.evals.generate import _left_padded
+
+    ids, mask = _left_padded([[5, 6, 1, 2, 3], [5, 6, 9]], [5, 6], pad_id=0)
+    assert ids.tolist() == [[5, 6, 1, 2, 3], [5, 6, 0, 0, 9]]
+    assert mask.tolist() == [[1, 1, 1, 1, 1], [1, 1, 0, 0, 1]]
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir, tokenizer):
+    from tunegate.models import load_model
+
+    return load_model(tiny_model_dir), tokenizer
+
+
+def _prompts(tokenizer):
+    from tunegate.data.format import generation_prompt
+
+    instruction = ("You route support messages for a bicycle shop. Answer with one JSON object with the keys queue, bike, "
+                   "part and day, and nothing else. Queues: repairs, sales, rentals, warranty. ") * 2
+    queries = ["my chain fell off", "the rear brake of my folding bike squeaks every morning since Tuesday", "hi",
+               "can I rent an e-bike for the weekend of the 14th, and does it come with a helmet and a lock?", "refund"]
+    return [generation_prompt(tokenizer, {"messages": [{"role": "system", "content": instruction},
+                                                       {"role": "user", "content": q}, {"role": "assistant", "content": ""}]})
+            for q in queries]
+
+
+def test_a_shared_prefix_is_computed_once_and_the_answers_are_the_per_example_greedy_ones(tiny, monkeypatch):
+    import torch
+
+    import tunegate.evals.generate as gen
+
+    model, tokenizer = tiny
+    prompts = _prompts(tokenizer)
+    made = []
+    real = gen._prefix_cache
+    monkeypatch.setattr(gen, "_prefix_cache", lambda m, enc: made.append(real(m, enc)) or made[-1])
+    stopped, conf = [], []
+    out = gen.generate(model, tokenizer, prompts, 12, batch_size=2, stopped=stopped, confidences=conf)
+    assert made[0] is not None and len(made[0][0]) >= gen.MIN_SHARED_PREFIX  # the system prompt was shared
+
+    reference = []
+    with torch.inference_mode():
+        for p in prompts:  # the reference: model.generate per prompt, batch 1, no padding, no shared cache
+            ids = tokenizer(p, add_special_tokens=False, return_tensors="pt")["input_ids"]
+            row = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=gen_stop(tokenizer))[0, ids.shape[1]:]
+            reference.append(tokenizer.decode(row, skip_special_tokens=True))
+    assert out == reference
+
+    monkeypatch.setattr(gen, "MIN_SHARED_PREFIX", 10**9)  # the same call without sharing
+    stopped2, conf2 = [], []
+    assert gen.generate(model, tokenizer, prompts, 12, batch_size=2, stopped=stopped2, confidences=conf2) == out
+    assert stopped2 == stopped and conf2 == pytest.approx(conf, abs=1e-5)
+    assert made[-1] is None  # not shared this time
+
+
+def test_rows_that_share_little_are_generated_without_a_prefix_cache(tiny, monkeypatch):
+    import tunegate.evals.generate as gen
+
+    model, tokenizer = tiny
+    made = []
+    real = gen._prefix_cache
+    monkeypatch.setattr(gen, "_prefix_cache", lambda m, enc: made.append(real(m, enc)) or made[-1])
+    out = gen.generate(model, tokenizer, ["short one", "another short one"], 4, batch_size=2)
+    assert made == [None] and len(out) == 2
+
+
+def gen_stop(tokenizer):
+    from tunegate.data.format import stop_token_ids
+
+    return stop_token_ids(tokenizer)
+
+
+def test_a_shared_prefix_through_a_peft_adapter_gives_the_unshared_answers(tiny_model_dir, tokenizer, monkeypatch):
+    """The audit's LoRA probe and the eval's candidate generate through a PeftModel: the prefix's cache is computed
+    with the adapter on, as the rows' tokens are."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    import tunegate.evals.generate as gen
+    from tunegate.models import load_model
+
+    torch.manual_seed(1)
+    model = get_peft_model(load_model(tiny_model_dir), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    prompts = _prompts(tokenizer)
+    shared = gen.generate(model, tokenizer, prompts, 8, batch_size=3)
+    monkeypatch.setattr(gen, "MIN_SHARED_PREFIX", 10**9)
+    assert gen.generate(model, tokenizer, prompts, 8, batch_size=3) == shared
+    with model.disable_adapter():  # the adapter changes the answers, so the comparison above saw it
+        assert gen.generate(model, tokenizer, prompts, 8, batch_size=3) != shared
