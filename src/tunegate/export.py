@@ -99,6 +99,7 @@ def merge_adapter(
     from tunegate.data.format import stop_token_ids
     from tunegate.evals.generate import generate
     from tunegate.models import VOCAB_RECORD, device_name, fit_to_adapter, load_adapter_tokenizer, load_model, write_stop_tokens
+    from tunegate.recipes.lean_adapter import use_lean_forward
 
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
     check_replaceable(out_dir, MERGE_CHECK, "merged model")  # never another folder's files
@@ -115,6 +116,8 @@ def merge_adapter(
         # the base model's embeddings grown first for the added tokens' rows (models.fit_to_adapter)
         model = PeftModel.from_pretrained(fit_to_adapter(load_model(base, dtype=torch.float32), adapter_dir), str(adapter_dir))
         model = model.to(device_name()).eval()
+        # the forward the eval gate measured (recipes.lean_adapter: DoRA's weight norm once, not per decoding step)
+        use_lean_forward(model)
         before_logits = _logits(model, tokenizer, prompts)
         before_text = generate(model, tokenizer, prompts, max_new_tokens, batch_size, desc="greedy, adapter unmerged")
         merged = model.merge_and_unload().eval()

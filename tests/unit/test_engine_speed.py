@@ -184,6 +184,47 @@ def test_lean_adapter_forward_gives_peft_outputs_and_gradients(tiny_model_dir, d
     assert torch.allclose(merged, lean, atol=1e-4) and not torch.allclose(plain, lean, atol=1e-3)
 
 
+def test_without_gradients_the_dora_norm_is_kept_until_a_weight_changes(tiny_model_dir):
+    """Generation and serving run without gradients: the lean DoRA layer computes each weight norm once, gives PEFT's
+    outputs, computes it again when an adapter weight changes in place, and a norm made under inference_mode
+    never reaches a training forward (inference tensors cannot be saved for backward)."""
+    import copy
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from tunegate.models import load_model
+    from tunegate.recipes.lean_adapter import use_lean_forward
+
+    torch.manual_seed(0)
+    peft = get_peft_model(load_model(tiny_model_dir), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", use_dora=True))
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    lean = copy.deepcopy(peft)
+    use_lean_forward(lean)
+    ids = torch.tensor([[5, 17, 300, 42, 9, 1000, 77]])
+    layer = next(m for m in lean.modules() if hasattr(m, "row_norm"))
+    with torch.inference_mode():
+        first = lean(input_ids=ids).logits
+        kept = layer._norm
+        assert torch.allclose(lean(input_ids=ids).logits, first) and layer._norm is kept  # not recomputed
+        assert torch.allclose(first, peft(input_ids=ids).logits, atol=1e-5)
+    with torch.no_grad():  # the same in-place change to both models' adapters
+        for model in (peft, lean):
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.mul_(3.0)
+    with torch.inference_mode():
+        changed = lean(input_ids=ids).logits
+        assert layer._norm is not kept and not torch.allclose(changed, first, atol=1e-3)
+        assert torch.allclose(changed, peft(input_ids=ids).logits, atol=1e-5)
+    lean.train()
+    lean(input_ids=ids).logits.square().mean().backward()  # raises if an inference-mode norm were reused here
+    assert any(p.grad is not None for n, p in lean.named_parameters() if "lora_B" in n)
+
+
 def test_a_fresh_dora_adapter_over_bf16_base_weights_starts_as_the_base_model(tiny_model_dir):
     """PEFT rounds a new DoRA magnitude to the bf16 base's dtype; exact_dora_magnitude recomputes it in fp32, so at
     step 0 the adapted model answers exactly as the base with the adapter disabled (DPO's reference)."""

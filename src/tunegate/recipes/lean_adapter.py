@@ -59,6 +59,15 @@ def _factored_layer_class():
         def row_norm(self, weight, lora_A, lora_B, scaling: float):
             """||W_i + s·(BA)_i|| for each output row i, (out,) fp32, no gradient. weight (out, in); lora_A/B
             nn.Linear. A Wᵀ in W's dtype (bf16 weights: a bf16 matmul), everything else fp32 with autocast off."""
+            # Without gradients (eval, generation, serving) nothing changes between forwards: the norm is kept
+            # until a tensor it came from changes (data_ptr, version) or inference mode flips (a tensor made under
+            # inference_mode cannot enter autograd later).
+            frozen = not torch.is_grad_enabled()
+            if frozen:
+                norm_key = (weight.data_ptr(), weight._version, weight.dtype, lora_A.weight.data_ptr(), lora_A.weight._version,
+                            lora_B.weight.data_ptr(), lora_B.weight._version, scaling, torch.is_inference_mode_enabled())
+                if getattr(self, "_norm_key", None) == norm_key:
+                    return self._norm
             with torch.no_grad(), torch.autocast(weight.device.type, enabled=False):
                 key = (weight.data_ptr(), weight._version, weight.dtype)
                 if getattr(self, "_w_sq_key", None) != key:
@@ -69,7 +78,10 @@ def _factored_layer_class():
                 a_wt = F.linear(a.to(weight.dtype), weight).float()  # (r, out) = A Wᵀ
                 cross = (b * a_wt.T).sum(1)  # (out,)
                 lora_sq = ((b @ (a @ a.T)) * b).sum(1)  # (out,)
-                return (self._w_sq + 2 * scaling * cross + scaling * scaling * lora_sq).clamp_min(0).sqrt()
+                norm = (self._w_sq + 2 * scaling * cross + scaling * scaling * lora_sq).clamp_min(0).sqrt()
+            if frozen:
+                self._norm, self._norm_key = norm, norm_key
+            return norm
 
         def factored(self, base_layer) -> bool:
             """Whether the factored norm applies: a plain torch Linear (not a quantised layer) with a floating-point

@@ -553,9 +553,12 @@ def _attach(model, adapter_dir: Path, name: str):
     from peft import PeftModel
 
     from tunegate.models import fit_to_adapter
+    from tunegate.recipes.lean_adapter import use_lean_forward
 
     fit_to_adapter(model, adapter_dir)
     if isinstance(model, PeftModel):
         model.load_adapter(str(adapter_dir), adapter_name=name, is_trainable=False)
-        return model
-    return PeftModel.from_pretrained(model, str(adapter_dir), adapter_name=name, is_trainable=False).eval()
+    else:
+        model = PeftModel.from_pretrained(model, str(adapter_dir), adapter_name=name, is_trainable=False).eval()
+    use_lean_forward(model)  # the new adapter's layers too: DoRA's weight norm once, not at every decoding step
+    return model

@@ -572,8 +572,10 @@ def _probe_candidates(st: Stage, a: _Audit, prices: dict[str, Any], rag_prompts:
         return _classify_probe(st, a, usd_per_hour)
     probe = _train_probe(st, a.pool, a.n_train, st.project.audit.seed, usd_per_hour)
     from tunegate.models import fit_to_adapter
+    from tunegate.recipes.lean_adapter import use_lean_forward
 
     a.model = PeftModel.from_pretrained(fit_to_adapter(a.model, probe["adapter"]), str(probe["adapter"]))
+    use_lean_forward(a.model)  # DoRA's weight norm once, not at every decoding step
     training_cost = probe["full_run_usd"]
     if a.want("lora_probe"):
         # eval.abstain: the probe abstains as the eval gate will measure the candidate, its threshold from the dev rows
