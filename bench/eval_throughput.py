@@ -16,8 +16,14 @@ batch size 1 in float rounding, so the fraction of identical texts is reported, 
 The shared-prefix part (`shared_prefix` in the JSON) times the audit's label-list prompt on banking77 (the
 audit's wording: the instruction, then "Answer with exactly one of these labels and nothing else:" and the 77
 labels, as a system turn; the customer message as the user turn) through `generate` twice, in the same run: with
-the shared prefix computed once (the default) and with sharing off (MIN_SHARED_PREFIX raised past any prompt).
+the shared prefix computed once (the default) and with sharing off (`share_prefix=False`).
 It needs ../shared/data/banking77; without it that part is skipped and says so.
+
+With `--adapter DIR` (a trained adapter of the embedded model, e.g. the quickstart's
+examples/quickstart/runs/default/train/adapter) the same prompts are answered three ways, each a fresh model in
+the same run: PEFT's own forward, unmerged (as the embedded server, the audit's probe and the merge check ran it
+before issue 24), tunegate's lean forward, unmerged (recipes.lean_adapter: a DoRA weight norm kept while nothing
+trains), and the adapter merged into the weights (what the eval gate answers with).
 
     python bench/eval_throughput.py                     # 64 quickstart golden prompts, batch 16, 64 new tokens
     python bench/eval_throughput.py --prompts ifeval --n 32 --out bench/results/eval_throughput_ifeval.json
@@ -92,9 +98,9 @@ def count_new(new_ids, stop: set[int]) -> int:
 
 
 def banking77_label_prompts(tok, n: int) -> list[str] | None:
-    """The first n banking77 test messages under the audit's label-list instruction (stages.audit._label_instruction
-    with the example's instruction), rendered as the audit renders them (stages.audit.chat_prompt); None without
-    ../shared/data/banking77."""
+    """The first n banking77 test messages under the audit's label-list instruction (the wording of
+    stages.audit._label_instruction, with the example's instruction as its lead), rendered as the audit renders
+    them (stages.audit.chat_prompt); None without ../shared/data/banking77."""
     import csv
 
     from tunegate.data.format import supports_system_role
@@ -119,14 +125,10 @@ def shared_prefix_bench(model, tok, n: int, batch_size: int, max_new_tokens: int
         return {"skipped": f"{BANKING77} not found"}
     encoded = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
     timed = {}
-    for name, minimum in (("without_sharing", 10**9), ("shared_prefix", gen.MIN_SHARED_PREFIX)):
-        saved, gen.MIN_SHARED_PREFIX = gen.MIN_SHARED_PREFIX, minimum
-        try:
-            t0 = time.perf_counter()
-            text = gen.generate(model, tok, prompts, max_new_tokens, batch_size, desc=f"banking77 labels, {name}")
-            timed[name] = (time.perf_counter() - t0, text)
-        finally:
-            gen.MIN_SHARED_PREFIX = saved
+    for name, share in (("without_sharing", False), ("shared_prefix", True)):
+        t0 = time.perf_counter()
+        text = gen.generate(model, tok, prompts, max_new_tokens, batch_size, desc=f"banking77 labels, {name}", share_prefix=share)
+        timed[name] = (time.perf_counter() - t0, text)
     speedup = timed["without_sharing"][0] / timed["shared_prefix"][0]
     same = sum(a == b for a, b in zip(timed["without_sharing"][1], timed["shared_prefix"][1]))
     return {
@@ -141,6 +143,37 @@ def shared_prefix_bench(model, tok, n: int, batch_size: int, max_new_tokens: int
         "target": {"speedup_min": TARGET_PREFIX_SPEEDUP},
         "target_met": bool(speedup >= TARGET_PREFIX_SPEEDUP),
         "identical_answers": f"{same}/{len(prompts)}",
+    }
+
+
+def adapter_bench(base, tok, prompts: list[str], adapter_dir: Path, batch_size: int, max_new_tokens: int) -> dict:
+    """Seconds to answer `prompts` with the adapter through PEFT's forward, the lean forward and merged weights,
+    and how many answers each shares with PEFT's."""
+    from peft import PeftModel
+
+    from tunegate.evals.generate import generate
+    from tunegate.models import fit_to_adapter, load_model
+    from tunegate.recipes.lean_adapter import use_lean_forward
+
+    def loaded():
+        return PeftModel.from_pretrained(fit_to_adapter(load_model(base), adapter_dir), str(adapter_dir)).eval()
+
+    lean = loaded()
+    use_lean_forward(lean)
+    systems = {"peft_unmerged": loaded(), "lean_unmerged": lean, "merged": loaded().merge_and_unload().eval()}
+    timed = {}
+    for name, model in systems.items():
+        generate(model, tok, prompts[:2], 2, 2, desc=f"warm-up {name}")
+        t0 = time.perf_counter()
+        timed[name] = (generate(model, tok, prompts, max_new_tokens, batch_size, desc=f"adapter, {name}"), time.perf_counter() - t0)
+    reference = timed["peft_unmerged"][0]
+    return {
+        "adapter": str(adapter_dir.resolve().relative_to(REPO)) if adapter_dir.resolve().is_relative_to(REPO) else str(adapter_dir),
+        "dora": any("lora_magnitude_vector" in n for n, _ in systems["peft_unmerged"].named_parameters()),
+        "n_prompts": len(prompts),
+        "seconds": {name: round(t, 2) for name, (_, t) in timed.items()},
+        "lean_speedup_vs_peft": round(timed["peft_unmerged"][1] / timed["lean_unmerged"][1], 2),
+        "identical_to_peft": {name: f"{sum(a == b for a, b in zip(out, reference))}/{len(prompts)}" for name, (out, _) in timed.items()},
     }
 
 
@@ -176,6 +209,8 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="the model's weights for both paths "
                     "(the pipeline generates in fp32; bf16 measures what native-bf16 CPUs would gain, and how many answers change)")
+    ap.add_argument("--adapter", type=Path, default=None, help="a trained adapter of the embedded model: also time "
+                    "it through PEFT's forward, the lean forward and merged")
     ap.add_argument("--prefix-n", type=int, default=64, help="banking77 prompts for the shared-prefix part (0: skip it)")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice); "
                     "on a machine shared with other jobs, fewer threads than cores avoids waiting on a descheduled one")
@@ -230,6 +265,9 @@ def main() -> None:
         prefix = (shared_prefix_bench(model, tok, args.prefix_n, args.batch_size, 16) if args.prefix_n
                   else {"skipped": "--prefix-n 0"})
 
+    # loaded outside inference_mode, as the pipeline loads them (weights made under it keep no version counter)
+    adapter = (adapter_bench(base, tok, prompts, args.adapter, args.batch_size, args.max_new_tokens) if args.adapter
+               else {"skipped": "no --adapter"})
     same = [a == b for a, b in zip(loop_text, batch_text)]
     differing = [i for i, s in enumerate(same) if not s]
 
@@ -258,6 +296,7 @@ def main() -> None:
         "identical_text_fraction": round(sum(same) / len(same), 3),
         "differing_prompt_indices": differing[:20],
         "shared_prefix": prefix,
+        "adapter": adapter,
         "torch_threads": torch.get_num_threads(),
         "load_average_1min": {"before": round(load_before[0], 2), "after": round(os.getloadavg()[0], 2)},
         "torch": torch.__version__,
@@ -276,6 +315,9 @@ def main() -> None:
         print(f"shared prefix ({prefix['shared_prefix_tokens']} of {prefix['prompt_tokens_mean']} tokens): "
               f"{prefix['seconds']['without_sharing']} s -> {prefix['seconds']['shared_prefix']} s, {prefix['speedup']}x "
               f"(target >= {TARGET_PREFIX_SPEEDUP:g}x); identical answers {prefix['identical_answers']}")
+    if "seconds" in adapter:
+        print(f"adapter ({'DoRA' if adapter['dora'] else 'LoRA'}): {adapter['seconds']}; lean vs PEFT "
+              f"{adapter['lean_speedup_vs_peft']}x; identical to PEFT's answers {adapter['identical_to_peft']}")
 
 
 if __name__ == "__main__":

@@ -186,8 +186,8 @@ def test_lean_adapter_forward_gives_peft_outputs_and_gradients(tiny_model_dir, d
 
 def test_without_gradients_the_dora_norm_is_kept_until_a_weight_changes(tiny_model_dir):
     """Generation and serving run without gradients: the lean DoRA layer computes each weight norm once, gives PEFT's
-    outputs, computes it again when an adapter weight changes in place, and a norm made under inference_mode
-    never reaches a training forward (inference tensors cannot be saved for backward)."""
+    outputs, and computes it again when an adapter weight changes in place; a training forward after it computes
+    its own norm and trains."""
     import copy
 
     import torch
@@ -208,8 +208,8 @@ def test_without_gradients_the_dora_norm_is_kept_until_a_weight_changes(tiny_mod
     layer = next(m for m in lean.modules() if hasattr(m, "row_norm"))
     with torch.inference_mode():
         first = lean(input_ids=ids).logits
-        kept = layer._norm
-        assert torch.allclose(lean(input_ids=ids).logits, first) and layer._norm is kept  # not recomputed
+        kept = layer._kept_norm[1]
+        assert torch.allclose(lean(input_ids=ids).logits, first) and layer._kept_norm[1] is kept  # not recomputed
         assert torch.allclose(first, peft(input_ids=ids).logits, atol=1e-5)
     with torch.no_grad():  # the same in-place change to both models' adapters
         for model in (peft, lean):
@@ -218,11 +218,16 @@ def test_without_gradients_the_dora_norm_is_kept_until_a_weight_changes(tiny_mod
                     p.mul_(3.0)
     with torch.inference_mode():
         changed = lean(input_ids=ids).logits
-        assert layer._norm is not kept and not torch.allclose(changed, first, atol=1e-3)
+        assert layer._kept_norm[1] is not kept and not torch.allclose(changed, first, atol=1e-3)
         assert torch.allclose(changed, peft(input_ids=ids).logits, atol=1e-5)
     lean.train()
     lean(input_ids=ids).logits.square().mean().backward()  # raises if an inference-mode norm were reused here
     assert any(p.grad is not None for n, p in lean.named_parameters() if "lora_B" in n)
+    with torch.inference_mode():  # weights loaded under inference_mode keep no version counter: computed each time
+        loaded = copy.deepcopy(peft)
+        use_lean_forward(loaded)
+        assert torch.allclose(loaded(input_ids=ids).logits, peft(input_ids=ids).logits, atol=1e-5)
+        assert all(getattr(m, "_kept_norm", None) is None for m in loaded.modules())
 
 
 def test_a_fresh_dora_adapter_over_bf16_base_weights_starts_as_the_base_model(tiny_model_dir):

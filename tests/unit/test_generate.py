@@ -41,67 +41,102 @@ def _prompts(tokenizer):
             for q in queries]
 
 
-def test_a_shared_prefix_is_computed_once_and_the_answers_are_the_per_example_greedy_ones(tiny, monkeypatch):
-    import torch
-
+@pytest.fixture()
+def prefixes(monkeypatch):
+    """The (prefix ids, cache) or None each `generate` call got from _prefix_cache, in order."""
     import tunegate.evals.generate as gen
 
-    model, tokenizer = tiny
-    prompts = _prompts(tokenizer)
-    made = []
-    real = gen._prefix_cache
+    made, real = [], gen._prefix_cache
     monkeypatch.setattr(gen, "_prefix_cache", lambda m, enc: made.append(real(m, enc)) or made[-1])
+    return made
+
+
+def _widths(model):
+    """A list that collects the (batch, tokens) of every forward pass, read at the input embeddings."""
+    widths = []
+    model.get_input_embeddings().register_forward_hook(lambda mod, args, out: widths.append(tuple(args[0].shape)))
+    return widths
+
+
+def test_a_shared_prefix_is_computed_once_and_the_answers_are_the_per_example_greedy_ones(tiny_model_dir, tokenizer, prefixes):
+    import torch
+
+    from tunegate.data.format import stop_token_ids
+    from tunegate.evals.generate import MIN_SHARED_PREFIX, generate
+    from tunegate.models import load_model
+
+    model = load_model(tiny_model_dir)
+    widths = _widths(model)
+    prompts = _prompts(tokenizer)
     stopped, conf = [], []
-    out = gen.generate(model, tokenizer, prompts, 12, batch_size=2, stopped=stopped, confidences=conf)
-    assert made[0] is not None and len(made[0][0]) >= gen.MIN_SHARED_PREFIX  # the system prompt was shared
+    out = generate(model, tokenizer, prompts, 12, batch_size=2, stopped=stopped, confidences=conf)
+    n = len(prefixes[0][0])
+    assert n >= MIN_SHARED_PREFIX  # the system prompt was shared
+    own = sorted(len(tokenizer(p, add_special_tokens=False)["input_ids"]) - n for p in prompts)
+    # one batch-1 forward over the prefix, then each batch's first forward reads only its rows' own tokens
+    assert widths[0] == (1, n) and (2, max(own[:2])) in widths and (1, own[-1]) in widths
+    assert max(w for _, w in widths) < n + own[-1]
 
     reference = []
     with torch.inference_mode():
         for p in prompts:  # the reference: model.generate per prompt, batch 1, no padding, no shared cache
             ids = tokenizer(p, add_special_tokens=False, return_tensors="pt")["input_ids"]
             row = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=gen_stop(tokenizer))[0, ids.shape[1]:]
+                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=stop_token_ids(tokenizer))[0, ids.shape[1]:]
             reference.append(tokenizer.decode(row, skip_special_tokens=True))
     assert out == reference
 
-    monkeypatch.setattr(gen, "MIN_SHARED_PREFIX", 10**9)  # the same call without sharing
-    stopped2, conf2 = [], []
-    assert gen.generate(model, tokenizer, prompts, 12, batch_size=2, stopped=stopped2, confidences=conf2) == out
+    stopped2, conf2 = [], []  # the same call without sharing
+    assert generate(model, tokenizer, prompts, 12, batch_size=2, stopped=stopped2, confidences=conf2, share_prefix=False) == out
     assert stopped2 == stopped and conf2 == pytest.approx(conf, abs=1e-5)
-    assert made[-1] is None  # not shared this time
+    assert len(prefixes) == 1  # share_prefix=False never asked for one
 
 
-def test_rows_that_share_little_are_generated_without_a_prefix_cache(tiny, monkeypatch):
-    import tunegate.evals.generate as gen
+def test_sampling_with_a_shared_prefix_draws_what_it_draws_without(tiny, prefixes):
+    import torch
+
+    from tunegate.evals.generate import generate
 
     model, tokenizer = tiny
-    made = []
-    real = gen._prefix_cache
-    monkeypatch.setattr(gen, "_prefix_cache", lambda m, enc: made.append(real(m, enc)) or made[-1])
-    out = gen.generate(model, tokenizer, ["short one", "another short one"], 4, batch_size=2)
-    assert made == [None] and len(out) == 2
+    prompts = _prompts(tokenizer)
+    torch.manual_seed(7)
+    shared = generate(model, tokenizer, prompts, 8, batch_size=5, temperature=1.0, top_p=0.9)
+    torch.manual_seed(7)
+    assert generate(model, tokenizer, prompts, 8, batch_size=5, temperature=1.0, top_p=0.9, share_prefix=False) == shared
+    assert prefixes[0] is not None
+    torch.manual_seed(8)  # the samples depend on the seed, so the comparison above could fail
+    assert generate(model, tokenizer, prompts, 8, batch_size=5, temperature=1.0, top_p=0.9) != shared
 
 
-def gen_stop(tokenizer):
-    from tunegate.data.format import stop_token_ids
+def test_rows_that_share_little_or_a_model_with_its_own_cache_get_no_prefix_cache(tiny, prefixes):
+    import copy
 
-    return stop_token_ids(tokenizer)
+    from tunegate.evals.generate import generate
+
+    model, tokenizer = tiny
+    short = ["short one", "another short one"]
+    assert generate(model, tokenizer, short, 4, batch_size=2) == generate(model, tokenizer, short, 4, batch_size=2, share_prefix=False)
+    static = copy.deepcopy(model)
+    static.generation_config.cache_implementation = "static"  # transformers refuses a cache passed beside it
+    prompts = _prompts(tokenizer)
+    assert generate(static, tokenizer, prompts, 4, batch_size=2) == generate(model, tokenizer, prompts, 4, batch_size=2)
+    # share_prefix=False asks for none: the calls that asked were short, static, then the plain model
+    assert len(prefixes) == 3 and prefixes[0] is None and prefixes[1] is None and prefixes[2] is not None
 
 
-def test_a_shared_prefix_through_a_peft_adapter_gives_the_unshared_answers(tiny_model_dir, tokenizer, monkeypatch):
+def test_a_shared_prefix_through_a_peft_adapter_gives_the_unshared_answers(tiny_model_dir, tokenizer):
     """The audit's LoRA probe and the eval's candidate generate through a PeftModel: the prefix's cache is computed
     with the adapter on, as the rows' tokens are."""
     import torch
     from peft import LoraConfig, get_peft_model
 
-    import tunegate.evals.generate as gen
+    from tunegate.evals.generate import generate
     from tunegate.models import load_model
 
     torch.manual_seed(1)
     model = get_peft_model(load_model(tiny_model_dir), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
     prompts = _prompts(tokenizer)
-    shared = gen.generate(model, tokenizer, prompts, 8, batch_size=3)
-    monkeypatch.setattr(gen, "MIN_SHARED_PREFIX", 10**9)
-    assert gen.generate(model, tokenizer, prompts, 8, batch_size=3) == shared
+    shared = generate(model, tokenizer, prompts, 8, batch_size=3)
+    assert generate(model, tokenizer, prompts, 8, batch_size=3, share_prefix=False) == shared
     with model.disable_adapter():  # the adapter changes the answers, so the comparison above saw it
-        assert gen.generate(model, tokenizer, prompts, 8, batch_size=3) != shared
+        assert generate(model, tokenizer, prompts, 8, batch_size=3) != shared

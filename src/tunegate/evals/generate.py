@@ -9,8 +9,9 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 # A shared prefix shorter than this is computed with each batch: one batch-1 forward and a copy of its KV cache
-# per batch cost about what they save. Measured on the quickstart golden set (bench/eval_throughput.py): a 30-token
-# shared system prompt gave no gain, a 190-token instruction with three fixed examples 2.2x.
+# per batch cost about what they save. Measured once on 48 quickstart golden prompts (batch 24, fp32, 2 cores, each
+# against generation without sharing in the same process): the 30-token shared system prompt gave no gain, a
+# 190-token instruction with three fixed examples 2.2x. bench/eval_throughput.py times the audit's label list.
 MIN_SHARED_PREFIX = 64
 
 
@@ -29,7 +30,7 @@ def shared_prefix_length(encoded: Sequence[Sequence[int]]) -> int:
 def generate(
     model, tokenizer, prompts: Sequence[str], max_new_tokens: int, batch_size: int, desc: str = "generating",
     temperature: float = 0.0, top_p: float = 1.0, stopped: list[bool] | None = None,
-    confidences: list[float] | None = None,
+    confidences: list[float] | None = None, share_prefix: bool = True,
 ) -> list[str]:
     """Completions of `prompts` (rendered text), in input order: greedy, or sampled when `temperature` > 0
     (nucleus sampling with `top_p`, Holtzman et al. 2019; seed torch for reproducible samples).
@@ -38,7 +39,8 @@ def generate(
     to the first generated one. When every prompt starts with the same MIN_SHARED_PREFIX tokens or more (an audit
     instruction with its label list or fixed few-shot examples), that prefix is run through the model once and
     its KV cache copied into each batch; each row's own tokens follow it, left-padded: [prefix][pad][row]. The
-    token ids the model reads are the same either way. Generation stops at the end-of-turn or eos token.
+    token ids the model reads are the same either way (`share_prefix=False` turns it off, for comparisons).
+    Generation stops at the end-of-turn or eos token.
 
     `stopped`, when given, is filled with one bool per prompt, in input order: whether its answer ended at one of
     those tokens (False: it ran to `max_new_tokens`). `confidences`, when given, is filled with each answer's
@@ -62,7 +64,7 @@ def generate(
     sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
     model.eval()
     with torch.inference_mode(), progress(desc, len(prompts)) as advance:
-        prefix = _prefix_cache(model, encoded)
+        prefix = _prefix_cache(model, encoded) if share_prefix else None
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
             input_ids, attention_mask = _left_padded([encoded[i] for i in idx], prefix[0] if prefix else [], pad_id)
@@ -95,19 +97,21 @@ def generate(
 
 def _prefix_cache(model, encoded: Sequence[Sequence[int]]) -> tuple[list[int], Any] | None:
     """(prefix token ids, its KV cache at batch 1) when the rows share MIN_SHARED_PREFIX tokens or more and the
-    model's cache is transformers' plain DynamicCache (full attention layers only: a sliding-window or recurrent
-    layer's state cannot be copied row by row this way); None otherwise."""
+    model generates with transformers' plain DynamicCache of full-attention layers; None otherwise (no forward
+    run). A generation config naming a cache_implementation (static, offloaded, quantized) would refuse a cache
+    passed in, and a sliding-window or recurrent layer's state cannot be copied row by row this way."""
     import torch
     from transformers import DynamicCache
     from transformers.cache_utils import DynamicLayer
 
     n = shared_prefix_length(encoded)
-    if n < MIN_SHARED_PREFIX:
+    if n < MIN_SHARED_PREFIX or getattr(model.generation_config, "cache_implementation", None) is not None:
+        return None
+    cache = DynamicCache(config=model.config.get_text_config(decoder=True))
+    if not all(type(layer) is DynamicLayer for layer in cache.layers):
         return None
     ids = list(encoded[0][:n])
-    cache = model(input_ids=torch.tensor([ids], device=model.device), use_cache=True, logits_to_keep=1).cache
-    if not isinstance(cache, DynamicCache) or not all(type(layer) is DynamicLayer for layer in cache.layers):
-        return None
+    model(input_ids=torch.tensor([ids], device=model.device), cache=cache, use_cache=True, logits_to_keep=1)
     return ids, cache
 
 

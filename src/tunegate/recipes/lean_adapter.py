@@ -61,16 +61,20 @@ def _factored_layer_class():
             nn.Linear. A Wᵀ in W's dtype (bf16 weights: a bf16 matmul), everything else fp32 with autocast off."""
             # Without gradients (eval, generation, serving) nothing changes between forwards: the norm is kept
             # until a tensor it came from changes (data_ptr, version) or inference mode flips (a tensor made under
-            # inference_mode cannot enter autograd later).
-            frozen = not torch.is_grad_enabled()
+            # inference_mode cannot enter autograd later). The kept entry holds the three tensors, so their memory
+            # cannot be freed and reused by a new tensor with the same address and version. Weights loaded under
+            # inference_mode have no version counter: nothing is kept for them.
+            sources = (weight, lora_A.weight, lora_B.weight)
+            tracked = not any(t.is_inference() for t in sources)
+            frozen = tracked and not torch.is_grad_enabled()
             if frozen:
-                norm_key = (weight.data_ptr(), weight._version, weight.dtype, lora_A.weight.data_ptr(), lora_A.weight._version,
-                            lora_B.weight.data_ptr(), lora_B.weight._version, scaling, torch.is_inference_mode_enabled())
-                if getattr(self, "_norm_key", None) == norm_key:
-                    return self._norm
+                norm_key = (*((t.data_ptr(), t._version) for t in sources), weight.dtype, scaling, torch.is_inference_mode_enabled())
+                kept = getattr(self, "_kept_norm", None)
+                if kept is not None and kept[0] == norm_key:
+                    return kept[1]
             with torch.no_grad(), torch.autocast(weight.device.type, enabled=False):
-                key = (weight.data_ptr(), weight._version, weight.dtype)
-                if getattr(self, "_w_sq_key", None) != key:
+                key = (weight.data_ptr(), weight._version, weight.dtype) if tracked else None
+                if key is None or getattr(self, "_w_sq_key", None) != key:
                     self._w_sq = weight.float().pow(2).sum(1)  # (out,)
                     self._w_sq_key = key
                 a = lora_A.weight.float()  # (r, in)
@@ -80,7 +84,7 @@ def _factored_layer_class():
                 lora_sq = ((b @ (a @ a.T)) * b).sum(1)  # (out,)
                 norm = (self._w_sq + 2 * scaling * cross + scaling * scaling * lora_sq).clamp_min(0).sqrt()
             if frozen:
-                self._norm, self._norm_key = norm, norm_key
+                self._kept_norm = (norm_key, norm, sources)
             return norm
 
         def factored(self, base_layer) -> bool:
@@ -163,6 +167,6 @@ def exact_dora_magnitude(model: Any) -> int:
                 base_layer = module.get_base_layer()
                 if isinstance(dora, _factored_layer_class()) and dora.factored(base_layer):
                     norm = dora.row_norm(base_layer.weight, module.lora_A[name], module.lora_B[name], module.scaling[name])
-                    dora.weight.data = norm.to(dora.weight.dtype)
+                    dora.weight.data = norm.to(dora.weight.dtype).clone()  # never the kept norm's own storage
                     n += 1
     return n

@@ -89,7 +89,6 @@ def _systems(project, tokenizer, base_path, adapter_dir, production):
     from tunegate.evals.backends import LocalChat, LocalClassifier
     from tunegate.models import fit_to_adapter, load_inference_model
     from tunegate.recipes.classify import is_classifier, load_trained
-    from tunegate.recipes.lean_adapter import use_lean_forward
 
     if is_classifier(adapter_dir):  # method classify: the head answers in one forward pass; the base model generates
         if production is not None:
@@ -110,12 +109,10 @@ def _systems(project, tokenizer, base_path, adapter_dir, production):
     model = PeftModel.from_pretrained(fit_to_adapter(load_inference_model(base_path), adapter_dir), str(adapter_dir))
     candidate = LocalChat(model, tokenizer, ecfg.batch_size, "candidate", adapter="default")
     if production is None:
-        use_lean_forward(model)  # DoRA's weight norm once, not at every decoding step (recipes.lean_adapter)
         return {"baseline": LocalChat(model, tokenizer, ecfg.batch_size, "base model", adapter_off=True), "candidate": candidate}
     _same_base(production, adapter_dir)
     fit_to_adapter(model, production["adapter_dir"])
     model.load_adapter(production["adapter_dir"], adapter_name="production")
-    use_lean_forward(model)
     return {"baseline": LocalChat(model, tokenizer, ecfg.batch_size, f"production v{production['version']}", adapter="production"),
             "candidate": candidate}
 
