@@ -1,7 +1,8 @@
 """Batched greedy generation with left padding and the KV cache; a prompt prefix every prompt shares is computed once.
 
-Every in-process caller generates through `generate`: the audit's candidates, the eval gate, the suites (IFEval,
-safety), the judge, distillation's teacher answers, synthetic data, the export check.
+The audit's candidates, the eval gate, the suites (IFEval, safety), the judge, distillation's teacher answers,
+synthetic data and the merge check generate through `generate`. Not yet: GRPO's rollouts (recipes.grpo, several
+samples per prompt) and the embedded server (serve.engine, one request at a time with its own stop rules).
 """
 
 from __future__ import annotations
