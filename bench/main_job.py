@@ -40,18 +40,23 @@ def main() -> None:
     resolve_base_model("smollm2-135m-instruct")  # warm: unpacked before the clock starts
     tunegate = Path(sys.executable).with_name("tunegate")
     load_before = os.getloadavg()
+    started = dt.datetime.now(dt.UTC).replace(microsecond=0)  # manifests record started_at to the second
     t0 = time.perf_counter()
     proc = subprocess.run([str(tunegate), "run", str(PROJECT), "--run-id", RUN_ID, "--force", "all"], cwd=REPO)
     total_s = time.perf_counter() - t0
     peak_rss_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     run_dir = PROJECT.parent / "runs" / RUN_ID
-    stages, verdict = {}, None
+    stages, verdict, metrics = {}, None, {}
     for name in STAGES:
         manifest = run_dir / name / "manifest.json"
-        if manifest.is_file():
-            m = json.loads(manifest.read_text(encoding="utf-8"))
-            stages[name] = round(m["wall_s"], 1)
-            verdict = m.get("verdict") or verdict
+        if not manifest.is_file():
+            continue
+        m = json.loads(manifest.read_text(encoding="utf-8"))
+        if dt.datetime.fromisoformat(m["started_at"]) < started:
+            continue  # a stage that failed this time leaves the last run's manifest: not this run's time
+        stages[name] = round(m["wall_s"], 1)
+        verdict = m.get("verdict") or verdict
+        metrics[name] = m.get("metrics") or {}
     out = {
         "bench": "main_job",
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
@@ -59,11 +64,14 @@ def main() -> None:
         "exit_code": proc.returncode,
         "verdict": verdict,
         "stage_wall_s": stages,
+        "stages_missing": [name for name in STAGES if name not in stages],
+        "train_metrics": metrics.get("train", {}),
+        "eval_metrics": metrics.get("eval", {}),
         "pipeline_s": round(sum(stages.values()), 1),
         "total_s": round(total_s, 1),
         "peak_rss_mb": round(peak_rss_mb),
         "target": {"pipeline_s_max": TARGET_S},
-        "target_met": bool(sum(stages.values()) <= TARGET_S),
+        "target_met": bool(proc.returncode == 0 and len(stages) == len(STAGES) and sum(stages.values()) <= TARGET_S),
         "load_average_1min": {"before": round(load_before[0], 2), "after": round(os.getloadavg()[0], 2)},
         "cpu_count": os.cpu_count(),
         "machine": platform.processor() or platform.machine(),

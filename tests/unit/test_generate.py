@@ -124,7 +124,7 @@ def test_rows_that_share_little_or_a_model_with_its_own_cache_get_no_prefix_cach
     assert len(prefixes) == 3 and prefixes[0] is None and prefixes[1] is None and prefixes[2] is not None
 
 
-def test_a_shared_prefix_through_a_peft_adapter_gives_the_unshared_answers(tiny_model_dir, tokenizer):
+def test_a_shared_prefix_through_a_peft_adapter_gives_the_unshared_answers(tiny_model_dir, tokenizer, prefixes):
     """The audit's LoRA probe and the eval's candidate generate through a PeftModel: the prefix's cache is computed
     with the adapter on, as the rows' tokens are."""
     import torch
@@ -137,6 +137,7 @@ def test_a_shared_prefix_through_a_peft_adapter_gives_the_unshared_answers(tiny_
     model = get_peft_model(load_model(tiny_model_dir), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
     prompts = _prompts(tokenizer)
     shared = generate(model, tokenizer, prompts, 8, batch_size=3)
+    assert prefixes[0] is not None  # the PeftModel's prefix cache was built (config and generate through PEFT)
     assert generate(model, tokenizer, prompts, 8, batch_size=3, share_prefix=False) == shared
     with model.disable_adapter():  # the adapter changes the answers, so the comparison above saw it
         assert generate(model, tokenizer, prompts, 8, batch_size=3) != shared

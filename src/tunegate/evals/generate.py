@@ -100,13 +100,15 @@ def _prefix_cache(model, encoded: Sequence[Sequence[int]]) -> tuple[list[int], A
     """(prefix token ids, its KV cache at batch 1) when the rows share MIN_SHARED_PREFIX tokens or more and the
     model generates with transformers' plain DynamicCache of full-attention layers; None otherwise (no forward
     run). A generation config naming a cache_implementation (static, offloaded, quantized) would refuse a cache
-    passed in, and a sliding-window or recurrent layer's state cannot be copied row by row this way."""
+    passed in, one with use_cache off generates without one, and a sliding-window or recurrent layer's state cannot
+    be copied row by row this way."""
     import torch
     from transformers import DynamicCache
     from transformers.cache_utils import DynamicLayer
 
     n = shared_prefix_length(encoded)
-    if n < MIN_SHARED_PREFIX or getattr(model.generation_config, "cache_implementation", None) is not None:
+    config = model.generation_config
+    if n < MIN_SHARED_PREFIX or getattr(config, "cache_implementation", None) is not None or config.use_cache is False:
         return None
     cache = DynamicCache(config=model.config.get_text_config(decoder=True))
     if not all(type(layer) is DynamicLayer for layer in cache.layers):

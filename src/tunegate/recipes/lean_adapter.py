@@ -27,7 +27,8 @@ The same norm from small factors, with W (out, in), B (out, r), A (r, in) and ro
     ||W_i + s·(BA)_i||² = ||W_i||² + 2s·B_i·(A W_iᵀ) + s²·B_i (A Aᵀ) B_iᵀ
 
 ||W_i||² is computed once per frozen weight (again when the weight tensor is replaced or bumps its version;
-merged layers go through PEFT's forward, and PEFT's unmerge replaces the tensor); A Wᵀ is one (r, in) x (in, out)
+merged layers go through PEFT's forward, and PEFT's unmerge, written through `.data`, restores W up to rounding
+without a version bump); A Wᵀ is one (r, in) x (in, out)
 matmul in W's dtype; A Aᵀ and the rest are fp32 with autocast off. Nothing of size (out, in) is written. The
 magnitude, merging and saving stay PEFT's.
 
@@ -61,9 +62,11 @@ def _factored_layer_class():
             nn.Linear. A Wᵀ in W's dtype (bf16 weights: a bf16 matmul), everything else fp32 with autocast off."""
             # Without gradients (eval, generation, serving) nothing changes between forwards: the norm is kept
             # until a tensor it came from changes (data_ptr, version) or inference mode flips (a tensor made under
-            # inference_mode cannot enter autograd later). The kept entry holds the three tensors, so their memory
-            # cannot be freed and reused by a new tensor with the same address and version. Weights loaded under
-            # inference_mode have no version counter: nothing is kept for them.
+            # inference_mode cannot enter autograd later). The kept entry holds the three parameters, so a replaced
+            # parameter's memory is not reused at the same address. Not seen: writes through `.data` (they bump
+            # no version), such as PEFT's merge and unmerge, which restore W up to rounding (merged layers go
+            # through PEFT's forward, not this norm). Weights loaded under inference_mode have no version counter:
+            # nothing is kept for them.
             sources = (weight, lora_A.weight, lora_B.weight)
             tracked = not any(t.is_inference() for t in sources)
             frozen = tracked and not torch.is_grad_enabled()
