@@ -116,7 +116,7 @@ def merge_adapter(
         # the base model's embeddings grown first for the added tokens' rows (models.fit_to_adapter)
         model = PeftModel.from_pretrained(fit_to_adapter(load_model(base, dtype=torch.float32), adapter_dir), str(adapter_dir))
         model = model.to(device_name()).eval()
-        # the forward the eval gate measured (recipes.lean_adapter: DoRA's weight norm once, not per decoding step)
+        # the forward the embedded server runs unmerged (recipes.lean_adapter: DoRA's weight norm once, not per step)
         use_lean_forward(model)
         before_logits = _logits(model, tokenizer, prompts)
         before_text = generate(model, tokenizer, prompts, max_new_tokens, batch_size, desc="greedy, adapter unmerged")

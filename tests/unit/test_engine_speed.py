@@ -283,3 +283,38 @@ def test_precision_is_chosen_by_the_hardware(monkeypatch):
     plain = models.train_precision(full=False)
     assert plain == {"base_weights": "fp32", "autocast": None, "reason": plain["reason"]} and "no native bf16" in plain["reason"]
     assert models.bf16_supported() is False
+
+
+def test_the_embedded_server_attaches_adapters_on_the_lean_forward_with_pefts_outputs(tiny_model_dir, tmp_path):
+    """serve.engine._attach: the first adapter and one loaded later (a promotion) both run the lean forward, and a
+    DoRA adapter answers as PEFT's own forward does."""
+    import torch
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from tunegate.models import load_model
+    from tunegate.recipes.lean_adapter import _factored_layer_class, _lean_linear_class
+    from tunegate.serve.engine import _attach
+
+    for seed, name in ((0, "one"), (1, "two")):
+        torch.manual_seed(seed)
+        m = get_peft_model(load_model(tiny_model_dir), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", use_dora=True))
+        with torch.no_grad():
+            for pname, p in m.named_parameters():
+                if "lora_B" in pname:
+                    p.normal_(0, 0.05)
+        m.save_pretrained(tmp_path / name)
+    served = _attach(load_model(tiny_model_dir).eval(), tmp_path / "one", "one")
+    served = _attach(served, tmp_path / "two", "two")
+    lean = _lean_linear_class()
+    layers = [mod for mod in served.modules() if "lora_A" in mod._modules]
+    assert layers and all(type(mod) is lean for mod in layers)
+    # the second adapter's DoRA layers are new modules: swapped too, or its forward would fall back to PEFT's
+    assert all(type(mod.lora_magnitude_vector[n]) is _factored_layer_class() for mod in layers for n in ("one", "two"))
+    ids = torch.tensor([[5, 17, 300, 42, 9, 1000, 77]])
+    for name in ("one", "two"):
+        served.set_adapter(name)
+        reference = PeftModel.from_pretrained(load_model(tiny_model_dir), str(tmp_path / name)).eval()
+        with torch.inference_mode():
+            got, want = served(input_ids=ids).logits, reference(input_ids=ids).logits
+        assert torch.allclose(got, want, atol=1e-5), name
+        assert not torch.allclose(got, load_model(tiny_model_dir)(input_ids=ids).logits.detach(), atol=1e-3)
